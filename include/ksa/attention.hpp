@@ -1,0 +1,53 @@
+// Parameters of the KSA attention ops (one struct per op, DESIGN.md §2), shared by the CPU and CUDA
+// backends. Tensors are [B, L, H, D] views of the stream in stream order, innermost dim contiguous, with
+// strides in elements so that slices of larger buffers (e.g. a fused qkv projection) work unchanged.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "ksa/dtype.hpp"
+#include "ksa/spec.hpp"
+
+namespace ksa {
+
+struct TensorView {
+  void* data = nullptr;
+  int64_t batch_stride = 0, row_stride = 0, head_stride = 0;  // elements; the D elements are contiguous
+
+  // A dense [B, L, H, D] tensor.
+  static TensorView dense(const void* p, int64_t L, int64_t H, int64_t D) {
+    return TensorView{const_cast<void*>(p), L * H * D, H * D, D};
+  }
+  KSA_HD int64_t offset(int64_t b, int64_t row, int64_t h) const {
+    return b * batch_stride + row * row_stride + h * head_stride;
+  }
+};
+
+// Forward: q [B, L, Hq, D], k and v [B, L, Hkv, D] -> out [B, L, Hq, D] (same dtype) and lse [B, L, Hq]
+// (fp32, natural log, of the scaled scores). Query head h uses KV head h / (Hq / Hkv).
+struct AttentionParams {
+  Layout layout;           // stream geometry: k, S, T (text tokens), summarize_tail
+  int64_t W = 0;           // this layer's window, in chunks
+  int64_t B = 1, Hq = 1, Hkv = 1, D = 0;
+  float scale = 0.f;       // softmax scale; 0 means 1/sqrt(D)
+  DType dtype = DType::f32;
+  TensorView q, k, v, out;
+  float* lse = nullptr;    // [B, L, Hq] dense; may be null when not needed
+  int num_threads = 0;     // CPU: 0 = all available
+
+  int64_t L() const { return layout.length(); }
+  float softmax_scale() const { return scale != 0.f ? scale : 1.f / std::sqrt(float(D)); }
+  int64_t group() const { return Hq / Hkv; }
+};
+
+// Backward: from q, k, v, out, lse (of the forward) and dout -> dq, dk, dv (same shapes and dtype).
+struct AttentionBackwardParams : AttentionParams {
+  TensorView dout, dq, dk, dv;
+  bool deterministic = false;  // GPU: no atomics, or ordered ones
+};
+
+// Throw ksa::Error naming the bad field and value (e.g. "Hq: must be a multiple of Hkv=3 (got 8)").
+void validate(const AttentionParams& p);
+void validate(const AttentionBackwardParams& p);
+
+}  // namespace ksa

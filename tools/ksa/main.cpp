@@ -1,0 +1,48 @@
+// ksa: Kwai Summary Attention in C++. `ksa --help` lists the subcommands; `ksa CMD --help` their flags.
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+
+#include "cli.hpp"
+#include "ksa/error.hpp"
+
+namespace {
+void usage(FILE* out) {
+  std::fprintf(out, "usage: ksa <command> [flags]\n\nKwai Summary Attention (KSA) in C++.\n\ncommands:\n");
+  auto cmds = ksa::cli::commands();
+  std::sort(cmds.begin(), cmds.end(), [](auto& a, auto& b) { return a.name < b.name; });
+  for (auto& c : cmds) std::fprintf(out, "  %-12s %s\n", c.name.c_str(), c.summary.c_str());
+  std::fprintf(out, "\nRun 'ksa <command> --help' for the flags of a command.\n");
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    usage(stderr);
+    return 2;
+  }
+  const std::string cmd = argv[1];
+  if (cmd == "-h" || cmd == "--help" || cmd == "help") {
+    usage(stdout);
+    return 0;
+  }
+  for (auto& c : ksa::cli::commands()) {
+    if (c.name != cmd) continue;
+    try {
+      return c.run(argc - 2, argv + 2);
+    } catch (const ksa::cli::UsageError& e) {
+      std::fprintf(stderr, "ksa %s: %s\nRun 'ksa %s --help' for usage.\n", cmd.c_str(), e.what(), cmd.c_str());
+      return 2;
+    } catch (const ksa::Error& e) {
+      std::fprintf(stderr, "ksa %s: error: %s\n", cmd.c_str(), e.what());
+      return 1;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "ksa %s: unexpected error: %s\n", cmd.c_str(), e.what());
+      return 1;
+    }
+  }
+  std::fprintf(stderr, "ksa: unknown command '%s'\n\n", cmd.c_str());
+  usage(stderr);
+  return 2;
+}
