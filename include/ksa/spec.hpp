@@ -212,16 +212,20 @@ KSA_HD void for_each_key_tile(const Layout& lay, const KeySpans& sp, int64_t BK,
   const int64_t T = lay.T, L = lay.length();
   int64_t last = -1;  // start of the last emitted tile
   for (int i = 0; i < sp.n; ++i) {
-    const int64_t base = sp.span[i].begin < T ? 0 : T, region_end = sp.span[i].begin < T ? T : L;
-    int64_t b = base + ((sp.span[i].begin - base) / BK) * BK;
-    for (; b < sp.span[i].end; b += BK) {
-      if (b <= last) continue;
-      const int64_t e = b + BK < region_end ? b + BK : region_end;
-      bool inside_full = false;
-      for (int j = 0; j < sp.n; ++j)
-        if (sp.span[j].full && sp.span[j].begin <= b && e <= sp.span[j].end) inside_full = true;
-      f(b, e, !inside_full);
-      last = b;
+    for (int region = 0; region < 2; ++region) {  // a span may cross T: clip it to each region
+      const int64_t base = region == 0 ? 0 : T, region_end = region == 0 ? T : L;
+      const int64_t sb = sp.span[i].begin > base ? sp.span[i].begin : base;
+      const int64_t se = sp.span[i].end < region_end ? sp.span[i].end : region_end;
+      if (sb >= se) continue;
+      for (int64_t b = base + ((sb - base) / BK) * BK; b < se; b += BK) {
+        if (b <= last) continue;
+        const int64_t e = b + BK < region_end ? b + BK : region_end;
+        bool inside_full = false;
+        for (int j = 0; j < sp.n; ++j)
+          if (sp.span[j].full && sp.span[j].begin <= b && e <= sp.span[j].end) inside_full = true;
+        f(b, e, !inside_full);
+        last = b;
+      }
     }
   }
 }
