@@ -113,10 +113,9 @@ KSA_HD int64_t rope_position(const Layout& lay, TextPositions tm, SummaryPositio
   return p < a ? a : p;
 }
 
-// THE visibility rule (KSA.md §4): does the query at stream position q see the key at stream position kp?
-// Both positions must lie in [0, lay.length()).
-KSA_HD bool visible(const Layout& lay, int64_t W, int64_t q, int64_t kp) {
-  const StreamToken a = lay.token(q), b = lay.token(kp);
+// THE visibility rule (KSA.md §4), on the tokens at the query's and the key's positions. Everything else
+// (visible, visible_gathered, the kernels' masks on precomputed row tokens) calls this one function.
+KSA_HD bool visible_tokens(int64_t W, const StreamToken& a, const StreamToken& b) {
   if (a.is_summary) {
     // A summary sees its chunk's text and, causally, the summaries of its chunk; nothing older.
     return b.chunk == a.chunk && (!b.is_summary || b.index <= a.index);
@@ -127,9 +126,29 @@ KSA_HD bool visible(const Layout& lay, int64_t W, int64_t q, int64_t kp) {
   return in_window ? !b.is_summary : b.is_summary;  // window as text, older chunks as summaries
 }
 
+// Does the query at stream position q see the key at stream position kp? Both in [0, lay.length()).
+KSA_HD bool visible(const Layout& lay, int64_t W, int64_t q, int64_t kp) {
+  return visible_tokens(W, lay.token(q), lay.token(kp));
+}
+
+// The token at a gathered index (same as lay.token(lay.stream_of_gathered(g)), without the detour).
+KSA_HD StreamToken token_of_gathered(const Layout& lay, int64_t g) {
+  StreamToken t;
+  if (g < lay.T) {
+    t.chunk = g / lay.k;
+    t.index = g - t.chunk * lay.k;
+  } else {
+    const int64_t s = g - lay.T;
+    t.chunk = s / lay.S;
+    t.index = s - t.chunk * lay.S;
+    t.is_summary = true;
+  }
+  return t;
+}
+
 // Same rule in gathered order.
 KSA_HD bool visible_gathered(const Layout& lay, int64_t W, int64_t gq, int64_t gk) {
-  return visible(lay, W, lay.stream_of_gathered(gq), lay.stream_of_gathered(gk));
+  return visible_tokens(W, token_of_gathered(lay, gq), token_of_gathered(lay, gk));
 }
 
 // A run of keys (gathered order) that some query of a query range sees. `full`: every query of the range
@@ -152,82 +171,119 @@ struct KeySpans {
   }
 };
 
-// The keys (gathered order) visible to the queries with gathered indices [q_begin, q_end): exactly the
-// union of visible keys, sorted, disjoint. Kernels iterate only these (see for_each_key_tile).
-KSA_HD KeySpans key_spans(const Layout& lay, int64_t W, int64_t q_begin, int64_t q_end) {
+namespace detail {
+// Keys of the text queries [t0, t1) (0 <= t0 < t1 <= T).
+KSA_HD KeySpans text_query_spans(const Layout& lay, int64_t W, int64_t t0, int64_t t1) {
   KeySpans out;
   const int64_t T = lay.T, k = lay.k, S = lay.S;
-  const int64_t t0 = q_begin, t1 = q_end < T ? q_end : T;  // text queries [t0, t1)
-  const int64_t s0 = (q_begin > T ? q_begin : T) - T, s1 = q_end - T;  // summary queries [s0, s1)
+  const int64_t qc0 = t0 / k, qc1 = (t1 - 1) / k;
+  const int64_t c0 = qc0 - W > 0 ? qc0 - W : 0, c1 = qc1 - W > 0 ? qc1 - W : 0;
+  // Text: key u is visible to query t iff u <= t and u/k >= t/k - W. All queries see [(qc1-W)k, t0].
+  const int64_t lo = c0 * k, flo = c1 * k, fhi = t0 + 1;
+  if (flo < fhi) {
+    out.add(lo, flo, false);
+    out.add(flo, fhi, true);
+    out.add(fhi, t1, false);
+  } else {
+    out.add(lo, t1, false);
+  }
+  // Old summaries: chunks c < qc - W. Every query sees chunks < qc0 - W; the later ones see up to qc1 - W.
+  out.add(T, T + c0 * S, true);
+  out.add(T + c0 * S, T + c1 * S, false);
+  return out;
+}
+// Keys of the summary queries with summary indices [s0, s1) (gathered T + s).
+KSA_HD KeySpans summary_query_spans(const Layout& lay, int64_t s0, int64_t s1) {
+  KeySpans out;
+  const int64_t c0 = s0 / lay.S, c1 = (s1 - 1) / lay.S;
+  out.add(c0 * lay.k, c1 * lay.k + lay.chunk_text_len(c1), c0 == c1);  // the chunks' text
+  out.add(lay.T + c0 * lay.S, lay.T + s1, false);                       // their summaries, causal
+  return out;
+}
+}  // namespace detail
+
+// The keys (gathered order) visible to the queries with gathered indices [q_begin, q_end): exactly the
+// union of visible keys, sorted, disjoint. Kernels iterate only these (see KeyTileCursor).
+KSA_HD KeySpans key_spans(const Layout& lay, int64_t W, int64_t q_begin, int64_t q_end) {
+  const int64_t T = lay.T;
+  const int64_t t0 = q_begin, t1 = q_end < T ? q_end : T;                   // text queries [t0, t1)
+  const int64_t s0 = (q_begin > T ? q_begin : T) - T, s1 = q_end - T;      // summary queries [s0, s1)
   const bool has_text = t0 < t1, has_sum = s1 > s0;
-  auto clamp0 = [](int64_t x) { return x < 0 ? int64_t(0) : x; };
-  if (has_text && !has_sum) {
-    const int64_t qc0 = t0 / k, qc1 = (t1 - 1) / k;
-    // Text: key u is visible to query t iff u <= t and u/k >= t/k - W. All queries see [(qc1-W)k, t0].
-    const int64_t lo = clamp0(qc0 - W) * k, flo = clamp0(qc1 - W) * k, fhi = t0 + 1;
-    if (flo < fhi) {
-      out.add(lo, flo, false);
-      out.add(flo, fhi, true);
-      out.add(fhi, t1, false);
+  if (!has_sum) return has_text ? detail::text_query_spans(lay, W, t0, t1) : KeySpans{};
+  if (!has_text) return detail::summary_query_spans(lay, s0, s1);
+  // A range straddling the text/summary boundary: the union of both parts, all masked.
+  const KeySpans a = detail::text_query_spans(lay, W, t0, t1), b = detail::summary_query_spans(lay, s0, s1);
+  KeySpans out;
+  int i = 0, j = 0;
+  int64_t cb = -1, ce = -1;
+  while (i < a.n || j < b.n) {
+    KeySpan x;
+    if (j >= b.n || (i < a.n && a.span[i].begin <= b.span[j].begin)) x = a.span[i++];
+    else x = b.span[j++];
+    if (cb < 0) {
+      cb = x.begin;
+      ce = x.end;
+    } else if (x.begin <= ce) {
+      ce = x.end > ce ? x.end : ce;
     } else {
-      out.add(lo, t1, false);
+      out.add(cb, ce, false);
+      cb = x.begin;
+      ce = x.end;
     }
-    // Old summaries: chunks c < qc - W. Every query sees chunks < qc0 - W; the later ones see up to qc1 - W.
-    out.add(T, T + clamp0(qc0 - W) * S, true);
-    out.add(T + clamp0(qc0 - W) * S, T + clamp0(qc1 - W) * S, false);
-    return out;
   }
-  if (has_sum && !has_text) {
-    const int64_t c0 = s0 / S, c1 = (s1 - 1) / S;
-    const int64_t te = c1 * k + lay.chunk_text_len(c1);
-    out.add(c0 * k, te, c0 == c1);        // text of the chunks (all of it when one chunk)
-    out.add(T + c0 * S, T + s1, false);   // summaries of the chunks, causal
-    return out;
-  }
-  if (has_text && has_sum) {
-    // A range straddling the text/summary boundary: union of both parts, all masked.
-    const KeySpans a = key_spans(lay, W, t0, t1), b = key_spans(lay, W, T + s0, T + s1);
-    // Merge two sorted span lists into sorted, disjoint, masked spans.
-    int i = 0, j = 0;
-    int64_t cb = -1, ce = -1;
-    while (i < a.n || j < b.n) {
-      KeySpan x;
-      if (j >= b.n || (i < a.n && a.span[i].begin <= b.span[j].begin)) x = a.span[i++];
-      else x = b.span[j++];
-      if (cb < 0) { cb = x.begin; ce = x.end; }
-      else if (x.begin <= ce) { ce = x.end > ce ? x.end : ce; }
-      else { out.add(cb, ce, false); cb = x.begin; ce = x.end; }
-    }
-    if (cb >= 0) out.add(cb, ce, false);
-  }
+  if (cb >= 0) out.add(cb, ce, false);
   return out;
 }
 
-// Calls f(begin, end, masked) for every key tile that holds a visible key of the spans, in ascending order.
-// Tiles are BK rows, aligned on a BK grid within the text rows [0, T) and within the summary rows [T, L)
-// (so a tile never mixes the two), clipped to the region. `masked` is false only when the whole tile lies
-// inside one `full` span, so the kernel may skip the per-element rule.
-template <class F>
-KSA_HD void for_each_key_tile(const Layout& lay, const KeySpans& sp, int64_t BK, F&& f) {
-  const int64_t T = lay.T, L = lay.length();
-  int64_t last = -1;  // start of the last emitted tile
-  for (int i = 0; i < sp.n; ++i) {
-    for (int region = 0; region < 2; ++region) {  // a span may cross T: clip it to each region
-      const int64_t base = region == 0 ? 0 : T, region_end = region == 0 ? T : L;
+// Walks the key tiles that hold a visible key of the spans, in ascending order. Tiles are BK rows, aligned
+// on a BK grid within the text rows [0, T) and within the summary rows [T, L) (so a tile never mixes the
+// two), clipped to the region. `masked` is false only when the whole tile lies inside one `full` span, so
+// the kernel may skip the per-element rule. Kernels that prefetch the next tile use the cursor directly.
+struct KeyTileCursor {
+  KeySpans sp;
+  int64_t T = 0, L = 0, BK = 1;
+  int i = 0, region = 0;
+  int64_t b = -1, last = -1;
+
+  KSA_HD KeyTileCursor(const Layout& lay, const KeySpans& spans, int64_t bk)
+      : sp(spans), T(lay.T), L(lay.length()), BK(bk) {}
+
+  KSA_HD bool next(int64_t& tb, int64_t& te, bool& masked) {
+    while (i < sp.n) {
+      const int64_t base = region == 0 ? 0 : T, rend = region == 0 ? T : L;  // a span may cross T
       const int64_t sb = sp.span[i].begin > base ? sp.span[i].begin : base;
-      const int64_t se = sp.span[i].end < region_end ? sp.span[i].end : region_end;
-      if (sb >= se) continue;
-      for (int64_t b = base + ((sb - base) / BK) * BK; b < se; b += BK) {
-        if (b <= last) continue;
-        const int64_t e = b + BK < region_end ? b + BK : region_end;
-        bool inside_full = false;
-        for (int j = 0; j < sp.n; ++j)
-          if (sp.span[j].full && sp.span[j].begin <= b && e <= sp.span[j].end) inside_full = true;
-        f(b, e, !inside_full);
-        last = b;
+      const int64_t se = sp.span[i].end < rend ? sp.span[i].end : rend;
+      if (sb < se) {
+        if (b < 0) b = base + ((sb - base) / BK) * BK;
+        while (b < se && b <= last) b += BK;
+        if (b < se) {
+          tb = b;
+          te = b + BK < rend ? b + BK : rend;
+          masked = true;
+          for (int j = 0; j < sp.n; ++j)
+            if (sp.span[j].full && sp.span[j].begin <= tb && te <= sp.span[j].end) masked = false;
+          last = b;
+          b += BK;
+          return true;
+        }
+      }
+      b = -1;
+      if (++region == 2) {
+        region = 0;
+        ++i;
       }
     }
+    return false;
   }
+};
+
+// Calls f(begin, end, masked) for every tile of KeyTileCursor, in ascending order.
+template <class F>
+KSA_HD void for_each_key_tile(const Layout& lay, const KeySpans& sp, int64_t BK, F&& f) {
+  KeyTileCursor c(lay, sp, BK);
+  int64_t b, e;
+  bool masked;
+  while (c.next(b, e, masked)) f(b, e, masked);
 }
 
 // Number of (query, key) pairs per head that the rule makes visible (FLOPs: 4*D*pairs*Hq forward).

@@ -50,6 +50,8 @@ TEST(Spec, StreamLayoutMaps) {
   for (int64_t p = 0; p < lay.length(); ++p) {
     const int64_t g = lay.gathered_of_stream(p);
     EXPECT_EQ(lay.stream_of_gathered(g), p);
+    const StreamToken a = lay.token(p), b = token_of_gathered(lay, g);
+    EXPECT_TRUE(a.chunk == b.chunk && a.index == b.index && a.is_summary == b.is_summary) << p;
     seen.insert(g);
   }
   EXPECT_EQ(int64_t(seen.size()), lay.length());

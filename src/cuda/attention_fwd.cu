@@ -1,0 +1,385 @@
+// CUDA forward (sm80+): flash-style tiled attention with tensor cores (mma.sync m16n8k16, bf16/f16 in,
+// fp32 accumulate) over only the key tiles that the core's key_spans/KeyTileCursor return.
+//
+// Rows are processed in the core's gathered order (text rows, then all summaries), so the window is a band
+// of text rows and the old summaries one contiguous block of key tiles. The caller's tensors stay in stream
+// order: each 16-byte cp.async computes its row's stream position (stream_of_gathered), so a tile of
+// summary rows is read as one logical block without a separate gather pass (each row is one D*2-byte run).
+//
+// File shape (DESIGN.md §3): traits -> device code -> launcher.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstdlib>
+
+#include "check.cuh"
+#include "ksa/cuda.hpp"
+#include "ksa/error.hpp"
+
+namespace ksa::cuda {
+namespace {
+
+// ---------------------------------------------------------------------------------------------- traits
+template <class T_, int D_, int MT_, int NW_, int BK_>
+struct FwdTraits {
+  using T = T_;
+  static constexpr int D = D_;        // head dim
+  static constexpr int MT = MT_;      // 16-row m-tiles per warp
+  static constexpr int NW = NW_;      // warps per CTA
+  static constexpr int BK = BK_;      // keys per tile
+  static constexpr int BQ = 16 * MT * NW;
+  static constexpr int THREADS = 32 * NW;
+  static constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
+  static constexpr int SMEM = (BQ + 2 * BK) * D * 2;
+};
+
+struct FwdArgs {
+  Layout lay;
+  int64_t W;
+  int Hq, G, L, num_qtiles;
+  float scale_log2;  // softmax scale * log2(e)
+  const void *q, *k, *v;
+  void* out;
+  float* lse;
+  int64_t qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orow, oh;
+};
+
+// ------------------------------------------------------------------------------------------ device code
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Swizzled byte offset of 16-byte chunk c of row r (conflict-free ldmatrix on 8 consecutive rows).
+template <int CHUNKS>
+__device__ __forceinline__ int swz(int r, int c) {
+  return (r * CHUNKS + (c ^ (r & 7))) * 16;
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;  // 0 source bytes: zero-fill
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+
+template <class T>
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Loads `rows` gathered rows starting at g0 of one head into swizzled smem (zero-fill past `g_end`).
+template <class K>
+__device__ __forceinline__ void load_rows(const FwdArgs& a, uint32_t smem, const void* base, int64_t bstride,
+                                          int64_t rstride, int64_t hoff, int g0, int g_end, int rows) {
+  using T = typename K::T;
+  for (int i = threadIdx.x; i < rows * K::CHUNKS; i += K::THREADS) {
+    const int r = i / K::CHUNKS, c = i % K::CHUNKS;
+    const int g = g0 + r;
+    const bool valid = g < g_end;
+    const int64_t srow = valid ? a.lay.stream_of_gathered(g) : 0;
+    const T* src = static_cast<const T*>(base) + bstride + srow * rstride + hoff + c * 8;
+    cp_async16(smem + swz<K::CHUNKS>(r, c), src, valid);
+  }
+}
+
+template <class K>
+__global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
+  using T = typename K::T;
+  constexpr int D = K::D, BK = K::BK, BQ = K::BQ, MT = K::MT, CH = K::CHUNKS;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t sQ = smem_u32(smem), sK = sQ + BQ * D * 2, sV = sK + BK * D * 2;
+
+  const int qt = a.num_qtiles - 1 - int(blockIdx.x);  // heaviest tiles (most summaries) first
+  const int h = blockIdx.y, b = blockIdx.z, hk = h / a.G;
+  const int g0 = qt * BQ, g1 = min(a.L, g0 + BQ);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, tig = lane & 3;
+
+  KeyTileCursor cur(a.lay, key_spans(a.lay, a.W, g0, g1), BK);
+  int64_t tb, te;
+  bool masked;
+  cur.next(tb, te, masked);  // every valid row sees itself: at least one tile
+
+  load_rows<K>(a, sQ, a.q, b * a.qb, a.qr, h * a.qh, g0, g1, BQ);
+  load_rows<K>(a, sK, a.k, b * a.kb, a.kr, hk * a.kh, int(tb), int(te), BK);
+  cp_async_commit();
+
+  // Query rows of this thread: (mt, half) -> gathered row, and its token for masked tiles.
+  StreamToken qtok[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) qtok[mt][hf] = token_of_gathered(a.lay, g0 + warp * 16 * MT + mt * 16 + gid + 8 * hf);
+
+  float o[MT][D / 8][4];
+  float m[MT][2], l[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.f;
+  }
+
+  cp_async_wait_all();
+  __syncthreads();
+  // Q fragments stay in registers for the whole key loop.
+  uint32_t qf[MT][D / 16][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int r = warp * 16 * MT + mt * 16 + (lane % 8) + 8 * ((lane / 8) % 2);
+      const int c = kk * 2 + lane / 16;
+      ldsm_x4(qf[mt][kk][0], qf[mt][kk][1], qf[mt][kk][2], qf[mt][kk][3], sQ + swz<CH>(r, c));
+    }
+
+  for (;;) {
+    // K[tile] is resident (waited above or at the end of the last iteration).
+    load_rows<K>(a, sV, a.v, b * a.vb, a.vr, hk * a.vh, int(tb), int(te), BK);
+    cp_async_commit();
+
+    float s[MT][BK / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int j = 0; j < BK / 8; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+      for (int nb = 0; nb < BK / 16; ++nb) {
+        uint32_t b0, b1, b2, b3;
+        const int r = nb * 16 + (lane % 8) + 8 * (lane / 16), c = kk * 2 + (lane / 8) % 2;
+        ldsm_x4(b0, b1, b2, b3, sK + swz<CH>(r, c));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816<T>(s[mt][2 * nb], qf[mt][kk], b0, b1);
+          mma16816<T>(s[mt][2 * nb + 1], qf[mt][kk], b2, b3);
+        }
+      }
+
+    // Mask (tiles on a span edge, or clipped short), then the online softmax in the log2 domain.
+    const bool need_mask = masked || (te - tb) < BK;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float x = s[mt][j][2 * hf + e] * a.scale_log2;
+            if (need_mask) {
+              const int64_t key = tb + j * 8 + 2 * tig + e;
+              if (key >= te || !visible_tokens(a.W, qtok[mt][hf], token_of_gathered(a.lay, key))) x = -INFINITY;
+            }
+            s[mt][j][2 * hf + e] = x;
+            mx = fmaxf(mx, x);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[mt][hf], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
+        const float alpha = exp2f(m[mt][hf] - m_use);
+        m[mt][hf] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = exp2f(s[mt][j][2 * hf + e] - m_use);
+            s[mt][j][2 * hf + e] = p;
+            sum += p;
+          }
+        l[mt][hf] = l[mt][hf] * alpha + sum;  // per-thread partial; summed over the quad at the end
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+          o[mt][j][2 * hf] *= alpha;
+          o[mt][j][2 * hf + 1] *= alpha;
+        }
+      }
+
+    // P as A fragments (the C layout of two 16x8 score tiles is the A layout of one 16x16 tile).
+    uint32_t pf[MT][BK / 16][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int kb = 0; kb < BK / 16; ++kb) {
+        pf[mt][kb][0] = pack2<T>(s[mt][2 * kb][0], s[mt][2 * kb][1]);
+        pf[mt][kb][1] = pack2<T>(s[mt][2 * kb][2], s[mt][2 * kb][3]);
+        pf[mt][kb][2] = pack2<T>(s[mt][2 * kb + 1][0], s[mt][2 * kb + 1][1]);
+        pf[mt][kb][3] = pack2<T>(s[mt][2 * kb + 1][2], s[mt][2 * kb + 1][3]);
+      }
+
+    cp_async_wait_all();
+    __syncthreads();  // V resident; every warp is done reading K
+    int64_t nb_, ne_;
+    bool nmasked;
+    const bool more = cur.next(nb_, ne_, nmasked);
+    if (more) {
+      load_rows<K>(a, sK, a.k, b * a.kb, a.kr, hk * a.kh, int(nb_), int(ne_), BK);
+      cp_async_commit();
+    }
+
+#pragma unroll
+    for (int kb = 0; kb < BK / 16; ++kb)
+#pragma unroll
+      for (int db = 0; db < D / 16; ++db) {
+        uint32_t b0, b1, b2, b3;
+        const int r = kb * 16 + (lane % 8) + 8 * ((lane / 8) % 2), c = db * 2 + lane / 16;
+        ldsm_x4_t(b0, b1, b2, b3, sV + swz<CH>(r, c));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816<T>(o[mt][2 * db], pf[mt][kb], b0, b1);
+          mma16816<T>(o[mt][2 * db + 1], pf[mt][kb], b2, b3);
+        }
+      }
+    if (!more) break;
+    tb = nb_;
+    te = ne_;
+    masked = nmasked;
+    cp_async_wait_all();
+    __syncthreads();  // K resident; every warp is done reading V
+  }
+
+  // Epilogue: normalise, write out (stream order) and lse (natural log).
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float sum = l[mt][hf];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int g = g0 + warp * 16 * MT + mt * 16 + gid + 8 * hf;
+      if (g >= g1) continue;
+      const float inv = 1.f / sum;
+      const int64_t srow = a.lay.stream_of_gathered(g);
+      T* out = static_cast<T*>(a.out) + b * a.ob + srow * a.orow + h * a.oh;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+        *reinterpret_cast<uint32_t*>(out + j * 8 + 2 * tig) = pack2<T>(o[mt][j][2 * hf] * inv, o[mt][j][2 * hf + 1] * inv);
+      if (a.lse && tig == 0) a.lse[(int64_t(b) * a.L + srow) * a.Hq + h] = (m[mt][hf] + log2f(sum)) * 0.69314718055994531f;
+    }
+}
+
+// --------------------------------------------------------------------------------------------- launcher
+template <class K>
+void launch(const FwdArgs& a, int B, cudaStream_t stream) {
+  auto kern = fwd_kernel<K>;
+  KSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
+  FwdArgs args = a;
+  args.num_qtiles = (a.L + K::BQ - 1) / K::BQ;
+  const dim3 grid(unsigned(args.num_qtiles), unsigned(a.Hq), unsigned(B));
+  kern<<<grid, K::THREADS, K::SMEM, stream>>>(args);
+  KSA_CUDA_CHECK_LAUNCH();
+}
+
+// Tile configurations (MT m-tiles per warp, NW warps, BK keys). KSA_CUDA_FWD_CONFIG picks one for tuning.
+int fwd_config() {
+  static const int c = [] {
+    const char* e = std::getenv("KSA_CUDA_FWD_CONFIG");
+    return e ? std::atoi(e) : 0;
+  }();
+  return c;
+}
+
+template <class T, int D>
+void dispatch_config(const FwdArgs& a, int B, cudaStream_t s) {
+  switch (fwd_config()) {
+    case 1: launch<FwdTraits<T, D, 2, 4, 64>>(a, B, s); break;   // 128 rows, 4 warps x 32 rows
+    case 2: launch<FwdTraits<T, D, 1, 4, 64>>(a, B, s); break;   // 64 rows, 4 warps x 16 rows
+    case 3: launch<FwdTraits<T, D, 1, 8, 32>>(a, B, s); break;   // 128 rows, BK 32
+    default: launch<FwdTraits<T, D, 1, 8, 64>>(a, B, s); break;  // 128 rows, 8 warps x 16 rows
+  }
+}
+
+template <class T>
+void dispatch_dim(const FwdArgs& a, int64_t D, int B, cudaStream_t s) {
+  if (D == 128) dispatch_config<T, 128>(a, B, s);
+  else if (D == 64) dispatch_config<T, 64>(a, B, s);
+  else fail("ksa::cuda::attention_forward: D=", D, " is not supported (64 or 128)");
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+}  // namespace
+
+bool supports(const AttentionParams& p, std::string* why) {
+  auto no = [&](const std::string& w) {
+    if (why) *why = w;
+    return false;
+  };
+  if (p.dtype != DType::bf16 && p.dtype != DType::f16)
+    return no(std::string("dtype: must be bf16 or f16 (got ") + dtype_name(p.dtype) + ")");
+  if (p.D != 64 && p.D != 128) return no("D: must be 64 or 128 (got " + std::to_string(p.D) + ")");
+  if (p.L() >= (int64_t(1) << 31)) return no("L: must be < 2^31 (got " + std::to_string(p.L()) + ")");
+  const TensorView* views[4] = {&p.q, &p.k, &p.v, &p.out};
+  const char* names[4] = {"q", "k", "v", "out"};
+  for (int i = 0; i < 4; ++i) {
+    const TensorView& t = *views[i];
+    if (!aligned16(t.data) || t.row_stride % 8 || t.head_stride % 8 || t.batch_stride % 8)
+      return no(std::string(names[i]) + ": data and strides must be 16-byte aligned");
+  }
+  return true;
+}
+
+void attention_forward(const AttentionParams& p, Stream stream) {
+  validate(p);
+  std::string why;
+  if (!supports(p, &why)) fail("ksa::cuda::attention_forward: unsupported: ", why);
+  if (p.layout.T == 0) return;
+  FwdArgs a{};
+  a.lay = p.layout;
+  a.W = p.W;
+  a.Hq = int(p.Hq);
+  a.G = int(p.group());
+  a.L = int(p.L());
+  a.scale_log2 = p.softmax_scale() * 1.4426950408889634f;
+  a.q = p.q.data;
+  a.k = p.k.data;
+  a.v = p.v.data;
+  a.out = p.out.data;
+  a.lse = p.lse;
+  a.qb = p.q.batch_stride, a.qr = p.q.row_stride, a.qh = p.q.head_stride;
+  a.kb = p.k.batch_stride, a.kr = p.k.row_stride, a.kh = p.k.head_stride;
+  a.vb = p.v.batch_stride, a.vr = p.v.row_stride, a.vh = p.v.head_stride;
+  a.ob = p.out.batch_stride, a.orow = p.out.row_stride, a.oh = p.out.head_stride;
+  auto s = static_cast<cudaStream_t>(stream);
+  if (p.dtype == DType::bf16) dispatch_dim<__nv_bfloat16>(a, p.D, int(p.B), s);
+  else dispatch_dim<__half>(a, p.D, int(p.B), s);
+}
+
+}  // namespace ksa::cuda

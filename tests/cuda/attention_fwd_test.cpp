@@ -1,0 +1,204 @@
+// CUDA forward vs the CPU oracle over awkward shapes, bf16 and f16, strided views, poisoned outputs.
+// Skipped (with a message) when no GPU is visible.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ksa/cpu.hpp"
+#include "ksa/cuda.hpp"
+#include "ksa/error.hpp"
+
+namespace ksa {
+namespace {
+
+#define REQUIRE_GPU()                                                        \
+  do {                                                                       \
+    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device visible"; \
+  } while (0)
+
+#define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
+
+struct Shape {
+  int64_t k, S, T, W, Hq, Hkv, D, B;
+  bool tail;
+  DType dt;
+  bool strided;
+};
+
+std::string describe(const Shape& s) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "k=%lld S=%lld T=%lld W=%lld H=%lld/%lld D=%lld B=%lld tail=%d %s strided=%d",
+                (long long)s.k, (long long)s.S, (long long)s.T, (long long)s.W, (long long)s.Hq, (long long)s.Hkv,
+                (long long)s.D, (long long)s.B, int(s.tail), dtype_name(s.dt), int(s.strided));
+  return buf;
+}
+
+// Runs one shape; returns the worst error. Tolerance (METHOD: bf16 operands land between 1e-3 and 1e-2 in
+// relative norm): the kernel rounds P to the input dtype before P.V, as every flash kernel does, so the
+// error is about one rounding of the output's magnitude: max |err| <= 4 * 2^-8 (bf16) / 4 * 2^-11 (f16)
+// on unit-normal inputs, and relative L2 error <= 1e-2 (bf16) / 2e-3 (f16). lse is fp32 throughout: 1e-3.
+void check_shape(const Shape& s, uint64_t seed) {
+  SCOPED_TRACE(describe(s) + " seed " + std::to_string(seed));
+  const Layout lay(s.k, s.S, s.T, s.tail);
+  const int64_t L = lay.length();
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  // Strided: q inside a fused [B, L, Hq+2*Hkv, D] buffer; k and v slices of it; out padded per row.
+  const int64_t rowq = s.strided ? (s.Hq + 2 * s.Hkv) * s.D : s.Hq * s.D;
+  const int64_t rowkv = s.strided ? rowq : s.Hkv * s.D;
+  const int64_t n_q = s.B * L * rowq, n_kv = s.strided ? 0 : s.B * L * rowkv;
+  std::vector<uint16_t> hq(static_cast<size_t>(n_q)), hk(static_cast<size_t>(n_kv)), hv(static_cast<size_t>(n_kv));
+  for (auto& x : hq) store_from_float(s.dt, &x, 0, nd(rng));
+  for (auto& x : hk) store_from_float(s.dt, &x, 0, nd(rng));
+  for (auto& x : hv) store_from_float(s.dt, &x, 0, nd(rng));
+  const int64_t rowo = s.strided ? s.Hq * s.D + 8 : s.Hq * s.D;
+  const int64_t n_o = s.B * L * rowo;
+
+  uint16_t *dq = nullptr, *dk = nullptr, *dv = nullptr, *dout = nullptr;
+  float* dlse = nullptr;
+  CK(cudaMalloc(&dq, size_t(n_q) * 2));
+  if (!s.strided) {
+    CK(cudaMalloc(&dk, size_t(n_kv) * 2));
+    CK(cudaMalloc(&dv, size_t(n_kv) * 2));
+    CK(cudaMemcpy(dk, hk.data(), size_t(n_kv) * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dv, hv.data(), size_t(n_kv) * 2, cudaMemcpyHostToDevice));
+  }
+  CK(cudaMalloc(&dout, size_t(n_o) * 2));
+  CK(cudaMalloc(&dlse, size_t(s.B * L * s.Hq) * 4));
+  CK(cudaMemcpy(dq, hq.data(), size_t(n_q) * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemset(dout, 0xff, size_t(n_o) * 2));  // NaN poison: unwritten elements fail
+  CK(cudaMemset(dlse, 0xff, size_t(s.B * L * s.Hq) * 4));
+
+  AttentionParams p;
+  p.layout = lay;
+  p.W = s.W;
+  p.B = s.B;
+  p.Hq = s.Hq;
+  p.Hkv = s.Hkv;
+  p.D = s.D;
+  p.dtype = s.dt;
+  p.q = TensorView{dq, L * rowq, rowq, s.D};
+  if (s.strided) {
+    p.k = TensorView{dq + s.Hq * s.D, L * rowq, rowq, s.D};
+    p.v = TensorView{dq + (s.Hq + s.Hkv) * s.D, L * rowq, rowq, s.D};
+  } else {
+    p.k = TensorView::dense(dk, L, s.Hkv, s.D);
+    p.v = TensorView::dense(dv, L, s.Hkv, s.D);
+  }
+  p.out = TensorView{dout, L * rowo, rowo, s.D};
+  p.lse = dlse;
+  cuda::attention_forward(p);
+  CK(cudaDeviceSynchronize());
+  std::vector<uint16_t> ho(static_cast<size_t>(n_o));
+  std::vector<float> hl(static_cast<size_t>(s.B * L * s.Hq));
+  CK(cudaMemcpy(ho.data(), dout, size_t(n_o) * 2, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(hl.data(), dlse, hl.size() * 4, cudaMemcpyDeviceToHost));
+  cudaFree(dq);
+  cudaFree(dk);
+  cudaFree(dv);
+  cudaFree(dout);
+  cudaFree(dlse);
+
+  // The oracle on the same host data and views.
+  AttentionParams hp = p;
+  hp.q.data = hq.data();
+  if (s.strided) {
+    hp.k.data = hq.data() + s.Hq * s.D;
+    hp.v.data = hq.data() + (s.Hq + s.Hkv) * s.D;
+  } else {
+    hp.k.data = hk.data();
+    hp.v.data = hv.data();
+  }
+  hp.out.data = ho.data();
+  const auto ref = cpu::attention_reference(hp);
+  const double ulp = s.dt == DType::bf16 ? 1.0 / 256 : 1.0 / 2048;
+  double max_err = 0, num = 0, den = 0, max_lse = 0;
+  int64_t worst = -1;
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t h = 0; h < s.Hq; ++h) {
+        for (int64_t d = 0; d < s.D; ++d) {
+          const double got = load_as_float(s.dt, ho.data(), b * L * rowo + i * rowo + h * s.D + d);
+          const double want = ref.out[size_t(((b * L + i) * s.Hq + h) * s.D + d)];
+          const double e = std::abs(got - want);
+          if (!(e <= max_err)) {  // NaN lands here and stays
+            max_err = std::isnan(e) ? INFINITY : e;
+            worst = ((b * L + i) * s.Hq + h) * s.D + d;
+          }
+          num += (got - want) * (got - want);
+          den += want * want;
+        }
+        const double le = std::abs(double(hl[size_t((b * L + i) * s.Hq + h)]) - ref.lse[size_t((b * L + i) * s.Hq + h)]);
+        max_lse = std::isnan(le) ? INFINITY : std::max(max_lse, le);
+      }
+  EXPECT_LE(max_err, 4 * ulp) << "worst flat index " << worst << " (b,row,head,d)";
+  EXPECT_LE(std::sqrt(num / den), s.dt == DType::bf16 ? 1e-2 : 2e-3);
+  EXPECT_LE(max_lse, 1e-3);
+  // Padding of strided out rows is never written.
+  if (s.strided) {
+    EXPECT_EQ(ho[size_t(s.Hq * s.D)], 0xffff);
+  }
+}
+
+TEST(CudaForward, AwkwardShapesMatchOracle) {
+  REQUIRE_GPU();
+  std::printf("device: %s\n", cuda::device_description().c_str());
+  std::vector<Shape> shapes = {
+      {8, 1, 1, 2, 2, 1, 128, 1, false, DType::bf16, false},
+      {8, 1, 7, 2, 2, 1, 64, 1, false, DType::bf16, false},
+      {8, 1, 8, 0, 4, 4, 128, 1, false, DType::f16, false},
+      {8, 1, 9, 1, 4, 1, 64, 1, true, DType::bf16, false},
+      {4, 2, 97, 3, 8, 1, 128, 1, false, DType::bf16, true},
+      {8, 1, 1025, 3, 4, 2, 128, 2, false, DType::bf16, false},
+      {8, 1, 1025, 0, 2, 2, 64, 1, true, DType::f16, true},
+      {16, 2, 700, 1, 8, 8, 128, 1, false, DType::f16, false},
+      {8, 1, 600, 1000, 4, 4, 64, 1, false, DType::bf16, false},   // W >= #chunks: causal text
+      {3, 1, 333, 5, 4, 2, 128, 1, true, DType::bf16, false},
+      {64, 1, 900, 2, 2, 1, 128, 1, false, DType::bf16, false},    // chunks larger than a tile
+      {8, 1, 2000, 128, 8, 1, 128, 1, false, DType::bf16, false},  // GQA 8
+  };
+  uint64_t seed = 11;
+  for (const Shape& s : shapes) check_shape(s, seed++);
+}
+
+TEST(CudaForward, RandomShapes) {
+  REQUIRE_GPU();
+  for (uint64_t seed = 100; seed < 112; ++seed) {
+    std::mt19937_64 rng(seed);
+    Shape s;
+    s.k = 1 + int64_t(rng() % 20);
+    s.S = 1 + int64_t(rng() % 3);
+    s.T = 1 + int64_t(rng() % 800);
+    s.W = int64_t(rng() % 10);
+    s.Hkv = 1 + int64_t(rng() % 2);
+    s.Hq = s.Hkv * (int64_t(1) << (rng() % 3));
+    s.D = rng() % 2 ? 64 : 128;
+    s.B = 1 + int64_t(rng() % 2);
+    s.tail = rng() % 2;
+    s.dt = rng() % 2 ? DType::bf16 : DType::f16;
+    s.strided = rng() % 2;
+    check_shape(s, seed);
+  }
+}
+
+TEST(CudaForward, UnsupportedGivesReasons) {
+  AttentionParams p;
+  p.layout = Layout(8, 1, 16);
+  p.D = 96;
+  p.dtype = DType::bf16;
+  std::string why;
+  EXPECT_FALSE(cuda::supports(p, &why));
+  EXPECT_NE(why.find("D: must be 64 or 128 (got 96)"), std::string::npos) << why;
+  p.D = 128;
+  p.dtype = DType::f32;
+  EXPECT_FALSE(cuda::supports(p, &why));
+  EXPECT_NE(why.find("dtype"), std::string::npos) << why;
+}
+
+}  // namespace
+}  // namespace ksa
