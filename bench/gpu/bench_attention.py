@@ -107,7 +107,13 @@ def run_shape(T, Hq, Hkv, D, k=8, S=1, W=128, sets=2, skip_interleaved=False, re
             for _ in range(sets)]
     res = {"shape": f"T={T//1024}K H={Hq}/{Hkv} D={D}", "T": T}
 
-    # ksa (stream order in, stream order out)
+    # ksa (stream order in, stream order out); KSA_BENCH_CONFIGS="0,1,2" also times the other tile configs
+    import os
+    configs = [c for c in os.environ.get("KSA_BENCH_CONFIGS", "").split(",") if c]
+    for c in configs:
+        os.environ["KSA_CUDA_FWD_CONFIG"] = c
+        res[f"ksa_cfg{c}"] = round(bench(lambda q, kk, v: ksa_torch.attention(q, kk, v, k, S, W), data, reps=reps), 3)
+    os.environ.pop("KSA_CUDA_FWD_CONFIG", None)
     res["ksa"] = bench(lambda q, kk, v: ksa_torch.attention(q, kk, v, k, S, W), data, reps=reps)
     q, kk, v = data[0]
     out_ksa = ksa_torch.attention(q, kk, v, k, S, W)

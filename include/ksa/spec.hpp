@@ -99,6 +99,39 @@ struct Layout {
   }
 };
 
+// A StreamToken in 32-bit fields (kernels keep many in registers).
+struct StreamToken32 {
+  int32_t chunk = 0, index = 0;
+  bool is_summary = false;
+};
+
+// The gathered-order maps of Layout in 32-bit unsigned arithmetic, for GPU kernels (64-bit division is
+// many times slower there). Valid while L < 2^31; tests check it equals Layout on random layouts.
+struct Layout32 {
+  uint32_t k = 1, S = 1, T = 0, full = 0, tail = 0;
+  Layout32() = default;
+  KSA_HD explicit Layout32(const Layout& l)
+      : k(uint32_t(l.k)), S(uint32_t(l.S)), T(uint32_t(l.T)), full(uint32_t(l.full_chunks())), tail(uint32_t(l.tail_len())) {}
+  KSA_HD uint32_t stream_of_gathered(uint32_t g) const {
+    if (g < T) {
+      const uint32_t c = g / k;
+      return c * (k + S) + (g - c * k);
+    }
+    const uint32_t s = g - T, c = s / S;
+    return c * (k + S) + (c < full ? k : tail) + (s - c * S);
+  }
+  // Chunk, index and kind of a gathered row (as token_of_gathered).
+  KSA_HD StreamToken32 token_of_gathered(uint32_t g) const {
+    StreamToken32 t;
+    const bool summ = g >= T;
+    const uint32_t x = summ ? g - T : g, d = summ ? S : k, c = x / d;
+    t.chunk = int32_t(c);
+    t.index = int32_t(x - c * d);
+    t.is_summary = summ;
+    return t;
+  }
+};
+
 // RoPE position of a stream position (KSA.md §3).
 KSA_HD int64_t rope_position(const Layout& lay, TextPositions tm, SummaryPositions sm, int64_t pos) {
   const StreamToken t = lay.token(pos);
@@ -115,7 +148,9 @@ KSA_HD int64_t rope_position(const Layout& lay, TextPositions tm, SummaryPositio
 
 // THE visibility rule (KSA.md §4), on the tokens at the query's and the key's positions. Everything else
 // (visible, visible_gathered, the kernels' masks on precomputed row tokens) calls this one function.
-KSA_HD bool visible_tokens(int64_t W, const StreamToken& a, const StreamToken& b) {
+// Tok is StreamToken or the kernels' 32-bit StreamToken32; I is the window's integer type.
+template <class I, class Tok>
+KSA_HD bool visible_tokens(I W, const Tok& a, const Tok& b) {
   if (a.is_summary) {
     // A summary sees its chunk's text and, causally, the summaries of its chunk; nothing older.
     return b.chunk == a.chunk && (!b.is_summary || b.index <= a.index);

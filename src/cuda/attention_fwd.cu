@@ -36,7 +36,9 @@ struct FwdTraits {
 
 struct FwdArgs {
   Layout lay;
+  Layout32 l32;  // the same geometry in 32-bit arithmetic for per-row index math
   int64_t W;
+  int W32;  // W clamped to int range (any W >= #chunks behaves the same)
   int Hq, G, L, num_qtiles;
   float scale_log2;  // softmax scale * log2(e)
   const void *q, *k, *v;
@@ -100,18 +102,21 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Loads `rows` gathered rows starting at g0 of one head into swizzled smem (zero-fill past `g_end`).
+// Loads `rows` gathered rows starting at g0 of one head into swizzled smem (zero-fill past `g_end`). Four
+// threads share a row (one stream-row computation per thread and tile; 64 contiguous bytes each).
 template <class K>
 __device__ __forceinline__ void load_rows(const FwdArgs& a, uint32_t smem, const void* base, int64_t bstride,
                                           int64_t rstride, int64_t hoff, int g0, int g_end, int rows) {
   using T = typename K::T;
-  for (int i = threadIdx.x; i < rows * K::CHUNKS; i += K::THREADS) {
-    const int r = i / K::CHUNKS, c = i % K::CHUNKS;
+  constexpr int TPR = 4, CPT = K::CHUNKS / TPR;  // threads per row, chunks per thread
+  const int c0 = (threadIdx.x % TPR) * CPT;
+  for (int r = threadIdx.x / TPR; r < rows; r += K::THREADS / TPR) {
     const int g = g0 + r;
     const bool valid = g < g_end;
-    const int64_t srow = valid ? a.lay.stream_of_gathered(g) : 0;
-    const T* src = static_cast<const T*>(base) + bstride + srow * rstride + hoff + c * 8;
-    cp_async16(smem + swz<K::CHUNKS>(r, c), src, valid);
+    const int64_t srow = valid ? int64_t(a.l32.stream_of_gathered(uint32_t(g))) : 0;
+    const T* src = static_cast<const T*>(base) + bstride + srow * rstride + hoff;
+#pragma unroll
+    for (int c = c0; c < c0 + CPT; ++c) cp_async16(smem + swz<K::CHUNKS>(r, c), src + c * 8, valid);
   }
 }
 
@@ -137,11 +142,11 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
   cp_async_commit();
 
   // Query rows of this thread: (mt, half) -> gathered row, and its token for masked tiles.
-  StreamToken qtok[MT][2];
+  StreamToken32 qtok[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) qtok[mt][hf] = token_of_gathered(a.lay, g0 + warp * 16 * MT + mt * 16 + gid + 8 * hf);
+    for (int hf = 0; hf < 2; ++hf) qtok[mt][hf] = a.l32.token_of_gathered(uint32_t(g0 + warp * 16 * MT + mt * 16 + gid + 8 * hf));
 
   float o[MT][D / 8][4];
   float m[MT][2], l[MT][2];
@@ -203,8 +208,8 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
           for (int e = 0; e < 2; ++e) {
             float x = s[mt][j][2 * hf + e] * a.scale_log2;
             if (need_mask) {
-              const int64_t key = tb + j * 8 + 2 * tig + e;
-              if (key >= te || !visible_tokens(a.W, qtok[mt][hf], token_of_gathered(a.lay, key))) x = -INFINITY;
+              const int key = int(tb) + j * 8 + 2 * tig + e;
+              if (key >= te || !visible_tokens(a.W32, qtok[mt][hf], a.l32.token_of_gathered(uint32_t(key)))) x = -INFINITY;
             }
             s[mt][j][2 * hf + e] = x;
             mx = fmaxf(mx, x);
@@ -286,7 +291,7 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
       const int g = g0 + warp * 16 * MT + mt * 16 + gid + 8 * hf;
       if (g >= g1) continue;
       const float inv = 1.f / sum;
-      const int64_t srow = a.lay.stream_of_gathered(g);
+      const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
       T* out = static_cast<T*>(a.out) + b * a.ob + srow * a.orow + h * a.oh;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
@@ -309,11 +314,8 @@ void launch(const FwdArgs& a, int B, cudaStream_t stream) {
 
 // Tile configurations (MT m-tiles per warp, NW warps, BK keys). KSA_CUDA_FWD_CONFIG picks one for tuning.
 int fwd_config() {
-  static const int c = [] {
-    const char* e = std::getenv("KSA_CUDA_FWD_CONFIG");
-    return e ? std::atoi(e) : 0;
-  }();
-  return c;
+  const char* e = std::getenv("KSA_CUDA_FWD_CONFIG");
+  return e ? std::atoi(e) : 0;
 }
 
 template <class T, int D>
@@ -363,7 +365,9 @@ void attention_forward(const AttentionParams& p, Stream stream) {
   if (p.layout.T == 0) return;
   FwdArgs a{};
   a.lay = p.layout;
+  a.l32 = Layout32(p.layout);
   a.W = p.W;
+  a.W32 = int(p.W < (int64_t(1) << 30) ? p.W : (int64_t(1) << 30));
   a.Hq = int(p.Hq);
   a.G = int(p.group());
   a.L = int(p.L());

@@ -234,6 +234,24 @@ TEST(Spec, KeySpansAreExact) {
   }
 }
 
+TEST(Spec, Layout32MatchesLayout) {
+  for (uint64_t seed = 1; seed <= 200; ++seed) {
+    std::mt19937_64 rng(seed);
+    const auto [lay, W] = random_case(rng);
+    const Layout32 l32(lay);
+    for (int64_t q = 0; q < lay.length(); ++q)
+      for (int64_t g = 0; g < lay.length(); ++g)
+        ASSERT_EQ(visible_tokens(int32_t(W), l32.token_of_gathered(uint32_t(q)), l32.token_of_gathered(uint32_t(g))),
+                  visible_gathered(lay, W, q, g));
+    for (int64_t g = 0; g < lay.length(); ++g) {
+      ASSERT_EQ(int64_t(l32.stream_of_gathered(uint32_t(g))), lay.stream_of_gathered(g)) << "seed " << seed;
+      const StreamToken32 a = l32.token_of_gathered(uint32_t(g));
+      const StreamToken b = token_of_gathered(lay, g);
+      ASSERT_TRUE(a.chunk == b.chunk && a.index == b.index && a.is_summary == b.is_summary) << "seed " << seed;
+    }
+  }
+}
+
 TEST(Spec, PairCountAtReleasedShape) {
   EXPECT_EQ(count_visible_pairs(Layout(8, 1, 131072), 128), 1191391744);
   EXPECT_EQ(count_causal_pairs(131072), 8590000128);
