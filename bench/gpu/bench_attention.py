@@ -121,7 +121,7 @@ def run_shape(T, Hq, Hkv, D, k=8, S=1, W=128, sets=2, skip_interleaved=False, re
     # FlexAttention, summaries gathered into a contiguous block (stream -> gathered permutation)
     perm = gathered_perm(T, k, S)
     cg, ig, sg = tokens(T, k, S, "gathered")
-    bm_g = create_block_mask(ksa_mask(cg, ig, sg, W), 1, 1, L, L, device=dev)
+    bm_g = create_block_mask(ksa_mask(cg, ig, sg, W), 1, 1, L, L, device=dev, _compile=True)
     gdata = [tuple(t[:, perm].transpose(1, 2).contiguous() for t in d) for d in data]
     res["flex_gathered"] = bench(lambda q, kk, v: flex(q, kk, v, block_mask=bm_g, enable_gqa=G > 1), gdata, reps=reps)
     out_fg = flex(*gdata[0], block_mask=bm_g, enable_gqa=G > 1).transpose(1, 2)
@@ -131,7 +131,7 @@ def run_shape(T, Hq, Hkv, D, k=8, S=1, W=128, sets=2, skip_interleaved=False, re
     # FlexAttention on the interleaved stream
     cs, is_, ss = tokens(T, k, S, "stream")
     if not skip_interleaved:
-        bm_s = create_block_mask(ksa_mask(cs, is_, ss, W), 1, 1, L, L, device=dev)
+        bm_s = create_block_mask(ksa_mask(cs, is_, ss, W), 1, 1, L, L, device=dev, _compile=True)
         sdata = [tuple(t.transpose(1, 2).contiguous() for t in d) for d in data]
         res["flex_interleaved"] = bench(lambda q, kk, v: flex(q, kk, v, block_mask=bm_s, enable_gqa=G > 1), sdata,
                                         reps=max(3, reps // 3))

@@ -31,7 +31,7 @@ struct FwdTraits {
   static constexpr int BQ = 16 * MT * NW;
   static constexpr int THREADS = 32 * NW;
   static constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
-  static constexpr int SMEM = (BQ + 2 * BK) * D * 2;
+  static constexpr int SMEM = (BQ + 4 * BK) * D * 2;  // Q + two stages of K and V
 };
 
 struct FwdArgs {
@@ -64,6 +64,7 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -125,7 +126,9 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
   using T = typename K::T;
   constexpr int D = K::D, BK = K::BK, BQ = K::BQ, MT = K::MT, CH = K::CHUNKS;
   extern __shared__ __align__(128) uint8_t smem[];
-  const uint32_t sQ = smem_u32(smem), sK = sQ + BQ * D * 2, sV = sK + BK * D * 2;
+  // Two stages: tile i lives in stage i%2 (K at sK0 + stage*KV, V at sV0 + stage*KV).
+  constexpr uint32_t KV = BK * D * 2;
+  const uint32_t sQ = smem_u32(smem), sK0 = sQ + BQ * D * 2, sV0 = sK0 + 2 * KV;
 
   const int qt = a.num_qtiles - 1 - int(blockIdx.x);  // heaviest tiles (most summaries) first
   const int h = blockIdx.y, b = blockIdx.z, hk = h / a.G;
@@ -138,7 +141,8 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
   cur.next(tb, te, masked);  // every valid row sees itself: at least one tile
 
   load_rows<K>(a, sQ, a.q, b * a.qb, a.qr, h * a.qh, g0, g1, BQ);
-  load_rows<K>(a, sK, a.k, b * a.kb, a.kr, hk * a.kh, int(tb), int(te), BK);
+  load_rows<K>(a, sK0, a.k, b * a.kb, a.kr, hk * a.kh, int(tb), int(te), BK);
+  load_rows<K>(a, sV0, a.v, b * a.vb, a.vr, hk * a.vh, int(tb), int(te), BK);
   cp_async_commit();
 
   // Query rows of this thread: (mt, half) -> gathered row, and its token for masked tiles.
@@ -171,10 +175,22 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
       ldsm_x4(qf[mt][kk][0], qf[mt][kk][1], qf[mt][kk][2], qf[mt][kk][3], sQ + swz<CH>(r, c));
     }
 
+  int stage = 0;
   for (;;) {
-    // K[tile] is resident (waited above or at the end of the last iteration).
-    load_rows<K>(a, sV, a.v, b * a.vb, a.vr, hk * a.vh, int(tb), int(te), BK);
-    cp_async_commit();
+    // Prefetch the next tile (K and V) into the other stage while this one is computed.
+    int64_t nb_, ne_;
+    bool nmasked;
+    const bool more = cur.next(nb_, ne_, nmasked);
+    if (more) {
+      load_rows<K>(a, sK0 + (stage ^ 1) * KV, a.k, b * a.kb, a.kr, hk * a.kh, int(nb_), int(ne_), BK);
+      load_rows<K>(a, sV0 + (stage ^ 1) * KV, a.v, b * a.vb, a.vr, hk * a.vh, int(nb_), int(ne_), BK);
+      cp_async_commit();
+      cp_async_wait_one();  // this tile's group has landed
+    } else {
+      cp_async_wait_all();
+    }
+    __syncthreads();
+    const uint32_t sK = sK0 + stage * KV, sV = sV0 + stage * KV;
 
     float s[MT][BK / 8][4];
 #pragma unroll
@@ -249,16 +265,6 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
         pf[mt][kb][3] = pack2<T>(s[mt][2 * kb + 1][2], s[mt][2 * kb + 1][3]);
       }
 
-    cp_async_wait_all();
-    __syncthreads();  // V resident; every warp is done reading K
-    int64_t nb_, ne_;
-    bool nmasked;
-    const bool more = cur.next(nb_, ne_, nmasked);
-    if (more) {
-      load_rows<K>(a, sK, a.k, b * a.kb, a.kr, hk * a.kh, int(nb_), int(ne_), BK);
-      cp_async_commit();
-    }
-
 #pragma unroll
     for (int kb = 0; kb < BK / 16; ++kb)
 #pragma unroll
@@ -276,8 +282,8 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
     tb = nb_;
     te = ne_;
     masked = nmasked;
-    cp_async_wait_all();
-    __syncthreads();  // K resident; every warp is done reading V
+    stage ^= 1;
+    __syncthreads();  // every warp is done with this stage before the next iteration refills it
   }
 
   // Epilogue: normalise, write out (stream order) and lse (natural log).
