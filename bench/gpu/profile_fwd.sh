@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Profiles one ksa forward launch (T=32K, 32/8 heads, D=128, bf16) with Nsight Compute (clock control off).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-bench/gpu/out}"
+mkdir -p "$OUT"
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DKSA_ENGINE=OFF -DKSA_BUILD_TESTS=OFF \
+  -DCMAKE_CUDA_ARCHITECTURES="${KSA_CUDA_ARCH:-90}" >"$OUT/cmake.log" 2>&1
+cmake --build build -j "$(nproc)" >"$OUT/build.log" 2>&1
+cat > /tmp/one.py <<'PY'
+import torch, ksa_torch
+T, k, S = 32768, 8, 1
+L = T + T // k * S
+q = torch.randn(1, L, 32, 128, device="cuda", dtype=torch.bfloat16)
+kv = [torch.randn(1, L, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+for _ in range(2):
+    ksa_torch.attention(q, kv[0], kv[1], k, S, 128)
+torch.cuda.synchronize()
+PY
+PYTHONPATH=python python3 /tmp/one.py  # builds the extension outside the profiler
+PYTHONPATH=python ncu --clock-control none --kernel-name regex:fwd_kernel --launch-skip 1 --launch-count 1 \
+  --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy \
+  --section LaunchStats --section InstructionStats python3 /tmp/one.py 2>&1 | tee "$OUT/ncu.txt"
