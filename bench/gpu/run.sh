@@ -14,9 +14,14 @@ if [ -n "${KSA_GTEST_SRC:-}" ]; then GTEST_ARGS=(-DKSA_GTEST_SRC="$KSA_GTEST_SRC
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DKSA_ENGINE=OFF -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
   "${GTEST_ARGS[@]}" >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
 cmake --build build -j "$(nproc)" >"$OUT/build.log" 2>&1 || { grep -E "error" -A3 "$OUT/build.log" | head -60; exit 1; }
-echo "== C++ GPU tests"
+echo "== C++ GPU tests (every forward tile configuration; stops here on a failure)"
 if [ -x build/bin/ksa_cuda_tests ]; then
-  build/bin/ksa_cuda_tests 2>&1 | tee "$OUT/cuda_tests.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED)|Failure|error|device:" | head -40 || true
+  for cfg in ${KSA_TEST_CONFIGS:-0}; do
+    if ! KSA_CUDA_FWD_CONFIG=$cfg build/bin/ksa_cuda_tests >"$OUT/cuda_tests_cfg$cfg.log" 2>&1; then
+      echo "config $cfg: FAILED"; grep -E "Failure|error|Expected|Which is|worst" -A2 "$OUT/cuda_tests_cfg$cfg.log" | head -40; exit 1
+    fi
+    echo "config $cfg: $(grep -E '^\[  PASSED' "$OUT/cuda_tests_cfg$cfg.log")"
+  done
 fi
 echo "== benchmark"
 PYTHONPATH=python PYTHONUNBUFFERED=1 python3 bench/gpu/bench_attention.py "$@" 2>&1 | tee "$OUT/bench.log"

@@ -21,17 +21,20 @@ namespace ksa::cuda {
 namespace {
 
 // ---------------------------------------------------------------------------------------------- traits
-template <class T_, int D_, int MT_, int NW_, int BK_>
+template <class T_, int D_, int MT_, int NW_, int BK_, bool QREG_, int MINB_>
 struct FwdTraits {
   using T = T_;
   static constexpr int D = D_;        // head dim
   static constexpr int MT = MT_;      // 16-row m-tiles per warp
   static constexpr int NW = NW_;      // warps per CTA
   static constexpr int BK = BK_;      // keys per tile
+  static constexpr bool QREG = QREG_; // Q fragments held in registers (else re-read from smem per tile)
+  static constexpr int MINB = MINB_;  // CTAs per SM the register budget is sized for
   static constexpr int BQ = 16 * MT * NW;
   static constexpr int THREADS = 32 * NW;
   static constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
-  static constexpr int SMEM = (BQ + 4 * BK) * D * 2;  // Q + two stages of K and V
+  // Q, then two stages of K and V, then two stages of per-key tokens (chunk, index | summary bit).
+  static constexpr int SMEM = (BQ + 4 * BK) * D * 2 + 2 * BK * 8;
 };
 
 struct FwdArgs {
@@ -107,7 +110,8 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 // threads share a row (one stream-row computation per thread and tile; 64 contiguous bytes each).
 template <class K>
 __device__ __forceinline__ void load_rows(const FwdArgs& a, uint32_t smem, const void* base, int64_t bstride,
-                                          int64_t rstride, int64_t hoff, int g0, int g_end, int rows) {
+                                          int64_t rstride, int64_t hoff, int g0, int g_end, int rows,
+                                          int2* tokens = nullptr) {
   using T = typename K::T;
   constexpr int TPR = 4, CPT = K::CHUNKS / TPR;  // threads per row, chunks per thread
   const int c0 = (threadIdx.x % TPR) * CPT;
@@ -115,20 +119,39 @@ __device__ __forceinline__ void load_rows(const FwdArgs& a, uint32_t smem, const
     const int g = g0 + r;
     const bool valid = g < g_end;
     const int64_t srow = valid ? int64_t(a.l32.stream_of_gathered(uint32_t(g))) : 0;
+    if (tokens && c0 == 0) {  // the key's token for masked tiles; rows past g_end never match
+      const StreamToken32 t = a.l32.token_of_gathered(uint32_t(g));
+      tokens[r] = valid ? make_int2(t.chunk, t.index | (t.is_summary ? int(0x80000000u) : 0)) : make_int2(-1, -1);
+    }
     const T* src = static_cast<const T*>(base) + bstride + srow * rstride + hoff;
 #pragma unroll
     for (int c = c0; c < c0 + CPT; ++c) cp_async16(smem + swz<K::CHUNKS>(r, c), src + c * 8, valid);
   }
 }
 
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ StreamToken32 unpack_token(int2 t) {
+  StreamToken32 k;
+  k.chunk = t.x;
+  k.index = t.y & 0x7fffffff;
+  k.is_summary = t.y < 0;
+  return k;
+}
+
 template <class K>
-__global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
+__global__ void __launch_bounds__(K::THREADS, K::MINB) fwd_kernel(const FwdArgs a) {
   using T = typename K::T;
   constexpr int D = K::D, BK = K::BK, BQ = K::BQ, MT = K::MT, CH = K::CHUNKS;
   extern __shared__ __align__(128) uint8_t smem[];
-  // Two stages: tile i lives in stage i%2 (K at sK0 + stage*KV, V at sV0 + stage*KV).
+  // Two stages: tile i lives in stage i%2 (K at sK0 + stage*KV, V at sV0 + stage*KV, tokens at tok0).
   constexpr uint32_t KV = BK * D * 2;
   const uint32_t sQ = smem_u32(smem), sK0 = sQ + BQ * D * 2, sV0 = sK0 + 2 * KV;
+  int2* tok0 = reinterpret_cast<int2*>(smem + (BQ + 4 * BK) * D * 2);
 
   const int qt = a.num_qtiles - 1 - int(blockIdx.x);  // heaviest tiles (most summaries) first
   const int h = blockIdx.y, b = blockIdx.z, hk = h / a.G;
@@ -141,11 +164,11 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
   cur.next(tb, te, masked);  // every valid row sees itself: at least one tile
 
   load_rows<K>(a, sQ, a.q, b * a.qb, a.qr, h * a.qh, g0, g1, BQ);
-  load_rows<K>(a, sK0, a.k, b * a.kb, a.kr, hk * a.kh, int(tb), int(te), BK);
+  load_rows<K>(a, sK0, a.k, b * a.kb, a.kr, hk * a.kh, int(tb), int(te), BK, tok0);
   load_rows<K>(a, sV0, a.v, b * a.vb, a.vr, hk * a.vh, int(tb), int(te), BK);
   cp_async_commit();
 
-  // Query rows of this thread: (mt, half) -> gathered row, and its token for masked tiles.
+  // Query rows of this thread: (mt, half) -> token for masked tiles.
   StreamToken32 qtok[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -153,7 +176,7 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
     for (int hf = 0; hf < 2; ++hf) qtok[mt][hf] = a.l32.token_of_gathered(uint32_t(g0 + warp * 16 * MT + mt * 16 + gid + 8 * hf));
 
   float o[MT][D / 8][4];
-  float m[MT][2], l[MT][2];
+  float m[MT][2], l[MT][2];  // m: running max of raw scores times scale_log2
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -162,27 +185,29 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
     l[mt][0] = l[mt][1] = 0.f;
   }
 
+  auto q_frag = [&](int mt, int kk, uint32_t* f) {
+    const int r = warp * 16 * MT + mt * 16 + (lane % 8) + 8 * ((lane / 8) % 2);
+    const int c = kk * 2 + lane / 16;
+    ldsm_x4(f[0], f[1], f[2], f[3], sQ + swz<CH>(r, c));
+  };
   cp_async_wait_all();
   __syncthreads();
-  // Q fragments stay in registers for the whole key loop.
-  uint32_t qf[MT][D / 16][4];
+  uint32_t qf[K::QREG ? MT : 1][K::QREG ? D / 16 : 1][4];
+  if constexpr (K::QREG) {
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int r = warp * 16 * MT + mt * 16 + (lane % 8) + 8 * ((lane / 8) % 2);
-      const int c = kk * 2 + lane / 16;
-      ldsm_x4(qf[mt][kk][0], qf[mt][kk][1], qf[mt][kk][2], qf[mt][kk][3], sQ + swz<CH>(r, c));
-    }
+      for (int kk = 0; kk < D / 16; ++kk) q_frag(mt, kk, qf[mt][kk]);
+  }
 
   int stage = 0;
   for (;;) {
-    // Prefetch the next tile (K and V) into the other stage while this one is computed.
+    // Prefetch the next tile (K, V, key tokens) into the other stage while this one is computed.
     int64_t nb_, ne_;
     bool nmasked;
     const bool more = cur.next(nb_, ne_, nmasked);
     if (more) {
-      load_rows<K>(a, sK0 + (stage ^ 1) * KV, a.k, b * a.kb, a.kr, hk * a.kh, int(nb_), int(ne_), BK);
+      load_rows<K>(a, sK0 + (stage ^ 1) * KV, a.k, b * a.kb, a.kr, hk * a.kh, int(nb_), int(ne_), BK, tok0 + (stage ^ 1) * BK);
       load_rows<K>(a, sV0 + (stage ^ 1) * KV, a.v, b * a.vb, a.vr, hk * a.vh, int(nb_), int(ne_), BK);
       cp_async_commit();
       cp_async_wait_one();  // this tile's group has landed
@@ -191,6 +216,7 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
     }
     __syncthreads();
     const uint32_t sK = sK0 + stage * KV, sV = sV0 + stage * KV;
+    const int2* tok = tok0 + stage * BK;
 
     float s[MT][BK / 8][4];
 #pragma unroll
@@ -198,7 +224,12 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
 #pragma unroll
       for (int j = 0; j < BK / 8; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qt_[MT][4];
+      if constexpr (!K::QREG) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) q_frag(mt, kk, qt_[mt]);
+      }
 #pragma unroll
       for (int nb = 0; nb < BK / 16; ++nb) {
         uint32_t b0, b1, b2, b3;
@@ -206,12 +237,15 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
         ldsm_x4(b0, b1, b2, b3, sK + swz<CH>(r, c));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          mma16816<T>(s[mt][2 * nb], qf[mt][kk], b0, b1);
-          mma16816<T>(s[mt][2 * nb + 1], qf[mt][kk], b2, b3);
+          const uint32_t* af = K::QREG ? qf[K::QREG ? mt : 0][K::QREG ? kk : 0] : qt_[mt];
+          mma16816<T>(s[mt][2 * nb], af, b0, b1);
+          mma16816<T>(s[mt][2 * nb + 1], af, b2, b3);
         }
       }
+    }
 
-    // Mask (tiles on a span edge, or clipped short), then the online softmax in the log2 domain.
+    // Mask (tiles on a span edge, or clipped short: rows past the tile carry token -1 and never match),
+    // then the online softmax in the log2 domain: p = 2^(s * scale_log2 - m).
     const bool need_mask = masked || (te - tb) < BK;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -222,26 +256,25 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
         for (int j = 0; j < BK / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            float x = s[mt][j][2 * hf + e] * a.scale_log2;
+            float& x = s[mt][j][2 * hf + e];
             if (need_mask) {
-              const int key = int(tb) + j * 8 + 2 * tig + e;
-              if (key >= te || !visible_tokens(a.W32, qtok[mt][hf], a.l32.token_of_gathered(uint32_t(key)))) x = -INFINITY;
+              const int2 kt = tok[j * 8 + 2 * tig + e];
+              if (kt.x < 0 || !visible_tokens(a.W32, qtok[mt][hf], unpack_token(kt))) x = -INFINITY;
             }
-            s[mt][j][2 * hf + e] = x;
             mx = fmaxf(mx, x);
           }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[mt][hf], mx);
+        const float m_new = fmaxf(m[mt][hf], mx * a.scale_log2);
         const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
-        const float alpha = exp2f(m[mt][hf] - m_use);
+        const float alpha = ex2(m[mt][hf] - m_use);
         m[mt][hf] = m_new;
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < BK / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float p = exp2f(s[mt][j][2 * hf + e] - m_use);
+            const float p = ex2(fmaf(s[mt][j][2 * hf + e], a.scale_log2, -m_use));
             s[mt][j][2 * hf + e] = p;
             sum += p;
           }
@@ -253,20 +286,17 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
         }
       }
 
-    // P as A fragments (the C layout of two 16x8 score tiles is the A layout of one 16x16 tile).
-    uint32_t pf[MT][BK / 16][4];
+    // O += P V, P as A fragments (the C layout of two 16x8 score tiles is the A layout of a 16x16 tile).
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int kb = 0; kb < BK / 16; ++kb) {
+      uint32_t pf[MT][4];
 #pragma unroll
-      for (int kb = 0; kb < BK / 16; ++kb) {
-        pf[mt][kb][0] = pack2<T>(s[mt][2 * kb][0], s[mt][2 * kb][1]);
-        pf[mt][kb][1] = pack2<T>(s[mt][2 * kb][2], s[mt][2 * kb][3]);
-        pf[mt][kb][2] = pack2<T>(s[mt][2 * kb + 1][0], s[mt][2 * kb + 1][1]);
-        pf[mt][kb][3] = pack2<T>(s[mt][2 * kb + 1][2], s[mt][2 * kb + 1][3]);
+      for (int mt = 0; mt < MT; ++mt) {
+        pf[mt][0] = pack2<T>(s[mt][2 * kb][0], s[mt][2 * kb][1]);
+        pf[mt][1] = pack2<T>(s[mt][2 * kb][2], s[mt][2 * kb][3]);
+        pf[mt][2] = pack2<T>(s[mt][2 * kb + 1][0], s[mt][2 * kb + 1][1]);
+        pf[mt][3] = pack2<T>(s[mt][2 * kb + 1][2], s[mt][2 * kb + 1][3]);
       }
-
-#pragma unroll
-    for (int kb = 0; kb < BK / 16; ++kb)
 #pragma unroll
       for (int db = 0; db < D / 16; ++db) {
         uint32_t b0, b1, b2, b3;
@@ -274,10 +304,11 @@ __global__ void __launch_bounds__(K::THREADS) fwd_kernel(const FwdArgs a) {
         ldsm_x4_t(b0, b1, b2, b3, sV + swz<CH>(r, c));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          mma16816<T>(o[mt][2 * db], pf[mt][kb], b0, b1);
-          mma16816<T>(o[mt][2 * db + 1], pf[mt][kb], b2, b3);
+          mma16816<T>(o[mt][2 * db], pf[mt], b0, b1);
+          mma16816<T>(o[mt][2 * db + 1], pf[mt], b2, b3);
         }
       }
+    }
     if (!more) break;
     tb = nb_;
     te = ne_;
@@ -327,10 +358,11 @@ int fwd_config() {
 template <class T, int D>
 void dispatch_config(const FwdArgs& a, int B, cudaStream_t s) {
   switch (fwd_config()) {
-    case 1: launch<FwdTraits<T, D, 2, 4, 64>>(a, B, s); break;   // 128 rows, 4 warps x 32 rows
-    case 2: launch<FwdTraits<T, D, 1, 4, 64>>(a, B, s); break;   // 64 rows, 4 warps x 16 rows
-    case 3: launch<FwdTraits<T, D, 1, 8, 32>>(a, B, s); break;   // 128 rows, BK 32
-    default: launch<FwdTraits<T, D, 1, 8, 64>>(a, B, s); break;  // 128 rows, 8 warps x 16 rows
+    case 1: launch<FwdTraits<T, D, 1, 8, 32, false, 2>>(a, B, s); break;  // 2 CTAs x 8 warps, Q from smem
+    case 2: launch<FwdTraits<T, D, 1, 4, 64, true, 2>>(a, B, s); break;   // 64 rows, 2 CTAs x 4 warps
+    case 3: launch<FwdTraits<T, D, 1, 4, 32, false, 4>>(a, B, s); break;  // 64 rows, 4 CTAs x 4 warps
+    case 4: launch<FwdTraits<T, D, 2, 4, 32, false, 2>>(a, B, s); break;  // 128 rows, 4 warps x 32 rows
+    default: launch<FwdTraits<T, D, 1, 8, 64, true, 1>>(a, B, s); break;  // 128 rows, 8 warps x 16 rows
   }
 }
 
