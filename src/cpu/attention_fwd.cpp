@@ -1,64 +1,89 @@
-// CPU forward: tiled online softmax over only the key tiles that key_spans returns (gathered order).
-// Placeholder-simple version: scalar loops; to be replaced by the optimised kernel.
+// CPU prefill forward: flash-style tiled online softmax over only the key tiles that the core's key_spans /
+// KeyTileCursor return, in gathered order (text rows, then summary rows).
+//
+// 1. Gather (attention_tiles.hpp): q (times the softmax scale), k and v into fp32 gathered-order buffers,
+//    K also as transposed 64-key panels. Old summaries are then one contiguous block of rows.
+// 2. Work items (b, h, query tile of BQ gathered rows), OpenMP dynamic schedule. Per item, for each key tile
+//    of the core's cursor: S = Q K^T (score primitive), THE rule on masked tiles only (visible_tokens on
+//    precomputed row tokens), per-row OnlineSoftmax (raise_max gives the rescale of the accumulator),
+//    P = exp(S - m), O = alpha * O + P V (accumulate primitive).
+// 3. out = O / l written to the stream positions in the input dtype; lse = m + log l.
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include <omp.h>
-
+#include "cpu/attention_tiles.hpp"
 #include "ksa/cpu.hpp"
 #include "ksa/error.hpp"
 #include "ksa/softmax.hpp"
 
 namespace ksa::cpu {
 
+using namespace detail;
+
 void attention_forward(const AttentionParams& p) {
   validate(p);
   const Layout& lay = p.layout;
-  const int64_t L = lay.length(), D = p.D, G = p.group();
-  const float scale = p.softmax_scale();
-  constexpr int64_t BQ = 16, BK = 64;
-  const int64_t nqt = (L + BQ - 1) / BQ;
-#pragma omp parallel for collapse(3) schedule(dynamic) num_threads(p.num_threads > 0 ? p.num_threads : omp_get_max_threads())
-  for (int64_t b = 0; b < p.B; ++b)
-    for (int64_t h = 0; h < p.Hq; ++h)
-      for (int64_t qt = 0; qt < nqt; ++qt) {
-        const int64_t g0 = qt * BQ, g1 = std::min(L, g0 + BQ);
-        const KeySpans sp = key_spans(lay, p.W, g0, g1);
-        std::vector<float> qf(static_cast<size_t>(BQ * D)), acc(static_cast<size_t>(BQ * D), 0.f), kf(static_cast<size_t>(D)), vf(static_cast<size_t>(D));
-        std::vector<OnlineSoftmax> st(static_cast<size_t>(BQ));
-        std::vector<int64_t> qs(static_cast<size_t>(BQ));
-        for (int64_t r = g0; r < g1; ++r) {
-          qs[size_t(r - g0)] = lay.stream_of_gathered(r);
-          for (int64_t d = 0; d < D; ++d)
-            qf[size_t((r - g0) * D + d)] = load_as_float(p.dtype, p.q.data, p.q.offset(b, qs[size_t(r - g0)], h) + d);
-        }
-        for_each_key_tile(lay, sp, BK, [&](int64_t kb, int64_t ke, bool masked) {
-          for (int64_t g = kb; g < ke; ++g) {
-            const int64_t ks = lay.stream_of_gathered(g);
-            for (int64_t d = 0; d < D; ++d) {
-              kf[size_t(d)] = load_as_float(p.dtype, p.k.data, p.k.offset(b, ks, h / G) + d);
-              vf[size_t(d)] = load_as_float(p.dtype, p.v.data, p.v.offset(b, ks, h / G) + d);
-            }
-            for (int64_t r = 0; r < g1 - g0; ++r) {
-              if (masked && !visible(lay, p.W, qs[size_t(r)], ks)) continue;
-              float s = 0;
-              for (int64_t d = 0; d < D; ++d) s += qf[size_t(r * D + d)] * kf[size_t(d)];
-              s *= scale;
-              OnlineSoftmax& o = st[size_t(r)];
-              const float a = o.raise_max(s);
-              const float w = o.add(s);
-              for (int64_t d = 0; d < D; ++d) acc[size_t(r * D + d)] = acc[size_t(r * D + d)] * a + w * vf[size_t(d)];
-            }
+  if (lay.T == 0) return;
+  const int threads = resolve_threads(p.num_threads);
+  const int64_t L = lay.length(), G = p.group(), W = p.W;
+  const TileKernels& kern = tile_kernels();
+
+  const Gathered Q = gather(p, p.q, p.Hq, p.softmax_scale(), true, PanelGrid::none, 0, threads);
+  const Gathered K = gather(p, p.k, p.Hkv, 1.f, false, PanelGrid::key_tiles, 1, threads);
+  const Gathered V = gather(p, p.v, p.Hkv, 1.f, true, PanelGrid::none, 2, threads);
+  const std::vector<StreamToken> tok = gathered_tokens(lay);
+  const KeyTileGrid grid(lay);
+  const int64_t Dp = Q.Dp, nqt = (L + BQ - 1) / BQ, items = p.B * p.Hq * nqt;
+
+#pragma omp parallel num_threads(threads)
+  {
+    FloatBuf S(BQ * 64), O(BQ * Dp);
+    float alpha[BQ];
+    OnlineSoftmax st[BQ];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t qt = it % nqt, h = (it / nqt) % p.Hq, b = it / (nqt * p.Hq), hk = h / G;
+      const int64_t g0 = qt * BQ, g1 = std::min(L, g0 + BQ);
+      const int nr = int(g1 - g0);
+      const float* q = Q.row(b, h, g0);
+      std::fill(O.data(), O.data() + nr * Dp, 0.f);
+      for (int r = 0; r < nr; ++r) st[r] = OnlineSoftmax{};
+
+      for_each_key_tile(lay, key_spans(lay, W, g0, g1), BK, [&](int64_t kb, int64_t ke, bool masked) {
+        const int n = int(ke - kb);
+        float* s = S.data();
+        kern.scores(q, Dp, nr, K.panel(b, hk, grid.index_of(kb)), int(Dp), s);
+        if (masked) apply_mask(s, nr, n, &tok[size_t(g0)], &tok[size_t(kb)], W, false);
+        for (int r = 0; r < nr; ++r) {
+          float* row = s + r * 64;
+          const float bm = kern.row_max(row, n);
+          if (bm == -INFINITY) {  // this row sees no key of this tile
+            alpha[r] = 1.f;
+            std::fill(row, row + n, 0.f);
+            continue;
           }
-        });
-        for (int64_t r = 0; r < g1 - g0; ++r) {
-          const OnlineSoftmax& o = st[size_t(r)];
-          for (int64_t d = 0; d < D; ++d)
-            store_from_float(p.dtype, p.out.data, p.out.offset(b, qs[size_t(r)], h) + d, acc[size_t(r * D + d)] * o.inv_sum());
-          if (p.lse) p.lse[(b * L + qs[size_t(r)]) * p.Hq + h] = o.lse();
+          alpha[r] = st[r].raise_max(bm);
+          st[r].l += kern.exp_shift(row, n, st[r].m);
         }
+        kern.accumulate(s, nr, n, V.row(b, hk, kb), int(Dp), O.data(), alpha);
+      });
+
+      for (int r = 0; r < nr; ++r) {
+        const int64_t pos = lay.stream_of_gathered(g0 + r);
+        const float inv = st[r].inv_sum();
+        const float* o = O.data() + r * Dp;
+        const int64_t off = p.out.offset(b, pos, h);
+        if (p.dtype == DType::f32) {
+          float* dst = static_cast<float*>(p.out.data) + off;
+          for (int64_t d = 0; d < p.D; ++d) dst[d] = o[d] * inv;
+        } else {
+          for (int64_t d = 0; d < p.D; ++d) store_from_float(p.dtype, p.out.data, off + d, o[d] * inv);
+        }
+        if (p.lse) p.lse[(b * L + pos) * p.Hq + h] = st[r].lse();
       }
+    }
+  }
 }
 
 }  // namespace ksa::cpu

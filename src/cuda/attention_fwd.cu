@@ -350,19 +350,22 @@ void launch(const FwdArgs& a, int B, cudaStream_t stream) {
 }
 
 // Tile configurations (MT m-tiles per warp, NW warps, BK keys). KSA_CUDA_FWD_CONFIG picks one for tuning.
-int fwd_config() {
+// Defaults from the H200 sweep of 2026-11-29 (bench/gpu/run.sh with KSA_BENCH_CONFIGS=0,1,2,3,4): config 1
+// was fastest at D=128 for T = 8K/32K/128K, config 3 at D=64.
+int fwd_config(int64_t D) {
   const char* e = std::getenv("KSA_CUDA_FWD_CONFIG");
-  return e ? std::atoi(e) : 0;
+  return e ? std::atoi(e) : (D == 64 ? 3 : 1);
 }
 
 template <class T, int D>
 void dispatch_config(const FwdArgs& a, int B, cudaStream_t s) {
-  switch (fwd_config()) {
+  switch (fwd_config(D)) {
     case 1: launch<FwdTraits<T, D, 1, 8, 32, false, 2>>(a, B, s); break;  // 2 CTAs x 8 warps, Q from smem
     case 2: launch<FwdTraits<T, D, 1, 4, 64, true, 2>>(a, B, s); break;   // 64 rows, 2 CTAs x 4 warps
     case 3: launch<FwdTraits<T, D, 1, 4, 32, false, 4>>(a, B, s); break;  // 64 rows, 4 CTAs x 4 warps
     case 4: launch<FwdTraits<T, D, 2, 4, 32, false, 2>>(a, B, s); break;  // 128 rows, 4 warps x 32 rows
-    default: launch<FwdTraits<T, D, 1, 8, 64, true, 1>>(a, B, s); break;  // 128 rows, 8 warps x 16 rows
+    case 0: launch<FwdTraits<T, D, 1, 8, 64, true, 1>>(a, B, s); break;  // 128 rows, 8 warps x 16 rows
+    default: fail("KSA_CUDA_FWD_CONFIG: unknown configuration ", fwd_config(D), " (0..4)");
   }
 }
 

@@ -1,0 +1,205 @@
+// Portable tile primitives, the runtime SIMD dispatch, and the gather into gathered order (see
+// attention_tiles.hpp). The portable loops are written so that the compiler vectorises them for the
+// baseline ISA; the AVX-512 versions live in attention_tiles_avx512.cpp (compiled with AVX-512 flags,
+// called only after __builtin_cpu_supports says yes).
+#include "cpu/attention_tiles.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include <omp.h>
+
+#include "ksa/dtype.hpp"
+
+namespace ksa::cpu::detail {
+namespace {
+
+void scores_generic(const float* A, int64_t lda, int rows, const float* Bt, int Dp, float* C) {
+  for (int r = 0; r < rows; ++r) {
+    float c[64] = {};
+    const float* a = A + r * lda;
+    for (int d = 0; d < Dp; ++d) {
+      const float x = a[d];
+      const float* b = Bt + int64_t(d) * 64;
+      for (int j = 0; j < 64; ++j) c[j] += x * b[j];
+    }
+    std::memcpy(C + r * 64, c, sizeof c);
+  }
+}
+
+void accumulate_generic(const float* P, int rows, int n, const float* B, int Dp, float* C, const float* alpha) {
+  for (int r = 0; r < rows; ++r) {
+    float* c = C + int64_t(r) * Dp;
+    if (alpha) {
+      const float a = alpha[r];
+      for (int d = 0; d < Dp; ++d) c[d] *= a;
+    }
+    for (int j = 0; j < n; ++j) {
+      const float x = P[r * 64 + j];
+      if (x == 0.f) continue;
+      const float* b = B + int64_t(j) * Dp;
+      for (int d = 0; d < Dp; ++d) c[d] += x * b[d];
+    }
+  }
+}
+
+float row_max_generic(const float* s, int n) {
+  float m = -INFINITY;
+  for (int j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
+  return m;
+}
+
+float exp_shift_generic(float* s, int n, float shift) {
+  float sum = 0.f;
+  for (int j = 0; j < n; ++j) {
+    const float e = s[j] == -INFINITY ? 0.f : std::exp(s[j] - shift);
+    s[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+void exp_shift_vec_generic(float* s, int n, const float* shift) {
+  for (int j = 0; j < n; ++j) s[j] = s[j] == -INFINITY ? 0.f : std::exp(s[j] - shift[j]);
+}
+
+const TileKernels kGeneric{"portable", scores_generic, accumulate_generic, row_max_generic, exp_shift_generic,
+                           exp_shift_vec_generic};
+
+bool g_force_generic = false;
+
+// KSA_CPU_PRIMITIVES=portable in the environment forces the portable primitives (to time or check the
+// fallback that CPUs without AVX-512 run).
+const TileKernels& pick() {
+  const char* env = std::getenv("KSA_CPU_PRIMITIVES");
+  if (env && std::strcmp(env, "portable") == 0) return kGeneric;
+  const TileKernels* k = avx512_tile_kernels();
+  return k ? *k : kGeneric;
+}
+
+}  // namespace
+
+const TileKernels& generic_tile_kernels() { return kGeneric; }
+
+const TileKernels* avx512_tile_kernels() {
+#if defined(KSA_CPU_AVX512_TU) && (defined(__GNUC__) || defined(__clang__))
+  // The AVX-512 file is compiled with F, BW, DQ, VL and FMA; libgcc's check includes the OS's zmm support.
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("fma");
+  return ok ? &kAvx512TileKernels : nullptr;
+#else
+  return nullptr;
+#endif
+}
+
+const TileKernels& tile_kernels() {
+  static const TileKernels& best = pick();
+  return g_force_generic ? kGeneric : best;
+}
+
+void force_generic_tile_kernels(bool on) { g_force_generic = on; }
+
+int resolve_threads(int n) { return n > 0 ? n : omp_get_max_threads(); }
+
+Scratch scratch(int slot, int64_t n) {
+  thread_local FloatBuf pool[16];
+  Scratch s;
+  if (slot >= 0 && slot < 16) {
+    if (pool[slot].size >= n) {
+      s.ptr = pool[slot].data();
+      return s;
+    }
+    int64_t others = 0;
+    for (int i = 0; i < 16; ++i) others += i == slot ? 0 : pool[i].size;
+    pool[slot] = FloatBuf();  // free first: never hold both
+    if (others + n <= kPoolFloats) {
+      pool[slot] = FloatBuf(n);
+      s.ptr = pool[slot].data();
+      return s;
+    }
+  }
+  s.owned = FloatBuf(n);
+  s.ptr = s.owned.data();
+  return s;
+}
+
+Gathered gather(const AttentionParams& p, const TensorView& t, int64_t H, float mul, bool need_rows, PanelGrid grid,
+                int slot, int threads) {
+  const Layout& lay = p.layout;
+  Gathered g;
+  g.H = H;
+  g.L = lay.length();
+  g.Dp = round_up(p.D, 16);
+  if (grid == PanelGrid::key_tiles) g.ntiles = KeyTileGrid(lay).count;
+  if (grid == PanelGrid::query_tiles) g.ntiles = (g.L + BQ - 1) / BQ;
+  // Without `need_rows` the rows still go through a per-(b, h) staging buffer for the panels.
+  if (need_rows) g.rows = scratch(2 * slot, p.B * H * g.L * g.Dp);
+  if (grid != PanelGrid::none) g.panels = scratch(2 * slot + 1, p.B * H * g.ntiles * g.Dp * 64);
+  const int64_t L = g.L, D = p.D, Dp = g.Dp;
+  const KeyTileGrid kg(lay);
+  static_assert(BQ == 64 && BK == 64, "the panels and the plain 64-row grid assume 64-row tiles");
+  const int64_t nblocks = grid == PanelGrid::key_tiles ? kg.count : (L + 63) / 64;
+#pragma omp parallel num_threads(threads)
+  {
+    FloatBuf staging(need_rows ? 0 : 64 * Dp);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < nblocks; ++i) {
+          // Blocks of <= 64 rows: the key tiles, or the plain 64-row grid (= the query tiles).
+          const int64_t r0 = grid == PanelGrid::key_tiles ? kg.begin(i) : i * 64;
+          const int64_t r1 = grid == PanelGrid::key_tiles ? kg.end(i) : std::min(L, r0 + 64);
+          float* rows = need_rows ? g.rows.data() + ((b * H + h) * L + r0) * Dp : staging.data();
+          for (int64_t r = 0; r < r1 - r0; ++r) {
+            const int64_t off = t.offset(b, lay.stream_of_gathered(r0 + r), h);
+            float* dst = rows + r * Dp;
+            if (p.dtype == DType::f32) {
+              const float* src = static_cast<const float*>(t.data) + off;
+              for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * mul;
+            } else if (p.dtype == DType::bf16) {
+              const uint16_t* src = static_cast<const uint16_t*>(t.data) + off;
+              for (int64_t d = 0; d < D; ++d) dst[d] = bf16::to_float(src[d]) * mul;
+            } else {
+              for (int64_t d = 0; d < D; ++d) dst[d] = load_as_float(p.dtype, t.data, off + d) * mul;
+            }
+            for (int64_t d = D; d < Dp; ++d) dst[d] = 0.f;
+          }
+          if (grid == PanelGrid::none) continue;
+          float* pan = g.panels.data() + ((b * H + h) * g.ntiles + i) * Dp * 64;
+          const int64_t n = r1 - r0;
+          for (int64_t d = 0; d < Dp; ++d) {
+            float* dst = pan + d * 64;
+            for (int64_t j = 0; j < n; ++j) dst[j] = rows[j * Dp + d];
+            for (int64_t j = n; j < 64; ++j) dst[j] = 0.f;
+          }
+        }
+  }
+  return g;
+}
+
+std::vector<StreamToken> gathered_tokens(const Layout& lay) {
+  std::vector<StreamToken> tok(size_t(lay.length()));
+  for (int64_t g = 0; g < lay.length(); ++g) tok[size_t(g)] = token_of_gathered(lay, g);
+  return tok;
+}
+
+void apply_mask(float* s, int rows, int cols, const StreamToken* qtok, const StreamToken* ktok, int64_t W,
+                bool transposed) {
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + r * 64;
+    if (!transposed) {
+      const StreamToken q = qtok[r];
+      for (int j = 0; j < cols; ++j)
+        if (!visible_tokens(W, q, ktok[j])) row[j] = -INFINITY;
+    } else {
+      const StreamToken k = ktok[r];
+      for (int j = 0; j < cols; ++j)
+        if (!visible_tokens(W, qtok[j], k)) row[j] = -INFINITY;
+    }
+  }
+}
+
+}  // namespace ksa::cpu::detail

@@ -1,0 +1,34 @@
+// The tile primitives of the CPU prefill kernels as a table of function pointers, one table per ISA
+// (portable, AVX-512). Kept free of inline code so that the AVX-512 translation unit, compiled with AVX-512
+// flags, shares no inline function with the portable code (the linker could otherwise keep an AVX-512
+// copy of it for every caller).
+#pragma once
+#include <cstdint>
+
+namespace ksa::cpu::detail {
+
+// Tile sizes: query rows per work item and key rows per key tile. The backward's transposed panels are BQ
+// wide, so the score primitive always produces 64-wide rows.
+inline constexpr int BQ = 64, BK = 64;
+
+// All matrices are fp32 and row-major; Dp (padded head dim) is a multiple of 16.
+struct TileKernels {
+  const char* name;
+  // C[r*64 + j] = sum_{d<Dp} A[r*lda + d] * Bt[d*64 + j], for r < rows (<= 64), j < 64.
+  void (*scores)(const float* A, int64_t lda, int rows, const float* Bt, int Dp, float* C);
+  // C[r*Dp + c] = alpha[r] * C[r*Dp + c] + sum_{j<n} P[r*64 + j] * B[j*Dp + c], r < rows; alpha null = 1.
+  void (*accumulate)(const float* P, int rows, int n, const float* B, int Dp, float* C, const float* alpha);
+  // Max of s[0..n).
+  float (*row_max)(const float* s, int n);
+  // s[j] = exp(s[j] - shift) for j < n (exp(-inf) = 0); returns their sum.
+  float (*exp_shift)(float* s, int n, float shift);
+  // s[j] = exp(s[j] - shift[j]) for j < n.
+  void (*exp_shift_vec)(float* s, int n, const float* shift);
+};
+
+#if defined(KSA_CPU_AVX512_TU)
+// Defined in attention_tiles_avx512.cpp; use only where the CPU has AVX-512F/BW/DQ/VL and FMA.
+extern const TileKernels kAvx512TileKernels;
+#endif
+
+}  // namespace ksa::cpu::detail
