@@ -1,0 +1,28 @@
+// Dense CPU operations of the Qwen3-KSA forward (KSA.md §6): linear layers over bf16/f32 weights,
+// RMSNorm, RoPE (HF rotate_half) and the SwiGLU gate. Activations are fp32; weights stay in their file
+// dtype. The model layer calls these; they know nothing of the model.
+#pragma once
+#include <cstdint>
+
+#include "ksa/dtype.hpp"
+
+namespace ksa::cpu {
+
+// y[M, N] = x[M, K] . W^T with W [N, K] row-major (the HF/PyTorch Linear layout), W in f32 or bf16 (read
+// in place, never widened as a whole). x rows are contiguous with stride K, y rows with stride N. M == 1..4:
+// a threaded matrix-vector kernel (AVX-512 when the CPU has it, checked at run time) streams W once;
+// larger M: W converted in row blocks and multiplied through OpenBLAS sgemm when built with it.
+void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads = 0);
+
+// In place: x[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, for `rows` rows of `n` (w in f32 or bf16).
+void rms_norm(float* x, int64_t rows, int64_t n, const void* w, DType wdt, float eps);
+
+// RoPE, HF "rotate_half" form, in place on x [H, D] (heads contiguous, stride D) at `position`:
+// x[i] <- x[i] cos - x[i + D/2] sin, x[i + D/2] <- x[i + D/2] cos + x[i] sin, angle = position * theta^(-2i/D)
+// computed in fp32 like the reference implementation (inv_freq and the product in fp32).
+void rope(float* x, int64_t H, int64_t D, int64_t position, double theta);
+
+// In place: gate[i] = silu(gate[i]) * up[i] over n elements.
+void silu_mul(float* gate, const float* up, int64_t n);
+
+}  // namespace ksa::cpu

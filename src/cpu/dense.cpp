@@ -1,0 +1,125 @@
+// Dense CPU operations (see ksa/dense.hpp).
+#include "ksa/dense.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu/dense_kernels.hpp"
+#include "ksa/error.hpp"
+#ifdef KSA_HAVE_OPENBLAS
+#include <cblas.h>
+#endif
+
+namespace ksa::cpu {
+namespace {
+
+int pick_threads(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
+
+void widen_rows(const void* W, DType wdt, int64_t K, int64_t r0, int64_t r1, float* out) {
+  if (wdt == DType::f32) {
+    std::copy(static_cast<const float*>(W) + r0 * K, static_cast<const float*>(W) + r1 * K, out);
+    return;
+  }
+  for (int64_t i = r0 * K; i < r1 * K; ++i) out[i - r0 * K] = load_as_float(wdt, W, i);
+}
+
+}  // namespace
+
+namespace detail {
+// Portable dot products of one weight row with an fp32 vector (the AVX-512 versions live in
+// dense_avx512.cpp).
+float dot_row_portable(const void* W, DType wdt, int64_t row, int64_t K, const float* x) {
+  float acc[8] = {};
+  if (wdt == DType::bf16) {
+    const uint16_t* w = static_cast<const uint16_t*>(W) + row * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8)
+      for (int j = 0; j < 8; ++j) acc[j] += bf16::to_float(w[k + j]) * x[k + j];
+    for (; k < K; ++k) acc[0] += bf16::to_float(w[k]) * x[k];
+  } else {
+    const float* w = static_cast<const float*>(W) + row * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8)
+      for (int j = 0; j < 8; ++j) acc[j] += w[k + j] * x[k + j];
+    for (; k < K; ++k) acc[0] += w[k] * x[k];
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+}  // namespace detail
+
+void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads) {
+  if (M < 0 || K < 1 || N < 1) fail("linear: bad shape M=", M, " K=", K, " N=", N);
+  if (wdt == DType::f16) fail("linear: weights must be f32 or bf16 (got f16)");
+  if (M == 0) return;
+  const int nt = pick_threads(threads);
+  if (M <= 4) {
+    const detail::DotRowFn dot = detail::dot_row_kernel();
+    // Rows of W in blocks so each thread streams a contiguous slab; all M vectors per row read.
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot(W, wdt, n, K, x + m * K);
+    return;
+  }
+  constexpr int64_t kBlock = 256;  // weight rows widened at a time (256 x K fp32)
+#ifdef KSA_HAVE_OPENBLAS
+  std::vector<float> wf(static_cast<size_t>(kBlock * K));
+  for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
+    const int64_t nb = std::min(kBlock, N - n0);
+    widen_rows(W, wdt, K, n0, n0 + nb, wf.data());
+    // y[:, n0:n0+nb] = x . wf^T
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(nb), int(K), 1.f, x, int(K), wf.data(), int(K),
+                0.f, y + n0, int(N));
+  }
+#else
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> wf(static_cast<size_t>(kBlock * K));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
+      const int64_t nb = std::min(kBlock, N - n0);
+      widen_rows(W, wdt, K, n0, n0 + nb, wf.data());
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < nb; ++n) y[m * N + n0 + n] = detail::dot_row_portable(wf.data(), DType::f32, n, K, x + m * K);
+    }
+  }
+#endif
+}
+
+void rms_norm(float* x, int64_t rows, int64_t n, const void* w, DType wdt, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* v = x + r * n;
+    double ss = 0;
+    for (int64_t i = 0; i < n; ++i) ss += double(v[i]) * v[i];
+    const float inv = float(1.0 / std::sqrt(ss / double(n) + double(eps)));
+    for (int64_t i = 0; i < n; ++i) v[i] = v[i] * inv * load_as_float(wdt, w, i);
+  }
+}
+
+void rope(float* x, int64_t H, int64_t D, int64_t position, double theta) {
+  if (D % 2) fail("rope: head dim must be even (got ", D, ")");
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    // fp32 like the reference: inv_freq = 1 / theta^(2i/D) and the angle product in fp32.
+    const float inv_freq = 1.f / std::pow(float(theta), float(2 * i) / float(D));
+    const float angle = float(position) * inv_freq;
+    const float c = float(std::cos(double(angle))), s = float(std::sin(double(angle)));
+    for (int64_t h = 0; h < H; ++h) {
+      float* v = x + h * D;
+      const float a = v[i], b = v[i + half];
+      v[i] = a * c - b * s;
+      v[i + half] = b * c + a * s;
+    }
+  }
+}
+
+void silu_mul(float* gate, const float* up, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    gate[i] = g / (1.f + std::exp(-g)) * up[i];
+  }
+}
+
+}  // namespace ksa::cpu
