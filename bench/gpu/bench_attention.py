@@ -4,6 +4,12 @@ Run through bench/gpu/run.sh (it builds what it needs). Prints, per shape: ms (m
 runs after warm-up, inputs rotated so the L2 does not hold them), useful TFLOP/s from the exact pair count
 (the C++ core counter: 4*D*pairs*Hq*B forward), and the max abs difference of ksa vs FlexAttention and vs a
 float64 reference on a sample of rows.
+
+Then (unless --no-bwd) forward+backward: the time of out = attn(q, k, v) and the gradients of sum(out * g)
+for a random g (torch.autograd.grad), for the same four; backward alone = fwd+bwd - fwd; useful TFLOP/s with
+the FlashAttention convention (fwd+bwd = 3.5 x the forward's FLOPs); and the max relative difference
+(max|a-b| / max|b|) of ksa's dq, dk, dv vs FlexAttention's (gathered layout). FlexAttention on the interleaved
+stream is timed in fwd+bwd only up to --interleaved-bwd-max (it is the slow layout).
 """
 import argparse
 import math
@@ -94,7 +100,8 @@ def reference_rows(q, k, v, rows, chunk, idx, summ, W, G):
     return torch.stack(out)
 
 
-def run_shape(T, Hq, Hkv, D, k=8, S=1, W=128, sets=2, skip_interleaved=False, reps=10):
+def run_shape(T, Hq, Hkv, D, k=8, S=1, W=128, sets=2, skip_interleaved=False, reps=10, with_bwd=True,
+              interleaved_bwd_max=32768):
     B = 1
     L = T + (T // k) * S
     G = Hq // Hkv
@@ -149,12 +156,61 @@ def run_shape(T, Hq, Hkv, D, k=8, S=1, W=128, sets=2, skip_interleaved=False, re
     res["diff_flex_ref"] = (out_flex[0, rows].double() - ref).abs().max().item()
     res["tflops"] = {n: flops / (res[n] * 1e-3) / 1e12 for n in ("ksa", "flex_gathered", "flex_interleaved") if n in res}
     res["tflops"]["sdpa_dense"] = causal_flops / (res["sdpa_dense"] * 1e-3) / 1e12  # its own (dense) work
+    if not with_bwd:
+        return res
+
+    # fwd + bwd: gradients of sum(out * g); leaf copies of the same inputs, one g per input set.
+    def leaves(sets, gshape_of):
+        out = []
+        for i, d in enumerate(sets):
+            gg = torch.randn(gshape_of(d[0]), device=dev, dtype=torch.bfloat16,
+                             generator=torch.Generator(device=dev).manual_seed(1000 + i))
+            out.append(tuple(t.detach().clone().requires_grad_() for t in d) + (gg,))
+        return out
+
+    def grad_step(fn):
+        def step(q, kk, v, g):
+            return torch.autograd.grad(fn(q, kk, v), (q, kk, v), g)
+        return step
+
+    ksa_fn = lambda q, kk, v: ksa_torch.attention(q, kk, v, k, S, W)  # noqa: E731
+    flex_g_fn = lambda q, kk, v: flex(q, kk, v, block_mask=bm_g, enable_gqa=G > 1)  # noqa: E731
+    kdata = leaves(data, lambda q: q.shape)
+    res["ksa_fb"] = bench(grad_step(ksa_fn), kdata, reps=reps)
+    # The same upstream gradient in the gathered [B, H, L, D] layout for FlexAttention.
+    gkdata = [tuple(t.detach()[:, perm].transpose(1, 2).contiguous().requires_grad_(t.requires_grad) for t in d)
+              for d in kdata]
+    res["flex_gathered_fb"] = bench(grad_step(flex_g_fn), gkdata, reps=reps)
+    if not skip_interleaved and T <= interleaved_bwd_max:
+        flex_s_fn = lambda q, kk, v: flex(q, kk, v, block_mask=bm_s, enable_gqa=G > 1)  # noqa: E731
+        sk = [tuple(t.detach().transpose(1, 2).contiguous().requires_grad_(t.requires_grad) for t in d) for d in kdata]
+        res["flex_interleaved_fb"] = bench(grad_step(flex_s_fn), sk, reps=max(3, reps // 3))
+    sdpa_fn = lambda q, kk, v: F.scaled_dot_product_attention(q, kk, v, is_causal=True, enable_gqa=G > 1)  # noqa: E731
+    tk = [tuple(t.detach()[:, :T].transpose(1, 2).contiguous().requires_grad_(t.requires_grad) for t in d) for d in kdata]
+    res["sdpa_dense_fb"] = bench(grad_step(sdpa_fn), tk, reps=reps)
+
+    # ksa's gradients vs FlexAttention's (gathered), mapped back to stream order.
+    gk = grad_step(ksa_fn)(*kdata[0])
+    gf = grad_step(flex_g_fn)(*gkdata[0])
+    res["grad_diff_flex"] = {}
+    for name, a, b_g in zip(("dq", "dk", "dv"), gk, gf):
+        b = torch.empty_like(a)
+        b[:, perm] = b_g.transpose(1, 2)
+        res["grad_diff_flex"][name] = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+    res["tflops_fb"] = {}
+    for n in ("ksa", "flex_gathered", "flex_interleaved", "sdpa_dense"):
+        if n + "_fb" in res:
+            work = 3.5 * (causal_flops if n == "sdpa_dense" else flops)
+            res["tflops_fb"][n] = work / (res[n + "_fb"] * 1e-3) / 1e12
     return res
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", nargs="?", default="full", choices=["full", "quick"])
+    ap.add_argument("--no-bwd", action="store_true", help="forward only (skip the fwd+bwd table)")
+    ap.add_argument("--interleaved-bwd-max", type=int, default=32768,
+                    help="largest T for which FlexAttention on the interleaved stream is timed in fwd+bwd")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d')}", flush=True)
     shapes = [(8192, 32, 8, 128), (32768, 32, 8, 128), (131072, 32, 8, 128), (32768, 32, 32, 128), (32768, 32, 8, 64)]
@@ -163,7 +219,8 @@ def main():
     rows = []
     for T, Hq, Hkv, D in shapes:
         t0 = time.time()
-        r = run_shape(T, Hq, Hkv, D, skip_interleaved=False)
+        r = run_shape(T, Hq, Hkv, D, skip_interleaved=False, with_bwd=not args.no_bwd,
+                      interleaved_bwd_max=args.interleaved_bwd_max)
         print(f"{r['shape']}: done in {time.time() - t0:.0f}s: {r}", flush=True)
         rows.append(r)
     print("\nB=1, bf16, k=8, S=1, W=128. ms (useful TFLOP/s; SDPA: dense causal FLOPs over the text)")
@@ -174,6 +231,18 @@ def main():
             return f"{r[n]:.3f} ({r['tflops'][n]:.0f})" if n in r else "-"
         print(f"{r['shape']:<24}{cell('ksa'):>18}{cell('flex_gathered'):>18}{cell('flex_interleaved'):>20}"
               f"{cell('sdpa_dense'):>18}{r['diff_flex']:>12.2e}{r['diff_ref']:>11.2e}{r['diff_flex_ref']:>11.2e}")
+    if not args.no_bwd:
+        print("\nfwd+bwd (gradients of sum(out * g)): ms (useful TFLOP/s, 3.5 x forward FLOPs); ksa bwd = fwd+bwd - fwd;"
+              " max rel diff of ksa's grads vs FlexAttention (gathered)")
+        print(f"{'shape':<24}{'ksa':>18}{'ksa bwd':>10}{'flex gathered':>18}{'flex interleaved':>20}{'sdpa dense':>18}"
+              f"{'dq':>10}{'dk':>10}{'dv':>10}")
+        for r in rows:
+            def cell_fb(n):
+                return f"{r[n + '_fb']:.3f} ({r['tflops_fb'][n]:.0f})" if n + "_fb" in r else "-"
+            gd = r["grad_diff_flex"]
+            print(f"{r['shape']:<24}{cell_fb('ksa'):>18}{r['ksa_fb'] - r['ksa']:>10.3f}{cell_fb('flex_gathered'):>18}"
+                  f"{cell_fb('flex_interleaved'):>20}{cell_fb('sdpa_dense'):>18}"
+                  f"{gd['dq']:>10.2e}{gd['dk']:>10.2e}{gd['dv']:>10.2e}")
     return 0
 
 

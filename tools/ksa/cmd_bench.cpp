@@ -24,6 +24,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "bench_attn.hpp"
 #include "common.hpp"
 #include "cpu/attention_tiles.hpp"
 #include "ksa/cpu.hpp"
@@ -161,12 +162,6 @@ int run_sgemm(int argc, char** argv) {
 #endif
 }
 
-struct AttnArgs {
-  int64_t T, k, S, W, B, Hq, Hkv, D, reps, threads, gemm_n;
-  bool bwd, tail, ceiling;
-  DType dtype;
-};
-
 struct Timing {
   double median_s = 0, min_s = 0, max_s = 0;
 };
@@ -257,7 +252,7 @@ int run_attn(int argc, char** argv) {
                "Times the KSA prefill attention kernels (random data) and reports useful GFLOP/s from the exact\n"
                "visible-pair count, next to an OpenBLAS sgemm ceiling measured in the same run.\n"
                "KSA_CPU_PRIMITIVES=portable in the environment times the portable (non-AVX-512) primitives.");
-  std::string& device = f.str("--device", "cpu", "cpu (cuda: when built in)");
+  std::string& device = f.str("--device", "cpu", "cpu or cuda (when built in; bf16/f16, times with CUDA events)");
   int64_t& T = f.i64("-T,--T", 8192, "text tokens");
   int64_t& k = f.i64("--k", 8, "text tokens per chunk");
   int64_t& S = f.i64("--S", 1, "summary tokens per chunk");
@@ -292,8 +287,13 @@ int run_attn(int argc, char** argv) {
     return run_attn_cpu(a);
   }
   if (device == "cuda") {
+#ifdef KSA_HAVE_CUDA
+    if (a.dtype == DType::f32) throw cli::UsageError("--dtype: the CUDA kernels take bf16 or f16");
+    return run_attn_cuda(a);
+#else
     std::fprintf(stderr, "ksa bench attn: --device cuda: not built in this binary\n");
     return 2;
+#endif
   }
   throw cli::UsageError("--device: expected cpu or cuda (got '" + device + "')");
 }

@@ -1,0 +1,967 @@
+// CUDA backward (sm80+): FlashAttention-2's math (P recomputed from the forward's lse) with tensor cores
+// (mma.sync m16n8k16, bf16/f16 in, fp32 accumulate), over only the tile pairs the core's tile walk visits,
+// in the core's gathered order (text rows, then all summaries), like the forward. Deterministic always: no
+// floating-point atomics; every sum runs in an order fixed by the shapes and the device's SM count.
+//
+// Passes, all on the caller's stream (workspace from cudaMallocAsync, freed with cudaFreeAsync):
+//   1. preprocess  (b, q head, row): Delta = rowsum(dout * out) and lse in the log2 domain, gathered order.
+//   2. plan        spans_kernel: key_spans of every dK/dV query tile; runs_kernel: for every key tile, the
+//                  runs of query tiles that see it (the inverse of the tile walk, attention_bwd_plan.hpp);
+//                  schedule_kernel: work items, splitting long lists (see below).
+//   3. dK/dV       one CTA per (item, kv head, batch): the key tile's K and V stay in smem; for each query
+//                  tile of the item and each query head of the GQA group (Q, dO, lse, Delta double-buffered
+//                  with cp.async): S^T = K Q^T, P^T = 2^(S^T*scale*log2e - lse2), dP^T = V dO^T,
+//                  dS^T = P^T (dP^T - Delta); dV += P^T dO, dK += dS^T Q (rows = keys, 16 per warp).
+//   4. reduce      key tiles whose list was split: sum the fp32 partials in segment order, write dk, dv.
+//   5. dQ          one CTA per (query tile, q head, batch), over the key tiles of KeyTileCursor (as the
+//                  forward): S = Q K^T, P, dP = dO V^T, dS; dQ += dS K (rows = queries, 16 per warp).
+// Recomputing S and dP in the dQ pass costs 7 tile GEMMs per tile pair instead of 5: the price of a dQ
+// without atomics (the CPU backward makes the same trade).
+//
+// Old summaries are one contiguous block of key tiles that every later query tile sees, so a summary key
+// tile's list is ~L/BQ long while a text tile's is ~W*k/BQ. The schedule cuts every list longer than U
+// entries into ceil(n/U) near-equal segments (U = max(8, total / target), target = 2 * resident CTAs /
+// (B * Hkv)); each segment writes fp32 partials to its own slot and the reduce kernel adds the slots in
+// order. Items run heaviest first (summary tiles, oldest first, then text tiles).
+//
+// File shape (DESIGN.md §3): traits -> device code -> launcher.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "attention_bwd_plan.hpp"
+#include "check.cuh"
+#include "ksa/cuda.hpp"
+#include "ksa/error.hpp"
+#include "mma.cuh"
+
+namespace ksa::cuda {
+namespace {
+
+using namespace dev;  // shared device helpers (mma.cuh)
+using bwd::kMaxRuns;
+using bwd::PlanItem;
+using bwd::PlanRun;
+using bwd::PlanSplit;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kRowPad = 128;  // lse2/Delta rows are padded to a multiple of this (>= every BQ)
+
+// ---------------------------------------------------------------------------------------------- traits
+// dK/dV pass: NW warps x 16 key rows; BQ query rows per step; KVREG: the warp's K and V A-fragments are held
+// in registers for the whole CTA (else re-read from smem every step).
+template <class T_, int D_, int NW_, int BQ_, bool KVREG_, int MINB_>
+struct DkvTraits {
+  using T = T_;
+  static constexpr int D = D_, NW = NW_, BQ = BQ_, MINB = MINB_;
+  static constexpr bool KVREG = KVREG_;
+  static constexpr int BKV = 16 * NW;  // key rows per CTA
+  static constexpr int THREADS = 32 * NW;
+  static constexpr int CHUNKS = D / 8;
+  static constexpr int KV_BYTES = BKV * D * 2;  // K or V
+  static constexpr int QS_BYTES = BQ * D * 2;   // one stage of Q or dO
+  // K, V; two stages of Q; two of dO; two of (lse2, Delta) floats; two of query tokens.
+  static constexpr int SMEM = 2 * KV_BYTES + 4 * QS_BYTES + 2 * 2 * BQ * 4 + 2 * BQ * 8;
+  static_assert(kRowPad % BQ == 0 && BQ % 16 == 0 && THREADS >= BQ / 2, "dK/dV query tile");
+};
+
+// dQ pass: NW warps x 16 query rows; BK keys per step (K, V and key tokens double-buffered).
+template <class T_, int D_, int NW_, int BK_, int MINB_>
+struct DqTraits {
+  using T = T_;
+  static constexpr int D = D_, NW = NW_, BK = BK_, MINB = MINB_;
+  static constexpr int BQ = 16 * NW;
+  static constexpr int THREADS = 32 * NW;
+  static constexpr int CHUNKS = D / 8;
+  static constexpr int KV_BYTES = BK * D * 2;
+  // Q, dO; two stages of K and V; two of key tokens.
+  static constexpr int SMEM = 2 * BQ * D * 2 + 4 * KV_BYTES + 2 * BK * 8;
+  static_assert(kRowPad % BQ == 0 && BK % 16 == 0, "dQ tiles");
+};
+
+// One configuration per head dim. nvcc 13 -Xptxas -v (sm_90 / sm_80), no spills: dK/dV D=64 240/252
+// registers, D=128 254/254 (BQ=64 at D=128 spills: 200 bytes); dQ D=64 205/199, D=128 189/183 (BK=64 at
+// D=128: 255 registers and 12 bytes of spills). 2 CTAs of 4 warps per SM in all four.
+template <class T, int D>
+struct Config;
+template <class T>
+struct Config<T, 64> {
+  using Dkv = DkvTraits<T, 64, 4, 64, true, 2>;
+  using Dq = DqTraits<T, 64, 4, 64, 2>;
+};
+template <class T>
+struct Config<T, 128> {
+  using Dkv = DkvTraits<T, 128, 4, 32, false, 2>;
+  using Dq = DqTraits<T, 128, 4, 32, 2>;
+};
+
+struct View {
+  void* p;
+  int64_t b, r, h;  // strides in elements
+};
+
+struct BwdArgs {
+  Layout lay;
+  Layout32 l32;
+  int64_t W;
+  int W32;  // W clamped to int range (any W >= #chunks behaves the same)
+  int B, Hq, Hkv, G, L, Lp;
+  float scale, scale_log2;
+  View q, k, v, out, dout, dq, dk, dv;
+  const float* lse;  // [B, L, Hq] stream order, natural log (the forward's)
+  float* lse2;       // [B, Hq, Lp] gathered order, lse * log2(e); +inf past L
+  float* delta;      // [B, Hq, Lp] gathered order; 0 past L
+};
+
+struct PlanArgs {
+  KeySpans* spans;  // [nq] key spans of each dK/dV query tile
+  int nq, nk, ntext, BQ, BK;
+  PlanRun* runs;     // [nk * kMaxRuns]
+  int* nruns;        // [nk]
+  int* count;        // [nk] entries (query tiles) per key tile
+  PlanItem* items;   // [max_items]
+  PlanSplit* splits; // [max_splits]
+  int* counters;     // [0] items, [1] split tiles, [2] partial slots
+  float *part_k, *part_v;  // [max_slots, B, Hkv, BK, D]
+  int max_items, max_splits, max_slots;
+};
+
+// ------------------------------------------------------------------------------------------ device code
+// Loads `rows` gathered rows [g0, g0 + rows) of one head into swizzled smem, zero-filling rows at or past
+// g_end, and (if asked) their tokens; base points at element 0 of the head in batch entry b. Four threads
+// share a row (one stream-row computation per thread and tile), as in the forward.
+template <class T, int THREADS, int CHUNKS>
+__device__ __forceinline__ void load_tile(const Layout32& l32, uint32_t smem, const T* base, int64_t rstride, int g0,
+                                          int g_end, int rows, int2* tokens) {
+  constexpr int TPR = 4, CPT = CHUNKS / TPR;
+  const int c0 = (threadIdx.x % TPR) * CPT;
+  for (int r = threadIdx.x / TPR; r < rows; r += THREADS / TPR) {
+    const int g = g0 + r;
+    const bool valid = g < g_end;
+    const int64_t srow = valid ? int64_t(l32.stream_of_gathered(uint32_t(g))) : 0;
+    if (tokens && c0 == 0) tokens[r] = valid ? pack_token(l32.token_of_gathered(uint32_t(g))) : make_int2(-1, -1);
+    const T* src = base + srow * rstride;
+#pragma unroll
+    for (int c = c0; c < c0 + CPT; ++c) cp_async16(smem + swz<CHUNKS>(r, c), src + c * 8, valid);
+  }
+}
+
+template <class T>
+__device__ __forceinline__ const T* head_ptr(const View& v, int b, int h) {
+  return static_cast<const T*>(v.p) + b * v.b + h * v.h;
+}
+template <class T>
+__device__ __forceinline__ T* row_ptr(const View& v, int b, int64_t srow, int h) {
+  return static_cast<T*>(v.p) + b * v.b + srow * v.r + h * v.h;
+}
+
+// ---- pass 1: Delta and lse2, 8 threads per (b, q head, gathered row) over [0, Lp)
+template <class T, int D>
+__global__ void __launch_bounds__(256) preprocess_kernel(const BwdArgs a) {
+  constexpr int TPR = 8, PER = D / TPR;  // 8 or 16 elements per thread
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t row = t / TPR;
+  const int sub = int(t % TPR), b = int(blockIdx.y);
+  const int h = int(row % a.Hq);
+  const int64_t g = row / a.Hq;
+  float acc = 0.f;
+  int64_t srow = 0;
+  if (g < a.L) {
+    srow = a.l32.stream_of_gathered(uint32_t(g));
+    const T* o = row_ptr<T>(a.out, b, srow, h) + sub * PER;
+    const T* d = row_ptr<T>(a.dout, b, srow, h) + sub * PER;
+#pragma unroll
+    for (int c = 0; c < PER; c += 8) {
+      const uint4 x = *reinterpret_cast<const uint4*>(o + c), y = *reinterpret_cast<const uint4*>(d + c);
+      const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 u = unpack2<T>(xs[i]), w = unpack2<T>(ys[i]);
+        acc = fmaf(u.x, w.x, acc);
+        acc = fmaf(u.y, w.y, acc);
+      }
+    }
+  }
+  acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+  if (sub == 0 && g < a.Lp) {
+    const int64_t i = (int64_t(b) * a.Hq + h) * a.Lp + g;
+    a.delta[i] = g < a.L ? acc : 0.f;
+    a.lse2[i] = g < a.L ? a.lse[(int64_t(b) * a.L + srow) * a.Hq + h] * kLog2e : INFINITY;
+  }
+}
+
+// ---- pass 2: the plan
+__global__ void __launch_bounds__(128) spans_kernel(const Layout lay, int64_t W, PlanArgs pl) {
+  const int qt = int(blockIdx.x * blockDim.x + threadIdx.x);
+  if (qt >= pl.nq) return;
+  const int64_t L = lay.length(), g0 = int64_t(qt) * pl.BQ;
+  pl.spans[qt] = key_spans(lay, W, g0, g0 + pl.BQ < L ? g0 + pl.BQ : L);
+}
+
+// One warp per key tile: scans the query tiles 32 at a time and records the runs of those that see it.
+__global__ void __launch_bounds__(256) runs_kernel(const Layout lay, PlanArgs pl) {
+  const int kt = int((blockIdx.x * blockDim.x + threadIdx.x) / 32), lane = int(threadIdx.x % 32);
+  if (kt >= pl.nk) return;  // warp-uniform
+  int64_t tb, te;
+  bwd::key_tile_rows(lay, pl.BK, kt, tb, te);
+  PlanRun* runs = pl.runs + int64_t(kt) * kMaxRuns;
+  int n = 0, count = 0, open = -1;  // open: first query tile of the run being scanned, -1 none
+  auto close = [&](int end) {
+    if (n >= kMaxRuns) {
+      if (lane == 0) printf("ksa::cuda::attention_backward: key tile %d is seen by more than %d runs of query tiles\n", kt, kMaxRuns);
+      __trap();
+    }
+    if (lane == 0) runs[n] = PlanRun{open, end};
+    ++n;
+    count += end - open;
+    open = -1;
+  };
+  for (int base = 0; base < pl.nq; base += 32) {
+    const int qt = base + lane;
+    const bool seen = qt < pl.nq && bwd::tile_seen(pl.spans[qt], tb, te);
+    const unsigned bits = __ballot_sync(0xffffffffu, seen);
+    unsigned edges = bits ^ ((bits << 1) | (open >= 0 ? 1u : 0u));  // bit i: seen(i) != seen(i - 1)
+    while (edges) {
+      const int i = __ffs(int(edges)) - 1;
+      edges &= edges - 1;
+      if ((bits >> i) & 1u) open = base + i;
+      else close(base + i);
+    }
+  }
+  if (open >= 0) close(pl.nq);
+  if (lane == 0) {
+    pl.nruns[kt] = n;
+    pl.count[kt] = count;
+  }
+}
+
+// Exclusive scan of one int per thread over a 1024-thread block; `total` gets the sum. sh: 32 ints.
+__device__ int block_exclusive_scan(int v, int& total, int* sh) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) sh[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int w = sh[lane];
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += y;
+    }
+    sh[lane] = w;
+  }
+  __syncthreads();
+  const int prefix = (warp > 0 ? sh[warp - 1] : 0) + x - v;
+  total = sh[31];
+  __syncthreads();  // sh is reused by the next scan
+  return prefix;
+}
+
+// One block of 1024 threads: cuts the lists into items (see the file comment) and writes them in schedule
+// order. forced > 0: U = forced (tests, tuning); target < 2: no splitting.
+__global__ void __launch_bounds__(1024) schedule_kernel(PlanArgs pl, int forced, int target, int umin) {
+  __shared__ long long red[32];
+  __shared__ int sh[32];
+  long long tot = 0;
+  for (int kt = threadIdx.x; kt < pl.nk; kt += blockDim.x) tot += pl.count[kt];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) tot += __shfl_xor_sync(0xffffffffu, tot, o);
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = tot;
+  __syncthreads();
+  long long total = 0;
+  for (int w = 0; w < 32; ++w) total += red[w];
+  long long u = forced > 0 ? forced : target < 2 ? INT_MAX : (total + target - 1) / target;
+  if (forced <= 0 && u < umin) u = umin;
+  const int U = int(u < INT_MAX ? u : INT_MAX);
+  auto nseg_of = [&](int c) { return c <= U ? 1 : int((int64_t(c) + U - 1) / U); };
+  // Schedule order p: summary tiles first (the oldest, most-seen ones lead), then the text tiles.
+  const int nsum = pl.nk - pl.ntext;
+  auto tile_at = [&](int p) { return p < nsum ? pl.ntext + p : p - nsum; };
+  const int per = (pl.nk + int(blockDim.x) - 1) / int(blockDim.x);
+  const int p0 = min(pl.nk, int(threadIdx.x) * per), p1 = min(pl.nk, p0 + per);
+  int n_items = 0, n_split = 0, n_slots = 0;
+  for (int p = p0; p < p1; ++p) {
+    const int s = nseg_of(pl.count[tile_at(p)]);
+    n_items += s;
+    if (s > 1) {
+      ++n_split;
+      n_slots += s;
+    }
+  }
+  int tot_items, tot_split, tot_slots;
+  int item = block_exclusive_scan(n_items, tot_items, sh);
+  int split = block_exclusive_scan(n_split, tot_split, sh);
+  int slot = block_exclusive_scan(n_slots, tot_slots, sh);
+  if (tot_items > pl.max_items || tot_split > pl.max_splits || tot_slots > pl.max_slots) {
+    if (threadIdx.x == 0)
+      printf("ksa::cuda::attention_backward: plan exceeds its bounds (items %d/%d, splits %d/%d, slots %d/%d)\n",
+             tot_items, pl.max_items, tot_split, pl.max_splits, tot_slots, pl.max_slots);
+    __trap();
+  }
+  for (int p = p0; p < p1; ++p) {
+    const int kt = tile_at(p), c = pl.count[kt], s = nseg_of(c);
+    for (int j = 0; j < s; ++j)
+      pl.items[item++] = PlanItem{kt, int(int64_t(c) * j / s), int(int64_t(c) * (j + 1) / s), s > 1 ? slot + j : -1};
+    if (s > 1) {
+      pl.splits[split++] = PlanSplit{kt, slot, s, 0};
+      slot += s;
+    }
+  }
+  if (threadIdx.x == 0) {
+    pl.counters[0] = tot_items;
+    pl.counters[1] = tot_split;
+    pl.counters[2] = tot_slots;
+  }
+}
+
+// ---- pass 3: dK, dV
+// Walks the entries (query tiles of the key tile's runs) from e0, each for every query head of the group.
+struct EntryWalk {
+  const PlanRun* runs;
+  int r = 0, qt = 0, h = 0, h0 = 0, h1 = 0;
+  // Requires e0 < the key tile's entry count.
+  __device__ EntryWalk(const PlanRun* runs_, int e0, int hbeg, int G) : runs(runs_), h(hbeg), h0(hbeg), h1(hbeg + G) {
+    for (int e = e0;;) {
+      const int len = runs[r].end - runs[r].begin;
+      if (e < len) {
+        qt = runs[r].begin + e;
+        break;
+      }
+      e -= len;
+      ++r;
+    }
+  }
+  // Requires a further step.
+  __device__ void next() {
+    if (++h < h1) return;
+    h = h0;
+    if (++qt < runs[r].end) return;
+    ++r;
+    qt = runs[r].begin;
+  }
+};
+
+template <class K>
+__global__ void __launch_bounds__(K::THREADS, K::MINB) dkdv_kernel(const BwdArgs a, const PlanArgs pl) {
+  using T = typename K::T;
+  constexpr int D = K::D, BQ = K::BQ, BKV = K::BKV, CH = K::CHUNKS, QS = K::QS_BYTES;
+  if (int(blockIdx.x) >= pl.counters[0]) return;
+  const PlanItem item = pl.items[blockIdx.x];
+  const int hk = int(blockIdx.y), b = int(blockIdx.z);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, tig = lane & 3;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t sK = smem_u32(smem), sV = sK + K::KV_BYTES, sQ0 = sV + K::KV_BYTES, sO0 = sQ0 + 2 * QS;
+  float* rv0 = reinterpret_cast<float*>(smem + 2 * K::KV_BYTES + 4 * QS);  // [stage][lse2 | Delta][BQ]
+  int2* tok0 = reinterpret_cast<int2*>(rv0 + 4 * BQ);                    // [stage][BQ] query tokens
+
+  int64_t tb64, te64;
+  bwd::key_tile_rows(a.lay, BKV, item.kt, tb64, te64);
+  const int tb = int(tb64), te = int(te64);
+
+  // This thread's key rows warp*16 + gid + 8*hf and their tokens (for masked steps).
+  StreamToken32 ktok[2];
+  bool kval[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int g = tb + warp * 16 + gid + 8 * hf;
+    kval[hf] = g < te;
+    ktok[hf] = a.l32.token_of_gathered(uint32_t(g));
+  }
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
+
+  const int nsteps = (item.e1 - item.e0) * a.G;
+  if (nsteps > 0) {
+    load_tile<T, K::THREADS, CH>(a.l32, sK, head_ptr<T>(a.k, b, hk), a.k.r, tb, te, BKV, nullptr);
+    load_tile<T, K::THREADS, CH>(a.l32, sV, head_ptr<T>(a.v, b, hk), a.v.r, tb, te, BKV, nullptr);
+
+    // Issues the loads of one step (query tile qt, head h) into `stage`; returns whether it needs the mask.
+    auto issue = [&](int stage, int qt, int h) {
+      const int g0 = qt * BQ, g1 = min(a.L, g0 + BQ);
+      load_tile<T, K::THREADS, CH>(a.l32, sQ0 + stage * QS, head_ptr<T>(a.q, b, h), a.q.r, g0, g1, BQ, tok0 + stage * BQ);
+      load_tile<T, K::THREADS, CH>(a.l32, sO0 + stage * QS, head_ptr<T>(a.dout, b, h), a.dout.r, g0, g1, BQ, nullptr);
+      // lse2 and Delta of the tile: BQ floats each, contiguous and 16-byte aligned (Lp % kRowPad == 0).
+      const int64_t off = (int64_t(b) * a.Hq + h) * a.Lp + g0;
+      const uint32_t dst = smem_u32(rv0 + stage * 2 * BQ);
+      for (int i = threadIdx.x; i < BQ / 2; i += K::THREADS) {
+        const bool is_delta = i >= BQ / 4;
+        const int c = is_delta ? i - BQ / 4 : i;
+        cp_async16(dst + (is_delta ? BQ * 4 : 0) + c * 16, (is_delta ? a.delta : a.lse2) + off + c * 4, true);
+      }
+      // Short query tiles (past L) take the masked path: their missing rows carry token -1.
+      return g1 - g0 < BQ || bwd::tile_masked(pl.spans[qt], tb64, te64);
+    };
+
+    EntryWalk walk(pl.runs + int64_t(item.kt) * kMaxRuns, item.e0, hk * a.G, a.G);
+    bool masked = issue(0, walk.qt, walk.h);
+    cp_async_commit();
+
+    uint32_t kf[K::KVREG ? D / 16 : 1][4], vf[K::KVREG ? D / 16 : 1][4];
+    const int arow = warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2);  // A-fragment rows (keys) of this lane
+    int stage = 0;
+    for (int step = 0;; ++step) {
+      const bool more = step + 1 < nsteps;
+      bool nmasked = false;
+      if (more) {
+        walk.next();
+        nmasked = issue(stage ^ 1, walk.qt, walk.h);
+        cp_async_commit();
+        cp_async_wait_one();  // this step's group (and K, V) have landed
+      } else {
+        cp_async_wait_all();
+      }
+      __syncthreads();
+      if constexpr (K::KVREG) {
+        if (step == 0) {
+#pragma unroll
+          for (int kk = 0; kk < D / 16; ++kk) {
+            ldsm_x4(kf[kk][0], kf[kk][1], kf[kk][2], kf[kk][3], sK + swz<CH>(arow, kk * 2 + lane / 16));
+            ldsm_x4(vf[kk][0], vf[kk][1], vf[kk][2], vf[kk][3], sV + swz<CH>(arow, kk * 2 + lane / 16));
+          }
+        }
+      }
+      const uint32_t sQ = sQ0 + stage * QS, sO = sO0 + stage * QS;
+      const float* lse2s = rv0 + stage * 2 * BQ;
+      const float* dels = lse2s + BQ;
+      const int2* qtok = tok0 + stage * BQ;
+
+      // rows (keys) x columns (queries) = A (K or V rows) x B (Q or dO rows, non-transposed ldmatrix).
+      auto gemm_rows_by_queries = [&](float (*acc)[4], uint32_t sA, uint32_t (*areg)[4], uint32_t sB) {
+#pragma unroll
+        for (int j = 0; j < BQ / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t af[4];
+          if constexpr (K::KVREG) {
+            af[0] = areg[kk][0], af[1] = areg[kk][1], af[2] = areg[kk][2], af[3] = areg[kk][3];
+          } else {
+            ldsm_x4(af[0], af[1], af[2], af[3], sA + swz<CH>(arow, kk * 2 + lane / 16));
+          }
+#pragma unroll
+          for (int nb = 0; nb < BQ / 16; ++nb) {
+            uint32_t b0, b1, b2, b3;
+            ldsm_x4(b0, b1, b2, b3, sB + swz<CH>(nb * 16 + (lane % 8) + 8 * (lane / 16), kk * 2 + (lane / 8) % 2));
+            mma16816<T>(acc[2 * nb], af, b0, b1);
+            mma16816<T>(acc[2 * nb + 1], af, b2, b3);
+          }
+        }
+      };
+      // acc (keys x D) += X (keys x queries, C layout in fp32) x B (rows = queries, transposed ldmatrix).
+      auto gemm_accumulate = [&](float (*acc)[4], float (*x)[4], uint32_t sB) {
+#pragma unroll
+        for (int kb = 0; kb < BQ / 16; ++kb) {
+          const uint32_t pf[4] = {pack2<T>(x[2 * kb][0], x[2 * kb][1]), pack2<T>(x[2 * kb][2], x[2 * kb][3]),
+                                  pack2<T>(x[2 * kb + 1][0], x[2 * kb + 1][1]), pack2<T>(x[2 * kb + 1][2], x[2 * kb + 1][3])};
+#pragma unroll
+          for (int db = 0; db < D / 16; ++db) {
+            uint32_t b0, b1, b2, b3;
+            ldsm_x4_t(b0, b1, b2, b3, sB + swz<CH>(kb * 16 + (lane % 8) + 8 * ((lane / 8) % 2), db * 2 + lane / 16));
+            mma16816<T>(acc[2 * db], pf, b0, b1);
+            mma16816<T>(acc[2 * db + 1], pf, b2, b3);
+          }
+        }
+      };
+
+      // S^T = K Q^T, then P^T = 2^(S^T * scale * log2e - lse2[query]), 0 where the rule hides the pair.
+      float s[BQ / 8][4];
+      gemm_rows_by_queries(s, sK, kf, sQ);
+#pragma unroll
+      for (int j = 0; j < BQ / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = j * 8 + 2 * tig + e;
+          const float l2 = lse2s[col];
+          StreamToken32 qk{};
+          bool qvalid = true;
+          if (masked) {
+            const int2 t = qtok[col];
+            qvalid = t.x >= 0;
+            qk = unpack_token(t);
+          }
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float& x = s[j][2 * hf + e];
+            const bool vis = !masked || (qvalid && kval[hf] && visible_tokens(a.W32, qk, ktok[hf]));
+            x = vis ? ex2(fmaf(x, a.scale_log2, -l2)) : 0.f;
+          }
+        }
+      gemm_accumulate(dv, s, sO);  // dV += P^T dO
+
+      // dP^T = V dO^T, then dS^T = P^T (dP^T - Delta[query]).
+      float dp[BQ / 8][4];
+      gemm_rows_by_queries(dp, sV, vf, sO);
+#pragma unroll
+      for (int j = 0; j < BQ / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float dl = dels[j * 8 + 2 * tig + e];
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) dp[j][2 * hf + e] = s[j][2 * hf + e] * (dp[j][2 * hf + e] - dl);
+        }
+      gemm_accumulate(dk, dp, sQ);  // dK += dS^T Q (times scale at the end)
+
+      if (!more) break;
+      masked = nmasked;
+      stage ^= 1;
+      __syncthreads();  // every warp is done with this stage before the next iteration refills it
+    }
+  }
+
+  // Epilogue: the whole list -> dk (times scale), dv in the input dtype; a segment -> fp32 partials.
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = warp * 16 + gid + 8 * hf, g = tb + row;
+    if (g >= te) continue;
+    if (item.slot < 0) {
+      const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
+      T* pk = row_ptr<T>(a.dk, b, srow, hk);
+      T* pv = row_ptr<T>(a.dv, b, srow, hk);
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        *reinterpret_cast<uint32_t*>(pk + j * 8 + 2 * tig) = pack2<T>(dk[j][2 * hf] * a.scale, dk[j][2 * hf + 1] * a.scale);
+        *reinterpret_cast<uint32_t*>(pv + j * 8 + 2 * tig) = pack2<T>(dv[j][2 * hf], dv[j][2 * hf + 1]);
+      }
+    } else {
+      const int64_t base = ((int64_t(item.slot) * a.B + b) * a.Hkv + hk) * (BKV * D) + int64_t(row) * D;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        *reinterpret_cast<float2*>(pl.part_k + base + j * 8 + 2 * tig) = make_float2(dk[j][2 * hf], dk[j][2 * hf + 1]);
+        *reinterpret_cast<float2*>(pl.part_v + base + j * 8 + 2 * tig) = make_float2(dv[j][2 * hf], dv[j][2 * hf + 1]);
+      }
+    }
+  }
+}
+
+// ---- pass 4: sum the partials of split key tiles in segment order
+template <class T, int D, int BKV>
+__global__ void __launch_bounds__(256) reduce_kernel(const BwdArgs a, const PlanArgs pl) {
+  if (int(blockIdx.x) >= pl.counters[1]) return;
+  const PlanSplit sp = pl.splits[blockIdx.x];
+  const int hk = int(blockIdx.y), b = int(blockIdx.z);
+  int64_t tb, te;
+  bwd::key_tile_rows(a.lay, BKV, sp.kt, tb, te);
+  const int rows = int(te - tb);
+  const int64_t slot_stride = int64_t(a.B) * a.Hkv * BKV * D, base = (int64_t(b) * a.Hkv + hk) * (BKV * D);
+  for (int i = threadIdx.x; i < rows * (D / 4); i += blockDim.x) {
+    const int row = i / (D / 4), c = (i % (D / 4)) * 4;
+    float4 sk = make_float4(0.f, 0.f, 0.f, 0.f), sv = sk;
+    for (int s = 0; s < sp.nseg; ++s) {
+      const int64_t o = (int64_t(sp.slot0) + s) * slot_stride + base + int64_t(row) * D + c;
+      const float4 x = *reinterpret_cast<const float4*>(pl.part_k + o);
+      const float4 y = *reinterpret_cast<const float4*>(pl.part_v + o);
+      sk.x += x.x, sk.y += x.y, sk.z += x.z, sk.w += x.w;
+      sv.x += y.x, sv.y += y.y, sv.z += y.z, sv.w += y.w;
+    }
+    const int64_t srow = a.l32.stream_of_gathered(uint32_t(tb + row));
+    *reinterpret_cast<uint2*>(row_ptr<T>(a.dk, b, srow, hk) + c) =
+        make_uint2(pack2<T>(sk.x * a.scale, sk.y * a.scale), pack2<T>(sk.z * a.scale, sk.w * a.scale));
+    *reinterpret_cast<uint2*>(row_ptr<T>(a.dv, b, srow, hk) + c) = make_uint2(pack2<T>(sv.x, sv.y), pack2<T>(sv.z, sv.w));
+  }
+}
+
+// ---- pass 5: dQ over the key tiles of KeyTileCursor (the forward's loop structure)
+template <class K>
+__global__ void __launch_bounds__(K::THREADS, K::MINB) dq_kernel(const BwdArgs a, int num_qtiles) {
+  using T = typename K::T;
+  constexpr int D = K::D, BK = K::BK, BQ = K::BQ, CH = K::CHUNKS;
+  extern __shared__ __align__(128) uint8_t smem[];
+  constexpr uint32_t KV = K::KV_BYTES;
+  const uint32_t sQ = smem_u32(smem), sO = sQ + BQ * D * 2, sK0 = sO + BQ * D * 2, sV0 = sK0 + 2 * KV;
+  int2* tok0 = reinterpret_cast<int2*>(smem + 2 * BQ * D * 2 + 4 * KV);
+
+  const int qt = num_qtiles - 1 - int(blockIdx.x);
+  const int h = int(blockIdx.y), b = int(blockIdx.z), hk = h / a.G;
+  const int g0 = qt * BQ, g1 = min(a.L, g0 + BQ);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, tig = lane & 3;
+
+  KeyTileCursor cur(a.lay, key_spans(a.lay, a.W, g0, g1), BK);
+  int64_t tb, te;
+  bool masked;
+  cur.next(tb, te, masked);  // every valid row sees itself: at least one tile
+
+  load_tile<T, K::THREADS, CH>(a.l32, sQ, head_ptr<T>(a.q, b, h), a.q.r, g0, g1, BQ, nullptr);
+  load_tile<T, K::THREADS, CH>(a.l32, sO, head_ptr<T>(a.dout, b, h), a.dout.r, g0, g1, BQ, nullptr);
+  load_tile<T, K::THREADS, CH>(a.l32, sK0, head_ptr<T>(a.k, b, hk), a.k.r, int(tb), int(te), BK, tok0);
+  load_tile<T, K::THREADS, CH>(a.l32, sV0, head_ptr<T>(a.v, b, hk), a.v.r, int(tb), int(te), BK, nullptr);
+  cp_async_commit();
+
+  // This thread's query rows warp*16 + gid + 8*hf: tokens, lse2 and Delta (padded entries: +inf and 0, so
+  // rows past L get P = 0).
+  StreamToken32 qtok[2];
+  float l2[2], dl[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int g = g0 + warp * 16 + gid + 8 * hf;
+    qtok[hf] = a.l32.token_of_gathered(uint32_t(g));
+    const int64_t i = (int64_t(b) * a.Hq + h) * a.Lp + g;
+    l2[hf] = a.lse2[i];
+    dl[hf] = a.delta[i];
+  }
+  float dq[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
+
+  const int arow = warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2);  // A-fragment rows (queries) of this lane
+  // rows (queries) x keys = A (Q or dO rows) x B (K or V rows, non-transposed ldmatrix).
+  auto gemm_rows_by_keys = [&](float (*acc)[4], uint32_t sA, uint32_t sB) {
+#pragma unroll
+    for (int j = 0; j < BK / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t af[4];
+      ldsm_x4(af[0], af[1], af[2], af[3], sA + swz<CH>(arow, kk * 2 + lane / 16));
+#pragma unroll
+      for (int nb = 0; nb < BK / 16; ++nb) {
+        uint32_t b0, b1, b2, b3;
+        ldsm_x4(b0, b1, b2, b3, sB + swz<CH>(nb * 16 + (lane % 8) + 8 * (lane / 16), kk * 2 + (lane / 8) % 2));
+        mma16816<T>(acc[2 * nb], af, b0, b1);
+        mma16816<T>(acc[2 * nb + 1], af, b2, b3);
+      }
+    }
+  };
+
+  int stage = 0;
+  for (;;) {
+    int64_t nb_, ne_;
+    bool nmasked;
+    const bool more = cur.next(nb_, ne_, nmasked);
+    if (more) {
+      load_tile<T, K::THREADS, CH>(a.l32, sK0 + (stage ^ 1) * KV, head_ptr<T>(a.k, b, hk), a.k.r, int(nb_), int(ne_), BK,
+                                   tok0 + (stage ^ 1) * BK);
+      load_tile<T, K::THREADS, CH>(a.l32, sV0 + (stage ^ 1) * KV, head_ptr<T>(a.v, b, hk), a.v.r, int(nb_), int(ne_), BK,
+                                   nullptr);
+      cp_async_commit();
+      cp_async_wait_one();
+    } else {
+      cp_async_wait_all();
+    }
+    __syncthreads();
+    const uint32_t sK = sK0 + stage * KV, sV = sV0 + stage * KV;
+    const int2* tok = tok0 + stage * BK;
+
+    // S = Q K^T, P = 2^(S * scale * log2e - lse2[row]) (0 where hidden: span edges, or keys past a short tile).
+    float s[BK / 8][4];
+    gemm_rows_by_keys(s, sQ, sK);
+    const bool need_mask = masked || (te - tb) < BK;
+#pragma unroll
+    for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int2 kt = tok[j * 8 + 2 * tig + e];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          float& x = s[j][2 * hf + e];
+          const bool vis = !need_mask || (kt.x >= 0 && visible_tokens(a.W32, qtok[hf], unpack_token(kt)));
+          x = vis ? ex2(fmaf(x, a.scale_log2, -l2[hf])) : 0.f;
+        }
+      }
+    // dP = dO V^T, dS = P (dP - Delta[row]).
+    float dp[BK / 8][4];
+    gemm_rows_by_keys(dp, sO, sV);
+#pragma unroll
+    for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[j][e] = s[j][e] * (dp[j][e] - dl[e / 2]);
+    // dQ += dS K (K rows as the B operand through a transposed ldmatrix, like V in the forward).
+#pragma unroll
+    for (int kb = 0; kb < BK / 16; ++kb) {
+      const uint32_t pf[4] = {pack2<T>(dp[2 * kb][0], dp[2 * kb][1]), pack2<T>(dp[2 * kb][2], dp[2 * kb][3]),
+                              pack2<T>(dp[2 * kb + 1][0], dp[2 * kb + 1][1]), pack2<T>(dp[2 * kb + 1][2], dp[2 * kb + 1][3])};
+#pragma unroll
+      for (int db = 0; db < D / 16; ++db) {
+        uint32_t b0, b1, b2, b3;
+        ldsm_x4_t(b0, b1, b2, b3, sK + swz<CH>(kb * 16 + (lane % 8) + 8 * ((lane / 8) % 2), db * 2 + lane / 16));
+        mma16816<T>(dq[2 * db], pf, b0, b1);
+        mma16816<T>(dq[2 * db + 1], pf, b2, b3);
+      }
+    }
+    if (!more) break;
+    tb = nb_;
+    te = ne_;
+    masked = nmasked;
+    stage ^= 1;
+    __syncthreads();  // every warp is done with this stage before the next iteration refills it
+  }
+
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int g = g0 + warp * 16 + gid + 8 * hf;
+    if (g >= g1) continue;
+    T* out = row_ptr<T>(a.dq, b, a.l32.stream_of_gathered(uint32_t(g)), h);
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+      *reinterpret_cast<uint32_t*>(out + j * 8 + 2 * tig) = pack2<T>(dq[j][2 * hf] * a.scale, dq[j][2 * hf + 1] * a.scale);
+  }
+}
+
+// --------------------------------------------------------------------------------------------- launcher
+// Sizes of the plan for a layout; the bounds follow from the schedule (file comment): with U >= total /
+// target, sum_i ceil(n_i / U) <= nk + target items, and split tiles (n_i > U) number <= target and take
+// < 2 * total / U <= 2 * target slots.
+struct PlanSizes {
+  int BQ = 0, BK = 0, nq = 0, nk = 0, ntext = 0;
+  int forced = 0, target = 0, umin = 8;
+  int64_t max_items = 0, max_splits = 0, max_slots = 0;
+};
+
+// forced: entries per item (> 0), or -1 to read KSA_CUDA_BWD_SPLIT (unset or <= 0: automatic).
+PlanSizes plan_sizes(const Layout& lay, int BQ, int BK, int64_t bh, int minb, int forced = -1) {
+  PlanSizes ps;
+  ps.BQ = BQ;
+  ps.BK = BK;
+  ps.nq = int((lay.length() + BQ - 1) / BQ);
+  ps.ntext = int(bwd::num_text_key_tiles(lay, BK));
+  ps.nk = int(bwd::num_key_tiles(lay, BK));
+  if (forced >= 0) ps.forced = forced;
+  else if (const char* e = std::getenv("KSA_CUDA_BWD_SPLIT")) ps.forced = std::atoi(e);
+  int dev = 0, sms = 0;
+  KSA_CUDA_CHECK(cudaGetDevice(&dev));
+  KSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t resident = int64_t(sms) * minb;
+  ps.target = int(std::min<int64_t>(2 * resident / std::max<int64_t>(bh, 1), 1 << 20));
+  if (ps.forced > 0) {
+    const int64_t per = (ps.nq + ps.forced - 1) / ps.forced;  // segments of the longest possible list
+    ps.max_items = ps.nk * per;
+    ps.max_splits = per > 1 ? ps.nk : 0;
+    ps.max_slots = per > 1 ? ps.nk * per : 0;
+  } else if (ps.target < 2) {
+    ps.max_items = ps.nk;
+  } else {
+    ps.max_items = ps.nk + ps.target;
+    ps.max_splits = ps.target;
+    ps.max_slots = 2 * int64_t(ps.target);
+  }
+  if (ps.max_items > INT_MAX / 2 || ps.max_slots > INT_MAX / 2)
+    fail("ksa::cuda::attention_backward: plan too large (", ps.max_items, " items; KSA_CUDA_BWD_SPLIT=", ps.forced, ")");
+  return ps;
+}
+
+// Carves one workspace allocation into aligned arrays; a first pass with a null base measures it.
+struct Carver {
+  char* base = nullptr;
+  size_t off = 0;
+  template <class X>
+  X* take(int64_t n) {
+    off = (off + 255) / 256 * 256;
+    X* p = base ? reinterpret_cast<X*>(base + off) : nullptr;
+    off += size_t(n > 0 ? n : 1) * sizeof(X);
+    return p;
+  }
+};
+
+// Stream-ordered workspace; freed on the stream also when a launch throws.
+struct Workspace {
+  void* p = nullptr;
+  cudaStream_t s = nullptr;
+  Workspace(size_t bytes, cudaStream_t st) : s(st) { KSA_CUDA_CHECK(cudaMallocAsync(&p, bytes, s)); }
+  ~Workspace() {
+    if (p) cudaFreeAsync(p, s);  // error path only: the error being thrown is the one to report
+  }
+  void release() {
+    void* q = p;
+    p = nullptr;
+    KSA_CUDA_CHECK(cudaFreeAsync(q, s));
+  }
+};
+
+void carve_plan(Carver& c, PlanArgs& pl, const PlanSizes& ps, int64_t part_floats) {
+  pl.spans = c.take<KeySpans>(ps.nq);
+  pl.runs = c.take<PlanRun>(int64_t(ps.nk) * kMaxRuns);
+  pl.nruns = c.take<int>(ps.nk);
+  pl.count = c.take<int>(ps.nk);
+  pl.items = c.take<PlanItem>(ps.max_items);
+  pl.splits = c.take<PlanSplit>(ps.max_splits);
+  pl.counters = c.take<int>(4);
+  pl.part_k = c.take<float>(ps.max_slots * part_floats);
+  pl.part_v = c.take<float>(ps.max_slots * part_floats);
+}
+
+void fill_plan_args(PlanArgs& pl, const PlanSizes& ps) {
+  pl.nq = ps.nq;
+  pl.nk = ps.nk;
+  pl.ntext = ps.ntext;
+  pl.BQ = ps.BQ;
+  pl.BK = ps.BK;
+  pl.max_items = int(ps.max_items);
+  pl.max_splits = int(ps.max_splits);
+  pl.max_slots = int(ps.max_slots);
+}
+
+void launch_plan(const Layout& lay, int64_t W, const PlanSizes& ps, const PlanArgs& pl, cudaStream_t s) {
+  spans_kernel<<<unsigned((ps.nq + 127) / 128), 128, 0, s>>>(lay, W, pl);
+  KSA_CUDA_CHECK_LAUNCH();
+  runs_kernel<<<unsigned((ps.nk + 7) / 8), 256, 0, s>>>(lay, pl);
+  KSA_CUDA_CHECK_LAUNCH();
+  schedule_kernel<<<1, 1024, 0, s>>>(pl, ps.forced, ps.target, ps.umin);
+  KSA_CUDA_CHECK_LAUNCH();
+}
+
+template <class T, int D>
+void run_backward(const BwdArgs& a0, cudaStream_t s) {
+  using KV = typename Config<T, D>::Dkv;
+  using KQ = typename Config<T, D>::Dq;
+  BwdArgs a = a0;
+  const PlanSizes ps = plan_sizes(a.lay, KV::BQ, KV::BKV, int64_t(a.B) * a.Hkv, KV::MINB);
+  const int64_t part_floats = int64_t(a.B) * a.Hkv * KV::BKV * D;  // one slot
+  const int64_t rowvals = int64_t(a.B) * a.Hq * a.Lp;
+
+  Carver measure;
+  measure.take<float>(rowvals);
+  measure.take<float>(rowvals);
+  PlanArgs pl{};
+  carve_plan(measure, pl, ps, part_floats);
+  Workspace ws(measure.off, s);
+  Carver c{static_cast<char*>(ws.p), 0};
+  a.lse2 = c.take<float>(rowvals);
+  a.delta = c.take<float>(rowvals);
+  carve_plan(c, pl, ps, part_floats);
+  fill_plan_args(pl, ps);
+
+  const int64_t pre_blocks = (int64_t(a.Lp) * a.Hq * 8 + 255) / 256;
+  if (pre_blocks >= (int64_t(1) << 31)) fail("ksa::cuda::attention_backward: L*Hq too large (", int64_t(a.Lp) * a.Hq, ")");
+  preprocess_kernel<T, D><<<dim3(unsigned(pre_blocks), unsigned(a.B)), 256, 0, s>>>(a);
+  KSA_CUDA_CHECK_LAUNCH();
+  launch_plan(a.lay, a.W, ps, pl, s);
+
+  auto kv = dkdv_kernel<KV>;
+  KSA_CUDA_CHECK(cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, KV::SMEM));
+  kv<<<dim3(unsigned(ps.max_items), unsigned(a.Hkv), unsigned(a.B)), KV::THREADS, KV::SMEM, s>>>(a, pl);
+  KSA_CUDA_CHECK_LAUNCH();
+  if (ps.max_splits > 0) {
+    reduce_kernel<T, D, KV::BKV><<<dim3(unsigned(ps.max_splits), unsigned(a.Hkv), unsigned(a.B)), 256, 0, s>>>(a, pl);
+    KSA_CUDA_CHECK_LAUNCH();
+  }
+
+  auto qk = dq_kernel<KQ>;
+  KSA_CUDA_CHECK(cudaFuncSetAttribute(qk, cudaFuncAttributeMaxDynamicSharedMemorySize, KQ::SMEM));
+  const int nqt = (a.L + KQ::BQ - 1) / KQ::BQ;
+  qk<<<dim3(unsigned(nqt), unsigned(a.Hq), unsigned(a.B)), KQ::THREADS, KQ::SMEM, s>>>(a, nqt);
+  KSA_CUDA_CHECK_LAUNCH();
+  ws.release();
+}
+
+template <class T>
+void dispatch_dim(const BwdArgs& a, int64_t D, cudaStream_t s) {
+  if (D == 128) run_backward<T, 128>(a, s);
+  else if (D == 64) run_backward<T, 64>(a, s);
+  else fail("ksa::cuda::attention_backward: D=", D, " is not supported (64 or 128)");
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+View view_of(const TensorView& t) { return View{t.data, t.batch_stride, t.row_stride, t.head_stride}; }
+
+}  // namespace
+
+bool supports(const AttentionBackwardParams& p, std::string* why) {
+  if (!supports(static_cast<const AttentionParams&>(p), why)) return false;
+  auto no = [&](const std::string& w) {
+    if (why) *why = w;
+    return false;
+  };
+  if (p.L() + kRowPad >= (int64_t(1) << 31)) return no("L: must be < 2^31 - 128 (got " + std::to_string(p.L()) + ")");
+  const TensorView* views[4] = {&p.dout, &p.dq, &p.dk, &p.dv};
+  const char* names[4] = {"dout", "dq", "dk", "dv"};
+  for (int i = 0; i < 4; ++i) {
+    const TensorView& t = *views[i];
+    if (!aligned16(t.data) || t.row_stride % 8 || t.head_stride % 8 || t.batch_stride % 8)
+      return no(std::string(names[i]) + ": data and strides must be 16-byte aligned");
+  }
+  return true;
+}
+
+// p.deterministic is honoured trivially: this implementation has no floating-point atomics in any mode.
+void attention_backward(const AttentionBackwardParams& p, Stream stream) {
+  validate(p);
+  std::string why;
+  if (!supports(p, &why)) fail("ksa::cuda::attention_backward: unsupported: ", why);
+  if (p.layout.T == 0) return;
+  BwdArgs a{};
+  a.lay = p.layout;
+  a.l32 = Layout32(p.layout);
+  a.W = p.W;
+  a.W32 = int(p.W < (int64_t(1) << 30) ? p.W : (int64_t(1) << 30));
+  a.B = int(p.B);
+  a.Hq = int(p.Hq);
+  a.Hkv = int(p.Hkv);
+  a.G = int(p.group());
+  a.L = int(p.L());
+  a.Lp = int((p.L() + kRowPad - 1) / kRowPad * kRowPad);
+  a.scale = p.softmax_scale();
+  a.scale_log2 = a.scale * kLog2e;
+  a.q = view_of(p.q);
+  a.k = view_of(p.k);
+  a.v = view_of(p.v);
+  a.out = view_of(p.out);
+  a.dout = view_of(p.dout);
+  a.dq = view_of(p.dq);
+  a.dk = view_of(p.dk);
+  a.dv = view_of(p.dv);
+  a.lse = p.lse;
+  auto s = static_cast<cudaStream_t>(stream);
+  if (p.dtype == DType::bf16) dispatch_dim<__nv_bfloat16>(a, p.D, s);
+  else dispatch_dim<__half>(a, p.D, s);
+}
+
+namespace bwd {
+
+PlanDump backward_plan_for_testing(const Layout& lay, int64_t W, int64_t D, int64_t bh, int split) {
+  PlanSizes ps;
+  auto sizes = [&](auto cfg) {
+    using KV = typename decltype(cfg)::Dkv;
+    ps = plan_sizes(lay, KV::BQ, KV::BKV, bh, KV::MINB, split > 0 ? split : 0);
+  };
+  if (D == 64) sizes(Config<__nv_bfloat16, 64>{});
+  else if (D == 128) sizes(Config<__nv_bfloat16, 128>{});
+  else fail("backward_plan_for_testing: D=", D, " (64 or 128)");
+  PlanDump out;
+  out.BQ = ps.BQ;
+  out.BK = ps.BK;
+  out.nq = ps.nq;
+  out.nk = ps.nk;
+  if (lay.T == 0) return out;
+  Carver measure;
+  PlanArgs pl{};
+  carve_plan(measure, pl, ps, 0);
+  const cudaStream_t s = nullptr;
+  Workspace ws(measure.off, s);
+  Carver c{static_cast<char*>(ws.p), 0};
+  carve_plan(c, pl, ps, 0);
+  fill_plan_args(pl, ps);
+  launch_plan(lay, W, ps, pl, s);
+  int counters[4] = {};
+  KSA_CUDA_CHECK(cudaMemcpyAsync(counters, pl.counters, sizeof counters, cudaMemcpyDeviceToHost, s));
+  KSA_CUDA_CHECK(cudaStreamSynchronize(s));
+  out.nruns.resize(size_t(ps.nk));
+  out.runs.resize(size_t(ps.nk) * kMaxRuns);
+  out.items.resize(size_t(counters[0]));
+  out.splits.resize(size_t(counters[1]));
+  out.n_slots = counters[2];
+  KSA_CUDA_CHECK(cudaMemcpy(out.nruns.data(), pl.nruns, out.nruns.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
+  KSA_CUDA_CHECK(cudaMemcpy(out.runs.data(), pl.runs, out.runs.size() * sizeof(PlanRun), cudaMemcpyDeviceToHost));
+  KSA_CUDA_CHECK(cudaMemcpy(out.items.data(), pl.items, out.items.size() * sizeof(PlanItem), cudaMemcpyDeviceToHost));
+  KSA_CUDA_CHECK(cudaMemcpy(out.splits.data(), pl.splits, out.splits.size() * sizeof(PlanSplit), cudaMemcpyDeviceToHost));
+  ws.release();
+  KSA_CUDA_CHECK(cudaStreamSynchronize(s));
+  return out;
+}
+
+}  // namespace bwd
+}  // namespace ksa::cuda

@@ -1,0 +1,75 @@
+// The plan of the CUDA backward's dK/dV pass (attention_bwd.cu): which query tiles see each key tile. It is
+// the inverse of the core's tile walk (key_spans + KeyTileCursor) and is built on the device from these
+// functions; plain C++ (KSA_HD, no CUDA headers) so that a CPU test checks them against the cursor itself.
+//
+// Query tiles: BQ rows of the gathered order on a plain BQ grid over [0, L) (as the kernels' query tiles).
+// Key tiles: BK rows on the BK grid of KeyTileCursor (within the text rows, then within the summary rows),
+// index kt: text tiles first, then summary tiles.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "ksa/spec.hpp"
+
+namespace ksa::cuda::bwd {
+
+KSA_HD int64_t num_text_key_tiles(const Layout& lay, int64_t BK) { return (lay.T + BK - 1) / BK; }
+KSA_HD int64_t num_key_tiles(const Layout& lay, int64_t BK) {
+  return num_text_key_tiles(lay, BK) + (lay.length() - lay.T + BK - 1) / BK;
+}
+// Rows [tb, te) of key tile kt (te clipped to its region, as KeyTileCursor clips).
+KSA_HD void key_tile_rows(const Layout& lay, int64_t BK, int64_t kt, int64_t& tb, int64_t& te) {
+  const int64_t nt = num_text_key_tiles(lay, BK);
+  const int64_t rend = kt < nt ? lay.T : lay.length();
+  tb = kt < nt ? kt * BK : lay.T + (kt - nt) * BK;
+  te = tb + BK < rend ? tb + BK : rend;
+}
+
+// Whether KeyTileCursor over `sp` yields the key tile [tb, te): the cursor visits exactly the tiles of its
+// grid that intersect a span (a tile lies in one region, so clipping the span to the region changes nothing).
+KSA_HD bool tile_seen(const KeySpans& sp, int64_t tb, int64_t te) {
+  for (int j = 0; j < sp.n; ++j)
+    if (sp.span[j].begin < te && tb < sp.span[j].end) return true;
+  return false;
+}
+// The cursor's `masked` for that tile: false only when one `full` span holds the whole tile.
+KSA_HD bool tile_masked(const KeySpans& sp, int64_t tb, int64_t te) {
+  for (int j = 0; j < sp.n; ++j)
+    if (sp.span[j].full && sp.span[j].begin <= tb && te <= sp.span[j].end) return false;
+  return true;
+}
+
+// The query tiles that see one key tile form at most kMaxRuns runs of consecutive tiles (the text queries
+// and the summary queries that see it; tests/cuda/attention_bwd_test.cpp checks the bound over random
+// layouts, and the plan kernel traps if a layout ever exceeds it).
+inline constexpr int kMaxRuns = 4;
+
+// Plan records, shared by host and device.
+struct alignas(8) PlanRun {
+  int32_t begin = 0, end = 0;  // query tiles [begin, end)
+};
+// One CTA of the dK/dV pass: entries [e0, e1) of key tile kt's list (the query tiles of its runs, in order),
+// for every query head of the group. slot < 0: the item owns the whole list and writes dk/dv; otherwise it
+// writes fp32 partials to `slot` and the reduce kernel sums the key tile's slots in order.
+struct alignas(16) PlanItem {
+  int32_t kt = 0, e0 = 0, e1 = 0, slot = -1;
+};
+// A key tile whose list was split: partial slots [slot0, slot0 + nseg).
+struct alignas(16) PlanSplit {
+  int32_t kt = 0, slot0 = 0, nseg = 0, pad = 0;
+};
+
+// Tests: the plan the backward would build for this geometry (runs per key tile, items, splits), copied
+// back from the device. split: entries per item as KSA_CUDA_BWD_SPLIT sets it (0: the automatic choice for
+// B*Hkv = bh). Defined in attention_bwd.cu; needs a GPU.
+struct PlanDump {
+  int64_t BQ = 0, BK = 0, nq = 0, nk = 0;
+  std::vector<int32_t> nruns;   // [nk]
+  std::vector<PlanRun> runs;    // [nk * kMaxRuns]
+  std::vector<PlanItem> items;  // [n_items]
+  std::vector<PlanSplit> splits;
+  int32_t n_slots = 0;
+};
+PlanDump backward_plan_for_testing(const Layout& lay, int64_t W, int64_t D, int64_t bh, int split);
+
+}  // namespace ksa::cuda::bwd

@@ -1,0 +1,106 @@
+// Device helpers shared by the CUDA attention kernels (attention_fwd.cu, attention_bwd.cu): shared-memory
+// addressing and swizzle, cp.async, ldmatrix, the mma.sync m16n8k16 wrappers (bf16/f16 in, fp32 accumulate),
+// packing of fp32 pairs to the input dtype, ex2.approx, and the compact 32-bit key tokens staged in smem.
+//
+// Fragment conventions (PTX ISA, mma.m16n8k16, lane = 4 * gid + tig):
+//   A (16x16, row major): a0 = (gid, 2tig..+1), a1 = (gid+8, 2tig..), a2 = (gid, 8+2tig..), a3 = (gid+8, 8+2tig..)
+//   B (16x8, "col"):      b0 = (k 2tig..+1, n gid), b1 = (k 8+2tig..+1, n gid)
+//   C (16x8, fp32):       c0,c1 = (gid, 2tig..+1), c2,c3 = (gid+8, 2tig..+1)
+// so the C layout of two adjacent 16x8 tiles is the A layout of one 16x16 tile (pack2 pairs, no shuffles).
+// Tiles in smem are rows of D 16-bit elements split into D/8 16-byte chunks, swizzled by swz().
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "ksa/spec.hpp"
+
+namespace ksa::cuda::dev {
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Swizzled byte offset of 16-byte chunk c of row r (conflict-free ldmatrix on 8 consecutive rows).
+template <int CHUNKS>
+__device__ __forceinline__ int swz(int r, int c) {
+  return (r * CHUNKS + (c ^ (r & 7))) * 16;
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;  // 0 source bytes: zero-fill
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+
+template <class T>
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// The inverse of pack2: two stored elements (low half first) as floats.
+template <class T>
+__device__ __forceinline__ float2 unpack2(uint32_t v);
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+}
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&v));
+}
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// A row's token packed for smem: (chunk, index | summary bit); rows that do not exist are (-1, -1).
+__device__ __forceinline__ int2 pack_token(const StreamToken32& t) {
+  return make_int2(t.chunk, t.index | (t.is_summary ? int(0x80000000u) : 0));
+}
+__device__ __forceinline__ StreamToken32 unpack_token(int2 t) {
+  StreamToken32 k;
+  k.chunk = t.x;
+  k.index = t.y & 0x7fffffff;
+  k.is_summary = t.y < 0;
+  return k;
+}
+
+}  // namespace ksa::cuda::dev

@@ -1,0 +1,134 @@
+// `ksa bench attn --device cuda`: the CUDA kernels timed with CUDA events (median of reps after a warm-up),
+// useful TFLOP/s from the exact pair count, and an oracle check of sampled forward rows.
+#ifdef KSA_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "bench_attn.hpp"
+#include "common.hpp"
+#include "ksa/cpu.hpp"
+#include "ksa/cuda.hpp"
+
+namespace ksa::tools {
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) fail("CUDA error in ", what, ": ", cudaGetErrorString(e));
+}
+
+struct DeviceBuf {
+  void* p = nullptr;
+  explicit DeviceBuf(size_t bytes) { check(cudaMalloc(&p, bytes), "cudaMalloc"); }
+  ~DeviceBuf() { cudaFree(p); }
+  DeviceBuf(const DeviceBuf&) = delete;
+  DeviceBuf& operator=(const DeviceBuf&) = delete;
+};
+
+template <class F>
+double median_ms(int64_t reps, F&& f) {
+  cudaEvent_t a, b;
+  check(cudaEventCreate(&a), "cudaEventCreate");
+  check(cudaEventCreate(&b), "cudaEventCreate");
+  f();  // warm-up
+  check(cudaDeviceSynchronize(), "warm-up");
+  std::vector<double> t;
+  for (int64_t r = 0; r < reps; ++r) {
+    check(cudaEventRecord(a), "cudaEventRecord");
+    f();
+    check(cudaEventRecord(b), "cudaEventRecord");
+    check(cudaEventSynchronize(b), "cudaEventSynchronize");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, a, b), "cudaEventElapsedTime");
+    t.push_back(ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+}  // namespace
+
+int run_attn_cuda(const AttnArgs& a) {
+  if (cuda::device_count() == 0) fail("--device cuda: no CUDA device visible");
+  const Layout lay(a.k, a.S, a.T, a.tail);
+  const int64_t L = lay.length(), es = dtype_size(a.dtype);
+  const int64_t nq = a.B * L * a.Hq * a.D, nkv = a.B * L * a.Hkv * a.D;
+  std::mt19937_64 rng(1);
+  auto q = random_tensor(a.dtype, nq, rng), k = random_tensor(a.dtype, nkv, rng), v = random_tensor(a.dtype, nkv, rng);
+  auto dout = random_tensor(a.dtype, nq, rng);
+  DeviceBuf dq_(size_t(nq * es)), dk_(size_t(nkv * es)), dv_(size_t(nkv * es)), dout_(size_t(nq * es)),
+      dO(size_t(nq * es)), dlse(size_t(a.B * L * a.Hq * 4)), gq(size_t(nq * es)), gk(size_t(nkv * es)), gv(size_t(nkv * es));
+  check(cudaMemcpy(dq_.p, q.data(), q.size(), cudaMemcpyHostToDevice), "copy q");
+  check(cudaMemcpy(dk_.p, k.data(), k.size(), cudaMemcpyHostToDevice), "copy k");
+  check(cudaMemcpy(dv_.p, v.data(), v.size(), cudaMemcpyHostToDevice), "copy v");
+  check(cudaMemcpy(dout_.p, dout.data(), dout.size(), cudaMemcpyHostToDevice), "copy dout");
+
+  AttentionBackwardParams p;
+  p.layout = lay;
+  p.W = a.W;
+  p.B = a.B;
+  p.Hq = a.Hq;
+  p.Hkv = a.Hkv;
+  p.D = a.D;
+  p.dtype = a.dtype;
+  p.q = TensorView::dense(dq_.p, L, a.Hq, a.D);
+  p.k = TensorView::dense(dk_.p, L, a.Hkv, a.D);
+  p.v = TensorView::dense(dv_.p, L, a.Hkv, a.D);
+  p.out = TensorView::dense(dO.p, L, a.Hq, a.D);
+  p.lse = static_cast<float*>(dlse.p);
+  p.dout = TensorView::dense(dout_.p, L, a.Hq, a.D);
+  p.dq = TensorView::dense(gq.p, L, a.Hq, a.D);
+  p.dk = TensorView::dense(gk.p, L, a.Hkv, a.D);
+  p.dv = TensorView::dense(gv.p, L, a.Hkv, a.D);
+
+  const int64_t pairs = count_visible_pairs(lay, a.W);
+  const double fwd_flops = 4.0 * double(a.D) * double(pairs) * double(a.Hq) * double(a.B);
+  std::printf("ksa bench attn: device cuda (%s), T=%lld -> L=%lld (k=%lld S=%lld W=%lld%s), B=%lld, heads %lld/%lld, "
+              "D=%lld, %s\n",
+              cuda::device_description().c_str(), (long long)a.T, (long long)L, (long long)a.k, (long long)a.S,
+              (long long)a.W, a.tail ? " tail" : "", (long long)a.B, (long long)a.Hq, (long long)a.Hkv, (long long)a.D,
+              dtype_name(a.dtype));
+  const double fms = median_ms(a.reps, [&] { cuda::attention_forward(p); });
+  std::printf("forward:  median %9.3f ms (%lld reps after 1 warm-up)  %8.1f TFLOP/s useful\n", fms, (long long)a.reps,
+              fwd_flops / (fms * 1e-3) * 1e-12);
+  if (a.bwd) {
+    const double bms = median_ms(a.reps, [&] { cuda::attention_backward(p); });
+    std::printf("backward: median %9.3f ms (%lld reps after 1 warm-up)  %8.1f TFLOP/s useful (2.5 x fwd FLOPs)\n", bms,
+                (long long)a.reps, 2.5 * fwd_flops / (bms * 1e-3) * 1e-12);
+  }
+
+  // Oracle check of sampled forward rows (first, last, random) of batch entry 0.
+  std::vector<uint8_t> out(size_t(nq * es));
+  std::vector<float> lse(size_t(a.B * L * a.Hq));
+  check(cudaMemcpy(out.data(), dO.p, out.size(), cudaMemcpyDeviceToHost), "copy out");
+  check(cudaMemcpy(lse.data(), dlse.p, lse.size() * 4, cudaMemcpyDeviceToHost), "copy lse");
+  AttentionParams hp = p;
+  hp.B = 1;
+  hp.q.data = q.data();
+  hp.k.data = k.data();
+  hp.v.data = v.data();
+  hp.out.data = out.data();
+  std::vector<int64_t> rows = {0, L - 1};
+  std::uniform_int_distribution<int64_t> pick(0, L - 1);
+  while (rows.size() < 16) rows.push_back(pick(rng));
+  const auto ref = cpu::attention_reference(hp, rows);
+  double err = 0;
+  for (size_t r = 0; r < rows.size(); ++r)
+    for (int64_t h = 0; h < a.Hq; ++h)
+      for (int64_t d = 0; d < a.D; ++d) {
+        const double got = load_as_float(a.dtype, out.data(), (rows[r] * a.Hq + h) * a.D + d);
+        const double e = std::abs(got - ref.out[(r * size_t(a.Hq) + size_t(h)) * size_t(a.D) + size_t(d)]);
+        err = std::isnan(e) ? INFINITY : std::max(err, e);
+      }
+  std::printf("oracle check: %zu rows x %lld heads, max |out - ref| = %.3g\n", rows.size(), (long long)a.Hq, err);
+  return err <= 0.05 ? 0 : 1;
+}
+
+}  // namespace ksa::tools
+#endif
