@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "common.hpp"
+#include "ksa/cache.hpp"
 #include "ksa/cpu.hpp"
 #include "ksa/spec.hpp"
 
@@ -72,12 +73,22 @@ int run_demo(int argc, char** argv) {
   std::printf("visible pairs/head:  %lld vs %lld for full causal attention over the text (%.2fx fewer)\n",
               (long long)pairs, (long long)causal, double(causal) / double(pairs));
 
-  // KV cache for decoding after this text (KSA.md §7): one layer, all KV heads, K and V.
-  const int64_t row_bytes = 2 * Hkv * D * dtype_size(dtype);
-  const CacheRows rows = cache_rows(spec, T);
-  std::printf("KV cache per layer:  %s (%lld text + %lld summary rows) vs %s for full attention (%.2fx smaller)\n",
-              human_bytes(double(rows.total() * row_bytes)).c_str(), (long long)rows.text, (long long)rows.summaries,
-              human_bytes(double(T * row_bytes)).c_str(), double(T) / double(rows.total()));
+  // KV cache for decoding after this text (KSA.md §7): one layer, all KV heads, K and V, measured on a KvCache
+  // filled by prefill from this stream's k/v (it copies only the rows decoding still reads).
+  KvCacheConfig ccfg;
+  ccfg.spec = spec;
+  ccfg.Hkv = Hkv;
+  ccfg.D = D;
+  ccfg.dtype = dtype;
+  ccfg.max_text_tokens = T + 1;  // the text and the next token
+  KvCache cache(ccfg);
+  const SeqId seq = cache.add_sequence();
+  cache.prefill(seq, KvRows::dense(kk.data(), L, Hkv, D, dtype), KvRows::dense(v.data(), L, Hkv, D, dtype));
+  const int64_t row_bytes = ccfg.row_bytes(), cache_bytes = cache.bytes_in_use(seq);
+  const CacheRows rows = cache_rows(spec, T, ccfg.stores_summaries());
+  std::printf("KV cache per layer:  %s in a KvCache (%lld text + %lld summary rows, blocks of %lld) vs %s for full attention (%.2fx smaller)\n",
+              human_bytes(double(cache_bytes)).c_str(), (long long)rows.text, (long long)rows.summaries,
+              (long long)ccfg.block_rows, human_bytes(double(T * row_bytes)).c_str(), double(T * row_bytes) / double(cache_bytes));
 
   bool ok = true;
   for (float x : lse) ok = ok && std::isfinite(x);

@@ -1,0 +1,149 @@
+// CPU decode through the compressed cache (include/ksa/decode.hpp).
+//
+// Work items are (sequence, KV head), OpenMP dynamic schedule. An item walks its sequence's new stream
+// tokens in order; for each: write the token's K/V rows (this KV head) into the cache rows the plan made
+// room for, then attend for the G query heads of the group. Going in stream order is what makes a step
+// that crosses chunk boundaries correct: a ring block is reused only once no later query sees its rows.
+// The visible keys are the core's key_spans (decode_keys.hpp) mapped to cache rows; each run of rows inside
+// one block is contiguous [n, D] for a head. Each K and V row is loaded (and converted from bf16) once and
+// used by all G query heads. The text keys (window and current chunk) and the summary keys accumulate into
+// separate OnlineSoftmax partials that are merged at the end (the split a GPU kernel makes across blocks).
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/decode_keys.hpp"
+#include "ksa/decode.hpp"
+#include "ksa/softmax.hpp"
+
+namespace ksa::cpu {
+namespace {
+
+// A row of D elements as fp32: f32 rows are used in place, bf16 rows converted into buf.
+const float* row_f32(DType t, const void* p, int64_t D, float* buf) {
+  if (t == DType::f32) return static_cast<const float*>(p);
+  const uint16_t* b = static_cast<const uint16_t*>(p);
+  for (int64_t d = 0; d < D; ++d) buf[d] = bf16::to_float(b[d]);
+  return buf;
+}
+
+// One group's softmax partial: G states and G accumulators [G, D].
+struct Partial {
+  std::vector<OnlineSoftmax> st;
+  std::vector<float> acc;
+  void reset(int64_t G, int64_t D) {
+    st.assign(size_t(G), OnlineSoftmax{});
+    acc.assign(size_t(G * D), 0.f);
+  }
+};
+
+struct Worker {
+  const DecodeParams& p;
+  int64_t G, D, P;
+  float scale;
+  std::vector<float> q, s, kbuf, vbuf;  // q [G, D] (scaled), scores [G, P]
+  Partial text, summ;
+
+  explicit Worker(const DecodeParams& pp)
+      : p(pp), G(pp.G()), D(pp.pool.D), P(pp.pool.block_rows), scale(pp.softmax_scale()),
+        q(size_t(G * D)), s(size_t(G * P)), kbuf(size_t(D)), vbuf(size_t(D)) {}
+
+  // Adds n visible keys, rows [r, r+n) of block `blk` for KV head hk, to partial `pa`.
+  void add_run(Partial& pa, int32_t blk, int64_t hk, int64_t r, int64_t n) {
+    const KvPoolView& pool = p.pool;
+    const int64_t es = pool.elem_bytes();
+    const char* kp = static_cast<const char*>(pool.row(blk, 0, hk, r));
+    const char* vp = static_cast<const char*>(pool.row(blk, 1, hk, r));
+    for (int64_t i = 0; i < n; ++i) {
+      const float* kr = row_f32(pool.dtype, kp + i * D * es, D, kbuf.data());
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = &q[size_t(g * D)];
+        float dot = 0.f;
+        for (int64_t d = 0; d < D; ++d) dot += qg[d] * kr[d];
+        s[size_t(g * P + i)] = dot;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const float* sg = &s[size_t(g * P)];
+      const float a = pa.st[size_t(g)].raise_max(*std::max_element(sg, sg + n));
+      if (a != 1.f) {
+        float* acc = &pa.acc[size_t(g * D)];
+        for (int64_t d = 0; d < D; ++d) acc[d] *= a;
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const float* vr = row_f32(pool.dtype, vp + i * D * es, D, vbuf.data());
+      for (int64_t g = 0; g < G; ++g) {
+        const float w = pa.st[size_t(g)].add(s[size_t(g * P + i)]);
+        float* acc = &pa.acc[size_t(g * D)];
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * vr[d];
+      }
+    }
+  }
+
+  // Adds cache rows [b, e) (text or summary rows) in runs that stay inside one block.
+  void add_range(Partial& pa, const SeqKvView& kv, bool summary, int64_t b, int64_t e, int64_t hk) {
+    while (b < e) {
+      const KvRowRef ref = summary ? kv.summary_row(p.pool, p.S, b) : kv.text_row(p.pool, b);
+      const int64_t n = std::min(e - b, P - ref.row);
+      add_run(pa, ref.block, hk, ref.row, n);
+      b += n;
+    }
+  }
+
+  void run(int64_t b, int64_t hk) {
+    const DecodeSeq& sq = p.seqs[b];
+    const DecodeIO& io = p.io;
+    const KvPoolView& pool = p.pool;
+    const int64_t es = pool.elem_bytes(), pos0 = sq.kv.T + sq.kv.sums;
+    for (int64_t i = 0; i < sq.n; ++i) {
+      const int64_t row = sq.row0 + i;
+      const detail::DecodeKeys keys = detail::decode_keys(p.k, p.S, p.W, pos0 + i);
+      // 1. The token's own K/V, written before any query reads it (it sees itself).
+      const KvRowRef dst = keys.is_summary ? sq.kv.summary_row(pool, p.S, keys.row) : sq.kv.text_row(pool, keys.row);
+      std::memcpy(pool.row(dst.block, 0, hk, dst.row),
+                  static_cast<const char*>(io.k.data) + (row * io.k.row_stride + hk * io.k.head_stride) * es, size_t(D * es));
+      std::memcpy(pool.row(dst.block, 1, hk, dst.row),
+                  static_cast<const char*>(io.v.data) + (row * io.v.row_stride + hk * io.v.head_stride) * es, size_t(D * es));
+      // 2. The group's queries, scale folded in.
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t off = row * io.q.row_stride + (hk * G + g) * io.q.head_stride;
+        for (int64_t d = 0; d < D; ++d) q[size_t(g * D + d)] = load_as_float(io.dtype, io.q.data, off + d) * scale;
+      }
+      text.reset(G, D);
+      summ.reset(G, D);
+      for (int r = 0; r < keys.n; ++r)
+        add_range(keys.range[r].summary ? summ : text, sq.kv, keys.range[r].summary, keys.range[r].begin,
+                  keys.range[r].end, hk);
+      // 3. Join the partials; write out and lse.
+      for (int64_t g = 0; g < G; ++g) {
+        OnlineSoftmax& st = text.st[size_t(g)];
+        float* acc = &text.acc[size_t(g * D)];
+        merge_partial(st, acc, summ.st[size_t(g)], &summ.acc[size_t(g * D)], int(D));
+        const float inv = st.inv_sum();
+        const int64_t h = hk * G + g, off = row * io.out.row_stride + h * io.out.head_stride;
+        for (int64_t d = 0; d < D; ++d) store_from_float(io.dtype, io.out.data, off + d, acc[d] * inv);
+        if (io.lse) io.lse[row * io.Hq + h] = st.lse();
+      }
+    }
+  }
+};
+
+}  // namespace
+
+void attention_decode(const DecodeParams& p) {
+  validate(p);
+  const int64_t Hkv = p.pool.Hkv, items = p.B * Hkv;
+  if (items == 0) return;
+  const int threads = p.io.num_threads > 0 ? p.io.num_threads : omp_get_max_threads();
+#pragma omp parallel num_threads(threads)
+  {
+    Worker w(p);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) w.run(it / Hkv, it % Hkv);
+  }
+}
+
+}  // namespace ksa::cpu
