@@ -46,6 +46,9 @@ struct KvCacheConfig {
   int64_t max_text_tokens = 0;  // context limit: text tokens per sequence
   int64_t block_rows = 16;      // rows per block
   int64_t max_blocks = 0;       // pool capacity in blocks (0 = grow on demand)
+  int64_t ring_slack_rows = 0;  // extra text rows in each ring beyond the minimal (W+1)·k: a kernel that
+                                // writes all of a step's K/V before attending (the GPU decode) can then take
+                                // steps of up to ring_slack_rows + 1 text tokens (see text_ring_rows)
 
   // Throws ksa::Error naming the bad field and value.
   void validate() const;
@@ -53,6 +56,27 @@ struct KvCacheConfig {
   bool stores_summaries() const { return spec.W * spec.k < max_text_tokens; }
   // Bytes of one cached stream token: K and V for all KV heads.
   int64_t row_bytes() const { return 2 * Hkv * D * dtype_size(dtype); }
+};
+
+// First text row that a later token of a sequence holding T text and `sums` summary tokens can still see
+// (KSA.md §4): the next text token (chunk T/k) sees the chunks >= T/k - W as text; while the chunk just
+// completed still owes summary tokens, they see that chunk's text. Never decreases.
+inline int64_t live_text_begin(int64_t k, int64_t S, int64_t W, int64_t T, int64_t sums) {
+  const int64_t c = T / k;
+  int64_t lo = c > W ? (c - W) * k : 0;
+  if (c * S > sums && (c - 1) * k < lo) lo = (c - 1) * k;
+  return lo;
+}
+
+// Where the pool's slabs live. The default keeps them in host memory filled with all-ones bytes (NaN in f32
+// and bf16). A slab is never moved or freed before the cache dies. With memory the host cannot touch
+// (host_accessible() false, e.g. device memory), the host-copy operations (prefill, append_text,
+// append_summaries) throw; the bookkeeping (plan/commit, tables, views) is unchanged.
+struct SlabAllocator {
+  virtual ~SlabAllocator() = default;
+  virtual void* allocate(int64_t bytes) = 0;  // throws ksa::Error on failure
+  virtual void deallocate(void* p, int64_t bytes) noexcept = 0;
+  virtual bool host_accessible() const = 0;
 };
 
 // Rows of K or V handed to the cache: [n, H, D] in dtype, element strides, the D elements contiguous.
@@ -163,6 +187,8 @@ struct SeqState {
 class KvCache {
  public:
   explicit KvCache(const KvCacheConfig& cfg);
+  // Slabs from `slabs` (null = host memory, as above).
+  KvCache(const KvCacheConfig& cfg, std::shared_ptr<SlabAllocator> slabs);
   ~KvCache();
   KvCache(const KvCache&) = delete;
   KvCache& operator=(const KvCache&) = delete;
@@ -195,6 +221,8 @@ class KvCache {
   void cancel_decode(const DecodePlan& plan);
 
   int64_t block_bytes() const;
+  // Text rows of each sequence's ring (text_slots · block_rows): text row t shares its place with t ± this.
+  int64_t text_ring_rows() const;
   int64_t bytes_in_use() const;          // blocks held by all sequences
   int64_t bytes_in_use(SeqId id) const;  // blocks held by one sequence
   int64_t bytes_reserved() const;        // pool memory allocated (held and free blocks)

@@ -17,24 +17,33 @@ namespace {
 constexpr int kTextTable = 0, kSummaryTable = 1;
 constexpr int64_t kMaxContext = (int64_t(1) << 31) - 1;
 
-// First text row that a later token of the sequence can still see (KSA.md §4), for a sequence holding T
-// text and `sums` summary tokens: the next text token (chunk T/k) sees the chunks >= T/k - W as text; while
-// the chunk just completed still owes summary tokens, they see that chunk's text. Never decreases.
-int64_t live_text_begin(int64_t k, int64_t S, int64_t W, int64_t T, int64_t sums) {
-  const int64_t c = T / k;
-  int64_t lo = c > W ? (c - W) * k : 0;
-  if (c * S > sums) lo = std::min(lo, (c - 1) * k);
-  return lo;
-}
+// Slabs in host memory, all-ones bytes: a kernel that read a row never written would show NaN.
+struct HostSlabs final : SlabAllocator {
+  void* allocate(int64_t bytes) override {
+    const size_t words = size_t((bytes + 7) / 8);
+    uint64_t* p = new uint64_t[words];
+    std::memset(p, 0xff, words * 8);
+    return p;
+  }
+  void deallocate(void* p, int64_t) noexcept override { delete[] static_cast<uint64_t*>(p); }
+  bool host_accessible() const override { return true; }
+};
 
 // Fixed-size blocks carved from slabs that are never moved or freed before the pool dies, so block
 // addresses are stable and growing the pool copies nothing.
 class BlockPool {
  public:
-  BlockPool(int64_t block_bytes, int64_t max_blocks) : block_bytes_(block_bytes), max_blocks_(max_blocks) {
+  BlockPool(int64_t block_bytes, int64_t max_blocks, std::shared_ptr<SlabAllocator> alloc)
+      : block_bytes_(block_bytes), max_blocks_(max_blocks), alloc_(std::move(alloc)) {
     // About 1 MiB per slab, at least one block.
     slab_blocks_ = std::clamp<int64_t>((int64_t(1) << 20) / block_bytes, 1, 4096);
   }
+  ~BlockPool() {
+    for (void* p : slab_ptrs_) alloc_->deallocate(p, slab_blocks_ * block_bytes_);
+  }
+  BlockPool(const BlockPool&) = delete;
+  BlockPool& operator=(const BlockPool&) = delete;
+  bool host_accessible() const { return alloc_->host_accessible(); }
   int64_t slab_blocks() const { return slab_blocks_; }
   int64_t created() const { return created_; }
   int64_t in_use() const { return created_ - int64_t(free_.size()); }
@@ -59,19 +68,15 @@ class BlockPool {
     if (n <= 0 || created_ + n > std::numeric_limits<int32_t>::max())
       fail("KvCache: the block pool is full (", created_, " blocks of ", block_bytes_, " bytes)");
     // Whole slabs keep block id -> address arithmetic simple; a partial last slab just has fewer ids.
-    const size_t words = size_t((slab_blocks_ * block_bytes_ + 7) / 8);
-    auto slab = std::make_unique<uint64_t[]>(words);
-    // All-ones bytes are NaN in f32 and bf16: a kernel that read a row never written would show it.
-    std::memset(slab.get(), 0xff, words * 8);
-    slab_ptrs_.push_back(slab.get());
-    slabs_.push_back(std::move(slab));
-    const int64_t first = int64_t(slabs_.size() - 1) * slab_blocks_;
+    slab_ptrs_.reserve(slab_ptrs_.size() + 1);  // push_back below cannot throw after allocate
+    slab_ptrs_.push_back(alloc_->allocate(slab_blocks_ * block_bytes_));
+    const int64_t first = int64_t(slab_ptrs_.size() - 1) * slab_blocks_;
     for (int64_t i = n - 1; i >= 0; --i) free_.push_back(int32_t(first + i));  // low ids first
     created_ += n;
   }
 
   int64_t block_bytes_, max_blocks_, slab_blocks_ = 1, created_ = 0;
-  std::vector<std::unique_ptr<uint64_t[]>> slabs_;
+  std::shared_ptr<SlabAllocator> alloc_;
   std::vector<void*> slab_ptrs_;
   std::vector<int32_t> free_;
 };
@@ -110,6 +115,8 @@ void KvCacheConfig::validate() const {
   require(max_text_tokens >= 1 && max_text_tokens <= kMaxContext, "KvCache: max_text_tokens", "in [1, 2^31-1]",
           max_text_tokens);
   require(block_rows >= 1 && block_rows <= 65536, "KvCache: block_rows", "in [1, 65536]", block_rows);
+  require(ring_slack_rows >= 0 && ring_slack_rows <= kMaxContext, "KvCache: ring_slack_rows", "in [0, 2^31-1]",
+          ring_slack_rows);
   require(max_blocks >= 0 && max_blocks <= std::numeric_limits<int32_t>::max(), "KvCache: max_blocks",
           "in [0, 2^31-1] (0 = unlimited)", max_blocks);
 }
@@ -125,16 +132,16 @@ struct KvCache::Impl {
   SeqId next_id = 0;
   uint64_t open_plan = 0, next_ticket = 1;
 
-  explicit Impl(const KvCacheConfig& c)
+  Impl(const KvCacheConfig& c, std::shared_ptr<SlabAllocator> alloc)
       : cfg(c), k(c.spec.k), S(c.spec.S), W(c.spec.W), P(c.block_rows), store(c.stores_summaries()),
-        block_bytes(c.block_rows * c.row_bytes()), pool(block_bytes, c.max_blocks) {
+        block_bytes(c.block_rows * c.row_bytes()), pool(block_bytes, c.max_blocks, std::move(alloc)) {
     // Text row t and row t - slots·P share a place. Text rows are written in order, and when row t is
     // written every later query sees only rows >= (t/k - W)·k > t - (W+1)·k, so slots·P >= (W+1)·k makes the
     // overwritten row dead (and no smaller ring does). Two logical blocks may then share a slot's block for
     // a while, each using the rows the other no longer needs. A sequence never has more than
-    // ceil(max_text_tokens / P) blocks of text at all.
-    const int64_t all = (c.max_text_tokens + P - 1) / P;
-    slots = (W + 1) * k >= c.max_text_tokens ? all : std::min(all, ((W + 1) * k + P - 1) / P);
+    // ceil(max_text_tokens / P) blocks of text at all. ring_slack_rows (0 by default) only adds rows.
+    const int64_t all = (c.max_text_tokens + P - 1) / P, ring = (W + 1) * k + c.ring_slack_rows;
+    slots = ring >= c.max_text_tokens ? all : std::min(all, (ring + P - 1) / P);
   }
 
   const Sequence& find(SeqId id, const char* op) const {
@@ -245,6 +252,8 @@ struct KvCache::Impl {
   void write_stream(SeqId id, const KvRows& kr, const KvRows& vr, const char* op) {
     check_idle(op);
     Sequence& s = find(id, op);
+    if (!pool.host_accessible())
+      fail("KvCache::", op, ": the pool's slabs are not host memory (write through the device's decode path)");
     check_rows(cfg, kr, "k");
     check_rows(cfg, vr, "v");
     if (kr.n != vr.n) fail("KvCache::", op, ": k has ", kr.n, " rows but v has ", vr.n);
@@ -287,9 +296,10 @@ struct KvCache::Impl {
   }
 };
 
-KvCache::KvCache(const KvCacheConfig& cfg) {
+KvCache::KvCache(const KvCacheConfig& cfg) : KvCache(cfg, nullptr) {}
+KvCache::KvCache(const KvCacheConfig& cfg, std::shared_ptr<SlabAllocator> slabs) {
   cfg.validate();
-  impl_ = std::make_unique<Impl>(cfg);
+  impl_ = std::make_unique<Impl>(cfg, slabs ? std::move(slabs) : std::make_shared<HostSlabs>());
 }
 KvCache::~KvCache() = default;
 KvCache::KvCache(KvCache&&) noexcept = default;
@@ -428,6 +438,7 @@ void KvCache::cancel_decode(const DecodePlan& plan) {
 }
 
 int64_t KvCache::block_bytes() const { return impl_->block_bytes; }
+int64_t KvCache::text_ring_rows() const { return impl_->slots * impl_->P; }
 int64_t KvCache::bytes_in_use() const { return impl_->pool.in_use() * impl_->block_bytes; }
 int64_t KvCache::bytes_in_use(SeqId id) const { return impl_->find(id, "bytes_in_use").blocks * impl_->block_bytes; }
 int64_t KvCache::bytes_reserved() const { return impl_->pool.created() * impl_->block_bytes; }

@@ -1,0 +1,85 @@
+// The compressed KV cache on a CUDA device and decoding through it (KSA.md §7; the GPU twin of
+// ksa::KvCache + ksa::cpu::attention_decode). No CUDA includes, so host code can use it.
+//
+// Design: the SAME host bookkeeping as ksa::KvCache (it is one, constructed with a device SlabAllocator):
+// block ids, rings, summary tables, plan/commit/cancel, errors before any change. Only the slabs live in
+// device memory (cudaMalloc'ed, never moved; growth adds slabs; history is never copied). Each plan packs
+// what the kernels need (slab pointers, the batch's block tables, per-token key ranges, the split work
+// list) into a pinned host buffer and uploads it with ONE cudaMemcpyAsync on the stream into a device
+// workspace whose address stays fixed (it only grows, rarely, with a stream sync). run() only launches
+// kernels (write K/V, split attention, merge): no host reads, no syncs, capturable in a CUDA graph.
+//
+// Multi-token steps: the kernels write all new K/V first and then attend, so a step must never overwrite a
+// ring row that an earlier token of the same step still reads. plan_decode checks this exactly and throws
+// otherwise; KvCacheConfig::ring_slack_rows = R makes every step of up to R + 1 text tokens valid (the
+// default config of KvCacheGpu adds 64 rows). A layer that does not store summaries (W·k >= context) keeps
+// one chunk's summaries: a step there may not write summaries of two different chunks.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "ksa/cache.hpp"
+#include "ksa/cuda.hpp"
+#include "ksa/decode.hpp"
+
+namespace ksa::cuda {
+
+struct KvCacheGpuOptions {
+  int64_t split_rows = 0;  // keys per attention work unit (0 = chosen per plan to fill the device)
+};
+
+class KvCacheGpu {
+ public:
+  // cfg.dtype must be bf16; D 64 or 128. All work is queued on `stream`.
+  explicit KvCacheGpu(const KvCacheConfig& cfg, Stream stream = nullptr, KvCacheGpuOptions opt = {});
+  ~KvCacheGpu();
+  KvCacheGpu(const KvCacheGpu&) = delete;
+  KvCacheGpu& operator=(const KvCacheGpu&) = delete;
+
+  const KvCacheConfig& config() const;
+  KvCache& host();  // the bookkeeping (state, bytes, views); its host-copy operations throw
+  SeqId add_sequence();
+  void release(SeqId id);
+  SeqState state(SeqId id) const;
+
+  // Continues a sequence's stream with n rows k, v [n, Hkv, D] in DEVICE memory (stream order), copying
+  // on the device only the rows a later token can still see. Asynchronous; k/v must stay valid until the
+  // stream reaches it.
+  void prefill(SeqId id, const KvRows& k, const KvRows& v);
+
+  // Plan / run / commit. io holds device pointers (q, k, v, out [R, H, D] bf16; lse [R, Hq] or null).
+  // plan validates everything (throws, changing nothing) and queues the upload; run queues the kernels;
+  // commit advances the bookkeeping (call it right after run: freed blocks are reused only by work queued
+  // later on the same stream). One plan at a time.
+  void plan_decode(std::span<const SeqId> ids, std::span<const int64_t> n_new, const DecodeIO& io);
+  void run();
+  void commit_decode();
+  void cancel_decode();
+
+  // Exact check of the two-phase rule above for one sequence's next step of n stream tokens.
+  bool step_ok(SeqId id, int64_t n, std::string* why = nullptr) const;
+  // Work of the last plan: attention work units, tokens, K/V rows read per KV head (for GB/s).
+  struct PlanStats {
+    int64_t units = 0, tokens = 0, key_rows = 0;
+  };
+  PlanStats plan_stats() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Whether the device decode supports this cache config; `why` names the field and value when not.
+bool supports(const KvCacheConfig& cfg, std::string* why = nullptr);
+
+// Plan, run, commit.
+inline void attention_decode(KvCacheGpu& cache, std::span<const SeqId> ids, std::span<const int64_t> n_new,
+                             const DecodeIO& io) {
+  cache.plan_decode(ids, n_new, io);
+  cache.run();
+  cache.commit_decode();
+}
+
+}  // namespace ksa::cuda

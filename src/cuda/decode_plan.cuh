@@ -1,0 +1,62 @@
+// What a decode plan uploads and the decode kernels read (src/cuda/kv_cache_gpu.cu builds it, one host ->
+// device copy per plan; src/cuda/attention_decode.cu runs it). Plain data, 32-bit fields: a KvCacheGpu's
+// rows and block ids fit (ids are int32 in the pool; rows per sequence < 2^31).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace ksa::cuda::detail {
+
+// A sequence of the batch: where its block tables are in the uploaded table array.
+struct DecSeq {
+  int32_t text_off = 0, slots = 1;  // ring: tables[text_off + slot]
+  int32_t sum_off = 0, stored = 1;  // summaries: tables[sum_off + block]; stored = 0: row s lives at s % S
+};
+
+// A new token of the step: its packed row in q/out/lse and its attention work units [unit0, unit0 + units).
+struct DecTok {
+  int32_t row = 0, unit0 = 0, units = 0, pad = 0;
+};
+
+// An attention work unit: keys = rows [begin, end) of one table (text rows or summary rows) of a sequence,
+// for one token (grid.y runs the KV heads).
+struct DecUnit {
+  int32_t tok = 0, seq = 0, summary = 0, begin = 0, end = 0, pad = 0;
+};
+
+// A K/V row to write into the cache: packed source row `src` of io.k/io.v goes to text row `row` or
+// summary row `row` (chunk·S + j) of sequence `seq`.
+struct DecWrite {
+  int32_t src = 0, seq = 0, summary = 0, row = 0;
+};
+
+// The kernels' arguments (by value). Pointers into the plan's device workspace and the caller's tensors.
+struct DecodeRun {
+  // pool
+  void* const* slabs = nullptr;  // device array of slab pointers
+  int32_t slab_blocks = 1, P = 16, Hkv = 1, S = 1;
+  int64_t block_elems = 0;       // 2 * Hkv * P * D
+  // plan
+  const int32_t* tables = nullptr;
+  const DecSeq* seqs = nullptr;
+  const DecTok* toks = nullptr;
+  const DecUnit* units = nullptr;
+  const DecWrite* writes = nullptr;
+  int32_t n_writes = 0, n_toks = 0, n_units = 0;
+  // tensors (bf16 bits), element strides
+  const uint16_t *q = nullptr, *k = nullptr, *v = nullptr;
+  uint16_t* out = nullptr;
+  float* lse = nullptr;
+  int64_t q_rs = 0, q_hs = 0, k_rs = 0, k_hs = 0, v_rs = 0, v_hs = 0, o_rs = 0, o_hs = 0;
+  int32_t Hq = 1, G = 1, D = 128;
+  float scale = 1.f;
+  // split partials: acc [units, Hkv, G, D], (m, l) [units, Hkv, G]
+  float* part_acc = nullptr;
+  float2* part_ml = nullptr;
+};
+
+// Queues the write kernel, then (if n_toks > 0) the split attention and the merge. No host reads or syncs.
+void launch_decode(const DecodeRun& r, cudaStream_t stream);
+
+}  // namespace ksa::cuda::detail

@@ -1,0 +1,389 @@
+// ksa::cuda::KvCacheGpu (include/ksa/cuda_cache.hpp): ksa::KvCache's bookkeeping over device slabs, and the
+// per-plan upload of what the decode kernels (attention_decode.cu) read.
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "check.cuh"
+#include "cpu/decode_keys.hpp"
+#include "cuda/decode_plan.cuh"
+#include "ksa/cuda_cache.hpp"
+#include "ksa/error.hpp"
+
+namespace ksa::cuda {
+namespace {
+
+using namespace detail;
+
+// Slabs in device memory, filled with all-ones bytes (NaN in bf16): a kernel that read a row never written
+// would show it.
+struct DeviceSlabs final : SlabAllocator {
+  void* allocate(int64_t bytes) override {
+    void* p = nullptr;
+    KSA_CUDA_CHECK(cudaMalloc(&p, size_t(bytes)));
+    // Synchronous fill: it must land before any kernel, on any stream, writes rows of this slab.
+    cudaError_t e = cudaMemset(p, 0xff, size_t(bytes));
+    if (e == cudaSuccess) e = cudaDeviceSynchronize();
+    if (e != cudaSuccess) {
+      cudaFree(p);
+      KSA_CUDA_CHECK(e);
+    }
+    return p;
+  }
+  void deallocate(void* p, int64_t) noexcept override { cudaFree(p); }
+  bool host_accessible() const override { return false; }
+};
+
+// A device buffer that only grows (growing waits for the stream: the old buffer may still be in use).
+struct DeviceBuf {
+  void* p = nullptr;
+  size_t cap = 0;
+  void reserve(size_t bytes, cudaStream_t s) {
+    if (bytes <= cap) return;
+    KSA_CUDA_CHECK(cudaStreamSynchronize(s));
+    const size_t n = std::max(bytes, cap * 2);
+    cudaFree(p);
+    p = nullptr;
+    cap = 0;
+    KSA_CUDA_CHECK(cudaMalloc(&p, n));
+    cap = n;
+  }
+  ~DeviceBuf() { cudaFree(p); }
+};
+
+// A pinned host staging buffer; `done` is recorded after the copy that reads it.
+struct Staging {
+  void* p = nullptr;
+  size_t cap = 0;
+  cudaEvent_t done = nullptr;
+  bool pending = false;
+  void wait() {
+    if (pending) KSA_CUDA_CHECK(cudaEventSynchronize(done));
+    pending = false;
+  }
+  void reserve(size_t bytes) {
+    wait();
+    if (bytes <= cap) return;
+    const size_t n = std::max(bytes, cap * 2);
+    cudaFreeHost(p);
+    p = nullptr;
+    cap = 0;
+    KSA_CUDA_CHECK(cudaMallocHost(&p, n));
+    cap = n;
+  }
+  ~Staging() {
+    cudaFreeHost(p);
+    if (done) cudaEventDestroy(done);
+  }
+};
+
+size_t align16(size_t x) { return (x + 15) & ~size_t(15); }
+
+void check_tensor(const TensorView& t, const char* name, int64_t rows, int64_t H, int64_t D) {
+  if (rows == 0) return;
+  if (!t.data) fail("cuda decode: ", name, ": data pointer is null");
+  if (H > 1 && t.head_stride < D) fail("cuda decode: ", name, ".head_stride must be >= D=", D, " (got ", t.head_stride, ")");
+  if (rows > 1 && t.row_stride < (H - 1) * t.head_stride + D)
+    fail("cuda decode: ", name, ".row_stride must be >= (H-1)*head_stride + D (got ", t.row_stride, ")");
+  const int64_t last = (rows - 1) * t.row_stride + (H - 1) * t.head_stride + D;
+  if (last >= (int64_t(1) << 31)) fail("cuda decode: ", name, " spans ", last, " elements, over 2^31 (packed rows are int32)");
+}
+
+}  // namespace
+
+bool supports(const KvCacheConfig& c, std::string* why) {
+  auto no = [&](const std::string& s) {
+    if (why) *why = s;
+    return false;
+  };
+  if (c.dtype != DType::bf16) return no(std::string("dtype: must be bf16 (got ") + dtype_name(c.dtype) + ")");
+  if (c.D != 64 && c.D != 128) return no("D: must be 64 or 128 (got " + std::to_string(c.D) + ")");
+  if (c.max_text_tokens + c.max_text_tokens / c.spec.k * c.spec.S >= (int64_t(1) << 31))
+    return no("max_text_tokens: the stream must stay below 2^31 rows");
+  return true;
+}
+
+struct KvCacheGpu::Impl {
+  KvCache cache;
+  cudaStream_t stream;
+  KvCacheGpuOptions opt;
+  int sms = 0;
+  std::optional<DecodePlan> plan;
+  DecodeRun run;
+  PlanStats stats;
+  DeviceBuf meta, partials;
+  Staging staging[2];
+  int next_staging = 0;
+
+  Impl(const KvCacheConfig& cfg, Stream s, KvCacheGpuOptions o)
+      : cache(cfg, std::make_shared<DeviceSlabs>()), stream(static_cast<cudaStream_t>(s)), opt(o) {
+    int dev = 0;
+    KSA_CUDA_CHECK(cudaGetDevice(&dev));
+    KSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    for (Staging& st : staging) KSA_CUDA_CHECK(cudaEventCreateWithFlags(&st.done, cudaEventDisableTiming));
+  }
+  ~Impl() {
+    // Nothing queued may outlive the buffers.
+    cudaStreamSynchronize(stream);
+  }
+
+  // Builds the blob (slab pointers, sequences, tokens, units, writes, tables), uploads it with one async
+  // copy and fills `run`. `write_only`: the plan's rows are a prefill (writes only, filtered by `keep`).
+  template <class Keep>
+  void upload(const DecodePlan& p, const TensorView* q, const TensorView& k, const TensorView& v,
+              const TensorView* out, float* lse, float scale, int64_t Hq, bool write_only, Keep&& keep) {
+    const KvCacheConfig& cfg = cache.config();
+    const int64_t Kk = p.k, S = p.S, W = p.W, P = cfg.block_rows, Hkv = cfg.Hkv, D = cfg.D, G = Hq / Hkv;
+    const bool stored = cfg.stores_summaries();
+    std::vector<DecSeq> seqs(p.seqs.size());
+    std::vector<int32_t> tables;
+    std::vector<DecTok> toks;
+    std::vector<DecUnit> units;
+    std::vector<DecWrite> writes;
+    struct Range {
+      int32_t tok, seq, summary, begin, end;
+    };
+    std::vector<Range> ranges;
+    int64_t total_keys = 0;
+    for (size_t b = 0; b < p.seqs.size(); ++b) {
+      const DecodeSeq& sq = p.seqs[b];
+      const StreamCounts end = stream_counts(Kk, S, sq.kv.T + sq.kv.sums + sq.n);
+      DecSeq& ds = seqs[b];
+      ds.text_off = int32_t(tables.size());
+      ds.slots = int32_t(sq.kv.text_slots);
+      tables.insert(tables.end(), sq.kv.text_blocks, sq.kv.text_blocks + sq.kv.text_slots);
+      ds.sum_off = int32_t(tables.size());
+      ds.stored = stored ? 1 : 0;
+      const int64_t sum_rows = end.sums == 0 ? 0 : (stored ? end.sums : S);
+      tables.insert(tables.end(), sq.kv.summary_blocks, sq.kv.summary_blocks + (sum_rows + P - 1) / P);
+      const int64_t pos0 = sq.kv.T + sq.kv.sums;
+      for (int64_t i = 0; i < sq.n; ++i) {
+        const cpu::detail::DecodeKeys keys = cpu::detail::decode_keys(Kk, S, W, pos0 + i);
+        const int32_t src = int32_t(sq.row0 + i);
+        if (keep(keys)) writes.push_back(DecWrite{src, int32_t(b), keys.is_summary ? 1 : 0, int32_t(keys.row)});
+        if (write_only) continue;
+        const int32_t t = int32_t(toks.size());
+        toks.push_back(DecTok{src, 0, 0, 0});
+        for (int r = 0; r < keys.n; ++r) {
+          ranges.push_back(Range{t, int32_t(b), keys.range[r].summary ? 1 : 0, int32_t(keys.range[r].begin),
+                                 int32_t(keys.range[r].end)});
+          total_keys += keys.range[r].end - keys.range[r].begin;
+        }
+      }
+    }
+    // Split: about 4 CTAs per SM over all KV heads, 64..2048 keys per unit (a multiple of 32).
+    int64_t split = opt.split_rows;
+    if (split <= 0) {
+      const int64_t target = std::max<int64_t>(1, 4 * int64_t(sms) / Hkv);
+      split = std::clamp<int64_t>((total_keys + target - 1) / target, 64, 2048);
+      split = (split + 31) / 32 * 32;
+    }
+    for (const Range& r : ranges) {
+      DecTok& t = toks[size_t(r.tok)];
+      if (t.units == 0) t.unit0 = int32_t(units.size());
+      for (int64_t b = r.begin; b < r.end; b += split) {
+        units.push_back(DecUnit{r.tok, r.seq, r.summary, int32_t(b), int32_t(std::min<int64_t>(r.end, b + split)), 0});
+        ++t.units;
+      }
+    }
+    stats = PlanStats{int64_t(units.size()), int64_t(toks.size()), total_keys};
+
+    // Blob: slab pointers, seqs, toks, units, writes, tables (16-byte aligned sections).
+    const KvPoolView pv = cache.pool_view();
+    const int64_t blocks = cache.bytes_reserved() / cache.block_bytes();
+    const size_t n_slabs = size_t((blocks + pv.slab_blocks - 1) / pv.slab_blocks);
+    size_t off = 0;
+    auto section = [&](size_t bytes) {
+      const size_t o = off;
+      off = align16(off + bytes);
+      return o;
+    };
+    const size_t o_slabs = section(n_slabs * sizeof(void*)), o_seqs = section(seqs.size() * sizeof(DecSeq)),
+                 o_toks = section(toks.size() * sizeof(DecTok)), o_units = section(units.size() * sizeof(DecUnit)),
+                 o_writes = section(writes.size() * sizeof(DecWrite)), o_tables = section(tables.size() * 4);
+    const size_t bytes = std::max<size_t>(off, 16);
+    meta.reserve(bytes, stream);
+    const size_t part_bytes = align16(units.size() * size_t(Hkv * G * D) * 4) + units.size() * size_t(Hkv * G) * 8;
+    partials.reserve(std::max<size_t>(part_bytes, 16), stream);
+    Staging& stg = staging[next_staging];
+    next_staging ^= 1;
+    stg.reserve(bytes);
+    char* h = static_cast<char*>(stg.p);
+    std::memcpy(h + o_slabs, pv.slabs, n_slabs * sizeof(void*));
+    std::memcpy(h + o_seqs, seqs.data(), seqs.size() * sizeof(DecSeq));
+    std::memcpy(h + o_toks, toks.data(), toks.size() * sizeof(DecTok));
+    std::memcpy(h + o_units, units.data(), units.size() * sizeof(DecUnit));
+    std::memcpy(h + o_writes, writes.data(), writes.size() * sizeof(DecWrite));
+    std::memcpy(h + o_tables, tables.data(), tables.size() * 4);
+    KSA_CUDA_CHECK(cudaMemcpyAsync(meta.p, h, off, cudaMemcpyHostToDevice, stream));
+    KSA_CUDA_CHECK(cudaEventRecord(stg.done, stream));
+    stg.pending = true;
+
+    char* d = static_cast<char*>(meta.p);
+    DecodeRun& a = run;
+    a = DecodeRun{};
+    a.slabs = reinterpret_cast<void* const*>(d + o_slabs);
+    a.slab_blocks = int32_t(pv.slab_blocks);
+    a.P = int32_t(P);
+    a.Hkv = int32_t(Hkv);
+    a.S = int32_t(S);
+    a.block_elems = pv.block_elems();
+    a.tables = reinterpret_cast<const int32_t*>(d + o_tables);
+    a.seqs = reinterpret_cast<const DecSeq*>(d + o_seqs);
+    a.toks = reinterpret_cast<const DecTok*>(d + o_toks);
+    a.units = reinterpret_cast<const DecUnit*>(d + o_units);
+    a.writes = reinterpret_cast<const DecWrite*>(d + o_writes);
+    a.n_writes = int32_t(writes.size());
+    a.n_toks = int32_t(toks.size());
+    a.n_units = int32_t(units.size());
+    a.k = static_cast<const uint16_t*>(k.data);
+    a.v = static_cast<const uint16_t*>(v.data);
+    a.k_rs = k.row_stride, a.k_hs = k.head_stride, a.v_rs = v.row_stride, a.v_hs = v.head_stride;
+    if (q) a.q = static_cast<const uint16_t*>(q->data), a.q_rs = q->row_stride, a.q_hs = q->head_stride;
+    if (out) a.out = static_cast<uint16_t*>(out->data), a.o_rs = out->row_stride, a.o_hs = out->head_stride;
+    a.lse = lse;
+    a.Hq = int32_t(Hq);
+    a.G = int32_t(G);
+    a.D = int32_t(D);
+    a.scale = scale;
+    a.part_acc = static_cast<float*>(partials.p);
+    a.part_ml = reinterpret_cast<float2*>(static_cast<char*>(partials.p) + align16(units.size() * size_t(Hkv * G * D) * 4));
+  }
+
+  void check_step(std::span<const SeqId> ids, std::span<const int64_t> n_new) const {
+    std::string why;
+    for (size_t i = 0; i < ids.size() && i < n_new.size(); ++i)
+      if (!step_ok(ids[i], n_new[i], &why)) fail(why);
+  }
+
+  bool step_ok(SeqId id, int64_t n, std::string* why) const {
+    const KvCacheConfig& cfg = cache.config();
+    const SeqState st = cache.state(id);
+    const int64_t k = cfg.spec.k, S = cfg.spec.S, W = cfg.spec.W;
+    if (n <= 0) return true;
+    const StreamCounts end = stream_counts(k, S, st.stream_length() + n);
+    const int64_t R = cache.text_ring_rows();
+    if (R < cfg.max_text_tokens) {
+      const int64_t lo = live_text_begin(k, S, W, st.text_tokens, st.summary_tokens);
+      if (end.T - lo > R) {
+        if (why)
+          *why = "cuda decode: a step of " + std::to_string(n) + " tokens for sequence " + std::to_string(id) +
+                 " would overwrite ring rows that its earlier tokens read (" + std::to_string(end.T - lo) +
+                 " text rows live, the ring holds " + std::to_string(R) +
+                 "): split the step or raise KvCacheConfig::ring_slack_rows";
+        return false;
+      }
+    }
+    if (!cfg.stores_summaries() && end.sums > st.summary_tokens &&
+        (end.sums - 1) / S > st.summary_tokens / S) {
+      if (why)
+        *why = "cuda decode: a step of " + std::to_string(n) + " tokens for sequence " + std::to_string(id) +
+               " writes summaries of two chunks, and this layer keeps only one chunk's summaries (W*k >= "
+               "max_text_tokens): split the step";
+      return false;
+    }
+    return true;
+  }
+};
+
+KvCacheGpu::KvCacheGpu(const KvCacheConfig& cfg, Stream stream, KvCacheGpuOptions opt) {
+  cfg.validate();
+  std::string why;
+  if (!supports(cfg, &why)) fail("KvCacheGpu: ", why);
+  impl_ = std::make_unique<Impl>(cfg, stream, opt);
+}
+KvCacheGpu::~KvCacheGpu() = default;
+
+const KvCacheConfig& KvCacheGpu::config() const { return impl_->cache.config(); }
+KvCache& KvCacheGpu::host() { return impl_->cache; }
+SeqId KvCacheGpu::add_sequence() { return impl_->cache.add_sequence(); }
+void KvCacheGpu::release(SeqId id) { impl_->cache.release(id); }
+SeqState KvCacheGpu::state(SeqId id) const { return impl_->cache.state(id); }
+bool KvCacheGpu::step_ok(SeqId id, int64_t n, std::string* why) const { return impl_->step_ok(id, n, why); }
+KvCacheGpu::PlanStats KvCacheGpu::plan_stats() const { return impl_->stats; }
+
+void KvCacheGpu::prefill(SeqId id, const KvRows& k, const KvRows& v) {
+  Impl& m = *impl_;
+  const KvCacheConfig& cfg = m.cache.config();
+  if (m.plan) fail("KvCacheGpu::prefill: a decode step is planned but not committed or cancelled");
+  for (const KvRows* r : {&k, &v}) {
+    const char* name = r == &k ? "k" : "v";
+    if (r->H != cfg.Hkv || r->D != cfg.D || r->dtype != cfg.dtype)
+      fail("KvCacheGpu::prefill: ", name, " must be [n, Hkv=", cfg.Hkv, ", D=", cfg.D, "] ", dtype_name(cfg.dtype));
+    check_tensor(TensorView{const_cast<void*>(r->data), 0, r->row_stride, r->head_stride}, name, r->n, r->H, r->D);
+  }
+  if (k.n != v.n) fail("KvCacheGpu::prefill: k has ", k.n, " rows but v has ", v.n);
+  if (k.n == 0) return;
+  const SeqState st = m.cache.state(id);
+  const int64_t K = cfg.spec.k, S = cfg.spec.S, W = cfg.spec.W;
+  const StreamCounts end = stream_counts(K, S, st.stream_length() + k.n);
+  // Only rows a later token can still see (as KvCache::prefill): no two of them share a cache place.
+  const int64_t lo = live_text_begin(K, S, W, end.T, end.sums);
+  const int64_t last_chunk = end.sums > 0 ? (end.sums - 1) / S : -1;
+  const int64_t s_keep = cfg.stores_summaries() ? 0 : last_chunk * S;
+  const SeqId ids[1] = {id};
+  const int64_t n[1] = {k.n};
+  const DecodePlan plan = m.cache.plan_decode(ids, n);
+  try {
+    const TensorView kv{const_cast<void*>(k.data), 0, k.row_stride, k.head_stride};
+    const TensorView vv{const_cast<void*>(v.data), 0, v.row_stride, v.head_stride};
+    m.upload(plan, nullptr, kv, vv, nullptr, nullptr, 1.f, cfg.Hkv, true, [&](const cpu::detail::DecodeKeys& d) {
+      return d.is_summary ? d.row >= s_keep : d.row >= lo;
+    });
+    launch_decode(m.run, m.stream);
+  } catch (...) {
+    m.cache.cancel_decode(plan);
+    throw;
+  }
+  m.cache.commit_decode(plan);
+}
+
+void KvCacheGpu::plan_decode(std::span<const SeqId> ids, std::span<const int64_t> n_new, const DecodeIO& io) {
+  Impl& m = *impl_;
+  if (m.plan) fail("KvCacheGpu::plan_decode: a decode step is planned but not committed or cancelled");
+  const KvCacheConfig& cfg = m.cache.config();
+  if (io.Hq < 1 || io.Hq % cfg.Hkv != 0 || io.Hq / cfg.Hkv > 8)
+    fail("cuda decode: Hq must be Hkv * G with G in 1..8 (Hkv=", cfg.Hkv, ", got Hq=", io.Hq, ")");
+  if (io.dtype != DType::bf16) fail("cuda decode: dtype must be bf16 (got ", dtype_name(io.dtype), ")");
+  if (!(io.scale >= 0.f) || !std::isfinite(io.scale)) fail("cuda decode: scale must be finite and >= 0 (got ", io.scale, ")");
+  m.check_step(ids, n_new);  // also throws for unknown ids
+  DecodePlan plan = m.cache.plan_decode(ids, n_new);
+  try {
+    const int64_t R = plan.rows;
+    check_tensor(io.q, "q", R, io.Hq, cfg.D);
+    check_tensor(io.k, "k", R, cfg.Hkv, cfg.D);
+    check_tensor(io.v, "v", R, cfg.Hkv, cfg.D);
+    check_tensor(io.out, "out", R, io.Hq, cfg.D);
+    const float scale = io.scale != 0.f ? io.scale : 1.f / std::sqrt(float(cfg.D));
+    m.upload(plan, &io.q, io.k, io.v, &io.out, io.lse, scale, io.Hq, false,
+             [](const cpu::detail::DecodeKeys&) { return true; });
+  } catch (...) {
+    m.cache.cancel_decode(plan);
+    throw;
+  }
+  m.plan = std::move(plan);
+}
+
+void KvCacheGpu::run() {
+  Impl& m = *impl_;
+  if (!m.plan) fail("KvCacheGpu::run: no decode step is planned");
+  launch_decode(m.run, m.stream);
+}
+
+void KvCacheGpu::commit_decode() {
+  Impl& m = *impl_;
+  if (!m.plan) fail("KvCacheGpu::commit_decode: no decode step is planned");
+  m.cache.commit_decode(*m.plan);
+  m.plan.reset();
+}
+
+void KvCacheGpu::cancel_decode() {
+  Impl& m = *impl_;
+  if (!m.plan) fail("KvCacheGpu::cancel_decode: no decode step is planned");
+  m.cache.cancel_decode(*m.plan);
+  m.plan.reset();
+}
+
+}  // namespace ksa::cuda
