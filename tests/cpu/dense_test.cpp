@@ -1,6 +1,7 @@
 // Dense ops of the model forward against double-precision loops.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -79,7 +80,7 @@ TEST(Dense, RopeRotatesPairs) {
   rope(y.data(), H, D, 0, 1e6);
   EXPECT_EQ(y, x);  // position 0: identity
   for (int64_t pos : {1, 7, 131071}) {
-    y = x;
+    std::copy(x.begin(), x.end(), y.begin());
     rope(y.data(), H, D, pos, 1e6);
     for (int64_t h = 0; h < H; ++h)
       for (int64_t i = 0; i < D / 2; ++i) {
