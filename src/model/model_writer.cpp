@@ -1,0 +1,184 @@
+// Random-weight checkpoints (see ksa/model_writer.hpp).
+#include "ksa/model_writer.hpp"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "ksa/error.hpp"
+#include "ksa/pattern.hpp"
+#include "ksa/safetensors.hpp"
+#include "ksa/weights.hpp"
+
+namespace ksa {
+namespace {
+
+namespace fs = std::filesystem;
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+uint64_t hash_name(const std::string& s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
+  return h;
+}
+
+// Element i of a tensor: center + uniform(-a, a) with a = sd * sqrt(3), from a counter-based generator so
+// that any slice can be produced independently.
+struct UniformInit {
+  uint64_t key;
+  float center, half_width;
+  DType dtype;
+  void operator()(int64_t first, int64_t n, void* dst) const {
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t r = splitmix64(key ^ splitmix64(uint64_t(first + i)));
+      const float u = float(double(r >> 11) * (1.0 / 9007199254740992.0)) * 2.f - 1.f;  // [-1, 1)
+      store_from_float(dtype, dst, i, center + half_width * u);
+    }
+  }
+};
+
+void set_windows(ModelConfig& c, const std::string& pattern) {
+  c.window_pattern = pattern;
+  c.windows = parse_layer_pattern(pattern, c.num_hidden_layers);
+  c.summary_layers.assign(size_t(c.num_hidden_layers), 1);
+}
+
+void copy_into(const fs::path& from, const fs::path& to) {
+  std::error_code ec;
+  fs::copy_file(from, to, fs::copy_options::overwrite_existing, ec);
+  if (ec) fail(to.string(), ": cannot copy from ", from.string(), ": ", ec.message());
+}
+
+}  // namespace
+
+ModelConfig model_shape_config(const std::string& shape) {
+  ModelConfig c;
+  c.vocab_size = 151937;  // Qwen3's 151936 rows plus the summary token's
+  c.bos_token_id = 151643;
+  c.eos_token_ids = {151643};
+  c.rms_norm_eps = 1e-6;
+  c.rope_theta = 1000000;
+  c.use_summary_attention = true;
+  c.summary_chunk_size = 8;
+  c.summary_token_num = 1;
+  c.summary_token_begin = 151936;
+  c.summary_independent_parameters = true;
+  c.dtype = DType::bf16;
+  if (shape == "tiny") {
+    c.hidden_size = 64;
+    c.intermediate_size = 192;
+    c.num_hidden_layers = 4;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 2;
+    c.head_dim = 16;
+    c.max_position_embeddings = 4096;
+    c.tie_word_embeddings = true;
+    c.mix_coeff = 0.5;
+    c.summary_independent_attention_layernorm = true;
+    set_windows(c, "([2]*3+[64]*1)*1");
+  } else if (shape == "small") {
+    c.hidden_size = 256;
+    c.intermediate_size = 768;
+    c.num_hidden_layers = 8;
+    c.num_attention_heads = 8;
+    c.num_key_value_heads = 4;
+    c.head_dim = 32;
+    c.max_position_embeddings = 32768;
+    c.tie_word_embeddings = false;
+    c.mix_coeff = 0.0;
+    set_windows(c, "([16]*3+[512]*1)*2");
+  } else if (shape == "4b") {
+    c.hidden_size = 2560;
+    c.intermediate_size = 9728;
+    c.num_hidden_layers = 36;
+    c.num_attention_heads = 32;
+    c.num_key_value_heads = 8;
+    c.head_dim = 128;
+    c.max_position_embeddings = 131072;
+    c.tie_word_embeddings = true;
+    c.mix_coeff = 0.0;
+    set_windows(c, "([128]*3+[16768]*1)*9");
+  } else {
+    fail("shape: must be tiny, small or 4b (got \"", shape, "\")");
+  }
+  c.validate();
+  return c;
+}
+
+WrittenModel write_random_model(const ModelConfig& cfg, const std::string& dir, const RandomModelOptions& opt) {
+  cfg.validate();
+  if (opt.max_shard_bytes < 1) fail("max_shard_bytes: must be >= 1 (got ", opt.max_shard_bytes, ")");
+  if (!opt.tokenizer_dir.empty() && !fs::exists(fs::path(opt.tokenizer_dir) / "tokenizer.json"))
+    fail(opt.tokenizer_dir, ": has no tokenizer.json to copy");
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) fail(dir, ": cannot create the directory: ", ec.message());
+
+  SafetensorsWriter w;
+  w.set_metadata("format", "pt");
+  WrittenModel out;
+  const double residual_scale = 1.0 / std::sqrt(2.0 * double(cfg.num_hidden_layers));
+  for (const ExpectedTensor& e : expected_tensors(cfg)) {
+    const bool is_summary_proj = e.name.find("_proj_summary") != std::string::npos;
+    if (e.name.find("rotary_emb") != std::string::npos) continue;
+    if (e.name == "lm_head.weight" && cfg.tie_word_embeddings) continue;
+    if (is_summary_proj && !(opt.summary_projections && cfg.use_summary_attention && cfg.summary_independent_parameters && (e.layer < 0 || cfg.is_summary_layer(e.layer))))
+      continue;
+    if (e.name.find("input_layernorm_summary") != std::string::npos && !cfg.uses_summary_layernorm()) continue;
+    float center = 0.f, sd;
+    if (e.shape.size() == 1) {  // norm weights: near 1
+      center = 1.f;
+      sd = 0.05f;
+    } else if (e.name == "model.embed_tokens.weight") {
+      sd = 0.02f;
+    } else {
+      sd = float(1.0 / std::sqrt(double(e.shape[1])));
+      if (e.name.find("o_proj") != std::string::npos || e.name.find("down_proj") != std::string::npos) sd *= float(residual_scale);
+    }
+    int64_t n = 1;
+    for (int64_t d : e.shape) n *= d;
+    out.parameters += n;
+    out.bytes += n * dtype_size(opt.dtype);
+    w.add(e.name, opt.dtype, e.shape,
+          UniformInit{splitmix64(opt.seed ^ hash_name(e.name)), center, sd * std::sqrt(3.f), opt.dtype});
+  }
+  out.files = w.write_checkpoint(dir, opt.max_shard_bytes);
+
+  ModelConfig c = cfg;
+  c.dtype = opt.dtype;
+  const fs::path cfg_path = fs::path(dir) / "config.json";
+  {
+    std::ofstream f(cfg_path, std::ios::trunc);
+    f << c.to_json();
+    if (!f) fail(cfg_path.string(), ": write error");
+  }
+  out.files.push_back(cfg_path.string());
+  const fs::path gen_path = fs::path(dir) / "generation_config.json";
+  {
+    std::ofstream f(gen_path, std::ios::trunc);
+    f << "{\n  \"bos_token_id\": " << (cfg.bos_token_id >= 0 ? cfg.bos_token_id : 151643)
+      << ",\n  \"eos_token_id\": " << (cfg.eos_token_ids.empty() ? 151643 : cfg.eos_token_ids[0])
+      << ",\n  \"transformers_version\": \"4.51.0\"\n}\n";
+    if (!f) fail(gen_path.string(), ": write error");
+  }
+  out.files.push_back(gen_path.string());
+
+  if (!opt.tokenizer_dir.empty()) {
+    const fs::path src(opt.tokenizer_dir);
+    for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
+      if (!fs::exists(src / name)) continue;
+      copy_into(src / name, fs::path(dir) / name);
+      out.files.push_back((fs::path(dir) / name).string());
+    }
+    out.tokenizer_copied = true;
+  }
+  return out;
+}
+
+}  // namespace ksa

@@ -1,0 +1,453 @@
+// safetensors reading (mmap, header checks), checkpoint directories (single file or sharded) and writing.
+#include "ksa/safetensors.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "json_fields.hpp"
+#include "ksa/error.hpp"
+
+namespace ksa {
+
+namespace fs = std::filesystem;
+using detail::Json;
+
+const char* safetensors_dtype_name(DType t) {
+  switch (t) {
+    case DType::bf16: return "BF16";
+    case DType::f16: return "F16";
+    case DType::f32: return "F32";
+  }
+  return "?";
+}
+
+namespace {
+
+bool parse_st_dtype(const std::string& s, DType& out) {
+  if (s == "BF16") out = DType::bf16;
+  else if (s == "F16") out = DType::f16;
+  else if (s == "F32") out = DType::f32;
+  else return false;
+  return true;
+}
+
+std::string quote(std::string_view s) {
+  std::string r(1, '"');
+  r.append(s);
+  r += '"';
+  return r;
+}
+
+constexpr int64_t kMaxDimSize = int64_t(1) << 40;
+
+}  // namespace
+
+// --- TensorInfo ---
+
+int64_t TensorInfo::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string TensorInfo::shape_str() const {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+float TensorInfo::get(int64_t i) const {
+  if (dtype == DType::f32) {
+    float f;
+    std::memcpy(&f, data + i * 4, 4);
+    return f;
+  }
+  uint16_t h;
+  std::memcpy(&h, data + i * 2, 2);
+  return dtype == DType::bf16 ? bf16::to_float(h) : f16::to_float(h);
+}
+
+std::vector<float> TensorInfo::to_f32() const {
+  std::vector<float> out(static_cast<size_t>(numel()));
+  for (int64_t i = 0; i < int64_t(out.size()); ++i) out[size_t(i)] = get(i);
+  return out;
+}
+
+void AlignedData::Free::operator()(void* p) const { std::free(p); }
+
+AlignedData::AlignedData(const TensorInfo& t, size_t alignment) {
+  const size_t item = size_t(dtype_size(t.dtype));
+  if (alignment < item || (alignment & (alignment - 1)) != 0)
+    fail("AlignedData: alignment must be a power of two >= ", item, " (got ", alignment, ")");
+  if (t.aligned(alignment)) {
+    ptr_ = t.data;
+    return;
+  }
+  const size_t bytes = (size_t(t.nbytes) + alignment - 1) / alignment * alignment;
+  void* p = std::aligned_alloc(alignment, bytes ? bytes : alignment);
+  if (!p) fail("AlignedData: cannot allocate ", bytes, " bytes for ", t.name);
+  std::memcpy(p, t.data, size_t(t.nbytes));
+  copy_.reset(p);
+  ptr_ = p;
+}
+
+// --- SafetensorsFile ---
+
+struct SafetensorsFile::Mapping {
+  void* addr = nullptr;
+  size_t size = 0;
+  ~Mapping() {
+    if (addr && size) munmap(addr, size);
+  }
+};
+
+SafetensorsFile SafetensorsFile::open(const std::string& path) {
+  SafetensorsFile f;
+  f.path_ = path;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail(path, ": cannot open: ", std::strerror(errno));
+  struct stat st {};
+  if (fstat(fd, &st) != 0) {
+    const int e = errno;
+    ::close(fd);
+    fail(path, ": cannot stat: ", std::strerror(e));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    fail(path, ": not a regular file");
+  }
+  f.file_size_ = int64_t(st.st_size);
+  f.map_ = std::make_shared<Mapping>();
+  if (st.st_size > 0) {
+    void* a = mmap(nullptr, size_t(st.st_size), PROT_READ, MAP_PRIVATE, fd, 0);
+    if (a == MAP_FAILED) {
+      const int e = errno;
+      ::close(fd);
+      fail(path, ": mmap failed: ", std::strerror(e));
+    }
+    f.map_->addr = a;
+    f.map_->size = size_t(st.st_size);
+  }
+  ::close(fd);
+
+  const auto* base = static_cast<const std::byte*>(f.map_->addr);
+  const uint64_t size = uint64_t(f.file_size_);
+  if (size < 8) fail(path, ": file is ", size, " bytes, too short for the 8-byte header length");
+  uint8_t lb[8];
+  std::memcpy(lb, base, 8);
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | lb[i];  // little-endian
+  if (n > kMaxHeaderBytes) fail(path, ": header length ", n, " exceeds the limit of ", kMaxHeaderBytes, " bytes");
+  if (n > size - 8) fail(path, ": header length ", n, " runs past the end of the file (", size, " bytes)");
+  if (n < 2) fail(path, ": header length ", n, " is too small for a JSON object");
+  const char* htext = reinterpret_cast<const char*>(base + 8);
+
+  // Parse, catching duplicate keys at the top level (nlohmann would keep the last silently).
+  std::set<std::string> seen;
+  std::string dup;
+  Json header;
+  try {
+    header = Json::parse(htext, htext + n, [&](int depth, Json::parse_event_t ev, Json& parsed) {
+      if (ev == Json::parse_event_t::key && depth == 1 && parsed.is_string()) {
+        if (!seen.insert(parsed.get<std::string>()).second && dup.empty()) dup = parsed.get<std::string>();
+      }
+      return true;
+    });
+  } catch (const Json::parse_error& e) {
+    std::string what = e.what();
+    const size_t p = what.find("] ");
+    if (p != std::string::npos) what = what.substr(p + 2);
+    fail(path, ": header is not valid JSON: ", what);
+  }
+  if (!dup.empty()) fail(path, ": header names tensor ", quote(dup), " twice");
+  if (!header.is_object()) fail(path, ": header must be a JSON object (got ", detail::json_excerpt(header), ")");
+
+  const uint64_t data_begin = 8 + n;
+  const uint64_t data_size = size - data_begin;
+  for (auto it = header.begin(); it != header.end(); ++it) {
+    const std::string& name = it.key();
+    const Json& v = it.value();
+    if (name == "__metadata__") {
+      if (!v.is_object()) fail(path, ": __metadata__ must be an object of strings (got ", detail::json_excerpt(v), ")");
+      for (auto m = v.begin(); m != v.end(); ++m) {
+        if (!m.value().is_string()) fail(path, ": __metadata__.", m.key(), " must be a string (got ", detail::json_excerpt(m.value()), ")");
+        f.metadata_[m.key()] = m.value().get<std::string>();
+      }
+      continue;
+    }
+    const std::string where = path + ": tensor " + quote(name);
+    if (!v.is_object()) fail(where, ": must be an object with dtype, shape, data_offsets (got ", detail::json_excerpt(v), ")");
+    for (auto k = v.begin(); k != v.end(); ++k)
+      if (k.key() != "dtype" && k.key() != "shape" && k.key() != "data_offsets") fail(where, ": unknown field ", quote(k.key()));
+    auto dt = v.find("dtype");
+    auto sh = v.find("shape");
+    auto off = v.find("data_offsets");
+    if (dt == v.end() || !dt->is_string()) fail(where, ": dtype must be a string");
+    if (sh == v.end() || !sh->is_array()) fail(where, ": shape must be a list of integers");
+    if (off == v.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned())
+      fail(where, ": data_offsets must be [begin, end], two non-negative integers (got ",
+           off == v.end() ? std::string("nothing") : detail::json_excerpt(*off), ")");
+    TensorInfo t;
+    t.name = name;
+    t.file = path;
+    const std::string dts = dt->get<std::string>();
+    if (!parse_st_dtype(dts, t.dtype)) fail(where, ": dtype ", quote(dts), " is not supported (BF16, F16 or F32)");
+    uint64_t numel = 1;
+    for (const Json& d : *sh) {
+      if (!d.is_number_unsigned() || d.get<uint64_t>() > uint64_t(kMaxDimSize))
+        fail(where, ": shape must be a list of non-negative integers (got ", detail::json_excerpt(*sh), ")");
+      const uint64_t x = d.get<uint64_t>();
+      t.shape.push_back(int64_t(x));
+      if (x != 0 && numel > uint64_t(kMaxDimSize) * 16 / x) fail(where, ": shape ", detail::json_excerpt(*sh), " is too large");
+      numel *= x;
+    }
+    const uint64_t b = (*off)[0].get<uint64_t>(), e = (*off)[1].get<uint64_t>();
+    if (b > e) fail(where, ": data_offsets [", b, ", ", e, "] end before they begin");
+    if (e > data_size)
+      fail(where, ": data_offsets [", b, ", ", e, "] run past the end of the data (", data_size, " bytes after the header)");
+    const uint64_t need = numel * uint64_t(dtype_size(t.dtype));
+    if (need != e - b)
+      fail(where, ": shape ", t.shape_str(), " of ", dts, " needs ", need, " bytes but data_offsets [", b, ", ", e, "] span ", e - b);
+    t.nbytes = int64_t(e - b);
+    t.file_offset = int64_t(data_begin + b);
+    t.data = base + data_begin + b;
+    f.tensors_.push_back(std::move(t));
+  }
+  std::sort(f.tensors_.begin(), f.tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) {
+    return a.file_offset != b.file_offset ? a.file_offset < b.file_offset : a.nbytes < b.nbytes;
+  });
+  const TensorInfo* last = nullptr;  // the non-empty tensor that ends furthest so far
+  for (const TensorInfo& b : f.tensors_) {
+    if (b.nbytes == 0) continue;
+    if (last && b.file_offset < last->file_offset + last->nbytes) {
+      const int64_t d = int64_t(data_begin);
+      fail(path, ": tensors ", quote(last->name), " [", last->file_offset - d, ", ", last->file_offset - d + last->nbytes,
+           ") and ", quote(b.name), " [", b.file_offset - d, ", ", b.file_offset - d + b.nbytes, ") overlap");
+    }
+    if (!last || b.file_offset + b.nbytes > last->file_offset + last->nbytes) last = &b;
+  }
+  return f;
+}
+
+const TensorInfo* SafetensorsFile::find(std::string_view name) const {
+  for (const TensorInfo& t : tensors_)
+    if (t.name == name) return &t;
+  return nullptr;
+}
+
+// --- Checkpoint ---
+
+Checkpoint Checkpoint::open(const std::string& dir) {
+  Checkpoint c;
+  c.dir_ = dir;
+  if (!fs::is_directory(dir)) fail(dir, ": not a directory");
+  const fs::path index = fs::path(dir) / kIndexFile;
+  const fs::path single = fs::path(dir) / kSingleFile;
+  std::map<std::string, std::string> weight_map;  // tensor -> shard file name
+  if (fs::exists(index)) {
+    c.index_ = true;
+    const std::string ipath = index.string();
+    const Json j = detail::parse_json_text(detail::read_text_file(ipath, "the safetensors index"), ipath);
+    const detail::Fields f(j, ipath);
+    const Json& wm = f.at("weight_map");
+    if (!wm.is_object()) f.bad("weight_map", "an object {tensor: file}", wm);
+    std::vector<std::string> shard_names;
+    for (auto it = wm.begin(); it != wm.end(); ++it) {
+      if (!it.value().is_string()) fail(ipath, ": weight_map.", it.key(), ": must be a file name (got ", detail::json_excerpt(it.value()), ")");
+      const std::string file = it.value().get<std::string>();
+      if (file.empty() || file.find('/') != std::string::npos || file == "." || file == "..")
+        fail(ipath, ": weight_map.", it.key(), ": ", quote(file), " must be a plain file name in the checkpoint directory");
+      weight_map[it.key()] = file;
+      if (std::find(shard_names.begin(), shard_names.end(), file) == shard_names.end()) shard_names.push_back(file);
+    }
+    if (weight_map.empty()) fail(ipath, ": weight_map is empty");
+    std::sort(shard_names.begin(), shard_names.end());
+    for (const std::string& s : shard_names) {
+      const fs::path p = fs::path(dir) / s;
+      if (!fs::exists(p)) fail(ipath, ": weight_map names ", quote(s), ", which does not exist in ", dir);
+      c.files_.push_back(SafetensorsFile::open(p.string()));
+    }
+  } else if (fs::exists(single)) {
+    c.files_.push_back(SafetensorsFile::open(single.string()));
+  } else {
+    fail(dir, ": no ", kSingleFile, " or ", kIndexFile);
+  }
+
+  std::map<std::string, const std::string*> where;  // tensor -> file path
+  for (const SafetensorsFile& f : c.files_) {
+    const std::string fname = fs::path(f.path()).filename().string();
+    for (const TensorInfo& t : f.tensors()) {
+      auto [it, fresh] = where.emplace(t.name, &f.path());
+      if (!fresh) fail(dir, ": tensor ", quote(t.name), " is in both ", *it->second, " and ", f.path());
+      if (c.index_) {
+        auto w = weight_map.find(t.name);
+        if (w == weight_map.end()) fail(f.path(), ": tensor ", quote(t.name), " is not in the weight_map of ", kIndexFile);
+        if (w->second != fname)
+          fail(f.path(), ": tensor ", quote(t.name), " is here but ", kIndexFile, " maps it to ", quote(w->second));
+      }
+      c.tensors_.push_back(t);
+    }
+  }
+  for (const auto& [name, file] : weight_map)
+    if (!where.count(name)) fail((fs::path(dir) / file).string(), ": has no tensor ", quote(name), " (", kIndexFile, " maps it there)");
+  std::sort(c.tensors_.begin(), c.tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) { return a.name < b.name; });
+  return c;
+}
+
+const TensorInfo* Checkpoint::find(std::string_view name) const {
+  auto it = std::lower_bound(tensors_.begin(), tensors_.end(), name,
+                             [](const TensorInfo& t, std::string_view n) { return t.name < n; });
+  return it != tensors_.end() && it->name == name ? &*it : nullptr;
+}
+
+const TensorInfo& Checkpoint::at(std::string_view name) const {
+  const TensorInfo* t = find(name);
+  if (!t) fail(dir_, ": no tensor ", quote(name));
+  return *t;
+}
+
+int64_t Checkpoint::total_bytes() const {
+  int64_t n = 0;
+  for (const TensorInfo& t : tensors_) n += t.nbytes;
+  return n;
+}
+
+int64_t Checkpoint::total_elements() const {
+  int64_t n = 0;
+  for (const TensorInfo& t : tensors_) n += t.numel();
+  return n;
+}
+
+// --- SafetensorsWriter ---
+
+void SafetensorsWriter::add(std::string name, DType dtype, std::vector<int64_t> shape, Fill fill) {
+  for (const Entry& e : entries_)
+    if (e.name == name) fail("safetensors writer: tensor ", quote(name), " added twice");
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    if (d < 0) fail("safetensors writer: tensor ", quote(name), ": negative dimension ", d);
+    n *= d;
+  }
+  entries_.push_back(Entry{std::move(name), dtype, std::move(shape), std::move(fill), n * dtype_size(dtype)});
+}
+
+void SafetensorsWriter::add(std::string name, DType dtype, std::vector<int64_t> shape, const void* data) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  auto copy = std::make_shared<std::vector<std::byte>>(size_t(n * dtype_size(dtype)));
+  if (!copy->empty()) std::memcpy(copy->data(), data, copy->size());
+  const int64_t item = dtype_size(dtype);
+  add(std::move(name), dtype, std::move(shape), [copy, item](int64_t first, int64_t cnt, void* dst) {
+    std::memcpy(dst, copy->data() + first * item, size_t(cnt * item));
+  });
+}
+
+int64_t SafetensorsWriter::total_bytes() const {
+  int64_t n = 0;
+  for (const Entry& e : entries_) n += e.nbytes;
+  return n;
+}
+
+void SafetensorsWriter::write_entries(const std::string& path, const std::vector<const Entry*>& entries,
+                                      size_t header_align) const {
+  nlohmann::ordered_json h;
+  if (!metadata_.empty()) {
+    nlohmann::ordered_json m = nlohmann::ordered_json::object();
+    for (const auto& [k, v] : metadata_) m[k] = v;
+    h["__metadata__"] = m;
+  }
+  int64_t off = 0;
+  for (const Entry* e : entries) {
+    h[e->name] = {{"dtype", safetensors_dtype_name(e->dtype)}, {"shape", e->shape}, {"data_offsets", {off, off + e->nbytes}}};
+    off += e->nbytes;
+  }
+  std::string text = h.dump();
+  if (header_align > 1)
+    while ((8 + text.size()) % header_align) text.push_back(' ');
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) fail(path, ": cannot create");
+  uint8_t lb[8];
+  uint64_t n = text.size();
+  for (int i = 0; i < 8; ++i) lb[i] = uint8_t(n >> (8 * i));
+  out.write(reinterpret_cast<const char*>(lb), 8);
+  out.write(text.data(), std::streamsize(text.size()));
+  constexpr int64_t kSliceBytes = 16 << 20;
+  std::vector<std::byte> buf;
+  for (const Entry* e : entries) {
+    const int64_t item = dtype_size(e->dtype), numel = e->nbytes / item;
+    const int64_t slice = std::max<int64_t>(1, kSliceBytes / item);
+    for (int64_t first = 0; first < numel; first += slice) {
+      const int64_t cnt = std::min(slice, numel - first);
+      buf.resize(size_t(cnt * item));
+      e->fill(first, cnt, buf.data());
+      out.write(reinterpret_cast<const char*>(buf.data()), std::streamsize(buf.size()));
+    }
+  }
+  out.flush();
+  if (!out) fail(path, ": write error");
+}
+
+void SafetensorsWriter::write_file(const std::string& path, size_t header_align) const {
+  std::vector<const Entry*> all;
+  for (const Entry& e : entries_) all.push_back(&e);
+  write_entries(path, all, header_align);
+}
+
+std::vector<std::string> SafetensorsWriter::write_checkpoint(const std::string& dir, int64_t max_shard_bytes) const {
+  fs::create_directories(dir);
+  std::vector<std::vector<const Entry*>> shards(1);
+  int64_t cur = 0;
+  for (const Entry& e : entries_) {
+    if (cur > 0 && cur + e.nbytes > max_shard_bytes) {
+      shards.emplace_back();
+      cur = 0;
+    }
+    shards.back().push_back(&e);
+    cur += e.nbytes;
+  }
+  // Remove what an earlier write may have left, so that the directory has one layout.
+  std::error_code ec;
+  fs::remove(fs::path(dir) / Checkpoint::kSingleFile, ec);
+  fs::remove(fs::path(dir) / Checkpoint::kIndexFile, ec);
+  for (const auto& de : fs::directory_iterator(dir)) {
+    const std::string n = de.path().filename().string();
+    if (n.rfind("model-", 0) == 0 && n.size() > 12 && n.substr(n.size() - 12) == ".safetensors") fs::remove(de.path(), ec);
+  }
+  std::vector<std::string> written;
+  if (shards.size() == 1) {
+    const std::string p = (fs::path(dir) / Checkpoint::kSingleFile).string();
+    write_entries(p, shards[0], 8);
+    written.push_back(p);
+    return written;
+  }
+  nlohmann::ordered_json wm = nlohmann::ordered_json::object();
+  char name[64];
+  for (size_t i = 0; i < shards.size(); ++i) {
+    std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
+    const std::string p = (fs::path(dir) / name).string();
+    write_entries(p, shards[i], 8);
+    written.push_back(p);
+    for (const Entry* e : shards[i]) wm[e->name] = name;
+  }
+  nlohmann::ordered_json idx;
+  idx["metadata"] = {{"total_size", total_bytes()}};
+  idx["weight_map"] = wm;
+  const std::string ip = (fs::path(dir) / Checkpoint::kIndexFile).string();
+  std::ofstream out(ip, std::ios::trunc);
+  out << idx.dump(2) << "\n";
+  if (!out) fail(ip, ": write error");
+  written.push_back(ip);
+  return written;
+}
+
+}  // namespace ksa

@@ -1,0 +1,237 @@
+// safetensors: write/read round trip in every dtype, unaligned tensors, sharded checkpoints, and each kind
+// of corrupted file giving its own message.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <random>
+
+#include "ksa/error.hpp"
+#include "ksa/safetensors.hpp"
+
+namespace ksa {
+namespace {
+
+namespace fs = std::filesystem;
+
+class Tmp {
+ public:
+  Tmp() : dir_(fs::temp_directory_path() / ("ksa_st_" + std::to_string(::getpid()) + "_" + std::to_string(counter_++))) {
+    fs::create_directories(dir_);
+  }
+  ~Tmp() { fs::remove_all(dir_); }
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  const fs::path& dir() const { return dir_; }
+
+ private:
+  static inline int counter_ = 0;
+  fs::path dir_;
+};
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+// A file from a header text and `data_bytes` bytes of data.
+void raw_file(const std::string& path, const std::string& header, size_t data_bytes, uint64_t header_len_override = 0) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  const uint64_t n = header_len_override ? header_len_override : header.size();
+  for (int i = 0; i < 8; ++i) out.put(char((n >> (8 * i)) & 0xff));
+  out << header;
+  out << std::string(data_bytes, '\x01');
+}
+
+std::vector<float> random_values(size_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> v(n);
+  for (float& x : v) x = nd(rng);
+  return v;
+}
+
+TEST(Safetensors, RoundTripsEveryDtype) {
+  Tmp t;
+  SafetensorsWriter w;
+  w.set_metadata("format", "pt");
+  const std::vector<float> vals = random_values(6 * 5, 1);
+  std::vector<uint8_t> bf(vals.size() * 2), hf(vals.size() * 2);
+  for (size_t i = 0; i < vals.size(); ++i) {
+    store_from_float(DType::bf16, bf.data(), int64_t(i), vals[i]);
+    store_from_float(DType::f16, hf.data(), int64_t(i), vals[i]);
+  }
+  w.add("a.f32", DType::f32, {6, 5}, vals.data());
+  w.add("b.bf16", DType::bf16, {6, 5}, bf.data());
+  w.add("c.f16", DType::f16, {30}, hf.data());
+  w.add("d.empty", DType::f32, {0, 4}, nullptr);
+  w.write_file(t.path("x.safetensors"));
+  const SafetensorsFile f = SafetensorsFile::open(t.path("x.safetensors"));
+  ASSERT_EQ(f.tensors().size(), 4u);
+  EXPECT_EQ(f.metadata().at("format"), "pt");
+  const TensorInfo* a = f.find("a.f32");
+  const TensorInfo* b = f.find("b.bf16");
+  const TensorInfo* c = f.find("c.f16");
+  ASSERT_TRUE(a && b && c && f.find("d.empty"));
+  EXPECT_EQ(a->shape, (std::vector<int64_t>{6, 5}));
+  EXPECT_EQ(a->shape_str(), "[6, 5]");
+  EXPECT_EQ(c->dtype, DType::f16);
+  EXPECT_EQ(f.find("d.empty")->numel(), 0);
+  for (size_t i = 0; i < vals.size(); ++i) {
+    EXPECT_EQ(a->get(int64_t(i)), vals[i]);
+    EXPECT_EQ(b->get(int64_t(i)), round_to(DType::bf16, vals[i]));
+    EXPECT_EQ(c->get(int64_t(i)), round_to(DType::f16, vals[i]));
+  }
+  EXPECT_EQ(b->to_f32()[7], round_to(DType::bf16, vals[7]));
+  // HF pads the header to 8 bytes: with an 8-aligned mapping every tensor here is 8-aligned too.
+  EXPECT_EQ((a->file_offset) % 8, 0);
+}
+
+TEST(Safetensors, ReadsUnalignedTensorsWithoutCastingPointers) {
+  Tmp t;
+  const std::vector<float> vals = random_values(33, 2);
+  // An unpadded header whose length makes the data start at an odd offset (the mapping is page-aligned).
+  for (int pad = 0; pad < 8; ++pad) {
+    SafetensorsWriter w;
+    w.set_metadata("pad", std::string(size_t(pad), 'x'));
+    w.add("w", DType::f32, {33}, vals.data());
+    w.write_file(t.path("u.safetensors"), 1);
+    if (SafetensorsFile::open(t.path("u.safetensors")).tensors()[0].file_offset % 2 == 1) break;
+  }
+  const SafetensorsFile f = SafetensorsFile::open(t.path("u.safetensors"));
+  const TensorInfo& x = f.tensors()[0];
+  EXPECT_FALSE(x.aligned(4)) << "test setup: the tensor should be misaligned";
+  for (int64_t i = 0; i < 33; ++i) EXPECT_EQ(x.get(i), vals[size_t(i)]);
+  const AlignedData d(x, 64);
+  EXPECT_TRUE(d.copied());
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(d.data()) % 64, 0u);
+  float v5;
+  std::memcpy(&v5, static_cast<const char*>(d.data()) + 5 * 4, 4);
+  EXPECT_EQ(v5, vals[5]);
+}
+
+TEST(Safetensors, ShardedCheckpoint) {
+  Tmp t;
+  SafetensorsWriter w;
+  std::vector<std::vector<float>> data;
+  for (int i = 0; i < 5; ++i) {
+    data.push_back(random_values(100, uint64_t(10 + i)));
+    std::string name = "t";
+    name += std::to_string(i);
+    w.add(name, DType::f32, {10, 10}, data.back().data());
+  }
+  const auto files = w.write_checkpoint(t.dir().string(), 900);  // 400 bytes per tensor: two per shard
+  EXPECT_EQ(files.size(), 4u);                                   // 3 shards + index
+  EXPECT_TRUE(fs::exists(t.path("model-00001-of-00003.safetensors")));
+  EXPECT_TRUE(fs::exists(t.path("model.safetensors.index.json")));
+  const Checkpoint c = Checkpoint::open(t.dir().string());
+  EXPECT_TRUE(c.sharded());
+  EXPECT_EQ(c.files().size(), 3u);
+  ASSERT_EQ(c.tensors().size(), 5u);
+  EXPECT_EQ(c.total_bytes(), 2000);
+  EXPECT_EQ(c.at("t3").get(42), data[3][42]);
+  EXPECT_EQ(c.find("nope"), nullptr);
+  EXPECT_EQ(error_of([&] { c.at("nope"); }), t.dir().string() + ": no tensor \"nope\"");
+
+  // Rewriting as one file removes the shards.
+  w.write_checkpoint(t.dir().string(), 1 << 20);
+  EXPECT_FALSE(fs::exists(t.path("model-00001-of-00003.safetensors")));
+  EXPECT_FALSE(Checkpoint::open(t.dir().string()).sharded());
+}
+
+TEST(SafetensorsErrors, IndexProblems) {
+  Tmp t;
+  SafetensorsWriter w;
+  const std::vector<float> v = random_values(4, 3);
+  w.add("a", DType::f32, {4}, v.data());
+  w.add("b", DType::f32, {4}, v.data());
+  w.write_checkpoint(t.dir().string(), 16);
+  const std::string idx = t.path("model.safetensors.index.json");
+  const std::string d = t.dir().string();
+  auto write_index = [&](const std::string& text) { std::ofstream(idx, std::ios::trunc) << text; };
+  write_index(R"({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00003-of-00003.safetensors"}})");
+  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }),
+            idx + ": weight_map names \"model-00003-of-00003.safetensors\", which does not exist in " + d);
+  write_index(R"({"weight_map": {"a": "model-00002-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})");
+  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }),
+            t.path("model-00002-of-00002.safetensors") + ": has no tensor \"a\" (model.safetensors.index.json maps it there)");
+  write_index(R"({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors"}})");
+  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }), t.path("model-00001-of-00002.safetensors") + ": has no tensor \"b\" (model.safetensors.index.json maps it there)");
+  write_index(R"({"weight_map": {"a": "../secret.safetensors"}})");
+  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }),
+            idx + ": weight_map.a: \"../secret.safetensors\" must be a plain file name in the checkpoint directory");
+  write_index(R"({"metadata": {}})");
+  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }), idx + ": weight_map: missing (required)");
+  write_index(R"({"weight_map": )");
+  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }).rfind(idx + ": invalid JSON: parse error at line 1", 0), 0u);
+  fs::remove(idx);
+  fs::remove(t.path("model-00001-of-00002.safetensors"));
+  fs::remove(t.path("model-00002-of-00002.safetensors"));
+  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }), d + ": no model.safetensors or model.safetensors.index.json");
+  EXPECT_EQ(error_of([&] { Checkpoint::open(d + "/missing"); }), d + "/missing: not a directory");
+}
+
+TEST(SafetensorsErrors, CorruptedFilesEachGiveTheirMessage) {
+  Tmp t;
+  const std::string p = t.path("bad.safetensors");
+  auto open_err = [&] { return error_of([&] { SafetensorsFile::open(p); }); };
+
+  std::ofstream(p, std::ios::binary | std::ios::trunc) << "abc";
+  EXPECT_EQ(open_err(), p + ": file is 3 bytes, too short for the 8-byte header length");
+
+  raw_file(p, "{}", 0, 0xFFFFFFFFFFFFFFFFull);
+  EXPECT_EQ(open_err(), p + ": header length 18446744073709551615 exceeds the limit of 100000000 bytes");
+
+  raw_file(p, "{}", 0, 5000);
+  EXPECT_EQ(open_err(), p + ": header length 5000 runs past the end of the file (10 bytes)");
+
+  raw_file(p, R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]})", 8);  // truncated JSON
+  EXPECT_EQ(open_err(), p + ": header is not valid JSON: parse error at line 1, column 61: syntax error while parsing object - "
+                            "unexpected end of input; expected '}'");
+
+  raw_file(p, R"(["a"])", 0);
+  EXPECT_EQ(open_err(), p + ": header must be a JSON object (got [\"a\"])");
+
+  raw_file(p, R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})", 12);
+  EXPECT_EQ(open_err(), p + ": tensors \"a\" [0, 8) and \"b\" [4, 12) overlap");
+
+  raw_file(p, R"({"a": {"dtype": "F64", "shape": [2], "data_offsets": [0, 16]}})", 16);
+  EXPECT_EQ(open_err(), p + ": tensor \"a\": dtype \"F64\" is not supported (BF16, F16 or F32)");
+
+  raw_file(p, R"({"a": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 10]}})", 10);
+  EXPECT_EQ(open_err(), p + ": tensor \"a\": shape [2, 3] of BF16 needs 12 bytes but data_offsets [0, 10] span 10");
+
+  raw_file(p, R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", 8);
+  EXPECT_EQ(open_err(), p + ": tensor \"a\": data_offsets [0, 16] run past the end of the data (8 bytes after the header)");
+
+  raw_file(p, R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}})", 8);
+  EXPECT_EQ(open_err(), p + ": tensor \"a\": data_offsets [8, 4] end before they begin");
+
+  raw_file(p, R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})", 8);
+  EXPECT_EQ(open_err(), p + ": header names tensor \"a\" twice");
+
+  raw_file(p, R"({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", 4);
+  EXPECT_EQ(open_err(), p + ": tensor \"a\": shape must be a list of non-negative integers (got [-1])");
+
+  raw_file(p, R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0]}})", 4);
+  EXPECT_EQ(open_err(), p + ": tensor \"a\": data_offsets must be [begin, end], two non-negative integers (got [0])");
+
+  raw_file(p, R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "extra": 1}})", 4);
+  EXPECT_EQ(open_err(), p + ": tensor \"a\": unknown field \"extra\"");
+
+  raw_file(p, R"({"__metadata__": {"format": 3}})", 0);
+  EXPECT_EQ(open_err(), p + ": __metadata__.format must be a string (got 3)");
+
+  EXPECT_EQ(error_of([&] { SafetensorsFile::open(t.path("none.safetensors")); }),
+            t.path("none.safetensors") + ": cannot open: No such file or directory");
+  EXPECT_EQ(error_of([&] { SafetensorsFile::open(t.dir().string()); }), t.dir().string() + ": not a regular file");
+}
+
+}  // namespace
+}  // namespace ksa
