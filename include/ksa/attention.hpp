@@ -46,6 +46,38 @@ struct AttentionBackwardParams : AttentionParams {
   bool deterministic = false;  // GPU: no atomics, or ordered ones
 };
 
+// Dense [B, L, H, D] buffers (q, out, dout, dq with Hq heads; k, v, dk, dv with Hkv; lse [B, L, Hq]); the
+// backward ones may stay null for a forward.
+struct DenseBuffers {
+  const void *q = nullptr, *k = nullptr, *v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;
+  const void* dout = nullptr;
+  void *dq = nullptr, *dk = nullptr, *dv = nullptr;
+};
+inline AttentionBackwardParams dense_params(const Layout& lay, int64_t W, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                                            DType dtype, const DenseBuffers& buf) {
+  AttentionBackwardParams p;
+  p.layout = lay;
+  p.W = W;
+  p.B = B;
+  p.Hq = Hq;
+  p.Hkv = Hkv;
+  p.D = D;
+  p.dtype = dtype;
+  const int64_t L = lay.length();
+  p.q = TensorView::dense(buf.q, L, Hq, D);
+  p.k = TensorView::dense(buf.k, L, Hkv, D);
+  p.v = TensorView::dense(buf.v, L, Hkv, D);
+  p.out = TensorView::dense(buf.out, L, Hq, D);
+  p.lse = buf.lse;
+  p.dout = TensorView::dense(buf.dout, L, Hq, D);
+  p.dq = TensorView::dense(buf.dq, L, Hq, D);
+  p.dk = TensorView::dense(buf.dk, L, Hkv, D);
+  p.dv = TensorView::dense(buf.dv, L, Hkv, D);
+  return p;
+}
+
 // Throw ksa::Error naming the bad field and value (e.g. "Hq: must be a multiple of Hkv=3 (got 8)").
 void validate(const AttentionParams& p);
 void validate(const AttentionBackwardParams& p);

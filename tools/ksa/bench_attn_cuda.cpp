@@ -69,23 +69,9 @@ int run_attn_cuda(const AttnArgs& a) {
   check(cudaMemcpy(dv_.p, v.data(), v.size(), cudaMemcpyHostToDevice), "copy v");
   check(cudaMemcpy(dout_.p, dout.data(), dout.size(), cudaMemcpyHostToDevice), "copy dout");
 
-  AttentionBackwardParams p;
-  p.layout = lay;
-  p.W = a.W;
-  p.B = a.B;
-  p.Hq = a.Hq;
-  p.Hkv = a.Hkv;
-  p.D = a.D;
-  p.dtype = a.dtype;
-  p.q = TensorView::dense(dq_.p, L, a.Hq, a.D);
-  p.k = TensorView::dense(dk_.p, L, a.Hkv, a.D);
-  p.v = TensorView::dense(dv_.p, L, a.Hkv, a.D);
-  p.out = TensorView::dense(dO.p, L, a.Hq, a.D);
-  p.lse = static_cast<float*>(dlse.p);
-  p.dout = TensorView::dense(dout_.p, L, a.Hq, a.D);
-  p.dq = TensorView::dense(gq.p, L, a.Hq, a.D);
-  p.dk = TensorView::dense(gk.p, L, a.Hkv, a.D);
-  p.dv = TensorView::dense(gv.p, L, a.Hkv, a.D);
+  const AttentionBackwardParams p =
+      dense_params(lay, a.W, a.B, a.Hq, a.Hkv, a.D, a.dtype,
+                   {dq_.p, dk_.p, dv_.p, dO.p, static_cast<float*>(dlse.p), dout_.p, gq.p, gk.p, gv.p});
 
   const int64_t pairs = count_visible_pairs(lay, a.W);
   const double fwd_flops = 4.0 * double(a.D) * double(pairs) * double(a.Hq) * double(a.B);

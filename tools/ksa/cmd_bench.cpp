@@ -178,24 +178,10 @@ int run_attn_cpu(const AttnArgs& a) {
        v = random_tensor(a.dtype, a.B * L * a.Hkv * a.D, rng), dout = random_tensor(a.dtype, a.B * L * a.Hq * a.D, rng);
   std::vector<uint8_t> out(q.size()), dq(q.size()), dk(k.size()), dv(v.size());
   std::vector<float> lse(size_t(a.B * L * a.Hq));
-  AttentionBackwardParams p;
-  p.layout = lay;
-  p.W = a.W;
-  p.B = a.B;
-  p.Hq = a.Hq;
-  p.Hkv = a.Hkv;
-  p.D = a.D;
-  p.dtype = a.dtype;
+  AttentionBackwardParams p = dense_params(lay, a.W, a.B, a.Hq, a.Hkv, a.D, a.dtype,
+                                           {q.data(), k.data(), v.data(), out.data(), lse.data(), dout.data(),
+                                            dq.data(), dk.data(), dv.data()});
   p.num_threads = threads;
-  p.q = TensorView::dense(q.data(), L, a.Hq, a.D);
-  p.k = TensorView::dense(k.data(), L, a.Hkv, a.D);
-  p.v = TensorView::dense(v.data(), L, a.Hkv, a.D);
-  p.out = TensorView::dense(out.data(), L, a.Hq, a.D);
-  p.dout = TensorView::dense(dout.data(), L, a.Hq, a.D);
-  p.dq = TensorView::dense(dq.data(), L, a.Hq, a.D);
-  p.dk = TensorView::dense(dk.data(), L, a.Hkv, a.D);
-  p.dv = TensorView::dense(dv.data(), L, a.Hkv, a.D);
-  p.lse = lse.data();
 
   const int64_t pairs = count_visible_pairs(lay, a.W);
   const double fwd_flops = 4.0 * double(a.D) * double(pairs) * double(a.Hq) * double(a.B);

@@ -47,18 +47,7 @@ int run_demo(int argc, char** argv) {
   std::vector<uint8_t> out(size_t(L * Hq * D * dtype_size(dtype)));
   std::vector<float> lse(size_t(L * Hq));
 
-  AttentionParams p;
-  p.layout = lay;
-  p.W = W;
-  p.Hq = Hq;
-  p.Hkv = Hkv;
-  p.D = D;
-  p.dtype = dtype;
-  p.q = TensorView::dense(q.data(), L, Hq, D);
-  p.k = TensorView::dense(kk.data(), L, Hkv, D);
-  p.v = TensorView::dense(v.data(), L, Hkv, D);
-  p.out = TensorView::dense(out.data(), L, Hq, D);
-  p.lse = lse.data();
+  AttentionParams p = dense_params(lay, W, 1, Hq, Hkv, D, dtype, {q.data(), kk.data(), v.data(), out.data(), lse.data()});
   p.num_threads = int(threads);
 
   std::printf("ksa demo: T=%lld text tokens -> stream L=%lld (k=%lld, S=%lld, W=%lld), heads %lld/%lld, D=%lld, %s\n",
