@@ -37,6 +37,7 @@
 
 #include "attention_bwd_plan.hpp"
 #include "check.cuh"
+#include "launch_checks.hpp"
 #include "ksa/cuda.hpp"
 #include "ksa/error.hpp"
 #include "mma.cuh"
@@ -864,7 +865,6 @@ void dispatch_dim(const BwdArgs& a, int64_t D, cudaStream_t s) {
   else fail("ksa::cuda::attention_backward: D=", D, " is not supported (64 or 128)");
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 View view_of(const TensorView& t) { return View{t.data, t.batch_stride, t.row_stride, t.head_stride}; }
 
@@ -877,14 +877,7 @@ bool supports(const AttentionBackwardParams& p, std::string* why) {
     return false;
   };
   if (p.L() + kRowPad >= (int64_t(1) << 31)) return no("L: must be < 2^31 - 128 (got " + std::to_string(p.L()) + ")");
-  const TensorView* views[4] = {&p.dout, &p.dq, &p.dk, &p.dv};
-  const char* names[4] = {"dout", "dq", "dk", "dv"};
-  for (int i = 0; i < 4; ++i) {
-    const TensorView& t = *views[i];
-    if (!aligned16(t.data) || t.row_stride % 8 || t.head_stride % 8 || t.batch_stride % 8)
-      return no(std::string(names[i]) + ": data and strides must be 16-byte aligned");
-  }
-  return true;
+  return detail::views_aligned16({{"dout", &p.dout}, {"dq", &p.dq}, {"dk", &p.dk}, {"dv", &p.dv}}, why);
 }
 
 // p.deterministic is honoured trivially: this implementation has no floating-point atomics in any mode.
@@ -897,7 +890,7 @@ void attention_backward(const AttentionBackwardParams& p, Stream stream) {
   a.lay = p.layout;
   a.l32 = Layout32(p.layout);
   a.W = p.W;
-  a.W32 = int(p.W < (int64_t(1) << 30) ? p.W : (int64_t(1) << 30));
+  a.W32 = detail::window32(p.W);
   a.B = int(p.B);
   a.Hq = int(p.Hq);
   a.Hkv = int(p.Hkv);

@@ -14,6 +14,7 @@
 #include <cstdlib>
 
 #include "check.cuh"
+#include "launch_checks.hpp"
 #include "ksa/cuda.hpp"
 #include "ksa/error.hpp"
 #include "mma.cuh"
@@ -310,7 +311,6 @@ void dispatch_dim(const FwdArgs& a, int64_t D, int B, cudaStream_t s) {
   else fail("ksa::cuda::attention_forward: D=", D, " is not supported (64 or 128)");
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace
 
@@ -323,14 +323,7 @@ bool supports(const AttentionParams& p, std::string* why) {
     return no(std::string("dtype: must be bf16 or f16 (got ") + dtype_name(p.dtype) + ")");
   if (p.D != 64 && p.D != 128) return no("D: must be 64 or 128 (got " + std::to_string(p.D) + ")");
   if (p.L() >= (int64_t(1) << 31)) return no("L: must be < 2^31 (got " + std::to_string(p.L()) + ")");
-  const TensorView* views[4] = {&p.q, &p.k, &p.v, &p.out};
-  const char* names[4] = {"q", "k", "v", "out"};
-  for (int i = 0; i < 4; ++i) {
-    const TensorView& t = *views[i];
-    if (!aligned16(t.data) || t.row_stride % 8 || t.head_stride % 8 || t.batch_stride % 8)
-      return no(std::string(names[i]) + ": data and strides must be 16-byte aligned");
-  }
-  return true;
+  return detail::views_aligned16({{"q", &p.q}, {"k", &p.k}, {"v", &p.v}, {"out", &p.out}}, why);
 }
 
 void attention_forward(const AttentionParams& p, Stream stream) {
@@ -342,7 +335,7 @@ void attention_forward(const AttentionParams& p, Stream stream) {
   a.lay = p.layout;
   a.l32 = Layout32(p.layout);
   a.W = p.W;
-  a.W32 = int(p.W < (int64_t(1) << 30) ? p.W : (int64_t(1) << 30));
+  a.W32 = detail::window32(p.W);
   a.Hq = int(p.Hq);
   a.G = int(p.group());
   a.L = int(p.L());
