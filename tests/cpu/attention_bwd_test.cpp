@@ -15,10 +15,7 @@ namespace {
 using test::Case;
 using test::Problem;
 
-struct PortableScope {
-  explicit PortableScope(bool on) { cpu::detail::force_generic_tile_kernels(on); }
-  ~PortableScope() { cpu::detail::force_generic_tile_kernels(false); }
-};
+using test::PortableScope;
 
 std::vector<Case> backward_cases() {
   std::vector<Case> cs;

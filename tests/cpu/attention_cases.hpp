@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/attention_tiles.hpp"
 #include "ksa/cpu.hpp"
 #include "ksa/error.hpp"
 
@@ -219,5 +220,11 @@ inline void expect_close(const char* what, const Case& c, const std::vector<doub
                              << " (got " << got[wf.index] << ", oracle " << ref[wf.index] << "), tolerance " << tol
                              << " (naive fp32 error " << wn.err << ")\n  case: " << c.str();
 }
+
+// Forces the portable tile primitives for a test's scope and restores the automatic choice however it ends.
+struct PortableScope {
+  explicit PortableScope(bool on) { cpu::detail::force_generic_tile_kernels(on); }
+  ~PortableScope() { cpu::detail::force_generic_tile_kernels(false); }
+};
 
 }  // namespace ksa::test

@@ -15,11 +15,7 @@ namespace {
 using test::Case;
 using test::Problem;
 
-// Restores the automatic primitive choice when a test ends, however it ends.
-struct PortableScope {
-  explicit PortableScope(bool on) { cpu::detail::force_generic_tile_kernels(on); }
-  ~PortableScope() { cpu::detail::force_generic_tile_kernels(false); }
-};
+using test::PortableScope;
 
 std::vector<Case> forward_cases() {
   std::vector<Case> cs;
