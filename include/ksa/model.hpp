@@ -1,0 +1,93 @@
+// The Qwen3-KSA forward on the CPU (KSA.md §6): a loaded checkpoint, one compressed KV cache per layer,
+// and sequences that grow by appending text tokens. The model calls the attention kernels (ksa/cpu.hpp for a
+// prefill, ksa/decode.hpp through the cache afterwards) and the dense operations (ksa/dense.hpp); it never
+// re-implements either.
+//
+// Stream: appending text tokens also runs the summary tokens the stream defines (KSA.md §2): after the k-th
+// text token of a chunk, its S summary tokens (ids summary_token_begin + j), in the same call. A trailing
+// partial chunk has no summary yet (summarize_tail is off in inference).
+//
+// Numerics: activations fp32; weights read in their file dtype (bf16 in the released files, never widened
+// as a whole); q, k, v and the attention output are rounded to the KV cache's dtype (bf16 by default, as in
+// the reference bf16 inference; f32 for tight comparisons), so a prefill and step-by-step decoding see the
+// same cached values.
+//
+// Layers whose `summary_layer_freq` entry is 0 run causal attention over the text only (their W is set past
+// the context limit, so no text query sees a summary) and leave the summary tokens' hidden states unchanged.
+// A config with use_summary_attention false is plain Qwen3: the stream holds no summary tokens.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "ksa/cache.hpp"
+#include "ksa/dtype.hpp"
+#include "ksa/model_config.hpp"
+#include "ksa/safetensors.hpp"
+#include "ksa/weights.hpp"
+
+namespace ksa {
+
+struct ModelOptions {
+  int threads = 0;                 // worker threads for matrix products and attention (0 = all cores)
+  int64_t max_text_tokens = 0;     // context limit per sequence (0 = config.max_position_embeddings)
+  DType kv_dtype = DType::bf16;    // KV cache storage: bf16 or f32
+  // Called while the weights are read into memory (bytes done, bytes total); may be empty.
+  std::function<void(int64_t, int64_t)> progress;
+};
+
+// Which logits an append returns.
+enum class LogitsFor : uint8_t {
+  none,  // none (e.g. a prompt whose continuation is not sampled)
+  last,  // the last appended text token: [1, vocab]
+  all,   // every appended text token: [n, vocab]
+};
+
+class Model {
+ public:
+  // Reads DIR/config.json and the safetensors (single file or sharded), checks every tensor against the
+  // weight table, and pages the weights in (mmap; progress through opt.progress). Throws ksa::Error
+  // naming the file and the problem.
+  static Model load(const std::string& dir, const ModelOptions& opt = {});
+  ~Model();
+  Model(Model&&) noexcept;
+  Model& operator=(Model&&) noexcept;
+
+  const ModelConfig& config() const;
+  const ModelOptions& options() const;
+  int64_t vocab() const;            // logits per text token (config.logits_size())
+  int64_t max_text_tokens() const;  // the context limit in force
+  int64_t weight_bytes() const;     // bytes of the tensors the forward reads
+  // Bytes of weights read from memory for one decode step (every tensor once; the embedding only for the
+  // looked-up rows; lm_head in full).
+  int64_t weight_bytes_per_token() const;
+
+  // Sequences. Ids are never reused.
+  SeqId new_sequence();
+  void release(SeqId id);
+  int64_t text_tokens(SeqId id) const;    // text tokens appended so far
+  int64_t stream_tokens(SeqId id) const;  // text + summary tokens run so far
+
+  // Appends text tokens to a sequence and runs them (with the summary tokens due) through every layer.
+  // On a sequence with nothing cached, the layers attend through the prefill kernel
+  // (ksa::cpu::attention_forward) and then fill the caches; otherwise through the caches and the decode
+  // kernel (a new turn of a conversation never recomputes the history). `logits` receives
+  // [rows, vocab()] floats (rows = 0, 1 or tokens.size() as `which` says; its size is checked). Throws
+  // ksa::Error before changing anything when an id is bad or the context limit would be passed.
+  void append(SeqId id, std::span<const int32_t> tokens, LogitsFor which, std::span<float> logits);
+
+  // KV cache bytes held by a sequence over all layers, and what full attention (every text token in every
+  // layer, same dtype) would hold for the same text.
+  int64_t kv_bytes(SeqId id) const;
+  int64_t kv_bytes_full_attention(SeqId id) const;
+
+ private:
+  struct Impl;
+  explicit Model(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ksa
