@@ -24,9 +24,7 @@ if ! build-decode-gpu/bin/ksa_cuda_tests --gtest_filter='CudaDecode.*' >"$OUT/de
 fi
 grep -E "worst err/tol" "$OUT/decode_tests.log" | sort -t' ' -k1 | tail -5
 grep -E '^\[  PASSED|SKIPPED' "$OUT/decode_tests.log"
-echo "== ksa bench-decode (engine build)"
-cmake -S . -B build-decode-bench -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCH" "${GTEST_ARGS[@]}" \
-  >"$OUT/decode_bench_cmake.log" 2>&1 || { tail -30 "$OUT/decode_bench_cmake.log"; exit 1; }
-cmake --build build-decode-bench -j "$(nproc)" --target ksa >"$OUT/decode_bench_build.log" 2>&1 ||
-  { grep -E "error" -A3 "$OUT/decode_bench_build.log" | head -60; exit 1; }
-build-decode-bench/bin/ksa bench-decode "$@" | tee "$OUT/bench_decode.txt"
+echo "== ksa bench-decode"
+cmake --build build-decode-gpu -j "$(nproc)" --target ksa >>"$OUT/decode_build.log" 2>&1 ||
+  { grep -E "error" -A3 "$OUT/decode_build.log" | head -60; exit 1; }
+build-decode-gpu/bin/ksa bench-decode "$@" | tee "$OUT/bench_decode.txt"
