@@ -1,0 +1,642 @@
+// ksa::Model (the CPU Qwen3-KSA engine) against the naive reference forward (reference_forward.hpp) on
+// random tiny checkpoints, and against itself: prefill vs token-by-token decoding vs multi-turn pieces,
+// determinism, thread counts, and the errors the API promises.
+//
+// Tolerances (DESIGN.md §6). Both sides read the same bf16 weights exactly (bf16 -> float is exact), so the
+// only difference with an f32 KV cache is arithmetic: the engine in fp32 (blocked sums, FMA, online softmax),
+// the reference in double. The yardstick is the reference's own loops run in float (logits_f32): a naive
+// fp32 computation of the same model. The engine must be within kNaiveMultiple times that error, plus a
+// floor of kFloorRel * max|logit| (a few hundred fp32 ulps of the largest logit, so that a lucky small
+// naive error does not make the bound meaningless). Errors are measured as max |engine - ref| over all
+// logits of a case; the worst index and values are printed on failure; NaN/inf never pass.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "ksa/error.hpp"
+#include "ksa/model.hpp"
+#include "ksa/model_writer.hpp"
+#include "ksa/pattern.hpp"
+#include "reference_forward.hpp"
+
+namespace ksa {
+namespace {
+
+namespace fs = std::filesystem;
+using test::ReferenceModel;
+
+// Engine vs the double reference: <= kNaiveMultiple x (naive fp32 error) + kFloorRel x max|logit|.
+// Measured on these cases over 12 seed offsets: engine <= 1.6e-6 of max|logit|, naive fp32 <= 1.7e-6; the bound
+// is about 6e-6 of max|logit| (kFloorRel ~ 17 fp32 ulps of the largest logit). Every semantic slip tried
+// on the reference (W off by one, a summary position off by one, mix_coeff 1% off, the summary layernorm
+// or projections ignored, summaries updated in a plain layer, a wrong GQA head map) moves the logits by
+// 3e-3 .. 1.5 of max|logit|: hundreds of times the bound.
+constexpr double kNaiveMultiple = 4.0;
+constexpr double kFloorRel = 2e-6;
+// Engine vs engine with an f32 cache (prefill kernel vs decode kernel, different row counts through the
+// matrix products): two fp32 computations, each within ~4x the naive fp32 error (~1e-6 relative) of the
+// exact value, so 2 x 4 x 1e-6. Measured <= 1.8e-6 (12 seed offsets).
+constexpr double kSelfRelF32 = 8e-6;
+// bf16 cache: q, k, v and the attention output are rounded to bf16 (8 significant bits, relative step
+// 2^-8 = 3.9e-3) in both paths; a last-bit fp32 difference upstream can flip one rounding, which moves
+// that element by one bf16 step and propagates through the later layers (a few such flips per run).
+// Bound: 4 bf16 steps of the largest logit; measured <= 1.3 steps (5.1e-3, 12 seed offsets). Cache bugs
+// (a wrong ring slot, a lost summary) show up far above this, and tightly in the f32-cache comparison.
+constexpr double kSelfRelBf16 = 4.0 * 0x1p-8;
+// bf16 cache vs the exact reference: every q/k/v/attention value carries up to half a bf16 step of
+// relative error, through 4 layers (errors add per layer and pass through the norms); a coarse sanity
+// bound of 8 steps (the f32-cache comparison is the precise one). Measured <= 3.7 steps (1.45e-2, 12 seed
+// offsets).
+constexpr double kRefRelBf16 = 8.0 * 0x1p-8;
+
+// KSA_ENGINE_TEST_SEED=n adds n to every case's seed (to re-run the suite on other random models/texts).
+uint64_t seed_offset() {
+  const char* s = std::getenv("KSA_ENGINE_TEST_SEED");
+  return s ? std::strtoull(s, nullptr, 10) : 0;
+}
+
+constexpr int64_t kTextVocab = 256;  // text token ids [0, 256); summary ids follow
+
+bool verbose() { return std::getenv("KSA_TEST_VERBOSE") != nullptr; }
+
+class TmpDir {
+ public:
+  TmpDir() : dir_(fs::temp_directory_path() / ("ksa_engine_" + std::to_string(::getpid()) + "_" + std::to_string(counter_++))) {}
+  ~TmpDir() {
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+  TmpDir(const TmpDir&) = delete;
+  TmpDir& operator=(const TmpDir&) = delete;
+  std::string str() const { return dir_.string(); }
+
+ private:
+  static inline int counter_ = 0;
+  fs::path dir_;
+};
+
+// One test configuration: the "tiny" shape (4 layers, hidden 64, intermediate 192, 4 query heads, head_dim 16)
+// with the KSA knobs changed and a small vocabulary.
+struct Case {
+  std::string name;
+  int64_t Hkv = 2;
+  int64_t k = 4, S = 1;
+  double mix = 0.0;
+  bool tied = true;
+  std::string windows = "[1]*4";
+  std::vector<uint8_t> summary_layers;  // empty: every layer a summary-attention layer
+  TextPositions tp = TextPositions::origin;
+  SummaryPositions sp = SummaryPositions::last_chunk_slice_right;
+  bool summary_layernorm = false;
+  bool summary_attention = true;
+  uint64_t seed = 1;
+};
+
+std::string describe(const Case& c) {
+  std::ostringstream os;
+  os << "case " << c.name << " (seed " << c.seed << "): Hq=4 Hkv=" << c.Hkv << " D=16 layers=4";
+  if (!c.summary_attention) {
+    os << ", plain Qwen3 (use_summary_attention false)";
+  } else {
+    os << ", k=" << c.k << " S=" << c.S << " W=" << c.windows << " mix=" << c.mix << (c.tied ? " tied" : " untied")
+       << " text_pos=" << to_string(c.tp) << " summary_pos=" << to_string(c.sp)
+       << " summary_layernorm=" << c.summary_layernorm;
+    if (!c.summary_layers.empty()) {
+      os << " summary_layer_freq=[";
+      for (uint8_t x : c.summary_layers) os << int(x);
+      os << "]";
+    }
+  }
+  return os.str();
+}
+
+ModelConfig make_config(const Case& c) {
+  ModelConfig cfg = model_shape_config("tiny");
+  cfg.num_key_value_heads = c.Hkv;
+  cfg.tie_word_embeddings = c.tied;
+  cfg.bos_token_id = 1;
+  cfg.eos_token_ids = {2};
+  cfg.window_pattern = c.windows;
+  cfg.windows = parse_layer_pattern(c.windows, cfg.num_hidden_layers);
+  cfg.use_summary_attention = c.summary_attention;
+  if (c.summary_attention) {
+    cfg.summary_chunk_size = c.k;
+    cfg.summary_token_num = c.S;
+    cfg.summary_token_begin = kTextVocab;
+    cfg.vocab_size = kTextVocab + c.S;  // the summary rows follow the text rows
+    cfg.truncate_predict_nums = kTextVocab;
+    cfg.mix_coeff = c.mix;
+    cfg.text_positions = c.tp;
+    cfg.summary_positions = c.sp;
+    cfg.summary_independent_attention_layernorm = c.summary_layernorm;
+    cfg.summary_layers = c.summary_layers.empty() ? std::vector<uint8_t>(4, 1) : c.summary_layers;
+  } else {
+    cfg.vocab_size = kTextVocab;
+    cfg.truncate_predict_nums = 0;
+    cfg.mix_coeff = 0;
+    cfg.summary_independent_attention_layernorm = false;
+    cfg.summary_layers.assign(4, 0);
+  }
+  cfg.validate();
+  return cfg;
+}
+
+// The cases of the suite (see describe()). Together they cover GQA ratios 1/2/4, S = 1 and 2, k = 3 and 4,
+// mix 0 / 0.5 / 1, tied and untied embeddings, windows 0, 1, 2 and >= chunks, a hybrid with plain causal
+// layers, all text and summary position modes, the summary layernorm, and plain Qwen3.
+std::vector<Case> cases() {
+  std::vector<Case> v;
+  {
+    Case c;
+    c.name = "gqa2_k4_S1_mix0.5_tied_W[0,1,2,64]_sumnorm";
+    c.Hkv = 2, c.k = 4, c.S = 1, c.mix = 0.5, c.tied = true, c.windows = "[0,1,2,64]", c.summary_layernorm = true;
+    c.seed = 11;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "gqa4_k3_S2_mix1_untied_inner_zeros";
+    c.Hkv = 1, c.k = 3, c.S = 2, c.mix = 1.0, c.tied = false, c.windows = "[1,0,2,1]";
+    c.tp = TextPositions::inner_chunk, c.sp = SummaryPositions::zeros;
+    c.seed = 22;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "mha_k4_S2_mix0_left";
+    c.Hkv = 4, c.k = 4, c.S = 2, c.mix = 0.0, c.tied = true, c.windows = "[2]*2+[0,1]";
+    c.sp = SummaryPositions::last_chunk_slice_left;
+    c.seed = 33;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "hybrid_k3_S1_mix0.5_untied";
+    c.Hkv = 2, c.k = 3, c.S = 1, c.mix = 0.5, c.tied = false, c.windows = "[1,1,0,2]";
+    c.summary_layers = {1, 0, 1, 0};
+    c.seed = 44;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "largeW_k4_S2_mix0.5_right";
+    c.Hkv = 2, c.k = 4, c.S = 2, c.mix = 0.5, c.tied = true, c.windows = "[100]*3+[40]";
+    c.seed = 55;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "plain_qwen3_untied";
+    c.Hkv = 2, c.tied = false, c.windows = "0", c.summary_attention = false;
+    c.seed = 66;
+    v.push_back(c);
+  }
+  for (Case& c : v) c.seed += seed_offset();
+  return v;
+}
+
+// A random checkpoint of a case, its reference, and engines.
+struct Built {
+  Case c;
+  ModelConfig cfg;
+  TmpDir dir;
+  std::unique_ptr<ReferenceModel> ref;
+
+  explicit Built(const Case& cs) : c(cs), cfg(make_config(cs)) {
+    RandomModelOptions o;
+    o.seed = cs.seed;
+    write_random_model(cfg, dir.str(), o);
+    ref = std::make_unique<ReferenceModel>(dir.str());
+  }
+  Model engine(DType kv, int threads = 2, int64_t max_text = 0) const {
+    ModelOptions o;
+    o.kv_dtype = kv;
+    o.threads = threads;
+    o.max_text_tokens = max_text;
+    return Model::load(dir.str(), o);
+  }
+  int64_t V() const { return cfg.logits_size(); }
+};
+
+std::vector<int32_t> random_text(std::mt19937_64& rng, int64_t n) {
+  std::uniform_int_distribution<int32_t> d(0, int32_t(kTextVocab - 1));
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = d(rng);
+  return t;
+}
+
+// One prefill of a fresh sequence; logits of every token.
+std::vector<float> prefill(Model& m, std::span<const int32_t> text) {
+  const SeqId id = m.new_sequence();
+  std::vector<float> out(text.size() * size_t(m.vocab()));
+  m.append(id, text, LogitsFor::all, out);
+  m.release(id);
+  return out;
+}
+
+// A fresh sequence fed one token at a time (the first through the prefill path, the rest through the
+// cache); the last-token logits of each step stacked.
+std::vector<float> stepwise(Model& m, std::span<const int32_t> text) {
+  const SeqId id = m.new_sequence();
+  const size_t V = size_t(m.vocab());
+  std::vector<float> out(text.size() * V);
+  for (size_t i = 0; i < text.size(); ++i) m.append(id, text.subspan(i, 1), LogitsFor::last, std::span<float>(out).subspan(i * V, V));
+  m.release(id);
+  return out;
+}
+
+// A fresh sequence fed in random pieces of 1..max_piece tokens (turns of a conversation).
+std::vector<float> in_pieces(Model& m, std::span<const int32_t> text, std::mt19937_64& rng, int64_t max_piece) {
+  const SeqId id = m.new_sequence();
+  const size_t V = size_t(m.vocab());
+  std::vector<float> out(text.size() * V);
+  std::uniform_int_distribution<int64_t> d(1, max_piece);
+  size_t i = 0;
+  while (i < text.size()) {
+    const size_t n = std::min(text.size() - i, size_t(d(rng)));
+    m.append(id, text.subspan(i, n), LogitsFor::all, std::span<float>(out).subspan(i * V, n * V));
+    i += n;
+  }
+  m.release(id);
+  return out;
+}
+
+// max |got - want| over all entries, with the worst index; non-finite values on either side are reported.
+struct Diff {
+  double max_err = 0, max_abs = 0;  // max_abs: largest |want|
+  int64_t worst = -1;
+  double got = 0, want = 0;
+  int64_t nonfinite = -1;  // first index of a NaN/inf, or -1
+  double rel() const { return max_abs > 0 ? max_err / max_abs : max_err; }
+};
+
+template <class A, class B>
+Diff diff(const std::vector<A>& got, const std::vector<B>& want) {
+  Diff d;
+  if (got.size() != want.size()) {
+    d.nonfinite = 0;
+    return d;
+  }
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double g = double(got[i]), w = double(want[i]);
+    if (!std::isfinite(g) || !std::isfinite(w)) {
+      if (d.nonfinite < 0) d.nonfinite = int64_t(i);
+      continue;
+    }
+    d.max_abs = std::max(d.max_abs, std::abs(w));
+    const double e = std::abs(g - w);
+    if (e > d.max_err || d.worst < 0) {
+      if (e > d.max_err) d.max_err = e;
+      if (e >= d.max_err) {
+        d.worst = int64_t(i);
+        d.got = g;
+        d.want = w;
+      }
+    }
+  }
+  return d;
+}
+
+std::string explain(const Diff& d, int64_t V, double tol) {
+  std::ostringstream os;
+  os.precision(9);
+  if (d.nonfinite >= 0) os << "non-finite value or size mismatch at index " << d.nonfinite << "; ";
+  os << "max |err| " << d.max_err << " (" << d.rel() << " of max |logit| " << d.max_abs << ") > tolerance " << tol;
+  if (d.worst >= 0 && V > 0)
+    os << "; worst at text token " << d.worst / V << ", logit " << d.worst % V << ": got " << d.got << ", want " << d.want;
+  return os.str();
+}
+
+// Passes when every value is finite and max |err| <= tol (written so that NaN fails).
+::testing::AssertionResult within(const Diff& d, double tol, int64_t V) {
+  if (d.nonfinite < 0 && d.worst >= 0 && d.max_err <= tol) return ::testing::AssertionSuccess();
+  if (d.nonfinite < 0 && d.worst < 0) return ::testing::AssertionFailure() << "empty comparison";
+  return ::testing::AssertionFailure() << explain(d, V, tol);
+}
+
+int64_t argmax(std::span<const float> row) { return std::max_element(row.begin(), row.end()) - row.begin(); }
+
+// ---------------------------------------------------------------------------------------------------
+// a. Engine prefill (f32 cache) vs the reference, every case, awkward lengths.
+
+TEST(EngineReference, PrefillMatchesReference) {
+  for (const Case& c : cases()) {
+    SCOPED_TRACE(describe(c));
+    const Built b(c);
+    Model m = b.engine(DType::f32);
+    EXPECT_EQ(m.vocab(), b.V());
+    std::mt19937_64 rng(c.seed);
+    const int64_t k = c.summary_attention ? c.k : 4;
+    double worst_rel = 0, worst_naive_rel = 0;
+    for (int64_t T : {int64_t(1), k - 1, k, k + 1, int64_t(37), int64_t(61)}) {
+      SCOPED_TRACE("T=" + std::to_string(T));
+      const std::vector<int32_t> text = random_text(rng, T);
+      const std::vector<double> want = b.ref->logits(text);
+      const std::vector<double> naive = b.ref->logits_f32(text);
+      const std::vector<float> got = prefill(m, text);
+      const Diff dn = diff(naive, want), d = diff(got, want);
+      ASSERT_LT(dn.nonfinite, 0) << "the reference produced a non-finite logit";
+      const double tol = kNaiveMultiple * dn.max_err + kFloorRel * dn.max_abs;
+      EXPECT_TRUE(within(d, tol, b.V())) << "(naive fp32 error " << dn.max_err << ")";
+      worst_rel = std::max(worst_rel, d.rel());
+      worst_naive_rel = std::max(worst_naive_rel, dn.rel());
+      // The reference is not degenerate: logits vary across the vocabulary and across positions.
+      EXPECT_GT(dn.max_abs, 1e-3);
+    }
+    if (verbose())
+      std::printf("[prefill vs ref] %-45s engine %.3g  naive-f32 %.3g (relative to max |logit|)\n", c.name.c_str(),
+                  worst_rel, worst_naive_rel);
+  }
+}
+
+// A bf16 KV cache (the default) stays close to the exact reference (a coarse bound; see kRefRelBf16).
+TEST(EngineReference, Bf16CacheNearReference) {
+  for (const Case& c : cases()) {
+    SCOPED_TRACE(describe(c));
+    const Built b(c);
+    Model m = b.engine(DType::bf16);
+    std::mt19937_64 rng(c.seed + 1);
+    const std::vector<int32_t> text = random_text(rng, 61);
+    const std::vector<double> want = b.ref->logits(text);
+    const Diff d = diff(prefill(m, text), want);
+    EXPECT_TRUE(within(d, kRefRelBf16 * d.max_abs, b.V()));
+    if (verbose()) std::printf("[bf16 prefill vs ref] %-45s %.3g\n", c.name.c_str(), d.rel());
+  }
+}
+
+// A layer whose window covers every chunk is plain causal attention over text for text queries (KSA.md
+// §4), and summary tokens never reach a text token: the text logits equal plain Qwen3's on the same
+// weights (origin positions). Checked on the reference (exactly) and on the engine.
+TEST(EngineReference, WindowCoveringAllChunksEqualsPlainQwen3) {
+  Case c;
+  c.name = "allW_k3_S2_mix0.5";
+  c.Hkv = 2, c.k = 3, c.S = 2, c.mix = 0.5, c.tied = false, c.windows = "[30]*4", c.summary_layernorm = true;
+  c.seed = 77 + seed_offset();
+  SCOPED_TRACE(describe(c));
+  const Built b(c);
+  TmpDir plain;
+  fs::copy(b.dir.str(), plain.str(), fs::copy_options::recursive);
+  ModelConfig pc = b.cfg;
+  pc.use_summary_attention = false;
+  pc.summary_layers.assign(4, 0);
+  {
+    std::ofstream f(fs::path(plain.str()) / "config.json", std::ios::trunc);
+    f << pc.to_json();
+  }
+  const ReferenceModel pref(plain.str());
+  std::mt19937_64 rng(c.seed);
+  const std::vector<int32_t> text = random_text(rng, 61);
+  const std::vector<double> a = b.ref->logits(text), p = pref.logits(text);
+  const Diff dr = diff(a, p);
+  EXPECT_TRUE(within(dr, 1e-12 * dr.max_abs, b.V())) << "reference";
+  Model m = b.engine(DType::f32), mp = Model::load(plain.str(), ModelOptions{2, 0, DType::f32, {}});
+  const Diff de = diff(prefill(m, text), prefill(mp, text));
+  EXPECT_TRUE(within(de, kSelfRelF32 * de.max_abs, b.V())) << "engine";
+}
+
+// ---------------------------------------------------------------------------------------------------
+// b. Decoding through the cache equals one prefill: one token at a time (crossing every chunk boundary
+// and wrapping the window ring many times: 97 tokens >> (W+1)*k), in random multi-turn pieces, and
+// interleaved with a second sequence.
+
+TEST(EngineDecode, StepwiseAndPiecesEqualPrefill) {
+  for (const Case& c : cases()) {
+    SCOPED_TRACE(describe(c));
+    const Built b(c);
+    std::mt19937_64 rng(c.seed + 2);
+    const std::vector<int32_t> text = random_text(rng, 97);
+    const std::vector<double> want = b.ref->logits(text);
+    const Diff dn = diff(b.ref->logits_f32(text), want);
+    const double ref_tol = kNaiveMultiple * dn.max_err + kFloorRel * dn.max_abs;
+    for (DType kv : {DType::f32, DType::bf16}) {
+      SCOPED_TRACE(std::string("kv cache ") + dtype_name(kv));
+      const double rel = kv == DType::f32 ? kSelfRelF32 : kSelfRelBf16;
+      Model m = b.engine(kv);
+      const std::vector<float> whole = prefill(m, text);
+      const std::vector<float> steps = stepwise(m, text);
+      const std::vector<float> pieces = in_pieces(m, text, rng, 13);
+      const Diff ds = diff(steps, whole), dp = diff(pieces, whole);
+      EXPECT_TRUE(within(ds, rel * ds.max_abs, b.V())) << "one token at a time vs one prefill";
+      EXPECT_TRUE(within(dp, rel * dp.max_abs, b.V())) << "random pieces vs one prefill";
+      if (kv == DType::f32) {
+        // The decode path against the oracle directly, with the prefill's bound.
+        const Diff dr = diff(steps, want);
+        EXPECT_TRUE(within(dr, ref_tol, b.V())) << "one token at a time vs the reference";
+      }
+      if (verbose())
+        std::printf("[decode %s] %-45s steps %.3g  pieces %.3g\n", dtype_name(kv), c.name.c_str(), ds.rel(), dp.rel());
+    }
+  }
+}
+
+TEST(EngineDecode, SequencesDoNotInterfere) {
+  const Case c = cases()[1];  // k=3, S=2, small windows: many ring wrap-arounds
+  SCOPED_TRACE(describe(c));
+  const Built b(c);
+  Model m = b.engine(DType::f32);
+  std::mt19937_64 rng(c.seed + 3);
+  const std::vector<int32_t> ta = random_text(rng, 50), tb = random_text(rng, 43);
+  const std::vector<float> wa = prefill(m, ta), wb = prefill(m, tb);
+  const size_t V = size_t(m.vocab());
+  // A third sequence holds a prompt across the whole run, then continues.
+  const SeqId other = m.new_sequence();
+  const std::vector<int32_t> to = random_text(rng, 20);
+  std::vector<float> lo(V);
+  m.append(other, std::span(to).first(10), LogitsFor::none, {});
+  const SeqId a = m.new_sequence(), bb = m.new_sequence();
+  std::vector<float> ga(ta.size() * V), gb(tb.size() * V);
+  for (size_t i = 0; i < std::max(ta.size(), tb.size()); ++i) {
+    if (i < ta.size()) m.append(a, std::span(ta).subspan(i, 1), LogitsFor::last, std::span(ga).subspan(i * V, V));
+    if (i < tb.size()) m.append(bb, std::span(tb).subspan(i, 1), LogitsFor::last, std::span(gb).subspan(i * V, V));
+  }
+  EXPECT_EQ(m.text_tokens(a), 50);
+  EXPECT_EQ(m.stream_tokens(a), 50 + (50 / 3) * 2);
+  EXPECT_EQ(m.text_tokens(bb), 43);
+  EXPECT_EQ(m.stream_tokens(bb), 43 + (43 / 3) * 2);
+  const Diff da = diff(ga, wa), db = diff(gb, wb);
+  EXPECT_TRUE(within(da, kSelfRelF32 * da.max_abs, b.V())) << "sequence a";
+  EXPECT_TRUE(within(db, kSelfRelF32 * db.max_abs, b.V())) << "sequence b";
+  // The held sequence continues as if alone (logits of its last token).
+  m.append(other, std::span(to).subspan(10), LogitsFor::last, lo);
+  const std::vector<float> wo = prefill(m, to);
+  const std::vector<float> wo_last(wo.end() - std::ptrdiff_t(V), wo.end());
+  const Diff dl = diff(lo, wo_last);
+  EXPECT_TRUE(within(dl, kSelfRelF32 * dl.max_abs, b.V())) << "held sequence";
+  m.release(a);
+  m.release(bb);
+  m.release(other);
+}
+
+// LogitsFor::last of a prefill is the last row of LogitsFor::all; LogitsFor::none still fills the cache.
+TEST(EngineDecode, LogitsForLastAndNone) {
+  const Case c = cases()[0];
+  SCOPED_TRACE(describe(c));
+  const Built b(c);
+  Model m = b.engine(DType::f32);
+  std::mt19937_64 rng(c.seed + 4);
+  const std::vector<int32_t> text = random_text(rng, 23);
+  const size_t V = size_t(m.vocab());
+  const std::vector<float> all = prefill(m, text);
+  const std::vector<float> all_last(all.end() - std::ptrdiff_t(V), all.end());
+  std::vector<float> last(V);
+  const SeqId id = m.new_sequence();
+  m.append(id, text, LogitsFor::last, last);
+  const Diff d0 = diff(last, all_last);
+  EXPECT_TRUE(within(d0, kSelfRelF32 * d0.max_abs, b.V())) << "last vs the last row of all";
+  const SeqId id2 = m.new_sequence();
+  m.append(id2, std::span(text).first(22), LogitsFor::none, {});
+  m.append(id2, std::span(text).subspan(22), LogitsFor::last, last);
+  const Diff d = diff(last, all_last);
+  EXPECT_TRUE(within(d, kSelfRelF32 * d.max_abs, b.V()));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// c. Determinism and thread counts.
+
+TEST(EngineDeterminism, SameInputsSameBitsAndThreadCountsAgree) {
+  for (const Case& c : {cases()[0], cases()[3]}) {
+    SCOPED_TRACE(describe(c));
+    const Built b(c);
+    std::mt19937_64 rng(c.seed + 5);
+    const std::vector<int32_t> text = random_text(rng, 61);
+    Model m2 = b.engine(DType::f32, 2);
+    const std::vector<float> a1 = prefill(m2, text), a2 = prefill(m2, text);
+    EXPECT_EQ(a1, a2) << "same model, two sequences: bitwise equal";
+    Model m2b = b.engine(DType::f32, 2);
+    EXPECT_EQ(prefill(m2b, text), a1) << "two loads: bitwise equal";
+    EXPECT_EQ(stepwise(m2, text), stepwise(m2b, text)) << "decode: bitwise equal";
+    Model m1 = b.engine(DType::f32, 1);
+    const std::vector<float> s1 = prefill(m1, text);
+    const Diff d = diff(s1, a1);
+    const double tol = kSelfRelF32 * d.max_abs;
+    EXPECT_TRUE(within(d, tol, b.V())) << "threads=1 vs threads=2";
+    // Greedy picks agree wherever the top two logits are further apart than the tolerance.
+    const size_t V = size_t(b.V());
+    for (size_t t = 0; t < text.size(); ++t) {
+      std::span<const float> r1(s1.data() + t * V, V), r2(a1.data() + t * V, V);
+      std::vector<float> sorted(r2.begin(), r2.end());
+      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
+      if (sorted[0] - sorted[1] > 2 * tol) {
+        EXPECT_EQ(argmax(r1), argmax(r2)) << "token " << t;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// d. Errors.
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no ksa::Error)";
+}
+
+TEST(EngineErrors, LoadMissingDirectoryNamesThePath) {
+  const std::string dir = (fs::temp_directory_path() / ("ksa_engine_missing_" + std::to_string(::getpid()))).string();
+  const std::string msg = error_of([&] { (void)Model::load(dir); });
+  EXPECT_NE(msg, "(no ksa::Error)");
+  EXPECT_NE(msg.find(dir), std::string::npos) << msg;
+}
+
+TEST(EngineErrors, ContextLimitLeavesTheSequenceUnchanged) {
+  const Case c = cases()[0];  // k=4
+  SCOPED_TRACE(describe(c));
+  const Built b(c);
+  Model m = b.engine(DType::f32, 2, 20);
+  EXPECT_EQ(m.max_text_tokens(), 20);
+  std::mt19937_64 rng(c.seed + 6);
+  const std::vector<int32_t> text = random_text(rng, 20);
+  const size_t V = size_t(m.vocab());
+  const SeqId id = m.new_sequence();
+  m.append(id, std::span(text).first(15), LogitsFor::none, {});
+  const std::vector<int32_t> too_many = random_text(rng, 6);
+  std::vector<float> buf(too_many.size() * V);
+  const std::string msg = error_of([&] { m.append(id, too_many, LogitsFor::all, buf); });
+  EXPECT_NE(msg, "(no ksa::Error)");
+  EXPECT_NE(msg.find("20"), std::string::npos) << "names the limit: " << msg;
+  EXPECT_EQ(m.text_tokens(id), 15);
+  EXPECT_EQ(m.stream_tokens(id), 15 + 3);
+  // Stepwise past the limit too.
+  std::vector<float> all(5 * V);
+  m.append(id, std::span(text).subspan(15), LogitsFor::all, all);  // exactly at the limit: fine
+  EXPECT_EQ(m.text_tokens(id), 20);
+  std::vector<float> one(V);
+  EXPECT_THROW(m.append(id, std::span(text).first(1), LogitsFor::last, one), Error);
+  EXPECT_EQ(m.text_tokens(id), 20);
+  // The continuation equals the prefill of all 20 tokens: the failed append changed nothing.
+  const std::vector<float> whole = prefill(m, text);
+  const std::vector<float> tail(whole.begin() + std::ptrdiff_t(15 * V), whole.end());
+  const Diff d = diff(all, tail);
+  EXPECT_TRUE(within(d, kSelfRelF32 * d.max_abs, b.V()));
+  // A prefill longer than the limit on a fresh sequence also throws and leaves it empty.
+  const SeqId id2 = m.new_sequence();
+  const std::vector<int32_t> long_text = random_text(rng, 21);
+  EXPECT_THROW(m.append(id2, long_text, LogitsFor::none, {}), Error);
+  EXPECT_EQ(m.text_tokens(id2), 0);
+  EXPECT_EQ(m.stream_tokens(id2), 0);
+  std::vector<float> first(V);
+  m.append(id2, std::span(text).first(1), LogitsFor::last, first);
+  const Diff d1 = diff(first, std::vector<float>(whole.begin(), whole.begin() + std::ptrdiff_t(V)));
+  EXPECT_TRUE(within(d1, kSelfRelF32 * d1.max_abs, b.V())) << "first token after a failed prefill";
+}
+
+TEST(EngineErrors, BadIdsSizesAndTokens) {
+  const Case c = cases()[2];
+  SCOPED_TRACE(describe(c));
+  const Built b(c);
+  Model m = b.engine(DType::f32);
+  const size_t V = size_t(m.vocab());
+  std::mt19937_64 rng(c.seed + 7);
+  const std::vector<int32_t> text = random_text(rng, 9);
+  std::vector<float> buf(text.size() * V);
+  // Unknown ids, and a released id (ids are never reused).
+  EXPECT_THROW(m.append(12345, text, LogitsFor::all, buf), Error);
+  EXPECT_THROW((void)m.text_tokens(-1), Error);
+  EXPECT_THROW((void)m.stream_tokens(777), Error);
+  EXPECT_THROW(m.release(999), Error);
+  const SeqId gone = m.new_sequence();
+  m.release(gone);
+  EXPECT_THROW(m.append(gone, text, LogitsFor::all, buf), Error);
+  EXPECT_THROW(m.release(gone), Error);
+  const SeqId id = m.new_sequence();
+  EXPECT_NE(id, gone);
+  // Logits spans of the wrong size.
+  std::vector<float> small(text.size() * V - 1), big(text.size() * V + 1), one(V), none;
+  EXPECT_THROW(m.append(id, text, LogitsFor::all, small), Error);
+  EXPECT_THROW(m.append(id, text, LogitsFor::all, big), Error);
+  EXPECT_THROW(m.append(id, text, LogitsFor::all, one), Error);
+  EXPECT_THROW(m.append(id, text, LogitsFor::last, buf), Error);
+  EXPECT_THROW(m.append(id, text, LogitsFor::none, one), Error);
+  EXPECT_THROW(m.append(id, text, LogitsFor::last, none), Error);
+  // Token ids outside the vocabulary.
+  std::vector<int32_t> bad = text;
+  bad[4] = int32_t(m.config().vocab_size);
+  EXPECT_THROW(m.append(id, bad, LogitsFor::all, buf), Error);
+  bad[4] = -1;
+  EXPECT_THROW(m.append(id, bad, LogitsFor::all, buf), Error);
+  EXPECT_EQ(m.text_tokens(id), 0);
+  // After all of that the sequence still works and matches the reference.
+  m.append(id, text, LogitsFor::all, buf);
+  const std::vector<double> want = b.ref->logits(text);
+  const Diff dn = diff(b.ref->logits_f32(text), want), d = diff(buf, want);
+  EXPECT_TRUE(within(d, kNaiveMultiple * dn.max_err + kFloorRel * dn.max_abs, b.V()));
+}
+
+}  // namespace
+}  // namespace ksa
