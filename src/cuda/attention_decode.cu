@@ -3,12 +3,12 @@
 // 1. write:  one CTA per new token: its K/V rows (all KV heads) into the cache rows the plan made room for.
 // 2. attend: grid (work units, KV heads). A unit is a run of visible key rows of one token in one table
 //            (text ring or summary table), cut by the plan from the core's key_spans (cpu/decode_keys.hpp)
-//            into pieces of split_rows keys (flash-decoding: a 16K-row summary span runs on many SMs). Each
-//            K and V row is loaded once (16 bytes per lane, LPK = D/8 lanes per key) and used for all G query
-//            heads of the group; the lane groups keep OnlineSoftmax states that the CTA merges in smem in a
-//            fixed order and writes as one (m, l, acc) partial per (unit, head).
-// 3. merge:  grid (tokens, KV heads): the token's partials merged with merge_partial in unit order (fixed,
-//            so results are deterministic), then out (bf16) and lse.
+//            into pieces of split_rows keys (flash-decoding: a 16K-row summary span runs on many SMs). K/V
+//            tiles stream through a cp.async pipeline; each K and V row is read once for all G query heads
+//            of the group (rows of an mma.sync A operand); the CTA writes one (m, l, acc) partial per
+//            (unit, head).
+// 3. merge:  grid (tokens, query heads): the token's partials joined in a fixed order (deterministic), then
+//            out (bf16) and lse.
 // Kernel 2 runs after kernel 1 has written every new row of the step: a token sees the rows of earlier
 // tokens of its step; the plan rejects steps where a later token's row would overwrite a ring row that an
 // earlier token reads (KvCacheGpu::step_ok).
@@ -21,6 +21,7 @@
 
 #include "check.cuh"
 #include "cuda/decode_plan.cuh"
+#include "cuda/mma.cuh"
 #include "ksa/softmax.hpp"
 
 namespace ksa::cuda::detail {
@@ -30,145 +31,200 @@ namespace {
 template <int D_, int G_>
 struct DecTraits {
   static constexpr int D = D_, G = G_;
-  static constexpr int THREADS = 128;
-  static constexpr int LPK = D / 8;               // lanes per key (16 bytes of bf16 each)
-  static constexpr int NG = THREADS / LPK;        // lane groups per CTA
-  static constexpr int GPW = 32 / LPK;            // lane groups per warp
-  static constexpr int U = 4;                     // keys per lane group per iteration (loads in flight)
-  static constexpr int WARP_KEYS = GPW * U;       // keys per warp per iteration
-  static_assert(D % 64 == 0 && LPK <= 32 && 32 % LPK == 0, "D must be 64 or 128");
+  static constexpr int WARPS = 4, THREADS = 32 * WARPS;
+  static constexpr int WKEYS = 16;                  // keys per warp per tile (one mma k-step of P·V)
+  static constexpr int TILE = WARPS * WKEYS;        // keys per tile
+  static constexpr int CH = D / 8;                  // 16-byte chunks per row
+  static constexpr int STAGES = D == 128 ? 2 : 3;   // 32 KiB (D=128) / 16 KiB per stage; 3 CTAs per SM
+  static constexpr int STAGE_BYTES = 2 * TILE * D * 2;
+  static constexpr int SMEM = STAGES * STAGE_BYTES;
+  static constexpr int KEYS_PER_THREAD = TILE * CH / THREADS;  // rows (K and V) each thread copies per tile
+  static_assert(D == 64 || D == 128, "D must be 64 or 128");
+  static_assert(G >= 1 && G <= 8, "a GQA group fills at most 8 of the 16 mma rows");
+  static_assert(SMEM >= WARPS * G * (D + 2) * 4, "the warp join reuses the stage buffers");
 };
 
 // ------------------------------------------------------------------------------------------ device code
-__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
-__device__ __forceinline__ float bf16_at(const uint16_t* p) { return __uint_as_float(uint32_t(*p) << 16); }
 __device__ __forceinline__ uint16_t to_bf16(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 
-// Element pointer of row r of KV head h (kv 0 = K, 1 = V) in block blk.
-__device__ __forceinline__ uint16_t* cache_row(const DecodeRun& a, int32_t blk, int kv, int h, int32_t r) {
-  const uint32_t slab = uint32_t(blk) / uint32_t(a.slab_blocks), in = uint32_t(blk) - slab * uint32_t(a.slab_blocks);
-  return static_cast<uint16_t*>(a.slabs[slab]) + int64_t(in) * a.block_elems +
-         (int64_t(kv * a.Hkv + h) * a.P + r) * a.D;
+// K row r of KV head h in the block at `blk` (V is Hkv·P·D elements further).
+__device__ __forceinline__ const uint16_t* block_row(const DecodeRun& a, const uint16_t* blk, int h, int32_t r) {
+  return blk + (int64_t(h) * a.P + r) * a.D;
 }
 
-// Block and row of text row t / summary row s of a sequence (SeqKvView::text_row/summary_row in 32 bits).
-__device__ __forceinline__ void locate(const DecodeRun& a, const DecSeq& sq, bool summary, int32_t x, int32_t& blk,
-                                       int32_t& r) {
+// Block address and row of text row t / summary row s of a sequence (SeqKvView::text_row/summary_row).
+__device__ __forceinline__ const uint16_t* locate(const DecodeRun& a, const DecSeq& sq, bool summary, int32_t x,
+                                                  int32_t& r) {
   const uint32_t P = uint32_t(a.P);
   if (!summary) {
     const uint32_t b = uint32_t(x) / P;
-    blk = a.tables[sq.text_off + int32_t(b % uint32_t(sq.slots))];
     r = int32_t(uint32_t(x) - b * P);
-  } else {
-    const uint32_t s = sq.stored ? uint32_t(x) : uint32_t(x) % uint32_t(a.S), b = s / P;
-    blk = a.tables[sq.sum_off + int32_t(b)];
-    r = int32_t(s - b * P);
+    return a.blocks[sq.text_off + int32_t(b % uint32_t(sq.slots))];
   }
+  const uint32_t s = sq.stored ? uint32_t(x) : uint32_t(x) % uint32_t(a.S), b = s / P;
+  r = int32_t(s - b * P);
+  return a.blocks[sq.sum_off + int32_t(b)];
 }
 
-__global__ void __launch_bounds__(128) write_kernel(const DecodeRun a) {
+// One CTA per new token: its K and V rows (all KV heads), 16 bytes per thread.
+__global__ void __launch_bounds__(256) write_kernel(const DecodeRun a) {
+  dev::launch_dependents();  // the attend kernel's prologue (plan, q) may overlap this kernel
   const DecWrite w = a.writes[blockIdx.x];
   const DecSeq sq = a.seqs[w.seq];
-  int32_t blk, r;
-  locate(a, sq, w.summary != 0, w.row, blk, r);
-  const int n = a.Hkv * a.D;
+  int32_t r;
+  uint16_t* blk = const_cast<uint16_t*>(locate(a, sq, w.summary != 0, w.row, r));
+  const int cpr = a.D / 8, n = a.Hkv * cpr;  // 16-byte chunks per head row, per K (or V) row
   for (int i = threadIdx.x; i < 2 * n; i += blockDim.x) {
-    const int kv = i / n, h = (i - kv * n) / a.D, d = i - kv * n - h * a.D;
-    const uint16_t v = kv == 0 ? a.k[w.src * a.k_rs + h * a.k_hs + d] : a.v[w.src * a.v_rs + h * a.v_hs + d];
-    cache_row(a, blk, kv, h, r)[d] = v;
+    const int kv = i / n, h = (i - kv * n) / cpr, c = i - kv * n - h * cpr;
+    const uint16_t* src = kv == 0 ? a.k + w.src * a.k_rs + h * a.k_hs : a.v + w.src * a.v_rs + h * a.v_hs;
+    uint16_t* dst = const_cast<uint16_t*>(block_row(a, blk, h, r)) + int64_t(kv) * a.Hkv * a.P * a.D;
+    reinterpret_cast<uint4*>(dst)[c] = reinterpret_cast<const uint4*>(src)[c];
   }
 }
 
+// Grid (work units, KV heads). The unit's keys stream through a STAGES-deep cp.async pipeline of TILE-key
+// tiles (K and V rows, swizzled for ldmatrix; keys past the unit's end are zero-filled and masked). Warp w
+// takes keys [16w, 16w + 16) of each tile on the tensor cores: S = Q·K^T with the G query heads of the
+// group as rows 0..G-1 of an m16n8k16 A operand (the other rows are zero), an online softmax on the
+// accumulator fragments, O += P·V. Each K and V row is read once for all G heads. The warps' states are
+// joined in smem in a fixed order and written as one (m, l, acc) partial per (unit, head).
 template <class K>
 __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun a) {
-  constexpr int D = K::D, G = K::G, LPK = K::LPK, U = K::U;
-  __shared__ float s_acc[K::NG][G][D];
-  __shared__ float2 s_ml[K::NG][G];
+  constexpr int D = K::D, G = K::G, CH = K::CH, TILE = K::TILE, STAGES = K::STAGES, NB = D / 8;
+  extern __shared__ __align__(128) unsigned char smem[];  // [STAGES][K, V][TILE rows of D] swizzled
 
   const DecUnit un = a.units[blockIdx.x];
   const int hk = blockIdx.y;
-  const DecSeq sq = a.seqs[un.seq];
-  const int qrow = a.toks[un.tok].row;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int gw = lane / LPK, li = lane % LPK, grp = warp * K::GPW + gw;
-
-  // This lane's 8 dimensions of the group's G queries, softmax scale folded in.
-  float q[G][8];
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    const uint16_t* qp = a.q + qrow * a.q_rs + (hk * G + g) * a.q_hs + li * 8;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) q[g][j] = bf16_at(qp + j) * a.scale;
-  }
-  OnlineSoftmax st[G];
-  float acc[G][8];
-#pragma unroll
-  for (int g = 0; g < G; ++g)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
-
+  const DecSeq sq = un.sq;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   const bool summary = un.summary != 0;
-  const int64_t v_off = int64_t(a.Hkv) * a.P * a.D;  // V of a row: the same place one half-block later
-  // The loop bound is uniform over the warp (the shuffles below need all 32 lanes); keys past `end` are -inf.
-  for (int32_t wb = un.begin + warp * K::WARP_KEYS; wb < un.end; wb += (K::THREADS / 32) * K::WARP_KEYS) {
-    uint4 kr[U], vr[U];
-    bool ok[U];
+  const int ntiles = (un.end - un.begin + TILE - 1) / TILE;
+  const int64_t v_off = int64_t(a.Hkv) * a.P * a.D;
+
+  // Tile t into stage st: this thread copies chunk `part` of KEYS_PER_THREAD keys, K and V.
+  const int part = threadIdx.x % CH, key0 = threadIdx.x / CH;
+  auto issue = [&](int t, int st) {
+    const int32_t x0 = un.begin + t * TILE;
+    const uint32_t base = dev::smem_u32(smem + st * K::STAGE_BYTES);
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int32_t x = wb + gw * U + u;
-      ok[u] = x < un.end;
-      kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
-      if (ok[u]) {
-        int32_t blk, r;
-        locate(a, sq, summary, x, blk, r);
-        const uint16_t* kp = cache_row(a, blk, 0, hk, r);
-        kr[u] = __ldg(reinterpret_cast<const uint4*>(kp) + li);
-        vr[u] = __ldg(reinterpret_cast<const uint4*>(kp + v_off) + li);
+    for (int i = 0; i < K::KEYS_PER_THREAD; ++i) {
+      const int key = key0 + i * (K::THREADS / CH);
+      const int32_t x = x0 + key;
+      const bool ok = x < un.end;
+      const uint16_t* src = a.k;  // any valid address when !ok (0 bytes are read: zero fill)
+      if (ok) {
+        int32_t r;
+        src = block_row(a, locate(a, sq, summary, x, r), hk, r) + part * 8;
       }
+      const uint32_t off = uint32_t(dev::swz<CH>(key, part));
+      dev::cp_async16(base + off, src, ok);
+      dev::cp_async16(base + TILE * D * 2 + off, src + (ok ? v_off : 0), ok);
     }
-    float s[U][G];
+  };
+  // Q as the A operand: row gid = query head hk·G + gid (zero for gid >= G); rows 8..15 zero. q was
+  // written before the write kernel started, so it is read before the dependency wait.
+  uint32_t qa[D / 16][2];
+  {
+    const bool has = gid < G;
+    const uint16_t* qp = a.q + int64_t(un.qrow) * a.q_rs + int64_t(hk * G + (has ? gid : 0)) * a.q_hs;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const uint32_t w[4] = {kr[u].x, kr[u].y, kr[u].z, kr[u].w};
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        float dot = 0.f;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) dot += q[g][2 * j] * bf16_lo(w[j]) + q[g][2 * j + 1] * bf16_hi(w[j]);
-#pragma unroll
-        for (int o = LPK / 2; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        s[u][g] = ok[u] ? dot : -INFINITY;
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float bm = s[0][g];
-#pragma unroll
-      for (int u = 1; u < U; ++u) bm = fmaxf(bm, s[u][g]);
-      if (bm == -INFINITY) continue;  // no key for this lane group in this iteration
-      const float f = st[g].raise_max(bm);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[g][j] *= f;
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const float p = st[g].add(s[u][g]);
-        const uint32_t w[4] = {vr[u].x, vr[u].y, vr[u].z, vr[u].w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          acc[g][2 * j] += p * bf16_lo(w[j]);
-          acc[g][2 * j + 1] += p * bf16_hi(w[j]);
-        }
-      }
+    for (int kk = 0; kk < D / 16; ++kk) {
+      qa[kk][0] = has ? *reinterpret_cast<const uint32_t*>(qp + kk * 16 + 2 * tig) : 0u;
+      qa[kk][1] = has ? *reinterpret_cast<const uint32_t*>(qp + kk * 16 + 8 + 2 * tig) : 0u;
     }
   }
+  dev::grid_dependency_wait();  // the write kernel's rows are in the cache
+#pragma unroll
+  for (int t = 0; t < STAGES - 1; ++t) {
+    if (t < ntiles) issue(t, t);
+    dev::cp_async_commit();
+  }
+  const float sl2 = a.scale * 1.4426950408889634f;  // scores in log2 units for ex2
+  float m2 = -INFINITY, l = 0.f;                   // row gid: running max (log2 units) and this lane's sum
+  float o[NB][2];                                  // row gid, dims 8·nb + 2·tig, +1
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) o[nb][0] = o[nb][1] = 0.f;
 
-  // Join the lane groups (fixed order) and write this CTA's partial.
+  for (int t = 0; t < ntiles; ++t) {
+    dev::cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile t landed for every thread; the stage of tile t - 1 is free again
+    if (t + STAGES - 1 < ntiles) issue(t + STAGES - 1, (t + STAGES - 1) % STAGES);
+    dev::cp_async_commit();
+
+    const uint32_t ks = dev::smem_u32(smem + (t % STAGES) * K::STAGE_BYTES), vs = ks + TILE * D * 2;
+    const int wrow = warp * K::WKEYS;
+    // S = Q K^T for this warp's 16 keys: two n-blocks of 8 keys.
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int mat = lane / 8, row = wrow + (mat / 2) * 8 + lane % 8, chunk = 2 * kk + (mat % 2);
+      uint32_t b0, b1, b2, b3;
+      dev::ldsm_x4(b0, b1, b2, b3, ks + uint32_t(dev::swz<CH>(row, chunk)));
+      const uint32_t aq[4] = {qa[kk][0], 0u, qa[kk][1], 0u};
+      dev::mma16816<__nv_bfloat16>(s[0], aq, b0, b1);
+      dev::mma16816<__nv_bfloat16>(s[1], aq, b2, b3);
+    }
+    // Online softmax on row gid (its 16 scores live in the 4 lanes of the quad).
+    const int32_t xk = un.begin + t * TILE + wrow;
+    float mx = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) s_acc[grp][g][li * 8 + j] = acc[g][j];
-    if (li == 0) s_ml[grp][g] = make_float2(st[g].m, st[g].l);
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const bool ok = xk + nb * 8 + 2 * tig + j < un.end;
+        s[nb][j] = ok ? s[nb][j] * sl2 : -INFINITY;
+        mx = fmaxf(mx, s[nb][j]);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mn = fmaxf(m2, mx);
+    const float mu = mn == -INFINITY ? 0.f : mn;  // no key yet: every p is 0, not NaN
+    const float f = dev::ex2(m2 - mu);
+    m2 = mn;
+    l *= f;
+    // P as two bf16 A operands, hi + lo (lo = the rounding residue of hi), so that P·V keeps fp32-level
+    // weights: a decode step sums up to ~17K keys per head, and bf16 weights alone cost ~2^-9 relative.
+    uint32_t ph[4] = {0u, 0u, 0u, 0u}, pl[4] = {0u, 0u, 0u, 0u};  // a1, a3 (rows 8..15) stay zero
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb) {
+      const float p0 = dev::ex2(s[nb][0] - mu), p1 = dev::ex2(s[nb][1] - mu);
+      l += p0 + p1;
+      ph[2 * nb] = dev::pack2<__nv_bfloat16>(p0, p1);  // a0 (keys 2tig..) / a2 (keys 8 + 2tig..), row gid
+      const float2 hi = dev::unpack2<__nv_bfloat16>(ph[2 * nb]);
+      pl[2 * nb] = dev::pack2<__nv_bfloat16>(p0 - hi.x, p1 - hi.y);
+    }
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) o[nb][0] *= f, o[nb][1] *= f;
+    // O += P V: V^T fragments by ldmatrix.trans, two n-blocks (16 dims) per x4.
+#pragma unroll
+    for (int c = 0; c < CH; c += 2) {
+      const int mat = lane / 8, row = wrow + (mat % 2) * 8 + lane % 8, chunk = c + mat / 2;
+      uint32_t b0, b1, b2, b3;
+      dev::ldsm_x4_t(b0, b1, b2, b3, vs + uint32_t(dev::swz<CH>(row, chunk)));
+      float c0[4] = {o[c][0], o[c][1], 0.f, 0.f}, c1[4] = {o[c + 1][0], o[c + 1][1], 0.f, 0.f};
+      dev::mma16816<__nv_bfloat16>(c0, ph, b0, b1);
+      dev::mma16816<__nv_bfloat16>(c1, ph, b2, b3);
+      dev::mma16816<__nv_bfloat16>(c0, pl, b0, b1);
+      dev::mma16816<__nv_bfloat16>(c1, pl, b2, b3);
+      o[c][0] = c0[0], o[c][1] = c0[1], o[c + 1][0] = c1[0], o[c + 1][1] = c1[1];
+    }
+  }
+  dev::launch_dependents();  // the merge kernel may launch; it waits for this grid before reading
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+
+  // Join the warps (fixed order) and write this CTA's partial (m in natural units); stage buffers reused.
+  dev::cp_async_wait<0>();
+  __syncthreads();
+  float* s_acc = reinterpret_cast<float*>(smem);                    // [WARPS][G][D]
+  float2* s_ml = reinterpret_cast<float2*>(s_acc + K::WARPS * G * D);  // [WARPS][G]
+  if (gid < G) {
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      s_acc[(warp * G + gid) * D + nb * 8 + 2 * tig] = o[nb][0];
+      s_acc[(warp * G + gid) * D + nb * 8 + 2 * tig + 1] = o[nb][1];
+    }
+    if (tig == 0) s_ml[warp * G + gid] = make_float2(m2 == -INFINITY ? -INFINITY : m2 * 0.6931471805599453f, l);
   }
   __syncthreads();
   const int64_t base = (int64_t(blockIdx.x) * a.Hkv + hk) * G;
@@ -176,72 +232,159 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun a) {
     const int g = i / D, d = i % D;
     OnlineSoftmax tot;
     float x = 0.f;
-    for (int gr = 0; gr < K::NG; ++gr) {
-      OnlineSoftmax o;
-      o.m = s_ml[gr][g].x;
-      o.l = s_ml[gr][g].y;
-      merge_partial(tot, &x, o, &s_acc[gr][g][d], 1);
+#pragma unroll
+    for (int w = 0; w < K::WARPS; ++w) {
+      OnlineSoftmax ow;
+      ow.m = s_ml[w * G + g].x;
+      ow.l = s_ml[w * G + g].y;
+      merge_partial(tot, &x, ow, &s_acc[(w * G + g) * D + d], 1);
     }
     a.part_acc[(base + g) * D + d] = x;
     if (d == 0) a.part_ml[base + g] = make_float2(tot.m, tot.l);
   }
 }
 
-__global__ void __launch_bounds__(128) merge_kernel(const DecodeRun a) {
+// One CTA per (token, query head): the token's unit partials joined exactly: M = max m_u, weights
+// w_u = exp(m_u - M) into smem, L = sum w_u l_u, out = sum w_u acc_u / L. Each (m, l) is loaded once, and
+// NU unit slices per output element with every load of a slice issued before the sums keep the loads in
+// flight together (a serial chain of merges over ~60 partials is latency bound). Fixed order throughout:
+// deterministic. Tokens with more than kMergeUnits units go through the smem weights in slices.
+constexpr int kMergeThreads = 512, kMergeUnits = kMergeThreads;
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const DecodeRun a) {
+  __shared__ float s_red[2][kMergeThreads / 32];
+  __shared__ float s_w[kMergeUnits];
+  __shared__ float s_acc[kMergeThreads];
   const DecTok t = a.toks[blockIdx.x];
-  const int hk = blockIdx.y, G = a.G, D = a.D;
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    const int g = i / D, d = i - g * D, h = hk * G + g;
-    OnlineSoftmax tot;
-    float x = 0.f;
-    for (int u = t.unit0; u < t.unit0 + t.units; ++u) {
-      const int64_t pi = (int64_t(u) * a.Hkv + hk) * G + g;
-      const float2 ml = a.part_ml[pi];
-      OnlineSoftmax o;
-      o.m = ml.x;
-      o.l = ml.y;
-      merge_partial(tot, &x, o, &a.part_acc[pi * D + d], 1);
+  const int h = blockIdx.y, hk = h / a.G, g = h - hk * a.G, D = a.D;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, NW = kMergeThreads / 32;
+  auto pidx = [&](int u) { return (int64_t(t.unit0 + u) * a.Hkv + hk) * a.G + g; };
+  dev::grid_dependency_wait();  // the attend kernel's partials
+  // Slice 0 of the (m, l) pairs in registers; the global max over all units.
+  float2 ml0 = make_float2(-INFINITY, 0.f);
+  if (tid < t.units) ml0 = a.part_ml[pidx(tid)];
+  float m = ml0.x;
+  for (int u = tid + kMergeThreads; u < t.units; u += kMergeThreads) m = fmaxf(m, a.part_ml[pidx(u)].x);
+  for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) s_red[0][warp] = m;
+  __syncthreads();
+  float M = -INFINITY;
+  for (int w = 0; w < NW; ++w) M = fmaxf(M, s_red[0][w]);
+  const int NU = kMergeThreads / D, us = tid / D, d = tid - us * D;
+  float l = 0.f, acc = 0.f;
+  for (int u0 = 0; u0 < t.units; u0 += kMergeUnits) {
+    const int nu = min(kMergeUnits, t.units - u0);
+    if (u0 > 0) {
+      __syncthreads();  // s_w of the previous slice is consumed
+      ml0 = tid < nu ? a.part_ml[pidx(u0 + tid)] : make_float2(-INFINITY, 0.f);
     }
-    a.out[t.row * a.o_rs + h * a.o_hs + d] = to_bf16(x * tot.inv_sum());
-    if (d == 0 && a.lse) a.lse[int64_t(t.row) * a.Hq + h] = tot.lse();
+    const float w = ml0.x == -INFINITY ? 0.f : expf(ml0.x - M);
+    if (tid < nu) s_w[tid] = w;
+    l += w * ml0.y;
+    __syncthreads();
+    constexpr int BATCH = 8;
+    for (int u = us; u < nu; u += BATCH * NU) {
+      float v[BATCH];
+#pragma unroll
+      for (int j = 0; j < BATCH; ++j) v[j] = u + j * NU < nu ? a.part_acc[pidx(u0 + u + j * NU) * D + d] : 0.f;
+#pragma unroll
+      for (int j = 0; j < BATCH; ++j)
+        if (u + j * NU < nu) acc += s_w[u + j * NU] * v[j];
+    }
+  }
+  for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
+  if (lane == 0) s_red[1][warp] = l;
+  s_acc[tid] = acc;
+  __syncthreads();
+  if (us == 0) {
+    float L = 0.f, x = 0.f;
+    for (int w = 0; w < NW; ++w) L += s_red[1][w];
+    for (int j = 0; j < NU; ++j) x += s_acc[j * D + d];
+    a.out[t.row * a.o_rs + h * a.o_hs + d] = to_bf16(x / L);
+    if (d == 0 && a.lse) a.lse[int64_t(t.row) * a.Hq + h] = M + logf(L);
   }
 }
 
 // -------------------------------------------------------------------------------------------- launcher
+// Whether the current device takes programmatic dependent launches (sm_90+), cached per device.
+bool pdl_supported() {
+  static int cached[64] = {};  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  KSA_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) {
+    int major = 0;
+    KSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    cached[dev] = major >= 9 ? 2 : 1;
+  }
+  return cached[dev] == 2;
+}
+
+// Launches kernel(a); with `pdl` the kernel may start while the previous kernel on the stream runs.
+void launch(void (*kernel)(DecodeRun), dim3 grid, int threads, int smem, bool pdl, const DecodeRun& a, cudaStream_t s) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.dynamicSmemBytes = size_t(smem);
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  KSA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
+}
+
 template <int D, int G>
-void launch_attend(const DecodeRun& a, cudaStream_t s) {
-  attend_kernel<DecTraits<D, G>><<<dim3(unsigned(a.n_units), unsigned(a.Hkv)), DecTraits<D, G>::THREADS, 0, s>>>(a);
+void attend_config(int* ctas_per_sm, const DecodeRun* a, cudaStream_t s, bool pdl) {
+  using K = DecTraits<D, G>;
+  static bool configured = false;  // the attribute is per function; setting it twice is harmless
+  if (!configured) {
+    KSA_CUDA_CHECK(cudaFuncSetAttribute(attend_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
+    configured = true;
+  }
+  if (ctas_per_sm)
+    KSA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, attend_kernel<K>, K::THREADS, K::SMEM));
+  if (a) launch(attend_kernel<K>, dim3(unsigned(a->n_units), unsigned(a->Hkv)), K::THREADS, K::SMEM, pdl, *a, s);
 }
 
 template <int D>
-void launch_attend_d(const DecodeRun& a, cudaStream_t s) {
-  switch (a.G) {
-    case 1: return launch_attend<D, 1>(a, s);
-    case 2: return launch_attend<D, 2>(a, s);
-    case 3: return launch_attend<D, 3>(a, s);
-    case 4: return launch_attend<D, 4>(a, s);
-    case 5: return launch_attend<D, 5>(a, s);
-    case 6: return launch_attend<D, 6>(a, s);
-    case 7: return launch_attend<D, 7>(a, s);
-    case 8: return launch_attend<D, 8>(a, s);
-    default: fail("cuda decode: GQA group size G=", a.G, " is not supported (1..8)");
+void attend_d(int G, int* ctas_per_sm, const DecodeRun* a, cudaStream_t s, bool pdl) {
+  switch (G) {
+    case 1: return attend_config<D, 1>(ctas_per_sm, a, s, pdl);
+    case 2: return attend_config<D, 2>(ctas_per_sm, a, s, pdl);
+    case 3: return attend_config<D, 3>(ctas_per_sm, a, s, pdl);
+    case 4: return attend_config<D, 4>(ctas_per_sm, a, s, pdl);
+    case 5: return attend_config<D, 5>(ctas_per_sm, a, s, pdl);
+    case 6: return attend_config<D, 6>(ctas_per_sm, a, s, pdl);
+    case 7: return attend_config<D, 7>(ctas_per_sm, a, s, pdl);
+    case 8: return attend_config<D, 8>(ctas_per_sm, a, s, pdl);
+    default: fail("cuda decode: GQA group size G=", G, " is not supported (1..8)");
   }
+}
+
+void attend(int D, int G, int* ctas_per_sm, const DecodeRun* a, cudaStream_t s, bool pdl) {
+  if (D == 64) attend_d<64>(G, ctas_per_sm, a, s, pdl);
+  else if (D == 128) attend_d<128>(G, ctas_per_sm, a, s, pdl);
+  else fail("cuda decode: head dim D=", D, " is not supported (64 or 128)");
 }
 
 }  // namespace
 
+int attend_ctas_per_sm(int D, int G) {
+  int n = 0;
+  attend(D, G, &n, nullptr, nullptr, false);
+  return n;
+}
+
+int attend_tile_keys() { return DecTraits<128, 1>::TILE; }
+
 void launch_decode(const DecodeRun& a, cudaStream_t s) {
-  if (a.n_writes > 0) {
-    write_kernel<<<unsigned(a.n_writes), 128, 0, s>>>(a);
-    KSA_CUDA_CHECK_LAUNCH();
-  }
+  const bool pdl = pdl_supported();
+  if (a.n_writes > 0) launch(write_kernel, dim3(unsigned(a.n_writes)), 256, 0, false, a, s);
   if (a.n_toks == 0) return;
-  if (a.D == 64) launch_attend_d<64>(a, s);
-  else if (a.D == 128) launch_attend_d<128>(a, s);
-  else fail("cuda decode: head dim D=", a.D, " is not supported (64 or 128)");
-  KSA_CUDA_CHECK_LAUNCH();
-  merge_kernel<<<dim3(unsigned(a.n_toks), unsigned(a.Hkv)), 128, 0, s>>>(a);
-  KSA_CUDA_CHECK_LAUNCH();
+  // PDL only behind the write kernel: the attend prologue reads q, which the kernel before it wrote.
+  attend(a.D, a.G, nullptr, &a, s, pdl && a.n_writes > 0);
+  launch(merge_kernel, dim3(unsigned(a.n_toks), unsigned(a.Hq)), kMergeThreads, 0, pdl, a, s);
 }
 
 }  // namespace ksa::cuda::detail

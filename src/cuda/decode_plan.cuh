@@ -10,8 +10,8 @@ namespace ksa::cuda::detail {
 
 // A sequence of the batch: where its block tables are in the uploaded table array.
 struct DecSeq {
-  int32_t text_off = 0, slots = 1;  // ring: tables[text_off + slot]
-  int32_t sum_off = 0, stored = 1;  // summaries: tables[sum_off + block]; stored = 0: row s lives at s % S
+  int32_t text_off = 0, slots = 1;  // ring: blocks[text_off + slot]
+  int32_t sum_off = 0, stored = 1;  // summaries: blocks[sum_off + block]; stored = 0: row s lives at s % S
 };
 
 // A new token of the step: its packed row in q/out/lse and its attention work units [unit0, unit0 + units).
@@ -22,7 +22,10 @@ struct DecTok {
 // An attention work unit: keys = rows [begin, end) of one table (text rows or summary rows) of a sequence,
 // for one token (grid.y runs the KV heads).
 struct DecUnit {
-  int32_t tok = 0, seq = 0, summary = 0, begin = 0, end = 0, pad = 0;
+  int32_t tok = 0, seq = 0, summary = 0, begin = 0, end = 0;
+  int32_t qrow = 0;  // the token's packed row (toks[tok].row), and its sequence's tables (seqs[seq]), copied
+  DecSeq sq;         // here so that the kernel's prologue is one dependent load shorter
+  int32_t pad[2] = {0, 0};
 };
 
 // A K/V row to write into the cache: packed source row `src` of io.k/io.v goes to text row `row` or
@@ -34,11 +37,11 @@ struct DecWrite {
 // The kernels' arguments (by value). Pointers into the plan's device workspace and the caller's tensors.
 struct DecodeRun {
   // pool
-  void* const* slabs = nullptr;  // device array of slab pointers
-  int32_t slab_blocks = 1, P = 16, Hkv = 1, S = 1;
-  int64_t block_elems = 0;       // 2 * Hkv * P * D
+  int32_t P = 16, Hkv = 1, S = 1;
   // plan
-  const int32_t* tables = nullptr;
+  // The batch's block tables as device addresses of the blocks (the plan resolves block ids on the host,
+  // so the kernels do no slab arithmetic); a block holds K [Hkv, P, D] then V [Hkv, P, D].
+  const uint16_t* const* blocks = nullptr;
   const DecSeq* seqs = nullptr;
   const DecTok* toks = nullptr;
   const DecUnit* units = nullptr;
@@ -55,6 +58,11 @@ struct DecodeRun {
   float* part_acc = nullptr;
   float2* part_ml = nullptr;
 };
+
+// CTAs of the attend kernel that fit on one SM (for the plan's split), and keys per attend tile (units are
+// cut in multiples of it).
+int attend_ctas_per_sm(int D, int G);
+int attend_tile_keys();
 
 // Queues the write kernel, then (if n_toks > 0) the split attention and the merge. No host reads or syncs.
 void launch_decode(const DecodeRun& r, cudaStream_t stream);

@@ -9,6 +9,7 @@
 #include "check.cuh"
 #include "cpu/decode_keys.hpp"
 #include "cuda/decode_plan.cuh"
+#include "cuda/launch_checks.hpp"
 #include "ksa/cuda_cache.hpp"
 #include "ksa/error.hpp"
 
@@ -87,6 +88,8 @@ void check_tensor(const TensorView& t, const char* name, int64_t rows, int64_t H
   if (H > 1 && t.head_stride < D) fail("cuda decode: ", name, ".head_stride must be >= D=", D, " (got ", t.head_stride, ")");
   if (rows > 1 && t.row_stride < (H - 1) * t.head_stride + D)
     fail("cuda decode: ", name, ".row_stride must be >= (H-1)*head_stride + D (got ", t.row_stride, ")");
+  std::string why;
+  if (!views_aligned16({{name, &t}}, &why)) fail("cuda decode: ", why, " (16-byte chunks are moved)");
   const int64_t last = (rows - 1) * t.row_stride + (H - 1) * t.head_stride + D;
   if (last >= (int64_t(1) << 31)) fail("cuda decode: ", name, " spans ", last, " elements, over 2^31 (packed rows are int32)");
 }
@@ -110,6 +113,7 @@ struct KvCacheGpu::Impl {
   cudaStream_t stream;
   KvCacheGpuOptions opt;
   int sms = 0;
+  int ctas_per_sm[9] = {};  // attend CTAs per SM by GQA group size (queried on first use)
   std::optional<DecodePlan> plan;
   DecodeRun run;
   PlanStats stats;
@@ -129,7 +133,7 @@ struct KvCacheGpu::Impl {
     cudaStreamSynchronize(stream);
   }
 
-  // Builds the blob (slab pointers, sequences, tokens, units, writes, tables), uploads it with one async
+  // Builds the blob (sequences, tokens, units, writes, block addresses), uploads it with one async
   // copy and fills `run`. `write_only`: the plan's rows are a prefill (writes only, filtered by `keep`).
   template <class Keep>
   void upload(const DecodePlan& p, const TensorView* q, const TensorView& k, const TensorView& v,
@@ -138,7 +142,7 @@ struct KvCacheGpu::Impl {
     const int64_t Kk = p.k, S = p.S, W = p.W, P = cfg.block_rows, Hkv = cfg.Hkv, D = cfg.D, G = Hq / Hkv;
     const bool stored = cfg.stores_summaries();
     std::vector<DecSeq> seqs(p.seqs.size());
-    std::vector<int32_t> tables;
+    std::vector<int32_t> tables;  // block ids (resolved to device addresses below)
     std::vector<DecTok> toks;
     std::vector<DecUnit> units;
     std::vector<DecWrite> writes;
@@ -173,36 +177,46 @@ struct KvCacheGpu::Impl {
         }
       }
     }
-    // Split: about 4 CTAs per SM over all KV heads, 64..2048 keys per unit (a multiple of 32).
+    // Split: units of whole attend tiles, sized so that the units of all KV heads fill whole waves of the
+    // device (CTAs resident at once = SMs x attend CTAs per SM), at most ~2048 keys per unit.
     int64_t split = opt.split_rows;
-    if (split <= 0) {
-      const int64_t target = std::max<int64_t>(1, 4 * int64_t(sms) / Hkv);
-      split = std::clamp<int64_t>((total_keys + target - 1) / target, 64, 2048);
-      split = (split + 31) / 32 * 32;
+    if (split <= 0 && !write_only) {
+      const int64_t tile = attend_tile_keys();
+      if (ctas_per_sm[G] == 0) ctas_per_sm[G] = std::max(1, attend_ctas_per_sm(int(D), int(G)));
+      const int64_t per_wave = std::max<int64_t>(1, int64_t(sms) * ctas_per_sm[G] / Hkv);
+      const int64_t waves = std::max<int64_t>(1, (total_keys + per_wave * 2048 - 1) / (per_wave * 2048));
+      split = (total_keys + per_wave * waves - 1) / (per_wave * waves);
+      split = std::max<int64_t>(tile, (split + tile - 1) / tile * tile);
     }
+    if (split <= 0) split = 2048;
     for (const Range& r : ranges) {
       DecTok& t = toks[size_t(r.tok)];
       if (t.units == 0) t.unit0 = int32_t(units.size());
       for (int64_t b = r.begin; b < r.end; b += split) {
-        units.push_back(DecUnit{r.tok, r.seq, r.summary, int32_t(b), int32_t(std::min<int64_t>(r.end, b + split)), 0});
+        DecUnit u;
+        u.tok = r.tok, u.seq = r.seq, u.summary = r.summary, u.begin = int32_t(b);
+        u.end = int32_t(std::min<int64_t>(r.end, b + split));
+        u.qrow = t.row;
+        u.sq = seqs[size_t(r.seq)];
+        units.push_back(u);
         ++t.units;
       }
     }
     stats = PlanStats{int64_t(units.size()), int64_t(toks.size()), total_keys};
 
-    // Blob: slab pointers, seqs, toks, units, writes, tables (16-byte aligned sections).
+    // Blob: seqs, toks, units, writes, block addresses (16-byte aligned sections).
     const KvPoolView pv = cache.pool_view();
-    const int64_t blocks = cache.bytes_reserved() / cache.block_bytes();
-    const size_t n_slabs = size_t((blocks + pv.slab_blocks - 1) / pv.slab_blocks);
+    std::vector<const void*> addr(tables.size());
+    for (size_t i = 0; i < tables.size(); ++i) addr[i] = tables[i] < 0 ? nullptr : pv.block(tables[i]);
     size_t off = 0;
     auto section = [&](size_t bytes) {
       const size_t o = off;
       off = align16(off + bytes);
       return o;
     };
-    const size_t o_slabs = section(n_slabs * sizeof(void*)), o_seqs = section(seqs.size() * sizeof(DecSeq)),
+    const size_t o_seqs = section(seqs.size() * sizeof(DecSeq)),
                  o_toks = section(toks.size() * sizeof(DecTok)), o_units = section(units.size() * sizeof(DecUnit)),
-                 o_writes = section(writes.size() * sizeof(DecWrite)), o_tables = section(tables.size() * 4);
+                 o_writes = section(writes.size() * sizeof(DecWrite)), o_tables = section(addr.size() * sizeof(void*));
     const size_t bytes = std::max<size_t>(off, 16);
     meta.reserve(bytes, stream);
     const size_t part_bytes = align16(units.size() * size_t(Hkv * G * D) * 4) + units.size() * size_t(Hkv * G) * 8;
@@ -211,12 +225,11 @@ struct KvCacheGpu::Impl {
     next_staging ^= 1;
     stg.reserve(bytes);
     char* h = static_cast<char*>(stg.p);
-    std::memcpy(h + o_slabs, pv.slabs, n_slabs * sizeof(void*));
     std::memcpy(h + o_seqs, seqs.data(), seqs.size() * sizeof(DecSeq));
     std::memcpy(h + o_toks, toks.data(), toks.size() * sizeof(DecTok));
     std::memcpy(h + o_units, units.data(), units.size() * sizeof(DecUnit));
     std::memcpy(h + o_writes, writes.data(), writes.size() * sizeof(DecWrite));
-    std::memcpy(h + o_tables, tables.data(), tables.size() * 4);
+    std::memcpy(h + o_tables, addr.data(), addr.size() * sizeof(void*));
     KSA_CUDA_CHECK(cudaMemcpyAsync(meta.p, h, off, cudaMemcpyHostToDevice, stream));
     KSA_CUDA_CHECK(cudaEventRecord(stg.done, stream));
     stg.pending = true;
@@ -224,13 +237,10 @@ struct KvCacheGpu::Impl {
     char* d = static_cast<char*>(meta.p);
     DecodeRun& a = run;
     a = DecodeRun{};
-    a.slabs = reinterpret_cast<void* const*>(d + o_slabs);
-    a.slab_blocks = int32_t(pv.slab_blocks);
     a.P = int32_t(P);
     a.Hkv = int32_t(Hkv);
     a.S = int32_t(S);
-    a.block_elems = pv.block_elems();
-    a.tables = reinterpret_cast<const int32_t*>(d + o_tables);
+    a.blocks = reinterpret_cast<const uint16_t* const*>(d + o_tables);
     a.seqs = reinterpret_cast<const DecSeq*>(d + o_seqs);
     a.toks = reinterpret_cast<const DecTok*>(d + o_toks);
     a.units = reinterpret_cast<const DecUnit*>(d + o_units);
