@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <vector>
 
 #include "cpu/dense_kernels.hpp"
@@ -63,29 +64,32 @@ void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int6
       for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot(W, wdt, n, K, x + m * K);
     return;
   }
-  constexpr int64_t kBlock = 256;  // weight rows widened at a time (256 x K fp32)
+  // Weight rows widened at a time (at most 256 x K fp32), so that every thread gets blocks.
+  const int64_t per = (N + 2 * nt - 1) / (2 * nt);
+  const int64_t block = std::clamp<int64_t>((per + 15) / 16 * 16, 16, 256);
 #ifdef KSA_HAVE_OPENBLAS
-  std::vector<float> wf(static_cast<size_t>(kBlock * K));
-  for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
-    const int64_t nb = std::min(kBlock, N - n0);
-    widen_rows(W, wdt, K, n0, n0 + nb, wf.data());
-    // y[:, n0:n0+nb] = x . wf^T
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(nb), int(K), 1.f, x, int(K), wf.data(), int(K),
-                0.f, y + n0, int(N));
-  }
-#else
+  // Each OpenMP thread widens its blocks and multiplies them with a single-threaded sgemm: OpenBLAS's own
+  // thread pool (Debian's pthread build ignores OpenMP) would otherwise run next to ours and fight it.
+  static std::once_flag single;
+  std::call_once(single, [] { openblas_set_num_threads(1); });
+#endif
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> wf(static_cast<size_t>(kBlock * K));
+    std::vector<float> wf(static_cast<size_t>(block * K));
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
-      const int64_t nb = std::min(kBlock, N - n0);
+    for (int64_t n0 = 0; n0 < N; n0 += block) {
+      const int64_t nb = std::min(block, N - n0);
       widen_rows(W, wdt, K, n0, n0 + nb, wf.data());
+#ifdef KSA_HAVE_OPENBLAS
+      // y[:, n0:n0+nb] = x . wf^T
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(nb), int(K), 1.f, x, int(K), wf.data(), int(K),
+                  0.f, y + n0, int(N));
+#else
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < nb; ++n) y[m * N + n0 + n] = detail::dot_row_portable(wf.data(), DType::f32, n, K, x + m * K);
+#endif
     }
   }
-#endif
 }
 
 void rms_norm(float* x, int64_t rows, int64_t n, const void* w, DType wdt, float eps) {
