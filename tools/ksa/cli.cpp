@@ -53,6 +53,10 @@ bool& Flags::flag(const std::string& names, const std::string& help) {
   Flag& f = add(names, Kind::flag, "", help);
   return f.b;
 }
+std::vector<std::string>& Flags::strs(const std::string& names, const std::string& help) {
+  Flag& f = add(names, Kind::strs, "", help);
+  return f.list;
+}
 
 Flags::Flag* Flags::find(const std::string& name) {
   for (auto& f : flags_)
@@ -103,6 +107,7 @@ bool Flags::parse(int argc, char** argv) {
       size_t used = 0;
       switch (f->kind) {
         case Kind::str: f->s = value; used = value.size(); break;
+        case Kind::strs: f->list.push_back(value); used = value.size(); break;
         case Kind::i64: f->i = std::stoll(value, &used, 0); break;
         case Kind::f64: f->f = std::stod(value, &used); break;
         case Kind::flag: break;
@@ -122,11 +127,12 @@ std::string Flags::help() const {
   for (auto& f : flags_) {
     std::string names;
     for (size_t i = 0; i < f->names.size(); ++i) names += (i ? ", " : "") + f->names[i];
-    if (f->kind != Kind::flag) names += f->kind == Kind::str ? " STR" : f->kind == Kind::i64 ? " N" : " X";
+    if (f->kind != Kind::flag) names += f->kind == Kind::str || f->kind == Kind::strs ? " STR" : f->kind == Kind::i64 ? " N" : " X";
     os << "  " << names;
     const int pad = 28 - int(names.size());
     os << std::string(size_t(pad > 1 ? pad : 1), ' ') << f->help;
     if (f->kind != Kind::flag && !f->def.empty()) os << " (default: " << f->def << ")";
+    if (f->kind == Kind::strs) os << " (repeatable)";
     os << "\n";
   }
   os << "  -h, --help" << std::string(18, ' ') << "show this help\n";

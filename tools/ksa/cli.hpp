@@ -24,6 +24,8 @@ class Flags {
   int64_t& i64(const std::string& names, int64_t def, const std::string& help);
   double& f64(const std::string& names, double def, const std::string& help);
   bool& flag(const std::string& names, const std::string& help);
+  // A string flag that may be given several times; every value is kept, in order.
+  std::vector<std::string>& strs(const std::string& names, const std::string& help);
 
   // Parses argv[0..argc) (the words after the subcommand). Returns false when --help was asked (help is
   // printed). Throws UsageError for unknown flags, missing or malformed values.
@@ -33,7 +35,7 @@ class Flags {
   std::string help() const;
 
  private:
-  enum class Kind { str, i64, f64, flag };
+  enum class Kind { str, i64, f64, flag, strs };
   struct Flag {
     std::vector<std::string> names;
     std::string help, def;
@@ -42,6 +44,7 @@ class Flags {
     int64_t i = 0;
     double f = 0;
     bool b = false;
+    std::vector<std::string> list;
     bool seen = false;
   };
   Flag& add(const std::string& names, Kind kind, std::string def, const std::string& help);

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "bench_attn.hpp"
+#include "bench_model.hpp"
 #include "common.hpp"
 #include "cpu/attention_tiles.hpp"
 #include "ksa/cpu.hpp"
@@ -288,15 +289,26 @@ int run_bench(int argc, char** argv) {
   const std::string what = argc > 0 ? argv[0] : "";
   if (what == "attn") return run_attn(argc - 1, argv + 1);
   if (what == "sgemm") return run_sgemm(argc - 1, argv + 1);
+#ifdef KSA_HAVE_ENGINE
+  if (what == "model") return run_bench_model(argc - 1, argv + 1);
+#endif
   if (what == "-h" || what == "--help") {
     std::printf("usage: ksa bench attn [flags]    (ksa bench attn --help for the flags)\n"
+#ifdef KSA_HAVE_ENGINE
+                "       ksa bench model [flags]   engine pp/tg tok/s vs memory bandwidth (ksa bench model --help)\n"
+#endif
                 "       ksa bench sgemm [flags]   OpenBLAS sgemm alone (the ceiling's child process)\n");
     return 0;
   }
-  throw cli::UsageError(what.empty() ? "expected a benchmark: attn or sgemm" : "unknown benchmark '" + what + "' (expected attn or sgemm)");
+#ifdef KSA_HAVE_ENGINE
+  const std::string names = "attn, model or sgemm";
+#else
+  const std::string names = "attn or sgemm; `model` needs a build with KSA_ENGINE=ON";
+#endif
+  throw cli::UsageError(what.empty() ? "expected a benchmark: " + names : "unknown benchmark '" + what + "' (expected " + names + ")");
 }
 
-cli::Register reg{{"bench", "benchmarks: `bench attn` (KSA prefill kernels vs an sgemm ceiling)", run_bench}};
+cli::Register reg{{"bench", "benchmarks: `bench attn` (KSA prefill kernels vs an sgemm ceiling), `bench model` (engine tok/s)", run_bench}};
 
 }  // namespace
 }  // namespace ksa::tools

@@ -1,7 +1,12 @@
 // Helpers shared by the ksa subcommands.
 #pragma once
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -49,6 +54,32 @@ inline std::string human_bytes(double b) {
   char s[64];
   std::snprintf(s, sizeof s, "%.2f %s", b, u[i]);
   return s;
+}
+
+// A progress callback for ksa::ModelOptions::progress (weights paged in): a bar redrawn in place when stderr
+// is a terminal and the weights are at least 64 MiB; a line per quarter when stderr is not a terminal and the
+// weights are at least 1 GiB (logs of long loads); nothing otherwise.
+inline std::function<void(int64_t, int64_t)> weight_progress() {
+  const bool tty = isatty(STDERR_FILENO) != 0;
+  auto quarter = std::make_shared<int>(0);
+  return [tty, quarter](int64_t done, int64_t total) {
+    if (total <= 0) return;
+    const double frac = double(done) / double(total);
+    if (tty && total >= (int64_t(64) << 20)) {
+      constexpr int width = 40;
+      const int fill = int(frac * width + 0.5);
+      std::fprintf(stderr, "\rloading weights [%s%s] %3d%% %s / %s", std::string(size_t(fill), '#').c_str(),
+                   std::string(size_t(width - fill), ' ').c_str(), int(frac * 100 + 0.5), human_bytes(double(done)).c_str(),
+                   human_bytes(double(total)).c_str());
+      if (done >= total) std::fputc('\n', stderr);
+      std::fflush(stderr);
+    } else if (!tty && total >= (int64_t(1) << 30)) {
+      while (*quarter < 4 && frac >= 0.25 * (*quarter + 1)) {
+        ++*quarter;
+        std::fprintf(stderr, "loading weights: %d%% of %s\n", 25 * *quarter, human_bytes(double(total)).c_str());
+      }
+    }
+  };
 }
 
 }  // namespace ksa::tools

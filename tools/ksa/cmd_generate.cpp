@@ -1,0 +1,329 @@
+// `ksa generate`: text generation on the CPU from a checkpoint directory (config.json, safetensors,
+// tokenizer.json): encode the prompt (optionally through the Qwen3 chat template), run it through the model in
+// one append, then sample token by token, streaming the decoded text to stdout. Timings and the KV-cache
+// bytes (KSA against full attention) go to stderr at the end, in llama.cpp's style.
+//
+// Stops at an end-of-sequence id (generation_config.json `eos_token_id`, else config.json's; with --chat also
+// <|im_end|>), at a --stop string (the text before it is printed, the string itself not), at -n tokens, or at
+// the context limit.
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <optional>
+#include <random>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "common.hpp"
+#include "generation_config.hpp"
+#include "ksa/chat_template.hpp"
+#include "ksa/model.hpp"
+#include "ksa/sampler.hpp"
+#include "ksa/tokenizer.hpp"
+
+namespace ksa::tools {
+namespace {
+
+namespace fs = std::filesystem;
+
+// Length of the prefix of `bytes` that does not end inside an unfinished UTF-8 character (the rest may be
+// completed by the next token's bytes). Invalid bytes count as finished: utf8_replace_invalid handles them.
+size_t complete_utf8_prefix(const std::string& bytes) {
+  const size_t n = bytes.size();
+  for (size_t back = 1; back <= 4 && back <= n; ++back) {
+    const unsigned char c = static_cast<unsigned char>(bytes[n - back]);
+    if ((c & 0xC0) == 0x80) continue;  // continuation byte: look further back for the lead
+    const size_t need = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
+    return back < need ? n - back : n;
+  }
+  return n;
+}
+
+// Prints generated text as it is produced: only complete UTF-8 characters, and never text that may turn out
+// to be the beginning of a stop string.
+class TextStream {
+ public:
+  TextStream(const Tokenizer& tok, std::vector<std::string> stops) : tok_(tok), stops_(std::move(stops)) {}
+
+  // Adds one token's bytes; returns true when a stop string is now complete (the text before it is printed).
+  bool push(int32_t id) {
+    bytes_ += tok_.decode_bytes(std::span<const int32_t>(&id, 1));
+    const size_t cut = complete_utf8_prefix(bytes_);
+    text_ += utf8_replace_invalid(std::string_view(bytes_).substr(0, cut));
+    bytes_.erase(0, cut);
+    return drain(false);
+  }
+  // Prints what is held back (an unfinished character becomes U+FFFD).
+  void finish() {
+    text_ += utf8_replace_invalid(bytes_);
+    bytes_.clear();
+    drain(true);
+  }
+  const std::string& stop_found() const { return stop_found_; }
+  char last_char() const { return last_; }
+
+ private:
+  bool drain(bool final) {
+    size_t first = std::string::npos;
+    for (const std::string& s : stops_) {
+      const size_t p = text_.find(s);
+      if (p < first) first = p, stop_found_ = s;
+    }
+    if (first != std::string::npos) {
+      write(text_.substr(0, first));
+      text_.clear();
+      return true;
+    }
+    // Hold back the longest tail that is a proper prefix of a stop string.
+    size_t hold = 0;
+    if (!final)
+      for (const std::string& s : stops_)
+        for (size_t len = std::min(s.size() - 1, text_.size()); len > hold; --len)
+          if (text_.compare(text_.size() - len, len, s, 0, len) == 0) {
+            hold = len;
+            break;
+          }
+    write(text_.substr(0, text_.size() - hold));
+    text_.erase(0, text_.size() - hold);
+    return false;
+  }
+  void write(const std::string& s) {
+    if (s.empty()) return;
+    std::fwrite(s.data(), 1, s.size(), stdout);
+    std::fflush(stdout);
+    last_ = s.back();
+  }
+
+  const Tokenizer& tok_;
+  std::vector<std::string> stops_;
+  std::string bytes_;  // bytes of an unfinished character
+  std::string text_;   // complete text not printed yet
+  std::string stop_found_;
+  char last_ = '\n';
+};
+
+// --stop values: C escapes \n \t \r \\ are understood; empty strings are dropped.
+std::string unescape(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] != '\\' || i + 1 == s.size()) {
+      out += s[i];
+      continue;
+    }
+    const char c = s[++i];
+    out += c == 'n' ? '\n' : c == 't' ? '\t' : c == 'r' ? '\r' : c;
+  }
+  return out;
+}
+
+std::string read_file(const std::string& path) {
+  if (path == "-") {
+    std::stringstream ss;
+    ss << std::cin.rdbuf();
+    return ss.str();
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(path, ": cannot read the prompt file");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string quoted(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) out += c == '\n' ? std::string("\\n") : c == '\t' ? std::string("\\t") : std::string(1, c);
+  return out + "\"";
+}
+
+void print_rate(const char* what, double secs, int64_t n, const char* unit) {
+  std::fprintf(stderr, "ksa generate: %16s = %10.2f ms / %5lld %-6s", what, secs * 1e3, (long long)n, unit);
+  if (n > 0 && secs > 0)
+    std::fprintf(stderr, " (%8.2f ms per token, %9.2f tokens per second)", secs * 1e3 / double(n), double(n) / secs);
+  std::fputc('\n', stderr);
+}
+
+int run_generate(int argc, char** argv) {
+  cli::Flags f("generate",
+               "Generate text from a checkpoint directory on the CPU (streamed to stdout; timings and KV-cache bytes\n"
+               "on stderr). Sampling is greedy unless --temp > 0. Stops at an end-of-sequence id\n"
+               "(generation_config.json, else config.json; with --chat also <|im_end|>), a --stop string, -n\n"
+               "tokens or the context limit.");
+  std::string& dir = f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json)");
+  std::string& prompt_text = f.str("-p,--prompt", "", "the prompt");
+  std::string& prompt_file = f.str("-f,--file", "", "read the prompt from a file ('-' = stdin)");
+  int64_t& n_predict = f.i64("-n,--n-predict", 128, "tokens to generate at most");
+  double& temp = f.f64("--temp", 0.0, "temperature; 0 = greedy (argmax), > 0 samples");
+  int64_t& top_k = f.i64("--top-k", 0, "keep the k most likely tokens (0 = off)");
+  double& top_p = f.f64("--top-p", 1.0, "nucleus: smallest set with cumulative probability >= p (1 = off)");
+  double& min_p = f.f64("--min-p", 0.0, "drop tokens with p < min_p * p_max (0 = off)");
+  double& rep = f.f64("--repeat-penalty", 1.0, "HF repetition penalty over prompt + generated tokens (1 = off)");
+  double& pres = f.f64("--presence-penalty", 0.0, "subtracted once from every seen token's logit");
+  double& freq = f.f64("--frequency-penalty", 0.0, "subtracted per occurrence of a seen token");
+  int64_t& seed = f.i64("--seed", -1, "sampling seed (-1 = random, printed)");
+  bool& chat = f.flag("--chat", "wrap the prompt as a user turn in the Qwen3 chat template (with the assistant prompt)");
+  std::string& system = f.str("--system", "", "with --chat: a system message first");
+  bool& no_think = f.flag("--no-think", "with --chat: disable thinking (Qwen3's enable_thinking=false: an empty <think></think>)");
+  int64_t& threads = f.i64("-t,--threads", 0, "CPU threads (0 = all)");
+  int64_t& ctx = f.i64("--ctx", 0, "context limit in text tokens (0 = config max_position_embeddings)");
+  std::vector<std::string>& stops = f.strs("--stop", "stop when the text contains this string (\\n, \\t escapes understood)");
+  bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
+  bool& no_display = f.flag("--no-display-prompt", "do not echo the prompt to stdout");
+  if (!f.parse(argc, argv)) return 0;
+
+  if (dir.empty()) throw cli::UsageError("-m/--model: required");
+  if (f.given("--prompt") == f.given("--file")) throw cli::UsageError("give exactly one of -p/--prompt and -f/--file");
+  if (n_predict < 0) throw cli::UsageError("-n: must be >= 0 (got " + std::to_string(n_predict) + ")");
+  if (ctx < 0) throw cli::UsageError("--ctx: must be >= 0 (got " + std::to_string(ctx) + ")");
+  if (threads < 0) throw cli::UsageError("--threads: must be >= 0 (got " + std::to_string(threads) + ")");
+  if (!chat && (f.given("--system") || no_think)) throw cli::UsageError("--system and --no-think need --chat");
+
+  SamplerConfig sc;
+  sc.temperature = float(temp);
+  sc.top_k = top_k;
+  sc.top_p = float(top_p);
+  sc.min_p = float(min_p);
+  sc.repetition_penalty = float(rep);
+  sc.presence_penalty = float(pres);
+  sc.frequency_penalty = float(freq);
+  sc.seed = seed >= 0 ? uint64_t(seed) : (uint64_t(std::random_device{}()) << 32 | std::random_device{}());
+  Sampler sampler(sc);  // validates: throws ksa::Error naming the field
+
+  std::vector<std::string> stop_strings;
+  for (const std::string& s : stops)
+    if (std::string u = unescape(s); !u.empty()) stop_strings.push_back(std::move(u));
+
+  if (!fs::is_directory(dir)) fail("model directory '", dir, "' does not exist or is not a directory");
+  const fs::path tok_path = fs::path(dir) / "tokenizer.json";
+  if (!fs::exists(tok_path))
+    fail(dir, " has no tokenizer.json (ksa generate needs one; `ksa make-model` copies the Qwen3 tokenizer that "
+              "scripts/fetch_test_data.sh caches, or pass it --tokenizer DIR; or copy a tokenizer.json there)");
+
+  std::string text = f.given("--prompt") ? prompt_text : read_file(prompt_file);
+
+  // Load: tokenizer, then the weights (with a progress bar on a terminal).
+  const double t_load0 = now_s();
+  const Tokenizer tok = Tokenizer::load(tok_path.string());
+  ModelOptions mo;
+  mo.threads = int(threads);
+  mo.max_text_tokens = ctx;
+  mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
+  mo.progress = weight_progress();
+  Model model = Model::load(dir, mo);
+  const double load_s = now_s() - t_load0;
+  const ModelConfig& cfg = model.config();
+
+  // End-of-sequence ids.
+  const GenerationConfig gen = load_generation_config(dir);
+  std::set<int64_t> eos(gen.eos_token_ids.begin(), gen.eos_token_ids.end());
+  if (eos.empty()) eos.insert(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end());
+
+  if (chat) {
+    const fs::path tc = fs::path(dir) / "tokenizer_config.json";
+    if (fs::exists(tc) && !ChatTemplate::load(tc.string()).recognized())
+      std::fprintf(stderr, "ksa generate: warning: %s has a chat template other than Qwen3's; rendering Qwen3's\n", tc.c_str());
+    std::vector<ChatMessage> msgs;
+    if (f.given("--system")) msgs.push_back({"system", system, std::nullopt});
+    msgs.push_back({"user", text, std::nullopt});
+    ChatOptions co;
+    co.add_generation_prompt = true;
+    if (no_think) co.enable_thinking = false;
+    text = render_qwen3_chat(msgs, co);
+    if (const int32_t im_end = tok.token_to_id("<|im_end|>"); im_end >= 0) eos.insert(im_end);
+  }
+
+  const std::vector<int32_t> prompt = tok.encode(text);
+  const int64_t limit = model.max_text_tokens();
+  if (prompt.empty()) fail("the prompt is empty (it encodes to no tokens)");
+  if (int64_t(prompt.size()) > limit)
+    fail("the prompt is ", prompt.size(), " tokens, more than the context limit of ", limit,
+         ctx > 0 ? " (--ctx)" : " (config.json max_position_embeddings; --ctx sets a smaller one)");
+
+  std::string eos_list;
+  for (int64_t e : eos) {
+    if (!eos_list.empty()) eos_list += ',';
+    eos_list += std::to_string(e);
+  }
+  std::fprintf(stderr, "ksa generate: %s: %s%s, %lld layers, hidden %lld, weights %s; %d threads; context %lld; KV %s\n",
+               dir.c_str(), cfg.model_type.c_str(), cfg.use_summary_attention ? "+KSA" : "", (long long)cfg.num_hidden_layers,
+               (long long)cfg.hidden_size, human_bytes(double(model.weight_bytes())).c_str(),
+               threads > 0 ? int(threads) : int(std::max(1u, std::thread::hardware_concurrency())), (long long)limit,
+               dtype_name(mo.kv_dtype));
+  if (sc.temperature == 0.f)
+    std::fprintf(stderr, "ksa generate: prompt %zu tokens; greedy; eos %s\n", prompt.size(), eos_list.c_str());
+  else
+    std::fprintf(stderr, "ksa generate: prompt %zu tokens; temp %g top-k %lld top-p %g min-p %g seed %llu; eos %s\n",
+                 prompt.size(), double(sc.temperature), (long long)sc.top_k, double(sc.top_p), double(sc.min_p),
+                 (unsigned long long)sc.seed, eos_list.c_str());
+  if (!no_display) {
+    std::fwrite(text.data(), 1, text.size(), stdout);
+    std::fflush(stdout);
+  }
+
+  // Prompt: one append, logits of its last token.
+  const SeqId seq = model.new_sequence();
+  std::vector<float> logits(size_t(model.vocab()));
+  const double t_pp0 = now_s();
+  if (n_predict > 0) model.append(seq, prompt, LogitsFor::last, logits);
+  else model.append(seq, prompt, LogitsFor::none, {});
+  const double pp_s = now_s() - t_pp0;
+
+  // Generation.
+  TextStream out(tok, stop_strings);
+  std::vector<int32_t> history = prompt;
+  int64_t generated = 0, evals = 0, draws = 0;
+  double eval_s = 0, sample_s = 0;
+  std::string why = n_predict == 0 ? "-n 0" : "";
+  while (generated < n_predict) {
+    const double ts = now_s();
+    const int32_t id = sampler.sample(logits, history);
+    sample_s += now_s() - ts;
+    ++draws;
+    if (eos.count(id)) {
+      why = std::string("end-of-sequence token ").append(std::to_string(id));
+      break;
+    }
+    history.push_back(id);
+    ++generated;
+    if (out.push(id)) {
+      why = "stop string " + quoted(out.stop_found());
+      break;
+    }
+    if (generated == n_predict) {
+      why = "-n reached";
+      break;
+    }
+    if (model.text_tokens(seq) >= limit) {
+      why = std::string("the context limit of ").append(std::to_string(limit)).append(" tokens");
+      break;
+    }
+    const double te = now_s();
+    model.append(seq, std::span<const int32_t>(&id, 1), LogitsFor::last, logits);
+    eval_s += now_s() - te;
+    ++evals;
+  }
+  out.finish();
+  if (out.last_char() != '\n' || (no_display && generated == 0)) std::fputc('\n', stdout);
+  std::fflush(stdout);
+
+  const int64_t kv = model.kv_bytes(seq), kv_full = model.kv_bytes_full_attention(seq);
+  std::fprintf(stderr, "\nksa generate: stopped: %s (%lld tokens generated)\n", why.c_str(), (long long)generated);
+  std::fprintf(stderr, "ksa generate: %16s = %10.2f ms\n", "load time", load_s * 1e3);
+  print_rate("prompt eval time", pp_s, int64_t(prompt.size()), "tokens");
+  print_rate("eval time", eval_s, evals, "runs");
+  print_rate("sampling time", sample_s, draws, "draws");
+  std::fprintf(stderr, "ksa generate: %16s = %s (KSA, %s) vs %s full attention at %lld text tokens", "KV cache",
+               human_bytes(double(kv)).c_str(), dtype_name(mo.kv_dtype), human_bytes(double(kv_full)).c_str(),
+               (long long)model.text_tokens(seq));
+  if (kv > 0) std::fprintf(stderr, ": %.2fx %s\n", kv_full >= kv ? double(kv_full) / double(kv) : double(kv) / double(kv_full),
+                           kv_full >= kv ? "smaller" : "larger (a short text: the cache's 16-row blocks dominate)");
+  else std::fputc('\n', stderr);
+  return 0;
+}
+
+cli::Register reg{{"generate", "generate text from a checkpoint (CPU)", run_generate}};
+
+}  // namespace
+}  // namespace ksa::tools

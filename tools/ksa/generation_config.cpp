@@ -1,0 +1,43 @@
+#include "generation_config.hpp"
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "ksa/error.hpp"
+
+namespace ksa::tools {
+
+GenerationConfig load_generation_config(const std::string& dir) {
+  GenerationConfig g;
+  const std::filesystem::path path = std::filesystem::path(dir) / "generation_config.json";
+  if (!std::filesystem::exists(path)) return g;
+  std::ifstream in(path);
+  if (!in) fail(path.string(), ": cannot open");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(ss.str());
+  } catch (const nlohmann::json::exception& e) {
+    fail(path.string(), ": not valid JSON: ", e.what());
+  }
+  if (!j.is_object()) fail(path.string(), ": expected a JSON object");
+  g.found = true;
+  auto id = [&](const nlohmann::json& v, const char* field) -> int64_t {
+    if (!v.is_number_integer()) fail(path.string(), ": ", field, ": expected an integer token id (got ", v.dump(), ")");
+    return v.get<int64_t>();
+  };
+  if (auto it = j.find("eos_token_id"); it != j.end() && !it->is_null()) {
+    if (it->is_array())
+      for (const auto& v : *it) g.eos_token_ids.push_back(id(v, "eos_token_id"));
+    else
+      g.eos_token_ids.push_back(id(*it, "eos_token_id"));
+  }
+  if (auto it = j.find("bos_token_id"); it != j.end() && !it->is_null()) g.bos_token_id = id(*it, "bos_token_id");
+  return g;
+}
+
+}  // namespace ksa::tools
