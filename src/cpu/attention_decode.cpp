@@ -4,7 +4,7 @@
 // tokens in order; for each: write the token's K/V rows (this KV head) into the cache rows the plan made
 // room for, then attend for the G query heads of the group. Going in stream order is what makes a step
 // that crosses chunk boundaries correct: a ring block is reused only once no later query sees its rows.
-// The visible keys are the core's key_spans (decode_keys.hpp) mapped to cache rows; each run of rows inside
+// The visible keys are the core's key_spans (cache/decode_keys.hpp) mapped to cache rows; each run of rows inside
 // one block is contiguous [n, D] for a head. Each K and V row is loaded (and converted from bf16) once and
 // used by all G query heads. The text keys (window and current chunk) and the summary keys accumulate into
 // separate OnlineSoftmax partials that are merged at the end (the split a GPU kernel makes across blocks).
@@ -14,7 +14,7 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu/decode_keys.hpp"
+#include "cache/decode_keys.hpp"
 #include "ksa/decode.hpp"
 #include "ksa/softmax.hpp"
 
@@ -100,7 +100,7 @@ struct Worker {
     const int64_t es = pool.elem_bytes(), pos0 = sq.kv.T + sq.kv.sums;
     for (int64_t i = 0; i < sq.n; ++i) {
       const int64_t row = sq.row0 + i;
-      const detail::DecodeKeys keys = detail::decode_keys(p.k, p.S, p.W, pos0 + i);
+      const ksa::detail::DecodeKeys keys = ksa::detail::decode_keys(p.k, p.S, p.W, pos0 + i);
       // 1. The token's own K/V, written before any query reads it (it sees itself).
       const KvRowRef dst = keys.is_summary ? sq.kv.summary_row(pool, p.S, keys.row) : sq.kv.text_row(pool, keys.row);
       std::memcpy(pool.row(dst.block, 0, hk, dst.row),

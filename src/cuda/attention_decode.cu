@@ -2,7 +2,7 @@
 //
 // 1. write:  one CTA per new token: its K/V rows (all KV heads) into the cache rows the plan made room for.
 // 2. attend: grid (work units, KV heads). A unit is a run of visible key rows of one token in one table
-//            (text ring or summary table), cut by the plan from the core's key_spans (cpu/decode_keys.hpp)
+//            (text ring or summary table), cut by the plan from the core's key_spans (cache/decode_keys.hpp)
 //            into pieces of split_rows keys (flash-decoding: a 16K-row summary span runs on many SMs). K/V
 //            tiles stream through a cp.async pipeline; each K and V row is read once for all G query heads
 //            of the group (rows of an mma.sync A operand); the CTA writes one (m, l, acc) partial per

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "check.cuh"
-#include "cpu/decode_keys.hpp"
+#include "cache/decode_keys.hpp"
 #include "cuda/decode_plan.cuh"
 #include "cuda/launch_checks.hpp"
 #include "ksa/cuda_cache.hpp"
@@ -164,7 +164,7 @@ struct KvCacheGpu::Impl {
       tables.insert(tables.end(), sq.kv.summary_blocks, sq.kv.summary_blocks + (sum_rows + P - 1) / P);
       const int64_t pos0 = sq.kv.T + sq.kv.sums;
       for (int64_t i = 0; i < sq.n; ++i) {
-        const cpu::detail::DecodeKeys keys = cpu::detail::decode_keys(Kk, S, W, pos0 + i);
+        const ksa::detail::DecodeKeys keys = ksa::detail::decode_keys(Kk, S, W, pos0 + i);
         const int32_t src = int32_t(sq.row0 + i);
         if (keep(keys)) writes.push_back(DecWrite{src, int32_t(b), keys.is_summary ? 1 : 0, int32_t(keys.row)});
         if (write_only) continue;
@@ -339,7 +339,7 @@ void KvCacheGpu::prefill(SeqId id, const KvRows& k, const KvRows& v) {
   try {
     const TensorView kv{const_cast<void*>(k.data), 0, k.row_stride, k.head_stride};
     const TensorView vv{const_cast<void*>(v.data), 0, v.row_stride, v.head_stride};
-    m.upload(plan, nullptr, kv, vv, nullptr, nullptr, 1.f, cfg.Hkv, true, [&](const cpu::detail::DecodeKeys& d) {
+    m.upload(plan, nullptr, kv, vv, nullptr, nullptr, 1.f, cfg.Hkv, true, [&](const ksa::detail::DecodeKeys& d) {
       return d.is_summary ? d.row >= s_keep : d.row >= lo;
     });
     launch_decode(m.run, m.stream);
@@ -368,7 +368,7 @@ void KvCacheGpu::plan_decode(std::span<const SeqId> ids, std::span<const int64_t
     check_tensor(io.out, "out", R, io.Hq, cfg.D);
     const float scale = io.scale != 0.f ? io.scale : 1.f / std::sqrt(float(cfg.D));
     m.upload(plan, &io.q, io.k, io.v, &io.out, io.lse, scale, io.Hq, false,
-             [](const cpu::detail::DecodeKeys&) { return true; });
+             [](const ksa::detail::DecodeKeys&) { return true; });
   } catch (...) {
     m.cache.cancel_decode(plan);
     throw;

@@ -7,7 +7,7 @@
 #include <numeric>
 
 #include "cache_cases.hpp"
-#include "cpu/decode_keys.hpp"
+#include "cache/decode_keys.hpp"
 
 namespace ksa {
 namespace {
@@ -208,7 +208,7 @@ TEST(Decode, KeysEqualTheVisibleRule) {
     const int64_t W = std::uniform_int_distribution<int64_t>(0, 6)(rng), T = std::uniform_int_distribution<int64_t>(1, 80)(rng);
     const Layout lay(k, S, T);
     for (int64_t pos = 0; pos < lay.length(); ++pos) {
-      const cpu::detail::DecodeKeys keys = cpu::detail::decode_keys(k, S, W, pos);
+      const ksa::detail::DecodeKeys keys = ksa::detail::decode_keys(k, S, W, pos);
       std::vector<int> seen(size_t(lay.length()), 0);
       for (int r = 0; r < keys.n; ++r)
         for (int64_t x = keys.range[r].begin; x < keys.range[r].end; ++x) {

@@ -6,7 +6,7 @@
 
 #include "ksa/spec.hpp"
 
-namespace ksa::cpu::detail {
+namespace ksa::detail {
 
 struct DecodeKeys {
   bool is_summary = false;
@@ -45,4 +45,4 @@ inline DecodeKeys decode_keys(int64_t k, int64_t S, int64_t W, int64_t pos) {
   return d;
 }
 
-}  // namespace ksa::cpu::detail
+}  // namespace ksa::detail
