@@ -19,17 +19,12 @@
 #include "cuda/attention_bwd_plan.hpp"
 #include "ksa/cpu.hpp"
 #include "ksa/cuda.hpp"
+#include "gpu_test_util.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa {
 namespace {
 
-#define REQUIRE_GPU()                                                        \
-  do {                                                                       \
-    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device visible"; \
-  } while (0)
-
-#define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
 
 // Sets an environment variable for one scope (the backward reads KSA_CUDA_BWD_SPLIT on every call).
 struct EnvScope {
@@ -288,15 +283,8 @@ struct DeviceProblem {
            *dv = nullptr;
   float* lse = nullptr;
   const Problem& pr;
-  template <class X>
-  static X* upload(const std::vector<X>& h) {
-    if (h.empty()) return nullptr;
-    X* d = nullptr;
-    if (cudaMalloc(&d, h.size() * sizeof(X)) != cudaSuccess) throw std::runtime_error("cudaMalloc");
-    if (cudaMemcpy(d, h.data(), h.size() * sizeof(X), cudaMemcpyHostToDevice) != cudaSuccess) throw std::runtime_error("cudaMemcpy");
-    return d;
-  }
   explicit DeviceProblem(const Problem& p) : pr(p) {
+    using test::upload;
     qkv = upload(p.qkv);
     k = upload(p.kk);
     v = upload(p.vv);

@@ -11,17 +11,12 @@
 
 #include "ksa/cpu.hpp"
 #include "ksa/cuda.hpp"
+#include "gpu_test_util.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa {
 namespace {
 
-#define REQUIRE_GPU()                                                        \
-  do {                                                                       \
-    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device visible"; \
-  } while (0)
-
-#define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
 
 struct Shape {
   int64_t k, S, T, W, Hq, Hkv, D, B;
@@ -59,17 +54,15 @@ void check_shape(const Shape& s, uint64_t seed) {
   const int64_t rowo = s.strided ? s.Hq * s.D + 8 : s.Hq * s.D;
   const int64_t n_o = s.B * L * rowo;
 
-  uint16_t *dq = nullptr, *dk = nullptr, *dv = nullptr, *dout = nullptr;
-  float* dlse = nullptr;
-  CK(cudaMalloc(&dq, size_t(n_q) * 2));
+  const test::DevMem mq(size_t(n_q) * 2), mk(size_t(n_kv) * 2), mv(size_t(n_kv) * 2), mo(size_t(n_o) * 2),
+      ml(size_t(s.B * L * s.Hq) * 4);
+  ASSERT_TRUE(mq.p && mk.p && mv.p && mo.p && ml.p) << "cudaMalloc";
+  uint16_t *dq = mq.as<uint16_t>(), *dk = mk.as<uint16_t>(), *dv = mv.as<uint16_t>(), *dout = mo.as<uint16_t>();
+  float* dlse = ml.as<float>();
   if (!s.strided) {
-    CK(cudaMalloc(&dk, size_t(n_kv) * 2));
-    CK(cudaMalloc(&dv, size_t(n_kv) * 2));
     CK(cudaMemcpy(dk, hk.data(), size_t(n_kv) * 2, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(dv, hv.data(), size_t(n_kv) * 2, cudaMemcpyHostToDevice));
   }
-  CK(cudaMalloc(&dout, size_t(n_o) * 2));
-  CK(cudaMalloc(&dlse, size_t(s.B * L * s.Hq) * 4));
   CK(cudaMemcpy(dq, hq.data(), size_t(n_q) * 2, cudaMemcpyHostToDevice));
   CK(cudaMemset(dout, 0xff, size_t(n_o) * 2));  // NaN poison: unwritten elements fail
   CK(cudaMemset(dlse, 0xff, size_t(s.B * L * s.Hq) * 4));
@@ -98,11 +91,6 @@ void check_shape(const Shape& s, uint64_t seed) {
   std::vector<float> hl(static_cast<size_t>(s.B * L * s.Hq));
   CK(cudaMemcpy(ho.data(), dout, size_t(n_o) * 2, cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(hl.data(), dlse, hl.size() * 4, cudaMemcpyDeviceToHost));
-  cudaFree(dq);
-  cudaFree(dk);
-  cudaFree(dv);
-  cudaFree(dout);
-  cudaFree(dlse);
 
   // The oracle on the same host data and views.
   AttentionParams hp = p;

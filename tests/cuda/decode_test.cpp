@@ -8,6 +8,7 @@
 
 #include "cache/cache_cases.hpp"
 #include "ksa/cuda.hpp"
+#include "gpu_test_util.hpp"
 #include "ksa/cuda_cache.hpp"
 
 namespace ksa {
@@ -15,12 +16,6 @@ namespace {
 
 using test::SeqData;
 
-#define REQUIRE_GPU()                                                        \
-  do {                                                                       \
-    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device visible"; \
-  } while (0)
-
-#define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
 
 // Tolerance: the CPU decode test's bound (cache_cases.hpp: bf16 out = one rounding, 2^-8·|ref|, plus the
 // fp32 term 1e-5·(1 + max|v|)) with the fp32 term doubled: the GPU sums the same fp32 products in another
@@ -29,15 +24,7 @@ using test::SeqData;
 double out_tol(double ref, double vmax) { return std::ldexp(std::abs(ref), -8) + 2e-5 * (1.0 + vmax); }
 double lse_tol(double ref) { return 4e-5 * (1.0 + std::abs(ref)); }
 
-struct DevMem {
-  void* p = nullptr;
-  explicit DevMem(size_t bytes) {
-    if (cudaMalloc(&p, std::max<size_t>(bytes, 16)) != cudaSuccess) p = nullptr;
-  }
-  ~DevMem() { cudaFree(p); }
-  DevMem(const DevMem&) = delete;
-  DevMem& operator=(const DevMem&) = delete;
-};
+using test::DevMem;
 
 struct GpuCase {
   int64_t k = 8, S = 1, W = 1, Hkv = 1, G = 1, D = 64, P = 16, split = 0, extra_context = 0;
