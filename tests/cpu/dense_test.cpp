@@ -24,7 +24,7 @@ std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
 TEST(Dense, LinearMatchesDouble) {
   std::mt19937_64 rng(5);
   std::normal_distribution<float> nd(0.f, 1.f);
-  for (int64_t M : {1, 2, 4, 5, 37})
+  for (int64_t M : {1, 2, 4, 5, 11, 12, 37})
     for (int64_t K : {1, 31, 64, 161})
       for (DType wdt : {DType::f32, DType::bf16}) {
         const int64_t N = 67;
