@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "test_util.hpp"
 #include "ksa/error.hpp"
 #include "ksa/model.hpp"
 #include "ksa/model_writer.hpp"
@@ -71,21 +72,6 @@ constexpr int64_t kTextVocab = 256;  // text token ids [0, 256); summary ids fol
 
 bool verbose() { return std::getenv("KSA_TEST_VERBOSE") != nullptr; }
 
-class TmpDir {
- public:
-  TmpDir() : dir_(fs::temp_directory_path() / ("ksa_engine_" + std::to_string(::getpid()) + "_" + std::to_string(counter_++))) {}
-  ~TmpDir() {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-  TmpDir(const TmpDir&) = delete;
-  TmpDir& operator=(const TmpDir&) = delete;
-  std::string str() const { return dir_.string(); }
-
- private:
-  static inline int counter_ = 0;
-  fs::path dir_;
-};
 
 // One test configuration: the "tiny" shape (4 layers, hidden 64, intermediate 192, 4 query heads, head_dim 16)
 // with the KSA knobs changed and a small vocabulary.
@@ -211,7 +197,7 @@ std::vector<Case> cases() {
 struct Built {
   Case c;
   ModelConfig cfg;
-  TmpDir dir;
+  test::TempDir dir{"engine"};
   std::unique_ptr<ReferenceModel> ref;
 
   explicit Built(const Case& cs) : c(cs), cfg(make_config(cs)) {
@@ -386,7 +372,7 @@ TEST(EngineReference, WindowCoveringAllChunksEqualsPlainQwen3) {
   c.seed = 77 + seed_offset();
   SCOPED_TRACE(describe(c));
   const Built b(c);
-  TmpDir plain;
+  test::TempDir plain{"engine"};
   fs::copy(b.dir.str(), plain.str(), fs::copy_options::recursive);
   ModelConfig pc = b.cfg;
   pc.use_summary_attention = false;
@@ -538,19 +524,12 @@ TEST(EngineDeterminism, SameInputsSameBitsAndThreadCountsAgree) {
 // ---------------------------------------------------------------------------------------------------
 // d. Errors.
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no ksa::Error)";
-}
+using test::error_of;
 
 TEST(EngineErrors, LoadMissingDirectoryNamesThePath) {
   const std::string dir = (fs::temp_directory_path() / ("ksa_engine_missing_" + std::to_string(::getpid()))).string();
   const std::string msg = error_of([&] { (void)Model::load(dir); });
-  EXPECT_NE(msg, "(no ksa::Error)");
+  EXPECT_NE(msg, test::kNoError);
   EXPECT_NE(msg.find(dir), std::string::npos) << msg;
 }
 
@@ -568,7 +547,7 @@ TEST(EngineErrors, ContextLimitLeavesTheSequenceUnchanged) {
   const std::vector<int32_t> too_many = random_text(rng, 6);
   std::vector<float> buf(too_many.size() * V);
   const std::string msg = error_of([&] { m.append(id, too_many, LogitsFor::all, buf); });
-  EXPECT_NE(msg, "(no ksa::Error)");
+  EXPECT_NE(msg, test::kNoError);
   EXPECT_NE(msg.find("20"), std::string::npos) << "names the limit: " << msg;
   EXPECT_EQ(m.text_tokens(id), 15);
   EXPECT_EQ(m.stream_tokens(id), 15 + 3);

@@ -5,6 +5,7 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 
+#include "test_util.hpp"
 #include "ksa/error.hpp"
 #include "ksa/model_config.hpp"
 #include "ksa/model_writer.hpp"
@@ -34,14 +35,7 @@ const char* kReleased = R"({
 Json released() { return Json::parse(kReleased); }
 ModelConfig parse(const Json& j) { return ModelConfig::parse(j.dump(), "cfg.json"); }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
 std::string error_with(const std::function<void(Json&)>& edit) {
   Json j = released();
   edit(j);

@@ -9,6 +9,7 @@
 #include <functional>
 #include <random>
 
+#include "test_util.hpp"
 #include "ksa/error.hpp"
 #include "ksa/safetensors.hpp"
 
@@ -17,28 +18,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
-class Tmp {
- public:
-  Tmp() : dir_(fs::temp_directory_path() / ("ksa_st_" + std::to_string(::getpid()) + "_" + std::to_string(counter_++))) {
-    fs::create_directories(dir_);
-  }
-  ~Tmp() { fs::remove_all(dir_); }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
-  const fs::path& dir() const { return dir_; }
 
- private:
-  static inline int counter_ = 0;
-  fs::path dir_;
-};
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 // A file from a header text and `data_bytes` bytes of data.
 void raw_file(const std::string& path, const std::string& header, size_t data_bytes, uint64_t header_len_override = 0) {
@@ -58,7 +39,7 @@ std::vector<float> random_values(size_t n, uint64_t seed) {
 }
 
 TEST(Safetensors, RoundTripsEveryDtype) {
-  Tmp t;
+  test::TempDir t{"st"};
   SafetensorsWriter w;
   w.set_metadata("format", "pt");
   const std::vector<float> vals = random_values(6 * 5, 1);
@@ -94,7 +75,7 @@ TEST(Safetensors, RoundTripsEveryDtype) {
 }
 
 TEST(Safetensors, ReadsUnalignedTensorsWithoutCastingPointers) {
-  Tmp t;
+  test::TempDir t{"st"};
   const std::vector<float> vals = random_values(33, 2);
   // An unpadded header whose length makes the data start at an odd offset (the mapping is page-aligned).
   for (int pad = 0; pad < 8; ++pad) {
@@ -117,7 +98,7 @@ TEST(Safetensors, ReadsUnalignedTensorsWithoutCastingPointers) {
 }
 
 TEST(Safetensors, ShardedCheckpoint) {
-  Tmp t;
+  test::TempDir t{"st"};
   SafetensorsWriter w;
   std::vector<std::vector<float>> data;
   for (int i = 0; i < 5; ++i) {
@@ -146,7 +127,7 @@ TEST(Safetensors, ShardedCheckpoint) {
 }
 
 TEST(SafetensorsErrors, IndexProblems) {
-  Tmp t;
+  test::TempDir t{"st"};
   SafetensorsWriter w;
   const std::vector<float> v = random_values(4, 3);
   w.add("a", DType::f32, {4}, v.data());
@@ -178,7 +159,7 @@ TEST(SafetensorsErrors, IndexProblems) {
 }
 
 TEST(SafetensorsErrors, CorruptedFilesEachGiveTheirMessage) {
-  Tmp t;
+  test::TempDir t{"st"};
   const std::string p = t.path("bad.safetensors");
   auto open_err = [&] { return error_of([&] { SafetensorsFile::open(p); }); };
 

@@ -12,6 +12,7 @@
 #include <functional>
 #include <map>
 
+#include "test_util.hpp"
 #include "ksa/error.hpp"
 #include "ksa/model_writer.hpp"
 #include "ksa/safetensors.hpp"
@@ -22,26 +23,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
-class TmpDir {
- public:
-  TmpDir() : dir_(fs::temp_directory_path() / ("ksa_w_" + std::to_string(::getpid()) + "_" + std::to_string(counter_++))) {}
-  ~TmpDir() { fs::remove_all(dir_); }
-  std::string str() const { return dir_.string(); }
-  std::string path(const std::string& n) const { return (dir_ / n).string(); }
 
- private:
-  static inline int counter_ = 0;
-  fs::path dir_;
-};
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 // A tiny config with a small vocabulary, so that tests write kilobytes.
 ModelConfig mini(bool tied = true) {
@@ -96,7 +79,7 @@ TEST(Weights, TableFollowsTheConfig) {
 }
 
 TEST(Weights, BindsARandomCheckpoint) {
-  TmpDir d;
+  test::TempDir d{"w"};
   const ModelConfig c = mini();
   const WrittenModel wm = write_random_model(c, d.str(), RandomModelOptions{7, DType::bf16, int64_t(1) << 30, true, ""});
   EXPECT_FALSE(wm.tokenizer_copied);
@@ -125,7 +108,7 @@ TEST(Weights, BindsARandomCheckpoint) {
   const std::vector<float> n = w.layers[0].input_layernorm->to_f32();
   for (float x : n) EXPECT_NEAR(x, 1.0, 0.1);
   // Same seed, same bytes; another seed, other values.
-  TmpDir d2, d3;
+  test::TempDir d2{"w"}, d3{"w"};
   write_random_model(c, d2.str(), RandomModelOptions{7, DType::bf16, int64_t(1) << 30, true, ""});
   write_random_model(c, d3.str(), RandomModelOptions{8, DType::bf16, int64_t(1) << 30, true, ""});
   EXPECT_EQ(Checkpoint::open(d2.str()).at("model.norm.weight").to_f32(), ck.at("model.norm.weight").to_f32());
@@ -133,7 +116,7 @@ TEST(Weights, BindsARandomCheckpoint) {
 }
 
 TEST(Weights, OptionalAndIgnoredTensors) {
-  TmpDir d;
+  test::TempDir d{"w"};
   ModelConfig c = mini(false);  // untied: lm_head required
   write_random_model(c, d.str(), RandomModelOptions{1, DType::f32, int64_t(1) << 30, false, ""});
   const Checkpoint ck = Checkpoint::open(d.str());
@@ -141,7 +124,7 @@ TEST(Weights, OptionalAndIgnoredTensors) {
   EXPECT_EQ(w.layers[0].q_proj_summary, nullptr);
   EXPECT_NE(w.lm_head, w.embed_tokens);
   // mix_coeff 0: summary projections present but ignored (null), not counted.
-  TmpDir d2;
+  test::TempDir d2{"w"};
   c.mix_coeff = 0;
   write_random_model(c, d2.str(), RandomModelOptions{1, DType::f32, int64_t(1) << 30, true, ""});
   const Checkpoint ck2 = Checkpoint::open(d2.str());
@@ -152,7 +135,7 @@ TEST(Weights, OptionalAndIgnoredTensors) {
 }
 
 TEST(WeightsErrors, OneMessageListsEveryProblem) {
-  TmpDir d;
+  test::TempDir d{"w"};
   const ModelConfig c = mini(false);
   write_random_model(c, d.str(), RandomModelOptions{3, DType::f32, int64_t(1) << 30, true, ""});
   rewrite(d.str(), [](auto& ts) {
@@ -174,7 +157,7 @@ TEST(WeightsErrors, OneMessageListsEveryProblem) {
 }
 
 TEST(WeightsErrors, WrongShapeOfEmbeddings) {
-  TmpDir d;
+  test::TempDir d{"w"};
   ModelConfig c = mini();
   write_random_model(c, d.str(), RandomModelOptions{3, DType::bf16, int64_t(1) << 30, true, ""});
   c.vocab_size = 301;  // the config says one row more than the file has
@@ -198,7 +181,7 @@ std::string run(const std::string& cmd, int* rc) {
 TEST(KsaCommand, MakeModelThenInfo) {
   const std::string ksa = std::string(KSA_BINARY_DIR) + "/bin/ksa";
   if (!fs::exists(ksa)) GTEST_SKIP() << ksa << " not built";
-  TmpDir d;
+  test::TempDir d{"w"};
   int rc = 0;
   const std::string made = run(ksa + " make-model --shape tiny --seed 3 --shard-mb 8 --tokenizer /nonexistent-dir --out " + d.str(), &rc);
   EXPECT_NE(rc, 0) << made;  // an explicit --tokenizer folder must exist

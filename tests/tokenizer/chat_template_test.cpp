@@ -6,6 +6,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "test_util.hpp"
 #include "ksa/chat_template.hpp"
 #include "ksa/error.hpp"
 #include "ksa/tokenizer.hpp"
@@ -24,14 +25,7 @@ Json goldens() {
   return Json::parse(in);
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 TEST(ChatTemplate, MatchesJinjaGoldens) {
   const Json g = goldens();

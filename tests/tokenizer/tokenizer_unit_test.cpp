@@ -5,6 +5,7 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 
+#include "test_util.hpp"
 #include "ksa/error.hpp"
 #include "ksa/tokenizer.hpp"
 
@@ -73,14 +74,7 @@ Json small_tokenizer(bool string_merges) {
 
 Tokenizer make(bool string_merges = false) { return Tokenizer::parse(small_tokenizer(string_merges).dump(), "t.json"); }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 using Ids = std::vector<int32_t>;
 constexpr int32_t AB = 256, BC = 257, ABC = 258, AA = 259, SP_A = 260, CA = 261, E_ACUTE = 262;
