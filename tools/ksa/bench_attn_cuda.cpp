@@ -11,48 +11,11 @@
 
 #include "bench_attn.hpp"
 #include "common.hpp"
+#include "cuda_bench.hpp"
 #include "ksa/cpu.hpp"
 #include "ksa/cuda.hpp"
 
 namespace ksa::tools {
-namespace {
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) fail("CUDA error in ", what, ": ", cudaGetErrorString(e));
-}
-
-struct DeviceBuf {
-  void* p = nullptr;
-  explicit DeviceBuf(size_t bytes) { check(cudaMalloc(&p, bytes), "cudaMalloc"); }
-  ~DeviceBuf() { cudaFree(p); }
-  DeviceBuf(const DeviceBuf&) = delete;
-  DeviceBuf& operator=(const DeviceBuf&) = delete;
-};
-
-template <class F>
-double median_ms(int64_t reps, F&& f) {
-  cudaEvent_t a, b;
-  check(cudaEventCreate(&a), "cudaEventCreate");
-  check(cudaEventCreate(&b), "cudaEventCreate");
-  f();  // warm-up
-  check(cudaDeviceSynchronize(), "warm-up");
-  std::vector<double> t;
-  for (int64_t r = 0; r < reps; ++r) {
-    check(cudaEventRecord(a), "cudaEventRecord");
-    f();
-    check(cudaEventRecord(b), "cudaEventRecord");
-    check(cudaEventSynchronize(b), "cudaEventSynchronize");
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, a, b), "cudaEventElapsedTime");
-    t.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
-}  // namespace
 
 int run_attn_cuda(const AttnArgs& a) {
   if (cuda::device_count() == 0) fail("--device cuda: no CUDA device visible");
@@ -64,10 +27,10 @@ int run_attn_cuda(const AttnArgs& a) {
   auto dout = random_tensor(a.dtype, nq, rng);
   DeviceBuf dq_(size_t(nq * es)), dk_(size_t(nkv * es)), dv_(size_t(nkv * es)), dout_(size_t(nq * es)),
       dO(size_t(nq * es)), dlse(size_t(a.B * L * a.Hq * 4)), gq(size_t(nq * es)), gk(size_t(nkv * es)), gv(size_t(nkv * es));
-  check(cudaMemcpy(dq_.p, q.data(), q.size(), cudaMemcpyHostToDevice), "copy q");
-  check(cudaMemcpy(dk_.p, k.data(), k.size(), cudaMemcpyHostToDevice), "copy k");
-  check(cudaMemcpy(dv_.p, v.data(), v.size(), cudaMemcpyHostToDevice), "copy v");
-  check(cudaMemcpy(dout_.p, dout.data(), dout.size(), cudaMemcpyHostToDevice), "copy dout");
+  cuda_check(cudaMemcpy(dq_.p, q.data(), q.size(), cudaMemcpyHostToDevice), "copy q");
+  cuda_check(cudaMemcpy(dk_.p, k.data(), k.size(), cudaMemcpyHostToDevice), "copy k");
+  cuda_check(cudaMemcpy(dv_.p, v.data(), v.size(), cudaMemcpyHostToDevice), "copy v");
+  cuda_check(cudaMemcpy(dout_.p, dout.data(), dout.size(), cudaMemcpyHostToDevice), "copy dout");
 
   const AttentionBackwardParams p =
       dense_params(lay, a.W, a.B, a.Hq, a.Hkv, a.D, a.dtype,
@@ -80,11 +43,11 @@ int run_attn_cuda(const AttnArgs& a) {
               cuda::device_description().c_str(), (long long)a.T, (long long)L, (long long)a.k, (long long)a.S,
               (long long)a.W, a.tail ? " tail" : "", (long long)a.B, (long long)a.Hq, (long long)a.Hkv, (long long)a.D,
               dtype_name(a.dtype));
-  const double fms = median_ms(a.reps, [&] { cuda::attention_forward(p); });
+  const double fms = median_event_ms(nullptr, a.reps, [&] { cuda::attention_forward(p); });
   std::printf("forward:  median %9.3f ms (%lld reps after 1 warm-up)  %8.1f TFLOP/s useful\n", fms, (long long)a.reps,
               fwd_flops / (fms * 1e-3) * 1e-12);
   if (a.bwd) {
-    const double bms = median_ms(a.reps, [&] { cuda::attention_backward(p); });
+    const double bms = median_event_ms(nullptr, a.reps, [&] { cuda::attention_backward(p); });
     std::printf("backward: median %9.3f ms (%lld reps after 1 warm-up)  %8.1f TFLOP/s useful (2.5 x fwd FLOPs)\n", bms,
                 (long long)a.reps, 2.5 * fwd_flops / (bms * 1e-3) * 1e-12);
   }
@@ -92,8 +55,8 @@ int run_attn_cuda(const AttnArgs& a) {
   // Oracle check of sampled forward rows (first, last, random) of batch entry 0.
   std::vector<uint8_t> out(size_t(nq * es));
   std::vector<float> lse(size_t(a.B * L * a.Hq));
-  check(cudaMemcpy(out.data(), dO.p, out.size(), cudaMemcpyDeviceToHost), "copy out");
-  check(cudaMemcpy(lse.data(), dlse.p, lse.size() * 4, cudaMemcpyDeviceToHost), "copy lse");
+  cuda_check(cudaMemcpy(out.data(), dO.p, out.size(), cudaMemcpyDeviceToHost), "copy out");
+  cuda_check(cudaMemcpy(lse.data(), dlse.p, lse.size() * 4, cudaMemcpyDeviceToHost), "copy lse");
   AttentionParams hp = p;
   hp.B = 1;
   hp.q.data = q.data();

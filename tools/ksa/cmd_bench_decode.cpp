@@ -15,24 +15,13 @@
 #include <vector>
 
 #include "cli.hpp"
+#include "cuda_bench.hpp"
 #include "ksa/cuda.hpp"
 #include "ksa/cuda_cache.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa::tools {
 namespace {
-
-void ck(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) fail("CUDA error in ", what, ": ", cudaGetErrorString(e));
-}
-
-struct Dev {
-  void* p = nullptr;
-  explicit Dev(size_t n) { ck(cudaMalloc(&p, std::max<size_t>(n, 16)), "cudaMalloc"); }
-  ~Dev() { cudaFree(p); }
-  Dev(const Dev&) = delete;
-  Dev& operator=(const Dev&) = delete;
-};
 
 // Random bf16 values in about [-1, 1] (a cheap generator: the bench needs data, not statistics).
 std::vector<uint16_t> random_bf16(size_t n, uint64_t seed) {
@@ -56,7 +45,7 @@ struct Result {
 Result bench_case(const std::vector<int64_t>& T, int64_t Hq, int64_t Hkv, int64_t D, int64_t k, int64_t S, int64_t W,
                   int64_t P, int64_t reps) {
   cudaStream_t st;
-  ck(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "cudaStreamCreate");
+  cuda_check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "cudaStreamCreate");
   const int64_t tmax = *std::max_element(T.begin(), T.end());
   KvCacheConfig cfg;
   cfg.spec.k = k, cfg.spec.S = S, cfg.spec.W = W;
@@ -67,8 +56,8 @@ Result bench_case(const std::vector<int64_t>& T, int64_t Hq, int64_t Hkv, int64_
     cuda::KvCacheGpu cache(cfg, st);
     // One source stream (the longest) reused for every sequence's prefill.
     const int64_t Lmax = Layout(k, S, tmax).length(), row = Hkv * D;
-    Dev src(size_t(Lmax * row * 2));
-    ck(cudaMemcpy(src.p, random_bf16(size_t(Lmax * row), 1).data(), size_t(Lmax * row * 2), cudaMemcpyHostToDevice), "upload");
+    DeviceBuf src(size_t(Lmax * row * 2));
+    cuda_check(cudaMemcpy(src.p, random_bf16(size_t(Lmax * row), 1).data(), size_t(Lmax * row * 2), cudaMemcpyHostToDevice), "upload");
     std::vector<SeqId> ids;
     std::vector<int64_t> n;
     for (int64_t t : T) {
@@ -80,9 +69,9 @@ Result bench_case(const std::vector<int64_t>& T, int64_t Hq, int64_t Hkv, int64_
       n.push_back(1);
     }
     const int64_t B = int64_t(T.size());
-    Dev q(size_t(B * Hq * D * 2)), kv(size_t(B * Hkv * D * 2)), out(size_t(B * Hq * D * 2)), lse(size_t(B * Hq * 4));
-    ck(cudaMemcpy(q.p, random_bf16(size_t(B * Hq * D), 2).data(), size_t(B * Hq * D * 2), cudaMemcpyHostToDevice), "q");
-    ck(cudaMemcpy(kv.p, random_bf16(size_t(B * Hkv * D), 3).data(), size_t(B * Hkv * D * 2), cudaMemcpyHostToDevice), "kv");
+    DeviceBuf q(size_t(B * Hq * D * 2)), kv(size_t(B * Hkv * D * 2)), out(size_t(B * Hq * D * 2)), lse(size_t(B * Hq * 4));
+    cuda_check(cudaMemcpy(q.p, random_bf16(size_t(B * Hq * D), 2).data(), size_t(B * Hq * D * 2), cudaMemcpyHostToDevice), "q");
+    cuda_check(cudaMemcpy(kv.p, random_bf16(size_t(B * Hkv * D), 3).data(), size_t(B * Hkv * D * 2), cudaMemcpyHostToDevice), "kv");
     DecodeIO io;
     io.Hq = Hq;
     io.dtype = DType::bf16;
@@ -90,7 +79,7 @@ Result bench_case(const std::vector<int64_t>& T, int64_t Hq, int64_t Hkv, int64_
     io.k = io.v = TensorView::dense(kv.p, B, Hkv, D);
     io.out = TensorView::dense(out.p, B, Hq, D);
     io.lse = static_cast<float*>(lse.p);
-    ck(cudaStreamSynchronize(st), "prefill");
+    cuda_check(cudaStreamSynchronize(st), "prefill");
     // The plan's host work in steady state: the first plan allocates the workspaces (not timed), then
     // plan + cancel repeated, median.
     cache.plan_decode(ids, n, io);
@@ -108,39 +97,19 @@ Result bench_case(const std::vector<int64_t>& T, int64_t Hq, int64_t Hkv, int64_
     const auto stats = cache.plan_stats();
     res.units = stats.units;
     res.key_rows = stats.key_rows;
-    cudaEvent_t a, b;
-    ck(cudaEventCreate(&a), "event");
-    ck(cudaEventCreate(&b), "event");
-    auto time = [&](auto&& f) {
-      f();
-      ck(cudaStreamSynchronize(st), "warm-up");
-      std::vector<double> ts;
-      for (int64_t r = 0; r < reps; ++r) {
-        ck(cudaEventRecord(a, st), "record");
-        f();
-        ck(cudaEventRecord(b, st), "record");
-        ck(cudaEventSynchronize(b), "sync");
-        float ms = 0;
-        ck(cudaEventElapsedTime(&ms, a, b), "elapsed");
-        ts.push_back(ms * 1e3);
-      }
-      std::sort(ts.begin(), ts.end());
-      return ts[ts.size() / 2];
-    };
+    auto time = [&](auto&& f) { return median_event_ms(st, reps, f) * 1e3; };  // us
     res.us = time([&] { cache.run(); });
     cudaGraph_t g;
     cudaGraphExec_t ge;
-    ck(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), "capture");
+    cuda_check(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), "capture");
     cache.run();
-    ck(cudaStreamEndCapture(st, &g), "end capture");
-    ck(cudaGraphInstantiate(&ge, g, 0), "instantiate");
-    res.graph_us = time([&] { ck(cudaGraphLaunch(ge, st), "graph launch"); });
+    cuda_check(cudaStreamEndCapture(st, &g), "end capture");
+    cuda_check(cudaGraphInstantiate(&ge, g, 0), "instantiate");
+    res.graph_us = time([&] { cuda_check(cudaGraphLaunch(ge, st), "graph launch"); });
     cache.commit_decode();
-    ck(cudaStreamSynchronize(st), "sync");
+    cuda_check(cudaStreamSynchronize(st), "sync");
     cudaGraphExecDestroy(ge);
     cudaGraphDestroy(g);
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
     const double bytes = double(stats.key_rows) * double(Hkv * D * 2 * 2);
     res.gbs = bytes / (std::min(res.us, res.graph_us) * 1e-6) / 1e9;
   }
