@@ -20,11 +20,9 @@ using test::PortableScope;
 std::vector<Case> backward_cases() {
   std::vector<Case> cs;
   uint64_t seed = 2000;
-  auto add = [&](int64_t k, int64_t S, int64_t T, int64_t W, bool tail, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
-                 DType dt, bool strided, float scale = 0.f) {
-    Case c;
-    c.k = k, c.S = S, c.T = T, c.W = W, c.tail = tail, c.B = B, c.Hq = Hq, c.Hkv = Hkv, c.D = D, c.dtype = dt;
-    c.strided = strided, c.scale = scale, c.seed = ++seed;
+  auto add = [&](auto... fields) {
+    Case c = Case::of(fields...);
+    c.seed = ++seed;
     cs.push_back(c);
   };
   add(8, 1, 1, 0, false, 1, 1, 1, 64, DType::f32, false);

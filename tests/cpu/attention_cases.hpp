@@ -32,6 +32,14 @@ struct Case {
        << " seed=" << seed;
     return os.str();
   }
+  // A case from its fields, in the order of the case tables of the kernel tests.
+  static Case of(int64_t k, int64_t S, int64_t T, int64_t W, bool tail, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                 DType dt, bool strided, float scale = 0.f) {
+    Case c;
+    c.k = k, c.S = S, c.T = T, c.W = W, c.tail = tail, c.B = B, c.Hq = Hq, c.Hkv = Hkv, c.D = D, c.dtype = dt;
+    c.strided = strided, c.scale = scale;
+    return c;
+  }
 };
 
 // Owns the buffers of one case. Strided: q and out rows padded and heads spaced apart, k and v interleaved

@@ -44,11 +44,9 @@ std::vector<Case> forward_cases() {
       c.seed = ++seed;
       cs.push_back(c);
     }
-  auto add = [&](int64_t k, int64_t S, int64_t T, int64_t W, bool tail, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
-                 DType dt, bool strided, float scale = 0.f) {
-    Case c;
-    c.k = k, c.S = S, c.T = T, c.W = W, c.tail = tail, c.B = B, c.Hq = Hq, c.Hkv = Hkv, c.D = D, c.dtype = dt;
-    c.strided = strided, c.scale = scale, c.seed = ++seed;
+  auto add = [&](auto... fields) {
+    Case c = Case::of(fields...);
+    c.seed = ++seed;
     cs.push_back(c);
   };
   // GQA 1, 2, 4, 8; D 64, 128 and the generic 80 and 48; bf16 and fp32; strided views with B = 2.
