@@ -197,18 +197,8 @@ void Model::Impl::run(Seq& seq, std::span<const int32_t> tokens, LogitsFor which
     // decode kernel through the cache otherwise.
     KvCache& cache = caches[li];
     if (prefill) {
-      AttentionParams p;
-      p.layout = Layout(spec.k, spec.S, seq.T + int64_t(tokens.size()), false);
-      p.W = L.W;
-      p.B = 1;
-      p.Hq = Hq;
-      p.Hkv = Hkv;
-      p.D = D;
-      p.dtype = kvt;
-      p.q = TensorView::dense(qb.data(), n, Hq, D);
-      p.k = TensorView::dense(kb.data(), n, Hkv, D);
-      p.v = TensorView::dense(vb.data(), n, Hkv, D);
-      p.out = TensorView::dense(ob.data(), n, Hq, D);
+      AttentionParams p = dense_params(Layout(spec.k, spec.S, seq.T + int64_t(tokens.size()), false), L.W, 1, Hq, Hkv, D,
+                                       kvt, {qb.data(), kb.data(), vb.data(), ob.data()});
       p.num_threads = threads;
       cpu::attention_forward(p);
       cache.prefill(seq.ids[li], KvRows::dense(kb.data(), n, Hkv, D, kvt), KvRows::dense(vb.data(), n, Hkv, D, kvt));

@@ -51,18 +51,8 @@ struct SeqData {
   }
 
   AttentionParams params() const {
-    AttentionParams p;
-    p.layout = lay;
-    p.W = W;
-    p.Hq = Hq;
-    p.Hkv = Hkv;
-    p.D = D;
-    p.dtype = dtype;
-    p.q = TensorView::dense(q.data(), L, Hq, D);
-    p.k = TensorView::dense(k.data(), L, Hkv, D);
-    p.v = TensorView::dense(v.data(), L, Hkv, D);
-    p.out = p.q;  // unused by the oracle
-    return p;
+    // out = q: unused by the oracle.
+    return dense_params(lay, W, 1, Hq, Hkv, D, dtype, {q.data(), k.data(), v.data(), const_cast<uint8_t*>(q.data())});
   }
   // Stream rows [p0, p0 + n) of k or v as cache input.
   KvRows rows(const std::vector<uint8_t>& b, int64_t p0, int64_t n) const {
