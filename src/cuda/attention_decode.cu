@@ -16,6 +16,7 @@
 // File shape (DESIGN.md §3): traits -> device code -> launcher.
 #include <cuda_bf16.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -305,12 +306,19 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const DecodeRun a)
 }
 
 // -------------------------------------------------------------------------------------------- launcher
-// Whether the current device takes programmatic dependent launches (sm_90+), cached per device.
-bool pdl_supported() {
-  static int cached[64] = {};  // 0 unknown, 1 no, 2 yes
+// Launcher state is cached per device (the current one; devices past kMaxDevices are not cached).
+constexpr int kMaxDevices = 64;
+int current_device() {
   int dev = 0;
   KSA_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= 64) return false;
+  return dev;
+}
+
+// Whether the current device takes programmatic dependent launches (sm_90+).
+bool pdl_supported() {
+  static std::atomic<int> cached[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
+  const int dev = current_device();
+  if (dev < 0 || dev >= kMaxDevices) return false;
   if (cached[dev] == 0) {
     int major = 0;
     KSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
@@ -337,10 +345,12 @@ void launch(void (*kernel)(DecodeRun), dim3 grid, int threads, int smem, bool pd
 template <int D, int G>
 void attend_config(int* ctas_per_sm, const DecodeRun* a, cudaStream_t s, bool pdl) {
   using K = DecTraits<D, G>;
-  static bool configured = false;  // the attribute is per function; setting it twice is harmless
-  if (!configured) {
+  // The smem attribute is set once per function and device (setting it again is harmless).
+  static std::atomic<bool> configured[kMaxDevices] = {};
+  const int dev = current_device();
+  if (dev < 0 || dev >= kMaxDevices || !configured[dev]) {
     KSA_CUDA_CHECK(cudaFuncSetAttribute(attend_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
-    configured = true;
+    if (dev >= 0 && dev < kMaxDevices) configured[dev] = true;
   }
   if (ctas_per_sm)
     KSA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, attend_kernel<K>, K::THREADS, K::SMEM));
