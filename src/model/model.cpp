@@ -173,7 +173,7 @@ void Model::Impl::run(Seq& seq, std::span<const int32_t> tokens, LogitsFor which
       if (mix != 1.0) {
         cpu::linear(h.data(), n, H, p.w.data, p.w.dtype, p.N, p.y, threads);
       }
-      tmp.assign(size_t(n * p.N), 0.f);
+      tmp.resize(size_t(n * p.N));  // only the summary rows are written and read
       linear_rows(h.data(), sum_rows, H, p.ws, p.N, tmp.data(), threads, xs, ys);
       if (mix == 1.0) linear_rows(h.data(), text_rows, H, p.w, p.N, p.y, threads, xs, ys);
       for (int64_t r : sum_rows)
