@@ -132,6 +132,35 @@ struct Layout32 {
   }
 };
 
+// The keys (gathered order) one query row sees, as two inclusive ranges: its text keys [text_lo, text_hi]
+// and its summary keys [sum_lo, sum_hi] (an empty range has lo > hi). The rule makes each a single run:
+// a text query sees the text from the start of its window to itself and the summaries of the chunks before
+// the window; a summary query sees its chunk's text and, causally, its chunk's summaries. Kernels whose key
+// tiles never mix text and summaries (KeyTileCursor) mask a tile with two compares per element. Checked
+// against visible_tokens in tests/core/spec_test.cpp. W is the window clamped to int32 (>= 0); g < 2^31.
+struct RowKeyRanges {
+  int32_t text_lo = 1, text_hi = 0, sum_lo = 1, sum_hi = 0;
+};
+KSA_HD RowKeyRanges row_key_ranges(const Layout32& l, int32_t W, uint32_t g) {
+  RowKeyRanges r;
+  const int32_t T = int32_t(l.T), k = int32_t(l.k), S = int32_t(l.S);
+  if (g < l.T) {
+    const int32_t qc = int32_t(g / l.k), wc = qc - W > 0 ? qc - W : 0;
+    r.text_lo = wc * k;
+    r.text_hi = int32_t(g);
+    r.sum_lo = T;
+    r.sum_hi = T + wc * S - 1;
+  } else {
+    const uint32_t c = (g - l.T) / l.S;
+    const int32_t len = int32_t(c < l.full ? l.k : l.tail);
+    r.text_lo = int32_t(c) * k;
+    r.text_hi = int32_t(c) * k + len - 1;
+    r.sum_lo = T + int32_t(c) * S;
+    r.sum_hi = int32_t(g);
+  }
+  return r;
+}
+
 // RoPE position of a stream position (KSA.md §3).
 KSA_HD int64_t rope_position(const Layout& lay, TextPositions tm, SummaryPositions sm, int64_t pos) {
   const StreamToken t = lay.token(pos);

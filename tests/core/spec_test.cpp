@@ -252,6 +252,29 @@ TEST(Spec, Layout32MatchesLayout) {
   }
 }
 
+TEST(Spec, RowKeyRangesAreExact) {
+  for (uint64_t seed = 1; seed <= 300; ++seed) {
+    std::mt19937_64 rng(seed);
+    const auto [lay, W] = random_case(rng);
+    const Layout32 l32(lay);
+    const int32_t W32 = int32_t(std::min<int64_t>(W, int64_t(1) << 30));
+    for (int64_t q = 0; q < lay.length(); ++q) {
+      const RowKeyRanges r = row_key_ranges(l32, W32, uint32_t(q));
+      for (int64_t g = 0; g < lay.length(); ++g) {
+        const bool in = g < lay.T ? (g >= r.text_lo && g <= r.text_hi) : (g >= r.sum_lo && g <= r.sum_hi);
+        ASSERT_EQ(in, visible_gathered(lay, W, q, g)) << "seed " << seed << " query " << q << " key " << g;
+      }
+      // Each range lies inside its region (the kernels' tiles never mix the two).
+      if (r.text_lo <= r.text_hi) {
+        ASSERT_TRUE(r.text_lo >= 0 && r.text_hi < lay.T);
+      }
+      if (r.sum_lo <= r.sum_hi) {
+        ASSERT_TRUE(r.sum_lo >= lay.T && r.sum_hi < lay.length());
+      }
+    }
+  }
+}
+
 TEST(Spec, PairCountAtReleasedShape) {
   EXPECT_EQ(count_visible_pairs(Layout(8, 1, 131072), 128), 1191391744);
   EXPECT_EQ(count_causal_pairs(131072), 8590000128);
