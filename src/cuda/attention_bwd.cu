@@ -141,7 +141,7 @@ template <class T, int THREADS, int CHUNKS>
 __device__ __forceinline__ void load_tile(const Layout32& l32, uint32_t smem, const T* base, int64_t rstride, int g0,
                                           int g_end, int rows, int2* tokens) {
   constexpr int TPR = 4, CPT = CHUNKS / TPR;
-  const int c0 = (threadIdx.x % TPR) * CPT;
+  const int c0 = threadIdx.x % TPR;  // chunks c0, c0 + TPR, ...: a row's TPR threads read 64 contiguous bytes
   for (int r = threadIdx.x / TPR; r < rows; r += THREADS / TPR) {
     const int g = g0 + r;
     const bool valid = g < g_end;
@@ -149,7 +149,7 @@ __device__ __forceinline__ void load_tile(const Layout32& l32, uint32_t smem, co
     if (tokens && c0 == 0) tokens[r] = valid ? pack_token(l32.token_of_gathered(uint32_t(g))) : make_int2(-1, -1);
     const T* src = base + srow * rstride;
 #pragma unroll
-    for (int c = c0; c < c0 + CPT; ++c) cp_async16(smem + swz<CHUNKS>(r, c), src + c * 8, valid);
+    for (int i = 0; i < CPT; ++i) cp_async16(smem + swz<CHUNKS>(r, c0 + i * TPR), src + (c0 + i * TPR) * 8, valid);
   }
 }
 
