@@ -15,10 +15,13 @@ if [ -n "${KSA_GTEST_SRC:-}" ]; then GTEST_ARGS=(-DKSA_GTEST_SRC="$KSA_GTEST_SRC
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DKSA_ENGINE=OFF -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
   "${GTEST_ARGS[@]}" >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
 cmake --build build -j "$(nproc)" >"$OUT/build.log" 2>&1 || { grep -E "error" -A3 "$OUT/build.log" | head -60; exit 1; }
-echo "== C++ GPU tests (every forward tile configuration; stops here on a failure)"
+echo "== C++ GPU tests (the default forward, then portable tile configurations; stops here on a failure)"
 if [ -x build/bin/ksa_cuda_tests ]; then
-  for cfg in ${KSA_TEST_CONFIGS:-0}; do
-    if ! KSA_CUDA_FWD_CONFIG=$cfg build/bin/ksa_cuda_tests >"$OUT/cuda_tests_cfg$cfg.log" 2>&1; then
+  # "default": KSA_CUDA_FWD_CONFIG unset (the sm_90a wgmma kernel on an H100/H200, else the portable one).
+  for cfg in ${KSA_TEST_CONFIGS:-default 1 3}; do
+    cfg_env=(-u KSA_CUDA_FWD_CONFIG)
+    if [ "$cfg" != default ]; then cfg_env=(KSA_CUDA_FWD_CONFIG="$cfg"); fi
+    if ! env "${cfg_env[@]}" build/bin/ksa_cuda_tests >"$OUT/cuda_tests_cfg$cfg.log" 2>&1; then
       echo "config $cfg: FAILED"; grep -E "Failure|error|Expected|Which is|worst" -A2 "$OUT/cuda_tests_cfg$cfg.log" | head -40; exit 1
     fi
     echo "config $cfg: $(grep -E '^\[  PASSED' "$OUT/cuda_tests_cfg$cfg.log")"

@@ -6,14 +6,20 @@
 // order: each 16-byte cp.async computes its row's stream position (stream_of_gathered), so a tile of
 // summary rows is read as one logical block without a separate gather pass (each row is one D*2-byte run).
 //
+// On compute capability 9.0 (built with architecture 90) attention_forward runs the wgmma kernel of
+// attention_fwd_sm90a.cu instead (KSA_CUDA_FWD_CONFIG=0..4 picks one of these for comparison).
+//
 // File shape (DESIGN.md §3): traits -> device code -> launcher.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #include "check.cuh"
+#include "cuda/attention_fwd.cuh"
 #include "launch_checks.hpp"
 #include "ksa/cuda.hpp"
 #include "ksa/error.hpp"
@@ -41,29 +47,19 @@ struct FwdTraits {
   static constexpr int SMEM = (BQ + 4 * BK) * D * 2 + 2 * BK * 8;
 };
 
-struct FwdArgs {
-  Layout lay;
-  Layout32 l32;  // the same geometry in 32-bit arithmetic for per-row index math
-  int64_t W;
-  int W32;  // W clamped to int range (any W >= #chunks behaves the same)
-  int Hq, G, L, num_qtiles;
-  float scale_log2;  // softmax scale * log2(e)
-  const void *q, *k, *v;
-  void* out;
-  float* lse;
-  int64_t qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orow, oh;
-};
+using detail::FwdArgs;
 
 // ------------------------------------------------------------------------------------------ device code
 // Loads `rows` gathered rows starting at g0 of one head into swizzled smem (zero-fill past `g_end`). Four
-// threads share a row (one stream-row computation per thread and tile; 64 contiguous bytes each).
+// threads share a row (one stream-row computation per thread and tile); each copy instruction reads 64
+// contiguous bytes of a row (two whole 32-byte sectors), the threads' chunks interleaved.
 template <class K>
 __device__ __forceinline__ void load_rows(const FwdArgs& a, uint32_t smem, const void* base, int64_t bstride,
                                           int64_t rstride, int64_t hoff, int g0, int g_end, int rows,
                                           int2* tokens = nullptr) {
   using T = typename K::T;
   constexpr int TPR = 4, CPT = K::CHUNKS / TPR;  // threads per row, chunks per thread
-  const int c0 = (threadIdx.x % TPR) * CPT;
+  const int c0 = threadIdx.x % TPR;  // chunks c0, c0 + TPR, ...: a row's TPR threads read 64 contiguous bytes
   for (int r = threadIdx.x / TPR; r < rows; r += K::THREADS / TPR) {
     const int g = g0 + r;
     const bool valid = g < g_end;
@@ -74,7 +70,7 @@ __device__ __forceinline__ void load_rows(const FwdArgs& a, uint32_t smem, const
     }
     const T* src = static_cast<const T*>(base) + bstride + srow * rstride + hoff;
 #pragma unroll
-    for (int c = c0; c < c0 + CPT; ++c) cp_async16(smem + swz<K::CHUNKS>(r, c), src + c * 8, valid);
+    for (int i = 0; i < CPT; ++i) cp_async16(smem + swz<K::CHUNKS>(r, c0 + i * TPR), src + (c0 + i * TPR) * 8, valid);
   }
 }
 
@@ -287,9 +283,13 @@ void launch(const FwdArgs& a, int B, cudaStream_t stream) {
 // Tile configurations (MT m-tiles per warp, NW warps, BK keys). KSA_CUDA_FWD_CONFIG picks one for tuning.
 // Defaults from the H200 sweep of 2026-11-29 (bench/gpu/run.sh with KSA_BENCH_CONFIGS=0,1,2,3,4): config 1
 // was fastest at D=128 for T = 8K/32K/128K, config 3 at D=64.
+// Config 5 is the sm_90a wgmma kernel (attention_fwd_sm90a.cu), the default wherever it runs.
+constexpr int kSm90aConfig = 5;
 int fwd_config(int64_t D) {
   const char* e = std::getenv("KSA_CUDA_FWD_CONFIG");
-  return e ? std::atoi(e) : (D == 64 ? 3 : 1);
+  if (e) return std::atoi(e);
+  if (detail::fwd_sm90a_usable()) return kSm90aConfig;
+  return D == 64 ? 3 : 1;
 }
 
 template <class T, int D>
@@ -300,7 +300,13 @@ void dispatch_config(const FwdArgs& a, int B, cudaStream_t s) {
     case 3: launch<FwdTraits<T, D, 1, 4, 32, false, 4>>(a, B, s); break;  // 64 rows, 4 CTAs x 4 warps
     case 4: launch<FwdTraits<T, D, 2, 4, 32, false, 2>>(a, B, s); break;  // 128 rows, 4 warps x 32 rows
     case 0: launch<FwdTraits<T, D, 1, 8, 64, true, 1>>(a, B, s); break;  // 128 rows, 8 warps x 16 rows
-    default: fail("KSA_CUDA_FWD_CONFIG: unknown configuration ", fwd_config(D), " (0..4)");
+    case kSm90aConfig:
+      if (!detail::fwd_sm90a_usable())
+        fail("KSA_CUDA_FWD_CONFIG=5: the sm_90a kernel needs a compute capability 9.0 device and a build with "
+             "CUDA architecture 90 (this device: ", device_description(), ")");
+      detail::launch_fwd_sm90a(a, B, D, std::is_same_v<T, __half>, s);
+      break;
+    default: fail("KSA_CUDA_FWD_CONFIG: unknown configuration ", fwd_config(D), " (0..5)");
   }
 }
 
@@ -313,6 +319,24 @@ void dispatch_dim(const FwdArgs& a, int64_t D, int B, cudaStream_t s) {
 
 
 }  // namespace
+
+bool detail::fwd_sm90a_usable() {
+#if defined(KSA_HAVE_SM90A)
+  static std::atomic<int> cached[64] = {};  // per device: 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  KSA_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) {
+    int major = 0, minor = 0;
+    KSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    KSA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    cached[dev] = major == 9 && minor == 0 ? 2 : 1;  // sm_90a code runs on 9.0 only
+  }
+  return cached[dev] == 2;
+#else
+  return false;
+#endif
+}
 
 bool supports(const AttentionParams& p, std::string* why) {
   auto no = [&](const std::string& w) {

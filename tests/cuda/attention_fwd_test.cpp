@@ -149,6 +149,9 @@ TEST(CudaForward, AwkwardShapesMatchOracle) {
       {3, 1, 333, 5, 4, 2, 128, 1, true, DType::bf16, false},
       {64, 1, 900, 2, 2, 1, 128, 1, false, DType::bf16, false},    // chunks larger than a tile
       {8, 1, 2000, 128, 8, 1, 128, 1, false, DType::bf16, false},  // GQA 8
+      // Long enough for many whole 128-key tiles of window text and of old summaries (unmasked tiles).
+      {8, 1, 6000, 16, 4, 2, 128, 1, false, DType::bf16, false},
+      {5, 2, 4001, 20, 2, 1, 64, 1, true, DType::f16, true},
   };
   uint64_t seed = 11;
   for (const Shape& s : shapes) check_shape(s, seed++);

@@ -1,0 +1,317 @@
+// CUDA forward, Hopper path (sm_90a only; attention_fwd.cu dispatches here on compute capability 9.0):
+// the same tiles and online softmax as the portable mma.sync kernel, with the products on wgmma.
+//
+// CTA: 128 query rows (gathered order) of one head, two warpgroups of 64 rows each. Key tiles of 128 rows
+// (KeyTileCursor) stream through a two-stage cp.async pipeline (every thread copies half a row of K and V;
+// a row's stream position is computed once per tile), 128B-swizzled for wgmma:
+//   S = Q K^T   wgmma m64n128k16, Q and K from smem (K-major), D/16 k-steps per tile;
+//   mask        per row, two compares per element against the row's text or summary key range
+//               (row_key_ranges, core), only on tiles the cursor marks masked or clipped;
+//   softmax     on the accumulator registers (log2 domain, running max and sum per row);
+//   O += P V    wgmma m64nDk16, P from registers (the accumulator layout is the A-fragment layout), V from
+//               smem MN-major (no transpose pass).
+// Out and lse are written in stream order as by the portable kernel.
+//
+// File shape (DESIGN.md §3): traits -> device code -> launcher.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "check.cuh"
+#include "cuda/attention_fwd.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/wgmma.cuh"
+#include "ksa/error.hpp"
+
+namespace ksa::cuda::detail {
+namespace {
+
+using namespace dev;
+
+// ---------------------------------------------------------------------------------------------- traits
+template <class T_, int D_>
+struct Sm90Traits {
+  using T = T_;
+  static constexpr int D = D_;
+  static constexpr int BQ = 128;       // query rows per CTA, 64 per consumer warpgroup
+  static constexpr int BK = 128;       // keys per tile
+  static constexpr int STAGES = 3;     // K/V tiles in flight
+  static constexpr int THREADS = 384;  // consumer warpgroups 0 and 1, producer warpgroup 2
+  static constexpr int CH = D / 8;     // 16-byte chunks per row
+  static constexpr int PRODUCER_REGS = 88, CONSUMER_REGS = 208;  // setmaxnreg: 128*88 + 256*208 <= 64K
+  static constexpr uint32_t Q_BYTES = BQ * D * 2, KV_BYTES = BK * D * 2;
+  // Q, then STAGES x (K, V), then one TileInfo per stage; +1 KiB to align the base on the 128B swizzle's
+  // 1024-byte period.
+  static constexpr int SMEM = int(Q_BYTES + STAGES * 2 * KV_BYTES) + STAGES * 16 + 1024;
+  static_assert(D == 64 || D == 128, "D must be 64 or 128");
+  static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
+};
+
+// What the producer tells the consumers about the tile in a stage.
+struct TileInfo {
+  int32_t begin, end;  // gathered key rows [begin, end)
+  int32_t masked;      // some query of the CTA does not see some key of the tile (or the tile is clipped)
+  int32_t last;        // the CTA's last tile
+};
+
+// Named barriers (id 0 is __syncthreads): full[stage][consumer wg] (producer arrives, that consumer waits),
+// empty[stage] (consumers arrive, producer waits), sched[wg] (the consumers' order of issuing S = Q K^T).
+template <class K>
+struct Bars {
+  static constexpr int kFull = 1, kEmpty = kFull + 2 * K::STAGES, kSched = kEmpty + K::STAGES;
+  static_assert(kSched + 2 <= 16, "16 named barriers per CTA");
+  static constexpr int full(int st, int wg) { return kFull + 2 * st + wg; }
+  static constexpr int empty(int st) { return kEmpty + st; }
+  static constexpr int sched(int wg) { return kSched + wg; }
+};
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+
+// ------------------------------------------------------------------------------------------ device code
+// Producer: the 128 rows [g0, g0 + 128) of a tile (gathered order; rows >= g_end zero-filled) into a
+// 128B-swizzled tile. Warp w takes rows [32w, 32w + 32): each lane computes one row's stream position, then
+// the warp copies whole rows per instruction (consecutive lanes, consecutive 16-byte chunks of one row), so
+// every request is a run of full 32-byte sectors.
+template <class K>
+__device__ __forceinline__ void load_rows(const FwdArgs& a, uint32_t s, const void* base, int64_t off,
+                                          int64_t rstride, int g0, int g_end) {
+  using T = typename K::T;
+  constexpr int RPI = 32 / K::CH;  // rows per warp instruction
+  const int lane = int(threadIdx.x) % 32, w = (int(threadIdx.x) / 32) % 4;
+  const int g = g0 + 32 * w + lane;
+  const uint32_t srow = g < g_end ? a.l32.stream_of_gathered(uint32_t(g)) : 0u;
+  const int c = lane % K::CH, sub = lane / K::CH;
+#pragma unroll
+  for (int i = 0; i < 32 / RPI; ++i) {
+    const int rw = RPI * i + sub;  // row within the warp's 32
+    const uint32_t sr = __shfl_sync(0xffffffffu, srow, rw);
+    const bool valid = g0 + 32 * w + rw < g_end;
+    const T* src = static_cast<const T*>(base) + off + int64_t(sr) * rstride + c * 8;
+    cp_async16(s + sw128<128>(32 * w + rw, c), src, valid);
+  }
+}
+
+// The producer warpgroup: walks the CTA's key tiles (KeyTileCursor), copies each into the next free stage
+// with cp.async (K and V; Q with the first tile) and hands it to both consumers once it has landed.
+template <class K>
+__device__ __forceinline__ void produce(const FwdArgs& a, uint32_t sQ, uint32_t sKV, TileInfo* info, int g0,
+                                        int g1, int h, int b, int hk) {
+  using B = Bars<K>;
+  const int r = int(threadIdx.x) - 256;
+  const int64_t koff = b * a.kb + hk * a.kh, voff = b * a.vb + hk * a.vh;
+  KeyTileCursor cur(a.lay, key_spans(a.lay, a.W, g0, g1), K::BK);
+  int64_t tb, te;
+  bool masked;
+  bool have = cur.next(tb, te, masked);  // every valid row sees itself: at least one tile
+  load_rows<K>(a, sQ, a.q, b * a.qb + h * a.qh, a.qr, g0, g1);
+  TileInfo prev{};
+  auto publish = [&](int j, int last) {  // tile j has landed (this thread's part): tell the consumers
+    fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads through the async one
+    if (r == 0) {
+      prev.last = last;
+      info[j % K::STAGES] = prev;
+    }
+    bar_arrive(B::full(j % K::STAGES, 0), 256);
+    bar_arrive(B::full(j % K::STAGES, 1), 256);
+  };
+  int j = 0;
+  for (; have; ++j) {
+    const int st = j % K::STAGES;
+    if (j >= K::STAGES) bar_sync(B::empty(st), 384);  // both consumers are done with tile j - STAGES
+    const uint32_t sK = sKV + uint32_t(st) * 2 * K::KV_BYTES;
+    load_rows<K>(a, sK, a.k, koff, a.kr, int(tb), int(te));
+    load_rows<K>(a, sK + K::KV_BYTES, a.v, voff, a.vr, int(tb), int(te));
+    cp_async_commit();
+    if (j >= 1) {
+      cp_async_wait<1>();  // tile j - 1 (and Q) landed; tile j stays in flight
+      publish(j - 1, 0);
+    }
+    prev = TileInfo{int32_t(tb), int32_t(te), int32_t(masked || (te - tb) < K::BK), 0};
+    have = cur.next(tb, te, masked);
+  }
+  cp_async_wait<0>();
+  publish(j - 1, 1);
+  // Complete the empty barriers' outstanding phases (every consumer arrival is matched).
+  for (int jj = j - K::STAGES > 0 ? j - K::STAGES : 0; jj < j; ++jj) bar_sync(B::empty(jj % K::STAGES), 384);
+}
+
+template <class K>
+__global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename K::T;
+  using B = Bars<K>;
+  constexpr int D = K::D, BQ = K::BQ, BK = K::BK, NS = BK / 2, NO = D / 2;
+  extern __shared__ __align__(1024) uint8_t smem[];
+  const uint32_t sQ = (smem_u32(smem) + 1023u) & ~1023u, sKV = sQ + K::Q_BYTES;  // stage st: K, then V
+  TileInfo* info = reinterpret_cast<TileInfo*>(smem + (sKV - smem_u32(smem)) + K::STAGES * 2 * K::KV_BYTES);
+
+  const int qt = a.num_qtiles - 1 - int(blockIdx.x);  // heaviest tiles (most summaries) first
+  const int h = int(blockIdx.y), b = int(blockIdx.z), hk = h / a.G;
+  const int g0 = qt * BQ, g1 = min(a.L, g0 + BQ);
+  const int wg = int(threadIdx.x) / 128;
+  if (wg == 2) {
+    setmaxnreg_dec<K::PRODUCER_REGS>();
+    produce<K>(a, sQ, sKV, info, g0, g1, h, b, hk);
+    return;
+  }
+  setmaxnreg_inc<K::CONSUMER_REGS>();
+
+  // Consumer warpgroup wg: query rows [64 wg, 64 wg + 64) of the CTA tile. This thread's rows: r0 and
+  // r0 + 8 (hf = 0, 1); rows past g1 see nothing.
+  const int warp = (int(threadIdx.x) / 32) % 4, lane = int(threadIdx.x) % 32, gid = lane / 4, tig = lane % 4;
+  const int r0 = wg * 64 + warp * 16 + gid;
+  RowKeyRanges rk[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int g = g0 + r0 + 8 * hf;
+    if (g < g1) rk[hf] = row_key_ranges(a.l32, a.W32, uint32_t(g));
+  }
+  float o[NO];
+#pragma unroll
+  for (int i = 0; i < NO; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // m: running max of raw scores * scale_log2
+
+  for (int i = 0;; ++i) {
+    const int st = i % K::STAGES;
+    bar_sync(B::full(st, wg), 256);
+    const TileInfo t = info[st];
+    const uint32_t sK = sKV + uint32_t(st) * 2 * K::KV_BYTES, sV = sK + K::KV_BYTES;
+
+    // S = Q K^T (64 rows x 128 keys). The consumers issue it in turn (0, 1, 0, 1, ...) so that one's
+    // products run on the tensor cores while the other is in its softmax.
+    if (wg == 1 || i > 0) bar_sync(B::sched(wg), 256);
+    float s[NS];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t dq = desc_sw128(sQ + (kk / 4) * (BQ * 128) + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+      const uint64_t dk = desc_sw128(sK + (kk / 4) * (BK * 128) + (kk % 4) * 32, 16, 1024);
+      wgmma_ss<T, BK>(s, dq, dk, kk > 0);
+    }
+    wgmma_commit();
+    if (wg == 0) bar_arrive(B::sched(1), 256);
+    else if (!t.last) bar_arrive(B::sched(0), 256);
+    wgmma_wait<0>();
+#pragma unroll
+    for (int x = 0; x < NS; ++x) fence_reg(s[x]);
+
+    // Mask: key x of the tile is visible to row hf iff it lies in the row's range for the tile's region
+    // (a tile is all text or all summaries).
+    if (t.masked) {
+      const bool text = t.begin < a.lay.T;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int lo = text ? rk[hf].text_lo : rk[hf].sum_lo, hi = text ? rk[hf].text_hi : rk[hf].sum_hi;
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int x = t.begin + 8 * j + 2 * tig + e;
+            if (x < lo || x > hi) s[4 * j + 2 * hf + e] = -INFINITY;
+          }
+      }
+    }
+    // Online softmax in the log2 domain: p = 2^(s * scale_log2 - m); a row's 128 scores live in its quad.
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < BK / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * hf], s[4 * j + 2 * hf + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[hf], mx * a.scale_log2);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
+      const float alpha = ex2(m[hf] - m_use);
+      m[hf] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float p = ex2(fmaf(s[4 * j + 2 * hf + e], a.scale_log2, -m_use));
+          s[4 * j + 2 * hf + e] = p;
+          sum += p;
+        }
+      l[hf] = l[hf] * alpha + sum;  // per-thread partial; summed over the quad at the end
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        o[4 * j + 2 * hf] *= alpha;
+        o[4 * j + 2 * hf + 1] *= alpha;
+      }
+    }
+
+    // O += P V: P (input dtype) as A fragments, one 16-key step per wgmma.
+    uint32_t pf[BK / 16][4];
+#pragma unroll
+    for (int kb = 0; kb < BK / 16; ++kb) {
+      pf[kb][0] = pack2<T>(s[8 * kb + 0], s[8 * kb + 1]);
+      pf[kb][1] = pack2<T>(s[8 * kb + 2], s[8 * kb + 3]);
+      pf[kb][2] = pack2<T>(s[8 * kb + 4], s[8 * kb + 5]);
+      pf[kb][3] = pack2<T>(s[8 * kb + 6], s[8 * kb + 7]);
+    }
+#pragma unroll
+    for (int x = 0; x < NO; ++x) fence_reg(o[x]);
+    wgmma_fence();
+#pragma unroll
+    for (int kb = 0; kb < BK / 16; ++kb) wgmma_rs_tb<T, D>(o, pf[kb], desc_sw128(sV + kb * 2048, BK * 128, 1024));
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int x = 0; x < NO; ++x) fence_reg(o[x]);
+    bar_arrive(B::empty(st), 384);  // this consumer is done with the stage
+    if (t.last) break;
+  }
+
+  // Epilogue: normalise, write out (stream order) and lse (natural log).
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float sum = l[hf];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int g = g0 + r0 + 8 * hf;
+    if (g >= g1) continue;
+    const float inv = 1.f / sum;
+    const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
+    T* out = static_cast<T*>(a.out) + b * a.ob + srow * a.orow + h * a.oh;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+      *reinterpret_cast<uint32_t*>(out + j * 8 + 2 * tig) = pack2<T>(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv);
+    if (a.lse && tig == 0) a.lse[(int64_t(b) * a.L + srow) * a.Hq + h] = (m[hf] + log2f(sum)) * 0.69314718055994531f;
+  }
+#endif
+}
+
+// --------------------------------------------------------------------------------------------- launcher
+template <class K>
+void launch(const FwdArgs& a, int B, cudaStream_t stream) {
+  auto kern = fwd_sm90a_kernel<K>;
+  KSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
+  FwdArgs args = a;
+  args.num_qtiles = (a.L + K::BQ - 1) / K::BQ;
+  const dim3 grid(unsigned(args.num_qtiles), unsigned(a.Hq), unsigned(B));
+  kern<<<grid, K::THREADS, K::SMEM, stream>>>(args);
+  KSA_CUDA_CHECK_LAUNCH();
+}
+
+template <class T>
+void launch_dim(const FwdArgs& a, int B, int D, cudaStream_t s) {
+  if (D == 128) launch<Sm90Traits<T, 128>>(a, B, s);
+  else if (D == 64) launch<Sm90Traits<T, 64>>(a, B, s);
+  else fail("ksa::cuda::attention_forward (sm_90a): D=", D, " is not supported (64 or 128)");
+}
+
+}  // namespace
+
+void launch_fwd_sm90a(const FwdArgs& a, int B, int D, bool f16, cudaStream_t stream) {
+  if (f16) launch_dim<__half>(a, B, D, stream);
+  else launch_dim<__nv_bfloat16>(a, B, D, stream);
+}
+
+}  // namespace ksa::cuda::detail
