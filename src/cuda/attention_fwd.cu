@@ -257,27 +257,14 @@ __global__ void __launch_bounds__(K::THREADS, K::MINB) fwd_kernel(const FwdArgs 
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       const int g = g0 + warp * 16 * MT + mt * 16 + gid + 8 * hf;
-      if (g >= g1) continue;
-      const float inv = 1.f / sum;
-      const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
-      T* out = static_cast<T*>(a.out) + b * a.ob + srow * a.orow + h * a.oh;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j)
-        *reinterpret_cast<uint32_t*>(out + j * 8 + 2 * tig) = pack2<T>(o[mt][j][2 * hf] * inv, o[mt][j][2 * hf + 1] * inv);
-      if (a.lse && tig == 0) a.lse[(int64_t(b) * a.L + srow) * a.Hq + h] = (m[mt][hf] + log2f(sum)) * 0.69314718055994531f;
+      if (g < g1) detail::store_row<T, D>(a, b, h, g, tig, hf, &o[mt][0][0], m[mt][hf], sum);
     }
 }
 
 // --------------------------------------------------------------------------------------------- launcher
 template <class K>
 void launch(const FwdArgs& a, int B, cudaStream_t stream) {
-  auto kern = fwd_kernel<K>;
-  KSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
-  FwdArgs args = a;
-  args.num_qtiles = (a.L + K::BQ - 1) / K::BQ;
-  const dim3 grid(unsigned(args.num_qtiles), unsigned(a.Hq), unsigned(B));
-  kern<<<grid, K::THREADS, K::SMEM, stream>>>(args);
-  KSA_CUDA_CHECK_LAUNCH();
+  detail::launch_fwd<K>(fwd_kernel<K>, a, B, stream);
 }
 
 // Tile configurations (MT m-tiles per warp, NW warps, BK keys). KSA_CUDA_FWD_CONFIG picks one for tuning.

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "check.cuh"
+#include "cuda/mma.cuh"
 #include "ksa/spec.hpp"
 
 namespace ksa::cuda::detail {
@@ -21,6 +23,32 @@ struct FwdArgs {
   float* lse;
   int64_t qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orow, oh;
 };
+
+// The epilogue of one query row g, shared by both kernels: its accumulators o (fragment layout: o[4j + 2hf + e]
+// holds column 8j + 2tig + e of row half hf) divided by the row's softmax sum l, written to out in stream
+// order, and lse (natural log) from m (running max in log2 units).
+template <class T, int D>
+__device__ __forceinline__ void store_row(const FwdArgs& a, int b, int h, int g, int tig, int hf, const float* o,
+                                          float m, float l) {
+  const float inv = 1.f / l;
+  const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
+  T* out = static_cast<T*>(a.out) + b * a.ob + srow * a.orow + h * a.oh;
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+    *reinterpret_cast<uint32_t*>(out + j * 8 + 2 * tig) = dev::pack2<T>(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv);
+  if (a.lse && tig == 0) a.lse[(int64_t(b) * a.L + srow) * a.Hq + h] = (m + log2f(l)) * 0.69314718055994531f;
+}
+
+// Launches kern<<<(query tiles of K::BQ rows, Hq, B), K::THREADS, K::SMEM>>>(a) (both kernels' grid).
+template <class K, class Kernel>
+void launch_fwd(Kernel kern, const FwdArgs& a, int B, cudaStream_t stream) {
+  KSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
+  FwdArgs args = a;
+  args.num_qtiles = (a.L + K::BQ - 1) / K::BQ;
+  const dim3 grid(unsigned(args.num_qtiles), unsigned(a.Hq), unsigned(B));
+  kern<<<grid, K::THREADS, K::SMEM, stream>>>(args);
+  KSA_CUDA_CHECK_LAUNCH();
+}
 
 // Whether this build has the sm_90a forward (KSA_HAVE_SM90A) and the current device runs it (compute
 // capability 9.0).

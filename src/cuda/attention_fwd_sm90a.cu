@@ -276,34 +276,16 @@ __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs 
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const int g = g0 + r0 + 8 * hf;
-    if (g >= g1) continue;
-    const float inv = 1.f / sum;
-    const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
-    T* out = static_cast<T*>(a.out) + b * a.ob + srow * a.orow + h * a.oh;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-      *reinterpret_cast<uint32_t*>(out + j * 8 + 2 * tig) = pack2<T>(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv);
-    if (a.lse && tig == 0) a.lse[(int64_t(b) * a.L + srow) * a.Hq + h] = (m[hf] + log2f(sum)) * 0.69314718055994531f;
+    if (g < g1) store_row<T, D>(a, b, h, g, tig, hf, o, m[hf], sum);
   }
 #endif
 }
 
 // --------------------------------------------------------------------------------------------- launcher
-template <class K>
-void launch(const FwdArgs& a, int B, cudaStream_t stream) {
-  auto kern = fwd_sm90a_kernel<K>;
-  KSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
-  FwdArgs args = a;
-  args.num_qtiles = (a.L + K::BQ - 1) / K::BQ;
-  const dim3 grid(unsigned(args.num_qtiles), unsigned(a.Hq), unsigned(B));
-  kern<<<grid, K::THREADS, K::SMEM, stream>>>(args);
-  KSA_CUDA_CHECK_LAUNCH();
-}
-
 template <class T>
 void launch_dim(const FwdArgs& a, int B, int D, cudaStream_t s) {
-  if (D == 128) launch<Sm90Traits<T, 128>>(a, B, s);
-  else if (D == 64) launch<Sm90Traits<T, 64>>(a, B, s);
+  if (D == 128) launch_fwd<Sm90Traits<T, 128>>(fwd_sm90a_kernel<Sm90Traits<T, 128>>, a, B, s);
+  else if (D == 64) launch_fwd<Sm90Traits<T, 64>>(fwd_sm90a_kernel<Sm90Traits<T, 64>>, a, B, s);
   else fail("ksa::cuda::attention_forward (sm_90a): D=", D, " is not supported (64 or 128)");
 }
 
