@@ -14,7 +14,9 @@
 //                  dS^T = P^T (dP^T - Delta); dV += P^T dO, dK += dS^T Q (rows = keys, 16 per warp).
 //   4. reduce      key tiles whose list was split: sum the fp32 partials in segment order, write dk, dv.
 //   5. dQ          one CTA per (query tile, q head, batch), over the key tiles of KeyTileCursor (as the
-//                  forward): S = Q K^T, P, dP = dO V^T, dS; dQ += dS K (rows = queries, 16 per warp).
+//                  forward): S = Q K^T, P, dP = dO V^T, dS; dQ += dS K (rows = queries, 16 per warp). On
+//                  compute capability 9.0 the wgmma kernels of attention_bwd_sm90a.cu run passes 3 and
+//                  5 instead (128-key tiles, 64-query steps; KSA_CUDA_BWD_SM90A=0 keeps these).
 // Recomputing S and dP in the dQ pass costs 7 tile GEMMs per tile pair instead of 5: the price of a dQ
 // without atomics (the CPU backward makes the same trade).
 //
@@ -34,8 +36,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "attention_bwd_plan.hpp"
+#include "cuda/attention_bwd.cuh"
 #include "check.cuh"
 #include "launch_checks.hpp"
 #include "ksa/cuda.hpp"
@@ -51,8 +55,8 @@ using bwd::PlanItem;
 using bwd::PlanRun;
 using bwd::PlanSplit;
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kRowPad = 128;  // lse2/Delta rows are padded to a multiple of this (>= every BQ)
+using detail::kLog2e;
+using detail::kRowPad;
 
 // ---------------------------------------------------------------------------------------------- traits
 // dK/dV pass: NW warps x 16 key rows; BQ query rows per step; KVREG: the warp's K and V A-fragments are held
@@ -102,36 +106,10 @@ struct Config<T, 128> {
   using Dq = DqTraits<T, 128, 4, 32, 2>;
 };
 
-struct View {
-  void* p;
-  int64_t b, r, h;  // strides in elements
-};
+using detail::BwdArgs;
+using detail::View;
 
-struct BwdArgs {
-  Layout lay;
-  Layout32 l32;
-  int64_t W;
-  int W32;  // W clamped to int range (any W >= #chunks behaves the same)
-  int B, Hq, Hkv, G, L, Lp;
-  float scale, scale_log2;
-  View q, k, v, out, dout, dq, dk, dv;
-  const float* lse;  // [B, L, Hq] stream order, natural log (the forward's)
-  float* lse2;       // [B, Hq, Lp] gathered order, lse * log2(e); +inf past L
-  float* delta;      // [B, Hq, Lp] gathered order; 0 past L
-};
-
-struct PlanArgs {
-  KeySpans* spans;  // [nq] key spans of each dK/dV query tile
-  int nq, nk, ntext, BQ, BK;
-  PlanRun* runs;     // [nk * kMaxRuns]
-  int* nruns;        // [nk]
-  int* count;        // [nk] entries (query tiles) per key tile
-  PlanItem* items;   // [max_items]
-  PlanSplit* splits; // [max_splits]
-  int* counters;     // [0] items, [1] split tiles, [2] partial slots
-  float *part_k, *part_v;  // [max_slots, B, Hkv, BK, D]
-  int max_items, max_splits, max_slots;
-};
+using detail::PlanArgs;
 
 // ------------------------------------------------------------------------------------------ device code
 // Loads `rows` gathered rows [g0, g0 + rows) of one head into swizzled smem, zero-filling rows at or past
@@ -329,31 +307,7 @@ __global__ void __launch_bounds__(1024) schedule_kernel(PlanArgs pl, int forced,
 }
 
 // ---- pass 3: dK, dV
-// Walks the entries (query tiles of the key tile's runs) from e0, each for every query head of the group.
-struct EntryWalk {
-  const PlanRun* runs;
-  int r = 0, qt = 0, h = 0, h0 = 0, h1 = 0;
-  // Requires e0 < the key tile's entry count.
-  __device__ EntryWalk(const PlanRun* runs_, int e0, int hbeg, int G) : runs(runs_), h(hbeg), h0(hbeg), h1(hbeg + G) {
-    for (int e = e0;;) {
-      const int len = runs[r].end - runs[r].begin;
-      if (e < len) {
-        qt = runs[r].begin + e;
-        break;
-      }
-      e -= len;
-      ++r;
-    }
-  }
-  // Requires a further step.
-  __device__ void next() {
-    if (++h < h1) return;
-    h = h0;
-    if (++qt < runs[r].end) return;
-    ++r;
-    qt = runs[r].begin;
-  }
-};
+using detail::EntryWalk;
 
 template <class K>
 __global__ void __launch_bounds__(K::THREADS, K::MINB) dkdv_kernel(const BwdArgs a, const PlanArgs pl) {
@@ -814,13 +768,22 @@ void launch_plan(const Layout& lay, int64_t W, const PlanSizes& ps, const PlanAr
   KSA_CUDA_CHECK_LAUNCH();
 }
 
+// The dK/dV and dQ passes on the sm_90a wgmma kernels (attention_bwd_sm90a.cu) where they run, unless
+// KSA_CUDA_BWD_SM90A=0.
+bool use_sm90a() {
+  const char* e = std::getenv("KSA_CUDA_BWD_SM90A");
+  return detail::sm90a_usable() && !(e && std::string(e) == "0");
+}
+
 template <class T, int D>
 void run_backward(const BwdArgs& a0, cudaStream_t s) {
   using KV = typename Config<T, D>::Dkv;
   using KQ = typename Config<T, D>::Dq;
   BwdArgs a = a0;
-  const PlanSizes ps = plan_sizes(a.lay, KV::BQ, KV::BKV, int64_t(a.B) * a.Hkv, KV::MINB);
-  const int64_t part_floats = int64_t(a.B) * a.Hkv * KV::BKV * D;  // one slot
+  const bool sm90a = use_sm90a();  // the plan is built for the tiles of the dK/dV kernel that runs
+  const int pBQ = sm90a ? detail::kDkvSm90Queries : KV::BQ, pBK = sm90a ? detail::kDkvSm90Keys : KV::BKV;
+  const PlanSizes ps = plan_sizes(a.lay, pBQ, pBK, int64_t(a.B) * a.Hkv, sm90a ? 1 : KV::MINB);
+  const int64_t part_floats = int64_t(a.B) * a.Hkv * pBK * D;  // one slot
   const int64_t rowvals = int64_t(a.B) * a.Hq * a.Lp;
 
   Carver measure;
@@ -841,20 +804,29 @@ void run_backward(const BwdArgs& a0, cudaStream_t s) {
   KSA_CUDA_CHECK_LAUNCH();
   launch_plan(a.lay, a.W, ps, pl, s);
 
-  auto kv = dkdv_kernel<KV>;
-  KSA_CUDA_CHECK(cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, KV::SMEM));
-  kv<<<dim3(unsigned(ps.max_items), unsigned(a.Hkv), unsigned(a.B)), KV::THREADS, KV::SMEM, s>>>(a, pl);
+  constexpr bool f16 = std::is_same_v<T, __half>;
+  const dim3 reduce_grid(unsigned(ps.max_splits), unsigned(a.Hkv), unsigned(a.B));
+  if (sm90a) {
+    detail::launch_dkdv_sm90a(a, pl, int(ps.max_items), D, f16, s);
+    if (ps.max_splits > 0) reduce_kernel<T, D, detail::kDkvSm90Keys><<<reduce_grid, 256, 0, s>>>(a, pl);
+  } else {
+    auto kv = dkdv_kernel<KV>;
+    KSA_CUDA_CHECK(cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, KV::SMEM));
+    kv<<<dim3(unsigned(ps.max_items), unsigned(a.Hkv), unsigned(a.B)), KV::THREADS, KV::SMEM, s>>>(a, pl);
+    KSA_CUDA_CHECK_LAUNCH();
+    if (ps.max_splits > 0) reduce_kernel<T, D, KV::BKV><<<reduce_grid, 256, 0, s>>>(a, pl);
+  }
   KSA_CUDA_CHECK_LAUNCH();
-  if (ps.max_splits > 0) {
-    reduce_kernel<T, D, KV::BKV><<<dim3(unsigned(ps.max_splits), unsigned(a.Hkv), unsigned(a.B)), 256, 0, s>>>(a, pl);
+
+  if (sm90a) {
+    detail::launch_dq_sm90a(a, D, f16, s);
+  } else {
+    auto qk = dq_kernel<KQ>;
+    KSA_CUDA_CHECK(cudaFuncSetAttribute(qk, cudaFuncAttributeMaxDynamicSharedMemorySize, KQ::SMEM));
+    const int nqt = (a.L + KQ::BQ - 1) / KQ::BQ;
+    qk<<<dim3(unsigned(nqt), unsigned(a.Hq), unsigned(a.B)), KQ::THREADS, KQ::SMEM, s>>>(a, nqt);
     KSA_CUDA_CHECK_LAUNCH();
   }
-
-  auto qk = dq_kernel<KQ>;
-  KSA_CUDA_CHECK(cudaFuncSetAttribute(qk, cudaFuncAttributeMaxDynamicSharedMemorySize, KQ::SMEM));
-  const int nqt = (a.L + KQ::BQ - 1) / KQ::BQ;
-  qk<<<dim3(unsigned(nqt), unsigned(a.Hq), unsigned(a.B)), KQ::THREADS, KQ::SMEM, s>>>(a, nqt);
-  KSA_CUDA_CHECK_LAUNCH();
   ws.release();
 }
 
