@@ -291,7 +291,9 @@ void dispatch_config(const FwdArgs& a, int B, cudaStream_t s) {
       if (!detail::sm90a_usable())
         fail("KSA_CUDA_FWD_CONFIG=5: the sm_90a kernel needs a compute capability 9.0 device and a build with "
              "CUDA architecture 90 (this device: ", device_description(), ")");
+#if defined(KSA_HAVE_SM90A)
       detail::launch_fwd_sm90a(a, B, D, std::is_same_v<T, __half>, s);
+#endif
       break;
     default: fail("KSA_CUDA_FWD_CONFIG: unknown configuration ", fwd_config(D), " (0..5)");
   }
