@@ -807,7 +807,9 @@ void run_backward(const BwdArgs& a0, cudaStream_t s) {
   constexpr bool f16 = std::is_same_v<T, __half>;
   const dim3 reduce_grid(unsigned(ps.max_splits), unsigned(a.Hkv), unsigned(a.B));
   if (sm90a) {
+#if defined(KSA_HAVE_SM90A)
     detail::launch_dkdv_sm90a(a, pl, int(ps.max_items), D, f16, s);
+#endif
     if (ps.max_splits > 0) reduce_kernel<T, D, detail::kDkvSm90Keys><<<reduce_grid, 256, 0, s>>>(a, pl);
   } else {
     auto kv = dkdv_kernel<KV>;
@@ -819,7 +821,9 @@ void run_backward(const BwdArgs& a0, cudaStream_t s) {
   KSA_CUDA_CHECK_LAUNCH();
 
   if (sm90a) {
+#if defined(KSA_HAVE_SM90A)
     detail::launch_dq_sm90a(a, D, f16, s);
+#endif
   } else {
     auto qk = dq_kernel<KQ>;
     KSA_CUDA_CHECK(cudaFuncSetAttribute(qk, cudaFuncAttributeMaxDynamicSharedMemorySize, KQ::SMEM));
