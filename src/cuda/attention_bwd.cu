@@ -804,7 +804,7 @@ void run_backward(const BwdArgs& a0, cudaStream_t s) {
   KSA_CUDA_CHECK_LAUNCH();
   launch_plan(a.lay, a.W, ps, pl, s);
 
-  constexpr bool f16 = std::is_same_v<T, __half>;
+  [[maybe_unused]] constexpr bool f16 = std::is_same_v<T, __half>;  // the sm_90a launchers' dtype
   const dim3 reduce_grid(unsigned(ps.max_splits), unsigned(a.Hkv), unsigned(a.B));
   if (sm90a) {
 #if defined(KSA_HAVE_SM90A)
