@@ -23,6 +23,10 @@ inline bool views_aligned16(std::initializer_list<std::pair<const char*, const T
   return true;
 }
 
+// Compute capability of the current device as 10 * major + minor (90 for an H100/H200), cached per device
+// (devices past the first 64 are asked each time). Defined in device.cu.
+int compute_capability();
+
 // The window for 32-bit chunk arithmetic: any W >= the number of chunks behaves the same, so clamp.
 inline int window32(int64_t W) { return int(W < (int64_t(1) << 30) ? W : (int64_t(1) << 30)); }
 
