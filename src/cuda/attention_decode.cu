@@ -23,6 +23,7 @@
 #include "check.cuh"
 #include "cuda/decode_plan.cuh"
 #include "cuda/mma.cuh"
+#include "launch_checks.hpp"
 #include "ksa/softmax.hpp"
 
 namespace ksa::cuda::detail {
@@ -315,17 +316,7 @@ int current_device() {
 }
 
 // Whether the current device takes programmatic dependent launches (sm_90+).
-bool pdl_supported() {
-  static std::atomic<int> cached[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
-  const int dev = current_device();
-  if (dev < 0 || dev >= kMaxDevices) return false;
-  if (cached[dev] == 0) {
-    int major = 0;
-    KSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    cached[dev] = major >= 9 ? 2 : 1;
-  }
-  return cached[dev] == 2;
-}
+bool pdl_supported() { return compute_capability() >= 90; }
 
 // Launches kernel(a); with `pdl` the kernel may start while the previous kernel on the stream runs.
 void launch(void (*kernel)(DecodeRun), dim3 grid, int threads, int smem, bool pdl, const DecodeRun& a, cudaStream_t s) {

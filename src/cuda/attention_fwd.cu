@@ -13,7 +13,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
@@ -311,17 +310,7 @@ void dispatch_dim(const FwdArgs& a, int64_t D, int B, cudaStream_t s) {
 
 bool detail::sm90a_usable() {
 #if defined(KSA_HAVE_SM90A)
-  static std::atomic<int> cached[64] = {};  // per device: 0 unknown, 1 no, 2 yes
-  int dev = 0;
-  KSA_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= 64) return false;
-  if (cached[dev] == 0) {
-    int major = 0, minor = 0;
-    KSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    KSA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-    cached[dev] = major == 9 && minor == 0 ? 2 : 1;  // sm_90a code runs on 9.0 only
-  }
-  return cached[dev] == 2;
+  return compute_capability() == 90;  // sm_90a code runs on 9.0 only
 #else
   return false;
 #endif

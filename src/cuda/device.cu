@@ -1,9 +1,11 @@
 // Device discovery for callers that must decide between the CUDA and CPU paths.
+#include <atomic>
 #include <cstdio>
 #include <string>
 
 #include "check.cuh"
 #include "ksa/cuda.hpp"
+#include "launch_checks.hpp"
 
 namespace ksa::cuda {
 
@@ -25,6 +27,20 @@ std::string device_description() {
   std::snprintf(buf, sizeof buf, "%s (sm_%d%d, %d SMs, %.0f GiB)", prop.name, prop.major, prop.minor,
                 prop.multiProcessorCount, double(prop.totalGlobalMem) / (1024.0 * 1024 * 1024));
   return buf;
+}
+
+int detail::compute_capability() {
+  constexpr int kCached = 64;
+  static std::atomic<int> cached[kCached] = {};  // 0: not asked yet
+  int dev = 0;
+  KSA_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev >= 0 && dev < kCached && cached[dev] != 0) return cached[dev];
+  int major = 0, minor = 0;
+  KSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  KSA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  const int cc = 10 * major + minor;
+  if (dev >= 0 && dev < kCached) cached[dev] = cc;
+  return cc;
 }
 
 }  // namespace ksa::cuda

@@ -23,8 +23,12 @@ inline bool views_aligned16(std::initializer_list<std::pair<const char*, const T
   return true;
 }
 
+// Compute capability of the current device as 10 * major + minor (90 for an H100/H200), cached per device
+// (devices past the first 64 are asked each time). Defined in device.cu.
+int compute_capability();
+
 // Whether this build has the sm_90a kernels (KSA_HAVE_SM90A) and the current device runs them (compute
-// capability 9.0). Defined in attention_fwd.cu; cached per device.
+// capability 9.0). Defined in attention_fwd.cu.
 bool sm90a_usable();
 
 // The window for 32-bit chunk arithmetic: any W >= the number of chunks behaves the same, so clamp.
