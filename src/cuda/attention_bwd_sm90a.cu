@@ -34,13 +34,14 @@ struct DqSm90Traits {
   static constexpr int BK = 64;        // keys per tile (S and dP: 32 accumulators each per thread)
   static constexpr int STAGES = 3;     // K/V tiles in flight
   static constexpr int THREADS = 384;  // consumer warpgroups 0 and 1, producer warpgroup 2
-  static constexpr int PRODUCER_REGS = 88, CONSUMER_REGS = 208;  // setmaxnreg: 128*88 + 256*208 <= 64K
+  static constexpr int PRODUCER_REGS = 88, CONSUMER_REGS = 208;  // setmaxnreg (see regs_fit)
   static constexpr uint32_t Q_BYTES = BQ * D * 2, KV_BYTES = BK * D * 2;
   // Q, dO, then STAGES x (K, V), then one TileInfo per stage; +1 KiB to align on the swizzle period.
   static constexpr int SMEM = int(2 * Q_BYTES + STAGES * 2 * KV_BYTES) + STAGES * int(sizeof(TileInfo)) + 1024;
   static_assert(D == 64 || D == 128, "D must be 64 or 128");
   static_assert(kRowPad % BQ == 0, "lse2/Delta padding covers a whole query tile");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
+  static_assert(regs_fit(PRODUCER_REGS, CONSUMER_REGS), "setmaxnreg budget");
 };
 
 template <class T_, int D_>
@@ -51,7 +52,7 @@ struct DkvSm90Traits {
   static constexpr int BQ = kDkvSm90Queries;   // query rows per step (S^T, dP^T: 32 accumulators per thread)
   static constexpr int STAGES = 3;             // query steps in flight
   static constexpr int THREADS = 384;          // consumer warpgroups 0 and 1, producer warpgroup 2
-  static constexpr int PRODUCER_REGS = 48, CONSUMER_REGS = 232;  // 128*48 + 256*232 = 64K
+  static constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // setmaxnreg (see regs_fit)
   static constexpr uint32_t KV_BYTES = BKV * D * 2, QS_BYTES = BQ * D * 2;
   // A stage: Q and dO tiles, lse2 and Delta of the step's queries, and each query's visible key range in the
   // key tile's region (int2). Stages start on 1024-byte boundaries (the swizzle period).
@@ -60,6 +61,7 @@ struct DkvSm90Traits {
   static_assert(D == 64 || D == 128, "D must be 64 or 128");
   static_assert(kRowPad % BQ == 0, "lse2/Delta padding covers a whole query step");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
+  static_assert(regs_fit(PRODUCER_REGS, CONSUMER_REGS), "setmaxnreg budget");
 };
 
 // ------------------------------------------------------------------------------------------ device code

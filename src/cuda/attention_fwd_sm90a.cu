@@ -37,13 +37,14 @@ struct Sm90Traits {
   static constexpr int BK = 128;       // keys per tile
   static constexpr int STAGES = 3;     // K/V tiles in flight
   static constexpr int THREADS = 384;  // consumer warpgroups 0 and 1, producer warpgroup 2
-  static constexpr int PRODUCER_REGS = 88, CONSUMER_REGS = 208;  // setmaxnreg: 128*88 + 256*208 <= 64K
+  static constexpr int PRODUCER_REGS = 88, CONSUMER_REGS = 208;  // setmaxnreg (see regs_fit)
   static constexpr uint32_t Q_BYTES = BQ * D * 2, KV_BYTES = BK * D * 2;
   // Q, then STAGES x (K, V), then one TileInfo per stage; +1 KiB to align the base on the 128B swizzle's
   // 1024-byte period.
   static constexpr int SMEM = int(Q_BYTES + STAGES * 2 * KV_BYTES) + STAGES * int(sizeof(TileInfo)) + 1024;
   static_assert(D == 64 || D == 128, "D must be 64 or 128");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
+  static_assert(regs_fit(PRODUCER_REGS, CONSUMER_REGS), "setmaxnreg budget");
 };
 
 // ------------------------------------------------------------------------------------------ device code

@@ -37,6 +37,12 @@ __device__ __forceinline__ void bar_sync(int id, int threads) {
 __device__ __forceinline__ void bar_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// setmaxnreg moves registers only within what the CTA was launched with: __launch_bounds__(384, 1) gives
+// 168 registers per thread (65536 / 384 rounded down to a multiple of 8), so the producer's and the two
+// consumers' counts must fit in 384 * 168. Asking for more makes setmaxnreg.inc wait forever.
+constexpr bool regs_fit(int producer, int consumer) {
+  return producer % 8 == 0 && consumer % 8 == 0 && 128 * producer + 256 * consumer <= 384 * 168;
+}
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
 template <int N>
