@@ -1,7 +1,7 @@
 // CUDA backward (sm80+): FlashAttention-2's math (P recomputed from the forward's lse) with tensor cores
 // (mma.sync m16n8k16, bf16/f16 in, fp32 accumulate), over only the tile pairs the core's tile walk visits,
-// in the core's gathered order (text rows, then all summaries), like the forward. Deterministic always: no
-// floating-point atomics; every sum runs in an order fixed by the shapes and the device's SM count.
+// in the core's gathered order (text rows, then all summaries), like the forward. Deterministic (same bits
+// every run) except the opt-in fused dQ below: every sum runs in an order fixed by the shapes and SM count.
 //
 // Passes, all on the caller's stream (workspace from cudaMallocAsync, freed with cudaFreeAsync):
 //   1. preprocess  (b, q head, row): Delta = rowsum(dout * out) and lse in the log2 domain, gathered order.
@@ -18,7 +18,11 @@
 //                  compute capability 9.0 the wgmma kernels of attention_bwd_sm90a.cu run passes 3 and
 //                  5 instead (128-key tiles, 64-query steps; KSA_CUDA_BWD_SM90A=0 keeps these).
 // Recomputing S and dP in the dQ pass costs 7 tile GEMMs per tile pair instead of 5: the price of a dQ
-// without atomics (the CPU backward makes the same trade).
+// without atomics (the CPU backward makes the same trade). Optionally, on sm_90a with D = 128 and
+// params.deterministic false, the dK/dV pass computes dQ too (5 GEMMs; fp32 atomic adds into a zeroed
+// [B, Hq, Lp, D] accumulator, then dq_store_kernel scales and scatters it) when KSA_CUDA_BWD_FUSED_DQ=1; the
+// summation order of dQ then varies from run to run. Off by default (slower where measured, see
+// use_fused_dq).
 //
 // Old summaries are one contiguous block of key tiles that every later query tile sees, so a summary key
 // tile's list is ~L/BQ long while a text tile's is ~W*k/BQ. The schedule cuts every list longer than U
@@ -531,6 +535,23 @@ __global__ void __launch_bounds__(256) reduce_kernel(const BwdArgs a, const Plan
   }
 }
 
+// ---- pass 5 after a fused-dQ dK/dV pass (sm_90a): dq = scale * dq_acc in stream order; a thread per 8
+// elements of one (gathered row, q head), consecutive threads along a stream row of dq.
+template <class T, int D>
+__global__ void __launch_bounds__(256) dq_store_kernel(const BwdArgs a) {
+  constexpr int CH = D / 8;
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int c = int(t % CH), h = int(t / CH % a.Hq), b = int(blockIdx.y);
+  const int64_t g = t / CH / a.Hq;
+  if (g >= a.L) return;
+  const float* src = a.dq_acc + ((int64_t(b) * a.Hq + h) * a.Lp + g) * D + c * 8;
+  const float4 x = *reinterpret_cast<const float4*>(src), y = *reinterpret_cast<const float4*>(src + 4);
+  const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
+  *reinterpret_cast<uint4*>(row_ptr<T>(a.dq, b, srow, h) + c * 8) =
+      make_uint4(pack2<T>(x.x * a.scale, x.y * a.scale), pack2<T>(x.z * a.scale, x.w * a.scale),
+                 pack2<T>(y.x * a.scale, y.y * a.scale), pack2<T>(y.z * a.scale, y.w * a.scale));
+}
+
 // ---- pass 5: dQ over the key tiles of KeyTileCursor (the forward's loop structure)
 template <class K>
 __global__ void __launch_bounds__(K::THREADS, K::MINB) dq_kernel(const BwdArgs a, int num_qtiles) {
@@ -775,12 +796,22 @@ bool use_sm90a() {
   return detail::sm90a_usable() && !(e && std::string(e) == "0");
 }
 
+// dQ inside the sm_90a dK/dV pass (fp32 atomics) instead of its own pass: only with KSA_CUDA_BWD_FUSED_DQ=1,
+// D = 128 and not deterministic. Off by default: on the H200 at T=8K (32/8 heads) it measured slower than the
+// separate pass (backward 2.89 vs 2.44 ms); its kernel spills 172 bytes per thread.
+bool use_fused_dq(bool sm90a, int D, bool deterministic) {
+  const char* e = std::getenv("KSA_CUDA_BWD_FUSED_DQ");
+  return sm90a && D == 128 && !deterministic && e && std::string(e) == "1";
+}
+
 template <class T, int D>
-void run_backward(const BwdArgs& a0, cudaStream_t s) {
+void run_backward(const BwdArgs& a0, bool deterministic, cudaStream_t s) {
   using KV = typename Config<T, D>::Dkv;
   using KQ = typename Config<T, D>::Dq;
   BwdArgs a = a0;
   const bool sm90a = use_sm90a();  // the plan is built for the tiles of the dK/dV kernel that runs
+  const bool fused_dq = use_fused_dq(sm90a, D, deterministic);
+  const int64_t acc_floats = fused_dq ? int64_t(a.B) * a.Hq * a.Lp * D : 0;
   const int pBQ = sm90a ? detail::kDkvSm90Queries : KV::BQ, pBK = sm90a ? detail::kDkvSm90Keys : KV::BKV;
   const PlanSizes ps = plan_sizes(a.lay, pBQ, pBK, int64_t(a.B) * a.Hkv, sm90a ? 1 : KV::MINB);
   const int64_t part_floats = int64_t(a.B) * a.Hkv * pBK * D;  // one slot
@@ -789,12 +820,15 @@ void run_backward(const BwdArgs& a0, cudaStream_t s) {
   Carver measure;
   measure.take<float>(rowvals);
   measure.take<float>(rowvals);
+  measure.take<float>(acc_floats);
   PlanArgs pl{};
   carve_plan(measure, pl, ps, part_floats);
   Workspace ws(measure.off, s);
   Carver c{static_cast<char*>(ws.p), 0};
   a.lse2 = c.take<float>(rowvals);
   a.delta = c.take<float>(rowvals);
+  a.dq_acc = fused_dq ? c.take<float>(acc_floats) : nullptr;
+  if (fused_dq) KSA_CUDA_CHECK(cudaMemsetAsync(a.dq_acc, 0, size_t(acc_floats) * sizeof(float), s));
   carve_plan(c, pl, ps, part_floats);
   fill_plan_args(pl, ps);
 
@@ -808,7 +842,7 @@ void run_backward(const BwdArgs& a0, cudaStream_t s) {
   const dim3 reduce_grid(unsigned(ps.max_splits), unsigned(a.Hkv), unsigned(a.B));
   if (sm90a) {
 #if defined(KSA_HAVE_SM90A)
-    detail::launch_dkdv_sm90a(a, pl, int(ps.max_items), D, f16, s);
+    detail::launch_dkdv_sm90a(a, pl, int(ps.max_items), D, f16, fused_dq, s);
 #endif
     if (ps.max_splits > 0) reduce_kernel<T, D, detail::kDkvSm90Keys><<<reduce_grid, 256, 0, s>>>(a, pl);
   } else {
@@ -820,7 +854,11 @@ void run_backward(const BwdArgs& a0, cudaStream_t s) {
   }
   KSA_CUDA_CHECK_LAUNCH();
 
-  if (sm90a) {
+  if (fused_dq) {
+    const int64_t blocks = (int64_t(a.L) * a.Hq * (D / 8) + 255) / 256;
+    dq_store_kernel<T, D><<<dim3(unsigned(blocks), unsigned(a.B)), 256, 0, s>>>(a);
+    KSA_CUDA_CHECK_LAUNCH();
+  } else if (sm90a) {
 #if defined(KSA_HAVE_SM90A)
     detail::launch_dq_sm90a(a, D, f16, s);
 #endif
@@ -835,9 +873,9 @@ void run_backward(const BwdArgs& a0, cudaStream_t s) {
 }
 
 template <class T>
-void dispatch_dim(const BwdArgs& a, int64_t D, cudaStream_t s) {
-  if (D == 128) run_backward<T, 128>(a, s);
-  else if (D == 64) run_backward<T, 64>(a, s);
+void dispatch_dim(const BwdArgs& a, int64_t D, bool deterministic, cudaStream_t s) {
+  if (D == 128) run_backward<T, 128>(a, deterministic, s);
+  else if (D == 64) run_backward<T, 64>(a, deterministic, s);
   else fail("ksa::cuda::attention_backward: D=", D, " is not supported (64 or 128)");
 }
 
@@ -856,7 +894,7 @@ bool supports(const AttentionBackwardParams& p, std::string* why) {
   return detail::views_aligned16({{"dout", &p.dout}, {"dq", &p.dq}, {"dk", &p.dk}, {"dv", &p.dv}}, why);
 }
 
-// p.deterministic is honoured trivially: this implementation has no floating-point atomics in any mode.
+// p.deterministic: no floating-point atomics (the separate dQ pass); otherwise the fused dQ where it runs.
 void attention_backward(const AttentionBackwardParams& p, Stream stream) {
   validate(p);
   std::string why;
@@ -885,8 +923,8 @@ void attention_backward(const AttentionBackwardParams& p, Stream stream) {
   a.dv = view_of(p.dv);
   a.lse = p.lse;
   auto s = static_cast<cudaStream_t>(stream);
-  if (p.dtype == DType::bf16) dispatch_dim<__nv_bfloat16>(a, p.D, s);
-  else dispatch_dim<__half>(a, p.D, s);
+  if (p.dtype == DType::bf16) dispatch_dim<__nv_bfloat16>(a, p.D, p.deterministic, s);
+  else dispatch_dim<__half>(a, p.D, p.deterministic, s);
 }
 
 namespace bwd {

@@ -29,6 +29,8 @@ struct BwdArgs {
   const float* lse;  // [B, L, Hq] stream order, natural log (the forward's)
   float* lse2;       // [B, Hq, Lp] gathered order, lse * log2(e); +inf past L
   float* delta;      // [B, Hq, Lp] gathered order; 0 past L
+  float* dq_acc;     // [B, Hq, Lp, D] gathered order, zeroed: dQ / scale summed by the fused sm_90a dK/dV pass
+                     // (atomic adds; null when the dQ pass runs instead)
 };
 
 
@@ -77,8 +79,10 @@ struct EntryWalk {
 // warpgroup), query steps of 64 rows.
 constexpr int kDkvSm90Keys = 128, kDkvSm90Queries = 64;
 // Launches the wgmma dK/dV pass over the plan's items (grid: max_items, Hkv, B; CTAs past the plan's item
-// count return at once). Requires sm90a_usable().
-void launch_dkdv_sm90a(const BwdArgs& a, const PlanArgs& pl, int max_items, int D, bool f16, cudaStream_t stream);
+// count return at once). Requires sm90a_usable(). With fused_dq (D = 128 only, a.dq_acc zeroed) the pass also
+// adds each step's dS K into a.dq_acc, so the dQ pass is not needed (not deterministic: fp32 atomics).
+void launch_dkdv_sm90a(const BwdArgs& a, const PlanArgs& pl, int max_items, int D, bool f16, bool fused_dq,
+                       cudaStream_t stream);
 
 // Launches the wgmma dQ pass (grid: query tiles of 128 rows, Hq, B) for D = 64 or 128 (f16 selects half,
 // else bf16); needs a.lse2 and a.delta from the preprocess pass. Requires sm90a_usable() (launch_checks.hpp).

@@ -9,6 +9,11 @@
 //   dQ += dS K               wgmma m64nDk16, dS from registers, K from smem MN-major.
 // dQ (times the softmax scale) is written in stream order. No atomics: deterministic.
 //
+// Fused dQ (opt-in, KSA_CUDA_BWD_FUSED_DQ=1; D = 128, not deterministic; see use_fused_dq in attention_bwd.cu): the dK/dV pass already has dS for each
+// (key tile, query step), so it also computes dQ = dS K there (dS through smem, each consumer one 64-column
+// half of D) and adds it into an fp32 accumulator with atomics; the dQ pass, which recomputes S and dP, is
+// skipped. 5 instead of 7 matrix products per visible tile pair.
+//
 // File shape (DESIGN.md §3): traits -> device code -> launcher.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -44,10 +49,11 @@ struct DqSm90Traits {
   static_assert(regs_fit(PRODUCER_REGS, CONSUMER_REGS), "setmaxnreg budget");
 };
 
-template <class T_, int D_>
+template <class T_, int D_, bool DQ_>
 struct DkvSm90Traits {
   using T = T_;
   static constexpr int D = D_;
+  static constexpr bool DQ = DQ_;  // also dQ += dS K into BwdArgs::dq_acc (fp32 atomics)
   static constexpr int BKV = kDkvSm90Keys;     // key rows per CTA, 64 per consumer warpgroup
   static constexpr int BQ = kDkvSm90Queries;   // query rows per step (S^T, dP^T: 32 accumulators per thread)
   static constexpr int STAGES = 3;             // query steps in flight
@@ -57,8 +63,13 @@ struct DkvSm90Traits {
   // A stage: Q and dO tiles, lse2 and Delta of the step's queries, and each query's visible key range in the
   // key tile's region (int2). Stages start on 1024-byte boundaries (the swizzle period).
   static constexpr uint32_t STAGE_BYTES = (2 * QS_BYTES + 2 * BQ * 4 + BQ * 8 + 1023) / 1024 * 1024;
-  static constexpr int SMEM = int(2 * KV_BYTES + STAGES * STAGE_BYTES) + STAGES * int(sizeof(TileInfo)) + 1024;
+  // With DQ: two dS tiles (the step's 64 queries x 128 keys, 128B-swizzled, K-major for dQ = dS K), used in
+  // turn by consecutive steps.
+  static constexpr uint32_t DS_BYTES = DQ ? BQ * BKV * 2 : 0;
+  static constexpr int SMEM =
+      int(2 * KV_BYTES + STAGES * STAGE_BYTES + 2 * DS_BYTES) + STAGES * int(sizeof(TileInfo)) + 1024;
   static_assert(D == 64 || D == 128, "D must be 64 or 128");
+  static_assert(!DQ || D == 128, "the fused dQ splits D = 128 into one 64-column half per consumer");
   static_assert(kRowPad % BQ == 0, "lse2/Delta padding covers a whole query step");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
   static_assert(regs_fit(PRODUCER_REGS, CONSUMER_REGS), "setmaxnreg budget");
@@ -223,7 +234,8 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
   extern __shared__ __align__(1024) uint8_t smem[];
   const uint32_t sK = (smem_u32(smem) + 1023u) & ~1023u, sV = sK + K::KV_BYTES, sS0 = sV + K::KV_BYTES;
   uint8_t* gS0 = smem + (sS0 - smem_u32(smem));  // the stages through a generic pointer (lse2, Delta, ranges)
-  TileInfo* info = reinterpret_cast<TileInfo*>(gS0 + K::STAGES * K::STAGE_BYTES);
+  [[maybe_unused]] const uint32_t sDS = sS0 + K::STAGES * K::STAGE_BYTES;  // DQ: the two dS tiles
+  TileInfo* info = reinterpret_cast<TileInfo*>(gS0 + K::STAGES * K::STAGE_BYTES + 2 * K::DS_BYTES);
   int64_t tb64, te64;
   bwd::key_tile_rows(a.lay, BKV, item.kt, tb64, te64);
   const int tb = int(tb64), te = int(te64);
@@ -345,6 +357,18 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
         df[kb][q] = pack2<T>(dp[8 * kb + 2 * q], dp[8 * kb + 2 * q + 1]);
       }
     }
+    // DQ: dS (queries x keys) into this step's dS tile, each consumer its 64 keys (one 64-column block):
+    // stmatrix.trans turns each 8x8 block of dS^T (keys x queries) into 8 query rows of 8 keys (16 bytes).
+    // Matrix m of df[kb] is key half hf = m & 1 of query block j = 2kb + (m >> 1).
+    [[maybe_unused]] const uint32_t sDSi = sDS + uint32_t(i & 1) * K::DS_BYTES;
+    if constexpr (K::DQ) {
+      const int m = lane >> 3, c = lane & 7;
+#pragma unroll
+      for (int kb = 0; kb < BQ / 16; ++kb)
+        stmatrix_x4_trans(sDSi + sw128<BQ>(8 * (2 * kb + (m >> 1)) + c, wg * 8 + 2 * warp + (m & 1)), df[kb][0],
+                          df[kb][1], df[kb][2], df[kb][3]);
+      fence_proxy_async();  // st.shared before the wgmma (async proxy) reads of both consumers
+    }
     // dV += P^T dO, dK += dS^T Q (times scale at the end): one 16-query step per wgmma.
 #pragma unroll
     for (int x = 0; x < NO; ++x) {
@@ -357,7 +381,38 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
 #pragma unroll
     for (int kb = 0; kb < BQ / 16; ++kb) wgmma_rs_tb<T, D>(dk, df[kb], desc_sw128(sQ + kb * 2048, BQ * 128, 1024));
     wgmma_commit();
-    wgmma_wait<0>();
+    if constexpr (K::DQ) {
+      // dQ[:, 64 wg + (0..63)] = dS K[:, 64 wg + (0..63)] over the tile's 128 keys, once both halves of dS are
+      // in. The other consumer last read this dS tile two steps ago and has passed this barrier's previous
+      // phase since (after its wgmma_wait), so the tile was free to overwrite.
+      bar_sync(B::kFree, 256);
+      wgmma_wait<0>();  // dV, dK done: their A registers (pf, df) are free for dQ's accumulators
+#pragma unroll
+      for (int x = 0; x < NO; ++x) {
+        fence_reg(dk[x]);
+        fence_reg(dv[x]);
+      }
+      float dqa[32];
+#pragma unroll
+      for (int x = 0; x < 32; ++x) dqa[x] = 0.f;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BKV / 16; ++kk)
+        wgmma_ss_tb<T, 64>(dqa, desc_sw128(sDSi + (kk / 4) * (BQ * 128) + (kk % 4) * 32, 16, 1024),
+                           desc_sw128(sK + wg * (BKV * 128) + kk * 2048, BKV * 128, 1024), kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+#pragma unroll
+      for (int x = 0; x < 32; ++x) fence_reg(dqa[x]);
+      // Rows past L belong to the padded [L, Lp) range (their dS is 0); dq_acc has Lp rows.
+      float* acc = a.dq_acc + ((int64_t(b) * a.Hq + t.aux) * a.Lp + t.begin + warp * 16 + gid) * D + wg * 64 + 2 * tig;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) red_add_f32x2(acc + hf * 8 * D + 8 * j, dqa[4 * j + 2 * hf], dqa[4 * j + 2 * hf + 1]);
+    } else {
+      wgmma_wait<0>();
+    }
 #pragma unroll
     for (int x = 0; x < NO; ++x) {
       fence_reg(dk[x]);
@@ -418,17 +473,20 @@ void launch_dim(const BwdArgs& a, int D, cudaStream_t s) {
 }
 
 template <class T>
-void launch_dkdv_dim(const BwdArgs& a, const PlanArgs& pl, int max_items, int D, cudaStream_t s) {
-  if (D == 128) launch_dkdv<DkvSm90Traits<T, 128>>(a, pl, max_items, s);
-  else if (D == 64) launch_dkdv<DkvSm90Traits<T, 64>>(a, pl, max_items, s);
+void launch_dkdv_dim(const BwdArgs& a, const PlanArgs& pl, int max_items, int D, bool fused_dq, cudaStream_t s) {
+  if (fused_dq && D != 128) fail("ksa::cuda::attention_backward (sm_90a dK/dV): the fused dQ needs D=128 (got ", D, ")");
+  if (fused_dq) launch_dkdv<DkvSm90Traits<T, 128, true>>(a, pl, max_items, s);
+  else if (D == 128) launch_dkdv<DkvSm90Traits<T, 128, false>>(a, pl, max_items, s);
+  else if (D == 64) launch_dkdv<DkvSm90Traits<T, 64, false>>(a, pl, max_items, s);
   else fail("ksa::cuda::attention_backward (sm_90a dK/dV): D=", D, " is not supported (64 or 128)");
 }
 
 }  // namespace
 
-void launch_dkdv_sm90a(const BwdArgs& a, const PlanArgs& pl, int max_items, int D, bool f16, cudaStream_t stream) {
-  if (f16) launch_dkdv_dim<__half>(a, pl, max_items, D, stream);
-  else launch_dkdv_dim<__nv_bfloat16>(a, pl, max_items, D, stream);
+void launch_dkdv_sm90a(const BwdArgs& a, const PlanArgs& pl, int max_items, int D, bool f16, bool fused_dq,
+                       cudaStream_t stream) {
+  if (f16) launch_dkdv_dim<__half>(a, pl, max_items, D, fused_dq, stream);
+  else launch_dkdv_dim<__nv_bfloat16>(a, pl, max_items, D, fused_dq, stream);
 }
 
 void launch_dq_sm90a(const BwdArgs& a, int D, bool f16, cudaStream_t stream) {

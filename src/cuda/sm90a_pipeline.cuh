@@ -26,7 +26,8 @@ struct TileInfo {
 template <int STAGES>
 struct Bars {
   static constexpr int kFull = 1, kEmpty = kFull + 2 * STAGES, kSched = kEmpty + STAGES;
-  static_assert(kSched + 2 <= 16, "16 named barriers per CTA");
+  static constexpr int kFree = kSched + 2;  // the first id a kernel may use for its own barriers
+  static_assert(kFree <= 16, "16 named barriers per CTA");
   static constexpr int full(int st, int wg) { return kFull + 2 * st + wg; }
   static constexpr int empty(int st) { return kEmpty + st; }
   static constexpr int sched(int wg) { return kSched + wg; }
