@@ -224,11 +224,20 @@ def main():
     ap.add_argument("--no-bwd", action="store_true", help="forward only (skip the fwd+bwd table)")
     ap.add_argument("--interleaved-bwd-max", type=int, default=32768,
                     help="largest T for which FlexAttention on the interleaved stream is timed in fwd+bwd")
+    ap.add_argument("--shapes", default=None,
+                    help="comma-separated T/Hq/Hkv/D shapes (e.g. 8192/32/8/128,32768/32/8/128) instead of the mode's")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d')}", flush=True)
     shapes = [(8192, 32, 8, 128), (32768, 32, 8, 128), (131072, 32, 8, 128), (32768, 32, 32, 128), (32768, 32, 8, 64)]
     if args.mode == "quick":
         shapes = [(8192, 32, 8, 128), (32768, 32, 8, 64)]
+    if args.shapes:
+        try:
+            shapes = [tuple(int(x) for x in sh.split("/")) for sh in args.shapes.split(",")]
+        except ValueError:
+            ap.error(f"--shapes: expected T/Hq/Hkv/D[,T/Hq/Hkv/D...], got {args.shapes!r}")
+        if any(len(sh) != 4 for sh in shapes):
+            ap.error(f"--shapes: expected four numbers per shape (T/Hq/Hkv/D), got {args.shapes!r}")
     rows = []
     for T, Hq, Hkv, D in shapes:
         t0 = time.time()

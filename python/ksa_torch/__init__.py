@@ -100,7 +100,8 @@ def attention(q, k, v, k_chunk, S, W, summarize_tail=False, scale=None, return_l
     """KSA attention over a stream. Returns out (and lse [B, L, Hq], fp32, natural log; not differentiable).
 
     Differentiable in q, k and v. `deterministic` is passed to the backward (the CUDA backward is
-    deterministic in both modes: it has no floating-point atomics). float64 CPU tensors run the oracle (see
+    deterministic in both modes unless KSA_CUDA_BWD_FUSED_DQ=1 is set, which adds dQ with fp32 atomics when
+    deterministic is False). float64 CPU tensors run the oracle (see
     _Attention), for gradcheck.
     """
     squeeze = q.dim() == 3

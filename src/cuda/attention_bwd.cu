@@ -1,7 +1,7 @@
 // CUDA backward (sm80+): FlashAttention-2's math (P recomputed from the forward's lse) with tensor cores
 // (mma.sync m16n8k16, bf16/f16 in, fp32 accumulate), over only the tile pairs the core's tile walk visits,
-// in the core's gathered order (text rows, then all summaries), like the forward. Deterministic always: no
-// floating-point atomics; every sum runs in an order fixed by the shapes and the device's SM count.
+// in the core's gathered order (text rows, then all summaries), like the forward. Deterministic (same bits
+// every run) except the opt-in fused dQ below: every sum runs in an order fixed by the shapes and SM count.
 //
 // Passes, all on the caller's stream (workspace from cudaMallocAsync, freed with cudaFreeAsync):
 //   1. preprocess  (b, q head, row): Delta = rowsum(dout * out) and lse in the log2 domain, gathered order.
@@ -14,9 +14,15 @@
 //                  dS^T = P^T (dP^T - Delta); dV += P^T dO, dK += dS^T Q (rows = keys, 16 per warp).
 //   4. reduce      key tiles whose list was split: sum the fp32 partials in segment order, write dk, dv.
 //   5. dQ          one CTA per (query tile, q head, batch), over the key tiles of KeyTileCursor (as the
-//                  forward): S = Q K^T, P, dP = dO V^T, dS; dQ += dS K (rows = queries, 16 per warp).
+//                  forward): S = Q K^T, P, dP = dO V^T, dS; dQ += dS K (rows = queries, 16 per warp). On
+//                  compute capability 9.0 the wgmma kernels of attention_bwd_sm90a.cu run passes 3 and
+//                  5 instead (128-key tiles, 64-query steps; KSA_CUDA_BWD_SM90A=0 keeps these).
 // Recomputing S and dP in the dQ pass costs 7 tile GEMMs per tile pair instead of 5: the price of a dQ
-// without atomics (the CPU backward makes the same trade).
+// without atomics (the CPU backward makes the same trade). Optionally, on sm_90a with D = 128 and
+// params.deterministic false, the dK/dV pass computes dQ too (5 GEMMs; fp32 atomic adds into a zeroed
+// [B, Hq, Lp, D] accumulator, then dq_store_kernel scales and scatters it) when KSA_CUDA_BWD_FUSED_DQ=1; the
+// summation order of dQ then varies from run to run. Off by default (slower where measured, see
+// use_fused_dq).
 //
 // Old summaries are one contiguous block of key tiles that every later query tile sees, so a summary key
 // tile's list is ~L/BQ long while a text tile's is ~W*k/BQ. The schedule cuts every list longer than U
@@ -34,8 +40,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "attention_bwd_plan.hpp"
+#include "cuda/attention_bwd.cuh"
 #include "check.cuh"
 #include "launch_checks.hpp"
 #include "ksa/cuda.hpp"
@@ -51,8 +59,8 @@ using bwd::PlanItem;
 using bwd::PlanRun;
 using bwd::PlanSplit;
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kRowPad = 128;  // lse2/Delta rows are padded to a multiple of this (>= every BQ)
+using detail::kLog2e;
+using detail::kRowPad;
 
 // ---------------------------------------------------------------------------------------------- traits
 // dK/dV pass: NW warps x 16 key rows; BQ query rows per step; KVREG: the warp's K and V A-fragments are held
@@ -102,36 +110,10 @@ struct Config<T, 128> {
   using Dq = DqTraits<T, 128, 4, 32, 2>;
 };
 
-struct View {
-  void* p;
-  int64_t b, r, h;  // strides in elements
-};
+using detail::BwdArgs;
+using detail::View;
 
-struct BwdArgs {
-  Layout lay;
-  Layout32 l32;
-  int64_t W;
-  int W32;  // W clamped to int range (any W >= #chunks behaves the same)
-  int B, Hq, Hkv, G, L, Lp;
-  float scale, scale_log2;
-  View q, k, v, out, dout, dq, dk, dv;
-  const float* lse;  // [B, L, Hq] stream order, natural log (the forward's)
-  float* lse2;       // [B, Hq, Lp] gathered order, lse * log2(e); +inf past L
-  float* delta;      // [B, Hq, Lp] gathered order; 0 past L
-};
-
-struct PlanArgs {
-  KeySpans* spans;  // [nq] key spans of each dK/dV query tile
-  int nq, nk, ntext, BQ, BK;
-  PlanRun* runs;     // [nk * kMaxRuns]
-  int* nruns;        // [nk]
-  int* count;        // [nk] entries (query tiles) per key tile
-  PlanItem* items;   // [max_items]
-  PlanSplit* splits; // [max_splits]
-  int* counters;     // [0] items, [1] split tiles, [2] partial slots
-  float *part_k, *part_v;  // [max_slots, B, Hkv, BK, D]
-  int max_items, max_splits, max_slots;
-};
+using detail::PlanArgs;
 
 // ------------------------------------------------------------------------------------------ device code
 // Loads `rows` gathered rows [g0, g0 + rows) of one head into swizzled smem, zero-filling rows at or past
@@ -329,31 +311,7 @@ __global__ void __launch_bounds__(1024) schedule_kernel(PlanArgs pl, int forced,
 }
 
 // ---- pass 3: dK, dV
-// Walks the entries (query tiles of the key tile's runs) from e0, each for every query head of the group.
-struct EntryWalk {
-  const PlanRun* runs;
-  int r = 0, qt = 0, h = 0, h0 = 0, h1 = 0;
-  // Requires e0 < the key tile's entry count.
-  __device__ EntryWalk(const PlanRun* runs_, int e0, int hbeg, int G) : runs(runs_), h(hbeg), h0(hbeg), h1(hbeg + G) {
-    for (int e = e0;;) {
-      const int len = runs[r].end - runs[r].begin;
-      if (e < len) {
-        qt = runs[r].begin + e;
-        break;
-      }
-      e -= len;
-      ++r;
-    }
-  }
-  // Requires a further step.
-  __device__ void next() {
-    if (++h < h1) return;
-    h = h0;
-    if (++qt < runs[r].end) return;
-    ++r;
-    qt = runs[r].begin;
-  }
-};
+using detail::EntryWalk;
 
 template <class K>
 __global__ void __launch_bounds__(K::THREADS, K::MINB) dkdv_kernel(const BwdArgs a, const PlanArgs pl) {
@@ -575,6 +533,23 @@ __global__ void __launch_bounds__(256) reduce_kernel(const BwdArgs a, const Plan
         make_uint2(pack2<T>(sk.x * a.scale, sk.y * a.scale), pack2<T>(sk.z * a.scale, sk.w * a.scale));
     *reinterpret_cast<uint2*>(row_ptr<T>(a.dv, b, srow, hk) + c) = make_uint2(pack2<T>(sv.x, sv.y), pack2<T>(sv.z, sv.w));
   }
+}
+
+// ---- pass 5 after a fused-dQ dK/dV pass (sm_90a): dq = scale * dq_acc in stream order; a thread per 8
+// elements of one (gathered row, q head), consecutive threads along a stream row of dq.
+template <class T, int D>
+__global__ void __launch_bounds__(256) dq_store_kernel(const BwdArgs a) {
+  constexpr int CH = D / 8;
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int c = int(t % CH), h = int(t / CH % a.Hq), b = int(blockIdx.y);
+  const int64_t g = t / CH / a.Hq;
+  if (g >= a.L) return;
+  const float* src = a.dq_acc + ((int64_t(b) * a.Hq + h) * a.Lp + g) * D + c * 8;
+  const float4 x = *reinterpret_cast<const float4*>(src), y = *reinterpret_cast<const float4*>(src + 4);
+  const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
+  *reinterpret_cast<uint4*>(row_ptr<T>(a.dq, b, srow, h) + c * 8) =
+      make_uint4(pack2<T>(x.x * a.scale, x.y * a.scale), pack2<T>(x.z * a.scale, x.w * a.scale),
+                 pack2<T>(y.x * a.scale, y.y * a.scale), pack2<T>(y.z * a.scale, y.w * a.scale));
 }
 
 // ---- pass 5: dQ over the key tiles of KeyTileCursor (the forward's loop structure)
@@ -814,24 +789,46 @@ void launch_plan(const Layout& lay, int64_t W, const PlanSizes& ps, const PlanAr
   KSA_CUDA_CHECK_LAUNCH();
 }
 
+// The dK/dV and dQ passes on the sm_90a wgmma kernels (attention_bwd_sm90a.cu) where they run, unless
+// KSA_CUDA_BWD_SM90A=0.
+bool use_sm90a() {
+  const char* e = std::getenv("KSA_CUDA_BWD_SM90A");
+  return detail::sm90a_usable() && !(e && std::string(e) == "0");
+}
+
+// dQ inside the sm_90a dK/dV pass (fp32 atomics) instead of its own pass: only with KSA_CUDA_BWD_FUSED_DQ=1,
+// D = 128 and not deterministic. Off by default: on the H200 at T=8K (32/8 heads) it measured slower than the
+// separate pass (backward 2.89 vs 2.44 ms); its kernel spills 172 bytes per thread.
+bool use_fused_dq(bool sm90a, int D, bool deterministic) {
+  const char* e = std::getenv("KSA_CUDA_BWD_FUSED_DQ");
+  return sm90a && D == 128 && !deterministic && e && std::string(e) == "1";
+}
+
 template <class T, int D>
-void run_backward(const BwdArgs& a0, cudaStream_t s) {
+void run_backward(const BwdArgs& a0, bool deterministic, cudaStream_t s) {
   using KV = typename Config<T, D>::Dkv;
   using KQ = typename Config<T, D>::Dq;
   BwdArgs a = a0;
-  const PlanSizes ps = plan_sizes(a.lay, KV::BQ, KV::BKV, int64_t(a.B) * a.Hkv, KV::MINB);
-  const int64_t part_floats = int64_t(a.B) * a.Hkv * KV::BKV * D;  // one slot
+  const bool sm90a = use_sm90a();  // the plan is built for the tiles of the dK/dV kernel that runs
+  const bool fused_dq = use_fused_dq(sm90a, D, deterministic);
+  const int64_t acc_floats = fused_dq ? int64_t(a.B) * a.Hq * a.Lp * D : 0;
+  const int pBQ = sm90a ? detail::kDkvSm90Queries : KV::BQ, pBK = sm90a ? detail::kDkvSm90Keys : KV::BKV;
+  const PlanSizes ps = plan_sizes(a.lay, pBQ, pBK, int64_t(a.B) * a.Hkv, sm90a ? 1 : KV::MINB);
+  const int64_t part_floats = int64_t(a.B) * a.Hkv * pBK * D;  // one slot
   const int64_t rowvals = int64_t(a.B) * a.Hq * a.Lp;
 
   Carver measure;
   measure.take<float>(rowvals);
   measure.take<float>(rowvals);
+  measure.take<float>(acc_floats);
   PlanArgs pl{};
   carve_plan(measure, pl, ps, part_floats);
   Workspace ws(measure.off, s);
   Carver c{static_cast<char*>(ws.p), 0};
   a.lse2 = c.take<float>(rowvals);
   a.delta = c.take<float>(rowvals);
+  a.dq_acc = fused_dq ? c.take<float>(acc_floats) : nullptr;
+  if (fused_dq) KSA_CUDA_CHECK(cudaMemsetAsync(a.dq_acc, 0, size_t(acc_floats) * sizeof(float), s));
   carve_plan(c, pl, ps, part_floats);
   fill_plan_args(pl, ps);
 
@@ -841,27 +838,44 @@ void run_backward(const BwdArgs& a0, cudaStream_t s) {
   KSA_CUDA_CHECK_LAUNCH();
   launch_plan(a.lay, a.W, ps, pl, s);
 
-  auto kv = dkdv_kernel<KV>;
-  KSA_CUDA_CHECK(cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, KV::SMEM));
-  kv<<<dim3(unsigned(ps.max_items), unsigned(a.Hkv), unsigned(a.B)), KV::THREADS, KV::SMEM, s>>>(a, pl);
+  [[maybe_unused]] constexpr bool f16 = std::is_same_v<T, __half>;  // the sm_90a launchers' dtype
+  const dim3 reduce_grid(unsigned(ps.max_splits), unsigned(a.Hkv), unsigned(a.B));
+  if (sm90a) {
+#if defined(KSA_HAVE_SM90A)
+    detail::launch_dkdv_sm90a(a, pl, int(ps.max_items), D, f16, fused_dq, s);
+#endif
+    if (ps.max_splits > 0) reduce_kernel<T, D, detail::kDkvSm90Keys><<<reduce_grid, 256, 0, s>>>(a, pl);
+  } else {
+    auto kv = dkdv_kernel<KV>;
+    KSA_CUDA_CHECK(cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, KV::SMEM));
+    kv<<<dim3(unsigned(ps.max_items), unsigned(a.Hkv), unsigned(a.B)), KV::THREADS, KV::SMEM, s>>>(a, pl);
+    KSA_CUDA_CHECK_LAUNCH();
+    if (ps.max_splits > 0) reduce_kernel<T, D, KV::BKV><<<reduce_grid, 256, 0, s>>>(a, pl);
+  }
   KSA_CUDA_CHECK_LAUNCH();
-  if (ps.max_splits > 0) {
-    reduce_kernel<T, D, KV::BKV><<<dim3(unsigned(ps.max_splits), unsigned(a.Hkv), unsigned(a.B)), 256, 0, s>>>(a, pl);
+
+  if (fused_dq) {
+    const int64_t blocks = (int64_t(a.L) * a.Hq * (D / 8) + 255) / 256;
+    dq_store_kernel<T, D><<<dim3(unsigned(blocks), unsigned(a.B)), 256, 0, s>>>(a);
+    KSA_CUDA_CHECK_LAUNCH();
+  } else if (sm90a) {
+#if defined(KSA_HAVE_SM90A)
+    detail::launch_dq_sm90a(a, D, f16, s);
+#endif
+  } else {
+    auto qk = dq_kernel<KQ>;
+    KSA_CUDA_CHECK(cudaFuncSetAttribute(qk, cudaFuncAttributeMaxDynamicSharedMemorySize, KQ::SMEM));
+    const int nqt = (a.L + KQ::BQ - 1) / KQ::BQ;
+    qk<<<dim3(unsigned(nqt), unsigned(a.Hq), unsigned(a.B)), KQ::THREADS, KQ::SMEM, s>>>(a, nqt);
     KSA_CUDA_CHECK_LAUNCH();
   }
-
-  auto qk = dq_kernel<KQ>;
-  KSA_CUDA_CHECK(cudaFuncSetAttribute(qk, cudaFuncAttributeMaxDynamicSharedMemorySize, KQ::SMEM));
-  const int nqt = (a.L + KQ::BQ - 1) / KQ::BQ;
-  qk<<<dim3(unsigned(nqt), unsigned(a.Hq), unsigned(a.B)), KQ::THREADS, KQ::SMEM, s>>>(a, nqt);
-  KSA_CUDA_CHECK_LAUNCH();
   ws.release();
 }
 
 template <class T>
-void dispatch_dim(const BwdArgs& a, int64_t D, cudaStream_t s) {
-  if (D == 128) run_backward<T, 128>(a, s);
-  else if (D == 64) run_backward<T, 64>(a, s);
+void dispatch_dim(const BwdArgs& a, int64_t D, bool deterministic, cudaStream_t s) {
+  if (D == 128) run_backward<T, 128>(a, deterministic, s);
+  else if (D == 64) run_backward<T, 64>(a, deterministic, s);
   else fail("ksa::cuda::attention_backward: D=", D, " is not supported (64 or 128)");
 }
 
@@ -880,7 +894,7 @@ bool supports(const AttentionBackwardParams& p, std::string* why) {
   return detail::views_aligned16({{"dout", &p.dout}, {"dq", &p.dq}, {"dk", &p.dk}, {"dv", &p.dv}}, why);
 }
 
-// p.deterministic is honoured trivially: this implementation has no floating-point atomics in any mode.
+// p.deterministic: no floating-point atomics (the separate dQ pass); otherwise the fused dQ where it runs.
 void attention_backward(const AttentionBackwardParams& p, Stream stream) {
   validate(p);
   std::string why;
@@ -909,8 +923,8 @@ void attention_backward(const AttentionBackwardParams& p, Stream stream) {
   a.dv = view_of(p.dv);
   a.lse = p.lse;
   auto s = static_cast<cudaStream_t>(stream);
-  if (p.dtype == DType::bf16) dispatch_dim<__nv_bfloat16>(a, p.D, s);
-  else dispatch_dim<__half>(a, p.D, s);
+  if (p.dtype == DType::bf16) dispatch_dim<__nv_bfloat16>(a, p.D, p.deterministic, s);
+  else dispatch_dim<__half>(a, p.D, p.deterministic, s);
 }
 
 namespace bwd {

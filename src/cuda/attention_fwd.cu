@@ -274,7 +274,7 @@ constexpr int kSm90aConfig = 5;
 int fwd_config(int64_t D) {
   const char* e = std::getenv("KSA_CUDA_FWD_CONFIG");
   if (e) return std::atoi(e);
-  if (detail::fwd_sm90a_usable()) return kSm90aConfig;
+  if (detail::sm90a_usable()) return kSm90aConfig;
   return D == 64 ? 3 : 1;
 }
 
@@ -287,7 +287,7 @@ void dispatch_config(const FwdArgs& a, int B, cudaStream_t s) {
     case 4: launch<FwdTraits<T, D, 2, 4, 32, false, 2>>(a, B, s); break;  // 128 rows, 4 warps x 32 rows
     case 0: launch<FwdTraits<T, D, 1, 8, 64, true, 1>>(a, B, s); break;  // 128 rows, 8 warps x 16 rows
     case kSm90aConfig:
-      if (!detail::fwd_sm90a_usable())
+      if (!detail::sm90a_usable())
         fail("KSA_CUDA_FWD_CONFIG=5: the sm_90a kernel needs a compute capability 9.0 device and a build with "
              "CUDA architecture 90 (this device: ", device_description(), ")");
 #if defined(KSA_HAVE_SM90A)
@@ -308,7 +308,7 @@ void dispatch_dim(const FwdArgs& a, int64_t D, int B, cudaStream_t s) {
 
 }  // namespace
 
-bool detail::fwd_sm90a_usable() {
+bool detail::sm90a_usable() {
 #if defined(KSA_HAVE_SM90A)
   return compute_capability() == 90;  // sm_90a code runs on 9.0 only
 #else

@@ -50,10 +50,8 @@ void launch_fwd(Kernel kern, const FwdArgs& a, int B, cudaStream_t stream) {
   KSA_CUDA_CHECK_LAUNCH();
 }
 
-// Whether this build has the sm_90a forward (KSA_HAVE_SM90A) and the current device runs it (compute
-// capability 9.0).
-bool fwd_sm90a_usable();
-// Launches the wgmma forward for D = 64 or 128 (f16 selects half, else bf16). Requires fwd_sm90a_usable().
+// Launches the wgmma forward for D = 64 or 128 (f16 selects half, else bf16). Requires sm90a_usable()
+// (launch_checks.hpp).
 void launch_fwd_sm90a(const FwdArgs& a, int B, int D, bool f16, cudaStream_t stream);
 
 }  // namespace ksa::cuda::detail

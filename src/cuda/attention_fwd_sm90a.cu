@@ -19,6 +19,7 @@
 #include "check.cuh"
 #include "cuda/attention_fwd.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/sm90a_pipeline.cuh"
 #include "cuda/wgmma.cuh"
 #include "ksa/error.hpp"
 
@@ -36,117 +37,22 @@ struct Sm90Traits {
   static constexpr int BK = 128;       // keys per tile
   static constexpr int STAGES = 3;     // K/V tiles in flight
   static constexpr int THREADS = 384;  // consumer warpgroups 0 and 1, producer warpgroup 2
-  static constexpr int CH = D / 8;     // 16-byte chunks per row
-  static constexpr int PRODUCER_REGS = 88, CONSUMER_REGS = 208;  // setmaxnreg: 128*88 + 256*208 <= 64K
+  static constexpr int PRODUCER_REGS = 88, CONSUMER_REGS = 208;  // setmaxnreg (see regs_fit)
   static constexpr uint32_t Q_BYTES = BQ * D * 2, KV_BYTES = BK * D * 2;
   // Q, then STAGES x (K, V), then one TileInfo per stage; +1 KiB to align the base on the 128B swizzle's
   // 1024-byte period.
-  static constexpr int SMEM = int(Q_BYTES + STAGES * 2 * KV_BYTES) + STAGES * 16 + 1024;
+  static constexpr int SMEM = int(Q_BYTES + STAGES * 2 * KV_BYTES) + STAGES * int(sizeof(TileInfo)) + 1024;
   static_assert(D == 64 || D == 128, "D must be 64 or 128");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
+  static_assert(regs_fit(PRODUCER_REGS, CONSUMER_REGS), "setmaxnreg budget");
 };
-
-// What the producer tells the consumers about the tile in a stage.
-struct TileInfo {
-  int32_t begin, end;  // gathered key rows [begin, end)
-  int32_t masked;      // some query of the CTA does not see some key of the tile (or the tile is clipped)
-  int32_t last;        // the CTA's last tile
-};
-
-// Named barriers (id 0 is __syncthreads): full[stage][consumer wg] (producer arrives, that consumer waits),
-// empty[stage] (consumers arrive, producer waits), sched[wg] (the consumers' order of issuing S = Q K^T).
-template <class K>
-struct Bars {
-  static constexpr int kFull = 1, kEmpty = kFull + 2 * K::STAGES, kSched = kEmpty + K::STAGES;
-  static_assert(kSched + 2 <= 16, "16 named barriers per CTA");
-  static constexpr int full(int st, int wg) { return kFull + 2 * st + wg; }
-  static constexpr int empty(int st) { return kEmpty + st; }
-  static constexpr int sched(int wg) { return kSched + wg; }
-};
-__device__ __forceinline__ void bar_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void bar_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-template <int N>
-__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
-template <int N>
-__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
 
 // ------------------------------------------------------------------------------------------ device code
-// Producer: the 128 rows [g0, g0 + 128) of a tile (gathered order; rows >= g_end zero-filled) into a
-// 128B-swizzled tile. Warp w takes rows [32w, 32w + 32): each lane computes one row's stream position, then
-// the warp copies whole rows per instruction (consecutive lanes, consecutive 16-byte chunks of one row), so
-// every request is a run of full 32-byte sectors.
-template <class K>
-__device__ __forceinline__ void load_rows(const FwdArgs& a, uint32_t s, const void* base, int64_t off,
-                                          int64_t rstride, int g0, int g_end) {
-  using T = typename K::T;
-  constexpr int RPI = 32 / K::CH;  // rows per warp instruction
-  const int lane = int(threadIdx.x) % 32, w = (int(threadIdx.x) / 32) % 4;
-  const int g = g0 + 32 * w + lane;
-  const uint32_t srow = g < g_end ? a.l32.stream_of_gathered(uint32_t(g)) : 0u;
-  const int c = lane % K::CH, sub = lane / K::CH;
-#pragma unroll
-  for (int i = 0; i < 32 / RPI; ++i) {
-    const int rw = RPI * i + sub;  // row within the warp's 32
-    const uint32_t sr = __shfl_sync(0xffffffffu, srow, rw);
-    const bool valid = g0 + 32 * w + rw < g_end;
-    const T* src = static_cast<const T*>(base) + off + int64_t(sr) * rstride + c * 8;
-    cp_async16(s + sw128<128>(32 * w + rw, c), src, valid);
-  }
-}
-
-// The producer warpgroup: walks the CTA's key tiles (KeyTileCursor), copies each into the next free stage
-// with cp.async (K and V; Q with the first tile) and hands it to both consumers once it has landed.
-template <class K>
-__device__ __forceinline__ void produce(const FwdArgs& a, uint32_t sQ, uint32_t sKV, TileInfo* info, int g0,
-                                        int g1, int h, int b, int hk) {
-  using B = Bars<K>;
-  const int r = int(threadIdx.x) - 256;
-  const int64_t koff = b * a.kb + hk * a.kh, voff = b * a.vb + hk * a.vh;
-  KeyTileCursor cur(a.lay, key_spans(a.lay, a.W, g0, g1), K::BK);
-  int64_t tb, te;
-  bool masked;
-  bool have = cur.next(tb, te, masked);  // every valid row sees itself: at least one tile
-  load_rows<K>(a, sQ, a.q, b * a.qb + h * a.qh, a.qr, g0, g1);
-  TileInfo prev{};
-  auto publish = [&](int j, int last) {  // tile j has landed (this thread's part): tell the consumers
-    fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads through the async one
-    if (r == 0) {
-      prev.last = last;
-      info[j % K::STAGES] = prev;
-    }
-    bar_arrive(B::full(j % K::STAGES, 0), 256);
-    bar_arrive(B::full(j % K::STAGES, 1), 256);
-  };
-  int j = 0;
-  for (; have; ++j) {
-    const int st = j % K::STAGES;
-    if (j >= K::STAGES) bar_sync(B::empty(st), 384);  // both consumers are done with tile j - STAGES
-    const uint32_t sK = sKV + uint32_t(st) * 2 * K::KV_BYTES;
-    load_rows<K>(a, sK, a.k, koff, a.kr, int(tb), int(te));
-    load_rows<K>(a, sK + K::KV_BYTES, a.v, voff, a.vr, int(tb), int(te));
-    cp_async_commit();
-    if (j >= 1) {
-      cp_async_wait<1>();  // tile j - 1 (and Q) landed; tile j stays in flight
-      publish(j - 1, 0);
-    }
-    prev = TileInfo{int32_t(tb), int32_t(te), int32_t(masked || (te - tb) < K::BK), 0};
-    have = cur.next(tb, te, masked);
-  }
-  cp_async_wait<0>();
-  publish(j - 1, 1);
-  // Complete the empty barriers' outstanding phases (every consumer arrival is matched).
-  for (int jj = j - K::STAGES > 0 ? j - K::STAGES : 0; jj < j; ++jj) bar_sync(B::empty(jj % K::STAGES), 384);
-}
-
 template <class K>
 __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename K::T;
-  using B = Bars<K>;
+  using B = Bars<K::STAGES>;
   constexpr int D = K::D, BQ = K::BQ, BK = K::BK, NS = BK / 2, NO = D / 2;
   extern __shared__ __align__(1024) uint8_t smem[];
   const uint32_t sQ = (smem_u32(smem) + 1023u) & ~1023u, sKV = sQ + K::Q_BYTES;  // stage st: K, then V
@@ -158,7 +64,16 @@ __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs 
   const int wg = int(threadIdx.x) / 128;
   if (wg == 2) {
     setmaxnreg_dec<K::PRODUCER_REGS>();
-    produce<K>(a, sQ, sKV, info, g0, g1, h, b, hk);
+    const T* qb = static_cast<const T*>(a.q) + b * a.qb + h * a.qh;
+    const T* kb = static_cast<const T*>(a.k) + b * a.kb + hk * a.kh;
+    const T* vb = static_cast<const T*>(a.v) + b * a.vb + hk * a.vh;
+    produce<K::STAGES>(
+        sKV, 2 * K::KV_BYTES, info, [&] { load_rows<T, D, BQ>(a.l32, sQ, qb, a.qr, g0, g1); },
+        KeyTiles<BK>(a.lay, a.W, g0, g1),
+        [&](uint32_t st, const TileInfo& t) {
+          load_rows<T, D, BK>(a.l32, st, kb, a.kr, t.begin, t.end);
+          load_rows<T, D, BK>(a.l32, st + K::KV_BYTES, vb, a.vr, t.begin, t.end);
+        });
     return;
   }
   setmaxnreg_inc<K::CONSUMER_REGS>();
@@ -208,7 +123,8 @@ __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs 
       const bool text = t.begin < a.lay.T;
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int lo = text ? rk[hf].text_lo : rk[hf].sum_lo, hi = text ? rk[hf].text_hi : rk[hf].sum_hi;
+        int lo, hi;
+        key_range_for(rk[hf], text, lo, hi);
 #pragma unroll
         for (int j = 0; j < BK / 8; ++j)
 #pragma unroll

@@ -27,6 +27,10 @@ inline bool views_aligned16(std::initializer_list<std::pair<const char*, const T
 // (devices past the first 64 are asked each time). Defined in device.cu.
 int compute_capability();
 
+// Whether this build has the sm_90a kernels (KSA_HAVE_SM90A) and the current device runs them (compute
+// capability 9.0). Defined in attention_fwd.cu.
+bool sm90a_usable();
+
 // The window for 32-bit chunk arithmetic: any W >= the number of chunks behaves the same, so clamp.
 inline int window32(int64_t W) { return int(W < (int64_t(1) << 30) ? W : (int64_t(1) << 30)); }
 

@@ -1,0 +1,91 @@
+// The CUDA backward's kernel arguments, shared by the portable passes (attention_bwd.cu) and the Hopper dQ
+// pass (attention_bwd_sm90a.cu). Filled once by attention_backward; kernels take it by value.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/attention_bwd_plan.hpp"
+#include "ksa/spec.hpp"
+
+namespace ksa::cuda::detail {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kRowPad = 128;  // lse2/Delta rows are padded to a multiple of this (>= every BQ)
+
+struct View {
+  void* p;
+  int64_t b, r, h;  // strides in elements
+};
+
+struct BwdArgs {
+  Layout lay;
+  Layout32 l32;
+  int64_t W;
+  int W32;  // W clamped to int range (any W >= #chunks behaves the same)
+  int B, Hq, Hkv, G, L, Lp;
+  float scale, scale_log2;
+  View q, k, v, out, dout, dq, dk, dv;
+  const float* lse;  // [B, L, Hq] stream order, natural log (the forward's)
+  float* lse2;       // [B, Hq, Lp] gathered order, lse * log2(e); +inf past L
+  float* delta;      // [B, Hq, Lp] gathered order; 0 past L
+  float* dq_acc;     // [B, Hq, Lp, D] gathered order, zeroed: dQ / scale summed by the fused sm_90a dK/dV pass
+                     // (atomic adds; null when the dQ pass runs instead)
+};
+
+
+// The dK/dV plan on the device (attention_bwd.cu builds it).
+struct PlanArgs {
+  KeySpans* spans;  // [nq] key spans of each dK/dV query tile
+  int nq, nk, ntext, BQ, BK;
+  bwd::PlanRun* runs;      // [nk * kMaxRuns]
+  int* nruns;              // [nk]
+  int* count;              // [nk] entries (query tiles) per key tile
+  bwd::PlanItem* items;    // [max_items]
+  bwd::PlanSplit* splits;  // [max_splits]
+  int* counters;           // [0] items, [1] split tiles, [2] partial slots
+  float *part_k, *part_v;  // [max_slots, B, Hkv, BK, D]
+  int max_items, max_splits, max_slots;
+};
+
+// Walks the entries (query tiles of the key tile's runs) from e0, each for every query head of the group.
+struct EntryWalk {
+  const bwd::PlanRun* runs;
+  int r = 0, qt = 0, h = 0, h0 = 0, h1 = 0;
+  // Requires e0 < the key tile's entry count.
+  __device__ EntryWalk(const bwd::PlanRun* runs_, int e0, int hbeg, int G)
+      : runs(runs_), h(hbeg), h0(hbeg), h1(hbeg + G) {
+    for (int e = e0;;) {
+      const int len = runs[r].end - runs[r].begin;
+      if (e < len) {
+        qt = runs[r].begin + e;
+        break;
+      }
+      e -= len;
+      ++r;
+    }
+  }
+  // Requires a further step.
+  __device__ void next() {
+    if (++h < h1) return;
+    h = h0;
+    if (++qt < runs[r].end) return;
+    ++r;
+    qt = runs[r].begin;
+  }
+};
+
+// The sm_90a dK/dV pass's tiles (its plan is built with them): key tiles of 128 rows (64 per consumer
+// warpgroup), query steps of 64 rows.
+constexpr int kDkvSm90Keys = 128, kDkvSm90Queries = 64;
+// Launches the wgmma dK/dV pass over the plan's items (grid: max_items, Hkv, B; CTAs past the plan's item
+// count return at once). Requires sm90a_usable(). With fused_dq (D = 128 only, a.dq_acc zeroed) the pass also
+// adds each step's dS K into a.dq_acc, so the dQ pass is not needed (not deterministic: fp32 atomics).
+void launch_dkdv_sm90a(const BwdArgs& a, const PlanArgs& pl, int max_items, int D, bool f16, bool fused_dq,
+                       cudaStream_t stream);
+
+// Launches the wgmma dQ pass (grid: query tiles of 128 rows, Hq, B) for D = 64 or 128 (f16 selects half,
+// else bf16); needs a.lse2 and a.delta from the preprocess pass. Requires sm90a_usable() (launch_checks.hpp).
+void launch_dq_sm90a(const BwdArgs& a, int D, bool f16, cudaStream_t stream);
+
+}  // namespace ksa::cuda::detail

@@ -1,0 +1,136 @@
+// The warp-specialised pipeline of the sm_90a kernels (include only from *_sm90a.cu): a CTA of 384 threads,
+// consumer warpgroups 0 and 1 and a producer warpgroup 2. The producer walks the CTA's key tiles
+// (KeyTileCursor), copies each tile's rows (gathered order) with cp.async into the next free smem stage,
+// 128B-swizzled for wgmma, and hands it to both consumers through named barriers; the consumers give the
+// stage back when their products on it have completed.
+#pragma once
+#include <cstdint>
+
+#include "cuda/mma.cuh"
+#include "cuda/wgmma.cuh"
+#include "ksa/spec.hpp"
+
+namespace ksa::cuda::dev {
+
+// What the producer tells the consumers about the tile in a stage.
+struct TileInfo {
+  int32_t begin, end;  // gathered rows [begin, end) of the streamed tile
+  int32_t masked;      // the consumers must apply the visibility rule (some pair of the step is hidden)
+  int32_t aux;         // kernel-specific (the dK/dV pass: the query head)
+  int32_t last;        // the CTA's last tile
+  int32_t pad[3];
+};
+
+// Named barriers (id 0 is __syncthreads): full[stage][consumer wg] (producer arrives, that consumer waits),
+// empty[stage] (consumers arrive, producer waits), sched[wg] (the consumers' turns on the tensor cores).
+template <int STAGES>
+struct Bars {
+  static constexpr int kFull = 1, kEmpty = kFull + 2 * STAGES, kSched = kEmpty + STAGES;
+  static constexpr int kFree = kSched + 2;  // the first id a kernel may use for its own barriers
+  static_assert(kFree <= 16, "16 named barriers per CTA");
+  static constexpr int full(int st, int wg) { return kFull + 2 * st + wg; }
+  static constexpr int empty(int st) { return kEmpty + st; }
+  static constexpr int sched(int wg) { return kSched + wg; }
+};
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// setmaxnreg moves registers only within what the CTA was launched with: __launch_bounds__(384, 1) gives
+// 168 registers per thread (65536 / 384 rounded down to a multiple of 8), so the producer's and the two
+// consumers' counts must fit in 384 * 168. Asking for more makes setmaxnreg.inc wait forever.
+constexpr bool regs_fit(int producer, int consumer) {
+  return producer % 8 == 0 && consumer % 8 == 0 && 128 * producer + 256 * consumer <= 384 * 168;
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+
+// Producer: the ROWS rows [g0, g0 + ROWS) of one head (gathered order; rows >= g_end zero-filled; base at the
+// head's element 0) into a 128B-swizzled tile of ROWS rows. Warp w of the producer takes rows
+// [w ROWS/4, (w+1) ROWS/4): each lane computes one row's stream position, then the warp copies whole rows
+// per instruction (consecutive lanes, consecutive 16-byte chunks of a row): every request is a run of full
+// 32-byte sectors.
+template <class T, int D, int ROWS>
+__device__ __forceinline__ void load_rows(const Layout32& l32, uint32_t s, const T* base, int64_t rstride, int g0,
+                                          int g_end) {
+  constexpr int CH = D / 8, RPW = ROWS / 4, RPI = 32 / CH;  // chunks per row, rows per warp, rows per instruction
+  static_assert(RPW <= 32 && RPW % RPI == 0, "rows per producer warp");
+  const int lane = int(threadIdx.x) % 32, w = (int(threadIdx.x) / 32) % 4;
+  const int g = g0 + RPW * w + lane;
+  const uint32_t srow = lane < RPW && g < g_end ? l32.stream_of_gathered(uint32_t(g)) : 0u;
+  const int c = lane % CH, sub = lane / CH;
+#pragma unroll
+  for (int i = 0; i < RPW / RPI; ++i) {
+    const int rw = RPI * i + sub;  // row within the warp's RPW
+    const uint32_t sr = __shfl_sync(0xffffffffu, srow, rw);
+    const bool valid = g0 + RPW * w + rw < g_end;
+    cp_async16(s + sw128<ROWS>(RPW * w + rw, c), base + int64_t(sr) * rstride + c * 8, valid);
+  }
+}
+
+// The producer warpgroup's loop: `first()` issues the CTA's one-time loads (they land with the first tile);
+// `next(TileInfo&)` yields the CTA's tiles in order (begin, end, masked, aux; false when done, true at least
+// once); `load(stage_addr, info)` issues a tile's loads into a stage (stage st at s_stages + st * stage_bytes).
+// Each tile is published to both consumers once it has landed.
+template <int STAGES, class First, class Next, class Load>
+__device__ __forceinline__ void produce(uint32_t s_stages, uint32_t stage_bytes, TileInfo* info, First first,
+                                        Next next, Load load) {
+  using B = Bars<STAGES>;
+  const bool leader = threadIdx.x == 256;
+  TileInfo cur{}, prev{};
+  bool have = next(cur);
+  first();
+  auto publish = [&](int j, int last) {  // tile j has landed (this thread's part): tell the consumers
+    fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads through the async one
+    if (leader) {
+      prev.last = last;
+      info[j % STAGES] = prev;
+    }
+    bar_arrive(B::full(j % STAGES, 0), 256);
+    bar_arrive(B::full(j % STAGES, 1), 256);
+  };
+  int j = 0;
+  for (; have; ++j) {
+    const int st = j % STAGES;
+    if (j >= STAGES) bar_sync(B::empty(st), 384);  // both consumers are done with tile j - STAGES
+    load(s_stages + uint32_t(st) * stage_bytes, cur);
+    cp_async_commit();
+    if (j >= 1) {
+      cp_async_wait<1>();  // tile j - 1 (and the first loads) landed; tile j stays in flight
+      publish(j - 1, 0);
+    }
+    prev = cur;
+    have = next(cur);
+  }
+  cp_async_wait<0>();
+  publish(j - 1, 1);
+  // Complete the empty barriers' outstanding phases (every consumer arrival is matched).
+  for (int jj = j - STAGES > 0 ? j - STAGES : 0; jj < j; ++jj) bar_sync(B::empty(jj % STAGES), 384);
+}
+
+// The key tiles of the queries [g0, g1) (KeyTileCursor, BK rows) as a producer's `next`.
+template <int BK>
+struct KeyTiles {
+  KeyTileCursor cur;
+  __device__ KeyTiles(const Layout& lay, int64_t W, int g0, int g1) : cur(lay, key_spans(lay, W, g0, g1), BK) {}
+  __device__ bool operator()(TileInfo& t) {
+    int64_t tb, te;
+    bool masked;
+    if (!cur.next(tb, te, masked)) return false;
+    t = TileInfo{int32_t(tb), int32_t(te), int32_t(masked || (te - tb) < BK), 0, 0, {0, 0, 0}};
+    return true;
+  }
+};
+
+// Consumer side of a tile's mask: key x of a tile (all text or all summaries) is visible to a query row iff
+// it lies in the row's range for the tile's region (row_key_ranges).
+__device__ __forceinline__ void key_range_for(const RowKeyRanges& rk, bool text, int& lo, int& hi) {
+  lo = text ? rk.text_lo : rk.sum_lo;
+  hi = text ? rk.text_hi : rk.sum_hi;
+}
+
+}  // namespace ksa::cuda::dev
