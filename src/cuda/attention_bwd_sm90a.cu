@@ -142,18 +142,8 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
     if (wg == 1 || i > 0) bar_sync(B::sched(wg), 256);
     float s[NS], dp[NS];
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t qoff = (kk / 4) * (BQ * 128) + wg * 64 * 128 + (kk % 4) * 32;
-      const uint32_t koff = (kk / 4) * (BK * 128) + (kk % 4) * 32;
-      wgmma_ss<T, BK>(s, desc_sw128(sQ + qoff, 16, 1024), desc_sw128(sK + koff, 16, 1024), kk > 0);
-    }
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t qoff = (kk / 4) * (BQ * 128) + wg * 64 * 128 + (kk % 4) * 32;
-      const uint32_t koff = (kk / 4) * (BK * 128) + (kk % 4) * 32;
-      wgmma_ss<T, BK>(dp, desc_sw128(sO + qoff, 16, 1024), desc_sw128(sV + koff, 16, 1024), kk > 0);
-    }
+    wgmma_ss_rows<T, BK, D, BQ>(s, sQ, wg * 64, sK);
+    wgmma_ss_rows<T, BK, D, BQ>(dp, sO, wg * 64, sV);
     wgmma_commit();
     if (wg == 0) bar_arrive(B::sched(1), 256);
     else if (!t.last) bar_arrive(B::sched(0), 256);
@@ -182,18 +172,11 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
     }
     // dQ += dS K: dS (input dtype) as A fragments, one 16-key step per wgmma, K rows MN-major.
     uint32_t df[BK / 16][4];
-#pragma unroll
-    for (int kb = 0; kb < BK / 16; ++kb) {
-      df[kb][0] = pack2<T>(dp[8 * kb + 0], dp[8 * kb + 1]);
-      df[kb][1] = pack2<T>(dp[8 * kb + 2], dp[8 * kb + 3]);
-      df[kb][2] = pack2<T>(dp[8 * kb + 4], dp[8 * kb + 5]);
-      df[kb][3] = pack2<T>(dp[8 * kb + 6], dp[8 * kb + 7]);
-    }
+    to_a_frags<T>(dp, df);
 #pragma unroll
     for (int x = 0; x < NO; ++x) fence_reg(dq[x]);
     wgmma_fence();
-#pragma unroll
-    for (int kb = 0; kb < BK / 16; ++kb) wgmma_rs_tb<T, D>(dq, df[kb], desc_sw128(sK + kb * 2048, BK * 128, 1024));
+    wgmma_rs_rows<T, D, BK>(dq, df, sK);
     wgmma_commit();
     wgmma_wait<0>();
 #pragma unroll
@@ -309,18 +292,8 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
     if (wg == 1 || i > 0) bar_sync(B::sched(wg), 256);
     float s[NS], dp[NS];
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t koff = (kk / 4) * (BKV * 128) + wg * 64 * 128 + (kk % 4) * 32;
-      const uint32_t qoff = (kk / 4) * (BQ * 128) + (kk % 4) * 32;
-      wgmma_ss<T, BQ>(s, desc_sw128(sK + koff, 16, 1024), desc_sw128(sQ + qoff, 16, 1024), kk > 0);
-    }
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t koff = (kk / 4) * (BKV * 128) + wg * 64 * 128 + (kk % 4) * 32;
-      const uint32_t qoff = (kk / 4) * (BQ * 128) + (kk % 4) * 32;
-      wgmma_ss<T, BQ>(dp, desc_sw128(sV + koff, 16, 1024), desc_sw128(sO + qoff, 16, 1024), kk > 0);
-    }
+    wgmma_ss_rows<T, BQ, D, BKV>(s, sK, wg * 64, sQ);
+    wgmma_ss_rows<T, BQ, D, BKV>(dp, sV, wg * 64, sO);
     wgmma_commit();
     if (wg == 0) bar_arrive(B::sched(1), 256);
     else if (i + 1 < nsteps) bar_arrive(B::sched(0), 256);
@@ -349,14 +322,8 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
         }
       }
     uint32_t pf[BQ / 16][4], df[BQ / 16][4];
-#pragma unroll
-    for (int kb = 0; kb < BQ / 16; ++kb) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        pf[kb][q] = pack2<T>(s[8 * kb + 2 * q], s[8 * kb + 2 * q + 1]);
-        df[kb][q] = pack2<T>(dp[8 * kb + 2 * q], dp[8 * kb + 2 * q + 1]);
-      }
-    }
+    to_a_frags<T>(s, pf);
+    to_a_frags<T>(dp, df);
     // DQ: dS (queries x keys) into this step's dS tile, each consumer its 64 keys (one 64-column block):
     // stmatrix.trans turns each 8x8 block of dS^T (keys x queries) into 8 query rows of 8 keys (16 bytes).
     // Matrix m of df[kb] is key half hf = m & 1 of query block j = 2kb + (m >> 1).
@@ -376,10 +343,8 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
       fence_reg(dv[x]);
     }
     wgmma_fence();
-#pragma unroll
-    for (int kb = 0; kb < BQ / 16; ++kb) wgmma_rs_tb<T, D>(dv, pf[kb], desc_sw128(sO + kb * 2048, BQ * 128, 1024));
-#pragma unroll
-    for (int kb = 0; kb < BQ / 16; ++kb) wgmma_rs_tb<T, D>(dk, df[kb], desc_sw128(sQ + kb * 2048, BQ * 128, 1024));
+    wgmma_rs_rows<T, D, BQ>(dv, pf, sO);
+    wgmma_rs_rows<T, D, BQ>(dk, df, sQ);
     wgmma_commit();
     if constexpr (K::DQ) {
       // dQ[:, 64 wg + (0..63)] = dS K[:, 64 wg + (0..63)] over the tile's 128 keys, once both halves of dS are

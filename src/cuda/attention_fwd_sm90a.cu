@@ -104,12 +104,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs 
     if (wg == 1 || i > 0) bar_sync(B::sched(wg), 256);
     float s[NS];
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t dq = desc_sw128(sQ + (kk / 4) * (BQ * 128) + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
-      const uint64_t dk = desc_sw128(sK + (kk / 4) * (BK * 128) + (kk % 4) * 32, 16, 1024);
-      wgmma_ss<T, BK>(s, dq, dk, kk > 0);
-    }
+    wgmma_ss_rows<T, BK, D, BQ>(s, sQ, wg * 64, sK);
     wgmma_commit();
     if (wg == 0) bar_arrive(B::sched(1), 256);
     else if (!t.last) bar_arrive(B::sched(0), 256);
@@ -165,18 +160,11 @@ __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs 
 
     // O += P V: P (input dtype) as A fragments, one 16-key step per wgmma.
     uint32_t pf[BK / 16][4];
-#pragma unroll
-    for (int kb = 0; kb < BK / 16; ++kb) {
-      pf[kb][0] = pack2<T>(s[8 * kb + 0], s[8 * kb + 1]);
-      pf[kb][1] = pack2<T>(s[8 * kb + 2], s[8 * kb + 3]);
-      pf[kb][2] = pack2<T>(s[8 * kb + 4], s[8 * kb + 5]);
-      pf[kb][3] = pack2<T>(s[8 * kb + 6], s[8 * kb + 7]);
-    }
+    to_a_frags<T>(s, pf);
 #pragma unroll
     for (int x = 0; x < NO; ++x) fence_reg(o[x]);
     wgmma_fence();
-#pragma unroll
-    for (int kb = 0; kb < BK / 16; ++kb) wgmma_rs_tb<T, D>(o, pf[kb], desc_sw128(sV + kb * 2048, BK * 128, 1024));
+    wgmma_rs_rows<T, D, BK>(o, pf, sV);
     wgmma_commit();
     wgmma_wait<0>();
 #pragma unroll

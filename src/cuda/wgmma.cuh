@@ -23,6 +23,8 @@
 
 #include <cstdint>
 
+#include "cuda/mma.cuh"
+
 namespace ksa::cuda::dev {
 
 // Byte offset of 16-byte chunk c (0 .. D/8-1) of row r in a 128B-swizzled tile of R rows.
@@ -142,6 +144,36 @@ __device__ __forceinline__ void wgmma_rs_tb<__half, 128>(float* d, const uint32_
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, 1, 1, 1, 1;\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+
+// The attention kernels' three products on 128B-swizzled tiles (see the top of this file):
+//
+// acc[64 x N] (+)= A B^T over a depth of D: A = rows [a_row0, a_row0 + 64) of a K-major tile of RA rows,
+// B = the N rows of a K-major tile of N rows (e.g. S = Q K^T).
+template <class T, int N, int D, int RA>
+__device__ __forceinline__ void wgmma_ss_rows(float* acc, uint32_t sA, int a_row0, uint32_t sB) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint64_t da = desc_sw128(sA + (kk / 4) * (RA * 128) + a_row0 * 128 + (kk % 4) * 32, 16, 1024);
+    const uint64_t db = desc_sw128(sB + (kk / 4) * (N * 128) + (kk % 4) * 32, 16, 1024);
+    wgmma_ss<T, N>(acc, da, db, kk > 0);
+  }
+}
+// The accumulators x of a 64 x (16 KSTEPS) product as the A fragments of KSTEPS k-steps, in the input dtype
+// (the accumulator layout of two adjacent 8-column blocks is the A layout of one 16-column step).
+template <class T, int KSTEPS>
+__device__ __forceinline__ void to_a_frags(const float* x, uint32_t (&f)[KSTEPS][4]) {
+#pragma unroll
+  for (int kb = 0; kb < KSTEPS; ++kb)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) f[kb][q] = pack2<T>(x[8 * kb + 2 * q], x[8 * kb + 2 * q + 1]);
+}
+// acc[64 x N] += A B: A the fragments of KSTEPS 16-row k-steps, B the first 16 KSTEPS rows of an MN-major
+// tile of R rows of N elements (e.g. O += P V).
+template <class T, int N, int R, int KSTEPS>
+__device__ __forceinline__ void wgmma_rs_rows(float* acc, const uint32_t (&f)[KSTEPS][4], uint32_t sB) {
+#pragma unroll
+  for (int kb = 0; kb < KSTEPS; ++kb) wgmma_rs_tb<T, N>(acc, f[kb], desc_sw128(sB + kb * 2048, R * 128, 1024));
 }
 
 }  // namespace ksa::cuda::dev
