@@ -1,11 +1,13 @@
-// The CUDA backward's kernel arguments, shared by the portable passes (attention_bwd.cu) and the Hopper dQ
-// pass (attention_bwd_sm90a.cu). Filled once by attention_backward; kernels take it by value.
+// The CUDA backward's kernel arguments and shared device pieces, for the portable passes (attention_bwd.cu)
+// and the Hopper passes (attention_bwd_sm90a.cu); include only from .cu files. Filled once by
+// attention_backward; kernels take it by value.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "cuda/attention_bwd_plan.hpp"
+#include "cuda/mma.cuh"
 #include "ksa/spec.hpp"
 
 namespace ksa::cuda::detail {
@@ -47,6 +49,33 @@ struct PlanArgs {
   float *part_k, *part_v;  // [max_slots, B, Hkv, BK, D]
   int max_items, max_splits, max_slots;
 };
+
+// The dK/dV passes' epilogue for one key row g (row `row` of its BKV-row tile) of a finished item: the whole
+// list -> dk (times scale) and dv in the input dtype, stream order; a segment (slot >= 0) -> fp32 partials
+// that reduce_kernel sums. dk, dv: this thread's accumulators in the mma C layout (element 4j + 2hf + e is
+// row half hf, column 8j + 2tig + e).
+template <class T, int D, int BKV>
+__device__ __forceinline__ void store_dkdv_row(const BwdArgs& a, const PlanArgs& pl, int slot, int b, int hk, int row,
+                                               int g, int hf, int tig, const float* dk, const float* dv) {
+  if (slot < 0) {
+    const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
+    T* pk = static_cast<T*>(a.dk.p) + b * a.dk.b + srow * a.dk.r + hk * a.dk.h;
+    T* pv = static_cast<T*>(a.dv.p) + b * a.dv.b + srow * a.dv.r + hk * a.dv.h;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      *reinterpret_cast<uint32_t*>(pk + j * 8 + 2 * tig) =
+          dev::pack2<T>(dk[4 * j + 2 * hf] * a.scale, dk[4 * j + 2 * hf + 1] * a.scale);
+      *reinterpret_cast<uint32_t*>(pv + j * 8 + 2 * tig) = dev::pack2<T>(dv[4 * j + 2 * hf], dv[4 * j + 2 * hf + 1]);
+    }
+  } else {
+    const int64_t base = ((int64_t(slot) * a.B + b) * a.Hkv + hk) * (BKV * D) + int64_t(row) * D;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      *reinterpret_cast<float2*>(pl.part_k + base + j * 8 + 2 * tig) = make_float2(dk[4 * j + 2 * hf], dk[4 * j + 2 * hf + 1]);
+      *reinterpret_cast<float2*>(pl.part_v + base + j * 8 + 2 * tig) = make_float2(dv[4 * j + 2 * hf], dv[4 * j + 2 * hf + 1]);
+    }
+  }
+}
 
 // Walks the entries (query tiles of the key tile's runs) from e0, each for every query head of the group.
 struct EntryWalk {

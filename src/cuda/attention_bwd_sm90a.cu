@@ -390,24 +390,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int row = r0 + 8 * hf, g = tb + row;
-    if (g >= te) continue;
-    if (item.slot < 0) {
-      const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
-      T* pk = static_cast<T*>(a.dk.p) + b * a.dk.b + srow * a.dk.r + hk * a.dk.h;
-      T* pv = static_cast<T*>(a.dv.p) + b * a.dv.b + srow * a.dv.r + hk * a.dv.h;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        *reinterpret_cast<uint32_t*>(pk + j * 8 + 2 * tig) = pack2<T>(dk[4 * j + 2 * hf] * a.scale, dk[4 * j + 2 * hf + 1] * a.scale);
-        *reinterpret_cast<uint32_t*>(pv + j * 8 + 2 * tig) = pack2<T>(dv[4 * j + 2 * hf], dv[4 * j + 2 * hf + 1]);
-      }
-    } else {
-      const int64_t base = ((int64_t(item.slot) * a.B + b) * a.Hkv + hk) * (BKV * D) + int64_t(row) * D;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        *reinterpret_cast<float2*>(pl.part_k + base + j * 8 + 2 * tig) = make_float2(dk[4 * j + 2 * hf], dk[4 * j + 2 * hf + 1]);
-        *reinterpret_cast<float2*>(pl.part_v + base + j * 8 + 2 * tig) = make_float2(dv[4 * j + 2 * hf], dv[4 * j + 2 * hf + 1]);
-      }
-    }
+    if (g < te) store_dkdv_row<T, D, BKV>(a, pl, item.slot, b, hk, row, g, hf, tig, dk, dv);
   }
 #endif
 }
