@@ -135,14 +135,8 @@ __device__ __forceinline__ void load_tile(const Layout32& l32, uint32_t smem, co
   }
 }
 
-template <class T>
-__device__ __forceinline__ const T* head_ptr(const View& v, int b, int h) {
-  return static_cast<const T*>(v.p) + b * v.b + h * v.h;
-}
-template <class T>
-__device__ __forceinline__ T* row_ptr(const View& v, int b, int64_t srow, int h) {
-  return static_cast<T*>(v.p) + b * v.b + srow * v.r + h * v.h;
-}
+using detail::head_ptr;
+using detail::row_ptr;
 
 // ---- pass 1: Delta and lse2, 8 threads per (b, q head, gathered row) over [0, Lp)
 template <class T, int D>
@@ -664,9 +658,7 @@ __global__ void __launch_bounds__(K::THREADS, K::MINB) dq_kernel(const BwdArgs a
     const int g = g0 + warp * 16 + gid + 8 * hf;
     if (g >= g1) continue;
     T* out = row_ptr<T>(a.dq, b, a.l32.stream_of_gathered(uint32_t(g)), h);
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-      *reinterpret_cast<uint32_t*>(out + j * 8 + 2 * tig) = pack2<T>(dq[j][2 * hf] * a.scale, dq[j][2 * hf + 1] * a.scale);
+    store_acc_row<T, D>(out, &dq[0][0], hf, tig, a.scale);
   }
 }
 

@@ -50,6 +50,16 @@ struct PlanArgs {
   int max_items, max_splits, max_slots;
 };
 
+// Element pointers of a View: head h of batch b (row 0), and stream row srow of it.
+template <class T>
+__device__ __forceinline__ const T* head_ptr(const View& v, int b, int h) {
+  return static_cast<const T*>(v.p) + b * v.b + h * v.h;
+}
+template <class T>
+__device__ __forceinline__ T* row_ptr(const View& v, int b, int64_t srow, int h) {
+  return static_cast<T*>(v.p) + b * v.b + srow * v.r + h * v.h;
+}
+
 // The dK/dV passes' epilogue for one key row g (row `row` of its BKV-row tile) of a finished item: the whole
 // list -> dk (times scale) and dv in the input dtype, stream order; a segment (slot >= 0) -> fp32 partials
 // that reduce_kernel sums. dk, dv: this thread's accumulators in the mma C layout (element 4j + 2hf + e is
@@ -59,14 +69,8 @@ __device__ __forceinline__ void store_dkdv_row(const BwdArgs& a, const PlanArgs&
                                                int g, int hf, int tig, const float* dk, const float* dv) {
   if (slot < 0) {
     const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
-    T* pk = static_cast<T*>(a.dk.p) + b * a.dk.b + srow * a.dk.r + hk * a.dk.h;
-    T* pv = static_cast<T*>(a.dv.p) + b * a.dv.b + srow * a.dv.r + hk * a.dv.h;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      *reinterpret_cast<uint32_t*>(pk + j * 8 + 2 * tig) =
-          dev::pack2<T>(dk[4 * j + 2 * hf] * a.scale, dk[4 * j + 2 * hf + 1] * a.scale);
-      *reinterpret_cast<uint32_t*>(pv + j * 8 + 2 * tig) = dev::pack2<T>(dv[4 * j + 2 * hf], dv[4 * j + 2 * hf + 1]);
-    }
+    dev::store_acc_row<T, D>(row_ptr<T>(a.dk, b, srow, hk), dk, hf, tig, a.scale);
+    dev::store_acc_row<T, D>(row_ptr<T>(a.dv, b, srow, hk), dv, hf, tig, 1.f);
   } else {
     const int64_t base = ((int64_t(slot) * a.B + b) * a.Hkv + hk) * (BKV * D) + int64_t(row) * D;
 #pragma unroll

@@ -76,11 +76,6 @@ struct DkvSm90Traits {
 };
 
 // ------------------------------------------------------------------------------------------ device code
-template <class T>
-__device__ __forceinline__ const T* head_base(const View& v, int b, int h) {
-  return static_cast<const T*>(v.p) + b * v.b + h * v.h;
-}
-
 template <class K>
 __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a, int num_qtiles) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -97,8 +92,8 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
   const int wg = int(threadIdx.x) / 128;
   if (wg == 2) {
     setmaxnreg_dec<K::PRODUCER_REGS>();
-    const T *qb = head_base<T>(a.q, b, h), *ob = head_base<T>(a.dout, b, h);
-    const T *kb = head_base<T>(a.k, b, hk), *vb = head_base<T>(a.v, b, hk);
+    const T *qb = head_ptr<T>(a.q, b, h), *ob = head_ptr<T>(a.dout, b, h);
+    const T *kb = head_ptr<T>(a.k, b, hk), *vb = head_ptr<T>(a.v, b, hk);
     produce<K::STAGES>(
         sKV, 2 * K::KV_BYTES, info,
         [&] {
@@ -134,19 +129,18 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
 
   for (int i = 0;; ++i) {
     const int st = i % K::STAGES;
-    bar_sync(B::full(st, wg), 256);
+    B::wait_full(st, wg);
     const TileInfo t = info[st];
     const uint32_t sK = sKV + uint32_t(st) * 2 * K::KV_BYTES, sV = sK + K::KV_BYTES;
 
     // S = Q K^T and dP = dO V^T (64 rows x 64 keys each), issued in turn with the other consumer.
-    if (wg == 1 || i > 0) bar_sync(B::sched(wg), 256);
+    B::take_turn(wg, i);
     float s[NS], dp[NS];
     wgmma_fence();
     wgmma_ss_rows<T, BK, D, BQ>(s, sQ, wg * 64, sK);
     wgmma_ss_rows<T, BK, D, BQ>(dp, sO, wg * 64, sV);
     wgmma_commit();
-    if (wg == 0) bar_arrive(B::sched(1), 256);
-    else if (!t.last) bar_arrive(B::sched(0), 256);
+    B::pass_turn(wg, !t.last);
     wgmma_wait<0>();
 #pragma unroll
     for (int x = 0; x < NS; ++x) {
@@ -181,7 +175,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
     wgmma_wait<0>();
 #pragma unroll
     for (int x = 0; x < NO; ++x) fence_reg(dq[x]);
-    bar_arrive(B::empty(st), 384);  // this consumer is done with the stage
+    B::release(st);
     if (t.last) break;
   }
 
@@ -190,12 +184,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
   for (int hf = 0; hf < 2; ++hf) {
     const int g = g0 + r0 + 8 * hf;
     if (g >= g1) continue;
-    const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
-    T* out = static_cast<T*>(a.dq.p) + b * a.dq.b + srow * a.dq.r + h * a.dq.h;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-      *reinterpret_cast<uint32_t*>(out + j * 8 + 2 * tig) =
-          pack2<T>(dq[4 * j + 2 * hf] * a.scale, dq[4 * j + 2 * hf + 1] * a.scale);
+    store_acc_row<T, D>(row_ptr<T>(a.dq, b, a.l32.stream_of_gathered(uint32_t(g)), h), dq, hf, tig, a.scale);
   }
 #endif
 }
@@ -241,12 +230,12 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
       return true;
     };
     auto first = [&] {
-      load_rows<T, D, BKV>(a.l32, sK, head_base<T>(a.k, b, hk), a.k.r, tb, te);
-      load_rows<T, D, BKV>(a.l32, sV, head_base<T>(a.v, b, hk), a.v.r, tb, te);
+      load_rows<T, D, BKV>(a.l32, sK, head_ptr<T>(a.k, b, hk), a.k.r, tb, te);
+      load_rows<T, D, BKV>(a.l32, sV, head_ptr<T>(a.v, b, hk), a.v.r, tb, te);
     };
     auto load = [&](uint32_t st, const TileInfo& t) {
-      load_rows<T, D, BQ>(a.l32, st, head_base<T>(a.q, b, t.aux), a.q.r, t.begin, t.end);
-      load_rows<T, D, BQ>(a.l32, st + K::QS_BYTES, head_base<T>(a.dout, b, t.aux), a.dout.r, t.begin, t.end);
+      load_rows<T, D, BQ>(a.l32, st, head_ptr<T>(a.q, b, t.aux), a.q.r, t.begin, t.end);
+      load_rows<T, D, BQ>(a.l32, st + K::QS_BYTES, head_ptr<T>(a.dout, b, t.aux), a.dout.r, t.begin, t.end);
       const int r = int(threadIdx.x) - 256;
       const uint32_t rv = st + 2 * K::QS_BYTES;  // lse2 [BQ] floats, Delta [BQ] floats, ranges [BQ] int2
       if (r < BQ / 2) {  // BQ floats each: 16-byte chunks, contiguous and aligned (Lp % kRowPad == 0)
@@ -280,7 +269,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
 
   for (int i = 0; i < nsteps; ++i) {
     const int st = i % K::STAGES;
-    bar_sync(B::full(st, wg), 256);
+    B::wait_full(st, wg);
     const TileInfo t = info[st];
     const uint32_t sQ = sS0 + uint32_t(st) * K::STAGE_BYTES, sO = sQ + K::QS_BYTES;
     const uint8_t* rv = gS0 + uint32_t(st) * K::STAGE_BYTES + 2 * K::QS_BYTES;
@@ -289,14 +278,13 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
     const int2* rng = reinterpret_cast<const int2*>(rv + 2 * BQ * 4);
 
     // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries each), issued in turn with the other consumer.
-    if (wg == 1 || i > 0) bar_sync(B::sched(wg), 256);
+    B::take_turn(wg, i);
     float s[NS], dp[NS];
     wgmma_fence();
     wgmma_ss_rows<T, BQ, D, BKV>(s, sK, wg * 64, sQ);
     wgmma_ss_rows<T, BQ, D, BKV>(dp, sV, wg * 64, sO);
     wgmma_commit();
-    if (wg == 0) bar_arrive(B::sched(1), 256);
-    else if (i + 1 < nsteps) bar_arrive(B::sched(0), 256);
+    B::pass_turn(wg, i + 1 < nsteps);
     wgmma_wait<0>();
 #pragma unroll
     for (int x = 0; x < NS; ++x) {
@@ -383,7 +371,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
       fence_reg(dk[x]);
       fence_reg(dv[x]);
     }
-    bar_arrive(B::empty(st), 384);  // this consumer is done with the stage
+    B::release(st);
   }
 
   // The whole list -> dk (times scale), dv in the input dtype; a segment -> fp32 partials (reduce_kernel).

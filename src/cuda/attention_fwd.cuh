@@ -32,10 +32,7 @@ __device__ __forceinline__ void store_row(const FwdArgs& a, int b, int h, int g,
                                           float m, float l) {
   const float inv = 1.f / l;
   const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
-  T* out = static_cast<T*>(a.out) + b * a.ob + srow * a.orow + h * a.oh;
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-    *reinterpret_cast<uint32_t*>(out + j * 8 + 2 * tig) = dev::pack2<T>(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv);
+  dev::store_acc_row<T, D>(static_cast<T*>(a.out) + b * a.ob + srow * a.orow + h * a.oh, o, hf, tig, inv);
   if (a.lse && tig == 0) a.lse[(int64_t(b) * a.L + srow) * a.Hq + h] = (m + log2f(l)) * 0.69314718055994531f;
 }
 

@@ -95,19 +95,18 @@ __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs 
 
   for (int i = 0;; ++i) {
     const int st = i % K::STAGES;
-    bar_sync(B::full(st, wg), 256);
+    B::wait_full(st, wg);
     const TileInfo t = info[st];
     const uint32_t sK = sKV + uint32_t(st) * 2 * K::KV_BYTES, sV = sK + K::KV_BYTES;
 
     // S = Q K^T (64 rows x 128 keys). The consumers issue it in turn (0, 1, 0, 1, ...) so that one's
     // products run on the tensor cores while the other is in its softmax.
-    if (wg == 1 || i > 0) bar_sync(B::sched(wg), 256);
+    B::take_turn(wg, i);
     float s[NS];
     wgmma_fence();
     wgmma_ss_rows<T, BK, D, BQ>(s, sQ, wg * 64, sK);
     wgmma_commit();
-    if (wg == 0) bar_arrive(B::sched(1), 256);
-    else if (!t.last) bar_arrive(B::sched(0), 256);
+    B::pass_turn(wg, !t.last);
     wgmma_wait<0>();
 #pragma unroll
     for (int x = 0; x < NS; ++x) fence_reg(s[x]);
@@ -169,7 +168,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs 
     wgmma_wait<0>();
 #pragma unroll
     for (int x = 0; x < NO; ++x) fence_reg(o[x]);
-    bar_arrive(B::empty(st), 384);  // this consumer is done with the stage
+    B::release(st);
     if (t.last) break;
   }
 

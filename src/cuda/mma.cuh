@@ -90,6 +90,16 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Row half hf of a thread's C accumulators for a 16-row tile of D columns (element 4j + 2hf + e: row
+// gid + 8hf, column 8j + 2tig + e; the mma.sync C layout, also wgmma's per warp) times scale, stored in the
+// input dtype at dst (that row's D elements; this thread writes 2 of every 8).
+template <class T, int D>
+__device__ __forceinline__ void store_acc_row(T* dst, const float* acc, int hf, int tig, float scale) {
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+    *reinterpret_cast<uint32_t*>(dst + j * 8 + 2 * tig) = pack2<T>(acc[4 * j + 2 * hf] * scale, acc[4 * j + 2 * hf + 1] * scale);
+}
+
 // The inverse of pack2: two stored elements (low half first) as floats.
 template <class T>
 __device__ __forceinline__ float2 unpack2(uint32_t v);

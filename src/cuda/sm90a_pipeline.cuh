@@ -21,6 +21,13 @@ struct TileInfo {
   int32_t pad[3];
 };
 
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Named barriers (id 0 is __syncthreads): full[stage][consumer wg] (producer arrives, that consumer waits),
 // empty[stage] (consumers arrive, producer waits), sched[wg] (the consumers' turns on the tensor cores).
 template <int STAGES>
@@ -31,13 +38,22 @@ struct Bars {
   static constexpr int full(int st, int wg) { return kFull + 2 * st + wg; }
   static constexpr int empty(int st) { return kEmpty + st; }
   static constexpr int sched(int wg) { return kSched + wg; }
+
+  // Consumer side. wait_full: stage st holds this consumer's next tile; release: this consumer is done with
+  // stage st (the producer may refill it once both have released it).
+  static __device__ __forceinline__ void wait_full(int st, int wg) { bar_sync(full(st, wg), 256); }
+  static __device__ __forceinline__ void release(int st) { bar_arrive(empty(st), 384); }
+  // The consumers issue their products in turns, 0 first, then alternating, so one's products run on the
+  // tensor cores while the other works on its registers. take_turn before issuing turn i (0, 1, ...) of this
+  // consumer; pass_turn after, with `more` = this consumer takes a further turn (both take the same number).
+  static __device__ __forceinline__ void take_turn(int wg, int i) {
+    if (wg == 1 || i > 0) bar_sync(sched(wg), 256);
+  }
+  static __device__ __forceinline__ void pass_turn(int wg, bool more) {
+    if (wg == 0) bar_arrive(sched(1), 256);
+    else if (more) bar_arrive(sched(0), 256);
+  }
 };
-__device__ __forceinline__ void bar_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void bar_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
 // setmaxnreg moves registers only within what the CTA was launched with: __launch_bounds__(384, 1) gives
 // 168 registers per thread (65536 / 384 rounded down to a multiple of 8), so the producer's and the two
 // consumers' counts must fit in 384 * 168. Asking for more makes setmaxnreg.inc wait forever.
