@@ -6,16 +6,9 @@
 #   bench/gpu/bwd.sh        (KSA_CUDA_ARCH=90 by default; KSA_GTEST_SRC=<googletest src> if no libgtest)
 # Logs go to $OUT (or bench/gpu/out).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-OUT="${OUT:-bench/gpu/out}"
-mkdir -p "$OUT"
-ARCH="${KSA_CUDA_ARCH:-90}"
-GTEST_ARGS=()
-if [ -n "${KSA_GTEST_SRC:-}" ]; then GTEST_ARGS=(-DKSA_GTEST_SRC="$KSA_GTEST_SRC"); fi
-cmake -S . -B build-bwd-gpu -DCMAKE_BUILD_TYPE=Release -DKSA_ENGINE=OFF -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
-  "${GTEST_ARGS[@]}" >"$OUT/bwd_cmake.log" 2>&1 || { tail -30 "$OUT/bwd_cmake.log"; exit 1; }
-cmake --build build-bwd-gpu -j "$(nproc)" --target ksa_cuda_tests ksa >"$OUT/bwd_build.log" 2>&1 ||
-  { grep -E "error" -A3 "$OUT/bwd_build.log" | head -60; exit 1; }
+source "$(dirname "$0")/lib.sh"
+gpu_configure build-bwd-gpu bwd_
+gpu_build build-bwd-gpu bwd_ --target ksa_cuda_tests ksa
 BIN=build-bwd-gpu/bin
 echo "== GPU backward tests"
 if ! $BIN/ksa_cuda_tests --gtest_filter='CudaBackward*' >"$OUT/bwd_tests.log" 2>&1; then

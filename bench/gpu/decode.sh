@@ -4,17 +4,9 @@
 #   bench/gpu/decode.sh            (KSA_CUDA_ARCH=90 by default; KSA_GTEST_SRC=<googletest src> if no libgtest)
 # Logs go to $OUT (or bench/gpu/out).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-OUT="${OUT:-bench/gpu/out}"
-mkdir -p "$OUT"
-ARCH="${KSA_CUDA_ARCH:-90}"
-GTEST_ARGS=()
-if [ -n "${KSA_GTEST_SRC:-}" ]; then GTEST_ARGS=(-DKSA_GTEST_SRC="$KSA_GTEST_SRC"); fi
-# Tests: kernels only (engine off), as bench/gpu/run.sh.
-cmake -S . -B build-decode-gpu -DCMAKE_BUILD_TYPE=Release -DKSA_ENGINE=OFF -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
-  "${GTEST_ARGS[@]}" >"$OUT/decode_cmake.log" 2>&1 || { tail -30 "$OUT/decode_cmake.log"; exit 1; }
-cmake --build build-decode-gpu -j "$(nproc)" --target ksa_cuda_tests ksa_cache_tests >"$OUT/decode_build.log" 2>&1 ||
-  { grep -E "error" -A3 "$OUT/decode_build.log" | head -60; exit 1; }
+source "$(dirname "$0")/lib.sh"
+gpu_configure build-decode-gpu decode_
+gpu_build build-decode-gpu decode_ --target ksa_cuda_tests ksa_cache_tests ksa
 echo "== CPU cache tests"
 build-decode-gpu/bin/ksa_cache_tests >"$OUT/decode_cache_tests.log" 2>&1 || { tail -40 "$OUT/decode_cache_tests.log"; exit 1; }
 grep -E '^\[  PASSED' "$OUT/decode_cache_tests.log"
@@ -25,6 +17,4 @@ fi
 grep -E "worst err/tol" "$OUT/decode_tests.log" | sort -t' ' -k1 | tail -5
 grep -E '^\[  PASSED|SKIPPED' "$OUT/decode_tests.log"
 echo "== ksa bench-decode"
-cmake --build build-decode-gpu -j "$(nproc)" --target ksa >>"$OUT/decode_build.log" 2>&1 ||
-  { grep -E "error" -A3 "$OUT/decode_build.log" | head -60; exit 1; }
 build-decode-gpu/bin/ksa bench-decode "$@" | tee "$OUT/bench_decode.txt"

@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
 # Profiles one ksa forward launch (T=32K, 32/8 heads, D=128, bf16) with Nsight Compute (clock control off).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-OUT="${OUT:-bench/gpu/out}"
-mkdir -p "$OUT"
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DKSA_ENGINE=OFF -DKSA_BUILD_TESTS=OFF \
-  -DCMAKE_CUDA_ARCHITECTURES="${KSA_CUDA_ARCH:-90}" >"$OUT/cmake.log" 2>&1
-cmake --build build -j "$(nproc)" >"$OUT/build.log" 2>&1
+source "$(dirname "$0")/lib.sh"
+gpu_configure build "" -G Ninja -DKSA_BUILD_TESTS=OFF
+gpu_build build ""
 cat > /tmp/one.py <<'PY'
 import torch, ksa_torch
 T, k, S = 32768, 8, 1

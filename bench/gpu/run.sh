@@ -6,15 +6,9 @@
 # times ksa against FlexAttention (interleaved stream; summaries gathered into a K/V prefix) and SDPA dense
 # causal attention over the text, on the same shapes, in the same process. Logs go to $OUT (or bench/gpu/out).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-OUT="${OUT:-bench/gpu/out}"
-mkdir -p "$OUT"
-ARCH="${KSA_CUDA_ARCH:-90}"
-GTEST_ARGS=()
-if [ -n "${KSA_GTEST_SRC:-}" ]; then GTEST_ARGS=(-DKSA_GTEST_SRC="$KSA_GTEST_SRC"); fi
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DKSA_ENGINE=OFF -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
-  "${GTEST_ARGS[@]}" >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
-cmake --build build -j "$(nproc)" >"$OUT/build.log" 2>&1 || { grep -E "error" -A3 "$OUT/build.log" | head -60; exit 1; }
+source "$(dirname "$0")/lib.sh"
+gpu_configure build "" -G Ninja
+gpu_build build ""
 echo "== C++ GPU tests (the default forward, then portable tile configurations; stops here on a failure)"
 if [ -x build/bin/ksa_cuda_tests ]; then
   # "default": KSA_CUDA_FWD_CONFIG unset (the sm_90a wgmma kernel on an H100/H200, else the portable one).

@@ -1,0 +1,27 @@
+# Shared by the bench/gpu scripts (source it after `set -euo pipefail`): moves to the repository root, sets
+# OUT (logs; default bench/gpu/out), ARCH (KSA_CUDA_ARCH, default 90) and GTEST_ARGS (KSA_GTEST_SRC=<googletest
+# source> where there is no libgtest), and defines the kernel-only (engine off) Release configure and build.
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+OUT="${OUT:-bench/gpu/out}"
+mkdir -p "$OUT"
+ARCH="${KSA_CUDA_ARCH:-90}"
+GTEST_ARGS=()
+if [ -n "${KSA_GTEST_SRC:-}" ]; then GTEST_ARGS=(-DKSA_GTEST_SRC="$KSA_GTEST_SRC"); fi
+
+# gpu_configure <build dir> <log prefix> [cmake args...]: log in $OUT/<prefix>cmake.log; its tail on failure.
+gpu_configure() {
+  local dir=$1 log="$OUT/${2}cmake.log"
+  shift 2
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DKSA_ENGINE=OFF -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
+    "${GTEST_ARGS[@]}" "$@" >"$log" 2>&1 || { tail -30 "$log"; exit 1; }
+}
+
+# gpu_build <build dir> <log prefix> [cmake --build args...]: log in $OUT/<prefix>build.log; on failure its
+# compiler errors (or its tail when no line says "error").
+gpu_build() {
+  local dir=$1 log="$OUT/${2}build.log"
+  shift 2
+  cmake --build "$dir" -j "$(nproc)" "$@" >"$log" 2>&1 && return 0
+  if grep -qE "error" "$log"; then grep -E "error" -A3 "$log" | head -60; else tail -30 "$log"; fi
+  exit 1
+}
