@@ -190,4 +190,36 @@ struct Driver {
   }
 };
 
+// After the prefills (splits[i] tokens of sequence i), decodes every sequence to its end in random batches (a
+// random subset of the unfinished sequences per step) of one token each or, with pieces, 0..max_piece tokens
+// (at most what is left), then expects every decoded row to have been checked. False when a step failed (it
+// stops there). Drv: the CPU Driver or its GPU twin (pos, checked, done(i), step(batch, n)).
+template <class Drv>
+bool decode_to_end(Drv& drv, const std::vector<SeqData>& seqs, const std::vector<int64_t>& splits, bool pieces,
+                   int64_t max_piece, std::mt19937_64& rng) {
+  for (int guard = 0; guard < 100000; ++guard) {
+    std::vector<size_t> open;
+    for (size_t i = 0; i < seqs.size(); ++i)
+      if (!drv.done(i)) open.push_back(i);
+    if (open.empty()) break;
+    std::shuffle(open.begin(), open.end(), rng);
+    const size_t nb = std::uniform_int_distribution<size_t>(1, open.size())(rng);
+    std::vector<size_t> batch(open.begin(), open.begin() + nb);
+    std::vector<int64_t> n;
+    for (size_t i : batch) {
+      const int64_t left = seqs[i].L - drv.pos[i];
+      n.push_back(pieces ? std::min(left, std::uniform_int_distribution<int64_t>(0, max_piece)(rng)) : 1);
+    }
+    drv.step(batch, n);
+    if (::testing::Test::HasFailure()) return false;
+  }
+  int64_t rows = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    EXPECT_TRUE(drv.done(i));
+    rows += seqs[i].L - splits[i];
+  }
+  EXPECT_EQ(drv.checked, rows) << "every decoded row is checked";
+  return true;
+}
+
 }  // namespace ksa::test

@@ -196,28 +196,7 @@ void run_decode(const GpuCase& c, const std::vector<SeqData>& seqs, bool pieces,
     drv.prefill(i, a);
     drv.prefill(i, splits[i] - a);
   }
-  for (int guard = 0; guard < 100000; ++guard) {
-    std::vector<size_t> open;
-    for (size_t i = 0; i < seqs.size(); ++i)
-      if (!drv.done(i)) open.push_back(i);
-    if (open.empty()) break;
-    std::shuffle(open.begin(), open.end(), rng);
-    const size_t nb = std::uniform_int_distribution<size_t>(1, open.size())(rng);
-    std::vector<size_t> batch(open.begin(), open.begin() + nb);
-    std::vector<int64_t> n;
-    for (size_t i : batch) {
-      const int64_t left = seqs[i].L - drv.pos[i];
-      n.push_back(pieces ? std::min(left, std::uniform_int_distribution<int64_t>(0, c.max_piece())(rng)) : 1);
-    }
-    drv.step(batch, n);
-    if (::testing::Test::HasFailure()) return;
-  }
-  int64_t rows = 0;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    EXPECT_TRUE(drv.done(i));
-    rows += seqs[i].L - splits[i];
-  }
-  EXPECT_EQ(drv.checked, rows) << "every decoded row is checked";
+  if (!decode_to_end(drv, seqs, splits, pieces, c.max_piece(), rng)) return;
   std::printf("  %s, %s: %lld rows, worst err/tol out %.3f lse %.3f\n", c.str().c_str(),
               pieces ? "pieces" : "single", (long long)drv.checked, drv.worst_out, drv.worst_lse);
   for (SeqId id : drv.ids) drv.cache.release(id);
