@@ -73,16 +73,65 @@ inline double out_tol(DType t, double ref, double vmax) {
 }
 inline double lse_tol(double ref) { return 2e-5 * (1.0 + std::abs(ref)); }
 
-// Drives a cache through prefill and decode steps for several sequences and checks each decoded row.
-struct Driver {
-  KvCache cache;
+// The sequences a decode driver (Driver below, GpuDriver in tests/cuda) runs, and the check of each step's rows.
+struct DecodeTracker {
   std::vector<const SeqData*> data;  // owned by the test
   std::vector<SeqId> ids;
   std::vector<int64_t> pos;  // stream tokens already in the cache, per sequence
-  bool strided = false;      // pack q/k/v/out with padded heads and rows
-  int threads = 0;
   double worst_out = 0, worst_lse = 0;  // worst error / tolerance seen
   int64_t checked = 0;
+
+  bool done(size_t i) const { return pos[i] == data[i]->L; }
+
+  // Checks a decode step's rows against the oracle and advances pos: the step's row r is token i of sequence
+  // batch[j] (sequences in batch order, n[j] tokens each). out: host copy of the step's output, dtype dt, with
+  // the row and head strides of `ov`; lse: [rows, Hq]. Tolerances: out_tol(d, ref), lse_tol(ref). False, with
+  // a failure, at the first mismatch.
+  template <class OutTol, class LseTol>
+  bool check_step(const std::vector<size_t>& batch, const std::vector<int64_t>& n, DType dt, const void* out,
+                  const TensorView& ov, const float* lse, OutTol out_tol, LseTol lse_tol) {
+    int64_t r = 0;
+    for (size_t j = 0; j < batch.size(); ++j) {
+      const SeqData& d = *data[batch[j]];
+      const int64_t Hq = d.Hq, D = d.D;
+      for (int64_t i = 0; i < n[j]; ++i, ++r) {
+        const int64_t p = pos[batch[j]] + i;
+        for (int64_t h = 0; h < Hq; ++h) {
+          for (int64_t e = 0; e < D; ++e) {
+            const double got = load_as_float(dt, out, r * ov.row_stride + h * ov.head_stride + e);
+            const double ref = d.ref.out[size_t(((p - d.ref_from) * Hq + h) * D + e)];
+            const double err = std::abs(got - ref), tol = out_tol(d, ref);
+            worst_out = std::max(worst_out, std::isnan(err) ? INFINITY : err / tol);
+            if (!(err <= tol)) {
+              ADD_FAILURE() << "out mismatch: sequence " << batch[j] << " stream position " << p << " ("
+                            << (d.lay.is_summary(p) ? "summary" : "text") << ") head " << h << " dim " << e << ": got "
+                            << got << ", oracle " << ref << ", |err| " << err << " > tol " << tol << " (step of " << n[j]
+                            << " tokens, token " << i << ")";
+              return false;
+            }
+          }
+          const double gl = lse[size_t(r * Hq + h)], rl = d.ref.lse[size_t((p - d.ref_from) * Hq + h)];
+          const double el = std::abs(gl - rl), tl = lse_tol(rl);
+          worst_lse = std::max(worst_lse, std::isnan(el) ? INFINITY : el / tl);
+          if (!(el <= tl)) {
+            ADD_FAILURE() << "lse mismatch: sequence " << batch[j] << " stream position " << p << " head " << h
+                          << ": got " << gl << ", oracle " << rl;
+            return false;
+          }
+        }
+        ++checked;
+      }
+      pos[batch[j]] += n[j];
+    }
+    return true;
+  }
+};
+
+// Drives a cache through prefill and decode steps for several sequences and checks each decoded row.
+struct Driver : DecodeTracker {
+  KvCache cache;
+  bool strided = false;  // pack q/k/v/out with padded heads and rows
+  int threads = 0;
 
   explicit Driver(const KvCacheConfig& cfg) : cache(cfg) {}
 
@@ -91,7 +140,6 @@ struct Driver {
     ids.push_back(cache.add_sequence());
     pos.push_back(0);
   }
-  bool done(size_t i) const { return pos[i] == data[i]->L; }
 
   void prefill(size_t i, int64_t n) {
     cache.prefill(ids[i], data[i]->rows(data[i]->k, pos[i], n), data[i]->rows(data[i]->v, pos[i], n));
@@ -155,38 +203,8 @@ struct Driver {
       }
     }
     cpu::attention_decode(cache, bid, n, io);
-    r = 0;
-    for (size_t j = 0; j < batch.size(); ++j) {
-      const SeqData& d = *data[batch[j]];
-      for (int64_t i = 0; i < n[j]; ++i, ++r) {
-        const int64_t p = pos[batch[j]] + i;
-        for (int64_t h = 0; h < Hq; ++h) {
-          for (int64_t e = 0; e < D; ++e) {
-            const double got = load_as_float(d.dtype, io.out.data, r * io.out.row_stride + h * io.out.head_stride + e);
-            const double ref = d.ref.out[size_t(((p - d.ref_from) * Hq + h) * D + e)];
-            const double err = std::abs(got - ref), tol = out_tol(d.dtype, ref, d.vmax);
-            const double ratio = std::isnan(err) ? INFINITY : err / tol;
-            if (ratio > worst_out) worst_out = ratio;
-            if (!(err <= tol)) {
-              ADD_FAILURE() << "out mismatch: sequence " << batch[j] << " stream position " << p << " ("
-                            << (d.lay.is_summary(p) ? "summary" : "text") << ") head " << h << " dim " << e << ": got "
-                            << got << ", oracle " << ref << ", |err| " << err << " > tol " << tol;
-              return;
-            }
-          }
-          const double gl = lse[size_t(r * Hq + h)], rl = d.ref.lse[size_t((p - d.ref_from) * Hq + h)];
-          const double el = std::abs(gl - rl), tl = lse_tol(rl);
-          worst_lse = std::max(worst_lse, std::isnan(el) ? INFINITY : el / tl);
-          if (!(el <= tl)) {
-            ADD_FAILURE() << "lse mismatch: sequence " << batch[j] << " stream position " << p << " head " << h
-                          << ": got " << gl << ", oracle " << rl;
-            return;
-          }
-        }
-        ++checked;
-      }
-      pos[batch[j]] += n[j];
-    }
+    check_step(batch, n, d0.dtype, io.out.data, io.out, lse.data(),
+               [](const SeqData& d, double ref) { return out_tol(d.dtype, ref, d.vmax); }, lse_tol);
   }
 };
 

@@ -58,15 +58,10 @@ struct GpuCase {
   int64_t max_piece() const { return config().stores_summaries() ? 2 * (k + S) + 1 : k; }
 };
 
-struct GpuDriver {
+struct GpuDriver : test::DecodeTracker {
   cuda::KvCacheGpu cache;
-  std::vector<const SeqData*> data;
   std::vector<std::unique_ptr<DevMem>> dk, dv;  // whole streams' k, v on the device (prefill source)
-  std::vector<SeqId> ids;
-  std::vector<int64_t> pos;
   bool strided = false;
-  double worst_out = 0, worst_lse = 0;
-  int64_t checked = 0;
 
   GpuDriver(const KvCacheConfig& cfg, int64_t split) : cache(cfg, nullptr, cuda::KvCacheGpuOptions{split}) {}
 
@@ -79,8 +74,6 @@ struct GpuDriver {
     ASSERT_EQ(cudaMemcpy(dk.back()->p, d.k.data(), d.k.size(), cudaMemcpyHostToDevice), cudaSuccess);
     ASSERT_EQ(cudaMemcpy(dv.back()->p, d.v.data(), d.v.size(), cudaMemcpyHostToDevice), cudaSuccess);
   }
-  bool done(size_t i) const { return pos[i] == data[i]->L; }
-
   void prefill(size_t i, int64_t n) {
     const SeqData& d = *data[i];
     const int64_t row = d.Hkv * d.D;
@@ -145,38 +138,10 @@ struct GpuDriver {
     std::vector<float> lse(size_t(R * Hq));
     CK(cudaMemcpy(o.h.data(), dout.p, o.h.size() * 2, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(lse.data(), dlse.p, lse.size() * 4, cudaMemcpyDeviceToHost));
-    r = 0;
-    for (size_t j = 0; j < batch.size(); ++j) {
-      const SeqData& d = *data[batch[j]];
-      for (int64_t i = 0; i < n[j]; ++i, ++r) {
-        const int64_t p = pos[batch[j]] + i;
-        for (int64_t h = 0; h < Hq; ++h) {
-          for (int64_t e = 0; e < D; ++e) {
-            const double got = load_as_float(DType::bf16, o.h.data(), r * o.v.row_stride + h * o.v.head_stride + e);
-            const double ref = d.ref.out[size_t(((p - d.ref_from) * Hq + h) * D + e)];
-            const double err = std::abs(got - ref), tol = out_tol(ref, d.vmax);
-            worst_out = std::max(worst_out, std::isnan(err) ? INFINITY : err / tol);
-            if (!(err <= tol)) {
-              ADD_FAILURE() << "out mismatch: sequence " << batch[j] << " stream position " << p << " ("
-                            << (d.lay.is_summary(p) ? "summary" : "text") << ") head " << h << " dim " << e << ": got "
-                            << got << ", oracle " << ref << ", |err| " << err << " > tol " << tol << " (step of " << n[j]
-                            << " tokens, token " << i << ")";
-              return;
-            }
-          }
-          const double gl = lse[size_t(r * Hq + h)], rl = d.ref.lse[size_t((p - d.ref_from) * Hq + h)];
-          const double el = std::abs(gl - rl);
-          worst_lse = std::max(worst_lse, std::isnan(el) ? INFINITY : el / lse_tol(rl));
-          if (!(el <= lse_tol(rl))) {
-            ADD_FAILURE() << "lse mismatch: sequence " << batch[j] << " stream position " << p << " head " << h
-                          << ": got " << gl << ", oracle " << rl;
-            return;
-          }
-        }
-        ++checked;
-      }
-      pos[batch[j]] += n[j];
-    }
+    if (!check_step(batch, n, DType::bf16, o.h.data(), o.v, lse.data(),
+                    [](const SeqData& d, double ref) { return out_tol(ref, d.vmax); },
+                    [](double ref) { return lse_tol(ref); }))
+      return;
     if (strided) {
       EXPECT_EQ(o.h[size_t(D)], 0xffff) << "head padding of out was written";
     }
