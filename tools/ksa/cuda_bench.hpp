@@ -25,9 +25,12 @@ struct DeviceBuf {
 };
 
 // Median milliseconds of f() (work queued on stream s) over `reps` runs timed with CUDA events on s, after
-// one warm-up run.
+// one warm-up run. With `flush`, each run is preceded by a memset of that buffer (make it larger than L2):
+// f() then starts with a cold L2, and the host queues f() while the memset runs, so the time is the GPU's
+// alone (no host launch latency in it) -- the convention of triton.testing.do_bench. Without it, the GPU
+// is idle when f() is called, so the time includes the host's launch of f().
 template <class F>
-double median_event_ms(cudaStream_t s, int64_t reps, F&& f) {
+double median_event_ms(cudaStream_t s, int64_t reps, F&& f, const DeviceBuf* flush = nullptr, size_t flush_bytes = 0) {
   cudaEvent_t a, b;
   cuda_check(cudaEventCreate(&a), "cudaEventCreate");
   cuda_check(cudaEventCreate(&b), "cudaEventCreate");
@@ -35,6 +38,7 @@ double median_event_ms(cudaStream_t s, int64_t reps, F&& f) {
   cuda_check(cudaStreamSynchronize(s), "warm-up");
   std::vector<double> t;
   for (int64_t r = 0; r < std::max<int64_t>(reps, 1); ++r) {
+    if (flush) cuda_check(cudaMemsetAsync(flush->p, r & 0xff, flush_bytes, s), "cudaMemsetAsync");
     cuda_check(cudaEventRecord(a, s), "cudaEventRecord");
     f();
     cuda_check(cudaEventRecord(b, s), "cudaEventRecord");
