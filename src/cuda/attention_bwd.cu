@@ -28,7 +28,8 @@
 // tile's list is ~L/BQ long while a text tile's is ~W*k/BQ. The schedule cuts every list longer than U
 // entries into ceil(n/U) near-equal segments (U = max(8, total / target), target = 2 * resident CTAs /
 // (B * Hkv)); each segment writes fp32 partials to its own slot and the reduce kernel adds the slots in
-// order. Items run heaviest first (summary tiles, oldest first, then text tiles).
+// order. Items run heaviest first (summary tiles, oldest first, then text tiles), over all heads and batch
+// entries at once (the item is the slowest index of the CTA order: detail::dkdv_cta).
 //
 // File shape (DESIGN.md §3): traits -> device code -> launcher.
 #include <cuda_bf16.h>
@@ -311,9 +312,10 @@ template <class K>
 __global__ void __launch_bounds__(K::THREADS, K::MINB) dkdv_kernel(const BwdArgs a, const PlanArgs pl) {
   using T = typename K::T;
   constexpr int D = K::D, BQ = K::BQ, BKV = K::BKV, CH = K::CHUNKS, QS = K::QS_BYTES;
-  if (int(blockIdx.x) >= pl.counters[0]) return;
-  const PlanItem item = pl.items[blockIdx.x];
-  const int hk = int(blockIdx.y), b = int(blockIdx.z);
+  const detail::DkvCta cta = detail::dkdv_cta(a.B, a.Hkv);
+  if (cta.item >= pl.counters[0]) return;
+  const PlanItem item = pl.items[cta.item];
+  const int hk = cta.hk, b = cta.b;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, tig = lane & 3;
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t sK = smem_u32(smem), sV = sK + K::KV_BYTES, sQ0 = sV + K::KV_BYTES, sO0 = sQ0 + 2 * QS;
@@ -823,7 +825,7 @@ void run_backward(const BwdArgs& a0, bool deterministic, cudaStream_t s) {
   } else {
     auto kv = dkdv_kernel<KV>;
     KSA_CUDA_CHECK(cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, KV::SMEM));
-    kv<<<dim3(unsigned(ps.max_items), unsigned(a.Hkv), unsigned(a.B)), KV::THREADS, KV::SMEM, s>>>(a, pl);
+    kv<<<detail::dkdv_grid(ps.max_items, a.B, a.Hkv), KV::THREADS, KV::SMEM, s>>>(a, pl);
     KSA_CUDA_CHECK_LAUNCH();
     if (ps.max_splits > 0) reduce_kernel<T, D, KV::BKV><<<reduce_grid, 256, 0, s>>>(a, pl);
   }
@@ -858,6 +860,13 @@ void dispatch_dim(const BwdArgs& a, int64_t D, bool deterministic, cudaStream_t 
 View view_of(const TensorView& t) { return View{t.data, t.batch_stride, t.row_stride, t.head_stride}; }
 
 }  // namespace
+
+dim3 detail::dkdv_grid(int64_t max_items, int64_t B, int64_t Hkv) {
+  const int64_t n = max_items * B * Hkv;
+  if (n >= (int64_t(1) << 31))
+    fail("ksa::cuda::attention_backward: the dK/dV pass needs ", n, " CTAs (items x batch x KV heads), over 2^31 - 1");
+  return dim3(unsigned(std::max<int64_t>(n, 1)));
+}
 
 bool supports(const AttentionBackwardParams& p, std::string* why) {
   if (!supports(static_cast<const AttentionParams&>(p), why)) return false;

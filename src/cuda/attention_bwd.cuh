@@ -81,6 +81,20 @@ __device__ __forceinline__ void store_dkdv_row(const BwdArgs& a, const PlanArgs&
   }
 }
 
+// The dK/dV passes' CTA order: one grid dimension, item-major (CTA i = (item · B + b) · Hkv + hk), so that
+// the heaviest items of every head and batch run first (the schedule orders items heaviest first). With the
+// item in grid.x and the head in grid.y, all of head 0's items came before head 1's, and the last head's
+// long summary items started late and ran alone: Nsight Compute saw the SMs busy 75% of the dK/dV pass.
+struct DkvCta {
+  int item, b, hk;
+};
+__device__ __forceinline__ DkvCta dkdv_cta(int B, int Hkv) {
+  const int i = int(blockIdx.x), hk = i % Hkv, ib = i / Hkv;
+  return DkvCta{ib / B, ib % B, hk};
+}
+// The grid of dkdv_cta (fails past 2^31 - 1 CTAs).
+dim3 dkdv_grid(int64_t max_items, int64_t B, int64_t Hkv);
+
 // Walks the entries (query tiles of the key tile's runs) from e0, each for every query head of the group.
 struct EntryWalk {
   const bwd::PlanRun* runs;
@@ -111,8 +125,8 @@ struct EntryWalk {
 // The sm_90a dK/dV pass's tiles (its plan is built with them): key tiles of 128 rows (64 per consumer
 // warpgroup), query steps of 64 rows.
 constexpr int kDkvSm90Keys = 128, kDkvSm90Queries = 64;
-// Launches the wgmma dK/dV pass over the plan's items (grid: max_items, Hkv, B; CTAs past the plan's item
-// count return at once). Requires sm90a_usable(). With fused_dq (D = 128 only, a.dq_acc zeroed) the pass also
+// Launches the wgmma dK/dV pass over the plan's items (grid: dkdv_grid; CTAs past the plan's item count
+// return at once). Requires sm90a_usable(). With fused_dq (D = 128 only, a.dq_acc zeroed) the pass also
 // adds each step's dS K into a.dq_acc, so the dQ pass is not needed (not deterministic: fp32 atomics).
 void launch_dkdv_sm90a(const BwdArgs& a, const PlanArgs& pl, int max_items, int D, bool f16, bool fused_dq,
                        cudaStream_t stream);

@@ -200,9 +200,10 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
   using T = typename K::T;
   using B = Bars<K::STAGES>;
   constexpr int D = K::D, BQ = K::BQ, BKV = K::BKV, NS = BQ / 2, NO = D / 2;
-  if (int(blockIdx.x) >= pl.counters[0]) return;  // the whole CTA: past the plan's items
-  const bwd::PlanItem item = pl.items[blockIdx.x];
-  const int hk = int(blockIdx.y), b = int(blockIdx.z);
+  const DkvCta cta = dkdv_cta(a.B, a.Hkv);
+  if (cta.item >= pl.counters[0]) return;  // the whole CTA: past the plan's items
+  const bwd::PlanItem item = pl.items[cta.item];
+  const int hk = cta.hk, b = cta.b;
   extern __shared__ __align__(1024) uint8_t smem[];
   const uint32_t sK = (smem_u32(smem) + 1023u) & ~1023u, sV = sK + K::KV_BYTES, sS0 = sV + K::KV_BYTES;
   uint8_t* gS0 = smem + (sS0 - smem_u32(smem));  // the stages through a generic pointer (lse2, Delta, ranges)
@@ -388,7 +389,7 @@ template <class K>
 void launch_dkdv(const BwdArgs& a, const PlanArgs& pl, int max_items, cudaStream_t stream) {
   auto kern = dkdv_sm90a_kernel<K>;
   KSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
-  kern<<<dim3(unsigned(max_items), unsigned(a.Hkv), unsigned(a.B)), K::THREADS, K::SMEM, stream>>>(a, pl);
+  kern<<<dkdv_grid(max_items, a.B, a.Hkv), K::THREADS, K::SMEM, stream>>>(a, pl);
   KSA_CUDA_CHECK_LAUNCH();
 }
 
