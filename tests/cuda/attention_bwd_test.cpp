@@ -490,6 +490,20 @@ TEST(CudaBackward, SplitExtremesMatchOracle) {
   }
 }
 
+// The portable passes where the sm_90a ones would run (KSA_CUDA_BWD_SM90A=0; elsewhere they run anyway):
+// batch 2, GQA, D = 64 and 128, lists split into many items and not split.
+TEST(CudaBackward, PortablePassesMatchOracle) {
+  REQUIRE_GPU();
+  EnvScope env("KSA_CUDA_BWD_SM90A", "0");
+  const std::vector<Shape> shapes = {{4, 1, 1000, 2, 4, 2, 64, 1, false, DType::bf16, false, true},
+                                     {2, 2, 600, 1, 2, 1, 128, 2, true, DType::f16, true, false},
+                                     {8, 1, 1025, 3, 4, 2, 128, 2, false, DType::bf16, false, true}};
+  uint64_t seed = 600;
+  for (const Shape& s : shapes) check_shape(s, seed++);
+  EnvScope split("KSA_CUDA_BWD_SPLIT", "1");
+  check_shape(shapes[1], seed++);
+}
+
 // The opt-in fused dQ (sm_90a, D = 128, not deterministic: dQ added with fp32 atomics inside the dK/dV pass;
 // elsewhere the variable changes nothing). Long shape, split lists, GQA, strided, tail summaries.
 TEST(CudaBackward, FusedDqMatchesOracle) {
