@@ -490,33 +490,38 @@ TEST(CudaBackward, SplitExtremesMatchOracle) {
   }
 }
 
+// With the variable `var` set to `value`: every shape, then shapes[split_shape] again with every list split
+// into one-query-tile items (KSA_CUDA_BWD_SPLIT=1).
+void check_variant(const char* var, const char* value, const std::vector<Shape>& shapes, size_t split_shape,
+                   uint64_t seed) {
+  EnvScope env(var, value);
+  SCOPED_TRACE(std::string(var) + "=" + value);
+  for (const Shape& s : shapes) check_shape(s, seed++);
+  EnvScope split("KSA_CUDA_BWD_SPLIT", "1");
+  check_shape(shapes[split_shape], seed);
+}
+
 // The portable passes where the sm_90a ones would run (KSA_CUDA_BWD_SM90A=0; elsewhere they run anyway):
 // batch 2, GQA, D = 64 and 128, lists split into many items and not split.
 TEST(CudaBackward, PortablePassesMatchOracle) {
   REQUIRE_GPU();
-  EnvScope env("KSA_CUDA_BWD_SM90A", "0");
-  const std::vector<Shape> shapes = {{4, 1, 1000, 2, 4, 2, 64, 1, false, DType::bf16, false, true},
-                                     {2, 2, 600, 1, 2, 1, 128, 2, true, DType::f16, true, false},
-                                     {8, 1, 1025, 3, 4, 2, 128, 2, false, DType::bf16, false, true}};
-  uint64_t seed = 600;
-  for (const Shape& s : shapes) check_shape(s, seed++);
-  EnvScope split("KSA_CUDA_BWD_SPLIT", "1");
-  check_shape(shapes[1], seed++);
+  check_variant("KSA_CUDA_BWD_SM90A", "0",
+                {{4, 1, 1000, 2, 4, 2, 64, 1, false, DType::bf16, false, true},
+                 {2, 2, 600, 1, 2, 1, 128, 2, true, DType::f16, true, false},
+                 {8, 1, 1025, 3, 4, 2, 128, 2, false, DType::bf16, false, true}},
+                1, 600);
 }
 
 // The opt-in fused dQ (sm_90a, D = 128, not deterministic: dQ added with fp32 atomics inside the dK/dV pass;
 // elsewhere the variable changes nothing). Long shape, split lists, GQA, strided, tail summaries.
 TEST(CudaBackward, FusedDqMatchesOracle) {
   REQUIRE_GPU();
-  EnvScope env("KSA_CUDA_BWD_FUSED_DQ", "1");
-  const std::vector<Shape> shapes = {{8, 1, 4000, 16, 8, 2, 128, 1, false, DType::bf16, false, false},
-                                     {5, 3, 1025, 2, 4, 1, 128, 1, true, DType::bf16, true, false},
-                                     {2, 2, 600, 1, 2, 1, 128, 2, true, DType::f16, true, false},
-                                     {8, 1, 1025, 3, 4, 2, 128, 2, false, DType::bf16, false, true}};
-  uint64_t seed = 500;
-  for (const Shape& s : shapes) check_shape(s, seed++);
-  EnvScope split("KSA_CUDA_BWD_SPLIT", "1");
-  check_shape(shapes[2], seed++);
+  check_variant("KSA_CUDA_BWD_FUSED_DQ", "1",
+                {{8, 1, 4000, 16, 8, 2, 128, 1, false, DType::bf16, false, false},
+                 {5, 3, 1025, 2, 4, 1, 128, 1, true, DType::bf16, true, false},
+                 {2, 2, 600, 1, 2, 1, 128, 2, true, DType::f16, true, false},
+                 {8, 1, 1025, 3, 4, 2, 128, 2, false, DType::bf16, false, true}},
+                2, 500);
 }
 
 // Deterministic mode: two runs give identical bits. Without it dq is left out of the bitwise comparison (the
