@@ -134,14 +134,11 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
     const uint32_t sK = sKV + uint32_t(st) * 2 * K::KV_BYTES, sV = sK + K::KV_BYTES;
 
     // S = Q K^T and dP = dO V^T (64 rows x 64 keys each), issued in turn with the other consumer.
-    B::take_turn(wg, i);
     float s[NS], dp[NS];
-    wgmma_fence();
-    wgmma_ss_rows<T, BK, D, BQ>(s, sQ, wg * 64, sK);
-    wgmma_ss_rows<T, BK, D, BQ>(dp, sO, wg * 64, sV);
-    wgmma_commit();
-    B::pass_turn(wg, !t.last);
-    wgmma_wait<0>();
+    B::products_in_turn(wg, i, !t.last, [&] {
+      wgmma_ss_rows<T, BK, D, BQ>(s, sQ, wg * 64, sK);
+      wgmma_ss_rows<T, BK, D, BQ>(dp, sO, wg * 64, sV);
+    });
 #pragma unroll
     for (int x = 0; x < NS; ++x) {
       fence_reg(s[x]);
@@ -279,14 +276,11 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
     const int2* rng = reinterpret_cast<const int2*>(rv + 2 * BQ * 4);
 
     // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries each), issued in turn with the other consumer.
-    B::take_turn(wg, i);
     float s[NS], dp[NS];
-    wgmma_fence();
-    wgmma_ss_rows<T, BQ, D, BKV>(s, sK, wg * 64, sQ);
-    wgmma_ss_rows<T, BQ, D, BKV>(dp, sV, wg * 64, sO);
-    wgmma_commit();
-    B::pass_turn(wg, i + 1 < nsteps);
-    wgmma_wait<0>();
+    B::products_in_turn(wg, i, i + 1 < nsteps, [&] {
+      wgmma_ss_rows<T, BQ, D, BKV>(s, sK, wg * 64, sQ);
+      wgmma_ss_rows<T, BQ, D, BKV>(dp, sV, wg * 64, sO);
+    });
 #pragma unroll
     for (int x = 0; x < NS; ++x) {
       fence_reg(s[x]);

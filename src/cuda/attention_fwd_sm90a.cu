@@ -101,13 +101,8 @@ __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs 
 
     // S = Q K^T (64 rows x 128 keys). The consumers issue it in turn (0, 1, 0, 1, ...) so that one's
     // products run on the tensor cores while the other is in its softmax.
-    B::take_turn(wg, i);
     float s[NS];
-    wgmma_fence();
-    wgmma_ss_rows<T, BK, D, BQ>(s, sQ, wg * 64, sK);
-    wgmma_commit();
-    B::pass_turn(wg, !t.last);
-    wgmma_wait<0>();
+    B::products_in_turn(wg, i, !t.last, [&] { wgmma_ss_rows<T, BK, D, BQ>(s, sQ, wg * 64, sK); });
 #pragma unroll
     for (int x = 0; x < NS; ++x) fence_reg(s[x]);
 

@@ -53,6 +53,17 @@ struct Bars {
     if (wg == 0) bar_arrive(sched(1), 256);
     else if (more) bar_arrive(sched(0), 256);
   }
+  // Turn i of this consumer: issue() queues its wgmma products (one commit group), the turn passes as soon as
+  // they are queued, then this consumer waits for them (and any group still in flight).
+  template <class Issue>
+  static __device__ __forceinline__ void products_in_turn(int wg, int i, bool more, Issue&& issue) {
+    take_turn(wg, i);
+    wgmma_fence();
+    issue();
+    wgmma_commit();
+    pass_turn(wg, more);
+    wgmma_wait<0>();
+  }
 };
 // setmaxnreg moves registers only within what the CTA was launched with: __launch_bounds__(384, 1) gives
 // 168 registers per thread (65536 / 384 rounded down to a multiple of 8), so the producer's and the two
