@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "core/splitmix.hpp"
 #include "ksa/error.hpp"
 #include "ksa/pattern.hpp"
 #include "ksa/safetensors.hpp"
@@ -15,12 +16,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
+using detail::splitmix64;
 
 uint64_t hash_name(const std::string& s) {
   uint64_t h = 0xcbf29ce484222325ull;

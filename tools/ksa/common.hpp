@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cli.hpp"
+#include "core/splitmix.hpp"
 #include "ksa/dtype.hpp"
 #include "ksa/error.hpp"
 
@@ -42,19 +43,15 @@ inline DType parse_dtype_flag(const std::string& s) {
   return t;
 }
 
-// Random normal data in the storage dtype.
-// n values ~ normal(0, sd) in dtype t. Element i comes from a counter-based generator (splitmix64 of a seed
-// drawn once from rng, plus i; Box-Muller), so the data are a function of rng's state alone and are filled by
-// all hardware threads: the GPU benches' 128K-token inputs (~1.5 G values) take seconds, not a minute.
+// n values ~ normal(0, sd) in dtype t. Element i comes from a counter-based generator (element i of the
+// splitmix64 stream seeded with one draw from rng; Box-Muller), so the data are a function of rng's state alone
+// and are filled by all hardware threads: the GPU benches' 128K-token inputs (~1.5 G values) take seconds.
 inline std::vector<uint8_t> random_tensor(DType t, int64_t n, std::mt19937_64& rng, float sd = 1.f) {
   std::vector<uint8_t> buf(size_t(n * dtype_size(t)));
   const uint64_t seed = rng();
   auto fill = [&buf, t, sd, seed](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      uint64_t x = seed + uint64_t(i) * 0x9E3779B97F4A7C15ull;
-      x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-      x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-      x ^= x >> 31;
+      const uint64_t x = detail::splitmix64(seed + uint64_t(i) * 0x9e3779b97f4a7c15ull);
       const float u1 = float((x >> 40) + 1) * 0x1p-24f;       // (0, 1]
       const float u2 = float((x >> 16) & 0xFFFFFFu) * 0x1p-24f;  // [0, 1)
       store_from_float(t, buf.data(), i, sd * std::sqrt(-2.f * std::log(u1)) * std::cos(6.28318530718f * u2));
