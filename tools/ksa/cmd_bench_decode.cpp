@@ -13,11 +13,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <random>
 #include <vector>
 
 #include "cli.hpp"
+#include "common.hpp"
 #include "cuda_bench.hpp"
 #include "ksa/cuda.hpp"
 #include "ksa/cuda_cache.hpp"
@@ -25,20 +25,6 @@
 
 namespace ksa::tools {
 namespace {
-
-// Random bf16 values in about [-1, 1] (a cheap generator: the bench needs data, not statistics).
-std::vector<uint16_t> random_bf16(size_t n, uint64_t seed) {
-  std::vector<uint16_t> v(n);
-  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
-  for (auto& e : v) {
-    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-    const float f = float(int32_t(x >> 40) - (1 << 23)) / float(1 << 23);
-    uint32_t b;
-    std::memcpy(&b, &f, 4);
-    e = uint16_t((b + 0x7fff + ((b >> 16) & 1)) >> 16);
-  }
-  return v;
-}
 
 struct Result {
   double us = 0, graph_us = 0, step_us = 0, gbs = 0, plan_us = 0;
@@ -61,8 +47,11 @@ Result bench_case(const std::vector<int64_t>& T, int64_t Hq, int64_t Hkv, int64_
     cuda::KvCacheGpu cache(cfg, st, opt);
     // One source stream (the longest) reused for every sequence's prefill.
     const int64_t Lmax = Layout(k, S, tmax).length(), row = Hkv * D;
+    std::mt19937_64 rng(1);
     DeviceBuf src(size_t(Lmax * row * 2));
-    cuda_check(cudaMemcpy(src.p, random_bf16(size_t(Lmax * row), 1).data(), size_t(Lmax * row * 2), cudaMemcpyHostToDevice), "upload");
+    cuda_check(cudaMemcpy(src.p, random_tensor(DType::bf16, Lmax * row, rng).data(), size_t(Lmax * row * 2),
+                          cudaMemcpyHostToDevice),
+               "upload");
     std::vector<SeqId> ids;
     std::vector<int64_t> n;
     for (int64_t t : T) {
@@ -75,8 +64,12 @@ Result bench_case(const std::vector<int64_t>& T, int64_t Hq, int64_t Hkv, int64_
     }
     const int64_t B = int64_t(T.size());
     DeviceBuf q(size_t(B * Hq * D * 2)), kv(size_t(B * Hkv * D * 2)), out(size_t(B * Hq * D * 2)), lse(size_t(B * Hq * 4));
-    cuda_check(cudaMemcpy(q.p, random_bf16(size_t(B * Hq * D), 2).data(), size_t(B * Hq * D * 2), cudaMemcpyHostToDevice), "q");
-    cuda_check(cudaMemcpy(kv.p, random_bf16(size_t(B * Hkv * D), 3).data(), size_t(B * Hkv * D * 2), cudaMemcpyHostToDevice), "kv");
+    cuda_check(cudaMemcpy(q.p, random_tensor(DType::bf16, B * Hq * D, rng).data(), size_t(B * Hq * D * 2),
+                          cudaMemcpyHostToDevice),
+               "q");
+    cuda_check(cudaMemcpy(kv.p, random_tensor(DType::bf16, B * Hkv * D, rng).data(), size_t(B * Hkv * D * 2),
+                          cudaMemcpyHostToDevice),
+               "kv");
     DecodeIO io;
     io.Hq = Hq;
     io.dtype = DType::bf16;
@@ -156,8 +149,7 @@ int run_bench_decode(int argc, char** argv) {
   for (const Case& c : cases) {
     const Result r = bench_case(c.T, 32, 8, 128, 8, 1, 128, P, reps, split);
     std::printf("%-26s %10.2f %10.2f %10.2f %10.1f %10.1f %8lld %12lld\n", c.name, r.us, r.graph_us, r.step_us, r.gbs,
-                r.plan_us,
-                (long long)r.units, (long long)r.key_rows);
+                r.plan_us, (long long)r.units, (long long)r.key_rows);
   }
   std::printf("targets (H200, on step us: the timing of the issue's PyTorch reference numbers): B=1 T=128K <= 25 us; "
               "B=1 T=16K <= 8 us; B=64 mixed >= 3225 GB/s (75%% of 4.3 TB/s)\n");
