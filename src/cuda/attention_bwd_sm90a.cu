@@ -127,6 +127,11 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
 #pragma unroll
   for (int x = 0; x < NO; ++x) dq[x] = 0.f;
 
+  // The dQ product of step i runs on the tensor cores while step i + 1's S and dP are issued: it is waited
+  // for together with them, and only then is step i's stage (whose K it reads) released. (The same overlap
+  // in the dK/dV pass makes ptxas serialize its wgmmas at D = 128 for want of registers.)
+  int prev_st = -1;
+  uint32_t df[BK / 16][4] = {};  // dS as A fragments: read by the dQ product until it is waited for
   for (int i = 0;; ++i) {
     const int st = i % K::STAGES;
     B::wait_full(st, wg);
@@ -135,7 +140,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
 
     // S = Q K^T and dP = dO V^T (64 rows x 64 keys each), issued in turn with the other consumer.
     float s[NS], dp[NS];
-    B::products_in_turn(wg, i, !t.last, [&] {
+    B::products_in_turn(wg, i, !t.last, [&] {  // the wait also covers the previous step's dQ product
       wgmma_ss_rows<T, BK, D, BQ>(s, sQ, wg * 64, sK);
       wgmma_ss_rows<T, BK, D, BQ>(dp, sO, wg * 64, sV);
     });
@@ -144,6 +149,13 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
       fence_reg(s[x]);
       fence_reg(dp[x]);
     }
+#pragma unroll
+    for (int x = 0; x < NO; ++x) fence_reg(dq[x]);
+#pragma unroll
+    for (int x = 0; x < BK / 16; ++x)
+#pragma unroll
+      for (int y = 0; y < 4; ++y) fence_reg(df[x][y]);
+    if (prev_st >= 0) B::release(prev_st);
 
     // P and dS = P (dP - Delta) in place of dP; hidden pairs (outside the row's key range) get P = 0.
     const bool text = t.begin < a.lay.T;
@@ -162,19 +174,21 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
         }
     }
     // dQ += dS K: dS (input dtype) as A fragments, one 16-key step per wgmma, K rows MN-major.
-    uint32_t df[BK / 16][4];
     to_a_frags<T>(dp, df);
 #pragma unroll
     for (int x = 0; x < NO; ++x) fence_reg(dq[x]);
     wgmma_fence();
     wgmma_rs_rows<T, D, BK>(dq, df, sK);
     wgmma_commit();
-    wgmma_wait<0>();
 #pragma unroll
     for (int x = 0; x < NO; ++x) fence_reg(dq[x]);
-    B::release(st);
+    prev_st = st;
     if (t.last) break;
   }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int x = 0; x < NO; ++x) fence_reg(dq[x]);
+  B::release(prev_st);
 
   // dQ (times the softmax scale) in stream order.
 #pragma unroll
