@@ -1,17 +1,17 @@
-// CUDA decode through the compressed cache (include/ksa/cuda_cache.hpp): three kernels, queued by run().
+// CUDA decode through the compressed cache (include/ksa/cuda_cache.hpp): two kernels, queued by run().
 //
-// 1. write:  one CTA per new token: its K/V rows (all KV heads) into the cache rows the plan made room for.
-// 2. attend: grid (work units, KV heads). A unit is a run of visible key rows of one token in one table
+// 1. attend: grid (work units, KV heads). A unit is a run of visible key rows of one token in one table
 //            (text ring or summary table), cut by the plan from the core's key_spans (cache/decode_keys.hpp)
 //            into pieces of split_rows keys (flash-decoding: a 16K-row summary span runs on many SMs). K/V
 //            tiles stream through a cp.async pipeline; each K and V row is read once for all G query heads
 //            of the group (rows of an mma.sync A operand); the CTA writes one (m, l, acc) partial per
-//            (unit, head).
-// 3. merge:  grid (tokens, query heads): the token's partials joined in a fixed order (deterministic), then
-//            out (bf16) and lse.
-// Kernel 2 runs after kernel 1 has written every new row of the step: a token sees the rows of earlier
-// tokens of its step; the plan rejects steps where a later token's row would overwrite a ring row that an
-// earlier token reads (KvCacheGpu::step_ok).
+//            (unit, head). The same grid writes the step's new K/V rows into the cache; units read the rows
+//            of this step from the step's k/v, so a token sees the rows of earlier tokens of its step without
+//            waiting for the writes. The plan rejects steps where a row written by the step would land on a
+//            ring row that one of its tokens reads (KvCacheGpu::step_ok).
+// 2. merge:  grid (tokens, query heads): the token's partials joined in a fixed order (deterministic), then
+//            out (bf16) and lse; launched programmatically behind the attend kernel (sm_90).
+// A prefill's writes (a plan without tokens) go through a write kernel of their own.
 //
 // File shape (DESIGN.md §3): traits -> device code -> launcher.
 #include <cuda_bf16.h>
@@ -68,23 +68,38 @@ __device__ __forceinline__ const uint16_t* locate(const DecodeRun& a, const DecS
   return a.blocks[sq.sum_off + int32_t(b)];
 }
 
-// One CTA per new token: its K and V rows (all KV heads), 16 bytes per thread.
+// 16-byte chunk c of new row w's K (kv = 0) or V (kv = 1) row of KV head h into the cache block `blk`, row r.
+__device__ __forceinline__ void write_chunk(const DecodeRun& a, const DecWrite& w, const uint16_t* blk, int32_t r,
+                                            int kv, int h, int c) {
+  const uint16_t* src = kv == 0 ? a.k + w.src * a.k_rs + h * a.k_hs : a.v + w.src * a.v_rs + h * a.v_hs;
+  uint16_t* dst = const_cast<uint16_t*>(block_row(a, blk, h, r)) + int64_t(kv) * a.Hkv * a.P * a.D;
+  reinterpret_cast<uint4*>(dst)[c] = reinterpret_cast<const uint4*>(src)[c];
+}
+
+// A prefill's rows (a plan without tokens): one CTA per row, its K and V rows (all KV heads), 16 bytes per
+// thread. Decode steps write their rows from the attend kernel instead.
 __global__ void __launch_bounds__(256) write_kernel(const DecodeRun a) {
-  dev::launch_dependents();  // the attend kernel's prologue (plan, q) may overlap this kernel
   const DecWrite w = a.writes[blockIdx.x];
   const DecSeq sq = a.seqs[w.seq];
   int32_t r;
-  uint16_t* blk = const_cast<uint16_t*>(locate(a, sq, w.summary != 0, w.row, r));
+  const uint16_t* blk = locate(a, sq, w.summary != 0, w.row, r);
   const int cpr = a.D / 8, n = a.Hkv * cpr;  // 16-byte chunks per head row, per K (or V) row
   for (int i = threadIdx.x; i < 2 * n; i += blockDim.x) {
     const int kv = i / n, h = (i - kv * n) / cpr, c = i - kv * n - h * cpr;
-    const uint16_t* src = kv == 0 ? a.k + w.src * a.k_rs + h * a.k_hs : a.v + w.src * a.v_rs + h * a.v_hs;
-    uint16_t* dst = const_cast<uint16_t*>(block_row(a, blk, h, r)) + int64_t(kv) * a.Hkv * a.P * a.D;
-    reinterpret_cast<uint4*>(dst)[c] = reinterpret_cast<const uint4*>(src)[c];
+    write_chunk(a, w, blk, r, kv, h, c);
   }
 }
 
-// Grid (work units, KV heads). The unit's keys stream through a STAGES-deep cp.async pipeline of TILE-key
+// Stream position of text row x / summary row x (chunk x / S, j = x % S) of the layout (k = Kc text tokens,
+// then S summaries, per chunk).
+__device__ __forceinline__ int32_t stream_pos(const DecodeRun& a, bool summary, int32_t x) {
+  return summary ? (x / a.S) * (a.Kc + a.S) + a.Kc + x % a.S : x + (x / a.Kc) * a.S;
+}
+
+// Grid (work units, KV heads). CTA (u, h) first writes head h of the step's new rows u, u + units, ... into
+// the cache; the units read rows of this step (>= new_begin) from the step's k/v instead, so no CTA reads a
+// row another CTA of the grid writes (KvCacheGpu::step_ok keeps the step's writes off every ring row that
+// its tokens read). The unit's keys stream through a STAGES-deep cp.async pipeline of TILE-key
 // tiles (K and V rows, swizzled for ldmatrix; keys past the unit's end are zero-filled and masked). Warp w
 // takes keys [16w, 16w + 16) of each tile on the tensor cores: S = Q·K^T with the G query heads of the
 // group as rows 0..G-1 of an m16n8k16 A operand (the other rows are zero), an online softmax on the
@@ -113,18 +128,22 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun a) {
       const int key = key0 + i * (K::THREADS / CH);
       const int32_t x = x0 + key;
       const bool ok = x < un.end;
-      const uint16_t* src = a.k;  // any valid address when !ok (0 bytes are read: zero fill)
-      if (ok) {
+      const uint16_t *ks = a.k, *vs = a.k;  // any valid address when !ok (0 bytes are read: zero fill)
+      if (ok && x >= un.new_begin) {        // written by this step: from the step's k/v
+        const int64_t row = un.src_off + stream_pos(a, summary, x);
+        ks = a.k + row * a.k_rs + hk * a.k_hs + part * 8;
+        vs = a.v + row * a.v_rs + hk * a.v_hs + part * 8;
+      } else if (ok) {
         int32_t r;
-        src = block_row(a, locate(a, sq, summary, x, r), hk, r) + part * 8;
+        ks = block_row(a, locate(a, sq, summary, x, r), hk, r) + part * 8;
+        vs = ks + v_off;
       }
       const uint32_t off = uint32_t(dev::swz<CH>(key, part));
-      dev::cp_async16(base + off, src, ok);
-      dev::cp_async16(base + TILE * D * 2 + off, src + (ok ? v_off : 0), ok);
+      dev::cp_async16(base + off, ks, ok);
+      dev::cp_async16(base + TILE * D * 2 + off, vs, ok);
     }
   };
-  // Q as the A operand: row gid = query head hk·G + gid (zero for gid >= G); rows 8..15 zero. q was
-  // written before the write kernel started, so it is read before the dependency wait.
+  // Q as the A operand: row gid = query head hk·G + gid (zero for gid >= G); rows 8..15 zero.
   uint32_t qa[D / 16][2];
   {
     const bool has = gid < G;
@@ -135,12 +154,19 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun a) {
       qa[kk][1] = has ? *reinterpret_cast<const uint32_t*>(qp + kk * 16 + 8 + 2 * tig) : 0u;
     }
   }
-  dev::grid_dependency_wait();  // the write kernel's rows are in the cache
 #pragma unroll
   for (int t = 0; t < STAGES - 1; ++t) {
     if (t < ntiles) issue(t, t);
     dev::cp_async_commit();
   }
+  // The step's new rows for head hk, while the first tiles load: K chunks by threads [0, CH), V by [CH, 2CH).
+  if (threadIdx.x < 2 * CH)
+    for (int w = blockIdx.x; w < a.n_writes; w += gridDim.x) {
+      const DecWrite wr = a.writes[w];
+      int32_t r;
+      const uint16_t* blk = locate(a, a.seqs[wr.seq], wr.summary != 0, wr.row, r);
+      write_chunk(a, wr, blk, r, threadIdx.x / CH, hk, threadIdx.x % CH);
+    }
   const float sl2 = a.scale * 1.4426950408889634f;  // scores in log2 units for ex2
   float m2 = -INFINITY, l = 0.f;                   // row gid: running max (log2 units) and this lane's sum
   float o[NB][2];                                  // row gid, dims 8·nb + 2·tig, +1
@@ -380,12 +406,13 @@ int attend_ctas_per_sm(int D, int G) {
 int attend_tile_keys() { return DecTraits<128, 1>::TILE; }
 
 void launch_decode(const DecodeRun& a, cudaStream_t s) {
-  const bool pdl = pdl_supported();
-  if (a.n_writes > 0) launch(write_kernel, dim3(unsigned(a.n_writes)), 256, 0, false, a, s);
-  if (a.n_toks == 0) return;
-  // PDL only behind the write kernel: the attend prologue reads q, which the kernel before it wrote.
-  attend(a.D, a.G, nullptr, &a, s, pdl && a.n_writes > 0);
-  launch(merge_kernel, dim3(unsigned(a.n_toks), unsigned(a.Hq)), kMergeThreads, 0, pdl, a, s);
+  if (a.n_units == 0) {  // no tokens (every token has at least its own row as a key)
+    if (a.n_writes > 0) launch(write_kernel, dim3(unsigned(a.n_writes)), 256, 0, false, a, s);
+    return;
+  }
+  // No PDL for the attend kernel: its prologue reads q, which the kernel before it (the caller's) wrote.
+  attend(a.D, a.G, nullptr, &a, s, false);
+  launch(merge_kernel, dim3(unsigned(a.n_toks), unsigned(a.Hq)), kMergeThreads, 0, pdl_supported(), a, s);
 }
 
 }  // namespace ksa::cuda::detail

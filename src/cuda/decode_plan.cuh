@@ -25,7 +25,10 @@ struct DecUnit {
   int32_t tok = 0, seq = 0, summary = 0, begin = 0, end = 0;
   int32_t qrow = 0;  // the token's packed row (toks[tok].row), and its sequence's tables (seqs[seq]), copied
   DecSeq sq;         // here so that the kernel's prologue is one dependent load shorter
-  int32_t pad[2] = {0, 0};
+  // Rows >= new_begin of the unit's table are written by this step: the attend kernel reads them from the
+  // step's k/v (packed row src_off + stream position of the row), not from the cache, so that the writes can
+  // run in the same grid.
+  int32_t new_begin = 0, src_off = 0;
 };
 
 // A K/V row to write into the cache: packed source row `src` of io.k/io.v goes to text row `row` or
@@ -36,8 +39,8 @@ struct DecWrite {
 
 // The kernels' arguments (by value). Pointers into the plan's device workspace and the caller's tensors.
 struct DecodeRun {
-  // pool
-  int32_t P = 16, Hkv = 1, S = 1;
+  // pool, and text tokens per chunk (stream positions of new rows)
+  int32_t P = 16, Hkv = 1, S = 1, Kc = 1;
   // plan
   // The batch's block tables as device addresses of the blocks (the plan resolves block ids on the host,
   // so the kernels do no slab arithmetic); a block holds K [Hkv, P, D] then V [Hkv, P, D].
@@ -64,7 +67,8 @@ struct DecodeRun {
 int attend_ctas_per_sm(int D, int G);
 int attend_tile_keys();
 
-// Queues the write kernel, then (if n_toks > 0) the split attention and the merge. No host reads or syncs.
+// Queues the split attention (which also writes the step's new K/V rows) and the merge; a plan without
+// tokens (a prefill's writes) runs the write kernel alone. No host reads or syncs.
 void launch_decode(const DecodeRun& r, cudaStream_t stream);
 
 }  // namespace ksa::cuda::detail

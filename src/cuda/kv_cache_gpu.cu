@@ -147,7 +147,7 @@ struct KvCacheGpu::Impl {
     std::vector<DecUnit> units;
     std::vector<DecWrite> writes;
     struct Range {
-      int32_t tok, seq, summary, begin, end;
+      int32_t tok, seq, summary, begin, end, new_begin, src_off;
     };
     std::vector<Range> ranges;
     int64_t total_keys = 0;
@@ -171,14 +171,20 @@ struct KvCacheGpu::Impl {
         const int32_t t = int32_t(toks.size());
         toks.push_back(DecTok{src, 0, 0, 0});
         for (int r = 0; r < keys.n; ++r) {
-          ranges.push_back(Range{t, int32_t(b), keys.range[r].summary ? 1 : 0, int32_t(keys.range[r].begin),
-                                 int32_t(keys.range[r].end)});
+          // Rows of this step (text rows from T, summary rows from sums at the step's start) come from the
+          // step's k/v: packed row row0 + (stream position - pos0).
+          const bool sum = keys.range[r].summary;
+          ranges.push_back(Range{t, int32_t(b), sum ? 1 : 0, int32_t(keys.range[r].begin), int32_t(keys.range[r].end),
+                                 int32_t(sum ? sq.kv.sums : sq.kv.T), int32_t(sq.row0 - pos0)});
           total_keys += keys.range[r].end - keys.range[r].begin;
         }
       }
     }
     // Split: units of whole attend tiles, sized so that the units of all KV heads fill whole waves of the
-    // device (CTAs resident at once = SMs x attend CTAs per SM), at most ~2048 keys per unit.
+    // device (CTAs resident at once = SMs x attend CTAs per SM), at most ~2048 keys per unit and at least two
+    // tiles: a unit's fixed costs (its descriptor and block-table loads, the warps' join, a partial per head
+    // that the merge reads) outweigh the CTA slot a one-tile unit fills (H200, B=1, T=16K: 24 units of 128
+    // keys 16.74 us against 47 of 64 keys 17.57 us, one run each).
     int64_t split = opt.split_rows;
     if (split <= 0 && !write_only) {
       const int64_t tile = attend_tile_keys();
@@ -186,7 +192,7 @@ struct KvCacheGpu::Impl {
       const int64_t per_wave = std::max<int64_t>(1, int64_t(sms) * ctas_per_sm[G] / Hkv);
       const int64_t waves = std::max<int64_t>(1, (total_keys + per_wave * 2048 - 1) / (per_wave * 2048));
       split = (total_keys + per_wave * waves - 1) / (per_wave * waves);
-      split = std::max<int64_t>(tile, (split + tile - 1) / tile * tile);
+      split = std::max<int64_t>(2 * tile, (split + tile - 1) / tile * tile);
     }
     if (split <= 0) split = 2048;
     for (const Range& r : ranges) {
@@ -198,6 +204,8 @@ struct KvCacheGpu::Impl {
         u.end = int32_t(std::min<int64_t>(r.end, b + split));
         u.qrow = t.row;
         u.sq = seqs[size_t(r.seq)];
+        u.new_begin = r.new_begin;
+        u.src_off = r.src_off;
         units.push_back(u);
         ++t.units;
       }
@@ -240,6 +248,7 @@ struct KvCacheGpu::Impl {
     a.P = int32_t(P);
     a.Hkv = int32_t(Hkv);
     a.S = int32_t(S);
+    a.Kc = int32_t(Kk);
     a.blocks = reinterpret_cast<const uint16_t* const*>(d + o_tables);
     a.seqs = reinterpret_cast<const DecSeq*>(d + o_seqs);
     a.toks = reinterpret_cast<const DecTok*>(d + o_toks);
