@@ -127,7 +127,12 @@ int run_bench_decode(int argc, char** argv) {
   int64_t& P = f.i64("--block-rows", 64, "cache block rows");
   int64_t& batch = f.i64("--batch", 64, "sequences of the mixed-length case");
   int64_t& split = f.i64("--split-rows", 0, "keys per attention work unit (0 = the plan's choice)");
+  int64_t& only = f.i64("--case", 0, "run one case only: 1 = B=1 T=16K, 2 = B=1 T=128K, 3 = B=64 mixed (0 = all)");
   if (!f.parse(argc, argv)) return 0;
+  if (only < 0 || only > 3) {
+    std::fprintf(stderr, "bench-decode: --case must be 0..3 (got %lld)\n", (long long)only);
+    return 2;
+  }
   if (cuda::device_count() == 0) {
     std::fprintf(stderr, "bench-decode: no CUDA device visible\n");
     return 1;
@@ -147,6 +152,7 @@ int run_bench_decode(int argc, char** argv) {
     std::vector<int64_t> T;
   } cases[] = {{"B=1 T=16K", {16384}}, {"B=1 T=128K", {131072}}, {"B=64 mixed 4K-128K", mixed}};
   for (const Case& c : cases) {
+    if (only != 0 && &c != &cases[only - 1]) continue;
     const Result r = bench_case(c.T, 32, 8, 128, 8, 1, 128, P, reps, split);
     std::printf("%-26s %10.2f %10.2f %10.2f %10.1f %10.1f %8lld %12lld\n", c.name, r.us, r.graph_us, r.step_us, r.gbs,
                 r.plan_us, (long long)r.units, (long long)r.key_rows);

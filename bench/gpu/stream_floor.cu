@@ -1,0 +1,156 @@
+// What reading a decode step's bytes costs under bench-decode's `step` timing, with no attention at all: a
+// CUDA graph queued behind a 256 MiB memset (cold, dirty L2; the host's launch hidden), CUDA events around
+// the graph, median of 41. Cases: an empty kernel (the timing's own overhead), and a kernel whose CTAs each
+// read one contiguous slice of N bytes (16-byte loads, 8 in flight per thread, summed so nothing is
+// optimised away), optionally with a second one-CTA kernel behind it (programmatic dependent launch) that
+// reads the CTAs' partial sums -- the shape of a split decode plus its merge. The byte counts are the visible
+// K/V of bench-decode's B=1 cases (T=16K: 2,945 rows; T=128K: 17,281 rows; 8 KV heads, D=128, bf16).
+// Needs sm_90+ (programmatic dependent launch); bench/gpu/decode.sh builds and runs it:
+//   nvcc -O3 -std=c++17 -arch=native bench/gpu/stream_floor.cu -o stream_floor
+//   ./stream_floor
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CK(x)                                                                                  \
+  do {                                                                                         \
+    cudaError_t e_ = (x);                                                                      \
+    if (e_ != cudaSuccess) {                                                                   \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                            \
+    }                                                                                          \
+  } while (0)
+
+struct Args {
+  const uint4* src;
+  long long slice16;  // 16-byte words per CTA
+  float* part;        // one float per CTA
+  float* out;
+  int ctas;
+};
+
+__global__ void empty_kernel(Args a) {
+  if (threadIdx.x == 1u << 20) a.out[0] = 0.f;  // never true; keeps the kernel's argument live
+}
+
+// CTA b reads words [b * slice16, (b + 1) * slice16), 8 loads in flight per thread.
+__global__ void __launch_bounds__(128) stream_kernel(Args a) {
+  const uint4* p = a.src + blockIdx.x * a.slice16;
+  float s = 0.f;
+  for (long long i = threadIdx.x; i < a.slice16; i += 128 * 8) {
+    uint4 v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const long long k = i + j * 128;
+      v[j] = k < a.slice16 ? __ldg(p + k) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) s += __uint_as_float((v[j].x ^ v[j].y ^ v[j].z ^ v[j].w) & 0x007fffffu);
+  }
+  for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+  __shared__ float red[4];
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) a.part[blockIdx.x] = red[0] + red[1] + red[2] + red[3];
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// One CTA: the partial sums of stream_kernel, after it has finished (griddepcontrol.wait).
+__global__ void merge_kernel(Args a) {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  float s = 0.f;
+  for (int i = threadIdx.x; i < a.ctas; i += blockDim.x) s += a.part[i];
+  for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (threadIdx.x == 0) a.out[0] = s;
+}
+
+void launch(void (*k)(Args), int grid, int threads, bool pdl, const Args& a, cudaStream_t st) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(grid));
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.stream = st;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  at[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = pdl ? 1 : 0;
+  CK(cudaLaunchKernelEx(&cfg, k, a));
+}
+
+// Median us of the captured `enqueue` behind a memset of `flush` (as bench-decode's step column).
+template <class F>
+double step_us(cudaStream_t st, F&& enqueue, void* flush, size_t flush_bytes) {
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  enqueue();
+  CK(cudaStreamEndCapture(st, &g));
+  CK(cudaGraphInstantiate(&ge, g, 0));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  CK(cudaGraphLaunch(ge, st));
+  CK(cudaStreamSynchronize(st));
+  std::vector<float> t;
+  for (int r = 0; r < 41; ++r) {
+    CK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, st));
+    CK(cudaEventRecord(e0, st));
+    CK(cudaGraphLaunch(ge, st));
+    CK(cudaEventRecord(e1, st));
+    CK(cudaEventSynchronize(e1));
+    float ms = 0.f;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    t.push_back(ms * 1000.f);
+  }
+  std::sort(t.begin(), t.end());
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
+  CK(cudaGraphExecDestroy(ge));
+  CK(cudaGraphDestroy(g));
+  return t[t.size() / 2];
+}
+
+int main() {
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  const size_t flush_bytes = size_t(256) << 20, src_bytes = size_t(80) << 20;
+  void *flush, *src;
+  float *part, *out;
+  CK(cudaMalloc(&flush, flush_bytes));
+  CK(cudaMalloc(&src, src_bytes));
+  CK(cudaMemset(src, 1, src_bytes));
+  CK(cudaMalloc(&part, 4096 * sizeof(float)));
+  CK(cudaMalloc(&out, sizeof(float)));
+  std::printf("device: %s (%d SMs); step us: graph behind a 256 MiB memset, median of 41\n", prop.name,
+              prop.multiProcessorCount);
+  std::printf("%-40s %10s %10s\n", "case", "step us", "GB/s");
+  Args a{static_cast<const uint4*>(src), 0, part, out, 1};
+  std::printf("%-40s %10.2f %10s\n", "empty kernel", step_us(st, [&] { launch(empty_kernel, 1, 128, false, a, st); }, flush, flush_bytes), "-");
+  const struct {
+    const char* name;
+    double bytes;
+  } sizes[] = {{"T=16K (2,945 rows)", 2945.0 * 8 * 128 * 2 * 2}, {"T=128K (17,281 rows)", 17281.0 * 8 * 128 * 2 * 2}};
+  for (const auto& sz : sizes)
+    for (int ctas : {376, 1056})
+      for (bool merge : {false, true}) {
+        Args b = a;
+        b.ctas = ctas;
+        b.slice16 = (long long)(sz.bytes / ctas / 16);
+        const double us = step_us(
+            st,
+            [&] {
+              launch(stream_kernel, ctas, 128, false, b, st);
+              if (merge) launch(merge_kernel, 1, 128, true, b, st);
+            },
+            flush, flush_bytes);
+        char name[96];
+        std::snprintf(name, sizeof name, "%s, %d CTAs%s", sz.name, ctas, merge ? " + merge" : "");
+        std::printf("%-40s %10.2f %10.1f\n", name, us, double(b.slice16) * 16 * ctas / (us * 1e-6) / 1e9);
+      }
+  return 0;
+}
