@@ -112,12 +112,14 @@ struct Layout32 {
   Layout32() = default;
   KSA_HD explicit Layout32(const Layout& l)
       : k(uint32_t(l.k)), S(uint32_t(l.S)), T(uint32_t(l.T)), full(uint32_t(l.full_chunks())), tail(uint32_t(l.tail_len())) {}
-  KSA_HD uint32_t stream_of_gathered(uint32_t g) const {
-    if (g < T) {
-      const uint32_t c = g / k;
-      return c * (k + S) + (g - c * k);
-    }
-    const uint32_t s = g - T, c = s / S;
+  KSA_HD uint32_t stream_of_gathered(uint32_t g) const { return g < T ? text_to_stream(g) : summary_to_stream(g - T); }
+  // Stream position of text row t, and of summary row s (chunk s / S, summary s % S).
+  KSA_HD uint32_t text_to_stream(uint32_t t) const {
+    const uint32_t c = t / k;
+    return c * (k + S) + (t - c * k);
+  }
+  KSA_HD uint32_t summary_to_stream(uint32_t s) const {
+    const uint32_t c = s / S;
     return c * (k + S) + (c < full ? k : tail) + (s - c * S);
   }
   // Chunk, index and kind of a gathered row (as token_of_gathered).

@@ -63,7 +63,7 @@ __device__ __forceinline__ const uint16_t* locate(const DecodeRun& a, const DecS
     r = int32_t(uint32_t(x) - b * P);
     return a.blocks[sq.text_off + int32_t(b % uint32_t(sq.slots))];
   }
-  const uint32_t s = sq.stored ? uint32_t(x) : uint32_t(x) % uint32_t(a.S), b = s / P;
+  const uint32_t s = sq.stored ? uint32_t(x) : uint32_t(x) % a.lay.S, b = s / P;
   r = int32_t(s - b * P);
   return a.blocks[sq.sum_off + int32_t(b)];
 }
@@ -88,12 +88,6 @@ __global__ void __launch_bounds__(256) write_kernel(const DecodeRun a) {
     const int kv = i / n, h = (i - kv * n) / cpr, c = i - kv * n - h * cpr;
     write_chunk(a, w, blk, r, kv, h, c);
   }
-}
-
-// Stream position of text row x / summary row x (chunk x / S, j = x % S) of the layout (k = Kc text tokens,
-// then S summaries, per chunk).
-__device__ __forceinline__ int32_t stream_pos(const DecodeRun& a, bool summary, int32_t x) {
-  return summary ? (x / a.S) * (a.Kc + a.S) + a.Kc + x % a.S : x + (x / a.Kc) * a.S;
 }
 
 // Grid (work units, KV heads). CTA (u, h) first writes head h of the step's new rows u, u + units, ... into
@@ -130,7 +124,8 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun a) {
       const bool ok = x < un.end;
       const uint16_t *ks = a.k, *vs = a.k;  // any valid address when !ok (0 bytes are read: zero fill)
       if (ok && x >= un.new_begin) {        // written by this step: from the step's k/v
-        const int64_t row = un.src_off + stream_pos(a, summary, x);
+        const uint32_t pos = summary ? a.lay.summary_to_stream(uint32_t(x)) : a.lay.text_to_stream(uint32_t(x));
+        const int64_t row = un.src_off + int64_t(pos);
         ks = a.k + row * a.k_rs + hk * a.k_hs + part * 8;
         vs = a.v + row * a.v_rs + hk * a.v_hs + part * 8;
       } else if (ok) {

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "ksa/spec.hpp"
+
 namespace ksa::cuda::detail {
 
 // A sequence of the batch: where its block tables are in the uploaded table array.
@@ -39,8 +41,11 @@ struct DecWrite {
 
 // The kernels' arguments (by value). Pointers into the plan's device workspace and the caller's tensors.
 struct DecodeRun {
-  // pool, and text tokens per chunk (stream positions of new rows)
-  int32_t P = 16, Hkv = 1, S = 1, Kc = 1;
+  // pool
+  int32_t P = 16, Hkv = 1;
+  // The stream geometry (k, S) of the cache's longest stream, whose summarised chunks are all full: stream
+  // positions of any sequence's text and summary rows (new rows of a step come from its k/v by position).
+  Layout32 lay;
   // plan
   // The batch's block tables as device addresses of the blocks (the plan resolves block ids on the host,
   // so the kernels do no slab arithmetic); a block holds K [Hkv, P, D] then V [Hkv, P, D].

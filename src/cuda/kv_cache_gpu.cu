@@ -247,8 +247,7 @@ struct KvCacheGpu::Impl {
     a = DecodeRun{};
     a.P = int32_t(P);
     a.Hkv = int32_t(Hkv);
-    a.S = int32_t(S);
-    a.Kc = int32_t(Kk);
+    a.lay = Layout32(Layout(Kk, S, cfg.max_text_tokens));
     a.blocks = reinterpret_cast<const uint16_t* const*>(d + o_tables);
     a.seqs = reinterpret_cast<const DecSeq*>(d + o_seqs);
     a.toks = reinterpret_cast<const DecTok*>(d + o_toks);
