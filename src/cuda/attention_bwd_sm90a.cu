@@ -144,17 +144,10 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
       wgmma_ss_rows<T, BK, D, BQ>(s, sQ, wg * 64, sK);
       wgmma_ss_rows<T, BK, D, BQ>(dp, sO, wg * 64, sV);
     });
-#pragma unroll
-    for (int x = 0; x < NS; ++x) {
-      fence_reg(s[x]);
-      fence_reg(dp[x]);
-    }
-#pragma unroll
-    for (int x = 0; x < NO; ++x) fence_reg(dq[x]);
-#pragma unroll
-    for (int x = 0; x < BK / 16; ++x)
-#pragma unroll
-      for (int y = 0; y < 4; ++y) fence_reg(df[x][y]);
+    fence_reg(s);
+    fence_reg(dp);
+    fence_reg(dq);
+    fence_reg(df);
     if (prev_st >= 0) B::release(prev_st);
 
     // P and dS = P (dP - Delta) in place of dP; hidden pairs (outside the row's key range) get P = 0.
@@ -175,19 +168,16 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
     }
     // dQ += dS K: dS (input dtype) as A fragments, one 16-key step per wgmma, K rows MN-major.
     to_a_frags<T>(dp, df);
-#pragma unroll
-    for (int x = 0; x < NO; ++x) fence_reg(dq[x]);
+    fence_reg(dq);
     wgmma_fence();
     wgmma_rs_rows<T, D, BK>(dq, df, sK);
     wgmma_commit();
-#pragma unroll
-    for (int x = 0; x < NO; ++x) fence_reg(dq[x]);
+    fence_reg(dq);
     prev_st = st;
     if (t.last) break;
   }
   wgmma_wait<0>();
-#pragma unroll
-  for (int x = 0; x < NO; ++x) fence_reg(dq[x]);
+  fence_reg(dq);
   B::release(prev_st);
 
   // dQ (times the softmax scale) in stream order.
@@ -295,11 +285,8 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
       wgmma_ss_rows<T, BQ, D, BKV>(s, sK, wg * 64, sQ);
       wgmma_ss_rows<T, BQ, D, BKV>(dp, sV, wg * 64, sO);
     });
-#pragma unroll
-    for (int x = 0; x < NS; ++x) {
-      fence_reg(s[x]);
-      fence_reg(dp[x]);
-    }
+    fence_reg(s);
+    fence_reg(dp);
 
     // P^T in s, dS^T in dp; columns are the step's queries.
 #pragma unroll
@@ -334,11 +321,8 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
       fence_proxy_async();  // st.shared before the wgmma (async proxy) reads of both consumers
     }
     // dV += P^T dO, dK += dS^T Q (times scale at the end): one 16-query step per wgmma.
-#pragma unroll
-    for (int x = 0; x < NO; ++x) {
-      fence_reg(dk[x]);
-      fence_reg(dv[x]);
-    }
+    fence_reg(dk);
+    fence_reg(dv);
     wgmma_fence();
     wgmma_rs_rows<T, D, BQ>(dv, pf, sO);
     wgmma_rs_rows<T, D, BQ>(dk, df, sQ);
@@ -349,11 +333,8 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
       // phase since (after its wgmma_wait), so the tile was free to overwrite.
       bar_sync(B::kFree, 256);
       wgmma_wait<0>();  // dV, dK done: their A registers (pf, df) are free for dQ's accumulators
-#pragma unroll
-      for (int x = 0; x < NO; ++x) {
-        fence_reg(dk[x]);
-        fence_reg(dv[x]);
-      }
+      fence_reg(dk);
+      fence_reg(dv);
       float dqa[32];
 #pragma unroll
       for (int x = 0; x < 32; ++x) dqa[x] = 0.f;
@@ -364,8 +345,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
                            desc_sw128(sK + wg * (BKV * 128) + kk * 2048, BKV * 128, 1024), kk > 0);
       wgmma_commit();
       wgmma_wait<0>();
-#pragma unroll
-      for (int x = 0; x < 32; ++x) fence_reg(dqa[x]);
+      fence_reg(dqa);
       // Rows past L belong to the padded [L, Lp) range (their dS is 0); dq_acc has Lp rows.
       float* acc = a.dq_acc + ((int64_t(b) * a.Hq + t.aux) * a.Lp + t.begin + warp * 16 + gid) * D + wg * 64 + 2 * tig;
 #pragma unroll
@@ -375,11 +355,8 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
     } else {
       wgmma_wait<0>();
     }
-#pragma unroll
-    for (int x = 0; x < NO; ++x) {
-      fence_reg(dk[x]);
-      fence_reg(dv[x]);
-    }
+    fence_reg(dk);
+    fence_reg(dv);
     B::release(st);
   }
 

@@ -103,8 +103,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs 
     // products run on the tensor cores while the other is in its softmax.
     float s[NS];
     B::products_in_turn(wg, i, !t.last, [&] { wgmma_ss_rows<T, BK, D, BQ>(s, sQ, wg * 64, sK); });
-#pragma unroll
-    for (int x = 0; x < NS; ++x) fence_reg(s[x]);
+    fence_reg(s);
 
     // Mask: key x of the tile is visible to row hf iff it lies in the row's range for the tile's region
     // (a tile is all text or all summaries).
@@ -155,14 +154,12 @@ __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs 
     // O += P V: P (input dtype) as A fragments, one 16-key step per wgmma.
     uint32_t pf[BK / 16][4];
     to_a_frags<T>(s, pf);
-#pragma unroll
-    for (int x = 0; x < NO; ++x) fence_reg(o[x]);
+    fence_reg(o);
     wgmma_fence();
     wgmma_rs_rows<T, D, BK>(o, pf, sV);
     wgmma_commit();
     wgmma_wait<0>();
-#pragma unroll
-    for (int x = 0; x < NO; ++x) fence_reg(o[x]);
+    fence_reg(o);
     B::release(st);
     if (t.last) break;
   }

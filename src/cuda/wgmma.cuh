@@ -46,6 +46,12 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // writes one after the wgmma that reads it was issued.
 __device__ __forceinline__ void fence_reg(float& x) { asm volatile("" : "+f"(x)::"memory"); }
 __device__ __forceinline__ void fence_reg(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
+// Every register of an array (arrays of arrays too).
+template <class X, int N>
+__device__ __forceinline__ void fence_reg(X (&a)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) fence_reg(a[i]);
+}
 // Orders this thread's generic-proxy smem writes (cp.async, st.shared) before async-proxy reads (wgmma).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
