@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CUDA backward on a GPU machine: the C++ backward tests, then `ksa bench attn --device cuda --bwd` (B=1,
 # 32/8 heads, D=128, bf16, k=8, S=1, W=128; CUDA events, median of 5) at T = 8K/32K/128K for the default
-# backward and each variant named in $KSA_BWD_VARIANTS (default: "fused" = KSA_CUDA_BWD_FUSED_DQ=1,
-# "portable" = KSA_CUDA_BWD_SM90A=0). A table of backward ms is printed last.
+# backward (on sm_90a: the fused dQ) and each variant named in $KSA_BWD_VARIANTS (default: "dqpass" =
+# KSA_CUDA_BWD_FUSED_DQ=0, the separate dQ pass; "portable" = KSA_CUDA_BWD_SM90A=0). A table of backward ms
+# is printed last.
 #   bench/gpu/bwd.sh        (KSA_CUDA_ARCH=90 by default; KSA_GTEST_SRC=<googletest src> if no libgtest)
 # Logs go to $OUT (or bench/gpu/out).
 set -euo pipefail
@@ -18,13 +19,13 @@ grep -E '^\[  PASSED|SKIPPED' "$OUT/bwd_tests.log"
 variant_env() {
   case "$1" in
     default) echo "" ;;
-    fused) echo "KSA_CUDA_BWD_FUSED_DQ=1" ;;
+    dqpass) echo "KSA_CUDA_BWD_FUSED_DQ=0" ;;
     portable) echo "KSA_CUDA_BWD_SM90A=0" ;;
-    *) echo "unknown variant $1 (default, fused, portable)" >&2; exit 2 ;;
+    *) echo "unknown variant $1 (default, dqpass, portable)" >&2; exit 2 ;;
   esac
 }
 declare -A MS
-VARIANTS=(default ${KSA_BWD_VARIANTS:-fused portable})
+VARIANTS=(default ${KSA_BWD_VARIANTS:-dqpass portable})
 for v in "${VARIANTS[@]}"; do
   for T in 8192 32768 131072; do
     log="$OUT/bwd_bench_${v}_$T.txt"

@@ -1,7 +1,8 @@
 // CUDA backward (sm80+): FlashAttention-2's math (P recomputed from the forward's lse) with tensor cores
 // (mma.sync m16n8k16, bf16/f16 in, fp32 accumulate), over only the tile pairs the core's tile walk visits,
 // in the core's gathered order (text rows, then all summaries), like the forward. Deterministic (same bits
-// every run) except the opt-in fused dQ below: every sum runs in an order fixed by the shapes and SM count.
+// every run) when params.deterministic is set: every sum then runs in an order fixed by the shapes and SM
+// count (without it, the sm_90a fused dQ below adds with fp32 atomics).
 //
 // Passes, all on the caller's stream (workspace from cudaMallocAsync, freed with cudaFreeAsync):
 //   1. preprocess  (b, q head, row): Delta = rowsum(dout * out) and lse in the log2 domain, gathered order.
@@ -18,11 +19,10 @@
 //                  compute capability 9.0 the wgmma kernels of attention_bwd_sm90a.cu run passes 3 and
 //                  5 instead (128-key tiles, 64-query steps; KSA_CUDA_BWD_SM90A=0 keeps these).
 // Recomputing S and dP in the dQ pass costs 7 tile GEMMs per tile pair instead of 5: the price of a dQ
-// without atomics (the CPU backward makes the same trade). Optionally, on sm_90a with D = 128 and
-// params.deterministic false, the dK/dV pass computes dQ too (5 GEMMs; fp32 atomic adds into a zeroed
-// [B, Hq, Lp, D] accumulator, then dq_store_kernel scales and scatters it) when KSA_CUDA_BWD_FUSED_DQ=1; the
-// summation order of dQ then varies from run to run. Off by default (slower where measured, see
-// use_fused_dq).
+// without atomics (the CPU backward makes the same trade), taken when params.deterministic is set. Otherwise,
+// on sm_90a with D = 128, the dK/dV pass computes dQ too (5 GEMMs; each step's dQ tile is added into a zeroed
+// fp32 [B, Hq, Lp, D] accumulator with bulk reduce-adds, then dq_store_kernel scales and scatters it); the
+// summation order of dQ then varies from run to run. KSA_CUDA_BWD_FUSED_DQ=0 keeps the dQ pass (use_fused_dq).
 //
 // Old summaries are one contiguous block of key tiles that every later query tile sees, so a summary key
 // tile's list is ~L/BQ long while a text tile's is ~W*k/BQ. The schedule cuts every list longer than U
@@ -773,13 +773,13 @@ bool use_sm90a() {
   return detail::sm90a_usable() && !(e && std::string(e) == "0");
 }
 
-// dQ inside the sm_90a dK/dV pass (fp32 atomics) instead of its own pass: only with KSA_CUDA_BWD_FUSED_DQ=1,
-// D = 128 and not deterministic. Off by default: on the H200 (32/8 heads) it measured slower than the separate
-// pass at every length (backward 18.12 vs 14.14 ms at T=32K, 205.9 vs 160.5 ms at 128K); its kernel spills
-// 172 bytes per thread (Nsight Compute at 32K: 90 M local-memory requests, against 4.7 M unfused).
+// dQ inside the sm_90a dK/dV pass (fp32 bulk reduce-adds) instead of its own pass: by default where it can
+// run (sm_90a, D = 128) unless the caller asks for determinism; KSA_CUDA_BWD_FUSED_DQ=0 turns it off, =1 is
+// the default. On the H200 (32/8 heads, D = 128, bf16) it measured backward 1.859 / 12.72 / 144.4 ms at
+// T = 8K / 32K / 128K against 2.082 / 13.29 / 154.1 ms for the separate dQ pass in the same run.
 bool use_fused_dq(bool sm90a, int D, bool deterministic) {
   const char* e = std::getenv("KSA_CUDA_BWD_FUSED_DQ");
-  return sm90a && D == 128 && !deterministic && e && std::string(e) == "1";
+  return sm90a && D == 128 && !deterministic && !(e && std::string(e) == "0");
 }
 
 template <class T, int D>

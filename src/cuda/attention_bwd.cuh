@@ -127,7 +127,7 @@ struct EntryWalk {
 constexpr int kDkvSm90Keys = 128, kDkvSm90Queries = 64;
 // Launches the wgmma dK/dV pass over the plan's items (grid: dkdv_grid; CTAs past the plan's item count
 // return at once). Requires sm90a_usable(). With fused_dq (D = 128 only, a.dq_acc zeroed) the pass also
-// adds each step's dS K into a.dq_acc, so the dQ pass is not needed (not deterministic: fp32 atomics).
+// adds each step's dS K into a.dq_acc, so the dQ pass is not needed (not deterministic: fp32 reduce-adds).
 void launch_dkdv_sm90a(const BwdArgs& a, const PlanArgs& pl, int max_items, int D, bool f16, bool fused_dq,
                        cudaStream_t stream);
 

@@ -7,16 +7,30 @@
 //   S = Q K^T, dP = dO V^T   wgmma m64n64k16, all operands from smem (K-major), issued together;
 //   P = 2^(S*scale*log2e - lse2[row]) (0 where the row's key ranges exclude the key), dS = P (dP - Delta[row]);
 //   dQ += dS K               wgmma m64nDk16, dS from registers, K from smem MN-major.
-// dQ (times the softmax scale) is written in stream order. No atomics: deterministic.
+// dQ (times the softmax scale) is written in stream order. No atomics: deterministic (this pass runs when the
+// caller asks for determinism, or with D = 64, or with KSA_CUDA_BWD_FUSED_DQ=0).
 //
-// Fused dQ (opt-in, KSA_CUDA_BWD_FUSED_DQ=1; D = 128, not deterministic; see use_fused_dq in attention_bwd.cu): the dK/dV pass already has dS for each
-// (key tile, query step), so it also computes dQ = dS K there (dS through smem, each consumer one 64-column
-// half of D) and adds it into an fp32 accumulator with atomics; the dQ pass, which recomputes S and dP, is
-// skipped. 5 instead of 7 matrix products per visible tile pair.
+// Fused dQ (D = 128, not deterministic; the default there, see use_fused_dq in attention_bwd.cu):
+// dkdvdq_sm90a_kernel computes dK, dV and dQ in one pass over the dK/dV plan, 5 instead of 7 matrix products
+// per visible tile pair (the dQ pass, which recomputes S and dP, is skipped). Per (key tile, query step) each
+// consumer owns 64 of the 128 keys and computes S = Q K^T and dP = dO V^T with the step's queries as rows (so
+// lse2, Delta and the key ranges are two values per thread), stores P and dS to smem (stmatrix), then
+// dV += P^T dO and dK += dS^T Q read P^T and dS^T from there (MN-major A), and, once both consumers' dS are
+// in, dQ[:, 64 wg ..] = dS K (each consumer one 64-column half of D) goes through smem into an fp32
+// accumulator with bulk reduce-adds (cp.reduce.async.bulk, one 256-byte row each).
+// Measured on the H200 at T = 128K (32/8 heads, bf16; backward ms, one run each): the earlier fused kernel
+// (dS^T orientation, 176 bytes of spills) 205.9; this orientation with red.add from registers 156.8 (without
+// the adds, results wrong: 111.6), with red.add.v4 157.0, with each consumer's dQ over its own 64 keys and
+// all of D (twice the adds) 194.9, with bulk reduce-adds 146.6 / 144.4; the separate dQ pass 152.7-154.1.
+// Walking each item's query tiles backwards (so concurrent CTAs meet on the same dQ rows) gave 142.7 against
+// 144.4 at 128K but 2.060 against 1.859 ms at 8K: not kept.
 //
 // File shape (DESIGN.md §3): traits -> device code -> launcher.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <climits>
+
 
 #include "check.cuh"
 #include "cuda/attention_bwd.cuh"
@@ -53,23 +67,27 @@ template <class T_, int D_, bool DQ_>
 struct DkvSm90Traits {
   using T = T_;
   static constexpr int D = D_;
-  static constexpr bool DQ = DQ_;  // also dQ += dS K into BwdArgs::dq_acc (fp32 atomics)
+  static constexpr bool DQ = DQ_;  // dkdvdq_sm90a_kernel: also dQ += dS K into BwdArgs::dq_acc (bulk reduce-adds)
   static constexpr int BKV = kDkvSm90Keys;     // key rows per CTA, 64 per consumer warpgroup
-  static constexpr int BQ = kDkvSm90Queries;   // query rows per step (S^T, dP^T: 32 accumulators per thread)
-  static constexpr int STAGES = 3;             // query steps in flight
+  static constexpr int BQ = kDkvSm90Queries;   // query rows per step (S, dP: 32 accumulators per thread)
+  static constexpr int STAGES = DQ ? 2 : 3;   // query steps in flight (DQ: smem for 2)
   static constexpr int THREADS = 384;          // consumer warpgroups 0 and 1, producer warpgroup 2
-  static constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // setmaxnreg (see regs_fit)
+  static constexpr uint32_t STG_PITCH = 288;   // DQ: fp32 dQ staging rows (64 floats + 32 bytes of padding)
+  // setmaxnreg (see regs_fit). ptxas -v at D = 128: the producer spills below 56 registers; the dK/dV
+  // consumers fit in 224, the fused ones need more (40/232: the producer's 60 bytes of spills).
+  static constexpr int PRODUCER_REGS = DQ ? 40 : 56, CONSUMER_REGS = DQ ? 232 : 224;
   static constexpr uint32_t KV_BYTES = BKV * D * 2, QS_BYTES = BQ * D * 2;
   // A stage: Q and dO tiles, lse2 and Delta of the step's queries, and each query's visible key range in the
   // key tile's region (int2). Stages start on 1024-byte boundaries (the swizzle period).
   static constexpr uint32_t STAGE_BYTES = (2 * QS_BYTES + 2 * BQ * 4 + BQ * 8 + 1023) / 1024 * 1024;
-  // With DQ: two dS tiles (the step's 64 queries x 128 keys, 128B-swizzled, K-major for dQ = dS K), used in
-  // turn by consecutive steps.
-  static constexpr uint32_t DS_BYTES = DQ ? BQ * BKV * 2 : 0;
-  static constexpr int SMEM =
-      int(2 * KV_BYTES + STAGES * STAGE_BYTES + 2 * DS_BYTES) + STAGES * int(sizeof(TileInfo)) + 1024;
+  // DQ: a P tile and two dS tiles (the step's 64 queries x 128 keys, 128B-swizzled, keys along the rows: one
+  // 64-key column block per consumer), the dS tiles used in turn by consecutive steps.
+  static constexpr uint32_t P_BYTES = DQ ? BQ * BKV * 2 : 0, DS_BYTES = P_BYTES;
+  static constexpr uint32_t STG_BYTES = DQ ? 2 * BQ * STG_PITCH : 0;  // DQ: each consumer's staging rows
+  static constexpr int SMEM = int(2 * KV_BYTES + STAGES * STAGE_BYTES + P_BYTES + 2 * DS_BYTES + STG_BYTES) +
+                              STAGES * int(sizeof(TileInfo)) + 1024;
   static_assert(D == 64 || D == 128, "D must be 64 or 128");
-  static_assert(!DQ || D == 128, "the fused dQ splits D = 128 into one 64-column half per consumer");
+  static_assert(!DQ || (D == 128 && BQ == 64 && BKV == 128), "the fused dQ: one 64-column half of D per consumer");
   static_assert(kRowPad % BQ == 0, "lse2/Delta padding covers a whole query step");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
   static_assert(regs_fit(PRODUCER_REGS, CONSUMER_REGS), "setmaxnreg budget");
@@ -190,6 +208,81 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
 #endif
 }
 
+// The dK/dV passes' CTA: its plan item's key tile (gathered rows [tb, te)), the smem carve-up (K, V, then
+// the stages, then with DQ the P and dS tiles, then one TileInfo per stage) and the step count.
+template <class K>
+struct DkvCtaState {
+  bwd::PlanItem item;
+  int hk, b, tb, te, nsteps;
+  int64_t tb64, te64;
+  uint32_t sK, sV, sS0, sP, sDS, sStg;
+  uint8_t* gS0;  // the stages through a generic pointer (lse2, Delta, ranges)
+  TileInfo* info;
+  __device__ DkvCtaState(const BwdArgs& a, const PlanArgs& pl, const DkvCta& cta, uint8_t* smem)
+      : item(pl.items[cta.item]), hk(cta.hk), b(cta.b) {
+    sK = (smem_u32(smem) + 1023u) & ~1023u;
+    sV = sK + K::KV_BYTES;
+    sS0 = sV + K::KV_BYTES;
+    sP = sS0 + K::STAGES * K::STAGE_BYTES;
+    sDS = sP + K::P_BYTES;
+    sStg = sDS + 2 * K::DS_BYTES;
+    gS0 = smem + (sS0 - smem_u32(smem));
+    info = reinterpret_cast<TileInfo*>(gS0 + K::STAGES * K::STAGE_BYTES + K::P_BYTES + 2 * K::DS_BYTES + K::STG_BYTES);
+    bwd::key_tile_rows(a.lay, K::BKV, item.kt, tb64, te64);
+    tb = int(tb64);
+    te = int(te64);
+    nsteps = (item.e1 - item.e0) * a.G;
+  }
+};
+
+// The dK/dV passes' producer warpgroup: the key tile's K and V once, then per step (query tile of the item's
+// entries, query head of the group) Q, dO, lse2 and Delta of the step's queries and each query's key range
+// in the key tile's region.
+template <class K>
+__device__ __forceinline__ void dkdv_produce(const BwdArgs& a, const PlanArgs& pl, const DkvCtaState<K>& c) {
+  using T = typename K::T;
+  constexpr int D = K::D, BQ = K::BQ, BKV = K::BKV;
+  if (c.nsteps == 0) return;
+  const bool text_keys = c.tb64 < a.lay.T;
+  EntryWalk walk(pl.runs + int64_t(c.item.kt) * bwd::kMaxRuns, c.item.e0, c.hk * a.G, a.G);
+  int step = 0;
+  auto next = [&](TileInfo& t) {
+    if (step >= c.nsteps) return false;
+    if (step > 0) walk.next();
+    ++step;
+    const int g0 = walk.qt * BQ, g1 = min(a.L, g0 + BQ);
+    const bool masked = g1 - g0 < BQ || bwd::tile_masked(pl.spans[walk.qt], c.tb64, c.te64);
+    t = TileInfo{g0, g1, int32_t(masked), walk.h, 0, {0, 0, 0}};
+    return true;
+  };
+  auto first = [&] {
+    load_rows<T, D, BKV>(a.l32, c.sK, head_ptr<T>(a.k, c.b, c.hk), a.k.r, c.tb, c.te);
+    load_rows<T, D, BKV>(a.l32, c.sV, head_ptr<T>(a.v, c.b, c.hk), a.v.r, c.tb, c.te);
+  };
+  auto load = [&](uint32_t st, const TileInfo& t) {
+    load_rows<T, D, BQ>(a.l32, st, head_ptr<T>(a.q, c.b, t.aux), a.q.r, t.begin, t.end);
+    load_rows<T, D, BQ>(a.l32, st + K::QS_BYTES, head_ptr<T>(a.dout, c.b, t.aux), a.dout.r, t.begin, t.end);
+    const int r = int(threadIdx.x) - 256;
+    const uint32_t rv = st + 2 * K::QS_BYTES;  // lse2 [BQ] floats, Delta [BQ] floats, ranges [BQ] int2
+    if (r < BQ / 2) {  // BQ floats each: 16-byte chunks, contiguous and aligned (Lp % kRowPad == 0)
+      const bool is_delta = r >= BQ / 4;
+      const int ch = is_delta ? r - BQ / 4 : r;
+      const int64_t off = (int64_t(c.b) * a.Hq + t.aux) * a.Lp + t.begin;
+      cp_async16(rv + (is_delta ? BQ * 4 : 0) + ch * 16, (is_delta ? a.delta : a.lse2) + off + ch * 4, true);
+    }
+    if (r < BQ) {
+      const int g = t.begin + r;
+      int2 rg = make_int2(1, 0);
+      if (g < t.end) {
+        const RowKeyRanges rk = row_key_ranges(a.l32, a.W32, uint32_t(g));
+        key_range_for(rk, text_keys, rg.x, rg.y);
+      }
+      reinterpret_cast<int2*>(c.gS0 + (rv - c.sS0) + 2 * BQ * 4)[r] = rg;
+    }
+  };
+  produce<K::STAGES>(c.sS0, K::STAGE_BYTES, c.info, first, next, load);
+}
+
 // dK/dV: the CTA's key tile (K, V loaded once) against the query steps of its plan item (query tile, query
 // head of the group), streamed by the producer with their lse2, Delta and key ranges. Per step, each consumer
 // (64 keys): S^T = K Q^T and dP^T = V dO^T (wgmma m64n64k16, smem operands), P^T = 2^(S^T*scale*log2e -
@@ -203,60 +296,12 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
   constexpr int D = K::D, BQ = K::BQ, BKV = K::BKV, NS = BQ / 2, NO = D / 2;
   const DkvCta cta = dkdv_cta(a.B, a.Hkv);
   if (cta.item >= pl.counters[0]) return;  // the whole CTA: past the plan's items
-  const bwd::PlanItem item = pl.items[cta.item];
-  const int hk = cta.hk, b = cta.b;
   extern __shared__ __align__(1024) uint8_t smem[];
-  const uint32_t sK = (smem_u32(smem) + 1023u) & ~1023u, sV = sK + K::KV_BYTES, sS0 = sV + K::KV_BYTES;
-  uint8_t* gS0 = smem + (sS0 - smem_u32(smem));  // the stages through a generic pointer (lse2, Delta, ranges)
-  [[maybe_unused]] const uint32_t sDS = sS0 + K::STAGES * K::STAGE_BYTES;  // DQ: the two dS tiles
-  TileInfo* info = reinterpret_cast<TileInfo*>(gS0 + K::STAGES * K::STAGE_BYTES + 2 * K::DS_BYTES);
-  int64_t tb64, te64;
-  bwd::key_tile_rows(a.lay, BKV, item.kt, tb64, te64);
-  const int tb = int(tb64), te = int(te64);
-  const bool text_keys = tb64 < a.lay.T;
-  const int nsteps = (item.e1 - item.e0) * a.G;
+  const DkvCtaState<K> c(a, pl, cta, smem);
   const int wg = int(threadIdx.x) / 128;
-
   if (wg == 2) {
     setmaxnreg_dec<K::PRODUCER_REGS>();
-    if (nsteps == 0) return;
-    EntryWalk walk(pl.runs + int64_t(item.kt) * bwd::kMaxRuns, item.e0, hk * a.G, a.G);
-    int step = 0;
-    auto next = [&](TileInfo& t) {
-      if (step >= nsteps) return false;
-      if (step > 0) walk.next();
-      ++step;
-      const int g0 = walk.qt * BQ, g1 = min(a.L, g0 + BQ);
-      const bool masked = g1 - g0 < BQ || bwd::tile_masked(pl.spans[walk.qt], tb64, te64);
-      t = TileInfo{g0, g1, int32_t(masked), walk.h, 0, {0, 0, 0}};
-      return true;
-    };
-    auto first = [&] {
-      load_rows<T, D, BKV>(a.l32, sK, head_ptr<T>(a.k, b, hk), a.k.r, tb, te);
-      load_rows<T, D, BKV>(a.l32, sV, head_ptr<T>(a.v, b, hk), a.v.r, tb, te);
-    };
-    auto load = [&](uint32_t st, const TileInfo& t) {
-      load_rows<T, D, BQ>(a.l32, st, head_ptr<T>(a.q, b, t.aux), a.q.r, t.begin, t.end);
-      load_rows<T, D, BQ>(a.l32, st + K::QS_BYTES, head_ptr<T>(a.dout, b, t.aux), a.dout.r, t.begin, t.end);
-      const int r = int(threadIdx.x) - 256;
-      const uint32_t rv = st + 2 * K::QS_BYTES;  // lse2 [BQ] floats, Delta [BQ] floats, ranges [BQ] int2
-      if (r < BQ / 2) {  // BQ floats each: 16-byte chunks, contiguous and aligned (Lp % kRowPad == 0)
-        const bool is_delta = r >= BQ / 4;
-        const int c = is_delta ? r - BQ / 4 : r;
-        const int64_t off = (int64_t(b) * a.Hq + t.aux) * a.Lp + t.begin;
-        cp_async16(rv + (is_delta ? BQ * 4 : 0) + c * 16, (is_delta ? a.delta : a.lse2) + off + c * 4, true);
-      }
-      if (r < BQ) {
-        const int g = t.begin + r;
-        int2 rg = make_int2(1, 0);
-        if (g < t.end) {
-          const RowKeyRanges rk = row_key_ranges(a.l32, a.W32, uint32_t(g));
-          key_range_for(rk, text_keys, rg.x, rg.y);
-        }
-        reinterpret_cast<int2*>(gS0 + (rv - sS0) + 2 * BQ * 4)[r] = rg;
-      }
-    };
-    produce<K::STAGES>(sS0, K::STAGE_BYTES, info, first, next, load);
+    dkdv_produce<K>(a, pl, c);
     return;
   }
   setmaxnreg_inc<K::CONSUMER_REGS>();
@@ -264,26 +309,26 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
   // This thread's key rows r0 and r0 + 8 of the tile (hf = 0, 1).
   const int warp = (int(threadIdx.x) / 32) % 4, lane = int(threadIdx.x) % 32, gid = lane / 4, tig = lane % 4;
   const int r0 = wg * 64 + warp * 16 + gid;
-  const int xk[2] = {tb + r0, tb + r0 + 8};
+  const int xk[2] = {c.tb + r0, c.tb + r0 + 8};
   float dk[NO], dv[NO];
 #pragma unroll
   for (int x = 0; x < NO; ++x) dk[x] = dv[x] = 0.f;
 
-  for (int i = 0; i < nsteps; ++i) {
+  for (int i = 0; i < c.nsteps; ++i) {
     const int st = i % K::STAGES;
     B::wait_full(st, wg);
-    const TileInfo t = info[st];
-    const uint32_t sQ = sS0 + uint32_t(st) * K::STAGE_BYTES, sO = sQ + K::QS_BYTES;
-    const uint8_t* rv = gS0 + uint32_t(st) * K::STAGE_BYTES + 2 * K::QS_BYTES;
+    const TileInfo t = c.info[st];
+    const uint32_t sQ = c.sS0 + uint32_t(st) * K::STAGE_BYTES, sO = sQ + K::QS_BYTES;
+    const uint8_t* rv = c.gS0 + uint32_t(st) * K::STAGE_BYTES + 2 * K::QS_BYTES;
     const float* lse2s = reinterpret_cast<const float*>(rv);
     const float* dels = lse2s + BQ;
     const int2* rng = reinterpret_cast<const int2*>(rv + 2 * BQ * 4);
 
     // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries each), issued in turn with the other consumer.
     float s[NS], dp[NS];
-    B::products_in_turn(wg, i, i + 1 < nsteps, [&] {
-      wgmma_ss_rows<T, BQ, D, BKV>(s, sK, wg * 64, sQ);
-      wgmma_ss_rows<T, BQ, D, BKV>(dp, sV, wg * 64, sO);
+    B::products_in_turn(wg, i, i + 1 < c.nsteps, [&] {
+      wgmma_ss_rows<T, BQ, D, BKV>(s, c.sK, wg * 64, sQ);
+      wgmma_ss_rows<T, BQ, D, BKV>(dp, c.sV, wg * 64, sO);
     });
     fence_reg(s);
     fence_reg(dp);
@@ -308,18 +353,6 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
     uint32_t pf[BQ / 16][4], df[BQ / 16][4];
     to_a_frags<T>(s, pf);
     to_a_frags<T>(dp, df);
-    // DQ: dS (queries x keys) into this step's dS tile, each consumer its 64 keys (one 64-column block):
-    // stmatrix.trans turns each 8x8 block of dS^T (keys x queries) into 8 query rows of 8 keys (16 bytes).
-    // Matrix m of df[kb] is key half hf = m & 1 of query block j = 2kb + (m >> 1).
-    [[maybe_unused]] const uint32_t sDSi = sDS + uint32_t(i & 1) * K::DS_BYTES;
-    if constexpr (K::DQ) {
-      const int m = lane >> 3, c = lane & 7;
-#pragma unroll
-      for (int kb = 0; kb < BQ / 16; ++kb)
-        stmatrix_x4_trans(sDSi + sw128<BQ>(8 * (2 * kb + (m >> 1)) + c, wg * 8 + 2 * warp + (m & 1)), df[kb][0],
-                          df[kb][1], df[kb][2], df[kb][3]);
-      fence_proxy_async();  // st.shared before the wgmma (async proxy) reads of both consumers
-    }
     // dV += P^T dO, dK += dS^T Q (times scale at the end): one 16-query step per wgmma.
     fence_reg(dk);
     fence_reg(dv);
@@ -327,34 +360,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
     wgmma_rs_rows<T, D, BQ>(dv, pf, sO);
     wgmma_rs_rows<T, D, BQ>(dk, df, sQ);
     wgmma_commit();
-    if constexpr (K::DQ) {
-      // dQ[:, 64 wg + (0..63)] = dS K[:, 64 wg + (0..63)] over the tile's 128 keys, once both halves of dS are
-      // in. The other consumer last read this dS tile two steps ago and has passed this barrier's previous
-      // phase since (after its wgmma_wait), so the tile was free to overwrite.
-      bar_sync(B::kFree, 256);
-      wgmma_wait<0>();  // dV, dK done: their A registers (pf, df) are free for dQ's accumulators
-      fence_reg(dk);
-      fence_reg(dv);
-      float dqa[32];
-#pragma unroll
-      for (int x = 0; x < 32; ++x) dqa[x] = 0.f;
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BKV / 16; ++kk)
-        wgmma_ss_tb<T, 64>(dqa, desc_sw128(sDSi + (kk / 4) * (BQ * 128) + (kk % 4) * 32, 16, 1024),
-                           desc_sw128(sK + wg * (BKV * 128) + kk * 2048, BKV * 128, 1024), kk > 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_reg(dqa);
-      // Rows past L belong to the padded [L, Lp) range (their dS is 0); dq_acc has Lp rows.
-      float* acc = a.dq_acc + ((int64_t(b) * a.Hq + t.aux) * a.Lp + t.begin + warp * 16 + gid) * D + wg * 64 + 2 * tig;
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) red_add_f32x2(acc + hf * 8 * D + 8 * j, dqa[4 * j + 2 * hf], dqa[4 * j + 2 * hf + 1]);
-    } else {
-      wgmma_wait<0>();
-    }
+    wgmma_wait<0>();
     fence_reg(dk);
     fence_reg(dv);
     B::release(st);
@@ -363,8 +369,176 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
   // The whole list -> dk (times scale), dv in the input dtype; a segment -> fp32 partials (reduce_kernel).
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
-    const int row = r0 + 8 * hf, g = tb + row;
-    if (g < te) store_dkdv_row<T, D, BKV>(a, pl, item.slot, b, hk, row, g, hf, tig, dk, dv);
+    const int row = r0 + 8 * hf, g = c.tb + row;
+    if (g < c.te) store_dkdv_row<T, D, BKV>(a, pl, c.item.slot, c.b, c.hk, row, g, hf, tig, dk, dv);
+  }
+#endif
+}
+
+// dK/dV and dQ in one pass (D = 128; see the top of this file). Per step, consumer wg owns keys
+// [64 wg, 64 wg + 64) of the tile; its threads hold query rows qr and qr + 8 of the step (hf = 0, 1):
+//   S = Q K_wg^T, dP = dO V_wg^T      wgmma m64n64k16, smem operands, issued in turn with the other consumer;
+//   P = 2^(S*scale*log2e - lse2[row]) (0 outside the row's key range), dS = P (dP - Delta[row]);
+//   P -> sP, dS -> sDS[i & 1]          stmatrix, this consumer's 64-key column block of each;
+//   dV += P_wg^T dO, dK += dS_wg^T Q   wgmma m64n128k16, A MN-major from sP / sDS, dO and Q MN-major;
+//   dQ[:, 64 wg ..] += dS K[:, 64 wg ..] over all 128 keys once both consumers' dS are in; through the
+//                                      consumer's staging rows in smem, bulk reduce-added into dq_acc.
+template <class K>
+__global__ void __launch_bounds__(K::THREADS, 1) dkdvdq_sm90a_kernel(const BwdArgs a, const PlanArgs pl) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename K::T;
+  using B = Bars<K::STAGES>;
+  constexpr int D = K::D, BQ = K::BQ, BKV = K::BKV, NS = 32, NO = D / 2;
+  static_assert(K::DQ, "the fused kernel's traits");
+  const DkvCta cta = dkdv_cta(a.B, a.Hkv);
+  if (cta.item >= pl.counters[0]) return;  // the whole CTA: past the plan's items
+  extern __shared__ __align__(1024) uint8_t smem[];
+  const DkvCtaState<K> c(a, pl, cta, smem);
+  const int wg = int(threadIdx.x) / 128;
+  if (wg == 2) {
+    setmaxnreg_dec<K::PRODUCER_REGS>();
+    dkdv_produce<K>(a, pl, c);
+    return;
+  }
+  setmaxnreg_inc<K::CONSUMER_REGS>();
+  constexpr int kWgBar = B::kFree, kBothBar = B::kFree + 2;  // this consumer's 128 threads; both consumers
+
+  const int warp = (int(threadIdx.x) / 32) % 4, lane = int(threadIdx.x) % 32, gid = lane / 4, tig = lane % 4;
+  const int qr = warp * 16 + gid;                 // this thread's query rows qr, qr + 8 of the step
+  const int kx0 = c.tb + wg * 64 + 2 * tig;       // the key of its column 8j + e: kx0 + 8j + e
+  const uint32_t sKw = c.sK + uint32_t(wg) * 64 * 128;  // this consumer's 64 key rows (K-major, per column block)
+  const uint32_t sVw = c.sV + uint32_t(wg) * 64 * 128;
+  float dk[NO], dv[NO];
+#pragma unroll
+  for (int x = 0; x < NO; ++x) dk[x] = dv[x] = 0.f;
+
+  for (int i = 0; i < c.nsteps; ++i) {
+    const int st = i % K::STAGES;
+    B::wait_full(st, wg);
+    const TileInfo t = c.info[st];
+    const uint32_t sQ = c.sS0 + uint32_t(st) * K::STAGE_BYTES, sO = sQ + K::QS_BYTES;
+    const uint8_t* rv = c.gS0 + uint32_t(st) * K::STAGE_BYTES + 2 * K::QS_BYTES;
+    const float* lse2s = reinterpret_cast<const float*>(rv);
+    const float* dels = lse2s + BQ;
+    const int2* rng = reinterpret_cast<const int2*>(rv + 2 * BQ * 4);
+
+    // S = Q K_wg^T and dP = dO V_wg^T (64 queries x 64 keys each).
+    float s[NS], dp[NS];
+    B::products_in_turn(wg, i, i + 1 < c.nsteps, [&] {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t ko = (kk / 4) * (BKV * 128) + (kk % 4) * 32, qo = (kk / 4) * (BQ * 128) + (kk % 4) * 32;
+        wgmma_ss<T, 64>(s, desc_sw128(sQ + qo, 16, 1024), desc_sw128(sKw + ko, 16, 1024), kk > 0);
+      }
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t ko = (kk / 4) * (BKV * 128) + (kk % 4) * 32, qo = (kk / 4) * (BQ * 128) + (kk % 4) * 32;
+        wgmma_ss<T, 64>(dp, desc_sw128(sO + qo, 16, 1024), desc_sw128(sVw + ko, 16, 1024), kk > 0);
+      }
+    });
+    fence_reg(s);
+    fence_reg(dp);
+
+    // P in s, dS in dp (rows: the step's queries; padded rows have lse2 = +inf, so P = 0).
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const float l2 = lse2s[qr + 8 * hf], dl = dels[qr + 8 * hf];
+      int lo = INT_MIN, hi = INT_MAX;
+      if (t.masked) {
+        const int2 rg = rng[qr + 8 * hf];
+        lo = rg.x;
+        hi = rg.y;
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int idx = 4 * j + 2 * hf + e, x = kx0 + 8 * j + e;
+          const float p = (x >= lo && x <= hi) ? ex2(fmaf(s[idx], a.scale_log2, -l2)) : 0.f;
+          s[idx] = p;
+          dp[idx] = p * (dp[idx] - dl);
+        }
+    }
+    // P and dS (input dtype) into this consumer's 64-key column block of sP and sDS[i & 1]. Matrix m of the
+    // fragments of k-step kb holds rows 8 (m & 1) .. + 8 of the warp's 16 and keys 16 kb + 8 (m >> 1) .. + 8.
+    // sP was last read by this consumer's dV product of the previous step (waited for); sDS[i & 1] by the
+    // other consumer's dQ product two steps ago, waited for before it passed the previous step's kBothBar.
+    {
+      uint32_t pf[4][4], df[4][4];
+      to_a_frags<T>(s, pf);
+      to_a_frags<T>(dp, df);
+      const uint32_t sDSi = c.sDS + uint32_t(i & 1) * K::DS_BYTES;
+      const int m = lane >> 3, rr = warp * 16 + 8 * (m & 1) + (lane & 7);
+#pragma unroll
+      for (int kb = 0; kb < 4; ++kb) {
+        const uint32_t off = sw128<BQ>(rr, wg * 8 + 2 * kb + (m >> 1));
+        stmatrix_x4(c.sP + off, pf[kb][0], pf[kb][1], pf[kb][2], pf[kb][3]);
+        stmatrix_x4(sDSi + off, df[kb][0], df[kb][1], df[kb][2], df[kb][3]);
+      }
+    }
+    fence_proxy_async();  // st.shared before the wgmma (async proxy) reads
+    bar_sync(kWgBar + wg, 128);
+    const uint32_t sDSi = c.sDS + uint32_t(i & 1) * K::DS_BYTES;
+    const uint32_t pw = c.sP + uint32_t(wg) * (BQ * 128), dsw = sDSi + uint32_t(wg) * (BQ * 128);
+    // dV += P_wg^T dO, dK += dS_wg^T Q (times scale at the end): one 16-query step per wgmma.
+    fence_reg(dk);
+    fence_reg(dv);
+    wgmma_fence();
+#pragma unroll
+    for (int kq = 0; kq < BQ / 16; ++kq)
+      wgmma_ss_tt<T, D>(dv, desc_sw128(pw + kq * 2048, BQ * 128, 1024), desc_sw128(sO + kq * 2048, BQ * 128, 1024));
+#pragma unroll
+    for (int kq = 0; kq < BQ / 16; ++kq)
+      wgmma_ss_tt<T, D>(dk, desc_sw128(dsw + kq * 2048, BQ * 128, 1024), desc_sw128(sQ + kq * 2048, BQ * 128, 1024));
+    wgmma_commit();
+    // dQ[:, 64 wg + (0..63)] = dS K[:, 64 wg + (0..63)] over the tile's 128 keys.
+    bar_sync(kBothBar, 256);
+    float dqa[32];
+#pragma unroll
+    for (int x = 0; x < 32; ++x) dqa[x] = 0.f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BKV / 16; ++kk)
+      wgmma_ss_tb<T, 64>(dqa, desc_sw128(sDSi + (kk / 4) * (BQ * 128) + (kk % 4) * 32, 16, 1024),
+                         desc_sw128(c.sK + wg * (BKV * 128) + kk * 2048, BKV * 128, 1024), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_reg(dk);
+    fence_reg(dv);
+    fence_reg(dqa);
+    B::release(st);
+    // Rows past L belong to the padded [L, Lp) range (their dS is 0); dq_acc has Lp rows.
+    // Through this consumer's staging rows (288-byte pitch: a warp's float2 stores are conflict-free), then one
+    // bulk reduce-add per row (256 bytes) issued by lane r < 16 of the warp that wrote row 16 warp + r.
+    const uint32_t stg = c.sStg + uint32_t(wg) * (64 * K::STG_PITCH);
+    if (i > 0) {
+      if (lane < 16) bulk_wait_read0();  // this warp's rows of the previous step have been read
+      __syncwarp();
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+        st_shared_f32x2(stg + uint32_t(qr + 8 * hf) * K::STG_PITCH + (8 * j + 2 * tig) * 4, dqa[4 * j + 2 * hf],
+                        dqa[4 * j + 2 * hf + 1]);
+    fence_proxy_async();
+    __syncwarp();
+    if (lane < 16) {
+      const int row = warp * 16 + lane;
+      float* dst = a.dq_acc + ((int64_t(c.b) * a.Hq + t.aux) * a.Lp + t.begin + row) * D + wg * 64;
+      bulk_reduce_add_f32(dst, stg + uint32_t(row) * K::STG_PITCH, 256);
+      bulk_commit();
+    }
+  }
+  if (lane < 16) bulk_wait0();  // the reduces are complete before the CTA's smem goes
+
+  // The whole list -> dk (times scale), dv in the input dtype; a segment -> fp32 partials (reduce_kernel).
+  // Accumulator rows are this consumer's keys (wgmma M = 64 keys).
+  const int r0 = wg * 64 + warp * 16 + gid;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = r0 + 8 * hf, g = c.tb + row;
+    if (g < c.te) store_dkdv_row<T, D, BKV>(a, pl, c.item.slot, c.b, c.hk, row, g, hf, tig, dk, dv);
   }
 #endif
 }
@@ -372,7 +546,10 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
 // --------------------------------------------------------------------------------------------- launcher
 template <class K>
 void launch_dkdv(const BwdArgs& a, const PlanArgs& pl, int max_items, cudaStream_t stream) {
-  auto kern = dkdv_sm90a_kernel<K>;
+  auto kern = [] {
+    if constexpr (K::DQ) return dkdvdq_sm90a_kernel<K>;
+    else return dkdv_sm90a_kernel<K>;
+  }();
   KSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
   kern<<<dkdv_grid(max_items, a.B, a.Hkv), K::THREADS, K::SMEM, stream>>>(a, pl);
   KSA_CUDA_CHECK_LAUNCH();

@@ -512,8 +512,9 @@ TEST(CudaBackward, PortablePassesMatchOracle) {
                 1, 600);
 }
 
-// The opt-in fused dQ (sm_90a, D = 128, not deterministic: dQ added with fp32 atomics inside the dK/dV pass;
-// elsewhere the variable changes nothing). Long shape, split lists, GQA, strided, tail summaries.
+// The fused dQ (sm_90a, D = 128, not deterministic: dQ reduce-added in fp32 inside the dK/dV pass; the default
+// there, set explicitly here; elsewhere the variable changes nothing). Long shape, split lists, GQA, strided,
+// tail summaries.
 TEST(CudaBackward, FusedDqMatchesOracle) {
   REQUIRE_GPU();
   check_variant("KSA_CUDA_BWD_FUSED_DQ", "1",
@@ -525,7 +526,7 @@ TEST(CudaBackward, FusedDqMatchesOracle) {
 }
 
 // Deterministic mode: two runs give identical bits. Without it dq is left out of the bitwise comparison (the
-// opt-in fused dQ adds with fp32 atomics); all gradients are checked against the oracle. Chained after
+// fused dQ of sm_90a adds with fp32 reduce-adds); all gradients are checked against the oracle. Chained after
 // the CUDA forward, as the PyTorch op runs it.
 TEST(CudaBackward, BitwiseDeterministicAfterForward) {
   REQUIRE_GPU();
