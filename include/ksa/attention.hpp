@@ -43,7 +43,7 @@ struct AttentionParams {
 // Backward: from q, k, v, out, lse (of the forward) and dout -> dq, dk, dv (same shapes and dtype).
 struct AttentionBackwardParams : AttentionParams {
   TensorView dout, dq, dk, dv;
-  bool deterministic = false;  // GPU: no atomics, or ordered ones
+  bool deterministic = false;  // GPU: same bits every run (no floating-point atomics); see cuda::attention_backward
 };
 
 // Dense [B, L, H, D] buffers (q, out, dout, dq with Hq heads; k, v, dk, dv with Hkv; lse [B, L, Hq]); the

@@ -21,6 +21,10 @@ bool supports(const AttentionParams& p, std::string* why = nullptr);
 void attention_forward(const AttentionParams& p, Stream stream = nullptr);
 
 bool supports(const AttentionBackwardParams& p, std::string* why = nullptr);
+// Device pointers in p; asynchronous on `stream`; workspace from cudaMallocAsync on the stream. With
+// p.deterministic false on compute capability 9.0 and D = 128, dQ is computed in the dK/dV pass and added in
+// fp32 (its last bits vary from run to run; workspace B * Hq * L * D * 4 bytes more, e.g. 2.4 GB at B=1,
+// Hq=32, L=147K); p.deterministic or KSA_CUDA_BWD_FUSED_DQ=0 runs the separate dQ pass (same bits every run).
 void attention_backward(const AttentionBackwardParams& p, Stream stream = nullptr);
 
 }  // namespace ksa::cuda
