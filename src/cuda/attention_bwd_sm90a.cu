@@ -31,7 +31,6 @@
 
 #include <climits>
 
-
 #include "check.cuh"
 #include "cuda/attention_bwd.cuh"
 #include "cuda/mma.cuh"
@@ -233,6 +232,14 @@ struct DkvCtaState {
     te = int(te64);
     nsteps = (item.e1 - item.e0) * a.G;
   }
+  // Stage st: its Q tile (dO follows), and the lse2 [BQ], Delta [BQ] and key ranges [BQ] after dO.
+  __device__ uint32_t stage_q(int st) const { return sS0 + uint32_t(st) * K::STAGE_BYTES; }
+  __device__ const float* stage_lse2(int st) const {
+    return reinterpret_cast<const float*>(gS0 + uint32_t(st) * K::STAGE_BYTES + 2 * K::QS_BYTES);
+  }
+  __device__ const int2* stage_ranges(int st) const {
+    return reinterpret_cast<const int2*>(gS0 + uint32_t(st) * K::STAGE_BYTES + 2 * K::QS_BYTES + 2 * K::BQ * 4);
+  }
 };
 
 // The dK/dV passes' producer warpgroup: the key tile's K and V once, then per step (query tile of the item's
@@ -318,11 +325,9 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
     const int st = i % K::STAGES;
     B::wait_full(st, wg);
     const TileInfo t = c.info[st];
-    const uint32_t sQ = c.sS0 + uint32_t(st) * K::STAGE_BYTES, sO = sQ + K::QS_BYTES;
-    const uint8_t* rv = c.gS0 + uint32_t(st) * K::STAGE_BYTES + 2 * K::QS_BYTES;
-    const float* lse2s = reinterpret_cast<const float*>(rv);
-    const float* dels = lse2s + BQ;
-    const int2* rng = reinterpret_cast<const int2*>(rv + 2 * BQ * 4);
+    const uint32_t sQ = c.stage_q(st), sO = sQ + K::QS_BYTES;
+    const float *lse2s = c.stage_lse2(st), *dels = lse2s + BQ;
+    const int2* rng = c.stage_ranges(st);
 
     // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries each), issued in turn with the other consumer.
     float s[NS], dp[NS];
@@ -406,8 +411,6 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdvdq_sm90a_kernel(const BwdAr
   const int warp = (int(threadIdx.x) / 32) % 4, lane = int(threadIdx.x) % 32, gid = lane / 4, tig = lane % 4;
   const int qr = warp * 16 + gid;                 // this thread's query rows qr, qr + 8 of the step
   const int kx0 = c.tb + wg * 64 + 2 * tig;       // the key of its column 8j + e: kx0 + 8j + e
-  const uint32_t sKw = c.sK + uint32_t(wg) * 64 * 128;  // this consumer's 64 key rows (K-major, per column block)
-  const uint32_t sVw = c.sV + uint32_t(wg) * 64 * 128;
   float dk[NO], dv[NO];
 #pragma unroll
   for (int x = 0; x < NO; ++x) dk[x] = dv[x] = 0.f;
@@ -416,25 +419,15 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdvdq_sm90a_kernel(const BwdAr
     const int st = i % K::STAGES;
     B::wait_full(st, wg);
     const TileInfo t = c.info[st];
-    const uint32_t sQ = c.sS0 + uint32_t(st) * K::STAGE_BYTES, sO = sQ + K::QS_BYTES;
-    const uint8_t* rv = c.gS0 + uint32_t(st) * K::STAGE_BYTES + 2 * K::QS_BYTES;
-    const float* lse2s = reinterpret_cast<const float*>(rv);
-    const float* dels = lse2s + BQ;
-    const int2* rng = reinterpret_cast<const int2*>(rv + 2 * BQ * 4);
+    const uint32_t sQ = c.stage_q(st), sO = sQ + K::QS_BYTES;
+    const float *lse2s = c.stage_lse2(st), *dels = lse2s + BQ;
+    const int2* rng = c.stage_ranges(st);
 
     // S = Q K_wg^T and dP = dO V_wg^T (64 queries x 64 keys each).
     float s[NS], dp[NS];
     B::products_in_turn(wg, i, i + 1 < c.nsteps, [&] {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t ko = (kk / 4) * (BKV * 128) + (kk % 4) * 32, qo = (kk / 4) * (BQ * 128) + (kk % 4) * 32;
-        wgmma_ss<T, 64>(s, desc_sw128(sQ + qo, 16, 1024), desc_sw128(sKw + ko, 16, 1024), kk > 0);
-      }
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t ko = (kk / 4) * (BKV * 128) + (kk % 4) * 32, qo = (kk / 4) * (BQ * 128) + (kk % 4) * 32;
-        wgmma_ss<T, 64>(dp, desc_sw128(sO + qo, 16, 1024), desc_sw128(sVw + ko, 16, 1024), kk > 0);
-      }
+      wgmma_ss_rows<T, 64, D, BQ, BKV>(s, sQ, 0, c.sK, wg * 64);
+      wgmma_ss_rows<T, 64, D, BQ, BKV>(dp, sO, 0, c.sV, wg * 64);
     });
     fence_reg(s);
     fence_reg(dp);
@@ -463,11 +456,11 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdvdq_sm90a_kernel(const BwdAr
     // fragments of k-step kb holds rows 8 (m & 1) .. + 8 of the warp's 16 and keys 16 kb + 8 (m >> 1) .. + 8.
     // sP was last read by this consumer's dV product of the previous step (waited for); sDS[i & 1] by the
     // other consumer's dQ product two steps ago, waited for before it passed the previous step's kBothBar.
+    const uint32_t sDSi = c.sDS + uint32_t(i & 1) * K::DS_BYTES;
     {
       uint32_t pf[4][4], df[4][4];
       to_a_frags<T>(s, pf);
       to_a_frags<T>(dp, df);
-      const uint32_t sDSi = c.sDS + uint32_t(i & 1) * K::DS_BYTES;
       const int m = lane >> 3, rr = warp * 16 + 8 * (m & 1) + (lane & 7);
 #pragma unroll
       for (int kb = 0; kb < 4; ++kb) {
@@ -478,7 +471,6 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdvdq_sm90a_kernel(const BwdAr
     }
     fence_proxy_async();  // st.shared before the wgmma (async proxy) reads
     bar_sync(kWgBar + wg, 128);
-    const uint32_t sDSi = c.sDS + uint32_t(i & 1) * K::DS_BYTES;
     const uint32_t pw = c.sP + uint32_t(wg) * (BQ * 128), dsw = sDSi + uint32_t(wg) * (BQ * 128);
     // dV += P_wg^T dO, dK += dS_wg^T Q (times scale at the end): one 16-query step per wgmma.
     fence_reg(dk);

@@ -184,13 +184,14 @@ __device__ __forceinline__ void wgmma_rs_tb<__half, 128>(float* d, const uint32_
 // The attention kernels' three products on 128B-swizzled tiles (see the top of this file):
 //
 // acc[64 x N] (+)= A B^T over a depth of D: A = rows [a_row0, a_row0 + 64) of a K-major tile of RA rows,
-// B = the N rows of a K-major tile of N rows (e.g. S = Q K^T).
-template <class T, int N, int D, int RA>
-__device__ __forceinline__ void wgmma_ss_rows(float* acc, uint32_t sA, int a_row0, uint32_t sB) {
+// B = rows [b_row0, b_row0 + N) of a K-major tile of RB rows (by default the whole tile of N rows; e.g.
+// S = Q K^T).
+template <class T, int N, int D, int RA, int RB = N>
+__device__ __forceinline__ void wgmma_ss_rows(float* acc, uint32_t sA, int a_row0, uint32_t sB, int b_row0 = 0) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const uint64_t da = desc_sw128(sA + (kk / 4) * (RA * 128) + a_row0 * 128 + (kk % 4) * 32, 16, 1024);
-    const uint64_t db = desc_sw128(sB + (kk / 4) * (N * 128) + (kk % 4) * 32, 16, 1024);
+    const uint64_t db = desc_sw128(sB + (kk / 4) * (RB * 128) + b_row0 * 128 + (kk % 4) * 32, 16, 1024);
     wgmma_ss<T, N>(acc, da, db, kk > 0);
   }
 }
