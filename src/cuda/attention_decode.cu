@@ -114,6 +114,8 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun a) {
 
   // Tile t into stage st: this thread copies chunk `part` of KEYS_PER_THREAD keys, K and V.
   const int part = threadIdx.x % CH, key0 = threadIdx.x / CH;
+  // K/V rows are read once per step: their L2 lines go first (instead of other lines, dirty ones included).
+  const uint64_t pol = dev::l2_evict_first_policy();
   auto issue = [&](int t, int st) {
     const int32_t x0 = un.begin + t * TILE;
     const uint32_t base = dev::smem_u32(smem + st * K::STAGE_BYTES);
@@ -134,8 +136,8 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun a) {
         vs = ks + v_off;
       }
       const uint32_t off = uint32_t(dev::swz<CH>(key, part));
-      dev::cp_async16(base + off, ks, ok);
-      dev::cp_async16(base + TILE * D * 2 + off, vs, ok);
+      dev::cp_async16(base + off, ks, ok, pol);
+      dev::cp_async16(base + TILE * D * 2 + off, vs, ok, pol);
     }
   };
   // Q as the A operand: row gid = query head hk·G + gid (zero for gid >= G); rows 8..15 zero.
