@@ -31,9 +31,20 @@ struct BwdArgs {
   const float* lse;  // [B, L, Hq] stream order, natural log (the forward's)
   float* lse2;       // [B, Hq, Lp] gathered order, lse * log2(e); +inf past L
   float* delta;      // [B, Hq, Lp] gathered order; 0 past L
-  float* dq_acc;     // [B, Hq, Lp, D] gathered order, zeroed: dQ / scale summed by the fused sm_90a dK/dV pass
-                     // (atomic adds; null when the dQ pass runs instead)
+  float* dq_acc;     // [B, Hq, Lp / 64, 64 * D] gathered order in the fragment layout of dq_acc_chunk, zeroed:
+                     // dQ / scale summed by the fused sm_90a dK/dV pass (bulk reduce-adds; null when the dQ
+                     // pass runs instead)
 };
+
+// The fused dQ accumulator (D = 128) holds each 64-row query tile (8192 floats) in the order the fused
+// kernel's consumers produce it, so that each warp's part is one contiguous 4 KiB bulk reduce-add and its
+// staging stores are conflict-free: [column half wg][warp w][8-column block j][row half hf][lane][2], where
+// consumer wg holds columns [64 wg, 64 wg + 64), warp w rows [16 w, 16 w + 16), and lane (4 gid + tig) the
+// columns 8 j + 2 tig, +1 of rows 16 w + gid + 8 hf. The 8 columns [8 c, 8 c + 8) of row r of the tile are
+// contiguous there, from this offset (floats):
+__host__ __device__ constexpr int dq_acc_chunk(int r, int c) {
+  return (c / 8) * 4096 + (r / 16) * 1024 + (((c % 8) * 2 + (r % 16) / 8) * 32 + (r % 8) * 4) * 2;
+}
 
 
 // The dK/dV plan on the device (attention_bwd.cu builds it).

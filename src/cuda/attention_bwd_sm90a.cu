@@ -17,13 +17,17 @@
 // lse2, Delta and the key ranges are two values per thread), stores P and dS to smem (stmatrix), then
 // dV += P^T dO and dK += dS^T Q read P^T and dS^T from there (MN-major A), and, once both consumers' dS are
 // in, dQ[:, 64 wg ..] = dS K (each consumer one 64-column half of D) goes through smem into an fp32
-// accumulator with bulk reduce-adds (cp.reduce.async.bulk, one 256-byte row each).
+// accumulator with bulk reduce-adds (cp.reduce.async.bulk, one 4 KiB block per warp: the accumulator is kept in
+// the consumers' fragment order, dq_acc_chunk).
 // Measured on the H200 at T = 128K (32/8 heads, bf16; backward ms, one run each): the earlier fused kernel
 // (dS^T orientation, 176 bytes of spills) 205.9; this orientation with red.add from registers 156.8 (without
 // the adds, results wrong: 111.6), with red.add.v4 157.0, with each consumer's dQ over its own 64 keys and
 // all of D (twice the adds) 194.9, with bulk reduce-adds 146.6 / 144.4; the separate dQ pass 152.7-154.1.
 // Walking each item's query tiles backwards (so concurrent CTAs meet on the same dQ rows) gave 142.7 against
-// 144.4 at 128K but 2.060 against 1.859 ms at 8K: not kept.
+// 144.4 at 128K but 2.060 against 1.859 ms at 8K: not kept. One 4 KiB reduce-add per warp instead of 16 of 256
+// bytes (issuing those 16 took ~15% of the kernel's warp stall samples in Nsight Compute at 32K) made no
+// measurable difference: 140.8 / 141.3 ms against 142.1 / 141.0 at 128K, alternating in one run; kept as the
+// simpler code. The same profile: DRAM at 51% of peak, tensor pipes 40% busy, L2 hit rate 42%.
 //
 // File shape (DESIGN.md §3): traits -> device code -> launcher.
 #include <cuda_bf16.h>
@@ -71,7 +75,6 @@ struct DkvSm90Traits {
   static constexpr int BQ = kDkvSm90Queries;   // query rows per step (S, dP: 32 accumulators per thread)
   static constexpr int STAGES = DQ ? 2 : 3;   // query steps in flight (DQ: smem for 2)
   static constexpr int THREADS = 384;          // consumer warpgroups 0 and 1, producer warpgroup 2
-  static constexpr uint32_t STG_PITCH = 288;   // DQ: fp32 dQ staging rows (64 floats + 32 bytes of padding)
   // setmaxnreg (see regs_fit). ptxas -v at D = 128: the producer spills below 56 registers; the dK/dV
   // consumers fit in 224, the fused ones need more (40/232: the producer's 60 bytes of spills).
   static constexpr int PRODUCER_REGS = DQ ? 40 : 56, CONSUMER_REGS = DQ ? 232 : 224;
@@ -82,7 +85,7 @@ struct DkvSm90Traits {
   // DQ: a P tile and two dS tiles (the step's 64 queries x 128 keys, 128B-swizzled, keys along the rows: one
   // 64-key column block per consumer), the dS tiles used in turn by consecutive steps.
   static constexpr uint32_t P_BYTES = DQ ? BQ * BKV * 2 : 0, DS_BYTES = P_BYTES;
-  static constexpr uint32_t STG_BYTES = DQ ? 2 * BQ * STG_PITCH : 0;  // DQ: each consumer's staging rows
+  static constexpr uint32_t STG_BYTES = DQ ? 8 * 4096 : 0;  // DQ: each consumer warp's fp32 dQ staging area
   static constexpr int SMEM = int(2 * KV_BYTES + STAGES * STAGE_BYTES + P_BYTES + 2 * DS_BYTES + STG_BYTES) +
                               STAGES * int(sizeof(TileInfo)) + 1024;
   static_assert(D == 64 || D == 128, "D must be 64 or 128");
@@ -387,7 +390,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
 //   P -> sP, dS -> sDS[i & 1]          stmatrix, this consumer's 64-key column block of each;
 //   dV += P_wg^T dO, dK += dS_wg^T Q   wgmma m64n128k16, A MN-major from sP / sDS, dO and Q MN-major;
 //   dQ[:, 64 wg ..] += dS K[:, 64 wg ..] over all 128 keys once both consumers' dS are in; through the
-//                                      consumer's staging rows in smem, bulk reduce-added into dq_acc.
+//                                      warp's staging area in smem, bulk reduce-added into dq_acc.
 template <class K>
 __global__ void __launch_bounds__(K::THREADS, 1) dkdvdq_sm90a_kernel(const BwdArgs a, const PlanArgs pl) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -500,29 +503,28 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdvdq_sm90a_kernel(const BwdAr
     fence_reg(dqa);
     B::release(st);
     // Rows past L belong to the padded [L, Lp) range (their dS is 0); dq_acc has Lp rows.
-    // Through this consumer's staging rows (288-byte pitch: a warp's float2 stores are conflict-free), then one
-    // bulk reduce-add per row (256 bytes) issued by lane r < 16 of the warp that wrote row 16 warp + r.
-    const uint32_t stg = c.sStg + uint32_t(wg) * (64 * K::STG_PITCH);
+    // This warp's 16 rows x 64 columns (4 KiB) through its staging area in the accumulator's fragment layout
+    // (dq_acc_chunk): each float2 store of the warp fills 256 contiguous bytes (no bank conflicts), and the
+    // warp's part is one bulk reduce-add, issued by lane 0.
+    const uint32_t stg = c.sStg + uint32_t(wg * 4 + warp) * 4096;
     if (i > 0) {
-      if (lane < 16) bulk_wait_read0();  // this warp's rows of the previous step have been read
+      if (lane == 0) bulk_wait_read0();  // this warp's staging area of the previous step has been read
       __syncwarp();
     }
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf)
-        st_shared_f32x2(stg + uint32_t(qr + 8 * hf) * K::STG_PITCH + (8 * j + 2 * tig) * 4, dqa[4 * j + 2 * hf],
-                        dqa[4 * j + 2 * hf + 1]);
+        st_shared_f32x2(stg + uint32_t((j * 2 + hf) * 32 + lane) * 8, dqa[4 * j + 2 * hf], dqa[4 * j + 2 * hf + 1]);
     fence_proxy_async();
     __syncwarp();
-    if (lane < 16) {
-      const int row = warp * 16 + lane;
-      float* dst = a.dq_acc + ((int64_t(c.b) * a.Hq + t.aux) * a.Lp + t.begin + row) * D + wg * 64;
-      bulk_reduce_add_f32(dst, stg + uint32_t(row) * K::STG_PITCH, 256);
+    if (lane == 0) {
+      float* dst = a.dq_acc + ((int64_t(c.b) * a.Hq + t.aux) * a.Lp + t.begin) * D + dq_acc_chunk(warp * 16, wg * 8);
+      bulk_reduce_add_f32(dst, stg, 4096);
       bulk_commit();
     }
   }
-  if (lane < 16) bulk_wait0();  // the reduces are complete before the CTA's smem goes
+  if (lane == 0) bulk_wait0();  // the reduces are complete before the CTA's smem goes
 
   // The whole list -> dk (times scale), dv in the input dtype; a segment -> fp32 partials (reduce_kernel).
   // Accumulator rows are this consumer's keys (wgmma M = 64 keys).
