@@ -3,7 +3,8 @@
 // the graph, median of 41. Cases: an empty kernel (the timing's own overhead), and a kernel whose CTAs each
 // read one contiguous slice of N bytes (16-byte loads, 8 in flight per thread, summed so nothing is
 // optimised away), optionally with a second one-CTA kernel behind it (programmatic dependent launch) that
-// reads the CTAs' partial sums -- the shape of a split decode plus its merge. The byte counts are the visible
+// reads the CTAs' partial sums -- the shape of a split decode plus its merge; each with plain loads and with
+// loads that carry an L2::evict_first cache policy (as the decode kernel's). The byte counts are the visible
 // K/V of bench-decode's B=1 cases (T=16K: 2,945 rows; T=128K: 17,281 rows; 8 KV heads, D=128, bf16).
 // Needs sm_90+ (programmatic dependent launch); bench/gpu/decode.sh builds and runs it:
 //   nvcc -O3 -std=c++17 -arch=native bench/gpu/stream_floor.cu -o stream_floor
