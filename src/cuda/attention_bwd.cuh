@@ -45,6 +45,18 @@ struct BwdArgs {
 __host__ __device__ constexpr int dq_acc_chunk(int r, int c) {
   return (c / 8) * 4096 + (r / 16) * 1024 + (((c % 8) * 2 + (r % 16) / 8) * 32 + (r % 8) * 4) * 2;
 }
+// Every (row, 8-column chunk) of a tile gets its own 8 floats of the tile's 8192.
+constexpr bool dq_acc_chunks_tile() {
+  bool seen[1024] = {};
+  for (int r = 0; r < 64; ++r)
+    for (int c = 0; c < 16; ++c) {
+      const int o = dq_acc_chunk(r, c);
+      if (o < 0 || o >= 8192 || o % 8 != 0 || seen[o / 8]) return false;
+      seen[o / 8] = true;
+    }
+  return true;
+}
+static_assert(dq_acc_chunks_tile(), "dq_acc_chunk is a permutation of the tile's 8-float chunks");
 
 
 // The dK/dV plan on the device (attention_bwd.cu builds it).

@@ -383,6 +383,22 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
 #endif
 }
 
+// The fused kernel's dQ staging: lane (4 gid + tig) of warp w in consumer wg stores its float2 of rows
+// 16 w + gid + 8 hf, columns 64 wg + 8 j + 2 tig at float ((2 j + hf) 32 + lane) 2 of the warp's 1024, which
+// is where dq_acc_chunk puts them (checked for every lane, j and hf).
+constexpr bool dq_staging_matches_acc_layout() {
+  for (int wg = 0; wg < 2; ++wg)
+    for (int w = 0; w < 4; ++w)
+      for (int lane = 0; lane < 32; ++lane)
+        for (int j = 0; j < 8; ++j)
+          for (int hf = 0; hf < 2; ++hf) {
+            const int r = 16 * w + lane / 4 + 8 * hf, base = dq_acc_chunk(16 * w, 8 * wg);
+            if (((2 * j + hf) * 32 + lane) * 2 != dq_acc_chunk(r, 8 * wg + j) + 2 * (lane % 4) - base) return false;
+          }
+  return true;
+}
+static_assert(dq_staging_matches_acc_layout(), "the fused dQ staging order is dq_acc_chunk's");
+
 // dK/dV and dQ in one pass (D = 128; see the top of this file). Per step, consumer wg owns keys
 // [64 wg, 64 wg + 64) of the tile; its threads hold query rows qr and qr + 8 of the step (hf = 0, 1):
 //   S = Q K_wg^T, dP = dO V_wg^T      wgmma m64n64k16, smem operands, issued in turn with the other consumer;
