@@ -21,8 +21,8 @@
 // Recomputing S and dP in the dQ pass costs 7 tile GEMMs per tile pair instead of 5: the price of a dQ
 // without atomics (the CPU backward makes the same trade), taken when params.deterministic is set. Otherwise,
 // on sm_90a with D = 128, the dK/dV pass computes dQ too (5 GEMMs; each step's dQ tile is added into a zeroed
-// fp32 accumulator with bulk reduce-adds, then dq_store_kernel scales and scatters it); the
-// summation order of dQ then varies from run to run. KSA_CUDA_BWD_FUSED_DQ=0 keeps the dQ pass (use_fused_dq).
+// fp32 accumulator with bulk reduce-adds, then dq_store_kernel scales and scatters it); the summation order
+// of dQ then varies from run to run. KSA_CUDA_BWD_FUSED_DQ=0 keeps the dQ pass (use_fused_dq).
 //
 // Old summaries are one contiguous block of key tiles that every later query tile sees, so a summary key
 // tile's list is ~L/BQ long while a text tile's is ~W*k/BQ. The schedule cuts every list longer than U
@@ -523,9 +523,7 @@ __global__ void __launch_bounds__(256) dq_store_kernel(const BwdArgs a) {
   const int c = int(t % CH), h = int(t / CH % a.Hq), b = int(blockIdx.y);
   const int64_t g = t / CH / a.Hq;
   if (g >= a.L) return;
-  // The accumulator's fragment layout (dq_acc_chunk) is the fused pass's, which runs with D = 128 only.
-  static_assert(D == 128 || D == 64, "head dims");
-  if constexpr (D != 128) return;
+  if constexpr (D != 128) return;  // the fused pass and its accumulator layout (dq_acc_chunk) are D = 128 only
   const float* src = a.dq_acc + ((int64_t(b) * a.Hq + h) * a.Lp + g / 64 * 64) * D + detail::dq_acc_chunk(int(g % 64), c);
   const float4 x = *reinterpret_cast<const float4*>(src), y = *reinterpret_cast<const float4*>(src + 4);
   const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));

@@ -58,7 +58,6 @@ constexpr bool dq_acc_chunks_tile() {
 }
 static_assert(dq_acc_chunks_tile(), "dq_acc_chunk is a permutation of the tile's 8-float chunks");
 
-
 // The dK/dV plan on the device (attention_bwd.cu builds it).
 struct PlanArgs {
   KeySpans* spans;  // [nq] key spans of each dK/dV query tile
