@@ -27,7 +27,9 @@
 namespace ksa::cuda {
 
 struct KvCacheGpuOptions {
-  int64_t split_rows = 0;  // keys per attention work unit (0 = chosen per plan to fill the device)
+  // Keys per attention work unit (0 = chosen per plan to fill the device). Capped at 255 · block_rows (a
+  // unit's block addresses are staged in the attend kernel's shared memory).
+  int64_t split_rows = 0;
 };
 
 class KvCacheGpu {

@@ -31,7 +31,15 @@ struct DecUnit {
   // step's k/v (packed row src_off + stream position of the row), not from the cache, so that the writes can
   // run in the same grid.
   int32_t new_begin = 0, src_off = 0;
+  // The cache rows the unit reads lie in blocks blk0, blk0 + 1, ... of its table (block = storage row / P;
+  // storage row = the row, or row % S for summaries that are not stored); their addresses are
+  // DecodeRun::unit_blocks[unit · unit_blocks_stride + (block - blk0)].
+  int32_t blk0 = 0, pad = 0;
 };
+
+// At most this many block addresses per unit (the attend kernel stages a unit's list in smem); the plan cuts
+// units short enough: (kMaxUnitBlocks - 1) · P rows span at most kMaxUnitBlocks blocks.
+constexpr int kMaxUnitBlocks = 256;
 
 // A K/V row to write into the cache: packed source row `src` of io.k/io.v goes to text row `row` or
 // summary row `row` (chunk·S + j) of sequence `seq`.
@@ -50,6 +58,10 @@ struct DecodeRun {
   // The batch's block tables as device addresses of the blocks (the plan resolves block ids on the host,
   // so the kernels do no slab arithmetic); a block holds K [Hkv, P, D] then V [Hkv, P, D].
   const uint16_t* const* blocks = nullptr;
+  // Per unit, the addresses of the blocks it reads, in order (DecUnit::blk0), unit_blocks_stride apart; the
+  // attend kernel loads them together with the unit, so no tile waits on a block-table load.
+  const uint16_t* const* unit_blocks = nullptr;
+  int32_t unit_blocks_stride = 0;
   const DecSeq* seqs = nullptr;
   const DecTok* toks = nullptr;
   const DecUnit* units = nullptr;

@@ -195,6 +195,10 @@ struct KvCacheGpu::Impl {
       split = std::max<int64_t>(2 * tile, (split + tile - 1) / tile * tile);
     }
     if (split <= 0) split = 2048;
+    // A unit's block list must fit the attend kernel's (kMaxUnitBlocks, decode_plan.cuh; only tiny blocks bind).
+    split = std::min<int64_t>(split, std::max<int64_t>(attend_tile_keys(), (kMaxUnitBlocks - 1) * P));
+    std::vector<int32_t> unit_tables;  // per unit, indices into `tables` of the blocks it reads (blk0, ...)
+    std::vector<int32_t> unit_nblk;
     for (const Range& r : ranges) {
       DecTok& t = toks[size_t(r.tok)];
       if (t.units == 0) t.unit0 = int32_t(units.size());
@@ -206,16 +210,37 @@ struct KvCacheGpu::Impl {
         u.sq = seqs[size_t(r.seq)];
         u.new_begin = r.new_begin;
         u.src_off = r.src_off;
+        // The blocks of the cache rows it reads, [begin, min(end, new_begin)), by storage row.
+        const int64_t rend = std::min<int64_t>(u.end, u.new_begin);
+        const DecSeq& ds = seqs[size_t(r.seq)];
+        auto storage_row = [&](int64_t x) { return r.summary && !ds.stored ? x % S : x; };
+        int32_t nb = 0;
+        if (rend > u.begin) {
+          const int64_t y0 = storage_row(u.begin), y1 = storage_row(rend - 1);
+          if (y1 - y0 != rend - 1 - u.begin)  // one chunk's summaries when they are not stored (KvCache)
+            fail("cuda decode: internal error: a unit's cache rows are not contiguous (rows ", u.begin, "..", rend, ")");
+          u.blk0 = int32_t(y0 / P);
+          nb = int32_t(y1 / P - y0 / P + 1);
+          for (int64_t b = y0 / P; b <= y1 / P; ++b)
+            unit_tables.push_back(r.summary ? ds.sum_off + int32_t(b) : ds.text_off + int32_t(b % ds.slots));
+        }
+        unit_nblk.push_back(nb);
         units.push_back(u);
         ++t.units;
       }
     }
     stats = PlanStats{int64_t(units.size()), int64_t(toks.size()), total_keys};
 
-    // Blob: seqs, toks, units, writes, block addresses (16-byte aligned sections).
+    // Blob: seqs, toks, units, writes, block addresses, per-unit block addresses (16-byte aligned sections).
     const KvPoolView pv = cache.pool_view();
     std::vector<const void*> addr(tables.size());
     for (size_t i = 0; i < tables.size(); ++i) addr[i] = tables[i] < 0 ? nullptr : pv.block(tables[i]);
+    const int32_t ub_stride = unit_nblk.empty() ? 1 : std::max(1, *std::max_element(unit_nblk.begin(), unit_nblk.end()));
+    if (ub_stride > kMaxUnitBlocks) fail("cuda decode: internal error: a unit reads ", ub_stride, " blocks");
+    std::vector<const void*> uaddr(units.size() * size_t(ub_stride), nullptr);
+    for (size_t u = 0, j = 0; u < units.size(); ++u)
+      for (int32_t i = 0; i < unit_nblk[u]; ++i)
+        uaddr[u * size_t(ub_stride) + size_t(i)] = addr[size_t(unit_tables[j++])];
     size_t off = 0;
     auto section = [&](size_t bytes) {
       const size_t o = off;
@@ -224,7 +249,8 @@ struct KvCacheGpu::Impl {
     };
     const size_t o_seqs = section(seqs.size() * sizeof(DecSeq)),
                  o_toks = section(toks.size() * sizeof(DecTok)), o_units = section(units.size() * sizeof(DecUnit)),
-                 o_writes = section(writes.size() * sizeof(DecWrite)), o_tables = section(addr.size() * sizeof(void*));
+                 o_writes = section(writes.size() * sizeof(DecWrite)), o_tables = section(addr.size() * sizeof(void*)),
+                 o_ublocks = section(uaddr.size() * sizeof(void*));
     const size_t bytes = std::max<size_t>(off, 16);
     meta.reserve(bytes, stream);
     const size_t part_bytes = align16(units.size() * size_t(Hkv * G * D) * 4) + units.size() * size_t(Hkv * G) * 8;
@@ -238,6 +264,7 @@ struct KvCacheGpu::Impl {
     std::memcpy(h + o_units, units.data(), units.size() * sizeof(DecUnit));
     std::memcpy(h + o_writes, writes.data(), writes.size() * sizeof(DecWrite));
     std::memcpy(h + o_tables, addr.data(), addr.size() * sizeof(void*));
+    std::memcpy(h + o_ublocks, uaddr.data(), uaddr.size() * sizeof(void*));
     KSA_CUDA_CHECK(cudaMemcpyAsync(meta.p, h, off, cudaMemcpyHostToDevice, stream));
     KSA_CUDA_CHECK(cudaEventRecord(stg.done, stream));
     stg.pending = true;
@@ -249,6 +276,8 @@ struct KvCacheGpu::Impl {
     a.Hkv = int32_t(Hkv);
     a.lay = Layout32(Layout(Kk, S, cfg.max_text_tokens));
     a.blocks = reinterpret_cast<const uint16_t* const*>(d + o_tables);
+    a.unit_blocks = reinterpret_cast<const uint16_t* const*>(d + o_ublocks);
+    a.unit_blocks_stride = ub_stride;
     a.seqs = reinterpret_cast<const DecSeq*>(d + o_seqs);
     a.toks = reinterpret_cast<const DecTok*>(d + o_toks);
     a.units = reinterpret_cast<const DecUnit*>(d + o_units);

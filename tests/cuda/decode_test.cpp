@@ -241,6 +241,40 @@ TEST(CudaDecode, LongStreamEnd) {
   }
 }
 
+// One-row blocks: the attend kernel stages a unit's block addresses in smem (at most 256), so the plan cuts
+// units of at most 255 rows here, whatever split is asked for; the plan has that many units, and decoding
+// with them matches the oracle.
+TEST(CudaDecode, TinyBlocksCapTheSplit) {
+  REQUIRE_GPU();
+  GpuCase c;
+  c.k = 8, c.S = 1, c.W = 64, c.Hkv = 1, c.G = 4, c.D = 64, c.P = 1, c.split = int64_t(1) << 20, c.T = {3000};
+  c.seed = 41;
+  {
+    cuda::KvCacheGpu cache(c.config(), nullptr, cuda::KvCacheGpuOptions{c.split});
+    const SeqId id = cache.add_sequence();
+    const int64_t L = Layout(c.k, c.S, 2999).length(), row = c.Hkv * c.D;  // the step adds text token 3000
+    DevMem kv(size_t((L + 1) * row * 2)), q(size_t(c.G * c.D * 2)), out(size_t(c.G * c.D * 2));
+    ASSERT_EQ(cudaMemset(kv.p, 0, size_t((L + 1) * row * 2)), cudaSuccess);
+    const KvRows r = KvRows::dense(kv.p, L, c.Hkv, c.D, DType::bf16);
+    cache.prefill(id, r, r);
+    DecodeIO io;
+    io.Hq = c.Hkv * c.G;
+    io.dtype = DType::bf16;
+    io.q = TensorView::dense(q.p, 1, io.Hq, c.D);
+    io.out = TensorView::dense(out.p, 1, io.Hq, c.D);
+    io.k = io.v = TensorView::dense(static_cast<uint16_t*>(kv.p) + L * row, 1, c.Hkv, c.D);
+    const SeqId ids[1] = {id};
+    const int64_t n[1] = {1};
+    cache.plan_decode(ids, n, io);
+    const auto st = cache.plan_stats();
+    cache.cancel_decode();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_GT(st.key_rows, 3 * 255) << "the case must need several capped units";
+    EXPECT_GE(st.units, (st.key_rows + 254) / 255) << st.key_rows << " key rows";
+  }
+  run_case(c, 40);
+}
+
 // A step that would overwrite ring rows its earlier tokens read is rejected before anything changes, as is
 // a step writing two chunks' summaries in a layer that keeps one; the sequence then decodes correctly.
 TEST(CudaDecode, RejectsUnsafeStepsAndChangesNothing) {
