@@ -6,6 +6,8 @@
 // reads the CTAs' partial sums -- the shape of a split decode plus its merge; each with plain loads and with
 // loads that carry an L2::evict_first cache policy (as the decode kernel's). The byte counts are the visible
 // K/V of bench-decode's B=1 cases (T=16K: 2,945 rows; T=128K: 17,281 rows; 8 KV heads, D=128, bf16).
+// Also bulk copies (TMA, cp.async.bulk into an smem ring of `stages` pieces of `chunk` bytes, one thread
+// issuing, mbarrier completion, evict_first), which have the fewest instructions per byte.
 // Needs sm_90+ (programmatic dependent launch); bench/gpu/decode.sh builds and runs it:
 //   nvcc -O3 -std=c++17 -arch=native bench/gpu/stream_floor.cu -o stream_floor
 //   ./stream_floor
@@ -33,6 +35,7 @@ struct Args {
   float* out;
   int ctas;
   int evict_first;  // 1: loads carry an L2::evict_first cache policy (streamed bytes displace each other first)
+  int stages = 0, chunk = 0;  // bulk_kernel: smem ring of `stages` pieces of `chunk` bytes
 };
 
 __device__ __forceinline__ uint4 load16(const uint4* p, int evict_first, uint64_t pol) {
@@ -72,6 +75,60 @@ __global__ void __launch_bounds__(128) stream_kernel(Args a) {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+// CTA b reads the same slice as stream_kernel's CTA b, by bulk copies: thread 0 keeps `stages` pieces of
+// `chunk` bytes in flight (evict_first), every thread sums a sixteenth of each piece once it has landed.
+__global__ void __launch_bounds__(128) bulk_kernel(Args a) {
+  extern __shared__ __align__(128) unsigned char ring[];
+  __shared__ __align__(8) uint64_t full[16];
+  const long long bytes = a.slice16 * 16;
+  const unsigned char* p = reinterpret_cast<const unsigned char*>(a.src + blockIdx.x * a.slice16);
+  const int n = int((bytes + a.chunk - 1) / a.chunk);
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < a.stages; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(&full[s])));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  auto issue = [&](int t) {
+    const long long off = (long long)t * a.chunk;
+    const uint32_t len = uint32_t(bytes - off < a.chunk ? bytes - off : a.chunk), mb = smem_u32(&full[t % a.stages]);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(mb), "r"(len) : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+            smem_u32(ring + (t % a.stages) * a.chunk)),
+        "l"(p + off), "r"(len), "r"(mb), "l"(pol)
+        : "memory");
+  };
+  if (threadIdx.x == 0)
+    for (int t = 0; t < n && t < a.stages; ++t) issue(t);
+  float s = 0.f;
+  for (int t = 0; t < n; ++t) {
+    const uint32_t mb = smem_u32(&full[t % a.stages]), parity = (t / a.stages) & 1;
+    uint32_t done = 0;
+    while (!done)
+      asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
+                   : "=r"(done)
+                   : "r"(mb), "r"(parity)
+                   : "memory");
+    const uint4* q = reinterpret_cast<const uint4*>(ring + (t % a.stages) * a.chunk);
+    for (int i = threadIdx.x; i < a.chunk / 16; i += 128 * 16) {
+      const uint4 v = q[i];
+      s += __uint_as_float((v.x ^ v.y ^ v.z ^ v.w) & 0x007fffffu);
+    }
+    __syncthreads();  // the piece is consumed: thread 0 may refill its stage
+    if (threadIdx.x == 0 && t + a.stages < n) issue(t + a.stages);
+  }
+  for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+  __shared__ float red[4];
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) a.part[blockIdx.x] = red[0] + red[1] + red[2] + red[3];
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 // One CTA: the partial sums of stream_kernel, after it has finished (griddepcontrol.wait).
 __global__ void merge_kernel(Args a) {
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -81,10 +138,11 @@ __global__ void merge_kernel(Args a) {
   if (threadIdx.x == 0) a.out[0] = s;
 }
 
-void launch(void (*k)(Args), int grid, int threads, bool pdl, const Args& a, cudaStream_t st) {
+void launch(void (*k)(Args), int grid, int threads, bool pdl, const Args& a, cudaStream_t st, int smem = 0) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(grid));
   cfg.blockDim = dim3(unsigned(threads));
+  cfg.dynamicSmemBytes = size_t(smem);
   cfg.stream = st;
   cudaLaunchAttribute at[1];
   at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -168,6 +226,28 @@ int main() {
         std::snprintf(name, sizeof name, "%s, %d CTAs%s%s", sz.name, ctas, merge ? " + merge" : "",
                       ef ? ", evict_first" : "");
         std::printf("%-54s %10.2f %10.1f\n", name, us, double(b.slice16) * 16 * ctas / (us * 1e-6) / 1e9);
+      }
+  CK(cudaFuncSetAttribute(bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 192 * 1024));
+  const struct {
+    int ctas, stages, chunk;
+  } bulk[] = {{132, 6, 32768}, {264, 6, 16384}, {396, 4, 16384}, {528, 3, 16384}};
+  for (const auto& sz : sizes)
+    for (const auto& v : bulk)
+      for (bool merge : {false, true}) {
+        Args b = a;
+        b.ctas = v.ctas, b.stages = v.stages, b.chunk = v.chunk, b.evict_first = 1;
+        b.slice16 = (long long)(sz.bytes / v.ctas / 16);
+        const double us = step_us(
+            st,
+            [&] {
+              launch(bulk_kernel, v.ctas, 128, false, b, st, v.stages * v.chunk);
+              if (merge) launch(merge_kernel, 1, 128, true, b, st);
+            },
+            flush, flush_bytes);
+        char name[96];
+        std::snprintf(name, sizeof name, "%s, bulk %d CTAs x %d x %d KB%s", sz.name, v.ctas, v.stages, v.chunk / 1024,
+                      merge ? " + merge" : "");
+        std::printf("%-54s %10.2f %10.1f\n", name, us, double(b.slice16) * 16 * v.ctas / (us * 1e-6) / 1e9);
       }
   return 0;
 }
