@@ -126,7 +126,7 @@ int run_bench_decode(int argc, char** argv) {
   int64_t& reps = f.i64("--reps", 50, "timed repetitions (median)");
   int64_t& P = f.i64("--block-rows", 64, "cache block rows");
   int64_t& batch = f.i64("--batch", 64, "sequences of the mixed-length case");
-  int64_t& split = f.i64("--split-rows", 0, "keys per attention work unit (0 = the plan's choice)");
+  int64_t& split = f.i64("--split-rows", 0, "keys per attention work unit (0 = the plan's choice; at most 255 x block rows)");
   int64_t& only = f.i64("--case", 0, "run one case only: 1 = B=1 T=16K, 2 = B=1 T=128K, 3 = B=64 mixed (0 = all)");
   if (!f.parse(argc, argv)) return 0;
   if (only < 0 || only > 3) {
