@@ -51,6 +51,16 @@ __global__ void empty_kernel(Args a) {
   if (threadIdx.x == 1u << 20) a.out[0] = 0.f;  // never true; keeps the kernel's argument live
 }
 
+// The CTA's sum (of 128 threads' s) into a.part[blockIdx.x]; then the merge kernel may launch.
+__device__ __forceinline__ void finish_cta(const Args& a, float s) {
+  for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+  __shared__ float red[4];
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) a.part[blockIdx.x] = red[0] + red[1] + red[2] + red[3];
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 // CTA b reads words [b * slice16, (b + 1) * slice16), 8 loads in flight per thread.
 __global__ void __launch_bounds__(128) stream_kernel(Args a) {
   const uint4* p = a.src + blockIdx.x * a.slice16;
@@ -67,12 +77,7 @@ __global__ void __launch_bounds__(128) stream_kernel(Args a) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) s += __uint_as_float((v[j].x ^ v[j].y ^ v[j].z ^ v[j].w) & 0x007fffffu);
   }
-  for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
-  __shared__ float red[4];
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = s;
-  __syncthreads();
-  if (threadIdx.x == 0) a.part[blockIdx.x] = red[0] + red[1] + red[2] + red[3];
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  finish_cta(a, s);
 }
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
@@ -121,12 +126,7 @@ __global__ void __launch_bounds__(128) bulk_kernel(Args a) {
     __syncthreads();  // the piece is consumed: thread 0 may refill its stage
     if (threadIdx.x == 0 && t + a.stages < n) issue(t + a.stages);
   }
-  for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
-  __shared__ float red[4];
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = s;
-  __syncthreads();
-  if (threadIdx.x == 0) a.part[blockIdx.x] = red[0] + red[1] + red[2] + red[3];
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  finish_cta(a, s);
 }
 
 // One CTA: the partial sums of stream_kernel, after it has finished (griddepcontrol.wait).
