@@ -1,6 +1,6 @@
 // What reading a decode step's bytes costs under bench-decode's `step` timing, with no attention at all: a
 // CUDA graph queued behind a 256 MiB memset (cold, dirty L2; the host's launch hidden), CUDA events around
-// the graph, median of 41. Cases: an empty kernel (the timing's own overhead), and a kernel whose CTAs each
+// the graph, median of 41; and the same launches queued directly behind the memset (`eager`). Cases: an empty kernel (the timing's own overhead), and a kernel whose CTAs each
 // read one contiguous slice of N bytes (16-byte loads, 8 in flight per thread, summed so nothing is
 // optimised away), optionally with a second one-CTA kernel behind it (programmatic dependent launch) that
 // reads the CTAs' partial sums -- the shape of a split decode plus its merge; each with plain loads and with
@@ -152,9 +152,13 @@ void launch(void (*k)(Args), int grid, int threads, bool pdl, const Args& a, cud
   CK(cudaLaunchKernelEx(&cfg, k, a));
 }
 
-// Median us of the captured `enqueue` behind a memset of `flush` (as bench-decode's step column).
+// Median us of `enqueue` behind a memset of `flush`: captured in a CUDA graph and launched (as bench-decode's
+// step column), and queued directly (eager, as triton.testing.do_bench calls a function).
+struct Times {
+  double graph, eager;
+};
 template <class F>
-double step_us(cudaStream_t st, F&& enqueue, void* flush, size_t flush_bytes) {
+Times step_us(cudaStream_t st, F&& enqueue, void* flush, size_t flush_bytes) {
   cudaGraph_t g;
   cudaGraphExec_t ge;
   CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
@@ -166,23 +170,33 @@ double step_us(cudaStream_t st, F&& enqueue, void* flush, size_t flush_bytes) {
   CK(cudaEventCreate(&e1));
   CK(cudaGraphLaunch(ge, st));
   CK(cudaStreamSynchronize(st));
-  std::vector<float> t;
-  for (int r = 0; r < 41; ++r) {
-    CK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, st));
-    CK(cudaEventRecord(e0, st));
-    CK(cudaGraphLaunch(ge, st));
-    CK(cudaEventRecord(e1, st));
-    CK(cudaEventSynchronize(e1));
-    float ms = 0.f;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    t.push_back(ms * 1000.f);
-  }
-  std::sort(t.begin(), t.end());
+  auto median = [&](auto&& run) {
+    std::vector<float> t;
+    for (int r = 0; r < 41; ++r) {
+      CK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, st));
+      CK(cudaEventRecord(e0, st));
+      run();
+      CK(cudaEventRecord(e1, st));
+      CK(cudaEventSynchronize(e1));
+      float ms = 0.f;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      t.push_back(ms * 1000.f);
+    }
+    std::sort(t.begin(), t.end());
+    return double(t[t.size() / 2]);
+  };
+  const Times res{median([&] { CK(cudaGraphLaunch(ge, st)); }), median(enqueue)};
   CK(cudaEventDestroy(e0));
   CK(cudaEventDestroy(e1));
   CK(cudaGraphExecDestroy(ge));
   CK(cudaGraphDestroy(g));
-  return t[t.size() / 2];
+  return res;
+}
+
+// One line of the table: step us (graph), eager us, GB/s at the step time.
+void print_row(const char* name, Times t, double bytes) {
+  if (bytes > 0) std::printf("%-54s %10.2f %10.2f %10.1f\n", name, t.graph, t.eager, bytes / (t.graph * 1e-6) / 1e9);
+  else std::printf("%-54s %10.2f %10.2f %10s\n", name, t.graph, t.eager, "-");
 }
 
 int main() {
@@ -198,11 +212,12 @@ int main() {
   CK(cudaMemset(src, 1, src_bytes));
   CK(cudaMalloc(&part, 4096 * sizeof(float)));
   CK(cudaMalloc(&out, sizeof(float)));
-  std::printf("device: %s (%d SMs); step us: graph behind a 256 MiB memset, median of 41\n", prop.name,
-              prop.multiProcessorCount);
-  std::printf("%-54s %10s %10s\n", "case", "step us", "GB/s");
+  std::printf("device: %s (%d SMs); behind a 256 MiB memset, median of 41: step us = the work as a CUDA graph,\n"
+              "eager us = its launches queued directly\n",
+              prop.name, prop.multiProcessorCount);
+  std::printf("%-54s %10s %10s %10s\n", "case", "step us", "eager us", "GB/s");
   Args a{static_cast<const uint4*>(src), 0, part, out, 1, 0};
-  std::printf("%-54s %10.2f %10s\n", "empty kernel", step_us(st, [&] { launch(empty_kernel, 1, 128, false, a, st); }, flush, flush_bytes), "-");
+  print_row("empty kernel", step_us(st, [&] { launch(empty_kernel, 1, 128, false, a, st); }, flush, flush_bytes), 0);
   const struct {
     const char* name;
     double bytes;
@@ -215,7 +230,7 @@ int main() {
         b.ctas = ctas;
         b.evict_first = ef;
         b.slice16 = (long long)(sz.bytes / ctas / 16);
-        const double us = step_us(
+        const Times us = step_us(
             st,
             [&] {
               launch(stream_kernel, ctas, 128, false, b, st);
@@ -225,7 +240,7 @@ int main() {
         char name[96];
         std::snprintf(name, sizeof name, "%s, %d CTAs%s%s", sz.name, ctas, merge ? " + merge" : "",
                       ef ? ", evict_first" : "");
-        std::printf("%-54s %10.2f %10.1f\n", name, us, double(b.slice16) * 16 * ctas / (us * 1e-6) / 1e9);
+        print_row(name, us, double(b.slice16) * 16 * ctas);
       }
   CK(cudaFuncSetAttribute(bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 192 * 1024));
   const struct {
@@ -237,7 +252,7 @@ int main() {
         Args b = a;
         b.ctas = v.ctas, b.stages = v.stages, b.chunk = v.chunk, b.evict_first = 1;
         b.slice16 = (long long)(sz.bytes / v.ctas / 16);
-        const double us = step_us(
+        const Times us = step_us(
             st,
             [&] {
               launch(bulk_kernel, v.ctas, 128, false, b, st, v.stages * v.chunk);
@@ -247,7 +262,7 @@ int main() {
         char name[96];
         std::snprintf(name, sizeof name, "%s, bulk %d CTAs x %d x %d KB%s", sz.name, v.ctas, v.stages, v.chunk / 1024,
                       merge ? " + merge" : "");
-        std::printf("%-54s %10.2f %10.1f\n", name, us, double(b.slice16) * 16 * v.ctas / (us * 1e-6) / 1e9);
+        print_row(name, us, double(b.slice16) * 16 * v.ctas);
       }
   return 0;
 }
