@@ -243,6 +243,20 @@ struct DkvCtaState {
   __device__ const int2* stage_ranges(int st) const {
     return reinterpret_cast<const int2*>(gS0 + uint32_t(st) * K::STAGE_BYTES + 2 * K::QS_BYTES + 2 * K::BQ * 4);
   }
+  // Consumer wg's step i: waits until its stage is full, then what the stage holds.
+  struct Step {
+    int st;
+    TileInfo t;
+    uint32_t sQ, sO;            // Q and dO tiles
+    const float *lse2, *delta;  // [BQ] each
+    const int2* ranges;         // [BQ]
+  };
+  __device__ Step wait_step(int i, int wg) const {
+    const int st = i % K::STAGES;
+    Bars<K::STAGES>::wait_full(st, wg);
+    const float* lse2 = stage_lse2(st);
+    return Step{st, info[st], stage_q(st), stage_q(st) + K::QS_BYTES, lse2, lse2 + K::BQ, stage_ranges(st)};
+  }
 };
 
 // The dK/dV passes' producer warpgroup: the key tile's K and V once, then per step (query tile of the item's
@@ -325,12 +339,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
   for (int x = 0; x < NO; ++x) dk[x] = dv[x] = 0.f;
 
   for (int i = 0; i < c.nsteps; ++i) {
-    const int st = i % K::STAGES;
-    B::wait_full(st, wg);
-    const TileInfo t = c.info[st];
-    const uint32_t sQ = c.stage_q(st), sO = sQ + K::QS_BYTES;
-    const float *lse2s = c.stage_lse2(st), *dels = lse2s + BQ;
-    const int2* rng = c.stage_ranges(st);
+    const auto [st, t, sQ, sO, lse2s, dels, rng] = c.wait_step(i, wg);
 
     // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries each), issued in turn with the other consumer.
     float s[NS], dp[NS];
@@ -435,12 +444,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdvdq_sm90a_kernel(const BwdAr
   for (int x = 0; x < NO; ++x) dk[x] = dv[x] = 0.f;
 
   for (int i = 0; i < c.nsteps; ++i) {
-    const int st = i % K::STAGES;
-    B::wait_full(st, wg);
-    const TileInfo t = c.info[st];
-    const uint32_t sQ = c.stage_q(st), sO = sQ + K::QS_BYTES;
-    const float *lse2s = c.stage_lse2(st), *dels = lse2s + BQ;
-    const int2* rng = c.stage_ranges(st);
+    const auto [st, t, sQ, sO, lse2s, dels, rng] = c.wait_step(i, wg);
 
     // S = Q K_wg^T and dP = dO V_wg^T (64 queries x 64 keys each).
     float s[NS], dp[NS];
