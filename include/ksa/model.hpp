@@ -27,6 +27,7 @@
 #include "ksa/dtype.hpp"
 #include "ksa/model_config.hpp"
 #include "ksa/safetensors.hpp"
+#include "ksa/sampler.hpp"
 #include "ksa/weights.hpp"
 
 namespace ksa {
@@ -45,6 +46,26 @@ enum class LogitsFor : uint8_t {
   last,  // the last appended text token: [1, vocab]
   all,   // every appended text token: [n, vocab]
 };
+
+// One sequence's part of a batched step (Model::step).
+struct StepItem {
+  SeqId id = -1;
+  std::span<const int32_t> tokens;         // new text tokens, >= 1 (a prompt chunk, or one token)
+  LogitsFor logits = LogitsFor::none;      // logits returned in StepResult::logits
+  // Non-null: the next token is drawn from the last token's logits with this configuration (penalties over
+  // `history`). The draw is reproducible: the u in [0, 1) it uses is a hash of (seed, the sequence's number
+  // of draws so far), so the same seed gives the same tokens on the same backend, whatever else is batched.
+  const SamplerConfig* sampler = nullptr;
+  std::span<const int32_t> history;        // tokens the penalties look at (prompt and generated so far)
+};
+
+// What Model::step returns, item by item.
+struct StepResult {
+  std::vector<int32_t> next;         // sampled token per item, -1 where none was asked for
+  std::vector<float> logits;         // the requested rows, item after item: [rows, vocab()]
+  std::vector<int64_t> logits_row;   // per item: its first row in `logits` (rows: 0, 1 or tokens.size())
+};
+
 
 class Model {
  public:
@@ -79,10 +100,23 @@ class Model {
   // ksa::Error before changing anything when an id is bad or the context limit would be passed.
   void append(SeqId id, std::span<const int32_t> tokens, LogitsFor which, std::span<float> logits);
 
+  // A batched step: every item's sequence advances by its tokens (prompt chunks and single tokens mixed;
+  // each id at most once). Throws ksa::Error naming the item before changing anything when an item is
+  // invalid (unknown id, empty tokens, a token id outside the vocabulary or a summary token id, the context
+  // limit, a bad sampler config), so the caller can drop that item and step the others.
+  void step(std::span<const StepItem> items, StepResult& out);
+  // The check step() runs on one item (throws ksa::Error; changes nothing).
+  void check(const StepItem& item) const;
+
   // KV cache bytes held by a sequence over all layers, and what full attention (every text token in every
   // layer, same dtype) would hold for the same text.
   int64_t kv_bytes(SeqId id) const;
   int64_t kv_bytes_full_attention(SeqId id) const;
+  // KV cache bytes held by all live sequences.
+  int64_t kv_bytes_in_use() const;
+  // Upper bound of the KV cache bytes one sequence of `text_tokens` text tokens holds (for admission).
+  int64_t kv_bytes_for(int64_t text_tokens) const;
+  int64_t num_sequences() const;
 
  private:
   struct Impl;

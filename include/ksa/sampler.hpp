@@ -22,6 +22,13 @@ struct SamplerConfig {
   void validate() const;  // throws ksa::Error naming the field
 };
 
+// The draw itself: penalties (in place on logits), then greedy or the cut distribution, from which the
+// token at cumulative probability u (in [0, 1)) is taken. Sampler and Model::step both call it.
+int32_t sample_token(std::span<float> logits, std::span<const int32_t> history, const SamplerConfig& cfg, double u,
+                     std::vector<int32_t>& idx_scratch, std::vector<float>& prob_scratch);
+// The reproducible u of draw number `draw` of a sequence sampled with `seed` (splitmix64 of both).
+double sample_uniform(uint64_t seed, uint64_t draw);
+
 class Sampler {
  public:
   explicit Sampler(const SamplerConfig& cfg);

@@ -65,6 +65,7 @@ struct Model::Impl {
   struct Seq {
     std::vector<SeqId> ids;  // the sequence's id in each layer's cache
     int64_t T = 0, sums = 0;
+    uint64_t draws = 0;  // tokens sampled by step() so far
   };
   std::map<SeqId, Seq> seqs;
   SeqId next_id = 0;
@@ -97,6 +98,15 @@ struct Model::Impl {
   }
 
   void run(Seq& seq, std::span<const int32_t> tokens, LogitsFor which, std::span<float> logits);
+
+  // Summary token ids are the model's own (KSA.md §2): a caller may not append them as text.
+  void check_summary_ids(std::span<const int32_t> tokens, const char* who) const {
+    if (!summaries) return;
+    for (size_t i = 0; i < tokens.size(); ++i)
+      if (tokens[i] >= cfg.summary_token_begin && tokens[i] < cfg.summary_token_begin + spec.S)
+        fail(who, ": token ", i, " has id ", tokens[i], ", a summary token id (summary_token_begin ",
+             cfg.summary_token_begin, ", ", spec.S, " per chunk); summary tokens are inserted by the model");
+  }
 };
 
 namespace {
@@ -363,6 +373,61 @@ int64_t Model::stream_tokens(SeqId id) const {
   return s.T + s.sums;
 }
 
+void Model::check(const StepItem& it) const {
+  const Impl& m = *impl_;
+  const Impl::Seq& s = m.find(it.id, "step");
+  const int64_t n = int64_t(it.tokens.size());
+  if (n == 0) fail("Model::step: sequence ", it.id, ": no tokens");
+  if (s.T + n > m.max_text)
+    fail("Model::step: sequence ", it.id, " would hold ", s.T + n, " text tokens, past the context limit of ", m.max_text,
+         " (", s.T, " already, ", n, " new)");
+  for (int64_t i = 0; i < n; ++i)
+    if (it.tokens[size_t(i)] < 0 || it.tokens[size_t(i)] >= m.cfg.vocab_size)
+      fail("Model::step: sequence ", it.id, ": token ", i, " has id ", it.tokens[size_t(i)],
+           ", outside the vocabulary [0, ", m.cfg.vocab_size, ")");
+  m.check_summary_ids(it.tokens, "Model::step");
+  if (it.sampler) it.sampler->validate();
+}
+
+void Model::step(std::span<const StepItem> items, StepResult& out) {
+  Impl& m = *impl_;
+  for (size_t i = 0; i < items.size(); ++i) {
+    check(items[i]);
+    for (size_t j = 0; j < i; ++j)
+      if (items[j].id == items[i].id) fail("Model::step: sequence ", items[i].id, " appears twice in one step");
+  }
+  const int64_t V = m.cfg.logits_size();
+  out.next.assign(items.size(), -1);
+  out.logits.clear();
+  out.logits_row.assign(items.size(), 0);
+  std::vector<float> last(static_cast<size_t>(V));
+  std::vector<int32_t> idx;
+  std::vector<float> prob;
+  int64_t row = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const StepItem& it = items[i];
+    const int64_t n = int64_t(it.tokens.size());
+    const int64_t rows = it.logits == LogitsFor::none ? 0 : it.logits == LogitsFor::last ? 1 : n;
+    out.logits_row[i] = row;
+    out.logits.resize(size_t((row + rows) * V));
+    Impl::Seq& s = m.find(it.id, "step");
+    if (it.sampler && it.logits != LogitsFor::last) {
+      std::vector<float> tmp(size_t((it.logits == LogitsFor::all ? n : 1) * V));
+      m.run(s, it.tokens, it.logits == LogitsFor::all ? LogitsFor::all : LogitsFor::last, tmp);
+      std::copy(tmp.end() - V, tmp.end(), last.begin());
+      if (rows) std::copy(tmp.begin(), tmp.end(), out.logits.begin() + row * V);
+    } else {
+      m.run(s, it.tokens, it.logits, std::span<float>(out.logits.data() + row * V, size_t(rows * V)));
+      if (it.sampler) std::copy_n(out.logits.data() + row * V, V, last.begin());
+    }
+    row += rows;
+    if (it.sampler) {
+      const double u = sample_uniform(it.sampler->seed, s.draws++);
+      out.next[i] = sample_token(last, it.history, *it.sampler, u, idx, prob);
+    }
+  }
+}
+
 void Model::append(SeqId id, std::span<const int32_t> tokens, LogitsFor which, std::span<float> logits) {
   Impl& m = *impl_;
   Impl::Seq& s = m.find(id, "append");
@@ -373,6 +438,7 @@ void Model::append(SeqId id, std::span<const int32_t> tokens, LogitsFor which, s
   for (int64_t i = 0; i < n; ++i)
     if (tokens[size_t(i)] < 0 || tokens[size_t(i)] >= m.cfg.vocab_size)
       fail("Model::append: token ", i, " has id ", tokens[size_t(i)], ", outside the vocabulary [0, ", m.cfg.vocab_size, ")");
+  m.check_summary_ids(tokens, "Model::append");
   const int64_t rows = which == LogitsFor::none ? 0 : which == LogitsFor::last ? (n > 0 ? 1 : 0) : n;
   if (int64_t(logits.size()) != rows * V)
     fail("Model::append: logits holds ", logits.size(), " floats; ", rows, " row(s) of ", V, " = ", rows * V, " needed");
@@ -387,6 +453,27 @@ int64_t Model::kv_bytes(SeqId id) const {
   for (size_t i = 0; i < m.caches.size(); ++i) b += m.caches[i].bytes_in_use(s.ids[i]);
   return b;
 }
+
+int64_t Model::kv_bytes_in_use() const {
+  int64_t b = 0;
+  for (const KvCache& c : impl_->caches) b += c.bytes_in_use();
+  return b;
+}
+
+int64_t Model::kv_bytes_for(int64_t text_tokens) const {
+  const Impl& m = *impl_;
+  int64_t b = 0;
+  for (const KvCache& c : m.caches) {
+    const KvCacheConfig& cc = c.config();
+    const int64_t T = std::min(text_tokens, m.max_text), P = cc.block_rows;
+    const int64_t text = std::min(c.text_ring_rows(), (T + P - 1) / P * P) + P;
+    const int64_t sums = cc.stores_summaries() ? T / cc.spec.k * cc.spec.S : cc.spec.S;
+    b += ((text + P - 1) / P + (sums + P - 1) / P) * c.block_bytes();
+  }
+  return b;
+}
+
+int64_t Model::num_sequences() const { return int64_t(impl_->seqs.size()); }
 
 int64_t Model::kv_bytes_full_attention(SeqId id) const {
   const Impl& m = *impl_;

@@ -5,6 +5,7 @@
 #include <numeric>
 #include <unordered_map>
 
+#include "core/splitmix.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa {
@@ -23,6 +24,18 @@ void SamplerConfig::validate() const {
 Sampler::Sampler(const SamplerConfig& cfg) : cfg_(cfg), rng_(cfg.seed) { cfg_.validate(); }
 
 int32_t Sampler::sample(std::span<float> logits, std::span<const int32_t> history) {
+  const double u = cfg_.temperature == 0.f ? 0.0 : std::uniform_real_distribution<double>(0.0, 1.0)(rng_);
+  return sample_token(logits, history, cfg_, u, idx_, prob_);
+}
+
+double sample_uniform(uint64_t seed, uint64_t draw) {
+  const uint64_t h = detail::splitmix64(seed ^ detail::splitmix64(draw));
+  return double(h >> 11) * 0x1p-53;
+}
+
+int32_t sample_token(std::span<float> logits, std::span<const int32_t> history, const SamplerConfig& cfg, double u,
+                     std::vector<int32_t>& idx_, std::vector<float>& prob_) {
+  const SamplerConfig& cfg_ = cfg;
   const int64_t V = int64_t(logits.size());
   if (V == 0) fail("sampler: empty logits");
   // Penalties over the distinct seen tokens.
@@ -75,8 +88,7 @@ int32_t Sampler::sample(std::span<float> logits, std::span<const int32_t> histor
   }
   double total = 0;
   for (int64_t i = 0; i < n; ++i) total += prob_[size_t(i)];
-  std::uniform_real_distribution<double> u(0.0, total);
-  double r = u(rng_);
+  double r = u * total;
   for (int64_t i = 0; i < n; ++i) {
     r -= prob_[size_t(i)];
     if (r < 0) return idx_[size_t(i)];

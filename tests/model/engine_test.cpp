@@ -465,6 +465,116 @@ TEST(EngineDecode, SequencesDoNotInterfere) {
   m.release(other);
 }
 
+// Model::step: a batch that mixes prompt chunks and single tokens of several sequences gives each sequence
+// the logits it gets alone; sampled ids are reproducible from the seed; a bad item changes nothing.
+TEST(EngineStep, MixedBatchEqualsSequencesAlone) {
+  const Case c = cases()[1];  // k=3, S=2: chunk boundaries inside the prompt chunks
+  SCOPED_TRACE(describe(c));
+  const Built b(c);
+  Model m = b.engine(DType::f32);
+  std::mt19937_64 rng(c.seed + 7);
+  const size_t V = size_t(m.vocab());
+  const std::vector<int32_t> ta = random_text(rng, 41), tb = random_text(rng, 29), tc = random_text(rng, 17);
+  const std::vector<float> wa = prefill(m, ta), wb = prefill(m, tb), wc = prefill(m, tc);
+  const SeqId a = m.new_sequence(), bb = m.new_sequence(), cc = m.new_sequence();
+  // a: 20-token prompt chunk then one token per step; b: chunks of 5; c joins at step 3, all at once.
+  std::vector<float> ga(ta.size() * V), gb(tb.size() * V), gc(tc.size() * V);
+  size_t ia = 0, ib = 0, ic = 0;
+  StepResult r;
+  for (int step = 0; ia < ta.size() || ib < tb.size() || ic < tc.size(); ++step) {
+    std::vector<StepItem> items;
+    std::vector<std::pair<std::vector<float>*, size_t>> dst;
+    auto add = [&](SeqId id, const std::vector<int32_t>& t, size_t& i, size_t n, std::vector<float>& g) {
+      n = std::min(n, t.size() - i);
+      if (n == 0) return;
+      StepItem it;
+      it.id = id;
+      it.tokens = std::span(t).subspan(i, n);
+      it.logits = LogitsFor::all;
+      items.push_back(it);
+      dst.emplace_back(&g, i);
+      i += n;
+    };
+    add(a, ta, ia, step == 0 ? 20 : 1, ga);
+    add(bb, tb, ib, 5, gb);
+    if (step >= 3) add(cc, tc, ic, tc.size(), gc);
+    m.step(items, r);
+    ASSERT_EQ(r.logits_row.size(), items.size());
+    for (size_t j = 0; j < items.size(); ++j)
+      std::copy_n(r.logits.begin() + r.logits_row[j] * int64_t(V), items[j].tokens.size() * V,
+                  dst[j].first->begin() + dst[j].second * V);
+  }
+  const Diff da = diff(ga, wa), db = diff(gb, wb), dc = diff(gc, wc);
+  EXPECT_TRUE(within(da, kSelfRelF32 * da.max_abs, b.V())) << "sequence a";
+  EXPECT_TRUE(within(db, kSelfRelF32 * db.max_abs, b.V())) << "sequence b";
+  EXPECT_TRUE(within(dc, kSelfRelF32 * dc.max_abs, b.V())) << "sequence c";
+  EXPECT_EQ(m.num_sequences(), 3);
+  EXPECT_GT(m.kv_bytes_in_use(), 0);
+  EXPECT_LE(m.kv_bytes(a), m.kv_bytes_for(41));
+  m.release(a);
+  m.release(bb);
+  m.release(cc);
+  EXPECT_EQ(m.kv_bytes_in_use(), 0);
+}
+
+TEST(EngineStep, SamplingIsReproducibleAndErrorsChangeNothing) {
+  const Case c = cases()[0];
+  const Built b(c);
+  Model m = b.engine(DType::bf16);
+  std::mt19937_64 rng(c.seed + 8);
+  const std::vector<int32_t> prompt = random_text(rng, 13);
+  SamplerConfig sc;
+  sc.temperature = 1.5f;
+  sc.top_k = 40;
+  sc.seed = 1234;
+  auto run = [&](uint64_t seed, bool with_other) {
+    SamplerConfig s2 = sc;
+    s2.seed = seed;
+    const SeqId id = m.new_sequence();
+    const SeqId other = m.new_sequence();
+    std::vector<int32_t> toks(prompt);
+    StepResult r;
+    for (int i = 0; i < 24; ++i) {
+      std::vector<StepItem> items(1);
+      items[0].id = id;
+      items[0].tokens = i == 0 ? std::span<const int32_t>(toks) : std::span<const int32_t>(&toks.back(), 1);
+      items[0].sampler = &s2;
+      items[0].history = toks;
+      const int32_t o = prompt[size_t(i) % prompt.size()];
+      if (with_other) items.push_back(StepItem{other, std::span<const int32_t>(&o, 1), LogitsFor::last, nullptr, {}});
+      m.step(items, r);
+      EXPECT_TRUE(r.next[0] >= 0 && r.next[0] < m.vocab());
+      if (with_other) EXPECT_EQ(r.next[1], -1);
+      toks.push_back(r.next[0]);
+    }
+    m.release(id);
+    m.release(other);
+    return toks;
+  };
+  const std::vector<int32_t> s1 = run(1234, false), s2 = run(1234, true), s3 = run(99, false);
+  EXPECT_EQ(s1, s2) << "the same seed gives the same tokens, whatever else is in the batch";
+  EXPECT_NE(s1, s3) << "another seed, other tokens (24 draws at temperature 1.5)";
+
+  // Errors: an unknown id, an empty item, a summary token id, a duplicate id -- nothing changes.
+  const SeqId id = m.new_sequence();
+  const int32_t good = 5, sum_id = int32_t(b.cfg.summary_token_begin);
+  StepResult r;
+  std::vector<StepItem> bad = {{id, std::span<const int32_t>(&good, 1), LogitsFor::last, nullptr, {}},
+                               {id + 100, std::span<const int32_t>(&good, 1), LogitsFor::last, nullptr, {}}};
+  EXPECT_THROW(m.step(bad, r), Error);
+  bad[1] = StepItem{id, std::span<const int32_t>(&good, 1), LogitsFor::last, nullptr, {}};
+  EXPECT_THROW(m.step(bad, r), Error);  // the same id twice
+  bad[1] = StepItem{id, {}, LogitsFor::last, nullptr, {}};
+  EXPECT_THROW(m.check(bad[1]), Error);
+  bad.resize(1);
+  bad[0].tokens = std::span<const int32_t>(&sum_id, 1);
+  EXPECT_THROW(m.step(bad, r), Error);
+  std::vector<float> lg(size_t(m.vocab()));
+  EXPECT_THROW(m.append(id, std::span<const int32_t>(&sum_id, 1), LogitsFor::last, lg), Error);
+  EXPECT_EQ(m.text_tokens(id), 0);
+  m.release(id);
+}
+
 // LogitsFor::last of a prefill is the last row of LogitsFor::all; LogitsFor::none still fills the cache.
 TEST(EngineDecode, LogitsForLastAndNone) {
   const Case c = cases()[0];
