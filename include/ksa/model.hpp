@@ -32,10 +32,17 @@
 
 namespace ksa {
 
+// Where the model runs: the CPU, or the current CUDA device (a build with CUDA and a visible GPU).
+enum class Device : uint8_t { cpu, cuda };
+const char* to_string(Device d);
+// Whether Device::cuda can be used: the build has the CUDA engine and a GPU is visible. Never throws.
+bool cuda_engine_available();
+
 struct ModelOptions {
-  int threads = 0;                 // worker threads for matrix products and attention (0 = all cores)
+  Device device = Device::cpu;
+  int threads = 0;                 // CPU worker threads for matrix products and attention (0 = all cores)
   int64_t max_text_tokens = 0;     // context limit per sequence (0 = config.max_position_embeddings)
-  DType kv_dtype = DType::bf16;    // KV cache storage: bf16 or f32
+  DType kv_dtype = DType::bf16;    // KV cache storage: bf16 or f32 (CUDA: bf16)
   // Called while the weights are read into memory (bytes done, bytes total); may be empty.
   std::function<void(int64_t, int64_t)> progress;
 };
@@ -85,6 +92,10 @@ class Model {
   // Bytes of weights read from memory for one decode step (every tensor once; the embedding only for the
   // looked-up rows; lm_head in full).
   int64_t weight_bytes_per_token() const;
+  // The backend in words, e.g. "cpu (2 threads)" or "cuda: NVIDIA H200 (sm_90, 132 SMs, 140 GiB)".
+  std::string backend_name() const;
+  // Peak device memory the model allocated so far (CUDA; 0 on the CPU).
+  int64_t device_bytes_peak() const;
 
   // Sequences. Ids are never reused.
   SeqId new_sequence();

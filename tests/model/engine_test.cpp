@@ -387,7 +387,7 @@ TEST(EngineReference, WindowCoveringAllChunksEqualsPlainQwen3) {
   const std::vector<double> a = b.ref->logits(text), p = pref.logits(text);
   const Diff dr = diff(a, p);
   EXPECT_TRUE(within(dr, 1e-12 * dr.max_abs, b.V())) << "reference";
-  Model m = b.engine(DType::f32), mp = Model::load(plain.str(), ModelOptions{2, 0, DType::f32, {}});
+  Model m = b.engine(DType::f32), mp = Model::load(plain.str(), ModelOptions{Device::cpu, 2, 0, DType::f32, {}});
   const Diff de = diff(prefill(m, text), prefill(mp, text));
   EXPECT_TRUE(within(de, kSelfRelF32 * de.max_abs, b.V())) << "engine";
 }
@@ -544,7 +544,9 @@ TEST(EngineStep, SamplingIsReproducibleAndErrorsChangeNothing) {
       if (with_other) items.push_back(StepItem{other, std::span<const int32_t>(&o, 1), LogitsFor::last, nullptr, {}});
       m.step(items, r);
       EXPECT_TRUE(r.next[0] >= 0 && r.next[0] < m.vocab());
-      if (with_other) EXPECT_EQ(r.next[1], -1);
+      if (with_other) {
+        EXPECT_EQ(r.next[1], -1);
+      }
       toks.push_back(r.next[0]);
     }
     m.release(id);

@@ -1,0 +1,72 @@
+// Dense CUDA operations of the Qwen3-KSA forward (the GPU twin of ksa/dense.hpp): matrix products through
+// cuBLASLt and small fused kernels for the rest. Device pointers; every call is asynchronous on `stream`.
+// Activations: the residual stream and matrix-product outputs fp32, matrix-product inputs bf16; weights bf16.
+// No CUDA includes, so host code can use it.
+#pragma once
+#include <cstdint>
+#include <memory>
+
+#include "ksa/cuda.hpp"
+#include "ksa/dtype.hpp"
+
+namespace ksa::cuda {
+
+// y[M, N] = x[M, K] W^T, x and W [N, K] row-major bf16, y f32 or bf16 (row stride N), fp32 accumulation.
+// Holds a cuBLASLt handle, a workspace and the algorithm chosen per shape.
+class Gemm {
+ public:
+  explicit Gemm(Stream stream);
+  ~Gemm();
+  Gemm(const Gemm&) = delete;
+  Gemm& operator=(const Gemm&) = delete;
+  void run(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// x[r, :] = float(table[ids[r], :]) for n rows of H (table bf16).
+void embed_rows(const void* table, const int32_t* ids, int64_t n, int64_t H, float* x, Stream stream);
+// out[r] = bf16(x[r] / rms(x[r]) * w) with w = ws for rows where is_summary[r] != 0 (ws, is_summary may be
+// null). The sum of squares in fp32 (two-level tree).
+void rms_norm(const float* x, int64_t rows, int64_t n, const void* w, const void* ws, const uint8_t* is_summary, float eps,
+              void* out, Stream stream);
+// x += h; out = bf16(rms_norm(x) * w).
+void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void* w, float eps, void* out, Stream stream);
+// x += h over `count` floats.
+void add(float* x, const float* h, int64_t count, Stream stream);
+// out[i, :] = in[rows[i], :] (gather) or out[rows[i], :] = in[i, :] (scatter), rows of `row_bytes` (a multiple
+// of 4).
+void gather_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, Stream stream);
+void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, Stream stream);
+// y[rows[i], :] = mix * ys[i, :] + (1 - mix) * y[rows[i], :] (cols floats per row).
+void blend_rows(float* y, const float* ys, const int32_t* rows, int64_t m, int64_t cols, double mix, Stream stream);
+// Per-head RMSNorm (weights qn, kn [D], bf16) of q [n, Hq*D] and k [n, Hkv*D] (fp32), then RoPE (HF
+// rotate_half) at positions[r] with inv_freq [D/2] (fp32, as the reference computes it), rounded to bf16
+// into qc, kc; v [n, Hkv*D] rounded into vc.
+void qk_norm_rope(const float* q, const float* k, const float* v, int64_t n, int64_t Hq, int64_t Hkv, int64_t D,
+                  const void* qn, const void* kn, float eps, const int32_t* positions, const float* inv_freq, void* qc,
+                  void* kc, void* vc, Stream stream);
+// out = bf16(silu(g) * u) over `count` elements (g, u fp32).
+void silu_mul(const float* g, const float* u, int64_t count, void* out, Stream stream);
+
+// One token drawn per logits row (the same order of operations as ksa::sample_token: penalties, then greedy
+// or temperature with top-k, top-p and min-p cuts, then the token at cumulative probability u). The cuts are
+// found by radix selection over the logits' bits, so tokens tied at a cut are all kept, and the draw walks
+// the kept tokens in id order: the same u picks the same token on every run (integer mass sums, no float
+// atomics), but not the token the CPU's sorted walk picks.
+struct SampleArgs {
+  int64_t row = 0;           // logits row
+  float temperature = 0.f;   // 0: greedy (ties to the lowest id)
+  int32_t top_k = 0;
+  float top_p = 1.f, min_p = 0.f;
+  float repetition_penalty = 1.f, presence_penalty = 0.f, frequency_penalty = 0.f;
+  double u = 0;              // in [0, 1)
+  int32_t hist0 = 0, hist_n = 0;  // [hist0, hist0 + hist_n) of the (token, count) pairs
+};
+// logits [rows, V] (row stride V) modified in place by the penalties; args [n], pairs [*][2] device memory.
+void sample_tokens(float* logits, int64_t V, const SampleArgs* args, int64_t n, const int32_t* pairs, int32_t* out,
+                   Stream stream);
+
+}  // namespace ksa::cuda

@@ -1,0 +1,479 @@
+// Dense CUDA operations of the Qwen3-KSA forward (include/ksa/cuda_dense.hpp): cuBLASLt matrix products and
+// the small kernels around them. Each kernel is one pass over its rows; the reductions are fp32 trees.
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+
+#include <climits>
+#include <cmath>
+#include <map>
+#include <tuple>
+
+#include "check.cuh"
+#include "ksa/cuda_dense.hpp"
+#include "ksa/error.hpp"
+
+namespace ksa::cuda {
+namespace {
+
+cudaStream_t cs(Stream s) { return static_cast<cudaStream_t>(s); }
+unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
+
+#define KSA_CUBLAS_CHECK(expr)                                                                        \
+  do {                                                                                                \
+    const cublasStatus_t st_ = (expr);                                                                \
+    if (st_ != CUBLAS_STATUS_SUCCESS)                                                                 \
+      ::ksa::fail("cuBLASLt error in ", #expr, ": status ", int(st_), " (", cublasLt_status(st_), ")"); \
+  } while (0)
+
+const char* cublasLt_status(cublasStatus_t s) {
+  switch (s) {
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "not initialized";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "allocation failed (out of device memory?)";
+    case CUBLAS_STATUS_INVALID_VALUE: return "invalid value";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "architecture mismatch";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "execution failed";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "not supported";
+    default: return "error";
+  }
+}
+
+// ----------------------------------------------------------------------------------------- reductions
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
+__device__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < nw ? red[lane] : 0.f;
+  return warp_sum(v);
+}
+
+__device__ __forceinline__ float bf(const void* p, int64_t i) {
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+// ------------------------------------------------------------------------------------- small kernels
+__global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* ids, int64_t H, float* x) {
+  const int64_t r = blockIdx.x;
+  const __nv_bfloat16* src = table + int64_t(ids[r]) * H;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) x[r * H + i] = __bfloat162float(src[i]);
+}
+
+// One block per row: x (optionally += h first) normalised with w (or ws on summary rows) into bf16 out.
+__global__ void rms_norm_kernel(float* x, const float* h, int64_t n, const void* w, const void* ws,
+                                const uint8_t* is_summary, float eps, __nv_bfloat16* out) {
+  __shared__ float red[32];
+  const int64_t r = blockIdx.x;
+  float* xr = x + r * n;
+  float ss = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    float v = xr[i];
+    if (h) {
+      v += h[r * n + i];
+      xr[i] = v;
+    }
+    ss += v * v;
+  }
+  ss = block_sum(ss, red);
+  const float inv = rsqrtf(ss / float(n) + eps);
+  const void* wr = (ws && is_summary && is_summary[r]) ? ws : w;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[r * n + i] = __float2bfloat16(xr[i] * inv * bf(wr, i));
+}
+
+__global__ void add_kernel(float* x, const float* h, int64_t count) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count) x[i] += h[i];
+}
+
+__global__ void gather_kernel(const uint32_t* in, int64_t words, const int32_t* rows, uint32_t* out, bool scatter) {
+  const int64_t i = blockIdx.x, r = rows[i];
+  for (int64_t c = threadIdx.x; c < words; c += blockDim.x) {
+    if (scatter) out[r * words + c] = in[i * words + c];
+    else out[i * words + c] = in[r * words + c];
+  }
+}
+
+__global__ void blend_kernel(float* y, const float* ys, const int32_t* rows, int64_t cols, float mix, bool whole) {
+  const int64_t i = blockIdx.x, r = rows[i];
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    float& d = y[r * cols + c];
+    const float s = ys[i * cols + c];
+    d = whole ? s : mix * s + (1.f - mix) * d;
+  }
+}
+
+// One warp per (row, head): per-head RMSNorm, RoPE (lane holds elements lane + 32 j; element i pairs with
+// i + D/2, i.e. j with j + D/64), bf16 out. Heads [0, Hq) are q, [Hq, Hq + Hkv) k, [Hq + Hkv, Hq + 2 Hkv) v.
+template <int D>
+__global__ void qk_norm_rope_kernel(const float* q, const float* k, const float* v, int64_t n, int Hq, int Hkv,
+                                    const void* qn, const void* kn, float eps, const int32_t* positions,
+                                    const float* inv_freq, __nv_bfloat16* qc, __nv_bfloat16* kc, __nv_bfloat16* vc) {
+  constexpr int J = D / 32, HALF = J / 2;
+  const int64_t gw = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32, H = Hq + 2 * Hkv;
+  if (gw >= n * H) return;
+  const int64_t r = gw / H;
+  const int h = int(gw % H);
+  const float* src;
+  __nv_bfloat16* dst;
+  const void* w = nullptr;
+  if (h < Hq) src = q + (r * Hq + h) * D, dst = qc + (r * Hq + h) * D, w = qn;
+  else if (h < Hq + Hkv) src = k + (r * Hkv + h - Hq) * D, dst = kc + (r * Hkv + h - Hq) * D, w = kn;
+  else src = v + (r * Hkv + h - Hq - Hkv) * D, dst = vc + (r * Hkv + h - Hq - Hkv) * D;
+  float e[J];
+#pragma unroll
+  for (int j = 0; j < J; ++j) e[j] = src[lane + 32 * j];
+  if (w) {
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < J; ++j) ss += e[j] * e[j];
+    ss = warp_sum(ss);
+    const float inv = rsqrtf(ss / float(D) + eps);
+#pragma unroll
+    for (int j = 0; j < J; ++j) e[j] = e[j] * inv * bf(w, lane + 32 * j);
+    const float pos = float(positions[r]);
+#pragma unroll
+    for (int j = 0; j < HALF; ++j) {
+      const float angle = pos * inv_freq[lane + 32 * j];
+      const float c = float(cos(double(angle))), s = float(sin(double(angle)));
+      const float a = e[j], b = e[j + HALF];
+      e[j] = a * c - b * s;
+      e[j + HALF] = b * c + a * s;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < J; ++j) dst[lane + 32 * j] = __float2bfloat16(e[j]);
+}
+
+__global__ void silu_mul_kernel(const float* g, const float* u, int64_t count, __nv_bfloat16* out) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  const float x = g[i];
+  out[i] = __float2bfloat16(x / (1.f + expf(-x)) * u[i]);
+}
+
+// ------------------------------------------------------------------------------------------ sampling
+constexpr int kSampleThreads = 1024;
+using u64 = unsigned long long;
+
+struct SampleShared {
+  u64 hist[256];
+  u64 warp[32];
+  float fv[32];
+  int iv[32];
+  uint32_t prefix;
+  u64 rem;
+};
+
+// Order-preserving key of a float: larger float, larger key.
+__device__ __forceinline__ uint32_t fkey(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Exclusive prefix sum over the block in thread order; `total` gets the sum (deterministic).
+__device__ u64 block_exclusive_scan(u64 v, u64& total, SampleShared& sh) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  u64 inc = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const u64 t = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += t;
+  }
+  __syncthreads();
+  if (lane == 31) sh.warp[warp] = inc;
+  __syncthreads();
+  if (warp == 0) {
+    u64 w = sh.warp[lane], wi = w;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const u64 t = __shfl_up_sync(0xffffffffu, wi, o);
+      if (lane >= o) wi += t;
+    }
+    sh.warp[lane] = wi - w;  // exclusive offset of each warp
+    if (lane == 31) sh.rem = wi;
+  }
+  __syncthreads();
+  total = sh.rem;
+  const u64 r = sh.warp[warp] + inc - v;
+  __syncthreads();
+  return r;
+}
+
+// The largest key K with weight(keys >= K) >= target among elements whose key is >= lo (weight(l): 1 for
+// counts, fixed-point probability mass for top-p), by four 8-bit radix passes.
+template <class WeightFn>
+__device__ uint32_t select_key(const float* lg, int V, uint32_t lo, u64 target, WeightFn weight, SampleShared& sh) {
+  uint32_t prefix = 0, mask = 0;
+  u64 rem = target;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) sh.hist[i] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+      const uint32_t key = fkey(lg[i]);
+      if (key < lo || (key & mask) != prefix) continue;
+      atomicAdd(&sh.hist[(key >> shift) & 255u], weight(lg[i]));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      u64 cum = 0;
+      int d = 255;
+      for (; d > 0; --d) {
+        if (cum + sh.hist[d] >= rem) break;
+        cum += sh.hist[d];
+      }
+      sh.prefix = prefix | (uint32_t(d) << shift);
+      sh.rem = rem - cum;
+    }
+    __syncthreads();
+    prefix = sh.prefix;
+    rem = sh.rem;
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  return prefix;
+}
+
+__global__ void __launch_bounds__(kSampleThreads) sample_kernel(float* logits, int V, const SampleArgs* args,
+                                                                const int32_t* pairs, int32_t* out) {
+  __shared__ SampleShared sh;
+  const SampleArgs a = args[blockIdx.x];
+  float* lg = logits + a.row * int64_t(V);
+  for (int i = threadIdx.x; i < a.hist_n; i += blockDim.x) {
+    const int t = pairs[2 * (a.hist0 + i)], c = pairs[2 * (a.hist0 + i) + 1];
+    if (t < 0 || t >= V) continue;
+    float x = lg[t];
+    if (a.repetition_penalty != 1.f) x = x > 0.f ? x / a.repetition_penalty : x * a.repetition_penalty;
+    lg[t] = x - (a.presence_penalty + a.frequency_penalty * float(c));
+  }
+  __syncthreads();
+  // Each thread owns the contiguous ids [i0, i1): the argmax and the draw walk ids in order.
+  const int chunk = (V + blockDim.x - 1) / blockDim.x, i0 = min(V, int(threadIdx.x) * chunk), i1 = min(V, i0 + chunk);
+  float best = -INFINITY;
+  int bid = INT_MAX;
+  for (int i = i0; i < i1; ++i)
+    if (lg[i] > best) best = lg[i], bid = i;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bid, o);
+    if (ob > best || (ob == best && oi < bid)) best = ob, bid = oi;
+  }
+  if (lane == 0) sh.fv[warp] = best, sh.iv[warp] = bid;
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < int(blockDim.x / 32) ? sh.fv[lane] : -INFINITY;
+    bid = lane < int(blockDim.x / 32) ? sh.iv[lane] : INT_MAX;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bid, o);
+      if (ob > best || (ob == best && oi < bid)) best = ob, bid = oi;
+    }
+    if (lane == 0) sh.fv[0] = best, sh.iv[0] = bid;
+  }
+  __syncthreads();
+  best = sh.fv[0];
+  bid = sh.iv[0];
+  __syncthreads();
+  if (a.temperature == 0.f || bid == INT_MAX) {
+    if (threadIdx.x == 0) out[blockIdx.x] = bid == INT_MAX ? 0 : bid;
+    return;
+  }
+  const float m = best, invT = 1.f / a.temperature;
+  auto prob = [&](float l) { return expf((l - m) * invT); };
+  auto mass = [&](float l) { return u64(prob(l) * 4294967296.f); };  // fixed point 2^32: p <= 1
+  uint32_t lo = 0;
+  if (a.top_k > 0 && a.top_k < V) lo = select_key(lg, V, 0u, u64(a.top_k), [](float) { return u64(1); }, sh);
+  if (a.top_p < 1.f) {
+    u64 my = 0, Z = 0;
+    for (int i = i0; i < i1; ++i)
+      if (fkey(lg[i]) >= lo) my += mass(lg[i]);
+    block_exclusive_scan(my, Z, sh);
+    u64 target = u64(double(a.top_p) * double(Z));
+    if (target < 1) target = 1;
+    const uint32_t kp = select_key(lg, V, lo, target, mass, sh);
+    lo = kp > lo ? kp : lo;
+  }
+  auto kept = [&](float l) { return fkey(l) >= lo && prob(l) >= a.min_p; };
+  u64 my = 0, total = 0;
+  for (int i = i0; i < i1; ++i)
+    if (kept(lg[i])) my += mass(lg[i]);
+  const u64 excl = block_exclusive_scan(my, total, sh);
+  u64 r = u64(a.u * double(total));
+  if (r >= total) r = total - 1;
+  if (r >= excl && r < excl + my) {
+    u64 c = excl;
+    for (int i = i0; i < i1; ++i) {
+      if (!kept(lg[i])) continue;
+      c += mass(lg[i]);
+      if (r < c) {
+        out[blockIdx.x] = i;
+        break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------- Gemm
+struct Gemm::Impl {
+  cublasLtHandle_t handle = nullptr;
+  cudaStream_t stream = nullptr;
+  void* workspace = nullptr;
+  size_t ws_bytes = size_t(32) << 20;
+  struct Plan {
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+  };
+  std::map<std::tuple<int64_t, int64_t, int64_t, int>, Plan> plans;
+
+  Plan& plan(int64_t M, int64_t K, int64_t N, DType ydt) {
+    const auto key = std::make_tuple(M, K, N, int(ydt));
+    auto it = plans.find(key);
+    if (it != plans.end()) return it->second;
+    Plan p;
+    // Column-major view: y^T [N, M] = W [K, N]^T x^T [K, M].
+    KSA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    KSA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    KSA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    const cudaDataType_t yt = ydt == DType::f32 ? CUDA_R_32F : CUDA_R_16BF;
+    KSA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, uint64_t(K), uint64_t(N), K));
+    KSA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, uint64_t(K), uint64_t(M), K));
+    KSA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, yt, uint64_t(N), uint64_t(M), N));
+    cublasLtMatmulPreference_t pref = nullptr;
+    KSA_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    KSA_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
+                                                          sizeof ws_bytes));
+    cublasLtMatmulHeuristicResult_t res{};
+    int found = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.op, p.a, p.b, p.c, p.c, pref, 1, &res, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (st != CUBLAS_STATUS_SUCCESS || found == 0)
+      fail("cuBLASLt: no algorithm for the matrix product M=", M, " K=", K, " N=", N, " (bf16 in, ",
+           dtype_name(ydt), " out)");
+    p.algo = res.algo;
+    return plans.emplace(key, p).first->second;
+  }
+};
+
+Gemm::Gemm(Stream stream) : impl_(std::make_unique<Impl>()) {
+  impl_->stream = cs(stream);
+  KSA_CUBLAS_CHECK(cublasLtCreate(&impl_->handle));
+  KSA_CUDA_CHECK(cudaMalloc(&impl_->workspace, impl_->ws_bytes));
+}
+
+Gemm::~Gemm() {
+  for (auto& [k, p] : impl_->plans) {
+    cublasLtMatrixLayoutDestroy(p.a);
+    cublasLtMatrixLayoutDestroy(p.b);
+    cublasLtMatrixLayoutDestroy(p.c);
+    cublasLtMatmulDescDestroy(p.op);
+  }
+  cudaFree(impl_->workspace);
+  if (impl_->handle) cublasLtDestroy(impl_->handle);
+}
+
+void Gemm::run(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt) {
+  if (M < 1 || K < 1 || N < 1) fail("cuda linear: bad shape M=", M, " K=", K, " N=", N);
+  if (ydt != DType::f32 && ydt != DType::bf16) fail("cuda linear: output must be f32 or bf16");
+  Impl::Plan& p = impl_->plan(M, K, N, ydt);
+  const float alpha = 1.f, beta = 0.f;
+  KSA_CUBLAS_CHECK(cublasLtMatmul(impl_->handle, p.op, &alpha, W, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo,
+                                  impl_->workspace, impl_->ws_bytes, impl_->stream));
+}
+
+// ------------------------------------------------------------------------------------------ launchers
+void embed_rows(const void* table, const int32_t* ids, int64_t n, int64_t H, float* x, Stream stream) {
+  if (n == 0) return;
+  embed_kernel<<<unsigned(n), 256, 0, cs(stream)>>>(static_cast<const __nv_bfloat16*>(table), ids, H, x);
+  KSA_CUDA_CHECK_LAUNCH();
+}
+
+void rms_norm(const float* x, int64_t rows, int64_t n, const void* w, const void* ws, const uint8_t* is_summary,
+              float eps, void* out, Stream stream) {
+  if (rows == 0) return;
+  rms_norm_kernel<<<unsigned(rows), 256, 0, cs(stream)>>>(const_cast<float*>(x), nullptr, n, w, ws, is_summary, eps,
+                                                           static_cast<__nv_bfloat16*>(out));
+  KSA_CUDA_CHECK_LAUNCH();
+}
+
+void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void* w, float eps, void* out, Stream stream) {
+  if (rows == 0) return;
+  rms_norm_kernel<<<unsigned(rows), 256, 0, cs(stream)>>>(x, h, n, w, nullptr, nullptr, eps,
+                                                           static_cast<__nv_bfloat16*>(out));
+  KSA_CUDA_CHECK_LAUNCH();
+}
+
+void add(float* x, const float* h, int64_t count, Stream stream) {
+  if (count == 0) return;
+  add_kernel<<<blocks_for(count, 256), 256, 0, cs(stream)>>>(x, h, count);
+  KSA_CUDA_CHECK_LAUNCH();
+}
+
+void gather_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, Stream stream) {
+  if (m == 0) return;
+  if (row_bytes % 4) fail("cuda gather_rows: row bytes must be a multiple of 4 (got ", row_bytes, ")");
+  gather_kernel<<<unsigned(m), 256, 0, cs(stream)>>>(static_cast<const uint32_t*>(in), row_bytes / 4, rows,
+                                                     static_cast<uint32_t*>(out), false);
+  KSA_CUDA_CHECK_LAUNCH();
+}
+
+void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, Stream stream) {
+  if (m == 0) return;
+  if (row_bytes % 4) fail("cuda scatter_rows: row bytes must be a multiple of 4 (got ", row_bytes, ")");
+  gather_kernel<<<unsigned(m), 256, 0, cs(stream)>>>(static_cast<const uint32_t*>(in), row_bytes / 4, rows,
+                                                     static_cast<uint32_t*>(out), true);
+  KSA_CUDA_CHECK_LAUNCH();
+}
+
+void blend_rows(float* y, const float* ys, const int32_t* rows, int64_t m, int64_t cols, double mix, Stream stream) {
+  if (m == 0) return;
+  blend_kernel<<<unsigned(m), 256, 0, cs(stream)>>>(y, ys, rows, cols, float(mix), mix == 1.0);
+  KSA_CUDA_CHECK_LAUNCH();
+}
+
+void qk_norm_rope(const float* q, const float* k, const float* v, int64_t n, int64_t Hq, int64_t Hkv, int64_t D,
+                  const void* qn, const void* kn, float eps, const int32_t* positions, const float* inv_freq, void* qc,
+                  void* kc, void* vc, Stream stream) {
+  if (n == 0) return;
+  const int64_t warps = n * (Hq + 2 * Hkv);
+  const unsigned grid = blocks_for(warps * 32, 256);
+  auto* Q = static_cast<__nv_bfloat16*>(qc);
+  auto* K = static_cast<__nv_bfloat16*>(kc);
+  auto* Vv = static_cast<__nv_bfloat16*>(vc);
+  if (D == 128)
+    qk_norm_rope_kernel<128><<<grid, 256, 0, cs(stream)>>>(q, k, v, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
+  else if (D == 64)
+    qk_norm_rope_kernel<64><<<grid, 256, 0, cs(stream)>>>(q, k, v, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
+  else
+    fail("cuda qk_norm_rope: head_dim must be 64 or 128 (got ", D, ")");
+  KSA_CUDA_CHECK_LAUNCH();
+}
+
+void silu_mul(const float* g, const float* u, int64_t count, void* out, Stream stream) {
+  if (count == 0) return;
+  silu_mul_kernel<<<blocks_for(count, 256), 256, 0, cs(stream)>>>(g, u, count, static_cast<__nv_bfloat16*>(out));
+  KSA_CUDA_CHECK_LAUNCH();
+}
+
+void sample_tokens(float* logits, int64_t V, const SampleArgs* args, int64_t n, const int32_t* pairs, int32_t* out,
+                   Stream stream) {
+  if (n == 0) return;
+  if (V < 1 || V >= (int64_t(1) << 31)) fail("cuda sample_tokens: vocabulary of ", V, " logits");
+  sample_kernel<<<unsigned(n), kSampleThreads, 0, cs(stream)>>>(logits, int(V), args, pairs, out);
+  KSA_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace ksa::cuda

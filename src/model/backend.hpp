@@ -1,0 +1,133 @@
+// The operations the Qwen3-KSA forward (model.cpp) is written in, and the two backends that supply them:
+// the CPU (backend_cpu.cpp: ksa::cpu kernels over fp32 activations) and CUDA (backend_cuda.cpp: cuBLASLt
+// matrix products, ksa::cuda kernels, bf16 activations). The model never calls ksa::cpu:: or ksa::cuda::
+// directly; it owns the stream bookkeeping (which tokens, positions, summaries) and the layer structure, a
+// backend owns memory, the KV caches and the arithmetic.
+//
+// A step: the model describes the step's stream rows once (begin_step: token ids, RoPE positions, which rows
+// are summaries, the sequences and their row ranges); every op then works on activations of the step's rows
+// [n, cols] and refers to those row sets implicitly. Activations live until the next begin_step.
+//
+// Precision: `x` (the residual stream) and matrix-product outputs that feed a norm are fp32 (Prec::wide);
+// inputs of matrix products are Prec::narrow (fp32 on the CPU, bf16 on CUDA); q, k, v are rounded to the KV
+// cache's dtype before attention, as the reference bf16 inference does.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "ksa/cache.hpp"
+#include "ksa/dtype.hpp"
+#include "ksa/safetensors.hpp"
+#include "ksa/sampler.hpp"
+
+namespace ksa::engine {
+
+// A weight placed on the backend's device (the CPU keeps the mmap'ed bytes; CUDA uploads them).
+struct Weight {
+  const void* data = nullptr;
+  DType dtype = DType::bf16;
+  int64_t rows = 0, cols = 0, nbytes = 0;  // [rows, cols] row-major (a vector: rows 1)
+  std::shared_ptr<void> keep;              // owns the memory (aligned copy or device buffer)
+  explicit operator bool() const { return data != nullptr; }
+};
+
+// wide: fp32; narrow: the backend's matrix-product input dtype; cache: the KV cache's dtype.
+enum class Prec : uint8_t { wide, narrow, cache };
+
+// Activations of the step's rows: [rows, cols], row-major, on the backend's device.
+struct Act {
+  void* data = nullptr;
+  int64_t rows = 0, cols = 0;
+  DType dtype = DType::f32;
+};
+
+// Row subsets the ops take (fixed for a step by begin_step).
+enum class Rows : uint8_t { summary, logits };
+
+struct StepSeq {
+  SeqId cache_id = -1;  // the sequence's id in every layer's cache (the same in all layers)
+  int64_t row0 = 0, n = 0;  // its new stream rows [row0, row0 + n) of the step
+  bool fresh = false;   // nothing cached yet: attend with the prefill kernel over these rows alone
+};
+
+// Continuing sequences (fresh false) come first in `seqs`, their rows packed from row 0; fresh ones follow.
+struct StepDesc {
+  std::vector<int32_t> ids;        // [n] embedding row per stream row
+  std::vector<int32_t> positions;  // [n] RoPE positions
+  std::vector<int32_t> summary_rows;  // rows that are summary tokens, increasing
+  std::vector<int32_t> logits_rows;   // rows whose logits are computed, increasing
+  std::vector<StepSeq> seqs;
+  int64_t rows() const { return int64_t(ids.size()); }
+};
+
+// One sampling request on a logits row (the row's index among StepDesc::logits_rows).
+struct SampleReq {
+  int64_t logits_row = 0;
+  const SamplerConfig* cfg = nullptr;
+  double u = 0;                    // the draw's uniform in [0, 1)
+  std::span<const int32_t> history;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;  // "cpu (N threads)", "cuda: NVIDIA H200 (sm_90, ...)"
+  virtual DType narrow_dtype() const = 0;
+
+  // Weights (called at load). `t` may be null (absent tensor): returns an empty Weight.
+  virtual Weight place(const TensorInfo* t) = 0;
+  // One KV cache per layer, created once at load; `cache(i)` is its bookkeeping (states, bytes, ids).
+  virtual void create_caches(const std::vector<KvCacheConfig>& layers) = 0;
+  virtual KvCache& cache(size_t layer) = 0;
+  // Text tokens one continuation (not fresh) of a sequence may add in one step (beyond: split the step).
+  virtual int64_t max_continuation_tokens() const = 0;
+
+  // Steps.
+  virtual void begin_step(const StepDesc& step) = 0;
+  virtual Act act(int64_t rows, int64_t cols, Prec p) = 0;  // scratch for this step
+  virtual void embed(const Weight& table, Act x) = 0;       // x[r] = table[ids[r]] (fp32)
+  // out = RMSNorm(x) * w per row (summary rows with ws when given).
+  virtual void rms_norm(const Act& x, const Weight& w, const Weight& ws, float eps, Act out) = 0;
+  // x += h, then out = RMSNorm(x) * w.
+  virtual void add_rms_norm(Act x, const Act& h, const Weight& w, float eps, Act out) = 0;
+  virtual void add(Act x, const Act& h) = 0;
+  // y[M, N] = x[M, K] W^T (W [N, K]).
+  virtual void linear(const Act& x, const Weight& W, Act y) = 0;
+  // out[i] = in[rows[i]] / out[rows[i]] = in[i].
+  virtual void gather(const Act& in, Rows which, Act out) = 0;
+  virtual void scatter(const Act& in, Rows which, Act out) = 0;
+  // y[summary_rows[i]] = mix * ys[i] + (1 - mix) * y[summary_rows[i]].
+  virtual void blend(Act y, const Act& ys, double mix) = 0;
+  // Per-head RMSNorm of q [n, Hq*D] and k [n, Hkv*D], RoPE at the step's positions; results in the cache
+  // dtype into qc, kc; v rounded into vc.
+  virtual void qk_norm_rope(const Act& q, const Act& k, const Act& v, const Weight& qn, const Weight& kn, float eps,
+                            double theta, int64_t Hq, int64_t Hkv, int64_t D, Act qc, Act kc, Act vc) = 0;
+  // Attention of the step's rows of every sequence through layer `layer`'s cache (prefill kernel for fresh
+  // sequences, decode kernel through the cache otherwise), writing the new K/V into the cache.
+  virtual void attention(size_t layer, int64_t W, const Act& qc, const Act& kc, const Act& vc, int64_t Hq, Act out) = 0;
+  // out = silu(g) * u (g, u wide; out narrow).
+  virtual void silu_mul(const Act& g, const Act& u, Act out) = 0;
+  // Logits rows [m, V] (fp32) to the host.
+  virtual void download(const Act& logits, std::span<float> out) = 0;
+  // One token per request from its logits row (penalties applied in place first).
+  virtual void sample(const Act& logits, std::span<const SampleReq> reqs, std::span<int32_t> out) = 0;
+  // Waits for the step's work (errors of asynchronous work surface here).
+  virtual void finish_step() = 0;
+
+  // Device memory: peak and current bytes the backend allocated (0 on the CPU).
+  virtual int64_t device_bytes_peak() const { return 0; }
+};
+
+struct BackendOptions {
+  int threads = 0;  // CPU threads
+  int64_t continuation_tokens = 128;  // CUDA: text tokens per continuation step (sets the ring slack)
+};
+
+std::unique_ptr<Backend> make_cpu_backend(const BackendOptions& opt);
+// Throws ksa::Error when the build has no CUDA or no device is visible.
+std::unique_ptr<Backend> make_cuda_backend(const BackendOptions& opt);
+
+}  // namespace ksa::engine

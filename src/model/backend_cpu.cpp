@@ -1,0 +1,223 @@
+// The CPU backend of the engine (backend.hpp): fp32 activations, the ksa::cpu dense kernels and attention
+// (the prefill kernel for fresh sequences, the decode kernel through ksa::KvCache otherwise), weights read
+// in place from the mmap'ed checkpoint.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <thread>
+
+#include "ksa/cpu.hpp"
+#include "ksa/decode.hpp"
+#include "ksa/dense.hpp"
+#include "ksa/error.hpp"
+#include "model/backend.hpp"
+
+namespace ksa::engine {
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(const BackendOptions& o)
+      : threads_(o.threads > 0 ? o.threads : int(std::max(1u, std::thread::hardware_concurrency()))) {}
+
+  std::string name() const override { return "cpu (" + std::to_string(threads_) + " threads)"; }
+  DType narrow_dtype() const override { return DType::f32; }
+
+  Weight place(const TensorInfo* t) override {
+    Weight w;
+    if (!t) return w;
+    auto mem = std::make_shared<AlignedData>(*t, size_t(dtype_size(t->dtype)));
+    w.data = mem->data();
+    w.keep = mem;
+    w.dtype = t->dtype;
+    w.rows = t->shape.size() >= 2 ? t->shape[0] : 1;
+    w.cols = t->shape.empty() ? 1 : t->shape.back();
+    w.nbytes = t->nbytes;
+    return w;
+  }
+
+  void create_caches(const std::vector<KvCacheConfig>& layers) override {
+    caches_.clear();
+    for (const KvCacheConfig& c : layers) caches_.emplace_back(c);
+    kv_dtype_ = layers.empty() ? DType::f32 : layers[0].dtype;
+  }
+  KvCache& cache(size_t layer) override { return caches_[layer]; }
+  int64_t max_continuation_tokens() const override { return int64_t(1) << 62; }
+
+  void begin_step(const StepDesc& step) override {
+    step_ = &step;
+    arena_.clear();
+  }
+
+  Act act(int64_t rows, int64_t cols, Prec p) override {
+    const DType t = p == Prec::cache ? kv_dtype_ : DType::f32;
+    arena_.emplace_back(size_t(rows * cols * dtype_size(t)));
+    return Act{arena_.back().data(), rows, cols, t};
+  }
+
+  void embed(const Weight& table, Act x) override {
+    float* y = f32(x);
+    for (int64_t r = 0; r < x.rows; ++r)
+      for (int64_t i = 0; i < x.cols; ++i)
+        y[r * x.cols + i] = load_as_float(table.dtype, table.data, int64_t(step_->ids[size_t(r)]) * x.cols + i);
+  }
+
+  void rms_norm(const Act& x, const Weight& w, const Weight& ws, float eps, Act out) override {
+    std::copy_n(f32(x), x.rows * x.cols, f32(out));
+    if (ws && !step_->summary_rows.empty()) {
+      size_t s = 0;
+      for (int64_t r = 0; r < x.rows; ++r) {
+        const bool summary = s < step_->summary_rows.size() && step_->summary_rows[s] == r;
+        s += summary;
+        const Weight& wr = summary ? ws : w;
+        cpu::rms_norm(f32(out) + r * x.cols, 1, x.cols, wr.data, wr.dtype, eps);
+      }
+      return;
+    }
+    cpu::rms_norm(f32(out), x.rows, x.cols, w.data, w.dtype, eps);
+  }
+
+  void add_rms_norm(Act x, const Act& h, const Weight& w, float eps, Act out) override {
+    add(x, h);
+    std::copy_n(f32(x), x.rows * x.cols, f32(out));
+    cpu::rms_norm(f32(out), x.rows, x.cols, w.data, w.dtype, eps);
+  }
+
+  void add(Act x, const Act& h) override {
+    float* a = f32(x);
+    const float* b = f32(h);
+    for (int64_t i = 0; i < x.rows * x.cols; ++i) a[i] += b[i];
+  }
+
+  void linear(const Act& x, const Weight& W, Act y) override {
+    cpu::linear(f32(x), x.rows, x.cols, W.data, W.dtype, y.cols, f32(y), threads_);
+  }
+
+  void gather(const Act& in, Rows which, Act out) override {
+    const std::vector<int32_t>& rows = select(which);
+    for (size_t i = 0; i < rows.size(); ++i) std::copy_n(f32(in) + rows[i] * in.cols, in.cols, f32(out) + int64_t(i) * in.cols);
+  }
+  void scatter(const Act& in, Rows which, Act out) override {
+    const std::vector<int32_t>& rows = select(which);
+    for (size_t i = 0; i < rows.size(); ++i) std::copy_n(f32(in) + int64_t(i) * in.cols, in.cols, f32(out) + rows[i] * in.cols);
+  }
+
+  void blend(Act y, const Act& ys, double mix) override {
+    const std::vector<int32_t>& rows = step_->summary_rows;
+    for (size_t i = 0; i < rows.size(); ++i)
+      for (int64_t c = 0; c < y.cols; ++c) {
+        float& dst = f32(y)[rows[i] * y.cols + c];
+        const float s = f32(ys)[int64_t(i) * y.cols + c];
+        dst = mix == 1.0 ? s : float(mix * s + (1.0 - mix) * dst);
+      }
+  }
+
+  void qk_norm_rope(const Act& q, const Act& k, const Act& v, const Weight& qn, const Weight& kn, float eps, double theta,
+                    int64_t Hq, int64_t Hkv, int64_t D, Act qc, Act kc, Act vc) override {
+    const int64_t n = q.rows;
+    cpu::rms_norm(f32(q), n * Hq, D, qn.data, qn.dtype, eps);
+    cpu::rms_norm(f32(k), n * Hkv, D, kn.data, kn.dtype, eps);
+    for (int64_t r = 0; r < n; ++r) {
+      cpu::rope(f32(q) + r * Hq * D, Hq, D, step_->positions[size_t(r)], theta);
+      cpu::rope(f32(k) + r * Hkv * D, Hkv, D, step_->positions[size_t(r)], theta);
+    }
+    round_into(q, qc);
+    round_into(k, kc);
+    round_into(v, vc);
+  }
+
+  void attention(size_t layer, int64_t W, const Act& qc, const Act& kc, const Act& vc, int64_t Hq, Act out) override {
+    KvCache& cache = caches_[layer];
+    const KvCacheConfig& cc = cache.config();
+    const int64_t Hkv = cc.Hkv, D = cc.D, esz = dtype_size(kv_dtype_);
+    ob_.resize(size_t(qc.rows * Hq * D * esz));
+    auto at = [&](const Act& a, int64_t row, int64_t H) { return static_cast<const std::byte*>(a.data) + row * H * D * esz; };
+    std::vector<SeqId> ids;
+    std::vector<int64_t> n_new;
+    int64_t cont_rows = 0;
+    for (const StepSeq& s : step_->seqs) {
+      if (s.fresh) {
+        const StreamCounts end = stream_counts(cc.spec.k, cc.spec.S, s.n);
+        AttentionParams p = dense_params(Layout(cc.spec.k, cc.spec.S, end.T, false), W, 1, Hq, Hkv, D, kv_dtype_,
+                                         {at(qc, s.row0, Hq), at(kc, s.row0, Hkv), at(vc, s.row0, Hkv),
+                                          ob_.data() + s.row0 * Hq * D * esz});
+        p.num_threads = threads_;
+        cpu::attention_forward(p);
+        cache.prefill(s.cache_id, KvRows::dense(at(kc, s.row0, Hkv), s.n, Hkv, D, kv_dtype_),
+                      KvRows::dense(at(vc, s.row0, Hkv), s.n, Hkv, D, kv_dtype_));
+      } else {
+        if (s.row0 != cont_rows) fail("engine: internal error: continuing sequences must come first, packed");
+        ids.push_back(s.cache_id);
+        n_new.push_back(s.n);
+        cont_rows += s.n;
+      }
+    }
+    if (!ids.empty()) {
+      DecodeIO io;
+      io.Hq = Hq;
+      io.dtype = kv_dtype_;
+      io.q = TensorView::dense(qc.data, cont_rows, Hq, D);
+      io.k = TensorView::dense(kc.data, cont_rows, Hkv, D);
+      io.v = TensorView::dense(vc.data, cont_rows, Hkv, D);
+      io.out = TensorView::dense(ob_.data(), cont_rows, Hq, D);
+      io.num_threads = threads_;
+      cpu::attention_decode(cache, ids, n_new, io);
+    }
+    for (int64_t i = 0; i < out.rows * out.cols; ++i) f32(out)[i] = load_as_float(kv_dtype_, ob_.data(), i);
+  }
+
+  void silu_mul(const Act& g, const Act& u, Act out) override {
+    if (out.data != g.data) std::copy_n(f32(g), g.rows * g.cols, f32(out));
+    cpu::silu_mul(f32(out), f32(u), g.rows * g.cols);
+  }
+
+  void download(const Act& logits, std::span<float> out) override {
+    if (int64_t(out.size()) != logits.rows * logits.cols) fail("engine: internal error: logits size");
+    std::copy_n(f32(logits), out.size(), out.data());
+  }
+
+  void sample(const Act& logits, std::span<const SampleReq> reqs, std::span<int32_t> out) override {
+    std::vector<float> row(size_t(logits.cols));
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      std::copy_n(f32(logits) + reqs[i].logits_row * logits.cols, logits.cols, row.data());
+      out[i] = sample_token(row, reqs[i].history, *reqs[i].cfg, reqs[i].u, idx_, prob_);
+    }
+  }
+
+  void finish_step() override {}
+
+ private:
+  static float* f32(const Act& a) { return static_cast<float*>(a.data); }
+  const std::vector<int32_t>& select(Rows which) const {
+    return which == Rows::summary ? step_->summary_rows : step_->logits_rows;
+  }
+  void round_into(const Act& src, Act dst) const {
+    for (int64_t i = 0; i < src.rows * src.cols; ++i) store_from_float(dst.dtype, dst.data, i, f32(src)[i]);
+  }
+
+  int threads_;
+  DType kv_dtype_ = DType::f32;
+  std::vector<KvCache> caches_;
+  const StepDesc* step_ = nullptr;
+  std::vector<std::vector<std::byte>> arena_;
+  std::vector<std::byte> ob_;
+  std::vector<int32_t> idx_;
+  std::vector<float> prob_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(const BackendOptions& opt) { return std::make_unique<CpuBackend>(opt); }
+
+}  // namespace ksa::engine
+
+#ifndef KSA_HAVE_CUDA_ENGINE
+namespace ksa {
+namespace engine {
+std::unique_ptr<Backend> make_cuda_backend(const BackendOptions&) {
+  fail("this build of ksa has no CUDA engine (nvcc was not found at build time); use --device cpu");
+}
+}  // namespace engine
+bool cuda_engine_available() { return false; }
+}  // namespace ksa
+#endif

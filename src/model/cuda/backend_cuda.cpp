@@ -1,0 +1,360 @@
+// The CUDA backend of the engine (model/backend.hpp): bf16 weights uploaded once, fp32 residual stream, bf16
+// matrix-product inputs, cuBLASLt products (ksa::cuda::Gemm), the dense kernels of ksa/cuda_dense.hpp, the
+// prefill kernel (ksa::cuda::attention_forward) for fresh sequences and KvCacheGpu's decode for the others.
+// Everything is queued on one stream; a step's only synchronisation is finish_step (after the sampled ids
+// or logits are copied back).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <unordered_map>
+
+#include "ksa/cuda.hpp"
+#include "ksa/cuda_cache.hpp"
+#include "ksa/cuda_dense.hpp"
+#include "ksa/error.hpp"
+#include "model/backend.hpp"
+
+namespace ksa::engine {
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return;
+  cudaGetLastError();
+  if (e == cudaErrorMemoryAllocation)
+    fail("out of GPU memory while ", what, " (", cudaGetErrorString(e), "); a smaller --ctx, batch or prompt needs less");
+  fail("CUDA error while ", what, ": ", cudaGetErrorString(e));
+}
+
+struct DeviceFree {
+  void operator()(void* p) const { cudaFree(p); }
+};
+
+std::shared_ptr<void> device_alloc(int64_t bytes, const char* what) {
+  void* p = nullptr;
+  check(cudaMalloc(&p, size_t(std::max<int64_t>(bytes, 16))), what);
+  return std::shared_ptr<void>(p, DeviceFree{});
+}
+
+// A bump allocator over device chunks; a step that outgrew the first chunk gets one chunk of the total
+// at the next begin_step (after the stream is idle), so allocations settle after the first steps.
+class Arena {
+ public:
+  void reset(cudaStream_t s) {
+    if (chunks_.size() > 1 || (chunks_.size() == 1 && high_ > cap_[0])) {
+      check(cudaStreamSynchronize(s), "resizing the activation arena");
+      const int64_t total = high_;
+      chunks_.clear();
+      cap_.clear();
+      chunks_.push_back(device_alloc(total, "allocating activations"));
+      cap_.push_back(total);
+    }
+    cur_ = 0;
+    off_ = 0;
+    used_ = 0;
+  }
+  void* take(int64_t bytes) {
+    bytes = (bytes + 255) / 256 * 256;
+    if (chunks_.empty() || off_ + bytes > cap_[cur_]) {
+      if (cur_ + 1 < chunks_.size() && bytes <= cap_[cur_ + 1]) {
+        ++cur_;
+      } else {
+        const int64_t n = std::max<int64_t>(bytes, int64_t(64) << 20);
+        chunks_.push_back(device_alloc(n, "allocating activations"));
+        cap_.push_back(n);
+        cur_ = chunks_.size() - 1;
+      }
+      off_ = 0;
+    }
+    void* p = static_cast<char*>(chunks_[cur_].get()) + off_;
+    off_ += bytes;
+    used_ += bytes;
+    high_ = std::max(high_, used_);
+    return p;
+  }
+
+ private:
+  std::vector<std::shared_ptr<void>> chunks_;
+  std::vector<int64_t> cap_;
+  size_t cur_ = 0;
+  int64_t off_ = 0, used_ = 0, high_ = 0;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(const BackendOptions& o) : opt_(o) {
+    if (cuda::device_count() == 0) fail("no CUDA device is visible (use --device cpu)");
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "creating a stream");
+    gemm_ = std::make_unique<cuda::Gemm>(stream_);
+    desc_name_ = "cuda: " + cuda::device_description();
+    size_t fr = 0, tot = 0;
+    check(cudaMemGetInfo(&fr, &tot), "reading device memory");
+    baseline_ = int64_t(tot - fr);
+  }
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    caches_.clear();
+    gemm_.reset();
+    cudaFreeHost(step_staging_.p);
+    cudaFreeHost(sample_staging_.p);
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return desc_name_; }
+  DType narrow_dtype() const override { return DType::bf16; }
+
+  Weight place(const TensorInfo* t) override {
+    Weight w;
+    if (!t) return w;
+    w.dtype = DType::bf16;
+    w.rows = t->shape.size() >= 2 ? t->shape[0] : 1;
+    w.cols = t->shape.empty() ? 1 : t->shape.back();
+    const int64_t n = t->nbytes / dtype_size(t->dtype);
+    w.nbytes = n * 2;
+    w.keep = device_alloc(w.nbytes, "uploading the weights");
+    w.data = w.keep.get();
+    if (t->dtype == DType::bf16) {
+      check(cudaMemcpy(w.keep.get(), t->data, size_t(t->nbytes), cudaMemcpyHostToDevice), "uploading the weights");
+    } else {  // f32 / f16 files: rounded to bf16 on the host, one tensor at a time
+      std::vector<uint16_t> tmp(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) tmp[size_t(i)] = bf16::from_float(t->get(i));
+      check(cudaMemcpy(w.keep.get(), tmp.data(), size_t(n) * 2, cudaMemcpyHostToDevice), "uploading the weights");
+    }
+    return w;
+  }
+
+  void create_caches(const std::vector<KvCacheConfig>& layers) override {
+    caches_.clear();
+    for (KvCacheConfig c : layers) {
+      c.block_rows = 64;
+      c.ring_slack_rows = std::max<int64_t>(0, opt_.continuation_tokens - 1);
+      std::string why;
+      if (!cuda::supports(c, &why)) fail("the CUDA engine cannot hold this model's KV cache: ", why);
+      caches_.push_back(std::make_unique<cuda::KvCacheGpu>(c, stream_));
+    }
+  }
+  KvCache& cache(size_t layer) override { return caches_[layer]->host(); }
+  int64_t max_continuation_tokens() const override { return std::max<int64_t>(1, opt_.continuation_tokens); }
+
+  void begin_step(const StepDesc& step) override {
+    step_ = &step;
+    arena_.reset(stream_);
+    const int64_t n = step.rows();
+    // One upload: ids, positions, summary rows, logits rows (int32), is_summary (bytes).
+    const size_t ni = size_t(n), ns = step.summary_rows.size(), nl = step.logits_rows.size();
+    const size_t bytes = (2 * ni + ns + nl) * 4 + ni;
+    char* h = static_cast<char*>(reserve(step_staging_, bytes));
+    std::memcpy(h, step.ids.data(), ni * 4);
+    std::memcpy(h + ni * 4, step.positions.data(), ni * 4);
+    std::memcpy(h + 2 * ni * 4, step.summary_rows.data(), ns * 4);
+    std::memcpy(h + (2 * ni + ns) * 4, step.logits_rows.data(), nl * 4);
+    uint8_t* flags = reinterpret_cast<uint8_t*>(h + (2 * ni + ns + nl) * 4);
+    std::memset(flags, 0, ni);
+    for (int32_t r : step.summary_rows) flags[r] = 1;
+    char* d = static_cast<char*>(arena_.take(int64_t(bytes)));
+    check(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, stream_), "uploading the step");
+    d_ids_ = reinterpret_cast<int32_t*>(d);
+    d_pos_ = d_ids_ + ni;
+    d_sum_ = d_pos_ + ni;
+    d_log_ = d_sum_ + ns;
+    d_flags_ = reinterpret_cast<uint8_t*>(d_log_ + nl);
+  }
+
+  Act act(int64_t rows, int64_t cols, Prec p) override {
+    const DType t = p == Prec::wide ? DType::f32 : DType::bf16;
+    return Act{arena_.take(rows * cols * dtype_size(t)), rows, cols, t};
+  }
+
+  void embed(const Weight& table, Act x) override {
+    cuda::embed_rows(table.data, d_ids_, x.rows, x.cols, f32(x), stream_);
+  }
+
+  void rms_norm(const Act& x, const Weight& w, const Weight& ws, float eps, Act out) override {
+    cuda::rms_norm(f32(x), x.rows, x.cols, w.data, ws ? ws.data : nullptr, ws ? d_flags_ : nullptr, eps, out.data,
+                   stream_);
+  }
+
+  void add_rms_norm(Act x, const Act& h, const Weight& w, float eps, Act out) override {
+    cuda::add_rms_norm(f32(x), f32(h), x.rows, x.cols, w.data, eps, out.data, stream_);
+  }
+
+  void add(Act x, const Act& h) override { cuda::add(f32(x), f32(h), x.rows * x.cols, stream_); }
+
+  void linear(const Act& x, const Weight& W, Act y) override {
+    if (x.dtype != DType::bf16) fail("engine: internal error: a CUDA matrix product's input must be bf16");
+    gemm_->run(x.data, x.rows, x.cols, W.data, y.cols, y.data, y.dtype);
+  }
+
+  void gather(const Act& in, Rows which, Act out) override {
+    cuda::gather_rows(in.data, in.cols * dtype_size(in.dtype), rows_of(which), out.rows, out.data, stream_);
+  }
+  void scatter(const Act& in, Rows which, Act out) override {
+    cuda::scatter_rows(in.data, in.cols * dtype_size(in.dtype), rows_of(which), in.rows, out.data, stream_);
+  }
+
+  void blend(Act y, const Act& ys, double mix) override {
+    cuda::blend_rows(f32(y), f32(ys), d_sum_, ys.rows, y.cols, mix, stream_);
+  }
+
+  void qk_norm_rope(const Act& q, const Act& k, const Act& v, const Weight& qn, const Weight& kn, float eps, double theta,
+                    int64_t Hq, int64_t Hkv, int64_t D, Act qc, Act kc, Act vc) override {
+    cuda::qk_norm_rope(f32(q), f32(k), f32(v), q.rows, Hq, Hkv, D, qn.data, kn.data, eps, d_pos_, inv_freq(D, theta),
+                       qc.data, kc.data, vc.data, stream_);
+  }
+
+  void attention(size_t layer, int64_t W, const Act& qc, const Act& kc, const Act& vc, int64_t Hq, Act out) override {
+    cuda::KvCacheGpu& cache = *caches_[layer];
+    const KvCacheConfig& cc = cache.config();
+    const int64_t Hkv = cc.Hkv, D = cc.D;
+    auto at = [&](const Act& a, int64_t row, int64_t H) { return static_cast<char*>(a.data) + row * H * D * 2; };
+    std::vector<SeqId> ids;
+    std::vector<int64_t> n_new;
+    int64_t cont_rows = 0;
+    for (const StepSeq& s : step_->seqs) {
+      if (!s.fresh) {
+        if (s.row0 != cont_rows) fail("engine: internal error: continuing sequences must come first, packed");
+        ids.push_back(s.cache_id);
+        n_new.push_back(s.n);
+        cont_rows += s.n;
+        continue;
+      }
+      const StreamCounts end = stream_counts(cc.spec.k, cc.spec.S, s.n);
+      AttentionParams p = dense_params(Layout(cc.spec.k, cc.spec.S, end.T, false), W, 1, Hq, Hkv, D, DType::bf16,
+                                       {at(qc, s.row0, Hq), at(kc, s.row0, Hkv), at(vc, s.row0, Hkv), at(out, s.row0, Hq)});
+      cuda::attention_forward(p, stream_);
+      cache.prefill(s.cache_id, KvRows::dense(at(kc, s.row0, Hkv), s.n, Hkv, D, DType::bf16),
+                    KvRows::dense(at(vc, s.row0, Hkv), s.n, Hkv, D, DType::bf16));
+    }
+    if (ids.empty()) return;
+    DecodeIO io;
+    io.Hq = Hq;
+    io.dtype = DType::bf16;
+    io.q = TensorView::dense(qc.data, cont_rows, Hq, D);
+    io.k = TensorView::dense(kc.data, cont_rows, Hkv, D);
+    io.v = TensorView::dense(vc.data, cont_rows, Hkv, D);
+    io.out = TensorView::dense(out.data, cont_rows, Hq, D);
+    cuda::attention_decode(cache, ids, n_new, io);
+  }
+
+  void silu_mul(const Act& g, const Act& u, Act out) override {
+    cuda::silu_mul(f32(g), f32(u), g.rows * g.cols, out.data, stream_);
+  }
+
+  void download(const Act& logits, std::span<float> out) override {
+    if (int64_t(out.size()) != logits.rows * logits.cols) fail("engine: internal error: logits size");
+    check(cudaMemcpyAsync(out.data(), logits.data, out.size() * 4, cudaMemcpyDeviceToHost, stream_), "copying logits");
+    check(cudaStreamSynchronize(stream_), "running the step");
+  }
+
+  void sample(const Act& logits, std::span<const SampleReq> reqs, std::span<int32_t> out) override {
+    std::vector<cuda::SampleArgs> args(reqs.size());
+    std::vector<int32_t> pairs;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      const SamplerConfig& c = *reqs[i].cfg;
+      cuda::SampleArgs& a = args[i];
+      a.row = reqs[i].logits_row;
+      a.temperature = c.temperature;
+      a.top_k = int32_t(std::min<int64_t>(c.top_k, int64_t(1) << 30));
+      a.top_p = c.top_p;
+      a.min_p = c.min_p;
+      a.repetition_penalty = c.repetition_penalty;
+      a.presence_penalty = c.presence_penalty;
+      a.frequency_penalty = c.frequency_penalty;
+      a.u = reqs[i].u;
+      a.hist0 = int32_t(pairs.size() / 2);
+      if (c.repetition_penalty != 1.f || c.presence_penalty != 0.f || c.frequency_penalty != 0.f) {
+        std::unordered_map<int32_t, int32_t> count;
+        for (int32_t t : reqs[i].history)
+          if (t >= 0 && t < logits.cols) ++count[t];
+        for (const auto& [t, n] : count) pairs.insert(pairs.end(), {t, n});
+      }
+      a.hist_n = int32_t(pairs.size() / 2) - a.hist0;
+    }
+    const size_t ab = args.size() * sizeof(cuda::SampleArgs), pb = pairs.size() * 4, ob = reqs.size() * 4;
+    char* h = static_cast<char*>(reserve(sample_staging_, ab + pb + ob + 16));
+    std::memcpy(h, args.data(), ab);
+    std::memcpy(h + ab, pairs.data(), pb);
+    char* d = static_cast<char*>(arena_.take(int64_t(ab + pb + ob)));
+    check(cudaMemcpyAsync(d, h, ab + pb, cudaMemcpyHostToDevice, stream_), "uploading the sampler");
+    int32_t* d_out = reinterpret_cast<int32_t*>(d + ab + pb);
+    cuda::sample_tokens(f32(logits), logits.cols, reinterpret_cast<const cuda::SampleArgs*>(d), int64_t(reqs.size()),
+                        reinterpret_cast<const int32_t*>(d + ab), d_out, stream_);
+    check(cudaMemcpyAsync(h + ab + pb, d_out, ob, cudaMemcpyDeviceToHost, stream_), "copying the sampled ids");
+    check(cudaStreamSynchronize(stream_), "running the step");
+    std::memcpy(out.data(), h + ab + pb, ob);
+  }
+
+  void finish_step() override {
+    check(cudaStreamSynchronize(stream_), "running the step");
+    size_t fr = 0, tot = 0;
+    if (cudaMemGetInfo(&fr, &tot) == cudaSuccess) peak_ = std::max(peak_, int64_t(tot - fr) - baseline_);
+  }
+
+  int64_t device_bytes_peak() const override {
+    size_t fr = 0, tot = 0;
+    int64_t now = 0;
+    if (cudaMemGetInfo(&fr, &tot) == cudaSuccess) now = int64_t(tot - fr) - baseline_;
+    return std::max(peak_, now);
+  }
+
+ private:
+  static float* f32(const Act& a) { return static_cast<float*>(a.data); }
+  const int32_t* rows_of(Rows which) const { return which == Rows::summary ? d_sum_ : d_log_; }
+
+  // Pinned host buffers: one for the step's rows (begin_step), one for the sampler, so that neither is
+  // rewritten while the other's copy is still queued. Growing one waits for the stream.
+  struct Pinned {
+    void* p = nullptr;
+    size_t cap = 0;
+  };
+  void* reserve(Pinned& b, size_t bytes) {
+    if (bytes > b.cap) {
+      check(cudaStreamSynchronize(stream_), "growing a staging buffer");
+      cudaFreeHost(b.p);
+      b.p = nullptr;
+      const size_t n = std::max(bytes, b.cap * 2 + 4096);
+      b.cap = 0;
+      check(cudaMallocHost(&b.p, n), "allocating pinned host memory");
+      b.cap = n;
+    }
+    return b.p;
+  }
+
+  // inv_freq[i] = 1 / theta^(2i/D) in fp32, as the CPU computes it (one table per (D, theta)).
+  const float* inv_freq(int64_t D, double theta) {
+    const auto key = std::make_pair(D, theta);
+    auto it = inv_freq_.find(key);
+    if (it != inv_freq_.end()) return static_cast<const float*>(it->second.get());
+    std::vector<float> f(size_t(D / 2));
+    for (int64_t i = 0; i < D / 2; ++i) f[size_t(i)] = 1.f / std::pow(float(theta), float(2 * i) / float(D));
+    std::shared_ptr<void> d = device_alloc(int64_t(f.size() * 4), "uploading RoPE frequencies");
+    check(cudaMemcpy(d.get(), f.data(), f.size() * 4, cudaMemcpyHostToDevice), "uploading RoPE frequencies");
+    inv_freq_.emplace(key, d);
+    return static_cast<const float*>(d.get());
+  }
+
+  BackendOptions opt_;
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<cuda::Gemm> gemm_;
+  std::string desc_name_;
+  std::vector<std::unique_ptr<cuda::KvCacheGpu>> caches_;
+  std::map<std::pair<int64_t, double>, std::shared_ptr<void>> inv_freq_;
+  Arena arena_;
+  const StepDesc* step_ = nullptr;
+  Pinned step_staging_, sample_staging_;
+  int32_t *d_ids_ = nullptr, *d_pos_ = nullptr, *d_sum_ = nullptr, *d_log_ = nullptr;
+  uint8_t* d_flags_ = nullptr;
+  int64_t baseline_ = 0, peak_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(const BackendOptions& opt) { return std::make_unique<CudaBackend>(opt); }
+
+}  // namespace ksa::engine
+
+namespace ksa {
+bool cuda_engine_available() { return cuda::device_count() > 0; }
+}  // namespace ksa
