@@ -13,6 +13,9 @@ using Stream = void*;  // a cudaStream_t
 int device_count();
 // Name and compute capability of the current device, e.g. "NVIDIA H200 (sm_90)".
 std::string device_description();
+// Device memory bandwidth in bytes per second: a device-to-device copy of `bytes` (bytes read + written per
+// second), best of several copies after a warm-up. Throws ksa::Error on a CUDA error.
+double copy_bandwidth(int64_t bytes);
 
 // Whether attention_forward can run these params (dtype bf16/f16, D 64/128, ...); when false, `why`
 // (if given) names the unsupported field and value.

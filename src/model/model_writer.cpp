@@ -84,7 +84,7 @@ ModelConfig model_shape_config(const std::string& shape) {
     c.num_hidden_layers = 8;
     c.num_attention_heads = 8;
     c.num_key_value_heads = 4;
-    c.head_dim = 32;
+    c.head_dim = 64;  // a head dim the CUDA kernels take (64 or 128), so `small` runs on both engines
     c.max_position_embeddings = 32768;
     c.tie_word_embeddings = false;
     c.mix_coeff = 0.0;

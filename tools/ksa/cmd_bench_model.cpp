@@ -1,14 +1,15 @@
-// `ksa bench model`: llama-bench-style throughput of the CPU engine on a checkpoint.
-//   pp<P>: prompt processing, one append of P random text ids on a fresh sequence (logits of the last only);
-//   tg<N>: token generation, N single-token appends continuing that sequence, each token the argmax of the
-//          previous logits (greedy), so the KV cache grows as in real decoding.
-// Each repetition starts a new sequence; mean ± sd over the repetitions, after one untimed warm-up.
+// `ksa bench model`: llama-bench-style throughput of the engine (GPU or CPU) on a checkpoint.
+//   pp<P>: prompt processing: each of the batch's B sequences gets P random text ids in one step on a fresh
+//          sequence (one sequence at a time); tok/s = B*P / time.
+//   tg<N>: token generation: N batched steps of one token for each of the B sequences, each token sampled
+//          greedily by the engine (on the device with CUDA), so the KV caches grow as in real decoding;
+//          tok/s = B*N / time.
+// Each repetition starts new sequences; mean ± sd over the repetitions, after one untimed warm-up.
 //
-// Decoding one token reads every weight once, so it is bound by memory bandwidth: the bound is
-// bandwidth / Model::weight_bytes_per_token() tokens per second. The bandwidth is measured in the same run, with
-// the same thread count: a STREAM-like read (sum of 64-bit words) over a buffer much larger than the caches,
-// best of several passes. (KV-cache reads and activations are not counted in the bound, so at long contexts
-// or for tiny models the percentage understates how close decoding is to the hardware.)
+// A decode step reads every weight once and, per sequence, the K/V rows its token sees: the bound is
+// bandwidth / (weight bytes per step + visible KV bytes per step) steps per second, with the KV bytes at the
+// middle of the tg run. The bandwidth is measured in the same run: on the GPU a device-to-device copy (bytes
+// read + written per second), on the CPU a STREAM-like read with the same thread count (best of passes).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -21,8 +22,12 @@
 
 #include "bench_model.hpp"
 #include "common.hpp"
+#include "cache/decode_keys.hpp"
 #include "ksa/model.hpp"
 #include "ksa/weights.hpp"
+#ifdef KSA_HAVE_CUDA
+#include "ksa/cuda.hpp"
+#endif
 
 namespace ksa::tools {
 namespace {
@@ -86,36 +91,60 @@ double read_bandwidth(int threads, int64_t bytes, int passes) {
 
 }  // namespace
 
+// K/V rows the text token at index t sees in each layer, summed over the layers (the core's rule).
+int64_t visible_rows(const ModelConfig& c, int64_t t) {
+  int64_t rows = 0;
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    if (!c.use_summary_attention || !c.is_summary_layer(i)) {
+      rows += t + 1;
+      continue;
+    }
+    const Spec sp = c.layer_spec(i);
+    const Layout lay(sp.k, sp.S, t + 1, false);
+    const detail::DecodeKeys d = detail::decode_keys(sp.k, sp.S, sp.W, lay.text_to_stream(t));
+    for (int r = 0; r < d.n; ++r) rows += d.range[r].end - d.range[r].begin;
+  }
+  return rows;
+}
+
 int run_bench_model(int argc, char** argv) {
   cli::Flags f("bench model",
-               "llama-bench-style CPU engine throughput: pp (prompt processing: one append of P random ids on a\n"
-               "fresh sequence) and tg (token generation: N single-token greedy appends continuing it), mean ± sd\n"
-               "over repetitions; with the memory read bandwidth measured in the same run and decode speed as a\n"
-               "percentage of the bandwidth bound (bandwidth / weight bytes read per token).");
+               "llama-bench-style engine throughput: pp (prompt processing: P random ids on a fresh sequence, for each\n"
+               "of --batch sequences) and tg (token generation: N batched greedy steps of one token per sequence),\n"
+               "mean ± sd over repetitions; with the memory bandwidth measured in the same run and decode speed as a\n"
+               "percentage of the bandwidth bound ((weight bytes + visible KV bytes) per step / bandwidth).");
   std::string& dir = f.str("-m,--model", "", "checkpoint directory");
-  int64_t& P = f.i64("-p,--n-prompt", 512, "prompt tokens (pp test; 0 = skip, tg then starts from 1 token)");
-  int64_t& N = f.i64("-n,--n-gen", 128, "generated tokens (tg test; 0 = skip)");
+  std::string& device = f.str("--device", "auto", "cpu, cuda, or auto (cuda when a GPU is visible and the build has CUDA)");
+  int64_t& P = f.i64("-p,--n-prompt", 512, "prompt tokens per sequence (pp test; 0 = skip, tg then starts from 1 token)");
+  int64_t& N = f.i64("-n,--n-gen", 128, "generated tokens per sequence (tg test; 0 = skip)");
+  int64_t& B = f.i64("-b,--batch", 1, "sequences decoded together");
   int64_t& reps = f.i64("-r,--repetitions", 3, "timed repetitions (after one untimed warm-up)");
   int64_t& threads = f.i64("-t,--threads", 0, "CPU threads for the model and the bandwidth test (0 = all)");
   int64_t& bw_mib = f.i64("--bw-mib", 1024, "buffer of the bandwidth test in MiB (0 = skip the test)");
-  bool& kv_f32 = f.flag("--kv-f32", "KV cache in f32 (default bf16)");
+  int64_t& ctx = f.i64("--ctx", 0, "context limit in text tokens (0 = -p + -n)");
+  bool& kv_f32 = f.flag("--kv-f32", "KV cache in f32 (CPU only; default bf16)");
   if (!f.parse(argc, argv)) return 0;
   if (dir.empty()) throw cli::UsageError("-m/--model: required");
   if (P < 0 || N < 0 || P + N < 1) throw cli::UsageError("-p, -n: must be >= 0 and not both 0");
+  if (B < 1 || B > 4096) throw cli::UsageError("-b/--batch: must be in [1, 4096]");
   if (reps < 1) throw cli::UsageError("-r: must be >= 1");
   if (threads < 0) throw cli::UsageError("-t: must be >= 0");
   if (bw_mib < 0) throw cli::UsageError("--bw-mib: must be >= 0");
+  if (ctx < 0) throw cli::UsageError("--ctx: must be >= 0");
   const int nthreads = threads > 0 ? int(threads) : int(std::max(1u, std::thread::hardware_concurrency()));
 
   ModelOptions mo;
+  mo.device = parse_device_flag(device);
+  if (mo.device == Device::cuda && kv_f32) throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
   mo.threads = nthreads;
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
   mo.progress = weight_progress();
+  const int64_t first = P > 0 ? P : 1;  // tg needs one token to continue from
+  mo.max_text_tokens = ctx > 0 ? ctx : first + N;
   const double t0 = now_s();
   Model model = Model::load(dir, mo);
   const double load_s = now_s() - t0;
   const ModelConfig& c = model.config();
-  const int64_t first = P > 0 ? P : 1;  // tg needs one token to continue from
   if (first + N > model.max_text_tokens())
     fail("-p + -n = ", first + N, " text tokens, past the model's context limit of ", model.max_text_tokens());
 
@@ -127,70 +156,111 @@ int run_bench_model(int argc, char** argv) {
   if (c.use_summary_attention)
     std::printf("  KSA: k=%lld S=%lld, windows \"%s\"\n", (long long)c.summary_chunk_size, (long long)c.summary_token_num,
                 c.window_pattern.c_str());
-  std::printf("  params: %.3f M; weights %s (%s read per decoded token); KV cache %s; loaded in %.0f ms\n",
+  std::printf("  params: %.3f M; weights %s (%s read per decode step); KV cache %s; loaded in %.0f ms\n",
               double(count_parameters(c)) * 1e-6, human_bytes(double(model.weight_bytes())).c_str(),
               human_bytes(double(model.weight_bytes_per_token())).c_str(), dtype_name(mo.kv_dtype), load_s * 1e3);
-  std::printf("  cpu: %s, %u hardware threads; %d threads used\n", cpu_name().c_str(), std::thread::hardware_concurrency(), nthreads);
+  std::printf("  backend: %s", model.backend_name().c_str());
+  if (mo.device == Device::cpu)
+    std::printf(" on %s, %u hardware threads", cpu_name().c_str(), std::thread::hardware_concurrency());
+  std::printf("\n");
   std::fflush(stdout);
 
   std::mt19937_64 rng(1234);
-  std::uniform_int_distribution<int32_t> pick(0, int32_t(model.vocab() - 1));
-  std::vector<float> logits(size_t(model.vocab()));
-  auto argmax = [&] { return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin()); };
+  std::uniform_int_distribution<int32_t> pick(0, int32_t(std::min<int64_t>(model.vocab(), c.vocab_size) - 1));
+  SamplerConfig greedy;  // temperature 0: argmax, on the device with CUDA
+  int64_t kv_bytes = 0, kv_full = 0;
 
   // One run: returns {pp seconds, tg seconds}.
-  auto run_once = [&](int64_t p, int64_t n) {
-    std::vector<int32_t> ids(size_t(p > 0 ? p : 1));
-    for (auto& t : ids) t = pick(rng);
-    const SeqId s = model.new_sequence();
-    double a = now_s();
-    model.append(s, ids, LogitsFor::last, logits);
-    const double pp = now_s() - a;
-    a = now_s();
+  auto run_once = [&](int64_t p, int64_t n, bool record) {
+    std::vector<SeqId> ids;
+    std::vector<int32_t> next(static_cast<size_t>(B));
+    StepResult r;
+    double pp = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      std::vector<int32_t> prompt(size_t(p > 0 ? p : 1));
+      for (auto& t : prompt) t = pick(rng);
+      ids.push_back(model.new_sequence());
+      const StepItem it{ids.back(), prompt, LogitsFor::none, &greedy, {}};
+      const double a = now_s();
+      model.step(std::span<const StepItem>(&it, 1), r);
+      pp += now_s() - a;
+      next[size_t(b)] = r.next[0];
+    }
+    std::vector<StepItem> items(static_cast<size_t>(B));
+    const double a = now_s();
     for (int64_t i = 0; i < n; ++i) {
-      const int32_t t = argmax();
-      model.append(s, std::span<const int32_t>(&t, 1), LogitsFor::last, logits);
+      for (int64_t b = 0; b < B; ++b)
+        items[size_t(b)] = StepItem{ids[size_t(b)], std::span<const int32_t>(&next[size_t(b)], 1), LogitsFor::none, &greedy, {}};
+      model.step(items, r);
+      for (int64_t b = 0; b < B; ++b) next[size_t(b)] = r.next[size_t(b)];
     }
     const double tg = now_s() - a;
-    model.release(s);
+    if (record) {
+      kv_bytes = model.kv_bytes(ids[0]);
+      kv_full = model.kv_bytes_full_attention(ids[0]);
+    }
+    for (SeqId s : ids) model.release(s);
     return std::pair<double, double>(pp, tg);
   };
 
-  // The bandwidth first: after a prefill, OpenBLAS's worker threads keep spinning for a while and would take
-  // cores from the bandwidth test on a small machine.
   double bw = 0;
-  if (bw_mib > 0) bw = read_bandwidth(nthreads, bw_mib << 20, 5);
-  const double bound = bw > 0 ? bw / double(model.weight_bytes_per_token()) : 0;
+  std::string bw_what;
+  if (bw_mib > 0) {
+#ifdef KSA_HAVE_CUDA
+    if (mo.device == Device::cuda) {
+      bw = cuda::copy_bandwidth(bw_mib << 20);
+      bw_what = "device-to-device copy, bytes read + written";
+    }
+#endif
+    if (mo.device == Device::cpu) {
+      // After a prefill, OpenBLAS's worker threads keep spinning for a while and would take cores from the
+      // bandwidth test on a small machine: measure first.
+      bw = read_bandwidth(nthreads, bw_mib << 20, 5);
+      bw_what = "STREAM-like read, " + std::to_string(nthreads) + " threads";
+    }
+  }
+  // Bytes per decode step at the middle of the tg run: weights once, plus each sequence's visible K/V rows.
+  const int64_t row_bytes = 2 * c.num_key_value_heads * c.head_dim * dtype_size(mo.kv_dtype);
+  const int64_t kv_step = B * visible_rows(c, first + N / 2) * row_bytes;
+  const int64_t step_bytes = model.weight_bytes_per_token() + kv_step;
+  const double bound = bw > 0 ? bw / double(step_bytes) * double(B) : 0;  // tok/s
 
-  run_once(std::min<int64_t>(first, 64), std::min<int64_t>(N, 8));  // warm-up: page faults, thread pool, buffers
+  run_once(std::min<int64_t>(first, 64), std::min<int64_t>(N, 8), false);  // warm-up: buffers, algorithms
   std::vector<double> pp_rate, tg_rate;
   for (int64_t r = 0; r < reps; ++r) {
-    const auto [pp, tg] = run_once(first, N);
-    if (P > 0) pp_rate.push_back(double(P) / pp);
-    if (N > 0) tg_rate.push_back(double(N) / tg);
+    const auto [pp, tg] = run_once(first, N, r == 0);
+    if (P > 0) pp_rate.push_back(double(B * P) / pp);
+    if (N > 0) tg_rate.push_back(double(B * N) / tg);
   }
 
-
+  const std::string dev = mo.device == Device::cuda ? "cuda" : std::to_string(nthreads) + " thr";
   // ("±" is two bytes: the header is written out rather than padded by printf.)
-  std::printf("\n| test   | threads | kv       |      t/s (mean ± sd) | per token\n");
-  std::printf("|--------|---------|----------|----------------------|----------\n");
+  std::printf("\n| test          | batch | device  |      t/s (mean ± sd) | per token\n");
+  std::printf("|---------------|-------|---------|----------------------|----------\n");
   if (P > 0) {
     const Stats s = stats(pp_rate);
-    std::printf("| pp%-4lld | %7d | %-8s | %10.2f ± %7.2f | %8.3f ms\n", (long long)P, nthreads, dtype_name(mo.kv_dtype), s.mean, s.sd,
-                1e3 / s.mean);
+    std::printf("| pp%-11lld | %5lld | %-7s | %10.2f ± %7.2f | %8.3f ms\n", (long long)P, (long long)B, dev.c_str(), s.mean,
+                s.sd, 1e3 / s.mean);
   }
   if (N > 0) {
     const Stats s = stats(tg_rate);
-    std::printf("| tg%-4lld | %7d | %-8s | %10.2f ± %7.2f | %8.3f ms\n", (long long)N, nthreads, dtype_name(mo.kv_dtype), s.mean, s.sd,
-                1e3 / s.mean);
+    std::printf("| tg%-4lld @ %-5lld | %5lld | %-7s | %10.2f ± %7.2f | %8.3f ms\n", (long long)N, (long long)first,
+                (long long)B, dev.c_str(), s.mean, s.sd, 1e3 / s.mean);
   }
-  std::printf("(%lld repetitions after 1 warm-up; tg continues the pp sequence%s)\n", (long long)reps,
+  std::printf("(%lld repetitions after 1 warm-up; tg continues each pp sequence%s)\n", (long long)reps,
               P > 0 ? "" : " of 1 token");
+  std::printf("\nKV cache of one sequence at %lld text tokens: %s (KSA) vs %s full attention (%.2fx)\n",
+              (long long)(first + N), human_bytes(double(kv_bytes)).c_str(), human_bytes(double(kv_full)).c_str(),
+              kv_bytes > 0 ? double(kv_full) / double(kv_bytes) : 0.0);
+  if (mo.device == Device::cuda)
+    std::printf("peak device memory: %s (weights %s)\n", human_bytes(double(model.device_bytes_peak())).c_str(),
+                human_bytes(double(model.weight_bytes())).c_str());
   if (bw > 0) {
-    std::printf("\nmemory read bandwidth: %.1f GB/s (%d threads, %lld MiB buffer, best of 5 passes)\n", bw * 1e-9, nthreads,
-                (long long)bw_mib);
-    std::printf("bandwidth bound for decode: %.1f GB/s / %s per token = %.1f tok/s\n", bw * 1e-9,
-                human_bytes(double(model.weight_bytes_per_token())).c_str(), bound);
+    std::printf("memory bandwidth: %.1f GB/s (%s, %lld MiB)\n", bw * 1e-9, bw_what.c_str(), (long long)bw_mib);
+    std::printf("bytes per decode step: %s weights + %s visible KV (%lld sequences at %lld tokens) = %s\n",
+                human_bytes(double(model.weight_bytes_per_token())).c_str(), human_bytes(double(kv_step)).c_str(),
+                (long long)B, (long long)(first + N / 2), human_bytes(double(step_bytes)).c_str());
+    std::printf("bandwidth bound for decode: %.1f tok/s\n", bound);
     if (N > 0)
       std::printf("decode at %.1f%% of the bandwidth bound (tg %.2f tok/s)\n", 100.0 * stats(tg_rate).mean / bound,
                   stats(tg_rate).mean);

@@ -1,4 +1,4 @@
-// `ksa generate`: text generation on the CPU from a checkpoint directory (config.json, safetensors,
+// `ksa generate`: text generation on the GPU (--device cuda) or the CPU from a checkpoint directory (config.json, safetensors,
 // tokenizer.json): encode the prompt (optionally through the Qwen3 chat template), run it through the model in
 // one append, then sample token by token, streaming the decoded text to stdout. Timings and the KV-cache
 // bytes (KSA against full attention) go to stderr at the end, in llama.cpp's style.
@@ -147,7 +147,7 @@ void print_rate(const char* what, double secs, int64_t n, const char* unit) {
 
 int run_generate(int argc, char** argv) {
   cli::Flags f("generate",
-               "Generate text from a checkpoint directory on the CPU (streamed to stdout; timings and KV-cache bytes\n"
+               "Generate text from a checkpoint directory on the GPU or the CPU (streamed to stdout; timings and KV-cache bytes\n"
                "on stderr). Sampling is greedy unless --temp > 0. Stops at an end-of-sequence id\n"
                "(generation_config.json, else config.json; with --chat also <|im_end|>), a --stop string, -n\n"
                "tokens or the context limit.");
@@ -166,6 +166,7 @@ int run_generate(int argc, char** argv) {
   bool& chat = f.flag("--chat", "wrap the prompt as a user turn in the Qwen3 chat template (with the assistant prompt)");
   std::string& system = f.str("--system", "", "with --chat: a system message first");
   bool& no_think = f.flag("--no-think", "with --chat: disable thinking (Qwen3's enable_thinking=false: an empty <think></think>)");
+  std::string& device = f.str("--device", "auto", "cpu, cuda, or auto (cuda when a GPU is visible and the build has CUDA)");
   int64_t& threads = f.i64("-t,--threads", 0, "CPU threads (0 = all)");
   int64_t& ctx = f.i64("--ctx", 0, "context limit in text tokens (0 = config max_position_embeddings)");
   std::vector<std::string>& stops = f.strs("--stop", "stop when the text contains this string (\\n, \\t escapes understood)");
@@ -207,6 +208,8 @@ int run_generate(int argc, char** argv) {
   const double t_load0 = now_s();
   const Tokenizer tok = Tokenizer::load(tok_path.string());
   ModelOptions mo;
+  mo.device = parse_device_flag(device);
+  if (mo.device == Device::cuda && kv_f32) throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
   mo.threads = int(threads);
   mo.max_text_tokens = ctx;
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
@@ -246,11 +249,10 @@ int run_generate(int argc, char** argv) {
     if (!eos_list.empty()) eos_list += ',';
     eos_list += std::to_string(e);
   }
-  std::fprintf(stderr, "ksa generate: %s: %s%s, %lld layers, hidden %lld, weights %s; %d threads; context %lld; KV %s\n",
+  std::fprintf(stderr, "ksa generate: %s: %s%s, %lld layers, hidden %lld, weights %s; %s; context %lld; KV %s\n",
                dir.c_str(), cfg.model_type.c_str(), cfg.use_summary_attention ? "+KSA" : "", (long long)cfg.num_hidden_layers,
-               (long long)cfg.hidden_size, human_bytes(double(model.weight_bytes())).c_str(),
-               threads > 0 ? int(threads) : int(std::max(1u, std::thread::hardware_concurrency())), (long long)limit,
-               dtype_name(mo.kv_dtype));
+               (long long)cfg.hidden_size, human_bytes(double(model.weight_bytes())).c_str(), model.backend_name().c_str(),
+               (long long)limit, dtype_name(mo.kv_dtype));
   if (sc.temperature == 0.f)
     std::fprintf(stderr, "ksa generate: prompt %zu tokens; greedy; eos %s\n", prompt.size(), eos_list.c_str());
   else
@@ -323,7 +325,7 @@ int run_generate(int argc, char** argv) {
   return 0;
 }
 
-cli::Register reg{{"generate", "generate text from a checkpoint (CPU)", run_generate}};
+cli::Register reg{{"generate", "generate text from a checkpoint (GPU or CPU)", run_generate}};
 
 }  // namespace
 }  // namespace ksa::tools

@@ -18,6 +18,9 @@
 #include "core/splitmix.hpp"
 #include "ksa/dtype.hpp"
 #include "ksa/error.hpp"
+#ifdef KSA_HAVE_ENGINE
+#include "ksa/model.hpp"
+#endif
 
 namespace ksa::tools {
 
@@ -67,6 +70,20 @@ inline std::vector<uint8_t> random_tensor(DType t, int64_t n, std::mt19937_64& r
   for (std::thread& th : pool) th.join();
   return buf;
 }
+
+#ifdef KSA_HAVE_ENGINE
+// --device: "cpu", "cuda", or "auto" (cuda when the build has the CUDA engine and a GPU is visible).
+inline Device parse_device_flag(const std::string& s) {
+  if (s == "cpu") return Device::cpu;
+  if (s == "cuda") {
+    if (!cuda_engine_available())
+      fail("--device cuda: no CUDA device is visible, or this build has no CUDA engine (see `ksa info`); use --device cpu");
+    return Device::cuda;
+  }
+  if (s == "auto" || s.empty()) return cuda_engine_available() ? Device::cuda : Device::cpu;
+  throw cli::UsageError("--device: must be cpu, cuda or auto (got \"" + s + "\")");
+}
+#endif
 
 inline std::string human_bytes(double b) {
   const char* u[] = {"B", "KiB", "MiB", "GiB", "TiB"};

@@ -1,0 +1,397 @@
+// The CUDA engine (ksa::Model with Device::cuda) against the CPU engine on random checkpoints: prefill,
+// step-by-step decode, mixed batches, chunk boundaries and window wrap-around, config variants; greedy text;
+// the device sampler against the exact distribution; errors. Skips without a GPU.
+//
+// Tolerance (bf16): both engines read the same bf16 weights; the CPU engine (bf16 KV cache) keeps its
+// activations in fp32 and rounds q, k, v and the attention output to bf16, the CUDA engine in addition
+// rounds the inputs of every matrix product (normalised hidden states, attention output, SwiGLU product) to
+// bf16: each such rounding moves a value by up to 2^-9 relative, and a few of them per layer pass through
+// the residual stream and the norms. The bound is kRelBf16 of max |logit| (16 bf16 steps, 6.3%), and the
+// RMS error must stay under kRmsRel of the logits' RMS; the numbers measured on the H200 are printed.
+// A wrong window, a lost summary or a wrong position moves logits by far more (see tests/model/engine_test).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gpu_test_util.hpp"
+#include "ksa/cuda_dense.hpp"
+#include "ksa/error.hpp"
+#include "ksa/model.hpp"
+#include "ksa/model_writer.hpp"
+#include "ksa/pattern.hpp"
+#include "test_util.hpp"
+
+namespace ksa {
+namespace {
+
+constexpr double kRelBf16 = 16.0 * 0x1p-8;
+constexpr double kRmsRel = 0.02;
+constexpr int64_t kTextVocab = 512;
+
+struct Variant {
+  std::string name;
+  int64_t D = 64, Hq = 4, Hkv = 2, k = 4, S = 1;
+  double mix = 0.5;
+  std::string windows = "[1,2,0,64]";
+  std::vector<uint8_t> summary_layers;  // empty: all summary layers
+  bool summary_attention = true, summary_layernorm = true, tied = true;
+  uint64_t seed = 1;
+};
+
+std::vector<Variant> variants() {
+  std::vector<Variant> v;
+  v.push_back({"D64_gqa2_mix0.5_sumnorm", 64, 4, 2, 4, 1, 0.5, "[1,2,0,64]", {}, true, true, true, 11});
+  v.push_back({"D128_gqa4_S2_mix1_untied", 128, 8, 2, 3, 2, 1.0, "[1,0,2,1]", {}, true, false, false, 22});
+  v.push_back({"D64_mha_mix0", 64, 4, 4, 4, 2, 0.0, "[2]*2+[0,1]", {}, true, false, true, 33});
+  v.push_back({"D128_gqa8_hybrid", 128, 8, 1, 4, 1, 0.5, "[1,1,0,2]", {1, 0, 1, 0}, true, true, false, 44});
+  v.push_back({"D64_plain_qwen3", 64, 4, 2, 4, 1, 0.0, "0", {}, false, false, false, 55});
+  return v;
+}
+
+ModelConfig make_config(const Variant& c) {
+  ModelConfig cfg = model_shape_config("tiny");
+  cfg.head_dim = c.D;
+  cfg.num_attention_heads = c.Hq;
+  cfg.num_key_value_heads = c.Hkv;
+  cfg.tie_word_embeddings = c.tied;
+  cfg.bos_token_id = 1;
+  cfg.eos_token_ids = {2};
+  cfg.window_pattern = c.windows;
+  cfg.windows = parse_layer_pattern(c.windows, cfg.num_hidden_layers);
+  cfg.use_summary_attention = c.summary_attention;
+  if (c.summary_attention) {
+    cfg.summary_chunk_size = c.k;
+    cfg.summary_token_num = c.S;
+    cfg.summary_token_begin = kTextVocab;
+    cfg.vocab_size = kTextVocab + c.S;
+    cfg.truncate_predict_nums = kTextVocab;
+    cfg.mix_coeff = c.mix;
+    cfg.summary_independent_attention_layernorm = c.summary_layernorm;
+    cfg.summary_layers = c.summary_layers.empty() ? std::vector<uint8_t>(4, 1) : c.summary_layers;
+  } else {
+    cfg.vocab_size = kTextVocab;
+    cfg.truncate_predict_nums = 0;
+    cfg.mix_coeff = 0;
+    cfg.summary_independent_attention_layernorm = false;
+    cfg.summary_layers.assign(4, 0);
+  }
+  cfg.validate();
+  return cfg;
+}
+
+struct Pair {
+  test::TempDir dir{"cuda_engine"};
+  Model cpu, gpu;
+  static Model load(const std::string& d, Device dev) {
+    ModelOptions o;
+    o.device = dev;
+    o.threads = 2;
+    o.kv_dtype = DType::bf16;
+    return Model::load(d, o);
+  }
+  explicit Pair(const Variant& v) : cpu(make(v, dir.str(), Device::cpu)), gpu(load(dir.str(), Device::cuda)) {}
+  static Model make(const Variant& v, const std::string& d, Device dev) {
+    RandomModelOptions o;
+    o.seed = v.seed;
+    write_random_model(make_config(v), d, o);
+    return load(d, dev);
+  }
+};
+
+std::vector<int32_t> random_text(std::mt19937_64& rng, int64_t n) {
+  std::uniform_int_distribution<int32_t> d(0, int32_t(kTextVocab - 1));
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = d(rng);
+  return t;
+}
+
+std::vector<float> prefill(Model& m, std::span<const int32_t> text) {
+  const SeqId id = m.new_sequence();
+  std::vector<float> out(text.size() * size_t(m.vocab()));
+  m.append(id, text, LogitsFor::all, out);
+  m.release(id);
+  return out;
+}
+
+std::vector<float> stepwise(Model& m, std::span<const int32_t> text) {
+  const SeqId id = m.new_sequence();
+  const size_t V = size_t(m.vocab());
+  std::vector<float> out(text.size() * V);
+  for (size_t i = 0; i < text.size(); ++i)
+    m.append(id, text.subspan(i, 1), LogitsFor::last, std::span<float>(out).subspan(i * V, V));
+  m.release(id);
+  return out;
+}
+
+struct Err {
+  double max_err = 0, max_abs = 0, rms_err = 0, rms = 0;
+  bool finite = true;
+};
+Err compare(const std::vector<float>& got, const std::vector<float>& want) {
+  Err e;
+  if (got.size() != want.size() || got.empty()) {
+    e.finite = false;
+    return e;
+  }
+  double se = 0, sw = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i]) || !std::isfinite(want[i])) e.finite = false;
+    const double d = std::abs(double(got[i]) - want[i]);
+    e.max_err = std::max(e.max_err, d);
+    e.max_abs = std::max(e.max_abs, std::abs(double(want[i])));
+    se += d * d;
+    sw += double(want[i]) * want[i];
+  }
+  e.rms_err = std::sqrt(se / double(got.size()));
+  e.rms = std::sqrt(sw / double(got.size()));
+  return e;
+}
+::testing::AssertionResult close(const Err& e) {
+  if (e.finite && e.max_err <= kRelBf16 * e.max_abs && e.rms_err <= kRmsRel * e.rms)
+    return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "max |gpu-cpu| " << e.max_err << " (" << e.max_err / e.max_abs
+                                       << " of max |logit|, bound " << kRelBf16 << "), rms err " << e.rms_err << " ("
+                                       << e.rms_err / e.rms << " of rms, bound " << kRmsRel << ")"
+                                       << (e.finite ? "" : ", non-finite values or size mismatch");
+}
+void report(const char* what, const std::string& name, const Err& e) {
+  std::printf("[cuda engine] %-10s %-28s max %.3g of max|logit|, rms %.3g of rms\n", what, name.c_str(),
+              e.max_err / std::max(e.max_abs, 1e-30), e.rms_err / std::max(e.rms, 1e-30));
+}
+
+TEST(CudaEngine, PrefillAndDecodeMatchTheCpuEngine) {
+  REQUIRE_GPU();
+  for (const Variant& v : variants()) {
+    SCOPED_TRACE(v.name);
+    Pair p(v);
+    std::mt19937_64 rng(v.seed);
+    for (int64_t T : {int64_t(1), v.k - 1, v.k, v.k + 1, int64_t(61), int64_t(203)}) {
+      SCOPED_TRACE("T=" + std::to_string(T));
+      const std::vector<int32_t> text = random_text(rng, T);
+      const Err e = compare(prefill(p.gpu, text), prefill(p.cpu, text));
+      EXPECT_TRUE(close(e)) << "prefill";
+      if (T == 203) report("prefill", v.name, e);
+    }
+    // Decode one token at a time across many chunk boundaries and ring wrap-arounds (W <= 2 chunks).
+    const std::vector<int32_t> text = random_text(rng, 150);
+    const Err e = compare(stepwise(p.gpu, text), stepwise(p.cpu, text));
+    EXPECT_TRUE(close(e)) << "step by step";
+    report("decode", v.name, e);
+  }
+}
+
+// The same sequences alone and inside a mixed batch (prompt chunks, single tokens, a sequence joining late,
+// one released mid-way) give the same logits on the GPU (the batch changes only the rows of the products).
+TEST(CudaEngine, MixedBatchEqualsSequencesAlone) {
+  REQUIRE_GPU();
+  const Variant v = variants()[1];
+  Pair p(v);
+  Model& m = p.gpu;
+  std::mt19937_64 rng(7);
+  const size_t V = size_t(m.vocab());
+  std::vector<std::vector<int32_t>> texts;
+  for (int64_t n : {300, 77, 140, 33}) texts.push_back(random_text(rng, n));
+  std::vector<std::vector<float>> alone;
+  for (const auto& t : texts) alone.push_back(stepwise(m, t));  // continuation path throughout
+  std::vector<std::vector<float>> got(texts.size());
+  std::vector<SeqId> ids(texts.size(), -1);
+  std::vector<size_t> at(texts.size(), 0);
+  for (size_t i = 0; i < texts.size(); ++i) got[i].resize(texts[i].size() * V);
+  const SeqId extra = m.new_sequence();  // released mid-way
+  const std::vector<int32_t> xt = random_text(rng, 64);
+  StepResult r;
+  for (int step = 0;; ++step) {
+    std::vector<StepItem> items;
+    std::vector<size_t> who;
+    for (size_t i = 0; i < texts.size(); ++i) {
+      if (step < int(i) * 3 || at[i] == texts[i].size()) continue;
+      if (ids[i] < 0) ids[i] = m.new_sequence();
+      // the first token alone (a fresh one-token prefill, as stepwise does), then pieces of 1..40
+      const size_t n = at[i] == 0 ? 1 : std::min(texts[i].size() - at[i], size_t(1 + (step * 7 + i * 13) % 40));
+      items.push_back(StepItem{ids[i], std::span(texts[i]).subspan(at[i], n), LogitsFor::all, nullptr, {}});
+      who.push_back(i);
+    }
+    if (step < 10) items.push_back(StepItem{extra, std::span(xt).subspan(size_t(step) * 6, 6), LogitsFor::last, nullptr, {}});
+    if (step == 10) m.release(extra);
+    if (items.empty()) break;
+    m.step(items, r);
+    for (size_t j = 0; j < who.size(); ++j) {
+      const size_t i = who[j];
+      const size_t n = items[j].tokens.size();
+      std::copy_n(r.logits.begin() + r.logits_row[j] * int64_t(V), n * V, got[i].begin() + int64_t(at[i] * V));
+      at[i] += n;
+    }
+  }
+  for (size_t i = 0; i < texts.size(); ++i) {
+    const Err e = compare(got[i], alone[i]);
+    EXPECT_TRUE(close(e)) << "sequence " << i;
+    report("batch", "seq " + std::to_string(i), e);
+    m.release(ids[i]);
+  }
+  EXPECT_EQ(m.kv_bytes_in_use(), 0);
+}
+
+// Greedy generation: the same tokens as the CPU engine while no near-tie decides the argmax. A near tie is a
+// step where the CPU's top two logits are closer than twice the largest |gpu - cpu| logit difference seen on
+// this model (there the argmax may legitimately flip); the run stops comparing there.
+TEST(CudaEngine, GreedyTextEqualsTheCpuEngine) {
+  REQUIRE_GPU();
+  const Variant v = variants()[0];
+  Pair p(v);
+  std::mt19937_64 rng(5);
+  int longest = 0;
+  for (int trial = 0; trial < 4; ++trial) {
+    const std::vector<int32_t> prompt = random_text(rng, 37);
+    const SeqId a = p.cpu.new_sequence(), b = p.gpu.new_sequence();
+    std::vector<float> la(size_t(p.cpu.vocab())), lb(la.size());
+    p.cpu.append(a, prompt, LogitsFor::last, la);
+    p.gpu.append(b, prompt, LogitsFor::last, lb);
+    int same = 0;
+    double max_diff = 0;
+    for (int i = 0; i < 96; ++i) {
+      for (size_t j = 0; j < la.size(); ++j) max_diff = std::max(max_diff, double(std::abs(la[j] - lb[j])));
+      std::vector<float> sorted(la);
+      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
+      const int32_t ta = int32_t(std::max_element(la.begin(), la.end()) - la.begin());
+      const int32_t tb = int32_t(std::max_element(lb.begin(), lb.end()) - lb.begin());
+      if (ta != tb) {
+        EXPECT_LT(sorted[0] - sorted[1], 2 * max_diff) << "trial " << trial << " token " << i
+                                                       << ": the engines chose differently without a near tie";
+        break;
+      }
+      if (sorted[0] - sorted[1] < 2 * max_diff) break;  // a near tie: the rest may differ legitimately
+      ++same;
+      p.cpu.append(a, std::span<const int32_t>(&ta, 1), LogitsFor::last, la);
+      p.gpu.append(b, std::span<const int32_t>(&tb, 1), LogitsFor::last, lb);
+    }
+    std::printf("[cuda engine] greedy trial %d: %d identical tokens\n", trial, same);
+    longest = std::max(longest, same);
+    p.cpu.release(a);
+    p.gpu.release(b);
+  }
+  EXPECT_GE(longest, 64) << "no trial reached 64 identical greedy tokens";
+}
+
+// The device sampler: stratified draws u = (i + 0.5) / N must reproduce the exact kept distribution
+// (computed here on the host with a full sort) to within 1/N per token; greedy = argmax.
+TEST(CudaEngine, DeviceSamplerDrawsTheExactDistribution) {
+  REQUIRE_GPU();
+  const int64_t V = 3001, N = 20000;
+  std::mt19937_64 rng(3);
+  std::normal_distribution<float> nd(0.f, 2.f);
+  std::vector<float> logits(static_cast<size_t>(V));
+  for (auto& x : logits) x = nd(rng);
+  struct Case {
+    float temp;
+    int32_t top_k;
+    float top_p, min_p;
+  };
+  for (const Case c : {Case{1.f, 0, 1.f, 0.f}, Case{0.7f, 50, 1.f, 0.f}, Case{1.3f, 0, 0.8f, 0.f},
+                       Case{1.f, 200, 0.9f, 0.05f}, Case{0.f, 0, 1.f, 0.f}}) {
+    SCOPED_TRACE("temp " + std::to_string(c.temp) + " top_k " + std::to_string(c.top_k) + " top_p " +
+                 std::to_string(c.top_p) + " min_p " + std::to_string(c.min_p));
+    // Host: the kept set and probabilities (sorted walk, as sample_token).
+    std::vector<int32_t> idx(static_cast<size_t>(V));
+    for (int32_t i = 0; i < V; ++i) idx[size_t(i)] = i;
+    std::sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return logits[size_t(a)] > logits[size_t(b)]; });
+    std::vector<double> want(size_t(V), 0.0);
+    if (c.temp == 0.f) {
+      want[size_t(idx[0])] = 1.0;
+    } else {
+      const int64_t k = c.top_k > 0 ? c.top_k : V;
+      std::vector<double> pr(static_cast<size_t>(k));
+      double Z = 0;
+      for (int64_t i = 0; i < k; ++i) Z += pr[size_t(i)] = std::exp((logits[size_t(idx[size_t(i)])] - logits[size_t(idx[0])]) / c.temp);
+      int64_t n = k;
+      if (c.top_p < 1.f) {
+        double cum = 0;
+        for (int64_t i = 0; i < k; ++i)
+          if ((cum += pr[size_t(i)] / Z) >= c.top_p) {
+            n = i + 1;
+            break;
+          }
+      }
+      int64_t keep = 1;
+      while (keep < n && pr[size_t(keep)] >= c.min_p) ++keep;
+      n = c.min_p > 0.f ? keep : n;
+      double tot = 0;
+      for (int64_t i = 0; i < n; ++i) tot += pr[size_t(i)];
+      for (int64_t i = 0; i < n; ++i) want[size_t(idx[size_t(i)])] = pr[size_t(i)] / tot;
+    }
+    std::vector<float> rows;
+    std::vector<cuda::SampleArgs> args(static_cast<size_t>(N));
+    for (int64_t i = 0; i < N; ++i) {
+      cuda::SampleArgs& a = args[size_t(i)];
+      a.row = 0;
+      a.temperature = c.temp;
+      a.top_k = c.top_k;
+      a.top_p = c.top_p;
+      a.min_p = c.min_p;
+      a.u = (double(i) + 0.5) / double(N);
+    }
+    test::DevMem dl(size_t(V) * 4), da(args.size() * sizeof(cuda::SampleArgs)), dout(size_t(N) * 4), dp(16);
+    CK(cudaMemcpy(dl.p, logits.data(), size_t(V) * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(da.p, args.data(), args.size() * sizeof(cuda::SampleArgs), cudaMemcpyHostToDevice));
+    cuda::sample_tokens(dl.as<float>(), V, da.as<cuda::SampleArgs>(), N, dp.as<int32_t>(), dout.as<int32_t>(), nullptr);
+    CK(cudaDeviceSynchronize());
+    std::vector<int32_t> out(static_cast<size_t>(N));
+    CK(cudaMemcpy(out.data(), dout.p, size_t(N) * 4, cudaMemcpyDeviceToHost));
+    std::vector<double> freq(size_t(V), 0.0);
+    for (int32_t t : out) {
+      ASSERT_TRUE(t >= 0 && t < V);
+      freq[size_t(t)] += 1.0 / double(N);
+    }
+    double worst = 0;
+    for (int64_t i = 0; i < V; ++i) worst = std::max(worst, std::abs(freq[size_t(i)] - want[size_t(i)]));
+    EXPECT_LE(worst, 2.0 / double(N) + 1e-6) << "largest |frequency - probability| over the tokens";
+  }
+}
+
+TEST(CudaEngine, ErrorsAreClearAndLeaveOtherSequencesIntact) {
+  REQUIRE_GPU();
+  Variant v = variants()[0];
+  {  // head dim the kernels do not support
+    Variant w = v;
+    w.D = 32;
+    test::TempDir d("cuda_engine_d32");
+    RandomModelOptions o;
+    write_random_model(make_config(w), d.str(), o);
+    ModelOptions mo;
+    mo.device = Device::cuda;
+    try {
+      Model::load(d.str(), mo);
+      ADD_FAILURE() << "a head dim of 32 loaded on the CUDA engine";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("D: must be 64 or 128 (got 32)"), std::string::npos) << e.what();
+    }
+  }
+  test::TempDir d("cuda_engine_ctx");
+  write_random_model(make_config(v), d.str(), RandomModelOptions{});
+  ModelOptions mo;
+  mo.device = Device::cuda;
+  mo.max_text_tokens = 40;
+  Model m = Model::load(d.str(), mo);
+  std::mt19937_64 rng(9);
+  const std::vector<int32_t> t = random_text(rng, 60);
+  const SeqId a = m.new_sequence(), b = m.new_sequence();
+  std::vector<float> la(size_t(m.vocab())), lb(la.size());
+  m.append(a, std::span(t).first(30), LogitsFor::last, la);
+  StepResult r;
+  std::vector<StepItem> items = {{a, std::span(t).subspan(30, 20), LogitsFor::last, nullptr, {}},
+                                 {b, std::span(t).first(5), LogitsFor::last, nullptr, {}}};
+  EXPECT_THROW(m.step(items, r), Error);  // a would pass the context limit: nothing runs
+  EXPECT_EQ(m.text_tokens(a), 30);
+  EXPECT_EQ(m.text_tokens(b), 0);
+  items[0].tokens = std::span(t).subspan(30, 1);
+  m.step(items, r);  // the same batch without the bad request runs
+  EXPECT_EQ(m.text_tokens(a), 31);
+  EXPECT_EQ(m.text_tokens(b), 5);
+}
+
+}  // namespace
+}  // namespace ksa
