@@ -82,8 +82,9 @@ class Backend {
   // One KV cache per layer, created once at load; `cache(i)` is its bookkeeping (states, bytes, ids).
   virtual void create_caches(const std::vector<KvCacheConfig>& layers) = 0;
   virtual KvCache& cache(size_t layer) = 0;
-  // Text tokens one continuation (not fresh) of a sequence may add in one step (beyond: split the step).
-  virtual int64_t max_continuation_tokens() const = 0;
+  // Text tokens one continuation (not fresh) of a sequence holding T text tokens may add in one step
+  // (beyond: the model splits the step).
+  virtual int64_t max_continuation_tokens(int64_t T) const = 0;
 
   // Steps.
   virtual void begin_step(const StepDesc& step) = 0;

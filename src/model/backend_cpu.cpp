@@ -42,7 +42,7 @@ class CpuBackend final : public Backend {
     kv_dtype_ = layers.empty() ? DType::f32 : layers[0].dtype;
   }
   KvCache& cache(size_t layer) override { return caches_[layer]; }
-  int64_t max_continuation_tokens() const override { return int64_t(1) << 62; }
+  int64_t max_continuation_tokens(int64_t) const override { return int64_t(1) << 62; }
 
   void begin_step(const StepDesc& step) override {
     step_ = &step;

@@ -408,7 +408,6 @@ void Model::step(std::span<const StepItem> items, StepResult& out) {
   const int64_t V = m.cfg.logits_size();
   // Pieces: a fresh sequence runs its tokens at once (the prefill kernel); a continuing one in pieces the
   // backend's decode takes in one step. Round r runs every item's r-th piece.
-  const int64_t cont = m.be->max_continuation_tokens();
   std::vector<std::vector<Piece>> rounds;
   for (size_t i = 0; i < items.size(); ++i) {
     const StepItem& it = items[i];
@@ -417,7 +416,7 @@ void Model::step(std::span<const StepItem> items, StepResult& out) {
     const size_t n = it.tokens.size();
     size_t r = 0;
     for (size_t a = 0; a < n; ++r) {
-      const size_t len = fresh && a == 0 ? n : std::min<size_t>(n - a, size_t(cont));
+      const size_t len = fresh && a == 0 ? n : std::min<size_t>(n - a, size_t(m.be->max_continuation_tokens(s.T + int64_t(a))));
       Piece pc;
       pc.item = i;
       pc.tokens = it.tokens.subspan(a, len);

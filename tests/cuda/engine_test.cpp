@@ -87,19 +87,21 @@ ModelConfig make_config(const Variant& c) {
 struct Pair {
   test::TempDir dir{"cuda_engine"};
   Model cpu, gpu;
-  static Model load(const std::string& d, Device dev) {
+  static Model load(const std::string& d, Device dev, int64_t max_text = 0) {
     ModelOptions o;
     o.device = dev;
+    o.max_text_tokens = max_text;
     o.threads = 2;
     o.kv_dtype = DType::bf16;
     return Model::load(d, o);
   }
-  explicit Pair(const Variant& v) : cpu(make(v, dir.str(), Device::cpu)), gpu(load(dir.str(), Device::cuda)) {}
-  static Model make(const Variant& v, const std::string& d, Device dev) {
+  explicit Pair(const Variant& v, int64_t max_text = 0)
+      : cpu(make(v, dir.str(), Device::cpu, max_text)), gpu(load(dir.str(), Device::cuda, max_text)) {}
+  static Model make(const Variant& v, const std::string& d, Device dev, int64_t max_text) {
     RandomModelOptions o;
     o.seed = v.seed;
     write_random_model(make_config(v), d, o);
-    return load(d, dev);
+    return load(d, dev, max_text);
   }
 };
 
@@ -187,15 +189,19 @@ TEST(CudaEngine, PrefillAndDecodeMatchTheCpuEngine) {
 
 // The same sequences alone and inside a mixed batch (prompt chunks, single tokens, a sequence joining late,
 // one released mid-way) give the same logits on the GPU (the batch changes only the rows of the products).
-TEST(CudaEngine, MixedBatchEqualsSequencesAlone) {
+// Run twice: with every layer storing summaries, and with a context of 250 where layer 3 (W*k = 256 >= 250)
+// keeps one chunk's summaries only, so that multi-token pieces are split at chunk ends.
+class CudaEngineBatch : public ::testing::TestWithParam<int64_t> {};
+TEST_P(CudaEngineBatch, MixedBatchEqualsSequencesAlone) {
   REQUIRE_GPU();
-  const Variant v = variants()[1];
-  Pair p(v);
+  const int64_t ctx = GetParam();
+  const Variant v = variants()[ctx > 0 ? 0 : 1];
+  Pair p(v, ctx);
   Model& m = p.gpu;
   std::mt19937_64 rng(7);
   const size_t V = size_t(m.vocab());
   std::vector<std::vector<int32_t>> texts;
-  for (int64_t n : {300, 77, 140, 33}) texts.push_back(random_text(rng, n));
+  for (int64_t n : {240, 77, 140, 33}) texts.push_back(random_text(rng, n));
   std::vector<std::vector<float>> alone;
   for (const auto& t : texts) alone.push_back(stepwise(m, t));  // continuation path throughout
   std::vector<std::vector<float>> got(texts.size());
@@ -235,6 +241,7 @@ TEST(CudaEngine, MixedBatchEqualsSequencesAlone) {
   }
   EXPECT_EQ(m.kv_bytes_in_use(), 0);
 }
+INSTANTIATE_TEST_SUITE_P(Contexts, CudaEngineBatch, ::testing::Values(int64_t(0), int64_t(250)));
 
 // Greedy generation: the same tokens as the CPU engine while no near-tie decides the argmax. A near tie is a
 // step where the CPU's top two logits are closer than twice the largest |gpu - cpu| logit difference seen on

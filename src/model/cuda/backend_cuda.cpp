@@ -136,7 +136,14 @@ class CudaBackend final : public Backend {
     }
   }
   KvCache& cache(size_t layer) override { return caches_[layer]->host(); }
-  int64_t max_continuation_tokens() const override { return std::max<int64_t>(1, opt_.continuation_tokens); }
+  // KvCacheGpu's multi-token steps: up to ring slack + 1 text tokens, and in a layer that keeps one chunk's
+  // summaries only (W*k >= context), the summaries of at most one chunk: such a step ends at a chunk's end.
+  int64_t max_continuation_tokens(int64_t T) const override {
+    int64_t n = std::max<int64_t>(1, opt_.continuation_tokens);
+    for (const auto& c : caches_)
+      if (!c->config().stores_summaries()) n = std::min(n, c->config().spec.k - T % c->config().spec.k);
+    return n;
+  }
 
   void begin_step(const StepDesc& step) override {
     step_ = &step;
