@@ -11,15 +11,15 @@
 
 namespace ksa::cuda {
 
-// y[M, N] = x[M, K] W^T, x and W [N, K] row-major bf16, y f32 or bf16 (row stride N), fp32 accumulation.
-// Holds a cuBLASLt handle, a workspace and the algorithm chosen per shape.
+// y[M, N] = x[M, K] W^T, x and W [N, K] row-major bf16, y f32 or bf16 (row stride ldy >= N; 0 = N), fp32
+// accumulation. Holds a cuBLASLt handle, a workspace and the algorithm chosen per shape.
 class Gemm {
  public:
   explicit Gemm(Stream stream);
   ~Gemm();
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;
-  void run(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt);
+  void run(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy = 0);
 
  private:
   struct Impl;
@@ -40,16 +40,17 @@ void add(float* x, const float* h, int64_t count, Stream stream);
 // of 4).
 void gather_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, Stream stream);
 void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, Stream stream);
-// y[rows[i], :] = mix * ys[i, :] + (1 - mix) * y[rows[i], :] (cols floats per row).
-void blend_rows(float* y, const float* ys, const int32_t* rows, int64_t m, int64_t cols, double mix, Stream stream);
-// Per-head RMSNorm (weights qn, kn [D], bf16) of q [n, Hq*D] and k [n, Hkv*D] (fp32), then RoPE (HF
-// rotate_half) at positions[r] with inv_freq [D/2] (fp32, as the reference computes it), rounded to bf16
-// into qc, kc; v [n, Hkv*D] rounded into vc.
-void qk_norm_rope(const float* q, const float* k, const float* v, int64_t n, int64_t Hq, int64_t Hkv, int64_t D,
-                  const void* qn, const void* kn, float eps, const int32_t* positions, const float* inv_freq, void* qc,
-                  void* kc, void* vc, Stream stream);
-// out = bf16(silu(g) * u) over `count` elements (g, u fp32).
-void silu_mul(const float* g, const float* u, int64_t count, void* out, Stream stream);
+// y[rows[i] * ldy + c] = mix * ys[i * cols + c] + (1 - mix) * y[rows[i] * ldy + c] for c < cols.
+void blend_rows(float* y, int64_t ldy, const float* ys, const int32_t* rows, int64_t m, int64_t cols, double mix,
+                Stream stream);
+// qkv [n, (Hq + 2 Hkv) D] fp32 holds q, k, v side by side. Per-head RMSNorm (weights qn, kn [D], bf16) of q
+// and k, then RoPE (HF rotate_half) at positions[r] with inv_freq [D/2] (fp32, as the reference computes
+// it), rounded to bf16 into qc [n, Hq D], kc [n, Hkv D]; v rounded into vc [n, Hkv D].
+void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t D, const void* qn, const void* kn,
+                  float eps, const int32_t* positions, const float* inv_freq, void* qc, void* kc, void* vc,
+                  Stream stream);
+// gu [n, 2I] fp32 holds gate and up side by side: out [n, I] = bf16(silu(gate) * up).
+void silu_mul(const float* gu, int64_t n, int64_t I, void* out, Stream stream);
 
 // One token drawn per logits row (the same order of operations as ksa::sample_token: penalties, then greedy
 // or temperature with top-k, top-p and min-p cuts, then the token at cumulative probability u). The cuts are

@@ -100,33 +100,35 @@ __global__ void gather_kernel(const uint32_t* in, int64_t words, const int32_t* 
   }
 }
 
-__global__ void blend_kernel(float* y, const float* ys, const int32_t* rows, int64_t cols, float mix, bool whole) {
+__global__ void blend_kernel(float* y, int64_t ldy, const float* ys, const int32_t* rows, int64_t cols, float mix,
+                             bool whole) {
   const int64_t i = blockIdx.x, r = rows[i];
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    float& d = y[r * cols + c];
+    float& d = y[r * ldy + c];
     const float s = ys[i * cols + c];
     d = whole ? s : mix * s + (1.f - mix) * d;
   }
 }
 
 // One warp per (row, head): per-head RMSNorm, RoPE (lane holds elements lane + 32 j; element i pairs with
-// i + D/2, i.e. j with j + D/64), bf16 out. Heads [0, Hq) are q, [Hq, Hq + Hkv) k, [Hq + Hkv, Hq + 2 Hkv) v.
+// i + D/2, i.e. j with j + D/64), bf16 out. Heads [0, Hq) are q, [Hq, Hq + Hkv) k, [Hq + Hkv, Hq + 2 Hkv) v,
+// read from qkv rows of (Hq + 2 Hkv) D floats.
 template <int D>
-__global__ void qk_norm_rope_kernel(const float* q, const float* k, const float* v, int64_t n, int Hq, int Hkv,
-                                    const void* qn, const void* kn, float eps, const int32_t* positions,
-                                    const float* inv_freq, __nv_bfloat16* qc, __nv_bfloat16* kc, __nv_bfloat16* vc) {
+__global__ void qk_norm_rope_kernel(const float* qkv, int64_t n, int Hq, int Hkv, const void* qn, const void* kn,
+                                    float eps, const int32_t* positions, const float* inv_freq, __nv_bfloat16* qc,
+                                    __nv_bfloat16* kc, __nv_bfloat16* vc) {
   constexpr int J = D / 32, HALF = J / 2;
   const int64_t gw = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32, H = Hq + 2 * Hkv;
   if (gw >= n * H) return;
   const int64_t r = gw / H;
   const int h = int(gw % H);
-  const float* src;
+  const float* src = qkv + (r * H + h) * D;
   __nv_bfloat16* dst;
   const void* w = nullptr;
-  if (h < Hq) src = q + (r * Hq + h) * D, dst = qc + (r * Hq + h) * D, w = qn;
-  else if (h < Hq + Hkv) src = k + (r * Hkv + h - Hq) * D, dst = kc + (r * Hkv + h - Hq) * D, w = kn;
-  else src = v + (r * Hkv + h - Hq - Hkv) * D, dst = vc + (r * Hkv + h - Hq - Hkv) * D;
+  if (h < Hq) dst = qc + (r * Hq + h) * D, w = qn;
+  else if (h < Hq + Hkv) dst = kc + (r * Hkv + h - Hq) * D, w = kn;
+  else dst = vc + (r * Hkv + h - Hq - Hkv) * D;
   float e[J];
 #pragma unroll
   for (int j = 0; j < J; ++j) e[j] = src[lane + 32 * j];
@@ -152,11 +154,12 @@ __global__ void qk_norm_rope_kernel(const float* q, const float* k, const float*
   for (int j = 0; j < J; ++j) dst[lane + 32 * j] = __float2bfloat16(e[j]);
 }
 
-__global__ void silu_mul_kernel(const float* g, const float* u, int64_t count, __nv_bfloat16* out) {
+__global__ void silu_mul_kernel(const float* gu, int64_t n, int64_t I, __nv_bfloat16* out) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= count) return;
-  const float x = g[i];
-  out[i] = __float2bfloat16(x / (1.f + expf(-x)) * u[i]);
+  if (i >= n * I) return;
+  const int64_t r = i / I, c = i - r * I;
+  const float x = gu[r * 2 * I + c];
+  out[i] = __float2bfloat16(x / (1.f + expf(-x)) * gu[r * 2 * I + I + c]);
 }
 
 // ------------------------------------------------------------------------------------------ sampling
@@ -336,10 +339,10 @@ struct Gemm::Impl {
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo{};
   };
-  std::map<std::tuple<int64_t, int64_t, int64_t, int>, Plan> plans;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int>, Plan> plans;
 
-  Plan& plan(int64_t M, int64_t K, int64_t N, DType ydt) {
-    const auto key = std::make_tuple(M, K, N, int(ydt));
+  Plan& plan(int64_t M, int64_t K, int64_t N, int64_t ldy, DType ydt) {
+    const auto key = std::make_tuple(M, K, N, ldy, int(ydt));
     auto it = plans.find(key);
     if (it != plans.end()) return it->second;
     Plan p;
@@ -351,7 +354,7 @@ struct Gemm::Impl {
     const cudaDataType_t yt = ydt == DType::f32 ? CUDA_R_32F : CUDA_R_16BF;
     KSA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, uint64_t(K), uint64_t(N), K));
     KSA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, uint64_t(K), uint64_t(M), K));
-    KSA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, yt, uint64_t(N), uint64_t(M), N));
+    KSA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, yt, uint64_t(N), uint64_t(M), ldy));
     cublasLtMatmulPreference_t pref = nullptr;
     KSA_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     KSA_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
@@ -385,10 +388,11 @@ Gemm::~Gemm() {
   if (impl_->handle) cublasLtDestroy(impl_->handle);
 }
 
-void Gemm::run(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt) {
-  if (M < 1 || K < 1 || N < 1) fail("cuda linear: bad shape M=", M, " K=", K, " N=", N);
+void Gemm::run(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy) {
+  if (ldy == 0) ldy = N;
+  if (M < 1 || K < 1 || N < 1 || ldy < N) fail("cuda linear: bad shape M=", M, " K=", K, " N=", N, " ldy=", ldy);
   if (ydt != DType::f32 && ydt != DType::bf16) fail("cuda linear: output must be f32 or bf16");
-  Impl::Plan& p = impl_->plan(M, K, N, ydt);
+  Impl::Plan& p = impl_->plan(M, K, N, ldy, ydt);
   const float alpha = 1.f, beta = 0.f;
   KSA_CUBLAS_CHECK(cublasLtMatmul(impl_->handle, p.op, &alpha, W, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo,
                                   impl_->workspace, impl_->ws_bytes, impl_->stream));
@@ -438,15 +442,16 @@ void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_
   KSA_CUDA_CHECK_LAUNCH();
 }
 
-void blend_rows(float* y, const float* ys, const int32_t* rows, int64_t m, int64_t cols, double mix, Stream stream) {
+void blend_rows(float* y, int64_t ldy, const float* ys, const int32_t* rows, int64_t m, int64_t cols, double mix,
+                Stream stream) {
   if (m == 0) return;
-  blend_kernel<<<unsigned(m), 256, 0, cs(stream)>>>(y, ys, rows, cols, float(mix), mix == 1.0);
+  blend_kernel<<<unsigned(m), 256, 0, cs(stream)>>>(y, ldy, ys, rows, cols, float(mix), mix == 1.0);
   KSA_CUDA_CHECK_LAUNCH();
 }
 
-void qk_norm_rope(const float* q, const float* k, const float* v, int64_t n, int64_t Hq, int64_t Hkv, int64_t D,
-                  const void* qn, const void* kn, float eps, const int32_t* positions, const float* inv_freq, void* qc,
-                  void* kc, void* vc, Stream stream) {
+void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t D, const void* qn, const void* kn,
+                  float eps, const int32_t* positions, const float* inv_freq, void* qc, void* kc, void* vc,
+                  Stream stream) {
   if (n == 0) return;
   const int64_t warps = n * (Hq + 2 * Hkv);
   const unsigned grid = blocks_for(warps * 32, 256);
@@ -454,17 +459,17 @@ void qk_norm_rope(const float* q, const float* k, const float* v, int64_t n, int
   auto* K = static_cast<__nv_bfloat16*>(kc);
   auto* Vv = static_cast<__nv_bfloat16*>(vc);
   if (D == 128)
-    qk_norm_rope_kernel<128><<<grid, 256, 0, cs(stream)>>>(q, k, v, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
+    qk_norm_rope_kernel<128><<<grid, 256, 0, cs(stream)>>>(qkv, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
   else if (D == 64)
-    qk_norm_rope_kernel<64><<<grid, 256, 0, cs(stream)>>>(q, k, v, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
+    qk_norm_rope_kernel<64><<<grid, 256, 0, cs(stream)>>>(qkv, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
   else
     fail("cuda qk_norm_rope: head_dim must be 64 or 128 (got ", D, ")");
   KSA_CUDA_CHECK_LAUNCH();
 }
 
-void silu_mul(const float* g, const float* u, int64_t count, void* out, Stream stream) {
-  if (count == 0) return;
-  silu_mul_kernel<<<blocks_for(count, 256), 256, 0, cs(stream)>>>(g, u, count, static_cast<__nv_bfloat16*>(out));
+void silu_mul(const float* gu, int64_t n, int64_t I, void* out, Stream stream) {
+  if (n * I == 0) return;
+  silu_mul_kernel<<<blocks_for(n * I, 256), 256, 0, cs(stream)>>>(gu, n, I, static_cast<__nv_bfloat16*>(out));
   KSA_CUDA_CHECK_LAUNCH();
 }
 

@@ -95,22 +95,28 @@ class Backend {
   // x += h, then out = RMSNorm(x) * w.
   virtual void add_rms_norm(Act x, const Act& h, const Weight& w, float eps, Act out) = 0;
   virtual void add(Act x, const Act& h) = 0;
-  // y[M, N] = x[M, K] W^T (W [N, K]).
+  // y[M, N] = x[M, K] W^T (W [N, K]; N = y.cols, which may be fewer than W's rows).
   virtual void linear(const Act& x, const Weight& W, Act y) = 0;
+  // y = [x W1^T | x W2^T | ...]: the products side by side in y's columns (y.cols = the sum of the weights'
+  // rows). A backend may have placed the weights contiguously (fuse) and run one product.
+  virtual void linear_cat(const Act& x, std::span<const Weight* const> ws, Act y) = 0;
+  // Called once at load for weights that are always multiplied together (q/k/v, gate/up): a backend may
+  // move them into one allocation, row after row, repointing each Weight into it.
+  virtual void fuse(std::span<Weight* const> ws) { (void)ws; }
   // out[i] = in[rows[i]] / out[rows[i]] = in[i].
   virtual void gather(const Act& in, Rows which, Act out) = 0;
   virtual void scatter(const Act& in, Rows which, Act out) = 0;
-  // y[summary_rows[i]] = mix * ys[i] + (1 - mix) * y[summary_rows[i]].
-  virtual void blend(Act y, const Act& ys, double mix) = 0;
-  // Per-head RMSNorm of q [n, Hq*D] and k [n, Hkv*D], RoPE at the step's positions; results in the cache
-  // dtype into qc, kc; v rounded into vc.
-  virtual void qk_norm_rope(const Act& q, const Act& k, const Act& v, const Weight& qn, const Weight& kn, float eps,
-                            double theta, int64_t Hq, int64_t Hkv, int64_t D, Act qc, Act kc, Act vc) = 0;
+  // y[summary_rows[i], col0 + c] = mix * ys[i, c] + (1 - mix) * y[summary_rows[i], col0 + c], c < ys.cols.
+  virtual void blend(Act y, int64_t col0, const Act& ys, double mix) = 0;
+  // qkv [n, (Hq + 2 Hkv) D] holds q, k, v side by side (wide). Per-head RMSNorm of q and k, RoPE at the
+  // step's positions; results in the cache dtype into qc, kc; v rounded into vc. qkv may be changed.
+  virtual void qk_norm_rope(Act qkv, const Weight& qn, const Weight& kn, float eps, double theta, int64_t Hq,
+                            int64_t Hkv, int64_t D, Act qc, Act kc, Act vc) = 0;
   // Attention of the step's rows of every sequence through layer `layer`'s cache (prefill kernel for fresh
   // sequences, decode kernel through the cache otherwise), writing the new K/V into the cache.
   virtual void attention(size_t layer, int64_t W, const Act& qc, const Act& kc, const Act& vc, int64_t Hq, Act out) = 0;
-  // out = silu(g) * u (g, u wide; out narrow).
-  virtual void silu_mul(const Act& g, const Act& u, Act out) = 0;
+  // gu [n, 2I] holds gate and up side by side (wide): out [n, I] = silu(gate) * up (narrow).
+  virtual void silu_mul(const Act& gu, Act out) = 0;
   // Logits rows [m, V] (fp32) to the host.
   virtual void download(const Act& logits, std::span<float> out) = 0;
   // One token per request from its logits row (penalties applied in place first).

@@ -93,6 +93,17 @@ class CpuBackend final : public Backend {
     cpu::linear(f32(x), x.rows, x.cols, W.data, W.dtype, y.cols, f32(y), threads_);
   }
 
+  void linear_cat(const Act& x, std::span<const Weight* const> ws, Act y) override {
+    int64_t col0 = 0;
+    for (const Weight* W : ws) {
+      tmp_.resize(size_t(x.rows * W->rows));
+      cpu::linear(f32(x), x.rows, x.cols, W->data, W->dtype, W->rows, tmp_.data(), threads_);
+      for (int64_t r = 0; r < x.rows; ++r)
+        std::copy_n(tmp_.data() + r * W->rows, W->rows, f32(y) + r * y.cols + col0);
+      col0 += W->rows;
+    }
+  }
+
   void gather(const Act& in, Rows which, Act out) override {
     const std::vector<int32_t>& rows = select(which);
     for (size_t i = 0; i < rows.size(); ++i) std::copy_n(f32(in) + rows[i] * in.cols, in.cols, f32(out) + int64_t(i) * in.cols);
@@ -102,28 +113,31 @@ class CpuBackend final : public Backend {
     for (size_t i = 0; i < rows.size(); ++i) std::copy_n(f32(in) + int64_t(i) * in.cols, in.cols, f32(out) + rows[i] * in.cols);
   }
 
-  void blend(Act y, const Act& ys, double mix) override {
+  void blend(Act y, int64_t col0, const Act& ys, double mix) override {
     const std::vector<int32_t>& rows = step_->summary_rows;
     for (size_t i = 0; i < rows.size(); ++i)
-      for (int64_t c = 0; c < y.cols; ++c) {
-        float& dst = f32(y)[rows[i] * y.cols + c];
-        const float s = f32(ys)[int64_t(i) * y.cols + c];
+      for (int64_t c = 0; c < ys.cols; ++c) {
+        float& dst = f32(y)[rows[i] * y.cols + col0 + c];
+        const float s = f32(ys)[int64_t(i) * ys.cols + c];
         dst = mix == 1.0 ? s : float(mix * s + (1.0 - mix) * dst);
       }
   }
 
-  void qk_norm_rope(const Act& q, const Act& k, const Act& v, const Weight& qn, const Weight& kn, float eps, double theta,
-                    int64_t Hq, int64_t Hkv, int64_t D, Act qc, Act kc, Act vc) override {
-    const int64_t n = q.rows;
-    cpu::rms_norm(f32(q), n * Hq, D, qn.data, qn.dtype, eps);
-    cpu::rms_norm(f32(k), n * Hkv, D, kn.data, kn.dtype, eps);
+  void qk_norm_rope(Act qkv, const Weight& qn, const Weight& kn, float eps, double theta, int64_t Hq, int64_t Hkv,
+                    int64_t D, Act qc, Act kc, Act vc) override {
+    const int64_t n = qkv.rows, NQ = Hq * D, NKV = Hkv * D;
     for (int64_t r = 0; r < n; ++r) {
-      cpu::rope(f32(q) + r * Hq * D, Hq, D, step_->positions[size_t(r)], theta);
-      cpu::rope(f32(k) + r * Hkv * D, Hkv, D, step_->positions[size_t(r)], theta);
+      float* q = f32(qkv) + r * qkv.cols;
+      float* k = q + NQ;
+      const float* v = k + NKV;
+      cpu::rms_norm(q, Hq, D, qn.data, qn.dtype, eps);
+      cpu::rms_norm(k, Hkv, D, kn.data, kn.dtype, eps);
+      cpu::rope(q, Hq, D, step_->positions[size_t(r)], theta);
+      cpu::rope(k, Hkv, D, step_->positions[size_t(r)], theta);
+      for (int64_t i = 0; i < NQ; ++i) store_from_float(qc.dtype, qc.data, r * NQ + i, q[i]);
+      for (int64_t i = 0; i < NKV; ++i) store_from_float(kc.dtype, kc.data, r * NKV + i, k[i]);
+      for (int64_t i = 0; i < NKV; ++i) store_from_float(vc.dtype, vc.data, r * NKV + i, v[i]);
     }
-    round_into(q, qc);
-    round_into(k, kc);
-    round_into(v, vc);
   }
 
   void attention(size_t layer, int64_t W, const Act& qc, const Act& kc, const Act& vc, int64_t Hq, Act out) override {
@@ -166,9 +180,12 @@ class CpuBackend final : public Backend {
     for (int64_t i = 0; i < out.rows * out.cols; ++i) f32(out)[i] = load_as_float(kv_dtype_, ob_.data(), i);
   }
 
-  void silu_mul(const Act& g, const Act& u, Act out) override {
-    if (out.data != g.data) std::copy_n(f32(g), g.rows * g.cols, f32(out));
-    cpu::silu_mul(f32(out), f32(u), g.rows * g.cols);
+  void silu_mul(const Act& gu, Act out) override {
+    const int64_t I = out.cols;
+    for (int64_t r = 0; r < gu.rows; ++r) {
+      std::copy_n(f32(gu) + r * 2 * I, I, f32(out) + r * I);
+      cpu::silu_mul(f32(out) + r * I, f32(gu) + r * 2 * I + I, I);
+    }
   }
 
   void download(const Act& logits, std::span<float> out) override {
@@ -191,9 +208,6 @@ class CpuBackend final : public Backend {
   const std::vector<int32_t>& select(Rows which) const {
     return which == Rows::summary ? step_->summary_rows : step_->logits_rows;
   }
-  void round_into(const Act& src, Act dst) const {
-    for (int64_t i = 0; i < src.rows * src.cols; ++i) store_from_float(dst.dtype, dst.data, i, f32(src)[i]);
-  }
 
   int threads_;
   DType kv_dtype_ = DType::f32;
@@ -203,6 +217,7 @@ class CpuBackend final : public Backend {
   std::vector<std::byte> ob_;
   std::vector<int32_t> idx_;
   std::vector<float> prob_;
+  std::vector<float> tmp_;
 };
 
 }  // namespace

@@ -159,15 +159,16 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   const bool have_summaries = !desc.summary_rows.empty();
   const int64_t ns = int64_t(desc.summary_rows.size());
   Act x = b.act(n, H, Prec::wide), h = b.act(n, H, Prec::narrow), hw = b.act(n, H, Prec::wide);
-  Act q = b.act(n, Hq * D, Prec::wide), k = b.act(n, Hkv * D, Prec::wide), v = b.act(n, Hkv * D, Prec::wide);
-  Act qc = b.act(n, Hq * D, Prec::cache), kc = b.act(n, Hkv * D, Prec::cache), vc = b.act(n, Hkv * D, Prec::cache);
-  Act att = b.act(n, Hq * D, Prec::narrow);
-  Act g = b.act(n, I, Prec::wide), u = b.act(n, I, Prec::wide), gu = b.act(n, I, Prec::narrow);
+  const int64_t NQ = Hq * D, NKV = Hkv * D;
+  Act qkv = b.act(n, NQ + 2 * NKV, Prec::wide);
+  Act qc = b.act(n, NQ, Prec::cache), kc = b.act(n, NKV, Prec::cache), vc = b.act(n, NKV, Prec::cache);
+  Act att = b.act(n, NQ, Prec::narrow);
+  Act gu2 = b.act(n, 2 * I, Prec::wide), gu = b.act(n, I, Prec::narrow);
   Act saved, hs, ys;
   if (have_summaries) {
     saved = b.act(ns, H, Prec::wide);
     hs = b.act(ns, H, Prec::narrow);
-    ys = b.act(ns, Hq * D, Prec::wide);
+    ys = b.act(ns, NQ, Prec::wide);
   }
   b.embed(embed, x);
   const double mix = cfg.mix_coeff;
@@ -175,26 +176,26 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
     const Layer& L = layers[li];
     if (!L.summary_layer && have_summaries) b.gather(x, Rows::summary, saved);
     b.rms_norm(x, L.in_norm, L.in_norm_summary, eps, h);
-    b.linear(h, L.q, q);
-    b.linear(h, L.k, k);
-    b.linear(h, L.v, v);
+    const Weight* qkv_w[3] = {&L.q, &L.k, &L.v};
+    b.linear_cat(h, qkv_w, qkv);
     // Summary tokens blend their own projections: mix * summary + (1 - mix) * shared.
     if (L.q_s && have_summaries) {
       b.gather(h, Rows::summary, hs);
-      for (auto [W, y] : {std::pair{&L.q_s, q}, std::pair{&L.k_s, k}, std::pair{&L.v_s, v}}) {
+      const std::pair<const Weight*, int64_t> parts[3] = {{&L.q_s, 0}, {&L.k_s, NQ}, {&L.v_s, NQ + NKV}};
+      for (auto [W, col0] : parts) {
         Act yy = ys;
-        yy.cols = y.cols;
+        yy.cols = W->rows;
         b.linear(hs, *W, yy);
-        b.blend(y, yy, mix);
+        b.blend(qkv, col0, yy, mix);
       }
     }
-    b.qk_norm_rope(q, k, v, L.q_norm, L.k_norm, eps, cfg.rope_theta, Hq, Hkv, D, qc, kc, vc);
+    b.qk_norm_rope(qkv, L.q_norm, L.k_norm, eps, cfg.rope_theta, Hq, Hkv, D, qc, kc, vc);
     b.attention(li, L.W, qc, kc, vc, Hq, att);
     b.linear(att, L.o, hw);
     b.add_rms_norm(x, hw, L.post_norm, eps, h);
-    b.linear(h, L.gate, g);
-    b.linear(h, L.up, u);
-    b.silu_mul(g, u, gu);
+    const Weight* gu_w[2] = {&L.gate, &L.up};
+    b.linear_cat(h, gu_w, gu2);
+    b.silu_mul(gu2, gu);
     b.linear(gu, L.down, hw);
     b.add(x, hw);
     if (!L.summary_layer && have_summaries) b.scatter(saved, Rows::summary, x);
@@ -321,6 +322,12 @@ Model Model::load(const std::string& dir, const ModelOptions& opt) {
     if (!L.in_norm || !L.q || !L.k || !L.v || !L.o || !L.q_norm || !L.k_norm || !L.post_norm || !L.gate || !L.up ||
         !L.down)
       fail(dir, ": layer ", i, " lacks a required tensor");
+    {  // always multiplied together: a backend may run each group as one product
+      Weight* qkv[3] = {&L.q, &L.k, &L.v};
+      Weight* gu[2] = {&L.gate, &L.up};
+      be.fuse(qkv);
+      be.fuse(gu);
+    }
     for (const Weight* t : {&L.in_norm, &L.q, &L.k, &L.v, &L.o, &L.q_norm, &L.k_norm, &L.post_norm, &L.gate, &L.up, &L.down})
       m->weight_bytes += t->nbytes, m->weight_bytes_token += t->nbytes;
     for (const Weight* t : {&L.in_norm_summary, &L.q_s, &L.k_s, &L.v_s}) m->weight_bytes += t->nbytes;

@@ -243,45 +243,43 @@ TEST_P(CudaEngineBatch, MixedBatchEqualsSequencesAlone) {
 }
 INSTANTIATE_TEST_SUITE_P(Contexts, CudaEngineBatch, ::testing::Values(int64_t(0), int64_t(250)));
 
-// Greedy generation: the same tokens as the CPU engine while no near-tie decides the argmax. A near tie is a
-// step where the CPU's top two logits are closer than twice the largest |gpu - cpu| logit difference seen on
-// this model (there the argmax may legitimately flip); the run stops comparing there.
+// Greedy generation against the CPU engine. A step is a near tie when the CPU's top two logits are closer
+// than twice the largest |gpu - cpu| logit difference of that step: only there can the two argmaxes differ
+// (each logit moved by at most that difference). Both engines are fed the CPU's greedy text (so that one
+// near tie does not end the comparison); at every step that is not a near tie the GPU's argmax must be the
+// CPU's, and at least 64 such steps must occur. Free-running, the GPU's own greedy text equals the CPU's up
+// to the first near tie (printed).
 TEST(CudaEngine, GreedyTextEqualsTheCpuEngine) {
   REQUIRE_GPU();
   const Variant v = variants()[0];
   Pair p(v);
   std::mt19937_64 rng(5);
-  int longest = 0;
-  for (int trial = 0; trial < 4; ++trial) {
-    const std::vector<int32_t> prompt = random_text(rng, 37);
-    const SeqId a = p.cpu.new_sequence(), b = p.gpu.new_sequence();
-    std::vector<float> la(size_t(p.cpu.vocab())), lb(la.size());
-    p.cpu.append(a, prompt, LogitsFor::last, la);
-    p.gpu.append(b, prompt, LogitsFor::last, lb);
-    int same = 0;
-    double max_diff = 0;
-    for (int i = 0; i < 96; ++i) {
-      for (size_t j = 0; j < la.size(); ++j) max_diff = std::max(max_diff, double(std::abs(la[j] - lb[j])));
-      std::vector<float> sorted(la);
-      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
-      const int32_t ta = int32_t(std::max_element(la.begin(), la.end()) - la.begin());
-      const int32_t tb = int32_t(std::max_element(lb.begin(), lb.end()) - lb.begin());
-      if (ta != tb) {
-        EXPECT_LT(sorted[0] - sorted[1], 2 * max_diff) << "trial " << trial << " token " << i
-                                                       << ": the engines chose differently without a near tie";
-        break;
-      }
-      if (sorted[0] - sorted[1] < 2 * max_diff) break;  // a near tie: the rest may differ legitimately
-      ++same;
-      p.cpu.append(a, std::span<const int32_t>(&ta, 1), LogitsFor::last, la);
-      p.gpu.append(b, std::span<const int32_t>(&tb, 1), LogitsFor::last, lb);
+  const std::vector<int32_t> prompt = random_text(rng, 37);
+  const SeqId a = p.cpu.new_sequence(), b = p.gpu.new_sequence();
+  std::vector<float> la(size_t(p.cpu.vocab())), lb(la.size());
+  p.cpu.append(a, prompt, LogitsFor::last, la);
+  p.gpu.append(b, prompt, LogitsFor::last, lb);
+  int clear = 0, ties = 0, first_tie = -1;
+  for (int i = 0; i < 128; ++i) {
+    double diff = 0;
+    for (size_t j = 0; j < la.size(); ++j) diff = std::max(diff, double(std::abs(la[j] - lb[j])));
+    std::vector<float> sorted(la);
+    std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
+    const int32_t ta = int32_t(std::max_element(la.begin(), la.end()) - la.begin());
+    const int32_t tb = int32_t(std::max_element(lb.begin(), lb.end()) - lb.begin());
+    if (double(sorted[0]) - sorted[1] < 2 * diff) {
+      ++ties;
+      if (first_tie < 0) first_tie = i;
+    } else {
+      ++clear;
+      EXPECT_EQ(tb, ta) << "token " << i << ": margin " << sorted[0] - sorted[1] << " > 2 x max diff " << diff;
     }
-    std::printf("[cuda engine] greedy trial %d: %d identical tokens\n", trial, same);
-    longest = std::max(longest, same);
-    p.cpu.release(a);
-    p.gpu.release(b);
+    p.cpu.append(a, std::span<const int32_t>(&ta, 1), LogitsFor::last, la);
+    p.gpu.append(b, std::span<const int32_t>(&ta, 1), LogitsFor::last, lb);
   }
-  EXPECT_GE(longest, 64) << "no trial reached 64 identical greedy tokens";
+  std::printf("[cuda engine] greedy: %d of 128 steps clear of a near tie, all equal; %d near ties; the free-running "
+              "texts are identical at least up to token %d (the first near tie)\n", clear, ties, first_tie < 0 ? 128 : first_tie);
+  EXPECT_GE(clear, 64);
 }
 
 // The device sampler: stratified draws u = (i + 0.5) / N must reproduce the exact kept distribution

@@ -194,6 +194,42 @@ class CudaBackend final : public Backend {
     gemm_->run(x.data, x.rows, x.cols, W.data, y.cols, y.data, y.dtype);
   }
 
+  // One product when the weights sit row after row in one allocation (fuse), else one per weight into its
+  // columns of y.
+  void linear_cat(const Act& x, std::span<const Weight* const> ws, Act y) override {
+    if (x.dtype != DType::bf16) fail("engine: internal error: a CUDA matrix product's input must be bf16");
+    bool adjacent = true;
+    for (size_t i = 1; i < ws.size(); ++i)
+      adjacent &= static_cast<const char*>(ws[i]->data) ==
+                  static_cast<const char*>(ws[i - 1]->data) + ws[i - 1]->rows * ws[i - 1]->cols * 2;
+    if (adjacent) {
+      gemm_->run(x.data, x.rows, x.cols, ws[0]->data, y.cols, y.data, y.dtype);
+      return;
+    }
+    int64_t col0 = 0;
+    for (const Weight* W : ws) {
+      gemm_->run(x.data, x.rows, x.cols, W->data, W->rows, static_cast<char*>(y.data) + col0 * dtype_size(y.dtype),
+                 y.dtype, y.cols);
+      col0 += W->rows;
+    }
+  }
+
+  void fuse(std::span<Weight* const> ws) override {
+    int64_t bytes = 0;
+    for (Weight* w : ws) {
+      if (!*w || w->cols != ws[0]->cols) return;
+      bytes += w->nbytes;
+    }
+    std::shared_ptr<void> all = device_alloc(bytes, "uploading the weights");
+    char* p = static_cast<char*>(all.get());
+    for (Weight* w : ws) {
+      check(cudaMemcpy(p, w->data, size_t(w->nbytes), cudaMemcpyDeviceToDevice), "uploading the weights");
+      w->data = p;
+      w->keep = all;
+      p += w->nbytes;
+    }
+  }
+
   void gather(const Act& in, Rows which, Act out) override {
     cuda::gather_rows(in.data, in.cols * dtype_size(in.dtype), rows_of(which), out.rows, out.data, stream_);
   }
@@ -201,14 +237,14 @@ class CudaBackend final : public Backend {
     cuda::scatter_rows(in.data, in.cols * dtype_size(in.dtype), rows_of(which), in.rows, out.data, stream_);
   }
 
-  void blend(Act y, const Act& ys, double mix) override {
-    cuda::blend_rows(f32(y), f32(ys), d_sum_, ys.rows, y.cols, mix, stream_);
+  void blend(Act y, int64_t col0, const Act& ys, double mix) override {
+    cuda::blend_rows(f32(y) + col0, y.cols, f32(ys), d_sum_, ys.rows, ys.cols, mix, stream_);
   }
 
-  void qk_norm_rope(const Act& q, const Act& k, const Act& v, const Weight& qn, const Weight& kn, float eps, double theta,
-                    int64_t Hq, int64_t Hkv, int64_t D, Act qc, Act kc, Act vc) override {
-    cuda::qk_norm_rope(f32(q), f32(k), f32(v), q.rows, Hq, Hkv, D, qn.data, kn.data, eps, d_pos_, inv_freq(D, theta),
-                       qc.data, kc.data, vc.data, stream_);
+  void qk_norm_rope(Act qkv, const Weight& qn, const Weight& kn, float eps, double theta, int64_t Hq, int64_t Hkv,
+                    int64_t D, Act qc, Act kc, Act vc) override {
+    cuda::qk_norm_rope(f32(qkv), qkv.rows, Hq, Hkv, D, qn.data, kn.data, eps, d_pos_, inv_freq(D, theta), qc.data,
+                       kc.data, vc.data, stream_);
   }
 
   void attention(size_t layer, int64_t W, const Act& qc, const Act& kc, const Act& vc, int64_t Hq, Act out) override {
@@ -245,9 +281,7 @@ class CudaBackend final : public Backend {
     cuda::attention_decode(cache, ids, n_new, io);
   }
 
-  void silu_mul(const Act& g, const Act& u, Act out) override {
-    cuda::silu_mul(f32(g), f32(u), g.rows * g.cols, out.data, stream_);
-  }
+  void silu_mul(const Act& gu, Act out) override { cuda::silu_mul(f32(gu), out.rows, out.cols, out.data, stream_); }
 
   void download(const Act& logits, std::span<float> out) override {
     if (int64_t(out.size()) != logits.rows * logits.cols) fail("engine: internal error: logits size");
