@@ -202,7 +202,8 @@ TEST(CoreLayout, TextLengthOfStreamInvertsLength) {
         }
         // Every other length is no stream's: -1.
         for (int64_t L = 0; L < int64_t(hits.size()) - (k + S); ++L) {
-          if (!hits[size_t(L)]) EXPECT_EQ(text_length_of_stream(k, S, L, tail), -1) << "k=" << k << " S=" << S << " L=" << L;
+          if (hits[size_t(L)]) continue;
+          EXPECT_EQ(text_length_of_stream(k, S, L, tail), -1) << "k=" << k << " S=" << S << " L=" << L;
         }
       }
 }
