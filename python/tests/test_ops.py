@@ -24,6 +24,10 @@ def test_ops_are_registered():
     assert out.shape == q.shape and lse.shape == q.shape[:-1]
 
 
+def head_dim(device):
+    return 64 if device == "cuda" else 16  # the CUDA kernels take D = 64 or 128
+
+
 def small_inputs(device, dtype, varlen):
     gen = torch.Generator().manual_seed(4)
     if varlen:
@@ -33,7 +37,7 @@ def small_inputs(device, dtype, varlen):
     else:
         cu = None
         shape = (2, stream_len(4, 1, 21))
-    q, k, v = (grid_randn(*shape, h, 16, generator=gen).to(device=device, dtype=dtype) for h in (4, 2, 2))
+    q, k, v = (grid_randn(*shape, h, head_dim(device), generator=gen).to(device=device, dtype=dtype) for h in (4, 2, 2))
     return q, k, v, cu
 
 
@@ -84,7 +88,7 @@ class KsaLayer(nn.Module):
 
 def compile_check(device, dtype, backend):
     torch.manual_seed(0)
-    model = nn.Sequential(KsaLayer(), KsaLayer()).to(device=device, dtype=dtype)
+    model = nn.Sequential(KsaLayer(hd=head_dim(device)), KsaLayer(hd=head_dim(device))).to(device=device, dtype=dtype)
     st = ksa_torch.stream_layout([9, 0, 20], 4, 1)
     cu = st.cu_seqlens.to(device)
     for varlen in (False, True):
