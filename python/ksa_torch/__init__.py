@@ -24,11 +24,15 @@ import torch
 try:
     from . import _C
 except ImportError as e:  # not built, or built against another torch
+    import pathlib
+
+    _built = sorted(p.name for p in pathlib.Path(__file__).parent.glob("_C.*"))
+    _why = (f"{_built[0]} does not load ({e}); was it built against another torch?" if _built else
+            "the compiled extension ksa_torch._C is not there (this is the source folder, or the build failed)")
     raise ImportError(
-        "ksa_torch: the compiled extension ksa_torch._C is missing or does not load "
-        f"({e}). ksa_torch must be built against the installed torch: from the ksa repository run "
-        "`pip install --no-build-isolation ./python` (or `-e` for an editable install); see docs/torch.md."
-    ) from e
+        f"ksa_torch: {_why}. ksa_torch must be built against the installed torch {torch.__version__}: from the "
+        "ksa repository run `pip install --no-build-isolation ./python` (or with -e for an editable install); "
+        "see docs/torch.md.") from e
 
 from ._ops import HAS_REGISTERED_AUTOGRAD, attention, attention_varlen  # noqa: E402
 from .layout import Stream, build_stream, stream_layout, stream_to_text, text_to_stream  # noqa: E402
