@@ -25,19 +25,20 @@ start=$SECONDS
 PIP_ARGS=(--no-build-isolation --no-index --no-cache-dir --disable-pip-version-check -q)
 # --no-build-isolation: build against this environment's torch (no index is reachable or wanted);
 # KSA_BUILD_DIR: link the libraries this build already made instead of configuring a second CMake build.
-if "$PY" -m venv --system-site-packages "$VENV" >/dev/null 2>&1; then
+# (A venv made from an interpreter that is itself a venv does not see that venv's packages: check for torch.)
+if "$PY" -m venv --system-site-packages "$VENV" >/dev/null 2>&1 && "$VENV/bin/python" -c "import torch, pytest" 2>/dev/null; then
   RUN=("$VENV/bin/python")
   KSA_BUILD_DIR="$BUILD" "${RUN[@]}" -m pip install "${PIP_ARGS[@]}" "$SRC/python" >"$BUILD/python-install.log" 2>&1 ||
     { tail -40 "$BUILD/python-install.log"; echo "pip install ./python: FAILED (log: $BUILD/python-install.log)"; exit 1; }
   echo "pip install ./python into a fresh venv: $((SECONDS - start)) s"
 else
-  # An interpreter without venv/ensurepip (some GPU images): install into a target folder instead.
+  # An interpreter without venv/ensurepip, or inside a venv itself (some GPU images): a target folder instead.
   KSA_BUILD_DIR="$BUILD" "$PY" -m pip install "${PIP_ARGS[@]}" --no-deps --target "$BUILD/python-site" "$SRC/python" \
     >"$BUILD/python-install.log" 2>&1 ||
     { tail -40 "$BUILD/python-install.log"; echo "pip install ./python: FAILED (log: $BUILD/python-install.log)"; exit 1; }
   export PYTHONPATH="$BUILD/python-site${PYTHONPATH:+:$PYTHONPATH}"
   RUN=("$PY")
-  echo "pip install --target (no venv module in $PY): $((SECONDS - start)) s"
+  echo "pip install --target (no usable venv from $PY): $((SECONDS - start)) s"
 fi
 
 cd "$BUILD"  # away from the source tree: the installed package, not python/ksa_torch, is imported
