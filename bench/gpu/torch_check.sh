@@ -7,10 +7,11 @@
 #   bench/gpu/torch_check.sh [--no-bench] [bench_varlen.py flags...]       logs in $OUT (bench/gpu/out)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-gpu_configure build "" -G Ninja
-gpu_build build ""
-echo "== ksa_torch: pip install ./python against build/, python/tests (CUDA included)"
-gpu_torch build
+# Its own build folder, kernels only (no C++ tests, so no GoogleTest needed): run.sh's build/ stays as it is.
+gpu_configure build-torch torch_ -G Ninja -DKSA_BUILD_TESTS=OFF
+gpu_build build-torch torch_ --target ksa_core ksa_cpu ksa_cuda
+echo "== ksa_torch: pip install ./python against build-torch/, python/tests (CUDA included)"
+gpu_torch build-torch
 echo "== train_tiny (CUDA, bf16 autocast)"
 if ! "${KSA_PY[@]}" python/examples/train_tiny.py --steps 20 >"$OUT/train_tiny.log" 2>&1; then
   echo "train_tiny: FAILED"; tail -20 "$OUT/train_tiny.log"; exit 1
