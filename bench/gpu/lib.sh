@@ -25,3 +25,16 @@ gpu_build() {
   if grep -qE "error" "$log"; then grep -E "error" -A3 "$log" | head -60; else tail -30 "$log"; fi
   exit 1
 }
+
+# gpu_torch <build dir>: installs ksa_torch against that (CUDA) build and runs python/tests, the CUDA ones
+# included (scripts/test_python.sh; log in $OUT/torch_tests.log, its tail on failure); then KSA_PY (an array)
+# runs Python with the installed package.
+gpu_torch() {
+  local dir=$1
+  if ! KSA_PYTHON="${KSA_PYTHON:-python3}" scripts/test_python.sh "$dir" -rA >"$OUT/torch_tests.log" 2>&1; then
+    tail -80 "$OUT/torch_tests.log"; echo "ksa_torch tests: FAILED (log: $OUT/torch_tests.log)"; exit 1
+  fi
+  grep -E "^python:|^pip install|^import ksa_torch|^(PASSED|SKIPPED|FAILED) |passed|failed" "$OUT/torch_tests.log" | tail -90
+  if [ -x "$dir/python-venv/bin/python" ]; then KSA_PY=("$dir/python-venv/bin/python")
+  else KSA_PY=(env PYTHONPATH="$dir/python-site" "${KSA_PYTHON:-python3}"); fi
+}

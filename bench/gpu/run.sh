@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU benchmark and checks, run on a CUDA machine with torch (e.g. the H200 machine):
 #   bench/gpu/run.sh [quick] [--no-bwd]
-# Builds the CUDA kernels (CMake, engine layers off), runs the C++ GPU tests (forward and backward), the
-# PyTorch autograd tests and a tiny training run, builds the PyTorch op and
+# Builds the CUDA kernels (CMake, engine layers off), runs the C++ GPU tests (forward and backward), installs
+# ksa_torch against that build and runs its tests (scripts/test_python.sh) and a tiny training run, and
 # times ksa against FlexAttention (interleaved stream; summaries gathered into a K/V prefix) and SDPA dense
 # causal attention over the text, on the same shapes, in the same process. Logs go to $OUT (or bench/gpu/out).
 set -euo pipefail
@@ -21,14 +21,11 @@ if [ -x build/bin/ksa_cuda_tests ]; then
     echo "config $cfg: $(grep -E '^\[  PASSED' "$OUT/cuda_tests_cfg$cfg.log")"
   done
 fi
-echo "== PyTorch autograd (gradcheck, CPU and CUDA gradients) and a tiny training run"
-if ! PYTHONPATH=python python3 python/tests/test_autograd.py >"$OUT/autograd.log" 2>&1; then
-  echo "autograd tests: FAILED"; tail -30 "$OUT/autograd.log"; exit 1
-fi
-grep -E "^cuda|: ok|SKIPPED" "$OUT/autograd.log"
-if ! PYTHONPATH=python python3 python/examples/train_tiny.py >"$OUT/train_tiny.log" 2>&1; then
+echo "== ksa_torch: pip install ./python against build/, python/tests (CUDA included), a tiny training run"
+gpu_torch build
+if ! "${KSA_PY[@]}" python/examples/train_tiny.py >"$OUT/train_tiny.log" 2>&1; then
   echo "train_tiny: FAILED"; tail -20 "$OUT/train_tiny.log"; exit 1
 fi
 tail -1 "$OUT/train_tiny.log"
 echo "== benchmark"
-PYTHONPATH=python PYTHONUNBUFFERED=1 python3 bench/gpu/bench_attention.py "$@" 2>&1 | tee "$OUT/bench.log"
+PYTHONUNBUFFERED=1 "${KSA_PY[@]}" bench/gpu/bench_attention.py "$@" 2>&1 | tee "$OUT/bench.log"

@@ -23,8 +23,22 @@ struct TensorView {
   }
 };
 
+// One stream of a call: its Layout and its first row in the tensors (see AttentionParams::sequence).
+struct SequenceRows {
+  Layout layout;
+  int64_t row0 = 0;
+};
+
 // Forward: q [B, L, Hq, D], k and v [B, L, Hkv, D] -> out [B, L, Hq, D] (same dtype) and lse [B, L, Hq]
 // (fp32, natural log, of the scaled scores). Query head h uses KV head h / (Hq / Hkv).
+//
+// Packed sequences (FlashAttention's "varlen" form): with cu_seqlens set, B is 1 and the L rows hold num_seqs
+// independent streams back to back. Stream s is rows [cu_seqlens[s], cu_seqlens[s+1]) with its own
+// Layout(layout.k, layout.S, T_s, layout.summarize_tail), T_s = text_length_of_stream(its length) (so every
+// length must be a valid stream length); nothing is seen across a boundary, and each stream has its own chunk
+// grid. layout.T is ignored. lse stays [1, L, Hq] over all rows. The CPU kernels and the oracle walk each
+// stream with the core's tiles; the CUDA kernels do not take packed params yet (cuda::supports says so; the
+// PyTorch binding launches them once per stream, see python/ksa_torch/csrc/ops.cpp).
 struct AttentionParams {
   Layout layout;           // stream geometry: k, S, T (text tokens), summarize_tail
   int64_t W = 0;           // this layer's window, in chunks
@@ -34,8 +48,20 @@ struct AttentionParams {
   TensorView q, k, v, out;
   float* lse = nullptr;    // [B, L, Hq] dense; may be null when not needed
   int num_threads = 0;     // CPU: 0 = all available
+  const int64_t* cu_seqlens = nullptr;  // packed sequences: [num_seqs + 1] host memory, or null (one stream)
+  int64_t num_seqs = 0;
 
-  int64_t L() const { return layout.length(); }
+  bool packed() const { return cu_seqlens != nullptr; }
+  int64_t L() const { return packed() ? cu_seqlens[num_seqs] : layout.length(); }  // rows per batch entry
+  int64_t sequences() const { return packed() ? num_seqs : 1; }
+  // Stream s (0 <= s < sequences()); for valid params (validate).
+  SequenceRows sequence(int64_t s) const {
+    if (!packed()) return SequenceRows{layout, 0};
+    const int64_t r0 = cu_seqlens[s], n = cu_seqlens[s + 1] - r0;
+    return SequenceRows{Layout(layout.k, layout.S, text_length_of_stream(layout.k, layout.S, n, layout.summarize_tail),
+                               layout.summarize_tail),
+                        r0};
+  }
   float softmax_scale() const { return scale != 0.f ? scale : 1.f / std::sqrt(float(D)); }
   int64_t group() const { return Hq / Hkv; }
 };
@@ -81,5 +107,10 @@ inline AttentionBackwardParams dense_params(const Layout& lay, int64_t W, int64_
 // Throw ksa::Error naming the bad field and value (e.g. "Hq: must be a multiple of Hkv=3 (got 8)").
 void validate(const AttentionParams& p);
 void validate(const AttentionBackwardParams& p);
+
+// Stream s of packed params as plain single-stream params: the views (and lse) start at the stream's first
+// row, cu_seqlens is null. For backends that run packed params one stream at a time.
+AttentionParams sequence_params(const AttentionParams& p, int64_t s);
+AttentionBackwardParams sequence_params(const AttentionBackwardParams& p, int64_t s);
 
 }  // namespace ksa

@@ -99,6 +99,16 @@ struct Layout {
   }
 };
 
+// The text length T whose stream has length L (the inverse of Layout::length), or -1 when no T gives a
+// stream of that length (e.g. L = k with S >= 1 and no tail summaries: a full chunk always has its summaries).
+KSA_HD int64_t text_length_of_stream(int64_t k, int64_t S, int64_t L, bool summarize_tail = false) {
+  if (k < 1 || S < 1 || L < 0) return -1;
+  const int64_t c = L / (k + S), r = L % (k + S);
+  // Without tail summaries the remainder is the partial chunk's text; with them, its text and its S summaries.
+  const int64_t T = (!summarize_tail || r == 0) ? c * k + r : c * k + r - S;
+  return T >= 0 && Layout(k, S, T, summarize_tail).length() == L ? T : -1;
+}
+
 // A StreamToken in 32-bit fields (kernels keep many in registers).
 struct StreamToken32 {
   int32_t chunk = 0, index = 0;

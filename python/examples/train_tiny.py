@@ -1,27 +1,25 @@
 """A few training steps of a tiny 2-layer KSA language model on random tokens, through ksa_torch's autograd.
 
-    PYTHONPATH=python python3 python/examples/train_tiny.py [--steps 40] [--device cuda|cpu]
+    python3 python/examples/train_tiny.py [--steps 40] [--device cuda|cpu]     (ksa_torch installed: docs/torch.md)
 
 Model: embedding (text vocab + S summary ids), 2 blocks of [RMSNorm, fused qkv projection, ksa_torch.attention
 on the stream (q, k, v are strided slices of the projection), o projection, residual, RMSNorm, SwiGLU MLP,
 residual], final RMSNorm, lm head. No RoPE (positions come from the causal/chunk structure alone; this only
-exercises the op). The stream is the text with S summary tokens after every k text tokens (KSA.md §2); logits
-are taken at text positions only and predict the next text token. One fixed batch is trained on, so the
-loss must go down (memorisation); the script prints it every step and asserts that it fell.
+exercises the op). The stream is the text with S summary tokens after every k text tokens (KSA.md §2, built by
+ksa_torch.build_stream); logits are taken at text positions only (stream_to_text) and predict the next text
+token. One fixed batch is trained on, so the loss must go down (memorisation); the script prints it every
+step and asserts that it fell.
 
 On CUDA the blocks run under bf16 autocast (the CUDA kernels take bf16/f16); on the CPU everything is fp32
 (the CPU kernels).
 """
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import ksa_torch  # noqa: E402
+import ksa_torch
 
 
 class RMSNorm(nn.Module):
@@ -64,28 +62,13 @@ class TinyKsaLM(nn.Module):
         self.norm = RMSNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
 
-    def stream(self, text):
-        """text [B, T] -> stream ids [B, L] and the stream position of every text token [T]."""
-        B, T = text.shape
-        k, S = self.k_chunk, self.S
-        full = T // k
-        L = T + full * S
-        t = torch.arange(T, device=text.device)
-        text_pos = (t // k) * (k + S) + t % k
-        ids = torch.empty(B, L, dtype=text.dtype, device=text.device)
-        ids[:, text_pos] = text
-        if full:
-            c = torch.arange(full, device=text.device)
-            for j in range(S):
-                ids[:, c * (k + S) + k + j] = self.vocab + j
-        return ids, text_pos
-
     def forward(self, text):
-        ids, text_pos = self.stream(text)
-        x = self.embed(ids)
+        # The stream (KSA.md §2) from the C++ core's layout: summary ids vocab..vocab+S-1 after every k tokens.
+        st = ksa_torch.build_stream(text, self.k_chunk, self.S, summary_token_begin=self.vocab)
+        x = self.embed(st.input_ids)
         for blk in self.blocks:
             x = blk(x)
-        return self.head(self.norm(x[:, text_pos]))  # logits at text positions only
+        return self.head(self.norm(ksa_torch.stream_to_text(x, st, dim=1)))  # logits at text positions only
 
 
 def main():

@@ -2,11 +2,12 @@
 // matrix, deterministic (no atomics, no races: every output row is written by exactly one work item, and
 // every sum runs in a fixed order).
 //
-// Two passes over the same tile pairs (FlashAttention-2's math, with P recomputed from the saved lse):
-//   pass 1, items (b, kv head, key tile): for each query head of the group and each query tile that sees
+// Two passes over the same tile pairs (FlashAttention-2's math, with P recomputed from the saved lse); a
+// segment is a batch entry or one packed sequence with its own Layout (Segments in attention_tiles.hpp):
+//   pass 1, items (segment, kv head, key tile): for each query head of the group and each query tile that sees
 //     the key tile, in transposed form (rows = keys): S^T = K Q^T, P^T = exp(S^T - lse), dP^T = V dO^T,
 //     dS^T = P^T (dP^T - Delta); dV += P^T dO, dK += dS^T (scale q). GQA sums inside the item.
-//   pass 2, items (b, q head, query tile): S = Q K^T, P, dP = dO V^T, dS; dQ += dS K, dq = scale * dQ.
+//   pass 2, items (segment, q head, query tile): S = Q K^T, P, dP = dO V^T, dS; dQ += dS K, dq = scale * dQ.
 // Pass 1 needs the query tiles of each key tile: the inverse of the core's key_spans/for_each_key_tile,
 // built once per call from those functions (nothing re-derives the rule). Recomputing S and dP in both passes
 // costs 7 tile GEMMs per tile pair instead of 5, the price of a race-free dQ without atomics or per-thread
@@ -25,11 +26,11 @@ using namespace detail;
 
 namespace {
 
-// Writes rows[0..n) (ld Dp) times mul to the stream positions of gathered rows g0.. of head h of `t`.
-void scatter_rows(const AttentionParams& p, const TensorView& t, int64_t b, int64_t h, int64_t g0, int n,
+// Writes rows[0..n) (ld Dp) times mul to the stream positions of gathered rows g0.. of segment s, head h, of `t`.
+void scatter_rows(const AttentionParams& p, const Segment& s, const TensorView& t, int64_t h, int64_t g0, int n,
                   const float* rows, int64_t Dp, float mul) {
   for (int r = 0; r < n; ++r) {
-    const int64_t off = t.offset(b, p.layout.stream_of_gathered(g0 + r), h);
+    const int64_t off = t.offset(s.b, s.row0 + s.lay.stream_of_gathered(g0 + r), h);
     const float* src = rows + r * Dp;
     if (p.dtype == DType::f32) {
       float* dst = static_cast<float*>(t.data) + off;
@@ -63,104 +64,116 @@ struct QueryRef {
 
 void attention_backward(const AttentionBackwardParams& p) {
   validate(p);
-  const Layout& lay = p.layout;
-  if (lay.T == 0) return;
+  if (p.L() == 0) return;
   const int threads = resolve_threads(p.num_threads);
-  const int64_t L = lay.length(), G = p.group(), W = p.W, B = p.B, Hq = p.Hq, Hkv = p.Hkv;
+  const int64_t Lrows = p.L(), G = p.group(), W = p.W, Hq = p.Hq, Hkv = p.Hkv;
   const float scale = p.softmax_scale();
   const TileKernels& kern = tile_kernels();
 
   // Q is gathered times the scale (S = (scale q) k), so dK = dS^T (scale q) needs no further factor.
-  const Gathered Q = gather(p, p.q, Hq, scale, true, PanelGrid::query_tiles, 0, threads);
-  const Gathered dO = gather(p, p.dout, Hq, 1.f, true, PanelGrid::query_tiles, 1, threads);
-  const Gathered K = gather(p, p.k, Hkv, 1.f, true, PanelGrid::key_tiles, 2, threads);
-  const Gathered V = gather(p, p.v, Hkv, 1.f, true, PanelGrid::key_tiles, 3, threads);
-  const std::vector<StreamToken> tok = gathered_tokens(lay);
-  const KeyTileGrid grid(lay);
-  const int64_t Dp = Q.Dp, nqt = (L + BQ - 1) / BQ;
+  const Segments segs(p);
+  const Gathered Q = gather(p, segs, p.q, Hq, scale, true, PanelGrid::query_tiles, 0, threads);
+  const Gathered dO = gather(p, segs, p.dout, Hq, 1.f, true, PanelGrid::query_tiles, 1, threads);
+  const Gathered K = gather(p, segs, p.k, Hkv, 1.f, true, PanelGrid::key_tiles, 2, threads);
+  const Gathered V = gather(p, segs, p.v, Hkv, 1.f, true, PanelGrid::key_tiles, 3, threads);
+  const std::vector<StreamToken> tok = gathered_tokens(segs);
+  const int64_t Dp = Q.Dp, nseg = int64_t(segs.seg.size());
 
-  // lse and Delta = rowsum(dout * out), per (b, q head) in gathered order.
-  const Scratch lse = scratch(8, B * Hq * L), delta = scratch(9, B * Hq * L);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < Hq; ++h)
-      for (int64_t g = 0; g < L; ++g) {
-        const int64_t pos = lay.stream_of_gathered(g), oo = p.out.offset(b, pos, h), od = p.dout.offset(b, pos, h);
-        float acc = 0.f;
-        for (int64_t d = 0; d < p.D; ++d)
-          acc += load_as_float(p.dtype, p.out.data, oo + d) * load_as_float(p.dtype, p.dout.data, od + d);
-        delta.data()[(b * Hq + h) * L + g] = acc;
-        lse.data()[(b * Hq + h) * L + g] = p.lse[(b * L + pos) * Hq + h];
-      }
-
-  // The query tiles that see each key tile (inverse of the core's tile walk).
-  std::vector<std::vector<QueryRef>> seen_by(size_t(grid.count));
-  for (int64_t qt = 0; qt < nqt; ++qt) {
-    const int64_t g0 = qt * BQ, g1 = std::min(L, g0 + BQ);
-    for_each_key_tile(lay, key_spans(lay, W, g0, g1), BK, [&](int64_t kb, int64_t, bool masked) {
-      seen_by[size_t(grid.index_of(kb))].push_back(QueryRef{qt, masked});
-    });
+  // lse and Delta = rowsum(dout * out), per (segment, q head) in gathered order: [segment][h][g].
+  const Scratch lse = scratch(8, segs.rows * Hq), delta = scratch(9, segs.rows * Hq);
+  auto at = [&](const Segment& s, int64_t h, int64_t g) { return (s.g0 * Hq + h * s.L + g); };
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < nseg * Hq; ++i) {
+    const Segment& s = segs.seg[size_t(i / Hq)];
+    const int64_t h = i % Hq;
+    for (int64_t g = 0; g < s.L; ++g) {
+      const int64_t pos = s.row0 + s.lay.stream_of_gathered(g), oo = p.out.offset(s.b, pos, h),
+                    od = p.dout.offset(s.b, pos, h);
+      float acc = 0.f;
+      for (int64_t d = 0; d < p.D; ++d)
+        acc += load_as_float(p.dtype, p.out.data, oo + d) * load_as_float(p.dtype, p.dout.data, od + d);
+      delta.data()[at(s, h, g)] = acc;
+      lse.data()[at(s, h, g)] = p.lse[(s.b * Lrows + pos) * Hq + h];
+    }
   }
 
-  // Pass 1: dK, dV. Summary tiles (seen by many query tiles) come first for a short tail.
-  const int64_t items1 = B * Hkv * grid.count;
+  // The query tiles that see each key tile (inverse of the core's tile walk), per distinct layout: entry
+  // ref0 + kt of a segment (segments of a plain call share one table).
+  std::vector<std::vector<QueryRef>> seen_by(size_t(segs.ktiles));
+  for (const Segment& s : segs.seg) {
+    if (s.ref0 != s.kt0) continue;  // shares the table of an earlier segment
+    for (int64_t qt = 0; qt < s.nqt; ++qt) {
+      const int64_t g0 = qt * BQ, g1 = std::min(s.L, g0 + BQ);
+      for_each_key_tile(s.lay, key_spans(s.lay, W, g0, g1), BK, [&](int64_t kb, int64_t, bool masked) {
+        seen_by[size_t(s.ref0 + s.grid.index_of(kb))].push_back(QueryRef{qt, masked});
+      });
+    }
+  }
+
+  // Pass 1: dK, dV; items (segment, kv head, key tile). Summary tiles (seen by many query tiles) come first
+  // in each segment for a short tail.
+  const int64_t items1 = segs.ktiles * Hkv;
 #pragma omp parallel num_threads(threads)
   {
     FloatBuf Pt(BK * 64), dSt(BK * 64), dK(BK * Dp), dV(BK * Dp);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items1; ++it) {
-      const int64_t kt = grid.count - 1 - it % grid.count, hk = (it / grid.count) % Hkv, b = it / (grid.count * Hkv);
-      const int64_t kb = grid.begin(kt);
-      const int nk = int(grid.end(kt) - kb);
+      const Segment& sg = segs.of_key_tile(it / Hkv);
+      const int64_t nkt = sg.grid.count, local = it - sg.kt0 * Hkv;
+      const int64_t kt = nkt - 1 - local % nkt, hk = local / nkt;
+      const int64_t kb = sg.grid.begin(kt);
+      const int nk = int(sg.grid.end(kt) - kb);
       std::fill(dK.data(), dK.data() + nk * Dp, 0.f);
       std::fill(dV.data(), dV.data() + nk * Dp, 0.f);
-      const float* krows = K.row(b, hk, kb);
-      const float* vrows = V.row(b, hk, kb);
+      const float* krows = K.row(sg, hk, kb);
+      const float* vrows = V.row(sg, hk, kb);
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-        for (const QueryRef& qr : seen_by[size_t(kt)]) {
+        for (const QueryRef& qr : seen_by[size_t(sg.ref0 + kt)]) {
           const int64_t g0 = qr.tile * BQ;
-          const int nq = int(std::min(L, g0 + BQ) - g0);
-          kern.scores(krows, Dp, nk, Q.panel(b, h, qr.tile), int(Dp), Pt.data());
-          if (qr.masked) apply_mask(Pt.data(), nk, nq, &tok[size_t(g0)], &tok[size_t(kb)], W, true);
-          const float* lse_t = lse.data() + (b * Hq + h) * L + g0;
+          const int nq = int(std::min(sg.L, g0 + BQ) - g0);
+          kern.scores(krows, Dp, nk, Q.panel(sg, h, qr.tile), int(Dp), Pt.data());
+          if (qr.masked) apply_mask(Pt.data(), nk, nq, &tok[size_t(sg.tok0 + g0)], &tok[size_t(sg.tok0 + kb)], W, true);
+          const float* lse_t = lse.data() + at(sg, h, g0);
           for (int i = 0; i < nk; ++i) kern.exp_shift_vec(Pt.data() + i * 64, nq, lse_t);
-          kern.scores(vrows, Dp, nk, dO.panel(b, h, qr.tile), int(Dp), dSt.data());
-          softmax_grad(dSt.data(), Pt.data(), nk, nq, nullptr, delta.data() + (b * Hq + h) * L + g0);
-          kern.accumulate(Pt.data(), nk, nq, dO.row(b, h, g0), int(Dp), dV.data(), nullptr);
-          kern.accumulate(dSt.data(), nk, nq, Q.row(b, h, g0), int(Dp), dK.data(), nullptr);
+          kern.scores(vrows, Dp, nk, dO.panel(sg, h, qr.tile), int(Dp), dSt.data());
+          softmax_grad(dSt.data(), Pt.data(), nk, nq, nullptr, delta.data() + at(sg, h, g0));
+          kern.accumulate(Pt.data(), nk, nq, dO.row(sg, h, g0), int(Dp), dV.data(), nullptr);
+          kern.accumulate(dSt.data(), nk, nq, Q.row(sg, h, g0), int(Dp), dK.data(), nullptr);
         }
       }
-      scatter_rows(p, p.dk, b, hk, kb, nk, dK.data(), Dp, 1.f);
-      scatter_rows(p, p.dv, b, hk, kb, nk, dV.data(), Dp, 1.f);
+      scatter_rows(p, sg, p.dk, hk, kb, nk, dK.data(), Dp, 1.f);
+      scatter_rows(p, sg, p.dv, hk, kb, nk, dV.data(), Dp, 1.f);
     }
   }
 
-  // Pass 2: dQ.
-  const int64_t items2 = B * Hq * nqt;
+  // Pass 2: dQ; items (segment, q head, query tile).
+  const int64_t items2 = segs.qtiles * Hq;
 #pragma omp parallel num_threads(threads)
   {
     FloatBuf P(BQ * 64), dS(BQ * 64), dQ(BQ * Dp);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items2; ++it) {
-      const int64_t qt = it % nqt, h = (it / nqt) % Hq, b = it / (nqt * Hq), hk = h / G;
+      const Segment& sg = segs.of_query_tile(it / Hq);
+      const Layout& lay = sg.lay;
+      const int64_t local = it - sg.qt0 * Hq, qt = local % sg.nqt, h = local / sg.nqt, hk = h / G;
       const int64_t g0 = qt * BQ;
-      const int nq = int(std::min(L, g0 + BQ) - g0);
+      const int nq = int(std::min(sg.L, g0 + BQ) - g0);
       std::fill(dQ.data(), dQ.data() + nq * Dp, 0.f);
-      const float* qrows = Q.row(b, h, g0);
-      const float* dorows = dO.row(b, h, g0);
-      const float* lse_t = lse.data() + (b * Hq + h) * L + g0;
-      const float* delta_t = delta.data() + (b * Hq + h) * L + g0;
+      const float* qrows = Q.row(sg, h, g0);
+      const float* dorows = dO.row(sg, h, g0);
+      const float* lse_t = lse.data() + at(sg, h, g0);
+      const float* delta_t = delta.data() + at(sg, h, g0);
       for_each_key_tile(lay, key_spans(lay, W, g0, g0 + nq), BK, [&](int64_t kb, int64_t ke, bool masked) {
         const int n = int(ke - kb);
-        const int64_t kt = grid.index_of(kb);
-        kern.scores(qrows, Dp, nq, K.panel(b, hk, kt), int(Dp), P.data());
-        if (masked) apply_mask(P.data(), nq, n, &tok[size_t(g0)], &tok[size_t(kb)], W, false);
+        const int64_t kt = sg.grid.index_of(kb);
+        kern.scores(qrows, Dp, nq, K.panel(sg, hk, kt), int(Dp), P.data());
+        if (masked) apply_mask(P.data(), nq, n, &tok[size_t(sg.tok0 + g0)], &tok[size_t(sg.tok0 + kb)], W, false);
         for (int r = 0; r < nq; ++r) kern.exp_shift(P.data() + r * 64, n, lse_t[r]);
-        kern.scores(dorows, Dp, nq, V.panel(b, hk, kt), int(Dp), dS.data());
+        kern.scores(dorows, Dp, nq, V.panel(sg, hk, kt), int(Dp), dS.data());
         softmax_grad(dS.data(), P.data(), nq, n, delta_t, nullptr);
-        kern.accumulate(dS.data(), nq, n, K.row(b, hk, kb), int(Dp), dQ.data(), nullptr);
+        kern.accumulate(dS.data(), nq, n, K.row(sg, hk, kb), int(Dp), dQ.data(), nullptr);
       });
-      scatter_rows(p, p.dq, b, h, g0, nq, dQ.data(), Dp, scale);
+      scatter_rows(p, sg, p.dq, h, g0, nq, dQ.data(), Dp, scale);
     }
   }
 }

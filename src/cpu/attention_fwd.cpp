@@ -3,10 +3,11 @@
 //
 // 1. Gather (attention_tiles.hpp): q (times the softmax scale), k and v into fp32 gathered-order buffers,
 //    K also as transposed 64-key panels. Old summaries are then one contiguous block of rows.
-// 2. Work items (b, h, query tile of BQ gathered rows), OpenMP dynamic schedule. Per item, for each key tile
-//    of the core's cursor: S = Q K^T (score primitive), THE rule on masked tiles only (visible_tokens on
-//    precomputed row tokens), per-row OnlineSoftmax (raise_max gives the rescale of the accumulator),
-//    P = exp(S - m), O = alpha * O + P V (accumulate primitive).
+// 2. Work items (segment, h, query tile of BQ gathered rows), OpenMP dynamic schedule; a segment is a batch
+//    entry or one packed sequence with its own Layout (Segments), so no tile crosses a stream boundary. Per
+//    item, for each key tile of the core's cursor on the segment's layout: S = Q K^T (score primitive), THE
+//    rule on masked tiles only (visible_tokens on precomputed row tokens), per-row OnlineSoftmax (raise_max
+//    gives the rescale of the accumulator), P = exp(S - m), O = alpha * O + P V (accumulate primitive).
 // 3. out = O / l written to the stream positions in the input dtype; lse = m + log l.
 #include <algorithm>
 #include <cmath>
@@ -23,18 +24,17 @@ using namespace detail;
 
 void attention_forward(const AttentionParams& p) {
   validate(p);
-  const Layout& lay = p.layout;
-  if (lay.T == 0) return;
+  if (p.L() == 0) return;
   const int threads = resolve_threads(p.num_threads);
-  const int64_t L = lay.length(), G = p.group(), W = p.W;
+  const int64_t Lrows = p.L(), G = p.group(), W = p.W;
   const TileKernels& kern = tile_kernels();
 
-  const Gathered Q = gather(p, p.q, p.Hq, p.softmax_scale(), true, PanelGrid::none, 0, threads);
-  const Gathered K = gather(p, p.k, p.Hkv, 1.f, false, PanelGrid::key_tiles, 1, threads);
-  const Gathered V = gather(p, p.v, p.Hkv, 1.f, true, PanelGrid::none, 2, threads);
-  const std::vector<StreamToken> tok = gathered_tokens(lay);
-  const KeyTileGrid grid(lay);
-  const int64_t Dp = Q.Dp, nqt = (L + BQ - 1) / BQ, items = p.B * p.Hq * nqt;
+  const Segments segs(p);
+  const Gathered Q = gather(p, segs, p.q, p.Hq, p.softmax_scale(), true, PanelGrid::none, 0, threads);
+  const Gathered K = gather(p, segs, p.k, p.Hkv, 1.f, false, PanelGrid::key_tiles, 1, threads);
+  const Gathered V = gather(p, segs, p.v, p.Hkv, 1.f, true, PanelGrid::none, 2, threads);
+  const std::vector<StreamToken> tok = gathered_tokens(segs);
+  const int64_t Dp = Q.Dp, items = segs.qtiles * p.Hq;
 
 #pragma omp parallel num_threads(threads)
   {
@@ -43,18 +43,21 @@ void attention_forward(const AttentionParams& p) {
     OnlineSoftmax st[BQ];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
-      const int64_t qt = it % nqt, h = (it / nqt) % p.Hq, b = it / (nqt * p.Hq), hk = h / G;
-      const int64_t g0 = qt * BQ, g1 = std::min(L, g0 + BQ);
+      // Item (segment, h, query tile), numbered segment after segment.
+      const Segment& sg = segs.of_query_tile(it / p.Hq);
+      const Layout& lay = sg.lay;
+      const int64_t local = it - sg.qt0 * p.Hq, qt = local % sg.nqt, h = local / sg.nqt, hk = h / G;
+      const int64_t g0 = qt * BQ, g1 = std::min(sg.L, g0 + BQ);
       const int nr = int(g1 - g0);
-      const float* q = Q.row(b, h, g0);
+      const float* q = Q.row(sg, h, g0);
       std::fill(O.data(), O.data() + nr * Dp, 0.f);
       for (int r = 0; r < nr; ++r) st[r] = OnlineSoftmax{};
 
       for_each_key_tile(lay, key_spans(lay, W, g0, g1), BK, [&](int64_t kb, int64_t ke, bool masked) {
         const int n = int(ke - kb);
         float* s = S.data();
-        kern.scores(q, Dp, nr, K.panel(b, hk, grid.index_of(kb)), int(Dp), s);
-        if (masked) apply_mask(s, nr, n, &tok[size_t(g0)], &tok[size_t(kb)], W, false);
+        kern.scores(q, Dp, nr, K.panel(sg, hk, sg.grid.index_of(kb)), int(Dp), s);
+        if (masked) apply_mask(s, nr, n, &tok[size_t(sg.tok0 + g0)], &tok[size_t(sg.tok0 + kb)], W, false);
         for (int r = 0; r < nr; ++r) {
           float* row = s + r * 64;
           const float bm = kern.row_max(row, n);
@@ -66,21 +69,21 @@ void attention_forward(const AttentionParams& p) {
           alpha[r] = st[r].raise_max(bm);
           st[r].l += kern.exp_shift(row, n, st[r].m);
         }
-        kern.accumulate(s, nr, n, V.row(b, hk, kb), int(Dp), O.data(), alpha);
+        kern.accumulate(s, nr, n, V.row(sg, hk, kb), int(Dp), O.data(), alpha);
       });
 
       for (int r = 0; r < nr; ++r) {
-        const int64_t pos = lay.stream_of_gathered(g0 + r);
+        const int64_t pos = sg.row0 + lay.stream_of_gathered(g0 + r);
         const float inv = st[r].inv_sum();
         const float* o = O.data() + r * Dp;
-        const int64_t off = p.out.offset(b, pos, h);
+        const int64_t off = p.out.offset(sg.b, pos, h);
         if (p.dtype == DType::f32) {
           float* dst = static_cast<float*>(p.out.data) + off;
           for (int64_t d = 0; d < p.D; ++d) dst[d] = o[d] * inv;
         } else {
           for (int64_t d = 0; d < p.D; ++d) store_from_float(p.dtype, p.out.data, off + d, o[d] * inv);
         }
-        if (p.lse) p.lse[(b * L + pos) * p.Hq + h] = st[r].lse();
+        if (p.lse) p.lse[(sg.b * Lrows + pos) * p.Hq + h] = st[r].lse();
       }
     }
   }

@@ -61,6 +61,32 @@ struct KeyTileGrid {
   }
 };
 
+// The independent streams of a call, each walked with its own Layout and the core's tiles: the B batch
+// entries of a plain call (one Layout), or the packed sequences of a varlen call (B = 1, a Layout each; see
+// AttentionParams). The gathered buffers hold segment after segment ([segment][h][g][Dp]); query tiles (the
+// BQ grid) and key tiles (KeyTileGrid) are numbered segment after segment too. Work items are
+// (segment, head, tile), so no tile crosses a stream boundary and no stream is padded.
+struct Segment {
+  Layout lay;
+  KeyTileGrid grid;
+  int64_t b = 0, row0 = 0;  // batch entry and first stream row in the tensors
+  int64_t L = 0, nqt = 0;   // rows and query tiles
+  int64_t g0 = 0;           // first gathered row (sum of the L of earlier segments)
+  int64_t qt0 = 0, kt0 = 0; // first query tile and first key tile in the call's numbering
+  // Offsets of the per-layout tables (gathered_tokens, the backward's inverse walk): segments of one plain
+  // call share their Layout and so one table at 0; packed sequences have their own at g0 and kt0.
+  int64_t tok0 = 0, ref0 = 0;
+  explicit Segment(const Layout& l) : lay(l), grid(l) {}
+};
+struct Segments {
+  std::vector<Segment> seg;
+  int64_t rows = 0, qtiles = 0, ktiles = 0;  // totals over the segments
+  explicit Segments(const AttentionParams& p);
+  // The segment holding call-wide query tile qt / key tile kt.
+  const Segment& of_query_tile(int64_t qt) const;
+  const Segment& of_key_tile(int64_t kt) const;
+};
+
 // Large per-call buffers come from a pool kept by the calling thread between calls: fresh multi-MB
 // allocations cost the kernel's page zeroing on first touch (measured: a forward at T=8192, 8 heads, D=128
 // took 175 ms with fresh buffers, 137 ms pooled). The pool keeps at most kPoolFloats per thread; a buffer
@@ -74,26 +100,32 @@ struct Scratch {
 // The calling thread's pooled buffer `slot` (0 <= slot < 16) with room for n floats (contents undefined).
 Scratch scratch(int slot, int64_t n);
 
-// One operand in gathered order, fp32, D padded to Dp: rows[b][h][g][Dp] (when asked for) and, when `grid`
-// is not none, the transposed 64-row panels panel[b][h][tile][Dp][64] (key tiles of KeyTileGrid, or the
-// plain BQ grid for queries; zero beyond the last row).
+enum class PanelGrid { none, key_tiles, query_tiles };
+
+// One operand in gathered order, fp32, D padded to Dp: rows[segment][h][g][Dp] (when asked for) and, when
+// `grid` is not none, the transposed 64-row panels panel[segment][h][tile][Dp][64] (key tiles of the
+// segment's KeyTileGrid, or the plain BQ grid for queries; zero beyond the last row).
 struct Gathered {
-  int64_t H = 0, L = 0, Dp = 0, ntiles = 0;
+  int64_t H = 0, Dp = 0;
+  PanelGrid grid = PanelGrid::none;
   Scratch rows, panels;
-  const float* row(int64_t b, int64_t h, int64_t g) const { return rows.data() + ((b * H + h) * L + g) * Dp; }
-  const float* panel(int64_t b, int64_t h, int64_t tile) const {
-    return panels.data() + ((b * H + h) * ntiles + tile) * Dp * 64;
+  const float* row(const Segment& s, int64_t h, int64_t g) const { return rows.data() + (s.g0 * H + h * s.L + g) * Dp; }
+  const float* panel(const Segment& s, int64_t h, int64_t tile) const {
+    const int64_t t0 = grid == PanelGrid::key_tiles ? s.kt0 : s.qt0;
+    const int64_t n = grid == PanelGrid::key_tiles ? s.grid.count : s.nqt;
+    return panels.data() + (t0 * H + h * n + tile) * Dp * 64;
   }
 };
 
-enum class PanelGrid { none, key_tiles, query_tiles };
 // Reads t ([B, L, H, D] stream order, dtype) into gathered order, times `mul`, into the pool slots 2*slot
-// (rows) and 2*slot+1 (panels). Parallel over (b, h).
-Gathered gather(const AttentionParams& p, const TensorView& t, int64_t H, float mul, bool need_rows, PanelGrid grid,
-                int slot, int threads);
+// (rows) and 2*slot+1 (panels). Parallel over (segment, h, 64-row block).
+Gathered gather(const AttentionParams& p, const Segments& segs, const TensorView& t, int64_t H, float mul,
+                bool need_rows, PanelGrid grid, int slot, int threads);
 
-// The token of every gathered row (for the per-element rule on masked tiles: visible_tokens, no division).
+// The token of every gathered row (for the per-element rule on masked tiles: visible_tokens, no division):
+// of one layout, or of every segment's table (row tok0 + g of segment s is its gathered row g).
 std::vector<StreamToken> gathered_tokens(const Layout& lay);
+std::vector<StreamToken> gathered_tokens(const Segments& segs);
 
 // Applies THE rule to a masked tile: s[r*64 + j] = -inf where query row q0+r does not see key row k0+j.
 // `transposed`: rows are keys and columns queries.

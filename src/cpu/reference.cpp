@@ -1,5 +1,7 @@
 // The oracle (DESIGN.md §4): plain loops, double accumulation, a full probability row per query. It asks
-// the core rule `visible` about every (query, key) pair; it is slow on purpose and kept forever.
+// the core rule `visible` about every (query, key) pair of a stream (packed sequences: of the query's own
+// stream); it is slow on purpose and kept forever.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -20,13 +22,21 @@ struct Row {
   double lse = 0;
 };
 
+// The stream holding row i (packed sequences: the last one starting at or before i, skipping empty ones).
+SequenceRows stream_of_row(const AttentionParams& p, int64_t i) {
+  if (!p.packed()) return p.sequence(0);
+  const int64_t* end = p.cu_seqlens + p.num_seqs + 1;
+  return p.sequence(int64_t(std::upper_bound(p.cu_seqlens, end, i) - p.cu_seqlens) - 1);
+}
+
 Row row_probs(const AttentionParams& p, int64_t b, int64_t i, int64_t h) {
-  const int64_t L = p.L(), hk = h / p.group();
+  const int64_t hk = h / p.group();
   const double scale = p.softmax_scale();
+  const SequenceRows sq = stream_of_row(p, i);  // keys of other streams are never visible
   Row r;
   double m = -std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < L; ++j) {
-    if (!visible(p.layout, p.W, i, j)) continue;
+  for (int64_t j = sq.row0; j < sq.row0 + sq.layout.length(); ++j) {
+    if (!visible(sq.layout, p.W, i - sq.row0, j - sq.row0)) continue;
     double dot = 0;
     for (int64_t d = 0; d < p.D; ++d) dot += load(p, p.q, b, i, h, d) * load(p, p.k, b, j, hk, d);
     r.keys.push_back(j);
@@ -74,7 +84,7 @@ ReferenceOutput attention_reference(const AttentionParams& p, std::span<const in
 
 ReferenceGrads attention_reference_backward(const AttentionBackwardParams& p) {
   validate(static_cast<const AttentionParams&>(p));
-  if (p.layout.T > 0 && !p.dout.data) fail("dout: data pointer is null");
+  if (p.L() > 0 && !p.dout.data) fail("dout: data pointer is null");
   const int64_t L = p.L(), D = p.D, G = p.group();
   const double scale = p.softmax_scale();
   ReferenceGrads g;

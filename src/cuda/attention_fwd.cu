@@ -321,6 +321,9 @@ bool supports(const AttentionParams& p, std::string* why) {
     if (why) *why = w;
     return false;
   };
+  // TODO(varlen): packed sequences in the kernels (each stream its own Layout and tile walk); until then
+  // callers run one stream at a time (sequence_params), as the PyTorch binding does.
+  if (p.packed()) return no("cu_seqlens: packed sequences are not yet supported by the CUDA kernels (run each stream with sequence_params)");
   if (p.dtype != DType::bf16 && p.dtype != DType::f16)
     return no(std::string("dtype: must be bf16 or f16 (got ") + dtype_name(p.dtype) + ")");
   if (p.D != 64 && p.D != 128) return no("D: must be 64 or 128 (got " + std::to_string(p.D) + ")");

@@ -1,9 +1,29 @@
 // PyTorch binding of the ksa kernels: a thin layer that checks tensors, builds the Params and calls the
-// CUDA or CPU kernel. Built by python/ksa_torch/__init__.py (torch cpp_extension) against the CMake build.
-#include <torch/extension.h>
+// CUDA or CPU kernel. Built by python/setup.py (torch's BuildExtension) against the static libraries of the
+// CMake build; imported as ksa_torch._C.
+//
+// Two registered operators (TORCH_LIBRARY, so torch.ops.ksa.* on every torch version, and opaque nodes for
+// torch.compile once ksa_torch/_ops.py registers their fake implementations and autograd formula):
+//   ksa::attention_fwd(q, k, v, cu_seqlens?, max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic)
+//       -> (out, lse)
+//   ksa::attention_bwd(dout, q, k, v, out, lse, cu_seqlens?, max_seqlen, k_chunk, S, W, summarize_tail, scale,
+//       deterministic) -> (dq, dk, dv)
+// q [B, L, Hq, D] or [L, Hq, D]; k, v with Hkv heads; out like q (dense), lse q's shape without D (fp32).
+// cu_seqlens (int32/int64, [n + 1], any device): packed streams over the L rows of a B = 1 (or 3-dim) input.
+// float64 CPU tensors run the oracle (for gradcheck). `deterministic` is read by the backward only (it is a
+// forward argument so that the registered autograd formula sees it).
+// Plus plain functions (pybind): the stream layout helpers, the rule as a mask, the pair counter, __version__.
+// ATen, the operator registry and torch's pybind11 casters only (torch/extension.h would add the whole C++
+// frontend and double the compile time).
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
+#include <torch/version.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "ksa/cpu.hpp"
@@ -16,52 +36,86 @@
 #include "ksa/cuda.hpp"
 #endif
 
+// setup.py passes the version (CMakeLists.txt's project VERSION) as a bare pp-number.
+#define KSA_STRINGIFY2(x) #x
+#define KSA_STRINGIFY(x) KSA_STRINGIFY2(x)
+#ifdef KSA_VERSION_RAW
+#define KSA_VERSION KSA_STRINGIFY(KSA_VERSION_RAW)
+#else
+#define KSA_VERSION "0+unknown"
+#endif
+
 namespace {
+
+using OptTensor = c10::optional<at::Tensor>;
 
 ksa::DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return ksa::DType::f32;
     case at::kBFloat16: return ksa::DType::bf16;
     case at::kHalf: return ksa::DType::f16;
-    default: TORCH_CHECK(false, "ksa: dtype must be float32, bfloat16 or float16 (got ", t.scalar_type(), ")");
+    default: TORCH_CHECK(false, "ksa: dtype must be float32, bfloat16 or float16, or float64 on the CPU (got ", t.scalar_type(), ")");
   }
 }
 
+// [L, H, D] tensors are taken as [1, L, H, D].
+at::Tensor as4(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
+
 ksa::TensorView view_of(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, "ksa: ", name, " must be [B, L, H, D] (got ", t.dim(), " dims)");
+  TORCH_CHECK(t.dim() == 4, "ksa: ", name, " must be [B, L, H, D] or [L, H, D] (got ", t.dim(), " dims)");
   TORCH_CHECK(t.stride(3) == 1, "ksa: ", name, " must be contiguous in its last dim");
   return ksa::TensorView{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// Text length T of a stream of length L (the inverse of Layout::length), or an error.
-int64_t text_len(int64_t L, int64_t k, int64_t S, bool tail) {
-  TORCH_CHECK(k >= 1 && S >= 1, "ksa: k_chunk and S must be >= 1");
-  const int64_t c = L / (k + S), r = L % (k + S);
-  // Without tail summaries the remainder is the partial chunk's text; with them it is text + S summaries.
-  const int64_t T = (!tail || r == 0) ? c * k + r : c * k + r - S;
-  TORCH_CHECK(T >= 0 && ksa::Layout(k, S, T, tail).length() == L, "ksa: stream length ", L,
-              " is not a valid KSA stream for k=", k, ", S=", S, ", summarize_tail=", tail);
-  return T;
+// Packed sequence boundaries as host int64 (a copy: the CPU kernels and the per-stream CUDA launches read
+// them on the host; a CUDA cu_seqlens costs one device-to-host copy).
+std::vector<int64_t> host_cu_seqlens(const at::Tensor& cu, int64_t rows, int64_t max_seqlen) {
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, "ksa: cu_seqlens must be 1-D with at least 2 entries (got shape ", cu.sizes(), ")");
+  TORCH_CHECK(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, "ksa: cu_seqlens must be int32 or int64 (got ",
+              cu.scalar_type(), ")");
+  const at::Tensor h = cu.to(at::kCPU, at::kLong).contiguous();
+  std::vector<int64_t> v(h.data_ptr<int64_t>(), h.data_ptr<int64_t>() + h.numel());
+  TORCH_CHECK(v.back() == rows, "ksa: cu_seqlens[-1] = ", v.back(), " must equal the number of rows L = ", rows);
+  if (max_seqlen > 0) {
+    int64_t longest = 0;
+    for (size_t i = 1; i < v.size(); ++i) longest = std::max(longest, v[i] - v[i - 1]);
+    TORCH_CHECK(longest <= max_seqlen, "ksa: max_seqlen = ", max_seqlen, " but a stream of cu_seqlens has ", longest, " rows");
+  }
+  return v;
 }
 
 ksa::AttentionParams params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t kc, int64_t S,
-                            int64_t W, bool tail, double scale) {
+                            int64_t W, bool tail, double scale, const std::vector<int64_t>* cu) {
+  TORCH_CHECK(q.dim() == k.dim() && q.dim() == v.dim(), "ksa: q, k, v must have the same number of dims");
   TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), "ksa: q, k, v must be on one device");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "ksa: q, k, v must share a dtype");
   TORCH_CHECK(k.sizes() == v.sizes(), "ksa: k and v must have the same shape");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3), "ksa: q [B, L, Hq, D] and k [B, L, Hkv, D] disagree");
+  const at::Tensor q4 = as4(q), k4 = as4(k), v4 = as4(v);
+  TORCH_CHECK(q4.size(0) == k4.size(0) && q4.size(1) == k4.size(1) && q4.size(3) == k4.size(3),
+              "ksa: q [B, L, Hq, D] and k [B, L, Hkv, D] disagree (", q.sizes(), " vs ", k.sizes(), ")");
+  TORCH_CHECK(kc >= 1 && S >= 1, "ksa: k_chunk and S must be >= 1 (got ", kc, ", ", S, ")");
   ksa::AttentionParams p;
-  p.layout = ksa::Layout(kc, S, text_len(q.size(1), kc, S, tail), tail);
+  if (cu) {
+    TORCH_CHECK(q4.size(0) == 1, "ksa: with cu_seqlens, q must be [L, H, D] or [1, L, H, D] (got ", q.sizes(), ")");
+    p.layout = ksa::Layout(kc, S, 0, tail);
+    p.cu_seqlens = cu->data();
+    p.num_seqs = int64_t(cu->size()) - 1;
+  } else {
+    const int64_t T = ksa::text_length_of_stream(kc, S, q4.size(1), tail);
+    TORCH_CHECK(T >= 0, "ksa: stream length ", q4.size(1), " is not a valid KSA stream for k=", kc, ", S=", S,
+                ", summarize_tail=", tail);
+    p.layout = ksa::Layout(kc, S, T, tail);
+  }
   p.W = W;
-  p.B = q.size(0);
-  p.Hq = q.size(2);
-  p.Hkv = k.size(2);
-  p.D = q.size(3);
+  p.B = q4.size(0);
+  p.Hq = q4.size(2);
+  p.Hkv = k4.size(2);
+  p.D = q4.size(3);
   p.scale = float(scale);
-  p.dtype = dtype_of(q);
-  p.q = view_of(q, "q");
-  p.k = view_of(k, "k");
-  p.v = view_of(v, "v");
+  p.dtype = q.scalar_type() == at::kDouble ? ksa::DType::f32 : dtype_of(q);
+  p.q = view_of(q4, "q");
+  p.k = view_of(k4, "k");
+  p.v = view_of(v4, "v");
   return p;
 }
 
@@ -75,20 +129,53 @@ auto guarded(F&& f) {
   }
 }
 
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t kc, int64_t S,
-                                int64_t W, bool tail, double scale) {
-  ksa::AttentionParams p = params(q, k, v, kc, S, W, tail, scale);
+at::Tensor lse_like(const at::Tensor& q) {
+  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end() - 1);
+  return at::empty(shape, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+}
+
+// The oracle (plain loops, double accumulation) for float64 CPU tensors. It reads float32, so q, k, v (and
+// dout) are converted: exact when their values are float32-representable (see tests/test_autograd.py).
+std::vector<at::Tensor> as_f32(std::initializer_list<at::Tensor> ts) {
+  std::vector<at::Tensor> o;
+  for (const at::Tensor& t : ts) {
+    TORCH_CHECK(t.device().is_cpu(), "ksa: the float64 (oracle) path runs on the CPU only");
+    o.push_back(as4(t).to(at::kFloat).contiguous());
+  }
+  return o;
+}
+
+void copy_doubles(const std::vector<double>& src, at::Tensor& dst) {
+  std::copy(src.begin(), src.end(), dst.data_ptr<double>());
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const OptTensor& cu_seqlens, int64_t max_seqlen, int64_t kc, int64_t S,
+                                                 int64_t W, bool tail, double scale, bool /*deterministic*/) {
+  const std::vector<int64_t> cu = cu_seqlens ? host_cu_seqlens(*cu_seqlens, q.size(-3), max_seqlen) : std::vector<int64_t>{};
+  ksa::AttentionParams p = params(q, k, v, kc, S, W, tail, scale, cu_seqlens ? &cu : nullptr);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  p.out = view_of(out, "out");
+  at::Tensor lse = lse_like(q);
+  if (q.scalar_type() == at::kDouble) {
+    const std::vector<at::Tensor> f = as_f32({q, k, v});
+    p.q = view_of(f[0], "q"), p.k = view_of(f[1], "k"), p.v = view_of(f[2], "v");
+    p.out = p.q;  // validated, never read or written by the oracle
+    const ksa::cpu::ReferenceOutput r = guarded([&] { return ksa::cpu::attention_reference(p); });
+    copy_doubles(r.out, out);
+    copy_doubles(r.lse, lse);
+    return {out, lse};
+  }
+  p.out = view_of(as4(out), "out");
   p.lse = lse.data_ptr<float>();
   guarded([&] {
     if (q.is_cuda()) {
 #ifdef KSA_HAVE_CUDA
       const c10::cuda::CUDAGuard guard(q.device());
-      ksa::cuda::attention_forward(p, at::cuda::getCurrentCUDAStream().stream());
+      const ksa::cuda::Stream stream = at::cuda::getCurrentCUDAStream().stream();
+      // TODO(varlen): the CUDA kernels do not take packed streams yet; one launch per stream until they do.
+      for (int64_t s = 0; s < p.sequences(); ++s) ksa::cuda::attention_forward(ksa::sequence_params(p, s), stream);
 #else
-      TORCH_CHECK(false, "ksa: this build has no CUDA kernels");
+      TORCH_CHECK(false, "ksa: this build of ksa_torch has no CUDA kernels (rebuild with a CUDA torch and nvcc)");
 #endif
     } else {
       ksa::cpu::attention_forward(p);
@@ -98,36 +185,55 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   return {out, lse};
 }
 
-// Gradients of forward: dq, dk, dv (dense, dtype of q) from the forward's out and lse and the gradient dout.
-std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                 const at::Tensor& lse, const at::Tensor& dout, int64_t kc, int64_t S, int64_t W,
-                                 bool tail, double scale, bool deterministic) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout_in, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& out, const at::Tensor& lse,
+                                                             const OptTensor& cu_seqlens, int64_t max_seqlen, int64_t kc,
+                                                             int64_t S, int64_t W, bool tail, double scale,
+                                                             bool deterministic) {
+  const std::vector<int64_t> cu = cu_seqlens ? host_cu_seqlens(*cu_seqlens, q.size(-3), max_seqlen) : std::vector<int64_t>{};
   ksa::AttentionBackwardParams p;
-  static_cast<ksa::AttentionParams&>(p) = params(q, k, v, kc, S, W, tail, scale);
+  static_cast<ksa::AttentionParams&>(p) = params(q, k, v, kc, S, W, tail, scale, cu_seqlens ? &cu : nullptr);
+  // The kernels need the innermost dim contiguous and (CUDA) 16-byte aligned rows: a dense copy is the safe
+  // form of an arbitrary incoming gradient (e.g. an expanded one with zero strides).
+  const at::Tensor dout = dout_in.contiguous();
   for (const at::Tensor* t : {&out, &dout}) {
     TORCH_CHECK(t->sizes() == q.sizes(), "ksa: out and dout must have q's shape ", q.sizes(), " (got ", t->sizes(), ")");
     TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->device() == q.device(), "ksa: out and dout must match q's dtype and device");
   }
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.device() == q.device() &&
-                  lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
-              "ksa: lse must be the forward's contiguous float32 [B, L, Hq] tensor");
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
-  p.out = view_of(out, "out");
-  p.dout = view_of(dout, "dout");
+  if (q.scalar_type() == at::kDouble) {
+    const std::vector<at::Tensor> f = as_f32({q, k, v, dout});
+    p.q = view_of(f[0], "q"), p.k = view_of(f[1], "k"), p.v = view_of(f[2], "v");
+    p.out = p.q;  // validated, never read by the oracle (it recomputes the forward)
+    p.dout = view_of(f[3], "dout");
+    const ksa::cpu::ReferenceGrads g = guarded([&] { return ksa::cpu::attention_reference_backward(p); });
+    copy_doubles(g.dq, dq);
+    copy_doubles(g.dk, dk);
+    copy_doubles(g.dv, dv);
+    return {dq, dk, dv};
+  }
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.device() == q.device() &&
+                  lse.sizes() == q.sizes().slice(0, q.dim() - 1),
+              "ksa: lse must be the forward's contiguous float32 tensor of shape q.shape[:-1]");
+  p.out = view_of(as4(out), "out");
+  p.dout = view_of(as4(dout), "dout");
   p.lse = lse.data_ptr<float>();
-  p.dq = view_of(dq, "dq");
-  p.dk = view_of(dk, "dk");
-  p.dv = view_of(dv, "dv");
+  p.dq = view_of(as4(dq), "dq");
+  p.dk = view_of(as4(dk), "dk");
+  p.dv = view_of(as4(dv), "dv");
   p.deterministic = deterministic;
   guarded([&] {
     if (q.is_cuda()) {
 #ifdef KSA_HAVE_CUDA
       const c10::cuda::CUDAGuard guard(q.device());
-      ksa::cuda::attention_backward(p, at::cuda::getCurrentCUDAStream().stream());
+      const ksa::cuda::Stream stream = at::cuda::getCurrentCUDAStream().stream();
+      // TODO(varlen): one launch per stream until the CUDA kernels take packed streams (see attention_fwd).
+      for (int64_t s = 0; s < p.sequences(); ++s) ksa::cuda::attention_backward(ksa::sequence_params(p, s), stream);
 #else
-      TORCH_CHECK(false, "ksa: this build has no CUDA kernels");
+      TORCH_CHECK(false, "ksa: this build of ksa_torch has no CUDA kernels (rebuild with a CUDA torch and nvcc)");
 #endif
     } else {
       ksa::cpu::attention_backward(p);
@@ -137,38 +243,71 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   return {dq, dk, dv};
 }
 
-// The oracle (plain loops, double accumulation) for float64 tensors on the CPU. The oracle reads its inputs
-// as float32, so q, k, v (and dout) are converted: exact when their values are float32-representable.
-std::vector<at::Tensor> f32_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.device().is_cpu(), "ksa: the float64 (oracle) path runs on the CPU only");
-  return {q.to(at::kFloat).contiguous(), k.to(at::kFloat).contiguous(), v.to(at::kFloat).contiguous()};
-}
+// --- Stream layout helpers (the engine's rule: ksa::build_stream, Layout, rope_position) -------------------
 
-at::Tensor double_tensor(std::vector<double>& data, at::IntArrayRef shape) {
-  return at::from_blob(data.data(), shape, at::TensorOptions().dtype(at::kDouble)).clone();
-}
-
-std::vector<at::Tensor> reference_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t kc,
-                                          int64_t S, int64_t W, bool tail, double scale) {
-  const std::vector<at::Tensor> f = f32_inputs(q, k, v);
-  ksa::AttentionParams p = params(f[0], f[1], f[2], kc, S, W, tail, scale);
-  p.out = p.q;  // validated, never read or written by the oracle
-  ksa::cpu::ReferenceOutput r = guarded([&] { return ksa::cpu::attention_reference(p); });
-  return {double_tensor(r.out, q.sizes()), double_tensor(r.lse, {q.size(0), q.size(1), q.size(2)})};
-}
-
-std::vector<at::Tensor> reference_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& dout, int64_t kc, int64_t S, int64_t W, bool tail,
-                                           double scale) {
-  const std::vector<at::Tensor> f = f32_inputs(q, k, v);
-  TORCH_CHECK(dout.sizes() == q.sizes(), "ksa: dout must have q's shape");
-  const at::Tensor df = dout.to(at::kFloat).contiguous();
-  ksa::AttentionBackwardParams p;
-  static_cast<ksa::AttentionParams&>(p) = params(f[0], f[1], f[2], kc, S, W, tail, scale);
-  p.out = p.q;  // validated, never read by the oracle (it recomputes the forward)
-  p.dout = view_of(df, "dout");
-  ksa::cpu::ReferenceGrads g = guarded([&] { return ksa::cpu::attention_reference_backward(p); });
-  return {double_tensor(g.dq, q.sizes()), double_tensor(g.dk, k.sizes()), double_tensor(g.dv, v.sizes())};
+// The streams of texts of the given lengths, packed back to back: a dict of int64 CPU tensors
+//   cu_seqlens [n + 1] (stream rows), text_rows [sum T] (the stream row of every text token, in text order),
+//   position_ids [L] (RoPE positions, KSA.md §3), is_summary [L] (bool), input_ids [L] (when text_ids given:
+//   text ids in place, summary ids begin + j), max_seqlen (int).
+py::dict stream_layout(const std::vector<int64_t>& text_lengths, int64_t kc, int64_t S, bool tail,
+                       const std::string& text_positions, const std::string& summary_positions,
+                       int64_t summary_token_begin, const OptTensor& text_ids) {
+  ksa::Spec spec;
+  spec.k = kc;
+  spec.S = S;
+  spec.summarize_tail = tail;
+  spec.summary_token_begin = summary_token_begin;
+  std::vector<int64_t> cu{0};
+  int64_t T_total = 0;
+  guarded([&] {
+    spec.text_positions = ksa::parse_text_positions(text_positions, "text_positions");
+    spec.summary_positions = ksa::parse_summary_positions(summary_positions, "summary_positions");
+    spec.validate();
+    for (int64_t T : text_lengths) {
+      if (T < 0) ksa::fail("text_lengths: must be >= 0 (got ", T, ")");
+      cu.push_back(cu.back() + ksa::Layout::of(spec, T).length());
+      T_total += T;
+    }
+    return 0;
+  });
+  at::Tensor ids_in;
+  if (text_ids) {
+    TORCH_CHECK(text_ids->dim() == 1 && text_ids->numel() == T_total, "ksa: text_ids must be 1-D with sum(text_lengths) = ",
+                T_total, " entries (got shape ", text_ids->sizes(), ")");
+    ids_in = text_ids->to(at::kCPU, at::kInt).contiguous();
+  }
+  const int64_t L = cu.back();
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  at::Tensor cu_t = at::empty({int64_t(cu.size())}, i64), text_rows = at::empty({T_total}, i64);
+  at::Tensor pos = at::empty({L}, i64), summ = at::empty({L}, at::TensorOptions().dtype(at::kBool));
+  at::Tensor ids = at::empty({text_ids ? L : 0}, i64);
+  std::copy(cu.begin(), cu.end(), cu_t.data_ptr<int64_t>());
+  int64_t t0 = 0, longest = 0;
+  std::vector<int32_t> none;
+  for (size_t s = 0; s + 1 < cu.size(); ++s) {
+    const int64_t T = text_lengths[s], r0 = cu[s];
+    if (!text_ids) none.assign(size_t(T), 0);
+    const std::span<const int32_t> seq_ids =
+        text_ids ? std::span<const int32_t>(ids_in.data_ptr<int32_t>() + t0, size_t(T)) : std::span<const int32_t>(none);
+    const ksa::Stream st = guarded([&] { return ksa::build_stream(spec, seq_ids); });
+    const int64_t n = st.layout.length();
+    longest = std::max(longest, n);
+    for (int64_t i = 0; i < n; ++i) {
+      pos.data_ptr<int64_t>()[r0 + i] = st.positions[size_t(i)];
+      summ.data_ptr<bool>()[r0 + i] = st.is_summary[size_t(i)] != 0;
+      if (text_ids) ids.data_ptr<int64_t>()[r0 + i] = st.ids[size_t(i)];
+    }
+    for (int64_t t = 0; t < T; ++t) text_rows.data_ptr<int64_t>()[t0 + t] = r0 + st.layout.text_to_stream(t);
+    t0 += T;
+  }
+  py::dict d;
+  d["cu_seqlens"] = cu_t;
+  d["text_rows"] = text_rows;
+  d["position_ids"] = pos;
+  d["is_summary"] = summ;
+  d["max_seqlen"] = longest;
+  if (text_ids) d["input_ids"] = ids;
+  return d;
 }
 
 // The rule itself (core `visible`) as a dense [L, L] bool matrix over stream positions, for tests that build
@@ -187,16 +326,58 @@ int64_t count_visible_pairs(int64_t kc, int64_t S, int64_t T, int64_t W, bool ta
   return ksa::count_visible_pairs(ksa::Layout(kc, S, T, tail), W);
 }
 
+int64_t text_length_of_stream(int64_t kc, int64_t S, int64_t L, bool tail) {
+  return ksa::text_length_of_stream(kc, S, L, tail);
+}
+
 }  // namespace
 
+#define KSA_TORCH_AT_LEAST(major, minor) \
+  (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+
+TORCH_LIBRARY(ksa, m) {
+#if KSA_TORCH_AT_LEAST(2, 4)
+  // The fake implementations live in Python (ksa_torch/_ops.py registers them with torch.library.register_fake,
+  // which requires this pointer for ops defined in C++); torch imports that module if it needs them first.
+  m.set_python_module("ksa_torch._ops");
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+#else
+  const std::vector<at::Tag> tags{};
+#endif
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int max_seqlen, int k_chunk, int S, int W, "
+        "bool summarize_tail, float scale, bool deterministic) -> (Tensor, Tensor)",
+        tags);
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens, "
+        "int max_seqlen, int k_chunk, int S, int W, bool summarize_tail, float scale, bool deterministic) "
+        "-> (Tensor, Tensor, Tensor)",
+        tags);
+}
+
+TORCH_LIBRARY_IMPL(ksa, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}
+
+#ifdef KSA_HAVE_CUDA
+TORCH_LIBRARY_IMPL(ksa, CUDA, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "ksa: Kwai Summary Attention kernels";
-  m.def("forward", &forward, "KSA attention forward: (q, k, v, k_chunk, S, W, summarize_tail, scale) -> (out, lse)");
-  m.def("backward", &backward,
-        "KSA attention backward: (q, k, v, out, lse, dout, k_chunk, S, W, summarize_tail, scale, deterministic) -> (dq, dk, dv)");
-  m.def("reference_forward", &reference_forward, "the oracle's forward for float64 CPU tensors -> (out, lse), float64");
-  m.def("reference_backward", &reference_backward,
-        "the oracle's analytic backward for float64 CPU tensors: (q, k, v, dout, ...) -> (dq, dk, dv), float64");
+  m.doc() = "ksa: Kwai Summary Attention kernels (the operators are torch.ops.ksa.attention_fwd / attention_bwd)";
+  m.attr("__version__") = KSA_VERSION;
+#ifdef KSA_HAVE_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+  m.def("stream_layout", &stream_layout,
+        "packed streams of texts: (text_lengths, k_chunk, S, summarize_tail, text_positions, summary_positions, "
+        "summary_token_begin, text_ids or None) -> dict");
   m.def("visible_mask", &visible_mask, "the rule as a dense [L, L] bool matrix: (k_chunk, S, T, W, summarize_tail)");
   m.def("count_visible_pairs", &count_visible_pairs, "visible (query, key) pairs per head (core counter)");
+  m.def("text_length_of_stream", &text_length_of_stream,
+        "the text length of a stream of L rows: (k_chunk, S, L, summarize_tail) -> T, or -1 when no T gives L");
 }
