@@ -147,7 +147,7 @@ struct Server::Impl {
       : opt(o), tok(Tokenizer::load((fs::path(o.model_dir) / "tokenizer.json").string())), model(Model::load(o.model_dir, mo)) {}
 
   void routes();
-  void handle_generate(const httplib::Request& req, httplib::Response& res, Route route);
+  void handle_generate(const httplib::Request& req, const std::string& body, httplib::Response& res, Route route);
   std::vector<int32_t> prompt_of(const GenerateRequest& g) const;
   void check_model(const std::string& requested) const;
   void log(const char* fmt, ...) const;
@@ -181,8 +181,9 @@ std::vector<int32_t> Server::Impl::prompt_of(const GenerateRequest& g) const {
   return ids;
 }
 
-void Server::Impl::handle_generate(const httplib::Request& req, httplib::Response& res, Route route) {
-  GenerateRequest g = parse_generate_request(req.body, route);
+void Server::Impl::handle_generate(const httplib::Request& req, const std::string& body, httplib::Response& res,
+                                   Route route) {
+  GenerateRequest g = parse_generate_request(body, route);
   check_model(g.model);
   std::vector<int32_t> prompt = prompt_of(g);
   const int64_t n = int64_t(prompt.size());
@@ -307,12 +308,42 @@ void Server::Impl::routes() {
     };
   };
 
-  http.Post("/v1/chat/completions", guarded([this](const httplib::Request& q, httplib::Response& r) {
-              handle_generate(q, r, Route::chat);
-            }));
-  http.Post("/v1/completions", guarded([this](const httplib::Request& q, httplib::Response& r) {
-              handle_generate(q, r, Route::completions);
-            }));
+  // POST bodies are read here, within --max-body: cpp-httplib 0.11 checks a declared Content-Length against
+  // its limit but reads a chunked body without one.
+  using PostHandler = std::function<void(const httplib::Request&, const std::string&, httplib::Response&)>;
+  auto post = [this, guarded](const char* pattern, PostHandler fn) {
+    http.Post(pattern, [this, guarded, fn](const httplib::Request& req, httplib::Response& res,
+                                           const httplib::ContentReader& reader) {
+      std::string body;
+      bool too_large = false;
+      const size_t limit = size_t(opt.max_body);
+      const bool read = reader([&](const char* data, size_t n) {
+        if (body.size() + n > limit) {
+          too_large = true;
+          return false;
+        }
+        body.append(data, n);
+        return true;
+      });
+      if (too_large || res.status == 413) {
+        res.set_header("Connection", "close");  // the rest of the body is not read
+        send_error(res, ApiError(413, "the request body is larger than " + std::to_string(limit) + " bytes (--max-body)"));
+        return;
+      }
+      if (!read) {
+        res.set_header("Connection", "close");
+        send_error(res, ApiError(400, "the request body could not be read"));
+        return;
+      }
+      guarded([&](const httplib::Request& q, httplib::Response& r) { fn(q, body, r); })(req, res);
+    });
+  };
+  post("/v1/chat/completions", [this](const httplib::Request& q, const std::string& b, httplib::Response& r) {
+    handle_generate(q, b, r, Route::chat);
+  });
+  post("/v1/completions", [this](const httplib::Request& q, const std::string& b, httplib::Response& r) {
+    handle_generate(q, b, r, Route::completions);
+  });
   http.Get("/v1/models", guarded([this](const httplib::Request&, httplib::Response& r) {
              r.set_content(models_body(name, created, ctx), "application/json");
            }));
@@ -328,8 +359,8 @@ void Server::Impl::routes() {
   http.Get("/metrics", [this](const httplib::Request&, httplib::Response& r) {
     r.set_content(metrics.render(sched->gauges()), "text/plain; version=0.0.4");
   });
-  http.Post("/tokenize", guarded([this](const httplib::Request& q, httplib::Response& r) {
-              const TokenizeRequest t = parse_tokenize_request(q.body);
+  post("/tokenize", [this](const httplib::Request&, const std::string& b, httplib::Response& r) {
+              const TokenizeRequest t = parse_tokenize_request(b);
               if (!t.model.empty()) check_model(t.model);
               std::vector<int32_t> ids;
               if (t.chat) {
@@ -341,9 +372,9 @@ void Server::Impl::routes() {
                 ids = tok.encode(t.prompt);
               }
               r.set_content(tokenize_body(ids, ctx), "application/json");
-            }));
-  http.Post("/detokenize", guarded([this](const httplib::Request& q, httplib::Response& r) {
-              const DetokenizeRequest d = parse_detokenize_request(q.body);
+            });
+  post("/detokenize", [this](const httplib::Request&, const std::string& b, httplib::Response& r) {
+              const DetokenizeRequest d = parse_detokenize_request(b);
               if (!d.model.empty()) check_model(d.model);
               std::vector<int32_t> ids;
               for (int64_t id : d.tokens) {
@@ -351,7 +382,7 @@ void Server::Impl::routes() {
                 ids.push_back(int32_t(id));
               }
               r.set_content(detokenize_body(tok.decode(ids)), "application/json");
-            }));
+            });
 
   // The API key guards everything but /health and /metrics (for monitors).
   http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
