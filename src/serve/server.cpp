@@ -466,6 +466,7 @@ Server::Server(const ServeOptions& o) {
   const size_t threads = size_t(std::clamp<int64_t>(so.max_seqs + so.max_queue + 16, 16, 4096));
   m.http.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   m.http.set_payload_max_length(size_t(o.max_body));
+  m.http.set_tcp_nodelay(true);  // each streamed token leaves at once (Nagle would hold it for the client's ACK)
   m.routes();
 
   m.log("%s: %lld layers, hidden %lld, context %lld, KV %s; max %lld sequences, queue %lld, KV budget %s, prefill "
