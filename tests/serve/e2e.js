@@ -355,11 +355,17 @@ async function badRequests(port, key) {
   extra.push(['GET on a POST route', (await raw(port, { method: 'GET', path: C, headers: auth })).status, 404]);
   extra.push(['unknown model id', (await raw(port, { method: 'GET', path: '/v1/models/nope', headers: auth })).status, 404]);
   extra.push(['a garbage request line', await new Promise((resolve) => {
-    const sock = net.connect(port, '127.0.0.1', () => sock.end('NOT AN HTTP REQUEST\r\n\r\n'));
+    // Written without closing our side: the answer is read before either side closes.
+    const sock = net.connect(port, '127.0.0.1', () => sock.write('NOT AN HTTP REQUEST\r\n\r\n'));
     let data = '';
-    sock.on('data', (d) => (data += d));
-    sock.on('close', () => resolve(Number((data.match(/^HTTP\/1\.1 (\d+)/) || [])[1])));
-    sock.on('error', () => resolve(-1));
+    const status = () => Number((data.match(/^HTTP\/1\.1 (\d+)/) || [])[1]);
+    sock.setTimeout(10000, () => sock.destroy());
+    sock.on('data', (d) => {
+      data += d;
+      if (status()) sock.destroy();
+    });
+    sock.on('close', () => resolve(status() || `nothing (${JSON.stringify(data)})`));
+    sock.on('error', (e) => resolve(`error ${e.message} after ${JSON.stringify(data)}`));
   }), 400]);
   for (const [name, got, want] of extra) if (got !== want) wrong.push(`${name}: got ${got}, want ${want}`);
   const n = table.length + extra.length;
