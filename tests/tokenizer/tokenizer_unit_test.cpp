@@ -1,5 +1,6 @@
 // The tokenizer on a small synthetic tokenizer.json (merge order and ties, both merge forms, added tokens
-// and their flags, NFC), the UTF-8 helpers against Python's errors="replace", and tokenizer.json errors.
+// and their flags, NFC), the UTF-8 helpers against Python's errors="replace", tokenizer.json errors, and
+// TextStream (text released token by token: whole characters, stop strings held back).
 #include <gtest/gtest.h>
 
 #include <functional>
@@ -7,6 +8,7 @@
 
 #include "test_util.hpp"
 #include "ksa/error.hpp"
+#include "ksa/text_stream.hpp"
 #include "ksa/tokenizer.hpp"
 
 namespace ksa {
@@ -186,6 +188,60 @@ TEST(TokenizerErrors, NameTheFieldAndValue) {
   EXPECT_EQ(parse_with([](Json& j) { j["model"]["byte_fallback"] = true; }),
             "t.json: model.byte_fallback: true is not supported (byte-level BPE needs no fallback)");
   EXPECT_EQ(error_of([] { Tokenizer::load("/nonexistent/dir/tokenizer.json"); }), "/nonexistent/dir/tokenizer.json: cannot open tokenizer.json");
+}
+
+// TextStream over byte tokens (ids 0..255 are the bytes): what each push releases.
+std::vector<std::string> stream_pieces(const std::string& bytes, std::vector<std::string> stops, bool* stopped = nullptr,
+                                       std::string* final_piece = nullptr) {
+  const Tokenizer t = make();
+  TextStream ts(t, std::move(stops));
+  std::vector<std::string> pieces;
+  bool stop = false;
+  for (unsigned char b : bytes) {
+    std::string out;
+    stop = ts.push(int32_t(b), out);
+    pieces.push_back(out);
+    if (stop) break;
+  }
+  std::string rest;
+  ts.finish(rest);
+  if (final_piece) *final_piece = rest;
+  if (stopped) *stopped = stop;
+  return pieces;
+}
+
+TEST(TextStream, ReleasesWholeCharactersOnly) {
+  std::string rest;
+  const auto p = stream_pieces("a\xC3\xA9\xE2\x82\xAC!", {}, nullptr, &rest);  // a, e-acute, euro, !
+  EXPECT_EQ(p, (std::vector<std::string>{"a", "", "\xC3\xA9", "", "", "\xE2\x82\xAC", "!"}));
+  EXPECT_EQ(rest, "");
+  stream_pieces("a\xE2\x82", {}, nullptr, &rest);  // ends inside a character: U+FFFD at the end
+  EXPECT_EQ(rest, "\xEF\xBF\xBD");
+}
+
+TEST(TextStream, StopStringsAreHeldBackAndCut) {
+  bool stopped = false;
+  std::string rest;
+  auto p = stream_pieces("say END now", {"END"}, &stopped, &rest);
+  EXPECT_TRUE(stopped);
+  std::string all;
+  for (const std::string& s : p) all += s;
+  EXPECT_EQ(all, "say ") << "the text before the stop string, never the string or what follows";
+  EXPECT_EQ(p[4], "") << "'E' could begin END: held back";
+  EXPECT_EQ(rest, "") << "nothing after a stop";
+  // A prefix of a stop string that does not complete is released later.
+  p = stream_pieces("xENy", {"END"}, &stopped, &rest);
+  EXPECT_FALSE(stopped);
+  EXPECT_EQ(p, (std::vector<std::string>{"x", "", "", "ENy"}));
+  // At the end, a held partial stop string is plain text.
+  p = stream_pieces("abEN", {"END", ""}, &stopped, &rest);
+  EXPECT_EQ(rest, "EN");
+  // The earliest of several stop strings wins.
+  p = stream_pieces("1234", {"34", "23"}, &stopped, &rest);
+  all.clear();
+  for (const std::string& s : p) all += s;
+  EXPECT_TRUE(stopped);
+  EXPECT_EQ(all, "1");
 }
 
 }  // namespace

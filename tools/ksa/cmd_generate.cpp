@@ -18,10 +18,11 @@
 #include <thread>
 
 #include "common.hpp"
-#include "generation_config.hpp"
 #include "ksa/chat_template.hpp"
+#include "ksa/generation_config.hpp"
 #include "ksa/model.hpp"
 #include "ksa/sampler.hpp"
+#include "ksa/text_stream.hpp"
 #include "ksa/tokenizer.hpp"
 
 namespace ksa::tools {
@@ -29,79 +30,18 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// Length of the prefix of `bytes` that does not end inside an unfinished UTF-8 character (the rest may be
-// completed by the next token's bytes). Invalid bytes count as finished: utf8_replace_invalid handles them.
-size_t complete_utf8_prefix(const std::string& bytes) {
-  const size_t n = bytes.size();
-  for (size_t back = 1; back <= 4 && back <= n; ++back) {
-    const unsigned char c = static_cast<unsigned char>(bytes[n - back]);
-    if ((c & 0xC0) == 0x80) continue;  // continuation byte: look further back for the lead
-    const size_t need = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
-    return back < need ? n - back : n;
-  }
-  return n;
-}
-
-// Prints generated text as it is produced: only complete UTF-8 characters, and never text that may turn out
-// to be the beginning of a stop string.
-class TextStream {
+// Writes released text to stdout as it comes, remembering the last character (for the final newline).
+class StdoutWriter {
  public:
-  TextStream(const Tokenizer& tok, std::vector<std::string> stops) : tok_(tok), stops_(std::move(stops)) {}
-
-  // Adds one token's bytes; returns true when a stop string is now complete (the text before it is printed).
-  bool push(int32_t id) {
-    bytes_ += tok_.decode_bytes(std::span<const int32_t>(&id, 1));
-    const size_t cut = complete_utf8_prefix(bytes_);
-    text_ += utf8_replace_invalid(std::string_view(bytes_).substr(0, cut));
-    bytes_.erase(0, cut);
-    return drain(false);
-  }
-  // Prints what is held back (an unfinished character becomes U+FFFD).
-  void finish() {
-    text_ += utf8_replace_invalid(bytes_);
-    bytes_.clear();
-    drain(true);
-  }
-  const std::string& stop_found() const { return stop_found_; }
-  char last_char() const { return last_; }
-
- private:
-  bool drain(bool final) {
-    size_t first = std::string::npos;
-    for (const std::string& s : stops_) {
-      const size_t p = text_.find(s);
-      if (p < first) first = p, stop_found_ = s;
-    }
-    if (first != std::string::npos) {
-      write(text_.substr(0, first));
-      text_.clear();
-      return true;
-    }
-    // Hold back the longest tail that is a proper prefix of a stop string.
-    size_t hold = 0;
-    if (!final)
-      for (const std::string& s : stops_)
-        for (size_t len = std::min(s.size() - 1, text_.size()); len > hold; --len)
-          if (text_.compare(text_.size() - len, len, s, 0, len) == 0) {
-            hold = len;
-            break;
-          }
-    write(text_.substr(0, text_.size() - hold));
-    text_.erase(0, text_.size() - hold);
-    return false;
-  }
   void write(const std::string& s) {
     if (s.empty()) return;
     std::fwrite(s.data(), 1, s.size(), stdout);
     std::fflush(stdout);
     last_ = s.back();
   }
+  char last_char() const { return last_; }
 
-  const Tokenizer& tok_;
-  std::vector<std::string> stops_;
-  std::string bytes_;  // bytes of an unfinished character
-  std::string text_;   // complete text not printed yet
-  std::string stop_found_;
+ private:
   char last_ = '\n';
 };
 
@@ -273,7 +213,9 @@ int run_generate(int argc, char** argv) {
   const double pp_s = now_s() - t_pp0;
 
   // Generation.
-  TextStream out(tok, stop_strings);
+  TextStream stream(tok, stop_strings);
+  StdoutWriter out;
+  std::string piece;
   std::vector<int32_t> history = prompt;
   int64_t generated = 0, evals = 0, draws = 0;
   double eval_s = 0, sample_s = 0;
@@ -289,8 +231,11 @@ int run_generate(int argc, char** argv) {
     }
     history.push_back(id);
     ++generated;
-    if (out.push(id)) {
-      why = "stop string " + quoted(out.stop_found());
+    piece.clear();
+    const bool stopped = stream.push(id, piece);
+    out.write(piece);
+    if (stopped) {
+      why = "stop string " + quoted(stream.stop_found());
       break;
     }
     if (generated == n_predict) {
@@ -306,7 +251,9 @@ int run_generate(int argc, char** argv) {
     eval_s += now_s() - te;
     ++evals;
   }
-  out.finish();
+  piece.clear();
+  stream.finish(piece);
+  out.write(piece);
   if (out.last_char() != '\n' || (no_display && generated == 0)) std::fputc('\n', stdout);
   std::fflush(stdout);
 

@@ -1,4 +1,4 @@
-#include "generation_config.hpp"
+#include "ksa/generation_config.hpp"
 
 #include <filesystem>
 #include <fstream>
@@ -8,7 +8,7 @@
 
 #include "ksa/error.hpp"
 
-namespace ksa::tools {
+namespace ksa {
 
 GenerationConfig load_generation_config(const std::string& dir) {
   GenerationConfig g;
@@ -37,7 +37,21 @@ GenerationConfig load_generation_config(const std::string& dir) {
       g.eos_token_ids.push_back(id(*it, "eos_token_id"));
   }
   if (auto it = j.find("bos_token_id"); it != j.end() && !it->is_null()) g.bos_token_id = id(*it, "bos_token_id");
+  auto number = [&](const char* field, std::optional<double>& out) {
+    auto it = j.find(field);
+    if (it == j.end() || it->is_null()) return;
+    if (!it->is_number()) fail(path.string(), ": ", field, ": expected a number (got ", it->dump(), ")");
+    out = it->get<double>();
+  };
+  number("temperature", g.temperature);
+  number("top_p", g.top_p);
+  number("min_p", g.min_p);
+  number("repetition_penalty", g.repetition_penalty);
+  if (auto it = j.find("top_k"); it != j.end() && !it->is_null()) {
+    if (!it->is_number_integer()) fail(path.string(), ": top_k: expected an integer (got ", it->dump(), ")");
+    g.top_k = it->get<int64_t>();
+  }
   return g;
 }
 
-}  // namespace ksa::tools
+}  // namespace ksa
