@@ -24,6 +24,7 @@
 #include "ksa/model.hpp"
 #include "ksa/model_writer.hpp"
 #include "ksa/pattern.hpp"
+#include "engine_util.hpp"
 #include "test_util.hpp"
 
 namespace ksa {
@@ -105,30 +106,9 @@ struct Pair {
   }
 };
 
-std::vector<int32_t> random_text(std::mt19937_64& rng, int64_t n) {
-  std::uniform_int_distribution<int32_t> d(0, int32_t(kTextVocab - 1));
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (auto& x : t) x = d(rng);
-  return t;
-}
-
-std::vector<float> prefill(Model& m, std::span<const int32_t> text) {
-  const SeqId id = m.new_sequence();
-  std::vector<float> out(text.size() * size_t(m.vocab()));
-  m.append(id, text, LogitsFor::all, out);
-  m.release(id);
-  return out;
-}
-
-std::vector<float> stepwise(Model& m, std::span<const int32_t> text) {
-  const SeqId id = m.new_sequence();
-  const size_t V = size_t(m.vocab());
-  std::vector<float> out(text.size() * V);
-  for (size_t i = 0; i < text.size(); ++i)
-    m.append(id, text.subspan(i, 1), LogitsFor::last, std::span<float>(out).subspan(i * V, V));
-  m.release(id);
-  return out;
-}
+std::vector<int32_t> random_text(std::mt19937_64& rng, int64_t n) { return test::random_text(rng, n, kTextVocab); }
+using test::prefill;
+using test::stepwise;
 
 struct Err {
   double max_err = 0, max_abs = 0, rms_err = 0, rms = 0;

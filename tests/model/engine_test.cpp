@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "engine_util.hpp"
 #include "test_util.hpp"
 #include "ksa/error.hpp"
 #include "ksa/model.hpp"
@@ -216,32 +217,9 @@ struct Built {
   int64_t V() const { return cfg.logits_size(); }
 };
 
-std::vector<int32_t> random_text(std::mt19937_64& rng, int64_t n) {
-  std::uniform_int_distribution<int32_t> d(0, int32_t(kTextVocab - 1));
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (auto& x : t) x = d(rng);
-  return t;
-}
-
-// One prefill of a fresh sequence; logits of every token.
-std::vector<float> prefill(Model& m, std::span<const int32_t> text) {
-  const SeqId id = m.new_sequence();
-  std::vector<float> out(text.size() * size_t(m.vocab()));
-  m.append(id, text, LogitsFor::all, out);
-  m.release(id);
-  return out;
-}
-
-// A fresh sequence fed one token at a time (the first through the prefill path, the rest through the
-// cache); the last-token logits of each step stacked.
-std::vector<float> stepwise(Model& m, std::span<const int32_t> text) {
-  const SeqId id = m.new_sequence();
-  const size_t V = size_t(m.vocab());
-  std::vector<float> out(text.size() * V);
-  for (size_t i = 0; i < text.size(); ++i) m.append(id, text.subspan(i, 1), LogitsFor::last, std::span<float>(out).subspan(i * V, V));
-  m.release(id);
-  return out;
-}
+std::vector<int32_t> random_text(std::mt19937_64& rng, int64_t n) { return test::random_text(rng, n, kTextVocab); }
+using test::prefill;
+using test::stepwise;
 
 // A fresh sequence fed in random pieces of 1..max_piece tokens (turns of a conversation).
 std::vector<float> in_pieces(Model& m, std::span<const int32_t> text, std::mt19937_64& rng, int64_t max_piece) {
