@@ -96,6 +96,8 @@ class Model {
   std::string backend_name() const;
   // Peak device memory the model allocated so far (CUDA; 0 on the CPU).
   int64_t device_bytes_peak() const;
+  // Device memory still free now (CUDA), or -1 on the CPU (for sizing a KV budget).
+  int64_t device_bytes_free() const;
 
   // Sequences. Ids are never reused.
   SeqId new_sequence();

@@ -126,6 +126,8 @@ class Backend {
 
   // Device memory: peak and current bytes the backend allocated (0 on the CPU).
   virtual int64_t device_bytes_peak() const { return 0; }
+  // Device memory still free (CUDA), or -1 on the CPU.
+  virtual int64_t device_bytes_free() const { return -1; }
 };
 
 struct BackendOptions {

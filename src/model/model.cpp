@@ -353,6 +353,7 @@ Model Model::load(const std::string& dir, const ModelOptions& opt) {
 
 std::string Model::backend_name() const { return impl_->be->name(); }
 int64_t Model::device_bytes_peak() const { return impl_->be->device_bytes_peak(); }
+int64_t Model::device_bytes_free() const { return impl_->be->device_bytes_free(); }
 
 const char* to_string(Device d) { return d == Device::cuda ? "cuda" : "cpu"; }
 

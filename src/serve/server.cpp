@@ -463,7 +463,14 @@ Server::Server(const ServeOptions& o) {
   if (gen.repetition_penalty) m.defaults.repetition_penalty = *gen.repetition_penalty;
 
   SchedulerOptions so = o.scheduler;
-  so.kv_budget = o.kv_budget < 0 ? half_of_memory() : o.kv_budget;
+  if (o.kv_budget >= 0) {
+    so.kv_budget = o.kv_budget;
+  } else if (const int64_t free = m.model.device_bytes_free(); free >= 0) {
+    // GPU: the device memory left after the weights, less 4 GiB for a step's activations (prompt chunks).
+    so.kv_budget = std::max<int64_t>(int64_t(1) << 30, free - (int64_t(4) << 30));
+  } else {
+    so.kv_budget = half_of_memory();
+  }
   m.sched = std::make_unique<Scheduler>(m.model, &m.tok, so, &m.metrics);
 
   // One HTTP thread per connection the scheduler may be serving (running and queued), plus a few for

@@ -59,7 +59,7 @@ int run_serve(int argc, char** argv) {
   std::string& name = f.str("--model-name", "", "the model id clients name (default: the directory's name)");
   int64_t& max_seqs = f.i64("--max-seqs", o.scheduler.max_seqs, "sequences running at once");
   int64_t& max_queue = f.i64("--max-queue", o.scheduler.max_queue, "requests waiting beyond --max-seqs; more get 429");
-  std::string& kv_budget = f.str("--kv-budget", "auto", "KV-cache bytes the running sequences may reserve (e.g. 8G; 0 = no limit; auto = half the memory)");
+  std::string& kv_budget = f.str("--kv-budget", "auto", "KV-cache bytes the running sequences may reserve (e.g. 8G; 0 = no limit; auto = half the memory on the CPU, the free device memory less 4 GiB on the GPU)");
   int64_t& ctx = f.i64("--ctx", 0, "context limit per sequence in text tokens (0 = config max_position_embeddings)");
   int64_t& chunk = f.i64("--prefill-chunk", o.scheduler.prefill_chunk, "prompt tokens per engine step (long prompts are prefilled in chunks between decode steps)");
   int64_t& threads = f.i64("-t,--threads", 0, "engine threads (0 = all cores)");

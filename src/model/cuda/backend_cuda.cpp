@@ -333,6 +333,11 @@ class CudaBackend final : public Backend {
     if (cudaMemGetInfo(&fr, &tot) == cudaSuccess) peak_ = std::max(peak_, int64_t(tot - fr) - baseline_);
   }
 
+  int64_t device_bytes_free() const override {
+    size_t fr = 0, tot = 0;
+    return cudaMemGetInfo(&fr, &tot) == cudaSuccess ? int64_t(fr) : -1;
+  }
+
   int64_t device_bytes_peak() const override {
     size_t fr = 0, tot = 0;
     int64_t now = 0;
