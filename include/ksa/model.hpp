@@ -37,6 +37,9 @@ enum class Device : uint8_t { cpu, cuda };
 const char* to_string(Device d);
 // Whether Device::cuda can be used: the build has the CUDA engine and a GPU is visible. Never throws.
 bool cuda_engine_available();
+// The device a model with this config runs on by default: CUDA when cuda_engine_available() and the CUDA
+// engine takes the config (head_dim 64 or 128), else the CPU.
+Device default_device(const ModelConfig& cfg);
 
 struct ModelOptions {
   Device device = Device::cpu;

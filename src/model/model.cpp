@@ -357,6 +357,10 @@ int64_t Model::device_bytes_free() const { return impl_->be->device_bytes_free()
 
 const char* to_string(Device d) { return d == Device::cuda ? "cuda" : "cpu"; }
 
+Device default_device(const ModelConfig& cfg) {
+  return cuda_engine_available() && (cfg.head_dim == 64 || cfg.head_dim == 128) ? Device::cuda : Device::cpu;
+}
+
 const ModelConfig& Model::config() const { return impl_->cfg; }
 const ModelOptions& Model::options() const { return impl_->opt; }
 int64_t Model::vocab() const { return impl_->cfg.logits_size(); }

@@ -32,13 +32,14 @@ using namespace std::chrono_literals;
 namespace fs = std::filesystem;
 
 // --device onto the engine's options: the one place that knows which devices this build's engine has.
-void apply_device(const std::string& device, ModelOptions& mo) {
+void apply_device(const std::string& device, const std::string& dir, ModelOptions& mo) {
   if (device == "cpu") {
     mo.device = Device::cpu;
   } else if (device == "cuda" || device == "auto" || device.empty()) {
     if (device == "cuda" && !cuda_engine_available())
       fail("--device cuda: no CUDA device is visible, or this build has no CUDA engine (see `ksa info`); use --device cpu");
-    mo.device = cuda_engine_available() ? Device::cuda : Device::cpu;
+    mo.device = device == "cuda" ? Device::cuda
+                : cuda_engine_available() ? default_device(ModelConfig::load(dir)) : Device::cpu;
   } else {
     fail("--device: expected cpu, cuda or auto (got '", device, "')");
   }
@@ -439,7 +440,7 @@ Server::Server(const ServeOptions& o) {
   mo.threads = int(o.threads);
   mo.max_text_tokens = o.ctx;
   mo.kv_dtype = o.kv_f32 ? DType::f32 : DType::bf16;
-  apply_device(o.device, mo);
+  apply_device(o.device, o.model_dir, mo);
   impl_ = std::make_unique<Impl>(o, mo);
   Impl& m = *impl_;
   const ModelConfig& cfg = m.model.config();

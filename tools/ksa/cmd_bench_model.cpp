@@ -114,7 +114,7 @@ int run_bench_model(int argc, char** argv) {
                "mean ± sd over repetitions; with the memory bandwidth measured in the same run and decode speed as a\n"
                "percentage of the bandwidth bound ((weight bytes + visible KV bytes) per step / bandwidth).");
   std::string& dir = f.str("-m,--model", "", "checkpoint directory");
-  std::string& device = f.str("--device", "auto", "cpu, cuda, or auto (cuda when a GPU is visible and the build has CUDA)");
+  std::string& device = f.str("--device", "auto", "cpu, cuda, or auto (cuda when a GPU is visible, the build has CUDA and the model's head dim is 64 or 128)");
   int64_t& P = f.i64("-p,--n-prompt", 512, "prompt tokens per sequence (pp test; 0 = skip, tg then starts from 1 token)");
   int64_t& N = f.i64("-n,--n-gen", 128, "generated tokens per sequence (tg test; 0 = skip)");
   int64_t& B = f.i64("-b,--batch", 1, "sequences decoded together");
@@ -134,7 +134,7 @@ int run_bench_model(int argc, char** argv) {
   const int nthreads = threads > 0 ? int(threads) : int(std::max(1u, std::thread::hardware_concurrency()));
 
   ModelOptions mo;
-  mo.device = parse_device_flag(device);
+  mo.device = parse_device_flag(device, dir);
   if (mo.device == Device::cuda && kv_f32) throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
   mo.threads = nthreads;
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;

@@ -106,7 +106,7 @@ int run_generate(int argc, char** argv) {
   bool& chat = f.flag("--chat", "wrap the prompt as a user turn in the Qwen3 chat template (with the assistant prompt)");
   std::string& system = f.str("--system", "", "with --chat: a system message first");
   bool& no_think = f.flag("--no-think", "with --chat: disable thinking (Qwen3's enable_thinking=false: an empty <think></think>)");
-  std::string& device = f.str("--device", "auto", "cpu, cuda, or auto (cuda when a GPU is visible and the build has CUDA)");
+  std::string& device = f.str("--device", "auto", "cpu, cuda, or auto (cuda when a GPU is visible, the build has CUDA and the model's head dim is 64 or 128)");
   int64_t& threads = f.i64("-t,--threads", 0, "CPU threads (0 = all)");
   int64_t& ctx = f.i64("--ctx", 0, "context limit in text tokens (0 = config max_position_embeddings)");
   std::vector<std::string>& stops = f.strs("--stop", "stop when the text contains this string (\\n, \\t escapes understood)");
@@ -148,7 +148,7 @@ int run_generate(int argc, char** argv) {
   const double t_load0 = now_s();
   const Tokenizer tok = Tokenizer::load(tok_path.string());
   ModelOptions mo;
-  mo.device = parse_device_flag(device);
+  mo.device = parse_device_flag(device, dir);
   if (mo.device == Device::cuda && kv_f32) throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
   mo.threads = int(threads);
   mo.max_text_tokens = ctx;

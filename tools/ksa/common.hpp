@@ -72,15 +72,16 @@ inline std::vector<uint8_t> random_tensor(DType t, int64_t n, std::mt19937_64& r
 }
 
 #ifdef KSA_HAVE_ENGINE
-// --device: "cpu", "cuda", or "auto" (cuda when the build has the CUDA engine and a GPU is visible).
-inline Device parse_device_flag(const std::string& s) {
+// --device: "cpu", "cuda", or "auto" (cuda when the build has the CUDA engine, a GPU is visible and the
+// model in `dir` has a head dim the CUDA engine takes).
+inline Device parse_device_flag(const std::string& s, const std::string& dir) {
   if (s == "cpu") return Device::cpu;
   if (s == "cuda") {
     if (!cuda_engine_available())
       fail("--device cuda: no CUDA device is visible, or this build has no CUDA engine (see `ksa info`); use --device cpu");
     return Device::cuda;
   }
-  if (s == "auto" || s.empty()) return cuda_engine_available() ? Device::cuda : Device::cpu;
+  if (s == "auto" || s.empty()) return cuda_engine_available() ? default_device(ModelConfig::load(dir)) : Device::cpu;
   throw cli::UsageError("--device: must be cpu, cuda or auto (got \"" + s + "\")");
 }
 #endif
