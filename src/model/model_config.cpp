@@ -91,7 +91,7 @@ std::vector<uint8_t> summary_layer_flags(const Fields& f, int64_t L, bool use_su
 }  // namespace
 
 ModelConfig ModelConfig::parse(std::string_view json_text, const std::string& source) {
-  const Json j = detail::parse_json_text(json_text, source);
+  const Json j = detail::parse_json(json_text, source);
   const Fields f(j, source);
   ModelConfig c;
 

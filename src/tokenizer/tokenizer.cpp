@@ -10,23 +10,20 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <nlohmann/json.hpp>
 #include <queue>
 #include <sstream>
 #include <unordered_map>
 
+#include "json_input.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa {
 namespace {
 
 namespace fs = std::filesystem;
-using Json = nlohmann::json;
+using detail::Json;
 
-std::string excerpt(const Json& v) {
-  std::string s = v.dump(-1, ' ', false, Json::error_handler_t::replace);
-  return s.size() > 80 ? s.substr(0, 77) + "..." : s;
-}
+std::string excerpt(const Json& v) { return detail::json_excerpt(v); }
 
 void append_utf8(std::string& out, uint32_t cp) {
   if (cp < 0x80) {
@@ -454,15 +451,7 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
 Tokenizer Tokenizer::parse(std::string_view json_text, const std::string& source) {
-  Json j;
-  try {
-    j = Json::parse(json_text.begin(), json_text.end());
-  } catch (const Json::parse_error& e) {
-    std::string what = e.what();
-    const size_t p = what.find("] ");
-    if (p != std::string::npos) what = what.substr(p + 2);
-    fail(source, ": invalid JSON: ", what);
-  }
+  const Json j = detail::parse_json(json_text, source);
   Tokenizer t;
   t.impl_->source = source;
   t.impl_->load(j);

@@ -188,5 +188,27 @@ TEST(TokenizerErrors, NameTheFieldAndValue) {
   EXPECT_EQ(error_of([] { Tokenizer::load("/nonexistent/dir/tokenizer.json"); }), "/nonexistent/dir/tokenizer.json: cannot open tokenizer.json");
 }
 
+// Issue #26: hostile tokenizer.json files end in a ksa::Error naming the file.
+TEST(TokenizerHostile, DeepNestingIsRefusedAtParseTime) {
+  const std::string deep = std::string(200000, '[') + std::string(200000, ']');
+  // The "got ..." excerpt of a bad entry once dumped the value recursively and overflowed the stack.
+  std::string text = small_tokenizer(false).dump();
+  const std::string key = "\"dropout\":null";
+  ASSERT_NE(text.find(key), std::string::npos);
+  text.replace(text.find(key), key.size(), "\"dropout\":" + deep);
+  EXPECT_NE(error_of([&] { Tokenizer::parse(text, "t.json"); }).find("t.json: invalid JSON: nested deeper than 100 levels (at byte "),
+            std::string::npos);
+  EXPECT_EQ(error_of([&] { Tokenizer::parse("{\"added_tokens\": [" + deep + "]}", "t.json"); }),
+            "t.json: invalid JSON: nested deeper than 100 levels (at byte 116)");
+}
+
+TEST(TokenizerHostile, NumberBeyondDoubleIsAnError) {
+  std::string text = small_tokenizer(false).dump();
+  const std::string key = "\"dropout\":null";
+  text.replace(text.find(key), key.size(), "\"dropout\":1e309");
+  EXPECT_EQ(error_of([&] { Tokenizer::parse(text, "t.json"); }),
+            "t.json: invalid JSON: number overflow parsing '1e309' (a number must fit in a double)");
+}
+
 }  // namespace
 }  // namespace ksa
