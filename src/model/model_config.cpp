@@ -17,6 +17,10 @@ using detail::Json;
 constexpr int64_t kMaxDim = int64_t(1) << 20;
 constexpr int64_t kMaxLayers = 4096;
 constexpr int64_t kMaxVocab = (int64_t(1) << 31) - 1;
+// The context is a count of int32-addressable rows everywhere downstream: the KV cache takes at most
+// 2^31-1 text tokens, the GPU layouts index the stream in 32 bits, and plain Qwen3 runs as one chunk of
+// k = context + 1 tokens, so every later product or sum stays far inside int64.
+constexpr int64_t kMaxContext = (int64_t(1) << 31) - 1;
 
 const char* dtype_hf_name(DType t) {
   switch (t) {
@@ -209,7 +213,8 @@ void ModelConfig::validate() const {
   require(std::isfinite(rms_norm_eps) && rms_norm_eps > 0, "rms_norm_eps", "> 0", rms_norm_eps);
   require(std::isfinite(rope_theta) && rope_theta > 0, "rope_theta", "> 0", rope_theta);
   require(rope_type == "default", "rope_type", "\"default\"", rope_type);
-  require(max_position_embeddings >= 1, "max_position_embeddings", ">= 1", max_position_embeddings);
+  require(max_position_embeddings >= 1 && max_position_embeddings <= kMaxContext, "max_position_embeddings",
+          "in [1, 2^31-1]", max_position_embeddings);
   require(vocab_size >= 1 && vocab_size <= kMaxVocab, "vocab_size", "in [1, 2^31-1]", vocab_size);
   require(bos_token_id >= -1 && bos_token_id < vocab_size, "bos_token_id", "a token id < vocab_size", bos_token_id);
   for (int64_t e : eos_token_ids) require(e >= 0 && e < vocab_size, "eos_token_id", "a token id < vocab_size", e);

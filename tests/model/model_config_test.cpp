@@ -257,5 +257,31 @@ TEST(ModelConfigHostile, NumberBeyondDoubleIsAnError) {
             "cfg.json: invalid JSON: number overflow parsing '-1e400' (a number must fit in a double)");
 }
 
+TEST(ModelConfigHostile, ValuesNearInt64MaxAreBoundedBeforeArithmetic) {
+  // summary_token_begin + summary_token_num overflowed (UB) and the config passed.
+  EXPECT_EQ(error_with([](Json& j) { j["summary_token_begin"] = INT64_MAX; }),
+            "cfg.json: summary_token_begin: must be a token id with room for S summary ids (got 9223372036854775807)");
+  // Plain Qwen3 and KSA alike: the context feeds chunk arithmetic (k = context + 1) and the cache.
+  for (bool ksa : {false, true}) {
+    EXPECT_EQ(error_with([&](Json& j) {
+                j["use_summary_attention"] = ksa;
+                j["max_position_embeddings"] = INT64_MAX;
+              }),
+              "cfg.json: max_position_embeddings: must be in [1, 2^31-1] (got 9223372036854775807)");
+    EXPECT_EQ(error_with([&](Json& j) {
+                j["use_summary_attention"] = ksa;
+                j["max_position_embeddings"] = (int64_t(1) << 31);
+              }),
+              "cfg.json: max_position_embeddings: must be in [1, 2^31-1] (got 2147483648)");
+  }
+  EXPECT_EQ(parse([] {
+              Json j = released();
+              j["max_position_embeddings"] = (int64_t(1) << 31) - 1;
+              return j;
+            }())
+                .max_position_embeddings,
+            (int64_t(1) << 31) - 1);
+}
+
 }  // namespace
 }  // namespace ksa
