@@ -97,6 +97,11 @@ struct Merge {
   int32_t result;
 };
 
+// Ids index a dense table (id -> token), so the largest id must be near the number of tokens the file
+// defines: at most this many ids without a token. Real files have none or a few (padding); the bound keeps
+// the table proportional to the file (an id of 2^31-1 would otherwise allocate 64 GiB).
+constexpr int64_t kMaxUnusedIds = 65536;
+
 }  // namespace
 
 struct Tokenizer::Impl {
@@ -178,6 +183,12 @@ void Tokenizer::Impl::load(const Json& j) {
       added.push_back(std::move(a));
     }
   }
+  const int64_t defined = int64_t(vocab.size() + added.size());
+  for (size_t i = 0; i < added.size(); ++i)
+    if (added[i].id >= defined + kMaxUnusedIds)
+      bad("added_tokens[" + std::to_string(i) + "].id",
+          detail::cat(added[i].id, " is far beyond the ", defined, " tokens the file defines (ids must be < ", defined, " + ",
+                      kMaxUnusedIds, ")"));
   for (const AddedToken& a : added) {
     if (size_t(a.id) >= id_to_tok.size()) {
       id_to_tok.resize(size_t(a.id) + 1);
@@ -218,6 +229,12 @@ void Tokenizer::Impl::load_model(const Json& m) {
     vocab.emplace(it.key(), id);
     max_id = std::max<int64_t>(max_id, id);
   }
+  if (max_id >= int64_t(vocab.size()) + kMaxUnusedIds)
+    for (auto it = v->begin(); it != v->end(); ++it)
+      if (it.value().get<int64_t>() == max_id)
+        bad("model.vocab[\"" + it.key() + "\"]", detail::cat(max_id, " is far beyond the ", vocab.size(),
+                                                               " tokens the vocabulary defines (ids must be < ", vocab.size(),
+                                                               " + ", kMaxUnusedIds, ")"));
   id_to_tok.assign(size_t(max_id + 1), std::string());
   id_special.assign(size_t(max_id + 1), 0);
   for (const auto& [tok, id] : vocab) {

@@ -75,6 +75,7 @@ Json small_tokenizer(bool string_merges) {
 Tokenizer make(bool string_merges = false) { return Tokenizer::parse(small_tokenizer(string_merges).dump(), "t.json"); }
 
 using test::error_of;
+using test::kNoError;
 
 using Ids = std::vector<int32_t>;
 constexpr int32_t AB = 256, BC = 257, ABC = 258, AA = 259, SP_A = 260, CA = 261, E_ACUTE = 262;
@@ -208,6 +209,25 @@ TEST(TokenizerHostile, NumberBeyondDoubleIsAnError) {
   text.replace(text.find(key), key.size(), "\"dropout\":1e309");
   EXPECT_EQ(error_of([&] { Tokenizer::parse(text, "t.json"); }),
             "t.json: invalid JSON: number overflow parsing '1e309' (a number must fit in a double)");
+}
+
+TEST(TokenizerHostile, SparseIdsDoNotAllocateTheirRange) {
+  // One added token with id 2^31-1 once threw std::bad_alloc; 200,000,000 allocated 6.5 GB. The id table
+  // may have at most 65536 ids without a token beyond the tokens the file defines.
+  auto with_added_id = [](int64_t id) {
+    Json j = small_tokenizer(false);
+    j["added_tokens"][0]["id"] = id;
+    return error_of([&] { Tokenizer::parse(j.dump(), "t.json"); });
+  };
+  EXPECT_EQ(with_added_id(2147483647),
+            "t.json: added_tokens[0].id: 2147483647 is far beyond the 268 tokens the file defines (ids must be < 268 + 65536)");
+  EXPECT_EQ(with_added_id(200000000),
+            "t.json: added_tokens[0].id: 200000000 is far beyond the 268 tokens the file defines (ids must be < 268 + 65536)");
+  EXPECT_EQ(with_added_id(268 + 65535), kNoError);
+  Json j = small_tokenizer(false);
+  j["model"]["vocab"]["zz"] = 2147483647;
+  EXPECT_EQ(error_of([&] { Tokenizer::parse(j.dump(), "t.json"); }),
+            "t.json: model.vocab[\"zz\"]: 2147483647 is far beyond the 264 tokens the vocabulary defines (ids must be < 264 + 65536)");
 }
 
 }  // namespace
