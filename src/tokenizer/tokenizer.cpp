@@ -429,6 +429,11 @@ void Tokenizer::Impl::encode_text(std::string_view text, std::vector<int32_t>& o
     UErrorCode st = U_ZERO_ERROR;
     if (s.regex) {
       m.reset(s.regex->matcher(st));
+      // ICU's backtracking stack is capped at 8 MB by default, and Qwen's regex pushes a state per
+      // character of a whitespace run (about 100 bytes each): 500 KB of spaces failed with
+      // U_REGEX_STACK_OVERFLOW. Without the cap the stack grows only as far as the longest match needs,
+      // so memory stays proportional to the prompt and any prompt that fits in memory tokenizes.
+      if (U_SUCCESS(st)) m->setStackLimit(0, st);
       if (U_FAILURE(st)) fail("tokenizer: cannot create a regex matcher: ", u_errorName(st));
     }
     for (std::string& p : pieces) {

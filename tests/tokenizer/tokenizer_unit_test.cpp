@@ -189,7 +189,7 @@ TEST(TokenizerErrors, NameTheFieldAndValue) {
   EXPECT_EQ(error_of([] { Tokenizer::load("/nonexistent/dir/tokenizer.json"); }), "/nonexistent/dir/tokenizer.json: cannot open tokenizer.json");
 }
 
-// Issue #26: hostile tokenizer.json files end in a ksa::Error naming the file.
+// Issue #26: hostile tokenizer.json files end in a ksa::Error naming the file; long whitespace tokenizes.
 TEST(TokenizerHostile, DeepNestingIsRefusedAtParseTime) {
   const std::string deep = std::string(200000, '[') + std::string(200000, ']');
   // The "got ..." excerpt of a bad entry once dumped the value recursively and overflowed the stack.
@@ -228,6 +228,20 @@ TEST(TokenizerHostile, SparseIdsDoNotAllocateTheirRange) {
   j["model"]["vocab"]["zz"] = 2147483647;
   EXPECT_EQ(error_of([&] { Tokenizer::parse(j.dump(), "t.json"); }),
             "t.json: model.vocab[\"zz\"]: 2147483647 is far beyond the 264 tokens the vocabulary defines (ids must be < 264 + 65536)");
+}
+
+TEST(TokenizerHostile, LongWhitespaceRunsTokenize) {
+  // 500 KB of whitespace failed with U_REGEX_STACK_OVERFLOW in ICU's backtracking (the Qwen regex's
+  // \s*[\r\n]+ and \s+(?!\S) alternatives push a state per character).
+  const Tokenizer tok = make();
+  for (const std::string unit : {" ", "\n", " \n", "\t", "\r\n"}) {
+    std::string s;
+    while (s.size() < 500000) s += unit;
+    s += "ab";
+    std::vector<int32_t> ids;
+    EXPECT_EQ(error_of([&] { ids = tok.encode(s); }), kNoError) << "unit " << int(unit[0]);
+    EXPECT_EQ(tok.decode(ids), s) << "unit " << int(unit[0]);
+  }
 }
 
 }  // namespace
