@@ -93,18 +93,15 @@ int run_bench_model(int argc, char** argv) {
                "over repetitions; with the memory read bandwidth measured in the same run and decode speed as a\n"
                "percentage of the bandwidth bound (bandwidth / weight bytes read per token).");
   std::string& dir = f.str("-m,--model", "", "checkpoint directory");
-  int64_t& P = f.i64("-p,--n-prompt", 512, "prompt tokens (pp test; 0 = skip, tg then starts from 1 token)");
-  int64_t& N = f.i64("-n,--n-gen", 128, "generated tokens (tg test; 0 = skip)");
-  int64_t& reps = f.i64("-r,--repetitions", 3, "timed repetitions (after one untimed warm-up)");
-  int64_t& threads = f.i64("-t,--threads", 0, "CPU threads for the model and the bandwidth test (0 = all)");
-  int64_t& bw_mib = f.i64("--bw-mib", 1024, "buffer of the bandwidth test in MiB (0 = skip the test)");
+  int64_t& P = f.i64("-p,--n-prompt", 512, "prompt tokens (pp test; 0 = skip, tg then starts from 1 token)", 0, cli::kMaxTokens);
+  int64_t& N = f.i64("-n,--n-gen", 128, "generated tokens (tg test; 0 = skip)", 0, cli::kMaxTokens);
+  int64_t& reps = f.i64("-r,--repetitions", 3, "timed repetitions (after one untimed warm-up)", 1, 1000000);
+  int64_t& threads = f.i64("-t,--threads", 0, "CPU threads for the model and the bandwidth test (0 = all)", 0, cli::kMaxThreads);
+  int64_t& bw_mib = f.i64("--bw-mib", 1024, "buffer of the bandwidth test in MiB (0 = skip the test)", 0, 1 << 20);
   bool& kv_f32 = f.flag("--kv-f32", "KV cache in f32 (default bf16)");
   if (!f.parse(argc, argv)) return 0;
   if (dir.empty()) throw cli::UsageError("-m/--model: required");
-  if (P < 0 || N < 0 || P + N < 1) throw cli::UsageError("-p, -n: must be >= 0 and not both 0");
-  if (reps < 1) throw cli::UsageError("-r: must be >= 1");
-  if (threads < 0) throw cli::UsageError("-t: must be >= 0");
-  if (bw_mib < 0) throw cli::UsageError("--bw-mib: must be >= 0");
+  if (P + N < 1) throw cli::UsageError("-p, -n: must not both be 0");
   const int nthreads = threads > 0 ? int(threads) : int(std::max(1u, std::thread::hardware_concurrency()));
 
   ModelOptions mo;
