@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -14,6 +15,8 @@
 namespace ksa::detail {
 
 inline std::string read_text_file(const std::string& path, const char* what) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) fail(path, ": is a directory, not ", what);
   std::ifstream in(path, std::ios::binary);
   if (!in) fail(path, ": cannot open ", what);
   std::ostringstream os;

@@ -164,9 +164,11 @@ ModelConfig ModelConfig::parse(std::string_view json_text, const std::string& so
   c.summary_chunk_size = f.integer("summary_chunk_size", 8);
   c.summary_token_num = f.integer("summary_token_num", 1);
   c.summary_token_begin = f.integer("summary_token_begin", 151936);
+  const std::string text_pos = f.string("summary_chunk_position_ids_type", "origin");
+  const std::string summary_pos = f.string("summary_token_position_ids_type", "last_chunk_slice_right");
   try {
-    c.text_positions = parse_text_positions(f.string("summary_chunk_position_ids_type", "origin"));
-    c.summary_positions = parse_summary_positions(f.string("summary_token_position_ids_type", "last_chunk_slice_right"));
+    c.text_positions = parse_text_positions(text_pos);
+    c.summary_positions = parse_summary_positions(summary_pos);
   } catch (const Error& e) {
     fail(source, ": ", e.what());
   }
