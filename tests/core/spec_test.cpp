@@ -192,7 +192,9 @@ TEST(Spec, PropertiesNoGapNoDuplicate) {
 TEST(Spec, KeySpansAreExact) {
   for (uint64_t seed = 1; seed <= 300; ++seed) {
     std::mt19937_64 rng(seed);
-    const auto [lay, W] = random_case(rng);
+    const RandomCase rc = random_case(rng);
+    const Layout& lay = rc.lay;  // not a structured binding: the lambdas below capture it (Clang 14)
+    const int64_t W = rc.W;
     SCOPED_TRACE("seed " + std::to_string(seed));
     const int64_t L = lay.length();
     for (int64_t BQ : {int64_t(1), int64_t(3), int64_t(8), L}) {
