@@ -1,6 +1,7 @@
 #include "cli.hpp"
 
 #include <cctype>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -123,7 +124,8 @@ namespace {
 template <class T>
 std::string range_text(T min, T max) {
   std::ostringstream os;
-  if (max == std::numeric_limits<T>::max()) os << ">= " << min;
+  if (min == std::numeric_limits<T>::lowest() && max == std::numeric_limits<T>::max()) os << "a finite number";
+  else if (max == std::numeric_limits<T>::max()) os << ">= " << min;
   else if (min == std::numeric_limits<T>::lowest()) os << "<= " << max;
   else os << "in [" << min << ", " << max << "]";
   return os.str();
@@ -151,18 +153,13 @@ int64_t Flags::parse_i64(const std::string& flag, const std::string& value, int6
 }
 
 double Flags::parse_f64(const std::string& flag, const std::string& value, double min, double max) {
-  size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(value, &used);
-  } catch (const std::out_of_range&) {
-    throw out_of_range(flag, value, min, max);
-  } catch (const std::exception&) {
-    used = std::string::npos;
-  }
-  if (used != value.size() || value.empty() || std::isspace(static_cast<unsigned char>(value[0])) || !std::isfinite(v))
+  // strtod, not stod: a value too small for a double (1e-999) is 0, as in Python; too large is out of range.
+  char* end = nullptr;
+  errno = 0;
+  const double v = value.empty() || std::isspace(static_cast<unsigned char>(value[0])) ? 0 : std::strtod(value.c_str(), &end);
+  if (end != value.c_str() + value.size() || (!std::isfinite(v) && errno != ERANGE))
     throw UsageError("flag '" + flag + "': '" + value + "' is not a valid number");
-  if (v < min || v > max) throw out_of_range(flag, value, min, max);
+  if (!std::isfinite(v) || v < min || v > max) throw out_of_range(flag, value, min, max);
   return v;
 }
 
