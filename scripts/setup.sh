@@ -11,6 +11,7 @@ PACKAGES=(
   nlohmann-json3-dev                           # config.json, safetensors headers, tokenizer.json
   libicu-dev                                   # tokenizer pre-split regex and NFC
   python3 python3-jinja2                       # chat-template golden files
+  clang libclang-rt-14-dev libomp-dev          # the sanitizer + libFuzzer build of scripts/test.sh (docs/testing.md)
 )
 
 missing=()
