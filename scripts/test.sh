@@ -1,8 +1,22 @@
 #!/usr/bin/env bash
-# Install what is missing, build (CUDA compiled when nvcc is found), fetch test data, run the whole suite.
+# Install what is missing, build (CUDA compiled when nvcc is found), fetch test data, run the whole suite;
+# then the same CPU suite built with Clang under AddressSanitizer + UndefinedBehaviorSanitizer in
+# build-sanitize/, including each libFuzzer harness for KSA_FUZZ_SECONDS (default 10) over its seeds
+# (docs/testing.md). KSA_SANITIZE_SUITE=0 skips the second build. Extra arguments go to both ctest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 if [ -x scripts/fetch_test_data.sh ]; then ./scripts/fetch_test_data.sh; fi
-cd build
-ctest --output-on-failure -j "${JOBS:-$(nproc)}" --timeout 900 "$@"
+(cd build && ctest --output-on-failure -j "${JOBS:-$(nproc)}" --timeout 900 "$@")
+
+if [ "${KSA_SANITIZE_SUITE:-1}" != 0 ]; then
+  echo "== sanitizer build (ASan + UBSan, Clang) and fuzzers: build-sanitize/"
+  t0=$(date +%s)
+  BUILD_DIR=build-sanitize CC=clang CXX=clang++ ./scripts/setup.sh -DKSA_CUDA=OFF -DKSA_SANITIZE=ON -DKSA_FUZZ=ON \
+    -DKSA_FUZZ_SECONDS="${KSA_FUZZ_SECONDS:-10}"
+  t1=$(date +%s)
+  # Any sanitizer report fails its test: UBSan does not recover, ASan and LeakSanitizer exit nonzero.
+  export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1}"
+  (cd build-sanitize && ctest --output-on-failure -j "${JOBS:-$(nproc)}" --timeout 900 "$@")
+  echo "== sanitizer build: $((t1 - t0)) s to build, $(($(date +%s) - t1)) s to test"
+fi

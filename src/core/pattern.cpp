@@ -1,6 +1,7 @@
 // Parser for per-layer pattern expressions (see ksa/pattern.hpp for the grammar).
 #include "ksa/pattern.hpp"
 
+#include <algorithm>
 #include <cctype>
 #include <string>
 
@@ -12,6 +13,11 @@ namespace {
 constexpr int64_t kMaxElements = 1 << 20;       // no real model has a million layers
 constexpr int64_t kMaxInt = int64_t(1) << 53;   // values and repeat counts stay exact and small
 constexpr int kMaxDepth = 64;
+// The work is bounded by the input: the text (a 4096-layer list of 2^40 is 60 KB) and the list elements
+// all operations together produce (literals, concatenations, repetitions), so that chains like
+// "[1]*1048576*1*1*..." cannot copy a million elements once per "*1".
+constexpr size_t kMaxText = 256 << 10;
+constexpr int64_t kMaxWork = 4 * kMaxElements;
 
 struct Value {
   bool is_list = false;
@@ -32,14 +38,23 @@ class Parser {
     return v;
   }
 
+  // The message shows the text (at most 60 characters either side of `at`) and a caret under `at`.
   [[noreturn]] void error(size_t at, const std::string& what) const {
-    std::string caret(at, ' ');
-    fail(field_, ": ", what, " at character ", at, "\n  ", s_, "\n  ", caret, "^");
+    constexpr size_t kSide = 60;
+    const size_t from = at > kSide ? at - kSide : 0, to = std::min(s_.size(), at + kSide);
+    const std::string head = from > 0 ? "..." : "", tail = to < s_.size() ? "..." : "";
+    const std::string caret(head.size() + (at - from), ' ');
+    fail(field_, ": ", what, " at character ", at, "\n  ", head, s_.substr(from, to - from), tail, "\n  ", caret, "^");
   }
 
  private:
   void skip_ws() {
     while (pos_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[pos_]))) ++pos_;
+  }
+  // Counts `n` list elements about to be produced against kMaxWork.
+  void spend(int64_t n, size_t at) {
+    work_ += n;
+    if (work_ > kMaxWork) error(at, "pattern needs too much work (over " + std::to_string(kMaxWork) + " list elements in all)");
   }
   bool eat(char c) {
     skip_ws();
@@ -84,6 +99,7 @@ class Parser {
       if (v.is_list != r.is_list) error(at, "cannot add a list and an integer");
       if (v.is_list) {
         if (int64_t(v.list.size() + r.list.size()) > kMaxElements) error(at, "pattern too long");
+        spend(int64_t(r.list.size()), at);
         v.list.insert(v.list.end(), r.list.begin(), r.list.end());
       } else {
         v.scalar += r.scalar;
@@ -104,7 +120,9 @@ class Parser {
       const int64_t n = integer();
       if (v.is_list) {
         if (n < 0) error(nat, "negative repeat count");
+        if (v.list.empty()) continue;  // [] * n is [] for any n
         if (n > 0 && int64_t(v.list.size()) > kMaxElements / n) error(nat, "repeat count too large");
+        spend(int64_t(v.list.size()) * n, at);
         std::vector<int64_t> out;
         out.reserve(v.list.size() * size_t(n));
         for (int64_t i = 0; i < n; ++i) out.insert(out.end(), v.list.begin(), v.list.end());
@@ -138,6 +156,7 @@ class Parser {
         if (pos_ < s_.size() && s_[pos_] == '[') error(pos_, "nested lists are not allowed");
         v.list.push_back(integer());
         if (int64_t(v.list.size()) > kMaxElements) error(pos_, "pattern too long");
+        spend(1, pos_);
         if (eat(']')) return v;
         if (!eat(',')) error(pos_, pos_ < s_.size() ? "expected ',' or ']', found '" + std::string(1, s_[pos_]) + "'" : "expected ',' or ']', found the end");
         if (eat(']')) return v;  // trailing comma
@@ -153,6 +172,7 @@ class Parser {
   std::string_view s_;
   const char* field_;
   size_t pos_ = 0;
+  int64_t work_ = 0;  // list elements produced so far
 };
 
 }  // namespace
@@ -163,12 +183,14 @@ std::vector<int64_t> parse_int_pattern(std::string_view expr, int64_t num_layers
   // A JSON string value may arrive with its quotes; strip one matching pair.
   if (expr.size() >= 2 && (expr.front() == '"' || expr.front() == '\'') && expr.back() == expr.front())
     expr = expr.substr(1, expr.size() - 2);
+  if (expr.size() > kMaxText) fail(field, ": pattern text is ", expr.size(), " bytes, more than ", kMaxText);
   Parser parser(expr, field);
   Value v = parser.parse();
   std::vector<int64_t> out;
   if (v.is_list) {
     if (int64_t(v.list.size()) != num_layers)
-      fail(field, ": has ", v.list.size(), " entries but the model has ", num_layers, " layers (pattern \"", expr, "\")");
+      fail(field, ": has ", v.list.size(), " entries but the model has ", num_layers, " layers (pattern \"",
+           expr.size() > 120 ? std::string(expr.substr(0, 117)) + "..." : std::string(expr), "\")");
     out = std::move(v.list);
   } else {
     out.assign(size_t(num_layers), v.scalar);

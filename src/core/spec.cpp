@@ -31,7 +31,8 @@ void Spec::validate() const {
   require(k >= 1 && k <= kMaxChunk, "k (summary_chunk_size)", "in [1, 1048576]", k);
   require(S >= 1 && S <= kMaxSummaries, "S (summary_token_num)", "in [1, 65536]", S);
   require(W >= 0 && W <= kMaxWindow, "W (summary_sliding_chunk_num)", "in [0, 2^40]", W);
-  require(summary_token_begin >= 0 && summary_token_begin + S <= (int64_t(1) << 31),
+  // Ids begin..begin+S-1 must be int32; S is in range here, so the bound is computed without overflow.
+  require(summary_token_begin >= 0 && summary_token_begin <= (int64_t(1) << 31) - S,
           "summary_token_begin", "a token id with room for S summary ids", summary_token_begin);
 }
 

@@ -4,9 +4,8 @@
 #include <fstream>
 #include <sstream>
 
-#include <nlohmann/json.hpp>
-
 #include "ksa/error.hpp"
+#include "tokenizer/json_input.hpp"
 
 namespace ksa {
 
@@ -18,16 +17,11 @@ GenerationConfig load_generation_config(const std::string& dir) {
   if (!in) fail(path.string(), ": cannot open");
   std::stringstream ss;
   ss << in.rdbuf();
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(ss.str());
-  } catch (const nlohmann::json::exception& e) {
-    fail(path.string(), ": not valid JSON: ", e.what());
-  }
+  const nlohmann::json j = detail::parse_json(ss.str(), path.string());
   if (!j.is_object()) fail(path.string(), ": expected a JSON object");
   g.found = true;
   auto id = [&](const nlohmann::json& v, const char* field) -> int64_t {
-    if (!v.is_number_integer()) fail(path.string(), ": ", field, ": expected an integer token id (got ", v.dump(), ")");
+    if (!v.is_number_integer()) fail(path.string(), ": ", field, ": expected an integer token id (got ", detail::json_excerpt(v), ")");
     return v.get<int64_t>();
   };
   if (auto it = j.find("eos_token_id"); it != j.end() && !it->is_null()) {

@@ -1,46 +1,28 @@
 // Typed reads of JSON object fields with errors that name the file, the field and the bad value
 // ("DIR/config.json: hidden_size: must be an integer (got \"2560\")"). Private to src/model.
 #pragma once
-#include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <sstream>
 #include <string>
 
 #include "ksa/error.hpp"
+#include "tokenizer/json_input.hpp"  // parse_json (depth and number limits), json_excerpt
 
 namespace ksa::detail {
 
-using Json = nlohmann::json;
-
-// The value as it appears in the file, shortened for messages.
-inline std::string json_excerpt(const Json& v, size_t max_len = 80) {
-  std::string s = v.dump(-1, ' ', false, Json::error_handler_t::replace);
-  if (s.size() > max_len) s = s.substr(0, max_len - 3) + "...";
-  return s;
-}
-
 inline std::string read_text_file(const std::string& path, const char* what) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) fail(path, ": is a directory, not ", what);
   std::ifstream in(path, std::ios::binary);
   if (!in) fail(path, ": cannot open ", what);
   std::ostringstream os;
   os << in.rdbuf();
   if (in.bad()) fail(path, ": read error");
   return os.str();
-}
-
-inline Json parse_json_text(std::string_view text, const std::string& source) {
-  try {
-    return Json::parse(text.begin(), text.end());
-  } catch (const Json::parse_error& e) {
-    // nlohmann's message ends with the position: "[json.exception.parse_error.101] parse error at line 3, ..."
-    std::string what = e.what();
-    const size_t p = what.find("] ");
-    if (p != std::string::npos) what = what.substr(p + 2);
-    fail(source, ": invalid JSON: ", what);
-  }
 }
 
 // A JSON object and the name of the file it came from.

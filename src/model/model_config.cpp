@@ -17,6 +17,10 @@ using detail::Json;
 constexpr int64_t kMaxDim = int64_t(1) << 20;
 constexpr int64_t kMaxLayers = 4096;
 constexpr int64_t kMaxVocab = (int64_t(1) << 31) - 1;
+// The context is a count of int32-addressable rows everywhere downstream: the KV cache takes at most
+// 2^31-1 text tokens, the GPU layouts index the stream in 32 bits, and plain Qwen3 runs as one chunk of
+// k = context + 1 tokens, so every later product or sum stays far inside int64.
+constexpr int64_t kMaxContext = (int64_t(1) << 31) - 1;
 
 const char* dtype_hf_name(DType t) {
   switch (t) {
@@ -91,7 +95,7 @@ std::vector<uint8_t> summary_layer_flags(const Fields& f, int64_t L, bool use_su
 }  // namespace
 
 ModelConfig ModelConfig::parse(std::string_view json_text, const std::string& source) {
-  const Json j = detail::parse_json_text(json_text, source);
+  const Json j = detail::parse_json(json_text, source);
   const Fields f(j, source);
   ModelConfig c;
 
@@ -160,9 +164,11 @@ ModelConfig ModelConfig::parse(std::string_view json_text, const std::string& so
   c.summary_chunk_size = f.integer("summary_chunk_size", 8);
   c.summary_token_num = f.integer("summary_token_num", 1);
   c.summary_token_begin = f.integer("summary_token_begin", 151936);
+  const std::string text_pos = f.string("summary_chunk_position_ids_type", "origin");
+  const std::string summary_pos = f.string("summary_token_position_ids_type", "last_chunk_slice_right");
   try {
-    c.text_positions = parse_text_positions(f.string("summary_chunk_position_ids_type", "origin"));
-    c.summary_positions = parse_summary_positions(f.string("summary_token_position_ids_type", "last_chunk_slice_right"));
+    c.text_positions = parse_text_positions(text_pos);
+    c.summary_positions = parse_summary_positions(summary_pos);
   } catch (const Error& e) {
     fail(source, ": ", e.what());
   }
@@ -209,7 +215,8 @@ void ModelConfig::validate() const {
   require(std::isfinite(rms_norm_eps) && rms_norm_eps > 0, "rms_norm_eps", "> 0", rms_norm_eps);
   require(std::isfinite(rope_theta) && rope_theta > 0, "rope_theta", "> 0", rope_theta);
   require(rope_type == "default", "rope_type", "\"default\"", rope_type);
-  require(max_position_embeddings >= 1, "max_position_embeddings", ">= 1", max_position_embeddings);
+  require(max_position_embeddings >= 1 && max_position_embeddings <= kMaxContext, "max_position_embeddings",
+          "in [1, 2^31-1]", max_position_embeddings);
   require(vocab_size >= 1 && vocab_size <= kMaxVocab, "vocab_size", "in [1, 2^31-1]", vocab_size);
   require(bos_token_id >= -1 && bos_token_id < vocab_size, "bos_token_id", "a token id < vocab_size", bos_token_id);
   for (int64_t e : eos_token_ids) require(e >= 0 && e < vocab_size, "eos_token_id", "a token id < vocab_size", e);

@@ -155,20 +155,14 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   // Parse, catching duplicate keys at the top level (nlohmann would keep the last silently).
   std::set<std::string> seen;
   std::string dup;
-  Json header;
-  try {
-    header = Json::parse(htext, htext + n, [&](int depth, Json::parse_event_t ev, Json& parsed) {
-      if (ev == Json::parse_event_t::key && depth == 1 && parsed.is_string()) {
-        if (!seen.insert(parsed.get<std::string>()).second && dup.empty()) dup = parsed.get<std::string>();
-      }
-      return true;
-    });
-  } catch (const Json::parse_error& e) {
-    std::string what = e.what();
-    const size_t p = what.find("] ");
-    if (p != std::string::npos) what = what.substr(p + 2);
-    fail(path, ": header is not valid JSON: ", what);
-  }
+  const Json header =
+      detail::parse_json(std::string_view(htext, size_t(n)), path, "header is not valid JSON",
+                         [&](int depth, Json::parse_event_t ev, Json& parsed) {
+                           if (ev == Json::parse_event_t::key && depth == 1 && parsed.is_string()) {
+                             if (!seen.insert(parsed.get<std::string>()).second && dup.empty()) dup = parsed.get<std::string>();
+                           }
+                           return true;
+                         });
   if (!dup.empty()) fail(path, ": header names tensor ", quote(dup), " twice");
   if (!header.is_object()) fail(path, ": header must be a JSON object (got ", detail::json_excerpt(header), ")");
 
@@ -257,7 +251,7 @@ Checkpoint Checkpoint::open(const std::string& dir) {
   if (fs::exists(index)) {
     c.index_ = true;
     const std::string ipath = index.string();
-    const Json j = detail::parse_json_text(detail::read_text_file(ipath, "the safetensors index"), ipath);
+    const Json j = detail::parse_json(detail::read_text_file(ipath, "the safetensors index"), ipath);
     const detail::Fields f(j, ipath);
     const Json& wm = f.at("weight_map");
     if (!wm.is_object()) f.bad("weight_map", "an object {tensor: file}", wm);

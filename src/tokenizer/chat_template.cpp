@@ -4,10 +4,10 @@
 
 #include <filesystem>
 #include <fstream>
-#include <nlohmann/json.hpp>
 #include <sstream>
 #include <vector>
 
+#include "json_input.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa {
@@ -121,22 +121,14 @@ ChatTemplate ChatTemplate::load(const std::string& path) {
   std::ostringstream os;
   os << in.rdbuf();
   const std::string text = os.str();
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
-    std::string what = e.what();
-    const size_t q = what.find("] ");
-    if (q != std::string::npos) what = what.substr(q + 2);
-    fail(p, ": invalid JSON: ", what);
-  }
+  const detail::Json j = detail::parse_json(text, p);
   if (!j.is_object()) fail(p, ": must be a JSON object");
   auto it = j.find("chat_template");
   if (it == j.end() || it->is_null()) fail(p, ": chat_template: missing");
   if (it->is_array()) {
     // The list form [{name, template}, ...]: take the "default" entry.
     for (const auto& e : *it)
-      if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
+      if (e.is_object() && e.contains("name") && e["name"] == "default" && e.contains("template") && e["template"].is_string())
         return from_source(e["template"].get<std::string>());
     fail(p, ": chat_template: a list without a \"default\" entry");
   }

@@ -10,23 +10,20 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <nlohmann/json.hpp>
 #include <queue>
 #include <sstream>
 #include <unordered_map>
 
+#include "json_input.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa {
 namespace {
 
 namespace fs = std::filesystem;
-using Json = nlohmann::json;
+using detail::Json;
 
-std::string excerpt(const Json& v) {
-  std::string s = v.dump(-1, ' ', false, Json::error_handler_t::replace);
-  return s.size() > 80 ? s.substr(0, 77) + "..." : s;
-}
+std::string excerpt(const Json& v) { return detail::json_excerpt(v); }
 
 void append_utf8(std::string& out, uint32_t cp) {
   if (cp < 0x80) {
@@ -99,6 +96,11 @@ struct Merge {
   int32_t rank;
   int32_t result;
 };
+
+// Ids index a dense table (id -> token), so the largest id must be near the number of tokens the file
+// defines: at most this many ids without a token. Real files have none or a few (padding); the bound keeps
+// the table proportional to the file (an id of 2^31-1 would otherwise allocate 64 GiB).
+constexpr int64_t kMaxUnusedIds = 65536;
 
 }  // namespace
 
@@ -181,6 +183,12 @@ void Tokenizer::Impl::load(const Json& j) {
       added.push_back(std::move(a));
     }
   }
+  const int64_t defined = int64_t(vocab.size() + added.size());
+  for (size_t i = 0; i < added.size(); ++i)
+    if (added[i].id >= defined + kMaxUnusedIds)
+      bad("added_tokens[" + std::to_string(i) + "].id",
+          detail::cat(added[i].id, " is far beyond the ", defined, " tokens the file defines (ids must be < ", defined, " + ",
+                      kMaxUnusedIds, ")"));
   for (const AddedToken& a : added) {
     if (size_t(a.id) >= id_to_tok.size()) {
       id_to_tok.resize(size_t(a.id) + 1);
@@ -221,6 +229,12 @@ void Tokenizer::Impl::load_model(const Json& m) {
     vocab.emplace(it.key(), id);
     max_id = std::max<int64_t>(max_id, id);
   }
+  if (max_id >= int64_t(vocab.size()) + kMaxUnusedIds)
+    for (auto it = v->begin(); it != v->end(); ++it)
+      if (it.value().get<int64_t>() == max_id)
+        bad("model.vocab[\"" + it.key() + "\"]", detail::cat(max_id, " is far beyond the ", vocab.size(),
+                                                               " tokens the vocabulary defines (ids must be < ", vocab.size(),
+                                                               " + ", kMaxUnusedIds, ")"));
   id_to_tok.assign(size_t(max_id + 1), std::string());
   id_special.assign(size_t(max_id + 1), 0);
   for (const auto& [tok, id] : vocab) {
@@ -415,6 +429,11 @@ void Tokenizer::Impl::encode_text(std::string_view text, std::vector<int32_t>& o
     UErrorCode st = U_ZERO_ERROR;
     if (s.regex) {
       m.reset(s.regex->matcher(st));
+      // ICU's backtracking stack is capped at 8 MB by default, and Qwen's regex pushes a state per
+      // character of a whitespace run (about 100 bytes each): 500 KB of spaces failed with
+      // U_REGEX_STACK_OVERFLOW. Without the cap the stack grows only as far as the longest match needs,
+      // so memory stays proportional to the prompt and any prompt that fits in memory tokenizes.
+      if (U_SUCCESS(st)) m->setStackLimit(0, st);
       if (U_FAILURE(st)) fail("tokenizer: cannot create a regex matcher: ", u_errorName(st));
     }
     for (std::string& p : pieces) {
@@ -454,15 +473,7 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
 Tokenizer Tokenizer::parse(std::string_view json_text, const std::string& source) {
-  Json j;
-  try {
-    j = Json::parse(json_text.begin(), json_text.end());
-  } catch (const Json::parse_error& e) {
-    std::string what = e.what();
-    const size_t p = what.find("] ");
-    if (p != std::string::npos) what = what.substr(p + 2);
-    fail(source, ": invalid JSON: ", what);
-  }
+  const Json j = detail::parse_json(json_text, source);
   Tokenizer t;
   t.impl_->source = source;
   t.impl_->load(j);

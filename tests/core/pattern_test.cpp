@@ -75,5 +75,39 @@ TEST(Pattern, RejectsWithPosition) {
   EXPECT_NE(msg.find("[128]*3 + x\n            ^"), std::string::npos) << msg;
 }
 
+// Issue #26: the parser's work is bounded by its input, whatever the expression.
+TEST(PatternLimits, EmptyListRepeatedManyTimesIsImmediate) {
+  // Python: [] * 2**53 == []. Once this looped 2^53 times copying nothing.
+  EXPECT_NE(error_of("[]*9007199254740992", 4).find("has 0 entries but the model has 4 layers"), std::string::npos);
+  EXPECT_NE(error_of("([]*9007199254740992+[])*9007199254740992", 4).find("has 0 entries"), std::string::npos);
+  EXPECT_EQ(parse_layer_pattern("[]*9007199254740992+[7]", 1), std::vector<int64_t>{7});
+}
+
+TEST(PatternLimits, WorkAndTextLengthAreBounded) {
+  // Each "*1" copied the million-element list again: 11 s at 4 KB of text, 36 s at 16 KB. Now the elements
+  // a pattern produces in total are bounded, so this fails at once, at the "*1" that goes over.
+  std::string s = "[1]*1048576";
+  for (int i = 0; i < 8000; ++i) s += "*1";
+  ASSERT_GT(s.size(), 16000u);
+  const std::string msg = error_of(s, 36);
+  EXPECT_NE(msg.find("too much work"), std::string::npos) << msg.substr(0, 300);
+  // The message shows the text around the offending character, not all 16 KB of it.
+  EXPECT_LT(msg.size(), 600u) << msg.substr(0, 300);
+  // Work counts even when its result is thrown away.
+  std::string zeros = "[1]*1000000*0";
+  for (int i = 0; i < 4; ++i) zeros += "+[1]*1000000*0";
+  EXPECT_NE(error_of(zeros, 36).find("too much work"), std::string::npos);
+  EXPECT_EQ(error_of("[1]*1000000*0+[1]*1000000*0+[1]*1000000*0+[1]*36", 36), "");
+  // Text beyond 256 KiB is refused before parsing (a 4096-layer list of 2^40 needs 60 KB).
+  const std::string spaces(300000, ' ');
+  EXPECT_NE(error_of(spaces + "1", 36).find("pattern text is 300001 bytes, more than 262144"), std::string::npos);
+  std::string list = "[";
+  for (int i = 0; i < 4096; ++i) list += "1099511627776, ";
+  list += "]";
+  EXPECT_EQ(parse_layer_pattern(list, 4096).size(), 4096u);
+  // Within the bounds nothing changes: a million-element intermediate is still fine.
+  EXPECT_NE(error_of("[1]*1048576*1", 36).find("has 1048576 entries"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace ksa

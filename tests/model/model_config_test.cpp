@@ -228,5 +228,60 @@ TEST(ModelConfigErrors, NameTheFieldAndValue) {
   EXPECT_EQ(error_of([] { ModelConfig::load("/nonexistent/config.json"); }), "/nonexistent/config.json: cannot open config.json");
 }
 
+// Issue #26: hostile config.json files end in a ksa::Error naming the file, never a crash, a foreign
+// exception or undefined behaviour.
+std::string with_text(const std::string& from, const std::string& to) {
+  std::string text = released().dump();
+  const size_t at = text.find(from);
+  EXPECT_NE(at, std::string::npos) << from;
+  return text.replace(at, from.size(), to);
+}
+
+TEST(ModelConfigHostile, DeepNestingIsRefusedAtParseTime) {
+  // 200,000 '[': the error message's excerpt once dumped the value recursively and overflowed the stack.
+  const std::string deep = std::string(200000, '[') + std::string(200000, ']');
+  EXPECT_EQ(error_of([&] { ModelConfig::parse(deep, "cfg.json"); }),
+            "cfg.json: invalid JSON: nested deeper than 100 levels (at byte 100)");
+  const std::string inside = with_text("\"hidden_size\":2560", "\"hidden_size\":" + deep);
+  EXPECT_NE(error_of([&] { ModelConfig::parse(inside, "cfg.json"); }).find("nested deeper than 100 levels"), std::string::npos);
+  // 100 levels are fine (and are only a bad value here).
+  const std::string ok = with_text("\"hidden_size\":2560", "\"hidden_size\":" + std::string(99, '[') + std::string(99, ']'));
+  EXPECT_EQ(error_of([&] { ModelConfig::parse(ok, "cfg.json"); }).rfind("cfg.json: hidden_size: must be an integer (got [[[[", 0), 0u);
+}
+
+TEST(ModelConfigHostile, NumberBeyondDoubleIsAnError) {
+  // 1e309 once escaped as nlohmann::json::out_of_range, past callers that catch ksa::Error.
+  EXPECT_EQ(error_of([&] { ModelConfig::parse(with_text("\"rope_theta\":1000000", "\"rope_theta\":1e309"), "cfg.json"); }),
+            "cfg.json: invalid JSON: number overflow parsing '1e309' (a number must fit in a double)");
+  EXPECT_EQ(error_of([&] { ModelConfig::parse(with_text("\"rope_theta\":1000000", "\"rope_theta\":-1e400"), "cfg.json"); }),
+            "cfg.json: invalid JSON: number overflow parsing '-1e400' (a number must fit in a double)");
+}
+
+TEST(ModelConfigHostile, ValuesNearInt64MaxAreBoundedBeforeArithmetic) {
+  // summary_token_begin + summary_token_num overflowed (UB) and the config passed.
+  EXPECT_EQ(error_with([](Json& j) { j["summary_token_begin"] = INT64_MAX; }),
+            "cfg.json: summary_token_begin: must be a token id with room for S summary ids (got 9223372036854775807)");
+  // Plain Qwen3 and KSA alike: the context feeds chunk arithmetic (k = context + 1) and the cache.
+  for (bool ksa : {false, true}) {
+    EXPECT_EQ(error_with([&](Json& j) {
+                j["use_summary_attention"] = ksa;
+                j["max_position_embeddings"] = INT64_MAX;
+              }),
+              "cfg.json: max_position_embeddings: must be in [1, 2^31-1] (got 9223372036854775807)");
+    EXPECT_EQ(error_with([&](Json& j) {
+                j["use_summary_attention"] = ksa;
+                j["max_position_embeddings"] = (int64_t(1) << 31);
+              }),
+              "cfg.json: max_position_embeddings: must be in [1, 2^31-1] (got 2147483648)");
+  }
+  EXPECT_EQ(parse([] {
+              Json j = released();
+              j["max_position_embeddings"] = (int64_t(1) << 31) - 1;
+              return j;
+            }())
+                .max_position_embeddings,
+            (int64_t(1) << 31) - 1);
+}
+
 }  // namespace
 }  // namespace ksa

@@ -214,5 +214,30 @@ TEST(SafetensorsErrors, CorruptedFilesEachGiveTheirMessage) {
   EXPECT_EQ(error_of([&] { SafetensorsFile::open(t.dir().string()); }), t.dir().string() + ": not a regular file");
 }
 
+// Issue #26: hostile headers end in a ksa::Error naming the file.
+TEST(SafetensorsErrors, HostileHeaders) {
+  test::TempDir t{"st_hostile"};
+  const std::string p = t.path("bad.safetensors");
+  auto open_err = [&] { return error_of([&] { SafetensorsFile::open(p); }); };
+  const std::string deep = std::string(200000, '[') + std::string(200000, ']');
+  raw_file(p, "{\"a\": " + deep + "}", 0);  // the message's excerpt once overflowed the stack
+  EXPECT_EQ(open_err(), p + ": header is not valid JSON: nested deeper than 100 levels (at byte 105)");
+  raw_file(p, "{\"__metadata__\": " + deep + "}", 0);
+  EXPECT_EQ(open_err(), p + ": header is not valid JSON: nested deeper than 100 levels (at byte 116)");
+  raw_file(p, R"({"__metadata__": {"a": 1e309}})", 0);  // once escaped as nlohmann::json::out_of_range
+  EXPECT_EQ(open_err(), p + ": header is not valid JSON: number overflow parsing '1e309' (a number must fit in a double)");
+  raw_file(p, R"({"a": {"dtype": "F32", "shape": [1e309], "data_offsets": [0, 4]}})", 4);
+  EXPECT_EQ(open_err(), p + ": header is not valid JSON: number overflow parsing '1e309' (a number must fit in a double)");
+
+  // The index file goes through the same reader.
+  const std::string d = t.path("ckpt");
+  fs::create_directories(d);
+  const std::string idx = d + "/model.safetensors.index.json";
+  std::ofstream(idx) << "{\"weight_map\": " << deep << "}";
+  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }), idx + ": invalid JSON: nested deeper than 100 levels (at byte 114)");
+  std::ofstream(idx) << R"({"metadata": {"total_size": 1e999}, "weight_map": {}})";
+  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }), idx + ": invalid JSON: number overflow parsing '1e999' (a number must fit in a double)");
+}
+
 }  // namespace
 }  // namespace ksa

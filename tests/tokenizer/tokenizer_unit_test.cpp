@@ -77,6 +77,7 @@ Json small_tokenizer(bool string_merges) {
 Tokenizer make(bool string_merges = false) { return Tokenizer::parse(small_tokenizer(string_merges).dump(), "t.json"); }
 
 using test::error_of;
+using test::kNoError;
 
 using Ids = std::vector<int32_t>;
 constexpr int32_t AB = 256, BC = 257, ABC = 258, AA = 259, SP_A = 260, CA = 261, E_ACUTE = 262;
@@ -242,6 +243,61 @@ TEST(TextStream, StopStringsAreHeldBackAndCut) {
   for (const std::string& s : p) all += s;
   EXPECT_TRUE(stopped);
   EXPECT_EQ(all, "1");
+}
+
+// Issue #26: hostile tokenizer.json files end in a ksa::Error naming the file; long whitespace tokenizes.
+TEST(TokenizerHostile, DeepNestingIsRefusedAtParseTime) {
+  const std::string deep = std::string(200000, '[') + std::string(200000, ']');
+  // The "got ..." excerpt of a bad entry once dumped the value recursively and overflowed the stack.
+  std::string text = small_tokenizer(false).dump();
+  const std::string key = "\"dropout\":null";
+  ASSERT_NE(text.find(key), std::string::npos);
+  text.replace(text.find(key), key.size(), "\"dropout\":" + deep);
+  EXPECT_NE(error_of([&] { Tokenizer::parse(text, "t.json"); }).find("t.json: invalid JSON: nested deeper than 100 levels (at byte "),
+            std::string::npos);
+  EXPECT_EQ(error_of([&] { Tokenizer::parse("{\"added_tokens\": [" + deep + "]}", "t.json"); }),
+            "t.json: invalid JSON: nested deeper than 100 levels (at byte 116)");
+}
+
+TEST(TokenizerHostile, NumberBeyondDoubleIsAnError) {
+  std::string text = small_tokenizer(false).dump();
+  const std::string key = "\"dropout\":null";
+  text.replace(text.find(key), key.size(), "\"dropout\":1e309");
+  EXPECT_EQ(error_of([&] { Tokenizer::parse(text, "t.json"); }),
+            "t.json: invalid JSON: number overflow parsing '1e309' (a number must fit in a double)");
+}
+
+TEST(TokenizerHostile, SparseIdsDoNotAllocateTheirRange) {
+  // One added token with id 2^31-1 once threw std::bad_alloc; 200,000,000 allocated 6.5 GB. The id table
+  // may have at most 65536 ids without a token beyond the tokens the file defines.
+  auto with_added_id = [](int64_t id) {
+    Json j = small_tokenizer(false);
+    j["added_tokens"][0]["id"] = id;
+    return error_of([&] { Tokenizer::parse(j.dump(), "t.json"); });
+  };
+  EXPECT_EQ(with_added_id(2147483647),
+            "t.json: added_tokens[0].id: 2147483647 is far beyond the 268 tokens the file defines (ids must be < 268 + 65536)");
+  EXPECT_EQ(with_added_id(200000000),
+            "t.json: added_tokens[0].id: 200000000 is far beyond the 268 tokens the file defines (ids must be < 268 + 65536)");
+  EXPECT_EQ(with_added_id(268 + 65535), kNoError);
+  Json j = small_tokenizer(false);
+  j["model"]["vocab"]["zz"] = 2147483647;
+  EXPECT_EQ(error_of([&] { Tokenizer::parse(j.dump(), "t.json"); }),
+            "t.json: model.vocab[\"zz\"]: 2147483647 is far beyond the 264 tokens the vocabulary defines (ids must be < 264 + 65536)");
+}
+
+TEST(TokenizerHostile, LongWhitespaceRunsTokenize) {
+  // 500 KB of whitespace failed with U_REGEX_STACK_OVERFLOW in ICU's backtracking (the Qwen regex's
+  // \s*[\r\n]+ and \s+(?!\S) alternatives push a state per character).
+  const Tokenizer tok = make();
+  for (const std::string unit : {" ", "\n", " \n", "\t", "\r\n"}) {
+    std::string s;
+    while (s.size() < 500000) s += unit;
+    s += "ab";
+    std::vector<int32_t> ids;
+    EXPECT_EQ(error_of([&] { ids = tok.encode(s); }), kNoError) << "unit " << int(unit[0]);
+    EXPECT_EQ(tok.decode(ids), s) << "unit " << int(unit[0]);
+  }
 }
 
 }  // namespace

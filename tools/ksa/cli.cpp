@@ -1,7 +1,11 @@
 #include "cli.hpp"
 
+#include <cctype>
+#include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <sstream>
 
 namespace ksa::cli {
@@ -37,16 +41,20 @@ std::string& Flags::str(const std::string& names, std::string def, const std::st
   f.s = def;
   return f.s;
 }
-int64_t& Flags::i64(const std::string& names, int64_t def, const std::string& help) {
+int64_t& Flags::i64(const std::string& names, int64_t def, const std::string& help, int64_t min, int64_t max) {
   Flag& f = add(names, Kind::i64, std::to_string(def), help);
   f.i = def;
+  f.i_min = min;
+  f.i_max = max;
   return f.i;
 }
-double& Flags::f64(const std::string& names, double def, const std::string& help) {
+double& Flags::f64(const std::string& names, double def, const std::string& help, double min, double max) {
   std::ostringstream os;
   os << def;
   Flag& f = add(names, Kind::f64, os.str(), help);
   f.f = def;
+  f.f_min = min;
+  f.f_max = max;
   return f.f;
 }
 bool& Flags::flag(const std::string& names, const std::string& help) {
@@ -103,22 +111,56 @@ bool Flags::parse(int argc, char** argv) {
       if (a + 1 >= argc) throw UsageError("flag '" + w + "' needs a value");
       value = argv[++a];
     }
-    try {
-      size_t used = 0;
-      switch (f->kind) {
-        case Kind::str: f->s = value; used = value.size(); break;
-        case Kind::strs: f->list.push_back(value); used = value.size(); break;
-        case Kind::i64: f->i = std::stoll(value, &used, 0); break;
-        case Kind::f64: f->f = std::stod(value, &used); break;
-        case Kind::flag: break;
-      }
-      if (used != value.size()) throw std::invalid_argument("trailing");
-    } catch (const std::exception&) {
-      throw UsageError("flag '" + w + "': '" + value + "' is not a valid " +
-                       (f->kind == Kind::i64 ? "integer" : "number"));
-    }
+    if (f->kind == Kind::str) f->s = value;
+    else if (f->kind == Kind::strs) f->list.push_back(value);
+    else if (f->kind == Kind::i64) f->i = parse_i64(w, value, f->i_min, f->i_max);
+    else if (f->kind == Kind::f64) f->f = parse_f64(w, value, f->f_min, f->f_max);
   }
   return true;
+}
+
+namespace {
+// "in [0, 1024]", or ">= -1" / "<= 5" when a side is unbounded.
+template <class T>
+std::string range_text(T min, T max) {
+  std::ostringstream os;
+  if (min == std::numeric_limits<T>::lowest() && max == std::numeric_limits<T>::max()) os << "a finite number";
+  else if (max == std::numeric_limits<T>::max()) os << ">= " << min;
+  else if (min == std::numeric_limits<T>::lowest()) os << "<= " << max;
+  else os << "in [" << min << ", " << max << "]";
+  return os.str();
+}
+template <class T>
+UsageError out_of_range(const std::string& flag, const std::string& value, T min, T max) {
+  return UsageError("flag '" + flag + "': " + value + " is out of range (must be " + range_text(min, max) + ")");
+}
+}  // namespace
+
+int64_t Flags::parse_i64(const std::string& flag, const std::string& value, int64_t min, int64_t max) {
+  size_t used = 0;
+  long long v = 0;
+  try {
+    v = std::stoll(value, &used, 0);
+  } catch (const std::out_of_range&) {
+    throw out_of_range(flag, value, min, max);
+  } catch (const std::exception&) {
+    used = std::string::npos;
+  }
+  if (used != value.size() || value.empty() || std::isspace(static_cast<unsigned char>(value[0])))
+    throw UsageError("flag '" + flag + "': '" + value + "' is not a valid integer");
+  if (v < min || v > max) throw out_of_range(flag, value, min, max);
+  return v;
+}
+
+double Flags::parse_f64(const std::string& flag, const std::string& value, double min, double max) {
+  // strtod, not stod: a value too small for a double (1e-999) is 0, as in Python; too large is out of range.
+  char* end = nullptr;
+  errno = 0;
+  const double v = value.empty() || std::isspace(static_cast<unsigned char>(value[0])) ? 0 : std::strtod(value.c_str(), &end);
+  if (end != value.c_str() + value.size() || (!std::isfinite(v) && errno != ERANGE))
+    throw UsageError("flag '" + flag + "': '" + value + "' is not a valid number");
+  if (!std::isfinite(v) || v < min || v > max) throw out_of_range(flag, value, min, max);
+  return v;
 }
 
 std::string Flags::help() const {
@@ -131,7 +173,12 @@ std::string Flags::help() const {
     os << "  " << names;
     const int pad = 28 - int(names.size());
     os << std::string(size_t(pad > 1 ? pad : 1), ' ') << f->help;
-    if (f->kind != Kind::flag && !f->def.empty()) os << " (default: " << f->def << ")";
+    if (f->kind != Kind::flag && !f->def.empty()) {
+      os << " (default: " << f->def;
+      if (f->kind == Kind::i64 && (f->i_min != kAnyInt64Min || f->i_max != kAnyInt64Max)) os << ", " << range_text(f->i_min, f->i_max);
+      if (f->kind == Kind::f64 && (f->f_min != -DBL_MAX || f->f_max != DBL_MAX)) os << ", " << range_text(f->f_min, f->f_max);
+      os << ")";
+    }
     if (f->kind == Kind::strs) os << " (repeatable)";
     os << "\n";
   }

@@ -1,6 +1,7 @@
 // The `ksa` command's small framework: subcommands register themselves (one cmd_*.cpp file each) and
 // declare their flags, which gives `--help` text and strict parsing (an unknown flag is exit code 2).
 #pragma once
+#include <cfloat>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -15,14 +16,22 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Common bounds of integer flags.
+inline constexpr int64_t kMaxThreads = 1024;                      // -t/--threads (0 = all cores)
+inline constexpr int64_t kMaxTokens = (int64_t(1) << 31) - 1;     // token counts: the KV cache's limit
+inline constexpr int64_t kAnyInt64Min = INT64_MIN, kAnyInt64Max = INT64_MAX;  // seeds: every value is fine
+
 class Flags {
  public:
   Flags(std::string command, std::string summary) : command_(std::move(command)), summary_(std::move(summary)) {}
 
   // Declare flags. `names` is "--long" or "-s,--long". The returned reference receives the parsed value.
   std::string& str(const std::string& names, std::string def, const std::string& help);
-  int64_t& i64(const std::string& names, int64_t def, const std::string& help);
-  double& f64(const std::string& names, double def, const std::string& help);
+  // An integer in [min, max] (decimal, or 0x hex): every integer flag states its range, and a value outside
+  // it (or beyond int64) is a UsageError naming the flag and the range, before any code sees the value.
+  int64_t& i64(const std::string& names, int64_t def, const std::string& help, int64_t min, int64_t max);
+  // A finite number in [min, max] (inf and nan are refused).
+  double& f64(const std::string& names, double def, const std::string& help, double min = -DBL_MAX, double max = DBL_MAX);
   bool& flag(const std::string& names, const std::string& help);
   // A string flag that may be given several times; every value is kept, in order.
   std::vector<std::string>& strs(const std::string& names, const std::string& help);
@@ -41,13 +50,15 @@ class Flags {
     std::string help, def;
     Kind kind;
     std::string s;
-    int64_t i = 0;
-    double f = 0;
+    int64_t i = 0, i_min = 0, i_max = 0;
+    double f = 0, f_min = 0, f_max = 0;
     bool b = false;
     std::vector<std::string> list;
     bool seen = false;
   };
   Flag& add(const std::string& names, Kind kind, std::string def, const std::string& help);
+  static int64_t parse_i64(const std::string& flag, const std::string& value, int64_t min, int64_t max);
+  static double parse_f64(const std::string& flag, const std::string& value, double min, double max);
   Flag* find(const std::string& name);
   std::string command_, summary_;
   std::vector<std::unique_ptr<Flag>> flags_;

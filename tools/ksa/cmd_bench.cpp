@@ -149,9 +149,9 @@ SgemmResult sgemm_child(int64_t n, int threads, int64_t reps) {
 
 int run_sgemm(int argc, char** argv) {
   cli::Flags f("bench sgemm", "OpenBLAS sgemm GFLOP/s (M=N=K=n); prints one machine-readable line. Used by `bench attn`.");
-  int64_t& n = f.i64("--n", 2048, "matrix size");
-  int64_t& threads = f.i64("-t,--threads", 0, "threads (0 = all)");
-  int64_t& reps = f.i64("--reps", 5, "timed repetitions after one warm-up");
+  int64_t& n = f.i64("--n", 2048, "matrix size", 1, 16384);
+  int64_t& threads = f.i64("-t,--threads", 0, "threads (0 = all)", 0, cli::kMaxThreads);
+  int64_t& reps = f.i64("--reps", 5, "timed repetitions after one warm-up", 1, 1000000);
   if (!f.parse(argc, argv)) return 0;
 #if defined(KSA_HAVE_OPENBLAS)
   const SgemmResult r = sgemm_here(n, threads > 0 ? int(threads) : omp_get_max_threads(), std::max<int64_t>(1, reps));
@@ -240,19 +240,19 @@ int run_attn(int argc, char** argv) {
                "visible-pair count, next to an OpenBLAS sgemm ceiling measured in the same run.\n"
                "KSA_CPU_PRIMITIVES=portable in the environment times the portable (non-AVX-512) primitives.");
   std::string& device = f.str("--device", "cpu", "cpu or cuda (when built in; bf16/f16, times with CUDA events)");
-  int64_t& T = f.i64("-T,--T", 8192, "text tokens");
-  int64_t& k = f.i64("--k", 8, "text tokens per chunk");
-  int64_t& S = f.i64("--S", 1, "summary tokens per chunk");
-  int64_t& W = f.i64("--W", 128, "window in chunks");
+  int64_t& T = f.i64("-T,--T", 8192, "text tokens", 1, int64_t(1) << 24);
+  int64_t& k = f.i64("--k", 8, "text tokens per chunk", 1, Spec::kMaxChunk);
+  int64_t& S = f.i64("--S", 1, "summary tokens per chunk", 1, Spec::kMaxSummaries);
+  int64_t& W = f.i64("--W", 128, "window in chunks", 0, Spec::kMaxWindow);
   bool& tail = f.flag("--tail", "summarise a trailing partial chunk");
-  int64_t& B = f.i64("--batch", 1, "batch size");
+  int64_t& B = f.i64("--batch", 1, "batch size", 1, 4096);
   std::string& heads = f.str("--heads", "8/8", "query/KV heads, e.g. 32/8");
-  int64_t& D = f.i64("--dim", 128, "head dimension");
+  int64_t& D = f.i64("--dim", 128, "head dimension", 1, 1024);
   std::string& dt = f.str("--dtype", "f32", "f32 or bf16");
   bool& bwd = f.flag("--bwd", "also time the backward");
-  int64_t& reps = f.i64("--reps", 5, "timed repetitions after one warm-up");
-  int64_t& threads = f.i64("-t,--threads", 0, "CPU threads for the kernels and for the sgemm (0 = all)");
-  int64_t& gemm_n = f.i64("--gemm-n", 2048, "size of the square sgemm ceiling");
+  int64_t& reps = f.i64("--reps", 5, "timed repetitions after one warm-up", 1, 1000000);
+  int64_t& threads = f.i64("-t,--threads", 0, "CPU threads for the kernels and for the sgemm (0 = all)", 0, cli::kMaxThreads);
+  int64_t& gemm_n = f.i64("--gemm-n", 2048, "size of the square sgemm ceiling", 16, 16384);
   bool& no_ceiling = f.flag("--no-ceiling", "skip the sgemm ceiling");
   if (!f.parse(argc, argv)) return 0;
 
@@ -261,10 +261,6 @@ int run_attn(int argc, char** argv) {
   a.bwd = bwd, a.tail = tail, a.ceiling = !no_ceiling;
   parse_heads(heads, a.Hq, a.Hkv);
   a.dtype = parse_dtype_flag(dt);
-  if (T < 1 || T > (int64_t(1) << 24)) throw cli::UsageError("--T: must be in [1, 16777216]");
-  if (reps < 1) throw cli::UsageError("--reps: must be >= 1");
-  if (gemm_n < 16 || gemm_n > 16384) throw cli::UsageError("--gemm-n: must be in [16, 16384]");
-  if (threads < 0) throw cli::UsageError("--threads: must be >= 0");
   Spec spec;
   spec.k = k, spec.S = S, spec.W = W;
   spec.validate();

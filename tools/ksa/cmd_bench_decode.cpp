@@ -125,16 +125,12 @@ Result bench_case(const std::vector<int64_t>& T, int64_t Hq, int64_t Hkv, int64_
 
 int run_bench_decode(int argc, char** argv) {
   cli::Flags f("bench-decode", "one decode step through the compressed cache on the GPU (CUDA events)");
-  int64_t& reps = f.i64("--reps", 50, "timed repetitions (median)");
-  int64_t& P = f.i64("--block-rows", 64, "cache block rows");
-  int64_t& batch = f.i64("--batch", 64, "sequences of the mixed-length case");
-  int64_t& split = f.i64("--split-rows", 0, "keys per attention work unit (0 = the plan's choice; at most 255 x block rows)");
-  int64_t& only = f.i64("--case", 0, "run one case only: 1 = B=1 T=16K, 2 = B=1 T=128K, 3 = B=64 mixed (0 = all)");
+  int64_t& reps = f.i64("--reps", 50, "timed repetitions (median)", 1, 1000000);
+  int64_t& P = f.i64("--block-rows", 64, "cache block rows", 1, 65536);
+  int64_t& batch = f.i64("--batch", 64, "sequences of the mixed-length case", 1, 4096);
+  int64_t& split = f.i64("--split-rows", 0, "keys per attention work unit (0 = the plan's choice; at most 255 x block rows)", 0, 255 * 65536);
+  int64_t& only = f.i64("--case", 0, "run one case only: 1 = B=1 T=16K, 2 = B=1 T=128K, 3 = B=64 mixed (0 = all)", 0, 3);
   if (!f.parse(argc, argv)) return 0;
-  if (only < 0 || only > 3) {
-    std::fprintf(stderr, "bench-decode: --case must be 0..3 (got %lld)\n", (long long)only);
-    return 2;
-  }
   if (cuda::device_count() == 0) {
     std::fprintf(stderr, "bench-decode: no CUDA device visible\n");
     return 1;

@@ -16,16 +16,16 @@ int run_demo(int argc, char** argv) {
                "KSA attention (one layer, random q/k/v) over a synthetic text on the CPU: times the fast forward,\n"
                "checks sampled rows against the double-precision oracle, and prints visible pairs and KV-cache\n"
                "bytes against full causal attention.");
-  int64_t& T = f.i64("-T,--tokens", 32768, "text tokens");
-  int64_t& k = f.i64("-k,--chunk", 8, "k: text tokens per chunk (summary_chunk_size)");
-  int64_t& S = f.i64("-S,--summaries", 1, "S: summary tokens per chunk (summary_token_num)");
-  int64_t& W = f.i64("-W,--window", 128, "W: window in chunks (summary_sliding_chunk_num)");
+  int64_t& T = f.i64("-T,--tokens", 32768, "text tokens", 1, int64_t(1) << 24);
+  int64_t& k = f.i64("-k,--chunk", 8, "k: text tokens per chunk (summary_chunk_size)", 1, Spec::kMaxChunk);
+  int64_t& S = f.i64("-S,--summaries", 1, "S: summary tokens per chunk (summary_token_num)", 1, Spec::kMaxSummaries);
+  int64_t& W = f.i64("-W,--window", 128, "W: window in chunks (summary_sliding_chunk_num)", 0, Spec::kMaxWindow);
   std::string& heads = f.str("--heads", "8/8", "query/KV heads, e.g. 32/8");
-  int64_t& D = f.i64("--dim", 128, "head dimension");
+  int64_t& D = f.i64("--dim", 128, "head dimension", 1, 1024);
   std::string& dt = f.str("--dtype", "f32", "f32 or bf16");
-  int64_t& samples = f.i64("--check-rows", 64, "rows checked against the oracle (0 = none)");
-  int64_t& threads = f.i64("-t,--threads", 0, "CPU threads (0 = all)");
-  int64_t& seed = f.i64("--seed", 1, "random seed");
+  int64_t& samples = f.i64("--check-rows", 64, "rows checked against the oracle (0 = none)", 0, int64_t(1) << 24);
+  int64_t& threads = f.i64("-t,--threads", 0, "CPU threads (0 = all)", 0, cli::kMaxThreads);
+  int64_t& seed = f.i64("--seed", 1, "random seed", cli::kAnyInt64Min, cli::kAnyInt64Max);
   if (!f.parse(argc, argv)) return 0;
 
   Spec spec;
@@ -33,7 +33,6 @@ int run_demo(int argc, char** argv) {
   spec.S = S;
   spec.W = W;
   spec.validate();
-  if (T < 1 || T > (int64_t(1) << 24)) throw cli::UsageError("--tokens: must be in [1, 16777216]");
   int64_t Hq, Hkv;
   parse_heads(heads, Hq, Hkv);
   const DType dtype = parse_dtype_flag(dt);

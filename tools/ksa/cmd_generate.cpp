@@ -94,21 +94,21 @@ int run_generate(int argc, char** argv) {
   std::string& dir = f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json)");
   std::string& prompt_text = f.str("-p,--prompt", "", "the prompt");
   std::string& prompt_file = f.str("-f,--file", "", "read the prompt from a file ('-' = stdin)");
-  int64_t& n_predict = f.i64("-n,--n-predict", 128, "tokens to generate at most");
+  int64_t& n_predict = f.i64("-n,--n-predict", 128, "tokens to generate at most", 0, cli::kMaxTokens);
   double& temp = f.f64("--temp", 0.0, "temperature; 0 = greedy (argmax), > 0 samples");
-  int64_t& top_k = f.i64("--top-k", 0, "keep the k most likely tokens (0 = off)");
+  int64_t& top_k = f.i64("--top-k", 0, "keep the k most likely tokens (0 = off)", 0, cli::kMaxTokens);
   double& top_p = f.f64("--top-p", 1.0, "nucleus: smallest set with cumulative probability >= p (1 = off)");
   double& min_p = f.f64("--min-p", 0.0, "drop tokens with p < min_p * p_max (0 = off)");
   double& rep = f.f64("--repeat-penalty", 1.0, "HF repetition penalty over prompt + generated tokens (1 = off)");
   double& pres = f.f64("--presence-penalty", 0.0, "subtracted once from every seen token's logit");
   double& freq = f.f64("--frequency-penalty", 0.0, "subtracted per occurrence of a seen token");
-  int64_t& seed = f.i64("--seed", -1, "sampling seed (-1 = random, printed)");
+  int64_t& seed = f.i64("--seed", -1, "sampling seed (-1 = random, printed)", -1, cli::kAnyInt64Max);
   bool& chat = f.flag("--chat", "wrap the prompt as a user turn in the Qwen3 chat template (with the assistant prompt)");
   std::string& system = f.str("--system", "", "with --chat: a system message first");
   bool& no_think = f.flag("--no-think", "with --chat: disable thinking (Qwen3's enable_thinking=false: an empty <think></think>)");
   std::string& device = f.str("--device", "auto", "cpu, cuda, or auto (cuda when a GPU is visible, the build has CUDA and the model's head dim is 64 or 128)");
-  int64_t& threads = f.i64("-t,--threads", 0, "CPU threads (0 = all)");
-  int64_t& ctx = f.i64("--ctx", 0, "context limit in text tokens (0 = config max_position_embeddings)");
+  int64_t& threads = f.i64("-t,--threads", 0, "CPU threads (0 = all)", 0, cli::kMaxThreads);
+  int64_t& ctx = f.i64("--ctx", 0, "context limit in text tokens (0 = config max_position_embeddings)", 0, cli::kMaxTokens);
   std::vector<std::string>& stops = f.strs("--stop", "stop when the text contains this string (\\n, \\t escapes understood)");
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
   bool& no_display = f.flag("--no-display-prompt", "do not echo the prompt to stdout");
@@ -116,9 +116,6 @@ int run_generate(int argc, char** argv) {
 
   if (dir.empty()) throw cli::UsageError("-m/--model: required");
   if (f.given("--prompt") == f.given("--file")) throw cli::UsageError("give exactly one of -p/--prompt and -f/--file");
-  if (n_predict < 0) throw cli::UsageError("-n: must be >= 0 (got " + std::to_string(n_predict) + ")");
-  if (ctx < 0) throw cli::UsageError("--ctx: must be >= 0 (got " + std::to_string(ctx) + ")");
-  if (threads < 0) throw cli::UsageError("--threads: must be >= 0 (got " + std::to_string(threads) + ")");
   if (!chat && (f.given("--system") || no_think)) throw cli::UsageError("--system and --no-think need --chat");
 
   SamplerConfig sc;

@@ -127,9 +127,9 @@ int info_model(const std::string& dir) {
 
 int run_info(int argc, char** argv) {
   cli::Flags f("info", "Build and machine capabilities, and KSA's visible pairs and KV-cache rows for a configuration.");
-  int64_t& k = f.i64("-k,--chunk", 8, "k: text tokens per chunk");
-  int64_t& S = f.i64("-S,--summaries", 1, "S: summary tokens per chunk");
-  int64_t& W = f.i64("-W,--window", 128, "W: window in chunks");
+  int64_t& k = f.i64("-k,--chunk", 8, "k: text tokens per chunk", 1, Spec::kMaxChunk);
+  int64_t& S = f.i64("-S,--summaries", 1, "S: summary tokens per chunk", 1, Spec::kMaxSummaries);
+  int64_t& W = f.i64("-W,--window", 128, "W: window in chunks", 0, Spec::kMaxWindow);
   std::string& model = f.str("-m,--model", "", "a checkpoint directory: architecture, parameters, windows, KV cache, tokenizer");
   if (!f.parse(argc, argv)) return 0;
   if (!model.empty()) return info_model(model);

@@ -25,14 +25,13 @@ int run_make_model(int argc, char** argv) {
   cli::Flags f("make-model", "Write a random-weight Qwen3-KSA checkpoint (config.json, safetensors, tokenizer) in the released layout.");
   std::string& shape = f.str("--shape", "tiny", "tiny | small | 4b (KSA-4B-base shapes, about 8 GB in bf16)");
   std::string& out = f.str("-o,--out", "", "output directory (created)");
-  int64_t& seed = f.i64("--seed", 0, "random seed");
+  int64_t& seed = f.i64("--seed", 0, "random seed", cli::kAnyInt64Min, cli::kAnyInt64Max);
   std::string& dtype = f.str("--dtype", "bf16", "weight dtype: bf16, f16 or f32");
-  int64_t& shard_mb = f.i64("--shard-mb", 4096, "shard the weights into files of at most this many MiB");
+  int64_t& shard_mb = f.i64("--shard-mb", 4096, "shard the weights into files of at most this many MiB", 1, 1 << 30);
   std::string& tok = f.str("--tokenizer", "", "folder with tokenizer.json (default: the cache of scripts/fetch_test_data.sh)");
   bool& no_sum = f.flag("--no-summary-proj", "do not write *_proj_summary tensors (the default for --shape 4b)");
   if (!f.parse(argc, argv)) return 0;
   if (out.empty()) throw cli::UsageError("--out: required");
-  if (shard_mb < 1) throw cli::UsageError("--shard-mb: must be >= 1 (got " + std::to_string(shard_mb) + ")");
 
   const ModelConfig cfg = model_shape_config(shape);
   RandomModelOptions opt;
