@@ -12,7 +12,11 @@ namespace ksa {
 GenerationConfig load_generation_config(const std::string& dir) {
   GenerationConfig g;
   const std::filesystem::path path = std::filesystem::path(dir) / "generation_config.json";
-  if (!std::filesystem::exists(path)) return g;
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) {
+    if (ec && ec != std::errc::no_such_file_or_directory) fail(path.string(), ": ", ec.message());
+    return g;
+  }
   std::ifstream in(path);
   if (!in) fail(path.string(), ": cannot open");
   std::stringstream ss;

@@ -200,7 +200,8 @@ ModelConfig ModelConfig::load(const std::string& path) {
   // A directory, or anything not naming a .json file, means DIR/config.json.
   std::string p = path;
   const bool json_file = p.size() > 5 && p.compare(p.size() - 5, 5, ".json") == 0;
-  if (std::filesystem::is_directory(p) || !json_file) p = (std::filesystem::path(p) / "config.json").string();
+  std::error_code ec;  // a path that cannot be stat'ed is left to the open's error
+  if (std::filesystem::is_directory(p, ec) || !json_file) p = (std::filesystem::path(p) / "config.json").string();
   return parse(detail::read_text_file(p, "config.json"), p);
 }
 

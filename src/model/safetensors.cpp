@@ -244,11 +244,15 @@ const TensorInfo* SafetensorsFile::find(std::string_view name) const {
 Checkpoint Checkpoint::open(const std::string& dir) {
   Checkpoint c;
   c.dir_ = dir;
-  if (!fs::is_directory(dir)) fail(dir, ": not a directory");
+  // std::filesystem's error_code forms throughout: a path it cannot stat (a name over NAME_MAX, a loop)
+  // must end in ksa::Error, not filesystem_error.
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec))
+    fail(dir, ": not a directory", ec && ec != std::errc::no_such_file_or_directory ? " (" + ec.message() + ")" : "");
   const fs::path index = fs::path(dir) / kIndexFile;
   const fs::path single = fs::path(dir) / kSingleFile;
   std::map<std::string, std::string> weight_map;  // tensor -> shard file name
-  if (fs::exists(index)) {
+  if (fs::exists(index, ec)) {
     c.index_ = true;
     const std::string ipath = index.string();
     const Json j = detail::parse_json(detail::read_text_file(ipath, "the safetensors index"), ipath);
@@ -268,10 +272,13 @@ Checkpoint Checkpoint::open(const std::string& dir) {
     std::sort(shard_names.begin(), shard_names.end());
     for (const std::string& s : shard_names) {
       const fs::path p = fs::path(dir) / s;
-      if (!fs::exists(p)) fail(ipath, ": weight_map names ", quote(s), ", which does not exist in ", dir);
+      if (!fs::exists(p, ec))
+        fail(ipath, ": weight_map names ", quote(s),
+             ec && ec != std::errc::no_such_file_or_directory ? ", which cannot be read: " + ec.message()
+                                                                : ", which does not exist in " + dir);
       c.files_.push_back(SafetensorsFile::open(p.string()));
     }
-  } else if (fs::exists(single)) {
+  } else if (fs::exists(single, ec)) {
     c.files_.push_back(SafetensorsFile::open(single.string()));
   } else {
     fail(dir, ": no ", kSingleFile, " or ", kIndexFile);

@@ -115,7 +115,8 @@ ChatTemplate ChatTemplate::from_source(std::string source) {
 ChatTemplate ChatTemplate::load(const std::string& path) {
   namespace fs = std::filesystem;
   std::string p = path;
-  if (fs::is_directory(p)) p = (fs::path(p) / "tokenizer_config.json").string();
+  std::error_code ec;  // a path that cannot be stat'ed is left to the open's error
+  if (fs::is_directory(p, ec)) p = (fs::path(p) / "tokenizer_config.json").string();
   std::ifstream in(p, std::ios::binary);
   if (!in) fail(p, ": cannot open tokenizer_config.json");
   std::ostringstream os;

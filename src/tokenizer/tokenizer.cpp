@@ -482,7 +482,8 @@ Tokenizer Tokenizer::parse(std::string_view json_text, const std::string& source
 
 Tokenizer Tokenizer::load(const std::string& path) {
   std::string p = path;
-  if (fs::is_directory(p)) p = (fs::path(p) / "tokenizer.json").string();
+  std::error_code ec;  // a path that cannot be stat'ed is left to the open's error
+  if (fs::is_directory(p, ec)) p = (fs::path(p) / "tokenizer.json").string();
   std::ifstream in(p, std::ios::binary);
   if (!in) fail(p, ": cannot open tokenizer.json");
   std::ostringstream os;

@@ -364,6 +364,11 @@ case("flag: make-model --dtype f64", ["make-model", "--out", "{dir}/new", "--dty
 case("flag: bench model missing dir", ["bench", "model", "-m", "/nonexistent/model"], 1, r"/nonexistent/model")
 case("flag: info missing dir", ["info", "-m", "/nonexistent/model"], 1, r"/nonexistent/model")
 case("flag: generate missing dir", gen() + ["-m", "/nonexistent/model"], 1, r"'/nonexistent/model' does not exist")
+LONG_PATH = "/tmp/" + "x" * 300  # over NAME_MAX: std::filesystem throws where it is not given an error_code
+case("flag: generate -m beyond NAME_MAX", gen() + ["-m", LONG_PATH], 1, r"error: .*File name too long")
+case("flag: info -m beyond NAME_MAX", ["info", "-m", LONG_PATH], 1, r"error: .*config\.json: cannot open config\.json")
+case("flag: bench model -m beyond NAME_MAX", ["bench", "model", "-m", LONG_PATH], 1, r"error: .*config\.json: cannot open")
+case("prompt: file name beyond NAME_MAX", ["generate", "-m", "{dir}", "-f", LONG_PATH], 1, r"cannot read the prompt file")
 
 # config.json
 CFG = r"config\.json: .*"
@@ -513,6 +518,8 @@ case("index: tensor mapped to the other shard", gen(), 1, r"maps it to",
 case("index: a tensor not in the map", gen(), 1, r"is not in the weight_map", sharded(index=lambda i: i["weight_map"].pop(EMB)))
 case("index: maps a tensor no shard has", gen(), 1, r'has no tensor "extra\.weight"',
      sharded(index=lambda i: i["weight_map"].__setitem__("extra.weight", "model-00001-of-00002.safetensors")))
+case("index: shard name beyond NAME_MAX", gen(), 1, r'weight_map names "a{300}", which cannot be read: File name too long',
+     sharded(index=lambda i: i["weight_map"].__setitem__(EMB, "a" * 300)))
 case("index: tensor in both shards", gen(), 1, r'is here but model\.safetensors\.index\.json maps it to',
      sharded(files=lambda s: s["model-00002-of-00002.safetensors"].append(list(s["model-00001-of-00002.safetensors"][0]))))
 case("index: shard header deep", gen(), 1, r"model-00001-of-00002\.safetensors: header is not valid JSON: nested deeper",

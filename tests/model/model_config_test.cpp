@@ -226,6 +226,9 @@ TEST(ModelConfigErrors, NameTheFieldAndValue) {
   EXPECT_EQ(error_with([](Json& j) { j["mix_coeff"] = 1.5; }), "cfg.json: mix_coeff: must be in [0, 1] (got 1.5)");
   EXPECT_EQ(error_with([](Json& j) { j["eos_token_id"] = 200000; }), "cfg.json: eos_token_id: must be a token id < vocab_size (got 200000)");
   EXPECT_EQ(error_of([] { ModelConfig::load("/nonexistent/config.json"); }), "/nonexistent/config.json: cannot open config.json");
+  // A path beyond the system's name limit: a ksa::Error, not std::filesystem::filesystem_error.
+  const std::string long_dir = "/tmp/" + std::string(300, 'd');
+  EXPECT_EQ(error_of([&] { ModelConfig::load(long_dir); }), long_dir + "/config.json: cannot open config.json");
 }
 
 // Issue #26: hostile config.json files end in a ksa::Error naming the file, never a crash, a foreign

@@ -237,6 +237,14 @@ TEST(SafetensorsErrors, HostileHeaders) {
   EXPECT_EQ(error_of([&] { Checkpoint::open(d); }), idx + ": invalid JSON: nested deeper than 100 levels (at byte 114)");
   std::ofstream(idx) << R"({"metadata": {"total_size": 1e999}, "weight_map": {}})";
   EXPECT_EQ(error_of([&] { Checkpoint::open(d); }), idx + ": invalid JSON: number overflow parsing '1e999' (a number must fit in a double)");
+  // Found by fuzz_safetensors: a shard name longer than the system's limit made std::filesystem throw
+  // filesystem_error ("File name too long") out of Checkpoint::open.
+  const std::string long_name(300, 'a');
+  std::ofstream(idx) << R"({"weight_map": {"x": ")" << long_name << R"("}})";
+  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }).rfind(idx + ": weight_map names \"" + long_name + "\", which cannot be read: ", 0), 0u);
+  const std::string long_dir = d + "/" + long_name;
+  EXPECT_EQ(error_of([&] { Checkpoint::open(long_dir); }).rfind(long_dir + ": not a directory (", 0), 0u);
+  EXPECT_EQ(error_of([&] { SafetensorsFile::open(long_dir); }).rfind(long_dir + ": cannot open: File name too long", 0), 0u);
 }
 
 }  // namespace

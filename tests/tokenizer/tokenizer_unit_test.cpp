@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "test_util.hpp"
+#include "ksa/chat_template.hpp"
 #include "ksa/error.hpp"
 #include "ksa/text_stream.hpp"
 #include "ksa/tokenizer.hpp"
@@ -189,6 +190,9 @@ TEST(TokenizerErrors, NameTheFieldAndValue) {
   EXPECT_EQ(parse_with([](Json& j) { j["model"]["byte_fallback"] = true; }),
             "t.json: model.byte_fallback: true is not supported (byte-level BPE needs no fallback)");
   EXPECT_EQ(error_of([] { Tokenizer::load("/nonexistent/dir/tokenizer.json"); }), "/nonexistent/dir/tokenizer.json: cannot open tokenizer.json");
+  const std::string long_path = "/tmp/" + std::string(300, 't');  // std::filesystem threw filesystem_error on it
+  EXPECT_EQ(error_of([&] { Tokenizer::load(long_path); }), long_path + ": cannot open tokenizer.json");
+  EXPECT_EQ(error_of([&] { ChatTemplate::load(long_path); }), long_path + ": cannot open tokenizer_config.json");
 }
 
 // TextStream over byte tokens (ids 0..255 are the bytes): what each push releases.

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <filesystem>
 
 #include "cli.hpp"
 #include "ksa/error.hpp"
@@ -35,6 +36,10 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "ksa %s: %s\nRun 'ksa %s --help' for usage.\n", cmd.c_str(), e.what(), cmd.c_str());
       return 2;
     } catch (const ksa::Error& e) {
+      std::fprintf(stderr, "ksa %s: error: %s\n", cmd.c_str(), e.what());
+      return 1;
+    } catch (const std::filesystem::filesystem_error& e) {
+      // A path the command itself stats (a name over NAME_MAX, a symlink loop): the message names it.
       std::fprintf(stderr, "ksa %s: error: %s\n", cmd.c_str(), e.what());
       return 1;
     } catch (const std::exception& e) {
