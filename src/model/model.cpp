@@ -3,10 +3,7 @@
 #include "ksa/model.hpp"
 
 #include <algorithm>
-#include <cmath>
-#include <cstring>
 #include <map>
-#include <thread>
 #include <utility>
 
 #include "ksa/error.hpp"
@@ -91,12 +88,28 @@ struct Model::Impl {
   void run(std::span<const Piece> pieces, std::span<const StepItem> items, std::vector<float>& logits,
            std::vector<int32_t>& sampled);
 
+  // What step() and append() (`who`) check of one item before anything runs.
+  void check_item(const StepItem& it, const char* who) const {
+    const Seq& s = find(it.id, who);
+    const int64_t n = int64_t(it.tokens.size());
+    if (n == 0) fail("Model::", who, ": sequence ", it.id, ": no tokens");
+    if (s.T + n > max_text)
+      fail("Model::", who, ": sequence ", it.id, " would hold ", s.T + n, " text tokens, past the context limit of ",
+           max_text, " (", s.T, " already, ", n, " new)");
+    for (int64_t i = 0; i < n; ++i)
+      if (it.tokens[size_t(i)] < 0 || it.tokens[size_t(i)] >= cfg.vocab_size)
+        fail("Model::", who, ": sequence ", it.id, ": token ", i, " has id ", it.tokens[size_t(i)],
+             ", outside the vocabulary [0, ", cfg.vocab_size, ")");
+    check_summary_ids(it.tokens, who);
+    if (it.sampler) it.sampler->validate();
+  }
+
   // Summary token ids are the model's own (KSA.md §2): a caller may not append them as text.
   void check_summary_ids(std::span<const int32_t> tokens, const char* who) const {
     if (!summaries) return;
     for (size_t i = 0; i < tokens.size(); ++i)
       if (tokens[i] >= cfg.summary_token_begin && tokens[i] < cfg.summary_token_begin + spec.S)
-        fail(who, ": token ", i, " has id ", tokens[i], ", a summary token id (summary_token_begin ",
+        fail("Model::", who, ": token ", i, " has id ", tokens[i], ", a summary token id (summary_token_begin ",
              cfg.summary_token_begin, ", ", spec.S, " per chunk); summary tokens are inserted by the model");
   }
 };
@@ -394,21 +407,7 @@ int64_t Model::stream_tokens(SeqId id) const {
   return s.T + s.sums;
 }
 
-void Model::check(const StepItem& it) const {
-  const Impl& m = *impl_;
-  const Impl::Seq& s = m.find(it.id, "step");
-  const int64_t n = int64_t(it.tokens.size());
-  if (n == 0) fail("Model::step: sequence ", it.id, ": no tokens");
-  if (s.T + n > m.max_text)
-    fail("Model::step: sequence ", it.id, " would hold ", s.T + n, " text tokens, past the context limit of ", m.max_text,
-         " (", s.T, " already, ", n, " new)");
-  for (int64_t i = 0; i < n; ++i)
-    if (it.tokens[size_t(i)] < 0 || it.tokens[size_t(i)] >= m.cfg.vocab_size)
-      fail("Model::step: sequence ", it.id, ": token ", i, " has id ", it.tokens[size_t(i)],
-           ", outside the vocabulary [0, ", m.cfg.vocab_size, ")");
-  m.check_summary_ids(it.tokens, "Model::step");
-  if (it.sampler) it.sampler->validate();
-}
+void Model::check(const StepItem& it) const { impl_->check_item(it, "step"); }
 
 void Model::step(std::span<const StepItem> items, StepResult& out) {
   Impl& m = *impl_;
@@ -477,20 +476,14 @@ void Model::step(std::span<const StepItem> items, StepResult& out) {
 
 void Model::append(SeqId id, std::span<const int32_t> tokens, LogitsFor which, std::span<float> logits) {
   Impl& m = *impl_;
-  const Impl::Seq& s = m.find(id, "append");
+  const StepItem it{id, tokens, which, nullptr, {}};
   const int64_t n = int64_t(tokens.size()), V = m.cfg.logits_size();
-  if (s.T + n > m.max_text)
-    fail("Model::append: sequence ", id, " would hold ", s.T + n, " text tokens, past the context limit of ", m.max_text,
-         " (", s.T, " already, ", n, " new)");
-  for (int64_t i = 0; i < n; ++i)
-    if (tokens[size_t(i)] < 0 || tokens[size_t(i)] >= m.cfg.vocab_size)
-      fail("Model::append: token ", i, " has id ", tokens[size_t(i)], ", outside the vocabulary [0, ", m.cfg.vocab_size, ")");
-  m.check_summary_ids(tokens, "Model::append");
+  if (n > 0) m.check_item(it, "append");
+  else m.find(id, "append");
   const int64_t rows = which == LogitsFor::none ? 0 : which == LogitsFor::last ? (n > 0 ? 1 : 0) : n;
   if (int64_t(logits.size()) != rows * V)
     fail("Model::append: logits holds ", logits.size(), " floats; ", rows, " row(s) of ", V, " = ", rows * V, " needed");
   if (n == 0) return;
-  const StepItem it{id, tokens, which, nullptr, {}};
   StepResult r;
   step(std::span<const StepItem>(&it, 1), r);
   std::copy(r.logits.begin(), r.logits.end(), logits.begin());
