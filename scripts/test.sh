@@ -17,6 +17,8 @@ if [ "${KSA_SANITIZE_SUITE:-1}" != 0 ]; then
   t1=$(date +%s)
   # Any sanitizer report fails its test: UBSan does not recover, ASan and LeakSanitizer exit nonzero.
   export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1}"
-  (cd build-sanitize && ctest --output-on-failure -j "${JOBS:-$(nproc)}" --timeout 900 "$@")
+  # The Python package is left out: its extension, linked against sanitized libraries, cannot load into an
+  # uninstrumented python3 (it runs in the first suite).
+  (cd build-sanitize && ctest --output-on-failure -j "${JOBS:-$(nproc)}" --timeout 900 -LE python "$@")
   echo "== sanitizer build: $((t1 - t0)) s to build, $(($(date +%s) - t1)) s to test"
 fi

@@ -159,8 +159,8 @@ TEST_F(SchedulerTest, LongPromptIsPrefilledInChunksBetweenDecodeSteps) {
   Model m = load();
   SchedulerOptions so;
   so.prefill_chunk = 16;
+  Recorder rec;  // declared first: it must outlive the scheduler thread that calls it
   Scheduler s(m, nullptr, so);
-  Recorder rec;
   rec.attach(s);
   auto decoder = submit_ok(s, spec_of(prompt_of(5, 2), 400));
   JobProgress p;
@@ -200,8 +200,8 @@ TEST_F(SchedulerTest, AdmissionByMaxSeqs) {
   Model m = load();
   SchedulerOptions so;
   so.max_seqs = 2;
+  Recorder rec;  // declared first: it must outlive the scheduler thread that calls it
   Scheduler s(m, nullptr, so);
-  Recorder rec;
   rec.attach(s);
   std::vector<std::shared_ptr<Job>> jobs;
   for (int i = 0; i < 5; ++i) jobs.push_back(submit_ok(s, spec_of(prompt_of(6 + i, 10 + i), 8)));
@@ -219,8 +219,8 @@ TEST_F(SchedulerTest, AdmissionByKvBytes) {
   SchedulerOptions so;
   so.max_seqs = 16;
   so.kv_budget = 2 * per_job + per_job / 2;  // room for two
+  Recorder rec;  // declared first: it must outlive the scheduler thread that calls it
   Scheduler s(m, nullptr, so);
-  Recorder rec;
   rec.attach(s);
   std::vector<std::shared_ptr<Job>> jobs;
   for (int i = 0; i < 5; ++i) jobs.push_back(submit_ok(s, spec_of(prompt_of(30, 20 + i), 10)));
