@@ -111,6 +111,7 @@ int run_generate(int argc, char** argv) {
   int64_t& ctx = f.i64("--ctx", 0, "context limit in text tokens (0 = config max_position_embeddings)", 0, cli::kMaxTokens);
   std::vector<std::string>& stops = f.strs("--stop", "stop when the text contains this string (\\n, \\t escapes understood)");
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
+  bool& no_graphs = f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
   bool& no_display = f.flag("--no-display-prompt", "do not echo the prompt to stdout");
   if (!f.parse(argc, argv)) return 0;
 
@@ -150,6 +151,7 @@ int run_generate(int argc, char** argv) {
   mo.threads = int(threads);
   mo.max_text_tokens = ctx;
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
+  mo.cuda_graphs = !no_graphs;
   mo.progress = weight_progress();
   Model model = Model::load(dir, mo);
   const double load_s = now_s() - t_load0;
