@@ -55,25 +55,17 @@ fi
 if want 4b; then
   M=/tmp/ksa-4b
   [ -f $M/config.json ] || { echo "== make-model 4b"; time $KSA make-model --shape 4b --out $M >"$OUT/make4b.log" 2>&1; }
-  for spec in "-p 16384 -n 64 -b 1" "-p 131072 -n 32 -b 1 -r 1" "-p 4096 -n 64 -b 64 -r 1"; do
-    echo "== ksa bench model 4b $spec"
-    $KSA bench model -m $M --device cuda $spec | tee -a "$OUT/bench_4b.log" | grep -E "^\| (pp|tg)|bound|KV cache|peak|graphs"
-  done
-  if want nographs; then
-    echo "== ksa bench model 4b -p 16384 -n 64 -b 1 --no-cuda-graphs"
-    $KSA bench model -m $M --device cuda -p 16384 -n 64 -b 1 --no-cuda-graphs | tee -a "$OUT/bench_4b.log" |
-      grep -E "^\| (pp|tg)|bound|graphs"
-  fi
-  if want ub2048; then
-    echo "== ksa bench model 4b -p 131072 -n 8 -b 1 -r 1 -ub 2048"
-    $KSA bench model -m $M --device cuda -p 131072 -n 8 -b 1 -r 1 -ub 2048 | tee -a "$OUT/bench_4b.log" |
-      grep -E "^\| (pp|tg)|peak"
-  fi
-  if want nogemv; then
-    echo "== ksa bench model 4b -p 16384 -n 64 -b 1 --no-cuda-gemv"
-    $KSA bench model -m $M --device cuda -p 16384 -n 64 -b 1 --no-cuda-gemv | tee -a "$OUT/bench_4b.log" |
-      grep -E "^\| (pp|tg)|bound|graphs"
-  fi
+  bench4b() {  # bench4b <flags...>: one `ksa bench model` on the 4B checkpoint, its summary lines
+    echo "== ksa bench model 4b $*"
+    $KSA bench model -m $M --device cuda "$@" | tee -a "$OUT/bench_4b.log" |
+      grep -E "^\| (pp|tg)|bound|KV cache|peak|graphs"
+  }
+  bench4b -p 16384 -n 64 -b 1
+  bench4b -p 131072 -n 32 -b 1 -r 1
+  bench4b -p 4096 -n 64 -b 64 -r 1
+  if want nographs; then bench4b -p 16384 -n 64 -b 1 --no-cuda-graphs; fi
+  if want nogemv; then bench4b -p 16384 -n 64 -b 1 --no-cuda-gemv; fi
+  if want ub2048; then bench4b -p 131072 -n 8 -b 1 -r 1 -ub 2048; fi
   if want ncu; then
     echo "== ncu: kernels of one decode step (4b, context 1, eager launches)"
     # 8 forwards of ~400 kernels (warm-up and timed run: a one-token prefill and 3 steps each): the last ~1000.
