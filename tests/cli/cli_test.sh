@@ -26,6 +26,10 @@ check "unknown flag" 2 "unknown flag|--bogus" -- "$KSA" generate --bogus
 check "missing model dir" nz "/nonexistent/model" -- "$KSA" generate -m /nonexistent/model -p hi
 check "missing prompt" nz "prompt|-p" -- "$KSA" generate -m /nonexistent/model
 check "unknown command" nz "unknown command|frobnicate" -- "$KSA" frobnicate
+check "a misspelt command" 2 "unknown command 'generat' \(did you mean 'generate'\?\)" -- "$KSA" generat
+check "a misspelt flag" 2 "unknown flag '--tmep' \(did you mean '--temp'\?\)" -- "$KSA" generate --tmep 1
+check "no suggestion far from any flag" 2 "unknown flag '--bogus'$" -- "$KSA" generate --bogus
+check "version" 0 "^ksa [0-9]+\.[0-9]+\.[0-9]+$" -- "$KSA" --version
 
 rm -rf "$DIR"
 if ! "$KSA" make-model --shape tiny --out "$DIR" >/dev/null 2>&1 || [ ! -f "$DIR/tokenizer.json" ]; then
