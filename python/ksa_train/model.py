@@ -204,7 +204,7 @@ class KsaLM(nn.Module):
         self.layers = nn.ModuleList(Layer(c, i) for i in range(c.layers))
         self.norm = RMSNorm(c.hidden, c.eps)
         if not c.tie:
-            self.lm_head = nn.Linear(c.hidden, c.text_vocab, bias=False)
+            self.lm_head = nn.Linear(c.hidden, c.vocab_size, bias=False)  # the released shape; rows past text_vocab unused
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -241,7 +241,7 @@ class KsaLM(nn.Module):
         if rows is not None:
             x = x[:, rows]
         h = self.norm(x)
-        w = self.embed_tokens.weight[:self.c.text_vocab] if self.c.tie else self.lm_head.weight
+        w = (self.embed_tokens.weight if self.c.tie else self.lm_head.weight)[:self.c.text_vocab]
         return F.linear(h, w)
 
     def hf_state_dict(self):
