@@ -181,7 +181,12 @@ class Layer(nn.Module):
         v = v.view(B, L, c.kv_heads, D)
         dt = torch.bfloat16 if x.is_cuda else torch.float32
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        if not c.summaries:
+        if not c.summaries and x.is_cuda and hasattr(F, "scaled_dot_product_attention"):
+            # Plain causal attention through PyTorch's flash kernel on CUDA (the same function as the line below).
+            g = c.heads // c.kv_heads
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2),
+                                               v.repeat_interleave(g, 2).transpose(1, 2), is_causal=True).transpose(1, 2)
+        elif not c.summaries:
             a = ksa_torch.attention(q, k, v, T + 1, 1, 1)  # one chunk longer than the text: causal, no summary
         elif self.summary_layer:
             a = ksa_torch.attention(q, k, v, c.k_chunk, c.S, c.windows[self.i])
@@ -205,6 +210,7 @@ class KsaLM(nn.Module):
         self.norm = RMSNorm(c.hidden, c.eps)
         if not c.tie:
             self.lm_head = nn.Linear(c.hidden, c.vocab_size, bias=False)  # the released shape; rows past text_vocab unused
+        self._layouts = {}
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -221,15 +227,17 @@ class KsaLM(nn.Module):
         if not c.summaries:
             pos = torch.arange(T, device=text.device)[None].expand(B, T)
             return text, pos, torch.zeros(T, dtype=torch.bool, device=text.device), None
-        st = ksa_torch.build_stream(text, c.k_chunk, c.S, summary_token_begin=c.text_vocab,
-                                    text_positions=c.text_positions, summary_positions=c.summary_positions)
-        is_sum = st.is_summary
-        if is_sum.dim() == 2:
-            is_sum = is_sum[0]
-        rows = st.text_rows
-        if rows.dim() == 2:
-            rows = rows[0]
-        return st.input_ids, st.position_ids, is_sum.to(text.device), rows.to(text.device)
+        key = (T, text.device)
+        if key not in self._layouts:  # the layout depends on T only: the core's, computed once per length
+            st = ksa_torch.build_stream(torch.zeros(T, dtype=torch.int64), c.k_chunk, c.S,
+                                        summary_token_begin=c.text_vocab, text_positions=c.text_positions,
+                                        summary_positions=c.summary_positions)
+            self._layouts[key] = tuple(t.to(text.device) for t in (st.input_ids, st.position_ids, st.is_summary.bool(),
+                                                                    st.text_rows.long()))
+        template, pos, is_sum, rows = self._layouts[key]
+        ids = template[None].repeat(B, 1)
+        ids[:, rows] = text
+        return ids, pos[None].expand(B, -1), is_sum, rows
 
     def forward(self, text):
         """Logits [B, T, text_vocab] at the text positions of text [B, T]."""

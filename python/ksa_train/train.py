@@ -38,6 +38,12 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=1000, help="steps of the schedule")
     ap.add_argument("--stop-at", type=int, default=0, help="stop after this step (0: --steps)")
     ap.add_argument("--max-seconds", type=float, default=0, help="stop when this much time has passed (0: no limit)")
+    ap.add_argument("--time-budget", type=float, default=0,
+                    help="fit the schedule to this many seconds: after --probe-steps steps, --steps becomes what the "
+                         "measured step time allows (at most the given --steps); summary.json has the result")
+    ap.add_argument("--probe-steps", type=int, default=30)
+    ap.add_argument("--eval-trials", type=int, default=20, help="passkey trials per distance after training (0: none)")
+    ap.add_argument("--eval-lengths", default="256,512,1024,2048,4096")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4224, help="text tokens per row")
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -150,6 +156,19 @@ def main(argv=None):
         opt.step()
         step += 1
         tok_window += x.numel()
+        probe0 = max(1, min(5, a.probe_steps // 2))  # the first steps (allocations, autotuning) are not timed
+        if a.time_budget and step == probe0:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t_probe = time.time()
+        if a.time_budget and step == a.probe_steps and step > probe0:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            per_step = (time.time() - t_probe) / (step - probe0)
+            fit = int((a.time_budget - (time.time() - t0)) / per_step) + step
+            a.steps = max(step + 1, min(a.steps, fit))
+            stop = min(a.stop_at or a.steps, a.steps)
+            say(f"time budget {a.time_budget:g} s: {per_step * 1e3:.1f} ms per step -> {a.steps} steps")
         if step % a.log_every == 0 or step == stop or step == start + 1:
             text_loss = float((nll * (~ans.reshape(-1))).sum() / (~ans).sum())
             n_ans = int(ans.sum())
@@ -180,10 +199,18 @@ def main(argv=None):
             x, y, _ = held.next(4)
             lg = model(x.to(dev))
             hl.append(float(F.cross_entropy(lg.float().reshape(-1, cfg.text_vocab), y.to(dev).reshape(-1))))
+    pk_acc = {}
+    if a.eval_trials:
+        from .evaluate import passkey_accuracy
+        with amp:
+            pk_acc = passkey_accuracy(model, a.data, [int(x) for x in a.eval_lengths.split(",")], a.eval_trials,
+                                      max_len=cfg.max_positions)
+        say("passkey accuracy (PyTorch, greedy, held-out filler): " +
+            ", ".join(f"{d}: {acc:.2f}" for d, acc in pk_acc.items()))
     mdir = export(model, out / "model", a.data)
     summary = {"attn": a.attn, "steps": step, "schedule_steps": a.steps, "stopped": why, "seconds": round(elapsed, 1),
                "tokens": step * a.batch * a.seq, "parameters": n_params, "final_loss": loss_hist[-1] if loss_hist else None,
-               "first_loss": loss_hist[0] if loss_hist else None, "heldout_loss_1024": sum(hl) / len(hl),
+               "first_loss": loss_hist[0] if loss_hist else None, "heldout_loss_1024": sum(hl) / len(hl), "passkey_torch": pk_acc,
                "model_bytes": (mdir / "model.safetensors").stat().st_size, "args": vars(a)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     say(f"ksa_train: stopped at step {step} ({why}) after {elapsed:.0f} s; held-out loss (1024-token windows) "
