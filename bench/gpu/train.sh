@@ -8,14 +8,14 @@
 # prepared on the development machine and carried: DATA (default .cache/data/train-4096).
 #   bench/gpu/train.sh        outputs in $OUT/train/{full,swa,ksa}/ (log.txt, loss.csv, summary.json, model/)
 # Environment: TRAIN_SECONDS (the first run's time budget: its schedule is fitted to it; the other two take the
-# same number of steps; default 80), TRAIN_ARGS (extra ksa_train.train flags for all three), DATA, TRAIN_DRY=1
+# same number of steps; default 90), TRAIN_ARGS (extra ksa_train.train flags for all three), DATA, TRAIN_DRY=1
 # (no build: run with KSA_PYTHON's installed ksa_torch, e.g. on the CPU with TRAIN_ARGS="--device cpu ...").
 # The first run (full attention, the slowest) fixes the step count; each run also stops at 1.5x the budget.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 T_START=$SECONDS
 DATA="${DATA:-.cache/data/train-4096}"
-BUDGET="${TRAIN_SECONDS:-80}"
+BUDGET="${TRAIN_SECONDS:-90}"
 [ -f "$DATA/train.bin" ] || { echo "no $DATA/train.bin: prepare the data here first (docs/training.md) and carry $DATA"; exit 1; }
 
 # The CUDA kernels (the same build folder as torch_check.sh: a warm machine rebuilds nothing), then ksa_torch
@@ -48,7 +48,7 @@ echo "== ksa_torch installed: $((SECONDS - T_START)) s"
 # 6.5 M parameters with the summary projections (13 MB in bf16); rows of 4224 tokens (passkeys up to ~4100
 # tokens back), batch 8 (33,792 tokens per step).
 COMMON=(--data "$DATA" --batch 8 --seq 4224 --hidden 256 --intermediate 768 --layers 6 --heads 4 --kv-heads 2
-        --head-dim 64 --k-chunk 8 --S 1 --window 16 --lr 2e-3 --warmup 100 --passkey-frac 0.5 --answer-weight 10
+        --head-dim 64 --k-chunk 8 --S 1 --window 16 --lr 2e-3 --warmup 100 --passkey-frac 1.0 --answer-weight 1
         --log-every 25 --seed 0 --eval-trials 20 ${TRAIN_ARGS:-})
 WORK=build-torch/train-runs
 rm -rf "$WORK"
@@ -56,7 +56,7 @@ mkdir -p "$WORK" "$OUT/train"
 steps=""
 for attn in full swa ksa; do
   echo "== train $attn ($((SECONDS - T_START)) s so far)"
-  if [ -z "$steps" ]; then args=(--steps 100000 --time-budget "$BUDGET"); else args=(--steps "$steps" --stop-at "$done"); fi
+  if [ -z "$steps" ]; then args=(--steps 100000 --time-budget "$BUDGET"); else args=(--steps "$steps" --stop-at "$stop_step"); fi
   if PYTHONUNBUFFERED=1 "${RUN[@]}" -m ksa_train.train --attn "$attn" --out "$WORK/$attn" "${COMMON[@]}" "${args[@]}" \
        --max-seconds "$(awk -v b="$BUDGET" 'BEGIN { print 1.5 * b }')" >"$OUT/train/$attn.log" 2>&1; then
     grep -E "^ksa_train|time budget|passkey" "$OUT/train/$attn.log"
@@ -64,8 +64,8 @@ for attn in full swa ksa; do
     echo "train $attn: FAILED"; tail -30 "$OUT/train/$attn.log"
   fi
   if [ -z "$steps" ] && [ -f "$WORK/$attn/summary.json" ]; then
-    read -r steps done < <("${RUN[@]}" -c "import json; s = json.load(open('$WORK/$attn/summary.json')); print(s['schedule_steps'], s['steps'])")
-    echo "   all three: a schedule of $steps steps, stopped after $done"
+    read -r steps stop_step < <("${RUN[@]}" -c "import json; s = json.load(open('$WORK/$attn/summary.json')); print(s['schedule_steps'], s['steps'])")
+    echo "   all three: a schedule of $steps steps, stopped after $stop_step"
   fi
   mkdir -p "$OUT/train/$attn"
   for f in log.txt loss.csv summary.json loss.png; do [ -f "$WORK/$attn/$f" ] && cp "$WORK/$attn/$f" "$OUT/train/$attn/"; done

@@ -9,8 +9,9 @@ checkpoint: config.json, model.safetensors in bf16, generation_config.json, toke
 tokenizer_config.json, ksa_train_config.json) that `ksa generate -m OUT/model` loads.
 
 Recipe: AdamW (betas 0.9/0.95, weight decay on matrices), linear warm-up then cosine decay to 10% of the peak
-learning rate, gradient clipping, bf16 autocast on CUDA (fp32 on the CPU), loss = cross-entropy over every
-next-token target, the answer digits of passkey rows weighted by --answer-weight. The schedule is a function
+learning rate, gradient clipping, bf16 autocast on CUDA (fp32 on the CPU), loss = mean cross-entropy over every
+next-token text target plus --answer-weight (1) times the mean loss of the passkey answer digits (their own
+term, so that 5 answer tokens per row are not drowned by 4,000 text tokens). The schedule is a function
 of --steps alone; --stop-at N stops after step N (the same tokens as another run stopped there), and
 --max-seconds stops earlier when the wall clock runs out (summary.json says at which step).
 """
@@ -52,7 +53,8 @@ def parse_args(argv=None):
     ap.add_argument("--wd", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--passkey-frac", type=float, default=0.5, help="fraction of rows with a passkey")
-    ap.add_argument("--answer-weight", type=float, default=10.0, help="loss weight of the answer digits")
+    ap.add_argument("--answer-weight", type=float, default=1.0,
+                    help="loss = mean text loss + this x mean loss of the passkey answer digits")
     ap.add_argument("--min-dist", type=int, default=16)
     ap.add_argument("--max-dist", type=int, default=0, help="longest passkey distance (0: what fits in a row)")
     ap.add_argument("--seed", type=int, default=0)
@@ -147,8 +149,10 @@ def main(argv=None):
         with amp:
             logits = fwd(x)
         nll = F.cross_entropy(logits.float().reshape(-1, cfg.text_vocab), y.reshape(-1), reduction="none")
-        w = 1.0 + (a.answer_weight - 1.0) * ans.reshape(-1).float()
-        loss = (nll * w).sum() / w.sum()
+        am = ans.reshape(-1).float()
+        loss = (nll * (1 - am)).sum() / (1 - am).sum().clamp(min=1)  # the language-model loss over the text
+        if a.answer_weight:  # plus the passkey answer digits' mean loss (0 in a batch without any; no host sync)
+            loss = loss + a.answer_weight * (nll * am).sum() / am.sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if a.clip > 0:
