@@ -6,16 +6,20 @@
 #   ksa  : KSA, k = 8, S = 1, W = 16 chunks (W*k = 128 tokens) in every layer
 # The data folder (tokenizer + token files, made by `python3 -m ksa_train.prepare`, see docs/training.md) is
 # prepared on the development machine and carried: DATA (default .cache/data/train-4096).
-#   bench/gpu/train.sh        outputs in $OUT/train/{full,swa,ksa}/ (log.txt, loss.csv, summary.json, model/)
+#   bench/gpu/train.sh [--build-only]   outputs in $OUT/train/{full,swa,ksa}/ (log.txt, loss.csv, summary.json, model/)
+# --build-only: build the kernels and install ksa_torch (a second call on the same warm machine rebuilds nothing).
 # Environment: TRAIN_SECONDS (the first run's time budget: its schedule is fitted to it; the other two take the
-# same number of steps; default 90), TRAIN_ARGS (extra ksa_train.train flags for all three), DATA, TRAIN_DRY=1
-# (no build: run with KSA_PYTHON's installed ksa_torch, e.g. on the CPU with TRAIN_ARGS="--device cpu ...").
-# The first run (full attention, the slowest) fixes the step count; each run also stops at 1.5x the budget.
+# same number of steps; default: what is left of TOTAL_SECONDS = 480 after the build, over 3.3), TRAIN_ARGS
+# (extra ksa_train.train flags for all three), DATA, TRAIN_DRY=1 (no build: run with KSA_PYTHON's installed
+# ksa_torch, e.g. on the CPU with TRAIN_ARGS="--device cpu ...").
+# The first run (ksa, the model to ship) fixes the step count; each run also stops at 1.5x the budget (its
+# summary.json then says so).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 T_START=$SECONDS
 DATA="${DATA:-.cache/data/train-4096}"
-BUDGET="${TRAIN_SECONDS:-90}"
+BUILD_ONLY=0
+if [ "${1:-}" = "--build-only" ]; then BUILD_ONLY=1; fi
 [ -f "$DATA/train.bin" ] || { echo "no $DATA/train.bin: prepare the data here first (docs/training.md) and carry $DATA"; exit 1; }
 
 # The CUDA kernels (the same build folder as torch_check.sh: a warm machine rebuilds nothing), then ksa_torch
@@ -43,6 +47,12 @@ else
   (cd /tmp && "${RUN[@]}" -c "import torch, ksa_torch, ksa_train; print('ksa_torch', ksa_torch.__version__, 'cuda kernels:', ksa_torch.has_cuda, 'torch', torch.__version__, torch.cuda.get_device_name())")
 fi
 echo "== ksa_torch installed: $((SECONDS - T_START)) s"
+[ "$BUILD_ONLY" = 1 ] && exit 0
+# The first run's budget: TRAIN_SECONDS, else what is left of TOTAL_SECONDS (default 480) after the build, for
+# three runs and their start-up, evaluation and export (~20 s each), between 30 and 120 s.
+BUDGET="${TRAIN_SECONDS:-$(awk -v t="${TOTAL_SECONDS:-480}" -v e="$((SECONDS - T_START))" \
+  'BEGIN { b = (t - e - 60) / 3.3; if (b < 30) b = 30; if (b > 120) b = 120; printf "%d", b }')}"
+echo "== time budget of the first run: $BUDGET s"
 
 # The shape: 6 layers, hidden 256, 4/2 heads of 64, SwiGLU 768, vocab 4096 (+1 summary id), tied embeddings:
 # 6.5 M parameters with the summary projections (13 MB in bf16); rows of 4224 tokens (passkeys up to ~4100
@@ -54,7 +64,7 @@ WORK=build-torch/train-runs
 rm -rf "$WORK"
 mkdir -p "$WORK" "$OUT/train"
 steps=""
-for attn in full swa ksa; do
+for attn in ksa swa full; do
   echo "== train $attn ($((SECONDS - T_START)) s so far)"
   if [ -z "$steps" ]; then args=(--steps 100000 --time-budget "$BUDGET"); else args=(--steps "$steps" --stop-at "$stop_step"); fi
   if PYTHONUNBUFFERED=1 "${RUN[@]}" -m ksa_train.train --attn "$attn" --out "$WORK/$attn" "${COMMON[@]}" "${args[@]}" \
