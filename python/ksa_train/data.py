@@ -5,7 +5,7 @@ prepare() (run where the tokenizer is, e.g. the development machine) writes DIR/
 (token ids as little-endian uint16), DIR/passkey.json (the token ids of the passkey prompt's pieces) and
 DIR/tokenizer.json; training then needs only torch (no tokenizer, no regex) and DIR.
 
-The passkey sample (the same pieces as `ksa eval passkey`, tools/ksa/passkey.hpp; docs/training.md):
+A passkey episode (the same pieces as `ksa eval passkey`, tools/ksa/eval_common.hpp; docs/training.md):
 
     filler[:a] + NEEDLE_PRE + key digits + NEEDLE_POST + filler[a:a+f] + QUESTION + key digits + filler[a+f:]...
 
@@ -81,21 +81,35 @@ class Batches:
         return self.tokens[s:s + n]
 
     def passkey_row(self):
-        """A row with one passkey; returns (ids [T + 1], the positions of the answer digits in it)."""
+        """A row of passkey episodes; returns (ids [T + 1], the positions of the answer digits in it).
+
+        An episode is filler (0..64 tokens), the needle, f filler tokens, the question and the key's digits, at a
+        distance d drawn log-uniform in [min_dist, max_dist]; episodes follow each other until the row is full (a
+        long distance fills the row alone, short ones give several per row: more retrieval examples per step).
+        The question always asks for the most recent needle's key. The filler is one contiguous corpus window.
+        """
         pk, T = self.pk, self.T
-        dist = int(round(math.exp(self.rng.uniform(math.log(self.min_dist), math.log(self.max_dist)))))
-        f = max(0, dist - KEY_DIGITS - len(pk["needle_post"]) - len(pk["question"]))
-        key = [pk["digits"][self.rng.randrange(10)] for _ in range(KEY_DIGITS)]
-        used = self.fixed + f + KEY_DIGITS
-        a = self.rng.randrange(0, max(1, T + 1 - used + 1))
-        fill = self.window(T + 1)
-        ids = (fill[:a].tolist() + pk["needle_pre"] + key + pk["needle_post"] + fill[a:a + f].tolist() +
-               pk["question"])
-        ans = list(range(len(ids), len(ids) + KEY_DIGITS))
-        ids += key
-        ids += fill[a + f:a + f + (T + 1 - len(ids))].tolist()
-        ids = ids[:T + 1]
-        return torch.tensor(ids, dtype=torch.int64), [p for p in ans if p <= T]
+        fill = self.window(T + 1).tolist()
+        ids, ans, used = [], [], 0
+        while True:
+            dist = int(round(math.exp(self.rng.uniform(math.log(self.min_dist), math.log(self.max_dist)))))
+            f = max(0, dist - KEY_DIGITS - len(pk["needle_post"]) - len(pk["question"]))
+            a = self.rng.randrange(0, 65)
+            need = a + self.fixed + f + KEY_DIGITS
+            if ids and len(ids) + need > T + 1:
+                break
+            if not ids:  # the first episode starts 0..256 tokens into the row (where it fits)
+                a = self.rng.randrange(0, max(1, min(257, T + 1 - need + a + 1)))
+            key = [pk["digits"][self.rng.randrange(10)] for _ in range(KEY_DIGITS)]
+            ids += fill[used:used + a] + pk["needle_pre"] + key + pk["needle_post"] + fill[used + a:used + a + f]
+            ids += pk["question"]
+            ans += [p for p in range(len(ids), len(ids) + KEY_DIGITS) if p <= T]
+            ids += key
+            used += a + f
+            if len(ids) >= T + 1:
+                break
+        ids += fill[used:used + max(0, T + 1 - len(ids))]
+        return torch.tensor(ids[:T + 1], dtype=torch.int64), ans
 
     def next(self, B):
         """x [B, T], y [B, T] (next tokens), w [B, T] (1 for text, `answer` marks for answer digits as bool)."""
