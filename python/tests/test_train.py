@@ -204,3 +204,32 @@ def test_smoke_training_cpu(tmp_path, prepared):
     assert (out / "ckpt.pt").exists() and (out / "model" / "model.safetensors").exists()
     g = ksa("generate", "-m", out / "model", "-p", "The cache", "-n", 8, "--device", "cpu")
     assert "stopped:" in g.stderr and "KV cache" in g.stderr
+
+
+def test_passkey_rows(prepared):
+    """Training rows: every marked answer is the 5 digits of the most recent needle, right after a question,
+    at a distance within [min_dist, max_dist]; rows without passkeys are plain corpus windows."""
+    pk = json.loads((prepared / "passkey.json").read_text())
+    pre, q = pk["needle_pre"], pk["question"]
+    b = data.Batches(prepared, "train", 400, seed=5, passkey_frac=1.0, min_dist=30, max_dist=120)
+    episodes = 0
+    for _ in range(4):
+        x, y, ans = b.next(6)
+        for r in range(x.shape[0]):
+            row = torch.cat([x[r, :1], y[r]]).tolist()  # the T + 1 ids
+            marks = [j + 1 for j in ans[r].nonzero().flatten().tolist()]  # positions in `row`
+            assert len(marks) % 5 == 0 and marks
+            for e in range(0, len(marks), 5):
+                at = marks[e]
+                assert marks[e:e + 5] == list(range(at, at + 5))
+                assert row[at - len(q):at] == q
+                needles = [i + len(pre) for i in range(at) if row[i:i + len(pre)] == pre]
+                key_at = needles[-1]
+                assert row[key_at:key_at + 5] == row[at:at + 5]
+                assert all(t in pk["digits"] for t in row[at:at + 5])
+                assert 30 <= at - key_at <= 120
+                episodes += 1
+    assert episodes > 24  # several episodes per row at these distances
+    plain = data.Batches(prepared, "train", 400, seed=5, passkey_frac=0.0)
+    x, y, ans = plain.next(3)
+    assert not ans.any() and torch.equal(x[:, 1:], y[:, :-1])
