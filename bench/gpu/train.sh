@@ -6,7 +6,8 @@
 #   ksa  : KSA, k = 8, S = 1, W = 16 chunks (W*k = 128 tokens) in every layer
 # The data folder (tokenizer + token files, made by `python3 -m ksa_train.prepare`, see docs/training.md) is
 # prepared on the development machine and carried: DATA (default .cache/data/train-4096).
-#   bench/gpu/train.sh [--build-only]   outputs in $OUT/train/{full,swa,ksa}/ (log.txt, loss.csv, summary.json, model/)
+#   bench/gpu/train.sh [--build-only]   outputs: $OUT/{ksa,swa,full}.safetensors and $OUT/train.tar.gz (the rest:
+#   train/<attn>/{log.txt,loss.csv,summary.json,loss.png,model/}); bench/gpu/train_unpack.sh DIR DEST joins them
 # --build-only: build the kernels and install ksa_torch (a second call on the same warm machine rebuilds nothing).
 # Environment: TRAIN_SECONDS (the first run's time budget: its schedule is fitted to it; the other two take the
 # same number of steps; default: what is left of TOTAL_SECONDS = 480 after the build, over 3.3), TRAIN_ARGS
@@ -62,24 +63,39 @@ COMMON=(--data "$DATA" --batch 8 --seq 4224 --hidden 256 --intermediate 768 --la
         --log-every 25 --seed 0 --eval-trials 20 ${TRAIN_ARGS:-})
 WORK=build-torch/train-runs
 rm -rf "$WORK"
-mkdir -p "$WORK" "$OUT/train"
+mkdir -p "$WORK/pack/train"
+# What comes back from $OUT is at most 8 files of 16 MiB, 2 folders deep: each model's weights as
+# $OUT/<attn>.safetensors, everything else (configs, tokenizer, logs, loss CSVs, summaries, plots, build logs)
+# in $OUT/train.tar.gz, packed again after every run. bench/gpu/train_unpack.sh puts them back together.
+pack() {
+  local attn=$1
+  mkdir -p "$WORK/pack/train/$attn"
+  for f in log.txt loss.csv summary.json loss.png; do [ -f "$WORK/$attn/$f" ] && cp "$WORK/$attn/$f" "$WORK/pack/train/$attn/"; done
+  if [ -d "$WORK/$attn/model" ]; then
+    mkdir -p "$WORK/pack/train/$attn/model"
+    find "$WORK/$attn/model" -maxdepth 1 -type f ! -name model.safetensors -exec cp {} "$WORK/pack/train/$attn/model/" \;
+    [ -f "$WORK/$attn/model/model.safetensors" ] && cp "$WORK/$attn/model/model.safetensors" "$OUT/$attn.safetensors"
+  fi
+  cp "$WORK/$attn.out" "$WORK/pack/train/$attn.out" 2>/dev/null || true
+  for f in "$OUT"/*.log; do [ -f "$f" ] && cp "$f" "$WORK/pack/"; done
+  tar -czf "$OUT/train.tar.gz" -C "$WORK/pack" .
+}
 steps=""
 for attn in ksa swa full; do
   echo "== train $attn ($((SECONDS - T_START)) s so far)"
   if [ -z "$steps" ]; then args=(--steps 100000 --time-budget "$BUDGET"); else args=(--steps "$steps" --stop-at "$stop_step"); fi
   if PYTHONUNBUFFERED=1 "${RUN[@]}" -m ksa_train.train --attn "$attn" --out "$WORK/$attn" "${COMMON[@]}" "${args[@]}" \
-       --max-seconds "$(awk -v b="$BUDGET" 'BEGIN { print 1.5 * b }')" >"$OUT/train/$attn.log" 2>&1; then
-    grep -E "^ksa_train|time budget|passkey" "$OUT/train/$attn.log"
+       --max-seconds "$(awk -v b="$BUDGET" 'BEGIN { print 1.5 * b }')" >"$WORK/$attn.out" 2>&1; then
+    grep -E "^ksa_train|time budget|passkey" "$WORK/$attn.out" || true
   else
-    echo "train $attn: FAILED"; tail -30 "$OUT/train/$attn.log"
+    echo "train $attn: FAILED"; tail -30 "$WORK/$attn.out"
   fi
   if [ -z "$steps" ] && [ -f "$WORK/$attn/summary.json" ]; then
     read -r steps stop_step < <("${RUN[@]}" -c "import json; s = json.load(open('$WORK/$attn/summary.json')); print(s['schedule_steps'], s['steps'])")
     echo "   all three: a schedule of $steps steps, stopped after $stop_step"
   fi
-  mkdir -p "$OUT/train/$attn"
-  for f in log.txt loss.csv summary.json loss.png; do [ -f "$WORK/$attn/$f" ] && cp "$WORK/$attn/$f" "$OUT/train/$attn/"; done
-  [ -d "$WORK/$attn/model" ] && cp -r "$WORK/$attn/model" "$OUT/train/$attn/model"
+  pack "$attn"
 done
+rm -f "$OUT"/*.log  # they are in train.tar.gz
 echo "== done in $((SECONDS - T_START)) s"
-du -sh "$OUT/train"/*/model 2>/dev/null || true
+ls -la "$OUT"
