@@ -10,7 +10,7 @@
 #   train/<attn>/{log.txt,loss.csv,summary.json,loss.png,model/}); bench/gpu/train_unpack.sh DIR DEST joins them
 # --build-only: build the kernels and install ksa_torch (a second call on the same warm machine rebuilds nothing).
 # Environment: TRAIN_SECONDS (the first run's time budget: its schedule is fitted to it; the other two take the
-# same number of steps; default: what is left of TOTAL_SECONDS = 480 after the build, over 3.3), TRAIN_ARGS
+# same number of steps; default: what is left of TOTAL_SECONDS = 450 after the build, over 3.3), TRAIN_ARGS
 # (extra ksa_train.train flags for all three), DATA, TRAIN_DRY=1 (no build: run with KSA_PYTHON's installed
 # ksa_torch, e.g. on the CPU with TRAIN_ARGS="--device cpu ...").
 # The first run (ksa, the model to ship) fixes the step count; each run also stops at 1.5x the budget (its
@@ -49,10 +49,10 @@ else
 fi
 echo "== ksa_torch installed: $((SECONDS - T_START)) s"
 [ "$BUILD_ONLY" = 1 ] && exit 0
-# The first run's budget: TRAIN_SECONDS, else what is left of TOTAL_SECONDS (default 480) after the build, for
-# three runs and their start-up, evaluation and export (~20 s each), between 30 and 120 s.
-BUDGET="${TRAIN_SECONDS:-$(awk -v t="${TOTAL_SECONDS:-480}" -v e="$((SECONDS - T_START))" \
-  'BEGIN { b = (t - e - 60) / 3.3; if (b < 30) b = 30; if (b > 120) b = 120; printf "%d", b }')}"
+# The first run's budget: TRAIN_SECONDS, else what is left of TOTAL_SECONDS (default 450) after the build, for
+# three runs and their start-up, evaluation and export (~30 s each), between 30 and 120 s.
+BUDGET="${TRAIN_SECONDS:-$(awk -v t="${TOTAL_SECONDS:-450}" -v e="$((SECONDS - T_START))" \
+  'BEGIN { b = (t - e - 90) / 3.3; if (b < 30) b = 30; if (b > 120) b = 120; printf "%d", b }')}"
 echo "== time budget of the first run: $BUDGET s"
 
 # The shape: 6 layers, hidden 256, 4/2 heads of 64, SwiGLU 768, vocab 4096 (+1 summary id), tied embeddings:
