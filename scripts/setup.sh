@@ -11,6 +11,7 @@ PACKAGES=(
   nlohmann-json3-dev                           # config.json, safetensors headers, tokenizer.json
   libicu-dev                                   # tokenizer pre-split regex and NFC
   libcpp-httplib-dev                           # HTTP for `ksa serve`
+  libedit-dev                                  # line editing and history in `ksa generate -i`
   python3 python3-jinja2                       # chat-template golden files
   python3-regex                                # the training recipe's BPE trainer (python/ksa_train)
   python3-torch libtorch-dev pybind11-dev      # the PyTorch package (python/): torch 1.13, its C++ headers

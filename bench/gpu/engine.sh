@@ -2,11 +2,18 @@
 # The CUDA engine on a GPU machine: builds ksa with the engine layers, runs the GPU tests (the CUDA engine
 # against the CPU engine, and the kernels' tests), then `ksa bench model` on the GPU. Logs in $OUT.
 #   bench/gpu/engine.sh [tests] [bench] [4b] [refs]
-#     tests  the C++ GPU tests (ksa_cuda_tests, all of them)
+#     tests  the C++ GPU tests (ksa_cuda_tests, all of them; GTEST_FILTER=... narrows them)
 #     bench  ksa bench model on a random `small` checkpoint
 #     4b     ksa make-model --shape 4b, then the speed targets' shapes on it (decode at 16K and 128K, batch 64
 #            at 4K, prefill 16K and 128K)
+#     nographs  with 4b: batch-1 decode at 16K again with --no-cuda-graphs (every kernel launched per step)
+#     ub2048    with 4b: the 128K prefill again in pieces of 2048 tokens (-ub 2048)
+#     nogemv    with 4b: batch-1 decode at 16K again with --no-cuda-gemv (cuBLASLt for the thin products)
+#     ncu    with 4b: Nsight Compute durations of every kernel of one decode step (short context, no graphs),
+#            summed per kernel (ncu_decode.csv, ncu_decode.txt)
 #     refs   with 4b: HuggingFace transformers' Qwen3 (SDPA, static cache) on the same checkpoint (model_ref.py)
+#     release  with 4b: the KSA authors' HF code (their FlexAttention prefill, ring-buffer cache) on the same
+#            checkpoint (release_ref.py; needs .ref/ksa-release from bench/gpu/fetch_release.sh, carried along)
 # A machine without the engine's Debian packages (nlohmann-json, ICU, GoogleTest) can be given them as a
 # prefix: KSA_DEPS=<dir> with include/, lib/ (libicu*.so.72), share/cmake/ and googletest/.
 set -euo pipefail
@@ -29,7 +36,7 @@ $KSA info | tee "$OUT/info.log"
 
 if want tests; then
   echo "== C++ GPU tests"
-  if build-engine/bin/ksa_cuda_tests >"$OUT/cuda_tests.log" 2>&1; then
+  if build-engine/bin/ksa_cuda_tests ${GTEST_FILTER:+--gtest_filter="$GTEST_FILTER"} >"$OUT/cuda_tests.log" 2>&1; then
     grep -E "^\[  PASSED|^\[cuda engine\]" "$OUT/cuda_tests.log"
   else
     echo "ksa_cuda_tests: FAILED"
@@ -48,12 +55,36 @@ fi
 if want 4b; then
   M=/tmp/ksa-4b
   [ -f $M/config.json ] || { echo "== make-model 4b"; time $KSA make-model --shape 4b --out $M >"$OUT/make4b.log" 2>&1; }
-  for spec in "-p 16384 -n 64 -b 1" "-p 131072 -n 32 -b 1 -r 1" "-p 4096 -n 64 -b 64 -r 1"; do
-    echo "== ksa bench model 4b $spec"
-    $KSA bench model -m $M --device cuda $spec | tee -a "$OUT/bench_4b.log" | grep -E "^\| (pp|tg)|bound|KV cache|peak"
-  done
+  bench4b() {  # bench4b <flags...>: one `ksa bench model` on the 4B checkpoint, its summary lines
+    echo "== ksa bench model 4b $*"
+    $KSA bench model -m $M --device cuda "$@" | tee -a "$OUT/bench_4b.log" |
+      grep -E "^\| (pp|tg)|bound|KV cache|peak|graphs"
+  }
+  bench4b -p 16384 -n 64 -b 1
+  bench4b -p 131072 -n 32 -b 1 -r 1
+  bench4b -p 4096 -n 64 -b 64 -r 1
+  if want nographs; then bench4b -p 16384 -n 64 -b 1 --no-cuda-graphs; fi
+  if want nogemv; then bench4b -p 16384 -n 64 -b 1 --no-cuda-gemv; fi
+  if want ub2048; then bench4b -p 131072 -n 8 -b 1 -r 1 -ub 2048; fi
+  if want ncu; then
+    echo "== ncu: kernels of one decode step (4b, context 1, eager launches)"
+    # 8 forwards of ~400 kernels (warm-up and timed run: a one-token prefill and 3 steps each): the last ~1000.
+    ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base --launch-skip 2200 \
+      --launch-count 1000 $KSA bench model -m $M --device cuda -p 0 -n 3 -r 1 --no-cuda-graphs --bw-mib 0 \
+      >"$OUT/ncu_decode.csv" 2>"$OUT/ncu_decode.err" || { echo "ncu failed"; tail -5 "$OUT/ncu_decode.err"; }
+    python3 bench/gpu/ncu_summary.py "$OUT/ncu_decode.csv" | tee "$OUT/ncu_decode.txt" | head -40
+  fi
   if want refs; then
     echo "== references (same checkpoint)"
     PYTHONUNBUFFERED=1 python3 bench/gpu/model_ref.py --model $M 2>&1 | tee "$OUT/model_ref.log" | tail -20
+  fi
+  if want release; then
+    echo "== KSA release HF code (same checkpoint)"
+    if [ -f .ref/ksa-release/modeling_qwen3sa.py ]; then
+      PYTHONUNBUFFERED=1 python3 bench/gpu/release_ref.py --model $M --release .ref/ksa-release 2>&1 |
+        tee "$OUT/release_ref.log" | tail -20 || echo "release_ref.py: FAILED (log: $OUT/release_ref.log)"
+    else
+      echo "skipped: no .ref/ksa-release (run bench/gpu/fetch_release.sh here and carry .ref)"
+    fi
   fi
 fi

@@ -50,6 +50,10 @@ struct AttentionParams {
   int num_threads = 0;     // CPU: 0 = all available
   const int64_t* cu_seqlens = nullptr;  // packed sequences: [num_seqs + 1] host memory, or null (one stream)
   int64_t num_seqs = 0;
+  // Queries from stream row q_begin on (a prompt continued in pieces): only rows [q_begin, L) of q are read
+  // and of out/lse written; every row of k and v that those rows see must hold its key. One stream only
+  // (not packed), forward only, CUDA only (the CPU kernels refuse q_begin != 0).
+  int64_t q_begin = 0;
 
   bool packed() const { return cu_seqlens != nullptr; }
   int64_t L() const { return packed() ? cu_seqlens[num_seqs] : layout.length(); }  // rows per batch entry

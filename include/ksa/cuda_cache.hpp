@@ -51,6 +51,12 @@ class KvCacheGpu {
   // stream reaches it.
   void prefill(SeqId id, const KvRows& k, const KvRows& v);
 
+  // Copies the sequence's cached text rows [text_begin, T) and summary rows [sum_begin, sums) (stored
+  // summaries only) into k and v [L, Hkv, D] (device memory, bf16) at their stream positions (the dense
+  // stream layout attention_forward reads; other rows untouched). Asynchronous on the cache's stream. For a
+  // prompt continued in pieces: the keys its rows see that the cache holds.
+  void read_stream(SeqId id, int64_t text_begin, int64_t sum_begin, const TensorView& k, const TensorView& v);
+
   // Plan / run / commit. io holds device pointers (q, k, v, out [R, H, D] bf16; lse [R, Hq] or null).
   // plan validates everything (throws, changing nothing) and queues the upload; run queues the kernels;
   // commit advances the bookkeeping (call it right after run: freed blocks are reused only by work queued
@@ -59,6 +65,16 @@ class KvCacheGpu {
   void run();
   void commit_decode();
   void cancel_decode();
+
+  // The engine's order, for a step planned before its tensors exist and launched inside a CUDA graph:
+  // plan_decode without tensors (Hq; scale 0 = 1/sqrt(D)), commit_decode, then launch(io) queues the kernels
+  // of that plan (io's rows as planned) — until the next plan or prefill, any number of times. The plan sits
+  // in a device workspace the kernels read through a pointer: a graph captured around launch() replays any
+  // later plan of the same rows while workspace_generation() is unchanged and the plan has at most
+  // `unit_capacity` work units (plan_stats().units; 0 = exactly the plan's).
+  void plan_decode(std::span<const SeqId> ids, std::span<const int64_t> n_new, int64_t Hq, float scale = 0.f);
+  void launch(const DecodeIO& io, int64_t unit_capacity = 0);
+  uint64_t workspace_generation() const;
 
   // Exact check of the two-phase rule above for one sequence's next step of n stream tokens.
   bool step_ok(SeqId id, int64_t n, std::string* why = nullptr) const;

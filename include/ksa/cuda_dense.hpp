@@ -12,10 +12,13 @@
 namespace ksa::cuda {
 
 // y[M, N] = x[M, K] W^T, x and W [N, K] row-major bf16, y f32 or bf16 (row stride ldy >= N; 0 = N), fp32
-// accumulation. Holds a cuBLASLt handle, a workspace and the algorithm chosen per shape.
+// accumulation. Holds a cuBLASLt handle, a workspace and the algorithm chosen per shape. Products of at most
+// kGemvMaxM rows (decode steps of a few sequences) run ksa's own kernel that streams W at memory bandwidth
+// (K a multiple of 8, 16-byte aligned x and W), unless `small_m_kernel` is false (cuBLASLt for every shape).
+inline constexpr int64_t kGemvMaxM = 8;
 class Gemm {
  public:
-  explicit Gemm(Stream stream);
+  explicit Gemm(Stream stream, bool small_m_kernel = true);
   ~Gemm();
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;

@@ -48,6 +48,16 @@ struct ModelOptions {
   DType kv_dtype = DType::bf16;    // KV cache storage: bf16 or f32 (CUDA: bf16)
   // Called while the weights are read into memory (bytes done, bytes total); may be empty.
   std::function<void(int64_t, int64_t)> progress;
+  // CUDA: steps that only continue sequences (decode, continuation chunks) replay a CUDA graph of the whole
+  // forward, captured the second time a step of the same shape runs (docs/engine.md).
+  bool cuda_graphs = true;
+  // CUDA: matrix products of at most 8 rows (decode of a few sequences) through ksa's own GEMV kernel, which
+  // reads the weights at memory bandwidth; false: cuBLASLt for every product.
+  bool cuda_gemv = true;
+  // CUDA: text tokens per prefill piece (0 = 1024). A longer prompt runs in pieces, each attending over the
+  // cache and itself, so that activation memory follows the piece, not the prompt. The CPU prefills a prompt
+  // in one piece.
+  int64_t prefill_tokens = 0;
 };
 
 // Which logits an append returns.
@@ -101,6 +111,9 @@ class Model {
   int64_t device_bytes_peak() const;
   // Device memory still free now (CUDA), or -1 on the CPU (for sizing a KV budget).
   int64_t device_bytes_free() const;
+  // Forward passes so far that replayed a CUDA graph, and graphs captured (0 on the CPU or without graphs).
+  int64_t graph_replays() const;
+  int64_t graph_captures() const;
 
   // Sequences. Ids are never reused.
   SeqId new_sequence();

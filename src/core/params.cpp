@@ -43,6 +43,10 @@ void validate(const AttentionParams& p) {
   } else if (p.num_seqs != 0) {
     fail("num_seqs: must be 0 without cu_seqlens (got ", p.num_seqs, ")");
   }
+  if (p.q_begin != 0) {
+    if (p.packed()) fail("q_begin: must be 0 with packed sequences (cu_seqlens) (got ", p.q_begin, ")");
+    if (p.q_begin < 0 || p.q_begin > p.L()) fail("q_begin: must be in [0, L=", p.L(), "] (got ", p.q_begin, ")");
+  }
   if (p.L() == 0) return;  // nothing to read or write
   check_view(p.q, "q", p.Hq, p.D);
   check_view(p.k, "k", p.Hkv, p.D);
@@ -52,6 +56,7 @@ void validate(const AttentionParams& p) {
 
 void validate(const AttentionBackwardParams& p) {
   validate(static_cast<const AttentionParams&>(p));
+  if (p.q_begin != 0) fail("q_begin: the backward takes every row (q_begin 0; got ", p.q_begin, ")");
   if (p.L() == 0) return;
   if (!p.lse) fail("lse: the forward's log-sum-exp is required for the backward (got null)");
   check_view(p.dout, "dout", p.Hq, p.D);

@@ -24,6 +24,7 @@ using namespace detail;
 
 void attention_forward(const AttentionParams& p) {
   validate(p);
+  if (p.q_begin != 0) fail("ksa::cpu::attention_forward: q_begin is not supported on the CPU (got ", p.q_begin, ")");
   if (p.L() == 0) return;
   const int threads = resolve_threads(p.num_threads);
   const int64_t Lrows = p.L(), G = p.group(), W = p.W;

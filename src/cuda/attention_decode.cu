@@ -16,6 +16,7 @@
 // File shape (DESIGN.md §3): traits -> device code -> launcher.
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -69,16 +70,17 @@ __device__ __forceinline__ const uint16_t* locate(const DecodeRun& a, const DecS
 }
 
 // 16-byte chunk c of new row w's K (kv = 0) or V (kv = 1) row of KV head h into the cache block `blk`, row r.
-__device__ __forceinline__ void write_chunk(const DecodeRun& a, const DecWrite& w, const uint16_t* blk, int32_t r,
-                                            int kv, int h, int c) {
-  const uint16_t* src = kv == 0 ? a.k + w.src * a.k_rs + h * a.k_hs : a.v + w.src * a.v_rs + h * a.v_hs;
+__device__ __forceinline__ void write_chunk(const DecodeRun& a, const DecodeTensors& io, const DecWrite& w,
+                                            const uint16_t* blk, int32_t r, int kv, int h, int c) {
+  const uint16_t* src = kv == 0 ? io.k + w.src * io.k_rs + h * io.k_hs : io.v + w.src * io.v_rs + h * io.v_hs;
   uint16_t* dst = const_cast<uint16_t*>(block_row(a, blk, h, r)) + int64_t(kv) * a.Hkv * a.P * a.D;
   reinterpret_cast<uint4*>(dst)[c] = reinterpret_cast<const uint4*>(src)[c];
 }
 
 // A prefill's rows (a plan without tokens): one CTA per row, its K and V rows (all KV heads), 16 bytes per
 // thread. Decode steps write their rows from the attend kernel instead.
-__global__ void __launch_bounds__(256) write_kernel(const DecodeRun a) {
+__global__ void __launch_bounds__(256) write_kernel(const DecodeRun* __restrict__ plan, const DecodeTensors io) {
+  const DecodeRun& a = *plan;
   const DecWrite w = a.writes[blockIdx.x];
   const DecSeq sq = a.seqs[w.seq];
   int32_t r;
@@ -86,7 +88,7 @@ __global__ void __launch_bounds__(256) write_kernel(const DecodeRun a) {
   const int cpr = a.D / 8, n = a.Hkv * cpr;  // 16-byte chunks per head row, per K (or V) row
   for (int i = threadIdx.x; i < 2 * n; i += blockDim.x) {
     const int kv = i / n, h = (i - kv * n) / cpr, c = i - kv * n - h * cpr;
-    write_chunk(a, w, blk, r, kv, h, c);
+    write_chunk(a, io, w, blk, r, kv, h, c);
   }
 }
 
@@ -103,7 +105,9 @@ __global__ void __launch_bounds__(256) write_kernel(const DecodeRun a) {
 // accumulator fragments, O += P·V. Each K and V row is read once for all G heads. The warps' states are
 // joined in smem in a fixed order and written as one (m, l, acc) partial per (unit, head).
 template <class K>
-__global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun a) {
+__global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun* __restrict__ plan, const DecodeTensors io) {
+  const DecodeRun& a = *plan;
+  if (int(blockIdx.x) >= a.n_units) return;  // a launch sized for a graph's capacity
   constexpr int D = K::D, G = K::G, CH = K::CH, TILE = K::TILE, STAGES = K::STAGES, NB = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];  // [STAGES][K, V][TILE rows of D] swizzled
   __shared__ const uint16_t* s_blk[kMaxUnitBlocks];      // the unit's block addresses (DecUnit::blk0, ...)
@@ -131,12 +135,12 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun a) {
       const int key = key0 + i * (K::THREADS / CH);
       const int32_t x = x0 + key;
       const bool ok = x < un.end;
-      const uint16_t *ks = a.k, *vs = a.k;  // any valid address when !ok (0 bytes are read: zero fill)
+      const uint16_t *ks = io.k, *vs = io.k;  // any valid address when !ok (0 bytes are read: zero fill)
       if (ok && x >= un.new_begin) {        // written by this step: from the step's k/v
         const uint32_t pos = summary ? a.lay.summary_to_stream(uint32_t(x)) : a.lay.text_to_stream(uint32_t(x));
         const int64_t row = un.src_off + int64_t(pos);
-        ks = a.k + row * a.k_rs + hk * a.k_hs + part * 8;
-        vs = a.v + row * a.v_rs + hk * a.v_hs + part * 8;
+        ks = io.k + row * io.k_rs + hk * io.k_hs + part * 8;
+        vs = io.v + row * io.v_rs + hk * io.v_hs + part * 8;
       } else if (ok) {
         const uint32_t y = summary && !sq.stored ? uint32_t(x) % a.lay.S : uint32_t(x), b = y / uint32_t(a.P);
         ks = block_row(a, s_blk[int32_t(b) - un.blk0], hk, int32_t(y - b * uint32_t(a.P))) + part * 8;
@@ -151,7 +155,7 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun a) {
   uint32_t qa[D / 16][2];
   {
     const bool has = gid < G;
-    const uint16_t* qp = a.q + int64_t(un.qrow) * a.q_rs + int64_t(hk * G + (has ? gid : 0)) * a.q_hs;
+    const uint16_t* qp = io.q + int64_t(un.qrow) * io.q_rs + int64_t(hk * G + (has ? gid : 0)) * io.q_hs;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       qa[kk][0] = has ? *reinterpret_cast<const uint32_t*>(qp + kk * 16 + 2 * tig) : 0u;
@@ -169,11 +173,11 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun a) {
   }
   // The step's new rows for head hk, while the first tiles load: K chunks by threads [0, CH), V by [CH, 2CH).
   if (threadIdx.x < 2 * CH)
-    for (int w = blockIdx.x; w < a.n_writes; w += gridDim.x) {
+    for (int w = blockIdx.x; w < a.n_writes; w += a.n_units) {  // CTAs past n_units returned
       const DecWrite wr = a.writes[w];
       int32_t r;
       const uint16_t* blk = locate(a, a.seqs[wr.seq], wr.summary != 0, wr.row, r);
-      write_chunk(a, wr, blk, r, threadIdx.x / CH, hk, threadIdx.x % CH);
+      write_chunk(a, io, wr, blk, r, threadIdx.x / CH, hk, threadIdx.x % CH);
     }
   const float sl2 = a.scale * 1.4426950408889634f;  // scores in log2 units for ex2
   float m2 = -INFINITY, l = 0.f;                   // row gid: running max (log2 units) and this lane's sum
@@ -290,7 +294,8 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun a) {
 // flight together (a serial chain of merges over ~60 partials is latency bound). Fixed order throughout:
 // deterministic. Tokens with more than kMergeUnits units go through the smem weights in slices.
 constexpr int kMergeThreads = 512, kMergeUnits = kMergeThreads;
-__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const DecodeRun a) {
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const DecodeRun* __restrict__ plan, const DecodeTensors io) {
+  const DecodeRun& a = *plan;
   __shared__ float s_red[2][kMergeThreads / 32];
   __shared__ float s_w[kMergeUnits];
   __shared__ float s_acc[kMergeThreads];
@@ -339,8 +344,8 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const DecodeRun a)
     float L = 0.f, x = 0.f;
     for (int w = 0; w < NW; ++w) L += s_red[1][w];
     for (int j = 0; j < NU; ++j) x += s_acc[j * D + d];
-    a.out[t.row * a.o_rs + h * a.o_hs + d] = to_bf16(x / L);
-    if (d == 0 && a.lse) a.lse[int64_t(t.row) * a.Hq + h] = M + logf(L);
+    io.out[t.row * io.o_rs + h * io.o_hs + d] = to_bf16(x / L);
+    if (d == 0 && io.lse) io.lse[int64_t(t.row) * a.Hq + h] = M + logf(L);
   }
 }
 
@@ -356,8 +361,9 @@ int current_device() {
 // Whether the current device takes programmatic dependent launches (sm_90+).
 bool pdl_supported() { return compute_capability() >= 90; }
 
-// Launches kernel(a); with `pdl` the kernel may start while the previous kernel on the stream runs.
-void launch(void (*kernel)(DecodeRun), dim3 grid, int threads, int smem, bool pdl, const DecodeRun& a, cudaStream_t s) {
+// Launches kernel(plan, io); with `pdl` the kernel may start while the previous kernel on the stream runs.
+void launch(void (*kernel)(const DecodeRun*, DecodeTensors), dim3 grid, int threads, int smem, bool pdl,
+            const DecodeRun* plan, const DecodeTensors& io, cudaStream_t s) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(unsigned(threads));
@@ -368,11 +374,19 @@ void launch(void (*kernel)(DecodeRun), dim3 grid, int threads, int smem, bool pd
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  KSA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
+  KSA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, plan, io));
 }
 
+// What an attend launch needs: the host copy of the plan (grid), its device copy, the tensors.
+struct AttendLaunch {
+  const DecodeRun* host;
+  const DecodeRun* dev;
+  const DecodeTensors* io;
+  int64_t units;  // CTAs per KV head (>= host->n_units)
+};
+
 template <int D, int G>
-void attend_config(int* ctas_per_sm, const DecodeRun* a, cudaStream_t s, bool pdl) {
+void attend_config(int* ctas_per_sm, const AttendLaunch* a, cudaStream_t s, bool pdl) {
   using K = DecTraits<D, G>;
   // The smem attribute is set once per function and device (setting it again is harmless).
   static std::atomic<bool> configured[kMaxDevices] = {};
@@ -383,11 +397,12 @@ void attend_config(int* ctas_per_sm, const DecodeRun* a, cudaStream_t s, bool pd
   }
   if (ctas_per_sm)
     KSA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, attend_kernel<K>, K::THREADS, K::SMEM));
-  if (a) launch(attend_kernel<K>, dim3(unsigned(a->n_units), unsigned(a->Hkv)), K::THREADS, K::SMEM, pdl, *a, s);
+  if (a)
+    launch(attend_kernel<K>, dim3(unsigned(a->units), unsigned(a->host->Hkv)), K::THREADS, K::SMEM, pdl, a->dev, *a->io, s);
 }
 
 template <int D>
-void attend_d(int G, int* ctas_per_sm, const DecodeRun* a, cudaStream_t s, bool pdl) {
+void attend_d(int G, int* ctas_per_sm, const AttendLaunch* a, cudaStream_t s, bool pdl) {
   switch (G) {
     case 1: return attend_config<D, 1>(ctas_per_sm, a, s, pdl);
     case 2: return attend_config<D, 2>(ctas_per_sm, a, s, pdl);
@@ -401,7 +416,7 @@ void attend_d(int G, int* ctas_per_sm, const DecodeRun* a, cudaStream_t s, bool 
   }
 }
 
-void attend(int D, int G, int* ctas_per_sm, const DecodeRun* a, cudaStream_t s, bool pdl) {
+void attend(int D, int G, int* ctas_per_sm, const AttendLaunch* a, cudaStream_t s, bool pdl) {
   if (D == 64) attend_d<64>(G, ctas_per_sm, a, s, pdl);
   else if (D == 128) attend_d<128>(G, ctas_per_sm, a, s, pdl);
   else fail("cuda decode: head dim D=", D, " is not supported (64 or 128)");
@@ -417,14 +432,16 @@ int attend_ctas_per_sm(int D, int G) {
 
 int attend_tile_keys() { return DecTraits<128, 1>::TILE; }
 
-void launch_decode(const DecodeRun& a, cudaStream_t s) {
+void launch_decode(const DecodeRun& a, const DecodeRun* dev, const DecodeTensors& io, cudaStream_t s,
+                   int64_t unit_capacity) {
   if (a.n_units == 0) {  // no tokens (every token has at least its own row as a key)
-    if (a.n_writes > 0) launch(write_kernel, dim3(unsigned(a.n_writes)), 256, 0, false, a, s);
+    if (a.n_writes > 0) launch(write_kernel, dim3(unsigned(a.n_writes)), 256, 0, false, dev, io, s);
     return;
   }
   // No PDL for the attend kernel: its prologue reads q, which the kernel before it (the caller's) wrote.
-  attend(a.D, a.G, nullptr, &a, s, false);
-  launch(merge_kernel, dim3(unsigned(a.n_toks), unsigned(a.Hq)), kMergeThreads, 0, pdl_supported(), a, s);
+  const AttendLaunch al{&a, dev, &io, std::max<int64_t>(a.n_units, unit_capacity)};
+  attend(a.D, a.G, nullptr, &al, s, false);
+  launch(merge_kernel, dim3(unsigned(a.n_toks), unsigned(a.Hq)), kMergeThreads, 0, pdl_supported(), dev, io, s);
 }
 
 }  // namespace ksa::cuda::detail

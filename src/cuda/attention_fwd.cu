@@ -19,6 +19,7 @@
 
 #include "check.cuh"
 #include "cuda/attention_fwd.cuh"
+#include "ksa/cache.hpp"
 #include "launch_checks.hpp"
 #include "ksa/cuda.hpp"
 #include "ksa/error.hpp"
@@ -85,7 +86,8 @@ __global__ void __launch_bounds__(K::THREADS, K::MINB) fwd_kernel(const FwdArgs 
 
   const int qt = a.num_qtiles - 1 - int(blockIdx.x);  // heaviest tiles (most summaries) first
   const int h = blockIdx.y, b = blockIdx.z, hk = h / a.G;
-  const int g0 = qt * BQ, g1 = min(a.L, g0 + BQ);
+  int g0, g1;
+  query_tile<BQ>(a, qt, g0, g1);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, tig = lane & 3;
 
   KeyTileCursor cur(a.lay, key_spans(a.lay, a.W, g0, g1), BK);
@@ -344,6 +346,14 @@ void attention_forward(const AttentionParams& p, Stream stream) {
   a.Hq = int(p.Hq);
   a.G = int(p.group());
   a.L = int(p.L());
+  {  // the query rows: text rows from the q_begin's text count on, then summary rows from its summary count
+    const StreamCounts c = stream_counts(p.layout.k, p.layout.S, p.q_begin);
+    a.qa0 = int(c.T);
+    a.qa1 = int(p.layout.T);
+    a.qb0 = int(p.layout.T + c.sums);
+    a.qb1 = a.L;
+    if (p.q_begin == 0) a.qa0 = 0, a.qa1 = a.L, a.qb0 = a.qb1 = a.L;  // one range: the tiles as ever
+  }
   a.scale_log2 = p.softmax_scale() * 1.4426950408889634f;
   a.q = p.q.data;
   a.k = p.k.data;

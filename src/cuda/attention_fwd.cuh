@@ -17,12 +17,31 @@ struct FwdArgs {
   int64_t W;
   int W32;  // W clamped to int range (any W >= #chunks behaves the same)
   int Hq, G, L, num_qtiles;
+  // The query rows, gathered order: [qa0, qa1) then [qb0, qb1) (a whole stream: [0, L) and nothing).
+  int qa0, qa1, qb0, qb1;
   float scale_log2;  // softmax scale * log2(e)
   const void *q, *k, *v;
   void* out;
   float* lse;
   int64_t qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orow, oh;
 };
+
+// Query tile qt of the launch: rows [g0, g1) of the gathered order (ranges a, then b, in tiles of BQ).
+template <int BQ>
+__device__ __forceinline__ void query_tile(const FwdArgs& a, int qt, int& g0, int& g1) {
+  const int na = (a.qa1 - a.qa0 + BQ - 1) / BQ;
+  if (qt < na) {
+    g0 = a.qa0 + qt * BQ;
+    g1 = min(a.qa1, g0 + BQ);
+  } else {
+    g0 = a.qb0 + (qt - na) * BQ;
+    g1 = min(a.qb1, g0 + BQ);
+  }
+}
+
+inline int query_tiles(const FwdArgs& a, int BQ) {
+  return (a.qa1 - a.qa0 + BQ - 1) / BQ + (a.qb1 - a.qb0 + BQ - 1) / BQ;
+}
 
 // The epilogue of one query row g, shared by both kernels: its accumulators o (fragment layout: o[4j + 2hf + e]
 // holds column 8j + 2tig + e of row half hf) divided by the row's softmax sum l, written to out in stream
@@ -41,7 +60,8 @@ template <class K, class Kernel>
 void launch_fwd(Kernel kern, const FwdArgs& a, int B, cudaStream_t stream) {
   KSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
   FwdArgs args = a;
-  args.num_qtiles = (a.L + K::BQ - 1) / K::BQ;
+  args.num_qtiles = query_tiles(a, K::BQ);
+  if (args.num_qtiles == 0) return;
   const dim3 grid(unsigned(args.num_qtiles), unsigned(a.Hq), unsigned(B));
   kern<<<grid, K::THREADS, K::SMEM, stream>>>(args);
   KSA_CUDA_CHECK_LAUNCH();

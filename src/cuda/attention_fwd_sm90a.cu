@@ -60,7 +60,8 @@ __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs 
 
   const int qt = a.num_qtiles - 1 - int(blockIdx.x);  // heaviest tiles (most summaries) first
   const int h = int(blockIdx.y), b = int(blockIdx.z), hk = h / a.G;
-  const int g0 = qt * BQ, g1 = min(a.L, g0 + BQ);
+  int g0, g1;
+  query_tile<BQ>(a, qt, g0, g1);
   const int wg = int(threadIdx.x) / 128;
   if (wg == 2) {
     setmaxnreg_dec<K::PRODUCER_REGS>();

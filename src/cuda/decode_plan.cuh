@@ -47,7 +47,9 @@ struct DecWrite {
   int32_t src = 0, seq = 0, summary = 0, row = 0;
 };
 
-// The kernels' arguments (by value). Pointers into the plan's device workspace and the caller's tensors.
+// The plan's part of the kernels' arguments: uploaded with the plan (it heads the plan's device workspace) and
+// read by the kernels through a pointer, so that a launch whose plan changes from step to step keeps the same
+// kernel parameters (a CUDA graph of the step replays it; KvCacheGpu::launch).
 struct DecodeRun {
   // pool
   int32_t P = 16, Hkv = 1;
@@ -67,16 +69,19 @@ struct DecodeRun {
   const DecUnit* units = nullptr;
   const DecWrite* writes = nullptr;
   int32_t n_writes = 0, n_toks = 0, n_units = 0;
-  // tensors (bf16 bits), element strides
-  const uint16_t *q = nullptr, *k = nullptr, *v = nullptr;
-  uint16_t* out = nullptr;
-  float* lse = nullptr;
-  int64_t q_rs = 0, q_hs = 0, k_rs = 0, k_hs = 0, v_rs = 0, v_hs = 0, o_rs = 0, o_hs = 0;
   int32_t Hq = 1, G = 1, D = 128;
   float scale = 1.f;
   // split partials: acc [units, Hkv, G, D], (m, l) [units, Hkv, G]
   float* part_acc = nullptr;
   float2* part_ml = nullptr;
+};
+
+// The step's tensors (bf16 bits, element strides): kernel parameters by value.
+struct DecodeTensors {
+  const uint16_t *q = nullptr, *k = nullptr, *v = nullptr;
+  uint16_t* out = nullptr;
+  float* lse = nullptr;
+  int64_t q_rs = 0, q_hs = 0, k_rs = 0, k_hs = 0, v_rs = 0, v_hs = 0, o_rs = 0, o_hs = 0;
 };
 
 // CTAs of the attend kernel that fit on one SM (for the plan's split), and keys per attend tile (units are
@@ -85,7 +90,11 @@ int attend_ctas_per_sm(int D, int G);
 int attend_tile_keys();
 
 // Queues the split attention (which also writes the step's new K/V rows) and the merge; a plan without
-// tokens (a prefill's writes) runs the write kernel alone. No host reads or syncs.
-void launch_decode(const DecodeRun& r, cudaStream_t stream);
+// tokens (a prefill's writes) runs the write kernel alone. No host reads or syncs. `host` is the plan as
+// uploaded to `dev` (its counts size the grids); `unit_capacity` > n_units launches that many attend CTAs
+// per KV head, those past n_units returning at once (a graph captured with it replays later plans of up to
+// unit_capacity units).
+void launch_decode(const DecodeRun& host, const DecodeRun* dev, const DecodeTensors& t, cudaStream_t stream,
+                   int64_t unit_capacity = 0);
 
 }  // namespace ksa::cuda::detail

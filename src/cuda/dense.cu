@@ -7,6 +7,7 @@
 #include <cmath>
 #include <map>
 #include <tuple>
+#include <type_traits>
 
 #include "check.cuh"
 #include "ksa/cuda_dense.hpp"
@@ -67,11 +68,48 @@ __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* ids, int
 }
 
 // One block per row: x (optionally += h first) normalised with w (or ws on summary rows) into bf16 out.
-__global__ void rms_norm_kernel(float* x, const float* h, int64_t n, const void* w, const void* ws,
-                                const uint8_t* is_summary, float eps, __nv_bfloat16* out) {
+// One block per row. Rows of up to kNormVec·4·256 floats (n % 4 == 0, 16-byte aligned rows) are read once
+// with float4 loads held in registers (all loads in flight before the sum: a decode step's single row is
+// latency bound); others take the plain strided loop.
+constexpr int kNormThreads = 256, kNormVec = 4;
+__global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(float* x, const float* h, int64_t n, const void* w,
+                                                                const void* ws, const uint8_t* is_summary, float eps,
+                                                                __nv_bfloat16* out) {
   __shared__ float red[32];
   const int64_t r = blockIdx.x;
   float* xr = x + r * n;
+  const void* wr = (ws && is_summary && is_summary[r]) ? ws : w;
+  const bool vec = n % 4 == 0 && n <= int64_t(kNormVec) * 4 * kNormThreads;
+  if (vec) {
+    const int n4 = int(n / 4);
+    float4 v[kNormVec];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < kNormVec; ++j) {
+      const int i = threadIdx.x + j * kNormThreads;
+      v[j] = i < n4 ? reinterpret_cast<const float4*>(xr)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+      if (h && i < n4) {
+        const float4 d = reinterpret_cast<const float4*>(h + r * n)[i];
+        v[j].x += d.x, v[j].y += d.y, v[j].z += d.z, v[j].w += d.w;
+        reinterpret_cast<float4*>(xr)[i] = v[j];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kNormVec; ++j) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+    ss = block_sum(ss, red);
+    const float inv = rsqrtf(ss / float(n) + eps);
+#pragma unroll
+    for (int j = 0; j < kNormVec; ++j) {
+      const int i = threadIdx.x + j * kNormThreads;
+      if (i >= n4) break;
+      __nv_bfloat16* o = out + r * n + 4 * i;
+      o[0] = __float2bfloat16(v[j].x * inv * bf(wr, 4 * i));
+      o[1] = __float2bfloat16(v[j].y * inv * bf(wr, 4 * i + 1));
+      o[2] = __float2bfloat16(v[j].z * inv * bf(wr, 4 * i + 2));
+      o[3] = __float2bfloat16(v[j].w * inv * bf(wr, 4 * i + 3));
+    }
+    return;
+  }
   float ss = 0.f;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     float v = xr[i];
@@ -83,7 +121,6 @@ __global__ void rms_norm_kernel(float* x, const float* h, int64_t n, const void*
   }
   ss = block_sum(ss, red);
   const float inv = rsqrtf(ss / float(n) + eps);
-  const void* wr = (ws && is_summary && is_summary[r]) ? ws : w;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[r * n + i] = __float2bfloat16(xr[i] * inv * bf(wr, i));
 }
 
@@ -326,6 +363,132 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(float* logits, i
   }
 }
 
+// ------------------------------------------------------------------------------------ small-M products
+// y[m, n] = sum_k x[m, k] W[n, k] for M <= kGemvMaxM rows (decode: one row per sequence). A product this thin
+// is a read of W: a block of 256 threads takes kGemvRows rows of W, every thread a strided share of each row's
+// 16-byte chunks, all its loads issued before the sums (not kept in L1); x sits in shared memory; the sums
+// are reduced across the warp, then across the block's warps in shared memory. Enough blocks and bytes in
+// flight for a full read even where N is a few thousand rows and K long (the down projection). K % 8 == 0,
+// 16-byte aligned.
+constexpr int kGemvThreads = 256, kGemvRows = 4, kGemvUnroll = 2;
+
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
+  const __nv_bfloat162* x = reinterpret_cast<const __nv_bfloat162*>(&a);
+  const __nv_bfloat162* y = reinterpret_cast<const __nv_bfloat162*>(&b);
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 u = __bfloat1622float2(x[i]), v = __bfloat1622float2(y[i]);
+    s = fmaf(u.x, v.x, s);
+    s = fmaf(u.y, v.y, s);
+  }
+  return s;
+}
+
+template <int M, class YT>
+__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const uint4* __restrict__ x, int chunks,
+                                                            const uint4* __restrict__ W, int N, YT* __restrict__ y,
+                                                            int64_t ldy) {
+  extern __shared__ uint4 sx[];  // [M][chunks]
+  __shared__ float red[kGemvThreads / 32][kGemvRows * M];
+  for (int i = threadIdx.x; i < M * chunks; i += kGemvThreads) sx[i] = x[i];
+  __syncthreads();
+  const int n0 = blockIdx.x * kGemvRows;
+  const uint4* w[kGemvRows];
+#pragma unroll
+  for (int r = 0; r < kGemvRows; ++r) w[r] = W + int64_t(min(n0 + r, N - 1)) * chunks;
+  float acc[kGemvRows][M];
+#pragma unroll
+  for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+  for (int c0 = threadIdx.x; c0 < chunks; c0 += kGemvThreads * kGemvUnroll) {
+    uint4 a[kGemvUnroll][kGemvRows];
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u)
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r) {
+        const int c = c0 + kGemvThreads * u;
+        a[u][r] = c < chunks ? ld_stream16(w[r] + c) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) {
+      const int c = c0 + kGemvThreads * u;
+      if (c >= chunks) break;
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const uint4 xv = sx[m * chunks + c];
+#pragma unroll
+        for (int r = 0; r < kGemvRows; ++r) acc[r][m] += dot8(a[u][r], xv);
+      }
+    }
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float v = warp_sum(acc[r][m]);
+      if (lane == 0) red[warp][r * M + m] = v;
+    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kGemvRows * M; i += kGemvThreads) {
+    const int r = i / M, m = i % M;
+    if (n0 + r >= N) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int j = 0; j < kGemvThreads / 32; ++j) v += red[j][i];
+    if constexpr (std::is_same_v<YT, float>) y[m * ldy + n0 + r] = v;
+    else y[m * ldy + n0 + r] = __float2bfloat16_rn(v);
+  }
+}
+
+template <int M, class YT>
+void launch_gemv(const void* x, int64_t K, const void* W, int64_t N, void* y, int64_t ldy, cudaStream_t s) {
+  const int chunks = int(K / 8), smem = int(M * K * 2);
+  if (smem > 48 * 1024)
+    KSA_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<M, YT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  gemv_kernel<M, YT><<<blocks_for(N, kGemvRows), kGemvThreads, size_t(smem), s>>>(
+      static_cast<const uint4*>(x), chunks, static_cast<const uint4*>(W), int(N), static_cast<YT*>(y), ldy);
+  KSA_CUDA_CHECK_LAUNCH();
+}
+
+template <int M>
+void gemv_m(const void* x, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy, cudaStream_t s) {
+  if (ydt == DType::f32) launch_gemv<M, float>(x, K, W, N, y, ldy, s);
+  else launch_gemv<M, __nv_bfloat16>(x, K, W, N, y, ldy, s);
+}
+
+// Whether gemv() takes this product.
+bool gemv_fits(const void* x, int64_t M, int64_t K, const void* W, int64_t N) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return M >= 1 && M <= kGemvMaxM && K % 8 == 0 && M * K * 2 <= 200 * 1024 && N < (int64_t(1) << 31) &&
+         aligned(x) && aligned(W);
+}
+
+void gemv(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy,
+          cudaStream_t s) {
+  switch (M) {
+    case 1: return gemv_m<1>(x, K, W, N, y, ydt, ldy, s);
+    case 2: return gemv_m<2>(x, K, W, N, y, ydt, ldy, s);
+    case 3: return gemv_m<3>(x, K, W, N, y, ydt, ldy, s);
+    case 4: return gemv_m<4>(x, K, W, N, y, ydt, ldy, s);
+    case 5: return gemv_m<5>(x, K, W, N, y, ydt, ldy, s);
+    case 6: return gemv_m<6>(x, K, W, N, y, ydt, ldy, s);
+    case 7: return gemv_m<7>(x, K, W, N, y, ydt, ldy, s);
+    case 8: return gemv_m<8>(x, K, W, N, y, ydt, ldy, s);
+    default: fail("cuda linear: internal error: gemv with M=", M);
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------- Gemm
@@ -334,6 +497,7 @@ struct Gemm::Impl {
   cudaStream_t stream = nullptr;
   void* workspace = nullptr;
   size_t ws_bytes = size_t(32) << 20;
+  bool small_m = true;  // products of at most kGemvMaxM rows through gemv_kernel
   struct Plan {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
@@ -371,8 +535,9 @@ struct Gemm::Impl {
   }
 };
 
-Gemm::Gemm(Stream stream) : impl_(std::make_unique<Impl>()) {
+Gemm::Gemm(Stream stream, bool small_m_kernel) : impl_(std::make_unique<Impl>()) {
   impl_->stream = cs(stream);
+  impl_->small_m = small_m_kernel;
   KSA_CUBLAS_CHECK(cublasLtCreate(&impl_->handle));
   KSA_CUDA_CHECK(cudaMalloc(&impl_->workspace, impl_->ws_bytes));
 }
@@ -392,6 +557,7 @@ void Gemm::run(const void* x, int64_t M, int64_t K, const void* W, int64_t N, vo
   if (ldy == 0) ldy = N;
   if (M < 1 || K < 1 || N < 1 || ldy < N) fail("cuda linear: bad shape M=", M, " K=", K, " N=", N, " ldy=", ldy);
   if (ydt != DType::f32 && ydt != DType::bf16) fail("cuda linear: output must be f32 or bf16");
+  if (impl_->small_m && gemv_fits(x, M, K, W, N)) return gemv(x, M, K, W, N, y, ydt, ldy, impl_->stream);
   Impl::Plan& p = impl_->plan(M, K, N, ldy, ydt);
   const float alpha = 1.f, beta = 0.f;
   KSA_CUBLAS_CHECK(cublasLtMatmul(impl_->handle, p.op, &alpha, W, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo,
@@ -408,14 +574,14 @@ void embed_rows(const void* table, const int32_t* ids, int64_t n, int64_t H, flo
 void rms_norm(const float* x, int64_t rows, int64_t n, const void* w, const void* ws, const uint8_t* is_summary,
               float eps, void* out, Stream stream) {
   if (rows == 0) return;
-  rms_norm_kernel<<<unsigned(rows), 256, 0, cs(stream)>>>(const_cast<float*>(x), nullptr, n, w, ws, is_summary, eps,
+  rms_norm_kernel<<<unsigned(rows), kNormThreads, 0, cs(stream)>>>(const_cast<float*>(x), nullptr, n, w, ws, is_summary, eps,
                                                            static_cast<__nv_bfloat16*>(out));
   KSA_CUDA_CHECK_LAUNCH();
 }
 
 void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void* w, float eps, void* out, Stream stream) {
   if (rows == 0) return;
-  rms_norm_kernel<<<unsigned(rows), 256, 0, cs(stream)>>>(x, h, n, w, nullptr, nullptr, eps,
+  rms_norm_kernel<<<unsigned(rows), kNormThreads, 0, cs(stream)>>>(x, h, n, w, nullptr, nullptr, eps,
                                                            static_cast<__nv_bfloat16*>(out));
   KSA_CUDA_CHECK_LAUNCH();
 }

@@ -41,8 +41,10 @@ struct DeviceSlabs final : SlabAllocator {
 struct DeviceBuf {
   void* p = nullptr;
   size_t cap = 0;
+  uint64_t generation = 0;  // counts the moves
   void reserve(size_t bytes, cudaStream_t s) {
     if (bytes <= cap) return;
+    ++generation;
     KSA_CUDA_CHECK(cudaStreamSynchronize(s));
     const size_t n = std::max(bytes, cap * 2);
     cudaFree(p);
@@ -94,6 +96,25 @@ void check_tensor(const TensorView& t, const char* name, int64_t rows, int64_t H
   if (last >= (int64_t(1) << 31)) fail("cuda decode: ", name, " spans ", last, " elements, over 2^31 (packed rows are int32)");
 }
 
+// read_stream: one CTA per row; src[i] is the row's block (K [Hkv, P, D] then V), srow[i] its row in the block
+// and dst[i] its stream position; 16 bytes per thread.
+__global__ void __launch_bounds__(256) read_rows_kernel(const uint16_t* const* __restrict__ src,
+                                                         const int32_t* __restrict__ srow,
+                                                         const int32_t* __restrict__ dst, int P, int Hkv, int D,
+                                                         uint16_t* k, int64_t k_rs, int64_t k_hs, uint16_t* v,
+                                                         int64_t v_rs, int64_t v_hs) {
+  const uint16_t* blk = src[blockIdx.x];
+  const int r = srow[blockIdx.x];
+  const int64_t pos = dst[blockIdx.x];
+  const int cpr = D / 8, n = Hkv * cpr;
+  for (int i = threadIdx.x; i < 2 * n; i += blockDim.x) {
+    const int kv = i / n, h = (i - kv * n) / cpr, c = i - kv * n - h * cpr;
+    const uint16_t* from = blk + (int64_t(kv) * Hkv * P + int64_t(h) * P + r) * D;
+    uint16_t* to = kv == 0 ? k + pos * k_rs + h * k_hs : v + pos * v_rs + h * v_hs;
+    reinterpret_cast<uint4*>(to)[c] = reinterpret_cast<const uint4*>(from)[c];
+  }
+}
+
 }  // namespace
 
 bool supports(const KvCacheConfig& c, std::string* why) {
@@ -115,10 +136,13 @@ struct KvCacheGpu::Impl {
   int sms = 0;
   int ctas_per_sm[9] = {};  // attend CTAs per SM by GQA group size (queried on first use)
   std::optional<DecodePlan> plan;
-  DecodeRun run;
+  DecodeRun run;                     // the last upload's plan (host copy; its device copy at run_dev)
+  const DecodeRun* run_dev = nullptr;
+  DecodeTensors run_io;              // plan_decode(..., io): the tensors run() launches with
+  int64_t run_rows = 0;              // the last decode plan's rows (launch checks io against them)
   PlanStats stats;
-  DeviceBuf meta, partials;
-  Staging staging[2];
+  DeviceBuf meta, partials, read_meta;
+  Staging staging[2], read_staging;
   int next_staging = 0;
 
   Impl(const KvCacheConfig& cfg, Stream s, KvCacheGpuOptions o)
@@ -127,6 +151,7 @@ struct KvCacheGpu::Impl {
     KSA_CUDA_CHECK(cudaGetDevice(&dev));
     KSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     for (Staging& st : staging) KSA_CUDA_CHECK(cudaEventCreateWithFlags(&st.done, cudaEventDisableTiming));
+    KSA_CUDA_CHECK(cudaEventCreateWithFlags(&read_staging.done, cudaEventDisableTiming));
   }
   ~Impl() {
     // Nothing queued may outlive the buffers.
@@ -136,8 +161,7 @@ struct KvCacheGpu::Impl {
   // Builds the blob (sequences, tokens, units, writes, block addresses), uploads it with one async
   // copy and fills `run`. `write_only`: the plan's rows are a prefill (writes only, filtered by `keep`).
   template <class Keep>
-  void upload(const DecodePlan& p, const TensorView* q, const TensorView& k, const TensorView& v,
-              const TensorView* out, float* lse, float scale, int64_t Hq, bool write_only, Keep&& keep) {
+  void upload(const DecodePlan& p, float scale, int64_t Hq, bool write_only, Keep&& keep) {
     const KvCacheConfig& cfg = cache.config();
     const int64_t Kk = p.k, S = p.S, W = p.W, P = cfg.block_rows, Hkv = cfg.Hkv, D = cfg.D, G = Hq / Hkv;
     const bool stored = cfg.stores_summaries();
@@ -247,27 +271,14 @@ struct KvCacheGpu::Impl {
       off = align16(off + bytes);
       return o;
     };
-    const size_t o_seqs = section(seqs.size() * sizeof(DecSeq)),
+    const size_t o_run = section(sizeof(DecodeRun)), o_seqs = section(seqs.size() * sizeof(DecSeq)),
                  o_toks = section(toks.size() * sizeof(DecTok)), o_units = section(units.size() * sizeof(DecUnit)),
                  o_writes = section(writes.size() * sizeof(DecWrite)), o_tables = section(addr.size() * sizeof(void*)),
                  o_ublocks = section(uaddr.size() * sizeof(void*));
-    const size_t bytes = std::max<size_t>(off, 16);
+    const size_t bytes = off;
     meta.reserve(bytes, stream);
     const size_t part_bytes = align16(units.size() * size_t(Hkv * G * D) * 4) + units.size() * size_t(Hkv * G) * 8;
     partials.reserve(std::max<size_t>(part_bytes, 16), stream);
-    Staging& stg = staging[next_staging];
-    next_staging ^= 1;
-    stg.reserve(bytes);
-    char* h = static_cast<char*>(stg.p);
-    std::memcpy(h + o_seqs, seqs.data(), seqs.size() * sizeof(DecSeq));
-    std::memcpy(h + o_toks, toks.data(), toks.size() * sizeof(DecTok));
-    std::memcpy(h + o_units, units.data(), units.size() * sizeof(DecUnit));
-    std::memcpy(h + o_writes, writes.data(), writes.size() * sizeof(DecWrite));
-    std::memcpy(h + o_tables, addr.data(), addr.size() * sizeof(void*));
-    std::memcpy(h + o_ublocks, uaddr.data(), uaddr.size() * sizeof(void*));
-    KSA_CUDA_CHECK(cudaMemcpyAsync(meta.p, h, off, cudaMemcpyHostToDevice, stream));
-    KSA_CUDA_CHECK(cudaEventRecord(stg.done, stream));
-    stg.pending = true;
 
     char* d = static_cast<char*>(meta.p);
     DecodeRun& a = run;
@@ -285,18 +296,59 @@ struct KvCacheGpu::Impl {
     a.n_writes = int32_t(writes.size());
     a.n_toks = int32_t(toks.size());
     a.n_units = int32_t(units.size());
-    a.k = static_cast<const uint16_t*>(k.data);
-    a.v = static_cast<const uint16_t*>(v.data);
-    a.k_rs = k.row_stride, a.k_hs = k.head_stride, a.v_rs = v.row_stride, a.v_hs = v.head_stride;
-    if (q) a.q = static_cast<const uint16_t*>(q->data), a.q_rs = q->row_stride, a.q_hs = q->head_stride;
-    if (out) a.out = static_cast<uint16_t*>(out->data), a.o_rs = out->row_stride, a.o_hs = out->head_stride;
-    a.lse = lse;
     a.Hq = int32_t(Hq);
     a.G = int32_t(G);
     a.D = int32_t(D);
     a.scale = scale;
     a.part_acc = static_cast<float*>(partials.p);
     a.part_ml = reinterpret_cast<float2*>(static_cast<char*>(partials.p) + align16(units.size() * size_t(Hkv * G * D) * 4));
+    run_dev = reinterpret_cast<const DecodeRun*>(d + o_run);
+
+    Staging& stg = staging[next_staging];
+    next_staging ^= 1;
+    stg.reserve(bytes);
+    char* h = static_cast<char*>(stg.p);
+    std::memcpy(h + o_run, &a, sizeof(DecodeRun));
+    std::memcpy(h + o_seqs, seqs.data(), seqs.size() * sizeof(DecSeq));
+    std::memcpy(h + o_toks, toks.data(), toks.size() * sizeof(DecTok));
+    std::memcpy(h + o_units, units.data(), units.size() * sizeof(DecUnit));
+    std::memcpy(h + o_writes, writes.data(), writes.size() * sizeof(DecWrite));
+    std::memcpy(h + o_tables, addr.data(), addr.size() * sizeof(void*));
+    std::memcpy(h + o_ublocks, uaddr.data(), uaddr.size() * sizeof(void*));
+    KSA_CUDA_CHECK(cudaMemcpyAsync(meta.p, h, off, cudaMemcpyHostToDevice, stream));
+    KSA_CUDA_CHECK(cudaEventRecord(stg.done, stream));
+    stg.pending = true;
+  }
+
+  static DecodeTensors tensors(const TensorView* q, const TensorView& k, const TensorView& v, const TensorView* out,
+                               float* lse) {
+    DecodeTensors t;
+    t.k = static_cast<const uint16_t*>(k.data);
+    t.v = static_cast<const uint16_t*>(v.data);
+    t.k_rs = k.row_stride, t.k_hs = k.head_stride, t.v_rs = v.row_stride, t.v_hs = v.head_stride;
+    if (q) t.q = static_cast<const uint16_t*>(q->data), t.q_rs = q->row_stride, t.q_hs = q->head_stride;
+    if (out) t.out = static_cast<uint16_t*>(out->data), t.o_rs = out->row_stride, t.o_hs = out->head_stride;
+    t.lse = lse;
+    return t;
+  }
+
+  // Validates the step's tensors against the last plan (its rows, the heads).
+  DecodeTensors checked_tensors(const DecodeIO& io, int64_t rows) const {
+    const KvCacheConfig& cfg = cache.config();
+    if (io.Hq != run.Hq) fail("cuda decode: io.Hq is ", io.Hq, " but the step was planned for Hq=", run.Hq);
+    if (io.dtype != DType::bf16) fail("cuda decode: dtype must be bf16 (got ", dtype_name(io.dtype), ")");
+    check_tensor(io.q, "q", rows, io.Hq, cfg.D);
+    check_tensor(io.k, "k", rows, cfg.Hkv, cfg.D);
+    check_tensor(io.v, "v", rows, cfg.Hkv, cfg.D);
+    check_tensor(io.out, "out", rows, io.Hq, cfg.D);
+    return tensors(&io.q, io.k, io.v, &io.out, io.lse);
+  }
+
+  void check_head_args(int64_t Hq, float scale) const {
+    const KvCacheConfig& cfg = cache.config();
+    if (Hq < 1 || Hq % cfg.Hkv != 0 || Hq / cfg.Hkv > 8)
+      fail("cuda decode: Hq must be Hkv * G with G in 1..8 (Hkv=", cfg.Hkv, ", got Hq=", Hq, ")");
+    if (!(scale >= 0.f) || !std::isfinite(scale)) fail("cuda decode: scale must be finite and >= 0 (got ", scale, ")");
   }
 
   void check_step(std::span<const SeqId> ids, std::span<const int64_t> n_new) const {
@@ -376,10 +428,10 @@ void KvCacheGpu::prefill(SeqId id, const KvRows& k, const KvRows& v) {
   try {
     const TensorView kv{const_cast<void*>(k.data), 0, k.row_stride, k.head_stride};
     const TensorView vv{const_cast<void*>(v.data), 0, v.row_stride, v.head_stride};
-    m.upload(plan, nullptr, kv, vv, nullptr, nullptr, 1.f, cfg.Hkv, true, [&](const ksa::detail::DecodeKeys& d) {
+    m.upload(plan, 1.f, cfg.Hkv, true, [&](const ksa::detail::DecodeKeys& d) {
       return d.is_summary ? d.row >= s_keep : d.row >= lo;
     });
-    launch_decode(m.run, m.stream);
+    launch_decode(m.run, m.run_dev, Impl::tensors(nullptr, kv, vv, nullptr, nullptr), m.stream);
   } catch (...) {
     m.cache.cancel_decode(plan);
     throw;
@@ -387,37 +439,96 @@ void KvCacheGpu::prefill(SeqId id, const KvRows& k, const KvRows& v) {
   m.cache.commit_decode(plan);
 }
 
+void KvCacheGpu::read_stream(SeqId id, int64_t text_begin, int64_t sum_begin, const TensorView& k, const TensorView& v) {
+  Impl& m = *impl_;
+  const KvCacheConfig& cfg = m.cache.config();
+  const SeqKvView sv = m.cache.view(id);
+  const KvPoolView pv = m.cache.pool_view();
+  const int64_t K = cfg.spec.k, S = cfg.spec.S, P = cfg.block_rows;
+  const int64_t lo = live_text_begin(K, S, cfg.spec.W, sv.T, sv.sums);
+  if (text_begin < lo || text_begin > sv.T)
+    fail("KvCacheGpu::read_stream: text rows from ", text_begin, ": the cache holds text rows [", lo, ", ", sv.T, ")");
+  const int64_t sum_end = cfg.stores_summaries() ? sv.sums : sum_begin;
+  if (sum_begin < 0 || sum_begin > sum_end)
+    fail("KvCacheGpu::read_stream: summary rows from ", sum_begin, ": the cache holds [0, ", sum_end, ")");
+  const int64_t n = (sv.T - text_begin) + (sum_end - sum_begin);
+  if (n == 0) return;
+  check_tensor(k, "k", sv.T + sv.sums, cfg.Hkv, cfg.D);
+  check_tensor(v, "v", sv.T + sv.sums, cfg.Hkv, cfg.D);
+  // Host tables: block address, row in block, stream position per row.
+  const size_t bytes = size_t(n) * (sizeof(void*) + 8);
+  m.read_staging.reserve(bytes);
+  char* h = static_cast<char*>(m.read_staging.p);
+  auto* src = reinterpret_cast<const void**>(h);
+  auto* srow = reinterpret_cast<int32_t*>(h + size_t(n) * sizeof(void*));
+  int32_t* dst = srow + n;
+  const Layout lay(K, S, cfg.max_text_tokens);
+  int64_t i = 0;
+  for (int64_t t = text_begin; t < sv.T; ++t, ++i) {
+    const KvRowRef r = sv.text_row(pv, t);
+    src[i] = pv.block(r.block), srow[i] = int32_t(r.row), dst[i] = int32_t(lay.text_to_stream(t));
+  }
+  for (int64_t s = sum_begin; s < sum_end; ++s, ++i) {
+    const KvRowRef r = sv.summary_row(pv, S, s);
+    src[i] = pv.block(r.block), srow[i] = int32_t(r.row), dst[i] = int32_t(lay.summary_to_stream(s / S, s % S));
+  }
+  m.read_meta.reserve(bytes, m.stream);
+  KSA_CUDA_CHECK(cudaMemcpyAsync(m.read_meta.p, h, bytes, cudaMemcpyHostToDevice, m.stream));
+  KSA_CUDA_CHECK(cudaEventRecord(m.read_staging.done, m.stream));
+  m.read_staging.pending = true;
+  const char* d = static_cast<const char*>(m.read_meta.p);
+  read_rows_kernel<<<unsigned(n), 256, 0, m.stream>>>(
+      reinterpret_cast<const uint16_t* const*>(d), reinterpret_cast<const int32_t*>(d + size_t(n) * sizeof(void*)),
+      reinterpret_cast<const int32_t*>(d + size_t(n) * sizeof(void*)) + n, int(P), int(cfg.Hkv), int(cfg.D),
+      static_cast<uint16_t*>(k.data), k.row_stride, k.head_stride, static_cast<uint16_t*>(v.data), v.row_stride,
+      v.head_stride);
+  KSA_CUDA_CHECK(cudaGetLastError());
+}
+
 void KvCacheGpu::plan_decode(std::span<const SeqId> ids, std::span<const int64_t> n_new, const DecodeIO& io) {
+  Impl& m = *impl_;
+  plan_decode(ids, n_new, io.Hq, io.scale);
+  try {
+    m.run_io = m.checked_tensors(io, m.run_rows);
+  } catch (...) {
+    cancel_decode();
+    throw;
+  }
+}
+
+void KvCacheGpu::plan_decode(std::span<const SeqId> ids, std::span<const int64_t> n_new, int64_t Hq, float scale) {
   Impl& m = *impl_;
   if (m.plan) fail("KvCacheGpu::plan_decode: a decode step is planned but not committed or cancelled");
   const KvCacheConfig& cfg = m.cache.config();
-  if (io.Hq < 1 || io.Hq % cfg.Hkv != 0 || io.Hq / cfg.Hkv > 8)
-    fail("cuda decode: Hq must be Hkv * G with G in 1..8 (Hkv=", cfg.Hkv, ", got Hq=", io.Hq, ")");
-  if (io.dtype != DType::bf16) fail("cuda decode: dtype must be bf16 (got ", dtype_name(io.dtype), ")");
-  if (!(io.scale >= 0.f) || !std::isfinite(io.scale)) fail("cuda decode: scale must be finite and >= 0 (got ", io.scale, ")");
+  m.check_head_args(Hq, scale);
   m.check_step(ids, n_new);  // also throws for unknown ids
   DecodePlan plan = m.cache.plan_decode(ids, n_new);
   try {
-    const int64_t R = plan.rows;
-    check_tensor(io.q, "q", R, io.Hq, cfg.D);
-    check_tensor(io.k, "k", R, cfg.Hkv, cfg.D);
-    check_tensor(io.v, "v", R, cfg.Hkv, cfg.D);
-    check_tensor(io.out, "out", R, io.Hq, cfg.D);
-    const float scale = io.scale != 0.f ? io.scale : 1.f / std::sqrt(float(cfg.D));
-    m.upload(plan, &io.q, io.k, io.v, &io.out, io.lse, scale, io.Hq, false,
+    m.upload(plan, scale != 0.f ? scale : 1.f / std::sqrt(float(cfg.D)), Hq, false,
              [](const ksa::detail::DecodeKeys&) { return true; });
   } catch (...) {
     m.cache.cancel_decode(plan);
     throw;
   }
+  m.run_rows = plan.rows;
+  m.run_io = DecodeTensors{};
   m.plan = std::move(plan);
 }
 
 void KvCacheGpu::run() {
   Impl& m = *impl_;
   if (!m.plan) fail("KvCacheGpu::run: no decode step is planned");
-  launch_decode(m.run, m.stream);
+  if (!m.run_io.q && m.run_rows > 0) fail("KvCacheGpu::run: the step was planned without tensors: use launch(io)");
+  launch_decode(m.run, m.run_dev, m.run_io, m.stream);
 }
+
+void KvCacheGpu::launch(const DecodeIO& io, int64_t unit_capacity) {
+  Impl& m = *impl_;
+  if (!m.run_dev || m.run.n_toks == 0) fail("KvCacheGpu::launch: no decode step was planned");
+  launch_decode(m.run, m.run_dev, m.checked_tensors(io, m.run_rows), m.stream, unit_capacity);
+}
+
+uint64_t KvCacheGpu::workspace_generation() const { return impl_->meta.generation; }
 
 void KvCacheGpu::commit_decode() {
   Impl& m = *impl_;
@@ -431,6 +542,8 @@ void KvCacheGpu::cancel_decode() {
   if (!m.plan) fail("KvCacheGpu::cancel_decode: no decode step is planned");
   m.cache.cancel_decode(*m.plan);
   m.plan.reset();
+  m.run_dev = nullptr;
+  m.run = DecodeRun{};
 }
 
 }  // namespace ksa::cuda

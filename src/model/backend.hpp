@@ -50,10 +50,13 @@ enum class Rows : uint8_t { summary, logits };
 struct StepSeq {
   SeqId cache_id = -1;  // the sequence's id in every layer's cache (the same in all layers)
   int64_t row0 = 0, n = 0;  // its new stream rows [row0, row0 + n) of the step
-  bool fresh = false;   // nothing cached yet: attend with the prefill kernel over these rows alone
+  // Attend with the prefill kernel (a prompt, or a piece of one): over these rows and the `cached` stream
+  // rows the cache holds before them (0: a fresh sequence). Otherwise: the decode kernel through the cache.
+  bool fresh = false;
+  int64_t cached = 0;
 };
 
-// Continuing sequences (fresh false) come first in `seqs`, their rows packed from row 0; fresh ones follow.
+// Decoding sequences (fresh false) come first in `seqs`, their rows packed from row 0; prefill ones follow.
 struct StepDesc {
   std::vector<int32_t> ids;        // [n] embedding row per stream row
   std::vector<int32_t> positions;  // [n] RoPE positions
@@ -85,6 +88,9 @@ class Backend {
   // Text tokens one continuation (not fresh) of a sequence holding T text tokens may add in one step
   // (beyond: the model splits the step).
   virtual int64_t max_continuation_tokens(int64_t T) const = 0;
+  // Text tokens of one prefill piece (a longer prompt runs in pieces, each attending over the cache's rows
+  // and its own: activations stay bounded by the piece, not the prompt).
+  virtual int64_t max_prefill_tokens() const { return int64_t(1) << 62; }
 
   // Steps.
   virtual void begin_step(const StepDesc& step) = 0;
@@ -123,6 +129,9 @@ class Backend {
   virtual void sample(const Act& logits, std::span<const SampleReq> reqs, std::span<int32_t> out) = 0;
   // Waits for the step's work (errors of asynchronous work surface here).
   virtual void finish_step() = 0;
+  // Steps of the backend's lifetime run as graph replays / captures (CUDA; 0 elsewhere).
+  virtual int64_t graph_replays() const { return 0; }
+  virtual int64_t graph_captures() const { return 0; }
 
   // Device memory: peak and current bytes the backend allocated (0 on the CPU).
   virtual int64_t device_bytes_peak() const { return 0; }
@@ -133,6 +142,10 @@ class Backend {
 struct BackendOptions {
   int threads = 0;  // CPU threads
   int64_t continuation_tokens = 128;  // CUDA: text tokens per continuation step (sets the ring slack)
+  int64_t prefill_tokens = 1024;      // CUDA: text tokens per prefill piece (max_prefill_tokens)
+  int64_t q_heads = 1;                // query heads (CUDA plans a step's decode at begin_step)
+  bool cuda_graphs = true;            // CUDA: replay continuation steps as graphs (ModelOptions::cuda_graphs)
+  bool cuda_gemv = true;              // CUDA: ksa's GEMV for products of <= 8 rows (ModelOptions::cuda_gemv)
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const BackendOptions& opt);

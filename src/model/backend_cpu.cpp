@@ -151,6 +151,7 @@ class CpuBackend final : public Backend {
     int64_t cont_rows = 0;
     for (const StepSeq& s : step_->seqs) {
       if (s.fresh) {
+        if (s.cached != 0) fail("engine: internal error: the CPU backend prefills fresh sequences only");
         const StreamCounts end = stream_counts(cc.spec.k, cc.spec.S, s.n);
         AttentionParams p = dense_params(Layout(cc.spec.k, cc.spec.S, end.T, false), W, 1, Hq, Hkv, D, kv_dtype_,
                                          {at(qc, s.row0, Hq), at(kc, s.row0, Hkv), at(vc, s.row0, Hkv),

@@ -30,6 +30,7 @@ struct Piece {
   bool all_logits = false;  // every text row's logits
   bool last_logits = false; // the last text row's logits (also when sampling)
   bool sample = false;
+  bool prefill = false;     // attend with the prefill kernel (else the decode kernel through the cache)
 };
 
 }  // namespace
@@ -121,7 +122,7 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   const float eps = float(cfg.rms_norm_eps);
   engine::Backend& b = *be;
 
-  // The step's rows: continuing sequences first (their rows packed from 0), then fresh ones.
+  // The step's rows: decoding sequences first (their rows packed from 0), then prefill pieces.
   desc.ids.clear();
   desc.positions.clear();
   desc.summary_rows.clear();
@@ -129,11 +130,8 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   desc.seqs.clear();
   std::vector<size_t> order;
   for (int pass = 0; pass < 2; ++pass)
-    for (size_t i = 0; i < pieces.size(); ++i) {
-      const Seq& s = find(items[pieces[i].item].id, "step");
-      const bool fresh = s.T == 0 && s.sums == 0;
-      if (fresh == (pass == 1)) order.push_back(i);
-    }
+    for (size_t i = 0; i < pieces.size(); ++i)
+      if (pieces[i].prefill == (pass == 1)) order.push_back(i);
   struct Out {
     size_t piece;
     int64_t first, count;  // logits rows of this piece among desc.logits_rows
@@ -145,7 +143,8 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
     engine::StepSeq ss;
     ss.cache_id = s.cache_id;
     ss.row0 = desc.rows();
-    ss.fresh = s.T == 0 && s.sums == 0;
+    ss.fresh = pc.prefill;
+    ss.cached = s.T + s.sums;
     const std::vector<int32_t> text_rows = add_stream(s.T, pc.tokens);
     ss.n = desc.rows() - ss.row0;
     desc.seqs.push_back(ss);
@@ -287,6 +286,11 @@ Model Model::load(const std::string& dir, const ModelOptions& opt) {
 
   engine::BackendOptions bo;
   bo.threads = opt.threads;
+  bo.q_heads = cfg.num_attention_heads;
+  bo.cuda_graphs = opt.cuda_graphs;
+  bo.cuda_gemv = opt.cuda_gemv;
+  if (opt.prefill_tokens < 0) fail("Model: prefill_tokens must be >= 0 (got ", opt.prefill_tokens, ")");
+  if (opt.prefill_tokens > 0) bo.prefill_tokens = opt.prefill_tokens;
   m->be = opt.device == Device::cuda ? engine::make_cuda_backend(bo) : engine::make_cpu_backend(bo);
   engine::Backend& be = *m->be;
 
@@ -367,6 +371,8 @@ Model Model::load(const std::string& dir, const ModelOptions& opt) {
 std::string Model::backend_name() const { return impl_->be->name(); }
 int64_t Model::device_bytes_peak() const { return impl_->be->device_bytes_peak(); }
 int64_t Model::device_bytes_free() const { return impl_->be->device_bytes_free(); }
+int64_t Model::graph_replays() const { return impl_->be->graph_replays(); }
+int64_t Model::graph_captures() const { return impl_->be->graph_captures(); }
 
 const char* to_string(Device d) { return d == Device::cuda ? "cuda" : "cpu"; }
 
@@ -417,8 +423,9 @@ void Model::step(std::span<const StepItem> items, StepResult& out) {
       if (items[j].id == items[i].id) fail("Model::step: sequence ", items[i].id, " appears twice in one step");
   }
   const int64_t V = m.cfg.logits_size();
-  // Pieces: a fresh sequence runs its tokens at once (the prefill kernel); a continuing one in pieces the
-  // backend's decode takes in one step. Round r runs every item's r-th piece.
+  // Pieces: a prompt (the first tokens of a fresh sequence, or more tokens than the backend's decode takes in
+  // one step) runs through the prefill kernel in pieces of at most max_prefill_tokens; a few tokens of a
+  // continuing sequence through the decode kernel. Round r runs every item's r-th piece.
   std::vector<std::vector<Piece>> rounds;
   for (size_t i = 0; i < items.size(); ++i) {
     const StepItem& it = items[i];
@@ -427,8 +434,11 @@ void Model::step(std::span<const StepItem> items, StepResult& out) {
     const size_t n = it.tokens.size();
     size_t r = 0;
     for (size_t a = 0; a < n; ++r) {
-      const size_t len = fresh && a == 0 ? n : std::min<size_t>(n - a, size_t(m.be->max_continuation_tokens(s.T + int64_t(a))));
+      const size_t rest = n - a;
+      const bool prefill = (fresh && a == 0) || rest > size_t(m.be->max_continuation_tokens(s.T + int64_t(a)));
+      const size_t len = prefill ? std::min<size_t>(rest, size_t(m.be->max_prefill_tokens())) : rest;
       Piece pc;
+      pc.prefill = prefill;
       pc.item = i;
       pc.tokens = it.tokens.subspan(a, len);
       a += len;

@@ -26,6 +26,10 @@ check "unknown flag" 2 "unknown flag|--bogus" -- "$KSA" generate --bogus
 check "missing model dir" nz "/nonexistent/model" -- "$KSA" generate -m /nonexistent/model -p hi
 check "missing prompt" nz "prompt|-p" -- "$KSA" generate -m /nonexistent/model
 check "unknown command" nz "unknown command|frobnicate" -- "$KSA" frobnicate
+check "a misspelt command" 2 "unknown command 'generat' \(did you mean 'generate'\?\)" -- "$KSA" generat
+check "a misspelt flag" 2 "unknown flag '--tmep' \(did you mean '--temp'\?\)" -- "$KSA" generate --tmep 1
+check "no suggestion far from any flag" 2 "unknown flag '--bogus'$" -- "$KSA" generate --bogus
+check "version" 0 "^ksa [0-9]+\.[0-9]+\.[0-9]+$" -- "$KSA" --version
 
 rm -rf "$DIR"
 if ! "$KSA" make-model --shape tiny --out "$DIR" >/dev/null 2>&1 || [ ! -f "$DIR/tokenizer.json" ]; then
@@ -35,6 +39,11 @@ fi
 PROMPT="Kwai Summary Attention compresses the cache of old chunks into summary tokens, so"
 check "prompt longer than the context" nz "context" -- "$KSA" generate -m "$DIR" -p "$PROMPT" --ctx 4
 check "bad sampler value" nz "top_p|top-p" -- "$KSA" generate -m "$DIR" -p hi --temp 0.7 --top-p 1.5
+# -i: turns from a pipe; /reset starts over; turn 3 continues turn 2's cache (its new tokens only).
+conv() { printf 'hello there\n/reset\nsecond try\nand a follow-up\n/exit\n' | "$KSA" generate -m "$DIR" -i -n 6 -t 1; }
+check "conversation: three turns" 0 "turn 3: [0-9]+ new prompt tokens \(" -- conv
+check "conversation: reset" 0 "conversation reset" -- conv
+check "no prompt without -i" 2 "or -i for a conversation" -- "$KSA" generate -m "$DIR"
 
 gen() { "$KSA" generate -m "$DIR" -p "$PROMPT" -n 40 --no-display-prompt "$@" 2>/dev/null; }
 g1=$(gen -t 1); g2=$(gen -t 2)

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -167,6 +168,51 @@ TEST(CudaEngine, PrefillAndDecodeMatchTheCpuEngine) {
   }
 }
 
+// A prompt run in prefill pieces (ModelOptions::prefill_tokens: 7 and 24 text tokens, so that pieces end
+// inside and at the ends of chunks, and W-chunk windows span several pieces), then a continuation of 150
+// tokens (more than one decode step takes: prefill pieces attending over the cache), then single tokens:
+// every logit against the CPU engine (same tolerance as a whole prefill), and the pieces' GPU logits against
+// the GPU's one-piece prefill of the same text.
+TEST(CudaEngine, PrefillPiecesMatchTheCpuEngine) {
+  REQUIRE_GPU();
+  for (size_t vi : {size_t(0), size_t(1), size_t(3), size_t(4)}) {
+    const Variant v = variants()[vi];
+    SCOPED_TRACE(v.name);
+    Pair p(v);
+    std::mt19937_64 rng(v.seed + 5);
+    const std::vector<int32_t> prompt = random_text(rng, 203), more = random_text(rng, 150), tail = random_text(rng, 9);
+    auto run = [&](Model& m) {
+      const SeqId id = m.new_sequence();
+      std::vector<float> all, lg;
+      for (std::span<const int32_t> part : {std::span<const int32_t>(prompt), std::span<const int32_t>(more)}) {
+        lg.resize(part.size() * size_t(m.vocab()));
+        m.append(id, part, LogitsFor::all, lg);
+        all.insert(all.end(), lg.begin(), lg.end());
+      }
+      lg.resize(size_t(m.vocab()));
+      for (int32_t t : tail) {
+        m.append(id, std::span<const int32_t>(&t, 1), LogitsFor::last, lg);
+        all.insert(all.end(), lg.begin(), lg.end());
+      }
+      m.release(id);
+      return all;
+    };
+    const std::vector<float> want = run(p.cpu), whole = run(p.gpu);
+    for (int64_t piece : {int64_t(7), int64_t(24)}) {
+      ModelOptions o;
+      o.device = Device::cuda;
+      o.threads = 2;
+      o.prefill_tokens = piece;
+      Model g = Model::load(p.dir.str(), o);
+      const std::vector<float> got = run(g);
+      const Err e = compare(got, want), ew = compare(got, whole);
+      EXPECT_TRUE(close(e)) << "pieces of " << piece << " vs the CPU engine";
+      EXPECT_TRUE(close(ew)) << "pieces of " << piece << " vs one GPU prefill";
+      report("pieces", v.name + " /" + std::to_string(piece), e);
+    }
+  }
+}
+
 // The same sequences alone and inside a mixed batch (prompt chunks, single tokens, a sequence joining late,
 // one released mid-way) give the same logits on the GPU (the batch changes only the rows of the products).
 // Run twice: with every layer storing summaries, and with a context of 250 where layer 3 (W*k = 256 >= 250)
@@ -223,6 +269,66 @@ TEST_P(CudaEngineBatch, MixedBatchEqualsSequencesAlone) {
 }
 INSTANTIATE_TEST_SUITE_P(Contexts, CudaEngineBatch, ::testing::Values(int64_t(0), int64_t(250)));
 
+// CUDA graphs: steps that only continue sequences are replayed from a graph of the whole forward (captured
+// the second time a shape runs). Replays must give exactly the logits of eager launches (the same kernels on
+// the same inputs; a graph's attend grid has spare CTAs that return at once): a batch of three decoding
+// sequences (steps of 3 to 6 rows as chunks complete) over 300 steps, past window wrap-around and past plans
+// that outgrow a graph's attend capacity (a power of two of work units: captured anew), then a single
+// sequence after the others are released.
+TEST(CudaEngine, GraphReplaysEqualEagerLaunches) {
+  REQUIRE_GPU();
+  for (size_t vi : {size_t(0), size_t(3)}) {
+    const Variant v = variants()[vi];
+    Pair p(v);
+    ModelOptions o;
+    o.device = Device::cuda;
+    o.threads = 2;
+    o.cuda_graphs = false;
+    Model eager = Model::load(p.dir.str(), o);
+    Model& graphs = p.gpu;
+    std::mt19937_64 rng(13);
+    std::vector<std::vector<int32_t>> prompts;
+    for (int64_t n : {50, 170, 9}) prompts.push_back(random_text(rng, n));
+    std::vector<SeqId> ig, ie;
+    for (const auto& pr : prompts) {
+      ig.push_back(graphs.new_sequence());
+      ie.push_back(eager.new_sequence());
+      std::vector<float> a(size_t(graphs.vocab())), b(a.size());
+      graphs.append(ig.back(), pr, LogitsFor::last, a);
+      eager.append(ie.back(), pr, LogitsFor::last, b);
+      EXPECT_EQ(a, b);
+    }
+    const std::vector<int32_t> toks = random_text(rng, 3 * 300 + 100);
+    size_t next = 0, mismatched = 0;
+    double worst = 0;
+    StepResult rg, re;
+    for (int step = 0; step < 400; ++step) {
+      if (step == 300) {  // one sequence goes on alone
+        for (size_t i = 1; i < ig.size(); ++i) graphs.release(ig[i]), eager.release(ie[i]);
+        ig.resize(1), ie.resize(1);
+      }
+      std::vector<StepItem> sg, se;
+      for (size_t i = 0; i < ig.size(); ++i, ++next) {
+        const std::span<const int32_t> t(&toks[next % toks.size()], 1);
+        sg.push_back(StepItem{ig[i], t, LogitsFor::last, nullptr, {}});
+        se.push_back(StepItem{ie[i], t, LogitsFor::last, nullptr, {}});
+      }
+      graphs.step(sg, rg);
+      eager.step(se, re);
+      if (rg.logits != re.logits) {
+        ++mismatched;
+        for (size_t j = 0; j < rg.logits.size(); ++j) worst = std::max(worst, double(std::abs(rg.logits[j] - re.logits[j])));
+      }
+    }
+    std::printf("[cuda engine] %s: %lld of 400 steps replayed, %lld graphs captured; %zu steps differ from eager "
+                "(max |diff| %g)\n", v.name.c_str(), (long long)graphs.graph_replays(), (long long)graphs.graph_captures(),
+                mismatched, worst);
+    EXPECT_EQ(mismatched, 0u) << v.name;
+    EXPECT_GT(graphs.graph_replays(), 300) << v.name;
+    EXPECT_EQ(eager.graph_replays() + eager.graph_captures(), 0) << v.name;
+  }
+}
+
 // Greedy generation against the CPU engine. A step is a near tie when the CPU's top two logits are closer
 // than twice the largest |gpu - cpu| logit difference of that step: only there can the two argmaxes differ
 // (each logit moved by at most that difference). Both engines are fed the CPU's greedy text (so that one
@@ -260,6 +366,68 @@ TEST(CudaEngine, GreedyTextEqualsTheCpuEngine) {
   std::printf("[cuda engine] greedy: %d of 128 steps clear of a near tie, all equal; %d near ties; the free-running "
               "texts are identical at least up to token %d (the first near tie)\n", clear, ties, first_tie < 0 ? 128 : first_tie);
   EXPECT_GE(clear, 64);
+}
+
+// Products of at most kGemvMaxM rows run ksa's own GEMV kernel; against a double-precision product on the
+// host (the same bf16 inputs), every output within 1e-5 of sum_k |x w| (fp32 sums of up to ~10K terms in two
+// different orders) plus, for bf16 outputs, half a bf16 unit in the last place; M = 9 (cuBLASLt) as a control.
+// Shapes: K from one 16-byte chunk to 9728 (not a multiple of the warp's stride), odd N, an output row stride.
+TEST(CudaEngine, SmallMProductsMatchTheHostProduct) {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(17);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  struct Case {
+    int64_t M, K, N, ldy;
+    DType y;
+  };
+  for (const Case c : {Case{1, 2560, 6144, 0, DType::f32}, Case{1, 9728, 2561, 0, DType::f32},
+                       Case{3, 8, 5, 7, DType::f32}, Case{8, 2568, 1001, 1003, DType::bf16},
+                       Case{5, 4096, 33, 0, DType::bf16}, Case{2, 776, 151, 0, DType::f32},
+                       Case{9, 1024, 300, 0, DType::f32}}) {
+    SCOPED_TRACE("M " + std::to_string(c.M) + " K " + std::to_string(c.K) + " N " + std::to_string(c.N));
+    const int64_t ldy = c.ldy ? c.ldy : c.N;
+    std::vector<uint16_t> x(size_t(c.M * c.K)), w(size_t(c.N * c.K));
+    for (auto& v : x) v = bf16::from_float(nd(rng));
+    for (auto& v : w) v = bf16::from_float(nd(rng));
+    test::DevMem dx(x.size() * 2), dw(w.size() * 2), dy(size_t(c.M * ldy) * 4);
+    ASSERT_TRUE(dx.p && dw.p && dy.p);
+    CK(cudaMemcpy(dx.p, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dw.p, w.data(), w.size() * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemset(dy.p, 0, size_t(c.M * ldy) * 4));
+    {
+      cuda::Gemm g(nullptr);
+      g.run(dx.p, c.M, c.K, dw.p, c.N, dy.p, c.y, c.ldy);
+    }
+    CK(cudaDeviceSynchronize());
+    const size_t es = c.y == DType::f32 ? 4 : 2;
+    std::vector<uint8_t> raw(size_t(c.M * ldy) * es);
+    CK(cudaMemcpy(raw.data(), dy.p, raw.size(), cudaMemcpyDeviceToHost));
+    int64_t bad = 0;
+    for (int64_t m = 0; m < c.M; ++m)
+      for (int64_t n = 0; n < c.N; ++n) {
+        double ref = 0, mag = 0;
+        for (int64_t k = 0; k < c.K; ++k) {
+          const double p = double(bf16::to_float(x[size_t(m * c.K + k)])) * bf16::to_float(w[size_t(n * c.K + k)]);
+          ref += p;
+          mag += std::abs(p);
+        }
+        const size_t at = size_t(m * ldy + n);
+        double got;
+        if (c.y == DType::f32) {
+          float f;
+          std::memcpy(&f, raw.data() + at * 4, 4);
+          got = f;
+        } else {
+          uint16_t h;
+          std::memcpy(&h, raw.data() + at * 2, 2);
+          got = bf16::to_float(h);
+        }
+        const double tol = 1e-5 * mag + (c.y == DType::bf16 ? std::abs(ref) * 0x1p-8 : 0.0);
+        if (!(std::abs(got - ref) <= tol) && bad++ < 5)
+          ADD_FAILURE() << "y[" << m << ", " << n << "] = " << got << ", host " << ref << " (tol " << tol << ")";
+      }
+    EXPECT_EQ(bad, 0);
+  }
 }
 
 // The device sampler: stratified draws u = (i + 0.5) / N must reproduce the exact kept distribution

@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
 #include <cstdlib>
 #include <limits>
 #include <sstream>
@@ -24,6 +25,47 @@ std::vector<std::string> split_names(const std::string& names) {
 }  // namespace
 
 Register::Register(Command c) { registry().push_back(std::move(c)); }
+
+const char* version() {
+#ifdef KSA_VERSION_STRING
+  return KSA_VERSION_STRING;
+#else
+  return "0+unknown";
+#endif
+}
+
+std::string closest(const std::string& word, const std::vector<std::string>& candidates) {
+  // Optimal string alignment distance.
+  auto dist = [](const std::string& a, const std::string& b) {
+    const size_t n = a.size(), m = b.size();
+    std::vector<std::vector<size_t>> d(n + 1, std::vector<size_t>(m + 1));
+    for (size_t i = 0; i <= n; ++i) d[i][0] = i;
+    for (size_t j = 0; j <= m; ++j) d[0][j] = j;
+    for (size_t i = 1; i <= n; ++i)
+      for (size_t j = 1; j <= m; ++j) {
+        const size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
+        d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost});
+        if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+      }
+    return d[n][m];
+  };
+  std::string bare = word;
+  while (!bare.empty() && bare[0] == '-') bare.erase(0, 1);
+  const size_t limit = bare.size() <= 4 ? 1 : bare.size() <= 8 ? 2 : 3;
+  std::string best;
+  size_t best_d = limit + 1;
+  for (const std::string& c : candidates) {
+    if (c == word) continue;
+    const size_t d = dist(word, c);
+    if (d < best_d) best_d = d, best = c;
+  }
+  return best;
+}
+
+std::string did_you_mean(const std::string& word, const std::vector<std::string>& candidates) {
+  const std::string c = closest(word, candidates);
+  return c.empty() ? std::string() : " (did you mean '" + c + "'?)";
+}
 const std::vector<Command>& commands() { return registry(); }
 
 Flags::Flag& Flags::add(const std::string& names, Kind kind, std::string def, const std::string& help) {
@@ -100,7 +142,11 @@ bool Flags::parse(int argc, char** argv) {
       throw UsageError("unexpected argument '" + w + "'");
     }
     Flag* f = find(w);
-    if (!f) throw UsageError("unknown flag '" + w + "'");
+    if (!f) {
+      std::vector<std::string> names;
+      for (const auto& fl : flags_) names.insert(names.end(), fl->names.begin(), fl->names.end());
+      throw UsageError("unknown flag '" + w + "'" + did_you_mean(w, names));
+    }
     f->seen = true;
     if (f->kind == Kind::flag) {
       if (has_value) throw UsageError("flag '" + w + "' takes no value");

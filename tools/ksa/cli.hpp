@@ -75,4 +75,14 @@ struct Register {
 };
 const std::vector<Command>& commands();
 
+// The candidate closest to `word` by edit distance (insertions, deletions, substitutions, transpositions of
+// neighbours), if it is close enough to be a likely typo (at most 1 edit for words of up to 4 letters, 2
+// up to 8, 3 beyond); else "".
+std::string closest(const std::string& word, const std::vector<std::string>& candidates);
+// " (did you mean 'X'?)" for closest(word, candidates), or "".
+std::string did_you_mean(const std::string& word, const std::vector<std::string>& candidates);
+
+// The project version (CMake's project(VERSION)).
+const char* version();
+
 }  // namespace ksa::cli

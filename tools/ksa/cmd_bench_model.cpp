@@ -123,6 +123,9 @@ int run_bench_model(int argc, char** argv) {
   int64_t& bw_mib = f.i64("--bw-mib", 1024, "buffer of the bandwidth test in MiB (0 = skip the test)", 0, 1 << 20);
   int64_t& ctx = f.i64("--ctx", 0, "context limit in text tokens (0 = -p + -n)", 0, cli::kMaxTokens);
   bool& kv_f32 = f.flag("--kv-f32", "KV cache in f32 (CPU only; default bf16)");
+  bool& no_graphs = f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
+  int64_t& ubatch = f.i64("-ub,--ubatch-size", 0, "CUDA: text tokens per prefill piece (0 = the engine's 1024)", 0, cli::kMaxTokens);
+  bool& no_gemv = f.flag("--no-cuda-gemv", "CUDA: cuBLASLt for every matrix product (no GEMV kernel for <= 8 rows)");
   if (!f.parse(argc, argv)) return 0;
   if (dir.empty()) throw cli::UsageError("-m/--model: required");
   if (P + N < 1) throw cli::UsageError("-p, -n: must not both be 0");
@@ -133,6 +136,9 @@ int run_bench_model(int argc, char** argv) {
   if (mo.device == Device::cuda && kv_f32) throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
   mo.threads = nthreads;
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
+  mo.cuda_graphs = !no_graphs;
+  mo.cuda_gemv = !no_gemv;
+  mo.prefill_tokens = ubatch;
   mo.progress = weight_progress();
   const int64_t first = P > 0 ? P : 1;  // tg needs one token to continue from
   mo.max_text_tokens = ctx > 0 ? ctx : first + N;
@@ -247,9 +253,13 @@ int run_bench_model(int argc, char** argv) {
   std::printf("\nKV cache of one sequence at %lld text tokens: %s (KSA) vs %s full attention (%.2fx)\n",
               (long long)(first + N), human_bytes(double(kv_bytes)).c_str(), human_bytes(double(kv_full)).c_str(),
               kv_bytes > 0 ? double(kv_full) / double(kv_bytes) : 0.0);
-  if (mo.device == Device::cuda)
+  if (mo.device == Device::cuda) {
     std::printf("peak device memory: %s (weights %s)\n", human_bytes(double(model.device_bytes_peak())).c_str(),
                 human_bytes(double(model.weight_bytes())).c_str());
+    std::printf("CUDA graphs: %s (%lld steps replayed, %lld graphs captured); GEMV kernel for <= 8 rows: %s\n",
+                mo.cuda_graphs ? "on" : "off", (long long)model.graph_replays(), (long long)model.graph_captures(),
+                mo.cuda_gemv ? "on" : "off (cuBLASLt)");
+  }
   if (bw > 0) {
     std::printf("memory bandwidth: %.1f GB/s (%s, %lld MiB)\n", bw * 1e-9, bw_what.c_str(), (long long)bw_mib);
     std::printf("bytes per decode step: %s weights + %s visible KV (%lld sequences at %lld tokens) = %s\n",

@@ -17,6 +17,11 @@
 #include <sstream>
 #include <thread>
 
+#include <unistd.h>
+#ifdef KSA_HAVE_LIBEDIT
+#include <editline/readline.h>
+#endif
+
 #include "common.hpp"
 #include "ksa/chat_template.hpp"
 #include "ksa/generation_config.hpp"
@@ -85,6 +90,22 @@ void print_rate(const char* what, double secs, int64_t n, const char* unit) {
   std::fputc('\n', stderr);
 }
 
+// A line of the conversation from the terminal (libedit: editing, history) or from a pipe; false at the end.
+bool read_turn(std::string& line) {
+#ifdef KSA_HAVE_LIBEDIT
+  if (isatty(STDIN_FILENO)) {
+    char* l = readline("> ");
+    if (!l) return false;
+    line = l;
+    std::free(l);
+    if (!line.empty()) add_history(line.c_str());
+    return true;
+  }
+#endif
+  if (isatty(STDIN_FILENO)) std::fputs("> ", stdout), std::fflush(stdout);
+  return bool(std::getline(std::cin, line));
+}
+
 int run_generate(int argc, char** argv) {
   cli::Flags f("generate",
                "Generate text from a checkpoint directory on the GPU or the CPU (streamed to stdout; timings and KV-cache bytes\n"
@@ -111,11 +132,19 @@ int run_generate(int argc, char** argv) {
   int64_t& ctx = f.i64("--ctx", 0, "context limit in text tokens (0 = config max_position_embeddings)", 0, cli::kMaxTokens);
   std::vector<std::string>& stops = f.strs("--stop", "stop when the text contains this string (\\n, \\t escapes understood)");
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
+  bool& no_graphs = f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
   bool& no_display = f.flag("--no-display-prompt", "do not echo the prompt to stdout");
+  bool& interactive = f.flag("-i,--interactive",
+                             "conversation: read user turns from the terminal (line editing and history), answer each "
+                             "in the chat template (implies --chat; -p/-f, if given, is the first turn); the KV cache "
+                             "is kept between turns; /reset starts over, /exit or Ctrl-D ends");
   if (!f.parse(argc, argv)) return 0;
 
   if (dir.empty()) throw cli::UsageError("-m/--model: required");
-  if (f.given("--prompt") == f.given("--file")) throw cli::UsageError("give exactly one of -p/--prompt and -f/--file");
+  if (interactive) chat = true;
+  if (f.given("--prompt") && f.given("--file")) throw cli::UsageError("give exactly one of -p/--prompt and -f/--file");
+  if (!interactive && !f.given("--prompt") && !f.given("--file"))
+    throw cli::UsageError("give exactly one of -p/--prompt and -f/--file (or -i for a conversation)");
   if (!chat && (f.given("--system") || no_think)) throw cli::UsageError("--system and --no-think need --chat");
 
   SamplerConfig sc;
@@ -139,7 +168,7 @@ int run_generate(int argc, char** argv) {
     fail(dir, " has no tokenizer.json (ksa generate needs one; `ksa make-model` copies the Qwen3 tokenizer that "
               "scripts/fetch_test_data.sh caches, or pass it --tokenizer DIR; or copy a tokenizer.json there)");
 
-  std::string text = f.given("--prompt") ? prompt_text : read_file(prompt_file);
+  std::string text = f.given("--prompt") ? prompt_text : f.given("--file") ? read_file(prompt_file) : std::string();
 
   // Load: tokenizer, then the weights (with a progress bar on a terminal).
   const double t_load0 = now_s();
@@ -150,6 +179,7 @@ int run_generate(int argc, char** argv) {
   mo.threads = int(threads);
   mo.max_text_tokens = ctx;
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
+  mo.cuda_graphs = !no_graphs;
   mo.progress = weight_progress();
   Model model = Model::load(dir, mo);
   const double load_s = now_s() - t_load0;
@@ -159,6 +189,91 @@ int run_generate(int argc, char** argv) {
   const GenerationConfig gen = load_generation_config(dir);
   std::set<int64_t> eos(gen.eos_token_ids.begin(), gen.eos_token_ids.end());
   if (eos.empty()) eos.insert(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end());
+
+  if (interactive) {
+    if (const int32_t im_end = tok.token_to_id("<|im_end|>"); im_end >= 0) eos.insert(im_end);
+    std::fprintf(stderr, "ksa generate: %s: %s; context %lld; a conversation (/reset, /exit, Ctrl-D)\n", dir.c_str(),
+                 model.backend_name().c_str(), (long long)model.max_text_tokens());
+    std::vector<ChatMessage> msgs;
+    if (f.given("--system")) msgs.push_back({"system", system, std::nullopt});
+    const size_t base = msgs.size();
+    ChatOptions co;
+    co.add_generation_prompt = true;
+    if (no_think) co.enable_thinking = false;
+    SeqId seq = model.new_sequence();
+    std::vector<int32_t> fed;  // the tokens the sequence holds
+    std::vector<float> logits(size_t(model.vocab()));
+    std::string line = text;
+    bool have = !text.empty();
+    for (int turn = 1;; ) {
+      if (!have && !read_turn(line)) break;
+      have = false;
+      while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+      if (line.empty()) continue;
+      if (line == "/exit" || line == "/quit") break;
+      if (line == "/reset") {
+        model.release(seq);
+        seq = model.new_sequence();
+        fed.clear();
+        msgs.resize(base);
+        std::fprintf(stderr, "ksa generate: conversation reset\n");
+        continue;
+      }
+      msgs.push_back({"user", line, std::nullopt});
+      const std::vector<int32_t> all = tok.encode(render_qwen3_chat(msgs, co));
+      // The new turn's tokens after what the sequence holds; when the rendering of the earlier turns changed
+      // (the template drops earlier turns' reasoning) the conversation is prefilled again.
+      const bool prefix = all.size() >= fed.size() && std::equal(fed.begin(), fed.end(), all.begin());
+      if (!prefix) {
+        model.release(seq);
+        seq = model.new_sequence();
+        fed.clear();
+      }
+      const std::span<const int32_t> fresh = std::span(all).subspan(fed.size());
+      if (int64_t(all.size()) >= model.max_text_tokens()) {
+        std::fprintf(stderr, "ksa generate: the conversation would hold %zu tokens, the context is %lld: /reset\n",
+                     all.size(), (long long)model.max_text_tokens());
+        msgs.pop_back();
+        continue;
+      }
+      const double t0 = now_s();
+      model.append(seq, fresh, LogitsFor::last, logits);
+      const double pp_s = now_s() - t0;
+      fed = all;
+      TextStream stream(tok, stop_strings);
+      StdoutWriter out;
+      std::string piece, reply;
+      std::vector<int32_t> history = fed;
+      int64_t generated = 0;
+      const double t1 = now_s();
+      while (generated < n_predict) {
+        const int32_t id = sampler.sample(logits, history);
+        if (eos.count(id)) break;
+        history.push_back(id);
+        ++generated;
+        piece.clear();
+        const bool stopped = stream.push(id, piece);
+        out.write(piece);
+        reply += piece;
+        if (stopped || generated == n_predict || model.text_tokens(seq) >= model.max_text_tokens()) break;
+        model.append(seq, std::span<const int32_t>(&id, 1), LogitsFor::last, logits);
+        fed.push_back(id);
+      }
+      piece.clear();
+      stream.finish(piece);
+      out.write(piece);
+      reply += piece;
+      if (out.last_char() != '\n') std::fputc('\n', stdout);
+      std::fflush(stdout);
+      msgs.push_back({"assistant", reply, std::nullopt});
+      std::fprintf(stderr, "ksa generate: turn %d: %zu new prompt tokens%s (%.0f ms), %lld generated (%.1f tok/s); KV "
+                   "cache %s at %lld tokens\n", turn++, fresh.size(), prefix ? "" : " (conversation prefilled again)",
+                   pp_s * 1e3, (long long)generated, generated / std::max(1e-9, now_s() - t1),
+                   human_bytes(double(model.kv_bytes(seq))).c_str(), (long long)model.text_tokens(seq));
+    }
+    model.release(seq);
+    return 0;
+  }
 
   if (chat) {
     const fs::path tc = fs::path(dir) / "tokenizer_config.json";

@@ -139,7 +139,7 @@ int run_info(int argc, char** argv) {
   spec.W = W;
   spec.validate();
 
-  std::printf("ksa 0.1.0\n");
+  std::printf("ksa %s\n", cli::version());
   std::printf("cpu:   %u hardware threads; avx2 %s, avx512f %s, avx512bf16 %s\n", std::thread::hardware_concurrency(),
               __builtin_cpu_supports("avx2") ? "yes" : "no", __builtin_cpu_supports("avx512f") ? "yes" : "no",
               __builtin_cpu_supports("avx512bf16") ? "yes" : "no");

@@ -4,6 +4,8 @@
 #include <cstring>
 #include <exception>
 #include <filesystem>
+#include <string>
+#include <vector>
 
 #include "cli.hpp"
 #include "ksa/error.hpp"
@@ -14,7 +16,7 @@ void usage(FILE* out) {
   auto cmds = ksa::cli::commands();
   std::sort(cmds.begin(), cmds.end(), [](auto& a, auto& b) { return a.name < b.name; });
   for (auto& c : cmds) std::fprintf(out, "  %-12s %s\n", c.name.c_str(), c.summary.c_str());
-  std::fprintf(out, "\nRun 'ksa <command> --help' for the flags of a command.\n");
+  std::fprintf(out, "\nRun 'ksa <command> --help' for the flags of a command; 'ksa --version' for the version.\n");
 }
 }  // namespace
 
@@ -26,6 +28,10 @@ int main(int argc, char** argv) {
   const std::string cmd = argv[1];
   if (cmd == "-h" || cmd == "--help" || cmd == "help") {
     usage(stdout);
+    return 0;
+  }
+  if (cmd == "-V" || cmd == "--version" || cmd == "version") {
+    std::printf("ksa %s\n", ksa::cli::version());
     return 0;
   }
   for (auto& c : ksa::cli::commands()) {
@@ -47,7 +53,9 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  std::fprintf(stderr, "ksa: unknown command '%s'\n\n", cmd.c_str());
+  std::vector<std::string> names;
+  for (auto& c : ksa::cli::commands()) names.push_back(c.name);
+  std::fprintf(stderr, "ksa: unknown command '%s'%s\n\n", cmd.c_str(), ksa::cli::did_you_mean(cmd, names).c_str());
   usage(stderr);
   return 2;
 }

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <compare>
 #include <cstring>
 #include <map>
 #include <unordered_map>
@@ -45,6 +46,7 @@ class Arena {
   void reset(cudaStream_t s) {
     if (chunks_.size() > 1 || (chunks_.size() == 1 && high_ > cap_[0])) {
       check(cudaStreamSynchronize(s), "resizing the activation arena");
+      ++generation_;
       const int64_t total = high_;
       chunks_.clear();
       cap_.clear();
@@ -62,6 +64,7 @@ class Arena {
         ++cur_;
       } else {
         const int64_t n = std::max<int64_t>(bytes, int64_t(64) << 20);
+        ++generation_;
         chunks_.push_back(device_alloc(n, "allocating activations"));
         cap_.push_back(n);
         cur_ = chunks_.size() - 1;
@@ -74,8 +77,11 @@ class Arena {
     high_ = std::max(high_, used_);
     return p;
   }
+  // Changes whenever the chunks change: a step of the same shape gets the same addresses while it does not.
+  uint64_t generation() const { return generation_; }
 
  private:
+  uint64_t generation_ = 0;
   std::vector<std::shared_ptr<void>> chunks_;
   std::vector<int64_t> cap_;
   size_t cur_ = 0;
@@ -87,14 +93,16 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(const BackendOptions& o) : opt_(o) {
     if (cuda::device_count() == 0) fail("no CUDA device is visible (use --device cpu)");
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "creating a stream");
-    gemm_ = std::make_unique<cuda::Gemm>(stream_);
+    gemm_ = std::make_unique<cuda::Gemm>(stream_, o.cuda_gemv);
     desc_name_ = "cuda: " + cuda::device_description();
     size_t fr = 0, tot = 0;
     check(cudaMemGetInfo(&fr, &tot), "reading device memory");
     baseline_ = int64_t(tot - fr);
   }
   ~CudaBackend() override {
+    abandon_capture();
     cudaStreamSynchronize(stream_);
+    for (auto& [key, g] : graphs_) cudaGraphExecDestroy(g.exec);
     caches_.clear();
     gemm_.reset();
     cudaFreeHost(step_staging_.p);
@@ -138,6 +146,7 @@ class CudaBackend final : public Backend {
   KvCache& cache(size_t layer) override { return caches_[layer]->host(); }
   // KvCacheGpu's multi-token steps: up to ring slack + 1 text tokens, and in a layer that keeps one chunk's
   // summaries only (W*k >= context), the summaries of at most one chunk: such a step ends at a chunk's end.
+  int64_t max_prefill_tokens() const override { return std::max<int64_t>(1, opt_.prefill_tokens); }
   int64_t max_continuation_tokens(int64_t T) const override {
     int64_t n = std::max<int64_t>(1, opt_.continuation_tokens);
     for (const auto& c : caches_)
@@ -146,6 +155,8 @@ class CudaBackend final : public Backend {
   }
 
   void begin_step(const StepDesc& step) override {
+    abandon_capture();  // a step that threw while being captured
+    mode_ = Mode::eager;
     step_ = &step;
     arena_.reset(stream_);
     const int64_t n = step.rows();
@@ -167,6 +178,8 @@ class CudaBackend final : public Backend {
     d_sum_ = d_pos_ + ni;
     d_log_ = d_sum_ + ns;
     d_flags_ = reinterpret_cast<uint8_t*>(d_log_ + nl);
+    plan_decode(step);
+    choose_mode(step);
   }
 
   Act act(int64_t rows, int64_t cols, Prec p) override {
@@ -175,21 +188,27 @@ class CudaBackend final : public Backend {
   }
 
   void embed(const Weight& table, Act x) override {
+    if (mode_ == Mode::replay) return;
     cuda::embed_rows(table.data, d_ids_, x.rows, x.cols, f32(x), stream_);
   }
 
   void rms_norm(const Act& x, const Weight& w, const Weight& ws, float eps, Act out) override {
+    if (mode_ == Mode::replay) return;
     cuda::rms_norm(f32(x), x.rows, x.cols, w.data, ws ? ws.data : nullptr, ws ? d_flags_ : nullptr, eps, out.data,
                    stream_);
   }
 
   void add_rms_norm(Act x, const Act& h, const Weight& w, float eps, Act out) override {
+    if (mode_ == Mode::replay) return;
     cuda::add_rms_norm(f32(x), f32(h), x.rows, x.cols, w.data, eps, out.data, stream_);
   }
 
-  void add(Act x, const Act& h) override { cuda::add(f32(x), f32(h), x.rows * x.cols, stream_); }
+  void add(Act x, const Act& h) override {
+    if (mode_ != Mode::replay) cuda::add(f32(x), f32(h), x.rows * x.cols, stream_);
+  }
 
   void linear(const Act& x, const Weight& W, Act y) override {
+    if (mode_ == Mode::replay) return;
     if (x.dtype != DType::bf16) fail("engine: internal error: a CUDA matrix product's input must be bf16");
     gemm_->run(x.data, x.rows, x.cols, W.data, y.cols, y.data, y.dtype);
   }
@@ -197,6 +216,7 @@ class CudaBackend final : public Backend {
   // One product when the weights sit row after row in one allocation (fuse), else one per weight into its
   // columns of y.
   void linear_cat(const Act& x, std::span<const Weight* const> ws, Act y) override {
+    if (mode_ == Mode::replay) return;
     if (x.dtype != DType::bf16) fail("engine: internal error: a CUDA matrix product's input must be bf16");
     bool adjacent = true;
     for (size_t i = 1; i < ws.size(); ++i)
@@ -231,65 +251,91 @@ class CudaBackend final : public Backend {
   }
 
   void gather(const Act& in, Rows which, Act out) override {
+    if (mode_ == Mode::replay) return;
     cuda::gather_rows(in.data, in.cols * dtype_size(in.dtype), rows_of(which), out.rows, out.data, stream_);
   }
   void scatter(const Act& in, Rows which, Act out) override {
+    if (mode_ == Mode::replay) return;
     cuda::scatter_rows(in.data, in.cols * dtype_size(in.dtype), rows_of(which), in.rows, out.data, stream_);
   }
 
   void blend(Act y, int64_t col0, const Act& ys, double mix) override {
+    if (mode_ == Mode::replay) return;
     cuda::blend_rows(f32(y) + col0, y.cols, f32(ys), d_sum_, ys.rows, ys.cols, mix, stream_);
   }
 
   void qk_norm_rope(Act qkv, const Weight& qn, const Weight& kn, float eps, double theta, int64_t Hq, int64_t Hkv,
                     int64_t D, Act qc, Act kc, Act vc) override {
+    if (mode_ == Mode::replay) return;
     cuda::qk_norm_rope(f32(qkv), qkv.rows, Hq, Hkv, D, qn.data, kn.data, eps, d_pos_, inv_freq(D, theta), qc.data,
                        kc.data, vc.data, stream_);
   }
 
+  // Continuing sequences: the decode planned at begin_step (their rows packed first); then fresh ones through
+  // the prefill kernel, their K/V into the cache (queued after the decode, which reads the plan workspace that
+  // a prefill's writes reuse).
   void attention(size_t layer, int64_t W, const Act& qc, const Act& kc, const Act& vc, int64_t Hq, Act out) override {
+    if (mode_ == Mode::replay) return;
     cuda::KvCacheGpu& cache = *caches_[layer];
     const KvCacheConfig& cc = cache.config();
     const int64_t Hkv = cc.Hkv, D = cc.D;
     auto at = [&](const Act& a, int64_t row, int64_t H) { return static_cast<char*>(a.data) + row * H * D * 2; };
-    std::vector<SeqId> ids;
-    std::vector<int64_t> n_new;
-    int64_t cont_rows = 0;
+    if (decode_rows_ > 0) {
+      DecodeIO io;
+      io.Hq = Hq;
+      io.dtype = DType::bf16;
+      io.q = TensorView::dense(qc.data, decode_rows_, Hq, D);
+      io.k = TensorView::dense(kc.data, decode_rows_, Hkv, D);
+      io.v = TensorView::dense(vc.data, decode_rows_, Hkv, D);
+      io.out = TensorView::dense(out.data, decode_rows_, Hq, D);
+      cache.launch(io, caps_[layer]);
+    }
     for (const StepSeq& s : step_->seqs) {
-      if (!s.fresh) {
-        if (s.row0 != cont_rows) fail("engine: internal error: continuing sequences must come first, packed");
-        ids.push_back(s.cache_id);
-        n_new.push_back(s.n);
-        cont_rows += s.n;
-        continue;
+      if (!s.fresh) continue;
+      const int64_t r0 = s.cached, L = r0 + s.n, row_bytes = Hkv * D * 2;
+      const StreamCounts end = stream_counts(cc.spec.k, cc.spec.S, L);
+      const Layout lay(cc.spec.k, cc.spec.S, end.T, false);
+      if (r0 == 0) {
+        AttentionParams p = dense_params(lay, W, 1, Hq, Hkv, D, DType::bf16,
+                                         {at(qc, s.row0, Hq), at(kc, s.row0, Hkv), at(vc, s.row0, Hkv), at(out, s.row0, Hq)});
+        cuda::attention_forward(p, stream_);
+      } else {
+        // A piece of a prompt: its keys in the dense stream layout the prefill kernel reads (the cached rows
+        // its rows can see, then its own), its queries from stream row r0 on (q and out shifted so that a
+        // stream position indexes them).
+        char* sk = static_cast<char*>(kv_scratch(2 * L * row_bytes));
+        char* sv = sk + L * row_bytes;
+        const SeqState st = cache.state(s.cache_id);
+        cache.read_stream(s.cache_id, live_text_begin(cc.spec.k, cc.spec.S, cc.spec.W, st.text_tokens, st.summary_tokens),
+                          0, TensorView::dense(sk, L, Hkv, D), TensorView::dense(sv, L, Hkv, D));
+        check(cudaMemcpyAsync(sk + r0 * row_bytes, at(kc, s.row0, Hkv), size_t(s.n * row_bytes), cudaMemcpyDeviceToDevice,
+                              stream_), "copying a prefill piece's keys");
+        check(cudaMemcpyAsync(sv + r0 * row_bytes, at(vc, s.row0, Hkv), size_t(s.n * row_bytes), cudaMemcpyDeviceToDevice,
+                              stream_), "copying a prefill piece's values");
+        const int64_t q_shift = r0 * Hq * D * 2;
+        AttentionParams p = dense_params(lay, W, 1, Hq, Hkv, D, DType::bf16,
+                                         {at(qc, s.row0, Hq) - q_shift, sk, sv, at(out, s.row0, Hq) - q_shift});
+        p.q_begin = r0;
+        cuda::attention_forward(p, stream_);
       }
-      const StreamCounts end = stream_counts(cc.spec.k, cc.spec.S, s.n);
-      AttentionParams p = dense_params(Layout(cc.spec.k, cc.spec.S, end.T, false), W, 1, Hq, Hkv, D, DType::bf16,
-                                       {at(qc, s.row0, Hq), at(kc, s.row0, Hkv), at(vc, s.row0, Hkv), at(out, s.row0, Hq)});
-      cuda::attention_forward(p, stream_);
       cache.prefill(s.cache_id, KvRows::dense(at(kc, s.row0, Hkv), s.n, Hkv, D, DType::bf16),
                     KvRows::dense(at(vc, s.row0, Hkv), s.n, Hkv, D, DType::bf16));
     }
-    if (ids.empty()) return;
-    DecodeIO io;
-    io.Hq = Hq;
-    io.dtype = DType::bf16;
-    io.q = TensorView::dense(qc.data, cont_rows, Hq, D);
-    io.k = TensorView::dense(kc.data, cont_rows, Hkv, D);
-    io.v = TensorView::dense(vc.data, cont_rows, Hkv, D);
-    io.out = TensorView::dense(out.data, cont_rows, Hq, D);
-    cuda::attention_decode(cache, ids, n_new, io);
   }
 
-  void silu_mul(const Act& gu, Act out) override { cuda::silu_mul(f32(gu), out.rows, out.cols, out.data, stream_); }
+  void silu_mul(const Act& gu, Act out) override {
+    if (mode_ != Mode::replay) cuda::silu_mul(f32(gu), out.rows, out.cols, out.data, stream_);
+  }
 
   void download(const Act& logits, std::span<float> out) override {
+    flush();
     if (int64_t(out.size()) != logits.rows * logits.cols) fail("engine: internal error: logits size");
     check(cudaMemcpyAsync(out.data(), logits.data, out.size() * 4, cudaMemcpyDeviceToHost, stream_), "copying logits");
     check(cudaStreamSynchronize(stream_), "running the step");
   }
 
   void sample(const Act& logits, std::span<const SampleReq> reqs, std::span<int32_t> out) override {
+    flush();
     std::vector<cuda::SampleArgs> args(reqs.size());
     std::vector<int32_t> pairs;
     for (size_t i = 0; i < reqs.size(); ++i) {
@@ -328,6 +374,7 @@ class CudaBackend final : public Backend {
   }
 
   void finish_step() override {
+    flush();
     check(cudaStreamSynchronize(stream_), "running the step");
     size_t fr = 0, tot = 0;
     if (cudaMemGetInfo(&fr, &tot) == cudaSuccess) peak_ = std::max(peak_, int64_t(tot - fr) - baseline_);
@@ -345,7 +392,145 @@ class CudaBackend final : public Backend {
     return std::max(peak_, now);
   }
 
+  int64_t graph_replays() const override { return replays_; }
+
+  // The dense K/V buffer of prefill pieces (grows; zero-filled when allocated, and only ever holds finite
+  // keys afterwards: the prefill kernel multiplies masked keys of a partly visible tile by zero weights).
+  void* kv_scratch(int64_t bytes) {
+    if (bytes > scratch_bytes_) {
+      bytes = (bytes + (int64_t(32) << 20) - 1) / (int64_t(32) << 20) * (int64_t(32) << 20);  // 32 MiB steps
+      check(cudaStreamSynchronize(stream_), "growing the prefill key buffer");
+      scratch_.reset();
+      scratch_bytes_ = 0;
+      scratch_ = device_alloc(bytes, "allocating the prefill key buffer");
+      check(cudaMemsetAsync(scratch_.get(), 0, size_t(bytes), stream_), "clearing the prefill key buffer");
+      scratch_bytes_ = bytes;
+    }
+    return scratch_.get();
+  }
+  int64_t graph_captures() const override { return captures_; }
+
  private:
+  // ---- decode planning and CUDA graphs
+  // Every layer's decode of the step's continuing sequences is planned (validated, uploaded) here, before any
+  // op runs: a plan that throws leaves every cache as it was, and the step's launches need no host work.
+  void plan_decode(const StepDesc& step) {
+    decode_rows_ = 0;
+    std::vector<SeqId> ids;
+    std::vector<int64_t> n_new;
+    for (const StepSeq& s : step.seqs) {
+      if (s.fresh) continue;
+      if (s.row0 != decode_rows_) fail("engine: internal error: continuing sequences must come first, packed");
+      ids.push_back(s.cache_id);
+      n_new.push_back(s.n);
+      decode_rows_ += s.n;
+    }
+    if (ids.empty()) return;
+    size_t i = 0;
+    try {
+      for (; i < caches_.size(); ++i) caches_[i]->plan_decode(ids, n_new, opt_.q_heads);
+    } catch (...) {
+      for (size_t j = 0; j < i; ++j) caches_[j]->cancel_decode();
+      decode_rows_ = 0;
+      throw;
+    }
+    for (auto& c : caches_) c->commit_decode();
+  }
+
+  // A step's shape: rows, summary rows, logits rows, sequences. Steps of one shape allocate the same
+  // activations at the same addresses (while the arena keeps its chunks) and launch the same kernels.
+  struct GraphKey {
+    int64_t rows = 0, summaries = 0, logits = 0, seqs = 0;
+    auto operator<=>(const GraphKey&) const = default;
+  };
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+    std::vector<int64_t> caps;   // attend CTAs per KV head, per layer (the plans' units fit under them)
+    std::vector<uint64_t> gens;  // the caches' plan workspaces it reads
+    uint64_t arena = 0;          // the arena generation its activation addresses belong to
+  };
+  enum class Mode { eager, capture, replay };
+
+  bool graph_fits(const Graph& g) const {
+    if (g.arena != arena_.generation()) return false;
+    for (size_t i = 0; i < caches_.size(); ++i)
+      if (g.gens[i] != caches_[i]->workspace_generation() || caches_[i]->plan_stats().units > g.caps[i]) return false;
+    return true;
+  }
+
+  // Graphs only for steps that continue sequences and start none (the prefill kernel's launch depends on
+  // the prompt). The first step of a shape runs eagerly (it also warms the matrix-product choices and
+  // lazily made tables), the second is captured, later ones replay while the graph fits.
+  void choose_mode(const StepDesc& step) {
+    caps_.assign(caches_.size(), 0);
+    if (!opt_.cuda_graphs || decode_rows_ == 0 || decode_rows_ != step.rows()) return;
+    const GraphKey key{step.rows(), int64_t(step.summary_rows.size()), int64_t(step.logits_rows.size()),
+                       int64_t(step.seqs.size())};
+    auto it = graphs_.find(key);
+    if (it != graphs_.end() && graph_fits(it->second)) {
+      mode_ = Mode::replay;
+      replay_ = &it->second;
+      return;
+    }
+    if (++seen_[key] < 2) return;
+    if (it != graphs_.end()) {
+      cudaGraphExecDestroy(it->second.exec);
+      graphs_.erase(it);
+    }
+    if (graphs_.size() >= kMaxGraphs) {  // many shapes (a server's changing batches): start over
+      for (auto& [k, g] : graphs_) cudaGraphExecDestroy(g.exec);
+      graphs_.clear();
+    }
+    Graph g;
+    for (size_t i = 0; i < caches_.size(); ++i) {
+      int64_t cap = 1;  // the next power of two: a growing context recaptures O(log) times
+      while (cap < caches_[i]->plan_stats().units) cap *= 2;
+      g.caps.push_back(cap);
+      g.gens.push_back(caches_[i]->workspace_generation());
+    }
+    caps_ = g.caps;
+    pending_ = std::move(g);
+    pending_key_ = key;
+    check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "starting a CUDA graph capture");
+    mode_ = Mode::capture;
+  }
+
+  // Ends the step's capture (instantiating and launching the graph) or launches its replay.
+  void flush() {
+    if (mode_ == Mode::capture) {
+      mode_ = Mode::eager;
+      cudaGraph_t g = nullptr;
+      cudaError_t e = cudaStreamEndCapture(stream_, &g);
+      cudaGraphExec_t exec = nullptr;
+      if (e == cudaSuccess) e = cudaGraphInstantiate(&exec, g, 0);
+      if (g) cudaGraphDestroy(g);
+      if (e != cudaSuccess) {
+        opt_.cuda_graphs = false;
+        cudaGetLastError();
+        fail("capturing the step in a CUDA graph failed (", cudaGetErrorString(e),
+             "); run without graphs (ksa: --no-cuda-graphs; ModelOptions::cuda_graphs = false)");
+      }
+      pending_.exec = exec;
+      pending_.arena = arena_.generation();
+      Graph& stored = graphs_[pending_key_] = std::move(pending_);
+      ++captures_;
+      check(cudaGraphLaunch(stored.exec, stream_), "launching a CUDA graph");
+    } else if (mode_ == Mode::replay) {
+      mode_ = Mode::eager;
+      ++replays_;
+      check(cudaGraphLaunch(replay_->exec, stream_), "launching a CUDA graph");
+    }
+  }
+
+  void abandon_capture() {
+    if (mode_ != Mode::capture) return;
+    mode_ = Mode::eager;
+    cudaGraph_t g = nullptr;
+    cudaStreamEndCapture(stream_, &g);
+    if (g) cudaGraphDestroy(g);
+    cudaGetLastError();
+  }
+
   static float* f32(const Act& a) { return static_cast<float*>(a.data); }
   const int32_t* rows_of(Rows which) const { return which == Rows::summary ? d_sum_ : d_log_; }
 
@@ -393,6 +578,19 @@ class CudaBackend final : public Backend {
   int32_t *d_ids_ = nullptr, *d_pos_ = nullptr, *d_sum_ = nullptr, *d_log_ = nullptr;
   uint8_t* d_flags_ = nullptr;
   int64_t baseline_ = 0, peak_ = 0;
+  // decode and graphs
+  static constexpr size_t kMaxGraphs = 64;
+  int64_t decode_rows_ = 0;      // the step's rows of continuing sequences (planned at begin_step)
+  std::vector<int64_t> caps_;    // per layer: attend CTAs per KV head the launches use (0 = the plan's units)
+  Mode mode_ = Mode::eager;
+  std::map<GraphKey, Graph> graphs_;
+  std::map<GraphKey, int> seen_;
+  Graph* replay_ = nullptr;
+  Graph pending_;
+  GraphKey pending_key_;
+  int64_t replays_ = 0, captures_ = 0;
+  std::shared_ptr<void> scratch_;  // kv_scratch
+  int64_t scratch_bytes_ = 0;
 };
 
 }  // namespace
