@@ -123,7 +123,7 @@ ext = Extension(
 
 setup(
     version=VERSION,
-    packages=["ksa_torch"],
+    packages=["ksa_torch", "ksa_train"],
     ext_modules=[ext],
     cmdclass={"build_ext": BuildKsa},
     zip_safe=False,

@@ -13,6 +13,7 @@ PACKAGES=(
   libcpp-httplib-dev                           # HTTP for `ksa serve`
   libedit-dev                                  # line editing and history in `ksa generate -i`
   python3 python3-jinja2                       # chat-template golden files
+  python3-regex                                # the training recipe's BPE trainer (python/ksa_train)
   python3-torch libtorch-dev pybind11-dev      # the PyTorch package (python/): torch 1.13, its C++ headers
   python3-venv python3-setuptools python3-wheel python3-pytest  # pip install ./python in a venv, its tests
   clang libclang-rt-14-dev libomp-dev          # the sanitizer + libFuzzer build of scripts/test.sh (docs/testing.md)

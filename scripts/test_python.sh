@@ -52,6 +52,8 @@ ksa_torch.attention(q, q[:, :, :1].detach(), q[:, :, 1:].detach(), k, S, 2).sum(
 print(f"import ksa_torch {ksa_torch.__version__} from {ksa_torch.__file__}: ran forward and backward")
 EOF
 
+# The training recipe's tests (python/tests/test_train.py) run the `ksa` command of this build when it has one.
+if [ -z "${KSA_BIN:-}" ] && [ -x "$BUILD/bin/ksa" ]; then export KSA_BIN="$BUILD/bin/ksa"; fi
 rc=0
 "${RUN[@]}" -m pytest -q -rs -p no:cacheprovider "$SRC/python/tests" "${@:2}" || rc=$?
 if [ "$rc" -eq 5 ]; then echo "SKIPPED: pytest collected no test"; exit 77; fi

@@ -56,6 +56,20 @@ s3=$(gen --temp 0.9 --top-k 50 --seed 12)
 if [ "$s1" != "$s3" ]; then echo "ok   another seed, other output"
 else echo "FAIL seeds 11 and 12 gave the same 40 tokens"; fails=$((fails + 1)); fi
 check "timings and KV bytes on stderr" 0 "prompt eval time.*tokens per second" -- "$KSA" generate -m "$DIR" -p "$PROMPT" -n 4
+
+# ksa perplexity / eval passkey / tokenize (docs/training.md): flags and errors; their numbers are checked
+# against the PyTorch module in python/tests/test_train.py.
+SRC="$(cd "$(dirname "$0")/../.." && pwd)"
+check "perplexity: unknown flag" 2 "unknown flag" -- "$KSA" perplexity --bogus
+check "perplexity: no file" 2 "-f/--file: required" -- "$KSA" perplexity -m "$DIR"
+check "perplexity: text shorter than ctx" 1 "fewer than --ctx" -- "$KSA" perplexity -m "$DIR" -f "$SRC/docs/ksa.md" --ctx 100000 --device cpu
+check "perplexity: counts" 0 "windows 2, ctx 64, tokens scored 62 \\(second half" -- "$KSA" perplexity -m "$DIR" -f "$SRC/docs/ksa.md" --ctx 64 --chunks 2 --device cpu
+check "eval: no task" 2 "a task is required" -- "$KSA" eval
+check "eval: unknown task" 2 "unknown task 'bogus'" -- "$KSA" eval bogus
+check "eval passkey: bad lengths" 2 "--lengths" -- "$KSA" eval passkey -m "$DIR" -f "$SRC/docs/ksa.md" --lengths 10,x
+check "eval passkey: length below the fixed pieces" 1 "shorter than the prompt's fixed pieces" -- "$KSA" eval passkey -m "$DIR" -f "$SRC/docs/ksa.md" --lengths 5 --device cpu
+check "eval passkey: table" 0 "^ +64 +[0-9]+ +2 " -- "$KSA" eval passkey -m "$DIR" -f "$SRC/docs/ksa.md" --lengths 64 --trials 2 --device cpu
+check "tokenize: count" 0 "^[0-9]+$" -- "$KSA" tokenize -m "$DIR" -p "The pass key is 48213." --count
 rm -rf "$DIR"
 [ "$fails" = 0 ] || { echo "$fails check(s) failed"; exit 1; }
 echo "all passed"

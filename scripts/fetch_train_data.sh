@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Training text from Debian packages (public domain), for the training recipe (docs/training.md):
+#   - Jane Austen's six novels: r-cran-janeaustenr (the text as an R data package), extracted with Debian's
+#     R (r-base-core): one file per novel, lines joined by "\n", in .cache/data/austen/<name>.txt;
+# Split (held-out): the last 5% of each novel's lines (cut at a blank line, i.e. a paragraph boundary) goes to
+# .cache/data/austen/heldout.txt (3,670 lines, 209 KB), the rest to train.txt (69,764 lines, 3.8 MB); both keep
+# the novels' order. The text is ASCII.
+#   scripts/fetch_train_data.sh [out dir (default .cache/data)]
+# Installs only missing packages (apt-get update first; sudo when not root), as scripts/setup.sh does.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-.cache/data}"
+
+PACKAGES=(r-base-core r-cran-janeaustenr python3-regex python3-matplotlib)  # R extracts the text; the tokenizer trainer (regex) and the loss plot (matplotlib)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "fetch_train_data: installing ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+mkdir -p "$OUT/austen"
+# One file per novel; then the split: the last 5% of the lines, moved forward to the next blank line.
+Rscript --vanilla - "$OUT/austen" <<'RS'
+args <- commandArgs(trailingOnly = TRUE)
+out <- args[1]
+suppressMessages(library(janeaustenr))
+books <- list(sense_and_sensibility = sensesensibility, pride_and_prejudice = prideprejudice,
+              mansfield_park = mansfieldpark, emma = emma, northanger_abbey = northangerabbey,
+              persuasion = persuasion)
+train <- c(); held <- c()
+for (name in names(books)) {
+  lines <- books[[name]]
+  writeLines(lines, file.path(out, paste0(name, ".txt")), useBytes = TRUE)
+  cut <- floor(length(lines) * 0.95)
+  while (cut < length(lines) && nchar(lines[cut]) > 0) cut <- cut + 1
+  train <- c(train, lines[1:cut], "")
+  held <- c(held, lines[(cut + 1):length(lines)], "")
+}
+writeLines(train, file.path(out, "train.txt"), useBytes = TRUE)
+writeLines(held, file.path(out, "heldout.txt"), useBytes = TRUE)
+RS
+for f in "$OUT"/austen/train.txt "$OUT"/austen/heldout.txt; do
+  printf '%-40s %8d lines %9d bytes\n' "$f" "$(wc -l <"$f")" "$(wc -c <"$f")"
+done
