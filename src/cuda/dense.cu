@@ -8,10 +8,8 @@
 #include <map>
 #include <tuple>
 #include <type_traits>
-#include <utility>
 
 #include "check.cuh"
-#include "launch_checks.hpp"
 #include "ksa/cuda_dense.hpp"
 #include "ksa/error.hpp"
 
@@ -20,38 +18,6 @@ namespace {
 
 cudaStream_t cs(Stream s) { return static_cast<cudaStream_t>(s); }
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
-
-// Programmatic dependent launch (sm_90): every kernel here is launched with the programmatic
-// stream-serialization attribute, so that it is scheduled while its predecessor finishes, and starts with
-// pdl_prologue(): it lets its own successor be scheduled, then waits until its predecessor has completed and
-// its writes are visible (before reading anything). A decode step is ~400 small dependent kernels: the
-// launch latency between them is what this hides.
-__device__ __forceinline__ void pdl_prologue() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-bool pdl_supported() {
-  static const bool yes = detail::compute_capability() >= 90;
-  return yes;
-}
-
-template <class... P, class... A>
-void launch(void (*kernel)(P...), dim3 grid, int threads, size_t smem, cudaStream_t s, A&&... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(unsigned(threads));
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl_supported() ? 1 : 0;
-  KSA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
-}
 
 #define KSA_CUBLAS_CHECK(expr)                                                                        \
   do {                                                                                                \
@@ -96,7 +62,6 @@ __device__ __forceinline__ float bf(const void* p, int64_t i) {
 
 // ------------------------------------------------------------------------------------- small kernels
 __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* ids, int64_t H, float* x) {
-  pdl_prologue();
   const int64_t r = blockIdx.x;
   const __nv_bfloat16* src = table + int64_t(ids[r]) * H;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) x[r * H + i] = __bfloat162float(src[i]);
@@ -110,7 +75,6 @@ constexpr int kNormThreads = 256, kNormVec = 4;
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(float* x, const float* h, int64_t n, const void* w,
                                                                 const void* ws, const uint8_t* is_summary, float eps,
                                                                 __nv_bfloat16* out) {
-  pdl_prologue();
   __shared__ float red[32];
   const int64_t r = blockIdx.x;
   float* xr = x + r * n;
@@ -161,13 +125,11 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(float* x, const 
 }
 
 __global__ void add_kernel(float* x, const float* h, int64_t count) {
-  pdl_prologue();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < count) x[i] += h[i];
 }
 
 __global__ void gather_kernel(const uint32_t* in, int64_t words, const int32_t* rows, uint32_t* out, bool scatter) {
-  pdl_prologue();
   const int64_t i = blockIdx.x, r = rows[i];
   for (int64_t c = threadIdx.x; c < words; c += blockDim.x) {
     if (scatter) out[r * words + c] = in[i * words + c];
@@ -177,7 +139,6 @@ __global__ void gather_kernel(const uint32_t* in, int64_t words, const int32_t* 
 
 __global__ void blend_kernel(float* y, int64_t ldy, const float* ys, const int32_t* rows, int64_t cols, float mix,
                              bool whole) {
-  pdl_prologue();
   const int64_t i = blockIdx.x, r = rows[i];
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     float& d = y[r * ldy + c];
@@ -193,7 +154,6 @@ template <int D>
 __global__ void qk_norm_rope_kernel(const float* qkv, int64_t n, int Hq, int Hkv, const void* qn, const void* kn,
                                     float eps, const int32_t* positions, const float* inv_freq, __nv_bfloat16* qc,
                                     __nv_bfloat16* kc, __nv_bfloat16* vc) {
-  pdl_prologue();
   constexpr int J = D / 32, HALF = J / 2;
   const int64_t gw = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32, H = Hq + 2 * Hkv;
@@ -232,7 +192,6 @@ __global__ void qk_norm_rope_kernel(const float* qkv, int64_t n, int Hq, int Hkv
 }
 
 __global__ void silu_mul_kernel(const float* gu, int64_t n, int64_t I, __nv_bfloat16* out) {
-  pdl_prologue();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n * I) return;
   const int64_t r = i / I, c = i - r * I;
@@ -324,7 +283,6 @@ __device__ uint32_t select_key(const float* lg, int V, uint32_t lo, u64 target, 
 
 __global__ void __launch_bounds__(kSampleThreads) sample_kernel(float* logits, int V, const SampleArgs* args,
                                                                 const int32_t* pairs, int32_t* out) {
-  pdl_prologue();
   __shared__ SampleShared sh;
   const SampleArgs a = args[blockIdx.x];
   float* lg = logits + a.row * int64_t(V);
@@ -439,7 +397,6 @@ template <int M, class YT>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const uint4* __restrict__ x, int chunks,
                                                             const uint4* __restrict__ W, int N, YT* __restrict__ y,
                                                             int64_t ldy) {
-  pdl_prologue();
   extern __shared__ uint4 sx[];  // [M][chunks]
   __shared__ float red[kGemvThreads / 32][kGemvRows * M];
   for (int i = threadIdx.x; i < M * chunks; i += kGemvThreads) sx[i] = x[i];
@@ -499,7 +456,7 @@ void launch_gemv(const void* x, int64_t K, const void* W, int64_t N, void* y, in
   const int chunks = int(K / 8), smem = int(M * K * 2);
   if (smem > 48 * 1024)
     KSA_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<M, YT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  launch(gemv_kernel<M, YT>, dim3(blocks_for(N, kGemvRows)), kGemvThreads, size_t(smem), s,
+  gemv_kernel<M, YT><<<blocks_for(N, kGemvRows), kGemvThreads, size_t(smem), s>>>(
       static_cast<const uint4*>(x), chunks, static_cast<const uint4*>(W), int(N), static_cast<YT*>(y), ldy);
   KSA_CUDA_CHECK_LAUNCH();
 }
@@ -610,35 +567,35 @@ void Gemm::run(const void* x, int64_t M, int64_t K, const void* W, int64_t N, vo
 // ------------------------------------------------------------------------------------------ launchers
 void embed_rows(const void* table, const int32_t* ids, int64_t n, int64_t H, float* x, Stream stream) {
   if (n == 0) return;
-  launch(embed_kernel, dim3(unsigned(n)), 256, size_t(0), cs(stream), static_cast<const __nv_bfloat16*>(table), ids, H, x);
+  embed_kernel<<<unsigned(n), 256, 0, cs(stream)>>>(static_cast<const __nv_bfloat16*>(table), ids, H, x);
   KSA_CUDA_CHECK_LAUNCH();
 }
 
 void rms_norm(const float* x, int64_t rows, int64_t n, const void* w, const void* ws, const uint8_t* is_summary,
               float eps, void* out, Stream stream) {
   if (rows == 0) return;
-  launch(rms_norm_kernel, dim3(unsigned(rows)), kNormThreads, size_t(0), cs(stream), const_cast<float*>(x), nullptr, n, w, ws, is_summary, eps,
+  rms_norm_kernel<<<unsigned(rows), kNormThreads, 0, cs(stream)>>>(const_cast<float*>(x), nullptr, n, w, ws, is_summary, eps,
                                                            static_cast<__nv_bfloat16*>(out));
   KSA_CUDA_CHECK_LAUNCH();
 }
 
 void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void* w, float eps, void* out, Stream stream) {
   if (rows == 0) return;
-  launch(rms_norm_kernel, dim3(unsigned(rows)), kNormThreads, size_t(0), cs(stream), x, h, n, w, nullptr, nullptr, eps,
+  rms_norm_kernel<<<unsigned(rows), kNormThreads, 0, cs(stream)>>>(x, h, n, w, nullptr, nullptr, eps,
                                                            static_cast<__nv_bfloat16*>(out));
   KSA_CUDA_CHECK_LAUNCH();
 }
 
 void add(float* x, const float* h, int64_t count, Stream stream) {
   if (count == 0) return;
-  launch(add_kernel, dim3(blocks_for(count, 256)), 256, size_t(0), cs(stream), x, h, count);
+  add_kernel<<<blocks_for(count, 256), 256, 0, cs(stream)>>>(x, h, count);
   KSA_CUDA_CHECK_LAUNCH();
 }
 
 void gather_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, Stream stream) {
   if (m == 0) return;
   if (row_bytes % 4) fail("cuda gather_rows: row bytes must be a multiple of 4 (got ", row_bytes, ")");
-  launch(gather_kernel, dim3(unsigned(m)), 256, size_t(0), cs(stream), static_cast<const uint32_t*>(in), row_bytes / 4, rows,
+  gather_kernel<<<unsigned(m), 256, 0, cs(stream)>>>(static_cast<const uint32_t*>(in), row_bytes / 4, rows,
                                                      static_cast<uint32_t*>(out), false);
   KSA_CUDA_CHECK_LAUNCH();
 }
@@ -646,7 +603,7 @@ void gather_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t
 void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, Stream stream) {
   if (m == 0) return;
   if (row_bytes % 4) fail("cuda scatter_rows: row bytes must be a multiple of 4 (got ", row_bytes, ")");
-  launch(gather_kernel, dim3(unsigned(m)), 256, size_t(0), cs(stream), static_cast<const uint32_t*>(in), row_bytes / 4, rows,
+  gather_kernel<<<unsigned(m), 256, 0, cs(stream)>>>(static_cast<const uint32_t*>(in), row_bytes / 4, rows,
                                                      static_cast<uint32_t*>(out), true);
   KSA_CUDA_CHECK_LAUNCH();
 }
@@ -654,7 +611,7 @@ void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_
 void blend_rows(float* y, int64_t ldy, const float* ys, const int32_t* rows, int64_t m, int64_t cols, double mix,
                 Stream stream) {
   if (m == 0) return;
-  launch(blend_kernel, dim3(unsigned(m)), 256, size_t(0), cs(stream), y, ldy, ys, rows, cols, float(mix), mix == 1.0);
+  blend_kernel<<<unsigned(m), 256, 0, cs(stream)>>>(y, ldy, ys, rows, cols, float(mix), mix == 1.0);
   KSA_CUDA_CHECK_LAUNCH();
 }
 
@@ -668,9 +625,9 @@ void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t 
   auto* K = static_cast<__nv_bfloat16*>(kc);
   auto* Vv = static_cast<__nv_bfloat16*>(vc);
   if (D == 128)
-    launch(qk_norm_rope_kernel<128>, dim3(grid), 256, size_t(0), cs(stream), qkv, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
+    qk_norm_rope_kernel<128><<<grid, 256, 0, cs(stream)>>>(qkv, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
   else if (D == 64)
-    launch(qk_norm_rope_kernel<64>, dim3(grid), 256, size_t(0), cs(stream), qkv, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
+    qk_norm_rope_kernel<64><<<grid, 256, 0, cs(stream)>>>(qkv, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
   else
     fail("cuda qk_norm_rope: head_dim must be 64 or 128 (got ", D, ")");
   KSA_CUDA_CHECK_LAUNCH();
@@ -678,7 +635,7 @@ void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t 
 
 void silu_mul(const float* gu, int64_t n, int64_t I, void* out, Stream stream) {
   if (n * I == 0) return;
-  launch(silu_mul_kernel, dim3(blocks_for(n * I, 256)), 256, size_t(0), cs(stream), gu, n, I, static_cast<__nv_bfloat16*>(out));
+  silu_mul_kernel<<<blocks_for(n * I, 256), 256, 0, cs(stream)>>>(gu, n, I, static_cast<__nv_bfloat16*>(out));
   KSA_CUDA_CHECK_LAUNCH();
 }
 
@@ -686,7 +643,7 @@ void sample_tokens(float* logits, int64_t V, const SampleArgs* args, int64_t n, 
                    Stream stream) {
   if (n == 0) return;
   if (V < 1 || V >= (int64_t(1) << 31)) fail("cuda sample_tokens: vocabulary of ", V, " logits");
-  launch(sample_kernel, dim3(unsigned(n)), kSampleThreads, size_t(0), cs(stream), logits, int(V), args, pairs, out);
+  sample_kernel<<<unsigned(n), kSampleThreads, 0, cs(stream)>>>(logits, int(V), args, pairs, out);
   KSA_CUDA_CHECK_LAUNCH();
 }
 
