@@ -44,6 +44,8 @@ conv() { printf 'hello there\n/reset\nsecond try\nand a follow-up\n/exit\n' | "$
 check "conversation: three turns" 0 "turn 3: [0-9]+ new prompt tokens \(" -- conv
 check "conversation: reset" 0 "conversation reset" -- conv
 check "no prompt without -i" 2 "or -i for a conversation" -- "$KSA" generate -m "$DIR"
+check "-m a file in the checkpoint" 0 "KV cache" -- "$KSA" info -m "$DIR/config.json"
+check "llama-cli spelling -c" nz "context" -- "$KSA" generate -m "$DIR" -p "$PROMPT" -c 4
 
 gen() { "$KSA" generate -m "$DIR" -p "$PROMPT" -n 40 --no-display-prompt "$@" 2>/dev/null; }
 g1=$(gen -t 1); g2=$(gen -t 2)

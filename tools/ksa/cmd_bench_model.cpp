@@ -113,7 +113,7 @@ int run_bench_model(int argc, char** argv) {
                "of --batch sequences) and tg (token generation: N batched greedy steps of one token per sequence),\n"
                "mean ± sd over repetitions; with the memory bandwidth measured in the same run and decode speed as a\n"
                "percentage of the bandwidth bound ((weight bytes + visible KV bytes) per step / bandwidth).");
-  std::string& dir = f.str("-m,--model", "", "checkpoint directory");
+  std::string& dir = f.str("-m,--model", "", "checkpoint directory, or a file in it");
   std::string& device = f.str("--device", "auto", "cpu, cuda, or auto (cuda when a GPU is visible, the build has CUDA and the model's head dim is 64 or 128)");
   int64_t& P = f.i64("-p,--n-prompt", 512, "prompt tokens per sequence (pp test; 0 = skip, tg then starts from 1 token)", 0, cli::kMaxTokens);
   int64_t& N = f.i64("-n,--n-gen", 128, "generated tokens per sequence (tg test; 0 = skip)", 0, cli::kMaxTokens);
@@ -127,6 +127,7 @@ int run_bench_model(int argc, char** argv) {
   int64_t& ubatch = f.i64("-ub,--ubatch-size", 0, "CUDA: text tokens per prefill piece (0 = the engine's 1024)", 0, cli::kMaxTokens);
   bool& no_gemv = f.flag("--no-cuda-gemv", "CUDA: cuBLASLt for every matrix product (no GEMV kernel for <= 8 rows)");
   if (!f.parse(argc, argv)) return 0;
+  dir = model_dir_arg(dir);
   if (dir.empty()) throw cli::UsageError("-m/--model: required");
   if (P + N < 1) throw cli::UsageError("-p, -n: must not both be 0");
   const int nthreads = threads > 0 ? int(threads) : int(std::max(1u, std::thread::hardware_concurrency()));

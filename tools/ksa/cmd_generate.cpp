@@ -7,6 +7,7 @@
 // <|im_end|>), at a --stop string (the text before it is printed, the string itself not), at -n tokens, or at
 // the context limit.
 #include <algorithm>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -17,6 +18,7 @@
 #include <sstream>
 #include <thread>
 
+#include <signal.h>
 #include <unistd.h>
 #ifdef KSA_HAVE_LIBEDIT
 #include <editline/readline.h>
@@ -90,6 +92,10 @@ void print_rate(const char* what, double secs, int64_t n, const char* unit) {
   std::fputc('\n', stderr);
 }
 
+// Ctrl-C in a conversation stops the current answer (and, at the prompt, ends the conversation).
+volatile std::sig_atomic_t g_interrupted = 0;
+extern "C" void on_interrupt(int) { g_interrupted = 1; }
+
 // A line of the conversation from the terminal (libedit: editing, history) or from a pipe; false at the end.
 bool read_turn(std::string& line) {
 #ifdef KSA_HAVE_LIBEDIT
@@ -112,7 +118,7 @@ int run_generate(int argc, char** argv) {
                "on stderr). Sampling is greedy unless --temp > 0. Stops at an end-of-sequence id\n"
                "(generation_config.json, else config.json; with --chat also <|im_end|>), a --stop string, -n\n"
                "tokens or the context limit.");
-  std::string& dir = f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json)");
+  std::string& dir = f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json), or a file in it");
   std::string& prompt_text = f.str("-p,--prompt", "", "the prompt");
   std::string& prompt_file = f.str("-f,--file", "", "read the prompt from a file ('-' = stdin)");
   int64_t& n_predict = f.i64("-n,--n-predict", 128, "tokens to generate at most", 0, cli::kMaxTokens);
@@ -125,20 +131,21 @@ int run_generate(int argc, char** argv) {
   double& freq = f.f64("--frequency-penalty", 0.0, "subtracted per occurrence of a seen token");
   int64_t& seed = f.i64("--seed", -1, "sampling seed (-1 = random, printed)", -1, cli::kAnyInt64Max);
   bool& chat = f.flag("--chat", "wrap the prompt as a user turn in the Qwen3 chat template (with the assistant prompt)");
-  std::string& system = f.str("--system", "", "with --chat: a system message first");
+  std::string& system = f.str("-sys,--system", "", "with --chat: a system message first");
   bool& no_think = f.flag("--no-think", "with --chat: disable thinking (Qwen3's enable_thinking=false: an empty <think></think>)");
   std::string& device = f.str("--device", "auto", "cpu, cuda, or auto (cuda when a GPU is visible, the build has CUDA and the model's head dim is 64 or 128)");
   int64_t& threads = f.i64("-t,--threads", 0, "CPU threads (0 = all)", 0, cli::kMaxThreads);
-  int64_t& ctx = f.i64("--ctx", 0, "context limit in text tokens (0 = config max_position_embeddings)", 0, cli::kMaxTokens);
-  std::vector<std::string>& stops = f.strs("--stop", "stop when the text contains this string (\\n, \\t escapes understood)");
+  int64_t& ctx = f.i64("-c,--ctx-size,--ctx", 0, "context limit in text tokens (0 = config max_position_embeddings)", 0, cli::kMaxTokens);
+  std::vector<std::string>& stops = f.strs("-r,--reverse-prompt,--stop", "stop when the text contains this string (\\n, \\t escapes understood)");
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
   bool& no_graphs = f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
   bool& no_display = f.flag("--no-display-prompt", "do not echo the prompt to stdout");
-  bool& interactive = f.flag("-i,--interactive",
+  bool& interactive = f.flag("-i,-cnv,--interactive,--conversation",
                              "conversation: read user turns from the terminal (line editing and history), answer each "
                              "in the chat template (implies --chat; -p/-f, if given, is the first turn); the KV cache "
                              "is kept between turns; /reset starts over, /exit or Ctrl-D ends");
   if (!f.parse(argc, argv)) return 0;
+  dir = model_dir_arg(dir);
 
   if (dir.empty()) throw cli::UsageError("-m/--model: required");
   if (interactive) chat = true;
@@ -200,6 +207,9 @@ int run_generate(int argc, char** argv) {
     ChatOptions co;
     co.add_generation_prompt = true;
     if (no_think) co.enable_thinking = false;
+    struct sigaction sa = {};
+    sa.sa_handler = on_interrupt;  // no SA_RESTART: Ctrl-C at the prompt ends the read
+    sigaction(SIGINT, &sa, nullptr);
     SeqId seq = model.new_sequence();
     std::vector<int32_t> fed;  // the tokens the sequence holds
     std::vector<float> logits(size_t(model.vocab()));
@@ -220,33 +230,42 @@ int run_generate(int argc, char** argv) {
         continue;
       }
       msgs.push_back({"user", line, std::nullopt});
-      const std::vector<int32_t> all = tok.encode(render_qwen3_chat(msgs, co));
-      // The new turn's tokens after what the sequence holds; when the rendering of the earlier turns changed
-      // (the template drops earlier turns' reasoning) the conversation is prefilled again.
-      const bool prefix = all.size() >= fed.size() && std::equal(fed.begin(), fed.end(), all.begin());
-      if (!prefix) {
-        model.release(seq);
-        seq = model.new_sequence();
-        fed.clear();
+      // The first turn is the rendered conversation; a later one only the template's text after the previous
+      // answer (a marker stands in for it), so that the history in the cache is never recomputed.
+      std::string turn_text = render_qwen3_chat(msgs, co);
+      if (!fed.empty()) {
+        static const std::string kMark = "\x01ksa-answer\x01";
+        std::vector<ChatMessage> probe(msgs);
+        probe[probe.size() - 2].content = kMark;
+        const std::string r = render_qwen3_chat(probe, co);
+        const size_t at = r.rfind(kMark);
+        if (at == std::string::npos) fail("the chat template dropped the previous answer");
+        turn_text = r.substr(at + kMark.size());
       }
-      const std::span<const int32_t> fresh = std::span(all).subspan(fed.size());
-      if (int64_t(all.size()) >= model.max_text_tokens()) {
+      const std::vector<int32_t> fresh = tok.encode(turn_text);
+      if (int64_t(fed.size() + fresh.size()) >= model.max_text_tokens()) {
         std::fprintf(stderr, "ksa generate: the conversation would hold %zu tokens, the context is %lld: /reset\n",
-                     all.size(), (long long)model.max_text_tokens());
+                     fed.size() + fresh.size(), (long long)model.max_text_tokens());
         msgs.pop_back();
         continue;
       }
       const double t0 = now_s();
       model.append(seq, fresh, LogitsFor::last, logits);
       const double pp_s = now_s() - t0;
-      fed = all;
+      fed.insert(fed.end(), fresh.begin(), fresh.end());
       TextStream stream(tok, stop_strings);
       StdoutWriter out;
       std::string piece, reply;
       std::vector<int32_t> history = fed;
       int64_t generated = 0;
       const double t1 = now_s();
+      g_interrupted = 0;
+      bool interrupted = false;
       while (generated < n_predict) {
+        if (g_interrupted) {  // Ctrl-C: this answer ends here
+          interrupted = true;
+          break;
+        }
         const int32_t id = sampler.sample(logits, history);
         if (eos.count(id)) break;
         history.push_back(id);
@@ -266,9 +285,9 @@ int run_generate(int argc, char** argv) {
       if (out.last_char() != '\n') std::fputc('\n', stdout);
       std::fflush(stdout);
       msgs.push_back({"assistant", reply, std::nullopt});
-      std::fprintf(stderr, "ksa generate: turn %d: %zu new prompt tokens%s (%.0f ms), %lld generated (%.1f tok/s); KV "
-                   "cache %s at %lld tokens\n", turn++, fresh.size(), prefix ? "" : " (conversation prefilled again)",
-                   pp_s * 1e3, (long long)generated, generated / std::max(1e-9, now_s() - t1),
+      std::fprintf(stderr, "ksa generate: turn %d: %zu new prompt tokens (%.0f ms), %lld generated%s (%.1f tok/s); KV "
+                   "cache %s at %lld tokens\n", turn++, fresh.size(), pp_s * 1e3, (long long)generated, interrupted ? ", stopped by Ctrl-C" : "",
+                   generated / std::max(1e-9, now_s() - t1),
                    human_bytes(double(model.kv_bytes(seq))).c_str(), (long long)model.text_tokens(seq));
     }
     model.release(seq);

@@ -132,6 +132,7 @@ int run_info(int argc, char** argv) {
   int64_t& W = f.i64("-W,--window", 128, "W: window in chunks", 0, Spec::kMaxWindow);
   std::string& model = f.str("-m,--model", "", "a checkpoint directory: architecture, parameters, windows, KV cache, tokenizer");
   if (!f.parse(argc, argv)) return 0;
+  model = model_dir_arg(model);
   if (!model.empty()) return info_model(model);
   Spec spec;
   spec.k = k;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <random>
@@ -69,6 +70,15 @@ inline std::vector<uint8_t> random_tensor(DType t, int64_t n, std::mt19937_64& r
   for (int64_t w = 0; w < threads; ++w) pool.emplace_back(fill, n * w / threads, n * (w + 1) / threads);
   for (std::thread& th : pool) th.join();
   return buf;
+}
+
+// -m: a checkpoint directory, or a file in it (config.json, a .safetensors file, tokenizer.json) standing for
+// its folder.
+inline std::string model_dir_arg(const std::string& m) {
+  std::error_code ec;
+  if (m.empty() || !std::filesystem::is_regular_file(m, ec)) return m;
+  const std::filesystem::path parent = std::filesystem::path(m).parent_path();
+  return parent.empty() ? std::string(".") : parent.string();
 }
 
 #ifdef KSA_HAVE_ENGINE
