@@ -251,9 +251,8 @@ int run_bench_model(int argc, char** argv) {
   }
   std::printf("(%lld repetitions after 1 warm-up; tg continues each pp sequence%s)\n", (long long)reps,
               P > 0 ? "" : " of 1 token");
-  std::printf("\nKV cache of one sequence at %lld text tokens: %s (KSA) vs %s full attention (%.2fx)\n",
-              (long long)(first + N), human_bytes(double(kv_bytes)).c_str(), human_bytes(double(kv_full)).c_str(),
-              kv_bytes > 0 ? double(kv_full) / double(kv_bytes) : 0.0);
+  std::printf("\nKV cache of one sequence at %lld text tokens: %s\n", (long long)(first + N),
+              kv_comparison(kv_bytes, kv_full, c.use_summary_attention).c_str());
   if (mo.device == Device::cuda) {
     std::printf("peak device memory: %s (weights %s)\n", human_bytes(double(model.device_bytes_peak())).c_str(),
                 human_bytes(double(model.weight_bytes())).c_str());

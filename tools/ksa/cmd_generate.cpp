@@ -394,12 +394,8 @@ int run_generate(int argc, char** argv) {
   print_rate("prompt eval time", pp_s, int64_t(prompt.size()), "tokens");
   print_rate("eval time", eval_s, evals, "runs");
   print_rate("sampling time", sample_s, draws, "draws");
-  std::fprintf(stderr, "ksa generate: %16s = %s (KSA, %s) vs %s full attention at %lld text tokens", "KV cache",
-               human_bytes(double(kv)).c_str(), dtype_name(mo.kv_dtype), human_bytes(double(kv_full)).c_str(),
-               (long long)model.text_tokens(seq));
-  if (kv > 0) std::fprintf(stderr, ": %.2fx %s\n", kv_full >= kv ? double(kv_full) / double(kv) : double(kv) / double(kv_full),
-                           kv_full >= kv ? "smaller" : "larger (a short text: the cache's 16-row blocks dominate)");
-  else std::fputc('\n', stderr);
+  std::fprintf(stderr, "ksa generate: %16s = at %lld text tokens (%s) %s\n", "KV cache", (long long)model.text_tokens(seq),
+               dtype_name(mo.kv_dtype), kv_comparison(kv, kv_full, cfg.use_summary_attention).c_str());
   return 0;
 }
 

@@ -89,9 +89,9 @@ int run_perplexity(int argc, char** argv) {
   std::printf("windows %lld, ctx %lld, tokens scored %lld (%s), mean NLL %.6f nats, ppl %.4f\n", (long long)windows,
               (long long)ctx, (long long)scored, all ? "tokens 1..ctx-1" : "second half of each window", nll / double(scored),
               std::exp(nll / double(scored)));
-  std::printf("KV cache at %lld tokens: %lld bytes (%s, %s) vs %lld bytes full attention (%.2fx)\n", (long long)ctx,
-              (long long)kv, human_bytes(double(kv)).c_str(), dtype_name(mo.kv_dtype), (long long)kv_full,
-              kv > 0 ? double(kv_full) / double(kv) : 0.0);
+  std::printf("KV cache at %lld tokens: %lld bytes (%s) vs %lld bytes full attention; %s\n", (long long)ctx,
+              (long long)kv, dtype_name(mo.kv_dtype), (long long)kv_full,
+              kv_comparison(kv, kv_full, model.config().use_summary_attention).c_str());
   std::fprintf(stderr, "ksa perplexity: %.2f s (%.1f tokens per second)\n", secs, double(windows * ctx) / secs);
   return 0;
 }

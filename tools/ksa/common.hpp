@@ -72,6 +72,23 @@ inline std::vector<uint8_t> random_tensor(DType t, int64_t n, std::mt19937_64& r
   return buf;
 }
 
+inline std::string human_bytes(double b);
+
+// The KV-cache line of a sequence: "<kv> (KSA) vs <full> full attention: 2.54x smaller". Never claims a saving
+// that is not there: a plain model (no summaries) caches full attention; a KSA text shorter than its window
+// (or a short text, where the cache's blocks round up) saves nothing.
+inline std::string kv_comparison(int64_t kv, int64_t full, bool ksa) {
+  std::string s = human_bytes(double(kv));
+  if (!ksa) return s + " (full attention: the model has no summary tokens)";
+  s += " (KSA) vs " + human_bytes(double(full)) + " full attention";
+  if (kv > 0 && full > kv) {
+    char buf[48];
+    std::snprintf(buf, sizeof buf, ": %.2fx smaller", double(full) / double(kv));
+    return s + buf;
+  }
+  return s + ": no saving at this length (the window still covers the text; the cache rounds up to whole blocks)";
+}
+
 // -m: a checkpoint directory, or a file in it (config.json, a .safetensors file, tokenizer.json) standing for
 // its folder.
 inline std::string model_dir_arg(const std::string& m) {
