@@ -9,8 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include <omp.h>
-
+#include "cpu/thread_pool.hpp"
 #include "ksa/dtype.hpp"
 
 namespace ksa::cpu::detail {
@@ -102,8 +101,6 @@ const TileKernels& tile_kernels() {
 
 void force_generic_tile_kernels(bool on) { g_force_generic = on; }
 
-int resolve_threads(int n) { return n > 0 ? n : omp_get_max_threads(); }
-
 Scratch scratch(int slot, int64_t n) {
   thread_local FloatBuf pool[16];
   Scratch s;
@@ -176,17 +173,15 @@ Gathered gather(const AttentionParams& p, const Segments& segs, const TensorView
   // Blocks of <= 64 rows: the key tiles, or the plain 64-row grid (= the query tiles); one work unit per
   // (segment, h, block), numbered as the tiles.
   const int64_t units = (key_grid ? segs.ktiles : segs.qtiles) * H;
-#pragma omp parallel num_threads(threads)
+  PerWorker<FloatBuf> staging_bufs(threads);
   {
-    FloatBuf staging(need_rows ? 0 : 64 * Dp);
-#pragma omp for schedule(static)
-    for (int64_t u = 0; u < units; ++u) {
+    parallel_for(threads, units, 1, [&](int64_t u, int worker) {
       const Segment& s = key_grid ? segs.of_key_tile(u / H) : segs.of_query_tile(u / H);
       const int64_t nblocks = key_grid ? s.grid.count : s.nqt, local = u - (key_grid ? s.kt0 : s.qt0) * H;
       const int64_t h = local / nblocks, i = local % nblocks;
       const int64_t r0 = key_grid ? s.grid.begin(i) : i * 64;
       const int64_t r1 = key_grid ? s.grid.end(i) : std::min(s.L, r0 + 64);
-      float* rows = need_rows ? const_cast<float*>(g.row(s, h, r0)) : staging.data();
+      float* rows = need_rows ? const_cast<float*>(g.row(s, h, r0)) : staging_bufs.get(worker, 64 * Dp).data();
       for (int64_t r = 0; r < r1 - r0; ++r) {
         const int64_t off = t.offset(s.b, s.row0 + s.lay.stream_of_gathered(r0 + r), h);
         float* dst = rows + r * Dp;
@@ -201,7 +196,7 @@ Gathered gather(const AttentionParams& p, const Segments& segs, const TensorView
         }
         for (int64_t d = D; d < Dp; ++d) dst[d] = 0.f;
       }
-      if (grid == PanelGrid::none) continue;
+      if (grid == PanelGrid::none) return;
       float* pan = const_cast<float*>(g.panel(s, h, i));
       const int64_t n = r1 - r0;
       for (int64_t d = 0; d < Dp; ++d) {
@@ -209,7 +204,7 @@ Gathered gather(const AttentionParams& p, const Segments& segs, const TensorView
         for (int64_t j = 0; j < n; ++j) dst[j] = rows[j * Dp + d];
         for (int64_t j = n; j < 64; ++j) dst[j] = 0.f;
       }
-    }
+    });
   }
   return g;
 }

@@ -17,6 +17,7 @@
 
 #include "ksa/attention.hpp"
 #include "ksa/spec.hpp"
+#include "cpu/thread_pool.hpp"
 #include "cpu/tile_kernels.hpp"
 
 namespace ksa::cpu::detail {
@@ -131,8 +132,5 @@ std::vector<StreamToken> gathered_tokens(const Segments& segs);
 // `transposed`: rows are keys and columns queries.
 void apply_mask(float* s, int rows, int cols, const StreamToken* qtok, const StreamToken* ktok, int64_t W,
                 bool transposed);
-
-// OpenMP threads for a call: n > 0 as given, else all available.
-int resolve_threads(int n);
 
 }  // namespace ksa::cpu::detail

@@ -1,14 +1,13 @@
 // Dense CPU operations (see ksa/dense.hpp).
 #include "ksa/dense.hpp"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <mutex>
 #include <vector>
 
 #include "cpu/dense_kernels.hpp"
+#include "cpu/thread_pool.hpp"
 #include "ksa/error.hpp"
 #ifdef KSA_HAVE_OPENBLAS
 #include <cblas.h>
@@ -16,8 +15,6 @@
 
 namespace ksa::cpu {
 namespace {
-
-int pick_threads(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
 
 void widen_rows(const void* W, DType wdt, int64_t K, int64_t r0, int64_t r1, float* out) {
   if (wdt == DType::f32) {
@@ -55,13 +52,15 @@ void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int6
   if (M < 0 || K < 1 || N < 1) fail("linear: bad shape M=", M, " K=", K, " N=", N);
   if (wdt == DType::f16) fail("linear: weights must be f32 or bf16 (got f16)");
   if (M == 0) return;
-  const int nt = pick_threads(threads);
+  const int nt = detail::resolve_threads(threads);
   if (M <= 4) {
     const detail::DotRowFn dot = detail::dot_row_kernel();
-    // Rows of W in blocks so each thread streams a contiguous slab; all M vectors per row read.
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot(W, wdt, n, K, x + m * K);
+    // Rows of W in chunks of 64 (contiguous slabs), claimed by the threads as they come free; all M vectors
+    // per row read.
+    detail::parallel_chunks(nt, N, 64, [&](int64_t n0, int64_t n1, int) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot(W, wdt, n, K, x + m * K);
+    });
     return;
   }
   // A few rows: the matrix-vector kernel over groups of 4 rows reads W once per group, which beats widening
@@ -80,12 +79,12 @@ void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int6
   static std::once_flag single;
   std::call_once(single, [] { openblas_set_num_threads(1); });
 #endif
-#pragma omp parallel num_threads(nt)
+  // One std::vector<float> of block * K per worker that gets a block.
+  detail::PerWorker<std::vector<float>> bufs(nt);
   {
-    std::vector<float> wf(static_cast<size_t>(block * K));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t n0 = 0; n0 < N; n0 += block) {
-      const int64_t nb = std::min(block, N - n0);
+    detail::parallel_for(nt, (N + block - 1) / block, 1, [&](int64_t bi, int worker) {
+      std::vector<float>& wf = bufs.get(worker, static_cast<size_t>(block * K));
+      const int64_t n0 = bi * block, nb = std::min(block, N - n0);
       widen_rows(W, wdt, K, n0, n0 + nb, wf.data());
 #ifdef KSA_HAVE_OPENBLAS
       // y[:, n0:n0+nb] = x . wf^T
@@ -95,7 +94,7 @@ void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int6
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < nb; ++n) y[m * N + n0 + n] = detail::dot_row_portable(wf.data(), DType::f32, n, K, x + m * K);
 #endif
-    }
+    });
   }
 }
 
