@@ -1,7 +1,5 @@
-// Portable tile primitives, the runtime SIMD dispatch, and the gather into gathered order (see
-// attention_tiles.hpp). The portable loops are written so that the compiler vectorises them for the
-// baseline ISA; the AVX-512 versions live in attention_tiles_avx512.cpp (compiled with AVX-512 flags,
-// called only after __builtin_cpu_supports says yes).
+// The gather into gathered order and the per-thread scratch pool (see attention_tiles.hpp); the tile
+// primitives themselves are in tile_kernels_hwy.cpp.
 #include "cpu/attention_tiles.hpp"
 
 #include <algorithm>
@@ -9,97 +7,13 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cpu/simd.hpp"
 #include "cpu/thread_pool.hpp"
 #include "ksa/dtype.hpp"
 
 namespace ksa::cpu::detail {
-namespace {
 
-void scores_generic(const float* A, int64_t lda, int rows, const float* Bt, int Dp, float* C) {
-  for (int r = 0; r < rows; ++r) {
-    float c[64] = {};
-    const float* a = A + r * lda;
-    for (int d = 0; d < Dp; ++d) {
-      const float x = a[d];
-      const float* b = Bt + int64_t(d) * 64;
-      for (int j = 0; j < 64; ++j) c[j] += x * b[j];
-    }
-    std::memcpy(C + r * 64, c, sizeof c);
-  }
-}
-
-void accumulate_generic(const float* P, int rows, int n, const float* B, int Dp, float* C, const float* alpha) {
-  for (int r = 0; r < rows; ++r) {
-    float* c = C + int64_t(r) * Dp;
-    if (alpha) {
-      const float a = alpha[r];
-      for (int d = 0; d < Dp; ++d) c[d] *= a;
-    }
-    for (int j = 0; j < n; ++j) {
-      const float x = P[r * 64 + j];
-      if (x == 0.f) continue;
-      const float* b = B + int64_t(j) * Dp;
-      for (int d = 0; d < Dp; ++d) c[d] += x * b[d];
-    }
-  }
-}
-
-float row_max_generic(const float* s, int n) {
-  float m = -INFINITY;
-  for (int j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
-  return m;
-}
-
-float exp_shift_generic(float* s, int n, float shift) {
-  float sum = 0.f;
-  for (int j = 0; j < n; ++j) {
-    const float e = s[j] == -INFINITY ? 0.f : std::exp(s[j] - shift);
-    s[j] = e;
-    sum += e;
-  }
-  return sum;
-}
-
-void exp_shift_vec_generic(float* s, int n, const float* shift) {
-  for (int j = 0; j < n; ++j) s[j] = s[j] == -INFINITY ? 0.f : std::exp(s[j] - shift[j]);
-}
-
-const TileKernels kGeneric{"portable", scores_generic, accumulate_generic, row_max_generic, exp_shift_generic,
-                           exp_shift_vec_generic};
-
-bool g_force_generic = false;
-
-// KSA_CPU_PRIMITIVES=portable in the environment forces the portable primitives (to time or check the
-// fallback that CPUs without AVX-512 run).
-const TileKernels& pick() {
-  const char* env = std::getenv("KSA_CPU_PRIMITIVES");
-  if (env && std::strcmp(env, "portable") == 0) return kGeneric;
-  const TileKernels* k = avx512_tile_kernels();
-  return k ? *k : kGeneric;
-}
-
-}  // namespace
-
-const TileKernels& generic_tile_kernels() { return kGeneric; }
-
-const TileKernels* avx512_tile_kernels() {
-#if defined(KSA_CPU_AVX512_TU) && (defined(__GNUC__) || defined(__clang__))
-  // The AVX-512 file is compiled with F, BW, DQ, VL and FMA; libgcc's check includes the OS's zmm support.
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("fma");
-  return ok ? &kAvx512TileKernels : nullptr;
-#else
-  return nullptr;
-#endif
-}
-
-const TileKernels& tile_kernels() {
-  static const TileKernels& best = pick();
-  return g_force_generic ? kGeneric : best;
-}
-
-void force_generic_tile_kernels(bool on) { g_force_generic = on; }
+void force_generic_tile_kernels(bool on) { force_simd_target(on ? simd_targets().back() : 0); }
 
 Scratch scratch(int slot, int64_t n) {
   thread_local FloatBuf pool[16];

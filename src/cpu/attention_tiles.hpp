@@ -22,12 +22,8 @@
 
 namespace ksa::cpu::detail {
 
-// The fastest primitives this CPU supports (AVX-512 when __builtin_cpu_supports says so, else portable).
-const TileKernels& tile_kernels();
-const TileKernels& generic_tile_kernels();
-// Returns the AVX-512 primitives, or null when this build or CPU lacks them.
-const TileKernels* avx512_tile_kernels();
-// Tests: force the portable primitives (false restores the automatic choice). Not thread-safe.
+// Tests: force the lowest SIMD target compiled in (simd.hpp; false restores the automatic choice). Not
+// thread-safe.
 void force_generic_tile_kernels(bool on);
 
 // 64-byte aligned fp32 buffer (uninitialised).

@@ -21,14 +21,17 @@ void widen_rows(const void* W, DType wdt, int64_t K, int64_t r0, int64_t r1, flo
     std::copy(static_cast<const float*>(W) + r0 * K, static_cast<const float*>(W) + r1 * K, out);
     return;
   }
+  if (wdt == DType::bf16) {
+    detail::widen_bf16_row(static_cast<const uint16_t*>(W) + r0 * K, (r1 - r0) * K, out);
+    return;
+  }
   for (int64_t i = r0 * K; i < r1 * K; ++i) out[i - r0 * K] = load_as_float(wdt, W, i);
 }
 
 }  // namespace
 
 namespace detail {
-// Portable dot products of one weight row with an fp32 vector (the AVX-512 versions live in
-// dense_avx512.cpp).
+// Portable dot products of one weight row with an fp32 vector (the SIMD kernels are in dense_hwy.cpp).
 float dot_row_portable(const void* W, DType wdt, int64_t row, int64_t K, const float* x) {
   float acc[8] = {};
   if (wdt == DType::bf16) {
@@ -54,12 +57,10 @@ void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int6
   if (M == 0) return;
   const int nt = detail::resolve_threads(threads);
   if (M <= 4) {
-    const detail::DotRowFn dot = detail::dot_row_kernel();
     // Rows of W in chunks of 64 (contiguous slabs), claimed by the threads as they come free; all M vectors
     // per row read.
     detail::parallel_chunks(nt, N, 64, [&](int64_t n0, int64_t n1, int) {
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot(W, wdt, n, K, x + m * K);
+      detail::gemv_rows(W, wdt, n0, n1, K, x, M, y + n0, N);
     });
     return;
   }
@@ -99,6 +100,10 @@ void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int6
 }
 
 void rms_norm(float* x, int64_t rows, int64_t n, const void* w, DType wdt, float eps) {
+  if (wdt == DType::f32 || wdt == DType::bf16) {
+    for (int64_t r = 0; r < rows; ++r) detail::rms_norm_simd(x + r * n, n, w, wdt, eps);
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     float* v = x + r * n;
     double ss = 0;
@@ -111,25 +116,20 @@ void rms_norm(float* x, int64_t rows, int64_t n, const void* w, DType wdt, float
 void rope(float* x, int64_t H, int64_t D, int64_t position, double theta) {
   if (D % 2) fail("rope: head dim must be even (got ", D, ")");
   const int64_t half = D / 2;
+  thread_local std::vector<float> cs;
+  cs.resize(size_t(D));
   for (int64_t i = 0; i < half; ++i) {
     // fp32 like the reference: inv_freq = 1 / theta^(2i/D) and the angle product in fp32.
     const float inv_freq = 1.f / std::pow(float(theta), float(2 * i) / float(D));
     const float angle = float(position) * inv_freq;
-    const float c = float(std::cos(double(angle))), s = float(std::sin(double(angle)));
-    for (int64_t h = 0; h < H; ++h) {
-      float* v = x + h * D;
-      const float a = v[i], b = v[i + half];
-      v[i] = a * c - b * s;
-      v[i + half] = b * c + a * s;
-    }
+    cs[size_t(i)] = float(std::cos(double(angle)));
+    cs[size_t(half + i)] = float(std::sin(double(angle)));
   }
+  for (int64_t h = 0; h < H; ++h) detail::rope_rotate_simd(x + h * D, half, cs.data(), cs.data() + half);
 }
 
 void silu_mul(float* gate, const float* up, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    gate[i] = g / (1.f + std::exp(-g)) * up[i];
-  }
+  detail::silu_mul_simd(gate, up, n);
 }
 
 }  // namespace ksa::cpu

@@ -237,7 +237,8 @@ int run_attn(int argc, char** argv) {
   cli::Flags f("bench attn",
                "Times the KSA prefill attention kernels (random data) and reports useful GFLOP/s from the exact\n"
                "visible-pair count, next to an OpenBLAS sgemm ceiling measured in the same run.\n"
-               "KSA_CPU_PRIMITIVES=portable in the environment times the portable (non-AVX-512) primitives.");
+               "KSA_CPU_PRIMITIVES=portable (the lowest SIMD target compiled in) or =AVX2, AVX3, SSE4, NEON, ... in the\n"
+               "environment times another SIMD target than the best one this CPU runs.");
   std::string& device = f.str("--device", "cpu", "cpu or cuda (when built in; bf16/f16, times with CUDA events)");
   int64_t& T = f.i64("-T,--T", 8192, "text tokens", 1, int64_t(1) << 24);
   int64_t& k = f.i64("--k", 8, "text tokens per chunk", 1, Spec::kMaxChunk);
