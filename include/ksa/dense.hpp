@@ -16,6 +16,17 @@ namespace ksa::cpu {
 // thread, since its own pthread pool would compete with ours).
 void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads = 0);
 
+// 8-bit weights, llama.cpp's Q8_0 block layout (docs/quantization.md): a row of K weights (K a multiple of 32)
+// is K/32 blocks of 34 bytes, each the block's scale d as IEEE fp16 (little-endian) then its 32 quants q as
+// int8; weight = d * q. Quantizing: d = max|x| / 127, q = round(x / d) (all zero when the block is).
+inline constexpr int64_t kQ8Block = 32, kQ8BlockBytes = 34;
+// n floats (a multiple of 32) into n / 32 blocks at out, and back.
+void quantize_q8_0(const float* x, int64_t n, void* out);
+void dequantize_q8_0(const void* in, int64_t n, float* out);
+// linear with W [N, K] in Q8_0 (N rows of K/32 blocks), read in place: M <= 11 through a SIMD matrix-vector
+// kernel over the blocks, larger M by dequantising blocks of rows for sgemm (as linear does for bf16).
+void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N, float* y, int threads = 0);
+
 // In place: x[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, for `rows` rows of `n` (w in f32 or bf16).
 void rms_norm(float* x, int64_t rows, int64_t n, const void* w, DType wdt, float eps);
 

@@ -1,12 +1,13 @@
 // The dense kernels' inner loops (dense_kernels.hpp), one Highway source compiled for every target Highway
 // offers and chosen at run time (simd.cpp): the matrix-vector product over bf16/f32 weight rows, the bf16
-// widening for the sgemm path, RMSNorm, the RoPE rotation and the SwiGLU gate.
+// widening for the sgemm path, the same two over Q8_0 blocks, RMSNorm, the RoPE rotation and the SwiGLU gate.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/dense_hwy.cpp"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "cpu/dense_kernels.hpp"
 #include "cpu/simd-inl.hpp"
@@ -142,6 +143,76 @@ void silu_mul(float* HWY_RESTRICT gate, const float* HWY_RESTRICT up, int64_t n)
   for (; i < n; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
+// The scale of a Q8_0 block (fp16 little-endian in its first two bytes): normal numbers by bit moves, the
+// rest (zero, subnormal, inf, NaN) through the core's converter.
+HWY_INLINE float q8_scale(const unsigned char* b) {
+  const uint16_t h = uint16_t(b[0] | (b[1] << 8));
+  const uint32_t e = (h >> 10) & 0x1fu;
+  if (e == 0 || e == 31) return f16::to_float(h);
+  const uint32_t u = (uint32_t(h & 0x8000u) << 16) | ((e + 112u) << 23) | (uint32_t(h & 0x3ffu) << 13);
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// N int8 quants as floats.
+HWY_INLINE hn::Vec<DF> load_q8(DF d, const unsigned char* q) {
+  const hn::RebindToSigned<DF> di;
+  const hn::Rebind<int8_t, DF> d8;
+  return hn::ConvertTo(d, hn::PromoteTo(di, hn::LoadU(d8, reinterpret_cast<const int8_t*>(q))));
+}
+
+// As gemv_t over Q8_0 rows (K / 32 blocks of 34 bytes): per block, the M dot products of the 32 quants, then
+// times the block's scale into the accumulators.
+template <int M>
+void gemv_q8_t(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1, int64_t K, const float* HWY_RESTRICT x,
+               float* y, int64_t ldy) {
+  const DF d;
+  const int N = int(hn::Lanes(d));
+  const int64_t nb = K / 32, row_bytes = nb * 34;
+  for (int64_t n = n0; n < n1; ++n) {
+    const unsigned char* w = W + n * row_bytes;
+    hn::Vec<DF> acc[M];
+    HWY_UNROLL(4)
+    for (int m = 0; m < M; ++m) acc[m] = hn::Zero(d);
+    for (int64_t b = 0; b < nb; ++b, w += 34) {
+      hn::Vec<DF> bs[M];
+      HWY_UNROLL(4)
+      for (int m = 0; m < M; ++m) bs[m] = hn::Zero(d);
+      for (int j = 0; j < 32; j += N) {
+        const auto q = load_q8(d, w + 2 + j);
+        HWY_UNROLL(4)
+        for (int m = 0; m < M; ++m) bs[m] = hn::MulAdd(q, hn::LoadU(d, x + m * K + b * 32 + j), bs[m]);
+      }
+      const auto sc = hn::Set(d, q8_scale(w));
+      HWY_UNROLL(4)
+      for (int m = 0; m < M; ++m) acc[m] = hn::MulAdd(sc, bs[m], acc[m]);
+    }
+    HWY_UNROLL(4)
+    for (int m = 0; m < M; ++m) y[m * ldy + (n - n0)] = hn::GetLane(hn::SumOfLanes(d, acc[m]));
+  }
+}
+
+void gemv_q8(const void* W, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y, int64_t ldy) {
+  const auto* w = static_cast<const unsigned char*>(W);
+  switch (M) {
+    case 1: gemv_q8_t<1>(w, n0, n1, K, x, y, ldy); break;
+    case 2: gemv_q8_t<2>(w, n0, n1, K, x, y, ldy); break;
+    case 3: gemv_q8_t<3>(w, n0, n1, K, x, y, ldy); break;
+    default: gemv_q8_t<4>(w, n0, n1, K, x, y, ldy); break;
+  }
+}
+
+void dequantize_q8(const void* in, int64_t n, float* HWY_RESTRICT out) {
+  const DF d;
+  const int N = int(hn::Lanes(d));
+  const auto* w = static_cast<const unsigned char*>(in);
+  for (int64_t b = 0; b < n / 32; ++b, w += 34) {
+    const auto sc = hn::Set(d, q8_scale(w));
+    for (int j = 0; j < 32; j += N) hn::StoreU(hn::Mul(sc, load_q8(d, w + 2 + j)), d, out + b * 32 + j);
+  }
+}
+
 float dot_row(const void* W, DType wdt, int64_t row, int64_t K, const float* x) {
   float y = 0.f;
   gemv(W, wdt, row, row + 1, K, x, 1, &y, 0);
@@ -160,6 +231,18 @@ HWY_EXPORT(rms_norm_row);
 HWY_EXPORT(rope_rotate);
 HWY_EXPORT(silu_mul);
 HWY_EXPORT(dot_row);
+HWY_EXPORT(gemv_q8);
+HWY_EXPORT(dequantize_q8);
+
+void gemv_q8_0_rows(const void* W, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
+                    int64_t ldy) {
+  select_simd_target();
+  HWY_DYNAMIC_DISPATCH(gemv_q8)(W, n0, n1, K, x, M, y, ldy);
+}
+void dequantize_q8_0_simd(const void* in, int64_t n, float* out) {
+  select_simd_target();
+  HWY_DYNAMIC_DISPATCH(dequantize_q8)(in, n, out);
+}
 
 void gemv_rows(const void* W, DType wdt, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
                int64_t ldy) {

@@ -11,6 +11,11 @@ namespace ksa::cpu::detail {
 // contiguous (stride K). Each weight row is read once for all M vectors.
 void gemv_rows(const void* W, DType wdt, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
                int64_t ldy);
+// gemv_rows over Q8_0 rows (K a multiple of 32; ksa/dense.hpp).
+void gemv_q8_0_rows(const void* W, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
+                    int64_t ldy);
+// n weights (a multiple of 32) of Q8_0 blocks as fp32.
+void dequantize_q8_0_simd(const void* in, int64_t n, float* out);
 // out[i] = w[i] (bf16 bits) as fp32, i < count.
 void widen_bf16_row(const uint16_t* w, int64_t count, float* out);
 // One row: x[0:n) = x / sqrt(mean(x^2) + eps) * w (w f32 or bf16).
