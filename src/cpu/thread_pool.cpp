@@ -8,6 +8,7 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <vector>
 
@@ -138,9 +139,18 @@ class Pool {
   std::vector<std::thread> workers_;
 };
 
+// The calling thread's pool. After fork() the child has only the forking thread: its pool's workers do not
+// exist there and its mutexes may have been held by them, so the child abandons that pool (leaked, never
+// joined) and starts a new one on its next parallel call, as libgomp does for OpenMP.
+thread_local std::unique_ptr<Pool> t_pool;
+
+void abandon_pool_in_child() { (void)t_pool.release(); }
+
 Pool& pool() {
-  thread_local Pool p;
-  return p;
+  static const int registered = pthread_atfork(nullptr, nullptr, abandon_pool_in_child);
+  (void)registered;
+  if (!t_pool) t_pool = std::make_unique<Pool>();
+  return *t_pool;
 }
 
 }  // namespace
@@ -166,6 +176,6 @@ void parallel_chunks(int threads, int64_t n, int64_t grain, ChunkFn body) {
   pool().run(threads, n, grain, body);
 }
 
-int pool_workers() { return pool().workers(); }
+int pool_workers() { return t_pool ? t_pool->workers() : 0; }
 
 }  // namespace ksa::cpu::detail

@@ -4,10 +4,12 @@
 #include <gtest/gtest.h>
 
 #include <dirent.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <set>
 #include <stdexcept>
@@ -115,6 +117,26 @@ TEST(ThreadPool, IdleWorkersSleep) {
     for (char s : other_thread_states()) all_sleep = all_sleep && s != 'R';
   }
   EXPECT_TRUE(all_sleep) << "a worker thread is still running (spinning) while the pool is idle";
+}
+
+// A child of fork() (PyTorch's DataLoader workers, for one) has none of the parent's workers: its parallel
+// calls must still run (on new workers) and it must exit normally. A watchdog alarm ends a hung child.
+TEST(ThreadPool, WorksInAForkedChild) {
+  std::atomic<int64_t> sum{0};
+  parallel_for(2, 100, 1, [&](int64_t i, int) { sum += i; });
+  ASSERT_EQ(sum.load(), 4950);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    alarm(60);
+    std::atomic<int64_t> s{0};
+    parallel_for(2, 1000, 1, [&](int64_t i, int) { s += i; });
+    std::exit(s.load() == 999 * 1000 / 2 && pool_workers() >= 1 ? 0 : 3);  // exit runs the thread_local destructors
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << "the child did not exit normally (signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0) << ")";
+  EXPECT_EQ(WEXITSTATUS(status), 0);
 }
 
 }  // namespace
