@@ -3,7 +3,7 @@
 # then the same CPU suite built with Clang under AddressSanitizer + UndefinedBehaviorSanitizer in
 # build-sanitize/, including each libFuzzer harness for KSA_FUZZ_SECONDS (default 10) over its seeds
 # (docs/testing.md). KSA_SANITIZE_SUITE=0 skips the second build. Then the CPU kernels and their tests
-# cross-compiled for aarch64 and run under qemu-user (scripts/test_aarch64.sh, about 4 min); KSA_AARCH64_SUITE=0
+# cross-compiled for aarch64 and run under qemu-user (scripts/test_aarch64.sh, under 2 min); KSA_AARCH64_SUITE=0
 # skips it. Extra arguments go to every ctest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
