@@ -8,6 +8,7 @@ PACKAGES=(
   build-essential cmake pkg-config git
   libgtest-dev libgmock-dev libbenchmark-dev   # tests, micro-benchmarks
   libopenblas-dev                              # sgemm ceiling in `ksa bench`, engine matmuls
+  libhwy-dev                                   # Google Highway: the CPU kernels' SIMD, dispatched at run time
   nlohmann-json3-dev                           # config.json, safetensors headers, tokenizer.json
   libicu-dev                                   # tokenizer pre-split regex and NFC
   libcpp-httplib-dev                           # HTTP for `ksa serve`

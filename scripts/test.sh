@@ -2,7 +2,9 @@
 # Install what is missing, build (CUDA compiled when nvcc is found), fetch test data, run the whole suite;
 # then the same CPU suite built with Clang under AddressSanitizer + UndefinedBehaviorSanitizer in
 # build-sanitize/, including each libFuzzer harness for KSA_FUZZ_SECONDS (default 10) over its seeds
-# (docs/testing.md). KSA_SANITIZE_SUITE=0 skips the second build. Extra arguments go to both ctest runs.
+# (docs/testing.md). KSA_SANITIZE_SUITE=0 skips the second build. Then the CPU kernels and their tests
+# cross-compiled for aarch64 and run under qemu-user (scripts/test_aarch64.sh, under 2 min); KSA_AARCH64_SUITE=0
+# skips it. Extra arguments go to every ctest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -21,4 +23,9 @@ if [ "${KSA_SANITIZE_SUITE:-1}" != 0 ]; then
   # uninstrumented python3 (it runs in the first suite).
   (cd build-sanitize && ctest --output-on-failure -j "${JOBS:-$(nproc)}" --timeout 900 -LE python "$@")
   echo "== sanitizer build: $((t1 - t0)) s to build, $(($(date +%s) - t1)) s to test"
+fi
+
+if [ "${KSA_AARCH64_SUITE:-1}" != 0 ]; then
+  echo "== aarch64 cross build, tests under qemu-user: build-aarch64/"
+  ./scripts/test_aarch64.sh "$@"
 fi

@@ -77,7 +77,7 @@ inline void validate(const DecodeParams& p) {
 
 namespace ksa::cpu {
 
-// The kernel: for each (sequence, KV head), OpenMP-parallel, the sequence's new tokens in stream order:
+// The kernel: for each (sequence, KV head), on the CPU worker pool, the sequence's new tokens in stream order:
 // write the token's K/V rows into its cache rows, then for the G query heads of the group attend to the
 // visible cached rows (key_spans of the core), text and summary partials joined with OnlineSoftmax.
 void attention_decode(const DecodeParams& p);

@@ -10,11 +10,22 @@ namespace ksa::cpu {
 
 // y[M, N] = x[M, K] . W^T with W [N, K] row-major (the HF/PyTorch Linear layout), W in f32 or bf16 (read
 // in place, never widened as a whole). x rows are contiguous with stride K, y rows with stride N. M == 1..4:
-// a threaded matrix-vector kernel (AVX-512 when the CPU has it, checked at run time) streams W once (up to
-// 11 rows: once per group of 4, faster here than widening W); larger M: W widened in row blocks, one block per OpenMP thread at a time, each multiplied through a
-// single-threaded OpenBLAS sgemm when built with it (the first such call sets OpenBLAS to one thread, since
-// its own pthread pool would compete with OpenMP's).
+// a threaded SIMD matrix-vector kernel streams W once (up to 11 rows: once per group of 4, faster here than
+// widening W); larger M: W widened in row blocks, one block per worker thread at a time, each multiplied
+// through a single-threaded OpenBLAS sgemm when built with it (the first such call sets OpenBLAS to one
+// thread, since its own pthread pool would compete with ours).
 void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads = 0);
+
+// 8-bit weights, llama.cpp's Q8_0 block layout (docs/quantization.md): a row of K weights (K a multiple of 32)
+// is K/32 blocks of 34 bytes, each the block's scale d as IEEE fp16 (little-endian) then its 32 quants q as
+// int8; weight = d * q. Quantizing: d = max|x| / 127, q = round(x / d) (all zero when the block is).
+inline constexpr int64_t kQ8Block = 32, kQ8BlockBytes = 34;
+// n floats (a multiple of 32) into n / 32 blocks at out, and back.
+void quantize_q8_0(const float* x, int64_t n, void* out);
+void dequantize_q8_0(const void* in, int64_t n, float* out);
+// linear with W [N, K] in Q8_0 (N rows of K/32 blocks), read in place: M <= 11 through a SIMD matrix-vector
+// kernel over the blocks, larger M by dequantising blocks of rows for sgemm (as linear does for bf16).
+void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N, float* y, int threads = 0);
 
 // In place: x[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, for `rows` rows of `n` (w in f32 or bf16).
 void rms_norm(float* x, int64_t rows, int64_t n, const void* w, DType wdt, float eps);
@@ -26,5 +37,10 @@ void rope(float* x, int64_t H, int64_t D, int64_t position, double theta);
 
 // In place: gate[i] = silu(gate[i]) * up[i] over n elements.
 void silu_mul(float* gate, const float* up, int64_t n);
+
+// The SIMD target the CPU kernels run on (Google Highway's name: AVX2, AVX3 = AVX-512, SSE4, NEON, SVE, ...,
+// EMU128 = portable C++), the best one this CPU supports; KSA_CPU_PRIMITIVES=portable or =<name> in the
+// environment restricts it (to time or check another target).
+const char* simd_target();
 
 }  // namespace ksa::cpu

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/attention_tiles.hpp"
+#include "cpu/thread_pool.hpp"
 #include "ksa/cpu.hpp"
 #include "ksa/error.hpp"
 
@@ -82,8 +83,7 @@ void attention_backward(const AttentionBackwardParams& p) {
   // lse and Delta = rowsum(dout * out), per (segment, q head) in gathered order: [segment][h][g].
   const Scratch lse = scratch(8, segs.rows * Hq), delta = scratch(9, segs.rows * Hq);
   auto at = [&](const Segment& s, int64_t h, int64_t g) { return (s.g0 * Hq + h * s.L + g); };
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < nseg * Hq; ++i) {
+  parallel_for(threads, nseg * Hq, 1, [&](int64_t i, int) {
     const Segment& s = segs.seg[size_t(i / Hq)];
     const int64_t h = i % Hq;
     for (int64_t g = 0; g < s.L; ++g) {
@@ -95,7 +95,7 @@ void attention_backward(const AttentionBackwardParams& p) {
       delta.data()[at(s, h, g)] = acc;
       lse.data()[at(s, h, g)] = p.lse[(s.b * Lrows + pos) * Hq + h];
     }
-  }
+  });
 
   // The query tiles that see each key tile (inverse of the core's tile walk), per distinct layout: entry
   // ref0 + kt of a segment (segments of a plain call share one table).
@@ -113,11 +113,15 @@ void attention_backward(const AttentionBackwardParams& p) {
   // Pass 1: dK, dV; items (segment, kv head, key tile). Summary tiles (seen by many query tiles) come first
   // in each segment for a short tail.
   const int64_t items1 = segs.ktiles * Hkv;
-#pragma omp parallel num_threads(threads)
+  struct Local1 {
+    FloatBuf Pt, dSt, dK, dV;
+    explicit Local1(int64_t dp) : Pt(BK * 64), dSt(BK * 64), dK(BK * dp), dV(BK * dp) {}
+  };
+  PerWorker<Local1> locals1(threads);
   {
-    FloatBuf Pt(BK * 64), dSt(BK * 64), dK(BK * Dp), dV(BK * Dp);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items1; ++it) {
+    parallel_for(threads, items1, 1, [&](int64_t it, int worker) {
+      const Local1& lw = locals1.get(worker, Dp);
+      const FloatBuf &Pt = lw.Pt, &dSt = lw.dSt, &dK = lw.dK, &dV = lw.dV;
       const Segment& sg = segs.of_key_tile(it / Hkv);
       const int64_t nkt = sg.grid.count, local = it - sg.kt0 * Hkv;
       const int64_t kt = nkt - 1 - local % nkt, hk = local / nkt;
@@ -143,16 +147,20 @@ void attention_backward(const AttentionBackwardParams& p) {
       }
       scatter_rows(p, sg, p.dk, hk, kb, nk, dK.data(), Dp, 1.f);
       scatter_rows(p, sg, p.dv, hk, kb, nk, dV.data(), Dp, 1.f);
-    }
+    });
   }
 
   // Pass 2: dQ; items (segment, q head, query tile).
   const int64_t items2 = segs.qtiles * Hq;
-#pragma omp parallel num_threads(threads)
+  struct Local2 {
+    FloatBuf P, dS, dQ;
+    explicit Local2(int64_t dp) : P(BQ * 64), dS(BQ * 64), dQ(BQ * dp) {}
+  };
+  PerWorker<Local2> locals2(threads);
   {
-    FloatBuf P(BQ * 64), dS(BQ * 64), dQ(BQ * Dp);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items2; ++it) {
+    parallel_for(threads, items2, 1, [&](int64_t it, int worker) {
+      const Local2& lw = locals2.get(worker, Dp);
+      const FloatBuf &P = lw.P, &dS = lw.dS, &dQ = lw.dQ;
       const Segment& sg = segs.of_query_tile(it / Hq);
       const Layout& lay = sg.lay;
       const int64_t local = it - sg.qt0 * Hq, qt = local % sg.nqt, h = local / sg.nqt, hk = h / G;
@@ -174,7 +182,7 @@ void attention_backward(const AttentionBackwardParams& p) {
         kern.accumulate(dS.data(), nq, n, K.row(sg, hk, kb), int(Dp), dQ.data(), nullptr);
       });
       scatter_rows(p, sg, p.dq, h, g0, nq, dQ.data(), Dp, scale);
-    }
+    });
   }
 }
 

@@ -1,6 +1,6 @@
 // CPU decode through the compressed cache (include/ksa/decode.hpp).
 //
-// Work items are (sequence, KV head), OpenMP dynamic schedule. An item walks its sequence's new stream
+// Work items are (sequence, KV head), claimed one at a time by the pool (cpu/thread_pool.hpp). An item walks its sequence's new stream
 // tokens in order; for each: write the token's K/V rows (this KV head) into the cache rows the plan made
 // room for, then attend for the G query heads of the group. Going in stream order is what makes a step
 // that crosses chunk boundaries correct: a ring block is reused only once no later query sees its rows.
@@ -8,13 +8,12 @@
 // one block is contiguous [n, D] for a head. Each K and V row is loaded (and converted from bf16) once and
 // used by all G query heads. The text keys (window and current chunk) and the summary keys accumulate into
 // separate OnlineSoftmax partials that are merged at the end (the split a GPU kernel makes across blocks).
-#include <omp.h>
-
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "cache/decode_keys.hpp"
+#include "cpu/thread_pool.hpp"
 #include "ksa/decode.hpp"
 #include "ksa/softmax.hpp"
 
@@ -137,13 +136,9 @@ void attention_decode(const DecodeParams& p) {
   validate(p);
   const int64_t Hkv = p.pool.Hkv, items = p.B * Hkv;
   if (items == 0) return;
-  const int threads = p.io.num_threads > 0 ? p.io.num_threads : omp_get_max_threads();
-#pragma omp parallel num_threads(threads)
-  {
-    Worker w(p);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) w.run(it / Hkv, it % Hkv);
-  }
+  const int threads = detail::resolve_threads(p.io.num_threads);
+  detail::PerWorker<Worker> workers(threads);
+  detail::parallel_for(threads, items, 1, [&](int64_t it, int w) { workers.get(w, p).run(it / Hkv, it % Hkv); });
 }
 
 }  // namespace ksa::cpu

@@ -3,7 +3,7 @@
 //
 // 1. Gather (attention_tiles.hpp): q (times the softmax scale), k and v into fp32 gathered-order buffers,
 //    K also as transposed 64-key panels. Old summaries are then one contiguous block of rows.
-// 2. Work items (segment, h, query tile of BQ gathered rows), OpenMP dynamic schedule; a segment is a batch
+// 2. Work items (segment, h, query tile of BQ gathered rows), claimed one at a time by the pool (thread_pool.hpp); a segment is a batch
 //    entry or one packed sequence with its own Layout (Segments), so no tile crosses a stream boundary. Per
 //    item, for each key tile of the core's cursor on the segment's layout: S = Q K^T (score primitive), THE
 //    rule on masked tiles only (visible_tokens on precomputed row tokens), per-row OnlineSoftmax (raise_max
@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/attention_tiles.hpp"
+#include "cpu/thread_pool.hpp"
 #include "ksa/cpu.hpp"
 #include "ksa/error.hpp"
 #include "ksa/softmax.hpp"
@@ -37,13 +38,19 @@ void attention_forward(const AttentionParams& p) {
   const std::vector<StreamToken> tok = gathered_tokens(segs);
   const int64_t Dp = Q.Dp, items = segs.qtiles * p.Hq;
 
-#pragma omp parallel num_threads(threads)
-  {
-    FloatBuf S(BQ * 64), O(BQ * Dp);
+  struct Local {
+    FloatBuf S, O;
     float alpha[BQ];
     OnlineSoftmax st[BQ];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
+    explicit Local(int64_t dp) : S(BQ * 64), O(BQ * dp) {}
+  };
+  PerWorker<Local> locals(threads);
+  {
+    parallel_for(threads, items, 1, [&](int64_t it, int worker) {
+      Local& lw = locals.get(worker, Dp);
+      const FloatBuf &S = lw.S, &O = lw.O;
+      float* alpha = lw.alpha;
+      OnlineSoftmax* st = lw.st;
       // Item (segment, h, query tile), numbered segment after segment.
       const Segment& sg = segs.of_query_tile(it / p.Hq);
       const Layout& lay = sg.lay;
@@ -86,7 +93,7 @@ void attention_forward(const AttentionParams& p) {
         }
         if (p.lse) p.lse[(sg.b * Lrows + pos) * p.Hq + h] = st[r].lse();
       }
-    }
+    });
   }
 }
 

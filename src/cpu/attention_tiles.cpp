@@ -1,7 +1,5 @@
-// Portable tile primitives, the runtime SIMD dispatch, and the gather into gathered order (see
-// attention_tiles.hpp). The portable loops are written so that the compiler vectorises them for the
-// baseline ISA; the AVX-512 versions live in attention_tiles_avx512.cpp (compiled with AVX-512 flags,
-// called only after __builtin_cpu_supports says yes).
+// The gather into gathered order and the per-thread scratch pool (see attention_tiles.hpp); the tile
+// primitives themselves are in tile_kernels_hwy.cpp.
 #include "cpu/attention_tiles.hpp"
 
 #include <algorithm>
@@ -9,100 +7,13 @@
 #include <cstdlib>
 #include <cstring>
 
-#include <omp.h>
-
+#include "cpu/simd.hpp"
+#include "cpu/thread_pool.hpp"
 #include "ksa/dtype.hpp"
 
 namespace ksa::cpu::detail {
-namespace {
 
-void scores_generic(const float* A, int64_t lda, int rows, const float* Bt, int Dp, float* C) {
-  for (int r = 0; r < rows; ++r) {
-    float c[64] = {};
-    const float* a = A + r * lda;
-    for (int d = 0; d < Dp; ++d) {
-      const float x = a[d];
-      const float* b = Bt + int64_t(d) * 64;
-      for (int j = 0; j < 64; ++j) c[j] += x * b[j];
-    }
-    std::memcpy(C + r * 64, c, sizeof c);
-  }
-}
-
-void accumulate_generic(const float* P, int rows, int n, const float* B, int Dp, float* C, const float* alpha) {
-  for (int r = 0; r < rows; ++r) {
-    float* c = C + int64_t(r) * Dp;
-    if (alpha) {
-      const float a = alpha[r];
-      for (int d = 0; d < Dp; ++d) c[d] *= a;
-    }
-    for (int j = 0; j < n; ++j) {
-      const float x = P[r * 64 + j];
-      if (x == 0.f) continue;
-      const float* b = B + int64_t(j) * Dp;
-      for (int d = 0; d < Dp; ++d) c[d] += x * b[d];
-    }
-  }
-}
-
-float row_max_generic(const float* s, int n) {
-  float m = -INFINITY;
-  for (int j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
-  return m;
-}
-
-float exp_shift_generic(float* s, int n, float shift) {
-  float sum = 0.f;
-  for (int j = 0; j < n; ++j) {
-    const float e = s[j] == -INFINITY ? 0.f : std::exp(s[j] - shift);
-    s[j] = e;
-    sum += e;
-  }
-  return sum;
-}
-
-void exp_shift_vec_generic(float* s, int n, const float* shift) {
-  for (int j = 0; j < n; ++j) s[j] = s[j] == -INFINITY ? 0.f : std::exp(s[j] - shift[j]);
-}
-
-const TileKernels kGeneric{"portable", scores_generic, accumulate_generic, row_max_generic, exp_shift_generic,
-                           exp_shift_vec_generic};
-
-bool g_force_generic = false;
-
-// KSA_CPU_PRIMITIVES=portable in the environment forces the portable primitives (to time or check the
-// fallback that CPUs without AVX-512 run).
-const TileKernels& pick() {
-  const char* env = std::getenv("KSA_CPU_PRIMITIVES");
-  if (env && std::strcmp(env, "portable") == 0) return kGeneric;
-  const TileKernels* k = avx512_tile_kernels();
-  return k ? *k : kGeneric;
-}
-
-}  // namespace
-
-const TileKernels& generic_tile_kernels() { return kGeneric; }
-
-const TileKernels* avx512_tile_kernels() {
-#if defined(KSA_CPU_AVX512_TU) && (defined(__GNUC__) || defined(__clang__))
-  // The AVX-512 file is compiled with F, BW, DQ, VL and FMA; libgcc's check includes the OS's zmm support.
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("fma");
-  return ok ? &kAvx512TileKernels : nullptr;
-#else
-  return nullptr;
-#endif
-}
-
-const TileKernels& tile_kernels() {
-  static const TileKernels& best = pick();
-  return g_force_generic ? kGeneric : best;
-}
-
-void force_generic_tile_kernels(bool on) { g_force_generic = on; }
-
-int resolve_threads(int n) { return n > 0 ? n : omp_get_max_threads(); }
+void force_generic_tile_kernels(bool on) { force_simd_target(on ? simd_targets().back() : 0); }
 
 Scratch scratch(int slot, int64_t n) {
   thread_local FloatBuf pool[16];
@@ -176,17 +87,15 @@ Gathered gather(const AttentionParams& p, const Segments& segs, const TensorView
   // Blocks of <= 64 rows: the key tiles, or the plain 64-row grid (= the query tiles); one work unit per
   // (segment, h, block), numbered as the tiles.
   const int64_t units = (key_grid ? segs.ktiles : segs.qtiles) * H;
-#pragma omp parallel num_threads(threads)
+  PerWorker<FloatBuf> staging_bufs(threads);
   {
-    FloatBuf staging(need_rows ? 0 : 64 * Dp);
-#pragma omp for schedule(static)
-    for (int64_t u = 0; u < units; ++u) {
+    parallel_for(threads, units, 1, [&](int64_t u, int worker) {
       const Segment& s = key_grid ? segs.of_key_tile(u / H) : segs.of_query_tile(u / H);
       const int64_t nblocks = key_grid ? s.grid.count : s.nqt, local = u - (key_grid ? s.kt0 : s.qt0) * H;
       const int64_t h = local / nblocks, i = local % nblocks;
       const int64_t r0 = key_grid ? s.grid.begin(i) : i * 64;
       const int64_t r1 = key_grid ? s.grid.end(i) : std::min(s.L, r0 + 64);
-      float* rows = need_rows ? const_cast<float*>(g.row(s, h, r0)) : staging.data();
+      float* rows = need_rows ? const_cast<float*>(g.row(s, h, r0)) : staging_bufs.get(worker, 64 * Dp).data();
       for (int64_t r = 0; r < r1 - r0; ++r) {
         const int64_t off = t.offset(s.b, s.row0 + s.lay.stream_of_gathered(r0 + r), h);
         float* dst = rows + r * Dp;
@@ -201,7 +110,7 @@ Gathered gather(const AttentionParams& p, const Segments& segs, const TensorView
         }
         for (int64_t d = D; d < Dp; ++d) dst[d] = 0.f;
       }
-      if (grid == PanelGrid::none) continue;
+      if (grid == PanelGrid::none) return;
       float* pan = const_cast<float*>(g.panel(s, h, i));
       const int64_t n = r1 - r0;
       for (int64_t d = 0; d < Dp; ++d) {
@@ -209,7 +118,7 @@ Gathered gather(const AttentionParams& p, const Segments& segs, const TensorView
         for (int64_t j = 0; j < n; ++j) dst[j] = rows[j * Dp + d];
         for (int64_t j = n; j < 64; ++j) dst[j] = 0.f;
       }
-    }
+    });
   }
   return g;
 }

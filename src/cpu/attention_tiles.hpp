@@ -17,16 +17,13 @@
 
 #include "ksa/attention.hpp"
 #include "ksa/spec.hpp"
+#include "cpu/thread_pool.hpp"
 #include "cpu/tile_kernels.hpp"
 
 namespace ksa::cpu::detail {
 
-// The fastest primitives this CPU supports (AVX-512 when __builtin_cpu_supports says so, else portable).
-const TileKernels& tile_kernels();
-const TileKernels& generic_tile_kernels();
-// Returns the AVX-512 primitives, or null when this build or CPU lacks them.
-const TileKernels* avx512_tile_kernels();
-// Tests: force the portable primitives (false restores the automatic choice). Not thread-safe.
+// Tests: force the lowest SIMD target compiled in (simd.hpp; false restores the automatic choice). Not
+// thread-safe.
 void force_generic_tile_kernels(bool on);
 
 // 64-byte aligned fp32 buffer (uninitialised).
@@ -131,8 +128,5 @@ std::vector<StreamToken> gathered_tokens(const Segments& segs);
 // `transposed`: rows are keys and columns queries.
 void apply_mask(float* s, int rows, int cols, const StreamToken* qtok, const StreamToken* ktok, int64_t W,
                 bool transposed);
-
-// OpenMP threads for a call: n > 0 as given, else all available.
-int resolve_threads(int n);
 
 }  // namespace ksa::cpu::detail

@@ -1,14 +1,14 @@
 // Dense CPU operations (see ksa/dense.hpp).
 #include "ksa/dense.hpp"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <mutex>
 #include <vector>
 
 #include "cpu/dense_kernels.hpp"
+#include "cpu/thread_pool.hpp"
 #include "ksa/error.hpp"
 #ifdef KSA_HAVE_OPENBLAS
 #include <cblas.h>
@@ -17,11 +17,22 @@
 namespace ksa::cpu {
 namespace {
 
-int pick_threads(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
+// How linear's weights are stored: f32 or bf16 [N, K], or q8_0 rows of K/32 blocks.
+enum class WFormat { f32, bf16, q8_0 };
 
-void widen_rows(const void* W, DType wdt, int64_t K, int64_t r0, int64_t r1, float* out) {
+void widen_rows(const void* W, WFormat f, int64_t K, int64_t r0, int64_t r1, float* out) {
+  if (f == WFormat::q8_0) {
+    const int64_t row_bytes = K / kQ8Block * kQ8BlockBytes;
+    dequantize_q8_0(static_cast<const std::byte*>(W) + r0 * row_bytes, (r1 - r0) * K, out);
+    return;
+  }
+  const DType wdt = f == WFormat::bf16 ? DType::bf16 : DType::f32;
   if (wdt == DType::f32) {
     std::copy(static_cast<const float*>(W) + r0 * K, static_cast<const float*>(W) + r1 * K, out);
+    return;
+  }
+  if (wdt == DType::bf16) {
+    detail::widen_bf16_row(static_cast<const uint16_t*>(W) + r0 * K, (r1 - r0) * K, out);
     return;
   }
   for (int64_t i = r0 * K; i < r1 * K; ++i) out[i - r0 * K] = load_as_float(wdt, W, i);
@@ -30,8 +41,7 @@ void widen_rows(const void* W, DType wdt, int64_t K, int64_t r0, int64_t r1, flo
 }  // namespace
 
 namespace detail {
-// Portable dot products of one weight row with an fp32 vector (the AVX-512 versions live in
-// dense_avx512.cpp).
+// Portable dot products of one weight row with an fp32 vector (the SIMD kernels are in dense_hwy.cpp).
 float dot_row_portable(const void* W, DType wdt, int64_t row, int64_t K, const float* x) {
   float acc[8] = {};
   if (wdt == DType::bf16) {
@@ -51,24 +61,30 @@ float dot_row_portable(const void* W, DType wdt, int64_t row, int64_t K, const f
 }
 }  // namespace detail
 
-void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads) {
-  if (M < 0 || K < 1 || N < 1) fail("linear: bad shape M=", M, " K=", K, " N=", N);
-  if (wdt == DType::f16) fail("linear: weights must be f32 or bf16 (got f16)");
+namespace {
+
+void gemv_any(const void* W, WFormat f, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
+              int64_t ldy) {
+  if (f == WFormat::q8_0) detail::gemv_q8_0_rows(W, n0, n1, K, x, M, y, ldy);
+  else detail::gemv_rows(W, f == WFormat::bf16 ? DType::bf16 : DType::f32, n0, n1, K, x, M, y, ldy);
+}
+
+void linear_impl(const float* x, int64_t M, int64_t K, const void* W, WFormat wf, int64_t N, float* y, int threads) {
   if (M == 0) return;
-  const int nt = pick_threads(threads);
+  const int nt = detail::resolve_threads(threads);
   if (M <= 4) {
-    const detail::DotRowFn dot = detail::dot_row_kernel();
-    // Rows of W in blocks so each thread streams a contiguous slab; all M vectors per row read.
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot(W, wdt, n, K, x + m * K);
+    // Rows of W in chunks of 64 (contiguous slabs), claimed by the threads as they come free; all M vectors
+    // per row read.
+    detail::parallel_chunks(nt, N, 64, [&](int64_t n0, int64_t n1, int) {
+      gemv_any(W, wf, n0, n1, K, x, M, y + n0, N);
+    });
     return;
   }
   // A few rows: the matrix-vector kernel over groups of 4 rows reads W once per group, which beats widening
   // W for sgemm below about 12 rows (measured 2026-11-29, 2-vCPU EPYC, K=2560, N=9728 bf16: M=8 5.6 vs
   // 7.2 ms, M=12 8.1 vs 7.7 ms).
   if (M < 12) {
-    for (int64_t m = 0; m < M; m += 4) linear(x + m * K, std::min<int64_t>(4, M - m), K, W, wdt, N, y + m * N, threads);
+    for (int64_t m = 0; m < M; m += 4) linear_impl(x + m * K, std::min<int64_t>(4, M - m), K, W, wf, N, y + m * N, threads);
     return;
   }
   // Weight rows widened at a time (at most 256 x K fp32), so that every thread gets blocks.
@@ -80,26 +96,67 @@ void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int6
   static std::once_flag single;
   std::call_once(single, [] { openblas_set_num_threads(1); });
 #endif
-#pragma omp parallel num_threads(nt)
+  // One std::vector<float> of block * K per worker that gets a block.
+  detail::PerWorker<std::vector<float>> bufs(nt);
   {
-    std::vector<float> wf(static_cast<size_t>(block * K));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t n0 = 0; n0 < N; n0 += block) {
-      const int64_t nb = std::min(block, N - n0);
-      widen_rows(W, wdt, K, n0, n0 + nb, wf.data());
+    detail::parallel_for(nt, (N + block - 1) / block, 1, [&](int64_t bi, int worker) {
+      std::vector<float>& wbuf = bufs.get(worker, static_cast<size_t>(block * K));
+      const int64_t n0 = bi * block, nb = std::min(block, N - n0);
+      widen_rows(W, wf, K, n0, n0 + nb, wbuf.data());
 #ifdef KSA_HAVE_OPENBLAS
-      // y[:, n0:n0+nb] = x . wf^T
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(nb), int(K), 1.f, x, int(K), wf.data(), int(K),
+      // y[:, n0:n0+nb] = x . wbuf^T
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(nb), int(K), 1.f, x, int(K), wbuf.data(), int(K),
                   0.f, y + n0, int(N));
 #else
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < nb; ++n) y[m * N + n0 + n] = detail::dot_row_portable(wf.data(), DType::f32, n, K, x + m * K);
+        for (int64_t n = 0; n < nb; ++n) y[m * N + n0 + n] = detail::dot_row_portable(wbuf.data(), DType::f32, n, K, x + m * K);
 #endif
+    });
+  }
+}
+
+}  // namespace
+
+void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads) {
+  if (M < 0 || K < 1 || N < 1) fail("linear: bad shape M=", M, " K=", K, " N=", N);
+  if (wdt == DType::f16) fail("linear: weights must be f32 or bf16 (got f16)");
+  linear_impl(x, M, K, W, wdt == DType::bf16 ? WFormat::bf16 : WFormat::f32, N, y, threads);
+}
+
+void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N, float* y, int threads) {
+  if (M < 0 || K < 1 || N < 1) fail("linear_q8_0: bad shape M=", M, " K=", K, " N=", N);
+  if (K % kQ8Block) fail("linear_q8_0: K must be a multiple of ", kQ8Block, " (got ", K, ")");
+  linear_impl(x, M, K, W, WFormat::q8_0, N, y, threads);
+}
+
+void quantize_q8_0(const float* x, int64_t n, void* out) {
+  if (n % kQ8Block) fail("quantize_q8_0: length must be a multiple of ", kQ8Block, " (got ", n, ")");
+  auto* o = static_cast<unsigned char*>(out);
+  for (int64_t b = 0; b < n / kQ8Block; ++b, o += kQ8BlockBytes) {
+    const float* v = x + b * kQ8Block;
+    float amax = 0.f;
+    for (int i = 0; i < kQ8Block; ++i) amax = std::max(amax, std::abs(v[i]));
+    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    const uint16_t h = f16::from_float(d);
+    o[0] = uint8_t(h & 0xff);
+    o[1] = uint8_t(h >> 8);
+    for (int i = 0; i < kQ8Block; ++i) {
+      const int q = int(std::lround(v[i] * inv));
+      o[2 + i] = uint8_t(int8_t(std::clamp(q, -127, 127)));
     }
   }
 }
 
+void dequantize_q8_0(const void* in, int64_t n, float* out) {
+  if (n % kQ8Block) fail("dequantize_q8_0: length must be a multiple of ", kQ8Block, " (got ", n, ")");
+  detail::dequantize_q8_0_simd(in, n, out);
+}
+
 void rms_norm(float* x, int64_t rows, int64_t n, const void* w, DType wdt, float eps) {
+  if (wdt == DType::f32 || wdt == DType::bf16) {
+    for (int64_t r = 0; r < rows; ++r) detail::rms_norm_simd(x + r * n, n, w, wdt, eps);
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     float* v = x + r * n;
     double ss = 0;
@@ -112,25 +169,20 @@ void rms_norm(float* x, int64_t rows, int64_t n, const void* w, DType wdt, float
 void rope(float* x, int64_t H, int64_t D, int64_t position, double theta) {
   if (D % 2) fail("rope: head dim must be even (got ", D, ")");
   const int64_t half = D / 2;
+  thread_local std::vector<float> cs;
+  cs.resize(size_t(D));
   for (int64_t i = 0; i < half; ++i) {
     // fp32 like the reference: inv_freq = 1 / theta^(2i/D) and the angle product in fp32.
     const float inv_freq = 1.f / std::pow(float(theta), float(2 * i) / float(D));
     const float angle = float(position) * inv_freq;
-    const float c = float(std::cos(double(angle))), s = float(std::sin(double(angle)));
-    for (int64_t h = 0; h < H; ++h) {
-      float* v = x + h * D;
-      const float a = v[i], b = v[i + half];
-      v[i] = a * c - b * s;
-      v[i + half] = b * c + a * s;
-    }
+    cs[size_t(i)] = float(std::cos(double(angle)));
+    cs[size_t(half + i)] = float(std::sin(double(angle)));
   }
+  for (int64_t h = 0; h < H; ++h) detail::rope_rotate_simd(x + h * D, half, cs.data(), cs.data() + half);
 }
 
 void silu_mul(float* gate, const float* up, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    gate[i] = g / (1.f + std::exp(-g)) * up[i];
-  }
+  detail::silu_mul_simd(gate, up, n);
 }
 
 }  // namespace ksa::cpu

@@ -1,4 +1,5 @@
-// Internal: the matrix-vector row kernel behind ksa::cpu::linear, chosen once at run time.
+// Internal: the inner loops of ksa::cpu's dense operations (dense_hwy.cpp, one Highway source dispatched at run
+// time to the best SIMD target, see simd.hpp).
 #pragma once
 #include <cstdint>
 
@@ -6,12 +7,28 @@
 
 namespace ksa::cpu::detail {
 
+// y[m * ldy + (n - n0)] = W[n, :] . x[m, :] for m < M (1..4), n in [n0, n1); W [*, K] in f32 or bf16, x rows
+// contiguous (stride K). Each weight row is read once for all M vectors.
+void gemv_rows(const void* W, DType wdt, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
+               int64_t ldy);
+// gemv_rows over Q8_0 rows (K a multiple of 32; ksa/dense.hpp).
+void gemv_q8_0_rows(const void* W, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
+                    int64_t ldy);
+// n weights (a multiple of 32) of Q8_0 blocks as fp32.
+void dequantize_q8_0_simd(const void* in, int64_t n, float* out);
+// out[i] = w[i] (bf16 bits) as fp32, i < count.
+void widen_bf16_row(const uint16_t* w, int64_t count, float* out);
+// One row: x[0:n) = x / sqrt(mean(x^2) + eps) * w (w f32 or bf16).
+void rms_norm_simd(float* x, int64_t n, const void* w, DType wdt, float eps);
+// One RoPE head: v[i], v[i + half] rotated by (c[i], s[i]).
+void rope_rotate_simd(float* v, int64_t half, const float* c, const float* s);
+// gate[i] = silu(gate[i]) * up[i].
+void silu_mul_simd(float* gate, const float* up, int64_t n);
+
 using DotRowFn = float (*)(const void* W, DType wdt, int64_t row, int64_t K, const float* x);
+// Plain scalar loops (the tests' reference, and the sgemm fallback of builds without OpenBLAS).
 float dot_row_portable(const void* W, DType wdt, int64_t row, int64_t K, const float* x);
-// AVX-512 version (dense_avx512.cpp), or null when not compiled in.
-DotRowFn dot_row_avx512();
-// The fastest kernel this CPU runs (AVX-512 after a __builtin_cpu_supports check; KSA_CPU_PRIMITIVES=portable
-// forces the portable one).
+// The dispatched one-row kernel (tests compare it with the portable one).
 DotRowFn dot_row_kernel();
 
 }  // namespace ksa::cpu::detail

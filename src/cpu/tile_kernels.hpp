@@ -1,7 +1,5 @@
-// The tile primitives of the CPU prefill kernels as a table of function pointers, one table per ISA
-// (portable, AVX-512). Kept free of inline code so that the AVX-512 translation unit, compiled with AVX-512
-// flags, shares no inline function with the portable code (the linker could otherwise keep an AVX-512
-// copy of it for every caller).
+// The tile primitives of the CPU prefill kernels as a table of function pointers, one table per SIMD target
+// (tile_kernels_hwy.cpp, compiled by Highway once per target).
 #pragma once
 #include <cstdint>
 
@@ -13,7 +11,7 @@ inline constexpr int BQ = 64, BK = 64;
 
 // All matrices are fp32 and row-major; Dp (padded head dim) is a multiple of 16.
 struct TileKernels {
-  const char* name;
+  const char* name;  // the Highway target
   // C[r*64 + j] = sum_{d<Dp} A[r*lda + d] * Bt[d*64 + j], for r < rows (<= 64), j < 64.
   void (*scores)(const float* A, int64_t lda, int rows, const float* Bt, int Dp, float* C);
   // C[r*Dp + c] = alpha[r] * C[r*Dp + c] + sum_{j<n} P[r*64 + j] * B[j*Dp + c], r < rows; alpha null = 1.
@@ -26,9 +24,7 @@ struct TileKernels {
   void (*exp_shift_vec)(float* s, int n, const float* shift);
 };
 
-#if defined(KSA_CPU_AVX512_TU)
-// Defined in attention_tiles_avx512.cpp; use only where the CPU has AVX-512F/BW/DQ/VL and FMA.
-extern const TileKernels kAvx512TileKernels;
-#endif
+// The table of the SIMD target chosen at run time (simd.hpp); its name is the target's (AVX2, AVX3, ...).
+const TileKernels& tile_kernels();
 
 }  // namespace ksa::cpu::detail

@@ -61,6 +61,15 @@ TEST(CpuBackward, MatchesOraclePortablePrimitives) {
     if (c.T <= 150) check_backward(c);
 }
 
+TEST(CpuBackward, MatchesOracleEveryTarget) {
+  for (const int64_t t : cpu::detail::simd_targets()) {
+    test::TargetScope scope(t);
+    SCOPED_TRACE(cpu::detail::simd_target_name(t));
+    for (const Case& c : backward_cases())
+      if (c.T <= 150) check_backward(c);
+  }
+}
+
 TEST(CpuBackward, DeterministicAcrossThreadCounts) {
   Case c;
   c.k = 8, c.S = 1, c.T = 900, c.W = 3, c.B = 2, c.Hq = 4, c.Hkv = 1, c.D = 64, c.strided = true, c.seed = 99;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/attention_tiles.hpp"
+#include "cpu/simd.hpp"
 #include "ksa/cpu.hpp"
 #include "ksa/error.hpp"
 
@@ -229,10 +230,17 @@ inline void expect_close(const char* what, const Case& c, const std::vector<doub
                              << " (naive fp32 error " << wn.err << ")\n  case: " << c.str();
 }
 
-// Forces the portable tile primitives for a test's scope and restores the automatic choice however it ends.
+// Forces the portable tile primitives (the lowest SIMD target compiled in) for a test's scope and restores the
+// automatic choice however it ends.
 struct PortableScope {
   explicit PortableScope(bool on) { cpu::detail::force_generic_tile_kernels(on); }
   ~PortableScope() { cpu::detail::force_generic_tile_kernels(false); }
+};
+
+// Restricts the kernels to one SIMD target (cpu/simd.hpp) for a scope.
+struct TargetScope {
+  explicit TargetScope(int64_t target) { cpu::detail::force_simd_target(target); }
+  ~TargetScope() { cpu::detail::force_simd_target(0); }
 };
 
 }  // namespace ksa::test

@@ -7,6 +7,7 @@
 
 #include "attention_cases.hpp"
 #include "cpu/attention_tiles.hpp"
+#include "cpu/simd.hpp"
 #include "ksa/cpu.hpp"
 
 namespace ksa {
@@ -93,9 +94,20 @@ TEST(CpuForward, MatchesOracleFastestPrimitives) {
 
 TEST(CpuForward, MatchesOraclePortablePrimitives) {
   PortableScope portable(true);
-  ASSERT_STREQ(cpu::detail::tile_kernels().name, "portable");
+  ASSERT_STREQ(cpu::detail::tile_kernels().name, cpu::detail::simd_target_name(cpu::detail::simd_targets().back()));
   for (const Case& c : forward_cases())
     if (c.T <= 200) check_forward(c);
+}
+
+// Every SIMD target compiled in that this CPU runs (AVX3, AVX2, SSE4, SSSE3, SCALAR on an AVX-512 x86 with GCC).
+TEST(CpuForward, MatchesOracleEveryTarget) {
+  for (const int64_t t : cpu::detail::simd_targets()) {
+    test::TargetScope scope(t);
+    SCOPED_TRACE(cpu::detail::simd_target_name(t));
+    ASSERT_STREQ(cpu::detail::tile_kernels().name, cpu::detail::simd_target_name(t));
+    for (const Case& c : forward_cases())
+      if (c.T <= 200) check_forward(c);
+  }
 }
 
 // Same result bit for bit whatever the thread count (work items never share an output row).

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu/dense_kernels.hpp"
+#include "cpu/simd.hpp"
 #include "ksa/dense.hpp"
 #include "ksa/error.hpp"
 
@@ -21,7 +22,7 @@ std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
 
 // Error bound: fp32 accumulation over K products of unit-normal values: |err| <= K * 2^-23 * sum|w x|,
 // far below 1e-3 relative for these K; we check 2e-5 * sqrt(K) * rms scale (a generous constant).
-TEST(Dense, LinearMatchesDouble) {
+void check_LinearMatchesDouble() {
   std::mt19937_64 rng(5);
   std::normal_distribution<float> nd(0.f, 1.f);
   for (int64_t M : {1, 2, 4, 5, 11, 12, 37})
@@ -53,10 +54,10 @@ TEST(Dense, LinearMatchesDouble) {
   EXPECT_THROW(linear(x.data(), 1, 0, x.data(), DType::f32, 1, y.data()), Error);
 }
 
-TEST(Dense, RmsNorm) {
+void check_RmsNorm() {
   std::mt19937_64 rng(6);
   std::normal_distribution<float> nd(0.f, 2.f);
-  const int64_t rows = 3, n = 50;
+  const int64_t rows = 3, n = 350;
   std::vector<float> x(static_cast<size_t>(rows * n)), w(static_cast<size_t>(n));
   for (auto& v : x) v = nd(rng);
   for (auto& v : w) v = nd(rng);
@@ -70,33 +71,60 @@ TEST(Dense, RmsNorm) {
   }
 }
 
-TEST(Dense, RopeRotatesPairs) {
+void check_RopeRotatesPairs() {
   std::mt19937_64 rng(7);
   std::normal_distribution<float> nd(0.f, 1.f);
-  const int64_t H = 3, D = 16;
-  std::vector<float> x(static_cast<size_t>(H * D));
-  for (auto& v : x) v = nd(rng);
-  auto y = x;
-  rope(y.data(), H, D, 0, 1e6);
-  EXPECT_EQ(y, x);  // position 0: identity
-  for (int64_t pos : {1, 7, 131071}) {
-    std::copy(x.begin(), x.end(), y.begin());
-    rope(y.data(), H, D, pos, 1e6);
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t i = 0; i < D / 2; ++i) {
-        const double ang = double(float(pos) * (1.f / std::pow(1e6f, float(2 * i) / float(D))));
-        const double a = x[size_t(h * D + i)], b = x[size_t(h * D + i + D / 2)];
-        EXPECT_NEAR(y[size_t(h * D + i)], a * std::cos(ang) - b * std::sin(ang), 1e-5);
-        EXPECT_NEAR(y[size_t(h * D + i + D / 2)], b * std::cos(ang) + a * std::sin(ang), 1e-5);
-      }
+  for (const int64_t D : {16, 128, 36}) {
+    const int64_t H = 3;
+    std::vector<float> x(static_cast<size_t>(H * D));
+    for (auto& v : x) v = nd(rng);
+    auto y = x;
+    rope(y.data(), H, D, 0, 1e6);
+    EXPECT_EQ(y, x);  // position 0: identity
+    for (int64_t pos : {1, 7, 131071}) {
+      std::copy(x.begin(), x.end(), y.begin());
+      rope(y.data(), H, D, pos, 1e6);
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < D / 2; ++i) {
+          const double ang = double(float(pos) * (1.f / std::pow(1e6f, float(2 * i) / float(D))));
+          const double a = x[size_t(h * D + i)], b = x[size_t(h * D + i + D / 2)];
+          EXPECT_NEAR(y[size_t(h * D + i)], a * std::cos(ang) - b * std::sin(ang), 1e-5);
+          EXPECT_NEAR(y[size_t(h * D + i + D / 2)], b * std::cos(ang) + a * std::sin(ang), 1e-5);
+        }
+    }
   }
 }
 
-TEST(Dense, SiluMul) {
+void check_SiluMul() {
   std::vector<float> g = {-3.f, -0.5f, 0.f, 0.7f, 4.f}, u = {1.f, 2.f, 3.f, -1.f, 0.5f};
+  // Then 75 more (whole vectors and a tail on every target), from -100 to 100.
+  std::mt19937_64 rng(8);
+  std::uniform_real_distribution<float> ud(-100.f, 100.f);
+  for (int i = 0; i < 75; ++i) g.push_back(i < 40 ? ud(rng) / 10 : ud(rng)), u.push_back(ud(rng) / 50);
   auto out = g;
-  silu_mul(out.data(), u.data(), 5);
-  for (size_t i = 0; i < g.size(); ++i) EXPECT_NEAR(out[i], g[i] / (1 + std::exp(-double(g[i]))) * u[i], 1e-6);
+  silu_mul(out.data(), u.data(), int64_t(g.size()));
+  for (size_t i = 0; i < g.size(); ++i) {
+    const double ref = g[i] / (1 + std::exp(-double(g[i]))) * u[i];
+    EXPECT_NEAR(out[i], ref, 1e-6 * std::max(1.0, std::abs(ref))) << "g=" << g[i] << " u=" << u[i];
+  }
+}
+
+TEST(Dense, LinearMatchesDouble) { check_LinearMatchesDouble(); }
+TEST(Dense, RmsNorm) { check_RmsNorm(); }
+TEST(Dense, RopeRotatesPairs) { check_RopeRotatesPairs(); }
+TEST(Dense, SiluMul) { check_SiluMul(); }
+
+// The same checks on every SIMD target compiled in that this CPU runs.
+TEST(Dense, EveryTarget) {
+  for (const int64_t t : detail::simd_targets()) {
+    detail::force_simd_target(t);
+    SCOPED_TRACE(detail::simd_target_name(t));
+    check_LinearMatchesDouble();
+    check_RmsNorm();
+    check_RopeRotatesPairs();
+    check_SiluMul();
+  }
+  detail::force_simd_target(0);
 }
 
 }  // namespace

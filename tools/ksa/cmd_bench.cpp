@@ -19,7 +19,6 @@
 #include <string>
 #include <vector>
 
-#include <omp.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -154,7 +153,7 @@ int run_sgemm(int argc, char** argv) {
   int64_t& reps = f.i64("--reps", 5, "timed repetitions after one warm-up", 1, 1000000);
   if (!f.parse(argc, argv)) return 0;
 #if defined(KSA_HAVE_OPENBLAS)
-  const SgemmResult r = sgemm_here(n, threads > 0 ? int(threads) : omp_get_max_threads(), std::max<int64_t>(1, reps));
+  const SgemmResult r = sgemm_here(n, cpu::detail::resolve_threads(int(threads)), std::max<int64_t>(1, reps));
   std::printf("gflops=%.3f\tcore=%s\tconfig=%s\n", r.gflops, r.core.c_str(), r.config.c_str());
   return r.ok ? 0 : 1;
 #else
@@ -173,7 +172,7 @@ Timing summarize(const std::vector<double>& t) {
 int run_attn_cpu(const AttnArgs& a) {
   const Layout lay(a.k, a.S, a.T, a.tail);
   const int64_t L = lay.length();
-  const int threads = a.threads > 0 ? int(a.threads) : omp_get_max_threads();
+  const int threads = cpu::detail::resolve_threads(int(a.threads));
   std::mt19937_64 rng(1);
   auto q = random_tensor(a.dtype, a.B * L * a.Hq * a.D, rng), k = random_tensor(a.dtype, a.B * L * a.Hkv * a.D, rng),
        v = random_tensor(a.dtype, a.B * L * a.Hkv * a.D, rng), dout = random_tensor(a.dtype, a.B * L * a.Hq * a.D, rng);
@@ -238,7 +237,8 @@ int run_attn(int argc, char** argv) {
   cli::Flags f("bench attn",
                "Times the KSA prefill attention kernels (random data) and reports useful GFLOP/s from the exact\n"
                "visible-pair count, next to an OpenBLAS sgemm ceiling measured in the same run.\n"
-               "KSA_CPU_PRIMITIVES=portable in the environment times the portable (non-AVX-512) primitives.");
+               "KSA_CPU_PRIMITIVES=portable (the lowest SIMD target compiled in) or =AVX2, AVX3, SSE4, NEON, ... in the\n"
+               "environment times another SIMD target than the best one this CPU runs.");
   std::string& device = f.str("--device", "cpu", "cpu or cuda (when built in; bf16/f16, times with CUDA events)");
   int64_t& T = f.i64("-T,--T", 8192, "text tokens", 1, int64_t(1) << 24);
   int64_t& k = f.i64("--k", 8, "text tokens per chunk", 1, Spec::kMaxChunk);

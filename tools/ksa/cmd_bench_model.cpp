@@ -11,6 +11,7 @@
 // middle of the tg run. The bandwidth is measured in the same run: on the GPU a device-to-device copy (bytes
 // read + written per second), on the CPU a STREAM-like read with the same thread count (best of passes).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -18,11 +19,10 @@
 #include <random>
 #include <thread>
 
-#include <omp.h>
-
 #include "bench_model.hpp"
 #include "common.hpp"
 #include "cache/decode_keys.hpp"
+#include "cpu/thread_pool.hpp"
 #include "ksa/model.hpp"
 #include "ksa/weights.hpp"
 #ifdef KSA_HAVE_CUDA
@@ -69,20 +69,23 @@ double read_bandwidth(int threads, int64_t bytes, int passes) {
   const int64_t n = bytes / 8;
   std::unique_ptr<uint64_t[]> buf(new uint64_t[size_t(n)]);
   uint64_t* p = buf.get();
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t i = 0; i < n; ++i) p[i] = uint64_t(i) * 0x9e3779b97f4a7c15ull;
+  // One contiguous slice per thread (the engine's pool, as the model uses it).
+  const int64_t slice = (n / 4 + threads - 1) / threads * 4;
+  cpu::detail::parallel_chunks(threads, n, slice, [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) p[i] = uint64_t(i) * 0x9e3779b97f4a7c15ull;
+  });
   double best = 0;
   volatile uint64_t sink = 0;
   for (int r = 0; r < passes; ++r) {
-    uint64_t total = 0;
+    std::atomic<uint64_t> total{0};
     const double t0 = now_s();
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : total)
-    for (int64_t blk = 0; blk < n / 4; ++blk) {
-      const uint64_t* q = p + blk * 4;
-      total += (q[0] + q[1]) + (q[2] + q[3]);
-    }
+    cpu::detail::parallel_chunks(threads, n / 4 * 4, slice, [&](int64_t b, int64_t e, int) {
+      uint64_t s = 0;
+      for (int64_t i = b; i < e; i += 4) s += (p[i] + p[i + 1]) + (p[i + 2] + p[i + 3]);
+      total += s;
+    });
     const double t = now_s() - t0;
-    sink = sink + total;
+    sink = sink + total.load();
     best = std::max(best, double(n / 4 * 4 * 8) / t);
   }
   (void)sink;

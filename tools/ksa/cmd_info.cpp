@@ -7,6 +7,7 @@
 
 #include "common.hpp"
 #include "ksa/chat_template.hpp"
+#include "ksa/dense.hpp"
 #include "ksa/model_config.hpp"
 #include "ksa/safetensors.hpp"
 #include "ksa/spec.hpp"
@@ -141,9 +142,14 @@ int run_info(int argc, char** argv) {
   spec.validate();
 
   std::printf("ksa %s\n", cli::version());
-  std::printf("cpu:   %u hardware threads; avx2 %s, avx512f %s, avx512bf16 %s\n", std::thread::hardware_concurrency(),
-              __builtin_cpu_supports("avx2") ? "yes" : "no", __builtin_cpu_supports("avx512f") ? "yes" : "no",
-              __builtin_cpu_supports("avx512bf16") ? "yes" : "no");
+#if defined(__x86_64__) || defined(__i386__)
+  std::printf("cpu:   %u hardware threads; avx2 %s, avx512f %s, avx512bf16 %s; SIMD kernels: %s\n",
+              std::thread::hardware_concurrency(), __builtin_cpu_supports("avx2") ? "yes" : "no",
+              __builtin_cpu_supports("avx512f") ? "yes" : "no", __builtin_cpu_supports("avx512bf16") ? "yes" : "no",
+              cpu::simd_target());
+#else
+  std::printf("cpu:   %u hardware threads; SIMD kernels: %s\n", std::thread::hardware_concurrency(), cpu::simd_target());
+#endif
 #ifdef KSA_HAVE_CUDA
   const int n = cuda::device_count();
   if (n > 0) std::printf("cuda:  built; %d device(s), %s\n", n, cuda::device_description().c_str());
