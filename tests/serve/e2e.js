@@ -7,7 +7,7 @@
 // bytes; a table of malformed and hostile requests with their statuses; 429 when the queue is full; SIGTERM
 // lets a running stream finish and exits 0. Bounded: the whole run is killed after TIME_LIMIT_S.
 'use strict';
-const { spawn, execFileSync } = require('child_process');
+const { spawn, execFile } = require('child_process');
 const http = require('http');
 const net = require('net');
 const path = require('path');
@@ -121,11 +121,14 @@ async function collect(stream) {
 }
 
 // `ksa generate`'s continuation of a prompt (it ends its output with a newline unless the text has one).
+// Asynchronous: a synchronous child would stall the event loop for seconds (under the sanitizers), so the
+// client's agent would miss the server closing an idle keep-alive connection and reuse the dead socket
+// ("Connection error" with maxRetries 0).
 function generate(prompt, n, extra = []) {
-  const out = execFileSync(KSA, ['generate', '-m', MODEL_DIR, '-p', prompt, '-n', String(n), '-t', '1', '--no-display-prompt', ...extra], {
-    stdio: ['ignore', 'pipe', 'ignore'],
-  }).toString();
-  return out;
+  return new Promise((resolve, reject) => {
+    execFile(KSA, ['generate', '-m', MODEL_DIR, '-p', prompt, '-n', String(n), '-t', '1', '--no-display-prompt', ...extra],
+      { maxBuffer: 16 << 20 }, (err, stdout) => (err ? reject(err) : resolve(stdout.toString())));
+  });
 }
 function sameAsGenerate(server, gen) {
   return gen === server || gen === server + '\n';
@@ -177,10 +180,10 @@ async function streamedEqualsWhole(client) {
 async function greedyEqualsGenerate(client) {
   const prompt = 'Kwai Summary Attention compresses the cache of old chunks into summary tokens, so';
   const c = await client.completions.create({ model: MODEL, prompt, max_tokens: 24, temperature: 0 });
-  const gen = generate(prompt, 24);
+  const gen = await generate(prompt, 24);
   check(sameAsGenerate(c.choices[0].text, gen), 'greedy /v1/completions == ksa generate', JSON.stringify([c.choices[0].text, gen]));
   const chat = await client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: prompt }], max_tokens: 24, temperature: 0 });
-  const genc = generate(prompt, 24, ['--chat']);
+  const genc = await generate(prompt, 24, ['--chat']);
   check(sameAsGenerate(chat.choices[0].message.content, genc), 'greedy /v1/chat/completions == ksa generate --chat',
         JSON.stringify([chat.choices[0].message.content, genc]));
   // Prompt as token ids: the same continuation as the text.
