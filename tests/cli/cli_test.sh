@@ -46,6 +46,12 @@ check "conversation: reset" 0 "conversation reset" -- conv
 check "no prompt without -i" 2 "or -i for a conversation" -- "$KSA" generate -m "$DIR"
 check "-m a file in the checkpoint" 0 "KV cache" -- "$KSA" info -m "$DIR/config.json"
 check "llama-cli spelling -c" nz "context" -- "$KSA" generate -m "$DIR" -p "$PROMPT" -c 4
+# bench model: lists run every case (2 x 2 x 1 here); -o json is one document with a result per case.
+check "bench model: lists" 0 "^4$" -- bash -c "'$KSA' bench model -m '$DIR' -p 8,16 -n 2 -b 1,2 -r 1 --bw-mib 0 -t 1 | grep -c '^| tg'"
+check "bench model: -o json" 0 "^3 results, batch 2 n_gen 1 2 3$" -- bash -c "'$KSA' bench model -m '$DIR' -p 8 -n 1,2,3 -b 2 -r 1 \
+  --bw-mib 0 -t 1 -o json 2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin); r=d[\"results\"]; \
+print(len(r), \"results, batch\", r[0][\"batch\"], \"n_gen\", *[x[\"n_gen\"] for x in r])'"
+check "bench model: a bad list" 2 "'8,' is not a list of integers" -- "$KSA" bench model -m "$DIR" -p 8,
 
 gen() { "$KSA" generate -m "$DIR" -p "$PROMPT" -n 40 --no-display-prompt "$@" 2>/dev/null; }
 g1=$(gen -t 1); g2=$(gen -t 2)

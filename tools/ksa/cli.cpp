@@ -107,6 +107,19 @@ std::vector<std::string>& Flags::strs(const std::string& names, const std::strin
   Flag& f = add(names, Kind::strs, "", help);
   return f.list;
 }
+std::vector<int64_t>& Flags::i64s(const std::string& names, std::vector<int64_t> def, const std::string& help,
+                                  int64_t min, int64_t max) {
+  std::string d;
+  for (int64_t v : def) {
+    if (!d.empty()) d += ',';
+    d += std::to_string(v);
+  }
+  Flag& f = add(names, Kind::i64s, d, help);
+  f.ints = std::move(def);
+  f.i_min = min;
+  f.i_max = max;
+  return f.ints;
+}
 
 Flags::Flag* Flags::find(const std::string& name) {
   for (auto& f : flags_)
@@ -159,6 +172,15 @@ bool Flags::parse(int argc, char** argv) {
     }
     if (f->kind == Kind::str) f->s = value;
     else if (f->kind == Kind::strs) f->list.push_back(value);
+    else if (f->kind == Kind::i64s) {
+      if (f->list.empty()) f->ints.clear();  // the first value given replaces the default list
+      f->list.push_back(value);             // the values as given
+      std::stringstream ss(value);
+      std::string item;
+      bool any = false;
+      while (std::getline(ss, item, ',')) f->ints.push_back(parse_i64(w, item, f->i_min, f->i_max)), any = true;
+      if (!any || value.back() == ',') throw UsageError("flag '" + w + "': '" + value + "' is not a list of integers");
+    }
     else if (f->kind == Kind::i64) f->i = parse_i64(w, value, f->i_min, f->i_max);
     else if (f->kind == Kind::f64) f->f = parse_f64(w, value, f->f_min, f->f_max);
   }
@@ -215,13 +237,14 @@ std::string Flags::help() const {
   for (auto& f : flags_) {
     std::string names;
     for (size_t i = 0; i < f->names.size(); ++i) names += (i ? ", " : "") + f->names[i];
-    if (f->kind != Kind::flag) names += f->kind == Kind::str || f->kind == Kind::strs ? " STR" : f->kind == Kind::i64 ? " N" : " X";
+    if (f->kind != Kind::flag) names += f->kind == Kind::str || f->kind == Kind::strs ? " STR" : f->kind == Kind::i64 ? " N" : f->kind == Kind::i64s ? " N[,N...]" : " X";
     os << "  " << names;
     const int pad = 28 - int(names.size());
     os << std::string(size_t(pad > 1 ? pad : 1), ' ') << f->help;
     if (f->kind != Kind::flag && !f->def.empty()) {
       os << " (default: " << f->def;
-      if (f->kind == Kind::i64 && (f->i_min != kAnyInt64Min || f->i_max != kAnyInt64Max)) os << ", " << range_text(f->i_min, f->i_max);
+      if ((f->kind == Kind::i64 || f->kind == Kind::i64s) && (f->i_min != kAnyInt64Min || f->i_max != kAnyInt64Max))
+        os << ", " << range_text(f->i_min, f->i_max);
       if (f->kind == Kind::f64 && (f->f_min != -DBL_MAX || f->f_max != DBL_MAX)) os << ", " << range_text(f->f_min, f->f_max);
       os << ")";
     }

@@ -35,6 +35,10 @@ class Flags {
   bool& flag(const std::string& names, const std::string& help);
   // A string flag that may be given several times; every value is kept, in order.
   std::vector<std::string>& strs(const std::string& names, const std::string& help);
+  // Integers in [min, max], comma-separated ("512,4096") and/or repeated (llama-bench's lists); the first
+  // value given replaces the default list.
+  std::vector<int64_t>& i64s(const std::string& names, std::vector<int64_t> def, const std::string& help, int64_t min,
+                             int64_t max);
 
   // Parses argv[0..argc) (the words after the subcommand). Returns false when --help was asked (help is
   // printed). Throws UsageError for unknown flags, missing or malformed values.
@@ -44,7 +48,7 @@ class Flags {
   std::string help() const;
 
  private:
-  enum class Kind { str, i64, f64, flag, strs };
+  enum class Kind { str, i64, f64, flag, strs, i64s };
   struct Flag {
     std::vector<std::string> names;
     std::string help, def;
@@ -54,6 +58,7 @@ class Flags {
     double f = 0, f_min = 0, f_max = 0;
     bool b = false;
     std::vector<std::string> list;
+    std::vector<int64_t> ints;
     bool seen = false;
   };
   Flag& add(const std::string& names, Kind kind, std::string def, const std::string& help);

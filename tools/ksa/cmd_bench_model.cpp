@@ -118,9 +118,10 @@ int run_bench_model(int argc, char** argv) {
                "percentage of the bandwidth bound ((weight bytes + visible KV bytes) per step / bandwidth).");
   std::string& dir = f.str("-m,--model", "", "checkpoint directory, or a file in it");
   std::string& device = f.str("--device", "auto", "cpu, cuda, or auto (cuda when a GPU is visible, the build has CUDA and the model's head dim is 64 or 128)");
-  int64_t& P = f.i64("-p,--n-prompt", 512, "prompt tokens per sequence (pp test; 0 = skip, tg then starts from 1 token)", 0, cli::kMaxTokens);
-  int64_t& N = f.i64("-n,--n-gen", 128, "generated tokens per sequence (tg test; 0 = skip)", 0, cli::kMaxTokens);
-  int64_t& B = f.i64("-b,--batch", 1, "sequences decoded together", 1, 4096);
+  std::vector<int64_t>& Ps = f.i64s("-p,--n-prompt", {512}, "prompt tokens per sequence (pp test; 0 = skip, tg then starts from 1 token); a list runs each", 0, cli::kMaxTokens);
+  std::vector<int64_t>& Ns = f.i64s("-n,--n-gen", {128}, "generated tokens per sequence (tg test; 0 = skip); a list runs each", 0, cli::kMaxTokens);
+  std::vector<int64_t>& Bs = f.i64s("-b,--batch", {1}, "sequences decoded together; a list runs each", 1, 4096);
+  std::string& output = f.str("-o,--output", "md", "md (tables) or json (one document on stdout; the rest on stderr)");
   int64_t& reps = f.i64("-r,--repetitions", 3, "timed repetitions (after one untimed warm-up)", 1, 1000000);
   int64_t& threads = f.i64("-t,--threads", 0, "CPU threads for the model and the bandwidth test (0 = all)", 0, cli::kMaxThreads);
   int64_t& bw_mib = f.i64("--bw-mib", 1024, "buffer of the bandwidth test in MiB (0 = skip the test)", 0, 1 << 20);
@@ -132,7 +133,13 @@ int run_bench_model(int argc, char** argv) {
   if (!f.parse(argc, argv)) return 0;
   dir = model_dir_arg(dir);
   if (dir.empty()) throw cli::UsageError("-m/--model: required");
-  if (P + N < 1) throw cli::UsageError("-p, -n: must not both be 0");
+  for (int64_t P : Ps)
+    for (int64_t N : Ns)
+      if (P + N < 1) throw cli::UsageError("-p, -n: must not both be 0");
+  if (output != "md" && output != "json") throw cli::UsageError("-o/--output: must be md or json (got \"" + output + "\")");
+  const bool json = output == "json";
+  // With -o json, everything but the document goes to stderr.
+  FILE* info = json ? stderr : stdout;
   const int nthreads = threads > 0 ? int(threads) : int(std::max(1u, std::thread::hardware_concurrency()));
 
   ModelOptions mo;
@@ -144,39 +151,41 @@ int run_bench_model(int argc, char** argv) {
   mo.cuda_gemv = !no_gemv;
   mo.prefill_tokens = ubatch;
   mo.progress = weight_progress();
-  const int64_t first = P > 0 ? P : 1;  // tg needs one token to continue from
-  mo.max_text_tokens = ctx > 0 ? ctx : first + N;
+  int64_t longest = 0;  // text tokens of the longest case
+  for (int64_t P : Ps)
+    for (int64_t N : Ns) longest = std::max(longest, std::max<int64_t>(P, 1) + N);
+  mo.max_text_tokens = ctx > 0 ? ctx : longest;
   const double t0 = now_s();
   Model model = Model::load(dir, mo);
   const double load_s = now_s() - t0;
   const ModelConfig& c = model.config();
-  if (first + N > model.max_text_tokens())
-    fail("-p + -n = ", first + N, " text tokens, past the model's context limit of ", model.max_text_tokens());
+  if (longest > model.max_text_tokens())
+    fail("-p + -n = ", longest, " text tokens, past the model's context limit of ", model.max_text_tokens());
 
-  std::printf("ksa bench model: %s\n", dir.c_str());
-  std::printf("  model: %s%s, %lld layers, hidden %lld, intermediate %lld, heads %lld/%lld, head_dim %lld, vocab %lld (logits %lld)%s\n",
+  std::fprintf(info, "ksa bench model: %s\n", dir.c_str());
+  std::fprintf(info, "  model: %s%s, %lld layers, hidden %lld, intermediate %lld, heads %lld/%lld, head_dim %lld, vocab %lld (logits %lld)%s\n",
               c.model_type.c_str(), c.use_summary_attention ? " + KSA" : "", (long long)c.num_hidden_layers, (long long)c.hidden_size,
               (long long)c.intermediate_size, (long long)c.num_attention_heads, (long long)c.num_key_value_heads,
               (long long)c.head_dim, (long long)c.vocab_size, (long long)model.vocab(), c.tie_word_embeddings ? ", tied" : "");
   if (c.use_summary_attention)
-    std::printf("  KSA: k=%lld S=%lld, windows \"%s\"\n", (long long)c.summary_chunk_size, (long long)c.summary_token_num,
+    std::fprintf(info, "  KSA: k=%lld S=%lld, windows \"%s\"\n", (long long)c.summary_chunk_size, (long long)c.summary_token_num,
                 c.window_pattern.c_str());
-  std::printf("  params: %.3f M; weights %s (%s read per decode step); KV cache %s; loaded in %.0f ms\n",
+  std::fprintf(info, "  params: %.3f M; weights %s (%s read per decode step); KV cache %s; loaded in %.0f ms\n",
               double(count_parameters(c)) * 1e-6, human_bytes(double(model.weight_bytes())).c_str(),
               human_bytes(double(model.weight_bytes_per_token())).c_str(), dtype_name(mo.kv_dtype), load_s * 1e3);
-  std::printf("  backend: %s", model.backend_name().c_str());
+  std::fprintf(info, "  backend: %s", model.backend_name().c_str());
   if (mo.device == Device::cpu)
-    std::printf(" on %s, %u hardware threads", cpu_name().c_str(), std::thread::hardware_concurrency());
-  std::printf("\n");
-  std::fflush(stdout);
+    std::fprintf(info, " on %s, %u hardware threads", cpu_name().c_str(), std::thread::hardware_concurrency());
+  std::fprintf(info, "\n");
+  std::fflush(info);
 
   std::mt19937_64 rng(1234);
   std::uniform_int_distribution<int32_t> pick(0, int32_t(std::min<int64_t>(model.vocab(), c.vocab_size) - 1));
   SamplerConfig greedy;  // temperature 0: argmax, on the device with CUDA
   int64_t kv_bytes = 0, kv_full = 0;
 
-  // One run: returns {pp seconds, tg seconds}.
-  auto run_once = [&](int64_t p, int64_t n, bool record) {
+  // One run of B sequences: returns {pp seconds, tg seconds}.
+  auto run_once = [&](int64_t B, int64_t p, int64_t n, bool record) {
     std::vector<SeqId> ids;
     std::vector<int32_t> next(static_cast<size_t>(B));
     StepResult r;
@@ -224,54 +233,80 @@ int run_bench_model(int argc, char** argv) {
       bw_what = "STREAM-like read, " + std::to_string(nthreads) + " threads";
     }
   }
-  // Bytes per decode step at the middle of the tg run: weights once, plus each sequence's visible K/V rows.
-  const int64_t row_bytes = 2 * c.num_key_value_heads * c.head_dim * dtype_size(mo.kv_dtype);
-  const int64_t kv_step = B * visible_rows(c, first + N / 2) * row_bytes;
-  const int64_t step_bytes = model.weight_bytes_per_token() + kv_step;
-  const double bound = bw > 0 ? bw / double(step_bytes) * double(B) : 0;  // tok/s
-
-  run_once(std::min<int64_t>(first, 64), std::min<int64_t>(N, 8), false);  // warm-up: buffers, algorithms
-  std::vector<double> pp_rate, tg_rate;
-  for (int64_t r = 0; r < reps; ++r) {
-    const auto [pp, tg] = run_once(first, N, r == 0);
-    if (P > 0) pp_rate.push_back(double(B * P) / pp);
-    if (N > 0) tg_rate.push_back(double(B * N) / tg);
-  }
-
   const std::string dev = mo.device == Device::cuda ? "cuda" : std::to_string(nthreads) + " thr";
-  // ("±" is two bytes: the header is written out rather than padded by printf.)
-  std::printf("\n| test          | batch | device  |      t/s (mean ± sd) | per token\n");
-  std::printf("|---------------|-------|---------|----------------------|----------\n");
-  if (P > 0) {
-    const Stats s = stats(pp_rate);
-    std::printf("| pp%-11lld | %5lld | %-7s | %10.2f ± %7.2f | %8.3f ms\n", (long long)P, (long long)B, dev.c_str(), s.mean,
-                s.sd, 1e3 / s.mean);
-  }
-  if (N > 0) {
-    const Stats s = stats(tg_rate);
-    std::printf("| tg%-4lld @ %-5lld | %5lld | %-7s | %10.2f ± %7.2f | %8.3f ms\n", (long long)N, (long long)first,
-                (long long)B, dev.c_str(), s.mean, s.sd, 1e3 / s.mean);
-  }
-  std::printf("(%lld repetitions after 1 warm-up; tg continues each pp sequence%s)\n", (long long)reps,
-              P > 0 ? "" : " of 1 token");
-  std::printf("\nKV cache of one sequence at %lld text tokens: %s\n", (long long)(first + N),
-              kv_comparison(kv_bytes, kv_full, c.use_summary_attention).c_str());
+  const int64_t row_bytes = 2 * c.num_key_value_heads * c.head_dim * dtype_size(mo.kv_dtype);
+  std::string doc;  // -o json: the results
+  auto num = [](double v) {
+    char buf[40];
+    std::snprintf(buf, sizeof buf, "%.6g", std::isfinite(v) ? v : 0.0);
+    return std::string(buf);
+  };
+  bool warmed = false;
+  for (int64_t B : Bs)
+    for (int64_t P : Ps)
+      for (int64_t N : Ns) {
+        const int64_t first = P > 0 ? P : 1;  // tg needs one token to continue from
+        // Bytes per decode step at the middle of the tg run: weights once, plus each sequence's visible K/V.
+        const int64_t kv_step = B * visible_rows(c, first + N / 2) * row_bytes;
+        const int64_t step_bytes = model.weight_bytes_per_token() + kv_step;
+        const double bound = bw > 0 ? bw / double(step_bytes) * double(B) : 0;  // tok/s
+        if (!warmed) run_once(B, std::min<int64_t>(first, 64), std::min<int64_t>(N, 8), false);  // buffers, algorithms
+        warmed = true;
+        std::vector<double> pp_rate, tg_rate;
+        for (int64_t r = 0; r < reps; ++r) {
+          const auto [pp, tg] = run_once(B, first, N, r == 0);
+          if (P > 0) pp_rate.push_back(double(B * P) / pp);
+          if (N > 0) tg_rate.push_back(double(B * N) / tg);
+        }
+        const Stats sp = P > 0 ? stats(pp_rate) : Stats{}, st = N > 0 ? stats(tg_rate) : Stats{};
+        if (json) {
+          doc += std::string(doc.empty() ? "" : ",\n") + "    {\"n_prompt\": " + std::to_string(P) +
+                 ", \"n_gen\": " + std::to_string(N) + ", \"batch\": " + std::to_string(B) +
+                 ", \"pp_tok_s\": " + num(sp.mean) + ", \"pp_tok_s_sd\": " + num(sp.sd) + ", \"tg_tok_s\": " +
+                 num(st.mean) + ", \"tg_tok_s_sd\": " + num(st.sd) + ", \"bound_tok_s\": " + num(bound) +
+                 ", \"step_bytes\": " + std::to_string(step_bytes) + ", \"kv_bytes\": " + std::to_string(kv_bytes) +
+                 ", \"kv_bytes_full_attention\": " + std::to_string(kv_full) + "}";
+          continue;
+        }
+        // ("±" is two bytes: the header is written out rather than padded by printf.)
+        std::printf("\n| test          | batch | device  |      t/s (mean ± sd) | per token\n");
+        std::printf("|---------------|-------|---------|----------------------|----------\n");
+        if (P > 0)
+          std::printf("| pp%-11lld | %5lld | %-7s | %10.2f ± %7.2f | %8.3f ms\n", (long long)P, (long long)B, dev.c_str(),
+                      sp.mean, sp.sd, 1e3 / sp.mean);
+        if (N > 0)
+          std::printf("| tg%-4lld @ %-5lld | %5lld | %-7s | %10.2f ± %7.2f | %8.3f ms\n", (long long)N, (long long)first,
+                      (long long)B, dev.c_str(), st.mean, st.sd, 1e3 / st.mean);
+        std::printf("(%lld repetitions after 1 warm-up; tg continues each pp sequence%s)\n", (long long)reps,
+                    P > 0 ? "" : " of 1 token");
+        std::printf("\nKV cache of one sequence at %lld text tokens: %s\n", (long long)(first + N),
+                    kv_comparison(kv_bytes, kv_full, c.use_summary_attention).c_str());
+        if (bw > 0) {
+          std::printf("bytes per decode step: %s weights + %s visible KV (%lld sequences at %lld tokens) = %s\n",
+                      human_bytes(double(model.weight_bytes_per_token())).c_str(), human_bytes(double(kv_step)).c_str(),
+                      (long long)B, (long long)(first + N / 2), human_bytes(double(step_bytes)).c_str());
+          std::printf("bandwidth bound for decode: %.1f tok/s\n", bound);
+          if (N > 0) std::printf("decode at %.1f%% of the bandwidth bound (tg %.2f tok/s)\n", 100.0 * st.mean / bound, st.mean);
+        }
+        std::fflush(stdout);
+      }
   if (mo.device == Device::cuda) {
-    std::printf("peak device memory: %s (weights %s)\n", human_bytes(double(model.device_bytes_peak())).c_str(),
-                human_bytes(double(model.weight_bytes())).c_str());
-    std::printf("CUDA graphs: %s (%lld steps replayed, %lld graphs captured); GEMV kernel for <= 8 rows: %s\n",
-                mo.cuda_graphs ? "on" : "off", (long long)model.graph_replays(), (long long)model.graph_captures(),
-                mo.cuda_gemv ? "on" : "off (cuBLASLt)");
+    std::fprintf(info, "peak device memory: %s (weights %s)\n", human_bytes(double(model.device_bytes_peak())).c_str(),
+                 human_bytes(double(model.weight_bytes())).c_str());
+    std::fprintf(info, "CUDA graphs: %s (%lld steps replayed, %lld graphs captured); GEMV kernel for <= 8 rows: %s\n",
+                 mo.cuda_graphs ? "on" : "off", (long long)model.graph_replays(), (long long)model.graph_captures(),
+                 mo.cuda_gemv ? "on" : "off (cuBLASLt)");
   }
-  if (bw > 0) {
-    std::printf("memory bandwidth: %.1f GB/s (%s, %lld MiB)\n", bw * 1e-9, bw_what.c_str(), (long long)bw_mib);
-    std::printf("bytes per decode step: %s weights + %s visible KV (%lld sequences at %lld tokens) = %s\n",
-                human_bytes(double(model.weight_bytes_per_token())).c_str(), human_bytes(double(kv_step)).c_str(),
-                (long long)B, (long long)(first + N / 2), human_bytes(double(step_bytes)).c_str());
-    std::printf("bandwidth bound for decode: %.1f tok/s\n", bound);
-    if (N > 0)
-      std::printf("decode at %.1f%% of the bandwidth bound (tg %.2f tok/s)\n", 100.0 * stats(tg_rate).mean / bound,
-                  stats(tg_rate).mean);
+  if (bw > 0) std::fprintf(info, "memory bandwidth: %.1f GB/s (%s, %lld MiB)\n", bw * 1e-9, bw_what.c_str(), (long long)bw_mib);
+  if (json) {
+    std::string esc;
+    for (char ch : dir) {
+      if (ch == '"' || ch == '\\') esc += '\\';
+      if (static_cast<unsigned char>(ch) >= 0x20) esc += ch;
+    }
+    std::printf("{\n  \"model\": \"%s\", \"device\": \"%s\", \"repetitions\": %lld, \"bandwidth_gb_s\": %s,\n"
+                "  \"results\": [\n%s\n  ]\n}\n", esc.c_str(), dev.c_str(), (long long)reps, num(bw * 1e-9).c_str(),
+                doc.c_str());
   }
   return 0;
 }
