@@ -4,17 +4,6 @@
 
 namespace ksa {
 
-size_t complete_utf8_prefix(std::string_view bytes) {
-  const size_t n = bytes.size();
-  for (size_t back = 1; back <= 4 && back <= n; ++back) {
-    const unsigned char c = static_cast<unsigned char>(bytes[n - back]);
-    if ((c & 0xC0) == 0x80) continue;  // continuation byte: look further back for the lead
-    const size_t need = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
-    return back < need ? n - back : n;
-  }
-  return n;
-}
-
 TextStream::TextStream(const Tokenizer& tok, std::vector<std::string> stops) : tok_(tok) {
   for (std::string& s : stops)
     if (!s.empty()) stops_.push_back(std::move(s));

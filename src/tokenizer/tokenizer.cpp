@@ -15,6 +15,7 @@
 #include <unordered_map>
 
 #include "json_input.hpp"
+#include "utf8.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa {
@@ -24,34 +25,8 @@ namespace fs = std::filesystem;
 using detail::Json;
 
 std::string excerpt(const Json& v) { return detail::json_excerpt(v); }
-
-void append_utf8(std::string& out, uint32_t cp) {
-  if (cp < 0x80) {
-    out += char(cp);
-  } else if (cp < 0x800) {
-    out += char(0xC0 | (cp >> 6));
-    out += char(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += char(0xE0 | (cp >> 12));
-    out += char(0x80 | ((cp >> 6) & 0x3F));
-    out += char(0x80 | (cp & 0x3F));
-  } else {
-    out += char(0xF0 | (cp >> 18));
-    out += char(0x80 | ((cp >> 12) & 0x3F));
-    out += char(0x80 | ((cp >> 6) & 0x3F));
-    out += char(0x80 | (cp & 0x3F));
-  }
-}
-
-// Decodes one code point of valid UTF-8 at s[i], advancing i.
-uint32_t next_code_point(std::string_view s, size_t& i) {
-  const uint8_t c = uint8_t(s[i]);
-  int n = c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
-  uint32_t cp = n == 1 ? c : n == 2 ? (c & 0x1F) : n == 3 ? (c & 0x0F) : (c & 0x07);
-  for (int k = 1; k < n && i + size_t(k) < s.size(); ++k) cp = (cp << 6) | (uint8_t(s[i + size_t(k)]) & 0x3F);
-  i += size_t(n);
-  return cp;
-}
+using detail::append_utf8;
+using detail::next_code_point;
 
 // The code point ending just before byte offset `end` (> 0) of valid UTF-8.
 uint32_t prev_code_point(std::string_view s, size_t end) {

@@ -1,9 +1,12 @@
-// UTF-8 validation and Python-style ("replace") decoding of invalid sequences.
+// UTF-8 in one place: validation, Python-style ("replace") decoding of invalid sequences, the complete prefix
+// of a streamed byte string, and the code-point helpers of the tokenizer (utf8.hpp).
 #include <cstdint>
 #include <string>
 #include <string_view>
 
+#include "ksa/text_stream.hpp"
 #include "ksa/tokenizer.hpp"
+#include "utf8.hpp"
 
 namespace ksa {
 namespace {
@@ -63,4 +66,45 @@ std::string utf8_replace_invalid(std::string_view s) {
   return out;
 }
 
+size_t complete_utf8_prefix(std::string_view bytes) {
+  const size_t n = bytes.size();
+  for (size_t back = 1; back <= 4 && back <= n; ++back) {
+    const unsigned char c = static_cast<unsigned char>(bytes[n - back]);
+    if ((c & 0xC0) == 0x80) continue;  // continuation byte: look further back for the lead
+    const size_t need = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
+    return back < need ? n - back : n;
+  }
+  return n;
+}
+
+namespace detail {
+
+void append_utf8(std::string& out, uint32_t cp) {
+  if (cp < 0x80) {
+    out += char(cp);
+  } else if (cp < 0x800) {
+    out += char(0xC0 | (cp >> 6));
+    out += char(0x80 | (cp & 0x3F));
+  } else if (cp < 0x10000) {
+    out += char(0xE0 | (cp >> 12));
+    out += char(0x80 | ((cp >> 6) & 0x3F));
+    out += char(0x80 | (cp & 0x3F));
+  } else {
+    out += char(0xF0 | (cp >> 18));
+    out += char(0x80 | ((cp >> 12) & 0x3F));
+    out += char(0x80 | ((cp >> 6) & 0x3F));
+    out += char(0x80 | (cp & 0x3F));
+  }
+}
+
+uint32_t next_code_point(std::string_view s, size_t& i) {
+  const uint8_t c = uint8_t(s[i]);
+  int n = c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
+  uint32_t cp = n == 1 ? c : n == 2 ? (c & 0x1F) : n == 3 ? (c & 0x0F) : (c & 0x07);
+  for (int k = 1; k < n && i + size_t(k) < s.size(); ++k) cp = (cp << 6) | (uint8_t(s[i + size_t(k)]) & 0x3F);
+  i += size_t(n);
+  return cp;
+}
+
+}  // namespace detail
 }  // namespace ksa
