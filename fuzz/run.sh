@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs one libFuzzer harness over its seeds for a while (one process).
 #   fuzz/run.sh [--binary PATH] [--corpus DIR] NAME SECONDS [libFuzzer flags...]
-# NAME is a harness (pattern, config, safetensors, tokenizer_json, tokenizer_encode, chat_template).
+# NAME is a harness (pattern, config, safetensors, tokenizer_json, tokenizer_encode, chat_template,
+# serve_request).
 # Defaults: the binary build-sanitize/bin/fuzz_NAME (scripts/test.sh builds it), the corpus
 # build-sanitize/fuzz/corpus/NAME (grown across runs; fuzz/seeds/NAME is read, never written). Findings are
 # written to the corpus dir's parent as crash-*/leak-*/timeout-*/oom-* files and make the exit code nonzero.
