@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(
   build-essential cmake pkg-config git
-  libgtest-dev libgmock-dev libbenchmark-dev   # tests, micro-benchmarks
+  libgtest-dev libbenchmark-dev                # tests (GoogleTest), micro-benchmarks (bench/, Google Benchmark)
   libopenblas-dev                              # sgemm ceiling in `ksa bench`, engine matmuls
   libhwy-dev                                   # Google Highway: the CPU kernels' SIMD, dispatched at run time
   nlohmann-json3-dev                           # config.json, safetensors headers, tokenizer.json

@@ -43,6 +43,20 @@ check "bad sampler value" nz "top_p|top-p" -- "$KSA" generate -m "$DIR" -p hi --
 conv() { printf 'hello there\n/reset\nsecond try\nand a follow-up\n/exit\n' | "$KSA" generate -m "$DIR" -i -n 6 -t 1; }
 check "conversation: three turns" 0 "turn 3: [0-9]+ new prompt tokens \(" -- conv
 check "conversation: reset" 0 "conversation reset" -- conv
+# The cache holds each whole answer (the token that ended it at -n included): a turn's KV line counts the
+# previous turn's tokens + its new prompt tokens + its answer (when the answer did not end at an end-of-sequence id).
+cache_whole() {
+  local prev=0 bad=0 line re='turn [0-9]+: ([0-9]+) new prompt tokens.*, ([0-9]+) generated.* at ([0-9]+) tokens'
+  while IFS= read -r line; do
+    [[ $line =~ $re ]] || continue
+    local a=${BASH_REMATCH[1]} g=${BASH_REMATCH[2]} t=${BASH_REMATCH[3]}
+    echo "turn: before $prev + prompt $a + answer $g -> cache $t"
+    if [ "$g" = 6 ] && [ "$t" != $((prev + a + g)) ]; then bad=1; fi
+    prev=$t
+  done < <(printf 'hello there\nand a follow-up\n/exit\n' | "$KSA" generate -m "$DIR" -i -n 6 -t 1 2>&1)
+  [ "$prev" -gt 0 ] && [ "$bad" = 0 ] && echo "cache holds whole answers"
+}
+check "conversation: the cache holds whole answers" 0 "cache holds whole answers" -- cache_whole
 check "no prompt without -i" 2 "or -i for a conversation" -- "$KSA" generate -m "$DIR"
 check "-m a file in the checkpoint" 0 "KV cache" -- "$KSA" info -m "$DIR/config.json"
 check "llama-cli spelling -c" nz "context" -- "$KSA" generate -m "$DIR" -p "$PROMPT" -c 4

@@ -112,6 +112,70 @@ bool read_turn(std::string& line) {
   return bool(std::getline(std::cin, line));
 }
 
+// What one answer's decoding did.
+struct Decoded {
+  int64_t generated = 0, evals = 0, draws = 0;  // tokens kept; model steps; sampler calls
+  double eval_s = 0, sample_s = 0;
+  std::string why;   // why it stopped
+  std::string text;  // the text released (stop string excluded)
+  bool interrupted = false;
+};
+
+// The decoding loop of both modes: from `logits` (the last appended token's), sample, stream the text, append
+// the token, until an end-of-sequence id, a stop string, n_predict tokens, the context limit or Ctrl-C.
+// `history` (the sampler's penalty window) gains every kept token. With keep_cache_whole the token that ended
+// the answer (a stop string, n_predict, not the end-of-sequence id) is appended too, so that the cache holds
+// exactly `history` and a conversation's next turn continues after the whole answer.
+Decoded decode_answer(Model& model, SeqId seq, Sampler& sampler, std::vector<float>& logits,
+                      std::vector<int32_t>& history, const std::set<int64_t>& eos, TextStream& stream,
+                      StdoutWriter& out, int64_t n_predict, bool keep_cache_whole) {
+  Decoded d;
+  const int64_t limit = model.max_text_tokens();
+  std::string piece;
+  auto append = [&](int32_t id) {
+    const double te = now_s();
+    model.append(seq, std::span<const int32_t>(&id, 1), LogitsFor::last, logits);
+    d.eval_s += now_s() - te;
+    ++d.evals;
+  };
+  if (n_predict == 0) d.why = "-n 0";
+  while (d.generated < n_predict) {
+    if (g_interrupted) {
+      d.interrupted = true;
+      d.why = "Ctrl-C";
+      break;
+    }
+    const double ts = now_s();
+    const int32_t id = sampler.sample(logits, history);
+    d.sample_s += now_s() - ts;
+    ++d.draws;
+    if (eos.count(id)) {
+      d.why = std::string("end-of-sequence token ").append(std::to_string(id));
+      break;
+    }
+    history.push_back(id);
+    ++d.generated;
+    piece.clear();
+    const bool stopped = stream.push(id, piece);
+    out.write(piece);
+    d.text += piece;
+    if (stopped) d.why = "stop string " + quoted(stream.stop_found());
+    else if (d.generated == n_predict) d.why = "-n reached";
+    else if (model.text_tokens(seq) >= limit)
+      d.why = std::string("the context limit of ").append(std::to_string(limit)).append(" tokens");
+    if (!d.why.empty()) {
+      if (keep_cache_whole && model.text_tokens(seq) < limit) append(id);
+      break;
+    }
+    append(id);
+  }
+  piece.clear();
+  stream.finish(piece);
+  out.write(piece);
+  d.text += piece;
+  return d;
+}
+
 int run_generate(int argc, char** argv) {
   cli::Flags f("generate",
                "Generate text from a checkpoint directory on the GPU or the CPU (streamed to stdout; timings and KV-cache bytes\n"
@@ -211,7 +275,7 @@ int run_generate(int argc, char** argv) {
     sa.sa_handler = on_interrupt;  // no SA_RESTART: Ctrl-C at the prompt ends the read
     sigaction(SIGINT, &sa, nullptr);
     SeqId seq = model.new_sequence();
-    std::vector<int32_t> fed;  // the tokens the sequence holds
+    std::vector<int32_t> history;  // the tokens the sequence holds
     std::vector<float> logits(size_t(model.vocab()));
     std::string line = text;
     bool have = !text.empty();
@@ -224,7 +288,7 @@ int run_generate(int argc, char** argv) {
       if (line == "/reset") {
         model.release(seq);
         seq = model.new_sequence();
-        fed.clear();
+        history.clear();
         msgs.resize(base);
         std::fprintf(stderr, "ksa generate: conversation reset\n");
         continue;
@@ -233,7 +297,7 @@ int run_generate(int argc, char** argv) {
       // The first turn is the rendered conversation; a later one only the template's text after the previous
       // answer (a marker stands in for it), so that the history in the cache is never recomputed.
       std::string turn_text = render_qwen3_chat(msgs, co);
-      if (!fed.empty()) {
+      if (!history.empty()) {
         static const std::string kMark = "\x01ksa-answer\x01";
         std::vector<ChatMessage> probe(msgs);
         probe[probe.size() - 2].content = kMark;
@@ -243,51 +307,27 @@ int run_generate(int argc, char** argv) {
         turn_text = r.substr(at + kMark.size());
       }
       const std::vector<int32_t> fresh = tok.encode(turn_text);
-      if (int64_t(fed.size() + fresh.size()) >= model.max_text_tokens()) {
+      if (int64_t(history.size() + fresh.size()) >= model.max_text_tokens()) {
         std::fprintf(stderr, "ksa generate: the conversation would hold %zu tokens, the context is %lld: /reset\n",
-                     fed.size() + fresh.size(), (long long)model.max_text_tokens());
+                     history.size() + fresh.size(), (long long)model.max_text_tokens());
         msgs.pop_back();
         continue;
       }
       const double t0 = now_s();
       model.append(seq, fresh, LogitsFor::last, logits);
       const double pp_s = now_s() - t0;
-      fed.insert(fed.end(), fresh.begin(), fresh.end());
+      history.insert(history.end(), fresh.begin(), fresh.end());
       TextStream stream(tok, stop_strings);
       StdoutWriter out;
-      std::string piece, reply;
-      std::vector<int32_t> history = fed;
-      int64_t generated = 0;
-      const double t1 = now_s();
       g_interrupted = 0;
-      bool interrupted = false;
-      while (generated < n_predict) {
-        if (g_interrupted) {  // Ctrl-C: this answer ends here
-          interrupted = true;
-          break;
-        }
-        const int32_t id = sampler.sample(logits, history);
-        if (eos.count(id)) break;
-        history.push_back(id);
-        ++generated;
-        piece.clear();
-        const bool stopped = stream.push(id, piece);
-        out.write(piece);
-        reply += piece;
-        if (stopped || generated == n_predict || model.text_tokens(seq) >= model.max_text_tokens()) break;
-        model.append(seq, std::span<const int32_t>(&id, 1), LogitsFor::last, logits);
-        fed.push_back(id);
-      }
-      piece.clear();
-      stream.finish(piece);
-      out.write(piece);
-      reply += piece;
+      const double t1 = now_s();
+      const Decoded d = decode_answer(model, seq, sampler, logits, history, eos, stream, out, n_predict, true);
       if (out.last_char() != '\n') std::fputc('\n', stdout);
       std::fflush(stdout);
-      msgs.push_back({"assistant", reply, std::nullopt});
+      msgs.push_back({"assistant", d.text, std::nullopt});
       std::fprintf(stderr, "ksa generate: turn %d: %zu new prompt tokens (%.0f ms), %lld generated%s (%.1f tok/s); KV "
-                   "cache %s at %lld tokens\n", turn++, fresh.size(), pp_s * 1e3, (long long)generated, interrupted ? ", stopped by Ctrl-C" : "",
-                   generated / std::max(1e-9, now_s() - t1),
+                   "cache %s at %lld tokens\n", turn++, fresh.size(), pp_s * 1e3, (long long)d.generated,
+                   d.interrupted ? ", stopped by Ctrl-C" : "", d.generated / std::max(1e-9, now_s() - t1),
                    human_bytes(double(model.kv_bytes(seq))).c_str(), (long long)model.text_tokens(seq));
     }
     model.release(seq);
@@ -346,54 +386,17 @@ int run_generate(int argc, char** argv) {
   // Generation.
   TextStream stream(tok, stop_strings);
   StdoutWriter out;
-  std::string piece;
   std::vector<int32_t> history = prompt;
-  int64_t generated = 0, evals = 0, draws = 0;
-  double eval_s = 0, sample_s = 0;
-  std::string why = n_predict == 0 ? "-n 0" : "";
-  while (generated < n_predict) {
-    const double ts = now_s();
-    const int32_t id = sampler.sample(logits, history);
-    sample_s += now_s() - ts;
-    ++draws;
-    if (eos.count(id)) {
-      why = std::string("end-of-sequence token ").append(std::to_string(id));
-      break;
-    }
-    history.push_back(id);
-    ++generated;
-    piece.clear();
-    const bool stopped = stream.push(id, piece);
-    out.write(piece);
-    if (stopped) {
-      why = "stop string " + quoted(stream.stop_found());
-      break;
-    }
-    if (generated == n_predict) {
-      why = "-n reached";
-      break;
-    }
-    if (model.text_tokens(seq) >= limit) {
-      why = std::string("the context limit of ").append(std::to_string(limit)).append(" tokens");
-      break;
-    }
-    const double te = now_s();
-    model.append(seq, std::span<const int32_t>(&id, 1), LogitsFor::last, logits);
-    eval_s += now_s() - te;
-    ++evals;
-  }
-  piece.clear();
-  stream.finish(piece);
-  out.write(piece);
-  if (out.last_char() != '\n' || (no_display && generated == 0)) std::fputc('\n', stdout);
+  const Decoded d = decode_answer(model, seq, sampler, logits, history, eos, stream, out, n_predict, false);
+  if (out.last_char() != '\n' || (no_display && d.generated == 0)) std::fputc('\n', stdout);
   std::fflush(stdout);
 
   const int64_t kv = model.kv_bytes(seq), kv_full = model.kv_bytes_full_attention(seq);
-  std::fprintf(stderr, "\nksa generate: stopped: %s (%lld tokens generated)\n", why.c_str(), (long long)generated);
+  std::fprintf(stderr, "\nksa generate: stopped: %s (%lld tokens generated)\n", d.why.c_str(), (long long)d.generated);
   std::fprintf(stderr, "ksa generate: %16s = %10.2f ms\n", "load time", load_s * 1e3);
   print_rate("prompt eval time", pp_s, int64_t(prompt.size()), "tokens");
-  print_rate("eval time", eval_s, evals, "runs");
-  print_rate("sampling time", sample_s, draws, "draws");
+  print_rate("eval time", d.eval_s, d.evals, "runs");
+  print_rate("sampling time", d.sample_s, d.draws, "draws");
   std::fprintf(stderr, "ksa generate: %16s = at %lld text tokens (%s) %s\n", "KV cache", (long long)model.text_tokens(seq),
                dtype_name(mo.kv_dtype), kv_comparison(kv, kv_full, cfg.use_summary_attention).c_str());
   return 0;
