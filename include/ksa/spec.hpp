@@ -1,4 +1,4 @@
-// The KSA specification (../shared/KSA.md): parameters, the stream layout, RoPE positions, the ONE
+// The KSA specification (docs/ksa.md): parameters, the stream layout, RoPE positions, the ONE
 // visibility rule and the key-tile ranges every kernel iterates. Everything here that kernels need is
 // header-inline and usable from CUDA device code (KSA_HD); nothing here re-derives the rule elsewhere.
 #pragma once
