@@ -366,8 +366,10 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(float* logits, i
 // ------------------------------------------------------------------------------------ small-M products
 // y[m, n] = sum_k x[m, k] W[n, k] for M <= kGemvMaxM rows (decode: one row per sequence). A product this thin
 // is a read of W: a block of 256 threads takes kGemvRows rows of W, every thread a strided share of each row's
-// 16-byte chunks, all its loads issued before the sums (not kept in L1); x sits in shared memory; the sums
-// are reduced across the warp, then across the block's warps in shared memory. Enough blocks and bytes in
+// 16-byte chunks, all its loads issued before the sums (not kept in L1); x is read from global memory beside
+// them (through the read-only cache: every block reads all of x, so it is served from L1/L2), with no
+// staging barrier in front of the first weight loads; the sums are reduced across the warp, then across the
+// block's warps in shared memory. Enough blocks and bytes in
 // flight for a full read even where N is a few thousand rows and K long (the down projection). K % 8 == 0,
 // 16-byte aligned.
 constexpr int kGemvThreads = 256, kGemvRows = 4, kGemvUnroll = 2;
@@ -397,10 +399,7 @@ template <int M, class YT>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const uint4* __restrict__ x, int chunks,
                                                             const uint4* __restrict__ W, int N, YT* __restrict__ y,
                                                             int64_t ldy) {
-  extern __shared__ uint4 sx[];  // [M][chunks]
   __shared__ float red[kGemvThreads / 32][kGemvRows * M];
-  for (int i = threadIdx.x; i < M * chunks; i += kGemvThreads) sx[i] = x[i];
-  __syncthreads();
   const int n0 = blockIdx.x * kGemvRows;
   const uint4* w[kGemvRows];
 #pragma unroll
@@ -425,7 +424,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const uint4* __restr
       if (c >= chunks) break;
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const uint4 xv = sx[m * chunks + c];
+        const uint4 xv = __ldg(x + int64_t(m) * chunks + c);
 #pragma unroll
         for (int r = 0; r < kGemvRows; ++r) acc[r][m] += dot8(a[u][r], xv);
       }
@@ -453,10 +452,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const uint4* __restr
 
 template <int M, class YT>
 void launch_gemv(const void* x, int64_t K, const void* W, int64_t N, void* y, int64_t ldy, cudaStream_t s) {
-  const int chunks = int(K / 8), smem = int(M * K * 2);
-  if (smem > 48 * 1024)
-    KSA_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<M, YT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  gemv_kernel<M, YT><<<blocks_for(N, kGemvRows), kGemvThreads, size_t(smem), s>>>(
+  const int chunks = int(K / 8);
+  gemv_kernel<M, YT><<<blocks_for(N, kGemvRows), kGemvThreads, 0, s>>>(
       static_cast<const uint4*>(x), chunks, static_cast<const uint4*>(W), int(N), static_cast<YT*>(y), ldy);
   KSA_CUDA_CHECK_LAUNCH();
 }
@@ -470,7 +467,7 @@ void gemv_m(const void* x, int64_t K, const void* W, int64_t N, void* y, DType y
 // Whether gemv() takes this product.
 bool gemv_fits(const void* x, int64_t M, int64_t K, const void* W, int64_t N) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return M >= 1 && M <= kGemvMaxM && K % 8 == 0 && M * K * 2 <= 200 * 1024 && N < (int64_t(1) << 31) &&
+  return M >= 1 && M <= kGemvMaxM && K % 8 == 0 && K / 8 < (int64_t(1) << 31) && N < (int64_t(1) << 31) &&
          aligned(x) && aligned(W);
 }
 
