@@ -12,6 +12,10 @@
 #     ncu    with 4b: Nsight Compute durations of every kernel of one decode step (short context, no graphs),
 #            summed per kernel (ncu_decode.csv, ncu_decode.txt)
 #     refs   with 4b: HuggingFace transformers' Qwen3 (SDPA, static cache) on the same checkpoint (model_ref.py)
+#     serve  with 4b: `ksa serve --device cuda` on the 4B checkpoint driven by bench/serve/loadgen.js at 1, 8 and
+#            64 concurrent streams with 4K-token prompts (issue #21's target shape); needs cpp-httplib (Debian's,
+#            or KSA_DEPS/serve with its pkg-config file), node (NODE=<path>) and a tokenizer.json for the
+#            checkpoint (KSA_DEPS/tokenizer-qwen3)
 #     release  with 4b: the KSA authors' HF code (their FlexAttention prefill, ring-buffer cache) on the same
 #            checkpoint (release_ref.py; needs .ref/ksa-release from bench/gpu/fetch_release.sh, carried along)
 # A machine without the engine's Debian packages (nlohmann-json, ICU, GoogleTest) can be given them as a
@@ -24,6 +28,10 @@ if [ -n "${KSA_DEPS:-}" ]; then
   for l in icudata icui18n icuuc; do ln -sf "lib$l.so.72" "$DEPS/lib/lib$l.so"; done
   export LD_LIBRARY_PATH="$DEPS/lib:${LD_LIBRARY_PATH:-}"
   ARGS=(-DCMAKE_PREFIX_PATH="$DEPS" -DICU_ROOT="$DEPS" -DKSA_GTEST_SRC="$DEPS/googletest")
+  if [ -d "$DEPS/serve/lib/pkgconfig" ]; then  # cpp-httplib and what it links, for `ksa serve`
+    export PKG_CONFIG_PATH="$DEPS/serve/lib/pkgconfig:${PKG_CONFIG_PATH:-}"
+    export LD_LIBRARY_PATH="$DEPS/serve/lib:$LD_LIBRARY_PATH"
+  fi
 fi
 want() { [[ " $* " == *" all "* ]] || [[ " ${STEPS} " == *" $1 "* ]]; }
 STEPS="${*:-tests bench}"
@@ -77,6 +85,20 @@ if want 4b; then
   if want refs; then
     echo "== references (same checkpoint)"
     PYTHONUNBUFFERED=1 python3 bench/gpu/model_ref.py --model $M 2>&1 | tee "$OUT/model_ref.log" | tail -20
+  fi
+  if want serve; then
+    echo "== ksa serve --device cuda, 4b, 4K-token prompts"
+    if [ ! -f $M/tokenizer.json ] && [ -n "${DEPS:-}" ] && [ -f "$DEPS/tokenizer-qwen3/tokenizer.json" ]; then
+      cp "$DEPS"/tokenizer-qwen3/tokenizer*.json $M/
+    fi
+    if ! $KSA serve --help >/dev/null 2>&1; then echo "skipped: ksa was built without cpp-httplib"
+    elif ! command -v "${NODE:-node}" >/dev/null; then echo "skipped: no node (NODE=<path>)"
+    else
+      PATH="$(dirname "$(command -v "${NODE:-node}")"):$PATH" KSA=$KSA \
+        SERVE_ARGS="--device cuda --max-seqs 64 --ctx 8192" bench/serve/run.sh $M --prompt-tokens 4096 \
+        --max-tokens "${SERVE_MAX_TOKENS:-256}" --concurrency 1,8,64 \
+        2>&1 | tee "$OUT/serve_4b.log" | tail -20 || echo "serve bench: FAILED (log: $OUT/serve_4b.log)"
+    fi
   fi
   if want release; then
     echo "== KSA release HF code (same checkpoint)"

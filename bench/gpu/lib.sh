@@ -7,6 +7,13 @@ mkdir -p "$OUT"
 ARCH="${KSA_CUDA_ARCH:-90}"
 GTEST_ARGS=()
 if [ -n "${KSA_GTEST_SRC:-}" ]; then GTEST_ARGS=(-DKSA_GTEST_SRC="$KSA_GTEST_SRC"); fi
+# A machine without Debian's libhwy-dev (the CPU kernels' SIMD) can be given Highway as a prefix:
+# KSA_DEPS=<dir> with hwy/{include,lib/x86_64-linux-gnu} (CMake finds it through CMAKE_PREFIX_PATH).
+if [ -n "${KSA_DEPS:-}" ] && [ -d "$KSA_DEPS/hwy" ]; then
+  _hwy=$(realpath "$KSA_DEPS/hwy")
+  export CMAKE_PREFIX_PATH="$_hwy${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
+  export LD_LIBRARY_PATH="$_hwy/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 
 # gpu_configure <build dir> <log prefix> [cmake args...]: log in $OUT/<prefix>cmake.log; its tail on failure.
 gpu_configure() {
