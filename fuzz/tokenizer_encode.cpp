@@ -6,6 +6,7 @@
 //   mode odd:  the payload as int32 ids: decode never fails for ids >= 0 and always yields valid UTF-8.
 #include <unicode/normalizer2.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -85,7 +86,8 @@ std::string expected_round_trip(const ksa::Tokenizer& tok, const std::string& s)
 }  // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  const std::string dir = ksa::find_reference_tokenizer({KSA_SOURCE_DIR});
+  const char* env = std::getenv("KSA_TOKENIZER_DIR");
+  const std::string dir = env && *env ? std::string(env) : ksa::find_reference_tokenizer({KSA_SOURCE_DIR});
   g_tok = std::make_unique<ksa::Tokenizer>(dir.empty() ? ksa::Tokenizer::parse(small_tokenizer_json(), "small tokenizer")
                                                        : ksa::Tokenizer::load(dir));
   std::fprintf(stderr, "fuzz_tokenizer_encode: %s (%lld ids)\n", dir.empty() ? "the small built-in tokenizer" : dir.c_str(),

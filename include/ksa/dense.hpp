@@ -3,6 +3,7 @@
 // dtype. The model layer calls these; they know nothing of the model.
 #pragma once
 #include <cstdint>
+#include <string_view>
 
 #include "ksa/dtype.hpp"
 
@@ -39,8 +40,12 @@ void rope(float* x, int64_t H, int64_t D, int64_t position, double theta);
 void silu_mul(float* gate, const float* up, int64_t n);
 
 // The SIMD target the CPU kernels run on (Google Highway's name: AVX2, AVX3 = AVX-512, SSE4, NEON, SVE, ...,
-// EMU128 = portable C++), the best one this CPU supports; KSA_CPU_PRIMITIVES=portable or =<name> in the
-// environment restricts it (to time or check another target).
+// EMU128 = portable C++): the best one this CPU supports unless set_simd_target chose another.
 const char* simd_target();
+// Restricts the CPU kernels to one SIMD target of this build and CPU ("AVX2", "AVX3", ...; "portable" = the
+// lowest compiled in; "" or "auto" = the best again), to time or check a target on a machine that has a
+// better one. Throws ksa::Error naming the available targets. Not thread-safe with kernels running. (`ksa`
+// maps $KSA_CPU_PRIMITIVES onto it.)
+void set_simd_target(std::string_view name);
 
 }  // namespace ksa::cpu

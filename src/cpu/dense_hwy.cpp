@@ -236,37 +236,29 @@ HWY_EXPORT(dequantize_q8);
 
 void gemv_q8_0_rows(const void* W, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
                     int64_t ldy) {
-  select_simd_target();
   HWY_DYNAMIC_DISPATCH(gemv_q8)(W, n0, n1, K, x, M, y, ldy);
 }
 void dequantize_q8_0_simd(const void* in, int64_t n, float* out) {
-  select_simd_target();
   HWY_DYNAMIC_DISPATCH(dequantize_q8)(in, n, out);
 }
 
 void gemv_rows(const void* W, DType wdt, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
                int64_t ldy) {
-  select_simd_target();
   HWY_DYNAMIC_DISPATCH(gemv)(W, wdt, n0, n1, K, x, M, y, ldy);
 }
 void widen_bf16_row(const uint16_t* w, int64_t count, float* out) {
-  select_simd_target();
   HWY_DYNAMIC_DISPATCH(widen_bf16)(w, count, out);
 }
 void rms_norm_simd(float* x, int64_t n, const void* w, DType wdt, float eps) {
-  select_simd_target();
   HWY_DYNAMIC_DISPATCH(rms_norm_row)(x, n, w, wdt, eps);
 }
 void rope_rotate_simd(float* v, int64_t half, const float* c, const float* s) {
-  select_simd_target();
   HWY_DYNAMIC_DISPATCH(rope_rotate)(v, half, c, s);
 }
 void silu_mul_simd(float* gate, const float* up, int64_t n) {
-  select_simd_target();
   HWY_DYNAMIC_DISPATCH(silu_mul)(gate, up, n);
 }
 DotRowFn dot_row_kernel() {
-  select_simd_target();
   return HWY_DYNAMIC_DISPATCH(dot_row);
 }
 }  // namespace ksa::cpu::detail

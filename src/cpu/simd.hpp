@@ -5,9 +5,6 @@
 
 namespace ksa::cpu::detail {
 
-// Applies KSA_CPU_PRIMITIVES once (see ksa::cpu::simd_target in ksa/dense.hpp); every dispatching entry
-// point calls it first.
-void select_simd_target();
 // The Highway targets compiled into this build that this CPU runs, best first.
 std::vector<int64_t> simd_targets();
 const char* simd_target_name(int64_t target);

@@ -185,7 +185,6 @@ namespace ksa::cpu::detail {
 HWY_EXPORT(GetTileKernels);
 
 const TileKernels& tile_kernels() {
-  select_simd_target();
   return *HWY_DYNAMIC_DISPATCH(GetTileKernels)();
 }
 }  // namespace ksa::cpu::detail

@@ -563,9 +563,6 @@ bool Tokenizer::is_special(int32_t id) const {
 }
 
 std::string find_reference_tokenizer(const std::vector<std::string>& roots) {
-  if (const char* env = std::getenv("KSA_TOKENIZER_DIR"); env && *env) {
-    if (fs::exists(fs::path(env) / "tokenizer.json")) return env;
-  }
   for (const std::string& r : roots) {
     std::error_code ec;
     fs::path p = fs::weakly_canonical(fs::path(r), ec);

@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 
 #include "common.hpp"
@@ -28,7 +29,7 @@ int run_make_model(int argc, char** argv) {
   int64_t& seed = f.i64("--seed", 0, "random seed", cli::kAnyInt64Min, cli::kAnyInt64Max);
   std::string& dtype = f.str("--dtype", "bf16", "weight dtype: bf16, f16 or f32");
   int64_t& shard_mb = f.i64("--shard-mb", 4096, "shard the weights into files of at most this many MiB", 1, 1 << 30);
-  std::string& tok = f.str("--tokenizer", "", "folder with tokenizer.json (default: the cache of scripts/fetch_test_data.sh)");
+  std::string& tok = f.str("--tokenizer", "", "folder with tokenizer.json (default: $KSA_TOKENIZER_DIR, else the cache of scripts/fetch_test_data.sh)");
   bool& no_sum = f.flag("--no-summary-proj", "do not write *_proj_summary tensors (the default for --shape 4b)");
   if (!f.parse(argc, argv)) return 0;
   if (out.empty()) throw cli::UsageError("--out: required");
@@ -39,7 +40,13 @@ int run_make_model(int argc, char** argv) {
   opt.dtype = parse_dtype_flag(dtype);
   opt.max_shard_bytes = shard_mb << 20;
   opt.summary_projections = !no_sum && shape != "4b";
-  opt.tokenizer_dir = tok.empty() ? find_reference_tokenizer(search_roots()) : tok;
+  opt.tokenizer_dir = tok;
+  if (opt.tokenizer_dir.empty()) {  // $KSA_TOKENIZER_DIR, else the cache of scripts/fetch_test_data.sh
+    const char* env = std::getenv("KSA_TOKENIZER_DIR");
+    opt.tokenizer_dir = env && *env && std::filesystem::exists(std::filesystem::path(env) / "tokenizer.json")
+                            ? std::string(env)
+                            : find_reference_tokenizer(search_roots());
+  }
 
   const double t0 = now_s();
   const WrittenModel w = write_random_model(cfg, out, opt);

@@ -1,6 +1,7 @@
 // ksa: Kwai Summary Attention in C++. `ksa --help` lists the subcommands; `ksa CMD --help` their flags.
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <filesystem>
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "cli.hpp"
+#include "ksa/dense.hpp"
 #include "ksa/error.hpp"
 
 namespace {
@@ -37,6 +39,8 @@ int main(int argc, char** argv) {
   for (auto& c : ksa::cli::commands()) {
     if (c.name != cmd) continue;
     try {
+      // KSA_CPU_PRIMITIVES=portable|AVX2|AVX3|...: the CPU kernels' SIMD target (docs/benchmarks.md)
+      if (const char* simd = std::getenv("KSA_CPU_PRIMITIVES"); simd && *simd) ksa::cpu::set_simd_target(simd);
       return c.run(argc - 2, argv + 2);
     } catch (const ksa::cli::UsageError& e) {
       std::fprintf(stderr, "ksa %s: %s\nRun 'ksa %s --help' for usage.\n", cmd.c_str(), e.what(), cmd.c_str());
