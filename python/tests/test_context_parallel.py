@@ -140,9 +140,40 @@ def worker(rank, world, port, out_dir, key):
                 dist.all_to_all_single = real
             results.append({name: x.cpu() for name, x in dict(out=out.detach(), lse=lse, dq=xs[0].grad,
                                                               dk=xs[1].grad, dv=xs[2].grad).items()} | counter)
+        if key != "nccl":
+            results.append(sharded_model_step(rank, world))
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
+
+
+def tiny_model():
+    """A 2-layer ksa_train model: a KSA layer (W = 1) and a plain causal layer (W covers every chunk)."""
+    import ksa_train.model as M
+    torch.manual_seed(5)
+    cfg = M.Config(text_vocab=64, hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, head_dim=8, k_chunk=4,
+                   S=2, windows=[1, 1], summary_layers=[1, 0], eos_id=63)
+    text = torch.randint(0, 64, (2, 47), generator=torch.Generator().manual_seed(6))
+    return M, M.KsaLM(cfg), text
+
+
+def sharded_model_step(rank, world):
+    """The model's loss (sum over this shard's text tokens) and, summed over the ranks, the parameters'
+    gradients, with the stream cut into near-equal shards (python/examples/train_cp.py's cut)."""
+    M, model, text = tiny_model()
+    inp, tgt = text[:, :-1], text[:, 1:]
+    L = model.stream(inp)[0].shape[1]
+    shard = M.Shard.even(L, None, rank, world)
+    t0, t1 = shard.text_range(model.text_rows(inp.shape[1], inp.device))
+    logits = model(inp, shard=shard)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), tgt[:, t0:t1].reshape(-1), reduction="sum")
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for g in grads.values():
+        dist.all_reduce(g)
+    return dict(model=True, loss=total, grads=grads, rows=shard.rows)
 
 
 def free_port():
@@ -156,7 +187,7 @@ def run_world(key, world, tmp_path):
     mp.start_processes(worker, args=(world, free_port(), str(tmp_path), key), nprocs=world,
                        start_method="spawn" if key == "nccl" else "fork")
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    return [[per_rank[r][i] for r in range(world)] for i in range(len(CASES[key]))]
+    return [[per_rank[r][i] for r in range(world)] for i in range(len(per_rank[0]))]
 
 
 def reference(c, seed, device="cpu"):
@@ -187,6 +218,8 @@ def check_world(key, world, tmp_path, device="cpu"):
     all_results = run_world(key, world, tmp_path)
     spent = time.time() - t0
     worst = {}
+    if key != "nccl":
+        check_model(all_results.pop()[0], world)
     for i, (c, shards) in enumerate(zip(CASES[key], all_results)):
         c = shards_for(c, world)
         got = {name: torch.cat([s[name] for s in shards], dim=1) for name in ("out", "lse", "dq", "dk", "dv")}
@@ -211,6 +244,19 @@ def check_world(key, world, tmp_path, device="cpu"):
             assert s["sent"] == moved and s["received"] == moved, (c["name"], r, s["sent"], s["received"], moved)
     print(f"\n{key}: {world} ranks, {len(CASES[key])} cases: {spent:.2f} s (start, init, forward, backward); "
           f"largest error/tolerance {max(e / t for e, t in worst.values()):.3f}")
+
+
+def check_model(got, world):
+    """ksa_train's model with a Shard (python/examples/train_cp.py's path) against the same model unsharded:
+    the summed loss and the summed parameter gradients (fp32; 1e-5 relative: the attention's own error)."""
+    M, model, text = tiny_model()
+    inp, tgt = text[:, :-1], text[:, 1:]
+    loss = torch.nn.functional.cross_entropy(model(inp).reshape(-1, 64), tgt.reshape(-1), reduction="sum")
+    loss.backward()
+    assert abs(got["loss"].item() - loss.item()) <= 1e-5 * abs(loss.item()), (got["loss"].item(), loss.item())
+    for n, p in model.named_parameters():
+        err, ref = (got["grads"][n] - p.grad).norm().item(), p.grad.norm().item()
+        assert err <= 1e-5 * ref, (world, got["rows"], n, err, ref)  # 0 for layer 0's q_proj_summary (no effect)
 
 
 @pytest.mark.parametrize("world", [2, 4])
