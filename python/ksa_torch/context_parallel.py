@@ -20,6 +20,7 @@ backward, both with the merged out and lse (so each gives its share of the exact
 received rows' gradients to their owners with the same all_to_all_single, sizes swapped (an all-to-all is its
 own transpose); the owners add them to their rows' own (a row may have gone to several ranks).
 """
+import contextlib
 import dataclasses
 import functools
 
@@ -165,6 +166,22 @@ def _blocks(B, Hkv, rows, keys):
     return [(i, min(rows, i + step)) for i in range(0, rows, step)]
 
 
+@contextlib.contextmanager
+def _tf32_if_exact(x):
+    """Part B's fp32 products on TF32 tensor cores for bf16/f16 inputs on CUDA: their values are exact in TF32
+    (8 and 10 mantissa bits <= 10), so S = Q K^T loses nothing, while P and dS are rounded to 10 bits in their
+    products (the kernels round P to bf16 for theirs). Other inputs: the default fp32 products."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def _prefix_forward(q, kp, vp, scale):
     """Part B: every query row sees every key, fp32. q [B, m, Hq, D], kp/vp [B, P, Hkv, D] -> out [B, m, Hq, D]
     and lse [B, m, Hq] (fp32)."""
@@ -173,11 +190,12 @@ def _prefix_forward(q, kp, vp, scale):
     B, Hkv, rows, D = qf.shape
     out = torch.empty(B, Hkv, rows, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, Hkv, rows, dtype=torch.float32, device=q.device)
-    for i, j in _blocks(B, Hkv, rows, kf.shape[2]):
-        s = torch.matmul(qf[:, :, i:j].float(), kf.transpose(-1, -2)).mul_(scale)
-        m = torch.logsumexp(s, dim=-1)
-        out[:, :, i:j] = torch.matmul(s.sub_(m[..., None]).exp_(), vf)
-        lse[:, :, i:j] = m
+    with _tf32_if_exact(q):
+        for i, j in _blocks(B, Hkv, rows, kf.shape[2]):
+            s = torch.matmul(qf[:, :, i:j].float(), kf.transpose(-1, -2)).mul_(scale)
+            m = torch.logsumexp(s, dim=-1)
+            out[:, :, i:j] = torch.matmul(s.sub_(m[..., None]).exp_(), vf)
+            lse[:, :, i:j] = m
     return _unfold(out, G), _unfold(lse, G)
 
 
@@ -193,13 +211,14 @@ def _prefix_backward(q, kp, vp, out, lse, dout, scale):
     B, Hkv, rows, D = qf.shape
     dq = torch.empty(B, Hkv, rows, D, dtype=torch.float32, device=q.device)
     dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
-    for i, j in _blocks(B, Hkv, rows, kf.shape[2]):
-        qb, dob = qf[:, :, i:j].float(), dof[:, :, i:j].float()
-        p = torch.matmul(qb, kf.transpose(-1, -2)).mul_(scale).sub_(lsef[:, :, i:j, None]).exp_()
-        dv += torch.matmul(p.transpose(-1, -2), dob)
-        ds = p.mul_(torch.matmul(dob, vf.transpose(-1, -2)).sub_(delta[:, :, i:j, None]))
-        dq[:, :, i:j] = torch.matmul(ds, kf).mul_(scale)
-        dk += torch.matmul(ds.transpose(-1, -2), qb).mul_(scale)
+    with _tf32_if_exact(q):
+        for i, j in _blocks(B, Hkv, rows, kf.shape[2]):
+            qb, dob = qf[:, :, i:j].float(), dof[:, :, i:j].float()
+            p = torch.matmul(qb, kf.transpose(-1, -2)).mul_(scale).sub_(lsef[:, :, i:j, None]).exp_()
+            dv += torch.matmul(p.transpose(-1, -2), dob)
+            ds = p.mul_(torch.matmul(dob, vf.transpose(-1, -2)).sub_(delta[:, :, i:j, None]))
+            dq[:, :, i:j] = torch.matmul(ds, kf).mul_(scale)
+            dk += torch.matmul(ds.transpose(-1, -2), qb).mul_(scale)
     return _unfold(dq, G), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
@@ -259,7 +278,7 @@ class _ContextParallelAttention(torch.autograd.Function):
         ks, vs, qs = _slice(kh, k, pad), _slice(vh, v, pad), _slice(None, q, pad)
         out_a, lse_a = _fwd(qs, ks, vs, None, 0, k_chunk, S, W, plan.slice_tail, scale, deterministic, plan.halo)
         del ks, vs, qs  # the backward builds them again from what it keeps: the local inputs and the halo
-        out, lse = out_a[:, :n], lse_a[:, :n]
+        out, lse = (out_a[:, :n].contiguous(), lse_a[:, :n].contiguous()) if pad else (out_a, lse_a)
         # B: the text queries against the prefix summaries, merged by log-sum-exp.
         t = _on(plan, "text_rows", dev)
         if plan.prefix > 0 and len(t) > 0:

@@ -135,6 +135,29 @@ def test_q_begin_errors():
         torch.ops.ksa.attention_fwd(q[0, 2:], kk[0], kk[0], torch.tensor([0, L]), 0, 4, 1, 1, False, 0.0, False, 2)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("k,S,T,W,tail", [(8, 1, 600, 3, False), (4, 2, 301, 1, True), (8, 1, 500, 100, False)])
+def test_q_begin_cuda(k, S, T, W, tail):
+    """CUDA: the forward with q_begin (the kernel's own) and the backward (the binding pads the rows before it)
+    against the full call's rows, with no gradient on the rows before q_begin (bf16: same tolerance as above)."""
+    gen = torch.Generator().manual_seed(T)
+    L, begins = q_begin_rows(k, S, T, tail)
+    q, kk, v, g = (grid_randn(2, L, h, 64, generator=gen).to("cuda", torch.bfloat16) for h in (4, 2, 2, 4))
+    for qb in begins + [200]:
+        xs = [x.clone().requires_grad_() for x in (q, kk, v)]
+        out, lse = ksa_torch.attention(*xs, k, S, W, tail, return_lse=True, deterministic=True)
+        gz = g.clone()
+        gz[:, :qb] = 0
+        out.backward(gz)
+        ys = [q[:, qb:].clone().requires_grad_(), kk.clone().requires_grad_(), v.clone().requires_grad_()]
+        out2, lse2 = ksa_torch.attention(*ys, k, S, W, tail, return_lse=True, deterministic=True, q_begin=qb)
+        out2.backward(g[:, qb:])
+        for name, a, b in (("out", out[:, qb:], out2), ("lse", lse[:, qb:], lse2), ("dq", xs[0].grad[:, qb:], ys[0].grad),
+                           ("dk", xs[1].grad, ys[1].grad), ("dv", xs[2].grad, ys[2].grad)):
+            if a.numel():
+                assert rel_l2(b, a) < 2e-2, (name, qb, rel_l2(b, a))
+
+
 CUDA_CASES = [(8, 1, 300, 3, 4, 2, 64, torch.bfloat16), (8, 1, 513, 1, 8, 2, 128, torch.bfloat16),
               (4, 2, 200, 0, 2, 2, 128, torch.float16), (1, 1, 400, 2, 4, 1, 64, torch.bfloat16)]
 

@@ -12,13 +12,18 @@ halo's keys in their own tiles, the prefix summaries in plain matrix products, a
 bits are not expected; a missing or extra key would be an O(1) error.
 
 Also: the rows each rank receives are exactly the keys before its shard that its queries see (the core's rule,
-visible_mask: no gap, no extra), and the bytes the collectives move are those of the formula in
-docs/context_parallel.md, counted by wrapping torch.distributed.all_to_all_single in the processes.
+visible_mask: no gap, no extra) and as many as the formula of docs/context_parallel.md says
+(python/examples/cp_comm_volume.py), and the bytes the collectives move are those rows' K and V forward and
+their gradients backward, counted by wrapping torch.distributed.all_to_all_single in the processes.
+
+And ksa_train's model with a Shard (python/examples/train_cp.py's path) against the same model unsharded.
 
 The processes are forked (spawn would import torch again in each: ~3 s apiece on the 2-core CI machine); all
-cases of one world size run in one process group. Each child uses one intra-op thread.
+cases of one world size run in one process group. Each child uses one intra-op thread. The `cuda` variant
+spawns one process per GPU (2 to 4) with NCCL; it skips without 2 devices.
 """
 import os
+import pathlib
 import socket
 import sys
 import time
@@ -31,6 +36,9 @@ import torch.multiprocessing as mp
 import ksa_torch
 from ksa_torch import context_parallel as cp
 from common import grid_randn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+from cp_comm_volume import formula_rows  # noqa: E402  (the formula of docs/context_parallel.md)
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()) or sys.platform != "linux",
                                 reason="needs torch.distributed with gloo and fork (Linux)")
@@ -287,6 +295,7 @@ def test_received_rows_are_exactly_the_visible_keys(key):
                 start = sum(pj.send_counts[:r])
                 got += (pj.send_rows[start:start + pj.send_counts[r]] + pj.a).tolist()
             assert got == want, (c["name"], r, got, want)
+            assert len(got) == formula_rows(c["rows"], r, c["k"], c["S"], c["W"], c["tail"]), (c["name"], r)
             assert len(got) == plan.recv_rows and (plan.halo_index + plan.h0).tolist() == got[plan.prefix:]
             # Part B's keys (the prefix) are seen by every text query of the shard and by no summary query.
             if b > a and plan.prefix:
