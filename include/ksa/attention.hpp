@@ -50,9 +50,11 @@ struct AttentionParams {
   int num_threads = 0;     // CPU: 0 = all available
   const int64_t* cu_seqlens = nullptr;  // packed sequences: [num_seqs + 1] host memory, or null (one stream)
   int64_t num_seqs = 0;
-  // Queries from stream row q_begin on (a prompt continued in pieces): only rows [q_begin, L) of q are read
-  // and of out/lse written; every row of k and v that those rows see must hold its key. One stream only
-  // (not packed), forward only, CUDA only (the CPU kernels refuse q_begin != 0).
+  // Queries from stream row q_begin on (a prompt continued in pieces, a context-parallel shard): only rows
+  // [q_begin, L) of q (and, backward, of out, dout, lse) are read and of out/lse (dq) written, so views may
+  // start q_begin rows before their memory; every row of k and v that those rows see must hold its key, and
+  // dk/dv get every row. One stream only (not packed). CPU: forward and backward; CUDA: forward only
+  // (cuda::supports says no for a backward with q_begin != 0).
   int64_t q_begin = 0;
 
   bool packed() const { return cu_seqlens != nullptr; }

@@ -86,6 +86,13 @@ struct Layout {
     return t.is_summary ? -1 : t.chunk * k + t.index;
   }
   KSA_HD bool is_summary(int64_t pos) const { return token(pos).is_summary; }
+  // Text rows before stream position pos (0 <= pos <= length()); pos minus this is the summaries before it.
+  // In gathered order, the rows from pos on are the text rows from this count and the summaries from T + the other.
+  KSA_HD int64_t text_before(int64_t pos) const {
+    if (pos >= length()) return T;
+    const StreamToken t = token(pos);
+    return t.chunk * k + (t.is_summary ? chunk_text_len(t.chunk) : t.index);
+  }
 
   // Gathered order (see above).
   KSA_HD int64_t gathered_of_stream(int64_t pos) const {

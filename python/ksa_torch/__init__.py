@@ -9,6 +9,7 @@ Use:
     out = ksa_torch.attention(q, k, v, k_chunk=8, S=1, W=128)        # q [B, L, Hq, D], k/v [B, L, Hkv, D]
     out, lse = ksa_torch.attention(q, k, v, 8, 1, 128, return_lse=True)
     out = ksa_torch.attention_varlen(q, k, v, cu_seqlens, max_seqlen, 8, 1, 128)   # packed: q [N, Hq, D]
+    out = ksa_torch.context_parallel_attention(q, k, v, 8, 1, 128, group)  # this rank's shard of one stream
     st = ksa_torch.build_stream(text_ids, 8, 1, cu_seqlens=text_cu)   # stream ids, positions, cu_seqlens
 
 q, k, v are the *stream* (text with S summary tokens after every k text tokens), on CUDA (bf16/f16, head
@@ -35,13 +36,14 @@ except ImportError as e:  # not built, or built against another torch
         "see docs/torch.md.") from e
 
 from ._ops import HAS_REGISTERED_AUTOGRAD, attention, attention_varlen  # noqa: E402
+from .context_parallel import context_parallel_attention  # noqa: E402
 from .layout import Stream, build_stream, stream_layout, stream_to_text, text_to_stream  # noqa: E402
 
 __version__ = _C.__version__
 has_cuda = _C.has_cuda  # built with the CUDA kernels
 
 __all__ = [
-    "attention", "attention_varlen", "build_stream", "stream_layout", "stream_to_text", "text_to_stream", "Stream",
+    "attention", "attention_varlen", "context_parallel_attention", "build_stream", "stream_layout", "stream_to_text", "text_to_stream", "Stream",
     "visible_mask", "count_visible_pairs", "text_length_of_stream", "HAS_REGISTERED_AUTOGRAD", "has_cuda",
     "__version__",
 ]

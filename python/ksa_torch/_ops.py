@@ -32,25 +32,26 @@ def _backward_impl(saved, config, dout):
 if HAS_REGISTERED_AUTOGRAD:
 
     @torch.library.register_fake("ksa::attention_fwd")
-    def _attention_fwd_fake(q, k, v, cu_seqlens, max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic):
+    def _attention_fwd_fake(q, k, v, cu_seqlens, max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic,
+                            q_begin=0):
         lse = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
         return _empty_like(q), lse
 
     @torch.library.register_fake("ksa::attention_bwd")
     def _attention_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, k_chunk, S, W, summarize_tail, scale,
-                            deterministic):
+                            deterministic, q_begin=0):
         return _empty_like(q), _empty_like(k), _empty_like(v)
 
     def _setup_context(ctx, inputs, output):
         q, k, v, cu_seqlens, *config = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.config = tuple(config)  # max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic
+        ctx.config = tuple(config)  # max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic[, q_begin]
         ctx.mark_non_differentiable(lse)
 
     def _attention_fwd_backward(ctx, dout, _dlse):
         dq, dk, dv = _backward_impl(ctx.saved_tensors, ctx.config, dout)
-        return (dq, dk, dv) + (None,) * 8
+        return (dq, dk, dv, None) + (None,) * len(ctx.config)
 
     torch.library.register_autograd("ksa::attention_fwd", _attention_fwd_backward, setup_context=_setup_context)
     _apply = _fwd
@@ -73,27 +74,31 @@ else:
         @once_differentiable
         def backward(ctx, dout, _dlse):
             dq, dk, dv = _backward_impl(ctx.saved_tensors, ctx.config, dout)
-            return (dq, dk, dv) + (None,) * 8
+            return (dq, dk, dv, None) + (None,) * len(ctx.config)
 
     _apply = _Attention.apply
 
 
-def _call(q, k, v, cu_seqlens, max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic):
+def _call(q, k, v, cu_seqlens, max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic, q_begin=0):
     return _apply(q, k, v, cu_seqlens, int(max_seqlen), int(k_chunk), int(S), int(W), bool(summarize_tail),
-                  float(scale) if scale else 0.0, bool(deterministic))
+                  float(scale) if scale else 0.0, bool(deterministic), int(q_begin))
 
 
-def attention(q, k, v, k_chunk, S, W, summarize_tail=False, scale=None, return_lse=False, deterministic=False):
+def attention(q, k, v, k_chunk, S, W, summarize_tail=False, scale=None, return_lse=False, deterministic=False,
+              q_begin=0):
     """KSA attention over a stream: q [B, L, Hq, D] (or [L, Hq, D]), k and v [B, L, Hkv, D].
 
     Returns out (q's shape, dense) and, with return_lse, lse [B, L, Hq] (fp32, natural log; not
-    differentiable). Differentiable in q, k and v. `deterministic` is passed to the backward: on Hopper
+    differentiable). Differentiable in q, k and v. q_begin: q holds only the stream rows [q_begin, L) of the
+    L rows of k and v ([B, L - q_begin, Hq, D]): those queries against every key (rows of k and v that no
+    such query sees still get their zero gradient). out, lse and dq then have q's rows; the CPU kernels
+    compute only them (the CUDA backward pads the rows before q_begin with zeros for now). `deterministic` is passed to the backward: on Hopper
     (sm_90a) with head dimension 128 and deterministic=False the CUDA backward computes dQ inside its dK/dV
     pass and adds it with fp32 reduce-adds, so dq's last bits vary from run to run (faster: 5 instead of 7
     matrix products per tile pair; KSA_CUDA_BWD_FUSED_DQ=0 turns this off). deterministic=True, or any other
     GPU or head dimension, gives the same bits every run. float64 CPU tensors run the oracle, for gradcheck.
     """
-    out, lse = _call(q, k, v, None, 0, k_chunk, S, W, summarize_tail, scale, deterministic)
+    out, lse = _call(q, k, v, None, 0, k_chunk, S, W, summarize_tail, scale, deterministic, q_begin)
     return (out, lse) if return_lse else out
 
 

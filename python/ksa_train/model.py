@@ -16,6 +16,11 @@ One module, three attention modes of the same shape (Config.attn):
            baseline in a form the engine runs unchanged (the core rule has S >= 1).
   "full" : plain Qwen3 (use_summary_attention false): causal attention over the text, no summary tokens.
 
+Context parallelism (python/examples/train_cp.py, docs/context_parallel.md): forward(text, shard=Shard(...))
+runs only stream rows [a, b) of every sequence on this rank (the layers' attention through
+ksa_torch.context_parallel_attention over the shard's process group; everything else is per row) and returns
+the logits of the text tokens in those rows (Shard.text_range says which).
+
 Numerics follow the engine's CPU backend where it matters for comparisons: RMSNorm in fp32, RoPE in the
 rotate_half form with inv_freq = theta^(-2i/D) computed in fp32. On CUDA the matrix products and attention run
 in bf16 under autocast (ksa_torch's CUDA kernels take bf16); on the CPU everything is fp32.
@@ -112,6 +117,41 @@ class Config:
         return c
 
 
+@dataclasses.dataclass
+class Shard:
+    """This rank's part of a context-parallel forward: stream rows [a, b) of each sequence, where a and b come from
+    `rows`, every rank's row count (group rank order; the same on every rank), and the process group of the ranks
+    that hold the other parts."""
+    group: object
+    rows: tuple
+    rank: int
+
+    @classmethod
+    def even(cls, L, group, rank, world):
+        """L stream rows cut into `world` near-equal shards (boundaries anywhere: mid-chunk is fine)."""
+        return cls(group, tuple(L * (r + 1) // world - L * r // world for r in range(world)), rank)
+
+    @property
+    def a(self):
+        return sum(self.rows[:self.rank])
+
+    @property
+    def b(self):
+        return self.a + self.rows[self.rank]
+
+    def text_range(self, text_rows):
+        """(t0, t1): the text tokens whose stream rows (text_rows [T], ascending) are in [a, b)."""
+        t0 = int(torch.searchsorted(text_rows, torch.tensor(self.a, device=text_rows.device)))
+        t1 = int(torch.searchsorted(text_rows, torch.tensor(self.b, device=text_rows.device)))
+        return t0, t1
+
+
+def _attend(q, k, v, k_chunk, S, W, shard):
+    if shard is None:
+        return ksa_torch.attention(q, k, v, k_chunk, S, W)
+    return ksa_torch.context_parallel_attention(q, k, v, k_chunk, S, W, shard.group, rows=shard.rows)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, d, eps):
         super().__init__()
@@ -158,8 +198,9 @@ class Layer(nn.Module):
         self.up_proj = nn.Linear(H, c.intermediate, bias=False)
         self.down_proj = nn.Linear(c.intermediate, H, bias=False)
 
-    def forward(self, x, pos, is_sum, T):
-        """x [B, L, H] (the stream), pos [B, L], is_sum [L] bool (summary rows), T text tokens."""
+    def forward(self, x, pos, is_sum, T, shard=None):
+        """x [B, L, H] (the stream, or a shard's rows of it), pos [B, L], is_sum [L] bool (summary rows), T text
+        tokens of the whole stream."""
         c, B, L = self.c, x.shape[0], x.shape[1]
         saved = x[:, is_sum] if (c.summaries and not self.summary_layer) else None
         h = self.input_layernorm(x)
@@ -181,17 +222,17 @@ class Layer(nn.Module):
         v = v.view(B, L, c.kv_heads, D)
         dt = torch.bfloat16 if x.is_cuda else torch.float32
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        if not c.summaries and x.is_cuda and hasattr(F, "scaled_dot_product_attention"):
+        if not c.summaries and x.is_cuda and shard is None and hasattr(F, "scaled_dot_product_attention"):
             # Plain causal attention through PyTorch's flash kernel on CUDA (the same function as the line below).
             g = c.heads // c.kv_heads
             a = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2),
                                                v.repeat_interleave(g, 2).transpose(1, 2), is_causal=True).transpose(1, 2)
         elif not c.summaries:
-            a = ksa_torch.attention(q, k, v, T + 1, 1, 1)  # one chunk longer than the text: causal, no summary
+            a = _attend(q, k, v, T + 1, 1, 1, shard)  # one chunk longer than the text: causal, no summary
         elif self.summary_layer:
-            a = ksa_torch.attention(q, k, v, c.k_chunk, c.S, c.windows[self.i])
+            a = _attend(q, k, v, c.k_chunk, c.S, c.windows[self.i], shard)
         else:  # a plain layer: W covers every chunk, so text sees all text and no summary
-            a = ksa_torch.attention(q, k, v, c.k_chunk, c.S, T // c.k_chunk + 1)
+            a = _attend(q, k, v, c.k_chunk, c.S, T // c.k_chunk + 1, shard)
         x = x + self.o_proj(a.reshape(B, L, c.heads * D))
         h = self.post_attention_layernorm(x)
         x = x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -239,18 +280,30 @@ class KsaLM(nn.Module):
         ids[:, rows] = text
         return ids, pos[None].expand(B, -1), is_sum, rows
 
-    def forward(self, text):
-        """Logits [B, T, text_vocab] at the text positions of text [B, T]."""
+    def forward(self, text, shard=None):
+        """Logits [B, T, text_vocab] at the text positions of text [B, T]; with a Shard, only those of the text
+        tokens in the shard's stream rows (shard.text_range(self.text_rows(T, device)) of them)."""
         ids, pos, is_sum, rows = self.stream(text)
-        x = self.embed_tokens(ids)
         T = text.shape[1]
+        if shard is not None:
+            if rows is None:  # no summaries: the stream is the text
+                rows = torch.arange(T, device=text.device)
+            t0, t1 = shard.text_range(rows)
+            ids, pos, is_sum, rows = ids[:, shard.a:shard.b], pos[:, shard.a:shard.b], is_sum[shard.a:shard.b], \
+                rows[t0:t1] - shard.a
+        x = self.embed_tokens(ids)
         for layer in self.layers:
-            x = layer(x, pos, is_sum, T)
+            x = layer(x, pos, is_sum, T, shard)
         if rows is not None:
             x = x[:, rows]
         h = self.norm(x)
         w = (self.embed_tokens.weight if self.c.tie else self.lm_head.weight)[:self.c.text_vocab]
         return F.linear(h, w)
+
+    def text_rows(self, T, device):
+        """The stream row of every text token of a T-token text (its own index without summaries)."""
+        rows = self.stream(torch.zeros(1, T, dtype=torch.int64, device=device))[3]
+        return torch.arange(T, device=device) if rows is None else rows
 
     def hf_state_dict(self):
         """Tensors under the released names (KSA.md §6), fp32 on the CPU."""

@@ -80,6 +80,84 @@ def test_lse_and_errors():
         ksa_torch.attention(q.to(torch.int32), kk.to(torch.int32), v.to(torch.int32), 8, 1, 1)
 
 
+# (k, S, T, W, tail): q_begin at the first row, inside a chunk's text, at a chunk's summaries, in a tail's
+# summaries, at the last row and at L (no query).
+Q_BEGIN_CASES = [(4, 2, 37, 2, False), (4, 2, 37, 2, True), (8, 1, 150, 0, False), (3, 1, 40, 100, True)]
+
+
+def q_begin_rows(k, S, T, tail):
+    L = stream_len(k, S, T, tail)
+    return L, sorted({0, 1, k + 1, k + S + 2, L - S, L - 1, L})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("k,S,T,W,tail", Q_BEGIN_CASES)
+def test_q_begin_equals_the_full_calls_rows(k, S, T, W, tail, dtype):
+    """attention(q[:, qb:], k, v, q_begin=qb) is rows qb: of the full call, bit for bit (the same tiles per row),
+    and its dk, dv are the full call's with no gradient on the rows before qb (CPU kernels; float64: the oracle
+    on zero-padded rows)."""
+    gen = torch.Generator().manual_seed(k * 1000 + T)
+    L, begins = q_begin_rows(k, S, T, tail)
+    q, kk, v, g = (grid_randn(2, L, h, 8, generator=gen).to(dtype) for h in (4, 2, 2, 4))
+    for qb in begins:
+        xs = [x.clone().requires_grad_() for x in (q, kk, v)]
+        out, lse = ksa_torch.attention(*xs, k, S, W, tail, return_lse=True)
+        gz = g.clone()
+        gz[:, :qb] = 0
+        out.backward(gz)
+        ys = [q[:, qb:].clone().requires_grad_(), kk.clone().requires_grad_(), v.clone().requires_grad_()]
+        out2, lse2 = ksa_torch.attention(*ys, k, S, W, tail, return_lse=True, q_begin=qb)
+        out2.backward(g[:, qb:])
+        assert out2.shape == (2, L - qb, 4, 8) and lse2.shape == (2, L - qb, 4), qb
+        for name, a, b in (("out", out[:, qb:], out2), ("lse", lse[:, qb:], lse2), ("dq", xs[0].grad[:, qb:], ys[0].grad),
+                           ("dk", xs[1].grad, ys[1].grad), ("dv", xs[2].grad, ys[2].grad)):
+            assert torch.equal(a, b), (name, qb, (a.double() - b.double()).abs().max().item())
+
+
+def test_q_begin_gradcheck_oracle_float64():
+    gen = torch.Generator().manual_seed(11)
+    k, S, T, W, qb = 2, 1, 7, 1, 4
+    L = stream_len(k, S, T)
+    q = grid_randn(1, L - qb, 2, 3, generator=gen).requires_grad_()
+    kk, v = (grid_randn(1, L, 1, 3, generator=gen).requires_grad_() for _ in range(2))
+    fn = lambda q, kk, v: ksa_torch.attention(q, kk, v, k, S, W, q_begin=qb)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, kk, v), eps=2.0 ** -10, atol=1e-5, rtol=1e-3)
+
+
+def test_q_begin_errors():
+    L = stream_len(4, 1, 9)
+    q, kk = torch.randn(1, L, 2, 8), torch.randn(1, L, 1, 8)
+    with pytest.raises(RuntimeError, match="q_begin"):
+        ksa_torch.attention(q, kk, kk, 4, 1, 1, q_begin=2)  # q must have L - q_begin rows
+    with pytest.raises(RuntimeError, match="q_begin"):
+        ksa_torch.attention(q[:, :0], kk, kk, 4, 1, 1, q_begin=L + 1)
+    with pytest.raises(RuntimeError, match="q_begin must be 0 with cu_seqlens"):
+        torch.ops.ksa.attention_fwd(q[0, 2:], kk[0], kk[0], torch.tensor([0, L]), 0, 4, 1, 1, False, 0.0, False, 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k,S,T,W,tail", [(8, 1, 600, 3, False), (4, 2, 301, 1, True), (8, 1, 500, 100, False)])
+def test_q_begin_cuda(k, S, T, W, tail):
+    """CUDA: the forward with q_begin (the kernel's own) and the backward (the binding pads the rows before it)
+    against the full call's rows, with no gradient on the rows before q_begin (bf16: same tolerance as above)."""
+    gen = torch.Generator().manual_seed(T)
+    L, begins = q_begin_rows(k, S, T, tail)
+    q, kk, v, g = (grid_randn(2, L, h, 64, generator=gen).to("cuda", torch.bfloat16) for h in (4, 2, 2, 4))
+    for qb in begins + [200]:
+        xs = [x.clone().requires_grad_() for x in (q, kk, v)]
+        out, lse = ksa_torch.attention(*xs, k, S, W, tail, return_lse=True, deterministic=True)
+        gz = g.clone()
+        gz[:, :qb] = 0
+        out.backward(gz)
+        ys = [q[:, qb:].clone().requires_grad_(), kk.clone().requires_grad_(), v.clone().requires_grad_()]
+        out2, lse2 = ksa_torch.attention(*ys, k, S, W, tail, return_lse=True, deterministic=True, q_begin=qb)
+        out2.backward(g[:, qb:])
+        for name, a, b in (("out", out[:, qb:], out2), ("lse", lse[:, qb:], lse2), ("dq", xs[0].grad[:, qb:], ys[0].grad),
+                           ("dk", xs[1].grad, ys[1].grad), ("dv", xs[2].grad, ys[2].grad)):
+            if a.numel():
+                assert rel_l2(b, a) < 2e-2, (name, qb, rel_l2(b, a))
+
+
 CUDA_CASES = [(8, 1, 300, 3, 4, 2, 64, torch.bfloat16), (8, 1, 513, 1, 8, 2, 128, torch.bfloat16),
               (4, 2, 200, 0, 2, 2, 128, torch.float16), (1, 1, 400, 2, 4, 1, 64, torch.bfloat16)]
 

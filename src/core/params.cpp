@@ -56,7 +56,6 @@ void validate(const AttentionParams& p) {
 
 void validate(const AttentionBackwardParams& p) {
   validate(static_cast<const AttentionParams&>(p));
-  if (p.q_begin != 0) fail("q_begin: the backward takes every row (q_begin 0; got ", p.q_begin, ")");
   if (p.L() == 0) return;
   if (!p.lse) fail("lse: the forward's log-sum-exp is required for the backward (got null)");
   check_view(p.dout, "dout", p.Hq, p.D);

@@ -12,6 +12,9 @@
 // built once per call from those functions (nothing re-derives the rule). Recomputing S and dP in both passes
 // costs 7 tile GEMMs per tile pair instead of 5, the price of a race-free dQ without atomics or per-thread
 // copies.
+// With p.q_begin only the query rows from that stream row on take part (QueryRows): the others gather as
+// zeros with lse = +inf and Delta = 0 (so P = 0 and they add nothing), are never read, and get no dq row;
+// query tiles without such a row are skipped in both passes.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -27,10 +30,12 @@ using namespace detail;
 
 namespace {
 
-// Writes rows[0..n) (ld Dp) times mul to the stream positions of gathered rows g0.. of segment s, head h, of `t`.
+// Writes rows[0..n) (ld Dp) times mul to the stream positions of gathered rows g0.. of segment s, head h, of `t`
+// (only the rows of `only`, when given).
 void scatter_rows(const AttentionParams& p, const Segment& s, const TensorView& t, int64_t h, int64_t g0, int n,
-                  const float* rows, int64_t Dp, float mul) {
+                  const float* rows, int64_t Dp, float mul, const QueryRows* only = nullptr) {
   for (int r = 0; r < n; ++r) {
+    if (only && !only->has(g0 + r)) continue;
     const int64_t off = t.offset(s.b, s.row0 + s.lay.stream_of_gathered(g0 + r), h);
     const float* src = rows + r * Dp;
     if (p.dtype == DType::f32) {
@@ -73,8 +78,9 @@ void attention_backward(const AttentionBackwardParams& p) {
 
   // Q is gathered times the scale (S = (scale q) k), so dK = dS^T (scale q) needs no further factor.
   const Segments segs(p);
-  const Gathered Q = gather(p, segs, p.q, Hq, scale, true, PanelGrid::query_tiles, 0, threads);
-  const Gathered dO = gather(p, segs, p.dout, Hq, 1.f, true, PanelGrid::query_tiles, 1, threads);
+  const Gathered Q = gather(p, segs, p.q, Hq, scale, true, PanelGrid::query_tiles, 0, threads, p.q_begin);
+  const Gathered dO = gather(p, segs, p.dout, Hq, 1.f, true, PanelGrid::query_tiles, 1, threads, p.q_begin);
+  const QueryRows present(p.layout, p.q_begin);  // q_begin is 0 for packed calls (validate), so one layout
   const Gathered K = gather(p, segs, p.k, Hkv, 1.f, true, PanelGrid::key_tiles, 2, threads);
   const Gathered V = gather(p, segs, p.v, Hkv, 1.f, true, PanelGrid::key_tiles, 3, threads);
   const std::vector<StreamToken> tok = gathered_tokens(segs);
@@ -87,6 +93,11 @@ void attention_backward(const AttentionBackwardParams& p) {
     const Segment& s = segs.seg[size_t(i / Hq)];
     const int64_t h = i % Hq;
     for (int64_t g = 0; g < s.L; ++g) {
+      if (!present.has(g)) {
+        delta.data()[at(s, h, g)] = 0.f;
+        lse.data()[at(s, h, g)] = INFINITY;
+        continue;
+      }
       const int64_t pos = s.row0 + s.lay.stream_of_gathered(g), oo = p.out.offset(s.b, pos, h),
                     od = p.dout.offset(s.b, pos, h);
       float acc = 0.f;
@@ -104,6 +115,7 @@ void attention_backward(const AttentionBackwardParams& p) {
     if (s.ref0 != s.kt0) continue;  // shares the table of an earlier segment
     for (int64_t qt = 0; qt < s.nqt; ++qt) {
       const int64_t g0 = qt * BQ, g1 = std::min(s.L, g0 + BQ);
+      if (!present.any(g0, g1)) continue;
       for_each_key_tile(s.lay, key_spans(s.lay, W, g0, g1), BK, [&](int64_t kb, int64_t, bool masked) {
         seen_by[size_t(s.ref0 + s.grid.index_of(kb))].push_back(QueryRef{qt, masked});
       });
@@ -166,6 +178,7 @@ void attention_backward(const AttentionBackwardParams& p) {
       const int64_t local = it - sg.qt0 * Hq, qt = local % sg.nqt, h = local / sg.nqt, hk = h / G;
       const int64_t g0 = qt * BQ;
       const int nq = int(std::min(sg.L, g0 + BQ) - g0);
+      if (!present.any(g0, g0 + nq)) return;
       std::fill(dQ.data(), dQ.data() + nq * Dp, 0.f);
       const float* qrows = Q.row(sg, h, g0);
       const float* dorows = dO.row(sg, h, g0);
@@ -181,7 +194,7 @@ void attention_backward(const AttentionBackwardParams& p) {
         softmax_grad(dS.data(), P.data(), nq, n, delta_t, nullptr);
         kern.accumulate(dS.data(), nq, n, K.row(sg, hk, kb), int(Dp), dQ.data(), nullptr);
       });
-      scatter_rows(p, sg, p.dq, h, g0, nq, dQ.data(), Dp, scale);
+      scatter_rows(p, sg, p.dq, h, g0, nq, dQ.data(), Dp, scale, &present);
     });
   }
 }

@@ -9,6 +9,8 @@
 //    rule on masked tiles only (visible_tokens on precomputed row tokens), per-row OnlineSoftmax (raise_max
 //    gives the rescale of the accumulator), P = exp(S - m), O = alpha * O + P V (accumulate primitive).
 // 3. out = O / l written to the stream positions in the input dtype; lse = m + log l.
+// With p.q_begin only the query rows from that stream row on are read and written (QueryRows); query tiles
+// without such a row are skipped, so the keys before q_begin cost their gather only.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -25,14 +27,14 @@ using namespace detail;
 
 void attention_forward(const AttentionParams& p) {
   validate(p);
-  if (p.q_begin != 0) fail("ksa::cpu::attention_forward: q_begin is not supported on the CPU (got ", p.q_begin, ")");
   if (p.L() == 0) return;
   const int threads = resolve_threads(p.num_threads);
   const int64_t Lrows = p.L(), G = p.group(), W = p.W;
   const TileKernels& kern = tile_kernels();
 
   const Segments segs(p);
-  const Gathered Q = gather(p, segs, p.q, p.Hq, p.softmax_scale(), true, PanelGrid::none, 0, threads);
+  const Gathered Q = gather(p, segs, p.q, p.Hq, p.softmax_scale(), true, PanelGrid::none, 0, threads, p.q_begin);
+  const QueryRows present(p.layout, p.q_begin);  // q_begin is 0 for packed calls (validate), so one layout
   const Gathered K = gather(p, segs, p.k, p.Hkv, 1.f, false, PanelGrid::key_tiles, 1, threads);
   const Gathered V = gather(p, segs, p.v, p.Hkv, 1.f, true, PanelGrid::none, 2, threads);
   const std::vector<StreamToken> tok = gathered_tokens(segs);
@@ -56,6 +58,7 @@ void attention_forward(const AttentionParams& p) {
       const Layout& lay = sg.lay;
       const int64_t local = it - sg.qt0 * p.Hq, qt = local % sg.nqt, h = local / sg.nqt, hk = h / G;
       const int64_t g0 = qt * BQ, g1 = std::min(sg.L, g0 + BQ);
+      if (!present.any(g0, g1)) return;  // every row of the tile is before q_begin
       const int nr = int(g1 - g0);
       const float* q = Q.row(sg, h, g0);
       std::fill(O.data(), O.data() + nr * Dp, 0.f);
@@ -81,6 +84,7 @@ void attention_forward(const AttentionParams& p) {
       });
 
       for (int r = 0; r < nr; ++r) {
+        if (!present.has(g0 + r)) continue;
         const int64_t pos = sg.row0 + lay.stream_of_gathered(g0 + r);
         const float inv = st[r].inv_sum();
         const float* o = O.data() + r * Dp;

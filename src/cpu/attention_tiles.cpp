@@ -73,7 +73,7 @@ const Segment& Segments::of_query_tile(int64_t qt) const { return segment_of(seg
 const Segment& Segments::of_key_tile(int64_t kt) const { return segment_of(seg, kt, &Segment::kt0); }
 
 Gathered gather(const AttentionParams& p, const Segments& segs, const TensorView& t, int64_t H, float mul,
-                bool need_rows, PanelGrid grid, int slot, int threads) {
+                bool need_rows, PanelGrid grid, int slot, int threads, int64_t first_row) {
   Gathered g;
   g.H = H;
   g.Dp = round_up(p.D, 16);
@@ -97,8 +97,13 @@ Gathered gather(const AttentionParams& p, const Segments& segs, const TensorView
       const int64_t r1 = key_grid ? s.grid.end(i) : std::min(s.L, r0 + 64);
       float* rows = need_rows ? const_cast<float*>(g.row(s, h, r0)) : staging_bufs.get(worker, 64 * Dp).data();
       for (int64_t r = 0; r < r1 - r0; ++r) {
-        const int64_t off = t.offset(s.b, s.row0 + s.lay.stream_of_gathered(r0 + r), h);
+        const int64_t pos = s.row0 + s.lay.stream_of_gathered(r0 + r);
+        const int64_t off = t.offset(s.b, pos, h);
         float* dst = rows + r * Dp;
+        if (pos < first_row) {
+          std::fill(dst, dst + Dp, 0.f);
+          continue;
+        }
         if (p.dtype == DType::f32) {
           const float* src = static_cast<const float*>(t.data) + off;
           for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * mul;
@@ -122,6 +127,9 @@ Gathered gather(const AttentionParams& p, const Segments& segs, const TensorView
   }
   return g;
 }
+
+QueryRows::QueryRows(const Layout& lay, int64_t q_begin)
+    : T(lay.T), text0(lay.text_before(q_begin)), sum0(lay.T + q_begin - text0) {}
 
 std::vector<StreamToken> gathered_tokens(const Layout& lay) {
   std::vector<StreamToken> tok(size_t(lay.length()));

@@ -115,9 +115,20 @@ struct Gathered {
 };
 
 // Reads t ([B, L, H, D] stream order, dtype) into gathered order, times `mul`, into the pool slots 2*slot
-// (rows) and 2*slot+1 (panels). Parallel over (segment, h, 64-row block).
+// (rows) and 2*slot+1 (panels). Stream rows before `first_row` are not read and gather as zeros (q and dout
+// of a call with AttentionParams::q_begin). Parallel over (segment, h, 64-row block).
 Gathered gather(const AttentionParams& p, const Segments& segs, const TensorView& t, int64_t H, float mul,
-                bool need_rows, PanelGrid grid, int slot, int threads);
+                bool need_rows, PanelGrid grid, int slot, int threads, int64_t first_row = 0);
+
+// The query rows a call computes (AttentionParams::q_begin), in gathered order: the text rows from the number
+// of text rows before q_begin on, and the summary rows from the number of summaries before it on. Rows of
+// query tiles outside them are neither read (they gather as zeros) nor written; a tile without one is skipped.
+struct QueryRows {
+  int64_t T = 0, text0 = 0, sum0 = 0;  // computed: gathered g in [text0, T) or g >= sum0
+  QueryRows(const Layout& lay, int64_t q_begin);
+  bool has(int64_t g) const { return g < T ? g >= text0 : g >= sum0; }
+  bool any(int64_t g0, int64_t g1) const { return (g0 < T && text0 < g1 && text0 < T) || sum0 < g1; }
+};
 
 // The token of every gathered row (for the per-element rule on masked tiles: visible_tokens, no division):
 // of one layout, or of every segment's table (row tok0 + g of segment s is its gathered row g).

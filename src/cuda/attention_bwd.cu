@@ -877,6 +877,8 @@ bool supports(const AttentionBackwardParams& p, std::string* why) {
     return false;
   };
   if (p.L() + kRowPad >= (int64_t(1) << 31)) return no("L: must be < 2^31 - 128 (got " + std::to_string(p.L()) + ")");
+  // The passes read q, dout, out and lse of every row (the PyTorch binding pads the rows before q_begin).
+  if (p.q_begin != 0) return no("q_begin: the CUDA backward takes every row (q_begin 0; got " + std::to_string(p.q_begin) + ")");
   return detail::views_aligned16({{"dout", &p.dout}, {"dq", &p.dq}, {"dk", &p.dk}, {"dv", &p.dv}}, why);
 }
 

@@ -347,10 +347,10 @@ void attention_forward(const AttentionParams& p, Stream stream) {
   a.G = int(p.group());
   a.L = int(p.L());
   {  // the query rows: text rows from the q_begin's text count on, then summary rows from its summary count
-    const StreamCounts c = stream_counts(p.layout.k, p.layout.S, p.q_begin);
-    a.qa0 = int(c.T);
+    const int64_t text_before = p.layout.text_before(p.q_begin);  // also right inside a tail chunk's summaries
+    a.qa0 = int(text_before);
     a.qa1 = int(p.layout.T);
-    a.qb0 = int(p.layout.T + c.sums);
+    a.qb0 = int(p.layout.T + p.q_begin - text_before);
     a.qb1 = a.L;
     if (p.q_begin == 0) a.qa0 = 0, a.qa1 = a.L, a.qb0 = a.qb1 = a.L;  // one range: the tiles as ever
   }

@@ -60,6 +60,19 @@ TEST(Spec, StreamLayoutMaps) {
   EXPECT_EQ(lay.gathered_of_stream(11), 13);
 }
 
+// text_before(pos) counts the text rows in [0, pos), also inside a summarised partial tail (where the chunk
+// arithmetic of a full chunk would count its summaries as text).
+TEST(Spec, TextBeforeCountsTextRows) {
+  for (const Layout lay : {Layout(4, 2, 10), Layout(4, 2, 10, true), Layout(3, 1, 9), Layout(8, 3, 13, true), Layout(5, 1, 0)}) {
+    int64_t text = 0;
+    for (int64_t pos = 0; pos <= lay.length(); ++pos) {
+      EXPECT_EQ(lay.text_before(pos), text) << "k=" << lay.k << " S=" << lay.S << " T=" << lay.T << " pos=" << pos;
+      if (pos < lay.length() && !lay.is_summary(pos)) ++text;
+    }
+  }
+  EXPECT_EQ(Layout(4, 2, 10, true).text_before(15), 10);  // the tail's second summary: all 10 text rows before it
+}
+
 TEST(Spec, StreamIdsAndPositions) {
   Spec s;
   s.k = 4;

@@ -4,11 +4,15 @@
 //
 // Two registered operators (TORCH_LIBRARY, so torch.ops.ksa.* on every torch version, and opaque nodes for
 // torch.compile once ksa_torch/_ops.py registers their fake implementations and autograd formula):
-//   ksa::attention_fwd(q, k, v, cu_seqlens?, max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic)
-//       -> (out, lse)
+//   ksa::attention_fwd(q, k, v, cu_seqlens?, max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic,
+//       q_begin=0) -> (out, lse)
 //   ksa::attention_bwd(dout, q, k, v, out, lse, cu_seqlens?, max_seqlen, k_chunk, S, W, summarize_tail, scale,
-//       deterministic) -> (dq, dk, dv)
+//       deterministic, q_begin=0) -> (dq, dk, dv)
 // q [B, L, Hq, D] or [L, Hq, D]; k, v with Hkv heads; out like q (dense), lse q's shape without D (fp32).
+// q_begin (one stream, not packed): q (and out, lse, dout, dq) hold only the stream rows [q_begin, L) of the
+// L rows of k and v: the queries from q_begin on against every key (a context-parallel shard's keys with its
+// halo before them). The CPU kernels compute only those rows; the CUDA backward, which takes every row, gets
+// them padded with zero rows (see attention_bwd).
 // cu_seqlens (int32/int64, [n + 1], any device): packed streams over the L rows of a B = 1 (or 3-dim) input.
 // float64 CPU tensors run the oracle (for gradcheck). `deterministic` is read by the backward only (it is a
 // forward argument so that the registered autograd formula sees it).
@@ -21,6 +25,7 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -61,10 +66,21 @@ ksa::DType dtype_of(const at::Tensor& t) {
 // [L, H, D] tensors are taken as [1, L, H, D].
 at::Tensor as4(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
 
-ksa::TensorView view_of(const at::Tensor& t, const char* name) {
+// first_row: the tensor holds the stream rows from first_row on (q_begin), so the view, which a stream
+// position indexes, starts first_row rows before its memory; the kernels never touch those rows.
+ksa::TensorView view_of(const at::Tensor& t, const char* name, int64_t first_row = 0) {
   TORCH_CHECK(t.dim() == 4, "ksa: ", name, " must be [B, L, H, D] or [L, H, D] (got ", t.dim(), " dims)");
   TORCH_CHECK(t.stride(3) == 1, "ksa: ", name, " must be contiguous in its last dim");
-  return ksa::TensorView{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+  char* data = static_cast<char*>(t.data_ptr()) - first_row * t.stride(1) * int64_t(t.element_size());
+  return ksa::TensorView{data, t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// t [B, n, H, D] (or [n, H, D]) with `rows` zero rows put before its n rows.
+at::Tensor pad_front(const at::Tensor& t, int64_t rows) {
+  if (rows == 0) return t;
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  shape[shape.size() - 3] = rows;
+  return at::cat({at::zeros(shape, t.options()), t}, t.dim() - 3);
 }
 
 // Packed sequence boundaries as host int64 (a copy: the CPU kernels and the per-stream CUDA launches read
@@ -85,14 +101,18 @@ std::vector<int64_t> host_cu_seqlens(const at::Tensor& cu, int64_t rows, int64_t
 }
 
 ksa::AttentionParams params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t kc, int64_t S,
-                            int64_t W, bool tail, double scale, const std::vector<int64_t>* cu) {
+                            int64_t W, bool tail, double scale, const std::vector<int64_t>* cu, int64_t q_begin = 0) {
   TORCH_CHECK(q.dim() == k.dim() && q.dim() == v.dim(), "ksa: q, k, v must have the same number of dims");
   TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), "ksa: q, k, v must be on one device");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "ksa: q, k, v must share a dtype");
   TORCH_CHECK(k.sizes() == v.sizes(), "ksa: k and v must have the same shape");
   const at::Tensor q4 = as4(q), k4 = as4(k), v4 = as4(v);
-  TORCH_CHECK(q4.size(0) == k4.size(0) && q4.size(1) == k4.size(1) && q4.size(3) == k4.size(3),
-              "ksa: q [B, L, Hq, D] and k [B, L, Hkv, D] disagree (", q.sizes(), " vs ", k.sizes(), ")");
+  const int64_t L = k4.size(1);
+  TORCH_CHECK(q_begin >= 0 && q_begin <= L, "ksa: q_begin must be in [0, L = ", L, "] (got ", q_begin, ")");
+  TORCH_CHECK(q_begin == 0 || !cu, "ksa: q_begin must be 0 with cu_seqlens (got ", q_begin, ")");
+  TORCH_CHECK(q4.size(0) == k4.size(0) && q4.size(1) == L - q_begin && q4.size(3) == k4.size(3),
+              "ksa: q [B, L - q_begin, Hq, D] and k [B, L, Hkv, D] disagree (", q.sizes(), " vs ", k.sizes(),
+              ", q_begin ", q_begin, ")");
   TORCH_CHECK(kc >= 1 && S >= 1, "ksa: k_chunk and S must be >= 1 (got ", kc, ", ", S, ")");
   ksa::AttentionParams p;
   if (cu) {
@@ -101,8 +121,8 @@ ksa::AttentionParams params(const at::Tensor& q, const at::Tensor& k, const at::
     p.cu_seqlens = cu->data();
     p.num_seqs = int64_t(cu->size()) - 1;
   } else {
-    const int64_t T = ksa::text_length_of_stream(kc, S, q4.size(1), tail);
-    TORCH_CHECK(T >= 0, "ksa: stream length ", q4.size(1), " is not a valid KSA stream for k=", kc, ", S=", S,
+    const int64_t T = ksa::text_length_of_stream(kc, S, L, tail);
+    TORCH_CHECK(T >= 0, "ksa: stream length ", L, " is not a valid KSA stream for k=", kc, ", S=", S,
                 ", summarize_tail=", tail);
     p.layout = ksa::Layout(kc, S, T, tail);
   }
@@ -113,9 +133,10 @@ ksa::AttentionParams params(const at::Tensor& q, const at::Tensor& k, const at::
   p.D = q4.size(3);
   p.scale = float(scale);
   p.dtype = q.scalar_type() == at::kDouble ? ksa::DType::f32 : dtype_of(q);
-  p.q = view_of(q4, "q");
+  p.q = view_of(q4, "q", q_begin);
   p.k = view_of(k4, "k");
   p.v = view_of(v4, "v");
+  p.q_begin = q_begin;
   return p;
 }
 
@@ -149,13 +170,31 @@ void copy_doubles(const std::vector<double>& src, at::Tensor& dst) {
   std::copy(src.begin(), src.end(), dst.data_ptr<double>());
 }
 
+// The kernels index lse by stream row ([B, L, Hq]); with q_begin the caller's lse has only the rows from
+// q_begin on, so the kernels get a full-length buffer and the caller its rows.
+at::Tensor full_lse(const at::Tensor& q, int64_t q_begin) {
+  const at::Tensor rows = lse_like(q);
+  if (q_begin == 0) return rows;
+  std::vector<int64_t> shape(rows.sizes().begin(), rows.sizes().end());
+  shape[shape.size() - 2] += q_begin;  // [B, L, Hq] or [L, Hq]
+  return at::full(shape, INFINITY, rows.options());  // rows before q_begin: never written, +inf if read
+}
+at::Tensor lse_rows(const at::Tensor& lse_full, int64_t q_begin) {
+  return q_begin == 0 ? lse_full : lse_full.narrow(lse_full.dim() - 2, q_begin, lse_full.size(-2) - q_begin).contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const OptTensor& cu_seqlens, int64_t max_seqlen, int64_t kc, int64_t S,
-                                                 int64_t W, bool tail, double scale, bool /*deterministic*/) {
-  const std::vector<int64_t> cu = cu_seqlens ? host_cu_seqlens(*cu_seqlens, q.size(-3), max_seqlen) : std::vector<int64_t>{};
-  ksa::AttentionParams p = params(q, k, v, kc, S, W, tail, scale, cu_seqlens ? &cu : nullptr);
+                                                 int64_t W, bool tail, double scale, bool deterministic, int64_t q_begin) {
+  if (q_begin != 0 && q.scalar_type() == at::kDouble) {
+    // The oracle computes every row: pad q in front, keep the rows from q_begin on.
+    auto [o, l] = attention_fwd(pad_front(q, q_begin), k, v, cu_seqlens, max_seqlen, kc, S, W, tail, scale, deterministic, 0);
+    return {o.narrow(o.dim() - 3, q_begin, q.size(-3)).contiguous(), lse_rows(l, q_begin)};
+  }
+  const std::vector<int64_t> cu = cu_seqlens ? host_cu_seqlens(*cu_seqlens, k.size(-3), max_seqlen) : std::vector<int64_t>{};
+  ksa::AttentionParams p = params(q, k, v, kc, S, W, tail, scale, cu_seqlens ? &cu : nullptr, q_begin);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor lse = lse_like(q);
+  at::Tensor lse = full_lse(q, q_begin);
   if (q.scalar_type() == at::kDouble) {
     const std::vector<at::Tensor> f = as_f32({q, k, v});
     p.q = view_of(f[0], "q"), p.k = view_of(f[1], "k"), p.v = view_of(f[2], "v");
@@ -165,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     copy_doubles(r.lse, lse);
     return {out, lse};
   }
-  p.out = view_of(as4(out), "out");
+  p.out = view_of(as4(out), "out", q_begin);
   p.lse = lse.data_ptr<float>();
   guarded([&] {
     if (q.is_cuda()) {
@@ -182,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     }
     return 0;
   });
-  return {out, lse};
+  return {out, lse_rows(lse, q_begin)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout_in, const at::Tensor& q,
@@ -190,10 +229,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
                                                              const at::Tensor& out, const at::Tensor& lse,
                                                              const OptTensor& cu_seqlens, int64_t max_seqlen, int64_t kc,
                                                              int64_t S, int64_t W, bool tail, double scale,
-                                                             bool deterministic) {
-  const std::vector<int64_t> cu = cu_seqlens ? host_cu_seqlens(*cu_seqlens, q.size(-3), max_seqlen) : std::vector<int64_t>{};
+                                                             bool deterministic, int64_t q_begin) {
+  if (q_begin != 0 && (q.is_cuda() || q.scalar_type() == at::kDouble)) {
+    // The CUDA backward and the oracle take every row: zero rows in front (q, dout and out zero, lse +inf, so
+    // they add nothing to dk and dv), dq from q_begin on. Costs the padded rows' work and memory.
+    TORCH_CHECK(q_begin > 0 && q_begin <= k.size(-3), "ksa: q_begin must be in [0, L = ", k.size(-3), "] (got ", q_begin, ")");
+    at::Tensor lse_full = full_lse(q, q_begin);
+    lse_full.narrow(lse_full.dim() - 2, q_begin, q.size(-3)).copy_(lse);
+    auto [dq, dk, dv] = attention_bwd(pad_front(dout_in, q_begin), pad_front(q, q_begin), k, v, pad_front(out, q_begin),
+                                      lse_full, cu_seqlens, max_seqlen, kc, S, W, tail, scale, deterministic, 0);
+    return {dq.narrow(dq.dim() - 3, q_begin, q.size(-3)).contiguous(), dk, dv};
+  }
+  const std::vector<int64_t> cu = cu_seqlens ? host_cu_seqlens(*cu_seqlens, k.size(-3), max_seqlen) : std::vector<int64_t>{};
   ksa::AttentionBackwardParams p;
-  static_cast<ksa::AttentionParams&>(p) = params(q, k, v, kc, S, W, tail, scale, cu_seqlens ? &cu : nullptr);
+  static_cast<ksa::AttentionParams&>(p) = params(q, k, v, kc, S, W, tail, scale, cu_seqlens ? &cu : nullptr, q_begin);
   // The kernels need the innermost dim contiguous and (CUDA) 16-byte aligned rows: a dense copy is the safe
   // form of an arbitrary incoming gradient (e.g. an expanded one with zero strides).
   const at::Tensor dout = dout_in.contiguous();
@@ -218,10 +267,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.device() == q.device() &&
                   lse.sizes() == q.sizes().slice(0, q.dim() - 1),
               "ksa: lse must be the forward's contiguous float32 tensor of shape q.shape[:-1]");
-  p.out = view_of(as4(out), "out");
-  p.dout = view_of(as4(dout), "dout");
-  p.lse = lse.data_ptr<float>();
-  p.dq = view_of(as4(dq), "dq");
+  at::Tensor lse_full = lse;
+  if (q_begin != 0) {  // the kernels index lse by stream row (see full_lse)
+    lse_full = full_lse(q, q_begin);
+    lse_full.narrow(lse_full.dim() - 2, q_begin, q.size(-3)).copy_(lse);
+  }
+  p.out = view_of(as4(out), "out", q_begin);
+  p.dout = view_of(as4(dout), "dout", q_begin);
+  p.lse = lse_full.data_ptr<float>();
+  p.dq = view_of(as4(dq), "dq", q_begin);
   p.dk = view_of(as4(dk), "dk");
   p.dv = view_of(as4(dv), "dv");
   p.deterministic = deterministic;
@@ -345,11 +399,11 @@ TORCH_LIBRARY(ksa, m) {
   const std::vector<at::Tag> tags{};
 #endif
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int max_seqlen, int k_chunk, int S, int W, "
-        "bool summarize_tail, float scale, bool deterministic) -> (Tensor, Tensor)",
+        "bool summarize_tail, float scale, bool deterministic, int q_begin=0) -> (Tensor, Tensor)",
         tags);
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens, "
-        "int max_seqlen, int k_chunk, int S, int W, bool summarize_tail, float scale, bool deterministic) "
-        "-> (Tensor, Tensor, Tensor)",
+        "int max_seqlen, int k_chunk, int S, int W, bool summarize_tail, float scale, bool deterministic, "
+        "int q_begin=0) -> (Tensor, Tensor, Tensor)",
         tags);
 }
 
