@@ -75,9 +75,30 @@ class BuildKsa(BuildExtension):
 
     def run(self):
         libs = self.build_kernels()
+        deps = self.kernel_dependencies()
         for ext in self.extensions:
             ext.extra_objects = libs + list(ext.extra_objects or [])
+            ext.extra_link_args = deps + list(ext.extra_link_args or [])
         super().run()
+
+    def kernel_dependencies(self):
+        """The shared libraries the static kernel libraries need (libksa_cpu: Highway, and OpenBLAS where the
+        CMake build found it), from the build's CMakeCache.txt; each with an rpath, so that the extension loads
+        wherever they live (a prefix given through CMAKE_PREFIX_PATH included)."""
+        cache = {}
+        for line in (self._build / "CMakeCache.txt").read_text().splitlines():
+            if "=" in line and ":" in line.split("=", 1)[0] and not line.startswith(("//", "#")):
+                key, value = line.split("=", 1)
+                cache[key.split(":", 1)[0]] = value
+        args = []
+        hwy_dir = cache.get("hwy_DIR", "")
+        if hwy_dir and not hwy_dir.endswith("-NOTFOUND"):
+            libdir = pathlib.Path(hwy_dir).resolve().parent.parent  # <libdir>/cmake/hwy
+            args += [f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lhwy"]
+        blas = cache.get("BLAS_openblas_LIBRARY", "")
+        if blas and not blas.endswith("-NOTFOUND"):
+            args += [blas, f"-Wl,-rpath,{pathlib.Path(blas).resolve().parent}"]
+        return args
 
     def build_kernels(self):
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
@@ -100,6 +121,7 @@ class BuildKsa(BuildExtension):
             args += shlex.split(os.environ.get("KSA_CMAKE_ARGS", ""))
             self.announce(" ".join(args), level=2)
             subprocess.check_call(args)
+        self._build = build
         targets = ["ksa_core", "ksa_cpu"] + (["ksa_cuda"] if CUDA else [])
         subprocess.check_call(["cmake", "--build", str(build), "-j", jobs, "--target", *targets])
         libs = [build / f"src/{t[4:]}/lib{t}.a" for t in reversed(targets)]  # dependents first: cuda, cpu, core
@@ -118,7 +140,7 @@ ext = Extension(
     # The version as a bare pp-number (stringified in ops.cpp): no quotes to survive the build tools' quoting.
     define_macros=[("KSA_VERSION_RAW", VERSION)] + ([("KSA_HAVE_CUDA", "1")] if CUDA else []),
     extra_compile_args={"cxx": ["-O2", "-g0", "-std=c++20", "-Wno-deprecated-declarations"], "nvcc": []},
-    extra_link_args=["-fopenmp"],  # libksa_cpu's kernels are OpenMP-parallel
+    extra_link_args=[],
 )
 
 setup(
