@@ -767,9 +767,11 @@ struct PlanSizes {
   int64_t max_items = 0, max_splits = 0, max_slots = 0;
 };
 
-// nq query tiles, nk key tiles of which ntext text tiles (first). forced: entries per item (> 0), or -1 to read
-// KSA_CUDA_BWD_SPLIT (unset or <= 0: automatic).
-PlanSizes plan_sizes(int64_t nq, int64_t ntext, int64_t nk, int BQ, int BK, int64_t bh, int minb, int forced = -1) {
+// nq query tiles, nk key tiles of which ntext text tiles (first); a key tile's list has at most max_list
+// entries (the query tiles of its stream). forced: entries per item (> 0), or -1 to read KSA_CUDA_BWD_SPLIT
+// (unset or <= 0: automatic).
+PlanSizes plan_sizes(int64_t nq, int64_t ntext, int64_t nk, int64_t max_list, int BQ, int BK, int64_t bh, int minb,
+                     int forced = -1) {
   PlanSizes ps;
   ps.BQ = BQ;
   ps.BK = BK;
@@ -786,7 +788,7 @@ PlanSizes plan_sizes(int64_t nq, int64_t ntext, int64_t nk, int BQ, int BK, int6
   const int64_t resident = int64_t(sms) * minb;
   ps.target = int(std::min<int64_t>(2 * resident / std::max<int64_t>(bh, 1), 1 << 20));
   if (ps.forced > 0) {
-    const int64_t per = (ps.nq + ps.forced - 1) / ps.forced;  // segments of the longest possible list
+    const int64_t per = (max_list + ps.forced - 1) / ps.forced;  // segments of the longest possible list
     ps.max_items = ps.nk * per;
     ps.max_splits = per > 1 ? ps.nk : 0;
     ps.max_slots = per > 1 ? ps.nk * per : 0;
@@ -803,8 +805,8 @@ PlanSizes plan_sizes(int64_t nq, int64_t ntext, int64_t nk, int BQ, int BK, int6
 }
 // The plan of one layout (a plain call): query tiles on the BQ grid over [0, L), its key tiles.
 PlanSizes plan_sizes(const Layout& lay, int BQ, int BK, int64_t bh, int minb, int forced = -1) {
-  return plan_sizes((lay.length() + BQ - 1) / BQ, bwd::num_text_key_tiles(lay, BK), bwd::num_key_tiles(lay, BK), BQ,
-                    BK, bh, minb, forced);
+  const int64_t nq = (lay.length() + BQ - 1) / BQ;
+  return plan_sizes(nq, bwd::num_text_key_tiles(lay, BK), bwd::num_key_tiles(lay, BK), nq, BQ, BK, bh, minb, forced);
 }
 
 using detail::Carver;
@@ -889,7 +891,9 @@ void run_backward(const BwdArgs& a0, bool deterministic, const varlen::Streams* 
     o_blocks = img.add(varlen::row_blocks(*packed));
     o_ktiles = img.add(kts.tiles);
     o_dq = img.add(dq_tiles);
-    ps = plan_sizes(a.Lp / pBQ, kts.ntext, int64_t(kts.tiles.size()), pBQ, pBK, bh, minb);
+    int64_t longest = 0;  // rows of the longest stream: its query tiles bound every list
+    for (const varlen::Seq& q : packed->seqs) longest = std::max<int64_t>(longest, q.L);
+    ps = plan_sizes(a.Lp / pBQ, kts.ntext, int64_t(kts.tiles.size()), (longest + pBQ - 1) / pBQ, pBQ, pBK, bh, minb);
   } else {
     ps = plan_sizes(a.lay, pBQ, pBK, bh, minb);
   }
@@ -1029,30 +1033,46 @@ void attention_backward(const AttentionBackwardParams& p, Stream stream) {
 
 namespace bwd {
 
-PlanDump backward_plan_for_testing(const Layout& lay, int64_t W, int64_t D, int64_t bh, int split) {
-  PlanSizes ps;
-  auto sizes = [&](auto cfg) {
-    using KV = typename decltype(cfg)::Dkv;
-    ps = plan_sizes(lay, KV::BQ, KV::BKV, bh, KV::MINB, split > 0 ? split : 0);
-  };
-  if (D == 64) sizes(Config<__nv_bfloat16, 64>{});
-  else if (D == 128) sizes(Config<__nv_bfloat16, 128>{});
-  else fail("backward_plan_for_testing: D=", D, " (64 or 128)");
+namespace {
+
+// The device plan for these sizes (packed: with the streams' tables), copied back.
+PlanDump dump_plan(const Layout& lay, int64_t W, const PlanSizes& ps, const varlen::Streams* packed,
+                   const varlen::KeyTiles* kts) {
   PlanDump out;
   out.BQ = ps.BQ;
   out.BK = ps.BK;
   out.nq = ps.nq;
   out.nk = ps.nk;
-  if (lay.T == 0) return out;
+  if (ps.nk == 0) return out;
   Carver measure;
   PlanArgs pl{};
   carve_plan(measure, pl, ps, 0);
+  detail::HostImage img;
+  size_t o_seqs = 0, o_blocks = 0, o_ktiles = 0;
+  if (packed) {
+    o_seqs = img.add(packed->seqs);
+    o_blocks = img.add(varlen::row_blocks(*packed));
+    o_ktiles = img.add(kts->tiles);
+    measure.take<char>(int64_t(img.size()));
+  }
   const cudaStream_t s = nullptr;
   Workspace ws(measure.off, s);
   Carver c{static_cast<char*>(ws.p), 0};
   carve_plan(c, pl, ps, 0);
   fill_plan_args(pl, ps);
-  launch_plan(lay, W, ps, pl, varlen::Tables{}, s);
+  varlen::Tables v;
+  if (packed) {
+    char* tables = c.take<char>(int64_t(img.size()));
+    img.upload(tables, s);
+    v.seqs = detail::HostImage::at<varlen::Seq>(tables, o_seqs);
+    v.row_blocks = detail::HostImage::at<int32_t>(tables, o_blocks);
+    v.ktiles = detail::HostImage::at<varlen::KeyTile>(tables, o_ktiles);
+    for (const varlen::KeyTile& t : kts->tiles) {
+      out.tile_stream.push_back(t.seq);
+      out.tile_in_stream.push_back(t.kt);
+    }
+  }
+  launch_plan(lay, W, ps, pl, v, s);
   int counters[4] = {};
   KSA_CUDA_CHECK(cudaMemcpyAsync(counters, pl.counters, sizeof counters, cudaMemcpyDeviceToHost, s));
   KSA_CUDA_CHECK(cudaStreamSynchronize(s));
@@ -1068,6 +1088,42 @@ PlanDump backward_plan_for_testing(const Layout& lay, int64_t W, int64_t D, int6
   ws.release();
   KSA_CUDA_CHECK(cudaStreamSynchronize(s));
   return out;
+}
+
+// The portable dK/dV pass's tiles for D (the plan tests use them).
+template <class F>
+void with_dkv_config(int64_t D, F&& f) {
+  if (D == 64) f(Config<__nv_bfloat16, 64>{});
+  else if (D == 128) f(Config<__nv_bfloat16, 128>{});
+  else fail("backward_plan_for_testing: D=", D, " (64 or 128)");
+}
+
+}  // namespace
+
+PlanDump backward_plan_for_testing(const Layout& lay, int64_t W, int64_t D, int64_t bh, int split) {
+  PlanSizes ps;
+  with_dkv_config(D, [&](auto cfg) {
+    using KV = typename decltype(cfg)::Dkv;
+    ps = plan_sizes(lay, KV::BQ, KV::BKV, bh, KV::MINB, split > 0 ? split : 0);
+  });
+  return dump_plan(lay, W, ps, nullptr, nullptr);
+}
+
+PlanDump backward_plan_for_testing(const AttentionParams& p, int64_t D, int64_t bh, int split) {
+  validate(p);
+  if (!p.packed()) fail("backward_plan_for_testing: params without cu_seqlens (use the Layout overload)");
+  const varlen::Streams st = varlen::streams_of(p);
+  PlanSizes ps;
+  varlen::KeyTiles kts;
+  with_dkv_config(D, [&](auto cfg) {
+    using KV = typename decltype(cfg)::Dkv;
+    kts = varlen::key_tiles(st, KV::BKV);
+    int64_t longest = 0;
+    for (const varlen::Seq& q : st.seqs) longest = std::max<int64_t>(longest, q.L);
+    ps = plan_sizes(st.padded_rows / KV::BQ, kts.ntext, int64_t(kts.tiles.size()), (longest + KV::BQ - 1) / KV::BQ,
+                    KV::BQ, KV::BKV, bh, KV::MINB, split > 0 ? split : 0);
+  });
+  return dump_plan(Layout(p.layout.k, p.layout.S, 0, p.layout.summarize_tail), p.W, ps, &st, &kts);
 }
 
 }  // namespace bwd

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/attention_bwd_plan.hpp"
 #include "gpu_test_util.hpp"
 #include "ksa/cpu.hpp"
 #include "ksa/cuda.hpp"
@@ -370,6 +371,82 @@ TEST(CudaVarlen, BackwardDeterministicIsDeterministic) {
     runs[r][2] = elements(pr, *pr.dv[0], c.Hkv);
   }
   for (int g = 0; g < 3; ++g) EXPECT_TRUE(same_bits(runs[0][g], runs[1][g])) << "gradient " << g << " differs";
+}
+
+// The dK/dV plan of a packed call, built on the device (spans, runs, schedule with the streams' tables): each
+// key tile's runs are those of the plan of its stream alone (its query tiles numbered from 0); the items cover
+// every key tile's list once, in order, each split tile with its own slots; with a forced split, each key
+// tile's segments are those of its stream's own plan.
+TEST(CudaVarlen, BackwardPlanIsEachStreamsPlan) {
+  REQUIRE_GPU();
+  for (const VarlenCase& c : cases())
+    for (int64_t D : {64, 128})
+      for (int split : {0, 1, 3}) {
+        SCOPED_TRACE(describe(c) + " plan D=" + std::to_string(D) + " split=" + std::to_string(split));
+        std::vector<int64_t> cu{0};
+        for (int64_t T : c.texts) cu.push_back(cu.back() + Layout(c.k, c.S, T, c.tail).length());
+        const std::vector<uint16_t> dummy(static_cast<size_t>(D));
+        AttentionParams p;
+        p.layout = Layout(c.k, c.S, 0, c.tail);
+        p.W = c.W;
+        p.D = D;
+        p.dtype = DType::bf16;
+        p.q = p.k = p.v = p.out = TensorView{const_cast<uint16_t*>(dummy.data()), 0, D, D};  // never read
+        p.cu_seqlens = cu.data();
+        p.num_seqs = int64_t(c.texts.size());
+        const cuda::bwd::PlanDump pk = cuda::bwd::backward_plan_for_testing(p, D, 1, split);
+        ASSERT_EQ(int64_t(pk.tile_stream.size()), pk.nk);
+        std::vector<cuda::bwd::PlanDump> one;
+        for (int64_t T : c.texts)
+          one.push_back(cuda::bwd::backward_plan_for_testing(Layout(c.k, c.S, T, c.tail), c.W, D, 1, split));
+        std::vector<std::vector<cuda::bwd::PlanItem>> items(size_t(pk.nk));
+        for (const auto& it : pk.items) {
+          ASSERT_GE(it.kt, 0);
+          ASSERT_LT(it.kt, pk.nk);
+          items[size_t(it.kt)].push_back(it);
+        }
+        std::vector<int> slot_used(size_t(pk.n_slots), 0);
+        for (int64_t kt = 0; kt < pk.nk; ++kt) {
+          const cuda::bwd::PlanDump& o = one[size_t(pk.tile_stream[size_t(kt)])];
+          const int32_t lkt = pk.tile_in_stream[size_t(kt)];
+          ASSERT_LT(lkt, o.nk);
+          ASSERT_EQ(pk.nruns[size_t(kt)], o.nruns[size_t(lkt)]) << "kt " << kt;
+          int64_t count = 0;
+          for (int r = 0; r < pk.nruns[size_t(kt)]; ++r) {
+            const auto a = pk.runs[size_t(kt) * cuda::bwd::kMaxRuns + size_t(r)];
+            const auto b = o.runs[size_t(lkt) * cuda::bwd::kMaxRuns + size_t(r)];
+            ASSERT_EQ(a.begin, b.begin) << "kt " << kt << " run " << r;
+            ASSERT_EQ(a.end, b.end) << "kt " << kt << " run " << r;
+            count += a.end - a.begin;
+          }
+          const auto& its = items[size_t(kt)];
+          ASSERT_FALSE(its.empty()) << "kt " << kt << " has no item";
+          int64_t e = 0;
+          for (const auto& it : its) {
+            ASSERT_EQ(it.e0, e) << "kt " << kt;
+            ASSERT_GE(it.e1, it.e0);
+            e = it.e1;
+            if (its.size() > 1) {
+              ASSERT_GE(it.slot, 0);
+              ASSERT_LT(it.slot, pk.n_slots);
+              ASSERT_EQ(slot_used[size_t(it.slot)]++, 0) << "slot " << it.slot << " used twice";
+            } else {
+              ASSERT_EQ(it.slot, -1);
+            }
+          }
+          ASSERT_EQ(e, count) << "kt " << kt;
+          if (split > 0) {  // the same segments as the stream's own plan
+            std::vector<cuda::bwd::PlanItem> want;
+            for (const auto& it : o.items)
+              if (it.kt == lkt) want.push_back(it);
+            ASSERT_EQ(its.size(), want.size()) << "kt " << kt;
+            for (size_t j = 0; j < its.size(); ++j) {
+              ASSERT_EQ(its[j].e0, want[j].e0);
+              ASSERT_EQ(its[j].e1, want[j].e1);
+            }
+          }
+        }
+      }
 }
 
 // supports() takes packed params (no device needed to ask) and refuses streams whose padded rows overflow.
