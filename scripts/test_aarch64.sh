@@ -29,7 +29,7 @@ fi
 t0=$(date +%s)
 cmake -S . -B build-aarch64 -DCMAKE_TOOLCHAIN_FILE=cmake/aarch64-linux-gnu.cmake -DCMAKE_BUILD_TYPE=Release \
   -DKSA_CUDA=OFF -DKSA_ENGINE=OFF >build-aarch64.configure.log 2>&1 || { cat build-aarch64.configure.log; exit 1; }
-cmake --build build-aarch64 -j "${JOBS:-$(nproc)}" --target ksa_core_tests ksa_cpu_tests ksa_cache_tests
+cmake --build build-aarch64 -j "${JOBS:-$(nproc)}" --target ksa_core_tests ksa_cpu_tests ksa_cache_tests ksa_cuda_host_tests
 t1=$(date +%s)
 # Under emulation the slowest tests are left out unless KSA_AARCH64_FULL=1: they check threading, the cache's
 # block bookkeeping and packing (scalar code that the x86 suite covers), not the SIMD kernels, and take
@@ -37,5 +37,5 @@ t1=$(date +%s)
 exclude=()
 [ "${KSA_AARCH64_FULL:-0}" != 0 ] ||
   exclude=(-E "Decode.RandomShapesMatchOracle|CpuVarlen.PackedEqualsOneStreamAtATime|DeterministicAcrossThreadCounts")
-(cd build-aarch64 && ctest --output-on-failure -j "${JOBS:-$(nproc)}" --timeout 900 -L "core|cpu|cache" "${exclude[@]}" "$@")
+(cd build-aarch64 && ctest --output-on-failure -j "${JOBS:-$(nproc)}" --timeout 900 -L "core|cpu|cache|cuda_host" "${exclude[@]}" "$@")
 echo "== aarch64 (qemu-user): $((t1 - t0)) s to build, $(($(date +%s) - t1)) s to test"

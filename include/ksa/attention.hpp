@@ -36,9 +36,9 @@ struct SequenceRows {
 // independent streams back to back. Stream s is rows [cu_seqlens[s], cu_seqlens[s+1]) with its own
 // Layout(layout.k, layout.S, T_s, layout.summarize_tail), T_s = text_length_of_stream(its length) (so every
 // length must be a valid stream length); nothing is seen across a boundary, and each stream has its own chunk
-// grid. layout.T is ignored. lse stays [1, L, Hq] over all rows. The CPU kernels and the oracle walk each
-// stream with the core's tiles; the CUDA kernels do not take packed params yet (cuda::supports says so; the
-// PyTorch binding launches them once per stream, see python/ksa_torch/csrc/ops.cpp).
+// grid. layout.T is ignored. lse stays [1, L, Hq] over all rows. The CPU kernels, the oracle and the CUDA
+// kernels walk each stream with the core's tiles, all streams in one call (CUDA: one launch per kernel, its
+// grid over a table of (stream, tile) work items; src/cuda/varlen_plan.hpp).
 struct AttentionParams {
   Layout layout;           // stream geometry: k, S, T (text tokens), summarize_tail
   int64_t W = 0;           // this layer's window, in chunks

@@ -109,8 +109,8 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, k_chunk, S, W, summarize_t
     cu_seqlens[0] = 0, cu_seqlens[-1] = N) and must be a whole KSA stream (build_stream makes them). No query
     sees a key of another stream; each stream has its own chunk grid. max_seqlen: the longest stream (checked;
     0 skips the check). A CPU cu_seqlens saves a device-to-host copy on CUDA. Returns out [N, Hq, D] (and lse
-    [N, Hq]). The CPU kernels walk each stream's tiles inside one call; on CUDA the binding launches the
-    kernels once per stream (packed CUDA kernels are to come).
+    [N, Hq]). The CPU and CUDA kernels walk each stream's own tiles inside one call (on CUDA: one launch of
+    each kernel for all streams, no padding to the longest).
     """
     out, lse = _call(q, k, v, cu_seqlens, max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic)
     return (out, lse) if return_lse else out

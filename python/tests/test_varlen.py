@@ -106,8 +106,9 @@ def test_varlen_cu_seqlens_forms_and_errors():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_varlen_cuda_equals_single_streams(dtype):
-    """CUDA: packed == one call per stream, bitwise with deterministic=True (the binding launches the kernels
-    per stream for now); with the fused non-deterministic dQ, dq within the bf16 tolerance of the tests."""
+    """CUDA: packed == one call per stream, bitwise with deterministic=True (each packed CTA runs its tile as
+    the call on its stream alone; these short streams split the dK/dV lists alike: the automatic split is at its
+    minimum on both sides); with the fused non-deterministic dQ, within the bf16 tolerance of the tests."""
     texts, k, S, W, tail, Hq, Hkv = [0, 1, 7, 8, 9, 97, 0, 300, 65, 700, 0], 8, 1, 2, False, 4, 2
     for D in (64, 128):
         st, xs, g = packed(texts, k, S, tail, Hq, Hkv, D, dtype, seed=11, device="cuda")

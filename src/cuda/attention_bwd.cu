@@ -31,6 +31,19 @@
 // order. Items run heaviest first (summary tiles, oldest first, then text tiles), over all heads and batch
 // entries at once (the item is the slowest index of the CTA order: detail::dkdv_cta).
 //
+// Packed sequences (AttentionParams::cu_seqlens): one launch of each pass for all streams, each stream walked
+// with its own Layout and tiles (varlen_plan.hpp; the tables are built on the host and copied into the
+// workspace). Rows of lse2, Delta and the fused dQ accumulator are padded per stream (each from its own
+// multiple of 128), so every tile reads and writes what it would for that stream alone. Preprocess, the plan's
+// spans and the fused dQ's store walk the padded rows (row_blocks gives a row's stream); the plan's key tiles
+// are every stream's text tiles, then every stream's summary tiles (the schedule is unchanged), and a key
+// tile's runs list its own stream's query tiles; a dK/dV CTA runs its item as for its stream alone
+// (detail::stream_item); the dQ pass's grid walks a table of (stream, query tile) items, as the forward's.
+// Deterministic mode stays deterministic (no new atomics; every order is fixed by the tables). With the same
+// split (KSA_CUDA_BWD_SPLIT, or the automatic U at its minimum on both sides) a packed call gives the bits of
+// one call per stream; the automatic U depends on the whole call's work, so dk/dv may round differently.
+// The heavy kernels are instantiated twice (PACKED) so that plain calls run the code they ran before.
+//
 // File shape (DESIGN.md §3): traits -> device code -> launcher.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -42,9 +55,12 @@
 #include <cstdlib>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "attention_bwd_plan.hpp"
 #include "cuda/attention_bwd.cuh"
+#include "cuda/varlen_plan.hpp"
+#include "cuda/workspace.cuh"
 #include "check.cuh"
 #include "launch_checks.hpp"
 #include "ksa/cuda.hpp"
@@ -139,19 +155,31 @@ __device__ __forceinline__ void load_tile(const Layout32& l32, uint32_t smem, co
 using detail::head_ptr;
 using detail::row_ptr;
 
-// ---- pass 1: Delta and lse2, 8 threads per (b, q head, gathered row) over [0, Lp)
+// ---- pass 1: Delta and lse2, 8 threads per (b, q head, gathered row) over [0, Lp) (packed: padded rows)
 template <class T, int D>
-__global__ void __launch_bounds__(256) preprocess_kernel(const BwdArgs a) {
+__global__ void __launch_bounds__(256) preprocess_kernel(const BwdArgs a, const varlen::Tables v) {
   constexpr int TPR = 8, PER = D / TPR;  // 8 or 16 elements per thread
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t row = t / TPR;
   const int sub = int(t % TPR), b = int(blockIdx.y);
   const int h = int(row % a.Hq);
-  const int64_t g = row / a.Hq;
-  float acc = 0.f;
+  const int64_t g = row / a.Hq;  // gathered row; packed: padded row
+  bool valid;
   int64_t srow = 0;
-  if (g < a.L) {
-    srow = a.l32.stream_of_gathered(uint32_t(g));
+  if (v.seqs) {  // packed: the padded row's stream; rows past its L are its padding
+    valid = false;
+    if (g < a.Lp) {
+      const varlen::Seq s = v.seqs[v.row_blocks[g / kRowPad]];
+      const int64_t gs = g - s.p0;
+      valid = gs < s.L;
+      if (valid) srow = s.row0 + s.l32.stream_of_gathered(uint32_t(gs));
+    }
+  } else {
+    valid = g < a.L;
+    if (valid) srow = a.l32.stream_of_gathered(uint32_t(g));
+  }
+  float acc = 0.f;
+  if (valid) {
     const T* o = row_ptr<T>(a.out, b, srow, h) + sub * PER;
     const T* d = row_ptr<T>(a.dout, b, srow, h) + sub * PER;
 #pragma unroll
@@ -171,25 +199,46 @@ __global__ void __launch_bounds__(256) preprocess_kernel(const BwdArgs a) {
   acc += __shfl_xor_sync(0xffffffffu, acc, 4);
   if (sub == 0 && g < a.Lp) {
     const int64_t i = (int64_t(b) * a.Hq + h) * a.Lp + g;
-    a.delta[i] = g < a.L ? acc : 0.f;
-    a.lse2[i] = g < a.L ? a.lse[(int64_t(b) * a.L + srow) * a.Hq + h] * kLog2e : INFINITY;
+    a.delta[i] = valid ? acc : 0.f;
+    a.lse2[i] = valid ? a.lse[(int64_t(b) * a.L + srow) * a.Hq + h] * kLog2e : INFINITY;
   }
 }
 
 // ---- pass 2: the plan
-__global__ void __launch_bounds__(128) spans_kernel(const Layout lay, int64_t W, PlanArgs pl) {
+__global__ void __launch_bounds__(128) spans_kernel(const Layout lay, int64_t W, PlanArgs pl, const varlen::Tables v) {
   const int qt = int(blockIdx.x * blockDim.x + threadIdx.x);
   if (qt >= pl.nq) return;
+  if (v.seqs) {  // packed: the tile's stream; a tile past the stream's rows (its padding) sees nothing
+    const int64_t p = int64_t(qt) * pl.BQ;
+    const varlen::Seq s = v.seqs[v.row_blocks[p / kRowPad]];
+    const int64_t g0 = p - s.p0, L = s.L;
+    const Layout sl(lay.k, lay.S, s.l32.T, lay.summarize_tail);
+    pl.spans[qt] = g0 < L ? key_spans(sl, W, g0, g0 + pl.BQ < L ? g0 + pl.BQ : L) : KeySpans{};
+    return;
+  }
   const int64_t L = lay.length(), g0 = int64_t(qt) * pl.BQ;
   pl.spans[qt] = key_spans(lay, W, g0, g0 + pl.BQ < L ? g0 + pl.BQ : L);
 }
 
 // One warp per key tile: scans the query tiles 32 at a time and records the runs of those that see it.
-__global__ void __launch_bounds__(256) runs_kernel(const Layout lay, PlanArgs pl) {
+__global__ void __launch_bounds__(256) runs_kernel(const Layout lay0, PlanArgs pl, const varlen::Tables v) {
   const int kt = int((blockIdx.x * blockDim.x + threadIdx.x) / 32), lane = int(threadIdx.x % 32);
   if (kt >= pl.nk) return;  // warp-uniform
+  // The query tiles scanned: all of the call's; packed, those of the key tile's stream (numbered from 0 in
+  // the runs, as a call on the stream alone numbers them), the key tile taken in its stream.
+  Layout lay = lay0;
+  int lkt = kt, nq = pl.nq;
+  const KeySpans* spans = pl.spans;
+  if (v.ktiles) {
+    const varlen::KeyTile r = v.ktiles[kt];
+    const varlen::Seq s = v.seqs[r.seq];
+    lay = Layout(lay0.k, lay0.S, s.l32.T, lay0.summarize_tail);
+    lkt = r.kt;
+    nq = (s.L + pl.BQ - 1) / pl.BQ;
+    spans += s.p0 / pl.BQ;
+  }
   int64_t tb, te;
-  bwd::key_tile_rows(lay, pl.BK, kt, tb, te);
+  bwd::key_tile_rows(lay, pl.BK, lkt, tb, te);
   PlanRun* runs = pl.runs + int64_t(kt) * kMaxRuns;
   int n = 0, count = 0, open = -1;  // open: first query tile of the run being scanned, -1 none
   auto close = [&](int end) {
@@ -202,9 +251,9 @@ __global__ void __launch_bounds__(256) runs_kernel(const Layout lay, PlanArgs pl
     count += end - open;
     open = -1;
   };
-  for (int base = 0; base < pl.nq; base += 32) {
+  for (int base = 0; base < nq; base += 32) {
     const int qt = base + lane;
-    const bool seen = qt < pl.nq && bwd::tile_seen(pl.spans[qt], tb, te);
+    const bool seen = qt < nq && bwd::tile_seen(spans[qt], tb, te);
     const unsigned bits = __ballot_sync(0xffffffffu, seen);
     unsigned edges = bits ^ ((bits << 1) | (open >= 0 ? 1u : 0u));  // bit i: seen(i) != seen(i - 1)
     while (edges) {
@@ -214,7 +263,7 @@ __global__ void __launch_bounds__(256) runs_kernel(const Layout lay, PlanArgs pl
       else close(base + i);
     }
   }
-  if (open >= 0) close(pl.nq);
+  if (open >= 0) close(nq);
   if (lane == 0) {
     pl.nruns[kt] = n;
     pl.count[kt] = count;
@@ -308,14 +357,11 @@ __global__ void __launch_bounds__(1024) schedule_kernel(PlanArgs pl, int forced,
 // ---- pass 3: dK, dV
 using detail::EntryWalk;
 
+// One CTA: plan item `item` (key tile item.kt of a's stream) for KV head hk of batch entry b.
 template <class K>
-__global__ void __launch_bounds__(K::THREADS, K::MINB) dkdv_kernel(const BwdArgs a, const PlanArgs pl) {
+__device__ __forceinline__ void dkdv_cta(const BwdArgs& a, const PlanArgs& pl, const PlanItem item, int b, int hk) {
   using T = typename K::T;
   constexpr int D = K::D, BQ = K::BQ, BKV = K::BKV, CH = K::CHUNKS, QS = K::QS_BYTES;
-  const detail::DkvCta cta = detail::dkdv_cta(a.B, a.Hkv);
-  if (cta.item >= pl.counters[0]) return;
-  const PlanItem item = pl.items[cta.item];
-  const int hk = cta.hk, b = cta.b;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, tig = lane & 3;
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t sK = smem_u32(smem), sV = sK + K::KV_BYTES, sQ0 = sV + K::KV_BYTES, sO0 = sQ0 + 2 * QS;
@@ -487,14 +533,38 @@ __global__ void __launch_bounds__(K::THREADS, K::MINB) dkdv_kernel(const BwdArgs
   }
 }
 
+// PACKED: the item's key tile is one stream's (v.ktiles); the CTA runs as for a call on that stream alone
+// (detail::stream_item).
+template <class K, bool PACKED>
+__global__ void __launch_bounds__(K::THREADS, K::MINB) dkdv_kernel(const BwdArgs a, const PlanArgs pl,
+                                                                 const varlen::Tables v) {
+  const detail::DkvCta cta = detail::dkdv_cta(a.B, a.Hkv);
+  if (cta.item >= pl.counters[0]) return;
+  if constexpr (PACKED) {
+    const detail::StreamItem si = detail::stream_item<typename K::T, K::D>(a, pl, v, pl.items[cta.item]);
+    dkdv_cta<K>(si.a, si.pl, si.item, cta.b, cta.hk);
+  } else {
+    dkdv_cta<K>(a, pl, pl.items[cta.item], cta.b, cta.hk);
+  }
+}
+
 // ---- pass 4: sum the partials of split key tiles in segment order
 template <class T, int D, int BKV>
-__global__ void __launch_bounds__(256) reduce_kernel(const BwdArgs a, const PlanArgs pl) {
+__global__ void __launch_bounds__(256) reduce_kernel(const BwdArgs a, const PlanArgs pl, const varlen::Tables v) {
   if (int(blockIdx.x) >= pl.counters[1]) return;
   const PlanSplit sp = pl.splits[blockIdx.x];
   const int hk = int(blockIdx.y), b = int(blockIdx.z);
-  int64_t tb, te;
-  bwd::key_tile_rows(a.lay, BKV, sp.kt, tb, te);
+  int64_t tb, te, row0 = 0;
+  Layout32 l32 = a.l32;
+  if (v.ktiles) {  // packed: the key tile in its stream
+    const varlen::KeyTile r = v.ktiles[sp.kt];
+    const varlen::Seq s = v.seqs[r.seq];
+    bwd::key_tile_rows(Layout(a.lay.k, a.lay.S, s.l32.T, a.lay.summarize_tail), BKV, r.kt, tb, te);
+    l32 = s.l32;
+    row0 = s.row0;
+  } else {
+    bwd::key_tile_rows(a.lay, BKV, sp.kt, tb, te);
+  }
   const int rows = int(te - tb);
   const int64_t slot_stride = int64_t(a.B) * a.Hkv * BKV * D, base = (int64_t(b) * a.Hkv + hk) * (BKV * D);
   for (int i = threadIdx.x; i < rows * (D / 4); i += blockDim.x) {
@@ -507,7 +577,7 @@ __global__ void __launch_bounds__(256) reduce_kernel(const BwdArgs a, const Plan
       sk.x += x.x, sk.y += x.y, sk.z += x.z, sk.w += x.w;
       sv.x += y.x, sv.y += y.y, sv.z += y.z, sv.w += y.w;
     }
-    const int64_t srow = a.l32.stream_of_gathered(uint32_t(tb + row));
+    const int64_t srow = row0 + l32.stream_of_gathered(uint32_t(tb + row));
     *reinterpret_cast<uint2*>(row_ptr<T>(a.dk, b, srow, hk) + c) =
         make_uint2(pack2<T>(sk.x * a.scale, sk.y * a.scale), pack2<T>(sk.z * a.scale, sk.w * a.scale));
     *reinterpret_cast<uint2*>(row_ptr<T>(a.dv, b, srow, hk) + c) = make_uint2(pack2<T>(sv.x, sv.y), pack2<T>(sv.z, sv.w));
@@ -517,24 +587,35 @@ __global__ void __launch_bounds__(256) reduce_kernel(const BwdArgs a, const Plan
 // ---- pass 5 after a fused-dQ dK/dV pass (sm_90a): dq = scale * dq_acc in stream order; a thread per 8
 // elements of one (gathered row, q head), consecutive threads along a stream row of dq.
 template <class T, int D>
-__global__ void __launch_bounds__(256) dq_store_kernel(const BwdArgs a) {
+__global__ void __launch_bounds__(256) dq_store_kernel(const BwdArgs a, const varlen::Tables v) {
   constexpr int CH = D / 8;
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int c = int(t % CH), h = int(t / CH % a.Hq), b = int(blockIdx.y);
-  const int64_t g = t / CH / a.Hq;
-  if (g >= a.L) return;
+  const int64_t g = t / CH / a.Hq;  // gathered row; packed: padded row (threads over [0, Lp))
+  int64_t srow;
+  if (v.seqs) {  // packed: the padded row's stream; its padding is not stored
+    if (g >= a.Lp) return;
+    const varlen::Seq s = v.seqs[v.row_blocks[g / kRowPad]];
+    const int64_t gs = g - s.p0;
+    if (gs >= s.L) return;
+    srow = s.row0 + s.l32.stream_of_gathered(uint32_t(gs));
+  } else {
+    if (g >= a.L) return;
+    srow = a.l32.stream_of_gathered(uint32_t(g));
+  }
   if constexpr (D != 128) return;  // the fused pass and its accumulator layout (dq_acc_chunk) are D = 128 only
+  // Padded rows: a stream's p0 is a multiple of 128, so its 64-row tiles are the accumulator's.
   const float* src = a.dq_acc + ((int64_t(b) * a.Hq + h) * a.Lp + g / 64 * 64) * D + detail::dq_acc_chunk(int(g % 64), c);
   const float4 x = *reinterpret_cast<const float4*>(src), y = *reinterpret_cast<const float4*>(src + 4);
-  const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
   *reinterpret_cast<uint4*>(row_ptr<T>(a.dq, b, srow, h) + c * 8) =
       make_uint4(pack2<T>(x.x * a.scale, x.y * a.scale), pack2<T>(x.z * a.scale, x.w * a.scale),
                  pack2<T>(y.x * a.scale, y.y * a.scale), pack2<T>(y.z * a.scale, y.w * a.scale));
 }
 
 // ---- pass 5: dQ over the key tiles of KeyTileCursor (the forward's loop structure)
+// One CTA: the query rows [g0, g1) (gathered order of a's stream) of head blockIdx.y, batch entry blockIdx.z.
 template <class K>
-__global__ void __launch_bounds__(K::THREADS, K::MINB) dq_kernel(const BwdArgs a, int num_qtiles) {
+__device__ __forceinline__ void dq_cta(const BwdArgs& a, int g0, int g1) {
   using T = typename K::T;
   constexpr int D = K::D, BK = K::BK, BQ = K::BQ, CH = K::CHUNKS;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -542,9 +623,7 @@ __global__ void __launch_bounds__(K::THREADS, K::MINB) dq_kernel(const BwdArgs a
   const uint32_t sQ = smem_u32(smem), sO = sQ + BQ * D * 2, sK0 = sO + BQ * D * 2, sV0 = sK0 + 2 * KV;
   int2* tok0 = reinterpret_cast<int2*>(smem + 2 * BQ * D * 2 + 4 * KV);
 
-  const int qt = num_qtiles - 1 - int(blockIdx.x);
   const int h = int(blockIdx.y), b = int(blockIdx.z), hk = h / a.G;
-  const int g0 = qt * BQ, g1 = min(a.L, g0 + BQ);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, tig = lane & 3;
 
   KeyTileCursor cur(a.lay, key_spans(a.lay, a.W, g0, g1), BK);
@@ -665,6 +744,19 @@ __global__ void __launch_bounds__(K::THREADS, K::MINB) dq_kernel(const BwdArgs a
   }
 }
 
+// PACKED: CTA x takes work item v.tiles[x] (a query tile of one stream, run as for that stream alone);
+// otherwise query tile x of the launch's one layout, the last (most summaries) first.
+template <class K, bool PACKED>
+__global__ void __launch_bounds__(K::THREADS, K::MINB) dq_kernel(const BwdArgs a, int num_qtiles, const varlen::Tables v) {
+  if constexpr (PACKED) {
+    const varlen::QueryTile w = v.tiles[blockIdx.x];
+    dq_cta<K>(detail::stream_args<typename K::T, K::D>(a, v.seqs[w.seq]), w.g0, w.g1);
+  } else {
+    const int g0 = (num_qtiles - 1 - int(blockIdx.x)) * K::BQ;
+    dq_cta<K>(a, g0, min(a.L, g0 + K::BQ));
+  }
+}
+
 // --------------------------------------------------------------------------------------------- launcher
 // Sizes of the plan for a layout; the bounds follow from the schedule (file comment): with U >= total /
 // target, sum_i ceil(n_i / U) <= nk + target items, and split tiles (n_i > U) number <= target and take
@@ -675,14 +767,19 @@ struct PlanSizes {
   int64_t max_items = 0, max_splits = 0, max_slots = 0;
 };
 
-// forced: entries per item (> 0), or -1 to read KSA_CUDA_BWD_SPLIT (unset or <= 0: automatic).
-PlanSizes plan_sizes(const Layout& lay, int BQ, int BK, int64_t bh, int minb, int forced = -1) {
+// nq query tiles, nk key tiles of which ntext text tiles (first); a key tile's list has at most max_list
+// entries (the query tiles of its stream). forced: entries per item (> 0), or -1 to read KSA_CUDA_BWD_SPLIT
+// (unset or <= 0: automatic).
+PlanSizes plan_sizes(int64_t nq, int64_t ntext, int64_t nk, int64_t max_list, int BQ, int BK, int64_t bh, int minb,
+                     int forced = -1) {
   PlanSizes ps;
   ps.BQ = BQ;
   ps.BK = BK;
-  ps.nq = int((lay.length() + BQ - 1) / BQ);
-  ps.ntext = int(bwd::num_text_key_tiles(lay, BK));
-  ps.nk = int(bwd::num_key_tiles(lay, BK));
+  if (nq > INT_MAX / 2 || nk > INT_MAX / 2)
+    fail("ksa::cuda::attention_backward: plan too large (", nq, " query tiles, ", nk, " key tiles)");
+  ps.nq = int(nq);
+  ps.ntext = int(ntext);
+  ps.nk = int(nk);
   if (forced >= 0) ps.forced = forced;
   else if (const char* e = std::getenv("KSA_CUDA_BWD_SPLIT")) ps.forced = std::atoi(e);
   int dev = 0, sms = 0;
@@ -691,7 +788,7 @@ PlanSizes plan_sizes(const Layout& lay, int BQ, int BK, int64_t bh, int minb, in
   const int64_t resident = int64_t(sms) * minb;
   ps.target = int(std::min<int64_t>(2 * resident / std::max<int64_t>(bh, 1), 1 << 20));
   if (ps.forced > 0) {
-    const int64_t per = (ps.nq + ps.forced - 1) / ps.forced;  // segments of the longest possible list
+    const int64_t per = (max_list + ps.forced - 1) / ps.forced;  // segments of the longest possible list
     ps.max_items = ps.nk * per;
     ps.max_splits = per > 1 ? ps.nk : 0;
     ps.max_slots = per > 1 ? ps.nk * per : 0;
@@ -706,34 +803,14 @@ PlanSizes plan_sizes(const Layout& lay, int BQ, int BK, int64_t bh, int minb, in
     fail("ksa::cuda::attention_backward: plan too large (", ps.max_items, " items; KSA_CUDA_BWD_SPLIT=", ps.forced, ")");
   return ps;
 }
+// The plan of one layout (a plain call): query tiles on the BQ grid over [0, L), its key tiles.
+PlanSizes plan_sizes(const Layout& lay, int BQ, int BK, int64_t bh, int minb, int forced = -1) {
+  const int64_t nq = (lay.length() + BQ - 1) / BQ;
+  return plan_sizes(nq, bwd::num_text_key_tiles(lay, BK), bwd::num_key_tiles(lay, BK), nq, BQ, BK, bh, minb, forced);
+}
 
-// Carves one workspace allocation into aligned arrays; a first pass with a null base measures it.
-struct Carver {
-  char* base = nullptr;
-  size_t off = 0;
-  template <class X>
-  X* take(int64_t n) {
-    off = (off + 255) / 256 * 256;
-    X* p = base ? reinterpret_cast<X*>(base + off) : nullptr;
-    off += size_t(n > 0 ? n : 1) * sizeof(X);
-    return p;
-  }
-};
-
-// Stream-ordered workspace; freed on the stream also when a launch throws.
-struct Workspace {
-  void* p = nullptr;
-  cudaStream_t s = nullptr;
-  Workspace(size_t bytes, cudaStream_t st) : s(st) { KSA_CUDA_CHECK(cudaMallocAsync(&p, bytes, s)); }
-  ~Workspace() {
-    if (p) cudaFreeAsync(p, s);  // error path only: the error being thrown is the one to report
-  }
-  void release() {
-    void* q = p;
-    p = nullptr;
-    KSA_CUDA_CHECK(cudaFreeAsync(q, s));
-  }
-};
+using detail::Carver;
+using detail::Workspace;
 
 void carve_plan(Carver& c, PlanArgs& pl, const PlanSizes& ps, int64_t part_floats) {
   pl.spans = c.take<KeySpans>(ps.nq);
@@ -758,10 +835,11 @@ void fill_plan_args(PlanArgs& pl, const PlanSizes& ps) {
   pl.max_slots = int(ps.max_slots);
 }
 
-void launch_plan(const Layout& lay, int64_t W, const PlanSizes& ps, const PlanArgs& pl, cudaStream_t s) {
-  spans_kernel<<<unsigned((ps.nq + 127) / 128), 128, 0, s>>>(lay, W, pl);
+void launch_plan(const Layout& lay, int64_t W, const PlanSizes& ps, const PlanArgs& pl, const varlen::Tables& v,
+                 cudaStream_t s) {
+  spans_kernel<<<unsigned((ps.nq + 127) / 128), 128, 0, s>>>(lay, W, pl, v);
   KSA_CUDA_CHECK_LAUNCH();
-  runs_kernel<<<unsigned((ps.nk + 7) / 8), 256, 0, s>>>(lay, pl);
+  runs_kernel<<<unsigned((ps.nk + 7) / 8), 256, 0, s>>>(lay, pl, v);
   KSA_CUDA_CHECK_LAUNCH();
   schedule_kernel<<<1, 1024, 0, s>>>(pl, ps.forced, ps.target, ps.umin);
   KSA_CUDA_CHECK_LAUNCH();
@@ -783,8 +861,9 @@ bool use_fused_dq(bool sm90a, int D, bool deterministic) {
   return sm90a && D == 128 && !deterministic && !(e && std::string(e) == "0");
 }
 
+// packed: the streams of a packed call (a.Lp their padded rows), else null.
 template <class T, int D>
-void run_backward(const BwdArgs& a0, bool deterministic, cudaStream_t s) {
+void run_backward(const BwdArgs& a0, bool deterministic, const varlen::Streams* packed, cudaStream_t s) {
   using KV = typename Config<T, D>::Dkv;
   using KQ = typename Config<T, D>::Dq;
   BwdArgs a = a0;
@@ -792,7 +871,32 @@ void run_backward(const BwdArgs& a0, bool deterministic, cudaStream_t s) {
   const bool fused_dq = use_fused_dq(sm90a, D, deterministic);
   const int64_t acc_floats = fused_dq ? int64_t(a.B) * a.Hq * a.Lp * D : 0;
   const int pBQ = sm90a ? detail::kDkvSm90Queries : KV::BQ, pBK = sm90a ? detail::kDkvSm90Keys : KV::BKV;
-  const PlanSizes ps = plan_sizes(a.lay, pBQ, pBK, int64_t(a.B) * a.Hkv, sm90a ? 1 : KV::MINB);
+  const int dqBQ = sm90a ? detail::kDqSm90Queries : KQ::BQ;  // the dQ pass's query tiles
+  const int64_t bh = int64_t(a.B) * a.Hkv;
+  const int minb = sm90a ? 1 : KV::MINB;
+
+  // Packed: the launch's tables (varlen_plan.hpp) in one host image, copied into the workspace: the streams,
+  // the stream of each padded row block, the plan's key tiles (in its numbering) and the dQ pass's work items.
+  detail::HostImage img;
+  size_t o_seqs = 0, o_blocks = 0, o_ktiles = 0, o_dq = 0;
+  int64_t n_dq_tiles = 0;
+  PlanSizes ps;
+  if (packed) {
+    const varlen::KeyTiles kts = varlen::key_tiles(*packed, pBK);
+    std::vector<varlen::QueryTile> dq_tiles;
+    if (!fused_dq) dq_tiles = varlen::query_tiles(*packed, a.W, dqBQ);
+    n_dq_tiles = int64_t(dq_tiles.size());
+    if (n_dq_tiles >= (int64_t(1) << 31)) fail("ksa::cuda::attention_backward: ", n_dq_tiles, " dQ tiles (over 2^31 - 1)");
+    o_seqs = img.add(packed->seqs);
+    o_blocks = img.add(varlen::row_blocks(*packed));
+    o_ktiles = img.add(kts.tiles);
+    o_dq = img.add(dq_tiles);
+    int64_t longest = 0;  // rows of the longest stream: its query tiles bound every list
+    for (const varlen::Seq& q : packed->seqs) longest = std::max<int64_t>(longest, q.L);
+    ps = plan_sizes(a.Lp / pBQ, kts.ntext, int64_t(kts.tiles.size()), (longest + pBQ - 1) / pBQ, pBQ, pBK, bh, minb);
+  } else {
+    ps = plan_sizes(a.lay, pBQ, pBK, bh, minb);
+  }
   const int64_t part_floats = int64_t(a.B) * a.Hkv * pBK * D;  // one slot
   const int64_t rowvals = int64_t(a.B) * a.Hq * a.Lp;
 
@@ -802,6 +906,7 @@ void run_backward(const BwdArgs& a0, bool deterministic, cudaStream_t s) {
   measure.take<float>(acc_floats);
   PlanArgs pl{};
   carve_plan(measure, pl, ps, part_floats);
+  if (packed) measure.take<char>(int64_t(img.size()));
   Workspace ws(measure.off, s);
   Carver c{static_cast<char*>(ws.p), 0};
   a.lse2 = c.take<float>(rowvals);
@@ -810,51 +915,61 @@ void run_backward(const BwdArgs& a0, bool deterministic, cudaStream_t s) {
   if (fused_dq) KSA_CUDA_CHECK(cudaMemsetAsync(a.dq_acc, 0, size_t(acc_floats) * sizeof(float), s));
   carve_plan(c, pl, ps, part_floats);
   fill_plan_args(pl, ps);
+  varlen::Tables v;  // null pointers for a plain call
+  if (packed) {
+    char* tables = c.take<char>(int64_t(img.size()));
+    img.upload(tables, s);
+    v.seqs = detail::HostImage::at<varlen::Seq>(tables, o_seqs);
+    v.row_blocks = detail::HostImage::at<int32_t>(tables, o_blocks);
+    v.tiles = n_dq_tiles > 0 ? detail::HostImage::at<varlen::QueryTile>(tables, o_dq) : nullptr;
+    v.ktiles = detail::HostImage::at<varlen::KeyTile>(tables, o_ktiles);
+  }
 
   const int64_t pre_blocks = (int64_t(a.Lp) * a.Hq * 8 + 255) / 256;
   if (pre_blocks >= (int64_t(1) << 31)) fail("ksa::cuda::attention_backward: L*Hq too large (", int64_t(a.Lp) * a.Hq, ")");
-  preprocess_kernel<T, D><<<dim3(unsigned(pre_blocks), unsigned(a.B)), 256, 0, s>>>(a);
+  preprocess_kernel<T, D><<<dim3(unsigned(pre_blocks), unsigned(a.B)), 256, 0, s>>>(a, v);
   KSA_CUDA_CHECK_LAUNCH();
-  launch_plan(a.lay, a.W, ps, pl, s);
+  launch_plan(a.lay, a.W, ps, pl, v, s);
 
   [[maybe_unused]] constexpr bool f16 = std::is_same_v<T, __half>;  // the sm_90a launchers' dtype
   const dim3 reduce_grid(unsigned(ps.max_splits), unsigned(a.Hkv), unsigned(a.B));
   if (sm90a) {
 #if defined(KSA_HAVE_SM90A)
-    detail::launch_dkdv_sm90a(a, pl, int(ps.max_items), D, f16, fused_dq, s);
+    detail::launch_dkdv_sm90a(a, pl, v, int(ps.max_items), D, f16, fused_dq, s);
 #endif
-    if (ps.max_splits > 0) reduce_kernel<T, D, detail::kDkvSm90Keys><<<reduce_grid, 256, 0, s>>>(a, pl);
+    if (ps.max_splits > 0) reduce_kernel<T, D, detail::kDkvSm90Keys><<<reduce_grid, 256, 0, s>>>(a, pl, v);
   } else {
-    auto kv = dkdv_kernel<KV>;
+    auto kv = packed ? dkdv_kernel<KV, true> : dkdv_kernel<KV, false>;
     KSA_CUDA_CHECK(cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, KV::SMEM));
-    kv<<<detail::dkdv_grid(ps.max_items, a.B, a.Hkv), KV::THREADS, KV::SMEM, s>>>(a, pl);
+    kv<<<detail::dkdv_grid(ps.max_items, a.B, a.Hkv), KV::THREADS, KV::SMEM, s>>>(a, pl, v);
     KSA_CUDA_CHECK_LAUNCH();
-    if (ps.max_splits > 0) reduce_kernel<T, D, KV::BKV><<<reduce_grid, 256, 0, s>>>(a, pl);
+    if (ps.max_splits > 0) reduce_kernel<T, D, KV::BKV><<<reduce_grid, 256, 0, s>>>(a, pl, v);
   }
   KSA_CUDA_CHECK_LAUNCH();
 
   if (fused_dq) {
-    const int64_t blocks = (int64_t(a.L) * a.Hq * (D / 8) + 255) / 256;
-    dq_store_kernel<T, D><<<dim3(unsigned(blocks), unsigned(a.B)), 256, 0, s>>>(a);
+    const int64_t rows = packed ? a.Lp : a.L;  // packed: threads over the padded rows (row_blocks finds the stream)
+    const int64_t blocks = (rows * a.Hq * (D / 8) + 255) / 256;
+    dq_store_kernel<T, D><<<dim3(unsigned(blocks), unsigned(a.B)), 256, 0, s>>>(a, v);
     KSA_CUDA_CHECK_LAUNCH();
   } else if (sm90a) {
 #if defined(KSA_HAVE_SM90A)
-    detail::launch_dq_sm90a(a, D, f16, s);
+    detail::launch_dq_sm90a(a, v, int(n_dq_tiles), D, f16, s);
 #endif
   } else {
-    auto qk = dq_kernel<KQ>;
+    auto qk = packed ? dq_kernel<KQ, true> : dq_kernel<KQ, false>;
     KSA_CUDA_CHECK(cudaFuncSetAttribute(qk, cudaFuncAttributeMaxDynamicSharedMemorySize, KQ::SMEM));
-    const int nqt = (a.L + KQ::BQ - 1) / KQ::BQ;
-    qk<<<dim3(unsigned(nqt), unsigned(a.Hq), unsigned(a.B)), KQ::THREADS, KQ::SMEM, s>>>(a, nqt);
+    const int nqt = packed ? int(n_dq_tiles) : (a.L + KQ::BQ - 1) / KQ::BQ;
+    qk<<<dim3(unsigned(nqt), unsigned(a.Hq), unsigned(a.B)), KQ::THREADS, KQ::SMEM, s>>>(a, nqt, v);
     KSA_CUDA_CHECK_LAUNCH();
   }
   ws.release();
 }
 
 template <class T>
-void dispatch_dim(const BwdArgs& a, int64_t D, bool deterministic, cudaStream_t s) {
-  if (D == 128) run_backward<T, 128>(a, deterministic, s);
-  else if (D == 64) run_backward<T, 64>(a, deterministic, s);
+void dispatch_dim(const BwdArgs& a, int64_t D, bool deterministic, const varlen::Streams* packed, cudaStream_t s) {
+  if (D == 128) run_backward<T, 128>(a, deterministic, packed, s);
+  else if (D == 64) run_backward<T, 64>(a, deterministic, packed, s);
   else fail("ksa::cuda::attention_backward: D=", D, " is not supported (64 or 128)");
 }
 
@@ -887,10 +1002,11 @@ void attention_backward(const AttentionBackwardParams& p, Stream stream) {
   validate(p);
   std::string why;
   if (!supports(p, &why)) fail("ksa::cuda::attention_backward: unsupported: ", why);
-  if (p.layout.T == 0) return;
+  if (p.L() == 0) return;
   BwdArgs a{};
-  a.lay = p.layout;
-  a.l32 = Layout32(p.layout);
+  // Packed: the streams' common k, S and tail; each CTA takes its stream's T from the tables.
+  a.lay = p.packed() ? Layout(p.layout.k, p.layout.S, 0, p.layout.summarize_tail) : p.layout;
+  a.l32 = Layout32(a.lay);
   a.W = p.W;
   a.W32 = detail::window32(p.W);
   a.B = int(p.B);
@@ -898,7 +1014,9 @@ void attention_backward(const AttentionBackwardParams& p, Stream stream) {
   a.Hkv = int(p.Hkv);
   a.G = int(p.group());
   a.L = int(p.L());
-  a.Lp = int((p.L() + kRowPad - 1) / kRowPad * kRowPad);
+  const varlen::Streams streams = p.packed() ? varlen::streams_of(p) : varlen::Streams{};
+  const varlen::Streams* pk = p.packed() ? &streams : nullptr;
+  a.Lp = int(pk ? streams.padded_rows : (p.L() + kRowPad - 1) / kRowPad * kRowPad);
   a.scale = p.softmax_scale();
   a.scale_log2 = a.scale * kLog2e;
   a.q = view_of(p.q);
@@ -911,36 +1029,52 @@ void attention_backward(const AttentionBackwardParams& p, Stream stream) {
   a.dv = view_of(p.dv);
   a.lse = p.lse;
   auto s = static_cast<cudaStream_t>(stream);
-  if (p.dtype == DType::bf16) dispatch_dim<__nv_bfloat16>(a, p.D, p.deterministic, s);
-  else dispatch_dim<__half>(a, p.D, p.deterministic, s);
+  if (p.dtype == DType::bf16) dispatch_dim<__nv_bfloat16>(a, p.D, p.deterministic, pk, s);
+  else dispatch_dim<__half>(a, p.D, p.deterministic, pk, s);
 }
 
 namespace bwd {
 
-PlanDump backward_plan_for_testing(const Layout& lay, int64_t W, int64_t D, int64_t bh, int split) {
-  PlanSizes ps;
-  auto sizes = [&](auto cfg) {
-    using KV = typename decltype(cfg)::Dkv;
-    ps = plan_sizes(lay, KV::BQ, KV::BKV, bh, KV::MINB, split > 0 ? split : 0);
-  };
-  if (D == 64) sizes(Config<__nv_bfloat16, 64>{});
-  else if (D == 128) sizes(Config<__nv_bfloat16, 128>{});
-  else fail("backward_plan_for_testing: D=", D, " (64 or 128)");
+namespace {
+
+// The device plan for these sizes (packed: with the streams' tables), copied back.
+PlanDump dump_plan(const Layout& lay, int64_t W, const PlanSizes& ps, const varlen::Streams* packed,
+                   const varlen::KeyTiles* kts) {
   PlanDump out;
   out.BQ = ps.BQ;
   out.BK = ps.BK;
   out.nq = ps.nq;
   out.nk = ps.nk;
-  if (lay.T == 0) return out;
+  if (ps.nk == 0) return out;
   Carver measure;
   PlanArgs pl{};
   carve_plan(measure, pl, ps, 0);
+  detail::HostImage img;
+  size_t o_seqs = 0, o_blocks = 0, o_ktiles = 0;
+  if (packed) {
+    o_seqs = img.add(packed->seqs);
+    o_blocks = img.add(varlen::row_blocks(*packed));
+    o_ktiles = img.add(kts->tiles);
+    measure.take<char>(int64_t(img.size()));
+  }
   const cudaStream_t s = nullptr;
   Workspace ws(measure.off, s);
   Carver c{static_cast<char*>(ws.p), 0};
   carve_plan(c, pl, ps, 0);
   fill_plan_args(pl, ps);
-  launch_plan(lay, W, ps, pl, s);
+  varlen::Tables v;
+  if (packed) {
+    char* tables = c.take<char>(int64_t(img.size()));
+    img.upload(tables, s);
+    v.seqs = detail::HostImage::at<varlen::Seq>(tables, o_seqs);
+    v.row_blocks = detail::HostImage::at<int32_t>(tables, o_blocks);
+    v.ktiles = detail::HostImage::at<varlen::KeyTile>(tables, o_ktiles);
+    for (const varlen::KeyTile& t : kts->tiles) {
+      out.tile_stream.push_back(t.seq);
+      out.tile_in_stream.push_back(t.kt);
+    }
+  }
+  launch_plan(lay, W, ps, pl, v, s);
   int counters[4] = {};
   KSA_CUDA_CHECK(cudaMemcpyAsync(counters, pl.counters, sizeof counters, cudaMemcpyDeviceToHost, s));
   KSA_CUDA_CHECK(cudaStreamSynchronize(s));
@@ -956,6 +1090,42 @@ PlanDump backward_plan_for_testing(const Layout& lay, int64_t W, int64_t D, int6
   ws.release();
   KSA_CUDA_CHECK(cudaStreamSynchronize(s));
   return out;
+}
+
+// The portable dK/dV pass's tiles for D (the plan tests use them).
+template <class F>
+void with_dkv_config(int64_t D, F&& f) {
+  if (D == 64) f(Config<__nv_bfloat16, 64>{});
+  else if (D == 128) f(Config<__nv_bfloat16, 128>{});
+  else fail("backward_plan_for_testing: D=", D, " (64 or 128)");
+}
+
+}  // namespace
+
+PlanDump backward_plan_for_testing(const Layout& lay, int64_t W, int64_t D, int64_t bh, int split) {
+  PlanSizes ps;
+  with_dkv_config(D, [&](auto cfg) {
+    using KV = typename decltype(cfg)::Dkv;
+    ps = plan_sizes(lay, KV::BQ, KV::BKV, bh, KV::MINB, split > 0 ? split : 0);
+  });
+  return dump_plan(lay, W, ps, nullptr, nullptr);
+}
+
+PlanDump backward_plan_for_testing(const AttentionParams& p, int64_t D, int64_t bh, int split) {
+  validate(p);
+  if (!p.packed()) fail("backward_plan_for_testing: params without cu_seqlens (use the Layout overload)");
+  const varlen::Streams st = varlen::streams_of(p);
+  PlanSizes ps;
+  varlen::KeyTiles kts;
+  with_dkv_config(D, [&](auto cfg) {
+    using KV = typename decltype(cfg)::Dkv;
+    kts = varlen::key_tiles(st, KV::BKV);
+    int64_t longest = 0;
+    for (const varlen::Seq& q : st.seqs) longest = std::max<int64_t>(longest, q.L);
+    ps = plan_sizes(st.padded_rows / KV::BQ, kts.ntext, int64_t(kts.tiles.size()), (longest + KV::BQ - 1) / KV::BQ,
+                    KV::BQ, KV::BKV, bh, KV::MINB, split > 0 ? split : 0);
+  });
+  return dump_plan(Layout(p.layout.k, p.layout.S, 0, p.layout.summarize_tail), p.W, ps, &st, &kts);
 }
 
 }  // namespace bwd

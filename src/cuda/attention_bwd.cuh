@@ -8,12 +8,14 @@
 
 #include "cuda/attention_bwd_plan.hpp"
 #include "cuda/mma.cuh"
+#include "cuda/varlen_plan.hpp"
 #include "ksa/spec.hpp"
 
 namespace ksa::cuda::detail {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kRowPad = 128;  // lse2/Delta rows are padded to a multiple of this (>= every BQ)
+static_assert(kRowPad == varlen::kRowBlock, "a packed call pads each stream's rows as a plain call pads its L");
 
 struct View {
   void* p;
@@ -21,7 +23,7 @@ struct View {
 };
 
 struct BwdArgs {
-  Layout lay;
+  Layout lay;  // packed: k, S and summarize_tail of every stream (T: see stream_args)
   Layout32 l32;
   int64_t W;
   int W32;  // W clamped to int range (any W >= #chunks behaves the same)
@@ -34,7 +36,34 @@ struct BwdArgs {
   float* dq_acc;     // [B, Hq, Lp / 64, 64 * D] gathered order in the fragment layout of dq_acc_chunk, zeroed:
                      // dQ / scale summed by the fused sm_90a dK/dV pass (bulk reduce-adds; null when the dQ
                      // pass runs instead)
+  // Packed sequences (the kernels' varlen::Tables argument): lse2, Delta and dq_acc are in the padded row space
+  // (Lp: each stream's rows from its p0, padded as a plain call pads its L), gathered order per stream.
 };
+
+// A View starting `rows` rows further on.
+template <class T>
+__device__ __forceinline__ View rows_on(const View& v, int64_t rows) {
+  return View{static_cast<T*>(v.p) + rows * v.r, v.b, v.r, v.h};
+}
+
+// The arguments of one stream of a packed call, as a call on that stream alone would have them: its Layout
+// and length, the tensors and lse from its first row (B = 1), and lse2, Delta and dq_acc from its first padded
+// row (their stride Lp stays the call's: [1, Hq, Lp]).
+template <class T, int D>
+__device__ __forceinline__ BwdArgs stream_args(const BwdArgs& a, const varlen::Seq& s) {
+  BwdArgs o = a;
+  o.lay = Layout(a.lay.k, a.lay.S, s.l32.T, a.lay.summarize_tail);
+  o.l32 = s.l32;
+  o.L = s.L;
+  const int64_t r0 = s.row0;
+  o.q = rows_on<T>(a.q, r0), o.k = rows_on<T>(a.k, r0), o.v = rows_on<T>(a.v, r0), o.out = rows_on<T>(a.out, r0);
+  o.dout = rows_on<T>(a.dout, r0), o.dq = rows_on<T>(a.dq, r0), o.dk = rows_on<T>(a.dk, r0), o.dv = rows_on<T>(a.dv, r0);
+  o.lse = a.lse + r0 * a.Hq;
+  o.lse2 = a.lse2 + s.p0;
+  o.delta = a.delta + s.p0;
+  if (a.dq_acc) o.dq_acc = a.dq_acc + int64_t(s.p0) * D;
+  return o;
+}
 
 // The fused dQ accumulator (D = 128) holds each 64-row query tile (8192 floats) in the order the fused
 // kernel's consumers produce it, so that each warp's part is one contiguous 4 KiB bulk reduce-add and its
@@ -70,7 +99,31 @@ struct PlanArgs {
   int* counters;           // [0] items, [1] split tiles, [2] partial slots
   float *part_k, *part_v;  // [max_slots, B, Hkv, BK, D]
   int max_items, max_splits, max_slots;
+  // Packed sequences (varlen::Tables): query tile qt is padded rows [qt BQ, qt BQ + BQ) (nq = Lp / BQ; a
+  // stream's tiles from p0 / BQ on, in its own gathered order); key tile kt is Tables::ktiles[kt] (every
+  // stream's text tiles, then every stream's summary tiles; ntext counts the former). A key tile's runs list its
+  // stream's query tiles numbered from 0, as a call on the stream alone numbers them.
 };
+
+// A packed dK/dV item's CTA: its stream's args (stream_args), the plan with spans from the stream's first query
+// tile and runs shifted so that runs + kt * kMaxRuns is the key tile's, and the item with kt the key tile's
+// index in its stream. The dK/dV kernels then run the item as for a call on that stream alone.
+struct StreamItem {
+  BwdArgs a;
+  PlanArgs pl;
+  bwd::PlanItem item;
+};
+template <class T, int D>
+__device__ __forceinline__ StreamItem stream_item(const BwdArgs& a, const PlanArgs& pl, const varlen::Tables& v,
+                                                  bwd::PlanItem item) {
+  const varlen::KeyTile kt = v.ktiles[item.kt];
+  const varlen::Seq s = v.seqs[kt.seq];
+  StreamItem o{stream_args<T, D>(a, s), pl, item};
+  o.pl.spans = pl.spans + s.p0 / pl.BQ;
+  o.pl.runs = pl.runs + int64_t(item.kt - kt.kt) * bwd::kMaxRuns;
+  o.item.kt = kt.kt;
+  return o;
+}
 
 // Element pointers of a View: head h of batch b (row 0), and stream row srow of it.
 template <class T>
@@ -148,13 +201,17 @@ struct EntryWalk {
 // warpgroup), query steps of 64 rows.
 constexpr int kDkvSm90Keys = 128, kDkvSm90Queries = 64;
 // Launches the wgmma dK/dV pass over the plan's items (grid: dkdv_grid; CTAs past the plan's item count
-// return at once). Requires sm90a_usable(). With fused_dq (D = 128 only, a.dq_acc zeroed) the pass also
-// adds each step's dS K into a.dq_acc, so the dQ pass is not needed (not deterministic: fp32 reduce-adds).
-void launch_dkdv_sm90a(const BwdArgs& a, const PlanArgs& pl, int max_items, int D, bool f16, bool fused_dq,
-                       cudaStream_t stream);
+// return at once; packed when v.ktiles is set). Requires sm90a_usable(). With fused_dq (D = 128 only, a.dq_acc
+// zeroed) the pass also adds each step's dS K into a.dq_acc, so the dQ pass is not needed (not deterministic:
+// fp32 reduce-adds).
+void launch_dkdv_sm90a(const BwdArgs& a, const PlanArgs& pl, const varlen::Tables& v, int max_items, int D, bool f16,
+                       bool fused_dq, cudaStream_t stream);
 
-// Launches the wgmma dQ pass (grid: query tiles of 128 rows, Hq, B) for D = 64 or 128 (f16 selects half,
-// else bf16); needs a.lse2 and a.delta from the preprocess pass. Requires sm90a_usable() (launch_checks.hpp).
-void launch_dq_sm90a(const BwdArgs& a, int D, bool f16, cudaStream_t stream);
+// The sm_90a dQ pass's query tiles (a packed call's dQ work items are built for them).
+constexpr int kDqSm90Queries = 128;
+// Launches the wgmma dQ pass (grid: query tiles of 128 rows, Hq, B; packed when v.tiles is set: its num_tiles
+// work items, Hq, 1) for D = 64 or 128 (f16 selects half, else bf16); needs a.lse2 and a.delta from the
+// preprocess pass. Requires sm90a_usable() (launch_checks.hpp).
+void launch_dq_sm90a(const BwdArgs& a, const varlen::Tables& v, int num_tiles, int D, bool f16, cudaStream_t stream);
 
 }  // namespace ksa::cuda::detail

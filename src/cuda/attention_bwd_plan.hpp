@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "ksa/attention.hpp"
 #include "ksa/spec.hpp"
 
 namespace ksa::cuda::bwd {
@@ -69,7 +70,12 @@ struct PlanDump {
   std::vector<PlanItem> items;  // [n_items]
   std::vector<PlanSplit> splits;
   int32_t n_slots = 0;
+  // Packed params: key tile kt is key tile tile_in_stream[kt] of stream tile_stream[kt] (varlen::key_tiles);
+  // its runs number that stream's query tiles from 0.
+  std::vector<int32_t> tile_stream, tile_in_stream;
 };
 PlanDump backward_plan_for_testing(const Layout& lay, int64_t W, int64_t D, int64_t bh, int split);
+// The same for packed params (cu_seqlens; p.W the window; the tensors are not read).
+PlanDump backward_plan_for_testing(const AttentionParams& p, int64_t D, int64_t bh, int split);
 
 }  // namespace ksa::cuda::bwd

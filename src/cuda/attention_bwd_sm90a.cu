@@ -96,8 +96,9 @@ struct DkvSm90Traits {
 };
 
 // ------------------------------------------------------------------------------------------ device code
+// One CTA: the query rows [g0, g1) (gathered order of a's stream) of head blockIdx.y, batch entry blockIdx.z.
 template <class K>
-__global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a, int num_qtiles) {
+__device__ __forceinline__ void dq_sm90a_cta(const BwdArgs& a, int g0, int g1) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename K::T;
   using B = Bars<K::STAGES>;
@@ -106,9 +107,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
   const uint32_t sQ = (smem_u32(smem) + 1023u) & ~1023u, sO = sQ + K::Q_BYTES, sKV = sO + K::Q_BYTES;
   TileInfo* info = reinterpret_cast<TileInfo*>(smem + (sKV - smem_u32(smem)) + K::STAGES * 2 * K::KV_BYTES);
 
-  const int qt = num_qtiles - 1 - int(blockIdx.x);  // heaviest tiles (most summaries) first
   const int h = int(blockIdx.y), b = int(blockIdx.z), hk = h / a.G;
-  const int g0 = qt * BQ, g1 = min(a.L, g0 + BQ);
   const int wg = int(threadIdx.x) / 128;
   if (wg == 2) {
     setmaxnreg_dec<K::PRODUCER_REGS>();
@@ -210,8 +209,21 @@ __global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a
 #endif
 }
 
-// The dK/dV passes' CTA: its plan item's key tile (gathered rows [tb, te)), the smem carve-up (K, V, then
-// the stages, then with DQ the P and dS tiles, then one TileInfo per stage) and the step count.
+// PACKED: CTA x takes work item v.tiles[x] (a query tile of one stream, run as for that stream alone);
+// otherwise query tile x of the launch's one layout, the heaviest (most summaries) first.
+template <class K, bool PACKED>
+__global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a, int num_qtiles, const varlen::Tables v) {
+  if constexpr (PACKED) {
+    const varlen::QueryTile w = v.tiles[blockIdx.x];
+    dq_sm90a_cta<K>(stream_args<typename K::T, K::D>(a, v.seqs[w.seq]), w.g0, w.g1);
+  } else {
+    const int g0 = (num_qtiles - 1 - int(blockIdx.x)) * K::BQ;
+    dq_sm90a_cta<K>(a, g0, min(a.L, g0 + K::BQ));
+  }
+}
+
+// The dK/dV passes' CTA: its plan item's key tile (gathered rows [tb, te) of a's stream), the smem carve-up
+// (K, V, then the stages, then with DQ the P and dS tiles, then one TileInfo per stage) and the step count.
 template <class K>
 struct DkvCtaState {
   bwd::PlanItem item;
@@ -220,8 +232,8 @@ struct DkvCtaState {
   uint32_t sK, sV, sS0, sP, sDS, sStg;
   uint8_t* gS0;  // the stages through a generic pointer (lse2, Delta, ranges)
   TileInfo* info;
-  __device__ DkvCtaState(const BwdArgs& a, const PlanArgs& pl, const DkvCta& cta, uint8_t* smem)
-      : item(pl.items[cta.item]), hk(cta.hk), b(cta.b) {
+  __device__ DkvCtaState(const BwdArgs& a, const bwd::PlanItem& it, const DkvCta& cta, uint8_t* smem)
+      : item(it), hk(cta.hk), b(cta.b) {
     sK = (smem_u32(smem) + 1023u) & ~1023u;
     sV = sK + K::KV_BYTES;
     sS0 = sV + K::KV_BYTES;
@@ -313,15 +325,14 @@ __device__ __forceinline__ void dkdv_produce(const BwdArgs& a, const PlanArgs& p
 // lse2[query]) (0 outside the query's key range), dS^T = P^T (dP^T - Delta[query]); dV += P^T dO and
 // dK += dS^T Q (wgmma m64nDk16, P^T and dS^T from registers, dO and Q MN-major).
 template <class K>
-__global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs a, const PlanArgs pl) {
+__device__ __forceinline__ void dkdv_sm90a_cta(const BwdArgs& a, const PlanArgs& pl, const bwd::PlanItem& item,
+                                               const DkvCta& cta) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename K::T;
   using B = Bars<K::STAGES>;
   constexpr int D = K::D, BQ = K::BQ, BKV = K::BKV, NS = BQ / 2, NO = D / 2;
-  const DkvCta cta = dkdv_cta(a.B, a.Hkv);
-  if (cta.item >= pl.counters[0]) return;  // the whole CTA: past the plan's items
   extern __shared__ __align__(1024) uint8_t smem[];
-  const DkvCtaState<K> c(a, pl, cta, smem);
+  const DkvCtaState<K> c(a, item, cta, smem);
   const int wg = int(threadIdx.x) / 128;
   if (wg == 2) {
     setmaxnreg_dec<K::PRODUCER_REGS>();
@@ -392,6 +403,20 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs
 #endif
 }
 
+// PACKED: the item's key tile is one stream's (v.ktiles); the CTA runs as for that stream alone
+// (stream_item). CTAs past the plan's item count return at once.
+template <class K, bool PACKED>
+__global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs a, const PlanArgs pl, const varlen::Tables v) {
+  const DkvCta cta = dkdv_cta(a.B, a.Hkv);
+  if (cta.item >= pl.counters[0]) return;  // the whole CTA: past the plan's items
+  if constexpr (PACKED) {
+    const StreamItem si = stream_item<typename K::T, K::D>(a, pl, v, pl.items[cta.item]);
+    dkdv_sm90a_cta<K>(si.a, si.pl, si.item, cta);
+  } else {
+    dkdv_sm90a_cta<K>(a, pl, pl.items[cta.item], cta);
+  }
+}
+
 // The fused kernel's dQ staging: lane (4 gid + tig) of warp w in consumer wg stores its float2 of rows
 // 16 w + gid + 8 hf, columns 64 wg + 8 j + 2 tig at float ((2 j + hf) 32 + lane) 2 of the warp's 1024, which
 // is where dq_acc_chunk puts them (checked for every lane, j and hf).
@@ -417,16 +442,15 @@ static_assert(dq_staging_matches_acc_layout(), "the fused dQ staging order is dq
 //   dQ[:, 64 wg ..] += dS K[:, 64 wg ..] over all 128 keys once both consumers' dS are in; through the
 //                                      warp's staging area in smem, bulk reduce-added into dq_acc.
 template <class K>
-__global__ void __launch_bounds__(K::THREADS, 1) dkdvdq_sm90a_kernel(const BwdArgs a, const PlanArgs pl) {
+__device__ __forceinline__ void dkdvdq_sm90a_cta(const BwdArgs& a, const PlanArgs& pl, const bwd::PlanItem& item,
+                                                 const DkvCta& cta) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename K::T;
   using B = Bars<K::STAGES>;
   constexpr int D = K::D, BQ = K::BQ, BKV = K::BKV, NS = 32, NO = D / 2;
   static_assert(K::DQ, "the fused kernel's traits");
-  const DkvCta cta = dkdv_cta(a.B, a.Hkv);
-  if (cta.item >= pl.counters[0]) return;  // the whole CTA: past the plan's items
   extern __shared__ __align__(1024) uint8_t smem[];
-  const DkvCtaState<K> c(a, pl, cta, smem);
+  const DkvCtaState<K> c(a, item, cta, smem);
   const int wg = int(threadIdx.x) / 128;
   if (wg == 2) {
     setmaxnreg_dec<K::PRODUCER_REGS>();
@@ -557,54 +581,72 @@ __global__ void __launch_bounds__(K::THREADS, 1) dkdvdq_sm90a_kernel(const BwdAr
 #endif
 }
 
+// As dkdv_sm90a_kernel.
+template <class K, bool PACKED>
+__global__ void __launch_bounds__(K::THREADS, 1) dkdvdq_sm90a_kernel(const BwdArgs a, const PlanArgs pl, const varlen::Tables v) {
+  const DkvCta cta = dkdv_cta(a.B, a.Hkv);
+  if (cta.item >= pl.counters[0]) return;  // the whole CTA: past the plan's items
+  if constexpr (PACKED) {
+    const StreamItem si = stream_item<typename K::T, K::D>(a, pl, v, pl.items[cta.item]);
+    dkdvdq_sm90a_cta<K>(si.a, si.pl, si.item, cta);
+  } else {
+    dkdvdq_sm90a_cta<K>(a, pl, pl.items[cta.item], cta);
+  }
+}
+
 // --------------------------------------------------------------------------------------------- launcher
+// Packed when the plan's key tiles are streams' (v.ktiles).
 template <class K>
-void launch_dkdv(const BwdArgs& a, const PlanArgs& pl, int max_items, cudaStream_t stream) {
-  auto kern = [] {
-    if constexpr (K::DQ) return dkdvdq_sm90a_kernel<K>;
-    else return dkdv_sm90a_kernel<K>;
+void launch_dkdv(const BwdArgs& a, const PlanArgs& pl, const varlen::Tables& v, int max_items, cudaStream_t stream) {
+  auto kern = [&] {
+    if constexpr (K::DQ) return v.ktiles ? dkdvdq_sm90a_kernel<K, true> : dkdvdq_sm90a_kernel<K, false>;
+    else return v.ktiles ? dkdv_sm90a_kernel<K, true> : dkdv_sm90a_kernel<K, false>;
   }();
   KSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
-  kern<<<dkdv_grid(max_items, a.B, a.Hkv), K::THREADS, K::SMEM, stream>>>(a, pl);
+  kern<<<dkdv_grid(max_items, a.B, a.Hkv), K::THREADS, K::SMEM, stream>>>(a, pl, v);
   KSA_CUDA_CHECK_LAUNCH();
 }
 
+// Packed when v.tiles is set (num_tiles work items).
 template <class K>
-void launch(const BwdArgs& a, cudaStream_t stream) {
-  auto kern = dq_sm90a_kernel<K>;
+void launch(const BwdArgs& a, const varlen::Tables& v, int num_tiles, cudaStream_t stream) {
+  auto kern = v.tiles ? dq_sm90a_kernel<K, true> : dq_sm90a_kernel<K, false>;
   KSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
-  const int nqt = (a.L + K::BQ - 1) / K::BQ;
-  kern<<<dim3(unsigned(nqt), unsigned(a.Hq), unsigned(a.B)), K::THREADS, K::SMEM, stream>>>(a, nqt);
+  const int nqt = v.tiles ? num_tiles : (a.L + K::BQ - 1) / K::BQ;
+  kern<<<dim3(unsigned(nqt), unsigned(a.Hq), unsigned(a.B)), K::THREADS, K::SMEM, stream>>>(a, nqt, v);
   KSA_CUDA_CHECK_LAUNCH();
 }
 
 template <class T>
-void launch_dim(const BwdArgs& a, int D, cudaStream_t s) {
-  if (D == 128) launch<DqSm90Traits<T, 128>>(a, s);
-  else if (D == 64) launch<DqSm90Traits<T, 64>>(a, s);
+void launch_dim(const BwdArgs& a, const varlen::Tables& v, int num_tiles, int D, cudaStream_t s) {
+  static_assert(DqSm90Traits<T, 128>::BQ == kDqSm90Queries && DqSm90Traits<T, 64>::BQ == kDqSm90Queries,
+                "the packed dQ tiles are built for kDqSm90Queries rows");
+  if (D == 128) launch<DqSm90Traits<T, 128>>(a, v, num_tiles, s);
+  else if (D == 64) launch<DqSm90Traits<T, 64>>(a, v, num_tiles, s);
   else fail("ksa::cuda::attention_backward (sm_90a dQ): D=", D, " is not supported (64 or 128)");
 }
 
 template <class T>
-void launch_dkdv_dim(const BwdArgs& a, const PlanArgs& pl, int max_items, int D, bool fused_dq, cudaStream_t s) {
+void launch_dkdv_dim(const BwdArgs& a, const PlanArgs& pl, const varlen::Tables& v, int max_items, int D, bool fused_dq,
+                     cudaStream_t s) {
   if (fused_dq && D != 128) fail("ksa::cuda::attention_backward (sm_90a dK/dV): the fused dQ needs D=128 (got ", D, ")");
-  if (fused_dq) launch_dkdv<DkvSm90Traits<T, 128, true>>(a, pl, max_items, s);
-  else if (D == 128) launch_dkdv<DkvSm90Traits<T, 128, false>>(a, pl, max_items, s);
-  else if (D == 64) launch_dkdv<DkvSm90Traits<T, 64, false>>(a, pl, max_items, s);
+  if (fused_dq) launch_dkdv<DkvSm90Traits<T, 128, true>>(a, pl, v, max_items, s);
+  else if (D == 128) launch_dkdv<DkvSm90Traits<T, 128, false>>(a, pl, v, max_items, s);
+  else if (D == 64) launch_dkdv<DkvSm90Traits<T, 64, false>>(a, pl, v, max_items, s);
   else fail("ksa::cuda::attention_backward (sm_90a dK/dV): D=", D, " is not supported (64 or 128)");
 }
 
 }  // namespace
 
-void launch_dkdv_sm90a(const BwdArgs& a, const PlanArgs& pl, int max_items, int D, bool f16, bool fused_dq,
-                       cudaStream_t stream) {
-  if (f16) launch_dkdv_dim<__half>(a, pl, max_items, D, fused_dq, stream);
-  else launch_dkdv_dim<__nv_bfloat16>(a, pl, max_items, D, fused_dq, stream);
+void launch_dkdv_sm90a(const BwdArgs& a, const PlanArgs& pl, const varlen::Tables& v, int max_items, int D, bool f16,
+                       bool fused_dq, cudaStream_t stream) {
+  if (f16) launch_dkdv_dim<__half>(a, pl, v, max_items, D, fused_dq, stream);
+  else launch_dkdv_dim<__nv_bfloat16>(a, pl, v, max_items, D, fused_dq, stream);
 }
 
-void launch_dq_sm90a(const BwdArgs& a, int D, bool f16, cudaStream_t stream) {
-  if (f16) launch_dim<__half>(a, D, stream);
-  else launch_dim<__nv_bfloat16>(a, D, stream);
+void launch_dq_sm90a(const BwdArgs& a, const varlen::Tables& v, int num_tiles, int D, bool f16, cudaStream_t stream) {
+  if (f16) launch_dim<__half>(a, v, num_tiles, D, stream);
+  else launch_dim<__nv_bfloat16>(a, v, num_tiles, D, stream);
 }
 
 }  // namespace ksa::cuda::detail

@@ -9,6 +9,12 @@
 // On compute capability 9.0 (built with architecture 90) attention_forward runs the wgmma kernel of
 // attention_fwd_sm90a.cu instead (KSA_CUDA_FWD_CONFIG=0..4 picks one of these for comparison).
 //
+// Packed sequences (AttentionParams::cu_seqlens), in both kernels: one launch for all streams. The grid walks
+// a table of (stream, query tile) work items built on the host from the streams' Layouts and uploaded with
+// the launch (varlen_plan.hpp says why a table); each CTA takes its stream's rows, Layout and tile walk
+// (detail::stream_args), so it does what a call on that stream alone does for the same tile, with the same
+// bits. Each kernel is instantiated twice (PACKED), so that plain calls run the code they ran before.
+//
 // File shape (DESIGN.md §3): traits -> device code -> launcher.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -74,8 +80,9 @@ __device__ __forceinline__ void load_rows(const FwdArgs& a, uint32_t smem, const
   }
 }
 
+// One CTA: the query rows [g0, g1) (gathered order of a's stream) of head blockIdx.y, batch entry blockIdx.z.
 template <class K>
-__global__ void __launch_bounds__(K::THREADS, K::MINB) fwd_kernel(const FwdArgs a) {
+__device__ __forceinline__ void fwd_cta(const FwdArgs& a, int g0, int g1) {
   using T = typename K::T;
   constexpr int D = K::D, BK = K::BK, BQ = K::BQ, MT = K::MT, CH = K::CHUNKS;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -84,10 +91,7 @@ __global__ void __launch_bounds__(K::THREADS, K::MINB) fwd_kernel(const FwdArgs 
   const uint32_t sQ = smem_u32(smem), sK0 = sQ + BQ * D * 2, sV0 = sK0 + 2 * KV;
   int2* tok0 = reinterpret_cast<int2*>(smem + (BQ + 4 * BK) * D * 2);
 
-  const int qt = a.num_qtiles - 1 - int(blockIdx.x);  // heaviest tiles (most summaries) first
   const int h = blockIdx.y, b = blockIdx.z, hk = h / a.G;
-  int g0, g1;
-  query_tile<BQ>(a, qt, g0, g1);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, tig = lane & 3;
 
   KeyTileCursor cur(a.lay, key_spans(a.lay, a.W, g0, g1), BK);
@@ -262,10 +266,24 @@ __global__ void __launch_bounds__(K::THREADS, K::MINB) fwd_kernel(const FwdArgs 
     }
 }
 
+// PACKED: CTA x takes work item v.tiles[x] (a query tile of one stream, with that stream's rows, Layout and
+// tile walk); otherwise query tile x of the launch's one layout, the heaviest (most summaries) first.
+template <class K, bool PACKED>
+__global__ void __launch_bounds__(K::THREADS, K::MINB) fwd_kernel(const FwdArgs a, const varlen::Tables v) {
+  if constexpr (PACKED) {
+    const varlen::QueryTile w = v.tiles[blockIdx.x];
+    fwd_cta<K>(detail::stream_args<typename K::T>(a, v.seqs[w.seq]), w.g0, w.g1);
+  } else {
+    int g0, g1;
+    query_tile<K::BQ>(a, a.num_qtiles - 1 - int(blockIdx.x), g0, g1);
+    fwd_cta<K>(a, g0, g1);
+  }
+}
+
 // --------------------------------------------------------------------------------------------- launcher
 template <class K>
-void launch(const FwdArgs& a, int B, cudaStream_t stream) {
-  detail::launch_fwd<K>(fwd_kernel<K>, a, B, stream);
+void launch(const FwdArgs& a, int B, const varlen::Streams* packed, cudaStream_t stream) {
+  detail::launch_fwd<K>(fwd_kernel<K, false>, fwd_kernel<K, true>, a, B, packed, stream);
 }
 
 // Tile configurations (MT m-tiles per warp, NW warps, BK keys). KSA_CUDA_FWD_CONFIG picks one for tuning.
@@ -281,19 +299,19 @@ int fwd_config(int64_t D) {
 }
 
 template <class T, int D>
-void dispatch_config(const FwdArgs& a, int B, cudaStream_t s) {
+void dispatch_config(const FwdArgs& a, int B, const varlen::Streams* pk, cudaStream_t s) {
   switch (fwd_config(D)) {
-    case 1: launch<FwdTraits<T, D, 1, 8, 32, false, 2>>(a, B, s); break;  // 2 CTAs x 8 warps, Q from smem
-    case 2: launch<FwdTraits<T, D, 1, 4, 64, true, 2>>(a, B, s); break;   // 64 rows, 2 CTAs x 4 warps
-    case 3: launch<FwdTraits<T, D, 1, 4, 32, false, 4>>(a, B, s); break;  // 64 rows, 4 CTAs x 4 warps
-    case 4: launch<FwdTraits<T, D, 2, 4, 32, false, 2>>(a, B, s); break;  // 128 rows, 4 warps x 32 rows
-    case 0: launch<FwdTraits<T, D, 1, 8, 64, true, 1>>(a, B, s); break;  // 128 rows, 8 warps x 16 rows
+    case 1: launch<FwdTraits<T, D, 1, 8, 32, false, 2>>(a, B, pk, s); break;  // 2 CTAs x 8 warps, Q from smem
+    case 2: launch<FwdTraits<T, D, 1, 4, 64, true, 2>>(a, B, pk, s); break;   // 64 rows, 2 CTAs x 4 warps
+    case 3: launch<FwdTraits<T, D, 1, 4, 32, false, 4>>(a, B, pk, s); break;  // 64 rows, 4 CTAs x 4 warps
+    case 4: launch<FwdTraits<T, D, 2, 4, 32, false, 2>>(a, B, pk, s); break;  // 128 rows, 4 warps x 32 rows
+    case 0: launch<FwdTraits<T, D, 1, 8, 64, true, 1>>(a, B, pk, s); break;  // 128 rows, 8 warps x 16 rows
     case kSm90aConfig:
       if (!detail::sm90a_usable())
         fail("KSA_CUDA_FWD_CONFIG=5: the sm_90a kernel needs a compute capability 9.0 device and a build with "
              "CUDA architecture 90 (this device: ", device_description(), ")");
 #if defined(KSA_HAVE_SM90A)
-      detail::launch_fwd_sm90a(a, B, D, std::is_same_v<T, __half>, s);
+      detail::launch_fwd_sm90a(a, B, D, std::is_same_v<T, __half>, pk, s);
 #endif
       break;
     default: fail("KSA_CUDA_FWD_CONFIG: unknown configuration ", fwd_config(D), " (0..5)");
@@ -301,9 +319,9 @@ void dispatch_config(const FwdArgs& a, int B, cudaStream_t s) {
 }
 
 template <class T>
-void dispatch_dim(const FwdArgs& a, int64_t D, int B, cudaStream_t s) {
-  if (D == 128) dispatch_config<T, 128>(a, B, s);
-  else if (D == 64) dispatch_config<T, 64>(a, B, s);
+void dispatch_dim(const FwdArgs& a, int64_t D, int B, const varlen::Streams* pk, cudaStream_t s) {
+  if (D == 128) dispatch_config<T, 128>(a, B, pk, s);
+  else if (D == 64) dispatch_config<T, 64>(a, B, pk, s);
   else fail("ksa::cuda::attention_forward: D=", D, " is not supported (64 or 128)");
 }
 
@@ -323,13 +341,16 @@ bool supports(const AttentionParams& p, std::string* why) {
     if (why) *why = w;
     return false;
   };
-  // TODO(varlen): packed sequences in the kernels (each stream its own Layout and tile walk); until then
-  // callers run one stream at a time (sequence_params), as the PyTorch binding does.
-  if (p.packed()) return no("cu_seqlens: packed sequences are not yet supported by the CUDA kernels (run each stream with sequence_params)");
   if (p.dtype != DType::bf16 && p.dtype != DType::f16)
     return no(std::string("dtype: must be bf16 or f16 (got ") + dtype_name(p.dtype) + ")");
   if (p.D != 64 && p.D != 128) return no("D: must be 64 or 128 (got " + std::to_string(p.D) + ")");
   if (p.L() >= (int64_t(1) << 31)) return no("L: must be < 2^31 (got " + std::to_string(p.L()) + ")");
+  if (p.packed()) {  // every stream's rows rounded up to 128 (varlen_plan.hpp) in 32-bit indices
+    if (p.num_seqs >= (int64_t(1) << 31)) return no("num_seqs: must be < 2^31 (got " + std::to_string(p.num_seqs) + ")");
+    const int64_t Lp = varlen::padded_rows(p);
+    if (Lp + varlen::kRowBlock >= (int64_t(1) << 31))
+      return no("cu_seqlens: the streams' rows, each rounded up to 128, must total < 2^31 - 128 (got " + std::to_string(Lp) + ")");
+  }
   return detail::views_aligned16({{"q", &p.q}, {"k", &p.k}, {"v", &p.v}, {"out", &p.out}}, why);
 }
 
@@ -337,16 +358,19 @@ void attention_forward(const AttentionParams& p, Stream stream) {
   validate(p);
   std::string why;
   if (!supports(p, &why)) fail("ksa::cuda::attention_forward: unsupported: ", why);
-  if (p.layout.T == 0) return;
+  if (p.L() == 0) return;
   FwdArgs a{};
-  a.lay = p.layout;
-  a.l32 = Layout32(p.layout);
+  // Packed: the streams' common k, S and tail; each CTA takes its stream's T from the work table.
+  a.lay = p.packed() ? Layout(p.layout.k, p.layout.S, 0, p.layout.summarize_tail) : p.layout;
+  a.l32 = Layout32(a.lay);
   a.W = p.W;
   a.W32 = detail::window32(p.W);
   a.Hq = int(p.Hq);
   a.G = int(p.group());
   a.L = int(p.L());
-  {  // the query rows: text rows from the q_begin's text count on, then summary rows from its summary count
+  if (p.packed()) {  // the work table holds the query tiles
+    a.qa0 = 0, a.qa1 = a.L, a.qb0 = a.qb1 = a.L;
+  } else {  // the query rows: text rows from the q_begin's text count on, then summary rows from its summary count
     const int64_t text_before = p.layout.text_before(p.q_begin);  // also right inside a tail chunk's summaries
     a.qa0 = int(text_before);
     a.qa1 = int(p.layout.T);
@@ -364,9 +388,11 @@ void attention_forward(const AttentionParams& p, Stream stream) {
   a.kb = p.k.batch_stride, a.kr = p.k.row_stride, a.kh = p.k.head_stride;
   a.vb = p.v.batch_stride, a.vr = p.v.row_stride, a.vh = p.v.head_stride;
   a.ob = p.out.batch_stride, a.orow = p.out.row_stride, a.oh = p.out.head_stride;
+  const varlen::Streams streams = p.packed() ? varlen::streams_of(p) : varlen::Streams{};
+  const varlen::Streams* pk = p.packed() ? &streams : nullptr;
   auto s = static_cast<cudaStream_t>(stream);
-  if (p.dtype == DType::bf16) dispatch_dim<__nv_bfloat16>(a, p.D, int(p.B), s);
-  else dispatch_dim<__half>(a, p.D, int(p.B), s);
+  if (p.dtype == DType::bf16) dispatch_dim<__nv_bfloat16>(a, p.D, int(p.B), pk, s);
+  else dispatch_dim<__half>(a, p.D, int(p.B), pk, s);
 }
 
 }  // namespace ksa::cuda

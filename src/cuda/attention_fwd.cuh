@@ -7,12 +7,14 @@
 
 #include "check.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/varlen_plan.hpp"
+#include "cuda/workspace.cuh"
 #include "ksa/spec.hpp"
 
 namespace ksa::cuda::detail {
 
 struct FwdArgs {
-  Layout lay;
+  Layout lay;    // packed: k, S and summarize_tail of every stream (T: see stream_args)
   Layout32 l32;  // the same geometry in 32-bit arithmetic for per-row index math
   int64_t W;
   int W32;  // W clamped to int range (any W >= #chunks behaves the same)
@@ -25,6 +27,22 @@ struct FwdArgs {
   float* lse;
   int64_t qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orow, oh;
 };
+
+// The arguments of one stream of a packed call, as a call on that stream alone would have them: its Layout,
+// its length, and the tensors and lse starting at its first row (B = 1, so batch strides do not enter).
+template <class T>
+__device__ __forceinline__ FwdArgs stream_args(const FwdArgs& a, const varlen::Seq& s) {
+  FwdArgs o = a;
+  o.lay = Layout(a.lay.k, a.lay.S, s.l32.T, a.lay.summarize_tail);
+  o.l32 = s.l32;
+  o.L = s.L;
+  o.q = static_cast<const T*>(a.q) + int64_t(s.row0) * a.qr;
+  o.k = static_cast<const T*>(a.k) + int64_t(s.row0) * a.kr;
+  o.v = static_cast<const T*>(a.v) + int64_t(s.row0) * a.vr;
+  o.out = static_cast<T*>(a.out) + int64_t(s.row0) * a.orow;
+  if (a.lse) o.lse = a.lse + int64_t(s.row0) * a.Hq;  // [1, L, Hq]: the stream's rows are contiguous
+  return o;
+}
 
 // Query tile qt of the launch: rows [g0, g1) of the gathered order (ranges a, then b, in tiles of BQ).
 template <int BQ>
@@ -55,20 +73,41 @@ __device__ __forceinline__ void store_row(const FwdArgs& a, int b, int h, int g,
   if (a.lse && tig == 0) a.lse[(int64_t(b) * a.L + srow) * a.Hq + h] = (m + log2f(l)) * 0.69314718055994531f;
 }
 
-// Launches kern<<<(query tiles of K::BQ rows, Hq, B), K::THREADS, K::SMEM>>>(a) (both kernels' grid).
-template <class K, class Kernel>
-void launch_fwd(Kernel kern, const FwdArgs& a, int B, cudaStream_t stream) {
-  KSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
+// Launches kern<<<(query tiles of K::BQ rows, Hq, B), K::THREADS, K::SMEM>>>(a, {}) (both kernels' grid).
+// Packed (`packed` not null, B = 1): kern_packed<<<(work items, Hq, 1), ...>>>(a, tables) over the query tiles
+// of every stream (varlen::query_tiles for K::BQ), the streams and the items in a workspace of the launch.
+template <class K, class Kernel, class PackedKernel>
+void launch_fwd(Kernel kern, PackedKernel kern_packed, const FwdArgs& a, int B, const varlen::Streams* packed,
+                cudaStream_t stream) {
   FwdArgs args = a;
+  if (packed) {
+    const std::vector<varlen::QueryTile> tiles = varlen::query_tiles(*packed, a.W, K::BQ);
+    if (tiles.empty()) return;
+    if (tiles.size() >= (size_t(1) << 31)) fail("ksa::cuda::attention_forward: ", tiles.size(), " query tiles (over 2^31 - 1)");
+    HostImage img;
+    const size_t o_seqs = img.add(packed->seqs), o_tiles = img.add(tiles);
+    Workspace ws(img.size(), stream);
+    img.upload(ws.p, stream);
+    varlen::Tables tab;
+    tab.seqs = HostImage::at<varlen::Seq>(ws.p, o_seqs);
+    tab.tiles = HostImage::at<varlen::QueryTile>(ws.p, o_tiles);
+    args.num_qtiles = int(tiles.size());
+    KSA_CUDA_CHECK(cudaFuncSetAttribute(kern_packed, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
+    kern_packed<<<dim3(unsigned(args.num_qtiles), unsigned(a.Hq), 1u), K::THREADS, K::SMEM, stream>>>(args, tab);
+    KSA_CUDA_CHECK_LAUNCH();
+    ws.release();
+    return;
+  }
+  KSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
   args.num_qtiles = query_tiles(a, K::BQ);
   if (args.num_qtiles == 0) return;
   const dim3 grid(unsigned(args.num_qtiles), unsigned(a.Hq), unsigned(B));
-  kern<<<grid, K::THREADS, K::SMEM, stream>>>(args);
+  kern<<<grid, K::THREADS, K::SMEM, stream>>>(args, varlen::Tables{});
   KSA_CUDA_CHECK_LAUNCH();
 }
 
-// Launches the wgmma forward for D = 64 or 128 (f16 selects half, else bf16). Requires sm90a_usable()
-// (launch_checks.hpp).
-void launch_fwd_sm90a(const FwdArgs& a, int B, int D, bool f16, cudaStream_t stream);
+// Launches the wgmma forward for D = 64 or 128 (f16 selects half, else bf16); packed: see launch_fwd.
+// Requires sm90a_usable() (launch_checks.hpp).
+void launch_fwd_sm90a(const FwdArgs& a, int B, int D, bool f16, const varlen::Streams* packed, cudaStream_t stream);
 
 }  // namespace ksa::cuda::detail

@@ -10,7 +10,8 @@
 //   softmax     on the accumulator registers (log2 domain, running max and sum per row);
 //   O += P V    wgmma m64nDk16, P from registers (the accumulator layout is the A-fragment layout), V from
 //               smem MN-major (no transpose pass).
-// Out and lse are written in stream order as by the portable kernel.
+// Out and lse are written in stream order as by the portable kernel. Packed sequences: as the portable kernel
+// (a work table of (stream, query tile) items; attention_fwd.cu).
 //
 // File shape (DESIGN.md §3): traits -> device code -> launcher.
 #include <cuda_bf16.h>
@@ -48,8 +49,9 @@ struct Sm90Traits {
 };
 
 // ------------------------------------------------------------------------------------------ device code
+// One CTA: the query rows [g0, g1) (gathered order of a's stream) of head blockIdx.y, batch entry blockIdx.z.
 template <class K>
-__global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs a) {
+__device__ __forceinline__ void fwd_sm90a_cta(const FwdArgs& a, int g0, int g1) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename K::T;
   using B = Bars<K::STAGES>;
@@ -58,10 +60,7 @@ __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs 
   const uint32_t sQ = (smem_u32(smem) + 1023u) & ~1023u, sKV = sQ + K::Q_BYTES;  // stage st: K, then V
   TileInfo* info = reinterpret_cast<TileInfo*>(smem + (sKV - smem_u32(smem)) + K::STAGES * 2 * K::KV_BYTES);
 
-  const int qt = a.num_qtiles - 1 - int(blockIdx.x);  // heaviest tiles (most summaries) first
   const int h = int(blockIdx.y), b = int(blockIdx.z), hk = h / a.G;
-  int g0, g1;
-  query_tile<BQ>(a, qt, g0, g1);
   const int wg = int(threadIdx.x) / 128;
   if (wg == 2) {
     setmaxnreg_dec<K::PRODUCER_REGS>();
@@ -177,19 +176,38 @@ __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs 
 #endif
 }
 
+// PACKED: CTA x takes work item v.tiles[x] (a query tile of one stream, with that stream's rows, Layout and
+// tile walk); otherwise query tile x of the launch's one layout, the heaviest (most summaries) first.
+template <class K, bool PACKED>
+__global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs a, const varlen::Tables v) {
+  if constexpr (PACKED) {
+    const varlen::QueryTile w = v.tiles[blockIdx.x];
+    fwd_sm90a_cta<K>(stream_args<typename K::T>(a, v.seqs[w.seq]), w.g0, w.g1);
+  } else {
+    int g0, g1;
+    query_tile<K::BQ>(a, a.num_qtiles - 1 - int(blockIdx.x), g0, g1);
+    fwd_sm90a_cta<K>(a, g0, g1);
+  }
+}
+
 // --------------------------------------------------------------------------------------------- launcher
+template <class K>
+void launch(const FwdArgs& a, int B, const varlen::Streams* packed, cudaStream_t s) {
+  launch_fwd<K>(fwd_sm90a_kernel<K, false>, fwd_sm90a_kernel<K, true>, a, B, packed, s);
+}
+
 template <class T>
-void launch_dim(const FwdArgs& a, int B, int D, cudaStream_t s) {
-  if (D == 128) launch_fwd<Sm90Traits<T, 128>>(fwd_sm90a_kernel<Sm90Traits<T, 128>>, a, B, s);
-  else if (D == 64) launch_fwd<Sm90Traits<T, 64>>(fwd_sm90a_kernel<Sm90Traits<T, 64>>, a, B, s);
+void launch_dim(const FwdArgs& a, int B, int D, const varlen::Streams* packed, cudaStream_t s) {
+  if (D == 128) launch<Sm90Traits<T, 128>>(a, B, packed, s);
+  else if (D == 64) launch<Sm90Traits<T, 64>>(a, B, packed, s);
   else fail("ksa::cuda::attention_forward (sm_90a): D=", D, " is not supported (64 or 128)");
 }
 
 }  // namespace
 
-void launch_fwd_sm90a(const FwdArgs& a, int B, int D, bool f16, cudaStream_t stream) {
-  if (f16) launch_dim<__half>(a, B, D, stream);
-  else launch_dim<__nv_bfloat16>(a, B, D, stream);
+void launch_fwd_sm90a(const FwdArgs& a, int B, int D, bool f16, const varlen::Streams* packed, cudaStream_t stream) {
+  if (f16) launch_dim<__half>(a, B, D, packed, stream);
+  else launch_dim<__nv_bfloat16>(a, B, D, packed, stream);
 }
 
 }  // namespace ksa::cuda::detail

@@ -83,8 +83,9 @@ at::Tensor pad_front(const at::Tensor& t, int64_t rows) {
   return at::cat({at::zeros(shape, t.options()), t}, t.dim() - 3);
 }
 
-// Packed sequence boundaries as host int64 (a copy: the CPU kernels and the per-stream CUDA launches read
-// them on the host; a CUDA cu_seqlens costs one device-to-host copy).
+// Packed sequence boundaries as host int64 (a copy: the kernels' params take them in host memory, where the
+// CPU kernels read them and the CUDA launchers build their per-launch tables; a CUDA cu_seqlens costs one
+// device-to-host copy).
 std::vector<int64_t> host_cu_seqlens(const at::Tensor& cu, int64_t rows, int64_t max_seqlen) {
   TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, "ksa: cu_seqlens must be 1-D with at least 2 entries (got shape ", cu.sizes(), ")");
   TORCH_CHECK(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, "ksa: cu_seqlens must be int32 or int64 (got ",
@@ -211,8 +212,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 #ifdef KSA_HAVE_CUDA
       const c10::cuda::CUDAGuard guard(q.device());
       const ksa::cuda::Stream stream = at::cuda::getCurrentCUDAStream().stream();
-      // TODO(varlen): the CUDA kernels do not take packed streams yet; one launch per stream until they do.
-      for (int64_t s = 0; s < p.sequences(); ++s) ksa::cuda::attention_forward(ksa::sequence_params(p, s), stream);
+      ksa::cuda::attention_forward(p, stream);  // packed streams too: one launch for all of them
 #else
       TORCH_CHECK(false, "ksa: this build of ksa_torch has no CUDA kernels (rebuild with a CUDA torch and nvcc)");
 #endif
@@ -284,8 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
 #ifdef KSA_HAVE_CUDA
       const c10::cuda::CUDAGuard guard(q.device());
       const ksa::cuda::Stream stream = at::cuda::getCurrentCUDAStream().stream();
-      // TODO(varlen): one launch per stream until the CUDA kernels take packed streams (see attention_fwd).
-      for (int64_t s = 0; s < p.sequences(); ++s) ksa::cuda::attention_backward(ksa::sequence_params(p, s), stream);
+      ksa::cuda::attention_backward(p, stream);  // packed streams too: one launch of each pass for all of them
 #else
       TORCH_CHECK(false, "ksa: this build of ksa_torch has no CUDA kernels (rebuild with a CUDA torch and nvcc)");
 #endif
