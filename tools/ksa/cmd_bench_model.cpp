@@ -170,8 +170,8 @@ int run_bench_model(int argc, char** argv) {
   if (c.use_summary_attention)
     std::fprintf(info, "  KSA: k=%lld S=%lld, windows \"%s\"\n", (long long)c.summary_chunk_size, (long long)c.summary_token_num,
                 c.window_pattern.c_str());
-  std::fprintf(info, "  params: %.3f M; weights %s (%s read per decode step); KV cache %s; loaded in %.0f ms\n",
-              double(count_parameters(c)) * 1e-6, human_bytes(double(model.weight_bytes())).c_str(),
+  std::fprintf(info, "  params: %.3f M; weights %s %s (%s read per decode step); KV cache %s; loaded in %.0f ms\n",
+              double(count_parameters(c)) * 1e-6, human_bytes(double(model.weight_bytes())).c_str(), model.weight_format().c_str(),
               human_bytes(double(model.weight_bytes_per_token())).c_str(), dtype_name(mo.kv_dtype), load_s * 1e3);
   std::fprintf(info, "  backend: %s", model.backend_name().c_str());
   if (mo.device == Device::cpu)
