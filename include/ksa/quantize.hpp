@@ -7,7 +7,7 @@
 //
 // Memory: the input is memory-mapped and the output written tensor by tensor, in slices of at most 16 MiB
 // (the fp32 values of one slice are converted a few thousand blocks at a time); no whole tensor, let alone
-// the model, is held in fp32.
+// the model, is held in fp32, and a tensor's mapped pages are released once it is written.
 #pragma once
 #include <cstdint>
 #include <functional>

@@ -1,6 +1,9 @@
 // 8-bit weights for a whole checkpoint (see ksa/quantize.hpp).
 #include "ksa/quantize.hpp"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -43,6 +46,16 @@ void quantize_blocks(const TensorInfo& t, int64_t first, int64_t n, std::byte* d
     }
     cpu::quantize_q8_0(buf.data(), cnt * kQ8_0Block, dst + b * kQ8_0BlockBytes);
   }
+}
+
+// The input is mapped read-only: once a tensor is written, its whole pages are dropped from this process
+// (they are re-read from the file if ever touched again), so that the resident set stays near one tensor
+// instead of growing to the input's size. Advice only: a failure changes nothing.
+void drop_pages(const TensorInfo& t) {
+  const auto page = uintptr_t(sysconf(_SC_PAGESIZE));
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(t.data) + page - 1) / page * page;
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(t.data) + uintptr_t(t.nbytes)) / page * page;
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
 }
 
 }  // namespace
@@ -94,13 +107,17 @@ QuantizeReport quantize_checkpoint(const std::string& in_dir, const std::string&
       rep.matrix_bytes_out += q.bytes_out;
       w.add(t.name, DType::q8_0, t.shape, [src, q, blocks, o](int64_t first, int64_t n, void* dst) {
         quantize_blocks(*src, first, n, static_cast<std::byte*>(dst));
-        if (first + n == blocks && o->progress) o->progress(q);
+        if (first + n < blocks) return;
+        drop_pages(*src);
+        if (o->progress) o->progress(q);
       });
     } else {
       const int64_t item = dtype_size(t.dtype), units = t.numel();
       w.add(t.name, t.dtype, t.shape, [src, q, item, units, o](int64_t first, int64_t n, void* dst) {
         std::memcpy(dst, src->data + first * item, size_t(n * item));
-        if (first + n == units && o->progress) o->progress(q);
+        if (first + n < units) return;
+        drop_pages(*src);
+        if (o->progress) o->progress(q);
       });
     }
     rep.bytes_in += q.bytes_in;
