@@ -304,9 +304,9 @@ int run_bench_model(int argc, char** argv) {
       if (ch == '"' || ch == '\\') esc += '\\';
       if (static_cast<unsigned char>(ch) >= 0x20) esc += ch;
     }
-    std::printf("{\n  \"model\": \"%s\", \"device\": \"%s\", \"repetitions\": %lld, \"bandwidth_gb_s\": %s,\n"
-                "  \"results\": [\n%s\n  ]\n}\n", esc.c_str(), dev.c_str(), (long long)reps, num(bw * 1e-9).c_str(),
-                doc.c_str());
+    std::printf("{\n  \"model\": \"%s\", \"weights\": \"%s\", \"device\": \"%s\", \"repetitions\": %lld, "
+                "\"bandwidth_gb_s\": %s,\n  \"results\": [\n%s\n  ]\n}\n",
+                esc.c_str(), model.weight_format().c_str(), dev.c_str(), (long long)reps, num(bw * 1e-9).c_str(), doc.c_str());
   }
   return 0;
 }

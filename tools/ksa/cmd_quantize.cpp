@@ -10,14 +10,14 @@ namespace {
 
 int run_quantize(int argc, char** argv) {
   cli::Flags f("quantize",
-               "Write a copy of a checkpoint with its weight matrices in 8 bits (q8_0: blocks of 32 weights, an fp16 "
-               "scale and 32 int8, 8.5 bits per weight), which the CPU engine reads in place. Norms stay as they are; "
-               "config.json, the tokenizer and other non-weight files are copied.");
+               "Write a copy of a checkpoint with its weight matrices in 8 bits (q8_0: blocks of 32 weights, an fp16\n"
+               "scale and 32 int8, 8.5 bits per weight; docs/quantization.md), which the CPU engine reads in place.\n"
+               "Norms stay as they are; config.json, the tokenizer and other non-weight files are copied.");
   std::string& model = f.str("-m,--model", "", "checkpoint directory to read (or a file in it)");
   std::string& type = f.str("--type", "q8_0", "quantisation type: q8_0");
   std::string& out = f.str("-o,--out", "", "output directory (created; must not be the input's)");
   int64_t& shard_mb = f.i64("--shard-mb", 4096, "shard the output into files of at most this many MiB", 1, 1 << 30);
-  bool& quiet = f.flag("-q,--quiet", "print only the final line, not a line per tensor");
+  bool& quiet = f.flag("-q,--quiet", "no line per tensor (only the files copied and the sizes)");
   if (!f.parse(argc, argv)) return 0;
   if (model.empty()) throw cli::UsageError("-m/--model: required");
   if (out.empty()) throw cli::UsageError("-o/--out: required");
