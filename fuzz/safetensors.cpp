@@ -1,8 +1,8 @@
 // safetensors: ksa::SafetensorsFile::open on a file made from the input, and ksa::Checkpoint::open on an
 // index file. Input: "RAW:" + a whole file; "IDX:" + model.safetensors.index.json text (next to a valid
 // shard a.safetensors holding tensor "x"); otherwise the header text, written with its length and 4 KiB of
-// data. Checks: only ksa::Error escapes, and every accepted tensor lies inside the file (its first and last
-// elements are read, so ASan sees any escape from the mapping).
+// data. Checks: only ksa::Error escapes, and every accepted tensor (q8_0 ones included) lies inside the file (its
+// first and last elements are read, so ASan sees any escape from the mapping).
 #include <filesystem>
 #include <fstream>
 
@@ -12,7 +12,7 @@
 namespace {
 
 void check(const ksa::TensorInfo& t, int64_t file_size) {
-  if (t.nbytes != t.numel() * ksa::dtype_size(t.dtype) || t.file_offset < 8 || t.file_offset + t.nbytes > file_size) std::abort();
+  if (t.nbytes != ksa::dtype_bytes(t.dtype, t.numel()) || t.file_offset < 8 || t.file_offset + t.nbytes > file_size) std::abort();
   if (t.numel() > 0) {
     volatile float x = t.get(0) + t.get(t.numel() - 1);
     (void)x;

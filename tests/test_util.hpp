@@ -3,6 +3,7 @@
 #pragma once
 #include <unistd.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <functional>
 #include <string>
@@ -23,6 +24,17 @@ inline std::string error_of(const std::function<void()>& f) {
     return e.what();
   }
   return kNoError;
+}
+
+// Runs a shell command; returns its stdout and stderr together, and its wait status in *status.
+inline std::string run_command(const std::string& cmd, int* status) {
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  *status = pclose(p);
+  return out;
 }
 
 // A fresh directory under the system temp dir (name: ksa_<tag>_<pid>_<n>), removed with its contents on

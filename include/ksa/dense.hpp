@@ -10,7 +10,7 @@
 namespace ksa::cpu {
 
 // y[M, N] = x[M, K] . W^T with W [N, K] row-major (the HF/PyTorch Linear layout), W in f32 or bf16 (read
-// in place, never widened as a whole). x rows are contiguous with stride K, y rows with stride N. M == 1..4:
+// in place, never widened as a whole; q8_0 goes to linear_q8_0). x rows are contiguous with stride K, y rows with stride N. M == 1..4:
 // a threaded SIMD matrix-vector kernel streams W once (up to 11 rows: once per group of 4, faster here than
 // widening W); larger M: W widened in row blocks, one block per worker thread at a time, each multiplied
 // through a single-threaded OpenBLAS sgemm when built with it (the first such call sets OpenBLAS to one
@@ -20,7 +20,7 @@ void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int6
 // 8-bit weights, llama.cpp's Q8_0 block layout (docs/quantization.md): a row of K weights (K a multiple of 32)
 // is K/32 blocks of 34 bytes, each the block's scale d as IEEE fp16 (little-endian) then its 32 quants q as
 // int8; weight = d * q. Quantizing: d = max|x| / 127, q = round(x / d) (all zero when the block is).
-inline constexpr int64_t kQ8Block = 32, kQ8BlockBytes = 34;
+inline constexpr int64_t kQ8Block = kQ8_0Block, kQ8BlockBytes = kQ8_0BlockBytes;  // ksa/dtype.hpp
 // n floats (a multiple of 32) into n / 32 blocks at out, and back.
 void quantize_q8_0(const float* x, int64_t n, void* out);
 void dequantize_q8_0(const void* in, int64_t n, float* out);

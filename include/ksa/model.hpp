@@ -32,6 +32,10 @@
 
 namespace ksa {
 
+// The storage types of a checkpoint's matrices, and of its vectors when they differ: "bf16",
+// "q8_0 (norms bf16)" (docs/quantization.md), "q8_0/bf16 (norms bf16)" when some matrices were kept in bf16.
+std::string describe_weight_format(const Checkpoint& ckpt);
+
 // Where the model runs: the CPU, or the current CUDA device (a build with CUDA and a visible GPU).
 enum class Device : uint8_t { cpu, cuda };
 const char* to_string(Device d);
@@ -40,6 +44,9 @@ bool cuda_engine_available();
 // The device a model with this config runs on by default: CUDA when cuda_engine_available() and the CUDA
 // engine takes the config (head_dim 64 or 128), else the CPU.
 Device default_device(const ModelConfig& cfg);
+// The device the checkpoint in `dir` runs on by default: default_device(its config), except that 8-bit
+// (q8_0) weights run on the CPU. Reads config.json and, when CUDA is available, the safetensors headers.
+Device default_device(const std::string& dir);
 
 struct ModelOptions {
   Device device = Device::cpu;
@@ -91,7 +98,7 @@ class Model {
  public:
   // Reads DIR/config.json and the safetensors (single file or sharded), checks every tensor against the
   // weight table, and pages the weights in (mmap; progress through opt.progress). Throws ksa::Error
-  // naming the file and the problem.
+  // naming the file and the problem. 8-bit (q8_0) matrices run on the CPU only: Device::cuda refuses them.
   static Model load(const std::string& dir, const ModelOptions& opt = {});
   ~Model();
   Model(Model&&) noexcept;
@@ -107,6 +114,9 @@ class Model {
   int64_t weight_bytes_per_token() const;
   // The backend in words, e.g. "cpu (2 threads)" or "cuda: NVIDIA H200 (sm_90, 132 SMs, 140 GiB)".
   std::string backend_name() const;
+  // How the checkpoint stores its weights: "bf16", or "q8_0 (norms bf16)" for 8-bit matrices
+  // (describe_weight_format).
+  const std::string& weight_format() const;
   // Peak device memory the model allocated so far (CUDA; 0 on the CPU).
   int64_t device_bytes_peak() const;
   // Device memory still free now (CUDA), or -1 on the CPU (for sizing a KV budget).

@@ -1,5 +1,10 @@
 // safetensors checkpoints: one file (model.safetensors) or shards with model.safetensors.index.json,
-// memory-mapped read-only, dtypes BF16, F16, F32 (others are a clear error).
+// memory-mapped read-only, dtypes BF16, F16, F32, and U8 as 8-bit weights (others are a clear error).
+//
+// 8-bit weights (docs/quantization.md): in a file whose `__metadata__` has "ksa.quantization": "q8_0", a U8
+// tensor of shape [N, K/32, 34] is the Q8_0 matrix [N, K] (rows of K/32 blocks: an fp16 scale, 32 int8
+// quants); its TensorInfo has dtype q8_0 and that logical shape. A U8 tensor elsewhere, another inner
+// dimension or another quantization name is an error.
 //
 // A file is: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets:
 // [begin, end]}, "__metadata__": {str: str}}, then the data; offsets are relative to the end of the header.
@@ -23,14 +28,16 @@
 
 namespace ksa {
 
-// The name safetensors uses for a dtype ("BF16", "F16", "F32").
+// The name safetensors uses for a dtype ("BF16", "F16", "F32"; "U8" for q8_0 blocks).
 const char* safetensors_dtype_name(DType t);
+// The `__metadata__` key that marks a file's U8 tensors as q8_0 weights (value "q8_0").
+inline constexpr const char kQuantizationKey[] = "ksa.quantization";
 
 // One tensor: a view into a mapped file, valid while the SafetensorsFile / Checkpoint that made it lives.
 struct TensorInfo {
   std::string name;
   DType dtype = DType::f32;
-  std::vector<int64_t> shape;
+  std::vector<int64_t> shape;       // q8_0: the matrix [N, K], not the file's [N, K/32, 34]
   const std::byte* data = nullptr;  // may be unaligned (see above)
   int64_t nbytes = 0;
   int64_t file_offset = 0;          // absolute offset of the data in its file
@@ -39,7 +46,7 @@ struct TensorInfo {
   int64_t numel() const;
   std::string shape_str() const;    // "[2560, 4096]"
   bool aligned(size_t alignment) const { return reinterpret_cast<uintptr_t>(data) % alignment == 0; }
-  // Element i as float (unaligned-safe).
+  // Element i as float (unaligned-safe; q8_0: the dequantised weight).
   float get(int64_t i) const;
   // All elements as float.
   std::vector<float> to_f32() const;
@@ -112,14 +119,16 @@ class Checkpoint {
 };
 
 // Writes safetensors files. Tensor data is produced on demand (fill), in slices, so that checkpoints
-// larger than memory can be written.
+// larger than memory can be written. A q8_0 tensor is added with its matrix shape [N, K] (K a multiple of 32)
+// and written as U8 [N, K/32, 34]; every file of such a checkpoint gets "ksa.quantization": "q8_0".
 class SafetensorsWriter {
  public:
-  // Writes elements [first, first + n) of the tensor into dst (n * dtype_size bytes).
+  // Writes units [first, first + n) of the tensor into dst: elements (n * dtype_size bytes), or for q8_0
+  // blocks of 32 weights in row order (n * 34 bytes).
   using Fill = std::function<void(int64_t first, int64_t n, void* dst)>;
 
   void add(std::string name, DType dtype, std::vector<int64_t> shape, Fill fill);
-  // Copies the data now: n = numel elements of dtype.
+  // Copies the data now: dtype_bytes(dtype, numel) bytes.
   void add(std::string name, DType dtype, std::vector<int64_t> shape, const void* data);
   void set_metadata(std::string key, std::string value) { metadata_[std::move(key)] = std::move(value); }
 

@@ -23,6 +23,8 @@ const char* to_string(TensorUse u);
 // Bit mask of allowed dtypes.
 constexpr uint8_t dtype_bit(DType t) { return uint8_t(1u << unsigned(t)); }
 constexpr uint8_t kFloatDTypes = dtype_bit(DType::bf16) | dtype_bit(DType::f16) | dtype_bit(DType::f32);
+// Weight matrices (projections, embeddings, lm_head) may also be 8-bit (docs/quantization.md); norms may not.
+constexpr uint8_t kMatrixDTypes = kFloatDTypes | dtype_bit(DType::q8_0);
 
 struct WeightRule {
   const char* pattern;  // tensor name; "{i}" stands for the layer index in per-layer rules

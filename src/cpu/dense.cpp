@@ -119,7 +119,8 @@ void linear_impl(const float* x, int64_t M, int64_t K, const void* W, WFormat wf
 
 void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads) {
   if (M < 0 || K < 1 || N < 1) fail("linear: bad shape M=", M, " K=", K, " N=", N);
-  if (wdt == DType::f16) fail("linear: weights must be f32 or bf16 (got f16)");
+  if (wdt == DType::f16) fail("linear: weights must be f32, bf16 or q8_0 (got f16)");
+  if (wdt == DType::q8_0) return linear_q8_0(x, M, K, W, N, y, threads);
   linear_impl(x, M, K, W, wdt == DType::bf16 ? WFormat::bf16 : WFormat::f32, N, y, threads);
 }
 

@@ -1,6 +1,7 @@
 // The CPU backend of the engine (backend.hpp): fp32 activations, the ksa::cpu dense kernels and attention
 // (the prefill kernel for fresh sequences, the decode kernel through ksa::KvCache otherwise), weights read
-// in place from the mmap'ed checkpoint.
+// in place from the mmap'ed checkpoint: bf16/f32 through ksa::cpu::linear, q8_0 matrices through
+// ksa::cpu::linear_q8_0 on the file's blocks (no dequantised copy; embedding rows dequantised as looked up).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -26,7 +27,8 @@ class CpuBackend final : public Backend {
   Weight place(const TensorInfo* t) override {
     Weight w;
     if (!t) return w;
-    auto mem = std::make_shared<AlignedData>(*t, size_t(dtype_size(t->dtype)));
+    // q8_0 blocks are read byte-wise: any address will do (never copied).
+    auto mem = std::make_shared<AlignedData>(*t, t->dtype == DType::q8_0 ? 1 : size_t(dtype_size(t->dtype)));
     w.data = mem->data();
     w.keep = mem;
     w.dtype = t->dtype;
@@ -57,6 +59,13 @@ class CpuBackend final : public Backend {
 
   void embed(const Weight& table, Act x) override {
     float* y = f32(x);
+    if (table.dtype == DType::q8_0) {  // a row is cols / 32 whole blocks
+      const int64_t row_bytes = dtype_bytes(DType::q8_0, x.cols);
+      for (int64_t r = 0; r < x.rows; ++r)
+        cpu::dequantize_q8_0(static_cast<const std::byte*>(table.data) + int64_t(step_->ids[size_t(r)]) * row_bytes, x.cols,
+                             y + r * x.cols);
+      return;
+    }
     for (int64_t r = 0; r < x.rows; ++r)
       for (int64_t i = 0; i < x.cols; ++i)
         y[r * x.cols + i] = load_as_float(table.dtype, table.data, int64_t(step_->ids[size_t(r)]) * x.cols + i);
@@ -89,15 +98,13 @@ class CpuBackend final : public Backend {
     for (int64_t i = 0; i < x.rows * x.cols; ++i) a[i] += b[i];
   }
 
-  void linear(const Act& x, const Weight& W, Act y) override {
-    cpu::linear(f32(x), x.rows, x.cols, W.data, W.dtype, y.cols, f32(y), threads_);
-  }
+  void linear(const Act& x, const Weight& W, Act y) override { product(f32(x), x.rows, x.cols, W, y.cols, f32(y)); }
 
   void linear_cat(const Act& x, std::span<const Weight* const> ws, Act y) override {
     int64_t col0 = 0;
     for (const Weight* W : ws) {
       tmp_.resize(size_t(x.rows * W->rows));
-      cpu::linear(f32(x), x.rows, x.cols, W->data, W->dtype, W->rows, tmp_.data(), threads_);
+      product(f32(x), x.rows, x.cols, *W, W->rows, tmp_.data());
       for (int64_t r = 0; r < x.rows; ++r)
         std::copy_n(tmp_.data() + r * W->rows, W->rows, f32(y) + r * y.cols + col0);
       col0 += W->rows;
@@ -206,6 +213,11 @@ class CpuBackend final : public Backend {
 
  private:
   static float* f32(const Act& a) { return static_cast<float*>(a.data); }
+  // y[M, N] = x[M, K] . W[:N]^T, W in its stored type (q8_0 blocks read in place).
+  void product(const float* x, int64_t M, int64_t K, const Weight& W, int64_t N, float* y) const {
+    if (W.dtype == DType::q8_0) cpu::linear_q8_0(x, M, K, W.data, N, y, threads_);
+    else cpu::linear(x, M, K, W.data, W.dtype, N, y, threads_);
+  }
   const std::vector<int32_t>& select(Rows which) const {
     return which == Rows::summary ? step_->summary_rows : step_->logits_rows;
   }

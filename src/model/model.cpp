@@ -53,6 +53,7 @@ struct Model::Impl {
   std::map<SeqId, Seq> seqs;
   SeqId next_id = 0;
   int64_t weight_bytes = 0, weight_bytes_token = 0;
+  std::string weight_format;
   engine::StepDesc desc;  // reused between steps
 
   Seq& find(SeqId id, const char* what) { return const_cast<Seq&>(std::as_const(*this).find(id, what)); }
@@ -282,6 +283,11 @@ Model Model::load(const std::string& dir, const ModelOptions& opt) {
   if (cfg.rope_type != "default") fail(dir, "/config.json: rope_type \"", cfg.rope_type, "\" is not supported (default only)");
   m->ckpt = std::make_unique<Checkpoint>(Checkpoint::open(dir));
   const ModelWeights w = bind_weights(cfg, *m->ckpt);
+  m->weight_format = describe_weight_format(*m->ckpt);
+  if (opt.device == Device::cuda)  // refused before any device memory is taken
+    for (const TensorInfo& t : m->ckpt->tensors())
+      if (t.dtype == DType::q8_0)
+        fail(dir, ": ", t.name, " is q8_0: q8_0 weights run on the CPU only (use --device cpu, or the bf16 checkpoint on the GPU)");
   m->max_text = opt.max_text_tokens > 0 ? opt.max_text_tokens : cfg.max_position_embeddings;
 
   engine::BackendOptions bo;
@@ -362,19 +368,47 @@ Model Model::load(const std::string& dir, const ModelOptions& opt) {
   }
   be.create_caches(caches);
   if (opt.progress && last != total) opt.progress(total, total);
-  const int64_t head_bytes = cfg.logits_size() * H * dtype_size(m->lm_head.dtype);
+  const int64_t head_bytes = dtype_bytes(m->lm_head.dtype, cfg.logits_size() * H);
   m->weight_bytes += m->final_norm.nbytes + m->embed.nbytes + (w.lm_head == w.embed_tokens ? 0 : m->lm_head.nbytes);
-  m->weight_bytes_token += m->final_norm.nbytes + head_bytes + H * dtype_size(m->embed.dtype);
+  m->weight_bytes_token += m->final_norm.nbytes + head_bytes + dtype_bytes(m->embed.dtype, H);
   return Model(std::move(m));
 }
 
 std::string Model::backend_name() const { return impl_->be->name(); }
+const std::string& Model::weight_format() const { return impl_->weight_format; }
+
+std::string describe_weight_format(const Checkpoint& ckpt) {
+  // The storage types of the matrices and of the vectors (norms), each in first-seen order.
+  std::vector<DType> mats, vecs;
+  for (const TensorInfo& t : ckpt.tensors()) {
+    std::vector<DType>& v = t.shape.size() == 2 ? mats : vecs;
+    if (std::find(v.begin(), v.end(), t.dtype) == v.end()) v.push_back(t.dtype);
+  }
+  auto names = [](const std::vector<DType>& v) {
+    std::string s;
+    for (DType t : v) {
+      if (!s.empty()) s += '/';
+      s += dtype_name(t);
+    }
+    return s;
+  };
+  if (vecs.empty() || vecs == mats) return names(mats.empty() ? vecs : mats);
+  return names(mats) + " (norms " + names(vecs) + ")";
+}
 int64_t Model::device_bytes_peak() const { return impl_->be->device_bytes_peak(); }
 int64_t Model::device_bytes_free() const { return impl_->be->device_bytes_free(); }
 int64_t Model::graph_replays() const { return impl_->be->graph_replays(); }
 int64_t Model::graph_captures() const { return impl_->be->graph_captures(); }
 
 const char* to_string(Device d) { return d == Device::cuda ? "cuda" : "cpu"; }
+
+Device default_device(const std::string& dir) {
+  if (!cuda_engine_available()) return Device::cpu;
+  const Checkpoint ckpt = Checkpoint::open(dir);
+  for (const TensorInfo& t : ckpt.tensors())
+    if (t.dtype == DType::q8_0) return Device::cpu;
+  return default_device(ModelConfig::load(dir));
+}
 
 Device default_device(const ModelConfig& cfg) {
   return cuda_engine_available() && (cfg.head_dim == 64 || cfg.head_dim == 128) ? Device::cuda : Device::cpu;

@@ -27,6 +27,7 @@ const char* dtype_hf_name(DType t) {
     case DType::bf16: return "bfloat16";
     case DType::f16: return "float16";
     case DType::f32: return "float32";
+    case DType::q8_0: break;  // a weight storage type, never a config dtype
   }
   return "?";
 }

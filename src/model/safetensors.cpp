@@ -27,6 +27,7 @@ const char* safetensors_dtype_name(DType t) {
     case DType::bf16: return "BF16";
     case DType::f16: return "F16";
     case DType::f32: return "F32";
+    case DType::q8_0: return "U8";  // stored as bytes [N, K/32, 34]
   }
   return "?";
 }
@@ -50,6 +51,9 @@ std::string quote(std::string_view s) {
 
 constexpr int64_t kMaxDimSize = int64_t(1) << 40;
 
+// The writer's unit of a tensor's data: an element, or for q8_0 a block of 32 weights.
+int64_t unit_bytes(DType t) { return t == DType::q8_0 ? kQ8_0BlockBytes : dtype_size(t); }
+
 }  // namespace
 
 // --- TensorInfo ---
@@ -67,6 +71,7 @@ std::string TensorInfo::shape_str() const {
 }
 
 float TensorInfo::get(int64_t i) const {
+  if (dtype == DType::q8_0) return load_q8_0(data, i);
   if (dtype == DType::f32) {
     float f;
     std::memcpy(&f, data + i * 4, 4);
@@ -86,7 +91,7 @@ std::vector<float> TensorInfo::to_f32() const {
 void AlignedData::Free::operator()(void* p) const { std::free(p); }
 
 AlignedData::AlignedData(const TensorInfo& t, size_t alignment) {
-  const size_t item = size_t(dtype_size(t.dtype));
+  const size_t item = t.dtype == DType::q8_0 ? 1 : size_t(dtype_size(t.dtype));  // q8_0: read byte-wise
   if (alignment < item || (alignment & (alignment - 1)) != 0)
     fail("AlignedData: alignment must be a power of two >= ", item, " (got ", alignment, ")");
   if (t.aligned(alignment)) {
@@ -168,17 +173,23 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
 
   const uint64_t data_begin = 8 + n;
   const uint64_t data_size = size - data_begin;
+  // The metadata first: it says how U8 tensors are to be read.
+  if (auto md = header.find("__metadata__"); md != header.end()) {
+    const Json& v = *md;
+    if (!v.is_object()) fail(path, ": __metadata__ must be an object of strings (got ", detail::json_excerpt(v), ")");
+    for (auto m = v.begin(); m != v.end(); ++m) {
+      if (!m.value().is_string()) fail(path, ": __metadata__.", m.key(), " must be a string (got ", detail::json_excerpt(m.value()), ")");
+      f.metadata_[m.key()] = m.value().get<std::string>();
+    }
+  }
+  const auto quant = f.metadata_.find(kQuantizationKey);
+  if (quant != f.metadata_.end() && quant->second != "q8_0")
+    fail(path, ": __metadata__.", kQuantizationKey, " is ", quote(quant->second), "; only \"q8_0\" is supported");
+  const bool q8_0 = quant != f.metadata_.end();
   for (auto it = header.begin(); it != header.end(); ++it) {
     const std::string& name = it.key();
     const Json& v = it.value();
-    if (name == "__metadata__") {
-      if (!v.is_object()) fail(path, ": __metadata__ must be an object of strings (got ", detail::json_excerpt(v), ")");
-      for (auto m = v.begin(); m != v.end(); ++m) {
-        if (!m.value().is_string()) fail(path, ": __metadata__.", m.key(), " must be a string (got ", detail::json_excerpt(m.value()), ")");
-        f.metadata_[m.key()] = m.value().get<std::string>();
-      }
-      continue;
-    }
+    if (name == "__metadata__") continue;
     const std::string where = path + ": tensor " + quote(name);
     if (!v.is_object()) fail(where, ": must be an object with dtype, shape, data_offsets (got ", detail::json_excerpt(v), ")");
     for (auto k = v.begin(); k != v.end(); ++k)
@@ -195,7 +206,13 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     t.name = name;
     t.file = path;
     const std::string dts = dt->get<std::string>();
-    if (!parse_st_dtype(dts, t.dtype)) fail(where, ": dtype ", quote(dts), " is not supported (BF16, F16 or F32)");
+    const bool bytes = dts == "U8";  // q8_0 blocks (docs/quantization.md), checked below
+    if (bytes && !q8_0)
+      fail(where, ": dtype \"U8\" is read only as 8-bit weights, and the header's __metadata__ has no \"",
+           kQuantizationKey, "\": \"q8_0\"");
+    if (bytes) t.dtype = DType::q8_0;
+    else if (!parse_st_dtype(dts, t.dtype))
+      fail(where, ": dtype ", quote(dts), " is not supported (BF16, F16 or F32; U8 as q8_0 weights)");
     uint64_t numel = 1;
     for (const Json& d : *sh) {
       if (!d.is_number_unsigned() || d.get<uint64_t>() > uint64_t(kMaxDimSize))
@@ -209,9 +226,19 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     if (b > e) fail(where, ": data_offsets [", b, ", ", e, "] end before they begin");
     if (e > data_size)
       fail(where, ": data_offsets [", b, ", ", e, "] run past the end of the data (", data_size, " bytes after the header)");
-    const uint64_t need = numel * uint64_t(dtype_size(t.dtype));
-    if (need != e - b)
-      fail(where, ": shape ", t.shape_str(), " of ", dts, " needs ", need, " bytes but data_offsets [", b, ", ", e, "] span ", e - b);
+    if (bytes) {
+      // [N, K/32, 34] bytes: N rows of K/32 blocks; the tensor is the q8_0 matrix [N, K].
+      if (t.shape.size() != 3 || t.shape[2] != kQ8_0BlockBytes)
+        fail(where, ": a q8_0 tensor (U8) must have shape [N, K/32, 34], rows of 34-byte blocks (got ", t.shape_str(), ")");
+      if (numel != e - b)
+        fail(where, ": q8_0 shape ", t.shape_str(), " (the matrix [", t.shape[0], ", ", t.shape[1] * kQ8_0Block, "]) needs ",
+             t.shape[0], " x ", t.shape[1], " x 34 = ", numel, " bytes but data_offsets [", b, ", ", e, "] span ", e - b);
+      t.shape = {t.shape[0], t.shape[1] * kQ8_0Block};
+    } else {
+      const uint64_t need = numel * uint64_t(dtype_size(t.dtype));
+      if (need != e - b)
+        fail(where, ": shape ", t.shape_str(), " of ", dts, " needs ", need, " bytes but data_offsets [", b, ", ", e, "] span ", e - b);
+    }
     t.nbytes = int64_t(e - b);
     t.file_offset = int64_t(data_begin + b);
     t.data = base + data_begin + b;
@@ -339,15 +366,18 @@ void SafetensorsWriter::add(std::string name, DType dtype, std::vector<int64_t> 
     if (d < 0) fail("safetensors writer: tensor ", quote(name), ": negative dimension ", d);
     n *= d;
   }
-  entries_.push_back(Entry{std::move(name), dtype, std::move(shape), std::move(fill), n * dtype_size(dtype)});
+  if (dtype == DType::q8_0 && (shape.size() != 2 || shape[1] % kQ8_0Block != 0))
+    fail("safetensors writer: tensor ", quote(name), ": a q8_0 tensor is a matrix [N, K] with K a multiple of ", kQ8_0Block,
+         " (got ", shape.size(), " dimensions", shape.size() == 2 ? ", K " + std::to_string(shape[1]) : std::string(), ")");
+  entries_.push_back(Entry{std::move(name), dtype, std::move(shape), std::move(fill), dtype_bytes(dtype, n)});
 }
 
 void SafetensorsWriter::add(std::string name, DType dtype, std::vector<int64_t> shape, const void* data) {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
-  auto copy = std::make_shared<std::vector<std::byte>>(size_t(n * dtype_size(dtype)));
+  auto copy = std::make_shared<std::vector<std::byte>>(size_t(dtype_bytes(dtype, n)));
   if (!copy->empty()) std::memcpy(copy->data(), data, copy->size());
-  const int64_t item = dtype_size(dtype);
+  const int64_t item = unit_bytes(dtype);
   add(std::move(name), dtype, std::move(shape), [copy, item](int64_t first, int64_t cnt, void* dst) {
     std::memcpy(dst, copy->data() + first * item, size_t(cnt * item));
   });
@@ -362,14 +392,20 @@ int64_t SafetensorsWriter::total_bytes() const {
 void SafetensorsWriter::write_entries(const std::string& path, const std::vector<const Entry*>& entries,
                                       size_t header_align) const {
   nlohmann::ordered_json h;
-  if (!metadata_.empty()) {
+  std::map<std::string, std::string> meta = metadata_;
+  // Every file of a checkpoint with q8_0 tensors says so (a reader takes U8 tensors as q8_0 only then).
+  for (const Entry& e : entries_)
+    if (e.dtype == DType::q8_0) meta[kQuantizationKey] = "q8_0";
+  if (!meta.empty()) {
     nlohmann::ordered_json m = nlohmann::ordered_json::object();
-    for (const auto& [k, v] : metadata_) m[k] = v;
+    for (const auto& [k, v] : meta) m[k] = v;
     h["__metadata__"] = m;
   }
   int64_t off = 0;
   for (const Entry* e : entries) {
-    h[e->name] = {{"dtype", safetensors_dtype_name(e->dtype)}, {"shape", e->shape}, {"data_offsets", {off, off + e->nbytes}}};
+    const std::vector<int64_t> shape =
+        e->dtype == DType::q8_0 ? std::vector<int64_t>{e->shape[0], e->shape[1] / kQ8_0Block, kQ8_0BlockBytes} : e->shape;
+    h[e->name] = {{"dtype", safetensors_dtype_name(e->dtype)}, {"shape", shape}, {"data_offsets", {off, off + e->nbytes}}};
     off += e->nbytes;
   }
   std::string text = h.dump();
@@ -385,10 +421,10 @@ void SafetensorsWriter::write_entries(const std::string& path, const std::vector
   constexpr int64_t kSliceBytes = 16 << 20;
   std::vector<std::byte> buf;
   for (const Entry* e : entries) {
-    const int64_t item = dtype_size(e->dtype), numel = e->nbytes / item;
+    const int64_t item = unit_bytes(e->dtype), units = e->nbytes / item;
     const int64_t slice = std::max<int64_t>(1, kSliceBytes / item);
-    for (int64_t first = 0; first < numel; first += slice) {
-      const int64_t cnt = std::min(slice, numel - first);
+    for (int64_t first = 0; first < units; first += slice) {
+      const int64_t cnt = std::min(slice, units - first);
       buf.resize(size_t(cnt * item));
       e->fill(first, cnt, buf.data());
       out.write(reinterpret_cast<const char*>(buf.data()), std::streamsize(buf.size()));

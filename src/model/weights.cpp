@@ -55,10 +55,15 @@ std::string shape_str(const Shape& s) {
   return r + "]";
 }
 
+std::string dtype_str(DType t) { return t == DType::q8_0 ? "U8 (q8_0)" : safetensors_dtype_name(t); }
+
 std::string dtypes_str(uint8_t mask) {
   std::string r;
-  for (DType t : {DType::bf16, DType::f16, DType::f32})
-    if (mask & dtype_bit(t)) r += std::string(r.empty() ? "" : "/") + safetensors_dtype_name(t);
+  for (DType t : {DType::bf16, DType::f16, DType::f32, DType::q8_0})
+    if (mask & dtype_bit(t)) {
+      if (!r.empty()) r += '/';
+      r += dtype_str(t);
+    }
   return r;
 }
 
@@ -66,25 +71,25 @@ std::string dtypes_str(uint8_t mask) {
 
 const std::vector<WeightRule>& weight_rules() {
   static const std::vector<WeightRule> rules = {
-      {"model.embed_tokens.weight", false, vocab_hidden, required, kFloatDTypes},
+      {"model.embed_tokens.weight", false, vocab_hidden, required, kMatrixDTypes},
       {"model.layers.{i}.input_layernorm.weight", true, hidden, required, kFloatDTypes},
       {"model.layers.{i}.input_layernorm_summary.weight", true, hidden, summary_norm_use, kFloatDTypes},
-      {"model.layers.{i}.self_attn.q_proj.weight", true, q_shape, required, kFloatDTypes},
-      {"model.layers.{i}.self_attn.k_proj.weight", true, kv_shape, required, kFloatDTypes},
-      {"model.layers.{i}.self_attn.v_proj.weight", true, kv_shape, required, kFloatDTypes},
-      {"model.layers.{i}.self_attn.o_proj.weight", true, o_shape, required, kFloatDTypes},
+      {"model.layers.{i}.self_attn.q_proj.weight", true, q_shape, required, kMatrixDTypes},
+      {"model.layers.{i}.self_attn.k_proj.weight", true, kv_shape, required, kMatrixDTypes},
+      {"model.layers.{i}.self_attn.v_proj.weight", true, kv_shape, required, kMatrixDTypes},
+      {"model.layers.{i}.self_attn.o_proj.weight", true, o_shape, required, kMatrixDTypes},
       {"model.layers.{i}.self_attn.q_norm.weight", true, head, required, kFloatDTypes},
       {"model.layers.{i}.self_attn.k_norm.weight", true, head, required, kFloatDTypes},
-      {"model.layers.{i}.self_attn.q_proj_summary.weight", true, q_shape, summary_proj_use, kFloatDTypes},
-      {"model.layers.{i}.self_attn.k_proj_summary.weight", true, kv_shape, summary_proj_use, kFloatDTypes},
-      {"model.layers.{i}.self_attn.v_proj_summary.weight", true, kv_shape, summary_proj_use, kFloatDTypes},
+      {"model.layers.{i}.self_attn.q_proj_summary.weight", true, q_shape, summary_proj_use, kMatrixDTypes},
+      {"model.layers.{i}.self_attn.k_proj_summary.weight", true, kv_shape, summary_proj_use, kMatrixDTypes},
+      {"model.layers.{i}.self_attn.v_proj_summary.weight", true, kv_shape, summary_proj_use, kMatrixDTypes},
       {"model.layers.{i}.self_attn.rotary_emb.inv_freq", true, inv_freq, ignored, kFloatDTypes},  // older exports
       {"model.layers.{i}.post_attention_layernorm.weight", true, hidden, required, kFloatDTypes},
-      {"model.layers.{i}.mlp.gate_proj.weight", true, up_shape, required, kFloatDTypes},
-      {"model.layers.{i}.mlp.up_proj.weight", true, up_shape, required, kFloatDTypes},
-      {"model.layers.{i}.mlp.down_proj.weight", true, down_shape, required, kFloatDTypes},
+      {"model.layers.{i}.mlp.gate_proj.weight", true, up_shape, required, kMatrixDTypes},
+      {"model.layers.{i}.mlp.up_proj.weight", true, up_shape, required, kMatrixDTypes},
+      {"model.layers.{i}.mlp.down_proj.weight", true, down_shape, required, kMatrixDTypes},
       {"model.norm.weight", false, hidden, required, kFloatDTypes},
-      {"lm_head.weight", false, vocab_hidden, lm_head_use, kFloatDTypes},
+      {"lm_head.weight", false, vocab_hidden, lm_head_use, kMatrixDTypes},
   };
   return rules;
 }
@@ -117,9 +122,12 @@ void check_weights(const ModelConfig& cfg, const Checkpoint& ckpt) {
       continue;
     }
     if (t->shape != e.shape)
-      problems.push_back(e.name + ": shape " + t->shape_str() + ", expected " + shape_str(e.shape));
+      problems.push_back(e.name + ": shape " + t->shape_str() + ", expected " + shape_str(e.shape) +
+                         (t->dtype == DType::q8_0 && e.shape.size() == 2 && e.shape[1] % kQ8_0Block != 0
+                              ? " (q8_0 needs K a multiple of " + std::to_string(kQ8_0Block) + ": keep this matrix in BF16)"
+                              : ""));
     if (!(e.dtypes & dtype_bit(t->dtype)))
-      problems.push_back(e.name + ": dtype " + safetensors_dtype_name(t->dtype) + ", expected " + dtypes_str(e.dtypes));
+      problems.push_back(e.name + ": dtype " + dtype_str(t->dtype) + ", expected " + dtypes_str(e.dtypes));
   }
   for (const TensorInfo& t : ckpt.tensors())
     if (!known.count(t.name)) problems.push_back("unexpected tensor " + t.name + " " + t.shape_str() + " (in " + t.file + ")");

@@ -38,8 +38,7 @@ void apply_device(const std::string& device, const std::string& dir, ModelOption
   } else if (device == "cuda" || device == "auto" || device.empty()) {
     if (device == "cuda" && !cuda_engine_available())
       fail("--device cuda: no CUDA device is visible, or this build has no CUDA engine (see `ksa info`); use --device cpu");
-    mo.device = device == "cuda" ? Device::cuda
-                : cuda_engine_available() ? default_device(ModelConfig::load(dir)) : Device::cpu;
+    mo.device = device == "cuda" ? Device::cuda : default_device(dir);
   } else {
     fail("--device: expected cpu, cuda or auto (got '", device, "')");
   }

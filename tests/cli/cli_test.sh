@@ -67,6 +67,21 @@ check "bench model: -o json" 0 "^3 results, batch 2 n_gen 1 2 3$" -- bash -c "'$
 print(len(r), \"results, batch\", r[0][\"batch\"], \"n_gen\", *[x[\"n_gen\"] for x in r])'"
 check "bench model: a bad list" 2 "'8,' is not a list of integers" -- "$KSA" bench model -m "$DIR" -p 8,
 
+# ksa quantize (docs/quantization.md): the q8_0 copy is 53% of the bf16 weights, says what it is, and runs.
+Q8="$2/cli_test_model_q8"
+rm -rf "$Q8"
+check "quantize: q8_0" 0 "41 of 62 tensors to q8_0; weights .*\(53\.1%\), the quantised matrices .*\(53\.1%\)" -- \
+  "$KSA" quantize -m "$DIR" --type q8_0 --out "$Q8" -q
+check "quantize: info" 0 "weights: q8_0 \(norms bf16\)" -- "$KSA" info -m "$Q8"
+check "quantize: generate" 0 "weights [0-9.]+ MiB q8_0 \(norms bf16\)" -- "$KSA" generate -m "$Q8" -p "$PROMPT" -n 8
+check "quantize: bench model" 0 "weights [0-9.]+ MiB q8_0" -- "$KSA" bench model -m "$Q8" -p 8 -n 2 -r 1 --bw-mib 0 -t 1
+check "quantize: a bad type" 2 "--type: must be q8_0 \(got 'q4_0'\)" -- "$KSA" quantize -m "$DIR" --type q4_0 --out "$Q8"
+q1=$("$KSA" generate -m "$Q8" -p "$PROMPT" -n 24 --no-display-prompt -t 1 2>/dev/null)
+q2=$("$KSA" generate -m "$Q8" -p "$PROMPT" -n 24 --no-display-prompt -t 2 2>/dev/null)
+if [ -n "$q1" ] && [ "$q1" = "$q2" ]; then echo "ok   quantize: greedy output equal with -t 1 and -t 2"
+else echo "FAIL quantize: greedy q8_0 output differs across thread counts"; printf '%s\n---\n%s\n' "$q1" "$q2"; fails=$((fails + 1)); fi
+rm -rf "$Q8"
+
 gen() { "$KSA" generate -m "$DIR" -p "$PROMPT" -n 40 --no-display-prompt "$@" 2>/dev/null; }
 g1=$(gen -t 1); g2=$(gen -t 2)
 if [ -n "$g1" ] && [ "$g1" = "$g2" ]; then echo "ok   greedy output equal with -t 1 and -t 2"

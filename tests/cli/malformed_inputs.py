@@ -500,6 +500,59 @@ case("checkpoint: embedding of the wrong shape", gen(), 1, r"model\.embed_tokens
      st(tensors=tensor_set(EMB, shape=[V, 32], blob=b"\0" * (V * 32 * 2))))
 case("checkpoint: q_proj transposed", gen(), 1, r"q_proj\.weight.*shape",
      st(tensors=tensor_set("model.layers.0.self_attn.q_proj.weight", shape=[32, 128])))
+# 8-bit weights (docs/quantization.md): U8 blocks [N, K/32, 34] in a file whose __metadata__ says q8_0.
+Q8_META = {"format": "pt", "ksa.quantization": "q8_0"}
+QP = "model.layers.0.self_attn.q_proj.weight"  # [64, 64]: 64 rows of 2 blocks
+
+
+def q8(name, shape, nbytes):
+    return tensor_set(name, dtype="U8", shape=shape, blob=b"\0" * nbytes)
+
+
+case("q8_0: U8 without the metadata", gen(), 1,
+     ST + r"dtype \"U8\" is read only as 8-bit weights, and the header's __metadata__ has no \"ksa\.quantization\"",
+     st(tensors=q8(QP, [64, 2, 34], 4352)))
+case("q8_0: another quantization", gen(), 1, ST + r'__metadata__\.ksa\.quantization is "q4_0"; only "q8_0" is supported',
+     st(meta={"format": "pt", "ksa.quantization": "q4_0"}))
+case("q8_0: blocks of 33 bytes", gen(), 1, ST + r"must have shape \[N, K/32, 34\], rows of 34-byte blocks \(got \[64, 2, 33\]\)",
+     st(tensors=q8(QP, [64, 2, 33], 4224), meta=Q8_META))
+case("q8_0: a U8 matrix without blocks", gen(), 1, ST + r"must have shape \[N, K/32, 34\].*\(got \[64, 68\]\)",
+     st(tensors=q8(QP, [64, 68], 4352), meta=Q8_META))
+case("q8_0: bytes unlike N x K/32 x 34", gen(), 1, ST + r"needs 64 x 2 x 34 = 4352 bytes but data_offsets \[[0-9]+, [0-9]+\] span 4350",
+     st(tensors=q8(QP, [64, 2, 34], 4350), meta=Q8_META))
+case("q8_0: a norm", gen(), 1, r"model\.norm\.weight: dtype U8 \(q8_0\), expected BF16/F16/F32",
+     st(tensors=q8("model.norm.weight", [1, 2, 34], 68), meta=Q8_META))
+case("q8_0: a matrix of half the K", gen(), 1, r"q_proj\.weight: shape \[64, 32\], expected \[64, 64\]",
+     st(tensors=q8(QP, [64, 1, 34], 2176), meta=Q8_META))
+case("control: a q8_0 matrix", gen(), 0, r"weights [0-9.]+ [KM]iB bf16/q8_0 \(norms bf16\)",
+     st(tensors=q8(QP, [64, 2, 34], 4352), meta=Q8_META))
+
+
+def nan_weight(ts):
+    for t in ts:
+        if t[0] == QP:
+            t[3] = b"\xc0\x7f" + t[3][2:]  # bf16 NaN as element 0
+
+
+def quantized(d):
+    r = subprocess.run([KSA, "quantize", "-m", d, "--out", os.path.join(d, "q8"), "-q"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError("ksa quantize failed: " + r.stdout + r.stderr)
+
+
+QUANTIZE = ["quantize", "-m", "{dir}", "--out", "{dir}/q8"]
+case("quantize: no --out", ["quantize", "-m", "{dir}"], 2, r"-o/--out: required")
+case("quantize: no -m", ["quantize", "--out", "{dir}/q8"], 2, r"-m/--model: required")
+case("quantize: --type q4_0", QUANTIZE + ["--type", "q4_0"], 2, r"--type: must be q8_0 \(got 'q4_0'\)")
+case("quantize: --shard-mb 0", QUANTIZE + ["--shard-mb", "0"], 2, r"out of range")
+case("quantize: into its own directory", ["quantize", "-m", "{dir}", "--out", "{dir}"], 1, r"is the input checkpoint's directory")
+case("quantize: a checkpoint unlike its config", QUANTIZE, 1, r"checkpoint does not match config\.json", cfg(hidden_size=128))
+case("quantize: already q8_0", QUANTIZE, 1, r"already quantised \(model\.layers\.0\.self_attn\.q_proj\.weight is q8_0\)",
+     st(tensors=q8(QP, [64, 2, 34], 4352), meta=Q8_META))
+case("quantize: a NaN weight", QUANTIZE, 1, r'"model\.layers\.0\.self_attn\.q_proj\.weight" element 0 \(row 0\) is .*non-finite weight cannot be quantised',
+     st(tensors=nan_weight))
+case("control: quantize, then generate", ["generate", "-m", "{dir}/q8", "-p", "hello world", "-n", "2"], 0,
+     r"weights [0-9.]+ [KM]iB q8_0 \(norms bf16\)", quantized)
 case("index: invalid JSON", gen(), 1, r"model\.safetensors\.index\.json: invalid JSON", index_text("{"))
 case("index: 200,000 levels deep", gen(), 1, r"index\.json: invalid JSON: nested deeper than 100", index_text('{"weight_map": ' + DEEP + "}"))
 case("index: total_size 1e999", gen(), 1, r"index\.json: invalid JSON: number overflow",

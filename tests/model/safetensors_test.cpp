@@ -183,7 +183,7 @@ TEST(SafetensorsErrors, CorruptedFilesEachGiveTheirMessage) {
   EXPECT_EQ(open_err(), p + ": tensors \"a\" [0, 8) and \"b\" [4, 12) overlap");
 
   raw_file(p, R"({"a": {"dtype": "F64", "shape": [2], "data_offsets": [0, 16]}})", 16);
-  EXPECT_EQ(open_err(), p + ": tensor \"a\": dtype \"F64\" is not supported (BF16, F16 or F32)");
+  EXPECT_EQ(open_err(), p + ": tensor \"a\": dtype \"F64\" is not supported (BF16, F16 or F32; U8 as q8_0 weights)");
 
   raw_file(p, R"({"a": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 10]}})", 10);
   EXPECT_EQ(open_err(), p + ": tensor \"a\": shape [2, 3] of BF16 needs 12 bytes but data_offsets [0, 10] span 10");

@@ -168,15 +168,7 @@ TEST(WeightsErrors, WrongShapeOfEmbeddings) {
 }
 
 // The commands, end to end (the ksa binary is built next to the tests).
-std::string run(const std::string& cmd, int* rc) {
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  *rc = pclose(p);
-  return out;
-}
+std::string run(const std::string& cmd, int* rc) { return test::run_command(cmd, rc); }
 
 TEST(KsaCommand, MakeModelThenInfo) {
   const std::string ksa = std::string(KSA_BINARY_DIR) + "/bin/ksa";

@@ -170,8 +170,8 @@ int run_bench_model(int argc, char** argv) {
   if (c.use_summary_attention)
     std::fprintf(info, "  KSA: k=%lld S=%lld, windows \"%s\"\n", (long long)c.summary_chunk_size, (long long)c.summary_token_num,
                 c.window_pattern.c_str());
-  std::fprintf(info, "  params: %.3f M; weights %s (%s read per decode step); KV cache %s; loaded in %.0f ms\n",
-              double(count_parameters(c)) * 1e-6, human_bytes(double(model.weight_bytes())).c_str(),
+  std::fprintf(info, "  params: %.3f M; weights %s %s (%s read per decode step); KV cache %s; loaded in %.0f ms\n",
+              double(count_parameters(c)) * 1e-6, human_bytes(double(model.weight_bytes())).c_str(), model.weight_format().c_str(),
               human_bytes(double(model.weight_bytes_per_token())).c_str(), dtype_name(mo.kv_dtype), load_s * 1e3);
   std::fprintf(info, "  backend: %s", model.backend_name().c_str());
   if (mo.device == Device::cpu)
@@ -304,9 +304,9 @@ int run_bench_model(int argc, char** argv) {
       if (ch == '"' || ch == '\\') esc += '\\';
       if (static_cast<unsigned char>(ch) >= 0x20) esc += ch;
     }
-    std::printf("{\n  \"model\": \"%s\", \"device\": \"%s\", \"repetitions\": %lld, \"bandwidth_gb_s\": %s,\n"
-                "  \"results\": [\n%s\n  ]\n}\n", esc.c_str(), dev.c_str(), (long long)reps, num(bw * 1e-9).c_str(),
-                doc.c_str());
+    std::printf("{\n  \"model\": \"%s\", \"weights\": \"%s\", \"device\": \"%s\", \"repetitions\": %lld, "
+                "\"bandwidth_gb_s\": %s,\n  \"results\": [\n%s\n  ]\n}\n",
+                esc.c_str(), model.weight_format().c_str(), dev.c_str(), (long long)reps, num(bw * 1e-9).c_str(), doc.c_str());
   }
   return 0;
 }

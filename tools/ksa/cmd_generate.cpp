@@ -360,9 +360,10 @@ int run_generate(int argc, char** argv) {
     if (!eos_list.empty()) eos_list += ',';
     eos_list += std::to_string(e);
   }
-  std::fprintf(stderr, "ksa generate: %s: %s%s, %lld layers, hidden %lld, weights %s; %s; context %lld; KV %s\n",
+  std::fprintf(stderr, "ksa generate: %s: %s%s, %lld layers, hidden %lld, weights %s %s; %s; context %lld; KV %s\n",
                dir.c_str(), cfg.model_type.c_str(), cfg.use_summary_attention ? "+KSA" : "", (long long)cfg.num_hidden_layers,
-               (long long)cfg.hidden_size, human_bytes(double(model.weight_bytes())).c_str(), model.backend_name().c_str(),
+               (long long)cfg.hidden_size, human_bytes(double(model.weight_bytes())).c_str(), model.weight_format().c_str(),
+               model.backend_name().c_str(),
                (long long)limit, dtype_name(mo.kv_dtype));
   if (sc.temperature == 0.f)
     std::fprintf(stderr, "ksa generate: prompt %zu tokens; greedy; eos %s\n", prompt.size(), eos_list.c_str());

@@ -79,6 +79,9 @@ int info_model(const std::string& dir) {
   }
   std::printf("  parameters: %s (%zu tensors, %s in %zu file%s)\n", with_commas(w.parameters).c_str(), ckpt.tensors().size(),
               human_bytes(double(ckpt.total_bytes())).c_str(), ckpt.files().size(), ckpt.files().size() == 1 ? "" : "s");
+  const std::string format = describe_weight_format(ckpt);
+  std::printf("  weights: %s%s\n", format.c_str(),
+              format.rfind("q8_0", 0) == 0 ? ": 8-bit matrices, run by the CPU engine only (docs/quantization.md)" : "");
 
   // Per-layer windows, grouped by value.
   std::printf("  layers: summary_sliding_chunk_num = \"%s\"\n", c.window_pattern.c_str());

@@ -50,9 +50,9 @@ int run_perplexity(int argc, char** argv) {
   if (windows == 0) fail(file, " has ", ids.size(), " tokens, fewer than --ctx ", ctx);
   if (chunks > 0) windows = std::min(windows, chunks);
   const int64_t first = all ? 0 : ctx / 2;  // logits rows first..ctx-2 score tokens first+1..ctx-1
-  std::fprintf(stderr, "ksa perplexity: %s: %zu tokens; %lld windows of %lld; scoring tokens %lld..%lld of each; %s\n",
+  std::fprintf(stderr, "ksa perplexity: %s: %zu tokens; %lld windows of %lld; scoring tokens %lld..%lld of each; %s; weights %s\n",
                file.c_str(), ids.size(), (long long)windows, (long long)ctx, (long long)(first + 1), (long long)(ctx - 1),
-               model.backend_name().c_str());
+               model.backend_name().c_str(), model.weight_format().c_str());
 
   std::ofstream dump_out, logits_out;
   if (!dump.empty()) {

@@ -100,7 +100,7 @@ inline std::string model_dir_arg(const std::string& m) {
 
 #ifdef KSA_HAVE_ENGINE
 // --device: "cpu", "cuda", or "auto" (cuda when the build has the CUDA engine, a GPU is visible and the
-// model in `dir` has a head dim the CUDA engine takes).
+// model in `dir` has a head dim the CUDA engine takes and no q8_0 weights).
 inline Device parse_device_flag(const std::string& s, const std::string& dir) {
   if (s == "cpu") return Device::cpu;
   if (s == "cuda") {
@@ -108,7 +108,7 @@ inline Device parse_device_flag(const std::string& s, const std::string& dir) {
       fail("--device cuda: no CUDA device is visible, or this build has no CUDA engine (see `ksa info`); use --device cpu");
     return Device::cuda;
   }
-  if (s == "auto" || s.empty()) return cuda_engine_available() ? default_device(ModelConfig::load(dir)) : Device::cpu;
+  if (s == "auto" || s.empty()) return default_device(dir);
   throw cli::UsageError("--device: must be cpu, cuda or auto (got \"" + s + "\")");
 }
 #endif

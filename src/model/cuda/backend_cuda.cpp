@@ -116,6 +116,8 @@ class CudaBackend final : public Backend {
   Weight place(const TensorInfo* t) override {
     Weight w;
     if (!t) return w;
+    if (t->dtype == DType::q8_0)  // Model::load refuses these first; no CUDA kernel reads q8_0 blocks
+      fail(t->name, " is q8_0: q8_0 weights run on the CPU only (use --device cpu, or the bf16 checkpoint on the GPU)");
     w.dtype = DType::bf16;
     w.rows = t->shape.size() >= 2 ? t->shape[0] : 1;
     w.cols = t->shape.empty() ? 1 : t->shape.back();
