@@ -26,12 +26,7 @@ namespace ksa {
 namespace {
 
 
-// Sets an environment variable for one scope (the backward reads KSA_CUDA_BWD_SPLIT on every call).
-struct EnvScope {
-  std::string name;
-  EnvScope(const char* n, const std::string& v) : name(n) { setenv(n, v.c_str(), 1); }
-  ~EnvScope() { unsetenv(name.c_str()); }
-};
+using test::EnvScope;
 
 // ------------------------------------------------------------------------------------------ the plan
 // The query tiles (BQ grid over [0, L)) that see each key tile (BK grid of KeyTileCursor), with the cursor's

@@ -31,12 +31,7 @@
 namespace ksa {
 namespace {
 
-// Sets an environment variable for one scope (the launchers read KSA_CUDA_* on every call).
-struct EnvScope {
-  std::string name;
-  EnvScope(const char* n, const std::string& v) : name(n) { setenv(n, v.c_str(), 1); }
-  ~EnvScope() { unsetenv(name.c_str()); }
-};
+using test::EnvScope;
 
 struct VarlenCase {
   std::vector<int64_t> texts;  // text tokens of each stream

@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdlib>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "ksa/cuda.hpp"
@@ -19,6 +21,13 @@ namespace ksa::test {
   } while (0)
 
 #define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
+
+// Sets an environment variable for one scope (the CUDA launchers read KSA_CUDA_* on every call).
+struct EnvScope {
+  std::string name;
+  EnvScope(const char* n, const std::string& v) : name(n) { setenv(n, v.c_str(), 1); }
+  ~EnvScope() { unsetenv(name.c_str()); }
+};
 
 // cudaMalloc'ed bytes (at least 16, so that an empty buffer is still a valid address); null on failure.
 struct DevMem {

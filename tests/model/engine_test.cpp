@@ -105,34 +105,11 @@ std::string describe(const Case& c) {
 }
 
 ModelConfig make_config(const Case& c) {
-  ModelConfig cfg = model_shape_config("tiny");
-  cfg.num_key_value_heads = c.Hkv;
-  cfg.tie_word_embeddings = c.tied;
-  cfg.bos_token_id = 1;
-  cfg.eos_token_ids = {2};
-  cfg.window_pattern = c.windows;
-  cfg.windows = parse_layer_pattern(c.windows, cfg.num_hidden_layers);
-  cfg.use_summary_attention = c.summary_attention;
-  if (c.summary_attention) {
-    cfg.summary_chunk_size = c.k;
-    cfg.summary_token_num = c.S;
-    cfg.summary_token_begin = kTextVocab;
-    cfg.vocab_size = kTextVocab + c.S;  // the summary rows follow the text rows
-    cfg.truncate_predict_nums = kTextVocab;
-    cfg.mix_coeff = c.mix;
-    cfg.text_positions = c.tp;
-    cfg.summary_positions = c.sp;
-    cfg.summary_independent_attention_layernorm = c.summary_layernorm;
-    cfg.summary_layers = c.summary_layers.empty() ? std::vector<uint8_t>(4, 1) : c.summary_layers;
-  } else {
-    cfg.vocab_size = kTextVocab;
-    cfg.truncate_predict_nums = 0;
-    cfg.mix_coeff = 0;
-    cfg.summary_independent_attention_layernorm = false;
-    cfg.summary_layers.assign(4, 0);
-  }
-  cfg.validate();
-  return cfg;
+  test::TinyModel t;
+  t.Hkv = c.Hkv, t.k = c.k, t.S = c.S, t.mix = c.mix, t.tied = c.tied, t.windows = c.windows;
+  t.summary_layers = c.summary_layers, t.tp = c.tp, t.sp = c.sp, t.summary_layernorm = c.summary_layernorm;
+  t.summary_attention = c.summary_attention;
+  return test::tiny_config(t, kTextVocab);
 }
 
 // The cases of the suite (see describe()). Together they cover GQA ratios 1/2/4, S = 1 and 2, k = 3 and 4,

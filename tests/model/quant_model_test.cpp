@@ -171,22 +171,10 @@ std::vector<Case> cases() {
 }
 
 ModelConfig make_config(const Case& c) {
-  ModelConfig cfg = model_shape_config("tiny");
-  cfg.tie_word_embeddings = c.tied;
-  cfg.bos_token_id = 1;
-  cfg.eos_token_ids = {2};
-  cfg.window_pattern = c.windows;
-  cfg.windows = parse_layer_pattern(c.windows, cfg.num_hidden_layers);
-  cfg.summary_chunk_size = c.k;
-  cfg.summary_token_num = c.S;
-  cfg.summary_token_begin = kTextVocab;
-  cfg.vocab_size = kTextVocab + c.S;
-  cfg.truncate_predict_nums = kTextVocab;
-  cfg.mix_coeff = c.mix;
-  cfg.summary_independent_attention_layernorm = c.summary_layernorm;
-  cfg.summary_layers = c.summary_layers.empty() ? std::vector<uint8_t>(4, 1) : c.summary_layers;
-  cfg.validate();
-  return cfg;
+  test::TinyModel t;
+  t.k = c.k, t.S = c.S, t.mix = c.mix, t.tied = c.tied, t.windows = c.windows;
+  t.summary_layers = c.summary_layers, t.summary_layernorm = c.summary_layernorm;
+  return test::tiny_config(t, kTextVocab);
 }
 
 // A random bf16 checkpoint and its q8_0 copy.
