@@ -71,18 +71,8 @@ bool verbose() { return std::getenv("KSA_TEST_VERBOSE") != nullptr; }
 
 // One test configuration: the "tiny" shape (4 layers, hidden 64, intermediate 192, 4 query heads, head_dim 16)
 // with the KSA knobs changed and a small vocabulary.
-struct Case {
+struct Case : test::TinyModel {  // Hkv, k, S, mix, tied, windows, summary_layers, positions, ... (engine_util.hpp)
   std::string name;
-  int64_t Hkv = 2;
-  int64_t k = 4, S = 1;
-  double mix = 0.0;
-  bool tied = true;
-  std::string windows = "[1]*4";
-  std::vector<uint8_t> summary_layers;  // empty: every layer a summary-attention layer
-  TextPositions tp = TextPositions::origin;
-  SummaryPositions sp = SummaryPositions::last_chunk_slice_right;
-  bool summary_layernorm = false;
-  bool summary_attention = true;
   uint64_t seed = 1;
 };
 
@@ -104,13 +94,7 @@ std::string describe(const Case& c) {
   return os.str();
 }
 
-ModelConfig make_config(const Case& c) {
-  test::TinyModel t;
-  t.Hkv = c.Hkv, t.k = c.k, t.S = c.S, t.mix = c.mix, t.tied = c.tied, t.windows = c.windows;
-  t.summary_layers = c.summary_layers, t.tp = c.tp, t.sp = c.sp, t.summary_layernorm = c.summary_layernorm;
-  t.summary_attention = c.summary_attention;
-  return test::tiny_config(t, kTextVocab);
-}
+ModelConfig make_config(const Case& c) { return test::tiny_config(c, kTextVocab); }
 
 // The cases of the suite (see describe()). Together they cover GQA ratios 1/2/4, S = 1 and 2, k = 3 and 4,
 // mix 0 / 0.5 / 1, tied and untied embeddings, windows 0, 1, 2 and >= chunks, a hybrid with plain causal
