@@ -5,7 +5,7 @@
 #include <sstream>
 
 #include "ksa/error.hpp"
-#include "tokenizer/json_input.hpp"
+#include "core/json_input.hpp"
 
 namespace ksa {
 

@@ -10,7 +10,7 @@
 #include <string>
 
 #include "ksa/error.hpp"
-#include "tokenizer/json_input.hpp"  // parse_json (depth and number limits), json_excerpt
+#include "core/json_input.hpp"  // parse_json (depth and number limits), json_excerpt
 
 namespace ksa::detail {
 

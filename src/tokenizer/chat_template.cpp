@@ -7,7 +7,7 @@
 #include <sstream>
 #include <vector>
 
-#include "json_input.hpp"
+#include "core/json_input.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa {

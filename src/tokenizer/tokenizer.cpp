@@ -14,7 +14,7 @@
 #include <sstream>
 #include <unordered_map>
 
-#include "json_input.hpp"
+#include "core/json_input.hpp"
 #include "utf8.hpp"
 #include "ksa/error.hpp"
 

@@ -4,8 +4,9 @@
 //   - Nesting deeper than kMaxJsonDepth is refused before parsing: nlohmann parses and destroys iteratively,
 //     but dump() (error excerpts), copies and comparisons recurse, as do our Sequence loaders.
 //   - A number beyond a double (1e309) is nlohmann's out_of_range, not a parse_error: it is caught too.
-// Header-only and private to src/: the tokenizer layer is the lowest one that reads JSON, and the model
-// layer and the tools (which link nlohmann themselves) include it from here.
+// Header-only and private to src/; in core so that the layers that read JSON (tokenizer, model, serve) share it
+// without depending on each other. core itself does not read JSON nor link nlohmann: whoever includes this
+// header links nlohmann itself.
 #pragma once
 #include <nlohmann/json.hpp>
 
