@@ -80,12 +80,18 @@ pack() {
   for f in "$OUT"/*.log; do [ -f "$f" ] && cp "$f" "$WORK/pack/"; done
   tar -czf "$OUT/train.tar.gz" -C "$WORK/pack" .
 }
-steps=""
-for attn in ksa swa full; do
+# TRAIN_STEPS=N [TRAIN_MODELS="ksa"]: a fixed schedule of N steps instead of the time budget, for the listed
+# models only (default all three): one model per device command, so that each can train for most of the
+# 10 minutes a command may run; the other models in later commands with the same N read the same batches.
+steps="${TRAIN_STEPS:-}"
+stop_step="${TRAIN_STEPS:-}"
+for attn in ${TRAIN_MODELS:-ksa swa full}; do
   echo "== train $attn ($((SECONDS - T_START)) s so far)"
   if [ -z "$steps" ]; then args=(--steps 100000 --time-budget "$BUDGET"); else args=(--steps "$steps" --stop-at "$stop_step"); fi
+  if [ -n "${TRAIN_STEPS:-}" ]; then limit=(--max-seconds "$((${TOTAL_SECONDS:-450} - (SECONDS - T_START) - 45))")
+  else limit=(--max-seconds "$(awk -v b="$BUDGET" 'BEGIN { print 1.5 * b }')"); fi
   if PYTHONUNBUFFERED=1 "${RUN[@]}" -m ksa_train.train --attn "$attn" --out "$WORK/$attn" "${COMMON[@]}" "${args[@]}" \
-       --max-seconds "$(awk -v b="$BUDGET" 'BEGIN { print 1.5 * b }')" >"$WORK/$attn.out" 2>&1; then
+       "${limit[@]}" >"$WORK/$attn.out" 2>&1; then
     grep -E "^ksa_train|time budget|passkey" "$WORK/$attn.out" || true
   else
     echo "train $attn: FAILED"; tail -30 "$WORK/$attn.out"
