@@ -59,7 +59,7 @@ echo "== time budget of the first run: $BUDGET s"
 # 6.5 M parameters with the summary projections (13 MB in bf16); rows of 4224 tokens (passkeys up to ~4100
 # tokens back), batch 8 (33,792 tokens per step).
 COMMON=(--data "$DATA" --batch 8 --seq 4224 --hidden 256 --intermediate 768 --layers 6 --heads 4 --kv-heads 2
-        --head-dim 64 --k-chunk 8 --S 1 --window 16 --lr 2e-3 --warmup 100 --passkey-frac 1.0 --answer-weight 1
+        --head-dim 64 --k-chunk 8 --S 1 --window 16 --lr 3e-3 --warmup 100 --passkey-frac 1.0 --answer-weight 10
         --log-every 25 --seed 0 --eval-trials 20 ${TRAIN_ARGS:-})
 WORK=build-torch/train-runs
 rm -rf "$WORK"
