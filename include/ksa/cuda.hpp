@@ -7,7 +7,7 @@
 
 namespace ksa::cuda {
 
-using Stream = void*;  // a cudaStream_t
+using CudaStream = void*;  // a cudaStream_t
 
 // Number of visible CUDA devices (0 when the driver or a device is missing; never throws).
 int device_count();
@@ -23,7 +23,7 @@ double copy_bandwidth(int64_t bytes);
 // memory: not inside a CUDA graph capture).
 bool supports(const AttentionParams& p, std::string* why = nullptr);
 // Device pointers in p; asynchronous on `stream`. Throws ksa::Error on bad params or a CUDA error.
-void attention_forward(const AttentionParams& p, Stream stream = nullptr);
+void attention_forward(const AttentionParams& p, CudaStream stream = nullptr);
 
 bool supports(const AttentionBackwardParams& p, std::string* why = nullptr);
 // Device pointers in p; asynchronous on `stream`; workspace from cudaMallocAsync on the stream. With
@@ -31,6 +31,6 @@ bool supports(const AttentionBackwardParams& p, std::string* why = nullptr);
 // fp32 (its last bits vary from run to run; workspace B * Hq * L * D * 4 bytes more, e.g. 2.4 GB at B=1,
 // Hq=32, L=147K); p.deterministic or KSA_CUDA_BWD_FUSED_DQ=0 runs the separate dQ pass (same bits every run).
 // Packed sequences: the row workspaces (lse, Delta, the fused dQ's) hold each stream's rows rounded up to 128.
-void attention_backward(const AttentionBackwardParams& p, Stream stream = nullptr);
+void attention_backward(const AttentionBackwardParams& p, CudaStream stream = nullptr);
 
 }  // namespace ksa::cuda

@@ -35,7 +35,7 @@ struct KvCacheGpuOptions {
 class KvCacheGpu {
  public:
   // cfg.dtype must be bf16; D 64 or 128. All work is queued on `stream`.
-  explicit KvCacheGpu(const KvCacheConfig& cfg, Stream stream = nullptr, KvCacheGpuOptions opt = {});
+  explicit KvCacheGpu(const KvCacheConfig& cfg, CudaStream stream = nullptr, KvCacheGpuOptions opt = {});
   ~KvCacheGpu();
   KvCacheGpu(const KvCacheGpu&) = delete;
   KvCacheGpu& operator=(const KvCacheGpu&) = delete;

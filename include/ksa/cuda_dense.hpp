@@ -18,7 +18,7 @@ namespace ksa::cuda {
 inline constexpr int64_t kGemvMaxM = 8;
 class Gemm {
  public:
-  explicit Gemm(Stream stream, bool small_m_kernel = true);
+  explicit Gemm(CudaStream stream, bool small_m_kernel = true);
   ~Gemm();
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;
@@ -30,30 +30,31 @@ class Gemm {
 };
 
 // x[r, :] = float(table[ids[r], :]) for n rows of H (table bf16).
-void embed_rows(const void* table, const int32_t* ids, int64_t n, int64_t H, float* x, Stream stream);
+void embed_rows(const void* table, const int32_t* ids, int64_t n, int64_t H, float* x, CudaStream stream);
 // out[r] = bf16(x[r] / rms(x[r]) * w) with w = ws for rows where is_summary[r] != 0 (ws, is_summary may be
 // null). The sum of squares in fp32 (two-level tree).
 void rms_norm(const float* x, int64_t rows, int64_t n, const void* w, const void* ws, const uint8_t* is_summary, float eps,
-              void* out, Stream stream);
+              void* out, CudaStream stream);
 // x += h; out = bf16(rms_norm(x) * w).
-void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void* w, float eps, void* out, Stream stream);
+void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void* w, float eps, void* out,
+                  CudaStream stream);
 // x += h over `count` floats.
-void add(float* x, const float* h, int64_t count, Stream stream);
+void add(float* x, const float* h, int64_t count, CudaStream stream);
 // out[i, :] = in[rows[i], :] (gather) or out[rows[i], :] = in[i, :] (scatter), rows of `row_bytes` (a multiple
 // of 4).
-void gather_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, Stream stream);
-void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, Stream stream);
+void gather_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, CudaStream stream);
+void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, CudaStream stream);
 // y[rows[i] * ldy + c] = mix * ys[i * cols + c] + (1 - mix) * y[rows[i] * ldy + c] for c < cols.
 void blend_rows(float* y, int64_t ldy, const float* ys, const int32_t* rows, int64_t m, int64_t cols, double mix,
-                Stream stream);
+                CudaStream stream);
 // qkv [n, (Hq + 2 Hkv) D] fp32 holds q, k, v side by side. Per-head RMSNorm (weights qn, kn [D], bf16) of q
 // and k, then RoPE (HF rotate_half) at positions[r] with inv_freq [D/2] (fp32, as the reference computes
 // it), rounded to bf16 into qc [n, Hq D], kc [n, Hkv D]; v rounded into vc [n, Hkv D].
 void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t D, const void* qn, const void* kn,
                   float eps, const int32_t* positions, const float* inv_freq, void* qc, void* kc, void* vc,
-                  Stream stream);
+                  CudaStream stream);
 // gu [n, 2I] fp32 holds gate and up side by side: out [n, I] = bf16(silu(gate) * up).
-void silu_mul(const float* gu, int64_t n, int64_t I, void* out, Stream stream);
+void silu_mul(const float* gu, int64_t n, int64_t I, void* out, CudaStream stream);
 
 // One token drawn per logits row (the same order of operations as ksa::sample_token: penalties, then greedy
 // or temperature with top-k, top-p and min-p cuts, then the token at cumulative probability u). The cuts are
@@ -71,6 +72,6 @@ struct SampleArgs {
 };
 // logits [rows, V] (row stride V) modified in place by the penalties; args [n], pairs [*][2] device memory.
 void sample_tokens(float* logits, int64_t V, const SampleArgs* args, int64_t n, const int32_t* pairs, int32_t* out,
-                   Stream stream);
+                   CudaStream stream);
 
 }  // namespace ksa::cuda

@@ -998,7 +998,7 @@ bool supports(const AttentionBackwardParams& p, std::string* why) {
 }
 
 // p.deterministic: no floating-point atomics (the separate dQ pass); otherwise the fused dQ where it runs.
-void attention_backward(const AttentionBackwardParams& p, Stream stream) {
+void attention_backward(const AttentionBackwardParams& p, CudaStream stream) {
   validate(p);
   std::string why;
   if (!supports(p, &why)) fail("ksa::cuda::attention_backward: unsupported: ", why);

@@ -354,7 +354,7 @@ bool supports(const AttentionParams& p, std::string* why) {
   return detail::views_aligned16({{"q", &p.q}, {"k", &p.k}, {"v", &p.v}, {"out", &p.out}}, why);
 }
 
-void attention_forward(const AttentionParams& p, Stream stream) {
+void attention_forward(const AttentionParams& p, CudaStream stream) {
   validate(p);
   std::string why;
   if (!supports(p, &why)) fail("ksa::cuda::attention_forward: unsupported: ", why);

@@ -16,7 +16,7 @@
 namespace ksa::cuda {
 namespace {
 
-cudaStream_t cs(Stream s) { return static_cast<cudaStream_t>(s); }
+cudaStream_t cs(CudaStream s) { return static_cast<cudaStream_t>(s); }
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
 
 #define KSA_CUBLAS_CHECK(expr)                                                                        \
@@ -532,7 +532,7 @@ struct Gemm::Impl {
   }
 };
 
-Gemm::Gemm(Stream stream, bool small_m_kernel) : impl_(std::make_unique<Impl>()) {
+Gemm::Gemm(CudaStream stream, bool small_m_kernel) : impl_(std::make_unique<Impl>()) {
   impl_->stream = cs(stream);
   impl_->small_m = small_m_kernel;
   KSA_CUBLAS_CHECK(cublasLtCreate(&impl_->handle));
@@ -562,34 +562,35 @@ void Gemm::run(const void* x, int64_t M, int64_t K, const void* W, int64_t N, vo
 }
 
 // ------------------------------------------------------------------------------------------ launchers
-void embed_rows(const void* table, const int32_t* ids, int64_t n, int64_t H, float* x, Stream stream) {
+void embed_rows(const void* table, const int32_t* ids, int64_t n, int64_t H, float* x, CudaStream stream) {
   if (n == 0) return;
   embed_kernel<<<unsigned(n), 256, 0, cs(stream)>>>(static_cast<const __nv_bfloat16*>(table), ids, H, x);
   KSA_CUDA_CHECK_LAUNCH();
 }
 
 void rms_norm(const float* x, int64_t rows, int64_t n, const void* w, const void* ws, const uint8_t* is_summary,
-              float eps, void* out, Stream stream) {
+              float eps, void* out, CudaStream stream) {
   if (rows == 0) return;
   rms_norm_kernel<<<unsigned(rows), kNormThreads, 0, cs(stream)>>>(const_cast<float*>(x), nullptr, n, w, ws, is_summary, eps,
                                                            static_cast<__nv_bfloat16*>(out));
   KSA_CUDA_CHECK_LAUNCH();
 }
 
-void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void* w, float eps, void* out, Stream stream) {
+void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void* w, float eps, void* out,
+                  CudaStream stream) {
   if (rows == 0) return;
   rms_norm_kernel<<<unsigned(rows), kNormThreads, 0, cs(stream)>>>(x, h, n, w, nullptr, nullptr, eps,
                                                            static_cast<__nv_bfloat16*>(out));
   KSA_CUDA_CHECK_LAUNCH();
 }
 
-void add(float* x, const float* h, int64_t count, Stream stream) {
+void add(float* x, const float* h, int64_t count, CudaStream stream) {
   if (count == 0) return;
   add_kernel<<<blocks_for(count, 256), 256, 0, cs(stream)>>>(x, h, count);
   KSA_CUDA_CHECK_LAUNCH();
 }
 
-void gather_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, Stream stream) {
+void gather_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, CudaStream stream) {
   if (m == 0) return;
   if (row_bytes % 4) fail("cuda gather_rows: row bytes must be a multiple of 4 (got ", row_bytes, ")");
   gather_kernel<<<unsigned(m), 256, 0, cs(stream)>>>(static_cast<const uint32_t*>(in), row_bytes / 4, rows,
@@ -597,7 +598,7 @@ void gather_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t
   KSA_CUDA_CHECK_LAUNCH();
 }
 
-void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, Stream stream) {
+void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, CudaStream stream) {
   if (m == 0) return;
   if (row_bytes % 4) fail("cuda scatter_rows: row bytes must be a multiple of 4 (got ", row_bytes, ")");
   gather_kernel<<<unsigned(m), 256, 0, cs(stream)>>>(static_cast<const uint32_t*>(in), row_bytes / 4, rows,
@@ -606,7 +607,7 @@ void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_
 }
 
 void blend_rows(float* y, int64_t ldy, const float* ys, const int32_t* rows, int64_t m, int64_t cols, double mix,
-                Stream stream) {
+                CudaStream stream) {
   if (m == 0) return;
   blend_kernel<<<unsigned(m), 256, 0, cs(stream)>>>(y, ldy, ys, rows, cols, float(mix), mix == 1.0);
   KSA_CUDA_CHECK_LAUNCH();
@@ -614,7 +615,7 @@ void blend_rows(float* y, int64_t ldy, const float* ys, const int32_t* rows, int
 
 void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t D, const void* qn, const void* kn,
                   float eps, const int32_t* positions, const float* inv_freq, void* qc, void* kc, void* vc,
-                  Stream stream) {
+                  CudaStream stream) {
   if (n == 0) return;
   const int64_t warps = n * (Hq + 2 * Hkv);
   const unsigned grid = blocks_for(warps * 32, 256);
@@ -630,14 +631,14 @@ void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t 
   KSA_CUDA_CHECK_LAUNCH();
 }
 
-void silu_mul(const float* gu, int64_t n, int64_t I, void* out, Stream stream) {
+void silu_mul(const float* gu, int64_t n, int64_t I, void* out, CudaStream stream) {
   if (n * I == 0) return;
   silu_mul_kernel<<<blocks_for(n * I, 256), 256, 0, cs(stream)>>>(gu, n, I, static_cast<__nv_bfloat16*>(out));
   KSA_CUDA_CHECK_LAUNCH();
 }
 
 void sample_tokens(float* logits, int64_t V, const SampleArgs* args, int64_t n, const int32_t* pairs, int32_t* out,
-                   Stream stream) {
+                   CudaStream stream) {
   if (n == 0) return;
   if (V < 1 || V >= (int64_t(1) << 31)) fail("cuda sample_tokens: vocabulary of ", V, " logits");
   sample_kernel<<<unsigned(n), kSampleThreads, 0, cs(stream)>>>(logits, int(V), args, pairs, out);

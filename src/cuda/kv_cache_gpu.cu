@@ -145,7 +145,7 @@ struct KvCacheGpu::Impl {
   Staging staging[2], read_staging;
   int next_staging = 0;
 
-  Impl(const KvCacheConfig& cfg, Stream s, KvCacheGpuOptions o)
+  Impl(const KvCacheConfig& cfg, CudaStream s, KvCacheGpuOptions o)
       : cache(cfg, std::make_shared<DeviceSlabs>()), stream(static_cast<cudaStream_t>(s)), opt(o) {
     int dev = 0;
     KSA_CUDA_CHECK(cudaGetDevice(&dev));
@@ -387,7 +387,7 @@ struct KvCacheGpu::Impl {
   }
 };
 
-KvCacheGpu::KvCacheGpu(const KvCacheConfig& cfg, Stream stream, KvCacheGpuOptions opt) {
+KvCacheGpu::KvCacheGpu(const KvCacheConfig& cfg, CudaStream stream, KvCacheGpuOptions opt) {
   cfg.validate();
   std::string why;
   if (!supports(cfg, &why)) fail("KvCacheGpu: ", why);

@@ -211,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     if (q.is_cuda()) {
 #ifdef KSA_HAVE_CUDA
       const c10::cuda::CUDAGuard guard(q.device());
-      const ksa::cuda::Stream stream = at::cuda::getCurrentCUDAStream().stream();
+      const ksa::cuda::CudaStream stream = at::cuda::getCurrentCUDAStream().stream();
       ksa::cuda::attention_forward(p, stream);  // packed streams too: one launch for all of them
 #else
       TORCH_CHECK(false, "ksa: this build of ksa_torch has no CUDA kernels (rebuild with a CUDA torch and nvcc)");
@@ -283,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
     if (q.is_cuda()) {
 #ifdef KSA_HAVE_CUDA
       const c10::cuda::CUDAGuard guard(q.device());
-      const ksa::cuda::Stream stream = at::cuda::getCurrentCUDAStream().stream();
+      const ksa::cuda::CudaStream stream = at::cuda::getCurrentCUDAStream().stream();
       ksa::cuda::attention_backward(p, stream);  // packed streams too: one launch of each pass for all of them
 #else
       TORCH_CHECK(false, "ksa: this build of ksa_torch has no CUDA kernels (rebuild with a CUDA torch and nvcc)");
