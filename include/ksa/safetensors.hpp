@@ -131,6 +131,9 @@ class SafetensorsWriter {
   // Copies the data now: dtype_bytes(dtype, numel) bytes.
   void add(std::string name, DType dtype, std::vector<int64_t> shape, const void* data);
   void set_metadata(std::string key, std::string value) { metadata_[std::move(key)] = std::move(value); }
+  // Lets every fill be called from up to n threads at once on disjoint ranges (a slice is cut into n parts):
+  // only for fills that allow it (e.g. counter-based random data). Default 1.
+  void set_fill_threads(int n) { fill_threads_ = n < 1 ? 1 : n; }
 
   // One file. The header is padded with spaces to a multiple of `header_align` (8 as HF writes; 1 leaves
   // it unpadded, which tests use to make every tensor unaligned).
@@ -152,6 +155,7 @@ class SafetensorsWriter {
   void write_entries(const std::string& path, const std::vector<const Entry*>& entries, size_t header_align) const;
   std::vector<Entry> entries_;
   std::map<std::string, std::string> metadata_;
+  int fill_threads_ = 1;
 };
 
 }  // namespace ksa

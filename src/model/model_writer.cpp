@@ -1,9 +1,11 @@
 // Random-weight checkpoints (see ksa/model_writer.hpp).
 #include "ksa/model_writer.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "core/splitmix.hpp"
 #include "ksa/error.hpp"
@@ -117,6 +119,9 @@ WrittenModel write_random_model(const ModelConfig& cfg, const std::string& dir, 
   if (ec) fail(dir, ": cannot create the directory: ", ec.message());
 
   SafetensorsWriter w;
+  // UniformInit is counter-based: any range can be filled on its own, so all cores fill (a 4B checkpoint's
+  // 8 GB of random numbers take minutes on one core).
+  w.set_fill_threads(int(std::max(1u, std::thread::hardware_concurrency())));
   w.set_metadata("format", "pt");
   WrittenModel out;
   const double residual_scale = 1.0 / std::sqrt(2.0 * double(cfg.num_hidden_layers));

@@ -10,9 +10,12 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <set>
+#include <thread>
 
 #include "json_fields.hpp"
 #include "ksa/error.hpp"
@@ -426,7 +429,27 @@ void SafetensorsWriter::write_entries(const std::string& path, const std::vector
     for (int64_t first = 0; first < units; first += slice) {
       const int64_t cnt = std::min(slice, units - first);
       buf.resize(size_t(cnt * item));
-      e->fill(first, cnt, buf.data());
+      const int64_t parts = std::min<int64_t>(fill_threads_, cnt / 4096 + 1);
+      if (parts <= 1) {
+        e->fill(first, cnt, buf.data());
+      } else {  // disjoint ranges of the slice, one thread each (set_fill_threads)
+        std::vector<std::thread> threads;
+        std::exception_ptr error;
+        std::mutex error_mutex;
+        for (int64_t t = 0; t < parts; ++t) {
+          const int64_t a = cnt * t / parts, b = cnt * (t + 1) / parts;
+          threads.emplace_back([&, a, b] {
+            try {
+              e->fill(first + a, b - a, buf.data() + a * item);
+            } catch (...) {
+              const std::lock_guard<std::mutex> lock(error_mutex);
+              if (!error) error = std::current_exception();
+            }
+          });
+        }
+        for (std::thread& th : threads) th.join();
+        if (error) std::rethrow_exception(error);
+      }
       out.write(reinterpret_cast<const char*>(buf.data()), std::streamsize(buf.size()));
     }
   }
