@@ -41,6 +41,15 @@ void widen_rows(const void* W, WFormat f, int64_t K, int64_t r0, int64_t r1, flo
 }  // namespace
 
 namespace detail {
+const float* f16_to_f32_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(65536);
+    for (uint32_t h = 0; h < 65536; ++h) t[h] = f16::to_float(uint16_t(h));
+    return t;
+  }();
+  return table.data();
+}
+
 // Portable dot products of one weight row with an fp32 vector (the SIMD kernels are in dense_hwy.cpp).
 float dot_row_portable(const void* W, DType wdt, int64_t row, int64_t K, const float* x) {
   float acc[8] = {};

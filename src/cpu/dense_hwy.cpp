@@ -169,7 +169,6 @@ HWY_INLINE hn::Vec<DF> load_q8(DF d, const unsigned char* q) {
 // the product's output is NaN as with fp32 activations; an all-zero block gets d = 0 and q = 0.
 void quantize_x_q8(const float* HWY_RESTRICT x, int64_t n, int16_t* HWY_RESTRICT q, float* HWY_RESTRICT dx) {
   const DF d;
-  const hn::RebindToSigned<DF> di;
   const hn::Rebind<int16_t, DF> d16;
   const int N = int(hn::Lanes(d));
   const auto zero = hn::Zero(d), lo = hn::Set(d, -127.f), hi = hn::Set(d, 127.f);
@@ -195,10 +194,12 @@ void quantize_x_q8(const float* HWY_RESTRICT x, int64_t n, int16_t* HWY_RESTRICT
 // block, the M integer dot products of the 32 weight quants with the 32 activation quants (int8 x int16 pairs
 // summed into int32 lanes: _mm512_madd_epi16 / vpmaddwd on x86, vmlal_s16 on NEON; at most 32 * 127 * 127 in
 // a lane, no overflow), then one fp32 multiply-add of the lanes by d_w * d_x into the accumulators. Two
-// accumulators per vector (even and odd blocks) keep two multiply-add chains in flight.
+// accumulators per vector (even and odd blocks) keep two multiply-add chains in flight; the weight scale
+// comes from the fp16 table (f16_to_f32_table).
 template <int M>
 void gemv_q8_t(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1, int64_t K,
                const int16_t* HWY_RESTRICT xq, const float* HWY_RESTRICT xd, float* y, int64_t ldy) {
+  const float* HWY_RESTRICT f16 = f16_to_f32_table();
   const hn::CappedTag<int16_t, 32> d16;  // at most one block per vector
   const hn::RepartitionToWide<decltype(d16)> d32;
   const hn::RebindToFloat<decltype(d32)> df;
@@ -217,7 +218,7 @@ void gemv_q8_t(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1, int6
       for (int m = 0; m < M; ++m)
         s0[m] = hn::ReorderWidenMulAccumulate(d32, q, hn::LoadU(d16, xq + m * K + b * 32 + j), s0[m], s1[m]);
     }
-    const float dw = q8_scale(w);
+    const float dw = f16[w[0] | (w[1] << 8)];
     HWY_UNROLL(4)
     for (int m = 0; m < M; ++m)
       acc[m] = hn::MulAdd(hn::ConvertTo(df, hn::Add(s0[m], s1[m])), hn::Set(df, dw * xd[m * nb + b]), acc[m]);
