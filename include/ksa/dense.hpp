@@ -24,8 +24,12 @@ inline constexpr int64_t kQ8Block = kQ8_0Block, kQ8BlockBytes = kQ8_0BlockBytes;
 // n floats (a multiple of 32) into n / 32 blocks at out, and back.
 void quantize_q8_0(const float* x, int64_t n, void* out);
 void dequantize_q8_0(const void* in, int64_t n, float* out);
-// linear with W [N, K] in Q8_0 (N rows of K/32 blocks), read in place: M <= 11 through a SIMD matrix-vector
-// kernel over the blocks, larger M by dequantising blocks of rows for sgemm (as linear does for bf16).
+// linear with W [N, K] in Q8_0 (N rows of K/32 blocks), read in place. M <= 11: x is rounded to 8 bits per
+// block of 32 (d_x = max|x| / 127 in fp32, q_x = x / d_x to the nearest integer, ties to even), then a SIMD
+// matrix-vector kernel takes each block's integer dot product and adds it times d_w * d_x in fp32. This adds
+// |x - d_x q_x| <= d_x (1/2 + 2^-17) per activation, i.e. at most sum over blocks of d_x (1/2 + 2^-17) sum |w|
+// per output (docs/quantization.md); a NaN or infinity in a row of x makes that row's outputs NaN. M >= 12:
+// blocks of rows dequantised for sgemm (as linear does for bf16), x not rounded.
 void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N, float* y, int threads = 0);
 
 // In place: x[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, for `rows` rows of `n` (w in f32 or bf16).

@@ -41,6 +41,15 @@ void widen_rows(const void* W, WFormat f, int64_t K, int64_t r0, int64_t r1, flo
 }  // namespace
 
 namespace detail {
+const float* f16_to_f32_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(65536);
+    for (uint32_t h = 0; h < 65536; ++h) t[h] = f16::to_float(uint16_t(h));
+    return t;
+  }();
+  return table.data();
+}
+
 // Portable dot products of one weight row with an fp32 vector (the SIMD kernels are in dense_hwy.cpp).
 float dot_row_portable(const void* W, DType wdt, int64_t row, int64_t K, const float* x) {
   float acc[8] = {};
@@ -63,11 +72,6 @@ float dot_row_portable(const void* W, DType wdt, int64_t row, int64_t K, const f
 
 namespace {
 
-void gemv_any(const void* W, WFormat f, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
-              int64_t ldy) {
-  if (f == WFormat::q8_0) detail::gemv_q8_0_rows(W, n0, n1, K, x, M, y, ldy);
-  else detail::gemv_rows(W, f == WFormat::bf16 ? DType::bf16 : DType::f32, n0, n1, K, x, M, y, ldy);
-}
 
 void linear_impl(const float* x, int64_t M, int64_t K, const void* W, WFormat wf, int64_t N, float* y, int threads) {
   if (M == 0) return;
@@ -76,7 +80,7 @@ void linear_impl(const float* x, int64_t M, int64_t K, const void* W, WFormat wf
     // Rows of W in chunks of 64 (contiguous slabs), claimed by the threads as they come free; all M vectors
     // per row read.
     detail::parallel_chunks(nt, N, 64, [&](int64_t n0, int64_t n1, int) {
-      gemv_any(W, wf, n0, n1, K, x, M, y + n0, N);
+      detail::gemv_rows(W, wf == WFormat::bf16 ? DType::bf16 : DType::f32, n0, n1, K, x, M, y + n0, N);
     });
     return;
   }
@@ -127,7 +131,26 @@ void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int6
 void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N, float* y, int threads) {
   if (M < 0 || K < 1 || N < 1) fail("linear_q8_0: bad shape M=", M, " K=", K, " N=", N);
   if (K % kQ8Block) fail("linear_q8_0: K must be a multiple of ", kQ8Block, " (got ", K, ")");
-  linear_impl(x, M, K, W, WFormat::q8_0, N, y, threads);
+  if (M == 0) return;
+  if (M >= 12) return linear_impl(x, M, K, W, WFormat::q8_0, N, y, threads);
+  // The matrix-vector path: x rounded to 8 bits per block of 32 once for the whole product, then integer dot
+  // products with each weight row, groups of up to 4 rows of x per pass over W, rows of W in chunks of 64
+  // claimed by the threads as in linear_impl.
+  thread_local std::vector<int16_t> xq;
+  thread_local std::vector<float> xd;
+  xq.resize(size_t(M * K));
+  xd.resize(size_t(M * K / kQ8Block));
+  detail::quantize_x_q8_0(x, M * K, xq.data(), xd.data());
+  const int nt = detail::resolve_threads(threads);
+  const int64_t nb = K / kQ8Block;
+  for (int64_t m = 0; m < M; m += 4) {
+    const int64_t g = std::min<int64_t>(4, M - m);
+    const int16_t* q = xq.data() + m * K;
+    const float* d = xd.data() + m * nb;
+    detail::parallel_chunks(nt, N, 64, [&](int64_t n0, int64_t n1, int) {
+      detail::gemv_q8_0_rows(W, n0, n1, K, q, d, g, y + m * N + n0, N);
+    });
+  }
 }
 
 void quantize_q8_0(const float* x, int64_t n, void* out) {

@@ -1,6 +1,7 @@
 // The dense kernels' inner loops (dense_kernels.hpp), one Highway source compiled for every target Highway
 // offers and chosen at run time (simd.cpp): the matrix-vector product over bf16/f32 weight rows, the bf16
-// widening for the sgemm path, the same two over Q8_0 blocks, RMSNorm, the RoPE rotation and the SwiGLU gate.
+// widening for the sgemm path, the same two over Q8_0 blocks (the product in integers, with the activations
+// rounded to 8 bits per block), RMSNorm, the RoPE rotation and the SwiGLU gate.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/dense_hwy.cpp"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
@@ -162,44 +163,90 @@ HWY_INLINE hn::Vec<DF> load_q8(DF d, const unsigned char* q) {
   return hn::ConvertTo(d, hn::PromoteTo(di, hn::LoadU(d8, reinterpret_cast<const int8_t*>(q))));
 }
 
-// As gemv_t over Q8_0 rows (K / 32 blocks of 34 bytes): per block, the M dot products of the 32 quants, then
-// times the block's scale into the accumulators.
-template <int M>
-void gemv_q8_t(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1, int64_t K, const float* HWY_RESTRICT x,
-               float* y, int64_t ldy) {
+// The activations of a Q8_0 product rounded to 8 bits per block of 32 (dense_kernels.hpp): d = max|x| / 127
+// in fp32, q = x / d rounded to the nearest integer, ties to even (NearestInt on every target), kept as int16
+// for the integer products. A block holding a NaN or an infinity gets d = NaN (the sum of x * 0), so that
+// the product's output is NaN as with fp32 activations; an all-zero block gets d = 0 and q = 0.
+void quantize_x_q8(const float* HWY_RESTRICT x, int64_t n, int16_t* HWY_RESTRICT q, float* HWY_RESTRICT dx) {
   const DF d;
+  const hn::Rebind<int16_t, DF> d16;
   const int N = int(hn::Lanes(d));
-  const int64_t nb = K / 32, row_bytes = nb * 34;
-  for (int64_t n = n0; n < n1; ++n) {
-    const unsigned char* w = W + n * row_bytes;
-    hn::Vec<DF> acc[M];
-    HWY_UNROLL(4)
-    for (int m = 0; m < M; ++m) acc[m] = hn::Zero(d);
-    for (int64_t b = 0; b < nb; ++b, w += 34) {
-      hn::Vec<DF> bs[M];
-      HWY_UNROLL(4)
-      for (int m = 0; m < M; ++m) bs[m] = hn::Zero(d);
-      for (int j = 0; j < 32; j += N) {
-        const auto q = load_q8(d, w + 2 + j);
-        HWY_UNROLL(4)
-        for (int m = 0; m < M; ++m) bs[m] = hn::MulAdd(q, hn::LoadU(d, x + m * K + b * 32 + j), bs[m]);
-      }
-      const auto sc = hn::Set(d, q8_scale(w));
-      HWY_UNROLL(4)
-      for (int m = 0; m < M; ++m) acc[m] = hn::MulAdd(sc, bs[m], acc[m]);
+  const auto zero = hn::Zero(d), lo = hn::Set(d, -127.f), hi = hn::Set(d, 127.f);
+  for (int64_t b = 0; b < n / 32; ++b) {
+    const float* v = x + b * 32;
+    auto amax = zero, nan = zero;
+    for (int j = 0; j < 32; j += N) {
+      const auto a = hn::LoadU(d, v + j);
+      amax = hn::Max(amax, hn::Abs(a));
+      nan = hn::Add(nan, hn::Mul(a, zero));
     }
-    HWY_UNROLL(4)
-    for (int m = 0; m < M; ++m) y[m * ldy + (n - n0)] = hn::GetLane(hn::SumOfLanes(d, acc[m]));
+    const float scale = hn::GetLane(hn::MaxOfLanes(d, amax)) / 127.f;
+    dx[b] = scale + hn::GetLane(hn::SumOfLanes(d, nan));
+    const auto div = hn::Set(d, scale > 0.f ? scale : 1.f);
+    for (int j = 0; j < 32; j += N) {
+      const auto t = hn::Min(hn::Max(hn::Div(hn::LoadU(d, v + j), div), lo), hi);
+      hn::StoreU(hn::DemoteTo(d16, hn::NearestInt(t)), d16, q + b * 32 + j);
+    }
   }
 }
 
-void gemv_q8(const void* W, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y, int64_t ldy) {
+// As gemv_t over Q8_0 rows (K / 32 blocks of 34 bytes) with the activations rounded by quantize_x_q8: per
+// block, the M integer dot products of the 32 weight quants with the 32 activation quants (int8 x int16 pairs
+// summed into int32 lanes: _mm512_madd_epi16 / vpmaddwd on x86, vmlal_s16 on NEON; at most 32 * 127 * 127 in
+// a lane, no overflow), then one fp32 multiply-add of the lanes by d_w * d_x into the accumulators. Two
+// accumulators per vector (even and odd blocks) keep two multiply-add chains in flight; the weight scale
+// comes from the fp16 table (f16_to_f32_table).
+template <int M>
+void gemv_q8_t(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1, int64_t K,
+               const int16_t* HWY_RESTRICT xq, const float* HWY_RESTRICT xd, float* y, int64_t ldy) {
+  const float* HWY_RESTRICT f16 = f16_to_f32_table();
+  const hn::CappedTag<int16_t, 32> d16;  // at most one block per vector
+  const hn::RepartitionToWide<decltype(d16)> d32;
+  const hn::RebindToFloat<decltype(d32)> df;
+  const hn::Rebind<int8_t, decltype(d16)> d8;
+  const int N = int(hn::Lanes(d16));
+  const int64_t nb = K / 32, row_bytes = nb * 34;
+  using VF = hn::Vec<decltype(df)>;
+  // acc[m] += (the 32 products of block b) * d_w * d_x for each m.
+  auto block = [&](const unsigned char* HWY_RESTRICT w, int64_t b, VF* HWY_RESTRICT acc) HWY_ATTR {
+    hn::Vec<decltype(d32)> s0[M], s1[M];
+    HWY_UNROLL(4)
+    for (int m = 0; m < M; ++m) s0[m] = s1[m] = hn::Zero(d32);
+    for (int j = 0; j < 32; j += N) {
+      const auto q = hn::PromoteTo(d16, hn::LoadU(d8, reinterpret_cast<const int8_t*>(w + 2 + j)));
+      HWY_UNROLL(4)
+      for (int m = 0; m < M; ++m)
+        s0[m] = hn::ReorderWidenMulAccumulate(d32, q, hn::LoadU(d16, xq + m * K + b * 32 + j), s0[m], s1[m]);
+    }
+    const float dw = f16[w[0] | (w[1] << 8)];
+    HWY_UNROLL(4)
+    for (int m = 0; m < M; ++m)
+      acc[m] = hn::MulAdd(hn::ConvertTo(df, hn::Add(s0[m], s1[m])), hn::Set(df, dw * xd[m * nb + b]), acc[m]);
+  };
+  for (int64_t n = n0; n < n1; ++n) {
+    const unsigned char* w = W + n * row_bytes;
+    VF a0[M], a1[M];
+    HWY_UNROLL(4)
+    for (int m = 0; m < M; ++m) a0[m] = a1[m] = hn::Zero(df);
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+      block(w + b * 34, b, a0);
+      block(w + (b + 1) * 34, b + 1, a1);
+    }
+    if (b < nb) block(w + b * 34, b, a0);
+    HWY_UNROLL(4)
+    for (int m = 0; m < M; ++m) y[m * ldy + (n - n0)] = hn::GetLane(hn::SumOfLanes(df, hn::Add(a0[m], a1[m])));
+  }
+}
+
+void gemv_q8(const void* W, int64_t n0, int64_t n1, int64_t K, const int16_t* xq, const float* xd, int64_t M, float* y,
+             int64_t ldy) {
   const auto* w = static_cast<const unsigned char*>(W);
   switch (M) {
-    case 1: gemv_q8_t<1>(w, n0, n1, K, x, y, ldy); break;
-    case 2: gemv_q8_t<2>(w, n0, n1, K, x, y, ldy); break;
-    case 3: gemv_q8_t<3>(w, n0, n1, K, x, y, ldy); break;
-    default: gemv_q8_t<4>(w, n0, n1, K, x, y, ldy); break;
+    case 1: gemv_q8_t<1>(w, n0, n1, K, xq, xd, y, ldy); break;
+    case 2: gemv_q8_t<2>(w, n0, n1, K, xq, xd, y, ldy); break;
+    case 3: gemv_q8_t<3>(w, n0, n1, K, xq, xd, y, ldy); break;
+    default: gemv_q8_t<4>(w, n0, n1, K, xq, xd, y, ldy); break;
   }
 }
 
@@ -233,10 +280,14 @@ HWY_EXPORT(silu_mul);
 HWY_EXPORT(dot_row);
 HWY_EXPORT(gemv_q8);
 HWY_EXPORT(dequantize_q8);
+HWY_EXPORT(quantize_x_q8);
 
-void gemv_q8_0_rows(const void* W, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
-                    int64_t ldy) {
-  HWY_DYNAMIC_DISPATCH(gemv_q8)(W, n0, n1, K, x, M, y, ldy);
+void gemv_q8_0_rows(const void* W, int64_t n0, int64_t n1, int64_t K, const int16_t* xq, const float* xd, int64_t M,
+                    float* y, int64_t ldy) {
+  HWY_DYNAMIC_DISPATCH(gemv_q8)(W, n0, n1, K, xq, xd, M, y, ldy);
+}
+void quantize_x_q8_0(const float* x, int64_t n, int16_t* q, float* d) {
+  HWY_DYNAMIC_DISPATCH(quantize_x_q8)(x, n, q, d);
 }
 void dequantize_q8_0_simd(const void* in, int64_t n, float* out) {
   HWY_DYNAMIC_DISPATCH(dequantize_q8)(in, n, out);

@@ -1,5 +1,6 @@
 // Q8_0 weights (ksa/dense.hpp): the block layout byte by byte, the round-trip error bound, and linear_q8_0
-// against double-precision products with the dequantised weights, on every SIMD target.
+// against double-precision products with the dequantised weights (and, for M <= 11, with the activations
+// rounded to 8 bits as the kernel does, and the bound that rounding adds), on every SIMD target.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -79,40 +80,113 @@ TEST(Q8_0, RejectsLengthsThatAreNotWholeBlocks) {
   EXPECT_THROW(linear_q8_0(x.data(), 1, 40, q.data(), 1, y.data()), Error);
 }
 
-// linear_q8_0 = x . deq(W)^T within fp32 accumulation error, for the matrix-vector sizes (M <= 11) and the
-// sgemm path (M >= 12).
+// The activations as linear_q8_0 rounds them for M <= 11 (ksa/dense.hpp): per block of 32, d = max|x| / 127
+// in fp32 and q = x / d (fp32 division) rounded to the nearest integer, ties to even. xh = d * q in double.
+struct RoundedX {
+  std::vector<double> xh, d;  // [M * K], [M * K / 32]
+};
+RoundedX round_x(const std::vector<float>& x) {
+  RoundedX r{std::vector<double>(x.size()), std::vector<double>(x.size() / 32)};
+  for (size_t b = 0; b < x.size() / 32; ++b) {
+    float amax = 0.f;
+    for (size_t i = 0; i < 32; ++i) amax = std::max(amax, std::abs(x[b * 32 + i]));
+    const float d = amax / 127.f;
+    r.d[b] = d;
+    for (size_t i = 0; i < 32; ++i) {
+      const float t = d > 0.f ? std::clamp(x[b * 32 + i] / d, -127.f, 127.f) : 0.f;
+      r.xh[b * 32 + i] = double(d) * double(std::nearbyint(t));
+    }
+  }
+  return r;
+}
+
+// linear_q8_0 against double-precision products with the dequantised weights wd (exact: an fp16 scale times
+// a 7-bit quant fits fp32), for the matrix-vector sizes (M <= 11) and the sgemm path (M >= 12).
+//
+// M >= 12: y = x . wd^T within fp32 accumulation error (1e-6 of sum |x wd|, as for bf16 weights).
+//
+// M <= 11, two checks:
+// (a) the arithmetic: y = sum_k wd_k xh_k with xh the rounded activations (round_x). The block sums of
+//     quant products are exact int32; per block one fp32 product s = fl(d_w d_x) and one fused multiply-add
+//     into a lane accumulator (two accumulators, even and odd blocks: chains of ceil(nb/2) roundings), then
+//     one add of the two and at most log2(16) = 4 levels of the lane sum: |y - ref| <= (nb/2 + 7) u sum|wd xh|
+//     with u = 2^-24 (first order; the 1% covers the second).
+// (b) the numerics change against the unrounded x: |x - xh| <= d_x (1/2 + 2^-17) per element (x / d_x is
+//     within 127 u of the exact quotient, |x / d_x| <= 127 (1 + u), then rounding moves it by <= 1/2, and
+//     127 u < 2^-17), so |y - x . wd^T| <= sum_b d_x,b (1/2 + 2^-17) sum_{k in b} |wd_k| plus the error of (a).
+// Blocks of x span six decades (a per-block scale must follow each), one is all zero.
 void check_linear_q8_0() {
   std::mt19937_64 rng(12);
   std::normal_distribution<float> nd(0.f, 1.f);
-  for (int64_t M : {1, 2, 3, 4, 5, 12, 37})
+  std::uniform_real_distribution<float> decade(-3.f, 3.f);
+  const double u = std::ldexp(1.0, -24), ex = 0.5 + std::ldexp(1.0, -17);
+  for (int64_t M : {1, 2, 3, 4, 5, 11, 12, 37})
     for (int64_t K : {32, 96, 2560}) {
-      const int64_t N = 67;
+      const int64_t N = 67, nb = K / 32;
       std::vector<float> x(size_t(M * K)), w(size_t(N * K)), y(size_t(M * N), NAN);
-      for (auto& v : x) v = nd(rng);
+      for (size_t b = 0; b < x.size() / 32; ++b) {
+        const float s = b == 1 ? 0.f : std::pow(10.f, decade(rng));
+        for (size_t i = 0; i < 32; ++i) x[b * 32 + i] = nd(rng) * s;
+      }
       for (auto& v : w) v = nd(rng) * 0.05f;
       const auto q = quantize(w);
       std::vector<float> wd(w.size());
       dequantize_q8_0(q.data(), int64_t(w.size()), wd.data());
+      const RoundedX r = round_x(x);
       linear_q8_0(x.data(), M, K, q.data(), N, y.data(), 2);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) {
-          double ref = 0, mag = 0;
+          double exact = 0, mag = 0, ref = 0, magr = 0, xerr = 0;
           for (int64_t k = 0; k < K; ++k) {
-            ref += double(x[size_t(m * K + k)]) * wd[size_t(n * K + k)];
-            mag += std::abs(double(x[size_t(m * K + k)]) * wd[size_t(n * K + k)]);
+            const double xv = x[size_t(m * K + k)], xh = r.xh[size_t(m * K + k)], wv = wd[size_t(n * K + k)];
+            exact += xv * wv, mag += std::abs(xv * wv);
+            ref += xh * wv, magr += std::abs(xh * wv);
+            xerr += ex * r.d[size_t((m * K + k) / 32)] * std::abs(wv);
           }
-          ASSERT_NEAR(y[size_t(m * N + n)], ref, 1e-6 * mag + 1e-6) << "M=" << M << " K=" << K << " at " << m << "," << n;
+          const double got = y[size_t(m * N + n)];
+          const auto at = [&] { return "M=" + std::to_string(M) + " K=" + std::to_string(K) + " at " + std::to_string(m) + "," + std::to_string(n); };
+          if (M >= 12) {
+            ASSERT_NEAR(got, exact, 1e-6 * mag + 1e-6) << at();
+            continue;
+          }
+          const double arith = (double(nb) / 2 + 7) * u * magr * 1.01;
+          ASSERT_NEAR(got, ref, arith) << "(a) rounded x, " << at();
+          ASSERT_NEAR(got, exact, xerr + arith) << "(b) unrounded x, " << at();
         }
     }
 }
 
+// A NaN or an infinity in a row of x makes that row's outputs NaN on the matrix-vector path (the block's
+// scale is NaN), as fp32 products would (up to the sign of an infinity); other rows are unaffected.
+void check_linear_q8_0_nonfinite() {
+  std::mt19937_64 rng(13);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int64_t M = 3, K = 96, N = 5;
+  std::vector<float> w(size_t(N * K));
+  for (auto& v : w) v = nd(rng);
+  const auto q = quantize(w);
+  for (const float bad : {NAN, INFINITY, -INFINITY}) {
+    std::vector<float> x(size_t(M * K)), y(size_t(M * N), 0.f);
+    for (auto& v : x) v = nd(rng);
+    x[size_t(K + 40)] = bad;
+    linear_q8_0(x.data(), M, K, q.data(), N, y.data(), 2);
+    for (int64_t n = 0; n < N; ++n) {
+      EXPECT_TRUE(std::isfinite(y[size_t(n)])) << n;
+      EXPECT_TRUE(std::isnan(y[size_t(N + n)])) << bad << " " << n;
+      EXPECT_TRUE(std::isfinite(y[size_t(2 * N + n)])) << n;
+    }
+  }
+}
+
 TEST(Q8_0, LinearMatchesDequantisedDouble) { check_linear_q8_0(); }
+TEST(Q8_0, LinearNonFiniteActivations) { check_linear_q8_0_nonfinite(); }
 
 TEST(Q8_0, LinearEveryTarget) {
   for (const int64_t t : detail::simd_targets()) {
     detail::force_simd_target(t);
     SCOPED_TRACE(detail::simd_target_name(t));
     check_linear_q8_0();
+    check_linear_q8_0_nonfinite();
   }
   detail::force_simd_target(0);
 }

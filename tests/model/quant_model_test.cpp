@@ -204,9 +204,19 @@ std::vector<int32_t> random_text(std::mt19937_64& rng, int64_t n) { return test:
 
 // The engine on q8_0 weights computes the model those weights define: against the double-precision reference
 // forward, which reads the same q8_0 tensors dequantised (TensorInfo::to_f32), within the bound the bf16 engine
-// meets (logits_diff.hpp), through the prefill path (M >= 12 rows: blocks of rows dequantised for sgemm) and
-// token by token (1-3 rows: the matrix-vector kernel over the blocks).
+// meets (logits_diff.hpp) through the prefill path when every product has >= 12 rows (blocks of rows
+// dequantised for sgemm: T >= 12 text rows and T / k >= 12 summary rows for the summary projections).
+// Through the matrix-vector kernel (a product of <= 11 rows: a short prefill, the summary projections of a
+// prefill with fewer than 12 summaries, and token by token) linear_q8_0 also rounds its input to 8 bits per block of 32 (ksa/dense.hpp), which the reference does not: an activation moves by
+// at most d_x (1/2 + 2^-17) with d_x = max|x| / 127 of its block, eps_x = (1/2 + 2^-17) / 127 = 0.39% of the
+// block's largest activation. As for the weights' rounding (LogitsNearTheBf16ModelWithinTheQ8Bound below), a
+// product's output moves by at most eps_x of its scale and to first order these add along the products that
+// round their input in sequence: per layer q/k/v (one rounding of the same x), o, gate/up and down, and
+// lm_head (the embedding is a lookup): P_x = 1 + 4 L = 17 here, a bound of P_x eps_x = 6.7% of max|logit|
+// added to the fp32 one there. Measured up to 4.7% (token by token, KSA_ENGINE_TEST_SEED=0..5); the exact
+// arithmetic of the kernel, rounding included, is pinned down in tests/cpu/quant_test.cpp.
 TEST(QuantizedModel, MatchesTheReferenceOnTheSameWeights) {
+  const double eps_x = (0.5 + std::ldexp(1.0, -17)) / 127;
   for (const Case& c : cases()) {
     SCOPED_TRACE("case " + c.name);
     const Pair p(c);
@@ -220,9 +230,15 @@ TEST(QuantizedModel, MatchesTheReferenceOnTheSameWeights) {
       const std::vector<double> want = ref.logits(text);
       const Diff dn = diff(ref.logits_f32(text), want);
       const double tol = test::kNaiveMultiple * dn.max_err + test::kFloorRel * dn.max_abs;
-      EXPECT_TRUE(within(diff(test::prefill(m, text), want), tol, p.V())) << "prefill (naive fp32 error " << dn.max_err << ")";
+      const double tol_x = tol + double(1 + 4 * p.cfg.num_hidden_layers) * eps_x * dn.max_abs;
+      const Diff dp = diff(test::prefill(m, text), want);
+      const bool sgemm_only = T >= 12 && T / c.k >= 12;
+      EXPECT_TRUE(within(dp, sgemm_only ? tol : tol_x, p.V())) << "prefill (naive fp32 error " << dn.max_err << ")";
+      if (verbose() && !sgemm_only) std::printf("[q8_0 vs reference] %-40s T=%lld prefill %.3g of max |logit| (bound %.3g)\n", c.name.c_str(), (long long)T, dp.rel(), tol_x / dn.max_abs);
       if (T == 37) {
-        EXPECT_TRUE(within(diff(test::stepwise(m, text), want), tol, p.V())) << "token by token";
+        const Diff ds = diff(test::stepwise(m, text), want);
+        EXPECT_TRUE(within(ds, tol_x, p.V())) << "token by token";
+        if (verbose()) std::printf("[q8_0 vs reference] %-40s T=%lld token by token %.3g of max |logit| (bound %.3g)\n", c.name.c_str(), (long long)T, ds.rel(), tol_x / dn.max_abs);
       }
     }
   }
@@ -381,7 +397,8 @@ TEST(Quantize, QuantisesEveryMatrixCopiesTheRest) {
 }
 
 // A matrix whose K is not a multiple of 32 stays bf16 (here down_proj, K = intermediate_size = 200); the mixed
-// model is still exact against the reference.
+// model is still exact against the reference (49 tokens, 12 summaries at k = 4: every product has >= 12 rows
+// and takes the sgemm path, where linear_q8_0 does not round the activations).
 TEST(Quantize, KeepsMatricesWhoseKIsNotAMultipleOf32) {
   const Case c = cases()[0];
   ModelConfig cfg = make_config(c);
@@ -397,7 +414,8 @@ TEST(Quantize, KeepsMatricesWhoseKIsNotAMultipleOf32) {
   EXPECT_EQ(m.weight_format(), "q8_0/bf16 (norms bf16)");
   const test::ReferenceModel ref(p.q8.str());
   std::mt19937_64 rng(c.seed);
-  const std::vector<int32_t> text = random_text(rng, 23);
+  const std::vector<int32_t> text = random_text(rng, 49);
+  ASSERT_EQ(c.k, 4);
   const std::vector<double> want = ref.logits(text);
   const Diff dn = diff(ref.logits_f32(text), want);
   EXPECT_TRUE(within(diff(test::prefill(m, text), want), test::kNaiveMultiple * dn.max_err + test::kFloorRel * dn.max_abs, p.V()));
