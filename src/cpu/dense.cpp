@@ -17,25 +17,16 @@
 namespace ksa::cpu {
 namespace {
 
-// How linear's weights are stored: f32 or bf16 [N, K], or q8_0 rows of K/32 blocks.
-enum class WFormat { f32, bf16, q8_0 };
-
-void widen_rows(const void* W, WFormat f, int64_t K, int64_t r0, int64_t r1, float* out) {
-  if (f == WFormat::q8_0) {
+// Rows [r0, r1) of W [N, K] (f32, bf16, or q8_0 rows of K/32 blocks) as fp32.
+void widen_rows(const void* W, DType wdt, int64_t K, int64_t r0, int64_t r1, float* out) {
+  if (wdt == DType::q8_0) {
     const int64_t row_bytes = K / kQ8Block * kQ8BlockBytes;
     dequantize_q8_0(static_cast<const std::byte*>(W) + r0 * row_bytes, (r1 - r0) * K, out);
-    return;
-  }
-  const DType wdt = f == WFormat::bf16 ? DType::bf16 : DType::f32;
-  if (wdt == DType::f32) {
-    std::copy(static_cast<const float*>(W) + r0 * K, static_cast<const float*>(W) + r1 * K, out);
-    return;
-  }
-  if (wdt == DType::bf16) {
+  } else if (wdt == DType::bf16) {
     detail::widen_bf16_row(static_cast<const uint16_t*>(W) + r0 * K, (r1 - r0) * K, out);
-    return;
+  } else {
+    std::copy(static_cast<const float*>(W) + r0 * K, static_cast<const float*>(W) + r1 * K, out);
   }
-  for (int64_t i = r0 * K; i < r1 * K; ++i) out[i - r0 * K] = load_as_float(wdt, W, i);
 }
 
 }  // namespace
@@ -72,15 +63,15 @@ float dot_row_portable(const void* W, DType wdt, int64_t row, int64_t K, const f
 
 namespace {
 
-
-void linear_impl(const float* x, int64_t M, int64_t K, const void* W, WFormat wf, int64_t N, float* y, int threads) {
+// W is f32, bf16 or q8_0 (the q8_0 products of fewer than 12 rows take linear_q8_0's own path).
+void linear_impl(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads) {
   if (M == 0) return;
   const int nt = detail::resolve_threads(threads);
   if (M <= 4) {
     // Rows of W in chunks of 64 (contiguous slabs), claimed by the threads as they come free; all M vectors
     // per row read.
     detail::parallel_chunks(nt, N, 64, [&](int64_t n0, int64_t n1, int) {
-      detail::gemv_rows(W, wf == WFormat::bf16 ? DType::bf16 : DType::f32, n0, n1, K, x, M, y + n0, N);
+      detail::gemv_rows(W, wdt, n0, n1, K, x, M, y + n0, N);
     });
     return;
   }
@@ -88,7 +79,7 @@ void linear_impl(const float* x, int64_t M, int64_t K, const void* W, WFormat wf
   // W for sgemm below about 12 rows (measured 2026-11-29, 2-vCPU EPYC, K=2560, N=9728 bf16: M=8 5.6 vs
   // 7.2 ms, M=12 8.1 vs 7.7 ms).
   if (M < 12) {
-    for (int64_t m = 0; m < M; m += 4) linear_impl(x + m * K, std::min<int64_t>(4, M - m), K, W, wf, N, y + m * N, threads);
+    for (int64_t m = 0; m < M; m += 4) linear_impl(x + m * K, std::min<int64_t>(4, M - m), K, W, wdt, N, y + m * N, threads);
     return;
   }
   // Weight rows widened at a time (at most 256 x K fp32), so that every thread gets blocks.
@@ -106,7 +97,7 @@ void linear_impl(const float* x, int64_t M, int64_t K, const void* W, WFormat wf
     detail::parallel_for(nt, (N + block - 1) / block, 1, [&](int64_t bi, int worker) {
       std::vector<float>& wbuf = bufs.get(worker, static_cast<size_t>(block * K));
       const int64_t n0 = bi * block, nb = std::min(block, N - n0);
-      widen_rows(W, wf, K, n0, n0 + nb, wbuf.data());
+      widen_rows(W, wdt, K, n0, n0 + nb, wbuf.data());
 #ifdef KSA_HAVE_OPENBLAS
       // y[:, n0:n0+nb] = x . wbuf^T
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(nb), int(K), 1.f, x, int(K), wbuf.data(), int(K),
@@ -125,14 +116,14 @@ void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int6
   if (M < 0 || K < 1 || N < 1) fail("linear: bad shape M=", M, " K=", K, " N=", N);
   if (wdt == DType::f16) fail("linear: weights must be f32, bf16 or q8_0 (got f16)");
   if (wdt == DType::q8_0) return linear_q8_0(x, M, K, W, N, y, threads);
-  linear_impl(x, M, K, W, wdt == DType::bf16 ? WFormat::bf16 : WFormat::f32, N, y, threads);
+  linear_impl(x, M, K, W, wdt, N, y, threads);
 }
 
 void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N, float* y, int threads) {
   if (M < 0 || K < 1 || N < 1) fail("linear_q8_0: bad shape M=", M, " K=", K, " N=", N);
   if (K % kQ8Block) fail("linear_q8_0: K must be a multiple of ", kQ8Block, " (got ", K, ")");
   if (M == 0) return;
-  if (M >= 12) return linear_impl(x, M, K, W, WFormat::q8_0, N, y, threads);
+  if (M >= 12) return linear_impl(x, M, K, W, DType::q8_0, N, y, threads);
   // The matrix-vector path: x rounded to 8 bits per block of 32 once for the whole product, then integer dot
   // products with each weight row, groups of up to 4 rows of x per pass over W, rows of W in chunks of 64
   // claimed by the threads as in linear_impl.
