@@ -83,6 +83,34 @@ pack() {
 # TRAIN_STEPS=N [TRAIN_MODELS="ksa"]: a fixed schedule of N steps instead of the time budget, for the listed
 # models only (default all three): one model per device command, so that each can train for most of the
 # 10 minutes a command may run; the other models in later commands with the same N read the same batches.
+# TRAIN_PARALLEL=1: the three models train at the same time on the one GPU (three processes; a small model
+# leaves the GPU idle between the Python-launched kernels of one process, so three of them get ~3x the steps in
+# the same wall time). Each fits its schedule to the time left of TOTAL_SECONDS (after the build, start-up,
+# evaluation and export) measured while all three run, and all take the smallest step count (--sync-dir), so
+# they see the same batches and the same schedule.
+if [ "${TRAIN_PARALLEL:-0}" = 1 ]; then
+  models=(${TRAIN_MODELS:-ksa swa full})
+  PBUDGET=$((${TOTAL_SECONDS:-450} - (SECONDS - T_START) - 110))
+  ((PBUDGET > 30)) || { echo "TRAIN_PARALLEL: only $PBUDGET s left for training"; exit 1; }
+  echo "== train ${models[*]} side by side: a time budget of $PBUDGET s each ($((SECONDS - T_START)) s so far)"
+  pids=()
+  for attn in "${models[@]}"; do
+    OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1 "${RUN[@]}" -m ksa_train.train --attn "$attn" --out "$WORK/$attn" "${COMMON[@]}" \
+      --steps 100000 --time-budget "$PBUDGET" --sync-dir "$WORK/sync" --sync-count "${#models[@]}" \
+      --max-seconds "$((PBUDGET + 40))" >"$WORK/$attn.out" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!models[@]}"; do
+    attn=${models[$i]}
+    if wait "${pids[$i]}"; then grep -E "^ksa_train|time budget|side-by-side|passkey" "$WORK/$attn.out" || true
+    else echo "train $attn: FAILED"; tail -30 "$WORK/$attn.out"; fi
+    pack "$attn"
+  done
+  rm -f "$OUT"/*.log
+  echo "== done in $((SECONDS - T_START)) s"
+  ls -la "$OUT"
+  exit 0
+fi
 steps="${TRAIN_STEPS:-}"
 stop_step="${TRAIN_STEPS:-}"
 for attn in ${TRAIN_MODELS:-ksa swa full}; do

@@ -43,6 +43,9 @@ def parse_args(argv=None):
                     help="fit the schedule to this many seconds: after --probe-steps steps, --steps becomes what the "
                          "measured step time allows (at most the given --steps); summary.json has the result")
     ap.add_argument("--probe-steps", type=int, default=30)
+    ap.add_argument("--sync-dir", default="",
+                    help="runs trained side by side: each writes its fitted step count here and all take the smallest")
+    ap.add_argument("--sync-count", type=int, default=1, help="how many runs share --sync-dir")
     ap.add_argument("--eval-trials", type=int, default=20, help="passkey trials per distance after training (0: none)")
     ap.add_argument("--eval-lengths", default="256,512,1024,2048,4096")
     ap.add_argument("--batch", type=int, default=8)
@@ -82,6 +85,27 @@ def lr_at(step, a):
         return a.lr * (step + 1) / a.warmup
     t = (step - a.warmup) / max(1, a.steps - a.warmup)
     return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def agree_steps(sync_dir, name, fit, count, say, timeout=300.0):
+    """Runs trained side by side (bench/gpu/train.sh, TRAIN_PARALLEL=1) fit their schedules to the same time
+    budget while sharing the GPU; each writes its fitted step count into sync_dir and all take the smallest, so
+    that the models see the same batches and the same schedule. Waits at most `timeout` seconds for the others."""
+    d = pathlib.Path(sync_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{name}.tmp"
+    tmp.write_text(str(fit))
+    tmp.rename(d / f"{name}.steps")
+    t0 = time.time()
+    while True:
+        got = {f.stem: int(f.read_text()) for f in d.glob("*.steps")}
+        if len(got) >= count or time.time() - t0 > timeout:
+            break
+        time.sleep(0.2)
+    agreed = min(got.values())
+    say(f"side-by-side runs {sorted(got)} fitted {sorted(got.values())} steps: all take {agreed}"
+        + ("" if len(got) >= count else f" (only {len(got)} of {count} answered in {timeout:g} s)"))
+    return agreed
 
 
 def main(argv=None):
@@ -170,6 +194,8 @@ def main(argv=None):
                 torch.cuda.synchronize()
             per_step = (time.time() - t_probe) / (step - probe0)
             fit = int((a.time_budget - (time.time() - t0)) / per_step) + step
+            if a.sync_dir:
+                fit = agree_steps(a.sync_dir, a.attn, fit, a.sync_count, say)
             a.steps = max(step + 1, min(a.steps, fit))
             stop = min(a.stop_at or a.steps, a.steps)
             say(f"time budget {a.time_budget:g} s: {per_step * 1e3:.1f} ms per step -> {a.steps} steps")
