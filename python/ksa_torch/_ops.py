@@ -79,7 +79,16 @@ else:
     _apply = _Attention.apply
 
 
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def _call(q, k, v, cu_seqlens, max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic, q_begin=0):
+    # Checked here as well as in the op, so an integer tensor never reaches the dispatcher: with torch 2.11 on
+    # the H200, int32 inputs segfaulted in the op's dispatch (tests/test_autograd.py::test_lse_and_errors).
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in _DTYPES:
+            raise RuntimeError(f"ksa: dtype must be float32, bfloat16 or float16, or float64 on the CPU "
+                               f"({name} is {t.dtype})")
     return _apply(q, k, v, cu_seqlens, int(max_seqlen), int(k_chunk), int(S), int(W), bool(summarize_tail),
                   float(scale) if scale else 0.0, bool(deterministic), int(q_begin))
 

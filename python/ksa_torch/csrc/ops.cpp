@@ -59,8 +59,10 @@ ksa::DType dtype_of(const at::Tensor& t) {
     case at::kFloat: return ksa::DType::f32;
     case at::kBFloat16: return ksa::DType::bf16;
     case at::kHalf: return ksa::DType::f16;
-    default: TORCH_CHECK(false, "ksa: dtype must be float32, bfloat16 or float16, or float64 on the CPU (got ", t.scalar_type(), ")");
+    default: break;
   }
+  TORCH_CHECK(false, "ksa: dtype must be float32, bfloat16 or float16, or float64 on the CPU (got ", t.scalar_type(), ")");
+  return ksa::DType::f32;  // not reached
 }
 
 // [L, H, D] tensors are taken as [1, L, H, D].
