@@ -2,6 +2,9 @@
 # Training text from Debian packages (public domain), for the training recipe (docs/training.md):
 #   - Jane Austen's six novels: r-cran-janeaustenr (the text as an R data package), extracted with Debian's
 #     R (r-base-core): one file per novel, lines joined by "\n", in .cache/data/austen/<name>.txt;
+#   - the King James Bible: bible-kjv-text (the text in the format of bible-kjv's `bible` reader), printed with
+#     `bible` and cleaned (no book/chapter headings, no verse numbers: one verse per line, a blank line between
+#     chapters) into .cache/data/kjv/kjv.txt (31,102 verses, 4.1 MB); training text only (no held-out part).
 # Split (held-out): the last 5% of each novel's lines (cut at a blank line, i.e. a paragraph boundary) goes to
 # .cache/data/austen/heldout.txt (3,670 lines, 209 KB), the rest to train.txt (69,764 lines, 3.8 MB); both keep
 # the novels' order. The text is ASCII.
@@ -11,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-.cache/data}"
 
-PACKAGES=(r-base-core r-cran-janeaustenr python3-regex python3-matplotlib)  # R extracts the text; the tokenizer trainer (regex) and the loss plot (matplotlib)
+PACKAGES=(r-base-core r-cran-janeaustenr bible-kjv bible-kjv-text python3-regex python3-matplotlib)  # R extracts the text; the tokenizer trainer (regex) and the loss plot (matplotlib)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -48,3 +51,13 @@ RS
 for f in "$OUT"/austen/train.txt "$OUT"/austen/heldout.txt; do
   printf '%-40s %8d lines %9d bytes\n' "$f" "$(wc -l <"$f")" "$(wc -c <"$f")"
 done
+
+# The King James Bible: bible(1) prints every verse ("  N text", wrapped lines, "Book C" headings).
+mkdir -p "$OUT/kjv"
+bible "Gen1:1-Rev22:21" | awk '
+  /^[[:space:]]*$/ { blank = 1; next }
+  blank && !/^ / { if (verse != "") print verse; verse = ""; if (started) print ""; started = 1; blank = 0; next }
+  /^ +[0-9]+ / { if (verse != "") print verse; sub(/^ +[0-9]+ /, ""); verse = $0; blank = 0; next }
+  { verse = verse " " $0; blank = 0 }
+  END { if (verse != "") print verse }' >"$OUT/kjv/kjv.txt"
+printf '%-40s %8d lines %9d bytes\n' "$OUT/kjv/kjv.txt" "$(wc -l <"$OUT/kjv/kjv.txt")" "$(wc -c <"$OUT/kjv/kjv.txt")"

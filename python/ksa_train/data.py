@@ -39,14 +39,22 @@ def read_u16(path):
     return torch.frombuffer(raw, dtype=torch.int16).to(torch.int64) & 0xFFFF
 
 
+def read_texts(paths):
+    """One text from a file or a list of files (joined by a blank line)."""
+    if isinstance(paths, (str, pathlib.Path)):
+        paths = [paths]
+    return "\n\n".join(pathlib.Path(p).read_text(encoding="utf-8").strip("\n") for p in paths) + "\n"
+
+
 def prepare(train_txt, heldout_txt, tokenizer_dir, out_dir):
+    """train_txt, heldout_txt: a file or a list of files each."""
     from .bpe import Tokenizer
     tok = Tokenizer.load(tokenizer_dir)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stats = {}
     for name, src in (("train", train_txt), ("heldout", heldout_txt)):
-        ids = tok.encode(pathlib.Path(src).read_text(encoding="utf-8"))
+        ids = tok.encode(read_texts(src))
         write_u16(ids, out / f"{name}.bin")
         stats[name] = len(ids)
     digits = [tok.encode(str(d)) for d in range(10)]

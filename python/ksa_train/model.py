@@ -61,6 +61,7 @@ class Config:
     text_positions: str = "origin"
     summary_positions: str = "last_chunk_slice_right"
     eos_id: int = 4095
+    dropout: float = 0.0              # training only (embeddings and each residual branch); not exported
 
     def __post_init__(self):
         if self.windows is None:
@@ -233,9 +234,9 @@ class Layer(nn.Module):
             a = _attend(q, k, v, c.k_chunk, c.S, c.windows[self.i], shard)
         else:  # a plain layer: W covers every chunk, so text sees all text and no summary
             a = _attend(q, k, v, c.k_chunk, c.S, T // c.k_chunk + 1, shard)
-        x = x + self.o_proj(a.reshape(B, L, c.heads * D))
+        x = x + F.dropout(self.o_proj(a.reshape(B, L, c.heads * D)), c.dropout, self.training)
         h = self.post_attention_layernorm(x)
-        x = x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        x = x + F.dropout(self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)), c.dropout, self.training)
         if saved is not None:
             x = x.clone()
             x[:, is_sum] = saved
@@ -291,7 +292,7 @@ class KsaLM(nn.Module):
             t0, t1 = shard.text_range(rows)
             ids, pos, is_sum, rows = ids[:, shard.a:shard.b], pos[:, shard.a:shard.b], is_sum[shard.a:shard.b], \
                 rows[t0:t1] - shard.a
-        x = self.embed_tokens(ids)
+        x = F.dropout(self.embed_tokens(ids), self.c.dropout, self.training)
         for layer in self.layers:
             x = layer(x, pos, is_sum, T, shard)
         if rows is not None:

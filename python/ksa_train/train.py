@@ -45,6 +45,8 @@ def parse_args(argv=None):
     ap.add_argument("--probe-steps", type=int, default=30)
     ap.add_argument("--sync-dir", default="",
                     help="runs trained side by side: each writes its fitted step count here and all take the smallest")
+    ap.add_argument("--fit-margin", type=float, default=1.0,
+                    help="fit the schedule to this fraction of the time left after the probe (side by side: 0.92)")
     ap.add_argument("--sync-count", type=int, default=1, help="how many runs share --sync-dir")
     ap.add_argument("--eval-trials", type=int, default=20, help="passkey trials per distance after training (0: none)")
     ap.add_argument("--eval-lengths", default="256,512,1024,2048,4096")
@@ -76,6 +78,7 @@ def parse_args(argv=None):
     ap.add_argument("--S", type=int, default=1)
     ap.add_argument("--window", type=int, default=16, help="W in chunks (every layer)")
     ap.add_argument("--mix-coeff", type=float, default=1.0)
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout on the embeddings and residual branches")
     ap.add_argument("--max-positions", type=int, default=8192)
     return ap.parse_args(argv)
 
@@ -125,7 +128,7 @@ def main(argv=None):
     cfg = Config(text_vocab=pk["text_vocab"], hidden=a.hidden, intermediate=a.intermediate, layers=a.layers,
                  heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, max_positions=a.max_positions,
                  attn=a.attn, k_chunk=a.k_chunk, S=a.S, windows=[a.window] * a.layers, mix_coeff=a.mix_coeff,
-                 eos_id=pk["eos"])
+                 eos_id=pk["eos"], dropout=a.dropout)
     model = KsaLM(cfg).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -193,7 +196,7 @@ def main(argv=None):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             per_step = (time.time() - t_probe) / (step - probe0)
-            fit = int((a.time_budget - (time.time() - t0)) / per_step) + step
+            fit = int(a.fit_margin * (a.time_budget - (time.time() - t0)) / per_step) + step
             if a.sync_dir:
                 fit = agree_steps(a.sync_dir, a.attn, fit, a.sync_count, say)
             a.steps = max(step + 1, min(a.steps, fit))

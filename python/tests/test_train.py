@@ -235,3 +235,55 @@ def test_passkey_rows(prepared):
     plain = data.Batches(prepared, "train", 400, seed=5, passkey_frac=0.0)
     x, y, ans = plain.next(3)
     assert not ans.any() and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_prepare_joins_several_files(tmp_path, prepared):
+    """prepare() takes a list of training files: the token file is the tokenization of their texts joined by a
+    blank line (how the shipped model's Austen + King James Bible data is made)."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("First file, its last line.\n", encoding="utf-8")
+    b.write_text("\nSecond file.\n", encoding="utf-8")
+    assert data.read_texts([a, b]) == "First file, its last line.\n\nSecond file.\n"
+    out = tmp_path / "out"
+    data.prepare([a, b], HELDOUT, prepared, out)
+    tok = bpe.Tokenizer.load(prepared)
+    assert data.read_u16(out / "train.bin").tolist() == tok.encode(data.read_texts([a, b]))
+
+
+def test_dropout_only_in_training(prepared):
+    """Config.dropout acts in train() mode only: eval() logits are deterministic and equal those of the same
+    weights with dropout 0 (the export carries no dropout)."""
+    pk = json.loads((prepared / "passkey.json").read_text())
+    kw = dict(text_vocab=pk["text_vocab"], hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1, head_dim=16,
+              k_chunk=4, S=1, windows=1, max_positions=256)
+    torch.manual_seed(0)
+    m = M.KsaLM(M.Config(**kw, dropout=0.5))
+    ref = M.KsaLM(M.Config(**kw))
+    ref.load_state_dict(m.state_dict())
+    x = torch.randint(0, pk["text_vocab"], (2, 21))
+    m.train()
+    assert not torch.equal(m(x), m(x))  # dropout draws differ between calls
+    m.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), ref(x))
+
+
+def test_side_by_side_runs_agree_on_steps(tmp_path):
+    """agree_steps (TRAIN_PARALLEL=1): every run takes the smallest fitted step count; a run that waits for
+    the others gives up after the timeout with what it has."""
+    import threading
+    from ksa_train import train
+    got, msgs = {}, []
+
+    def run(name, fit):
+        got[name] = train.agree_steps(tmp_path / "sync", name, fit, 3, msgs.append, timeout=30)
+
+    ts = [threading.Thread(target=run, args=a) for a in (("ksa", 4424), ("swa", 4906), ("full", 6999))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert got == {"ksa": 4424, "swa": 4424, "full": 4424}
+    assert train.agree_steps(tmp_path / "alone", "ksa", 100, 2, msgs.append, timeout=0.5) == 100
+    assert "only 1 of 2" in msgs[-1]
