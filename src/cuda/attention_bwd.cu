@@ -17,12 +17,12 @@
 //   5. dQ          one CTA per (query tile, q head, batch), over the key tiles of KeyTileCursor (as the
 //                  forward): S = Q K^T, P, dP = dO V^T, dS; dQ += dS K (rows = queries, 16 per warp). On
 //                  compute capability 9.0 the wgmma kernels of attention_bwd_sm90a.cu run passes 3 and
-//                  5 instead (128-key tiles, 64-query steps; KSA_CUDA_BWD_SM90A=0 keeps these).
+//                  5 instead (128-key tiles, 64-query steps; KernelOptions::backward_sm90a = false keeps these).
 // Recomputing S and dP in the dQ pass costs 7 tile GEMMs per tile pair instead of 5: the price of a dQ
 // without atomics (the CPU backward makes the same trade), taken when params.deterministic is set. Otherwise,
 // on sm_90a with D = 128, the dK/dV pass computes dQ too (5 GEMMs; each step's dQ tile is added into a zeroed
 // fp32 accumulator with bulk reduce-adds, then dq_store_kernel scales and scatters it); the summation order
-// of dQ then varies from run to run. KSA_CUDA_BWD_FUSED_DQ=0 keeps the dQ pass (use_fused_dq).
+// of dQ then varies from run to run. KernelOptions::backward_fused_dq = false keeps the dQ pass (use_fused_dq).
 //
 // Old summaries are one contiguous block of key tiles that every later query tile sees, so a summary key
 // tile's list is ~L/BQ long while a text tile's is ~W*k/BQ. The schedule cuts every list longer than U
@@ -40,7 +40,7 @@
 // tile's runs list its own stream's query tiles; a dK/dV CTA runs its item as for its stream alone
 // (detail::stream_item); the dQ pass's grid walks a table of (stream, query tile) items, as the forward's.
 // Deterministic mode stays deterministic (no new atomics; every order is fixed by the tables). With the same
-// split (KSA_CUDA_BWD_SPLIT, or the automatic U at its minimum on both sides) a packed call gives the bits of
+// split (KernelOptions::backward_split, or the automatic U at its minimum on both sides) a packed call gives the bits of
 // one call per stream; the automatic U depends on the whole call's work, so dk/dv may round differently.
 // The heavy kernels are instantiated twice (PACKED) so that plain calls run the code they ran before.
 //
@@ -768,10 +768,10 @@ struct PlanSizes {
 };
 
 // nq query tiles, nk key tiles of which ntext text tiles (first); a key tile's list has at most max_list
-// entries (the query tiles of its stream). forced: entries per item (> 0), or -1 to read KSA_CUDA_BWD_SPLIT
-// (unset or <= 0: automatic).
+// entries (the query tiles of its stream). forced: entries per item (> 0; KernelOptions::backward_split), or
+// <= 0: automatic.
 PlanSizes plan_sizes(int64_t nq, int64_t ntext, int64_t nk, int64_t max_list, int BQ, int BK, int64_t bh, int minb,
-                     int forced = -1) {
+                     int forced) {
   PlanSizes ps;
   ps.BQ = BQ;
   ps.BK = BK;
@@ -780,8 +780,7 @@ PlanSizes plan_sizes(int64_t nq, int64_t ntext, int64_t nk, int64_t max_list, in
   ps.nq = int(nq);
   ps.ntext = int(ntext);
   ps.nk = int(nk);
-  if (forced >= 0) ps.forced = forced;
-  else if (const char* e = std::getenv("KSA_CUDA_BWD_SPLIT")) ps.forced = std::atoi(e);
+  ps.forced = std::max(forced, 0);
   int dev = 0, sms = 0;
   KSA_CUDA_CHECK(cudaGetDevice(&dev));
   KSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -800,11 +799,11 @@ PlanSizes plan_sizes(int64_t nq, int64_t ntext, int64_t nk, int64_t max_list, in
     ps.max_slots = 2 * int64_t(ps.target);
   }
   if (ps.max_items > INT_MAX / 2 || ps.max_slots > INT_MAX / 2)
-    fail("ksa::cuda::attention_backward: plan too large (", ps.max_items, " items; KSA_CUDA_BWD_SPLIT=", ps.forced, ")");
+    fail("ksa::cuda::attention_backward: plan too large (", ps.max_items, " items; backward_split ", ps.forced, ")");
   return ps;
 }
 // The plan of one layout (a plain call): query tiles on the BQ grid over [0, L), its key tiles.
-PlanSizes plan_sizes(const Layout& lay, int BQ, int BK, int64_t bh, int minb, int forced = -1) {
+PlanSizes plan_sizes(const Layout& lay, int BQ, int BK, int64_t bh, int minb, int forced) {
   const int64_t nq = (lay.length() + BQ - 1) / BQ;
   return plan_sizes(nq, bwd::num_text_key_tiles(lay, BK), bwd::num_key_tiles(lay, BK), nq, BQ, BK, bh, minb, forced);
 }
@@ -845,30 +844,27 @@ void launch_plan(const Layout& lay, int64_t W, const PlanSizes& ps, const PlanAr
   KSA_CUDA_CHECK_LAUNCH();
 }
 
-// The dK/dV and dQ passes on the sm_90a wgmma kernels (attention_bwd_sm90a.cu) where they run, unless
-// KSA_CUDA_BWD_SM90A=0.
-bool use_sm90a() {
-  const char* e = std::getenv("KSA_CUDA_BWD_SM90A");
-  return detail::sm90a_usable() && !(e && std::string(e) == "0");
-}
+// The dK/dV and dQ passes on the sm_90a wgmma kernels (attention_bwd_sm90a.cu) where they run, unless the
+// options ask for the portable ones.
+bool use_sm90a(const KernelOptions& o) { return detail::sm90a_usable() && o.backward_sm90a; }
 
 // dQ inside the sm_90a dK/dV pass (fp32 bulk reduce-adds) instead of its own pass: by default where it can
-// run (sm_90a, D = 128) unless the caller asks for determinism; KSA_CUDA_BWD_FUSED_DQ=0 turns it off, =1 is
-// the default. On the H200 (32/8 heads, D = 128, bf16) it measured backward 1.859 / 12.72 / 144.4 ms at
+// run (sm_90a, D = 128) unless the caller asks for determinism; KernelOptions::backward_fused_dq = false turns
+// it off. On the H200 (32/8 heads, D = 128, bf16) it measured backward 1.859 / 12.72 / 144.4 ms at
 // T = 8K / 32K / 128K against 2.082 / 13.29 / 154.1 ms for the separate dQ pass in the same run.
-bool use_fused_dq(bool sm90a, int D, bool deterministic) {
-  const char* e = std::getenv("KSA_CUDA_BWD_FUSED_DQ");
-  return sm90a && D == 128 && !deterministic && !(e && std::string(e) == "0");
+bool use_fused_dq(bool sm90a, int D, bool deterministic, const KernelOptions& o) {
+  return sm90a && D == 128 && !deterministic && o.backward_fused_dq;
 }
 
 // packed: the streams of a packed call (a.Lp their padded rows), else null.
 template <class T, int D>
-void run_backward(const BwdArgs& a0, bool deterministic, const varlen::Streams* packed, cudaStream_t s) {
+void run_backward(const BwdArgs& a0, bool deterministic, const KernelOptions& o, const varlen::Streams* packed,
+                  cudaStream_t s) {
   using KV = typename Config<T, D>::Dkv;
   using KQ = typename Config<T, D>::Dq;
   BwdArgs a = a0;
-  const bool sm90a = use_sm90a();  // the plan is built for the tiles of the dK/dV kernel that runs
-  const bool fused_dq = use_fused_dq(sm90a, D, deterministic);
+  const bool sm90a = use_sm90a(o);  // the plan is built for the tiles of the dK/dV kernel that runs
+  const bool fused_dq = use_fused_dq(sm90a, D, deterministic, o);
   const int64_t acc_floats = fused_dq ? int64_t(a.B) * a.Hq * a.Lp * D : 0;
   const int pBQ = sm90a ? detail::kDkvSm90Queries : KV::BQ, pBK = sm90a ? detail::kDkvSm90Keys : KV::BKV;
   const int dqBQ = sm90a ? detail::kDqSm90Queries : KQ::BQ;  // the dQ pass's query tiles
@@ -893,9 +889,10 @@ void run_backward(const BwdArgs& a0, bool deterministic, const varlen::Streams* 
     o_dq = img.add(dq_tiles);
     int64_t longest = 0;  // rows of the longest stream: its query tiles bound every list
     for (const varlen::Seq& q : packed->seqs) longest = std::max<int64_t>(longest, q.L);
-    ps = plan_sizes(a.Lp / pBQ, kts.ntext, int64_t(kts.tiles.size()), (longest + pBQ - 1) / pBQ, pBQ, pBK, bh, minb);
+    ps = plan_sizes(a.Lp / pBQ, kts.ntext, int64_t(kts.tiles.size()), (longest + pBQ - 1) / pBQ, pBQ, pBK, bh, minb,
+                    o.backward_split);
   } else {
-    ps = plan_sizes(a.lay, pBQ, pBK, bh, minb);
+    ps = plan_sizes(a.lay, pBQ, pBK, bh, minb, o.backward_split);
   }
   const int64_t part_floats = int64_t(a.B) * a.Hkv * pBK * D;  // one slot
   const int64_t rowvals = int64_t(a.B) * a.Hq * a.Lp;
@@ -967,9 +964,10 @@ void run_backward(const BwdArgs& a0, bool deterministic, const varlen::Streams* 
 }
 
 template <class T>
-void dispatch_dim(const BwdArgs& a, int64_t D, bool deterministic, const varlen::Streams* packed, cudaStream_t s) {
-  if (D == 128) run_backward<T, 128>(a, deterministic, packed, s);
-  else if (D == 64) run_backward<T, 64>(a, deterministic, packed, s);
+void dispatch_dim(const BwdArgs& a, int64_t D, bool deterministic, const KernelOptions& o,
+                  const varlen::Streams* packed, cudaStream_t s) {
+  if (D == 128) run_backward<T, 128>(a, deterministic, o, packed, s);
+  else if (D == 64) run_backward<T, 64>(a, deterministic, o, packed, s);
   else fail("ksa::cuda::attention_backward: D=", D, " is not supported (64 or 128)");
 }
 
@@ -985,8 +983,8 @@ dim3 detail::dkdv_grid(int64_t max_items, int64_t B, int64_t Hkv) {
   return dim3(unsigned(std::max<int64_t>(n, 1)));
 }
 
-bool supports(const AttentionBackwardParams& p, std::string* why) {
-  if (!supports(static_cast<const AttentionParams&>(p), why)) return false;
+bool supports(const AttentionBackwardParams& p, std::string* why, const KernelOptions& o) {
+  if (!supports(static_cast<const AttentionParams&>(p), why, o)) return false;
   auto no = [&](const std::string& w) {
     if (why) *why = w;
     return false;
@@ -994,14 +992,15 @@ bool supports(const AttentionBackwardParams& p, std::string* why) {
   if (p.L() + kRowPad >= (int64_t(1) << 31)) return no("L: must be < 2^31 - 128 (got " + std::to_string(p.L()) + ")");
   // The passes read q, dout, out and lse of every row (the PyTorch binding pads the rows before q_begin).
   if (p.q_begin != 0) return no("q_begin: the CUDA backward takes every row (q_begin 0; got " + std::to_string(p.q_begin) + ")");
+  if (o.backward_split < 0) return no("backward_split: must be >= 0 (got " + std::to_string(o.backward_split) + ")");
   return detail::views_aligned16({{"dout", &p.dout}, {"dq", &p.dq}, {"dk", &p.dk}, {"dv", &p.dv}}, why);
 }
 
 // p.deterministic: no floating-point atomics (the separate dQ pass); otherwise the fused dQ where it runs.
-void attention_backward(const AttentionBackwardParams& p, CudaStream stream) {
+void attention_backward(const AttentionBackwardParams& p, CudaStream stream, const KernelOptions& o) {
   validate(p);
   std::string why;
-  if (!supports(p, &why)) fail("ksa::cuda::attention_backward: unsupported: ", why);
+  if (!supports(p, &why, o)) fail("ksa::cuda::attention_backward: unsupported: ", why);
   if (p.L() == 0) return;
   BwdArgs a{};
   // Packed: the streams' common k, S and tail; each CTA takes its stream's T from the tables.
@@ -1029,8 +1028,8 @@ void attention_backward(const AttentionBackwardParams& p, CudaStream stream) {
   a.dv = view_of(p.dv);
   a.lse = p.lse;
   auto s = static_cast<cudaStream_t>(stream);
-  if (p.dtype == DType::bf16) dispatch_dim<__nv_bfloat16>(a, p.D, p.deterministic, pk, s);
-  else dispatch_dim<__half>(a, p.D, p.deterministic, pk, s);
+  if (p.dtype == DType::bf16) dispatch_dim<__nv_bfloat16>(a, p.D, p.deterministic, o, pk, s);
+  else dispatch_dim<__half>(a, p.D, p.deterministic, o, pk, s);
 }
 
 namespace bwd {

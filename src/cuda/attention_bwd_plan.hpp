@@ -61,7 +61,7 @@ struct alignas(16) PlanSplit {
 };
 
 // Tests: the plan the backward would build for this geometry (runs per key tile, items, splits), copied
-// back from the device. split: entries per item as KSA_CUDA_BWD_SPLIT sets it (0: the automatic choice for
+// back from the device. split: entries per item as KernelOptions::backward_split sets it (0: the automatic choice for
 // B*Hkv = bh). Defined in attention_bwd.cu; needs a GPU.
 struct PlanDump {
   int64_t BQ = 0, BK = 0, nq = 0, nk = 0;

@@ -8,7 +8,7 @@
 //   P = 2^(S*scale*log2e - lse2[row]) (0 where the row's key ranges exclude the key), dS = P (dP - Delta[row]);
 //   dQ += dS K               wgmma m64nDk16, dS from registers, K from smem MN-major.
 // dQ (times the softmax scale) is written in stream order. No atomics: deterministic (this pass runs when the
-// caller asks for determinism, or with D = 64, or with KSA_CUDA_BWD_FUSED_DQ=0).
+// caller asks for determinism, or with D = 64, or with KernelOptions::backward_fused_dq = false).
 //
 // Fused dQ (D = 128, not deterministic; the default there, see use_fused_dq in attention_bwd.cu):
 // dkdvdq_sm90a_kernel computes dK, dV and dQ in one pass over the dK/dV plan, 5 instead of 7 matrix products

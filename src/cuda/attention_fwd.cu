@@ -7,7 +7,7 @@
 // summary rows is read as one logical block without a separate gather pass (each row is one D*2-byte run).
 //
 // On compute capability 9.0 (built with architecture 90) attention_forward runs the wgmma kernel of
-// attention_fwd_sm90a.cu instead (KSA_CUDA_FWD_CONFIG=0..4 picks one of these for comparison).
+// attention_fwd_sm90a.cu instead (KernelOptions::forward_config 0..4 picks one of these for comparison).
 //
 // Packed sequences (AttentionParams::cu_seqlens), in both kernels: one launch for all streams. The grid walks
 // a table of (stream, query tile) work items built on the host from the streams' Layouts and uploaded with
@@ -286,42 +286,32 @@ void launch(const FwdArgs& a, int B, const varlen::Streams* packed, cudaStream_t
   detail::launch_fwd<K>(fwd_kernel<K, false>, fwd_kernel<K, true>, a, B, packed, stream);
 }
 
-// Tile configurations (MT m-tiles per warp, NW warps, BK keys). KSA_CUDA_FWD_CONFIG picks one for tuning.
-// Defaults from the H200 sweep of 2026-11-29 (bench/gpu/run.sh with KSA_BENCH_CONFIGS=0,1,2,3,4): config 1
-// was fastest at D=128 for T = 8K/32K/128K, config 3 at D=64.
+// Tile configurations (MT m-tiles per warp, NW warps, BK keys); KernelOptions::forward_config picks one for
+// tuning and tests (pick_forward below chooses by default).
 // Config 5 is the sm_90a wgmma kernel (attention_fwd_sm90a.cu), the default wherever it runs.
 constexpr int kSm90aConfig = 5;
-int fwd_config(int64_t D) {
-  const char* e = std::getenv("KSA_CUDA_FWD_CONFIG");
-  if (e) return std::atoi(e);
-  if (detail::sm90a_usable()) return kSm90aConfig;
-  return D == 64 ? 3 : 1;
-}
 
 template <class T, int D>
-void dispatch_config(const FwdArgs& a, int B, const varlen::Streams* pk, cudaStream_t s) {
-  switch (fwd_config(D)) {
+void dispatch_config(int config, const FwdArgs& a, int B, const varlen::Streams* pk, cudaStream_t s) {
+  switch (config) {
     case 1: launch<FwdTraits<T, D, 1, 8, 32, false, 2>>(a, B, pk, s); break;  // 2 CTAs x 8 warps, Q from smem
     case 2: launch<FwdTraits<T, D, 1, 4, 64, true, 2>>(a, B, pk, s); break;   // 64 rows, 2 CTAs x 4 warps
     case 3: launch<FwdTraits<T, D, 1, 4, 32, false, 4>>(a, B, pk, s); break;  // 64 rows, 4 CTAs x 4 warps
     case 4: launch<FwdTraits<T, D, 2, 4, 32, false, 2>>(a, B, pk, s); break;  // 128 rows, 4 warps x 32 rows
     case 0: launch<FwdTraits<T, D, 1, 8, 64, true, 1>>(a, B, pk, s); break;  // 128 rows, 8 warps x 16 rows
     case kSm90aConfig:
-      if (!detail::sm90a_usable())
-        fail("KSA_CUDA_FWD_CONFIG=5: the sm_90a kernel needs a compute capability 9.0 device and a build with "
-             "CUDA architecture 90 (this device: ", device_description(), ")");
 #if defined(KSA_HAVE_SM90A)
       detail::launch_fwd_sm90a(a, B, D, std::is_same_v<T, __half>, pk, s);
 #endif
       break;
-    default: fail("KSA_CUDA_FWD_CONFIG: unknown configuration ", fwd_config(D), " (0..5)");
+    default: fail("ksa::cuda::attention_forward: unknown configuration ", config, " (0..5)");  // pick_forward checked
   }
 }
 
 template <class T>
-void dispatch_dim(const FwdArgs& a, int64_t D, int B, const varlen::Streams* pk, cudaStream_t s) {
-  if (D == 128) dispatch_config<T, 128>(a, B, pk, s);
-  else if (D == 64) dispatch_config<T, 64>(a, B, pk, s);
+void dispatch_dim(int config, const FwdArgs& a, int64_t D, int B, const varlen::Streams* pk, cudaStream_t s) {
+  if (D == 128) dispatch_config<T, 128>(config, a, B, pk, s);
+  else if (D == 64) dispatch_config<T, 64>(config, a, B, pk, s);
   else fail("ksa::cuda::attention_forward: D=", D, " is not supported (64 or 128)");
 }
 
@@ -336,11 +326,32 @@ bool detail::sm90a_usable() {
 #endif
 }
 
-bool supports(const AttentionParams& p, std::string* why) {
+// Why options o cannot run at all (empty: they can).
+static std::string forward_config_problem(const KernelOptions& o) {
+  if (o.forward_config < -1 || o.forward_config > kSm90aConfig)
+    return "forward_config: must be -1 (automatic) or 0..5 (got " + std::to_string(o.forward_config) + ")";
+  if (o.forward_config == kSm90aConfig) {
+    if (device_count() == 0) return "forward_config: 5, the sm_90a kernel, needs a CUDA device (none visible)";
+    if (!detail::sm90a_usable())
+      return "forward_config: 5, the sm_90a kernel, needs a compute capability 9.0 device and a build with CUDA "
+             "architecture 90 (this device: " + device_description() + ")";
+  }
+  return {};
+}
+
+int pick_forward(int64_t D, const KernelOptions& o) {
+  if (const std::string why = forward_config_problem(o); !why.empty()) fail("ksa::cuda::attention_forward: ", why);
+  if (o.forward_config >= 0) return o.forward_config;
+  if (detail::sm90a_usable()) return kSm90aConfig;
+  return D == 64 ? 3 : 1;
+}
+
+bool supports(const AttentionParams& p, std::string* why, const KernelOptions& o) {
   auto no = [&](const std::string& w) {
     if (why) *why = w;
     return false;
   };
+  if (const std::string w = forward_config_problem(o); !w.empty()) return no(w);
   if (p.dtype != DType::bf16 && p.dtype != DType::f16)
     return no(std::string("dtype: must be bf16 or f16 (got ") + dtype_name(p.dtype) + ")");
   if (p.D != 64 && p.D != 128) return no("D: must be 64 or 128 (got " + std::to_string(p.D) + ")");
@@ -354,10 +365,11 @@ bool supports(const AttentionParams& p, std::string* why) {
   return detail::views_aligned16({{"q", &p.q}, {"k", &p.k}, {"v", &p.v}, {"out", &p.out}}, why);
 }
 
-void attention_forward(const AttentionParams& p, CudaStream stream) {
+void attention_forward(const AttentionParams& p, CudaStream stream, const KernelOptions& o) {
   validate(p);
   std::string why;
-  if (!supports(p, &why)) fail("ksa::cuda::attention_forward: unsupported: ", why);
+  if (!supports(p, &why, o)) fail("ksa::cuda::attention_forward: unsupported: ", why);
+  const int config = pick_forward(p.D, o);
   if (p.L() == 0) return;
   FwdArgs a{};
   // Packed: the streams' common k, S and tail; each CTA takes its stream's T from the work table.
@@ -391,8 +403,8 @@ void attention_forward(const AttentionParams& p, CudaStream stream) {
   const varlen::Streams streams = p.packed() ? varlen::streams_of(p) : varlen::Streams{};
   const varlen::Streams* pk = p.packed() ? &streams : nullptr;
   auto s = static_cast<cudaStream_t>(stream);
-  if (p.dtype == DType::bf16) dispatch_dim<__nv_bfloat16>(a, p.D, int(p.B), pk, s);
-  else dispatch_dim<__half>(a, p.D, int(p.B), pk, s);
+  if (p.dtype == DType::bf16) dispatch_dim<__nv_bfloat16>(config, a, p.D, int(p.B), pk, s);
+  else dispatch_dim<__half>(config, a, p.D, int(p.B), pk, s);
 }
 
 }  // namespace ksa::cuda

@@ -26,7 +26,6 @@ namespace ksa {
 namespace {
 
 
-using test::EnvScope;
 
 // ------------------------------------------------------------------------------------------ the plan
 // The query tiles (BQ grid over [0, L)) that see each key tile (BK grid of KeyTileCursor), with the cursor's
@@ -412,12 +411,12 @@ void expect_grads_close(Problem& pr, const AttentionBackwardParams& got) {
   }
 }
 
-void check_shape(const Shape& s, uint64_t seed) {
+void check_shape(const Shape& s, uint64_t seed, const cuda::KernelOptions& o = {}) {
   SCOPED_TRACE(describe(s) + " seed " + std::to_string(seed));
   Problem pr(s);
   fill(pr, seed);
   DeviceProblem dp(pr);
-  cuda::attention_backward(dp.params());
+  cuda::attention_backward(dp.params(), nullptr, o);
   CK(cudaDeviceSynchronize());
   dp.download(pr);
   // The views of the downloaded host copies.
@@ -471,36 +470,38 @@ TEST(CudaBackward, RandomShapes) {
   }
 }
 
-// Every list in its own items (KSA_CUDA_BWD_SPLIT=1: one query tile per item, many partials) and no split at
-// all: both match the oracle.
+// Every list in its own items (backward_split 1: one query tile per item, many partials) and no split at all:
+// both match the oracle.
 TEST(CudaBackward, SplitExtremesMatchOracle) {
   REQUIRE_GPU();
   const std::vector<Shape> shapes = {{4, 1, 1000, 2, 4, 2, 64, 1, false, DType::bf16, false, true},
                                      {2, 2, 600, 1, 2, 1, 128, 2, true, DType::f16, true, false}};
-  for (const char* split : {"1", "2", "1000000000"}) {
-    EnvScope env("KSA_CUDA_BWD_SPLIT", split);
-    SCOPED_TRACE(std::string("KSA_CUDA_BWD_SPLIT=") + split);
+  for (int split : {1, 2, 1000000000}) {
+    cuda::KernelOptions o;
+    o.backward_split = split;
+    SCOPED_TRACE("backward_split " + std::to_string(split));
     uint64_t seed = 300;
-    for (const Shape& s : shapes) check_shape(s, seed++);
+    for (const Shape& s : shapes) check_shape(s, seed++, o);
   }
 }
 
-// With the variable `var` set to `value`: every shape, then shapes[split_shape] again with every list split
-// into one-query-tile items (KSA_CUDA_BWD_SPLIT=1).
-void check_variant(const char* var, const char* value, const std::vector<Shape>& shapes, size_t split_shape,
+// With options o (`what` names them): every shape, then shapes[split_shape] again with every list split into
+// one-query-tile items (backward_split 1).
+void check_variant(const char* what, cuda::KernelOptions o, const std::vector<Shape>& shapes, size_t split_shape,
                    uint64_t seed) {
-  EnvScope env(var, value);
-  SCOPED_TRACE(std::string(var) + "=" + value);
-  for (const Shape& s : shapes) check_shape(s, seed++);
-  EnvScope split("KSA_CUDA_BWD_SPLIT", "1");
-  check_shape(shapes[split_shape], seed);
+  SCOPED_TRACE(what);
+  for (const Shape& s : shapes) check_shape(s, seed++, o);
+  o.backward_split = 1;
+  check_shape(shapes[split_shape], seed, o);
 }
 
-// The portable passes where the sm_90a ones would run (KSA_CUDA_BWD_SM90A=0; elsewhere they run anyway):
+// The portable passes where the sm_90a ones would run (backward_sm90a false; elsewhere they run anyway):
 // batch 2, GQA, D = 64 and 128, lists split into many items and not split.
 TEST(CudaBackward, PortablePassesMatchOracle) {
   REQUIRE_GPU();
-  check_variant("KSA_CUDA_BWD_SM90A", "0",
+  cuda::KernelOptions portable;
+  portable.backward_sm90a = false;
+  check_variant("backward_sm90a false", portable,
                 {{4, 1, 1000, 2, 4, 2, 64, 1, false, DType::bf16, false, true},
                  {2, 2, 600, 1, 2, 1, 128, 2, true, DType::f16, true, false},
                  {8, 1, 1025, 3, 4, 2, 128, 2, false, DType::bf16, false, true}},
@@ -508,11 +509,13 @@ TEST(CudaBackward, PortablePassesMatchOracle) {
 }
 
 // The fused dQ (sm_90a, D = 128, not deterministic: dQ reduce-added in fp32 inside the dK/dV pass; the default
-// there, set explicitly here; elsewhere the variable changes nothing). Long shape, split lists, GQA, strided,
+// there, set explicitly here; elsewhere the option changes nothing). Long shape, split lists, GQA, strided,
 // tail summaries.
 TEST(CudaBackward, FusedDqMatchesOracle) {
   REQUIRE_GPU();
-  check_variant("KSA_CUDA_BWD_FUSED_DQ", "1",
+  cuda::KernelOptions fused;
+  fused.backward_fused_dq = true;
+  check_variant("backward_fused_dq true", fused,
                 {{8, 1, 4000, 16, 8, 2, 128, 1, false, DType::bf16, false, false},
                  {5, 3, 1025, 2, 4, 1, 128, 1, true, DType::bf16, true, false},
                  {2, 2, 600, 1, 2, 1, 128, 2, true, DType::f16, true, false},

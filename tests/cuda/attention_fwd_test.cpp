@@ -189,6 +189,23 @@ TEST(CudaForward, UnsupportedGivesReasons) {
   p.dtype = DType::f32;
   EXPECT_FALSE(cuda::supports(p, &why));
   EXPECT_NE(why.find("dtype"), std::string::npos) << why;
+  // Kernel options: a configuration outside -1..5 is refused by supports() and pick_forward alike; a portable
+  // configuration asked for is the one that runs (no device needed to choose it).
+  p.dtype = DType::bf16;
+  cuda::KernelOptions o;
+  o.forward_config = 9;
+  EXPECT_FALSE(cuda::supports(p, &why, o));
+  EXPECT_NE(why.find("forward_config: must be -1 (automatic) or 0..5 (got 9)"), std::string::npos) << why;
+  EXPECT_THROW(cuda::pick_forward(128, o), Error);
+  for (int c = 0; c <= 4; ++c) {
+    o.forward_config = c;
+    EXPECT_EQ(cuda::pick_forward(64, o), c);
+  }
+  if (cuda::device_count() == 0) {  // the sm_90a kernel needs a device; the reason says so
+    o.forward_config = 5;
+    EXPECT_FALSE(cuda::supports(p, &why, o));
+    EXPECT_NE(why.find("none visible"), std::string::npos) << why;
+  }
 }
 
 }  // namespace

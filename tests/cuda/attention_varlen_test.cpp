@@ -1,11 +1,11 @@
 // Packed sequences (AttentionParams::cu_seqlens) in the CUDA kernels: one packed call against one call per
 // stream (sequence_params) on the same buffers, and against the CPU oracle. Every CUDA path that supports()
 // accepts: the default (the sm_90a wgmma kernels on compute capability 9.0), the portable forward configs
-// (KSA_CUDA_FWD_CONFIG=0..4), the portable backward passes (KSA_CUDA_BWD_SM90A=0), the fused dQ.
+// (KernelOptions::forward_config 0..4), the portable backward passes (backward_sm90a false), the fused dQ.
 //
 // Bitwise where the per-tile arithmetic is the same: a packed CTA runs its tile exactly as the call on its
 // stream alone (varlen_plan.hpp), so out, lse and (deterministic) dq are bitwise equal; dk and dv are too when
-// both calls split the dK/dV lists alike (KSA_CUDA_BWD_SPLIT forced: the automatic split depends on the whole
+// both calls split the dK/dV lists alike (backward_split forced: the automatic split depends on the whole
 // call's work). Otherwise (the fused dQ's fp32 reduce-adds, an automatic split) the two differ only in the
 // order of an fp32 sum before the final rounding to the input dtype: at most about one unit in the last place
 // per element, so relative L2 <= 2^-7 (bf16) / 2^-10 (f16). Skipped (with a message) without a GPU.
@@ -31,7 +31,6 @@
 namespace ksa {
 namespace {
 
-using test::EnvScope;
 
 struct VarlenCase {
   std::vector<int64_t> texts;  // text tokens of each stream
@@ -81,6 +80,7 @@ struct Problem {
   int64_t L = 0;
   std::vector<uint16_t> hq, hk, hv, hdout;
   std::unique_ptr<test::DevMem> q, k, v, dout, out[2], lse[2], dq[2], dk[2], dv[2];
+  cuda::KernelOptions opts;  // the kernel variant every call of this problem runs
 
   Problem(const VarlenCase& c_, uint64_t seed) : c(c_) {
     for (int64_t T : c.texts) cu.push_back(cu.back() + Layout(c.k, c.S, T, c.tail).length());
@@ -139,15 +139,15 @@ struct Problem {
   }
   // One call on the packed params, and one call per stream (sequence_params) on the same buffers.
   void forward_both() const {
-    cuda::attention_forward(params(0, 0));
+    cuda::attention_forward(params(0, 0), nullptr, opts);
     const AttentionBackwardParams each = params(1, 1);
-    for (int64_t s = 0; s < each.sequences(); ++s) cuda::attention_forward(sequence_params(each, s));
+    for (int64_t s = 0; s < each.sequences(); ++s) cuda::attention_forward(sequence_params(each, s), nullptr, opts);
   }
   // Both backward calls read out/lse of set 0 (the packed forward's).
   void backward_both(bool deterministic) const {
-    cuda::attention_backward(params(0, 0, deterministic));
+    cuda::attention_backward(params(0, 0, deterministic), nullptr, opts);
     const AttentionBackwardParams each = params(0, 1, deterministic);
-    for (int64_t s = 0; s < each.sequences(); ++s) cuda::attention_backward(sequence_params(each, s));
+    for (int64_t s = 0; s < each.sequences(); ++s) cuda::attention_backward(sequence_params(each, s), nullptr, opts);
   }
 };
 
@@ -224,9 +224,10 @@ struct HostInputs {
 
 // Forward: packed == per stream, bitwise (out, lse); packed against the packed oracle (tolerances of
 // attention_fwd_test.cpp: max |err| <= 4 ulp of the dtype, relative L2 <= 1e-2 / 2e-3, lse within 1e-3).
-void check_forward(const VarlenCase& c, uint64_t seed, bool against_oracle) {
+void check_forward(const VarlenCase& c, uint64_t seed, bool against_oracle, const cuda::KernelOptions& o = {}) {
   SCOPED_TRACE(describe(c) + " seed " + std::to_string(seed));
   Problem pr(c, seed);
+  pr.opts = o;
   ASSERT_TRUE(pr.allocated()) << "cudaMalloc";
   pr.poison_forward();
   pr.forward_both();
@@ -259,11 +260,12 @@ void check_forward(const VarlenCase& c, uint64_t seed, bool against_oracle) {
 // else within order_tolerance. Against the packed oracle (its own forward from q, k, v; tolerances of
 // attention_bwd_test.cpp: relative L2 <= 2e-2 / 5e-3, worst row 4x that).
 void check_backward(const VarlenCase& c, uint64_t seed, bool deterministic, bool bitwise_dq, bool bitwise_dkdv,
-                    bool against_oracle) {
+                    bool against_oracle, const cuda::KernelOptions& o = {}) {
   SCOPED_TRACE(describe(c) + " seed " + std::to_string(seed) + " deterministic " + std::to_string(deterministic));
   Problem pr(c, seed);
+  pr.opts = o;
   ASSERT_TRUE(pr.allocated()) << "cudaMalloc";
-  cuda::attention_forward(pr.params(0, 0));
+  cuda::attention_forward(pr.params(0, 0), nullptr, o);
   pr.poison_backward();
   pr.backward_both(deterministic);
   CK(cudaDeviceSynchronize());
@@ -307,12 +309,13 @@ TEST(CudaVarlen, ForwardPackedEqualsPerStream) {
 TEST(CudaVarlen, ForwardPortableConfigsPackedEqualsPerStream) {
   REQUIRE_GPU();
   const std::vector<VarlenCase> cs = cases();
-  for (const char* config : {"0", "1", "2", "3", "4"}) {
-    EnvScope env("KSA_CUDA_FWD_CONFIG", config);
-    SCOPED_TRACE(std::string("KSA_CUDA_FWD_CONFIG=") + config);
-    check_forward(cs[0], 600, false);
-    check_forward(cs[1], 601, true);
-    check_forward(cs[7], 602, false);
+  for (int config : {0, 1, 2, 3, 4}) {
+    cuda::KernelOptions o;
+    o.forward_config = config;
+    SCOPED_TRACE("forward_config " + std::to_string(config));
+    check_forward(cs[0], 600, false, o);
+    check_forward(cs[1], 601, true, o);
+    check_forward(cs[7], 602, false, o);
   }
 }
 
@@ -320,10 +323,11 @@ TEST(CudaVarlen, ForwardPortableConfigsPackedEqualsPerStream) {
 TEST(CudaVarlen, BackwardDeterministicPackedEqualsPerStream) {
   REQUIRE_GPU();
   uint64_t seed = 700;
-  for (const char* split : {"2", "1000000000"}) {
-    EnvScope env("KSA_CUDA_BWD_SPLIT", split);
-    SCOPED_TRACE(std::string("KSA_CUDA_BWD_SPLIT=") + split);
-    for (const VarlenCase& c : cases()) check_backward(c, seed++, true, true, true, split[0] == '2');
+  for (int split : {2, 1000000000}) {
+    cuda::KernelOptions o;
+    o.backward_split = split;
+    SCOPED_TRACE("backward_split " + std::to_string(split));
+    for (const VarlenCase& c : cases()) check_backward(c, seed++, true, true, true, split == 2, o);
   }
 }
 
@@ -333,18 +337,20 @@ TEST(CudaVarlen, BackwardDefaultPackedMatchesPerStream) {
   REQUIRE_GPU();
   uint64_t seed = 800;
   for (const VarlenCase& c : cases()) check_backward(c, seed++, false, false, false, true);
-  EnvScope env("KSA_CUDA_BWD_SPLIT", "3");
-  for (const VarlenCase& c : cases()) check_backward(c, seed++, false, false, true, false);
+  cuda::KernelOptions split3;
+  split3.backward_split = 3;
+  for (const VarlenCase& c : cases()) check_backward(c, seed++, false, false, true, false, split3);
 }
 
-// The portable dK/dV and dQ passes where the sm_90a ones would run (KSA_CUDA_BWD_SM90A=0).
+// The portable dK/dV and dQ passes where the sm_90a ones would run (backward_sm90a false).
 TEST(CudaVarlen, BackwardPortablePassesPackedEqualsPerStream) {
   REQUIRE_GPU();
-  EnvScope sm90a("KSA_CUDA_BWD_SM90A", "0");
-  EnvScope split("KSA_CUDA_BWD_SPLIT", "2");
+  cuda::KernelOptions o;
+  o.backward_sm90a = false;
+  o.backward_split = 2;
   uint64_t seed = 900;
   for (const VarlenCase& c : cases()) {
-    check_backward(c, seed, true, true, true, seed % 2 == 0);  // the oracle on every other case
+    check_backward(c, seed, true, true, true, seed % 2 == 0, o);  // the oracle on every other case
     ++seed;
   }
 }

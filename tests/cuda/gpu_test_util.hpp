@@ -22,13 +22,6 @@ namespace ksa::test {
 
 #define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
 
-// Sets an environment variable for one scope (the CUDA launchers read KSA_CUDA_* on every call).
-struct EnvScope {
-  std::string name;
-  EnvScope(const char* n, const std::string& v) : name(n) { setenv(n, v.c_str(), 1); }
-  ~EnvScope() { unsetenv(name.c_str()); }
-};
-
 // cudaMalloc'ed bytes (at least 16, so that an empty buffer is still a valid address); null on failure.
 struct DevMem {
   void* p = nullptr;

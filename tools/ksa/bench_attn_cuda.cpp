@@ -14,6 +14,7 @@
 #include "cuda_bench.hpp"
 #include "ksa/cpu.hpp"
 #include "ksa/cuda.hpp"
+#include "ksa/cuda_env.hpp"
 
 namespace ksa::tools {
 
@@ -36,6 +37,8 @@ int run_attn_cuda(const AttnArgs& a) {
       dense_params(lay, a.W, a.B, a.Hq, a.Hkv, a.D, a.dtype,
                    {dq_.p, dk_.p, dv_.p, dO.p, static_cast<float*>(dlse.p), dout_.p, gq.p, gk.p, gv.p});
 
+  // KSA_CUDA_FWD_CONFIG, KSA_CUDA_BWD_* (include/ksa/cuda_env.hpp): kernel variants for comparisons.
+  const cuda::KernelOptions opts = cuda::kernel_options_from_env();
   const int64_t pairs = count_visible_pairs(lay, a.W);
   const double fwd_flops = 4.0 * double(a.D) * double(pairs) * double(a.Hq) * double(a.B);
   std::printf("ksa bench attn: device cuda (%s), T=%lld -> L=%lld (k=%lld S=%lld W=%lld%s), B=%lld, heads %lld/%lld, "
@@ -43,11 +46,13 @@ int run_attn_cuda(const AttnArgs& a) {
               cuda::device_description().c_str(), (long long)a.T, (long long)L, (long long)a.k, (long long)a.S,
               (long long)a.W, a.tail ? " tail" : "", (long long)a.B, (long long)a.Hq, (long long)a.Hkv, (long long)a.D,
               dtype_name(a.dtype));
-  const double fms = median_event_ms(nullptr, a.reps, [&] { cuda::attention_forward(p); });
+  std::printf("forward kernel: configuration %d%s\n", cuda::pick_forward(a.D, opts),
+              opts.forward_config >= 0 ? " (KSA_CUDA_FWD_CONFIG)" : "");
+  const double fms = median_event_ms(nullptr, a.reps, [&] { cuda::attention_forward(p, nullptr, opts); });
   std::printf("forward:  median %9.3f ms (%lld reps after 1 warm-up)  %8.1f TFLOP/s useful\n", fms, (long long)a.reps,
               fwd_flops / (fms * 1e-3) * 1e-12);
   if (a.bwd) {
-    const double bms = median_event_ms(nullptr, a.reps, [&] { cuda::attention_backward(p); });
+    const double bms = median_event_ms(nullptr, a.reps, [&] { cuda::attention_backward(p, nullptr, opts); });
     std::printf("backward: median %9.3f ms (%lld reps after 1 warm-up)  %8.1f TFLOP/s useful (2.5 x fwd FLOPs)\n", bms,
                 (long long)a.reps, 2.5 * fwd_flops / (bms * 1e-3) * 1e-12);
   }

@@ -39,6 +39,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "ksa/cuda.hpp"
+#include "ksa/cuda_env.hpp"  // KSA_CUDA_FWD_CONFIG, KSA_CUDA_BWD_*: kernel variants for comparisons
 #endif
 
 // setup.py passes the version (CMakeLists.txt's project VERSION) as a bare pp-number.
@@ -214,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 #ifdef KSA_HAVE_CUDA
       const c10::cuda::CUDAGuard guard(q.device());
       const ksa::cuda::CudaStream stream = at::cuda::getCurrentCUDAStream().stream();
-      ksa::cuda::attention_forward(p, stream);  // packed streams too: one launch for all of them
+      ksa::cuda::attention_forward(p, stream, ksa::cuda::kernel_options_from_env());  // packed streams too: one launch for all of them
 #else
       TORCH_CHECK(false, "ksa: this build of ksa_torch has no CUDA kernels (rebuild with a CUDA torch and nvcc)");
 #endif
@@ -286,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
 #ifdef KSA_HAVE_CUDA
       const c10::cuda::CUDAGuard guard(q.device());
       const ksa::cuda::CudaStream stream = at::cuda::getCurrentCUDAStream().stream();
-      ksa::cuda::attention_backward(p, stream);  // packed streams too: one launch of each pass for all of them
+      ksa::cuda::attention_backward(p, stream, ksa::cuda::kernel_options_from_env());  // packed streams too: one launch of each pass for all of them
 #else
       TORCH_CHECK(false, "ksa: this build of ksa_torch has no CUDA kernels (rebuild with a CUDA torch and nvcc)");
 #endif
