@@ -62,7 +62,7 @@ struct alignas(16) PlanSplit {
 
 // Tests: the plan the backward would build for this geometry (runs per key tile, items, splits), copied
 // back from the device. split: entries per item as KernelOptions::backward_split sets it (0: the automatic choice for
-// B*Hkv = bh). Defined in attention_bwd.cu; needs a GPU.
+// B*Hkv = bh). Defined in attention_bwd_plan.cu; needs a GPU.
 struct PlanDump {
   int64_t BQ = 0, BK = 0, nq = 0, nk = 0;
   std::vector<int32_t> nruns;   // [nk]
