@@ -42,7 +42,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (data[0] & 4) opt.enable_thinking = bool(data[0] & 8);
   bool all_valid = true;
   for (const ksa::ChatMessage& m : msgs)
-    all_valid = all_valid && ksa::is_valid_utf8(m.content) && (!m.reasoning_content || ksa::is_valid_utf8(*m.reasoning_content));
+    all_valid = all_valid && ksa::is_valid_utf8(m.content) &&
+                (!m.reasoning_content || ksa::is_valid_utf8(*m.reasoning_content));
   ksa::fuzz::expect_only_ksa_errors([&] {
     const std::string out = ksa::render_qwen3_chat(msgs, opt);
     if (all_valid && !ksa::is_valid_utf8(out)) std::abort();

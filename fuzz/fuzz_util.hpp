@@ -14,15 +14,16 @@
 
 namespace ksa::fuzz {
 
-inline std::string_view as_text(const uint8_t* data, size_t size) { return {reinterpret_cast<const char*>(data), size}; }
+inline std::string_view as_text(const uint8_t* data, size_t size) {
+  return {reinterpret_cast<const char*>(data), size};
+}
 
 // Runs f and swallows ksa::Error, the library's one way to reject input.
 template <class F>
 void expect_only_ksa_errors(F&& f) {
   try {
     f();
-  } catch (const Error&) {
-  }
+  } catch (const Error&) {}
 }
 
 // An in-memory file holding `bytes`, for readers that take a path (safetensors mmap, tokenizer_config.json):

@@ -1,8 +1,8 @@
 // Layer patterns (summary_sliding_chunk_num, summary_layer_freq): ksa::parse_int_pattern on arbitrary text.
 // Input: one byte choosing the layer count, then the pattern text. Checks: only ksa::Error escapes, and an
 // accepted pattern has one value per layer, each in the requested range.
-#include "fuzz_util.hpp"
 #include "ksa/pattern.hpp"
+#include "fuzz_util.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;

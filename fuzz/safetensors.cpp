@@ -12,7 +12,8 @@
 namespace {
 
 void check(const ksa::TensorInfo& t, int64_t file_size) {
-  if (t.nbytes != ksa::dtype_bytes(t.dtype, t.numel()) || t.file_offset < 8 || t.file_offset + t.nbytes > file_size) std::abort();
+  if (t.nbytes != ksa::dtype_bytes(t.dtype, t.numel()) || t.file_offset < 8 || t.file_offset + t.nbytes > file_size)
+    std::abort();
   if (t.numel() > 0) {
     volatile float x = t.get(0) + t.get(t.numel() - 1);
     (void)x;

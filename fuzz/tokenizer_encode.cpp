@@ -38,19 +38,26 @@ std::string small_tokenizer_json() {
     vocab[std::string(a) + b] = id++;
     merges.push_back(Json::array({a, b}));
   }
-  const char* regex = R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+  const char* regex =
+      R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
   Json added = Json::array();
   for (auto [aid, content] : {std::pair{300, "<|im_start|>"}, {301, "<|im_end|>"}, {302, "<think>"}})
-    added.push_back({{"id", aid}, {"content", content}, {"special", aid != 302}, {"lstrip", false}, {"rstrip", false},
-                     {"single_word", false}, {"normalized", false}});
-  return Json{{"added_tokens", added},
-              {"normalizer", {{"type", "NFC"}}},
-              {"pre_tokenizer",
-               {{"type", "Sequence"},
-                {"pretokenizers", Json::array({{{"type", "Split"}, {"pattern", {{"Regex", regex}}}, {"behavior", "Isolated"}},
-                                               {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}})}}},
-              {"decoder", {{"type", "ByteLevel"}}},
-              {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merges}}}}
+    added.push_back({{"id", aid},
+                     {"content", content},
+                     {"special", aid != 302},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"single_word", false},
+                     {"normalized", false}});
+  return Json{
+      {"added_tokens", added},
+      {"normalizer", {{"type", "NFC"}}},
+      {"pre_tokenizer",
+       {{"type", "Sequence"},
+        {"pretokenizers", Json::array({{{"type", "Split"}, {"pattern", {{"Regex", regex}}}, {"behavior", "Isolated"}},
+                                       {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}})}}},
+      {"decoder", {{"type", "ByteLevel"}}},
+      {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merges}}}}
       .dump();
 }
 
@@ -88,10 +95,10 @@ std::string expected_round_trip(const ksa::Tokenizer& tok, const std::string& s)
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   const char* env = std::getenv("KSA_TOKENIZER_DIR");
   const std::string dir = env && *env ? std::string(env) : ksa::find_reference_tokenizer({KSA_SOURCE_DIR});
-  g_tok = std::make_unique<ksa::Tokenizer>(dir.empty() ? ksa::Tokenizer::parse(small_tokenizer_json(), "small tokenizer")
-                                                       : ksa::Tokenizer::load(dir));
-  std::fprintf(stderr, "fuzz_tokenizer_encode: %s (%lld ids)\n", dir.empty() ? "the small built-in tokenizer" : dir.c_str(),
-               (long long)g_tok->vocab_size());
+  g_tok = std::make_unique<ksa::Tokenizer>(
+      dir.empty() ? ksa::Tokenizer::parse(small_tokenizer_json(), "small tokenizer") : ksa::Tokenizer::load(dir));
+  std::fprintf(stderr, "fuzz_tokenizer_encode: %s (%lld ids)\n",
+               dir.empty() ? "the small built-in tokenizer" : dir.c_str(), (long long)g_tok->vocab_size());
   return 0;
 }
 

@@ -1,11 +1,11 @@
 // What reading a decode step's bytes costs under bench-decode's `step` timing, with no attention at all: a
 // CUDA graph queued behind a 256 MiB memset (cold, dirty L2; the host's launch hidden), CUDA events around
-// the graph, median of 41; and the same launches queued directly behind the memset (`eager`). Cases: an empty kernel (the timing's own overhead), and a kernel whose CTAs each
-// read one contiguous slice of N bytes (16-byte loads, 8 in flight per thread, summed so nothing is
-// optimised away), optionally with a second one-CTA kernel behind it (programmatic dependent launch) that
-// reads the CTAs' partial sums -- the shape of a split decode plus its merge; each with plain loads and with
-// loads that carry an L2::evict_first cache policy (as the decode kernel's). The byte counts are the visible
-// K/V of bench-decode's B=1 cases (T=16K: 2,945 rows; T=128K: 17,281 rows; 8 KV heads, D=128, bf16).
+// the graph, median of 41; and the same launches queued directly behind the memset (`eager`). Cases: an empty kernel
+// (the timing's own overhead), and a kernel whose CTAs each read one contiguous slice of N bytes (16-byte loads, 8 in
+// flight per thread, summed so nothing is optimised away), optionally with a second one-CTA kernel behind it
+// (programmatic dependent launch) that reads the CTAs' partial sums -- the shape of a split decode plus its merge; each
+// with plain loads and with loads that carry an L2::evict_first cache policy (as the decode kernel's). The byte counts
+// are the visible K/V of bench-decode's B=1 cases (T=16K: 2,945 rows; T=128K: 17,281 rows; 8 KV heads, D=128, bf16).
 // Also bulk copies (TMA, cp.async.bulk into an smem ring of `stages` pieces of `chunk` bytes, one thread
 // issuing, mbarrier completion, evict_first), which have the fewest instructions per byte.
 // Needs sm_90+ (programmatic dependent launch); bench/gpu/decode.sh builds and runs it:
@@ -102,8 +102,8 @@ __global__ void __launch_bounds__(128) bulk_kernel(Args a) {
     const uint32_t len = uint32_t(bytes - off < a.chunk ? bytes - off : a.chunk), mb = smem_u32(&full[t % a.stages]);
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(mb), "r"(len) : "memory");
     asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
-            smem_u32(ring + (t % a.stages) * a.chunk)),
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::
+            "r"(smem_u32(ring + (t % a.stages) * a.chunk)),
         "l"(p + off), "r"(len), "r"(mb), "l"(pol)
         : "memory");
   };
@@ -212,36 +212,40 @@ int main() {
   CK(cudaMemset(src, 1, src_bytes));
   CK(cudaMalloc(&part, 4096 * sizeof(float)));
   CK(cudaMalloc(&out, sizeof(float)));
-  std::printf("device: %s (%d SMs); behind a 256 MiB memset, median of 41: step us = the work as a CUDA graph,\n"
-              "eager us = its launches queued directly\n",
-              prop.name, prop.multiProcessorCount);
+  std::printf(
+      "device: %s (%d SMs); behind a 256 MiB memset, median of 41: step us = the work as a CUDA graph,\n"
+      "eager us = its launches queued directly\n",
+      prop.name, prop.multiProcessorCount);
   std::printf("%-54s %10s %10s %10s\n", "case", "step us", "eager us", "GB/s");
   Args a{static_cast<const uint4*>(src), 0, part, out, 1, 0};
-  print_row("empty kernel", step_us(st, [&] { launch(empty_kernel, 1, 128, false, a, st); }, flush, flush_bytes), 0);
+  print_row("empty kernel",
+            step_us(
+                st, [&] { launch(empty_kernel, 1, 128, false, a, st); }, flush, flush_bytes),
+            0);
   const struct {
     const char* name;
     double bytes;
   } sizes[] = {{"T=16K (2,945 rows)", 2945.0 * 8 * 128 * 2 * 2}, {"T=128K (17,281 rows)", 17281.0 * 8 * 128 * 2 * 2}};
   for (const auto& sz : sizes)
     for (int ef : {0, 1})
-    for (int ctas : {376, 1056})
-      for (bool merge : {false, true}) {
-        Args b = a;
-        b.ctas = ctas;
-        b.evict_first = ef;
-        b.slice16 = (long long)(sz.bytes / ctas / 16);
-        const Times us = step_us(
-            st,
-            [&] {
-              launch(stream_kernel, ctas, 128, false, b, st);
-              if (merge) launch(merge_kernel, 1, 128, true, b, st);
-            },
-            flush, flush_bytes);
-        char name[96];
-        std::snprintf(name, sizeof name, "%s, %d CTAs%s%s", sz.name, ctas, merge ? " + merge" : "",
-                      ef ? ", evict_first" : "");
-        print_row(name, us, double(b.slice16) * 16 * ctas);
-      }
+      for (int ctas : {376, 1056})
+        for (bool merge : {false, true}) {
+          Args b = a;
+          b.ctas = ctas;
+          b.evict_first = ef;
+          b.slice16 = (long long)(sz.bytes / ctas / 16);
+          const Times us = step_us(
+              st,
+              [&] {
+                launch(stream_kernel, ctas, 128, false, b, st);
+                if (merge) launch(merge_kernel, 1, 128, true, b, st);
+              },
+              flush, flush_bytes);
+          char name[96];
+          std::snprintf(name, sizeof name, "%s, %d CTAs%s%s", sz.name, ctas, merge ? " + merge" : "",
+                        ef ? ", evict_first" : "");
+          print_row(name, us, double(b.slice16) * 16 * ctas);
+        }
   CK(cudaFuncSetAttribute(bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 192 * 1024));
   const struct {
     int ctas, stages, chunk;

@@ -40,14 +40,14 @@ struct SequenceRows {
 // kernels walk each stream with the core's tiles, all streams in one call (CUDA: one launch per kernel, its
 // grid over a table of (stream, tile) work items; src/cuda/varlen_plan.hpp).
 struct AttentionParams {
-  Layout layout;           // stream geometry: k, S, T (text tokens), summarize_tail
-  int64_t W = 0;           // this layer's window, in chunks
+  Layout layout;  // stream geometry: k, S, T (text tokens), summarize_tail
+  int64_t W = 0;  // this layer's window, in chunks
   int64_t B = 1, Hq = 1, Hkv = 1, D = 0;
-  float scale = 0.f;       // softmax scale; 0 means 1/sqrt(D)
+  float scale = 0.f;  // softmax scale; 0 means 1/sqrt(D)
   DType dtype = DType::f32;
   TensorView q, k, v, out;
-  float* lse = nullptr;    // [B, L, Hq] dense; may be null when not needed
-  int num_threads = 0;     // CPU: 0 = all available
+  float* lse = nullptr;                 // [B, L, Hq] dense; may be null when not needed
+  int num_threads = 0;                  // CPU: 0 = all available
   const int64_t* cu_seqlens = nullptr;  // packed sequences: [num_seqs + 1] host memory, or null (one stream)
   int64_t num_seqs = 0;
   // Queries from stream row q_begin on (a prompt continued in pieces, a context-parallel shard): only rows

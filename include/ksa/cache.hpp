@@ -118,7 +118,7 @@ struct KvRowRef {
 
 // One sequence's tables and position as plain data (see the layout above).
 struct SeqKvView {
-  const int32_t* text_blocks = nullptr;     // [text_slots], ring
+  const int32_t* text_blocks = nullptr;  // [text_slots], ring
   int64_t text_slots = 1;
   const int32_t* summary_blocks = nullptr;  // append-only table
   bool summaries_stored = true;
@@ -162,7 +162,7 @@ struct DecodePlan {
   KvPoolView pool;
   std::vector<DecodeSeq> seqs;  // in batch order
   std::vector<SeqId> ids;
-  int64_t rows = 0;             // new stream tokens in all
+  int64_t rows = 0;  // new stream tokens in all
   // Blocks this plan took from the pool (returned by cancel_decode): sequence index, table (0 text ring,
   // 1 summaries) and slot.
   struct Taken {

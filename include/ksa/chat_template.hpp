@@ -12,7 +12,7 @@
 namespace ksa {
 
 struct ChatMessage {
-  std::string role;     // "system", "user", "assistant", "tool" (others render nothing, as in the template)
+  std::string role;  // "system", "user", "assistant", "tool" (others render nothing, as in the template)
   std::string content;
   std::optional<std::string> reasoning_content;  // assistant turns: the thinking text, if given separately
 };

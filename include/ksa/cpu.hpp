@@ -11,9 +11,9 @@ namespace ksa::cpu {
 // The oracle (DESIGN.md §4): plain loops over every key the rule makes visible, double accumulation, a full
 // probability row. Reads p.q/p.k/p.v in p.dtype; ignores p.out and p.lse.
 struct ReferenceOutput {
-  int64_t rows = 0;          // rows computed per batch entry
-  std::vector<double> out;   // [B, rows, Hq, D]
-  std::vector<double> lse;   // [B, rows, Hq]
+  int64_t rows = 0;         // rows computed per batch entry
+  std::vector<double> out;  // [B, rows, Hq, D]
+  std::vector<double> lse;  // [B, rows, Hq]
 };
 // rows: stream positions to compute (each in [0, L)); empty = all L rows in order.
 ReferenceOutput attention_reference(const AttentionParams& p, std::span<const int64_t> rows = {});

@@ -33,8 +33,8 @@ class Gemm {
 void embed_rows(const void* table, const int32_t* ids, int64_t n, int64_t H, float* x, CudaStream stream);
 // out[r] = bf16(x[r] / rms(x[r]) * w) with w = ws for rows where is_summary[r] != 0 (ws, is_summary may be
 // null). The sum of squares in fp32 (two-level tree).
-void rms_norm(const float* x, int64_t rows, int64_t n, const void* w, const void* ws, const uint8_t* is_summary, float eps,
-              void* out, CudaStream stream);
+void rms_norm(const float* x, int64_t rows, int64_t n, const void* w, const void* ws, const uint8_t* is_summary,
+              float eps, void* out, CudaStream stream);
 // x += h; out = bf16(rms_norm(x) * w).
 void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void* w, float eps, void* out,
                   CudaStream stream);
@@ -62,12 +62,12 @@ void silu_mul(const float* gu, int64_t n, int64_t I, void* out, CudaStream strea
 // the kept tokens in id order: the same u picks the same token on every run (integer mass sums, no float
 // atomics), but not the token the CPU's sorted walk picks.
 struct SampleArgs {
-  int64_t row = 0;           // logits row
-  float temperature = 0.f;   // 0: greedy (ties to the lowest id)
+  int64_t row = 0;          // logits row
+  float temperature = 0.f;  // 0: greedy (ties to the lowest id)
   int32_t top_k = 0;
   float top_p = 1.f, min_p = 0.f;
   float repetition_penalty = 1.f, presence_penalty = 0.f, frequency_penalty = 0.f;
-  double u = 0;              // in [0, 1)
+  double u = 0;                   // in [0, 1)
   int32_t hist0 = 0, hist_n = 0;  // [hist0, hist0 + hist_n) of the (token, count) pairs
 };
 // logits [rows, V] (row stride V) modified in place by the penalties; args [n], pairs [*][2] device memory.

@@ -17,11 +17,11 @@ namespace ksa {
 // row r of a view at data + r*row_stride + h*head_stride (batch_stride unused), in the cache's dtype.
 struct DecodeIO {
   int64_t Hq = 1;
-  DType dtype = DType::f32;   // q, k, v, out; must equal the cache's storage dtype
-  TensorView q, k, v, out;    // q, out [R, Hq, D]; k, v [R, Hkv, D]
-  float* lse = nullptr;       // [R, Hq] (natural log of the scaled scores), may be null
-  float scale = 0.f;          // 0 = 1/sqrt(D)
-  int num_threads = 0;        // 0 = all available
+  DType dtype = DType::f32;  // q, k, v, out; must equal the cache's storage dtype
+  TensorView q, k, v, out;   // q, out [R, Hq, D]; k, v [R, Hkv, D]
+  float* lse = nullptr;      // [R, Hq] (natural log of the scaled scores), may be null
+  float scale = 0.f;         // 0 = 1/sqrt(D)
+  int num_threads = 0;       // 0 = all available
 };
 
 // Parameters of the decode kernel (DESIGN.md §2): a plan's plain data plus the tensors.
@@ -52,17 +52,20 @@ inline DecodeParams make_decode_params(const DecodePlan& plan, const DecodeIO& i
 inline void validate(const DecodeParams& p) {
   const KvPoolView& c = p.pool;
   const DecodeIO& io = p.io;
-  if (io.Hq < 1 || io.Hq % c.Hkv != 0) fail("decode: Hq must be a positive multiple of the cache's Hkv=", c.Hkv, " (got ", io.Hq, ")");
+  if (io.Hq < 1 || io.Hq % c.Hkv != 0)
+    fail("decode: Hq must be a positive multiple of the cache's Hkv=", c.Hkv, " (got ", io.Hq, ")");
   if (io.dtype != c.dtype)
     fail("decode: dtype ", dtype_name(io.dtype), " does not match the cache's storage dtype ", dtype_name(c.dtype));
-  if (!(io.scale >= 0.f) || !std::isfinite(io.scale)) fail("decode: scale must be finite and >= 0 (got ", io.scale, ")");
+  if (!(io.scale >= 0.f) || !std::isfinite(io.scale))
+    fail("decode: scale must be finite and >= 0 (got ", io.scale, ")");
   if (p.B > 0 && !p.seqs) fail("decode: seqs is null with B=", p.B);
   int64_t rows = 0;
   for (int64_t b = 0; b < p.B; ++b) rows += p.seqs[b].n;
   if (rows == 0) return;
   auto check = [&](const TensorView& t, const char* name, int64_t H) {
     if (!t.data) fail("decode: ", name, ": data pointer is null");
-    if (H > 1 && t.head_stride < c.D) fail("decode: ", name, ".head_stride must be >= D=", c.D, " (got ", t.head_stride, ")");
+    if (H > 1 && t.head_stride < c.D)
+      fail("decode: ", name, ".head_stride must be >= D=", c.D, " (got ", t.head_stride, ")");
     if (rows > 1 && t.row_stride < (H - 1) * t.head_stride + c.D)
       fail("decode: ", name, ".row_stride must be >= (H-1)*head_stride + D = ", (H - 1) * t.head_stride + c.D, " (got ",
            t.row_stride, ")");

@@ -10,9 +10,9 @@
 namespace ksa::cpu {
 
 // y[M, N] = x[M, K] . W^T with W [N, K] row-major (the HF/PyTorch Linear layout), W in f32 or bf16 (read
-// in place, never widened as a whole; q8_0 goes to linear_q8_0). x rows are contiguous with stride K, y rows with stride N. M == 1..4:
-// a threaded SIMD matrix-vector kernel streams W once (up to 11 rows: once per group of 4, faster here than
-// widening W); larger M: W widened in row blocks, one block per worker thread at a time, each multiplied
+// in place, never widened as a whole; q8_0 goes to linear_q8_0). x rows are contiguous with stride K, y rows with
+// stride N. M == 1..4: a threaded SIMD matrix-vector kernel streams W once (up to 11 rows: once per group of 4, faster
+// here than widening W); larger M: W widened in row blocks, one block per worker thread at a time, each multiplied
 // through a single-threaded OpenBLAS sgemm when built with it (the first such call sets OpenBLAS to one
 // thread, since its own pthread pool would compete with ours).
 void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads = 0);

@@ -15,10 +15,14 @@ enum class DType : uint8_t { f32, bf16, f16, q8_0 };
 
 inline const char* dtype_name(DType t) {
   switch (t) {
-    case DType::f32: return "f32";
-    case DType::bf16: return "bf16";
-    case DType::f16: return "f16";
-    case DType::q8_0: return "q8_0";
+    case DType::f32:
+      return "f32";
+    case DType::bf16:
+      return "bf16";
+    case DType::f16:
+      return "f16";
+    case DType::q8_0:
+      return "q8_0";
   }
   return "?";
 }
@@ -71,9 +75,12 @@ struct f16 {
 // Rounds a float through the storage type (what a kernel reading that dtype sees).
 inline float round_to(DType t, float x) {
   switch (t) {
-    case DType::bf16: return float(bf16(x));
-    case DType::f16: return float(f16(x));
-    default: return x;
+    case DType::bf16:
+      return float(bf16(x));
+    case DType::f16:
+      return float(f16(x));
+    default:
+      return x;
   }
 }
 
@@ -86,19 +93,29 @@ inline float load_q8_0(const void* base, int64_t index) {
 
 inline float load_as_float(DType t, const void* base, int64_t index) {
   switch (t) {
-    case DType::bf16: return bf16::to_float(static_cast<const uint16_t*>(base)[index]);
-    case DType::f16: return f16::to_float(static_cast<const uint16_t*>(base)[index]);
-    case DType::q8_0: return load_q8_0(base, index);
-    default: return static_cast<const float*>(base)[index];
+    case DType::bf16:
+      return bf16::to_float(static_cast<const uint16_t*>(base)[index]);
+    case DType::f16:
+      return f16::to_float(static_cast<const uint16_t*>(base)[index]);
+    case DType::q8_0:
+      return load_q8_0(base, index);
+    default:
+      return static_cast<const float*>(base)[index];
   }
 }
 // f32, bf16, f16 (a q8_0 block is written whole: ksa::cpu::quantize_q8_0).
 inline void store_from_float(DType t, void* base, int64_t index, float x) {
   switch (t) {
-    case DType::bf16: static_cast<uint16_t*>(base)[index] = bf16::from_float(x); break;
-    case DType::f16: static_cast<uint16_t*>(base)[index] = f16::from_float(x); break;
-    case DType::q8_0: fail("store_from_float: q8_0 is written in whole blocks (ksa::cpu::quantize_q8_0)");
-    default: static_cast<float*>(base)[index] = x;
+    case DType::bf16:
+      static_cast<uint16_t*>(base)[index] = bf16::from_float(x);
+      break;
+    case DType::f16:
+      static_cast<uint16_t*>(base)[index] = f16::from_float(x);
+      break;
+    case DType::q8_0:
+      fail("store_from_float: q8_0 is written in whole blocks (ksa::cpu::quantize_q8_0)");
+    default:
+      static_cast<float*>(base)[index] = x;
   }
 }
 

@@ -11,9 +11,9 @@
 namespace ksa {
 
 struct GenerationConfig {
-  bool found = false;                 // the file exists
-  std::vector<int64_t> eos_token_ids; // empty: not given
-  int64_t bos_token_id = -1;          // -1: not given
+  bool found = false;                  // the file exists
+  std::vector<int64_t> eos_token_ids;  // empty: not given
+  int64_t bos_token_id = -1;           // -1: not given
   std::optional<double> temperature, top_p, min_p, repetition_penalty;
   std::optional<int64_t> top_k;
 };

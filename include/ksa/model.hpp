@@ -50,9 +50,9 @@ Device default_device(const std::string& dir);
 
 struct ModelOptions {
   Device device = Device::cpu;
-  int threads = 0;                 // CPU worker threads for matrix products and attention (0 = all cores)
-  int64_t max_text_tokens = 0;     // context limit per sequence (0 = config.max_position_embeddings)
-  DType kv_dtype = DType::bf16;    // KV cache storage: bf16 or f32 (CUDA: bf16)
+  int threads = 0;               // CPU worker threads for matrix products and attention (0 = all cores)
+  int64_t max_text_tokens = 0;   // context limit per sequence (0 = config.max_position_embeddings)
+  DType kv_dtype = DType::bf16;  // KV cache storage: bf16 or f32 (CUDA: bf16)
   // Called while the weights are read into memory (bytes done, bytes total); may be empty.
   std::function<void(int64_t, int64_t)> progress;
   // CUDA: steps that only continue sequences (decode, continuation chunks) replay a CUDA graph of the whole
@@ -77,22 +77,21 @@ enum class LogitsFor : uint8_t {
 // One sequence's part of a batched step (Model::step).
 struct StepItem {
   SeqId id = -1;
-  std::span<const int32_t> tokens;         // new text tokens, >= 1 (a prompt chunk, or one token)
-  LogitsFor logits = LogitsFor::none;      // logits returned in StepResult::logits
+  std::span<const int32_t> tokens;     // new text tokens, >= 1 (a prompt chunk, or one token)
+  LogitsFor logits = LogitsFor::none;  // logits returned in StepResult::logits
   // Non-null: the next token is drawn from the last token's logits with this configuration (penalties over
   // `history`). The draw is reproducible: the u in [0, 1) it uses is a hash of (seed, the sequence's number
   // of draws so far), so the same seed gives the same tokens on the same backend, whatever else is batched.
   const SamplerConfig* sampler = nullptr;
-  std::span<const int32_t> history;        // tokens the penalties look at (prompt and generated so far)
+  std::span<const int32_t> history;  // tokens the penalties look at (prompt and generated so far)
 };
 
 // What Model::step returns, item by item.
 struct StepResult {
-  std::vector<int32_t> next;         // sampled token per item, -1 where none was asked for
-  std::vector<float> logits;         // the requested rows, item after item: [rows, vocab()]
-  std::vector<int64_t> logits_row;   // per item: its first row in `logits` (rows: 0, 1 or tokens.size())
+  std::vector<int32_t> next;        // sampled token per item, -1 where none was asked for
+  std::vector<float> logits;        // the requested rows, item after item: [rows, vocab()]
+  std::vector<int64_t> logits_row;  // per item: its first row in `logits` (rows: 0, 1 or tokens.size())
 };
-
 
 class Model {
  public:

@@ -30,31 +30,31 @@ struct ModelConfig {
   int64_t intermediate_size = 0;
   int64_t num_hidden_layers = 0;
   int64_t num_attention_heads = 0;
-  int64_t num_key_value_heads = 0;     // 0 in a file = num_attention_heads
-  int64_t head_dim = 0;                // 0 in a file = hidden_size / num_attention_heads
+  int64_t num_key_value_heads = 0;  // 0 in a file = num_attention_heads
+  int64_t head_dim = 0;             // 0 in a file = hidden_size / num_attention_heads
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
   std::string rope_type = "default";  // only "default" (no scaling) is supported
   int64_t max_position_embeddings = 32768;
   int64_t vocab_size = 0;
   bool tie_word_embeddings = false;
-  int64_t bos_token_id = -1;               // -1: none
-  std::vector<int64_t> eos_token_ids;      // `eos_token_id`, an int or a list
-  DType dtype = DType::bf16;               // `torch_dtype` / `dtype`
-  std::vector<std::string> layer_types;    // `layer_types` when present ("full_attention" only)
+  int64_t bos_token_id = -1;             // -1: none
+  std::vector<int64_t> eos_token_ids;    // `eos_token_id`, an int or a list
+  DType dtype = DType::bf16;             // `torch_dtype` / `dtype`
+  std::vector<std::string> layer_types;  // `layer_types` when present ("full_attention" only)
 
   // --- KSA (KSA.md §1, §5) ---
   bool use_summary_attention = false;
-  int64_t summary_chunk_size = 8;          // k
-  int64_t summary_token_num = 1;           // S
+  int64_t summary_chunk_size = 8;  // k
+  int64_t summary_token_num = 1;   // S
   int64_t summary_token_begin = 151936;
-  TextPositions text_positions = TextPositions::origin;                         // summary_chunk_position_ids_type
+  TextPositions text_positions = TextPositions::origin;                           // summary_chunk_position_ids_type
   SummaryPositions summary_positions = SummaryPositions::last_chunk_slice_right;  // summary_token_position_ids_type
   bool summary_independent_parameters = true;
   double mix_coeff = 0.0;
   bool summary_independent_attention_layernorm = false;
-  std::string window_pattern = "0";        // summary_sliding_chunk_num as written (pattern string, int or list)
-  std::vector<int64_t> windows;            // W per layer (parsed by ksa::parse_layer_pattern)
+  std::string window_pattern = "0";  // summary_sliding_chunk_num as written (pattern string, int or list)
+  std::vector<int64_t> windows;      // W per layer (parsed by ksa::parse_layer_pattern)
   // Per layer: 1 = summary-attention layer, 0 = plain causal layer in which summary tokens pass through
   // attention and MLP unchanged (the training framework's hybrid). From `summary_layer_freq`: absent or 0 =
   // every layer (when use_summary_attention), int N > 0 = layers with i % N == 0 (the framework's rule),
@@ -85,7 +85,9 @@ struct ModelConfig {
     return truncate_predict_nums > 0 && truncate_predict_nums < vocab_size ? truncate_predict_nums : vocab_size;
   }
   // Whether the summary q/k/v projections take part (independent parameters and mix_coeff != 0).
-  bool uses_summary_projections() const { return use_summary_attention && summary_independent_parameters && mix_coeff != 0.0; }
+  bool uses_summary_projections() const {
+    return use_summary_attention && summary_independent_parameters && mix_coeff != 0.0;
+  }
   bool uses_summary_layernorm() const { return use_summary_attention && summary_independent_attention_layernorm; }
 };
 

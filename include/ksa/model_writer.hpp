@@ -12,9 +12,9 @@
 namespace ksa {
 
 // The config of a named shape: "tiny" (4 layers, hidden 64; every optional tensor present and used),
-// "small" (8 layers, hidden 256, 8/4 heads of 64, untied lm_head, summary projections present but ignored: mix_coeff 0) or
-// "4b" (KSA-4B-base: 36 layers, hidden 2560, pattern "([128]*3+[16768]*1)*9"). All use the Qwen3 vocabulary
-// plus one summary token (vocab_size 151937). Throws ksa::Error for an unknown name.
+// "small" (8 layers, hidden 256, 8/4 heads of 64, untied lm_head, summary projections present but ignored: mix_coeff 0)
+// or "4b" (KSA-4B-base: 36 layers, hidden 2560, pattern "([128]*3+[16768]*1)*9"). All use the Qwen3 vocabulary plus one
+// summary token (vocab_size 151937). Throws ksa::Error for an unknown name.
 ModelConfig model_shape_config(const std::string& shape);
 
 struct RandomModelOptions {

@@ -13,8 +13,8 @@ namespace ksa {
 // caret under it. Grammar: expr := term ('+' term)*; term := atom ('*' int)*;
 // atom := int | '[' [int (',' int)* [',']] ']' | '(' expr ')'. Python semantics: list+list concatenates,
 // list*n repeats, int+int and int*int are arithmetic, list+int is an error.
-std::vector<int64_t> parse_int_pattern(std::string_view expr, int64_t num_layers, const char* field,
-                                       int64_t min_value, int64_t max_value);
+std::vector<int64_t> parse_int_pattern(std::string_view expr, int64_t num_layers, const char* field, int64_t min_value,
+                                       int64_t max_value);
 
 // `summary_sliding_chunk_num`: windows W >= 0, one per layer.
 std::vector<int64_t> parse_layer_pattern(std::string_view expr, int64_t num_layers);

@@ -48,6 +48,7 @@ struct QuantizeReport {
 // and copies every other regular file of `in_dir` except weights (*.safetensors, their index, *.bin, *.pt,
 // *.pth, *.gguf). Throws ksa::Error: an unknown type, out_dir the same directory as in_dir, a checkpoint
 // already quantised, or whatever reading and writing meet.
-QuantizeReport quantize_checkpoint(const std::string& in_dir, const std::string& out_dir, const QuantizeOptions& opt = {});
+QuantizeReport quantize_checkpoint(const std::string& in_dir, const std::string& out_dir,
+                                   const QuantizeOptions& opt = {});
 
 }  // namespace ksa

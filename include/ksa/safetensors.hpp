@@ -40,11 +40,11 @@ struct TensorInfo {
   std::vector<int64_t> shape;       // q8_0: the matrix [N, K], not the file's [N, K/32, 34]
   const std::byte* data = nullptr;  // may be unaligned (see above)
   int64_t nbytes = 0;
-  int64_t file_offset = 0;          // absolute offset of the data in its file
-  std::string file;                 // path of the file that holds it
+  int64_t file_offset = 0;  // absolute offset of the data in its file
+  std::string file;         // path of the file that holds it
 
   int64_t numel() const;
-  std::string shape_str() const;    // "[2560, 4096]"
+  std::string shape_str() const;  // "[2560, 4096]"
   bool aligned(size_t alignment) const { return reinterpret_cast<uintptr_t>(data) % alignment == 0; }
   // Element i as float (unaligned-safe; q8_0: the dequantised weight).
   float get(int64_t i) const;

@@ -31,7 +31,10 @@ struct OnlineSoftmax {
   // (acc = a_self * acc + a_other * acc_other).
   KSA_HD void merge(const OnlineSoftmax& o, float& a_self, float& a_other) {
     const float mn = o.m > m ? o.m : m;
-    if (mn == -INFINITY) { a_self = a_other = 0.f; return; }
+    if (mn == -INFINITY) {
+      a_self = a_other = 0.f;
+      return;
+    }
     a_self = (m == -INFINITY) ? 0.f : expf(m - mn);
     a_other = (o.m == -INFINITY) ? 0.f : expf(o.m - mn);
     l = l * a_self + o.l * a_other;

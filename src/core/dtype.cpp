@@ -15,10 +15,10 @@ uint16_t f16::from_float(float f) {
   std::memcpy(&x, &f, 4);
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return uint16_t(sign | 0x7e00u);       // NaN
-  if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00u);      // rounds to inf (>= 65520)
-  if (ax < 0x38800000u) {                                      // subnormal or zero in half
-    if (ax < 0x33000000u) return uint16_t(sign);               // < 2^-25 rounds to zero
+  if (ax > 0x7f800000u) return uint16_t(sign | 0x7e00u);   // NaN
+  if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to inf (>= 65520)
+  if (ax < 0x38800000u) {                                  // subnormal or zero in half
+    if (ax < 0x33000000u) return uint16_t(sign);           // < 2^-25 rounds to zero
     const uint32_t e = ax >> 23, m = (ax & 0x7fffffu) | 0x800000u;
     const uint32_t sh = 126 - e;  // value = m * 2^(e-150); in units of 2^-24 (half's subnormal step)
     uint32_t q = m >> sh;
@@ -26,7 +26,7 @@ uint16_t f16::from_float(float f) {
     if (rem > half || (rem == half && (q & 1u))) ++q;
     return uint16_t(sign | q);
   }
-  uint32_t h = ((ax >> 13) - (112u << 10));                    // rebias exponent 127 -> 15
+  uint32_t h = ((ax >> 13) - (112u << 10));  // rebias exponent 127 -> 15
   const uint32_t rem = ax & 0x1fffu;
   if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
   return uint16_t(sign | h);
@@ -39,7 +39,10 @@ float f16::to_float(uint16_t h) {
     if (m == 0) x = sign;
     else {  // subnormal: normalise
       int s = -1;
-      do { ++s; m <<= 1; } while (!(m & 0x400u));
+      do {
+        ++s;
+        m <<= 1;
+      } while (!(m & 0x400u));
       x = sign | ((112u - uint32_t(s)) << 23) | ((m & 0x3ffu) << 13);
     }
   } else if (e == 31) {

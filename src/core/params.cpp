@@ -12,7 +12,8 @@ void check_view(const TensorView& t, const char* name, int64_t H, int64_t D, boo
   // Rows must not overlap heads: the D elements of each head are contiguous and heads fit in a row.
   if (t.head_stride < D && H > 1) fail(name, ".head_stride: must be >= D=", D, " (got ", t.head_stride, ")");
   if (t.row_stride < (H - 1) * t.head_stride + D)
-    fail(name, ".row_stride: must be >= (H-1)*head_stride + D = ", (H - 1) * t.head_stride + D, " (got ", t.row_stride, ")");
+    fail(name, ".row_stride: must be >= (H-1)*head_stride + D = ", (H - 1) * t.head_stride + D, " (got ", t.row_stride,
+         ")");
   if (t.batch_stride < 0) fail(name, ".batch_stride: must be >= 0 (got ", t.batch_stride, ")");
 }
 
@@ -28,14 +29,17 @@ void validate(const AttentionParams& p) {
   require(p.D >= 1 && p.D <= 1024, "D", "in [1, 1024]", p.D);
   require(p.Hkv >= 1, "Hkv", ">= 1", p.Hkv);
   if (p.Hq < 1 || p.Hq % p.Hkv != 0) fail("Hq: must be a positive multiple of Hkv=", p.Hkv, " (got ", p.Hq, ")");
-  if (!(p.scale >= 0.f) || !std::isfinite(p.scale)) fail("scale: must be finite and >= 0 (0 = 1/sqrt(D)) (got ", p.scale, ")");
+  if (!(p.scale >= 0.f) || !std::isfinite(p.scale))
+    fail("scale: must be finite and >= 0 (0 = 1/sqrt(D)) (got ", p.scale, ")");
   if (p.packed()) {
     if (p.B != 1) fail("B: must be 1 with packed sequences (cu_seqlens) (got ", p.B, ")");
     require(p.num_seqs >= 1, "num_seqs", ">= 1 with cu_seqlens", p.num_seqs);
     if (p.cu_seqlens[0] != 0) fail("cu_seqlens[0]: must be 0 (got ", p.cu_seqlens[0], ")");
     for (int64_t s = 0; s < p.num_seqs; ++s) {
       const int64_t n = p.cu_seqlens[s + 1] - p.cu_seqlens[s];
-      if (n < 0) fail("cu_seqlens: must be non-decreasing (cu_seqlens[", s + 1, "] = ", p.cu_seqlens[s + 1], " < cu_seqlens[", s, "] = ", p.cu_seqlens[s], ")");
+      if (n < 0)
+        fail("cu_seqlens: must be non-decreasing (cu_seqlens[", s + 1, "] = ", p.cu_seqlens[s + 1], " < cu_seqlens[", s,
+             "] = ", p.cu_seqlens[s], ")");
       if (text_length_of_stream(l.k, l.S, n, l.summarize_tail) < 0)
         fail("cu_seqlens: sequence ", s, " has ", n, " rows, not the length of a KSA stream with k=", l.k, ", S=", l.S,
              ", summarize_tail=", l.summarize_tail);

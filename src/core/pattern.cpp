@@ -10,8 +10,8 @@
 namespace ksa {
 namespace {
 
-constexpr int64_t kMaxElements = 1 << 20;       // no real model has a million layers
-constexpr int64_t kMaxInt = int64_t(1) << 53;   // values and repeat counts stay exact and small
+constexpr int64_t kMaxElements = 1 << 20;      // no real model has a million layers
+constexpr int64_t kMaxInt = int64_t(1) << 53;  // values and repeat counts stay exact and small
 constexpr int kMaxDepth = 64;
 // The work is bounded by the input: the text (a 4096-layer list of 2^40 is 60 KB) and the list elements
 // all operations together produce (literals, concatenations, repetitions), so that chains like
@@ -54,7 +54,8 @@ class Parser {
   // Counts `n` list elements about to be produced against kMaxWork.
   void spend(int64_t n, size_t at) {
     work_ += n;
-    if (work_ > kMaxWork) error(at, "pattern needs too much work (over " + std::to_string(kMaxWork) + " list elements in all)");
+    if (work_ > kMaxWork)
+      error(at, "pattern needs too much work (over " + std::to_string(kMaxWork) + " list elements in all)");
   }
   bool eat(char c) {
     skip_ws();
@@ -76,7 +77,8 @@ class Parser {
       skip_ws();
     }
     if (pos_ >= s_.size() || !std::isdigit(static_cast<unsigned char>(s_[pos_]))) {
-      error(pos_, pos_ >= s_.size() ? "expected an integer, found the end" : "expected an integer, found '" + std::string(1, s_[pos_]) + "'");
+      error(pos_, pos_ >= s_.size() ? "expected an integer, found the end"
+                                    : "expected an integer, found '" + std::string(1, s_[pos_]) + "'");
     }
     int64_t v = 0;
     while (pos_ < s_.size() && std::isdigit(static_cast<unsigned char>(s_[pos_]))) {
@@ -128,7 +130,8 @@ class Parser {
         for (int64_t i = 0; i < n; ++i) out.insert(out.end(), v.list.begin(), v.list.end());
         v.list = std::move(out);
       } else {
-        if (v.scalar != 0 && (n > kMaxInt / (v.scalar < 0 ? -v.scalar : v.scalar) || n < -kMaxInt / (v.scalar < 0 ? -v.scalar : v.scalar)))
+        if (v.scalar != 0 && (n > kMaxInt / (v.scalar < 0 ? -v.scalar : v.scalar) ||
+                              n < -kMaxInt / (v.scalar < 0 ? -v.scalar : v.scalar)))
           error(at, "integer too large");
         v.scalar *= n;
       }
@@ -144,7 +147,9 @@ class Parser {
     if (c == '(') {
       ++pos_;
       v = expr(depth + 1);
-      if (!eat(')')) error(pos_, pos_ < s_.size() ? "expected ')', found '" + std::string(1, s_[pos_]) + "'" : "expected ')', found the end");
+      if (!eat(')'))
+        error(pos_, pos_ < s_.size() ? "expected ')', found '" + std::string(1, s_[pos_]) + "'"
+                                     : "expected ')', found the end");
       return v;
     }
     if (c == '[') {
@@ -158,7 +163,9 @@ class Parser {
         if (int64_t(v.list.size()) > kMaxElements) error(pos_, "pattern too long");
         spend(1, pos_);
         if (eat(']')) return v;
-        if (!eat(',')) error(pos_, pos_ < s_.size() ? "expected ',' or ']', found '" + std::string(1, s_[pos_]) + "'" : "expected ',' or ']', found the end");
+        if (!eat(','))
+          error(pos_, pos_ < s_.size() ? "expected ',' or ']', found '" + std::string(1, s_[pos_]) + "'"
+                                       : "expected ',' or ']', found the end");
         if (eat(']')) return v;  // trailing comma
       }
     }
@@ -177,8 +184,8 @@ class Parser {
 
 }  // namespace
 
-std::vector<int64_t> parse_int_pattern(std::string_view expr, int64_t num_layers, const char* field,
-                                       int64_t min_value, int64_t max_value) {
+std::vector<int64_t> parse_int_pattern(std::string_view expr, int64_t num_layers, const char* field, int64_t min_value,
+                                       int64_t max_value) {
   if (num_layers < 1) fail("num_hidden_layers: must be >= 1 (got ", num_layers, ")");
   // A JSON string value may arrive with its quotes; strip one matching pair.
   if (expr.size() >= 2 && (expr.front() == '"' || expr.front() == '\'') && expr.back() == expr.front())

@@ -7,9 +7,12 @@ namespace ksa {
 const char* to_string(TextPositions m) { return m == TextPositions::origin ? "origin" : "inner_chunk"; }
 const char* to_string(SummaryPositions m) {
   switch (m) {
-    case SummaryPositions::zeros: return "zeros";
-    case SummaryPositions::last_chunk_slice_left: return "last_chunk_slice_left";
-    case SummaryPositions::last_chunk_slice_right: return "last_chunk_slice_right";
+    case SummaryPositions::zeros:
+      return "zeros";
+    case SummaryPositions::last_chunk_slice_left:
+      return "last_chunk_slice_left";
+    case SummaryPositions::last_chunk_slice_right:
+      return "last_chunk_slice_right";
   }
   return "?";
 }
@@ -32,8 +35,8 @@ void Spec::validate() const {
   require(S >= 1 && S <= kMaxSummaries, "S (summary_token_num)", "in [1, 65536]", S);
   require(W >= 0 && W <= kMaxWindow, "W (summary_sliding_chunk_num)", "in [0, 2^40]", W);
   // Ids begin..begin+S-1 must be int32; S is in range here, so the bound is computed without overflow.
-  require(summary_token_begin >= 0 && summary_token_begin <= (int64_t(1) << 31) - S,
-          "summary_token_begin", "a token id with room for S summary ids", summary_token_begin);
+  require(summary_token_begin >= 0 && summary_token_begin <= (int64_t(1) << 31) - S, "summary_token_begin",
+          "a token id with room for S summary ids", summary_token_begin);
 }
 
 int64_t count_visible_pairs(const Layout& lay, int64_t W) {
@@ -41,8 +44,8 @@ int64_t count_visible_pairs(const Layout& lay, int64_t W) {
   int64_t pairs = 0;
   for (int64_t c = 0; c < lay.num_chunks(); ++c) {
     const int64_t n = lay.chunk_text_len(c);
-    const int64_t window = (c < W ? c : W);        // earlier chunks seen as text (all full)
-    const int64_t old = (c > W ? c - W : 0);        // earlier chunks seen as summaries
+    const int64_t window = (c < W ? c : W);   // earlier chunks seen as text (all full)
+    const int64_t old = (c > W ? c - W : 0);  // earlier chunks seen as summaries
     pairs += n * (n + 1) / 2 + n * (window * k + old * S);
     if (c < lay.summarized_chunks()) pairs += S * n + S * (S + 1) / 2;
   }
@@ -69,8 +72,8 @@ Stream build_stream(const Spec& spec, std::span<const int32_t> text_ids) {
   for (int64_t p = 0; p < L; ++p) {
     const StreamToken t = s.layout.token(p);
     s.is_summary[size_t(p)] = t.is_summary;
-    s.ids[size_t(p)] = t.is_summary ? int32_t(spec.summary_token_begin + t.index)
-                                    : text_ids[size_t(t.chunk * spec.k + t.index)];
+    s.ids[size_t(p)] =
+        t.is_summary ? int32_t(spec.summary_token_begin + t.index) : text_ids[size_t(t.chunk * spec.k + t.index)];
     s.positions[size_t(p)] = rope_position(s.layout, spec.text_positions, spec.summary_positions, p);
   }
   return s;

@@ -1,13 +1,13 @@
 // CPU decode through the compressed cache (include/ksa/decode.hpp).
 //
-// Work items are (sequence, KV head), claimed one at a time by the pool (cpu/thread_pool.hpp). An item walks its sequence's new stream
-// tokens in order; for each: write the token's K/V rows (this KV head) into the cache rows the plan made
-// room for, then attend for the G query heads of the group. Going in stream order is what makes a step
-// that crosses chunk boundaries correct: a ring block is reused only once no later query sees its rows.
-// The visible keys are the core's key_spans (cache/decode_keys.hpp) mapped to cache rows; each run of rows inside
-// one block is contiguous [n, D] for a head. Each K and V row is loaded (and converted from bf16) once and
-// used by all G query heads. The text keys (window and current chunk) and the summary keys accumulate into
-// separate OnlineSoftmax partials that are merged at the end (the split a GPU kernel makes across blocks).
+// Work items are (sequence, KV head), claimed one at a time by the pool (cpu/thread_pool.hpp). An item walks its
+// sequence's new stream tokens in order; for each: write the token's K/V rows (this KV head) into the cache rows the
+// plan made room for, then attend for the G query heads of the group. Going in stream order is what makes a step that
+// crosses chunk boundaries correct: a ring block is reused only once no later query sees its rows. The visible keys are
+// the core's key_spans (cache/decode_keys.hpp) mapped to cache rows; each run of rows inside one block is contiguous
+// [n, D] for a head. Each K and V row is loaded (and converted from bf16) once and used by all G query heads. The text
+// keys (window and current chunk) and the summary keys accumulate into separate OnlineSoftmax partials that are merged
+// at the end (the split a GPU kernel makes across blocks).
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -46,8 +46,15 @@ struct Worker {
   Partial text, summ;
 
   explicit Worker(const DecodeParams& pp)
-      : p(pp), G(pp.G()), D(pp.pool.D), P(pp.pool.block_rows), scale(pp.softmax_scale()),
-        q(size_t(G * D)), s(size_t(G * P)), kbuf(size_t(D)), vbuf(size_t(D)) {}
+      : p(pp),
+        G(pp.G()),
+        D(pp.pool.D),
+        P(pp.pool.block_rows),
+        scale(pp.softmax_scale()),
+        q(size_t(G * D)),
+        s(size_t(G * P)),
+        kbuf(size_t(D)),
+        vbuf(size_t(D)) {}
 
   // Adds n visible keys, rows [r, r+n) of block `blk` for KV head hk, to partial `pa`.
   void add_run(Partial& pa, int32_t blk, int64_t hk, int64_t r, int64_t n) {
@@ -103,9 +110,11 @@ struct Worker {
       // 1. The token's own K/V, written before any query reads it (it sees itself).
       const KvRowRef dst = keys.is_summary ? sq.kv.summary_row(pool, p.S, keys.row) : sq.kv.text_row(pool, keys.row);
       std::memcpy(pool.row(dst.block, 0, hk, dst.row),
-                  static_cast<const char*>(io.k.data) + (row * io.k.row_stride + hk * io.k.head_stride) * es, size_t(D * es));
+                  static_cast<const char*>(io.k.data) + (row * io.k.row_stride + hk * io.k.head_stride) * es,
+                  size_t(D * es));
       std::memcpy(pool.row(dst.block, 1, hk, dst.row),
-                  static_cast<const char*>(io.v.data) + (row * io.v.row_stride + hk * io.v.head_stride) * es, size_t(D * es));
+                  static_cast<const char*>(io.v.data) + (row * io.v.row_stride + hk * io.v.head_stride) * es,
+                  size_t(D * es));
       // 2. The group's queries, scale folded in.
       for (int64_t g = 0; g < G; ++g) {
         const int64_t off = row * io.q.row_stride + (hk * G + g) * io.q.head_stride;

@@ -3,7 +3,8 @@
 //
 // 1. Gather (attention_tiles.hpp): q (times the softmax scale), k and v into fp32 gathered-order buffers,
 //    K also as transposed 64-key panels. Old summaries are then one contiguous block of rows.
-// 2. Work items (segment, h, query tile of BQ gathered rows), claimed one at a time by the pool (thread_pool.hpp); a segment is a batch
+// 2. Work items (segment, h, query tile of BQ gathered rows), claimed one at a time by the pool (thread_pool.hpp); a
+// segment is a batch
 //    entry or one packed sequence with its own Layout (Segments), so no tile crosses a stream boundary. Per
 //    item, for each key tile of the core's cursor on the segment's layout: S = Q K^T (score primitive), THE
 //    rule on masked tiles only (visible_tokens on precomputed row tokens), per-row OnlineSoftmax (raise_max

@@ -64,7 +64,8 @@ namespace {
 // The last segment whose first tile (member `first`) is <= t: the one holding tile t (empty segments, with
 // no tiles, share their first tile with the next one and are skipped).
 const Segment& segment_of(const std::vector<Segment>& seg, int64_t t, int64_t Segment::*first) {
-  const auto it = std::upper_bound(seg.begin(), seg.end(), t, [&](int64_t v, const Segment& s) { return v < s.*first; });
+  const auto it =
+      std::upper_bound(seg.begin(), seg.end(), t, [&](int64_t v, const Segment& s) { return v < s.*first; });
   return *(it - 1);
 }
 }  // namespace

@@ -15,10 +15,10 @@
 #include <new>
 #include <vector>
 
-#include "ksa/attention.hpp"
-#include "ksa/spec.hpp"
 #include "cpu/thread_pool.hpp"
 #include "cpu/tile_kernels.hpp"
+#include "ksa/attention.hpp"
+#include "ksa/spec.hpp"
 
 namespace ksa::cpu::detail {
 
@@ -50,7 +50,9 @@ struct KeyTileGrid {
   int64_t T = 0, L = 0, ntext = 0, count = 0;
   explicit KeyTileGrid(const Layout& lay)
       : T(lay.T), L(lay.length()), ntext((lay.T + BK - 1) / BK), count(ntext + (lay.length() - lay.T + BK - 1) / BK) {}
-  int64_t index_of(int64_t tile_begin) const { return tile_begin < T ? tile_begin / BK : ntext + (tile_begin - T) / BK; }
+  int64_t index_of(int64_t tile_begin) const {
+    return tile_begin < T ? tile_begin / BK : ntext + (tile_begin - T) / BK;
+  }
   int64_t begin(int64_t i) const { return i < ntext ? i * BK : T + (i - ntext) * BK; }
   int64_t end(int64_t i) const {
     const int64_t b = begin(i), r = i < ntext ? T : L;
@@ -66,10 +68,10 @@ struct KeyTileGrid {
 struct Segment {
   Layout lay;
   KeyTileGrid grid;
-  int64_t b = 0, row0 = 0;  // batch entry and first stream row in the tensors
-  int64_t L = 0, nqt = 0;   // rows and query tiles
-  int64_t g0 = 0;           // first gathered row (sum of the L of earlier segments)
-  int64_t qt0 = 0, kt0 = 0; // first query tile and first key tile in the call's numbering
+  int64_t b = 0, row0 = 0;   // batch entry and first stream row in the tensors
+  int64_t L = 0, nqt = 0;    // rows and query tiles
+  int64_t g0 = 0;            // first gathered row (sum of the L of earlier segments)
+  int64_t qt0 = 0, kt0 = 0;  // first query tile and first key tile in the call's numbering
   // Offsets of the per-layout tables (gathered_tokens, the backward's inverse walk): segments of one plain
   // call share their Layout and so one table at 0; packed sequences have their own at g0 and kt0.
   int64_t tok0 = 0, ref0 = 0;

@@ -70,16 +70,16 @@ void linear_impl(const float* x, int64_t M, int64_t K, const void* W, DType wdt,
   if (M <= 4) {
     // Rows of W in chunks of 64 (contiguous slabs), claimed by the threads as they come free; all M vectors
     // per row read.
-    detail::parallel_chunks(nt, N, 64, [&](int64_t n0, int64_t n1, int) {
-      detail::gemv_rows(W, wdt, n0, n1, K, x, M, y + n0, N);
-    });
+    detail::parallel_chunks(
+        nt, N, 64, [&](int64_t n0, int64_t n1, int) { detail::gemv_rows(W, wdt, n0, n1, K, x, M, y + n0, N); });
     return;
   }
   // A few rows: the matrix-vector kernel over groups of 4 rows reads W once per group, which beats widening
   // W for sgemm below about 12 rows (measured 2026-11-29, 2-vCPU EPYC, K=2560, N=9728 bf16: M=8 5.6 vs
   // 7.2 ms, M=12 8.1 vs 7.7 ms).
   if (M < 12) {
-    for (int64_t m = 0; m < M; m += 4) linear_impl(x + m * K, std::min<int64_t>(4, M - m), K, W, wdt, N, y + m * N, threads);
+    for (int64_t m = 0; m < M; m += 4)
+      linear_impl(x + m * K, std::min<int64_t>(4, M - m), K, W, wdt, N, y + m * N, threads);
     return;
   }
   // Weight rows widened at a time (at most 256 x K fp32), so that every thread gets blocks.
@@ -104,7 +104,8 @@ void linear_impl(const float* x, int64_t M, int64_t K, const void* W, DType wdt,
                   0.f, y + n0, int(N));
 #else
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < nb; ++n) y[m * N + n0 + n] = detail::dot_row_portable(wbuf.data(), DType::f32, n, K, x + m * K);
+        for (int64_t n = 0; n < nb; ++n)
+          y[m * N + n0 + n] = detail::dot_row_portable(wbuf.data(), DType::f32, n, K, x + m * K);
 #endif
     });
   }
@@ -196,8 +197,6 @@ void rope(float* x, int64_t H, int64_t D, int64_t position, double theta) {
   for (int64_t h = 0; h < H; ++h) detail::rope_rotate_simd(x + h * D, half, cs.data(), cs.data() + half);
 }
 
-void silu_mul(float* gate, const float* up, int64_t n) {
-  detail::silu_mul_simd(gate, up, n);
-}
+void silu_mul(float* gate, const float* up, int64_t n) { detail::silu_mul_simd(gate, up, n); }
 
 }  // namespace ksa::cpu

@@ -68,10 +68,18 @@ void gemv(const void* W, DType wdt, int64_t n0, int64_t n1, int64_t K, const flo
           int64_t ldy) {
   auto run = [&](auto* w) {
     switch (M) {
-      case 1: gemv_t<1>(w, n0, n1, K, x, y, ldy); break;
-      case 2: gemv_t<2>(w, n0, n1, K, x, y, ldy); break;
-      case 3: gemv_t<3>(w, n0, n1, K, x, y, ldy); break;
-      default: gemv_t<4>(w, n0, n1, K, x, y, ldy); break;
+      case 1:
+        gemv_t<1>(w, n0, n1, K, x, y, ldy);
+        break;
+      case 2:
+        gemv_t<2>(w, n0, n1, K, x, y, ldy);
+        break;
+      case 3:
+        gemv_t<3>(w, n0, n1, K, x, y, ldy);
+        break;
+      default:
+        gemv_t<4>(w, n0, n1, K, x, y, ldy);
+        break;
     }
   };
   if (wdt == DType::bf16) run(static_cast<const uint16_t*>(W));
@@ -197,8 +205,8 @@ void quantize_x_q8(const float* HWY_RESTRICT x, int64_t n, int16_t* HWY_RESTRICT
 // accumulators per vector (even and odd blocks) keep two multiply-add chains in flight; the weight scale
 // comes from the fp16 table (f16_to_f32_table).
 template <int M>
-void gemv_q8_t(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1, int64_t K,
-               const int16_t* HWY_RESTRICT xq, const float* HWY_RESTRICT xd, float* y, int64_t ldy) {
+void gemv_q8_t(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1, int64_t K, const int16_t* HWY_RESTRICT xq,
+               const float* HWY_RESTRICT xd, float* y, int64_t ldy) {
   const float* HWY_RESTRICT f16 = f16_to_f32_table();
   const hn::CappedTag<int16_t, 32> d16;  // at most one block per vector
   const hn::RepartitionToWide<decltype(d16)> d32;
@@ -243,10 +251,18 @@ void gemv_q8(const void* W, int64_t n0, int64_t n1, int64_t K, const int16_t* xq
              int64_t ldy) {
   const auto* w = static_cast<const unsigned char*>(W);
   switch (M) {
-    case 1: gemv_q8_t<1>(w, n0, n1, K, xq, xd, y, ldy); break;
-    case 2: gemv_q8_t<2>(w, n0, n1, K, xq, xd, y, ldy); break;
-    case 3: gemv_q8_t<3>(w, n0, n1, K, xq, xd, y, ldy); break;
-    default: gemv_q8_t<4>(w, n0, n1, K, xq, xd, y, ldy); break;
+    case 1:
+      gemv_q8_t<1>(w, n0, n1, K, xq, xd, y, ldy);
+      break;
+    case 2:
+      gemv_q8_t<2>(w, n0, n1, K, xq, xd, y, ldy);
+      break;
+    case 3:
+      gemv_q8_t<3>(w, n0, n1, K, xq, xd, y, ldy);
+      break;
+    default:
+      gemv_q8_t<4>(w, n0, n1, K, xq, xd, y, ldy);
+      break;
   }
 }
 
@@ -289,28 +305,20 @@ void gemv_q8_0_rows(const void* W, int64_t n0, int64_t n1, int64_t K, const int1
 void quantize_x_q8_0(const float* x, int64_t n, int16_t* q, float* d) {
   HWY_DYNAMIC_DISPATCH(quantize_x_q8)(x, n, q, d);
 }
-void dequantize_q8_0_simd(const void* in, int64_t n, float* out) {
-  HWY_DYNAMIC_DISPATCH(dequantize_q8)(in, n, out);
-}
+void dequantize_q8_0_simd(const void* in, int64_t n, float* out) { HWY_DYNAMIC_DISPATCH(dequantize_q8)(in, n, out); }
 
 void gemv_rows(const void* W, DType wdt, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
                int64_t ldy) {
   HWY_DYNAMIC_DISPATCH(gemv)(W, wdt, n0, n1, K, x, M, y, ldy);
 }
-void widen_bf16_row(const uint16_t* w, int64_t count, float* out) {
-  HWY_DYNAMIC_DISPATCH(widen_bf16)(w, count, out);
-}
+void widen_bf16_row(const uint16_t* w, int64_t count, float* out) { HWY_DYNAMIC_DISPATCH(widen_bf16)(w, count, out); }
 void rms_norm_simd(float* x, int64_t n, const void* w, DType wdt, float eps) {
   HWY_DYNAMIC_DISPATCH(rms_norm_row)(x, n, w, wdt, eps);
 }
 void rope_rotate_simd(float* v, int64_t half, const float* c, const float* s) {
   HWY_DYNAMIC_DISPATCH(rope_rotate)(v, half, c, s);
 }
-void silu_mul_simd(float* gate, const float* up, int64_t n) {
-  HWY_DYNAMIC_DISPATCH(silu_mul)(gate, up, n);
-}
-DotRowFn dot_row_kernel() {
-  return HWY_DYNAMIC_DISPATCH(dot_row);
-}
+void silu_mul_simd(float* gate, const float* up, int64_t n) { HWY_DYNAMIC_DISPATCH(silu_mul)(gate, up, n); }
+DotRowFn dot_row_kernel() { return HWY_DYNAMIC_DISPATCH(dot_row); }
 }  // namespace ksa::cpu::detail
 #endif

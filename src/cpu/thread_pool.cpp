@@ -1,6 +1,7 @@
 // The CPU kernels' worker threads (see thread_pool.hpp).
 #include "cpu/thread_pool.hpp"
 
+#include <pthread.h>
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -8,7 +9,6 @@
 #include <exception>
 #include <memory>
 #include <mutex>
-#include <pthread.h>
 #include <thread>
 #include <vector>
 

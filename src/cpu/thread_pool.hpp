@@ -29,8 +29,8 @@ int resolve_threads(int n);
 class ChunkFn {
  public:
   template <class F>
-    requires(!std::is_same_v<std::remove_cv_t<F>, ChunkFn>)
-  ChunkFn(F& f) : obj_(&f), call_([](void* o, int64_t b, int64_t e, int w) { (*static_cast<F*>(o))(b, e, w); }) {}
+  requires(!std::is_same_v<std::remove_cv_t<F>, ChunkFn>) ChunkFn(F& f)
+      : obj_(&f), call_([](void* o, int64_t b, int64_t e, int w) { (*static_cast<F*>(o))(b, e, w); }) {}
   void operator()(int64_t b, int64_t e, int w) const { call_(obj_, b, e, w); }
 
  private:

@@ -86,12 +86,23 @@ HWY_INLINE void gemm_cols(const float* A, int64_t lda, int rows, const float* B,
   float* Cr = C + r * ldc;
   const float* ar = alpha ? alpha + r : nullptr;
   switch (rows - r) {
-    case 5: gemm_block<5, NV, kLoadC>(Ar, lda, B, ldb, K, Cr, ldc, ar); break;
-    case 4: gemm_block<4, NV, kLoadC>(Ar, lda, B, ldb, K, Cr, ldc, ar); break;
-    case 3: gemm_block<3, NV, kLoadC>(Ar, lda, B, ldb, K, Cr, ldc, ar); break;
-    case 2: gemm_block<2, NV, kLoadC>(Ar, lda, B, ldb, K, Cr, ldc, ar); break;
-    case 1: gemm_block<1, NV, kLoadC>(Ar, lda, B, ldb, K, Cr, ldc, ar); break;
-    default: break;
+    case 5:
+      gemm_block<5, NV, kLoadC>(Ar, lda, B, ldb, K, Cr, ldc, ar);
+      break;
+    case 4:
+      gemm_block<4, NV, kLoadC>(Ar, lda, B, ldb, K, Cr, ldc, ar);
+      break;
+    case 3:
+      gemm_block<3, NV, kLoadC>(Ar, lda, B, ldb, K, Cr, ldc, ar);
+      break;
+    case 2:
+      gemm_block<2, NV, kLoadC>(Ar, lda, B, ldb, K, Cr, ldc, ar);
+      break;
+    case 1:
+      gemm_block<1, NV, kLoadC>(Ar, lda, B, ldb, K, Cr, ldc, ar);
+      break;
+    default:
+      break;
   }
 }
 
@@ -103,10 +114,17 @@ HWY_INLINE void gemm(const float* A, int64_t lda, int rows, const float* B, int6
   int c0 = 0;
   for (; c0 + kNV * N <= cols; c0 += kNV * N) gemm_cols<kNV, kLoadC>(A, lda, rows, B + c0, ldb, K, C + c0, ldc, alpha);
   switch ((cols - c0) / N) {
-    case 3: gemm_cols<3, kLoadC>(A, lda, rows, B + c0, ldb, K, C + c0, ldc, alpha); break;
-    case 2: gemm_cols<2, kLoadC>(A, lda, rows, B + c0, ldb, K, C + c0, ldc, alpha); break;
-    case 1: gemm_cols<1, kLoadC>(A, lda, rows, B + c0, ldb, K, C + c0, ldc, alpha); break;
-    default: break;
+    case 3:
+      gemm_cols<3, kLoadC>(A, lda, rows, B + c0, ldb, K, C + c0, ldc, alpha);
+      break;
+    case 2:
+      gemm_cols<2, kLoadC>(A, lda, rows, B + c0, ldb, K, C + c0, ldc, alpha);
+      break;
+    case 1:
+      gemm_cols<1, kLoadC>(A, lda, rows, B + c0, ldb, K, C + c0, ldc, alpha);
+      break;
+    default:
+      break;
   }
 }
 
@@ -184,8 +202,6 @@ HWY_AFTER_NAMESPACE();
 namespace ksa::cpu::detail {
 HWY_EXPORT(GetTileKernels);
 
-const TileKernels& tile_kernels() {
-  return *HWY_DYNAMIC_DISPATCH(GetTileKernels)();
-}
+const TileKernels& tile_kernels() { return *HWY_DYNAMIC_DISPATCH(GetTileKernels)(); }
 }  // namespace ksa::cpu::detail
 #endif

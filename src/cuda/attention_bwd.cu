@@ -40,9 +40,9 @@
 // tile's runs list its own stream's query tiles; a dK/dV CTA runs its item as for its stream alone
 // (detail::stream_item); the dQ pass's grid walks a table of (stream, query tile) items, as the forward's.
 // Deterministic mode stays deterministic (no new atomics; every order is fixed by the tables). With the same
-// split (KernelOptions::backward_split, or the automatic U at its minimum on both sides) a packed call gives the bits of
-// one call per stream; the automatic U depends on the whole call's work, so dk/dv may round differently.
-// The heavy kernels are instantiated twice (PACKED) so that plain calls run the code they ran before.
+// split (KernelOptions::backward_split, or the automatic U at its minimum on both sides) a packed call gives the bits
+// of one call per stream; the automatic U depends on the whole call's work, so dk/dv may round differently. The heavy
+// kernels are instantiated twice (PACKED) so that plain calls run the code they ran before.
 //
 // File shape (DESIGN.md §3): traits -> device code (passes 1, 3, 4, 5) -> launcher. The plan (pass 2, its
 // sizes and workspace, the test hook that copies it back) is attention_bwd_plan.cu.
@@ -60,13 +60,13 @@
 
 #include "attention_bwd_plan.hpp"
 #include "attention_bwd_plan_launch.cuh"
+#include "check.cuh"
 #include "cuda/attention_bwd.cuh"
 #include "cuda/varlen_plan.hpp"
 #include "cuda/workspace.cuh"
-#include "check.cuh"
-#include "launch_checks.hpp"
 #include "ksa/cuda.hpp"
 #include "ksa/error.hpp"
+#include "launch_checks.hpp"
 #include "mma.cuh"
 
 namespace ksa::cuda {
@@ -219,7 +219,7 @@ __device__ __forceinline__ void dkdv_cta(const BwdArgs& a, const PlanArgs& pl, c
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t sK = smem_u32(smem), sV = sK + K::KV_BYTES, sQ0 = sV + K::KV_BYTES, sO0 = sQ0 + 2 * QS;
   float* rv0 = reinterpret_cast<float*>(smem + 2 * K::KV_BYTES + 4 * QS);  // [stage][lse2 | Delta][BQ]
-  int2* tok0 = reinterpret_cast<int2*>(rv0 + 4 * BQ);                    // [stage][BQ] query tokens
+  int2* tok0 = reinterpret_cast<int2*>(rv0 + 4 * BQ);                      // [stage][BQ] query tokens
 
   int64_t tb64, te64;
   bwd::key_tile_rows(a.lay, BKV, item.kt, tb64, te64);
@@ -249,7 +249,8 @@ __device__ __forceinline__ void dkdv_cta(const BwdArgs& a, const PlanArgs& pl, c
     // Issues the loads of one step (query tile qt, head h) into `stage`; returns whether it needs the mask.
     auto issue = [&](int stage, int qt, int h) {
       const int g0 = qt * BQ, g1 = min(a.L, g0 + BQ);
-      load_tile<T, K::THREADS, CH>(a.l32, sQ0 + stage * QS, head_ptr<T>(a.q, b, h), a.q.r, g0, g1, BQ, tok0 + stage * BQ);
+      load_tile<T, K::THREADS, CH>(a.l32, sQ0 + stage * QS, head_ptr<T>(a.q, b, h), a.q.r, g0, g1, BQ,
+                                   tok0 + stage * BQ);
       load_tile<T, K::THREADS, CH>(a.l32, sO0 + stage * QS, head_ptr<T>(a.dout, b, h), a.dout.r, g0, g1, BQ, nullptr);
       // lse2 and Delta of the tile: BQ floats each, contiguous and 16-byte aligned (Lp % kRowPad == 0).
       const int64_t off = (int64_t(b) * a.Hq + h) * a.Lp + g0;
@@ -297,7 +298,7 @@ __device__ __forceinline__ void dkdv_cta(const BwdArgs& a, const PlanArgs& pl, c
       const int2* qtok = tok0 + stage * BQ;
 
       // rows (keys) x columns (queries) = A (K or V rows) x B (Q or dO rows, non-transposed ldmatrix).
-      auto gemm_rows_by_queries = [&](float (*acc)[4], uint32_t sA, uint32_t (*areg)[4], uint32_t sB) {
+      auto gemm_rows_by_queries = [&](float(*acc)[4], uint32_t sA, uint32_t(*areg)[4], uint32_t sB) {
 #pragma unroll
         for (int j = 0; j < BQ / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 #pragma unroll
@@ -318,11 +319,12 @@ __device__ __forceinline__ void dkdv_cta(const BwdArgs& a, const PlanArgs& pl, c
         }
       };
       // acc (keys x D) += X (keys x queries, C layout in fp32) x B (rows = queries, transposed ldmatrix).
-      auto gemm_accumulate = [&](float (*acc)[4], float (*x)[4], uint32_t sB) {
+      auto gemm_accumulate = [&](float(*acc)[4], float(*x)[4], uint32_t sB) {
 #pragma unroll
         for (int kb = 0; kb < BQ / 16; ++kb) {
           const uint32_t pf[4] = {pack2<T>(x[2 * kb][0], x[2 * kb][1]), pack2<T>(x[2 * kb][2], x[2 * kb][3]),
-                                  pack2<T>(x[2 * kb + 1][0], x[2 * kb + 1][1]), pack2<T>(x[2 * kb + 1][2], x[2 * kb + 1][3])};
+                                  pack2<T>(x[2 * kb + 1][0], x[2 * kb + 1][1]),
+                                  pack2<T>(x[2 * kb + 1][2], x[2 * kb + 1][3])};
 #pragma unroll
           for (int db = 0; db < D / 16; ++db) {
             uint32_t b0, b1, b2, b3;
@@ -389,8 +391,8 @@ __device__ __forceinline__ void dkdv_cta(const BwdArgs& a, const PlanArgs& pl, c
 // PACKED: the item's key tile is one stream's (v.ktiles); the CTA runs as for a call on that stream alone
 // (detail::stream_item).
 template <class K, bool PACKED>
-__global__ void __launch_bounds__(K::THREADS, K::MINB) dkdv_kernel(const BwdArgs a, const PlanArgs pl,
-                                                                 const varlen::Tables v) {
+__global__ void __launch_bounds__(K::THREADS, K::MINB)
+    dkdv_kernel(const BwdArgs a, const PlanArgs pl, const varlen::Tables v) {
   const detail::DkvCta cta = detail::dkdv_cta(a.B, a.Hkv);
   if (cta.item >= pl.counters[0]) return;
   if constexpr (PACKED) {
@@ -433,7 +435,8 @@ __global__ void __launch_bounds__(256) reduce_kernel(const BwdArgs a, const Plan
     const int64_t srow = row0 + l32.stream_of_gathered(uint32_t(tb + row));
     *reinterpret_cast<uint2*>(row_ptr<T>(a.dk, b, srow, hk) + c) =
         make_uint2(pack2<T>(sk.x * a.scale, sk.y * a.scale), pack2<T>(sk.z * a.scale, sk.w * a.scale));
-    *reinterpret_cast<uint2*>(row_ptr<T>(a.dv, b, srow, hk) + c) = make_uint2(pack2<T>(sv.x, sv.y), pack2<T>(sv.z, sv.w));
+    *reinterpret_cast<uint2*>(row_ptr<T>(a.dv, b, srow, hk) + c) =
+        make_uint2(pack2<T>(sv.x, sv.y), pack2<T>(sv.z, sv.w));
   }
 }
 
@@ -458,7 +461,8 @@ __global__ void __launch_bounds__(256) dq_store_kernel(const BwdArgs a, const va
   }
   if constexpr (D != 128) return;  // the fused pass and its accumulator layout (dq_acc_chunk) are D = 128 only
   // Padded rows: a stream's p0 is a multiple of 128, so its 64-row tiles are the accumulator's.
-  const float* src = a.dq_acc + ((int64_t(b) * a.Hq + h) * a.Lp + g / 64 * 64) * D + detail::dq_acc_chunk(int(g % 64), c);
+  const float* src =
+      a.dq_acc + ((int64_t(b) * a.Hq + h) * a.Lp + g / 64 * 64) * D + detail::dq_acc_chunk(int(g % 64), c);
   const float4 x = *reinterpret_cast<const float4*>(src), y = *reinterpret_cast<const float4*>(src + 4);
   *reinterpret_cast<uint4*>(row_ptr<T>(a.dq, b, srow, h) + c * 8) =
       make_uint4(pack2<T>(x.x * a.scale, x.y * a.scale), pack2<T>(x.z * a.scale, x.w * a.scale),
@@ -508,7 +512,7 @@ __device__ __forceinline__ void dq_cta(const BwdArgs& a, int g0, int g1) {
 
   const int arow = warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2);  // A-fragment rows (queries) of this lane
   // rows (queries) x keys = A (Q or dO rows) x B (K or V rows, non-transposed ldmatrix).
-  auto gemm_rows_by_keys = [&](float (*acc)[4], uint32_t sA, uint32_t sB) {
+  auto gemm_rows_by_keys = [&](float(*acc)[4], uint32_t sA, uint32_t sB) {
 #pragma unroll
     for (int j = 0; j < BK / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 #pragma unroll
@@ -531,10 +535,10 @@ __device__ __forceinline__ void dq_cta(const BwdArgs& a, int g0, int g1) {
     bool nmasked;
     const bool more = cur.next(nb_, ne_, nmasked);
     if (more) {
-      load_tile<T, K::THREADS, CH>(a.l32, sK0 + (stage ^ 1) * KV, head_ptr<T>(a.k, b, hk), a.k.r, int(nb_), int(ne_), BK,
-                                   tok0 + (stage ^ 1) * BK);
-      load_tile<T, K::THREADS, CH>(a.l32, sV0 + (stage ^ 1) * KV, head_ptr<T>(a.v, b, hk), a.v.r, int(nb_), int(ne_), BK,
-                                   nullptr);
+      load_tile<T, K::THREADS, CH>(a.l32, sK0 + (stage ^ 1) * KV, head_ptr<T>(a.k, b, hk), a.k.r, int(nb_), int(ne_),
+                                   BK, tok0 + (stage ^ 1) * BK);
+      load_tile<T, K::THREADS, CH>(a.l32, sV0 + (stage ^ 1) * KV, head_ptr<T>(a.v, b, hk), a.v.r, int(nb_), int(ne_),
+                                   BK, nullptr);
       cp_async_commit();
       cp_async_wait_one();
     } else {
@@ -567,11 +571,12 @@ __device__ __forceinline__ void dq_cta(const BwdArgs& a, int g0, int g1) {
     for (int j = 0; j < BK / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dp[j][e] = s[j][e] * (dp[j][e] - dl[e / 2]);
-    // dQ += dS K (K rows as the B operand through a transposed ldmatrix, like V in the forward).
+        // dQ += dS K (K rows as the B operand through a transposed ldmatrix, like V in the forward).
 #pragma unroll
     for (int kb = 0; kb < BK / 16; ++kb) {
       const uint32_t pf[4] = {pack2<T>(dp[2 * kb][0], dp[2 * kb][1]), pack2<T>(dp[2 * kb][2], dp[2 * kb][3]),
-                              pack2<T>(dp[2 * kb + 1][0], dp[2 * kb + 1][1]), pack2<T>(dp[2 * kb + 1][2], dp[2 * kb + 1][3])};
+                              pack2<T>(dp[2 * kb + 1][0], dp[2 * kb + 1][1]),
+                              pack2<T>(dp[2 * kb + 1][2], dp[2 * kb + 1][3])};
 #pragma unroll
       for (int db = 0; db < D / 16; ++db) {
         uint32_t b0, b1, b2, b3;
@@ -600,7 +605,8 @@ __device__ __forceinline__ void dq_cta(const BwdArgs& a, int g0, int g1) {
 // PACKED: CTA x takes work item v.tiles[x] (a query tile of one stream, run as for that stream alone);
 // otherwise query tile x of the launch's one layout, the last (most summaries) first.
 template <class K, bool PACKED>
-__global__ void __launch_bounds__(K::THREADS, K::MINB) dq_kernel(const BwdArgs a, int num_qtiles, const varlen::Tables v) {
+__global__ void __launch_bounds__(K::THREADS, K::MINB)
+    dq_kernel(const BwdArgs a, int num_qtiles, const varlen::Tables v) {
   if constexpr (PACKED) {
     const varlen::QueryTile w = v.tiles[blockIdx.x];
     dq_cta<K>(detail::stream_args<typename K::T, K::D>(a, v.seqs[w.seq]), w.g0, w.g1);
@@ -613,11 +619,11 @@ __global__ void __launch_bounds__(K::THREADS, K::MINB) dq_kernel(const BwdArgs a
 // --------------------------------------------------------------------------------------------- launcher
 // The plan's sizes, workspace and kernels: attention_bwd_plan.cu (attention_bwd_plan_launch.cuh).
 using detail::carve_plan;
+using detail::Carver;
 using detail::fill_plan_args;
 using detail::launch_plan;
 using detail::plan_sizes;
 using detail::PlanSizes;
-using detail::Carver;
 using detail::Workspace;
 
 // The dK/dV and dQ passes on the sm_90a wgmma kernels (attention_bwd_sm90a.cu) where they run, unless the
@@ -658,7 +664,8 @@ void run_backward(const BwdArgs& a0, bool deterministic, const KernelOptions& o,
     std::vector<varlen::QueryTile> dq_tiles;
     if (!fused_dq) dq_tiles = varlen::query_tiles(*packed, a.W, dqBQ);
     n_dq_tiles = int64_t(dq_tiles.size());
-    if (n_dq_tiles >= (int64_t(1) << 31)) fail("ksa::cuda::attention_backward: ", n_dq_tiles, " dQ tiles (over 2^31 - 1)");
+    if (n_dq_tiles >= (int64_t(1) << 31))
+      fail("ksa::cuda::attention_backward: ", n_dq_tiles, " dQ tiles (over 2^31 - 1)");
     o_seqs = img.add(packed->seqs);
     o_blocks = img.add(varlen::row_blocks(*packed));
     o_ktiles = img.add(kts.tiles);
@@ -699,7 +706,8 @@ void run_backward(const BwdArgs& a0, bool deterministic, const KernelOptions& o,
   }
 
   const int64_t pre_blocks = (int64_t(a.Lp) * a.Hq * 8 + 255) / 256;
-  if (pre_blocks >= (int64_t(1) << 31)) fail("ksa::cuda::attention_backward: L*Hq too large (", int64_t(a.Lp) * a.Hq, ")");
+  if (pre_blocks >= (int64_t(1) << 31))
+    fail("ksa::cuda::attention_backward: L*Hq too large (", int64_t(a.Lp) * a.Hq, ")");
   preprocess_kernel<T, D><<<dim3(unsigned(pre_blocks), unsigned(a.B)), 256, 0, s>>>(a, v);
   KSA_CUDA_CHECK_LAUNCH();
   launch_plan(a.lay, a.W, ps, pl, v, s);
@@ -747,7 +755,6 @@ void dispatch_dim(const BwdArgs& a, int64_t D, bool deterministic, const KernelO
   else fail("ksa::cuda::attention_backward: D=", D, " is not supported (64 or 128)");
 }
 
-
 View view_of(const TensorView& t) { return View{t.data, t.batch_stride, t.row_stride, t.head_stride}; }
 
 }  // namespace
@@ -777,7 +784,8 @@ bool supports(const AttentionBackwardParams& p, std::string* why, const KernelOp
   };
   if (p.L() + kRowPad >= (int64_t(1) << 31)) return no("L: must be < 2^31 - 128 (got " + std::to_string(p.L()) + ")");
   // The passes read q, dout, out and lse of every row (the PyTorch binding pads the rows before q_begin).
-  if (p.q_begin != 0) return no("q_begin: the CUDA backward takes every row (q_begin 0; got " + std::to_string(p.q_begin) + ")");
+  if (p.q_begin != 0)
+    return no("q_begin: the CUDA backward takes every row (q_begin 0; got " + std::to_string(p.q_begin) + ")");
   if (o.backward_split < 0) return no("backward_split: must be >= 0 (got " + std::to_string(o.backward_split) + ")");
   return detail::views_aligned16({{"dout", &p.dout}, {"dq", &p.dq}, {"dk", &p.dk}, {"dv", &p.dv}}, why);
 }

@@ -57,7 +57,8 @@ __device__ __forceinline__ BwdArgs stream_args(const BwdArgs& a, const varlen::S
   o.L = s.L;
   const int64_t r0 = s.row0;
   o.q = rows_on<T>(a.q, r0), o.k = rows_on<T>(a.k, r0), o.v = rows_on<T>(a.v, r0), o.out = rows_on<T>(a.out, r0);
-  o.dout = rows_on<T>(a.dout, r0), o.dq = rows_on<T>(a.dq, r0), o.dk = rows_on<T>(a.dk, r0), o.dv = rows_on<T>(a.dv, r0);
+  o.dout = rows_on<T>(a.dout, r0), o.dq = rows_on<T>(a.dq, r0), o.dk = rows_on<T>(a.dk, r0),
+  o.dv = rows_on<T>(a.dv, r0);
   o.lse = a.lse + r0 * a.Hq;
   o.lse2 = a.lse2 + s.p0;
   o.delta = a.delta + s.p0;
@@ -150,8 +151,10 @@ __device__ __forceinline__ void store_dkdv_row(const BwdArgs& a, const PlanArgs&
     const int64_t base = ((int64_t(slot) * a.B + b) * a.Hkv + hk) * (BKV * D) + int64_t(row) * D;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
-      *reinterpret_cast<float2*>(pl.part_k + base + j * 8 + 2 * tig) = make_float2(dk[4 * j + 2 * hf], dk[4 * j + 2 * hf + 1]);
-      *reinterpret_cast<float2*>(pl.part_v + base + j * 8 + 2 * tig) = make_float2(dv[4 * j + 2 * hf], dv[4 * j + 2 * hf + 1]);
+      *reinterpret_cast<float2*>(pl.part_k + base + j * 8 + 2 * tig) =
+          make_float2(dk[4 * j + 2 * hf], dk[4 * j + 2 * hf + 1]);
+      *reinterpret_cast<float2*>(pl.part_v + base + j * 8 + 2 * tig) =
+          make_float2(dv[4 * j + 2 * hf], dv[4 * j + 2 * hf + 1]);
     }
   }
 }

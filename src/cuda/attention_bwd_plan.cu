@@ -68,7 +68,9 @@ __global__ void __launch_bounds__(256) runs_kernel(const Layout lay0, PlanArgs p
   int n = 0, count = 0, open = -1;  // open: first query tile of the run being scanned, -1 none
   auto close = [&](int end) {
     if (n >= kMaxRuns) {
-      if (lane == 0) printf("ksa::cuda::attention_backward: key tile %d is seen by more than %d runs of query tiles\n", kt, kMaxRuns);
+      if (lane == 0)
+        printf("ksa::cuda::attention_backward: key tile %d is seen by more than %d runs of query tiles\n", kt,
+               kMaxRuns);
       __trap();
     }
     if (lane == 0) runs[n] = PlanRun{open, end};
@@ -179,7 +181,6 @@ __global__ void __launch_bounds__(1024) schedule_kernel(PlanArgs pl, int forced,
   }
 }
 
-
 }  // namespace
 
 // --------------------------------------------------------------------------------------------- launcher
@@ -261,21 +262,20 @@ void launch_plan(const Layout& lay, int64_t W, const PlanSizes& ps, const PlanAr
   KSA_CUDA_CHECK_LAUNCH();
 }
 
-
 }  // namespace detail
 
 namespace bwd {
 
-using detail::Carver;
 using detail::carve_plan;
+using detail::Carver;
+using detail::DkvTiles;
 using detail::fill_plan_args;
 using detail::launch_plan;
+using detail::plan_sizes;
 using detail::PlanArgs;
-using detail::Workspace;
-using detail::DkvTiles;
 using detail::PlanSizes;
 using detail::portable_dkv_tiles;
-using detail::plan_sizes;
+using detail::Workspace;
 
 namespace {
 
@@ -328,12 +328,12 @@ PlanDump dump_plan(const Layout& lay, int64_t W, const PlanSizes& ps, const varl
   KSA_CUDA_CHECK(cudaMemcpy(out.nruns.data(), pl.nruns, out.nruns.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
   KSA_CUDA_CHECK(cudaMemcpy(out.runs.data(), pl.runs, out.runs.size() * sizeof(PlanRun), cudaMemcpyDeviceToHost));
   KSA_CUDA_CHECK(cudaMemcpy(out.items.data(), pl.items, out.items.size() * sizeof(PlanItem), cudaMemcpyDeviceToHost));
-  KSA_CUDA_CHECK(cudaMemcpy(out.splits.data(), pl.splits, out.splits.size() * sizeof(PlanSplit), cudaMemcpyDeviceToHost));
+  KSA_CUDA_CHECK(
+      cudaMemcpy(out.splits.data(), pl.splits, out.splits.size() * sizeof(PlanSplit), cudaMemcpyDeviceToHost));
   ws.release();
   KSA_CUDA_CHECK(cudaStreamSynchronize(s));
   return out;
 }
-
 
 }  // namespace
 
@@ -351,8 +351,8 @@ PlanDump backward_plan_for_testing(const AttentionParams& p, int64_t D, int64_t 
   const varlen::KeyTiles kts = varlen::key_tiles(st, t.BK);
   int64_t longest = 0;
   for (const varlen::Seq& q : st.seqs) longest = std::max<int64_t>(longest, q.L);
-  const PlanSizes ps = plan_sizes(st.padded_rows / t.BQ, kts.ntext, int64_t(kts.tiles.size()), (longest + t.BQ - 1) / t.BQ,
-                                  t.BQ, t.BK, bh, t.MINB, split > 0 ? split : 0);
+  const PlanSizes ps = plan_sizes(st.padded_rows / t.BQ, kts.ntext, int64_t(kts.tiles.size()),
+                                  (longest + t.BQ - 1) / t.BQ, t.BQ, t.BK, bh, t.MINB, split > 0 ? split : 0);
   return dump_plan(Layout(p.layout.k, p.layout.S, 0, p.layout.summarize_tail), p.W, ps, &st, &kts);
 }
 

@@ -71,10 +71,10 @@ struct DkvSm90Traits {
   using T = T_;
   static constexpr int D = D_;
   static constexpr bool DQ = DQ_;  // dkdvdq_sm90a_kernel: also dQ += dS K into BwdArgs::dq_acc (bulk reduce-adds)
-  static constexpr int BKV = kDkvSm90Keys;     // key rows per CTA, 64 per consumer warpgroup
-  static constexpr int BQ = kDkvSm90Queries;   // query rows per step (S, dP: 32 accumulators per thread)
+  static constexpr int BKV = kDkvSm90Keys;    // key rows per CTA, 64 per consumer warpgroup
+  static constexpr int BQ = kDkvSm90Queries;  // query rows per step (S, dP: 32 accumulators per thread)
   static constexpr int STAGES = DQ ? 2 : 3;   // query steps in flight (DQ: smem for 2)
-  static constexpr int THREADS = 384;          // consumer warpgroups 0 and 1, producer warpgroup 2
+  static constexpr int THREADS = 384;         // consumer warpgroups 0 and 1, producer warpgroup 2
   // setmaxnreg (see regs_fit). ptxas -v at D = 128: the producer spills below 56 registers; the dK/dV
   // consumers fit in 224, the fused ones need more (40/232: the producer's 60 bytes of spills).
   static constexpr int PRODUCER_REGS = DQ ? 40 : 56, CONSUMER_REGS = DQ ? 232 : 224;
@@ -212,7 +212,8 @@ __device__ __forceinline__ void dq_sm90a_cta(const BwdArgs& a, int g0, int g1) {
 // PACKED: CTA x takes work item v.tiles[x] (a query tile of one stream, run as for that stream alone);
 // otherwise query tile x of the launch's one layout, the heaviest (most summaries) first.
 template <class K, bool PACKED>
-__global__ void __launch_bounds__(K::THREADS, 1) dq_sm90a_kernel(const BwdArgs a, int num_qtiles, const varlen::Tables v) {
+__global__ void __launch_bounds__(K::THREADS, 1)
+    dq_sm90a_kernel(const BwdArgs a, int num_qtiles, const varlen::Tables v) {
   if constexpr (PACKED) {
     const varlen::QueryTile w = v.tiles[blockIdx.x];
     dq_sm90a_cta<K>(stream_args<typename K::T, K::D>(a, v.seqs[w.seq]), w.g0, w.g1);
@@ -406,7 +407,8 @@ __device__ __forceinline__ void dkdv_sm90a_cta(const BwdArgs& a, const PlanArgs&
 // PACKED: the item's key tile is one stream's (v.ktiles); the CTA runs as for that stream alone
 // (stream_item). CTAs past the plan's item count return at once.
 template <class K, bool PACKED>
-__global__ void __launch_bounds__(K::THREADS, 1) dkdv_sm90a_kernel(const BwdArgs a, const PlanArgs pl, const varlen::Tables v) {
+__global__ void __launch_bounds__(K::THREADS, 1)
+    dkdv_sm90a_kernel(const BwdArgs a, const PlanArgs pl, const varlen::Tables v) {
   const DkvCta cta = dkdv_cta(a.B, a.Hkv);
   if (cta.item >= pl.counters[0]) return;  // the whole CTA: past the plan's items
   if constexpr (PACKED) {
@@ -461,8 +463,8 @@ __device__ __forceinline__ void dkdvdq_sm90a_cta(const BwdArgs& a, const PlanArg
   constexpr int kWgBar = B::kFree, kBothBar = B::kFree + 2;  // this consumer's 128 threads; both consumers
 
   const int warp = (int(threadIdx.x) / 32) % 4, lane = int(threadIdx.x) % 32, gid = lane / 4, tig = lane % 4;
-  const int qr = warp * 16 + gid;                 // this thread's query rows qr, qr + 8 of the step
-  const int kx0 = c.tb + wg * 64 + 2 * tig;       // the key of its column 8j + e: kx0 + 8j + e
+  const int qr = warp * 16 + gid;            // this thread's query rows qr, qr + 8 of the step
+  const int kx0 = c.tb + wg * 64 + 2 * tig;  // the key of its column 8j + e: kx0 + 8j + e
   float dk[NO], dv[NO];
 #pragma unroll
   for (int x = 0; x < NO; ++x) dk[x] = dv[x] = 0.f;
@@ -583,7 +585,8 @@ __device__ __forceinline__ void dkdvdq_sm90a_cta(const BwdArgs& a, const PlanArg
 
 // As dkdv_sm90a_kernel.
 template <class K, bool PACKED>
-__global__ void __launch_bounds__(K::THREADS, 1) dkdvdq_sm90a_kernel(const BwdArgs a, const PlanArgs pl, const varlen::Tables v) {
+__global__ void __launch_bounds__(K::THREADS, 1)
+    dkdvdq_sm90a_kernel(const BwdArgs a, const PlanArgs pl, const varlen::Tables v) {
   const DkvCta cta = dkdv_cta(a.B, a.Hkv);
   if (cta.item >= pl.counters[0]) return;  // the whole CTA: past the plan's items
   if constexpr (PACKED) {
@@ -629,7 +632,8 @@ void launch_dim(const BwdArgs& a, const varlen::Tables& v, int num_tiles, int D,
 template <class T>
 void launch_dkdv_dim(const BwdArgs& a, const PlanArgs& pl, const varlen::Tables& v, int max_items, int D, bool fused_dq,
                      cudaStream_t s) {
-  if (fused_dq && D != 128) fail("ksa::cuda::attention_backward (sm_90a dK/dV): the fused dQ needs D=128 (got ", D, ")");
+  if (fused_dq && D != 128)
+    fail("ksa::cuda::attention_backward (sm_90a dK/dV): the fused dQ needs D=128 (got ", D, ")");
   if (fused_dq) launch_dkdv<DkvSm90Traits<T, 128, true>>(a, pl, v, max_items, s);
   else if (D == 128) launch_dkdv<DkvSm90Traits<T, 128, false>>(a, pl, v, max_items, s);
   else if (D == 64) launch_dkdv<DkvSm90Traits<T, 64, false>>(a, pl, v, max_items, s);

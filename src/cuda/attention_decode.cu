@@ -24,8 +24,8 @@
 #include "check.cuh"
 #include "cuda/decode_plan.cuh"
 #include "cuda/mma.cuh"
-#include "launch_checks.hpp"
 #include "ksa/softmax.hpp"
+#include "launch_checks.hpp"
 
 namespace ksa::cuda::detail {
 namespace {
@@ -35,10 +35,10 @@ template <int D_, int G_>
 struct DecTraits {
   static constexpr int D = D_, G = G_;
   static constexpr int WARPS = 4, THREADS = 32 * WARPS;
-  static constexpr int WKEYS = 16;                  // keys per warp per tile (one mma k-step of P·V)
-  static constexpr int TILE = WARPS * WKEYS;        // keys per tile
-  static constexpr int CH = D / 8;                  // 16-byte chunks per row
-  static constexpr int STAGES = D == 128 ? 2 : 3;   // 32 KiB (D=128) / 16 KiB per stage; 3 CTAs per SM
+  static constexpr int WKEYS = 16;                 // keys per warp per tile (one mma k-step of P·V)
+  static constexpr int TILE = WARPS * WKEYS;       // keys per tile
+  static constexpr int CH = D / 8;                 // 16-byte chunks per row
+  static constexpr int STAGES = D == 128 ? 2 : 3;  // 32 KiB (D=128) / 16 KiB per stage; 3 CTAs per SM
   static constexpr int STAGE_BYTES = 2 * TILE * D * 2;
   static constexpr int SMEM = STAGES * STAGE_BYTES;
   static constexpr int KEYS_PER_THREAD = TILE * CH / THREADS;  // rows (K and V) each thread copies per tile
@@ -105,12 +105,13 @@ __global__ void __launch_bounds__(256) write_kernel(const DecodeRun* __restrict_
 // accumulator fragments, O += P·V. Each K and V row is read once for all G heads. The warps' states are
 // joined in smem in a fixed order and written as one (m, l, acc) partial per (unit, head).
 template <class K>
-__global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun* __restrict__ plan, const DecodeTensors io) {
+__global__ void __launch_bounds__(K::THREADS)
+    attend_kernel(const DecodeRun* __restrict__ plan, const DecodeTensors io) {
   const DecodeRun& a = *plan;
   if (int(blockIdx.x) >= a.n_units) return;  // a launch sized for a graph's capacity
   constexpr int D = K::D, G = K::G, CH = K::CH, TILE = K::TILE, STAGES = K::STAGES, NB = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];  // [STAGES][K, V][TILE rows of D] swizzled
-  __shared__ const uint16_t* s_blk[kMaxUnitBlocks];      // the unit's block addresses (DecUnit::blk0, ...)
+  __shared__ const uint16_t* s_blk[kMaxUnitBlocks];       // the unit's block addresses (DecUnit::blk0, ...)
 
   // The unit's block list is loaded together with the unit (its address needs only blockIdx).
   for (int i = threadIdx.x; i < a.unit_blocks_stride; i += K::THREADS)
@@ -136,7 +137,7 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun* __r
       const int32_t x = x0 + key;
       const bool ok = x < un.end;
       const uint16_t *ks = io.k, *vs = io.k;  // any valid address when !ok (0 bytes are read: zero fill)
-      if (ok && x >= un.new_begin) {        // written by this step: from the step's k/v
+      if (ok && x >= un.new_begin) {          // written by this step: from the step's k/v
         const uint32_t pos = summary ? a.lay.summary_to_stream(uint32_t(x)) : a.lay.text_to_stream(uint32_t(x));
         const int64_t row = un.src_off + int64_t(pos);
         ks = io.k + row * io.k_rs + hk * io.k_hs + part * 8;
@@ -180,8 +181,8 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun* __r
       write_chunk(a, io, wr, blk, r, threadIdx.x / CH, hk, threadIdx.x % CH);
     }
   const float sl2 = a.scale * 1.4426950408889634f;  // scores in log2 units for ex2
-  float m2 = -INFINITY, l = 0.f;                   // row gid: running max (log2 units) and this lane's sum
-  float o[NB][2];                                  // row gid, dims 8·nb + 2·tig, +1
+  float m2 = -INFINITY, l = 0.f;                    // row gid: running max (log2 units) and this lane's sum
+  float o[NB][2];                                   // row gid, dims 8·nb + 2·tig, +1
 #pragma unroll
   for (int nb = 0; nb < NB; ++nb) o[nb][0] = o[nb][1] = 0.f;
 
@@ -239,7 +240,7 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun* __r
     }
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) o[nb][0] *= f, o[nb][1] *= f;
-    // O += P V: V^T fragments by ldmatrix.trans, two n-blocks (16 dims) per x4.
+      // O += P V: V^T fragments by ldmatrix.trans, two n-blocks (16 dims) per x4.
 #pragma unroll
     for (int c = 0; c < CH; c += 2) {
       const int mat = lane / 8, row = wrow + (mat % 2) * 8 + lane % 8, chunk = c + mat / 2;
@@ -260,7 +261,7 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun* __r
   // Join the warps (fixed order) and write this CTA's partial (m in natural units); stage buffers reused.
   dev::cp_async_wait<0>();
   __syncthreads();
-  float* s_acc = reinterpret_cast<float*>(smem);                    // [WARPS][G][D]
+  float* s_acc = reinterpret_cast<float*>(smem);                       // [WARPS][G][D]
   float2* s_ml = reinterpret_cast<float2*>(s_acc + K::WARPS * G * D);  // [WARPS][G]
   if (gid < G) {
 #pragma unroll
@@ -294,7 +295,8 @@ __global__ void __launch_bounds__(K::THREADS) attend_kernel(const DecodeRun* __r
 // flight together (a serial chain of merges over ~60 partials is latency bound). Fixed order throughout:
 // deterministic. Tokens with more than kMergeUnits units go through the smem weights in slices.
 constexpr int kMergeThreads = 512, kMergeUnits = kMergeThreads;
-__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const DecodeRun* __restrict__ plan, const DecodeTensors io) {
+__global__ void __launch_bounds__(kMergeThreads)
+    merge_kernel(const DecodeRun* __restrict__ plan, const DecodeTensors io) {
   const DecodeRun& a = *plan;
   __shared__ float s_red[2][kMergeThreads / 32];
   __shared__ float s_w[kMergeUnits];
@@ -398,21 +400,31 @@ void attend_config(int* ctas_per_sm, const AttendLaunch* a, cudaStream_t s, bool
   if (ctas_per_sm)
     KSA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, attend_kernel<K>, K::THREADS, K::SMEM));
   if (a)
-    launch(attend_kernel<K>, dim3(unsigned(a->units), unsigned(a->host->Hkv)), K::THREADS, K::SMEM, pdl, a->dev, *a->io, s);
+    launch(attend_kernel<K>, dim3(unsigned(a->units), unsigned(a->host->Hkv)), K::THREADS, K::SMEM, pdl, a->dev, *a->io,
+           s);
 }
 
 template <int D>
 void attend_d(int G, int* ctas_per_sm, const AttendLaunch* a, cudaStream_t s, bool pdl) {
   switch (G) {
-    case 1: return attend_config<D, 1>(ctas_per_sm, a, s, pdl);
-    case 2: return attend_config<D, 2>(ctas_per_sm, a, s, pdl);
-    case 3: return attend_config<D, 3>(ctas_per_sm, a, s, pdl);
-    case 4: return attend_config<D, 4>(ctas_per_sm, a, s, pdl);
-    case 5: return attend_config<D, 5>(ctas_per_sm, a, s, pdl);
-    case 6: return attend_config<D, 6>(ctas_per_sm, a, s, pdl);
-    case 7: return attend_config<D, 7>(ctas_per_sm, a, s, pdl);
-    case 8: return attend_config<D, 8>(ctas_per_sm, a, s, pdl);
-    default: fail("cuda decode: GQA group size G=", G, " is not supported (1..8)");
+    case 1:
+      return attend_config<D, 1>(ctas_per_sm, a, s, pdl);
+    case 2:
+      return attend_config<D, 2>(ctas_per_sm, a, s, pdl);
+    case 3:
+      return attend_config<D, 3>(ctas_per_sm, a, s, pdl);
+    case 4:
+      return attend_config<D, 4>(ctas_per_sm, a, s, pdl);
+    case 5:
+      return attend_config<D, 5>(ctas_per_sm, a, s, pdl);
+    case 6:
+      return attend_config<D, 6>(ctas_per_sm, a, s, pdl);
+    case 7:
+      return attend_config<D, 7>(ctas_per_sm, a, s, pdl);
+    case 8:
+      return attend_config<D, 8>(ctas_per_sm, a, s, pdl);
+    default:
+      fail("cuda decode: GQA group size G=", G, " is not supported (1..8)");
   }
 }
 

@@ -26,9 +26,9 @@
 #include "check.cuh"
 #include "cuda/attention_fwd.cuh"
 #include "ksa/cache.hpp"
-#include "launch_checks.hpp"
 #include "ksa/cuda.hpp"
 #include "ksa/error.hpp"
+#include "launch_checks.hpp"
 #include "mma.cuh"
 
 namespace ksa::cuda {
@@ -40,12 +40,12 @@ using namespace dev;  // shared device helpers (mma.cuh)
 template <class T_, int D_, int MT_, int NW_, int BK_, bool QREG_, int MINB_>
 struct FwdTraits {
   using T = T_;
-  static constexpr int D = D_;        // head dim
-  static constexpr int MT = MT_;      // 16-row m-tiles per warp
-  static constexpr int NW = NW_;      // warps per CTA
-  static constexpr int BK = BK_;      // keys per tile
-  static constexpr bool QREG = QREG_; // Q fragments held in registers (else re-read from smem per tile)
-  static constexpr int MINB = MINB_;  // CTAs per SM the register budget is sized for
+  static constexpr int D = D_;         // head dim
+  static constexpr int MT = MT_;       // 16-row m-tiles per warp
+  static constexpr int NW = NW_;       // warps per CTA
+  static constexpr int BK = BK_;       // keys per tile
+  static constexpr bool QREG = QREG_;  // Q fragments held in registers (else re-read from smem per tile)
+  static constexpr int MINB = MINB_;   // CTAs per SM the register budget is sized for
   static constexpr int BQ = 16 * MT * NW;
   static constexpr int THREADS = 32 * NW;
   static constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
@@ -109,7 +109,8 @@ __device__ __forceinline__ void fwd_cta(const FwdArgs& a, int g0, int g1) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) qtok[mt][hf] = a.l32.token_of_gathered(uint32_t(g0 + warp * 16 * MT + mt * 16 + gid + 8 * hf));
+    for (int hf = 0; hf < 2; ++hf)
+      qtok[mt][hf] = a.l32.token_of_gathered(uint32_t(g0 + warp * 16 * MT + mt * 16 + gid + 8 * hf));
 
   float o[MT][D / 8][4];
   float m[MT][2], l[MT][2];  // m: running max of raw scores times scale_log2
@@ -143,7 +144,8 @@ __device__ __forceinline__ void fwd_cta(const FwdArgs& a, int g0, int g1) {
     bool nmasked;
     const bool more = cur.next(nb_, ne_, nmasked);
     if (more) {
-      load_rows<K>(a, sK0 + (stage ^ 1) * KV, a.k, b * a.kb, a.kr, hk * a.kh, int(nb_), int(ne_), BK, tok0 + (stage ^ 1) * BK);
+      load_rows<K>(a, sK0 + (stage ^ 1) * KV, a.k, b * a.kb, a.kr, hk * a.kh, int(nb_), int(ne_), BK,
+                   tok0 + (stage ^ 1) * BK);
       load_rows<K>(a, sV0 + (stage ^ 1) * KV, a.v, b * a.vb, a.vr, hk * a.vh, int(nb_), int(ne_), BK);
       cp_async_commit();
       cp_async_wait_one();  // this tile's group has landed
@@ -222,7 +224,7 @@ __device__ __forceinline__ void fwd_cta(const FwdArgs& a, int g0, int g1) {
         }
       }
 
-    // O += P V, P as A fragments (the C layout of two 16x8 score tiles is the A layout of a 16x16 tile).
+      // O += P V, P as A fragments (the C layout of two 16x8 score tiles is the A layout of a 16x16 tile).
 #pragma unroll
     for (int kb = 0; kb < BK / 16; ++kb) {
       uint32_t pf[MT][4];
@@ -294,17 +296,28 @@ constexpr int kSm90aConfig = 5;
 template <class T, int D>
 void dispatch_config(int config, const FwdArgs& a, int B, const varlen::Streams* pk, cudaStream_t s) {
   switch (config) {
-    case 1: launch<FwdTraits<T, D, 1, 8, 32, false, 2>>(a, B, pk, s); break;  // 2 CTAs x 8 warps, Q from smem
-    case 2: launch<FwdTraits<T, D, 1, 4, 64, true, 2>>(a, B, pk, s); break;   // 64 rows, 2 CTAs x 4 warps
-    case 3: launch<FwdTraits<T, D, 1, 4, 32, false, 4>>(a, B, pk, s); break;  // 64 rows, 4 CTAs x 4 warps
-    case 4: launch<FwdTraits<T, D, 2, 4, 32, false, 2>>(a, B, pk, s); break;  // 128 rows, 4 warps x 32 rows
-    case 0: launch<FwdTraits<T, D, 1, 8, 64, true, 1>>(a, B, pk, s); break;  // 128 rows, 8 warps x 16 rows
+    case 1:
+      launch<FwdTraits<T, D, 1, 8, 32, false, 2>>(a, B, pk, s);
+      break;  // 2 CTAs x 8 warps, Q from smem
+    case 2:
+      launch<FwdTraits<T, D, 1, 4, 64, true, 2>>(a, B, pk, s);
+      break;  // 64 rows, 2 CTAs x 4 warps
+    case 3:
+      launch<FwdTraits<T, D, 1, 4, 32, false, 4>>(a, B, pk, s);
+      break;  // 64 rows, 4 CTAs x 4 warps
+    case 4:
+      launch<FwdTraits<T, D, 2, 4, 32, false, 2>>(a, B, pk, s);
+      break;  // 128 rows, 4 warps x 32 rows
+    case 0:
+      launch<FwdTraits<T, D, 1, 8, 64, true, 1>>(a, B, pk, s);
+      break;  // 128 rows, 8 warps x 16 rows
     case kSm90aConfig:
 #if defined(KSA_HAVE_SM90A)
       detail::launch_fwd_sm90a(a, B, D, std::is_same_v<T, __half>, pk, s);
 #endif
       break;
-    default: fail("ksa::cuda::attention_forward: unknown configuration ", config, " (0..5)");  // pick_forward checked
+    default:
+      fail("ksa::cuda::attention_forward: unknown configuration ", config, " (0..5)");  // pick_forward checked
   }
 }
 
@@ -314,7 +327,6 @@ void dispatch_dim(int config, const FwdArgs& a, int64_t D, int B, const varlen::
   else if (D == 64) dispatch_config<T, 64>(config, a, B, pk, s);
   else fail("ksa::cuda::attention_forward: D=", D, " is not supported (64 or 128)");
 }
-
 
 }  // namespace
 
@@ -334,7 +346,8 @@ static std::string forward_config_problem(const KernelOptions& o) {
     if (device_count() == 0) return "forward_config: 5, the sm_90a kernel, needs a CUDA device (none visible)";
     if (!detail::sm90a_usable())
       return "forward_config: 5, the sm_90a kernel, needs a compute capability 9.0 device and a build with CUDA "
-             "architecture 90 (this device: " + device_description() + ")";
+             "architecture 90 (this device: " +
+             device_description() + ")";
   }
   return {};
 }
@@ -357,10 +370,12 @@ bool supports(const AttentionParams& p, std::string* why, const KernelOptions& o
   if (p.D != 64 && p.D != 128) return no("D: must be 64 or 128 (got " + std::to_string(p.D) + ")");
   if (p.L() >= (int64_t(1) << 31)) return no("L: must be < 2^31 (got " + std::to_string(p.L()) + ")");
   if (p.packed()) {  // every stream's rows rounded up to 128 (varlen_plan.hpp) in 32-bit indices
-    if (p.num_seqs >= (int64_t(1) << 31)) return no("num_seqs: must be < 2^31 (got " + std::to_string(p.num_seqs) + ")");
+    if (p.num_seqs >= (int64_t(1) << 31))
+      return no("num_seqs: must be < 2^31 (got " + std::to_string(p.num_seqs) + ")");
     const int64_t Lp = varlen::padded_rows(p);
     if (Lp + varlen::kRowBlock >= (int64_t(1) << 31))
-      return no("cu_seqlens: the streams' rows, each rounded up to 128, must total < 2^31 - 128 (got " + std::to_string(Lp) + ")");
+      return no("cu_seqlens: the streams' rows, each rounded up to 128, must total < 2^31 - 128 (got " +
+                std::to_string(Lp) + ")");
   }
   return detail::views_aligned16({{"q", &p.q}, {"k", &p.k}, {"v", &p.v}, {"out", &p.out}}, why);
 }

@@ -83,7 +83,8 @@ void launch_fwd(Kernel kern, PackedKernel kern_packed, const FwdArgs& a, int B, 
   if (packed) {
     const std::vector<varlen::QueryTile> tiles = varlen::query_tiles(*packed, a.W, K::BQ);
     if (tiles.empty()) return;
-    if (tiles.size() >= (size_t(1) << 31)) fail("ksa::cuda::attention_forward: ", tiles.size(), " query tiles (over 2^31 - 1)");
+    if (tiles.size() >= (size_t(1) << 31))
+      fail("ksa::cuda::attention_forward: ", tiles.size(), " query tiles (over 2^31 - 1)");
     HostImage img;
     const size_t o_seqs = img.add(packed->seqs), o_tiles = img.add(tiles);
     Workspace ws(img.size(), stream);

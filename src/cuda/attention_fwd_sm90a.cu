@@ -34,10 +34,10 @@ template <class T_, int D_>
 struct Sm90Traits {
   using T = T_;
   static constexpr int D = D_;
-  static constexpr int BQ = 128;       // query rows per CTA, 64 per consumer warpgroup
-  static constexpr int BK = 128;       // keys per tile
-  static constexpr int STAGES = 3;     // K/V tiles in flight
-  static constexpr int THREADS = 384;  // consumer warpgroups 0 and 1, producer warpgroup 2
+  static constexpr int BQ = 128;                                 // query rows per CTA, 64 per consumer warpgroup
+  static constexpr int BK = 128;                                 // keys per tile
+  static constexpr int STAGES = 3;                               // K/V tiles in flight
+  static constexpr int THREADS = 384;                            // consumer warpgroups 0 and 1, producer warpgroup 2
   static constexpr int PRODUCER_REGS = 88, CONSUMER_REGS = 208;  // setmaxnreg (see regs_fit)
   static constexpr uint32_t Q_BYTES = BQ * D * 2, KV_BYTES = BK * D * 2;
   // Q, then STAGES x (K, V), then one TileInfo per stage; +1 KiB to align the base on the 128B swizzle's

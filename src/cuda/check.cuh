@@ -5,10 +5,10 @@
 
 #include "ksa/error.hpp"
 
-#define KSA_CUDA_CHECK(expr)                                                                          \
-  do {                                                                                                \
-    const cudaError_t ksa_err_ = (expr);                                                              \
-    if (ksa_err_ != cudaSuccess)                                                                      \
+#define KSA_CUDA_CHECK(expr)                                                                                     \
+  do {                                                                                                           \
+    const cudaError_t ksa_err_ = (expr);                                                                         \
+    if (ksa_err_ != cudaSuccess)                                                                                 \
       ::ksa::fail("CUDA error in ", #expr, " at ", __FILE__, ":", __LINE__, ": ", cudaGetErrorString(ksa_err_)); \
   } while (0)
 

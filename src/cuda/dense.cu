@@ -19,22 +19,29 @@ namespace {
 cudaStream_t cs(CudaStream s) { return static_cast<cudaStream_t>(s); }
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
 
-#define KSA_CUBLAS_CHECK(expr)                                                                        \
-  do {                                                                                                \
-    const cublasStatus_t st_ = (expr);                                                                \
-    if (st_ != CUBLAS_STATUS_SUCCESS)                                                                 \
+#define KSA_CUBLAS_CHECK(expr)                                                                          \
+  do {                                                                                                  \
+    const cublasStatus_t st_ = (expr);                                                                  \
+    if (st_ != CUBLAS_STATUS_SUCCESS)                                                                   \
       ::ksa::fail("cuBLASLt error in ", #expr, ": status ", int(st_), " (", cublasLt_status(st_), ")"); \
   } while (0)
 
 const char* cublasLt_status(cublasStatus_t s) {
   switch (s) {
-    case CUBLAS_STATUS_NOT_INITIALIZED: return "not initialized";
-    case CUBLAS_STATUS_ALLOC_FAILED: return "allocation failed (out of device memory?)";
-    case CUBLAS_STATUS_INVALID_VALUE: return "invalid value";
-    case CUBLAS_STATUS_ARCH_MISMATCH: return "architecture mismatch";
-    case CUBLAS_STATUS_EXECUTION_FAILED: return "execution failed";
-    case CUBLAS_STATUS_NOT_SUPPORTED: return "not supported";
-    default: return "error";
+    case CUBLAS_STATUS_NOT_INITIALIZED:
+      return "not initialized";
+    case CUBLAS_STATUS_ALLOC_FAILED:
+      return "allocation failed (out of device memory?)";
+    case CUBLAS_STATUS_INVALID_VALUE:
+      return "invalid value";
+    case CUBLAS_STATUS_ARCH_MISMATCH:
+      return "architecture mismatch";
+    case CUBLAS_STATUS_EXECUTION_FAILED:
+      return "execution failed";
+    case CUBLAS_STATUS_NOT_SUPPORTED:
+      return "not supported";
+    default:
+      return "error";
   }
 }
 
@@ -72,9 +79,9 @@ __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* ids, int
 // with float4 loads held in registers (all loads in flight before the sum: a decode step's single row is
 // latency bound); others take the plain strided loop.
 constexpr int kNormThreads = 256, kNormVec = 4;
-__global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(float* x, const float* h, int64_t n, const void* w,
-                                                                const void* ws, const uint8_t* is_summary, float eps,
-                                                                __nv_bfloat16* out) {
+__global__ void __launch_bounds__(kNormThreads)
+    rms_norm_kernel(float* x, const float* h, int64_t n, const void* w, const void* ws, const uint8_t* is_summary,
+                    float eps, __nv_bfloat16* out) {
   __shared__ float red[32];
   const int64_t r = blockIdx.x;
   float* xr = x + r * n;
@@ -281,8 +288,8 @@ __device__ uint32_t select_key(const float* lg, int V, uint32_t lo, u64 target, 
   return prefix;
 }
 
-__global__ void __launch_bounds__(kSampleThreads) sample_kernel(float* logits, int V, const SampleArgs* args,
-                                                                const int32_t* pairs, int32_t* out) {
+__global__ void __launch_bounds__(kSampleThreads)
+    sample_kernel(float* logits, int V, const SampleArgs* args, const int32_t* pairs, int32_t* out) {
   __shared__ SampleShared sh;
   const SampleArgs a = args[blockIdx.x];
   float* lg = logits + a.row * int64_t(V);
@@ -332,7 +339,9 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(float* logits, i
   auto prob = [&](float l) { return expf((l - m) * invT); };
   auto mass = [&](float l) { return u64(prob(l) * 4294967296.f); };  // fixed point 2^32: p <= 1
   uint32_t lo = 0;
-  if (a.top_k > 0 && a.top_k < V) lo = select_key(lg, V, 0u, u64(a.top_k), [](float) { return u64(1); }, sh);
+  if (a.top_k > 0 && a.top_k < V)
+    lo = select_key(
+        lg, V, 0u, u64(a.top_k), [](float) { return u64(1); }, sh);
   if (a.top_p < 1.f) {
     u64 my = 0, Z = 0;
     for (int i = i0; i < i1; ++i)
@@ -396,9 +405,9 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
 }
 
 template <int M, class YT>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const uint4* __restrict__ x, int chunks,
-                                                            const uint4* __restrict__ W, int N, YT* __restrict__ y,
-                                                            int64_t ldy) {
+__global__ void __launch_bounds__(kGemvThreads)
+    gemv_kernel(const uint4* __restrict__ x, int chunks, const uint4* __restrict__ W, int N, YT* __restrict__ y,
+                int64_t ldy) {
   __shared__ float red[kGemvThreads / 32][kGemvRows * M];
   const int n0 = blockIdx.x * kGemvRows;
   const uint4* w[kGemvRows];
@@ -467,22 +476,31 @@ void gemv_m(const void* x, int64_t K, const void* W, int64_t N, void* y, DType y
 // Whether gemv() takes this product.
 bool gemv_fits(const void* x, int64_t M, int64_t K, const void* W, int64_t N) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return M >= 1 && M <= kGemvMaxM && K % 8 == 0 && K / 8 < (int64_t(1) << 31) && N < (int64_t(1) << 31) &&
-         aligned(x) && aligned(W);
+  return M >= 1 && M <= kGemvMaxM && K % 8 == 0 && K / 8 < (int64_t(1) << 31) && N < (int64_t(1) << 31) && aligned(x) &&
+         aligned(W);
 }
 
 void gemv(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy,
           cudaStream_t s) {
   switch (M) {
-    case 1: return gemv_m<1>(x, K, W, N, y, ydt, ldy, s);
-    case 2: return gemv_m<2>(x, K, W, N, y, ydt, ldy, s);
-    case 3: return gemv_m<3>(x, K, W, N, y, ydt, ldy, s);
-    case 4: return gemv_m<4>(x, K, W, N, y, ydt, ldy, s);
-    case 5: return gemv_m<5>(x, K, W, N, y, ydt, ldy, s);
-    case 6: return gemv_m<6>(x, K, W, N, y, ydt, ldy, s);
-    case 7: return gemv_m<7>(x, K, W, N, y, ydt, ldy, s);
-    case 8: return gemv_m<8>(x, K, W, N, y, ydt, ldy, s);
-    default: fail("cuda linear: internal error: gemv with M=", M);
+    case 1:
+      return gemv_m<1>(x, K, W, N, y, ydt, ldy, s);
+    case 2:
+      return gemv_m<2>(x, K, W, N, y, ydt, ldy, s);
+    case 3:
+      return gemv_m<3>(x, K, W, N, y, ydt, ldy, s);
+    case 4:
+      return gemv_m<4>(x, K, W, N, y, ydt, ldy, s);
+    case 5:
+      return gemv_m<5>(x, K, W, N, y, ydt, ldy, s);
+    case 6:
+      return gemv_m<6>(x, K, W, N, y, ydt, ldy, s);
+    case 7:
+      return gemv_m<7>(x, K, W, N, y, ydt, ldy, s);
+    case 8:
+      return gemv_m<8>(x, K, W, N, y, ydt, ldy, s);
+    default:
+      fail("cuda linear: internal error: gemv with M=", M);
   }
 }
 
@@ -525,8 +543,8 @@ struct Gemm::Impl {
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.op, p.a, p.b, p.c, p.c, pref, 1, &res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
     if (st != CUBLAS_STATUS_SUCCESS || found == 0)
-      fail("cuBLASLt: no algorithm for the matrix product M=", M, " K=", K, " N=", N, " (bf16 in, ",
-           dtype_name(ydt), " out)");
+      fail("cuBLASLt: no algorithm for the matrix product M=", M, " K=", K, " N=", N, " (bf16 in, ", dtype_name(ydt),
+           " out)");
     p.algo = res.algo;
     return plans.emplace(key, p).first->second;
   }
@@ -571,8 +589,8 @@ void embed_rows(const void* table, const int32_t* ids, int64_t n, int64_t H, flo
 void rms_norm(const float* x, int64_t rows, int64_t n, const void* w, const void* ws, const uint8_t* is_summary,
               float eps, void* out, CudaStream stream) {
   if (rows == 0) return;
-  rms_norm_kernel<<<unsigned(rows), kNormThreads, 0, cs(stream)>>>(const_cast<float*>(x), nullptr, n, w, ws, is_summary, eps,
-                                                           static_cast<__nv_bfloat16*>(out));
+  rms_norm_kernel<<<unsigned(rows), kNormThreads, 0, cs(stream)>>>(const_cast<float*>(x), nullptr, n, w, ws, is_summary,
+                                                                   eps, static_cast<__nv_bfloat16*>(out));
   KSA_CUDA_CHECK_LAUNCH();
 }
 
@@ -580,7 +598,7 @@ void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void*
                   CudaStream stream) {
   if (rows == 0) return;
   rms_norm_kernel<<<unsigned(rows), kNormThreads, 0, cs(stream)>>>(x, h, n, w, nullptr, nullptr, eps,
-                                                           static_cast<__nv_bfloat16*>(out));
+                                                                   static_cast<__nv_bfloat16*>(out));
   KSA_CUDA_CHECK_LAUNCH();
 }
 
@@ -623,11 +641,12 @@ void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t 
   auto* K = static_cast<__nv_bfloat16*>(kc);
   auto* Vv = static_cast<__nv_bfloat16*>(vc);
   if (D == 128)
-    qk_norm_rope_kernel<128><<<grid, 256, 0, cs(stream)>>>(qkv, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
+    qk_norm_rope_kernel<128>
+        <<<grid, 256, 0, cs(stream)>>>(qkv, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
   else if (D == 64)
-    qk_norm_rope_kernel<64><<<grid, 256, 0, cs(stream)>>>(qkv, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
-  else
-    fail("cuda qk_norm_rope: head_dim must be 64 or 128 (got ", D, ")");
+    qk_norm_rope_kernel<64>
+        <<<grid, 256, 0, cs(stream)>>>(qkv, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
+  else fail("cuda qk_norm_rope: head_dim must be 64 or 128 (got ", D, ")");
   KSA_CUDA_CHECK_LAUNCH();
 }
 

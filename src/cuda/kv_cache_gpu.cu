@@ -6,8 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "check.cuh"
 #include "cache/decode_keys.hpp"
+#include "check.cuh"
 #include "cuda/decode_plan.cuh"
 #include "cuda/launch_checks.hpp"
 #include "ksa/cuda_cache.hpp"
@@ -87,22 +87,23 @@ size_t align16(size_t x) { return (x + 15) & ~size_t(15); }
 void check_tensor(const TensorView& t, const char* name, int64_t rows, int64_t H, int64_t D) {
   if (rows == 0) return;
   if (!t.data) fail("cuda decode: ", name, ": data pointer is null");
-  if (H > 1 && t.head_stride < D) fail("cuda decode: ", name, ".head_stride must be >= D=", D, " (got ", t.head_stride, ")");
+  if (H > 1 && t.head_stride < D)
+    fail("cuda decode: ", name, ".head_stride must be >= D=", D, " (got ", t.head_stride, ")");
   if (rows > 1 && t.row_stride < (H - 1) * t.head_stride + D)
     fail("cuda decode: ", name, ".row_stride must be >= (H-1)*head_stride + D (got ", t.row_stride, ")");
   std::string why;
   if (!views_aligned16({{name, &t}}, &why)) fail("cuda decode: ", why, " (16-byte chunks are moved)");
   const int64_t last = (rows - 1) * t.row_stride + (H - 1) * t.head_stride + D;
-  if (last >= (int64_t(1) << 31)) fail("cuda decode: ", name, " spans ", last, " elements, over 2^31 (packed rows are int32)");
+  if (last >= (int64_t(1) << 31))
+    fail("cuda decode: ", name, " spans ", last, " elements, over 2^31 (packed rows are int32)");
 }
 
 // read_stream: one CTA per row; src[i] is the row's block (K [Hkv, P, D] then V), srow[i] its row in the block
 // and dst[i] its stream position; 16 bytes per thread.
-__global__ void __launch_bounds__(256) read_rows_kernel(const uint16_t* const* __restrict__ src,
-                                                         const int32_t* __restrict__ srow,
-                                                         const int32_t* __restrict__ dst, int P, int Hkv, int D,
-                                                         uint16_t* k, int64_t k_rs, int64_t k_hs, uint16_t* v,
-                                                         int64_t v_rs, int64_t v_hs) {
+__global__ void __launch_bounds__(256)
+    read_rows_kernel(const uint16_t* const* __restrict__ src, const int32_t* __restrict__ srow,
+                     const int32_t* __restrict__ dst, int P, int Hkv, int D, uint16_t* k, int64_t k_rs, int64_t k_hs,
+                     uint16_t* v, int64_t v_rs, int64_t v_hs) {
   const uint16_t* blk = src[blockIdx.x];
   const int r = srow[blockIdx.x];
   const int64_t pos = dst[blockIdx.x];
@@ -136,10 +137,10 @@ struct KvCacheGpu::Impl {
   int sms = 0;
   int ctas_per_sm[9] = {};  // attend CTAs per SM by GQA group size (queried on first use)
   std::optional<DecodePlan> plan;
-  DecodeRun run;                     // the last upload's plan (host copy; its device copy at run_dev)
+  DecodeRun run;  // the last upload's plan (host copy; its device copy at run_dev)
   const DecodeRun* run_dev = nullptr;
-  DecodeTensors run_io;              // plan_decode(..., io): the tensors run() launches with
-  int64_t run_rows = 0;              // the last decode plan's rows (launch checks io against them)
+  DecodeTensors run_io;  // plan_decode(..., io): the tensors run() launches with
+  int64_t run_rows = 0;  // the last decode plan's rows (launch checks io against them)
   PlanStats stats;
   DeviceBuf meta, partials, read_meta;
   Staging staging[2], read_staging;
@@ -242,7 +243,8 @@ struct KvCacheGpu::Impl {
         if (rend > u.begin) {
           const int64_t y0 = storage_row(u.begin), y1 = storage_row(rend - 1);
           if (y1 - y0 != rend - 1 - u.begin)  // one chunk's summaries when they are not stored (KvCache)
-            fail("cuda decode: internal error: a unit's cache rows are not contiguous (rows ", u.begin, "..", rend, ")");
+            fail("cuda decode: internal error: a unit's cache rows are not contiguous (rows ", u.begin, "..", rend,
+                 ")");
           u.blk0 = int32_t(y0 / P);
           nb = int32_t(y1 / P - y0 / P + 1);
           for (int64_t b = y0 / P; b <= y1 / P; ++b)
@@ -259,7 +261,8 @@ struct KvCacheGpu::Impl {
     const KvPoolView pv = cache.pool_view();
     std::vector<const void*> addr(tables.size());
     for (size_t i = 0; i < tables.size(); ++i) addr[i] = tables[i] < 0 ? nullptr : pv.block(tables[i]);
-    const int32_t ub_stride = unit_nblk.empty() ? 1 : std::max(1, *std::max_element(unit_nblk.begin(), unit_nblk.end()));
+    const int32_t ub_stride =
+        unit_nblk.empty() ? 1 : std::max(1, *std::max_element(unit_nblk.begin(), unit_nblk.end()));
     if (ub_stride > kMaxUnitBlocks) fail("cuda decode: internal error: a unit reads ", ub_stride, " blocks");
     std::vector<const void*> uaddr(units.size() * size_t(ub_stride), nullptr);
     for (size_t u = 0, j = 0; u < units.size(); ++u)
@@ -301,7 +304,8 @@ struct KvCacheGpu::Impl {
     a.D = int32_t(D);
     a.scale = scale;
     a.part_acc = static_cast<float*>(partials.p);
-    a.part_ml = reinterpret_cast<float2*>(static_cast<char*>(partials.p) + align16(units.size() * size_t(Hkv * G * D) * 4));
+    a.part_ml =
+        reinterpret_cast<float2*>(static_cast<char*>(partials.p) + align16(units.size() * size_t(Hkv * G * D) * 4));
     run_dev = reinterpret_cast<const DecodeRun*>(d + o_run);
 
     Staging& stg = staging[next_staging];
@@ -375,8 +379,7 @@ struct KvCacheGpu::Impl {
         return false;
       }
     }
-    if (!cfg.stores_summaries() && end.sums > st.summary_tokens &&
-        (end.sums - 1) / S > st.summary_tokens / S) {
+    if (!cfg.stores_summaries() && end.sums > st.summary_tokens && (end.sums - 1) / S > st.summary_tokens / S) {
       if (why)
         *why = "cuda decode: a step of " + std::to_string(n) + " tokens for sequence " + std::to_string(id) +
                " writes summaries of two chunks, and this layer keeps only one chunk's summaries (W*k >= "
@@ -428,9 +431,8 @@ void KvCacheGpu::prefill(SeqId id, const KvRows& k, const KvRows& v) {
   try {
     const TensorView kv{const_cast<void*>(k.data), 0, k.row_stride, k.head_stride};
     const TensorView vv{const_cast<void*>(v.data), 0, v.row_stride, v.head_stride};
-    m.upload(plan, 1.f, cfg.Hkv, true, [&](const ksa::detail::DecodeKeys& d) {
-      return d.is_summary ? d.row >= s_keep : d.row >= lo;
-    });
+    m.upload(plan, 1.f, cfg.Hkv, true,
+             [&](const ksa::detail::DecodeKeys& d) { return d.is_summary ? d.row >= s_keep : d.row >= lo; });
     launch_decode(m.run, m.run_dev, Impl::tensors(nullptr, kv, vv, nullptr, nullptr), m.stream);
   } catch (...) {
     m.cache.cancel_decode(plan);
@@ -439,7 +441,8 @@ void KvCacheGpu::prefill(SeqId id, const KvRows& k, const KvRows& v) {
   m.cache.commit_decode(plan);
 }
 
-void KvCacheGpu::read_stream(SeqId id, int64_t text_begin, int64_t sum_begin, const TensorView& k, const TensorView& v) {
+void KvCacheGpu::read_stream(SeqId id, int64_t text_begin, int64_t sum_begin, const TensorView& k,
+                             const TensorView& v) {
   Impl& m = *impl_;
   const KvCacheConfig& cfg = m.cache.config();
   const SeqKvView sv = m.cache.view(id);

@@ -72,9 +72,13 @@ constexpr bool regs_fit(int producer, int consumer) {
   return producer % 8 == 0 && consumer % 8 == 0 && 128 * producer + 256 * consumer <= 384 * 168;
 }
 template <int N>
-__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
 template <int N>
-__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
 
 // Producer: the ROWS rows [g0, g0 + ROWS) of one head (gathered order; rows >= g_end zero-filled; base at the
 // head's element 0) into a 128B-swizzled tile of ROWS rows. Warp w of the producer takes rows
@@ -104,15 +108,15 @@ __device__ __forceinline__ void load_rows(const Layout32& l32, uint32_t s, const
 // once); `load(stage_addr, info)` issues a tile's loads into a stage (stage st at s_stages + st * stage_bytes).
 // Each tile is published to both consumers once it has landed.
 template <int STAGES, class First, class Next, class Load>
-__device__ __forceinline__ void produce(uint32_t s_stages, uint32_t stage_bytes, TileInfo* info, First first,
-                                        Next next, Load load) {
+__device__ __forceinline__ void produce(uint32_t s_stages, uint32_t stage_bytes, TileInfo* info, First first, Next next,
+                                        Load load) {
   using B = Bars<STAGES>;
   const bool leader = threadIdx.x == 256;
   TileInfo cur{}, prev{};
   bool have = next(cur);
   first();
   auto publish = [&](int j, int last) {  // tile j has landed (this thread's part): tell the consumers
-    fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads through the async one
+    fence_proxy_async();                 // cp.async wrote through the generic proxy; wgmma reads through the async one
     if (leader) {
       prev.last = last;
       info[j % STAGES] = prev;

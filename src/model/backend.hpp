@@ -48,7 +48,7 @@ struct Act {
 enum class Rows : uint8_t { summary, logits };
 
 struct StepSeq {
-  SeqId cache_id = -1;  // the sequence's id in every layer's cache (the same in all layers)
+  SeqId cache_id = -1;      // the sequence's id in every layer's cache (the same in all layers)
   int64_t row0 = 0, n = 0;  // its new stream rows [row0, row0 + n) of the step
   // Attend with the prefill kernel (a prompt, or a piece of one): over these rows and the `cached` stream
   // rows the cache holds before them (0: a fresh sequence). Otherwise: the decode kernel through the cache.
@@ -58,8 +58,8 @@ struct StepSeq {
 
 // Decoding sequences (fresh false) come first in `seqs`, their rows packed from row 0; prefill ones follow.
 struct StepDesc {
-  std::vector<int32_t> ids;        // [n] embedding row per stream row
-  std::vector<int32_t> positions;  // [n] RoPE positions
+  std::vector<int32_t> ids;           // [n] embedding row per stream row
+  std::vector<int32_t> positions;     // [n] RoPE positions
   std::vector<int32_t> summary_rows;  // rows that are summary tokens, increasing
   std::vector<int32_t> logits_rows;   // rows whose logits are computed, increasing
   std::vector<StepSeq> seqs;
@@ -70,7 +70,7 @@ struct StepDesc {
 struct SampleReq {
   int64_t logits_row = 0;
   const SamplerConfig* cfg = nullptr;
-  double u = 0;                    // the draw's uniform in [0, 1)
+  double u = 0;  // the draw's uniform in [0, 1)
   std::span<const int32_t> history;
 };
 
@@ -140,7 +140,7 @@ class Backend {
 };
 
 struct BackendOptions {
-  int threads = 0;  // CPU threads
+  int threads = 0;                    // CPU threads
   int64_t continuation_tokens = 128;  // CUDA: text tokens per continuation step (sets the ring slack)
   int64_t prefill_tokens = 1024;      // CUDA: text tokens per prefill piece (max_prefill_tokens)
   int64_t q_heads = 1;                // query heads (CUDA plans a step's decode at begin_step)

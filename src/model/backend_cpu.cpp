@@ -62,8 +62,8 @@ class CpuBackend final : public Backend {
     if (table.dtype == DType::q8_0) {  // a row is cols / 32 whole blocks
       const int64_t row_bytes = dtype_bytes(DType::q8_0, x.cols);
       for (int64_t r = 0; r < x.rows; ++r)
-        cpu::dequantize_q8_0(static_cast<const std::byte*>(table.data) + int64_t(step_->ids[size_t(r)]) * row_bytes, x.cols,
-                             y + r * x.cols);
+        cpu::dequantize_q8_0(static_cast<const std::byte*>(table.data) + int64_t(step_->ids[size_t(r)]) * row_bytes,
+                             x.cols, y + r * x.cols);
       return;
     }
     for (int64_t r = 0; r < x.rows; ++r)
@@ -105,19 +105,20 @@ class CpuBackend final : public Backend {
     for (const Weight* W : ws) {
       tmp_.resize(size_t(x.rows * W->rows));
       product(f32(x), x.rows, x.cols, *W, W->rows, tmp_.data());
-      for (int64_t r = 0; r < x.rows; ++r)
-        std::copy_n(tmp_.data() + r * W->rows, W->rows, f32(y) + r * y.cols + col0);
+      for (int64_t r = 0; r < x.rows; ++r) std::copy_n(tmp_.data() + r * W->rows, W->rows, f32(y) + r * y.cols + col0);
       col0 += W->rows;
     }
   }
 
   void gather(const Act& in, Rows which, Act out) override {
     const std::vector<int32_t>& rows = select(which);
-    for (size_t i = 0; i < rows.size(); ++i) std::copy_n(f32(in) + rows[i] * in.cols, in.cols, f32(out) + int64_t(i) * in.cols);
+    for (size_t i = 0; i < rows.size(); ++i)
+      std::copy_n(f32(in) + rows[i] * in.cols, in.cols, f32(out) + int64_t(i) * in.cols);
   }
   void scatter(const Act& in, Rows which, Act out) override {
     const std::vector<int32_t>& rows = select(which);
-    for (size_t i = 0; i < rows.size(); ++i) std::copy_n(f32(in) + int64_t(i) * in.cols, in.cols, f32(out) + rows[i] * in.cols);
+    for (size_t i = 0; i < rows.size(); ++i)
+      std::copy_n(f32(in) + int64_t(i) * in.cols, in.cols, f32(out) + rows[i] * in.cols);
   }
 
   void blend(Act y, int64_t col0, const Act& ys, double mix) override {
@@ -152,7 +153,9 @@ class CpuBackend final : public Backend {
     const KvCacheConfig& cc = cache.config();
     const int64_t Hkv = cc.Hkv, D = cc.D, esz = dtype_size(kv_dtype_);
     ob_.resize(size_t(qc.rows * Hq * D * esz));
-    auto at = [&](const Act& a, int64_t row, int64_t H) { return static_cast<const std::byte*>(a.data) + row * H * D * esz; };
+    auto at = [&](const Act& a, int64_t row, int64_t H) {
+      return static_cast<const std::byte*>(a.data) + row * H * D * esz;
+    };
     std::vector<SeqId> ids;
     std::vector<int64_t> n_new;
     int64_t cont_rows = 0;
@@ -160,9 +163,9 @@ class CpuBackend final : public Backend {
       if (s.fresh) {
         if (s.cached != 0) fail("engine: internal error: the CPU backend prefills fresh sequences only");
         const StreamCounts end = stream_counts(cc.spec.k, cc.spec.S, s.n);
-        AttentionParams p = dense_params(Layout(cc.spec.k, cc.spec.S, end.T, false), W, 1, Hq, Hkv, D, kv_dtype_,
-                                         {at(qc, s.row0, Hq), at(kc, s.row0, Hkv), at(vc, s.row0, Hkv),
-                                          ob_.data() + s.row0 * Hq * D * esz});
+        AttentionParams p = dense_params(
+            Layout(cc.spec.k, cc.spec.S, end.T, false), W, 1, Hq, Hkv, D, kv_dtype_,
+            {at(qc, s.row0, Hq), at(kc, s.row0, Hkv), at(vc, s.row0, Hkv), ob_.data() + s.row0 * Hq * D * esz});
         p.num_threads = threads_;
         cpu::attention_forward(p);
         cache.prefill(s.cache_id, KvRows::dense(at(kc, s.row0, Hkv), s.n, Hkv, D, kv_dtype_),

@@ -4,8 +4,8 @@
 #include <fstream>
 #include <sstream>
 
-#include "ksa/error.hpp"
 #include "core/json_input.hpp"
+#include "ksa/error.hpp"
 
 namespace ksa {
 
@@ -25,14 +25,14 @@ GenerationConfig load_generation_config(const std::string& dir) {
   if (!j.is_object()) fail(path.string(), ": expected a JSON object");
   g.found = true;
   auto id = [&](const nlohmann::json& v, const char* field) -> int64_t {
-    if (!v.is_number_integer()) fail(path.string(), ": ", field, ": expected an integer token id (got ", detail::json_excerpt(v), ")");
+    if (!v.is_number_integer())
+      fail(path.string(), ": ", field, ": expected an integer token id (got ", detail::json_excerpt(v), ")");
     return v.get<int64_t>();
   };
   if (auto it = j.find("eos_token_id"); it != j.end() && !it->is_null()) {
     if (it->is_array())
       for (const auto& v : *it) g.eos_token_ids.push_back(id(v, "eos_token_id"));
-    else
-      g.eos_token_ids.push_back(id(*it, "eos_token_id"));
+    else g.eos_token_ids.push_back(id(*it, "eos_token_id"));
   }
   if (auto it = j.find("bos_token_id"); it != j.end() && !it->is_null()) g.bos_token_id = id(*it, "bos_token_id");
   auto number = [&](const char* field, std::optional<double>& out) {

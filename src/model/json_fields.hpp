@@ -9,8 +9,8 @@
 #include <sstream>
 #include <string>
 
-#include "ksa/error.hpp"
 #include "core/json_input.hpp"  // parse_json (depth and number limits), json_excerpt
+#include "ksa/error.hpp"
 
 namespace ksa::detail {
 
@@ -30,7 +30,9 @@ class Fields {
  public:
   Fields(const Json& obj, std::string source, std::string prefix = "")
       : obj_(obj), source_(std::move(source)), prefix_(std::move(prefix)) {
-    if (!obj_.is_object()) fail(source_, ": ", prefix_.empty() ? "top level" : prefix_, ": must be a JSON object (got ", json_excerpt(obj_), ")");
+    if (!obj_.is_object())
+      fail(source_, ": ", prefix_.empty() ? "top level" : prefix_, ": must be a JSON object (got ", json_excerpt(obj_),
+           ")");
   }
 
   // Present and not null.
@@ -51,7 +53,9 @@ class Fields {
   [[noreturn]] void bad(const char* key, const char* what, const Json& v) const {
     fail(source_, ": ", name(key), ": must be ", what, " (got ", json_excerpt(v), ")");
   }
-  [[noreturn]] void bad_value(const char* key, const std::string& what) const { fail(source_, ": ", name(key), ": ", what); }
+  [[noreturn]] void bad_value(const char* key, const std::string& what) const {
+    fail(source_, ": ", name(key), ": ", what);
+  }
 
   int64_t integer(const char* key) const { return to_int(key, at(key)); }
   int64_t integer(const char* key, int64_t def) const {

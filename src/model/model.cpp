@@ -27,10 +27,10 @@ struct Layer {
 struct Piece {
   size_t item = 0;
   std::span<const int32_t> tokens;
-  bool all_logits = false;  // every text row's logits
-  bool last_logits = false; // the last text row's logits (also when sampling)
+  bool all_logits = false;   // every text row's logits
+  bool last_logits = false;  // the last text row's logits (also when sampling)
   bool sample = false;
-  bool prefill = false;     // attend with the prefill kernel (else the decode kernel through the cache)
+  bool prefill = false;  // attend with the prefill kernel (else the decode kernel through the cache)
 };
 
 }  // namespace
@@ -42,13 +42,13 @@ struct Model::Impl {
   std::unique_ptr<engine::Backend> be;
   Weight embed, final_norm, lm_head;
   std::vector<Layer> layers;
-  Spec spec;          // k, S and the position modes (W per layer in `layers`)
+  Spec spec;  // k, S and the position modes (W per layer in `layers`)
   bool summaries = true;
   int64_t max_text = 0;
   struct Seq {
     SeqId cache_id = -1;  // the same in every layer's cache
     int64_t T = 0, sums = 0;
-    uint64_t draws = 0;   // tokens sampled by step() so far
+    uint64_t draws = 0;  // tokens sampled by step() so far
   };
   std::map<SeqId, Seq> seqs;
   SeqId next_id = 0;
@@ -80,7 +80,8 @@ struct Model::Impl {
       const int64_t t = T0 + int64_t(i);
       push(tokens[i], lay.text_to_stream(t), false);
       if (summaries && (t + 1) % k == 0)
-        for (int64_t j = 0; j < S; ++j) push(int32_t(cfg.summary_token_begin + j), lay.summary_to_stream(t / k, j), true);
+        for (int64_t j = 0; j < S; ++j)
+          push(int32_t(cfg.summary_token_begin + j), lay.summary_to_stream(t / k, j), true);
     }
     return text_rows;
   }
@@ -158,7 +159,8 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   // The logits rows must be increasing for gather: sort them with their owners.
   std::vector<int64_t> perm(desc.logits_rows.size());
   for (size_t i = 0; i < perm.size(); ++i) perm[i] = int64_t(i);
-  std::sort(perm.begin(), perm.end(), [&](int64_t a, int64_t c) { return desc.logits_rows[size_t(a)] < desc.logits_rows[size_t(c)]; });
+  std::sort(perm.begin(), perm.end(),
+            [&](int64_t a, int64_t c) { return desc.logits_rows[size_t(a)] < desc.logits_rows[size_t(c)]; });
   std::vector<int32_t> sorted_rows(perm.size());
   std::vector<int64_t> slot_of(perm.size());  // unsorted index -> sorted position
   for (size_t i = 0; i < perm.size(); ++i) {
@@ -280,14 +282,16 @@ Model Model::load(const std::string& dir, const ModelOptions& opt) {
   if (opt.device == Device::cuda && opt.kv_dtype != DType::bf16)
     fail("Model: the CUDA engine keeps the KV cache in bf16 (kv_dtype ", dtype_name(opt.kv_dtype), " asked)");
   if (opt.max_text_tokens < 0) fail("Model: max_text_tokens must be >= 0 (got ", opt.max_text_tokens, ")");
-  if (cfg.rope_type != "default") fail(dir, "/config.json: rope_type \"", cfg.rope_type, "\" is not supported (default only)");
+  if (cfg.rope_type != "default")
+    fail(dir, "/config.json: rope_type \"", cfg.rope_type, "\" is not supported (default only)");
   m->ckpt = std::make_unique<Checkpoint>(Checkpoint::open(dir));
   const ModelWeights w = bind_weights(cfg, *m->ckpt);
   m->weight_format = describe_weight_format(*m->ckpt);
   if (opt.device == Device::cuda)  // refused before any device memory is taken
     for (const TensorInfo& t : m->ckpt->tensors())
       if (t.dtype == DType::q8_0)
-        fail(dir, ": ", t.name, " is q8_0: q8_0 weights run on the CPU only (use --device cpu, or the bf16 checkpoint on the GPU)");
+        fail(dir, ": ", t.name,
+             " is q8_0: q8_0 weights run on the CPU only (use --device cpu, or the bf16 checkpoint on the GPU)");
   m->max_text = opt.max_text_tokens > 0 ? opt.max_text_tokens : cfg.max_position_embeddings;
 
   engine::BackendOptions bo;
@@ -351,7 +355,8 @@ Model Model::load(const std::string& dir, const ModelOptions& opt) {
       be.fuse(qkv);
       be.fuse(gu);
     }
-    for (const Weight* t : {&L.in_norm, &L.q, &L.k, &L.v, &L.o, &L.q_norm, &L.k_norm, &L.post_norm, &L.gate, &L.up, &L.down})
+    for (const Weight* t :
+         {&L.in_norm, &L.q, &L.k, &L.v, &L.o, &L.q_norm, &L.k_norm, &L.post_norm, &L.gate, &L.up, &L.down})
       m->weight_bytes += t->nbytes, m->weight_bytes_token += t->nbytes;
     for (const Weight* t : {&L.in_norm_summary, &L.q_s, &L.k_s, &L.v_s}) m->weight_bytes += t->nbytes;
 
@@ -526,7 +531,8 @@ void Model::append(SeqId id, std::span<const int32_t> tokens, LogitsFor which, s
   else m.find(id, "append");
   const int64_t rows = which == LogitsFor::none ? 0 : which == LogitsFor::last ? (n > 0 ? 1 : 0) : n;
   if (int64_t(logits.size()) != rows * V)
-    fail("Model::append: logits holds ", logits.size(), " floats; ", rows, " row(s) of ", V, " = ", rows * V, " needed");
+    fail("Model::append: logits holds ", logits.size(), " floats; ", rows, " row(s) of ", V, " = ", rows * V,
+         " needed");
   if (n == 0) return;
   StepResult r;
   step(std::span<const StepItem>(&it, 1), r);

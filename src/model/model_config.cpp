@@ -24,10 +24,14 @@ constexpr int64_t kMaxContext = (int64_t(1) << 31) - 1;
 
 const char* dtype_hf_name(DType t) {
   switch (t) {
-    case DType::bf16: return "bfloat16";
-    case DType::f16: return "float16";
-    case DType::f32: return "float32";
-    case DType::q8_0: break;  // a weight storage type, never a config dtype
+    case DType::bf16:
+      return "bfloat16";
+    case DType::f16:
+      return "float16";
+    case DType::f32:
+      return "float32";
+    case DType::q8_0:
+      break;  // a weight storage type, never a config dtype
   }
   return "?";
 }
@@ -87,7 +91,8 @@ std::vector<uint8_t> summary_layer_flags(const Fields& f, int64_t L, bool use_su
     // The release builds a summary layer only when use_summary_attention is true.
     if (!falsy)
       for (size_t i = 0; i < out.size(); ++i)
-        if (out[i]) f.bad_value(key, "layer " + std::to_string(i) + " is a summary layer but use_summary_attention is false");
+        if (out[i])
+          f.bad_value(key, "layer " + std::to_string(i) + " is a summary layer but use_summary_attention is false");
     std::fill(out.begin(), out.end(), uint8_t(0));
   }
   return out;
@@ -108,9 +113,11 @@ ModelConfig ModelConfig::parse(std::string_view json_text, const std::string& so
   }
   const std::string act = f.string("hidden_act", "silu");
   if (act != "silu") f.bad_value("hidden_act", "\"" + act + "\" is not supported (only \"silu\")");
-  if (f.boolean("attention_bias", false)) f.bad_value("attention_bias", "true is not supported (Qwen3 has no q/k/v biases)");
+  if (f.boolean("attention_bias", false))
+    f.bad_value("attention_bias", "true is not supported (Qwen3 has no q/k/v biases)");
   if (f.boolean("use_sliding_window", false))
-    f.bad_value("use_sliding_window", "true is not supported (token sliding windows; KSA's window is summary_sliding_chunk_num)");
+    f.bad_value("use_sliding_window",
+                "true is not supported (token sliding windows; KSA's window is summary_sliding_chunk_num)");
 
   c.hidden_size = f.integer("hidden_size");
   c.intermediate_size = f.integer("intermediate_size");
@@ -119,8 +126,7 @@ ModelConfig ModelConfig::parse(std::string_view json_text, const std::string& so
   c.num_key_value_heads = f.integer("num_key_value_heads", c.num_attention_heads);
   if (c.num_attention_heads >= 1 && c.hidden_size >= 1)
     c.head_dim = f.integer("head_dim", c.hidden_size / c.num_attention_heads);
-  else
-    c.head_dim = f.integer("head_dim", 0);
+  else c.head_dim = f.integer("head_dim", 0);
   c.rms_norm_eps = f.number("rms_norm_eps", 1e-6);
   c.max_position_embeddings = f.integer("max_position_embeddings", 32768);
   c.vocab_size = f.integer("vocab_size");
@@ -148,8 +154,7 @@ ModelConfig ModelConfig::parse(std::string_view json_text, const std::string& so
   const char* dkey = f.has("torch_dtype") ? "torch_dtype" : "dtype";
   if (f.has(dkey)) {
     const std::string s = f.string(dkey, "");
-    if (!parse_dtype(s, c.dtype))
-      f.bad_value(dkey, "\"" + s + "\" is not supported (bfloat16, float16 or float32)");
+    if (!parse_dtype(s, c.dtype)) f.bad_value(dkey, "\"" + s + "\" is not supported (bfloat16, float16 or float32)");
   }
 
   if (const Json* lt = f.get("layer_types")) {
@@ -208,9 +213,12 @@ ModelConfig ModelConfig::load(const std::string& path) {
 
 void ModelConfig::validate() const {
   require(hidden_size >= 1 && hidden_size <= kMaxDim, "hidden_size", "in [1, 2^20]", hidden_size);
-  require(intermediate_size >= 1 && intermediate_size <= kMaxDim, "intermediate_size", "in [1, 2^20]", intermediate_size);
-  require(num_hidden_layers >= 1 && num_hidden_layers <= kMaxLayers, "num_hidden_layers", "in [1, 4096]", num_hidden_layers);
-  require(num_attention_heads >= 1 && num_attention_heads <= 4096, "num_attention_heads", "in [1, 4096]", num_attention_heads);
+  require(intermediate_size >= 1 && intermediate_size <= kMaxDim, "intermediate_size", "in [1, 2^20]",
+          intermediate_size);
+  require(num_hidden_layers >= 1 && num_hidden_layers <= kMaxLayers, "num_hidden_layers", "in [1, 4096]",
+          num_hidden_layers);
+  require(num_attention_heads >= 1 && num_attention_heads <= 4096, "num_attention_heads", "in [1, 4096]",
+          num_attention_heads);
   require(num_key_value_heads >= 1 && num_attention_heads % num_key_value_heads == 0, "num_key_value_heads",
           ("a divisor of num_attention_heads=" + std::to_string(num_attention_heads)).c_str(), num_key_value_heads);
   require(head_dim >= 2 && head_dim <= 1024 && head_dim % 2 == 0, "head_dim", "even and in [2, 1024]", head_dim);
@@ -230,11 +238,14 @@ void ModelConfig::validate() const {
         fail("layer_types: layer ", i, " is \"", layer_types[i], "\"; only \"full_attention\" is supported");
   }
   if (int64_t(windows.size()) != num_hidden_layers)
-    fail("summary_sliding_chunk_num: has ", windows.size(), " entries but the model has ", num_hidden_layers, " layers");
+    fail("summary_sliding_chunk_num: has ", windows.size(), " entries but the model has ", num_hidden_layers,
+         " layers");
   if (int64_t(summary_layers.size()) != num_hidden_layers)
-    fail("summary_layer_freq: has ", summary_layers.size(), " entries but the model has ", num_hidden_layers, " layers");
+    fail("summary_layer_freq: has ", summary_layers.size(), " entries but the model has ", num_hidden_layers,
+         " layers");
   require(truncate_predict_nums >= 0, "truncate_predict_nums", ">= 0", truncate_predict_nums);
-  if (!std::isfinite(mix_coeff) || mix_coeff < 0 || mix_coeff > 1) fail("mix_coeff: must be in [0, 1] (got ", mix_coeff, ")");
+  if (!std::isfinite(mix_coeff) || mix_coeff < 0 || mix_coeff > 1)
+    fail("mix_coeff: must be in [0, 1] (got ", mix_coeff, ")");
   if (use_summary_attention) {
     Spec s = layer_spec(0);
     s.validate();

@@ -129,7 +129,8 @@ WrittenModel write_random_model(const ModelConfig& cfg, const std::string& dir, 
     const bool is_summary_proj = e.name.find("_proj_summary") != std::string::npos;
     if (e.name.find("rotary_emb") != std::string::npos) continue;
     if (e.name == "lm_head.weight" && cfg.tie_word_embeddings) continue;
-    if (is_summary_proj && !(opt.summary_projections && cfg.use_summary_attention && cfg.summary_independent_parameters && (e.layer < 0 || cfg.is_summary_layer(e.layer))))
+    if (is_summary_proj && !(opt.summary_projections && cfg.use_summary_attention &&
+                             cfg.summary_independent_parameters && (e.layer < 0 || cfg.is_summary_layer(e.layer))))
       continue;
     if (e.name.find("input_layernorm_summary") != std::string::npos && !cfg.uses_summary_layernorm()) continue;
     float center = 0.f, sd;
@@ -140,7 +141,8 @@ WrittenModel write_random_model(const ModelConfig& cfg, const std::string& dir, 
       sd = 0.02f;
     } else {
       sd = float(1.0 / std::sqrt(double(e.shape[1])));
-      if (e.name.find("o_proj") != std::string::npos || e.name.find("down_proj") != std::string::npos) sd *= float(residual_scale);
+      if (e.name.find("o_proj") != std::string::npos || e.name.find("down_proj") != std::string::npos)
+        sd *= float(residual_scale);
     }
     int64_t n = 1;
     for (int64_t d : e.shape) n *= d;

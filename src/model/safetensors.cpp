@@ -27,10 +27,14 @@ using detail::Json;
 
 const char* safetensors_dtype_name(DType t) {
   switch (t) {
-    case DType::bf16: return "BF16";
-    case DType::f16: return "F16";
-    case DType::f32: return "F32";
-    case DType::q8_0: return "U8";  // stored as bytes [N, K/32, 34]
+    case DType::bf16:
+      return "BF16";
+    case DType::f16:
+      return "F16";
+    case DType::f32:
+      return "F32";
+    case DType::q8_0:
+      return "U8";  // stored as bytes [N, K/32, 34]
   }
   return "?";
 }
@@ -163,14 +167,14 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   // Parse, catching duplicate keys at the top level (nlohmann would keep the last silently).
   std::set<std::string> seen;
   std::string dup;
-  const Json header =
-      detail::parse_json(std::string_view(htext, size_t(n)), path, "header is not valid JSON",
-                         [&](int depth, Json::parse_event_t ev, Json& parsed) {
-                           if (ev == Json::parse_event_t::key && depth == 1 && parsed.is_string()) {
-                             if (!seen.insert(parsed.get<std::string>()).second && dup.empty()) dup = parsed.get<std::string>();
-                           }
-                           return true;
-                         });
+  const Json header = detail::parse_json(std::string_view(htext, size_t(n)), path, "header is not valid JSON",
+                                         [&](int depth, Json::parse_event_t ev, Json& parsed) {
+                                           if (ev == Json::parse_event_t::key && depth == 1 && parsed.is_string()) {
+                                             if (!seen.insert(parsed.get<std::string>()).second && dup.empty())
+                                               dup = parsed.get<std::string>();
+                                           }
+                                           return true;
+                                         });
   if (!dup.empty()) fail(path, ": header names tensor ", quote(dup), " twice");
   if (!header.is_object()) fail(path, ": header must be a JSON object (got ", detail::json_excerpt(header), ")");
 
@@ -181,7 +185,8 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     const Json& v = *md;
     if (!v.is_object()) fail(path, ": __metadata__ must be an object of strings (got ", detail::json_excerpt(v), ")");
     for (auto m = v.begin(); m != v.end(); ++m) {
-      if (!m.value().is_string()) fail(path, ": __metadata__.", m.key(), " must be a string (got ", detail::json_excerpt(m.value()), ")");
+      if (!m.value().is_string())
+        fail(path, ": __metadata__.", m.key(), " must be a string (got ", detail::json_excerpt(m.value()), ")");
       f.metadata_[m.key()] = m.value().get<std::string>();
     }
   }
@@ -194,15 +199,18 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     const Json& v = it.value();
     if (name == "__metadata__") continue;
     const std::string where = path + ": tensor " + quote(name);
-    if (!v.is_object()) fail(where, ": must be an object with dtype, shape, data_offsets (got ", detail::json_excerpt(v), ")");
+    if (!v.is_object())
+      fail(where, ": must be an object with dtype, shape, data_offsets (got ", detail::json_excerpt(v), ")");
     for (auto k = v.begin(); k != v.end(); ++k)
-      if (k.key() != "dtype" && k.key() != "shape" && k.key() != "data_offsets") fail(where, ": unknown field ", quote(k.key()));
+      if (k.key() != "dtype" && k.key() != "shape" && k.key() != "data_offsets")
+        fail(where, ": unknown field ", quote(k.key()));
     auto dt = v.find("dtype");
     auto sh = v.find("shape");
     auto off = v.find("data_offsets");
     if (dt == v.end() || !dt->is_string()) fail(where, ": dtype must be a string");
     if (sh == v.end() || !sh->is_array()) fail(where, ": shape must be a list of integers");
-    if (off == v.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned())
+    if (off == v.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||
+        !(*off)[1].is_number_unsigned())
       fail(where, ": data_offsets must be [begin, end], two non-negative integers (got ",
            off == v.end() ? std::string("nothing") : detail::json_excerpt(*off), ")");
     TensorInfo t;
@@ -222,25 +230,30 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
         fail(where, ": shape must be a list of non-negative integers (got ", detail::json_excerpt(*sh), ")");
       const uint64_t x = d.get<uint64_t>();
       t.shape.push_back(int64_t(x));
-      if (x != 0 && numel > uint64_t(kMaxDimSize) * 16 / x) fail(where, ": shape ", detail::json_excerpt(*sh), " is too large");
+      if (x != 0 && numel > uint64_t(kMaxDimSize) * 16 / x)
+        fail(where, ": shape ", detail::json_excerpt(*sh), " is too large");
       numel *= x;
     }
     const uint64_t b = (*off)[0].get<uint64_t>(), e = (*off)[1].get<uint64_t>();
     if (b > e) fail(where, ": data_offsets [", b, ", ", e, "] end before they begin");
     if (e > data_size)
-      fail(where, ": data_offsets [", b, ", ", e, "] run past the end of the data (", data_size, " bytes after the header)");
+      fail(where, ": data_offsets [", b, ", ", e, "] run past the end of the data (", data_size,
+           " bytes after the header)");
     if (bytes) {
       // [N, K/32, 34] bytes: N rows of K/32 blocks; the tensor is the q8_0 matrix [N, K].
       if (t.shape.size() != 3 || t.shape[2] != kQ8_0BlockBytes)
-        fail(where, ": a q8_0 tensor (U8) must have shape [N, K/32, 34], rows of 34-byte blocks (got ", t.shape_str(), ")");
+        fail(where, ": a q8_0 tensor (U8) must have shape [N, K/32, 34], rows of 34-byte blocks (got ", t.shape_str(),
+             ")");
       if (numel != e - b)
-        fail(where, ": q8_0 shape ", t.shape_str(), " (the matrix [", t.shape[0], ", ", t.shape[1] * kQ8_0Block, "]) needs ",
-             t.shape[0], " x ", t.shape[1], " x 34 = ", numel, " bytes but data_offsets [", b, ", ", e, "] span ", e - b);
+        fail(where, ": q8_0 shape ", t.shape_str(), " (the matrix [", t.shape[0], ", ", t.shape[1] * kQ8_0Block,
+             "]) needs ", t.shape[0], " x ", t.shape[1], " x 34 = ", numel, " bytes but data_offsets [", b, ", ", e,
+             "] span ", e - b);
       t.shape = {t.shape[0], t.shape[1] * kQ8_0Block};
     } else {
       const uint64_t need = numel * uint64_t(dtype_size(t.dtype));
       if (need != e - b)
-        fail(where, ": shape ", t.shape_str(), " of ", dts, " needs ", need, " bytes but data_offsets [", b, ", ", e, "] span ", e - b);
+        fail(where, ": shape ", t.shape_str(), " of ", dts, " needs ", need, " bytes but data_offsets [", b, ", ", e,
+             "] span ", e - b);
     }
     t.nbytes = int64_t(e - b);
     t.file_offset = int64_t(data_begin + b);
@@ -255,8 +268,9 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     if (b.nbytes == 0) continue;
     if (last && b.file_offset < last->file_offset + last->nbytes) {
       const int64_t d = int64_t(data_begin);
-      fail(path, ": tensors ", quote(last->name), " [", last->file_offset - d, ", ", last->file_offset - d + last->nbytes,
-           ") and ", quote(b.name), " [", b.file_offset - d, ", ", b.file_offset - d + b.nbytes, ") overlap");
+      fail(path, ": tensors ", quote(last->name), " [", last->file_offset - d, ", ",
+           last->file_offset - d + last->nbytes, ") and ", quote(b.name), " [", b.file_offset - d, ", ",
+           b.file_offset - d + b.nbytes, ") overlap");
     }
     if (!last || b.file_offset + b.nbytes > last->file_offset + last->nbytes) last = &b;
   }
@@ -291,10 +305,12 @@ Checkpoint Checkpoint::open(const std::string& dir) {
     if (!wm.is_object()) f.bad("weight_map", "an object {tensor: file}", wm);
     std::vector<std::string> shard_names;
     for (auto it = wm.begin(); it != wm.end(); ++it) {
-      if (!it.value().is_string()) fail(ipath, ": weight_map.", it.key(), ": must be a file name (got ", detail::json_excerpt(it.value()), ")");
+      if (!it.value().is_string())
+        fail(ipath, ": weight_map.", it.key(), ": must be a file name (got ", detail::json_excerpt(it.value()), ")");
       const std::string file = it.value().get<std::string>();
       if (file.empty() || file.find('/') != std::string::npos || file == "." || file == "..")
-        fail(ipath, ": weight_map.", it.key(), ": ", quote(file), " must be a plain file name in the checkpoint directory");
+        fail(ipath, ": weight_map.", it.key(), ": ", quote(file),
+             " must be a plain file name in the checkpoint directory");
       weight_map[it.key()] = file;
       if (std::find(shard_names.begin(), shard_names.end(), file) == shard_names.end()) shard_names.push_back(file);
     }
@@ -305,7 +321,7 @@ Checkpoint Checkpoint::open(const std::string& dir) {
       if (!fs::exists(p, ec))
         fail(ipath, ": weight_map names ", quote(s),
              ec && ec != std::errc::no_such_file_or_directory ? ", which cannot be read: " + ec.message()
-                                                                : ", which does not exist in " + dir);
+                                                              : ", which does not exist in " + dir);
       c.files_.push_back(SafetensorsFile::open(p.string()));
     }
   } else if (fs::exists(single, ec)) {
@@ -322,7 +338,8 @@ Checkpoint Checkpoint::open(const std::string& dir) {
       if (!fresh) fail(dir, ": tensor ", quote(t.name), " is in both ", *it->second, " and ", f.path());
       if (c.index_) {
         auto w = weight_map.find(t.name);
-        if (w == weight_map.end()) fail(f.path(), ": tensor ", quote(t.name), " is not in the weight_map of ", kIndexFile);
+        if (w == weight_map.end())
+          fail(f.path(), ": tensor ", quote(t.name), " is not in the weight_map of ", kIndexFile);
         if (w->second != fname)
           fail(f.path(), ": tensor ", quote(t.name), " is here but ", kIndexFile, " maps it to ", quote(w->second));
       }
@@ -330,8 +347,10 @@ Checkpoint Checkpoint::open(const std::string& dir) {
     }
   }
   for (const auto& [name, file] : weight_map)
-    if (!where.count(name)) fail((fs::path(dir) / file).string(), ": has no tensor ", quote(name), " (", kIndexFile, " maps it there)");
-  std::sort(c.tensors_.begin(), c.tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) { return a.name < b.name; });
+    if (!where.count(name))
+      fail((fs::path(dir) / file).string(), ": has no tensor ", quote(name), " (", kIndexFile, " maps it there)");
+  std::sort(c.tensors_.begin(), c.tensors_.end(),
+            [](const TensorInfo& a, const TensorInfo& b) { return a.name < b.name; });
   return c;
 }
 
@@ -370,8 +389,9 @@ void SafetensorsWriter::add(std::string name, DType dtype, std::vector<int64_t> 
     n *= d;
   }
   if (dtype == DType::q8_0 && (shape.size() != 2 || shape[1] % kQ8_0Block != 0))
-    fail("safetensors writer: tensor ", quote(name), ": a q8_0 tensor is a matrix [N, K] with K a multiple of ", kQ8_0Block,
-         " (got ", shape.size(), " dimensions", shape.size() == 2 ? ", K " + std::to_string(shape[1]) : std::string(), ")");
+    fail("safetensors writer: tensor ", quote(name), ": a q8_0 tensor is a matrix [N, K] with K a multiple of ",
+         kQ8_0Block, " (got ", shape.size(), " dimensions",
+         shape.size() == 2 ? ", K " + std::to_string(shape[1]) : std::string(), ")");
   entries_.push_back(Entry{std::move(name), dtype, std::move(shape), std::move(fill), dtype_bytes(dtype, n)});
 }
 
@@ -407,8 +427,10 @@ void SafetensorsWriter::write_entries(const std::string& path, const std::vector
   int64_t off = 0;
   for (const Entry* e : entries) {
     const std::vector<int64_t> shape =
-        e->dtype == DType::q8_0 ? std::vector<int64_t>{e->shape[0], e->shape[1] / kQ8_0Block, kQ8_0BlockBytes} : e->shape;
-    h[e->name] = {{"dtype", safetensors_dtype_name(e->dtype)}, {"shape", shape}, {"data_offsets", {off, off + e->nbytes}}};
+        e->dtype == DType::q8_0 ? std::vector<int64_t>{e->shape[0], e->shape[1] / kQ8_0Block, kQ8_0BlockBytes}
+                                : e->shape;
+    h[e->name] = {
+        {"dtype", safetensors_dtype_name(e->dtype)}, {"shape", shape}, {"data_offsets", {off, off + e->nbytes}}};
     off += e->nbytes;
   }
   std::string text = h.dump();
@@ -481,7 +503,8 @@ std::vector<std::string> SafetensorsWriter::write_checkpoint(const std::string& 
   fs::remove(fs::path(dir) / Checkpoint::kIndexFile, ec);
   for (const auto& de : fs::directory_iterator(dir)) {
     const std::string n = de.path().filename().string();
-    if (n.rfind("model-", 0) == 0 && n.size() > 12 && n.substr(n.size() - 12) == ".safetensors") fs::remove(de.path(), ec);
+    if (n.rfind("model-", 0) == 0 && n.size() > 12 && n.substr(n.size() - 12) == ".safetensors")
+      fs::remove(de.path(), ec);
   }
   std::vector<std::string> written;
   if (shards.size() == 1) {

@@ -68,7 +68,8 @@ int32_t sample_token(std::span<float> logits, std::span<const int32_t> history, 
   prob_.resize(size_t(k));
   const double m = logits[size_t(idx_[0])];
   double sum = 0;
-  for (int64_t i = 0; i < k; ++i) sum += prob_[size_t(i)] = float(std::exp((logits[size_t(idx_[size_t(i)])] - m) / cfg_.temperature));
+  for (int64_t i = 0; i < k; ++i)
+    sum += prob_[size_t(i)] = float(std::exp((logits[size_t(idx_[size_t(i)])] - m) / cfg_.temperature));
   int64_t n = k;
   if (cfg_.top_p < 1.f) {  // smallest prefix with cumulative probability >= top_p (at least one token)
     double cum = 0;

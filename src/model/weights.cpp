@@ -10,9 +10,12 @@ namespace ksa {
 
 const char* to_string(TensorUse u) {
   switch (u) {
-    case TensorUse::required: return "required";
-    case TensorUse::optional: return "optional";
-    case TensorUse::ignored: return "ignored";
+    case TensorUse::required:
+      return "required";
+    case TensorUse::optional:
+      return "optional";
+    case TensorUse::ignored:
+      return "ignored";
   }
   return "?";
 }
@@ -33,7 +36,9 @@ Shape inv_freq(const ModelConfig& c) { return {c.head_dim / 2}; }
 
 TensorUse required(const ModelConfig&, int64_t) { return TensorUse::required; }
 TensorUse ignored(const ModelConfig&, int64_t) { return TensorUse::ignored; }
-TensorUse lm_head_use(const ModelConfig& c, int64_t) { return c.tie_word_embeddings ? TensorUse::ignored : TensorUse::required; }
+TensorUse lm_head_use(const ModelConfig& c, int64_t) {
+  return c.tie_word_embeddings ? TensorUse::ignored : TensorUse::required;
+}
 // KSA.md §6: summary projections blend in only with mix_coeff != 0, on summary-attention layers.
 TensorUse summary_proj_use(const ModelConfig& c, int64_t layer) {
   return c.uses_summary_projections() && c.is_summary_layer(layer) ? TensorUse::optional : TensorUse::ignored;
@@ -122,15 +127,17 @@ void check_weights(const ModelConfig& cfg, const Checkpoint& ckpt) {
       continue;
     }
     if (t->shape != e.shape)
-      problems.push_back(e.name + ": shape " + t->shape_str() + ", expected " + shape_str(e.shape) +
-                         (t->dtype == DType::q8_0 && e.shape.size() == 2 && e.shape[1] % kQ8_0Block != 0
-                              ? " (q8_0 needs K a multiple of " + std::to_string(kQ8_0Block) + ": keep this matrix in BF16)"
-                              : ""));
+      problems.push_back(
+          e.name + ": shape " + t->shape_str() + ", expected " + shape_str(e.shape) +
+          (t->dtype == DType::q8_0 && e.shape.size() == 2 && e.shape[1] % kQ8_0Block != 0
+               ? " (q8_0 needs K a multiple of " + std::to_string(kQ8_0Block) + ": keep this matrix in BF16)"
+               : ""));
     if (!(e.dtypes & dtype_bit(t->dtype)))
       problems.push_back(e.name + ": dtype " + dtype_str(t->dtype) + ", expected " + dtypes_str(e.dtypes));
   }
   for (const TensorInfo& t : ckpt.tensors())
-    if (!known.count(t.name)) problems.push_back("unexpected tensor " + t.name + " " + t.shape_str() + " (in " + t.file + ")");
+    if (!known.count(t.name))
+      problems.push_back("unexpected tensor " + t.name + " " + t.shape_str() + " (in " + t.file + ")");
   // The summary projections blend q, k and v together: a layer that uses them needs all three.
   if (cfg.uses_summary_projections()) {
     for (int64_t i = 0; i < cfg.num_hidden_layers; ++i) {

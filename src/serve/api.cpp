@@ -106,7 +106,8 @@ std::optional<double> get_number(const json& j, const char* name, double lo, dou
   const double x = v->get<double>();
   const bool ok = std::isfinite(x) && (lo_open ? x > lo : x >= lo) && (hi_open ? x < hi : x <= hi);
   if (!ok) {
-    std::string range = std::string(lo_open ? "(" : "[") + json(lo).dump() + ", " + json(hi).dump() + (hi_open ? ")" : "]");
+    std::string range =
+        std::string(lo_open ? "(" : "[") + json(lo).dump() + ", " + json(hi).dump() + (hi_open ? ")" : "]");
     bad(name, std::string(name) + ": must be in " + range + " (got " + v->dump() + ")");
   }
   return x;
@@ -181,7 +182,8 @@ std::vector<ChatMessage> get_messages(const json& j) {
     msg.role = get_string(m, "role", path + ".role", true);
     if (msg.role == "developer") msg.role = "system";  // OpenAI's newer name for the system turn
     if (msg.role != "system" && msg.role != "user" && msg.role != "assistant" && msg.role != "tool")
-      bad(path + ".role", path + ".role: must be system, developer, user, assistant or tool (got \"" + msg.role + "\")");
+      bad(path + ".role",
+          path + ".role: must be system, developer, user, assistant or tool (got \"" + msg.role + "\")");
     if (const json* tc = field(m, "tool_calls"); tc && !(tc->is_array() && tc->empty()))
       bad(path + ".tool_calls", path + ".tool_calls: function calling is not supported");
     msg.content = content_of(m, path, msg.role == "assistant");
@@ -204,7 +206,8 @@ std::optional<bool> get_enable_thinking(const json& j) {
 
 // Fields we cannot honour are refused rather than silently ignored.
 void refuse_unsupported(const json& j, Route route) {
-  if (auto n = get_int(j, "n", 1, 1 << 20); n && *n != 1) bad("n", "n: only 1 choice per request is supported (got " + std::to_string(*n) + ")");
+  if (auto n = get_int(j, "n", 1, 1 << 20); n && *n != 1)
+    bad("n", "n: only 1 choice per request is supported (got " + std::to_string(*n) + ")");
   if (auto b = get_int(j, "best_of", 1, 1 << 20); b && *b != 1) bad("best_of", "best_of: only 1 is supported");
   if (route == Route::chat) {
     if (get_bool(j, "logprobs", false)) bad("logprobs", "logprobs: not supported");
@@ -236,7 +239,8 @@ std::vector<std::string> get_stop(const json& j) {
   if (s->is_string()) {
     out.push_back(s->get<std::string>());
   } else if (s->is_array()) {
-    if (s->size() > kMaxStops) bad("stop", "stop: at most " + std::to_string(kMaxStops) + " strings (got " + std::to_string(s->size()) + ")");
+    if (s->size() > kMaxStops)
+      bad("stop", "stop: at most " + std::to_string(kMaxStops) + " strings (got " + std::to_string(s->size()) + ")");
     for (size_t i = 0; i < s->size(); ++i) {
       if (!(*s)[i].is_string())
         bad("stop", "stop[" + std::to_string(i) + "]: must be a string (got " + type_of((*s)[i]) + ")");
@@ -247,7 +251,8 @@ std::vector<std::string> get_stop(const json& j) {
   }
   for (const std::string& x : out)
     if (x.size() > kMaxStopBytes)
-      bad("stop", "stop: each string may be at most " + std::to_string(kMaxStopBytes) + " bytes (got " + std::to_string(x.size()) + ")");
+      bad("stop", "stop: each string may be at most " + std::to_string(kMaxStopBytes) + " bytes (got " +
+                      std::to_string(x.size()) + ")");
   return out;
 }
 
@@ -281,7 +286,8 @@ GenerateRequest parse_generate_request(std::string_view body, Route route) {
       }
       if (r.prompt_is_ids && r.prompt_ids.empty()) bad("prompt", "prompt: must not be empty");
     } else {
-      bad("prompt", "prompt: must be a string, an array of token ids, or an array of one string (got " + type_of(*p) + ")");
+      bad("prompt",
+          "prompt: must be a string, an array of token ids, or an array of one string (got " + type_of(*p) + ")");
     }
   }
   refuse_unsupported(j, route);
@@ -371,7 +377,8 @@ json usage_json(const Usage& u) {
 }
 
 json head_json(const ResponseHead& h, bool chunk) {
-  const char* object = h.route == Route::chat ? (chunk ? "chat.completion.chunk" : "chat.completion") : "text_completion";
+  const char* object =
+      h.route == Route::chat ? (chunk ? "chat.completion.chunk" : "chat.completion") : "text_completion";
   return {{"id", h.id}, {"object", object}, {"created", h.created}, {"model", h.model}};
 }
 
@@ -415,12 +422,13 @@ std::string usage_chunk_body(const ResponseHead& h, const Usage& u) {
 }
 
 std::string model_body(const std::string& model, int64_t created, int64_t max_model_len) {
-  return dump(json{{"id", model}, {"object", "model"}, {"created", created}, {"owned_by", "ksa"},
-                   {"max_model_len", max_model_len}});
+  return dump(json{
+      {"id", model}, {"object", "model"}, {"created", created}, {"owned_by", "ksa"}, {"max_model_len", max_model_len}});
 }
 
 std::string models_body(const std::string& model, int64_t created, int64_t max_model_len) {
-  return dump(json{{"object", "list"}, {"data", json::array({json::parse(model_body(model, created, max_model_len))})}});
+  return dump(
+      json{{"object", "list"}, {"data", json::array({json::parse(model_body(model, created, max_model_len))})}});
 }
 
 std::string tokenize_body(const std::vector<int32_t>& ids, int64_t max_model_len) {

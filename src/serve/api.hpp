@@ -57,12 +57,12 @@ struct GenerateRequest {
   // both
   std::optional<int64_t> max_tokens;  // max_tokens, or max_completion_tokens (chat)
   std::optional<double> temperature, top_p, min_p, presence_penalty, frequency_penalty, repetition_penalty;
-  std::optional<int64_t> top_k;       // -1 and 0: off
+  std::optional<int64_t> top_k;  // -1 and 0: off
   std::optional<uint64_t> seed;
   std::vector<std::string> stop;
   bool stream = false;
-  bool include_usage = false;         // stream_options.include_usage
-  bool ignore_eos = false;            // vLLM's extension: generate max_tokens tokens whatever they are
+  bool include_usage = false;  // stream_options.include_usage
+  bool ignore_eos = false;     // vLLM's extension: generate max_tokens tokens whatever they are
 };
 
 // Parses and checks a body; throws ApiError (400) naming the field.

@@ -32,14 +32,14 @@ class Histogram {
 
 // The scheduler's gauges at one moment.
 struct Gauges {
-  int64_t queued = 0;            // requests waiting for admission
-  int64_t running = 0;           // admitted requests (prefilling or decoding)
-  int64_t live_sequences = 0;    // sequences the engine holds (Model::num_sequences)
-  int64_t kv_bytes_in_use = 0;   // KV-cache bytes the engine holds (Model::kv_bytes_in_use)
-  int64_t kv_bytes_reserved = 0; // KV-cache bytes reserved by admitted requests (their upper bound)
-  int64_t kv_budget = 0;         // the admission budget (0: none)
+  int64_t queued = 0;             // requests waiting for admission
+  int64_t running = 0;            // admitted requests (prefilling or decoding)
+  int64_t live_sequences = 0;     // sequences the engine holds (Model::num_sequences)
+  int64_t kv_bytes_in_use = 0;    // KV-cache bytes the engine holds (Model::kv_bytes_in_use)
+  int64_t kv_bytes_reserved = 0;  // KV-cache bytes reserved by admitted requests (their upper bound)
+  int64_t kv_budget = 0;          // the admission budget (0: none)
   int64_t max_seqs = 0;
-  int64_t steps = 0;             // engine steps run
+  int64_t steps = 0;  // engine steps run
 };
 
 class Metrics {

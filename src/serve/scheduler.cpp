@@ -11,11 +11,16 @@ using Clock = std::chrono::steady_clock;
 
 const char* finish_name(Finish f) {
   switch (f) {
-    case Finish::stop: return "stop";
-    case Finish::length: return "length";
-    case Finish::cancelled: return "cancelled";
-    case Finish::error: return "error";
-    case Finish::none: break;
+    case Finish::stop:
+      return "stop";
+    case Finish::length:
+      return "length";
+    case Finish::cancelled:
+      return "cancelled";
+    case Finish::error:
+      return "error";
+    case Finish::none:
+      break;
   }
   return "";
 }
@@ -61,10 +66,10 @@ void Job::publish(const std::string& text, int32_t id, int64_t tokens, Finish fi
 struct Scheduler::Active {
   std::shared_ptr<Job> job;
   SeqId seq = -1;
-  int64_t reserve = 0;             // KV bytes reserved at admission
-  size_t fed = 0;                  // prompt tokens fed so far
-  std::vector<int32_t> history;    // prompt + sampled tokens (the penalties look at it)
-  int32_t pending = -1;            // the sampled token the next step feeds
+  int64_t reserve = 0;           // KV bytes reserved at admission
+  size_t fed = 0;                // prompt tokens fed so far
+  std::vector<int32_t> history;  // prompt + sampled tokens (the penalties look at it)
+  int32_t pending = -1;          // the sampled token the next step feeds
   int64_t generated = 0;
   std::unique_ptr<TextStream> text;
   Clock::time_point last_token;
@@ -221,7 +226,8 @@ void Scheduler::admit() {
     }
     while (!queue_.empty() && int64_t(running_.size() + admitted.size()) < opt_.max_seqs) {
       const JobSpec& s = queue_.front()->spec();
-      const int64_t reserve = model_.kv_bytes_for(std::min<int64_t>(int64_t(s.prompt.size()) + s.max_tokens, max_text_));
+      const int64_t reserve =
+          model_.kv_bytes_for(std::min<int64_t>(int64_t(s.prompt.size()) + s.max_tokens, max_text_));
       // First come, first served: the head waits for room rather than being overtaken.
       if (opt_.kv_budget > 0 && reserved_ + reserve > opt_.kv_budget && !(running_.empty() && admitted.empty())) break;
       auto a = std::make_unique<Active>();
@@ -338,7 +344,8 @@ void Scheduler::on_token(Active& a, int32_t next) {
   const bool stopped = a.text && a.text->push(next, piece);
   a.history.push_back(next);
   if (stopped) finish(a, Finish::stop, piece, next);
-  else if (a.generated >= s.max_tokens || model_.text_tokens(a.seq) >= max_text_) finish(a, Finish::length, piece, next);
+  else if (a.generated >= s.max_tokens || model_.text_tokens(a.seq) >= max_text_)
+    finish(a, Finish::length, piece, next);
   else {
     a.pending = next;
     a.job->publish(piece, next, a.generated, Finish::none);

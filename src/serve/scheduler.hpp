@@ -37,21 +37,21 @@ const char* finish_name(Finish f);  // "stop", "length", "cancelled", "error" ("
 
 // What a job runs.
 struct JobSpec {
-  std::vector<int32_t> prompt;      // >= 1 token, within the context
+  std::vector<int32_t> prompt;  // >= 1 token, within the context
   SamplerConfig sampler;
-  int64_t max_tokens = 16;          // tokens to sample at most (>= 1)
-  std::vector<int32_t> eos;         // ids that end the completion (never part of its text)
-  std::vector<std::string> stop;    // stop strings (need the scheduler's tokenizer)
+  int64_t max_tokens = 16;        // tokens to sample at most (>= 1)
+  std::vector<int32_t> eos;       // ids that end the completion (never part of its text)
+  std::vector<std::string> stop;  // stop strings (need the scheduler's tokenizer)
 };
 
 // What an HTTP thread reads of its job.
 struct JobProgress {
-  std::string text;                 // text released since the previous wait
-  std::vector<int32_t> ids;         // tokens sampled since the previous wait (an end-of-sequence id included)
-  int64_t completion_tokens = 0;    // tokens sampled so far
+  std::string text;               // text released since the previous wait
+  std::vector<int32_t> ids;       // tokens sampled since the previous wait (an end-of-sequence id included)
+  int64_t completion_tokens = 0;  // tokens sampled so far
   bool done = false;
   Finish finish = Finish::none;
-  std::string error;                // Finish::error: what went wrong
+  std::string error;  // Finish::error: what went wrong
 };
 
 class Job {
@@ -94,15 +94,15 @@ struct SchedulerOptions {
 enum class SubmitStatus { ok, queue_full, too_large, shutting_down };
 struct Submitted {
   SubmitStatus status = SubmitStatus::ok;
-  std::shared_ptr<Job> job;     // set when ok
-  std::string message;          // why not, otherwise
+  std::shared_ptr<Job> job;  // set when ok
+  std::string message;       // why not, otherwise
 };
 
 // One item of a step, as the step observer sees it (tests).
 struct StepTrace {
   SeqId seq = -1;
-  int64_t tokens = 0;           // tokens the item fed
-  bool prefill = false;         // a prompt chunk (else one generated token)
+  int64_t tokens = 0;    // tokens the item fed
+  bool prefill = false;  // a prompt chunk (else one generated token)
 };
 
 class Scheduler {

@@ -37,7 +37,9 @@ void apply_device(const std::string& device, const std::string& dir, ModelOption
     mo.device = Device::cpu;
   } else if (device == "cuda" || device == "auto" || device.empty()) {
     if (device == "cuda" && !cuda_engine_available())
-      fail("--device cuda: no CUDA device is visible, or this build has no CUDA engine (see `ksa info`); use --device cpu");
+      fail(
+          "--device cuda: no CUDA device is visible, or this build has no CUDA engine (see `ksa info`); use --device "
+          "cpu");
     mo.device = device == "cuda" ? Device::cuda : default_device(dir);
   } else {
     fail("--device: expected cpu, cuda or auto (got '", device, "')");
@@ -100,7 +102,8 @@ bool peer_gone(int fd) {
 int64_t unix_now() { return int64_t(std::time(nullptr)); }
 
 uint64_t random_seed() {
-  static thread_local std::mt19937_64 rng{std::random_device{}() ^ uint64_t(std::chrono::steady_clock::now().time_since_epoch().count())};
+  static thread_local std::mt19937_64 rng{std::random_device{}() ^
+                                          uint64_t(std::chrono::steady_clock::now().time_since_epoch().count())};
   return rng();
 }
 
@@ -115,8 +118,8 @@ class HttpServer : public httplib::Server {
 
 // Routes the metrics count by name (anything else is "other", so hostile paths do not add label values).
 std::string route_label(const std::string& path) {
-  static const char* known[] = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
-                                "/metrics", "/tokenize", "/detokenize"};
+  static const char* known[] = {
+      "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize"};
   for (const char* k : known)
     if (path == k) return k;
   if (path.rfind("/v1/models/", 0) == 0) return "/v1/models/{id}";
@@ -149,7 +152,9 @@ struct Server::Impl {
   int stop_requests = 0;
 
   Impl(const ServeOptions& o, ModelOptions mo)
-      : opt(o), tok(Tokenizer::load((fs::path(o.model_dir) / "tokenizer.json").string())), model(Model::load(o.model_dir, mo)) {}
+      : opt(o),
+        tok(Tokenizer::load((fs::path(o.model_dir) / "tokenizer.json").string())),
+        model(Model::load(o.model_dir, mo)) {}
 
   void routes();
   void handle_generate(const httplib::Request& req, const std::string& body, httplib::Response& res, Route route);
@@ -175,14 +180,17 @@ std::vector<int32_t> Server::Impl::prompt_of(const GenerateRequest& g) const {
     for (size_t i = 0; i < g.prompt_ids.size(); ++i) {
       const int64_t id = g.prompt_ids[i];
       if (id >= vocab_size || (id >= summary_begin && id < summary_begin + summary_count))
-        throw ApiError(400, "prompt[" + std::to_string(i) + "]: " + std::to_string(id) + " is not a text token id of this model",
-                       "prompt");
+        throw ApiError(
+            400, "prompt[" + std::to_string(i) + "]: " + std::to_string(id) + " is not a text token id of this model",
+            "prompt");
       ids.push_back(int32_t(id));
     }
   } else {
     ids = tok.encode(g.prompt);
   }
-  if (ids.empty()) throw ApiError(400, "the prompt is empty (it encodes to no tokens)", g.route == Route::chat ? "messages" : "prompt");
+  if (ids.empty())
+    throw ApiError(400, "the prompt is empty (it encodes to no tokens)",
+                   g.route == Route::chat ? "messages" : "prompt");
   return ids;
 }
 
@@ -238,8 +246,10 @@ void Server::Impl::handle_generate(const httplib::Request& req, const std::strin
       }
     }
     if (p.finish == Finish::error) throw ApiError(500, "generation failed: " + p.error, "", "generation_failed");
-    if (p.finish == Finish::cancelled) throw ApiError(503, "the request was cancelled: the server is shutting down", "", "shutting_down");
-    res.set_content(completion_body(head, text, finish_name(p.finish), Usage{n, p.completion_tokens}), "application/json");
+    if (p.finish == Finish::cancelled)
+      throw ApiError(503, "the request was cancelled: the server is shutting down", "", "shutting_down");
+    res.set_content(completion_body(head, text, finish_name(p.finish), Usage{n, p.completion_tokens}),
+                    "application/json");
     return;
   }
 
@@ -268,13 +278,15 @@ void Server::Impl::handle_generate(const httplib::Request& req, const std::strin
           if (p.done) break;
         }
         if (p.finish == Finish::error || p.finish == Finish::cancelled) {
-          const ApiError e = p.finish == Finish::error
-                                 ? ApiError(500, "generation failed: " + p.error, "", "generation_failed")
-                                 : ApiError(503, "the request was cancelled: the server is shutting down", "", "shutting_down");
+          const ApiError e =
+              p.finish == Finish::error
+                  ? ApiError(500, "generation failed: " + p.error, "", "generation_failed")
+                  : ApiError(503, "the request was cancelled: the server is shutting down", "", "shutting_down");
           if (!send(error_body(e))) return gone();
         } else {
           if (!send(chunk_body(head, "", false, finish_name(p.finish)))) return gone();
-          if (include_usage && !send(usage_chunk_body(head, Usage{usage0.prompt_tokens, p.completion_tokens}))) return gone();
+          if (include_usage && !send(usage_chunk_body(head, Usage{usage0.prompt_tokens, p.completion_tokens})))
+            return gone();
         }
         const std::string done = "data: [DONE]\n\n";
         sink.write(done.data(), done.size());
@@ -332,7 +344,8 @@ void Server::Impl::routes() {
       });
       if (too_large || res.status == 413) {
         res.set_header("Connection", "close");  // the rest of the body is not read
-        send_error(res, ApiError(413, "the request body is larger than " + std::to_string(limit) + " bytes (--max-body)"));
+        send_error(res,
+                   ApiError(413, "the request body is larger than " + std::to_string(limit) + " bytes (--max-body)"));
         return;
       }
       if (!read) {
@@ -365,43 +378,47 @@ void Server::Impl::routes() {
     r.set_content(metrics.render(sched->gauges()), "text/plain; version=0.0.4");
   });
   post("/tokenize", [this](const httplib::Request&, const std::string& b, httplib::Response& r) {
-              const TokenizeRequest t = parse_tokenize_request(b);
-              if (!t.model.empty()) check_model(t.model);
-              std::vector<int32_t> ids;
-              if (t.chat) {
-                ChatOptions co;
-                co.add_generation_prompt = t.add_generation_prompt;
-                co.enable_thinking = t.enable_thinking;
-                ids = tok.encode(render_qwen3_chat(t.messages, co));
-              } else {
-                ids = tok.encode(t.prompt);
-              }
-              r.set_content(tokenize_body(ids, ctx), "application/json");
-            });
+    const TokenizeRequest t = parse_tokenize_request(b);
+    if (!t.model.empty()) check_model(t.model);
+    std::vector<int32_t> ids;
+    if (t.chat) {
+      ChatOptions co;
+      co.add_generation_prompt = t.add_generation_prompt;
+      co.enable_thinking = t.enable_thinking;
+      ids = tok.encode(render_qwen3_chat(t.messages, co));
+    } else {
+      ids = tok.encode(t.prompt);
+    }
+    r.set_content(tokenize_body(ids, ctx), "application/json");
+  });
   post("/detokenize", [this](const httplib::Request&, const std::string& b, httplib::Response& r) {
-              const DetokenizeRequest d = parse_detokenize_request(b);
-              if (!d.model.empty()) check_model(d.model);
-              std::vector<int32_t> ids;
-              for (int64_t id : d.tokens) {
-                if (id >= vocab_size) throw ApiError(400, "tokens: " + std::to_string(id) + " is not a token id of this model", "tokens");
-                ids.push_back(int32_t(id));
-              }
-              r.set_content(detokenize_body(tok.decode(ids)), "application/json");
-            });
+    const DetokenizeRequest d = parse_detokenize_request(b);
+    if (!d.model.empty()) check_model(d.model);
+    std::vector<int32_t> ids;
+    for (int64_t id : d.tokens) {
+      if (id >= vocab_size)
+        throw ApiError(400, "tokens: " + std::to_string(id) + " is not a token id of this model", "tokens");
+      ids.push_back(int32_t(id));
+    }
+    r.set_content(detokenize_body(tok.decode(ids)), "application/json");
+  });
 
   // The API key guards everything but /health and /metrics (for monitors).
   http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    if (opt.api_key.empty() || req.path == "/health" || req.path == "/metrics") return httplib::Server::HandlerResponse::Unhandled;
+    if (opt.api_key.empty() || req.path == "/health" || req.path == "/metrics")
+      return httplib::Server::HandlerResponse::Unhandled;
     const std::string auth = req.get_header_value("Authorization");
     const std::string prefix = "Bearer ";
     if (auth.empty()) {
-      send_error(res, ApiError(401, "missing API key: send the header 'Authorization: Bearer KEY'", "", "invalid_api_key"));
+      send_error(res,
+                 ApiError(401, "missing API key: send the header 'Authorization: Bearer KEY'", "", "invalid_api_key"));
       return httplib::Server::HandlerResponse::Handled;
     }
     const std::string given = auth.rfind(prefix, 0) == 0 ? auth.substr(prefix.size()) : std::string();
     // Compared in time independent of where the strings differ.
     unsigned diff = given.size() != opt.api_key.size();
-    for (size_t i = 0; i < opt.api_key.size(); ++i) diff |= unsigned(uint8_t(opt.api_key[i]) ^ uint8_t(i < given.size() ? given[i] : 0));
+    for (size_t i = 0; i < opt.api_key.size(); ++i)
+      diff |= unsigned(uint8_t(opt.api_key[i]) ^ uint8_t(i < given.size() ? given[i] : 0));
     if (diff) {
       send_error(res, ApiError(401, "incorrect API key", "", "invalid_api_key"));
       return httplib::Server::HandlerResponse::Handled;
@@ -431,8 +448,9 @@ void Server::Impl::routes() {
 Server::Server(const ServeOptions& o) {
   if (!fs::is_directory(o.model_dir)) fail("model directory '", o.model_dir, "' does not exist or is not a directory");
   if (!fs::exists(fs::path(o.model_dir) / "tokenizer.json"))
-    fail(o.model_dir, " has no tokenizer.json (ksa serve needs one; `ksa make-model` copies the Qwen3 tokenizer that "
-                      "scripts/fetch_test_data.sh caches)");
+    fail(o.model_dir,
+         " has no tokenizer.json (ksa serve needs one; `ksa make-model` copies the Qwen3 tokenizer that "
+         "scripts/fetch_test_data.sh caches)");
   if (o.max_body < 1) fail("--max-body: must be >= 1 (got ", o.max_body, ")");
   if (!(o.shutdown_grace >= 0)) fail("--shutdown-grace: must be >= 0 (got ", o.shutdown_grace, ")");
   ModelOptions mo;
@@ -444,7 +462,8 @@ Server::Server(const ServeOptions& o) {
   Impl& m = *impl_;
   const ModelConfig& cfg = m.model.config();
   m.name = o.model_name.empty() ? fs::path(o.model_dir).lexically_normal().filename().string() : o.model_name;
-  if (m.name.empty() || m.name == ".") m.name = fs::absolute(o.model_dir).lexically_normal().parent_path().filename().string();
+  if (m.name.empty() || m.name == ".")
+    m.name = fs::absolute(o.model_dir).lexically_normal().parent_path().filename().string();
   m.ctx = m.model.max_text_tokens();
   m.vocab_size = cfg.vocab_size;
   m.summary_begin = cfg.use_summary_attention ? cfg.summary_token_begin : cfg.vocab_size;
@@ -453,8 +472,8 @@ Server::Server(const ServeOptions& o) {
   const GenerationConfig gen = load_generation_config(o.model_dir);
   for (int64_t e : gen.eos_token_ids.empty() ? cfg.eos_token_ids : gen.eos_token_ids) m.eos_plain.push_back(int32_t(e));
   m.eos_chat = m.eos_plain;
-  if (const int32_t im_end = m.tok.token_to_id("<|im_end|>"); im_end >= 0 &&
-      std::find(m.eos_chat.begin(), m.eos_chat.end(), im_end) == m.eos_chat.end())
+  if (const int32_t im_end = m.tok.token_to_id("<|im_end|>");
+      im_end >= 0 && std::find(m.eos_chat.begin(), m.eos_chat.end(), im_end) == m.eos_chat.end())
     m.eos_chat.push_back(im_end);
   if (gen.temperature) m.defaults.temperature = *gen.temperature;
   if (gen.top_p) m.defaults.top_p = *gen.top_p;
@@ -481,12 +500,13 @@ Server::Server(const ServeOptions& o) {
   m.http.set_tcp_nodelay(true);  // each streamed token leaves at once (Nagle would hold it for the client's ACK)
   m.routes();
 
-  m.log("%s: %lld layers, hidden %lld, context %lld, KV %s; max %lld sequences, queue %lld, KV budget %s, prefill "
-        "chunk %lld; model id '%s'",
-        o.model_dir.c_str(), (long long)cfg.num_hidden_layers, (long long)cfg.hidden_size, (long long)m.ctx,
-        o.kv_f32 ? "f32" : "bf16", (long long)so.max_seqs, (long long)so.max_queue,
-        so.kv_budget ? (std::to_string(so.kv_budget) + " bytes").c_str() : "none", (long long)so.prefill_chunk,
-        m.name.c_str());
+  m.log(
+      "%s: %lld layers, hidden %lld, context %lld, KV %s; max %lld sequences, queue %lld, KV budget %s, prefill "
+      "chunk %lld; model id '%s'",
+      o.model_dir.c_str(), (long long)cfg.num_hidden_layers, (long long)cfg.hidden_size, (long long)m.ctx,
+      o.kv_f32 ? "f32" : "bf16", (long long)so.max_seqs, (long long)so.max_queue,
+      so.kv_budget ? (std::to_string(so.kv_budget) + " bytes").c_str() : "none", (long long)so.prefill_chunk,
+      m.name.c_str());
 }
 
 Server::~Server() = default;
@@ -527,9 +547,10 @@ void Server::run() {
   }
   m.sched->stop_accepting();
   const Gauges g = m.sched->gauges();
-  m.log("shutting down: new requests get 503; %lld running and %lld queued get up to %g s to finish (signal again to "
-        "cancel them)",
-        (long long)g.running, (long long)g.queued, m.opt.shutdown_grace);
+  m.log(
+      "shutting down: new requests get 503; %lld running and %lld queued get up to %g s to finish (signal again to "
+      "cancel them)",
+      (long long)g.running, (long long)g.queued, m.opt.shutdown_grace);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(m.opt.shutdown_grace);
   while (!m.sched->idle()) {
     std::unique_lock<std::mutex> lk(m.stop_mu);

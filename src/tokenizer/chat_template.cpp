@@ -18,7 +18,9 @@ namespace {
 constexpr uint64_t kKnownTemplates[] = {0x2bfdb7aa9754484eull};
 
 bool starts_with(std::string_view s, std::string_view p) { return s.substr(0, p.size()) == p; }
-bool ends_with(std::string_view s, std::string_view p) { return s.size() >= p.size() && s.substr(s.size() - p.size()) == p; }
+bool ends_with(std::string_view s, std::string_view p) {
+  return s.size() >= p.size() && s.substr(s.size() - p.size()) == p;
+}
 
 std::string lstrip_nl(std::string_view s) {
   size_t b = 0;
@@ -88,8 +90,7 @@ std::string render_qwen3_chat(std::span<const ChatMessage> messages, const ChatO
       }
       if (i > last_query_index && (last || !reasoning.empty()))
         out += "<|im_start|>" + m.role + "\n<think>\n" + strip_nl(reasoning) + "\n</think>\n\n" + lstrip_nl(content);
-      else
-        out += "<|im_start|>" + m.role + "\n" + content;
+      else out += "<|im_start|>" + m.role + "\n" + content;
       out += "<|im_end|>\n";
     } else if (m.role == "tool") {
       if (first || messages[size_t(i - 1)].role != "tool") out += "<|im_start|>user";
@@ -129,7 +130,8 @@ ChatTemplate ChatTemplate::load(const std::string& path) {
   if (it->is_array()) {
     // The list form [{name, template}, ...]: take the "default" entry.
     for (const auto& e : *it)
-      if (e.is_object() && e.contains("name") && e["name"] == "default" && e.contains("template") && e["template"].is_string())
+      if (e.is_object() && e.contains("name") && e["name"] == "default" && e.contains("template") &&
+          e["template"].is_string())
         return from_source(e["template"].get<std::string>());
     fail(p, ": chat_template: a list without a \"default\" entry");
   }

@@ -15,8 +15,8 @@
 #include <unordered_map>
 
 #include "core/json_input.hpp"
-#include "utf8.hpp"
 #include "ksa/error.hpp"
+#include "utf8.hpp"
 
 namespace ksa {
 namespace {
@@ -64,8 +64,7 @@ struct PreStep {
   std::shared_ptr<icu::RegexPattern> regex;  // null: no split
 };
 
-constexpr const char* kGpt2Pattern =
-    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+constexpr const char* kGpt2Pattern = R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 
 struct Merge {
   int32_t rank;
@@ -82,8 +81,8 @@ constexpr int64_t kMaxUnusedIds = 65536;
 struct Tokenizer::Impl {
   std::string source;
   std::unordered_map<std::string, int32_t> vocab;
-  std::vector<std::string> id_to_tok;      // index = id (vocabulary and added tokens)
-  std::vector<uint8_t> id_special;         // 1 = special added token
+  std::vector<std::string> id_to_tok;  // index = id (vocabulary and added tokens)
+  std::vector<uint8_t> id_special;     // 1 = special added token
   std::unordered_map<uint64_t, Merge> merges;
   int64_t n_merges = 0;
   int32_t byte_id[256] = {};
@@ -94,7 +93,9 @@ struct Tokenizer::Impl {
   std::vector<const icu::Normalizer2*> normalizers;
   std::vector<PreStep> steps;
 
-  [[noreturn]] void bad(const std::string& field, const std::string& what) const { fail(source, ": ", field, ": ", what); }
+  [[noreturn]] void bad(const std::string& field, const std::string& what) const {
+    fail(source, ": ", field, ": ", what);
+  }
 
   void load(const Json& j);
   void load_model(const Json& m);
@@ -117,15 +118,19 @@ void Tokenizer::Impl::load(const Json& j) {
   auto norm = j.find("normalizer");
   if (norm != j.end() && !norm->is_null()) load_normalizer(*norm, "normalizer");
   auto pre = j.find("pre_tokenizer");
-  if (pre == j.end() || pre->is_null()) bad("pre_tokenizer", "missing (byte-level BPE needs a ByteLevel pre-tokenizer)");
+  if (pre == j.end() || pre->is_null())
+    bad("pre_tokenizer", "missing (byte-level BPE needs a ByteLevel pre-tokenizer)");
   load_pre_tokenizer(*pre, "pre_tokenizer");
   if (std::none_of(steps.begin(), steps.end(), [](const PreStep& s) { return s.byte_level; }))
     bad("pre_tokenizer", "has no ByteLevel step (only byte-level BPE is supported)");
   for (const char* key : {"decoder", "post_processor"}) {
     auto d = j.find(key);
     if (d == j.end() || d->is_null()) continue;
-    const std::string type = d->is_object() && d->contains("type") && (*d)["type"].is_string() ? (*d)["type"].get<std::string>() : "";
-    if (type != "ByteLevel") bad(key, "type " + excerpt(d->is_object() && d->contains("type") ? (*d)["type"] : *d) + " is not supported (ByteLevel or null)");
+    const std::string type =
+        d->is_object() && d->contains("type") && (*d)["type"].is_string() ? (*d)["type"].get<std::string>() : "";
+    if (type != "ByteLevel")
+      bad(key, "type " + excerpt(d->is_object() && d->contains("type") ? (*d)["type"] : *d) +
+                   " is not supported (ByteLevel or null)");
   }
 
   // Added tokens.
@@ -135,7 +140,8 @@ void Tokenizer::Impl::load(const Json& j) {
     for (size_t i = 0; i < at->size(); ++i) {
       const Json& t = (*at)[i];
       const std::string f = "added_tokens[" + std::to_string(i) + "]";
-      if (!t.is_object() || !t.contains("id") || !t["id"].is_number_integer() || !t.contains("content") || !t["content"].is_string())
+      if (!t.is_object() || !t.contains("id") || !t["id"].is_number_integer() || !t.contains("content") ||
+          !t["content"].is_string())
         bad(f, "must be an object with an integer id and a string content (got " + excerpt(t) + ")");
       AddedToken a;
       const int64_t id = t["id"].get<int64_t>();
@@ -162,8 +168,8 @@ void Tokenizer::Impl::load(const Json& j) {
   for (size_t i = 0; i < added.size(); ++i)
     if (added[i].id >= defined + kMaxUnusedIds)
       bad("added_tokens[" + std::to_string(i) + "].id",
-          detail::cat(added[i].id, " is far beyond the ", defined, " tokens the file defines (ids must be < ", defined, " + ",
-                      kMaxUnusedIds, ")"));
+          detail::cat(added[i].id, " is far beyond the ", defined, " tokens the file defines (ids must be < ", defined,
+                      " + ", kMaxUnusedIds, ")"));
   for (const AddedToken& a : added) {
     if (size_t(a.id) >= id_to_tok.size()) {
       id_to_tok.resize(size_t(a.id) + 1);
@@ -174,7 +180,8 @@ void Tokenizer::Impl::load(const Json& j) {
   }
   for (const AddedToken& a : added) added_by_byte[uint8_t(a.content[0])].push_back(&a);
   for (auto& v : added_by_byte)
-    std::stable_sort(v.begin(), v.end(), [](const AddedToken* x, const AddedToken* y) { return x->content.size() > y->content.size(); });
+    std::stable_sort(v.begin(), v.end(),
+                     [](const AddedToken* x, const AddedToken* y) { return x->content.size() > y->content.size(); });
 }
 
 void Tokenizer::Impl::load_model(const Json& m) {
@@ -186,10 +193,12 @@ void Tokenizer::Impl::load_model(const Json& m) {
   };
   const std::string type = str("type");
   if (!type.empty() && type != "BPE") bad("model.type", "\"" + type + "\" is not supported (only BPE)");
-  if (m.contains("dropout") && !m["dropout"].is_null()) bad("model.dropout", "BPE dropout is not supported (got " + excerpt(m["dropout"]) + ")");
+  if (m.contains("dropout") && !m["dropout"].is_null())
+    bad("model.dropout", "BPE dropout is not supported (got " + excerpt(m["dropout"]) + ")");
   if (m.contains("byte_fallback") && m["byte_fallback"].is_boolean() && m["byte_fallback"].get<bool>())
     bad("model.byte_fallback", "true is not supported (byte-level BPE needs no fallback)");
-  if (!str("continuing_subword_prefix").empty()) bad("model.continuing_subword_prefix", "is not supported (must be empty)");
+  if (!str("continuing_subword_prefix").empty())
+    bad("model.continuing_subword_prefix", "is not supported (must be empty)");
   if (!str("end_of_word_suffix").empty()) bad("model.end_of_word_suffix", "is not supported (must be empty)");
   if (m.contains("ignore_merges") && m["ignore_merges"].is_boolean()) ignore_merges = m["ignore_merges"].get<bool>();
 
@@ -207,13 +216,15 @@ void Tokenizer::Impl::load_model(const Json& m) {
   if (max_id >= int64_t(vocab.size()) + kMaxUnusedIds)
     for (auto it = v->begin(); it != v->end(); ++it)
       if (it.value().get<int64_t>() == max_id)
-        bad("model.vocab[\"" + it.key() + "\"]", detail::cat(max_id, " is far beyond the ", vocab.size(),
-                                                               " tokens the vocabulary defines (ids must be < ", vocab.size(),
-                                                               " + ", kMaxUnusedIds, ")"));
+        bad("model.vocab[\"" + it.key() + "\"]",
+            detail::cat(max_id, " is far beyond the ", vocab.size(), " tokens the vocabulary defines (ids must be < ",
+                        vocab.size(), " + ", kMaxUnusedIds, ")"));
   id_to_tok.assign(size_t(max_id + 1), std::string());
   id_special.assign(size_t(max_id + 1), 0);
   for (const auto& [tok, id] : vocab) {
-    if (!id_to_tok[size_t(id)].empty()) bad("model.vocab", "id " + std::to_string(id) + " is given to both \"" + id_to_tok[size_t(id)] + "\" and \"" + tok + "\"");
+    if (!id_to_tok[size_t(id)].empty())
+      bad("model.vocab",
+          "id " + std::to_string(id) + " is given to both \"" + id_to_tok[size_t(id)] + "\" and \"" + tok + "\"");
     id_to_tok[size_t(id)] = tok;
   }
   const ByteAlphabet& A = byte_alphabet();
@@ -221,7 +232,9 @@ void Tokenizer::Impl::load_model(const Json& m) {
     std::string s;
     append_utf8(s, A.to_cp[b]);
     auto it = vocab.find(s);
-    if (it == vocab.end()) bad("model.vocab", "lacks the byte-level symbol \"" + s + "\" for byte " + std::to_string(b) + " (byte-level BPE needs all 256)");
+    if (it == vocab.end())
+      bad("model.vocab", "lacks the byte-level symbol \"" + s + "\" for byte " + std::to_string(b) +
+                             " (byte-level BPE needs all 256)");
     byte_id[b] = it->second;
   }
 
@@ -256,24 +269,28 @@ void Tokenizer::Impl::load_model(const Json& m) {
   n_merges = int64_t(mg->size());
 }
 
-std::shared_ptr<icu::RegexPattern> Tokenizer::Impl::compile(const std::string& text, bool literal, const std::string& field) const {
+std::shared_ptr<icu::RegexPattern> Tokenizer::Impl::compile(const std::string& text, bool literal,
+                                                            const std::string& field) const {
   UErrorCode st = U_ZERO_ERROR;
   UParseError pe{};
   std::shared_ptr<icu::RegexPattern> p(
       icu::RegexPattern::compile(icu::UnicodeString::fromUTF8(text), literal ? UREGEX_LITERAL : 0, pe, st));
   if (U_FAILURE(st) || !p)
-    bad(field, std::string("ICU cannot compile the regex (") + u_errorName(st) + " at offset " + std::to_string(pe.offset) + "): " + text);
+    bad(field, std::string("ICU cannot compile the regex (") + u_errorName(st) + " at offset " +
+                   std::to_string(pe.offset) + "): " + text);
   return p;
 }
 
 void Tokenizer::Impl::load_normalizer(const Json& n, const std::string& field) {
-  if (!n.is_object() || !n.contains("type") || !n["type"].is_string()) bad(field, "must be an object with a type (got " + excerpt(n) + ")");
+  if (!n.is_object() || !n.contains("type") || !n["type"].is_string())
+    bad(field, "must be an object with a type (got " + excerpt(n) + ")");
   const std::string type = n["type"].get<std::string>();
   UErrorCode st = U_ZERO_ERROR;
   if (type == "Sequence") {
     auto it = n.find("normalizers");
     if (it == n.end() || !it->is_array()) bad(field + ".normalizers", "must be a list");
-    for (size_t i = 0; i < it->size(); ++i) load_normalizer((*it)[i], field + ".normalizers[" + std::to_string(i) + "]");
+    for (size_t i = 0; i < it->size(); ++i)
+      load_normalizer((*it)[i], field + ".normalizers[" + std::to_string(i) + "]");
     return;
   }
   const icu::Normalizer2* nz = nullptr;
@@ -287,7 +304,8 @@ void Tokenizer::Impl::load_normalizer(const Json& n, const std::string& field) {
 }
 
 void Tokenizer::Impl::load_pre_tokenizer(const Json& p, const std::string& field) {
-  if (!p.is_object() || !p.contains("type") || !p["type"].is_string()) bad(field, "must be an object with a type (got " + excerpt(p) + ")");
+  if (!p.is_object() || !p.contains("type") || !p["type"].is_string())
+    bad(field, "must be an object with a type (got " + excerpt(p) + ")");
   const std::string type = p["type"].get<std::string>();
   auto boolean = [&](const char* k, bool def) {
     auto it = p.find(k);
@@ -298,17 +316,21 @@ void Tokenizer::Impl::load_pre_tokenizer(const Json& p, const std::string& field
   if (type == "Sequence") {
     auto it = p.find("pretokenizers");
     if (it == p.end() || !it->is_array()) bad(field + ".pretokenizers", "must be a list");
-    for (size_t i = 0; i < it->size(); ++i) load_pre_tokenizer((*it)[i], field + ".pretokenizers[" + std::to_string(i) + "]");
+    for (size_t i = 0; i < it->size(); ++i)
+      load_pre_tokenizer((*it)[i], field + ".pretokenizers[" + std::to_string(i) + "]");
     return;
   }
   if (type == "Split") {
     auto pat = p.find("pattern");
     if (pat == p.end() || !pat->is_object()) bad(field + ".pattern", "must be {\"Regex\": ...} or {\"String\": ...}");
     PreStep s;
-    if (pat->contains("Regex") && (*pat)["Regex"].is_string()) s.regex = compile((*pat)["Regex"].get<std::string>(), false, field + ".pattern.Regex");
-    else if (pat->contains("String") && (*pat)["String"].is_string()) s.regex = compile((*pat)["String"].get<std::string>(), true, field + ".pattern.String");
+    if (pat->contains("Regex") && (*pat)["Regex"].is_string())
+      s.regex = compile((*pat)["Regex"].get<std::string>(), false, field + ".pattern.Regex");
+    else if (pat->contains("String") && (*pat)["String"].is_string())
+      s.regex = compile((*pat)["String"].get<std::string>(), true, field + ".pattern.String");
     else bad(field + ".pattern", "must be {\"Regex\": ...} or {\"String\": ...} (got " + excerpt(*pat) + ")");
-    const std::string behavior = p.contains("behavior") && p["behavior"].is_string() ? p["behavior"].get<std::string>() : "";
+    const std::string behavior =
+        p.contains("behavior") && p["behavior"].is_string() ? p["behavior"].get<std::string>() : "";
     if (behavior != "Isolated") bad(field + ".behavior", "\"" + behavior + "\" is not supported (only Isolated)");
     if (boolean("invert", false)) bad(field + ".invert", "true is not supported");
     steps.push_back(std::move(s));
@@ -363,7 +385,8 @@ void Tokenizer::Impl::bpe(std::string_view bytes, std::vector<int32_t>& out) con
     if (b < 0) return;
     const uint64_t key = (uint64_t(uint32_t(sym[size_t(a)].id)) << 32) | uint32_t(sym[size_t(b)].id);
     auto it = merges.find(key);
-    if (it != merges.end()) q.push(Cand{it->second.rank, a, b, sym[size_t(a)].id, sym[size_t(b)].id, it->second.result});
+    if (it != merges.end())
+      q.push(Cand{it->second.rank, a, b, sym[size_t(a)].id, sym[size_t(b)].id, it->second.result});
   };
   for (int i = 0; i + 1 < n; ++i) push(i);
   std::vector<uint8_t> dead(static_cast<size_t>(n), 0);
@@ -371,7 +394,8 @@ void Tokenizer::Impl::bpe(std::string_view bytes, std::vector<int32_t>& out) con
     const Cand c = q.top();
     q.pop();
     Sym& a = sym[size_t(c.pos)];
-    if (dead[size_t(c.pos)] || dead[size_t(c.right)] || a.next != c.right || a.id != c.left_id || sym[size_t(c.right)].id != c.right_id)
+    if (dead[size_t(c.pos)] || dead[size_t(c.right)] || a.next != c.right || a.id != c.left_id ||
+        sym[size_t(c.right)].id != c.right_id)
       continue;  // stale: one side was merged since
     a.id = c.result;
     dead[size_t(c.right)] = 1;

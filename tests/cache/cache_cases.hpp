@@ -34,8 +34,14 @@ struct SeqData {
 
   SeqData(const Spec& spec, int64_t T, int64_t hq, int64_t hkv, int64_t d, DType dt, std::mt19937_64& rng,
           int64_t last_rows = -1)
-      : lay(Layout::of(spec, T)), L(lay.length()), Hq(hq), Hkv(hkv), D(d), W(spec.W),
-        ref_from(last_rows < 0 ? 0 : std::max<int64_t>(0, lay.length() - last_rows)), dtype(dt) {
+      : lay(Layout::of(spec, T)),
+        L(lay.length()),
+        Hq(hq),
+        Hkv(hkv),
+        D(d),
+        W(spec.W),
+        ref_from(last_rows < 0 ? 0 : std::max<int64_t>(0, lay.length() - last_rows)),
+        dtype(dt) {
     std::normal_distribution<float> nd(0.f, 1.f);
     auto fill = [&](std::vector<uint8_t>& b, int64_t H) {
       b.resize(size_t(L * H * D * dtype_size(dtype)));
@@ -44,7 +50,8 @@ struct SeqData {
     fill(q, Hq);
     fill(k, Hkv);
     fill(v, Hkv);
-    for (int64_t i = 0; i < L * Hkv * D; ++i) vmax = std::max(vmax, double(std::abs(load_as_float(dtype, v.data(), i))));
+    for (int64_t i = 0; i < L * Hkv * D; ++i)
+      vmax = std::max(vmax, double(std::abs(load_as_float(dtype, v.data(), i))));
     std::vector<int64_t> rows;
     for (int64_t p = ref_from; p < L; ++p) rows.push_back(p);
     if (L > 0) ref = cpu::attention_reference(params(), rows);
@@ -77,7 +84,7 @@ inline double lse_tol(double ref) { return 2e-5 * (1.0 + std::abs(ref)); }
 struct DecodeTracker {
   std::vector<const SeqData*> data;  // owned by the test
   std::vector<SeqId> ids;
-  std::vector<int64_t> pos;  // stream tokens already in the cache, per sequence
+  std::vector<int64_t> pos;             // stream tokens already in the cache, per sequence
   double worst_out = 0, worst_lse = 0;  // worst error / tolerance seen
   int64_t checked = 0;
 
@@ -105,8 +112,8 @@ struct DecodeTracker {
             if (!(err <= tol)) {
               ADD_FAILURE() << "out mismatch: sequence " << batch[j] << " stream position " << p << " ("
                             << (d.lay.is_summary(p) ? "summary" : "text") << ") head " << h << " dim " << e << ": got "
-                            << got << ", oracle " << ref << ", |err| " << err << " > tol " << tol << " (step of " << n[j]
-                            << " tokens, token " << i << ")";
+                            << got << ", oracle " << ref << ", |err| " << err << " > tol " << tol << " (step of "
+                            << n[j] << " tokens, token " << i << ")";
               return false;
             }
           }
@@ -203,8 +210,9 @@ struct Driver : DecodeTracker {
       }
     }
     cpu::attention_decode(cache, bid, n, io);
-    check_step(batch, n, d0.dtype, io.out.data, io.out, lse.data(),
-               [](const SeqData& d, double ref) { return out_tol(d.dtype, ref, d.vmax); }, lse_tol);
+    check_step(
+        batch, n, d0.dtype, io.out.data, io.out, lse.data(),
+        [](const SeqData& d, double ref) { return out_tol(d.dtype, ref, d.vmax); }, lse_tol);
   }
 };
 

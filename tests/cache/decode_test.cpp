@@ -6,8 +6,8 @@
 
 #include <numeric>
 
-#include "cache_cases.hpp"
 #include "cache/decode_keys.hpp"
+#include "cache_cases.hpp"
 
 namespace ksa {
 namespace {
@@ -65,7 +65,8 @@ void run_decode(const DecodeCase& c, const std::vector<SeqData>& seqs, bool piec
     // Random splits leave at least one token to decode.
     if (i >= splits.size()) splits.push_back(std::uniform_int_distribution<int64_t>(0, seqs[i].L - 1)(rng));
     const int64_t split = splits[i];
-    int64_t a = std::uniform_int_distribution<int64_t>(0, split)(rng), b = std::uniform_int_distribution<int64_t>(a, split)(rng);
+    int64_t a = std::uniform_int_distribution<int64_t>(0, split)(rng),
+            b = std::uniform_int_distribution<int64_t>(a, split)(rng);
     drv.prefill(i, a);
     drv.append_tokens(i, b - a, rng);
     drv.prefill(i, split - b);
@@ -183,8 +184,10 @@ TEST(Decode, EverySplitPoint) {
 TEST(Decode, KeysEqualTheVisibleRule) {
   std::mt19937_64 rng(7);
   for (int it = 0; it < 200; ++it) {
-    const int64_t k = std::uniform_int_distribution<int64_t>(1, 9)(rng), S = std::uniform_int_distribution<int64_t>(1, 4)(rng);
-    const int64_t W = std::uniform_int_distribution<int64_t>(0, 6)(rng), T = std::uniform_int_distribution<int64_t>(1, 80)(rng);
+    const int64_t k = std::uniform_int_distribution<int64_t>(1, 9)(rng),
+                  S = std::uniform_int_distribution<int64_t>(1, 4)(rng);
+    const int64_t W = std::uniform_int_distribution<int64_t>(0, 6)(rng),
+                  T = std::uniform_int_distribution<int64_t>(1, 80)(rng);
     const Layout lay(k, S, T);
     for (int64_t pos = 0; pos < lay.length(); ++pos) {
       const ksa::detail::DecodeKeys keys = ksa::detail::decode_keys(k, S, W, pos);

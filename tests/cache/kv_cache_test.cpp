@@ -44,8 +44,10 @@ void check_memory(const KvCache& cache, SeqId id, const std::string& where) {
   ASSERT_EQ(cache.bytes_in_use(id), st.bytes);
   if (st.pending_summaries == 0) {
     const int64_t lo = T - rows.text;
-    const int64_t text_blocks = T > lo ? std::min(cache.view(id).text_slots, ceil_div(T, P) - lo / P) : 0;  // ring slots shared
-    const int64_t sum_blocks = store ? ceil_div(st.summary_tokens, P) : (st.summary_tokens > 0 ? ceil_div(cfg.spec.S, P) : 0);
+    const int64_t text_blocks =
+        T > lo ? std::min(cache.view(id).text_slots, ceil_div(T, P) - lo / P) : 0;  // ring slots shared
+    const int64_t sum_blocks =
+        store ? ceil_div(st.summary_tokens, P) : (st.summary_tokens > 0 ? ceil_div(cfg.spec.S, P) : 0);
     ASSERT_EQ(st.blocks, text_blocks + sum_blocks) << "T=" << T << " summaries=" << st.summary_tokens << " text blocks "
                                                    << text_blocks << " summary blocks " << sum_blocks;
     ASSERT_GE(st.bytes, rows.total() * row);
@@ -78,9 +80,11 @@ TEST(KvCacheMemory, HeldBytesFollowTheFormula) {
       const SeqState st = cache.state(id);
       if (st.pending_summaries > 0) {
         const int64_t m = std::uniform_int_distribution<int64_t>(1, st.pending_summaries)(rng);
-        cache.append_summaries(id, KvRows::dense(kb.data(), m, 2, 8, DType::bf16), KvRows::dense(vb.data(), m, 2, 8, DType::bf16));
+        cache.append_summaries(id, KvRows::dense(kb.data(), m, 2, 8, DType::bf16),
+                               KvRows::dense(vb.data(), m, 2, 8, DType::bf16));
       } else if (st.text_tokens < g.max_text) {
-        cache.append_text(id, KvRows::dense(kb.data(), 1, 2, 8, DType::bf16), KvRows::dense(vb.data(), 1, 2, 8, DType::bf16));
+        cache.append_text(id, KvRows::dense(kb.data(), 1, 2, 8, DType::bf16),
+                          KvRows::dense(vb.data(), 1, 2, 8, DType::bf16));
       }
     };
     for (int64_t i = 0; i < g.max_text * 2; ++i) {
@@ -107,7 +111,8 @@ TEST(KvCacheMemory, Ksa4bShapes) {
   std::mt19937_64 rng(4);
   std::normal_distribution<float> nd;
   const int64_t piece = 4096;
-  for (const auto& [W, Hkv, T] : {std::tuple<int64_t, int64_t, int64_t>{128, 8, 32768}, {128, 8, 131072}, {16768, 1, 32768}}) {
+  for (const auto& [W, Hkv, T] :
+       {std::tuple<int64_t, int64_t, int64_t>{128, 8, 32768}, {128, 8, 131072}, {16768, 1, 32768}}) {
     const KvCacheConfig cfg = make_config(8, 1, W, Hkv, 128, DType::bf16, 131072, 16);
     SCOPED_TRACE("W=" + std::to_string(W) + " T=" + std::to_string(T));
     std::vector<uint16_t> kb(size_t(piece * Hkv * 128)), vb(kb.size());
@@ -118,7 +123,8 @@ TEST(KvCacheMemory, Ksa4bShapes) {
     const int64_t L = Layout::of(cfg.spec, T).length();
     for (int64_t p = 0; p < L; p += piece) {
       const int64_t n = std::min(piece, L - p);
-      cache.prefill(id, KvRows::dense(kb.data(), n, Hkv, 128, DType::bf16), KvRows::dense(vb.data(), n, Hkv, 128, DType::bf16));
+      cache.prefill(id, KvRows::dense(kb.data(), n, Hkv, 128, DType::bf16),
+                    KvRows::dense(vb.data(), n, Hkv, 128, DType::bf16));
     }
     check_memory(cache, id, "after prefill");
     const CacheRows rows = cache_rows(cfg.spec, T, cfg.stores_summaries());
@@ -132,7 +138,8 @@ TEST(KvCacheMemory, Ksa4bShapes) {
       EXPECT_FALSE(cfg.stores_summaries());
       EXPECT_EQ(cache.bytes_in_use(), full + 16 * cfg.row_bytes());  // all text + one block for a chunk's summary
     }
-    ::testing::Test::RecordProperty("bytes_W" + std::to_string(W) + "_T" + std::to_string(T), std::to_string(cache.bytes_in_use()));
+    ::testing::Test::RecordProperty("bytes_W" + std::to_string(W) + "_T" + std::to_string(T),
+                                    std::to_string(cache.bytes_in_use()));
   }
 }
 
@@ -149,7 +156,8 @@ std::vector<SeqState> snapshot(const Driver& d) {
 bool same(const std::vector<SeqState>& a, const std::vector<SeqState>& b) {
   if (a.size() != b.size()) return false;
   for (size_t i = 0; i < a.size(); ++i)
-    if (a[i].text_tokens != b[i].text_tokens || a[i].summary_tokens != b[i].summary_tokens || a[i].blocks != b[i].blocks)
+    if (a[i].text_tokens != b[i].text_tokens || a[i].summary_tokens != b[i].summary_tokens ||
+        a[i].blocks != b[i].blocks)
       return false;
   return true;
 }
@@ -244,18 +252,17 @@ TEST(KvCacheErrors, BadCallsChangeNothing) {
       bad.data = nullptr;
       expect_refused(d, "data pointer is null", [&] { d.cache.prefill(a, bad, v1); });
       expect_refused(d, "k has 2 rows but v has 1", [&] { d.cache.prefill(a, s0.rows(s0.k, 0, 2), v1); });
-      expect_refused(d, "takes one text token", [&] { d.cache.append_text(b, s0.rows(s0.k, 0, 2), s0.rows(s0.v, 0, 2)); });
+      expect_refused(d, "takes one text token",
+                     [&] { d.cache.append_text(b, s0.rows(s0.k, 0, 2), s0.rows(s0.v, 0, 2)); });
     }
     ASSERT_EQ(d.cache.state(c).pending_summaries, 1);
     expect_refused(d, "owes 1 summary token(s) of chunk 0 first", [&] { d.cache.append_text(c, k1, v1); });
     expect_refused(d, "owes 0 summary token(s)", [&] { d.cache.append_summaries(b, k1, v1); });
-    expect_refused(d, "owes 1 summary token(s)", [&] {
-      d.cache.append_summaries(c, s0.rows(s0.k, 0, 2), s0.rows(s0.v, 0, 2));
-    });
+    expect_refused(d, "owes 1 summary token(s)",
+                   [&] { d.cache.append_summaries(c, s0.rows(s0.k, 0, 2), s0.rows(s0.v, 0, 2)); });
     // Context limit (60 text tokens): a prefill or a decode step past it.
-    expect_refused(d, "over the context limit max_text_tokens=60", [&] {
-      d.cache.prefill(a, s0.rows(s0.k, 0, 100), s0.rows(s0.v, 0, 100));
-    });
+    expect_refused(d, "over the context limit max_text_tokens=60",
+                   [&] { d.cache.prefill(a, s0.rows(s0.k, 0, 100), s0.rows(s0.v, 0, 100)); });
     {
       const SeqId ids[] = {b, a};
       const int64_t n[] = {1, 100};
@@ -286,7 +293,8 @@ TEST(KvCacheErrors, BadCallsChangeNothing) {
                      [&] { cpu::attention_decode(d.cache, one, n1, bad); });
       bad = io;
       bad.dtype = dt == DType::f32 ? DType::bf16 : DType::f32;
-      expect_refused(d, "does not match the cache's storage dtype", [&] { cpu::attention_decode(d.cache, one, n1, bad); });
+      expect_refused(d, "does not match the cache's storage dtype",
+                     [&] { cpu::attention_decode(d.cache, one, n1, bad); });
       bad = io;
       bad.v.data = nullptr;
       expect_refused(d, "v: data pointer is null", [&] { cpu::attention_decode(d.cache, one, n1, bad); });
@@ -354,9 +362,11 @@ TEST(KvCacheErrors, FullPoolRefusesWholeStep) {
     // Sequence 0's text row 8 needs the free ring slot; sequence 1 reaches 5 summaries: a third block.
     const int64_t n[] = {1, 5};
     DecodeIO io;
-    expect_refused(d, "the batch needs 2 more blocks, the pool has 0 left", [&] { cpu::attention_decode(d.cache, ids, n, io); });
+    expect_refused(d, "the batch needs 2 more blocks, the pool has 0 left",
+                   [&] { cpu::attention_decode(d.cache, ids, n, io); });
     const SeqData& s = seqs[1];
-    expect_refused(d, "needs 1 more blocks, the pool has 0 left", [&] { d.cache.prefill(d.ids[1], s.rows(s.k, 10, 6), s.rows(s.v, 10, 6)); });
+    expect_refused(d, "needs 1 more blocks, the pool has 0 left",
+                   [&] { d.cache.prefill(d.ids[1], s.rows(s.k, 10, 6), s.rows(s.v, 10, 6)); });
   }
   // Releasing one sequence makes room; the other decodes to the end within the 7 blocks.
   d.cache.release(d.ids[1]);

@@ -34,7 +34,7 @@ TEST(DType, F16RoundTripsEveryValue) {
   EXPECT_EQ(float(f16(65504.f)), 65504.f);
   EXPECT_TRUE(std::isinf(float(f16(65520.f))));
   EXPECT_EQ(float(f16(1e-8f)), 0.f);
-  EXPECT_EQ(f16::from_float(5.9604645e-8f), 1);  // smallest subnormal
+  EXPECT_EQ(f16::from_float(5.9604645e-8f), 1);            // smallest subnormal
   EXPECT_EQ(f16::from_float(1.0f + 1.0f / 2048), 0x3c00);  // tie to even
 }
 
@@ -93,7 +93,8 @@ TEST(Params, ValidationNamesField) {
     validate(p);
     FAIL() << "no error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("Hq: must be a positive multiple of Hkv=2 (got 3)"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("Hq: must be a positive multiple of Hkv=2 (got 3)"), std::string::npos)
+        << e.what();
   }
   p.Hq = 2;
   p.q.row_stride = 3;

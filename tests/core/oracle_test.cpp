@@ -43,7 +43,8 @@ TEST(Oracle, MatchesDenseMaskedSoftmax) {
     p.scale = 0.37f;
     p.q = TensorView{qb.data(), L * qrow, qrow, D};
     p.k = TensorView{kvb.data(), L * kvrow, kvrow, D + 1};
-    p.v = TensorView{static_cast<uint8_t*>(static_cast<void*>(kvb.data())) + Hkv * (D + 1) * dtype_size(dt), L * kvrow, kvrow, D + 1};
+    p.v = TensorView{static_cast<uint8_t*>(static_cast<void*>(kvb.data())) + Hkv * (D + 1) * dtype_size(dt), L * kvrow,
+                     kvrow, D + 1};
     std::vector<float> outb(size_t(B * L * Hq * D));
     p.out = TensorView::dense(outb.data(), L, Hq, D);
     const auto ref = cpu::attention_reference(p);
@@ -77,8 +78,7 @@ TEST(Oracle, MatchesDenseMaskedSoftmax) {
     // A row sample returns the same rows.
     const std::vector<int64_t> rows = {L - 1, 0};
     const auto part = cpu::attention_reference(p, rows);
-    for (int64_t d = 0; d < D; ++d)
-      EXPECT_EQ(part.out[size_t(d)], ref.out[size_t(((L - 1) * Hq) * D + d)]);
+    for (int64_t d = 0; d < D; ++d) EXPECT_EQ(part.out[size_t(d)], ref.out[size_t(((L - 1) * Hq) * D + d)]);
   }
 }
 

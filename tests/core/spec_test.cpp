@@ -19,8 +19,7 @@ TEST(Spec, HandCheckedVisibility) {
   ASSERT_EQ(lay.length(), 7);
   const char* expect[7] = {"1000000", "1100000", "1110000", "1101000", "1101100", "0001110", "0011101"};
   for (int q = 0; q < 7; ++q)
-    for (int k = 0; k < 7; ++k)
-      EXPECT_EQ(visible(lay, 1, q, k), expect[q][k] == '1') << "q=" << q << " k=" << k;
+    for (int k = 0; k < 7; ++k) EXPECT_EQ(visible(lay, 1, q, k), expect[q][k] == '1') << "q=" << q << " k=" << k;
   // With the tail summarised, s2 (pos 7) sees t4 and itself; nothing else changes.
   const Layout tail(2, 1, 5, true);
   ASSERT_EQ(tail.length(), 8);
@@ -63,7 +62,8 @@ TEST(Spec, StreamLayoutMaps) {
 // text_before(pos) counts the text rows in [0, pos), also inside a summarised partial tail (where the chunk
 // arithmetic of a full chunk would count its summaries as text).
 TEST(Spec, TextBeforeCountsTextRows) {
-  for (const Layout lay : {Layout(4, 2, 10), Layout(4, 2, 10, true), Layout(3, 1, 9), Layout(8, 3, 13, true), Layout(5, 1, 0)}) {
+  for (const Layout lay :
+       {Layout(4, 2, 10), Layout(4, 2, 10, true), Layout(3, 1, 9), Layout(8, 3, 13, true), Layout(5, 1, 0)}) {
     int64_t text = 0;
     for (int64_t pos = 0; pos <= lay.length(); ++pos) {
       EXPECT_EQ(lay.text_before(pos), text) << "k=" << lay.k << " S=" << lay.S << " T=" << lay.T << " pos=" << pos;
@@ -86,12 +86,27 @@ TEST(Spec, StreamIdsAndPositions) {
     std::vector<int64_t> pos;
   };
   const std::vector<Case> cases = {
-      {TextPositions::origin, SummaryPositions::last_chunk_slice_right, false, {0, 1, 2, 3, 1, 3, 4, 5, 6, 7, 5, 7, 8, 9}},
-      {TextPositions::origin, SummaryPositions::last_chunk_slice_left, false, {0, 1, 2, 3, 0, 1, 4, 5, 6, 7, 4, 5, 8, 9}},
+      {TextPositions::origin,
+       SummaryPositions::last_chunk_slice_right,
+       false,
+       {0, 1, 2, 3, 1, 3, 4, 5, 6, 7, 5, 7, 8, 9}},
+      {TextPositions::origin,
+       SummaryPositions::last_chunk_slice_left,
+       false,
+       {0, 1, 2, 3, 0, 1, 4, 5, 6, 7, 4, 5, 8, 9}},
       {TextPositions::origin, SummaryPositions::zeros, false, {0, 1, 2, 3, 0, 0, 4, 5, 6, 7, 0, 0, 8, 9}},
-      {TextPositions::inner_chunk, SummaryPositions::last_chunk_slice_right, false, {0, 1, 2, 3, 1, 3, 0, 1, 2, 3, 5, 7, 0, 1}},
-      {TextPositions::origin, SummaryPositions::last_chunk_slice_right, true, {0, 1, 2, 3, 1, 3, 4, 5, 6, 7, 5, 7, 8, 9, 8, 9}},
-      {TextPositions::origin, SummaryPositions::last_chunk_slice_left, true, {0, 1, 2, 3, 0, 1, 4, 5, 6, 7, 4, 5, 8, 9, 8, 8}},
+      {TextPositions::inner_chunk,
+       SummaryPositions::last_chunk_slice_right,
+       false,
+       {0, 1, 2, 3, 1, 3, 0, 1, 2, 3, 5, 7, 0, 1}},
+      {TextPositions::origin,
+       SummaryPositions::last_chunk_slice_right,
+       true,
+       {0, 1, 2, 3, 1, 3, 4, 5, 6, 7, 5, 7, 8, 9, 8, 9}},
+      {TextPositions::origin,
+       SummaryPositions::last_chunk_slice_left,
+       true,
+       {0, 1, 2, 3, 0, 1, 4, 5, 6, 7, 4, 5, 8, 9, 8, 8}},
   };
   for (const Case& c : cases) {
     s.text_positions = c.tm;
@@ -99,7 +114,8 @@ TEST(Spec, StreamIdsAndPositions) {
     s.summarize_tail = c.tail;
     const Stream st = build_stream(s, ids);
     ASSERT_EQ(st.positions.size(), c.pos.size()) << to_string(c.sm);
-    for (size_t i = 0; i < c.pos.size(); ++i) EXPECT_EQ(st.positions[i], c.pos[i]) << to_string(c.tm) << "/" << to_string(c.sm) << " pos " << i;
+    for (size_t i = 0; i < c.pos.size(); ++i)
+      EXPECT_EQ(st.positions[i], c.pos[i]) << to_string(c.tm) << "/" << to_string(c.sm) << " pos " << i;
     EXPECT_EQ(st.ids[4], 1000);
     EXPECT_EQ(st.ids[5], 1001);
     EXPECT_EQ(st.ids[6], 14);
@@ -138,8 +154,9 @@ TEST(Spec, ValidationNamesFieldAndValue) {
   // Issue #26: begin + S once overflowed (UB) for a begin near 2^63 and the check passed.
   s = Spec{};
   s.summary_token_begin = INT64_MAX;
-  EXPECT_NE(msg(s).find("summary_token_begin: must be a token id with room for S summary ids (got 9223372036854775807)"),
-            std::string::npos)
+  EXPECT_NE(
+      msg(s).find("summary_token_begin: must be a token id with room for S summary ids (got 9223372036854775807)"),
+      std::string::npos)
       << msg(s);
   s.S = 2;
   s.summary_token_begin = (int64_t(1) << 31) - 1;  // ids 2^31-1 and 2^31: the second is not an int32

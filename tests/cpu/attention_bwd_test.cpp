@@ -120,7 +120,8 @@ TEST(OracleBackward, MatchesFiniteDifferences) {
       int64_t H;
       const std::vector<double>* g;
     };
-    const Input inputs[] = {{"q", &pr.p.q, c.Hq, &grads.dq}, {"k", &pr.p.k, c.Hkv, &grads.dk}, {"v", &pr.p.v, c.Hkv, &grads.dv}};
+    const Input inputs[] = {
+        {"q", &pr.p.q, c.Hq, &grads.dq}, {"k", &pr.p.k, c.Hkv, &grads.dk}, {"v", &pr.p.v, c.Hkv, &grads.dv}};
     for (const Input& in : inputs)
       for (int64_t b = 0; b < c.B; ++b)
         for (int64_t i = 0; i < pr.L; ++i)
@@ -135,8 +136,8 @@ TEST(OracleBackward, MatchesFiniteDifferences) {
               *x = x0;
               const double fd = (lp - lm) / (double(xp) - double(xm));
               const double an = (*in.g)[size_t(((b * pr.L + i) * in.H + h) * c.D + d)];
-              ASSERT_NEAR(an, fd, 2e-5 + 1e-5 * std::abs(fd)) << "d" << in.name << " [b=" << b << ", row=" << i
-                                                                << ", h=" << h << ", d=" << d << "]";
+              ASSERT_NEAR(an, fd, 2e-5 + 1e-5 * std::abs(fd))
+                  << "d" << in.name << " [b=" << b << ", row=" << i << ", h=" << h << ", d=" << d << "]";
             }
   }
 }
@@ -151,7 +152,8 @@ TEST(CoreRows, EveryRowSeesAKey) {
           for (bool tail : {false, true}) {
             const Layout lay(k, S, T, tail);
             for (int64_t g = 0; g < lay.length(); ++g) {
-              ASSERT_TRUE(visible_gathered(lay, W, g, g)) << "k=" << k << " S=" << S << " T=" << T << " W=" << W << " row " << g;
+              ASSERT_TRUE(visible_gathered(lay, W, g, g))
+                  << "k=" << k << " S=" << S << " T=" << T << " W=" << W << " row " << g;
               const KeySpans sp = key_spans(lay, W, g, g + 1);
               bool has_self = false;
               for (int i = 0; i < sp.n; ++i) has_self = has_self || (sp.span[i].begin <= g && g < sp.span[i].end);

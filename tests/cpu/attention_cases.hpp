@@ -206,7 +206,8 @@ inline Worst worst(const std::vector<double>& got, const std::vector<double>& re
 
 // "[b, row, h, d]" of a flat index into [B, L, H, D].
 inline std::string where(size_t i, int64_t L, int64_t H, int64_t D) {
-  const int64_t d = int64_t(i) % D, h = int64_t(i) / D % H, row = int64_t(i) / (D * H) % L, b = int64_t(i) / (D * H * L);
+  const int64_t d = int64_t(i) % D, h = int64_t(i) / D % H, row = int64_t(i) / (D * H) % L,
+                b = int64_t(i) / (D * H * L);
   std::ostringstream os;
   os << "[b=" << b << ", row=" << row << ", h=" << h << ", d=" << d << "]";
   return os.str();

@@ -73,7 +73,8 @@ void check(const Case& c, int64_t qb) {
       }
   expect_rows_equal("dq", full, full.p.dq, part, part.p.dq, c.Hq, qb, full.L, qb);
   for (int64_t b = 0; b < c.B; ++b)  // untouched before qb
-    for (int64_t i = 0; i < qb; ++i) ASSERT_TRUE(std::isnan(part.at(part.p.dq, b, i, 0, 0))) << "dq row " << i << " written";
+    for (int64_t i = 0; i < qb; ++i)
+      ASSERT_TRUE(std::isnan(part.at(part.p.dq, b, i, 0, 0))) << "dq row " << i << " written";
   expect_rows_equal("dk", full, full.p.dk, part, part.p.dk, c.Hkv, 0, full.L, qb);
   expect_rows_equal("dv", full, full.p.dv, part, part.p.dv, c.Hkv, 0, full.L, qb);
 }

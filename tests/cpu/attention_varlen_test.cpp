@@ -25,8 +25,8 @@ struct Packed {
   std::vector<uint16_t> q, kk, v, dout, out[2], dq[2], dk[2], dv[2];  // 2-byte units hold either dtype
   std::vector<float> lse[2];
 
-  Packed(std::vector<int64_t> texts, int64_t k_, int64_t S_, bool tail_, int64_t Hq_, int64_t Hkv_, int64_t D_, DType dt_,
-         int64_t rpad_, uint64_t seed)
+  Packed(std::vector<int64_t> texts, int64_t k_, int64_t S_, bool tail_, int64_t Hq_, int64_t Hkv_, int64_t D_,
+         DType dt_, int64_t rpad_, uint64_t seed)
       : k(k_), S(S_), Hq(Hq_), Hkv(Hkv_), D(D_), rpad(rpad_), tail(tail_), dt(dt_) {
     for (int64_t T : texts) cu.push_back(cu.back() + Layout(k, S, T, tail).length());
     L = cu.back();
@@ -84,7 +84,7 @@ std::vector<VarlenCase> cases() {
       {{130, 3, 257, 16}, 8, 1, 0, true, 4, 2, 128, DType::bf16, 5},
       {{11, 40, 6, 77}, 5, 2, 1, true, 2, 2, 48, DType::f32, 3},
       {{200, 1, 129}, 4, 1, 100, false, 8, 2, 20, DType::bf16, 0},  // W >= #chunks: plain causal text
-      {{520}, 8, 1, 3, false, 2, 1, 64, DType::f32, 0},              // one stream
+      {{520}, 8, 1, 3, false, 2, 1, 64, DType::f32, 0},             // one stream
   };
 }
 
@@ -92,8 +92,8 @@ TEST(CpuVarlen, PackedEqualsOneStreamAtATime) {
   uint64_t seed = 7000;
   for (const VarlenCase& c : cases())
     for (int threads : {1, 3}) {
-      SCOPED_TRACE(testing::Message() << "k=" << c.k << " S=" << c.S << " W=" << c.W << " tail=" << c.tail << " heads="
-                                      << c.Hq << "/" << c.Hkv << " D=" << c.D << " " << dtype_name(c.dt)
+      SCOPED_TRACE(testing::Message() << "k=" << c.k << " S=" << c.S << " W=" << c.W << " tail=" << c.tail
+                                      << " heads=" << c.Hq << "/" << c.Hkv << " D=" << c.D << " " << dtype_name(c.dt)
                                       << " threads=" << threads << " seed=" << seed + 1);
       Packed pk(c.texts, c.k, c.S, c.tail, c.Hq, c.Hkv, c.D, c.dt, c.rpad, ++seed);
       AttentionBackwardParams p = pk.params(0, c.W);

@@ -29,7 +29,8 @@ void check_LinearMatchesDouble() {
     for (int64_t K : {1, 31, 64, 161})
       for (DType wdt : {DType::f32, DType::bf16}) {
         const int64_t N = 67;
-        std::vector<float> x(static_cast<size_t>(M * K)), w(static_cast<size_t>(N * K)), y(static_cast<size_t>(M * N), NAN);
+        std::vector<float> x(static_cast<size_t>(M * K)), w(static_cast<size_t>(N * K)),
+            y(static_cast<size_t>(M * N), NAN);
         for (auto& v : x) v = nd(rng);
         for (auto& v : w) v = wdt == DType::bf16 ? round_to(DType::bf16, nd(rng)) : nd(rng);
         const auto wb = to_bf16(w);
@@ -48,7 +49,8 @@ void check_LinearMatchesDouble() {
         // The dispatched row kernel equals the portable one within rounding.
         const auto fast = detail::dot_row_kernel();
         for (int64_t n = 0; n < N; ++n)
-          EXPECT_NEAR(fast(W, wdt, n, K, x.data()), detail::dot_row_portable(W, wdt, n, K, x.data()), 1e-4 * std::sqrt(double(K)));
+          EXPECT_NEAR(fast(W, wdt, n, K, x.data()), detail::dot_row_portable(W, wdt, n, K, x.data()),
+                      1e-4 * std::sqrt(double(K)));
       }
   std::vector<float> x(4), y(4);
   EXPECT_THROW(linear(x.data(), 1, 0, x.data(), DType::f32, 1, y.data()), Error);

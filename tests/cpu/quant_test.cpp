@@ -63,7 +63,8 @@ TEST(Q8_0, RoundTripErrorBound) {
     for (size_t b = 0; b < x.size() / 32; ++b) {
       float amax = 0.f;
       for (size_t i = 0; i < 32; ++i) amax = std::max(amax, std::abs(x[b * 32 + i]));
-      const double d = amax / 127.0, bound = d / 2 + 127 * std::max(d * std::ldexp(1.0, -11), std::ldexp(1.0, -25)) + 1e-12;
+      const double d = amax / 127.0,
+                   bound = d / 2 + 127 * std::max(d * std::ldexp(1.0, -11), std::ldexp(1.0, -25)) + 1e-12;
       for (size_t i = 0; i < 32; ++i)
         ASSERT_LE(std::abs(double(back[b * 32 + i]) - x[b * 32 + i]), bound)
             << "scale " << scale << " block " << b << " element " << i;
@@ -144,7 +145,10 @@ void check_linear_q8_0() {
             xerr += ex * r.d[size_t((m * K + k) / 32)] * std::abs(wv);
           }
           const double got = y[size_t(m * N + n)];
-          const auto at = [&] { return "M=" + std::to_string(M) + " K=" + std::to_string(K) + " at " + std::to_string(m) + "," + std::to_string(n); };
+          const auto at = [&] {
+            return "M=" + std::to_string(M) + " K=" + std::to_string(K) + " at " + std::to_string(m) + "," +
+                   std::to_string(n);
+          };
           if (M >= 12) {
             ASSERT_NEAR(got, exact, 1e-6 * mag + 1e-6) << at();
             continue;

@@ -17,15 +17,13 @@
 #include <vector>
 
 #include "cuda/attention_bwd_plan.hpp"
+#include "gpu_test_util.hpp"
 #include "ksa/cpu.hpp"
 #include "ksa/cuda.hpp"
-#include "gpu_test_util.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa {
 namespace {
-
-
 
 // ------------------------------------------------------------------------------------------ the plan
 // The query tiles (BQ grid over [0, L)) that see each key tile (BK grid of KeyTileCursor), with the cursor's
@@ -65,13 +63,14 @@ struct PlanCase {
 };
 
 std::vector<PlanCase> plan_cases(uint64_t seed, int n) {
-  std::vector<PlanCase> c = {{8, 1, 1, 2, false},   {8, 1, 8, 0, false},  {8, 1, 9, 1, true},    {1, 1, 700, 0, false},
-                             {1, 3, 300, 2, true},  {4, 2, 97, 3, false}, {64, 1, 900, 2, false}, {8, 1, 600, 1000, false},
-                             {3, 100, 200, 1, false}, {1000, 5, 3000, 0, true}};
+  std::vector<PlanCase> c = {{8, 1, 1, 2, false},     {8, 1, 8, 0, false},      {8, 1, 9, 1, true},
+                             {1, 1, 700, 0, false},   {1, 3, 300, 2, true},     {4, 2, 97, 3, false},
+                             {64, 1, 900, 2, false},  {8, 1, 600, 1000, false}, {3, 100, 200, 1, false},
+                             {1000, 5, 3000, 0, true}};
   std::mt19937_64 rng(seed);
   for (int i = 0; i < n; ++i)
-    c.push_back(PlanCase{1 + int64_t(rng() % 70), 1 + int64_t(rng() % 9), 1 + int64_t(rng() % 2500), int64_t(rng() % 12),
-                         bool(rng() % 2)});
+    c.push_back(PlanCase{1 + int64_t(rng() % 70), 1 + int64_t(rng() % 9), 1 + int64_t(rng() % 2500),
+                         int64_t(rng() % 12), bool(rng() % 2)});
   return c;
 }
 
@@ -248,7 +247,8 @@ struct Problem {
     return p;
   }
   AttentionBackwardParams host_params() {
-    return params(qkv.data(), kk.data(), vv.data(), out.data(), dout.data(), dq.data(), dkv.data(), dvv.data(), lse.data());
+    return params(qkv.data(), kk.data(), vv.data(), out.data(), dout.data(), dq.data(), dkv.data(), dvv.data(),
+                  lse.data());
   }
 };
 
@@ -296,7 +296,9 @@ struct DeviceProblem {
     if (dv) cudaMemset(dv, 0xff, pr.dvv.size() * 2);
   }
   ~DeviceProblem() {
-    for (void* p : {(void*)qkv, (void*)k, (void*)v, (void*)out, (void*)dout, (void*)dq, (void*)dkv, (void*)dv, (void*)lse}) cudaFree(p);
+    for (void* p :
+         {(void*)qkv, (void*)k, (void*)v, (void*)out, (void*)dout, (void*)dq, (void*)dkv, (void*)dv, (void*)lse})
+      cudaFree(p);
   }
   AttentionBackwardParams params() const { return pr.params(qkv, k, v, out, dout, dq, dkv, dv, lse); }
   void download(Problem& p) const {
@@ -360,7 +362,8 @@ void expect_grads_close(Problem& pr, const AttentionBackwardParams& got) {
     const TensorView* v;
     int64_t H;
     const std::vector<double>* want;
-  } grads[3] = {{"dq", &got.dq, pr.s.Hq, &ref.dq}, {"dk", &got.dk, pr.s.Hkv, &ref.dk}, {"dv", &got.dv, pr.s.Hkv, &ref.dv}};
+  } grads[3] = {
+      {"dq", &got.dq, pr.s.Hq, &ref.dq}, {"dk", &got.dk, pr.s.Hkv, &ref.dk}, {"dv", &got.dv, pr.s.Hkv, &ref.dv}};
   const AttentionBackwardParams hp = pr.host_params();
   const double u = pr.s.dt == DType::bf16 ? 1.0 / 512 : 1.0 / 4096;
   for (const auto& g : grads) {
@@ -391,7 +394,8 @@ void expect_grads_close(Problem& pr, const AttentionBackwardParams& got) {
             omax = std::max(omax, row_norm(hp.dout, b, i, h));
           }
         }
-      const double bound = 4 * hp.softmax_scale() * 2 * u * omax * vmax * (g.want == &ref.dq ? kmax : qmax * double(pr.s.Hq / pr.s.Hkv));
+      const double bound =
+          4 * hp.softmax_scale() * 2 * u * omax * vmax * (g.want == &ref.dq ? kmax : qmax * double(pr.s.Hq / pr.s.Hkv));
       for (int64_t b = 0; b < pr.s.B; ++b)
         for (int64_t i = 0; i < pr.L; ++i)
           for (int64_t h = 0; h < g.H; ++h) {
@@ -429,21 +433,21 @@ TEST(CudaBackward, AwkwardShapesMatchOracle) {
   std::printf("device: %s\n", cuda::device_description().c_str());
   const DType bf = DType::bf16, hf = DType::f16;
   std::vector<Shape> shapes = {
-      {8, 1, 1, 2, 2, 1, 128, 1, false, bf, false, true},       // one token
-      {8, 1, 7, 2, 2, 1, 64, 1, false, bf, false, false},       // k - 1: no summary
-      {8, 1, 8, 0, 4, 4, 128, 1, false, hf, false, true},       // k, W = 0
-      {8, 1, 9, 1, 4, 1, 64, 1, true, bf, false, true},         // k + 1, tail summaries, GQA 4
-      {4, 2, 97, 3, 8, 1, 128, 1, false, bf, true, true},       // S = 2, GQA 8, strided
-      {8, 1, 1025, 3, 4, 2, 128, 2, false, bf, false, true},    // B = 2
-      {8, 1, 1025, 0, 2, 2, 64, 1, true, hf, true, false},      // W = 0, strided
+      {8, 1, 1, 2, 2, 1, 128, 1, false, bf, false, true},     // one token
+      {8, 1, 7, 2, 2, 1, 64, 1, false, bf, false, false},     // k - 1: no summary
+      {8, 1, 8, 0, 4, 4, 128, 1, false, hf, false, true},     // k, W = 0
+      {8, 1, 9, 1, 4, 1, 64, 1, true, bf, false, true},       // k + 1, tail summaries, GQA 4
+      {4, 2, 97, 3, 8, 1, 128, 1, false, bf, true, true},     // S = 2, GQA 8, strided
+      {8, 1, 1025, 3, 4, 2, 128, 2, false, bf, false, true},  // B = 2
+      {8, 1, 1025, 0, 2, 2, 64, 1, true, hf, true, false},    // W = 0, strided
       {16, 2, 700, 1, 8, 8, 128, 1, false, hf, false, true},
-      {8, 1, 600, 1000, 4, 4, 64, 1, false, bf, false, true},   // W >= #chunks: causal text
+      {8, 1, 600, 1000, 4, 4, 64, 1, false, bf, false, true},  // W >= #chunks: causal text
       {3, 1, 333, 5, 4, 2, 128, 1, true, bf, false, false},
-      {64, 1, 900, 2, 2, 1, 128, 1, false, bf, false, true},    // chunks larger than a tile
-      {1, 1, 1000, 2, 2, 1, 64, 1, false, bf, false, true},     // k = 1: long summary lists (split)
-      {8, 1, 1200, 16, 8, 1, 64, 1, false, hf, true, true},     // GQA 8, old summaries, strided
+      {64, 1, 900, 2, 2, 1, 128, 1, false, bf, false, true},  // chunks larger than a tile
+      {1, 1, 1000, 2, 2, 1, 64, 1, false, bf, false, true},   // k = 1: long summary lists (split)
+      {8, 1, 1200, 16, 8, 1, 64, 1, false, hf, true, true},   // GQA 8, old summaries, strided
       {5, 3, 1025, 2, 4, 1, 128, 1, true, bf, true, false},
-      {8, 1, 4000, 16, 8, 2, 128, 1, false, hf, false, true},   // many whole 128-key tiles
+      {8, 1, 4000, 16, 8, 2, 128, 1, false, hf, false, true},  // many whole 128-key tiles
   };
   uint64_t seed = 21;
   for (const Shape& s : shapes) check_shape(s, seed++);

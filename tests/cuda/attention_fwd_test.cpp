@@ -9,14 +9,13 @@
 #include <string>
 #include <vector>
 
+#include "gpu_test_util.hpp"
 #include "ksa/cpu.hpp"
 #include "ksa/cuda.hpp"
-#include "gpu_test_util.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa {
 namespace {
-
 
 struct Shape {
   int64_t k, S, T, W, Hq, Hkv, D, B;
@@ -121,7 +120,8 @@ void check_shape(const Shape& s, uint64_t seed) {
           num += (got - want) * (got - want);
           den += want * want;
         }
-        const double le = std::abs(double(hl[size_t((b * L + i) * s.Hq + h)]) - ref.lse[size_t((b * L + i) * s.Hq + h)]);
+        const double le =
+            std::abs(double(hl[size_t((b * L + i) * s.Hq + h)]) - ref.lse[size_t((b * L + i) * s.Hq + h)]);
         max_lse = std::isnan(le) ? INFINITY : std::max(max_lse, le);
       }
   EXPECT_LE(max_err, 4 * ulp) << "worst flat index " << worst << " (b,row,head,d)";
@@ -145,7 +145,7 @@ TEST(CudaForward, AwkwardShapesMatchOracle) {
       {8, 1, 1025, 3, 4, 2, 128, 2, false, DType::bf16, false},
       {8, 1, 1025, 0, 2, 2, 64, 1, true, DType::f16, true},
       {16, 2, 700, 1, 8, 8, 128, 1, false, DType::f16, false},
-      {8, 1, 600, 1000, 4, 4, 64, 1, false, DType::bf16, false},   // W >= #chunks: causal text
+      {8, 1, 600, 1000, 4, 4, 64, 1, false, DType::bf16, false},  // W >= #chunks: causal text
       {3, 1, 333, 5, 4, 2, 128, 1, true, DType::bf16, false},
       {64, 1, 900, 2, 2, 1, 128, 1, false, DType::bf16, false},    // chunks larger than a tile
       {8, 1, 2000, 128, 8, 1, 128, 1, false, DType::bf16, false},  // GQA 8

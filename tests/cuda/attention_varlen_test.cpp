@@ -31,7 +31,6 @@
 namespace ksa {
 namespace {
 
-
 struct VarlenCase {
   std::vector<int64_t> texts;  // text tokens of each stream
   int64_t k, S, W;
@@ -60,9 +59,9 @@ std::vector<VarlenCase> cases() {
       {{1, 7, 9, 130, 1000}, 8, 1, 2, false, 4, 2, 128, bf, 0},
       {{1000, 9, 1, 130, 7}, 8, 2, 3, true, 4, 2, 64, bf, 8},
       {{0, 5, 0, 300, 1, 0}, 8, 1, 0, false, 2, 1, 128, hf, 0},
-      {{7, 1000, 1}, 4, 2, 1000, false, 8, 1, 64, hf, 16},  // W >= #chunks: causal text
-      {{2000}, 8, 1, 16, false, 4, 2, 128, bf, 0},          // one stream
-      {{400, 1, 300}, 1, 1, 2, false, 2, 1, 128, bf, 8},    // k = 1: long summary lists
+      {{7, 1000, 1}, 4, 2, 1000, false, 8, 1, 64, hf, 16},                  // W >= #chunks: causal text
+      {{2000}, 8, 1, 16, false, 4, 2, 128, bf, 0},                          // one stream
+      {{400, 1, 300}, 1, 1, 2, false, 2, 1, 128, bf, 8},                    // k = 1: long summary lists
       {{3, 64, 65, 1, 127, 128, 129, 5}, 64, 1, 1, true, 2, 2, 64, bf, 0},  // chunks larger than a tile
   };
   std::mt19937_64 rng(77);
@@ -213,7 +212,9 @@ struct HostInputs {
   AttentionBackwardParams p;
   explicit HostInputs(const Problem& pr) : q(pr.hq), k(pr.hk), v(pr.hv), dout(pr.hdout) {
     p = pr.params(0, 0);
-    auto hv = [&](std::vector<uint16_t>& b, int64_t H) { return TensorView{b.data(), pr.L * pr.row(H), pr.row(H), pr.c.D}; };
+    auto hv = [&](std::vector<uint16_t>& b, int64_t H) {
+      return TensorView{b.data(), pr.L * pr.row(H), pr.row(H), pr.c.D};
+    };
     scratch.assign(size_t(pr.L * pr.row(pr.c.Hq)) + 1, 0);
     p.q = hv(q, pr.c.Hq), p.k = hv(k, pr.c.Hkv), p.v = hv(v, pr.c.Hkv), p.dout = hv(dout, pr.c.Hq);
     p.out = p.dq = hv(scratch, pr.c.Hq);  // validated, never read or written by the oracle
@@ -274,7 +275,8 @@ void check_backward(const VarlenCase& c, uint64_t seed, bool deterministic, bool
     int64_t H;
     bool bitwise;
     std::unique_ptr<test::DevMem>* m;
-  } grads[3] = {{"dq", c.Hq, bitwise_dq, pr.dq}, {"dk", c.Hkv, bitwise_dkdv, pr.dk}, {"dv", c.Hkv, bitwise_dkdv, pr.dv}};
+  } grads[3] = {
+      {"dq", c.Hq, bitwise_dq, pr.dq}, {"dk", c.Hkv, bitwise_dkdv, pr.dk}, {"dv", c.Hkv, bitwise_dkdv, pr.dv}};
   std::vector<float> got[3];
   for (int g = 0; g < 3; ++g) {
     got[g] = elements(pr, *grads[g].m[0], grads[g].H);

@@ -7,15 +7,14 @@
 #include <gtest/gtest.h>
 
 #include "cache/cache_cases.hpp"
-#include "ksa/cuda.hpp"
 #include "gpu_test_util.hpp"
+#include "ksa/cuda.hpp"
 #include "ksa/cuda_cache.hpp"
 
 namespace ksa {
 namespace {
 
 using test::SeqData;
-
 
 // Tolerance: the CPU decode test's bound (cache_cases.hpp: bf16 out = one rounding, 2^-8·|ref|, plus the
 // fp32 term 1e-5·(1 + max|v|)) with the fp32 term doubled: the GPU sums the same fp32 products in another
@@ -104,7 +103,8 @@ struct GpuDriver : test::DecodeTracker {
     Buf q = make(Hq), k = make(Hkv), v = make(Hkv), o = make(Hq);
     auto put = [&](Buf& t, int64_t r, const std::vector<uint8_t>& src, int64_t srow, int64_t H) {
       for (int64_t h = 0; h < H; ++h)
-        std::memcpy(&t.h[size_t(r * t.v.row_stride + h * t.v.head_stride)], src.data() + (srow * H + h) * D * 2, size_t(D * 2));
+        std::memcpy(&t.h[size_t(r * t.v.row_stride + h * t.v.head_stride)], src.data() + (srow * H + h) * D * 2,
+                    size_t(D * 2));
     };
     std::vector<SeqId> bid;
     int64_t r = 0;
@@ -117,7 +117,8 @@ struct GpuDriver : test::DecodeTracker {
         put(v, r, d.v, pos[batch[j]] + i, Hkv);
       }
     }
-    DevMem dq(q.h.size() * 2), dk_(k.h.size() * 2), dv_(v.h.size() * 2), dout(o.h.size() * 2), dlse(size_t(R * Hq) * 4 + 4);
+    DevMem dq(q.h.size() * 2), dk_(k.h.size() * 2), dv_(v.h.size() * 2), dout(o.h.size() * 2),
+        dlse(size_t(R * Hq) * 4 + 4);
     CK(cudaMemcpy(dq.p, q.h.data(), q.h.size() * 2, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(dk_.p, k.h.data(), k.h.size() * 2, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(dv_.p, v.h.data(), v.h.size() * 2, cudaMemcpyHostToDevice));
@@ -138,9 +139,9 @@ struct GpuDriver : test::DecodeTracker {
     std::vector<float> lse(size_t(R * Hq));
     CK(cudaMemcpy(o.h.data(), dout.p, o.h.size() * 2, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(lse.data(), dlse.p, lse.size() * 4, cudaMemcpyDeviceToHost));
-    if (!check_step(batch, n, DType::bf16, o.h.data(), o.v, lse.data(),
-                    [](const SeqData& d, double ref) { return out_tol(ref, d.vmax); },
-                    [](double ref) { return lse_tol(ref); }))
+    if (!check_step(
+            batch, n, DType::bf16, o.h.data(), o.v, lse.data(),
+            [](const SeqData& d, double ref) { return out_tol(ref, d.vmax); }, [](double ref) { return lse_tol(ref); }))
       return;
     if (strided) {
       EXPECT_EQ(o.h[size_t(D)], 0xffff) << "head padding of out was written";
@@ -162,8 +163,8 @@ void run_decode(const GpuCase& c, const std::vector<SeqData>& seqs, bool pieces,
     drv.prefill(i, splits[i] - a);
   }
   if (!decode_to_end(drv, seqs, splits, pieces, c.max_piece(), rng)) return;
-  std::printf("  %s, %s: %lld rows, worst err/tol out %.3f lse %.3f\n", c.str().c_str(),
-              pieces ? "pieces" : "single", (long long)drv.checked, drv.worst_out, drv.worst_lse);
+  std::printf("  %s, %s: %lld rows, worst err/tol out %.3f lse %.3f\n", c.str().c_str(), pieces ? "pieces" : "single",
+              (long long)drv.checked, drv.worst_out, drv.worst_lse);
   for (SeqId id : drv.ids) drv.cache.release(id);
   EXPECT_EQ(drv.cache.host().bytes_in_use(), 0);
 }
@@ -287,7 +288,7 @@ TEST(CudaDecode, RejectsUnsafeStepsAndChangesNothing) {
   std::string why;
   EXPECT_TRUE(cache.step_ok(id, 5, &why)) << why;   // 4 text + 1 summary: ring of 8 rows holds it
   EXPECT_TRUE(cache.step_ok(id, 10, &why)) << why;  // text rows 0..7: exactly the ring
-  EXPECT_FALSE(cache.step_ok(id, 12, &why));       // text row 8 would overwrite row 0, which token 1 reads
+  EXPECT_FALSE(cache.step_ok(id, 12, &why));        // text row 8 would overwrite row 0, which token 1 reads
   EXPECT_NE(why.find("ring_slack_rows"), std::string::npos) << why;
   DecodeIO io;
   io.Hq = 1;

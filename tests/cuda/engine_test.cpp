@@ -19,13 +19,13 @@
 #include <string>
 #include <vector>
 
+#include "engine_util.hpp"
 #include "gpu_test_util.hpp"
 #include "ksa/cuda_dense.hpp"
 #include "ksa/error.hpp"
 #include "ksa/model.hpp"
 #include "ksa/model_writer.hpp"
 #include "ksa/pattern.hpp"
-#include "engine_util.hpp"
 #include "test_util.hpp"
 
 namespace ksa {
@@ -225,7 +225,8 @@ TEST_P(CudaEngineBatch, MixedBatchEqualsSequencesAlone) {
       items.push_back(StepItem{ids[i], std::span(texts[i]).subspan(at[i], n), LogitsFor::all, nullptr, {}});
       who.push_back(i);
     }
-    if (step < 10) items.push_back(StepItem{extra, std::span(xt).subspan(size_t(step) * 6, 6), LogitsFor::last, nullptr, {}});
+    if (step < 10)
+      items.push_back(StepItem{extra, std::span(xt).subspan(size_t(step) * 6, 6), LogitsFor::last, nullptr, {}});
     if (step == 10) m.release(extra);
     if (items.empty()) break;
     m.step(items, r);
@@ -294,12 +295,14 @@ TEST(CudaEngine, GraphReplaysEqualEagerLaunches) {
       eager.step(se, re);
       if (rg.logits != re.logits) {
         ++mismatched;
-        for (size_t j = 0; j < rg.logits.size(); ++j) worst = std::max(worst, double(std::abs(rg.logits[j] - re.logits[j])));
+        for (size_t j = 0; j < rg.logits.size(); ++j)
+          worst = std::max(worst, double(std::abs(rg.logits[j] - re.logits[j])));
       }
     }
-    std::printf("[cuda engine] %s: %lld of 400 steps replayed, %lld graphs captured; %zu steps differ from eager "
-                "(max |diff| %g)\n", v.name.c_str(), (long long)graphs.graph_replays(), (long long)graphs.graph_captures(),
-                mismatched, worst);
+    std::printf(
+        "[cuda engine] %s: %lld of 400 steps replayed, %lld graphs captured; %zu steps differ from eager "
+        "(max |diff| %g)\n",
+        v.name.c_str(), (long long)graphs.graph_replays(), (long long)graphs.graph_captures(), mismatched, worst);
     EXPECT_EQ(mismatched, 0u) << v.name;
     EXPECT_GT(graphs.graph_replays(), 300) << v.name;
     EXPECT_EQ(eager.graph_replays() + eager.graph_captures(), 0) << v.name;
@@ -340,8 +343,10 @@ TEST(CudaEngine, GreedyTextEqualsTheCpuEngine) {
     p.cpu.append(a, std::span<const int32_t>(&ta, 1), LogitsFor::last, la);
     p.gpu.append(b, std::span<const int32_t>(&ta, 1), LogitsFor::last, lb);
   }
-  std::printf("[cuda engine] greedy: %d of 128 steps clear of a near tie, all equal; %d near ties; the free-running "
-              "texts are identical at least up to token %d (the first near tie)\n", clear, ties, first_tie < 0 ? 128 : first_tie);
+  std::printf(
+      "[cuda engine] greedy: %d of 128 steps clear of a near tie, all equal; %d near ties; the free-running "
+      "texts are identical at least up to token %d (the first near tie)\n",
+      clear, ties, first_tie < 0 ? 128 : first_tie);
   EXPECT_GE(clear, 64);
 }
 
@@ -357,10 +362,10 @@ TEST(CudaEngine, SmallMProductsMatchTheHostProduct) {
     int64_t M, K, N, ldy;
     DType y;
   };
-  for (const Case c : {Case{1, 2560, 6144, 0, DType::f32}, Case{1, 9728, 2561, 0, DType::f32},
-                       Case{3, 8, 5, 7, DType::f32}, Case{8, 2568, 1001, 1003, DType::bf16},
-                       Case{5, 4096, 33, 0, DType::bf16}, Case{2, 776, 151, 0, DType::f32},
-                       Case{9, 1024, 300, 0, DType::f32}}) {
+  for (const Case c :
+       {Case{1, 2560, 6144, 0, DType::f32}, Case{1, 9728, 2561, 0, DType::f32}, Case{3, 8, 5, 7, DType::f32},
+        Case{8, 2568, 1001, 1003, DType::bf16}, Case{5, 4096, 33, 0, DType::bf16}, Case{2, 776, 151, 0, DType::f32},
+        Case{9, 1024, 300, 0, DType::f32}}) {
     SCOPED_TRACE("M " + std::to_string(c.M) + " K " + std::to_string(c.K) + " N " + std::to_string(c.N));
     const int64_t ldy = c.ldy ? c.ldy : c.N;
     std::vector<uint16_t> x(size_t(c.M * c.K)), w(size_t(c.N * c.K));
@@ -436,7 +441,8 @@ TEST(CudaEngine, DeviceSamplerDrawsTheExactDistribution) {
       const int64_t k = c.top_k > 0 ? c.top_k : V;
       std::vector<double> pr(static_cast<size_t>(k));
       double Z = 0;
-      for (int64_t i = 0; i < k; ++i) Z += pr[size_t(i)] = std::exp((logits[size_t(idx[size_t(i)])] - logits[size_t(idx[0])]) / c.temp);
+      for (int64_t i = 0; i < k; ++i)
+        Z += pr[size_t(i)] = std::exp((logits[size_t(idx[size_t(i)])] - logits[size_t(idx[0])]) / c.temp);
       int64_t n = k;
       if (c.top_p < 1.f) {
         double cum = 0;

@@ -15,8 +15,8 @@
 
 namespace ksa::test {
 
-#define REQUIRE_GPU()                                                             \
-  do {                                                                            \
+#define REQUIRE_GPU()                                                               \
+  do {                                                                              \
     if (::ksa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device visible"; \
   } while (0)
 
@@ -32,7 +32,9 @@ struct DevMem {
   DevMem(const DevMem&) = delete;
   DevMem& operator=(const DevMem&) = delete;
   template <class X>
-  X* as() const { return static_cast<X*>(p); }
+  X* as() const {
+    return static_cast<X*>(p);
+  }
 };
 
 // A device copy of a host vector (null for an empty one); throws on a CUDA error.

@@ -26,13 +26,13 @@
 #include <vector>
 
 #include "engine_util.hpp"
-#include "logits_diff.hpp"
-#include "test_util.hpp"
 #include "ksa/error.hpp"
 #include "ksa/model.hpp"
 #include "ksa/model_writer.hpp"
 #include "ksa/pattern.hpp"
+#include "logits_diff.hpp"
 #include "reference_forward.hpp"
+#include "test_util.hpp"
 
 namespace ksa {
 namespace {
@@ -40,7 +40,7 @@ namespace {
 namespace fs = std::filesystem;
 using test::ReferenceModel;
 
-using test::kFloorRel;      // engine vs the reference: logits_diff.hpp
+using test::kFloorRel;  // engine vs the reference: logits_diff.hpp
 using test::kNaiveMultiple;
 // Engine vs engine with an f32 cache (prefill kernel vs decode kernel, different row counts through the
 // matrix products): two fp32 computations, each within ~4x the naive fp32 error (~1e-6 relative) of the
@@ -67,7 +67,6 @@ uint64_t seed_offset() {
 constexpr int64_t kTextVocab = 256;  // text token ids [0, 256); summary ids follow
 
 bool verbose() { return std::getenv("KSA_TEST_VERBOSE") != nullptr; }
-
 
 // One test configuration: the "tiny" shape (4 layers, hidden 64, intermediate 192, 4 query heads, head_dim 16)
 // with the KSA knobs changed and a small vocabulary.

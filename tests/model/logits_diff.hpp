@@ -15,11 +15,11 @@
 namespace ksa::test {
 
 // Engine vs the double reference: <= kNaiveMultiple x (naive fp32 error) + kFloorRel x max|logit|.
-// Measured on engine_test.cpp's cases over 12 seed offsets: engine <= 1.6e-6 of max|logit|, naive fp32 <= 1.7e-6; the bound
-// is about 6e-6 of max|logit| (kFloorRel ~ 17 fp32 ulps of the largest logit). Every semantic slip tried
-// on the reference (W off by one, a summary position off by one, mix_coeff 1% off, the summary layernorm
-// or projections ignored, summaries updated in a plain layer, a wrong GQA head map) moves the logits by
-// 3e-3 .. 1.5 of max|logit|: hundreds of times the bound.
+// Measured on engine_test.cpp's cases over 12 seed offsets: engine <= 1.6e-6 of max|logit|, naive fp32 <= 1.7e-6; the
+// bound is about 6e-6 of max|logit| (kFloorRel ~ 17 fp32 ulps of the largest logit). Every semantic slip tried on the
+// reference (W off by one, a summary position off by one, mix_coeff 1% off, the summary layernorm or projections
+// ignored, summaries updated in a plain layer, a wrong GQA head map) moves the logits by 3e-3 .. 1.5 of max|logit|:
+// hundreds of times the bound.
 constexpr double kNaiveMultiple = 4.0;
 constexpr double kFloorRel = 2e-6;
 
@@ -65,7 +65,8 @@ inline std::string explain(const Diff& d, int64_t V, double tol) {
   if (d.nonfinite >= 0) os << "non-finite value or size mismatch at index " << d.nonfinite << "; ";
   os << "max |err| " << d.max_err << " (" << d.rel() << " of max |logit| " << d.max_abs << ") > tolerance " << tol;
   if (d.worst >= 0 && V > 0)
-    os << "; worst at text token " << d.worst / V << ", logit " << d.worst % V << ": got " << d.got << ", want " << d.want;
+    os << "; worst at text token " << d.worst / V << ", logit " << d.worst % V << ": got " << d.got << ", want "
+       << d.want;
   return os.str();
 }
 

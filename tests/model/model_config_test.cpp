@@ -5,10 +5,10 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 
-#include "test_util.hpp"
 #include "ksa/error.hpp"
 #include "ksa/model_config.hpp"
 #include "ksa/model_writer.hpp"
+#include "test_util.hpp"
 
 namespace ksa {
 namespace {
@@ -132,8 +132,11 @@ TEST(ModelConfig, SummaryLayerFreqForms) {
 }
 
 TEST(ModelConfig, Defaults) {
-  const ModelConfig c = parse(Json{{"hidden_size", 64}, {"intermediate_size", 128}, {"num_hidden_layers", 2},
-                                   {"num_attention_heads", 4}, {"vocab_size", 1000}});
+  const ModelConfig c = parse(Json{{"hidden_size", 64},
+                                   {"intermediate_size", 128},
+                                   {"num_hidden_layers", 2},
+                                   {"num_attention_heads", 4},
+                                   {"vocab_size", 1000}});
   EXPECT_EQ(c.num_key_value_heads, 4);
   EXPECT_EQ(c.head_dim, 16);
   EXPECT_DOUBLE_EQ(c.rope_theta, 10000.0);
@@ -178,54 +181,73 @@ TEST(ModelConfig, DescribesLayerValues) {
 
 TEST(ModelConfigErrors, NameTheFieldAndValue) {
   EXPECT_EQ(error_of([] { ModelConfig::parse("{\"hidden_size\": 12,", "cfg.json"); }),
-            "cfg.json: invalid JSON: parse error at line 1, column 20: syntax error while parsing object key - unexpected end of "
+            "cfg.json: invalid JSON: parse error at line 1, column 20: syntax error while parsing object key - "
+            "unexpected end of "
             "input; expected string literal");
-  EXPECT_EQ(error_of([] { ModelConfig::parse("[1, 2]", "cfg.json"); }), "cfg.json: top level: must be a JSON object (got [1,2])");
+  EXPECT_EQ(error_of([] { ModelConfig::parse("[1, 2]", "cfg.json"); }),
+            "cfg.json: top level: must be a JSON object (got [1,2])");
   EXPECT_EQ(error_with([](Json& j) { j.erase("hidden_size"); }), "cfg.json: hidden_size: missing (required)");
-  EXPECT_EQ(error_with([](Json& j) { j["hidden_size"] = "2560"; }), "cfg.json: hidden_size: must be an integer (got \"2560\")");
+  EXPECT_EQ(error_with([](Json& j) { j["hidden_size"] = "2560"; }),
+            "cfg.json: hidden_size: must be an integer (got \"2560\")");
   EXPECT_EQ(error_with([](Json& j) { j["hidden_size"] = 0; }), "cfg.json: hidden_size: must be in [1, 2^20] (got 0)");
   EXPECT_EQ(error_with([](Json& j) { j["num_key_value_heads"] = 5; }),
             "cfg.json: num_key_value_heads: must be a divisor of num_attention_heads=32 (got 5)");
-  EXPECT_EQ(error_with([](Json& j) { j["head_dim"] = 127; }), "cfg.json: head_dim: must be even and in [2, 1024] (got 127)");
+  EXPECT_EQ(error_with([](Json& j) { j["head_dim"] = 127; }),
+            "cfg.json: head_dim: must be even and in [2, 1024] (got 127)");
   EXPECT_EQ(error_with([](Json& j) { j["rms_norm_eps"] = -1; }), "cfg.json: rms_norm_eps: must be > 0 (got -1)");
-  EXPECT_EQ(error_with([](Json& j) { j["tie_word_embeddings"] = 1; }), "cfg.json: tie_word_embeddings: must be true or false (got 1)");
-  EXPECT_EQ(error_with([](Json& j) { j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}}; }),
+  EXPECT_EQ(error_with([](Json& j) { j["tie_word_embeddings"] = 1; }),
+            "cfg.json: tie_word_embeddings: must be true or false (got 1)");
+  EXPECT_EQ(error_with([](Json& j) {
+              j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
+            }),
             "cfg.json: rope_scaling: RoPE type \"yarn\" is not supported (only the default, unscaled RoPE)");
-  EXPECT_EQ(error_with([](Json& j) { j["rope_parameters"] = {{"rope_theta", 1e6}, {"rope_type", "llama3"}}; }),
+  EXPECT_EQ(error_with([](Json& j) {
+              j["rope_parameters"] = {{"rope_theta", 1e6}, {"rope_type", "llama3"}};
+            }),
             "cfg.json: rope_parameters: RoPE type \"llama3\" is not supported (only the default, unscaled RoPE)");
   EXPECT_EQ(error_with([](Json& j) { j["torch_dtype"] = "float64"; }),
             "cfg.json: torch_dtype: \"float64\" is not supported (bfloat16, float16 or float32)");
   EXPECT_EQ(error_with([](Json& j) { j["model_type"] = "llama"; }),
             "cfg.json: model_type: \"llama\" is not supported (only \"qwen3\", with or without KSA)");
-  EXPECT_EQ(error_with([](Json& j) { j["hidden_act"] = "gelu"; }), "cfg.json: hidden_act: \"gelu\" is not supported (only \"silu\")");
+  EXPECT_EQ(error_with([](Json& j) { j["hidden_act"] = "gelu"; }),
+            "cfg.json: hidden_act: \"gelu\" is not supported (only \"silu\")");
   EXPECT_EQ(error_with([](Json& j) { j["layer_types"] = std::vector<std::string>(36, "sliding_attention"); }),
             "cfg.json: layer_types: layer 0 is \"sliding_attention\"; only \"full_attention\" is supported");
   EXPECT_EQ(error_with([](Json& j) { j["summary_sliding_chunk_num"] = "([128]*3+[16768]*1)*8"; }),
-            "cfg.json: summary_sliding_chunk_num: has 32 entries but the model has 36 layers (pattern \"([128]*3+[16768]*1)*8\")");
+            "cfg.json: summary_sliding_chunk_num: has 32 entries but the model has 36 layers (pattern "
+            "\"([128]*3+[16768]*1)*8\")");
   EXPECT_EQ(error_with([](Json& j) { j["summary_sliding_chunk_num"] = "([128]*3+[16768]*1)**9"; }),
-            "cfg.json: summary_sliding_chunk_num: '**' is not allowed at character 20\n  ([128]*3+[16768]*1)**9\n                      ^");
+            "cfg.json: summary_sliding_chunk_num: '**' is not allowed at character 20\n  ([128]*3+[16768]*1)**9\n      "
+            "                ^");
   EXPECT_EQ(error_with([](Json& j) { j["summary_sliding_chunk_num"] = "__import__('os')"; }),
-            "cfg.json: summary_sliding_chunk_num: unexpected '_' (only integers, lists, '+', '*' and parentheses are allowed) at "
+            "cfg.json: summary_sliding_chunk_num: unexpected '_' (only integers, lists, '+', '*' and parentheses are "
+            "allowed) at "
             "character 0\n  __import__('os')\n  ^");
   EXPECT_EQ(error_with([](Json& j) { j["summary_sliding_chunk_num"] = 1.5; }),
             "cfg.json: summary_sliding_chunk_num: must be an integer, a list or a pattern string (got 1.5)");
   EXPECT_EQ(error_with([](Json& j) { j["summary_layer_freq"] = "([1]*3+[2]*1)*9"; }),
             "cfg.json: summary_layer_freq: layer 3 has value 2, must be in [0, 1]");
-  EXPECT_EQ(error_with([](Json& j) { j["summary_layer_freq"] = -2; }),
-            "cfg.json: summary_layer_freq: must be 0 (every layer), a positive period, a list or a pattern string (got -2)");
+  EXPECT_EQ(
+      error_with([](Json& j) { j["summary_layer_freq"] = -2; }),
+      "cfg.json: summary_layer_freq: must be 0 (every layer), a positive period, a list or a pattern string (got -2)");
   EXPECT_EQ(error_with([](Json& j) {
               j["use_summary_attention"] = false;
               j["summary_layer_freq"] = "[1]*36";
             }),
             "cfg.json: summary_layer_freq: layer 0 is a summary layer but use_summary_attention is false");
   EXPECT_EQ(error_with([](Json& j) { j["summary_token_position_ids_type"] = "middle"; }),
-            "cfg.json: summary_token_position_ids_type: must be \"zeros\", \"last_chunk_slice_left\" or \"last_chunk_slice_right\" (got \"middle\")");
-  EXPECT_EQ(error_with([](Json& j) { j["vocab_size"] = 151936; }),
-            "cfg.json: summary_token_begin: summary ids 151936..151936 need vocab_size >= 151937 (got vocab_size 151936)");
-  EXPECT_EQ(error_with([](Json& j) { j["summary_chunk_size"] = 0; }), "cfg.json: k (summary_chunk_size): must be in [1, 1048576] (got 0)");
+            "cfg.json: summary_token_position_ids_type: must be \"zeros\", \"last_chunk_slice_left\" or "
+            "\"last_chunk_slice_right\" (got \"middle\")");
+  EXPECT_EQ(
+      error_with([](Json& j) { j["vocab_size"] = 151936; }),
+      "cfg.json: summary_token_begin: summary ids 151936..151936 need vocab_size >= 151937 (got vocab_size 151936)");
+  EXPECT_EQ(error_with([](Json& j) { j["summary_chunk_size"] = 0; }),
+            "cfg.json: k (summary_chunk_size): must be in [1, 1048576] (got 0)");
   EXPECT_EQ(error_with([](Json& j) { j["mix_coeff"] = 1.5; }), "cfg.json: mix_coeff: must be in [0, 1] (got 1.5)");
-  EXPECT_EQ(error_with([](Json& j) { j["eos_token_id"] = 200000; }), "cfg.json: eos_token_id: must be a token id < vocab_size (got 200000)");
-  EXPECT_EQ(error_of([] { ModelConfig::load("/nonexistent/config.json"); }), "/nonexistent/config.json: cannot open config.json");
+  EXPECT_EQ(error_with([](Json& j) { j["eos_token_id"] = 200000; }),
+            "cfg.json: eos_token_id: must be a token id < vocab_size (got 200000)");
+  EXPECT_EQ(error_of([] { ModelConfig::load("/nonexistent/config.json"); }),
+            "/nonexistent/config.json: cannot open config.json");
   // A path beyond the system's name limit: a ksa::Error, not std::filesystem::filesystem_error.
   const std::string long_dir = "/tmp/" + std::string(300, 'd');
   EXPECT_EQ(error_of([&] { ModelConfig::load(long_dir); }), long_dir + "/config.json: cannot open config.json");
@@ -246,18 +268,25 @@ TEST(ModelConfigHostile, DeepNestingIsRefusedAtParseTime) {
   EXPECT_EQ(error_of([&] { ModelConfig::parse(deep, "cfg.json"); }),
             "cfg.json: invalid JSON: nested deeper than 100 levels (at byte 100)");
   const std::string inside = with_text("\"hidden_size\":2560", "\"hidden_size\":" + deep);
-  EXPECT_NE(error_of([&] { ModelConfig::parse(inside, "cfg.json"); }).find("nested deeper than 100 levels"), std::string::npos);
+  EXPECT_NE(error_of([&] { ModelConfig::parse(inside, "cfg.json"); }).find("nested deeper than 100 levels"),
+            std::string::npos);
   // 100 levels are fine (and are only a bad value here).
-  const std::string ok = with_text("\"hidden_size\":2560", "\"hidden_size\":" + std::string(99, '[') + std::string(99, ']'));
-  EXPECT_EQ(error_of([&] { ModelConfig::parse(ok, "cfg.json"); }).rfind("cfg.json: hidden_size: must be an integer (got [[[[", 0), 0u);
+  const std::string ok =
+      with_text("\"hidden_size\":2560", "\"hidden_size\":" + std::string(99, '[') + std::string(99, ']'));
+  EXPECT_EQ(error_of([&] {
+              ModelConfig::parse(ok, "cfg.json");
+            }).rfind("cfg.json: hidden_size: must be an integer (got [[[[", 0),
+            0u);
 }
 
 TEST(ModelConfigHostile, NumberBeyondDoubleIsAnError) {
   // 1e309 once escaped as nlohmann::json::out_of_range, past callers that catch ksa::Error.
-  EXPECT_EQ(error_of([&] { ModelConfig::parse(with_text("\"rope_theta\":1000000", "\"rope_theta\":1e309"), "cfg.json"); }),
-            "cfg.json: invalid JSON: number overflow parsing '1e309' (a number must fit in a double)");
-  EXPECT_EQ(error_of([&] { ModelConfig::parse(with_text("\"rope_theta\":1000000", "\"rope_theta\":-1e400"), "cfg.json"); }),
-            "cfg.json: invalid JSON: number overflow parsing '-1e400' (a number must fit in a double)");
+  EXPECT_EQ(
+      error_of([&] { ModelConfig::parse(with_text("\"rope_theta\":1000000", "\"rope_theta\":1e309"), "cfg.json"); }),
+      "cfg.json: invalid JSON: number overflow parsing '1e309' (a number must fit in a double)");
+  EXPECT_EQ(
+      error_of([&] { ModelConfig::parse(with_text("\"rope_theta\":1000000", "\"rope_theta\":-1e400"), "cfg.json"); }),
+      "cfg.json: invalid JSON: number overflow parsing '-1e400' (a number must fit in a double)");
 }
 
 TEST(ModelConfigHostile, ValuesNearInt64MaxAreBoundedBeforeArithmetic) {

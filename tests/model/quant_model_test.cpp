@@ -19,9 +19,6 @@
 #include <vector>
 
 #include "engine_util.hpp"
-#include "logits_diff.hpp"
-#include "reference_forward.hpp"
-#include "test_util.hpp"
 #include "ksa/dense.hpp"
 #include "ksa/error.hpp"
 #include "ksa/model.hpp"
@@ -30,6 +27,9 @@
 #include "ksa/quantize.hpp"
 #include "ksa/safetensors.hpp"
 #include "ksa/weights.hpp"
+#include "logits_diff.hpp"
+#include "reference_forward.hpp"
+#include "test_util.hpp"
 
 namespace ksa {
 namespace {
@@ -109,8 +109,12 @@ TEST(Q8File, WrittenAsU8BlocksAndReadAsTheMatrix) {
 
   // The writer takes q8_0 only as a matrix of whole blocks.
   SafetensorsWriter bad;
-  EXPECT_TRUE(contains(error_of([&] { bad.add("v", DType::q8_0, {64}, q.data()); }), "a q8_0 tensor is a matrix [N, K]"));
-  EXPECT_TRUE(contains(error_of([&] { bad.add("v", DType::q8_0, {2, 48}, q.data()); }), "K a multiple of 32 (got 2 dimensions, K 48)"));
+  EXPECT_TRUE(
+      contains(error_of([&] { bad.add("v", DType::q8_0, {64}, q.data()); }), "a q8_0 tensor is a matrix [N, K]"));
+  EXPECT_TRUE(contains(error_of([&] {
+                         bad.add("v", DType::q8_0, {2, 48}, q.data());
+                       }),
+                       "K a multiple of 32 (got 2 dimensions, K 48)"));
 }
 
 TEST(Q8File, MalformedFilesGiveClearErrors) {
@@ -125,18 +129,23 @@ TEST(Q8File, MalformedFilesGiveClearErrors) {
   const std::string w = p + ": tensor \"w\": ";
   // No metadata: U8 bytes are not taken for weights.
   EXPECT_EQ(open_error(R"({"w": {"dtype": "U8", "shape": [2, 2, 34], "data_offsets": [0, 136]}})", blocks),
-            w + "dtype \"U8\" is read only as 8-bit weights, and the header's __metadata__ has no \"ksa.quantization\": \"q8_0\"");
+            w + "dtype \"U8\" is read only as 8-bit weights, and the header's __metadata__ has no "
+                "\"ksa.quantization\": \"q8_0\"");
   // Another quantisation.
-  EXPECT_EQ(open_error(R"({"__metadata__": {"ksa.quantization": "q4_0"}, "w": {"dtype": "U8", "shape": [2, 2, 34], "data_offsets": [0, 136]}})", blocks),
-            p + ": __metadata__.ksa.quantization is \"q4_0\"; only \"q8_0\" is supported");
+  EXPECT_EQ(
+      open_error(
+          R"({"__metadata__": {"ksa.quantization": "q4_0"}, "w": {"dtype": "U8", "shape": [2, 2, 34], "data_offsets": [0, 136]}})",
+          blocks),
+      p + ": __metadata__.ksa.quantization is \"q4_0\"; only \"q8_0\" is supported");
   // Blocks of another size, and a U8 matrix without the block dimension.
   EXPECT_EQ(open_error("{" + meta + R"("w": {"dtype": "U8", "shape": [2, 2, 33], "data_offsets": [0, 132]}})", blocks),
             w + "a q8_0 tensor (U8) must have shape [N, K/32, 34], rows of 34-byte blocks (got [2, 2, 33])");
   EXPECT_EQ(open_error("{" + meta + R"("w": {"dtype": "U8", "shape": [4, 34], "data_offsets": [0, 136]}})", blocks),
             w + "a q8_0 tensor (U8) must have shape [N, K/32, 34], rows of 34-byte blocks (got [4, 34])");
   // Byte count unlike N x K/32 x 34.
-  EXPECT_EQ(open_error("{" + meta + R"("w": {"dtype": "U8", "shape": [2, 2, 34], "data_offsets": [0, 134]}})", blocks),
-            w + "q8_0 shape [2, 2, 34] (the matrix [2, 64]) needs 2 x 2 x 34 = 136 bytes but data_offsets [0, 134] span 134");
+  EXPECT_EQ(
+      open_error("{" + meta + R"("w": {"dtype": "U8", "shape": [2, 2, 34], "data_offsets": [0, 134]}})", blocks),
+      w + "q8_0 shape [2, 2, 34] (the matrix [2, 64]) needs 2 x 2 x 34 = 136 bytes but data_offsets [0, 134] span 134");
   // Other integer dtypes stay unsupported.
   EXPECT_EQ(open_error("{" + meta + R"("w": {"dtype": "I8", "shape": [136], "data_offsets": [0, 136]}})", blocks),
             w + "dtype \"I8\" is not supported (BF16, F16 or F32; U8 as q8_0 weights)");
@@ -164,8 +173,9 @@ struct Case {
 };
 
 std::vector<Case> cases() {
-  std::vector<Case> v = {{"tied_k4_S1_mix0.5_sumnorm_W[0,1,2,64]", true, 4, 1, 0.5, "[0,1,2,64]", {}, true, 101},
-                         {"untied_hybrid_k3_S2_mix1_W[1,1,0,2]", false, 3, 2, 1.0, "[1,1,0,2]", {1, 0, 1, 0}, false, 202}};
+  std::vector<Case> v = {
+      {"tied_k4_S1_mix0.5_sumnorm_W[0,1,2,64]", true, 4, 1, 0.5, "[0,1,2,64]", {}, true, 101},
+      {"untied_hybrid_k3_S2_mix1_W[1,1,0,2]", false, 3, 2, 1.0, "[1,1,0,2]", {1, 0, 1, 0}, false, 202}};
   for (Case& c : v) c.seed += seed_offset();
   return v;
 }
@@ -207,13 +217,13 @@ std::vector<int32_t> random_text(std::mt19937_64& rng, int64_t n) { return test:
 // meets (logits_diff.hpp) through the prefill path when every product has >= 12 rows (blocks of rows
 // dequantised for sgemm: T >= 12 text rows and T / k >= 12 summary rows for the summary projections).
 // Through the matrix-vector kernel (a product of <= 11 rows: a short prefill, the summary projections of a
-// prefill with fewer than 12 summaries, and token by token) linear_q8_0 also rounds its input to 8 bits per block of 32 (ksa/dense.hpp), which the reference does not: an activation moves by
-// at most d_x (1/2 + 2^-17) with d_x = max|x| / 127 of its block, eps_x = (1/2 + 2^-17) / 127 = 0.39% of the
-// block's largest activation. As for the weights' rounding (LogitsNearTheBf16ModelWithinTheQ8Bound below), a
-// product's output moves by at most eps_x of its scale and to first order these add along the products that
-// round their input in sequence: per layer q/k/v (one rounding of the same x), o, gate/up and down, and
-// lm_head (the embedding is a lookup): P_x = 1 + 4 L = 17 here, a bound of P_x eps_x = 6.7% of max|logit|
-// added to the fp32 one there. Measured up to 4.7% (token by token, KSA_ENGINE_TEST_SEED=0..5); the exact
+// prefill with fewer than 12 summaries, and token by token) linear_q8_0 also rounds its input to 8 bits per block of 32
+// (ksa/dense.hpp), which the reference does not: an activation moves by at most d_x (1/2 + 2^-17) with d_x = max|x| /
+// 127 of its block, eps_x = (1/2 + 2^-17) / 127 = 0.39% of the block's largest activation. As for the weights' rounding
+// (LogitsNearTheBf16ModelWithinTheQ8Bound below), a product's output moves by at most eps_x of its scale and to first
+// order these add along the products that round their input in sequence: per layer q/k/v (one rounding of the same x),
+// o, gate/up and down, and lm_head (the embedding is a lookup): P_x = 1 + 4 L = 17 here, a bound of P_x eps_x = 6.7% of
+// max|logit| added to the fp32 one there. Measured up to 4.7% (token by token, KSA_ENGINE_TEST_SEED=0..5); the exact
 // arithmetic of the kernel, rounding included, is pinned down in tests/cpu/quant_test.cpp.
 TEST(QuantizedModel, MatchesTheReferenceOnTheSameWeights) {
   const double eps_x = (0.5 + std::ldexp(1.0, -17)) / 127;
@@ -234,11 +244,15 @@ TEST(QuantizedModel, MatchesTheReferenceOnTheSameWeights) {
       const Diff dp = diff(test::prefill(m, text), want);
       const bool sgemm_only = T >= 12 && T / c.k >= 12;
       EXPECT_TRUE(within(dp, sgemm_only ? tol : tol_x, p.V())) << "prefill (naive fp32 error " << dn.max_err << ")";
-      if (verbose() && !sgemm_only) std::printf("[q8_0 vs reference] %-40s T=%lld prefill %.3g of max |logit| (bound %.3g)\n", c.name.c_str(), (long long)T, dp.rel(), tol_x / dn.max_abs);
+      if (verbose() && !sgemm_only)
+        std::printf("[q8_0 vs reference] %-40s T=%lld prefill %.3g of max |logit| (bound %.3g)\n", c.name.c_str(),
+                    (long long)T, dp.rel(), tol_x / dn.max_abs);
       if (T == 37) {
         const Diff ds = diff(test::stepwise(m, text), want);
         EXPECT_TRUE(within(ds, tol_x, p.V())) << "token by token";
-        if (verbose()) std::printf("[q8_0 vs reference] %-40s T=%lld token by token %.3g of max |logit| (bound %.3g)\n", c.name.c_str(), (long long)T, ds.rel(), tol_x / dn.max_abs);
+        if (verbose())
+          std::printf("[q8_0 vs reference] %-40s T=%lld token by token %.3g of max |logit| (bound %.3g)\n",
+                      c.name.c_str(), (long long)T, ds.rel(), tol_x / dn.max_abs);
       }
     }
   }
@@ -270,13 +284,15 @@ TEST(QuantizedModel, LogitsNearTheBf16ModelWithinTheQ8Bound) {
     int64_t top1 = 0;
     double ss = 0, sd = 0;
     for (size_t r = 0; r < text.size(); ++r) {
-      const std::span<const float> a(lb.data() + r * size_t(p.V()), size_t(p.V())), b(lq.data() + r * size_t(p.V()), size_t(p.V()));
+      const std::span<const float> a(lb.data() + r * size_t(p.V()), size_t(p.V())),
+          b(lq.data() + r * size_t(p.V()), size_t(p.V()));
       top1 += test::argmax(a) == test::argmax(b);
       for (size_t i = 0; i < a.size(); ++i) ss += double(a[i]) * a[i], sd += double(a[i] - b[i]) * (a[i] - b[i]);
     }
     if (verbose())
-      std::printf("[q8_0 vs bf16] %-40s max |diff| %.3g of max |logit| (bound %.3g), RMS %.3g of RMS, top-1 equal %lld/%zu\n",
-                  c.name.c_str(), d.rel(), bound, std::sqrt(sd / ss), (long long)top1, text.size());
+      std::printf(
+          "[q8_0 vs bf16] %-40s max |diff| %.3g of max |logit| (bound %.3g), RMS %.3g of RMS, top-1 equal %lld/%zu\n",
+          c.name.c_str(), d.rel(), bound, std::sqrt(sd / ss), (long long)top1, text.size());
   }
 }
 
@@ -321,7 +337,9 @@ TEST(QuantizedModel, TheCudaEngineRefusesQ8Weights) {
   ModelOptions o;
   o.device = Device::cuda;
   const std::string e = error_of([&] { Model::load(p.q8.str(), o); });
-  EXPECT_TRUE(contains(e, "is q8_0: q8_0 weights run on the CPU only (use --device cpu, or the bf16 checkpoint on the GPU)")) << e;
+  EXPECT_TRUE(
+      contains(e, "is q8_0: q8_0 weights run on the CPU only (use --device cpu, or the bf16 checkpoint on the GPU)"))
+      << e;
   EXPECT_EQ(default_device(p.q8.str()), Device::cpu);
 }
 
@@ -368,7 +386,8 @@ TEST(Quantize, QuantisesEveryMatrixCopiesTheRest) {
       EXPECT_EQ(tb->dtype, DType::q8_0);
       const std::vector<unsigned char> want = quantize(ta.to_f32());
       ASSERT_EQ(tb->nbytes, int64_t(want.size()));
-      EXPECT_EQ(std::memcmp(tb->data, want.data(), want.size()), 0) << "the blocks quantize_q8_0 makes of the bf16 values";
+      EXPECT_EQ(std::memcmp(tb->data, want.data(), want.size()), 0)
+          << "the blocks quantize_q8_0 makes of the bf16 values";
     } else {
       EXPECT_EQ(tb->dtype, ta.dtype);
       ASSERT_EQ(tb->nbytes, ta.nbytes);
@@ -377,15 +396,16 @@ TEST(Quantize, QuantisesEveryMatrixCopiesTheRest) {
   }
   EXPECT_EQ(r.tensors, int64_t(a.tensors().size()));
   EXPECT_EQ(r.quantized, matrices);
-  EXPECT_EQ(matrices, 1 + 1 + 4 * 7 + 2 * 3)
-      << "embed_tokens, lm_head, per layer q/k/v/o and gate/up/down, and the 3 summary projections of the 2 summary layers";
+  EXPECT_EQ(matrices, 1 + 1 + 4 * 7 + 2 * 3) << "embed_tokens, lm_head, per layer q/k/v/o and gate/up/down, and the 3 "
+                                                "summary projections of the 2 summary layers";
   EXPECT_TRUE(r.kept.empty());
   EXPECT_EQ(r.bytes_in, a.total_bytes());
   EXPECT_EQ(r.bytes_out, b.total_bytes());
   EXPECT_EQ(r.matrix_bytes_out * 64, r.matrix_bytes_in * 34) << "34 bytes per 32 weights against 64: 53.1%";
   EXPECT_EQ(seen.size(), a.tensors().size());
   EXPECT_EQ(std::set<std::string>(seen.begin(), seen.end()).size(), seen.size());
-  EXPECT_EQ(r.copied, (std::vector<std::string>{"README.md", "config.json", "generation_config.json", "tokenizer.json"}));
+  EXPECT_EQ(r.copied,
+            (std::vector<std::string>{"README.md", "config.json", "generation_config.json", "tokenizer.json"}));
   EXPECT_FALSE(fs::exists(out.path("pytorch_model.bin")));
   std::ifstream c1(in.path("config.json")), c2(out.path("config.json"));
   EXPECT_EQ(std::string(std::istreambuf_iterator<char>(c1), {}), std::string(std::istreambuf_iterator<char>(c2), {}));
@@ -418,7 +438,8 @@ TEST(Quantize, KeepsMatricesWhoseKIsNotAMultipleOf32) {
   ASSERT_EQ(c.k, 4);
   const std::vector<double> want = ref.logits(text);
   const Diff dn = diff(ref.logits_f32(text), want);
-  EXPECT_TRUE(within(diff(test::prefill(m, text), want), test::kNaiveMultiple * dn.max_err + test::kFloorRel * dn.max_abs, p.V()));
+  EXPECT_TRUE(within(diff(test::prefill(m, text), want),
+                     test::kNaiveMultiple * dn.max_err + test::kFloorRel * dn.max_abs, p.V()));
 }
 
 TEST(Quantize, Refusals) {
@@ -426,7 +447,8 @@ TEST(Quantize, Refusals) {
   test::TempDir other{"q8_other"};
   QuantizeOptions q4;
   q4.type = "q4_0";
-  EXPECT_EQ(error_of([&] { quantize_checkpoint(p.bf.str(), other.str(), q4); }), "quantize: type \"q4_0\" is not supported (q8_0)");
+  EXPECT_EQ(error_of([&] { quantize_checkpoint(p.bf.str(), other.str(), q4); }),
+            "quantize: type \"q4_0\" is not supported (q8_0)");
   EXPECT_TRUE(contains(error_of([&] { quantize_checkpoint(p.bf.str(), p.bf.str() + "/."); }),
                        "is the input checkpoint's directory; write the quantised checkpoint into another one"));
   EXPECT_EQ(error_of([&] { quantize_checkpoint(p.q8.str(), other.str()); }),
@@ -471,7 +493,9 @@ TEST(Quantize, MismatchedQ8CheckpointsGiveTheTableMessage) {
     w.write_checkpoint(p.q8.str(), int64_t(1) << 30);
   };
   const std::vector<unsigned char> norm_q8 = quantize(std::vector<float>(64, 1.f));
-  rewrite("model.norm.weight", [&](SafetensorsWriter& w) { w.add("model.norm.weight", DType::q8_0, {1, 64}, norm_q8.data()); });
+  rewrite("model.norm.weight", [&](SafetensorsWriter& w) {
+    w.add("model.norm.weight", DType::q8_0, {1, 64}, norm_q8.data());
+  });
   EXPECT_TRUE(contains(error_of([&] { Pair::engine(p.q8.str()); }),
                        "  model.norm.weight: shape [1, 64], expected [64]\n"
                        "  model.norm.weight: dtype U8 (q8_0), expected BF16/F16/F32"));
@@ -501,8 +525,10 @@ TEST(KsaCommand, QuantizeRoundTrip) {
   EXPECT_TRUE(contains(q, "[ 1/62] model.embed_tokens.weight")) << q;
   EXPECT_TRUE(contains(q, "[151937, 64]   bf16 -> q8_0  18.55 MiB ->   9.85 MiB")) << q;
   EXPECT_TRUE(contains(q, "copied: config.json, generation_config.json")) << q;
-  EXPECT_TRUE(contains(q, ": 41 of 62 tensors to q8_0; weights 18.99 MiB -> 10.09 MiB (53.1%), the quantised matrices "
-                          "18.98 MiB -> 10.09 MiB (53.1%); 1 file in ")) << q;
+  EXPECT_TRUE(contains(q,
+                       ": 41 of 62 tensors to q8_0; weights 18.99 MiB -> 10.09 MiB (53.1%), the quantised matrices "
+                       "18.98 MiB -> 10.09 MiB (53.1%); 1 file in "))
+      << q;
   {  // the embedding (304K blocks, quantised a few thousand at a time) is quantize_q8_0 of its values
     const Checkpoint a = Checkpoint::open(in), b = Checkpoint::open(out);
     const std::vector<unsigned char> want = quantize(a.at("model.embed_tokens.weight").to_f32());

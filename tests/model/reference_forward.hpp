@@ -31,7 +31,7 @@ class ReferenceModel {
 
   struct Layer {
     std::vector<float> in_norm, in_norm_summary, q, k, v, o, q_norm, k_norm, q_s, k_s, v_s, post_norm, gate, up, down;
-    bool blend = false;        // summary tokens blend their own q/k/v projections (mix_coeff)
+    bool blend = false;         // summary tokens blend their own q/k/v projections (mix_coeff)
     bool summary_norm = false;  // summary tokens use input_layernorm_summary
   };
 

@@ -9,15 +9,14 @@
 #include <functional>
 #include <random>
 
-#include "test_util.hpp"
 #include "ksa/error.hpp"
 #include "ksa/safetensors.hpp"
+#include "test_util.hpp"
 
 namespace ksa {
 namespace {
 
 namespace fs = std::filesystem;
-
 
 using test::error_of;
 
@@ -141,9 +140,12 @@ TEST(SafetensorsErrors, IndexProblems) {
             idx + ": weight_map names \"model-00003-of-00003.safetensors\", which does not exist in " + d);
   write_index(R"({"weight_map": {"a": "model-00002-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})");
   EXPECT_EQ(error_of([&] { Checkpoint::open(d); }),
-            t.path("model-00002-of-00002.safetensors") + ": has no tensor \"a\" (model.safetensors.index.json maps it there)");
+            t.path("model-00002-of-00002.safetensors") +
+                ": has no tensor \"a\" (model.safetensors.index.json maps it there)");
   write_index(R"({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors"}})");
-  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }), t.path("model-00001-of-00002.safetensors") + ": has no tensor \"b\" (model.safetensors.index.json maps it there)");
+  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }),
+            t.path("model-00001-of-00002.safetensors") +
+                ": has no tensor \"b\" (model.safetensors.index.json maps it there)");
   write_index(R"({"weight_map": {"a": "../secret.safetensors"}})");
   EXPECT_EQ(error_of([&] { Checkpoint::open(d); }),
             idx + ": weight_map.a: \"../secret.safetensors\" must be a plain file name in the checkpoint directory");
@@ -173,13 +175,17 @@ TEST(SafetensorsErrors, CorruptedFilesEachGiveTheirMessage) {
   EXPECT_EQ(open_err(), p + ": header length 5000 runs past the end of the file (10 bytes)");
 
   raw_file(p, R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]})", 8);  // truncated JSON
-  EXPECT_EQ(open_err(), p + ": header is not valid JSON: parse error at line 1, column 61: syntax error while parsing object - "
-                            "unexpected end of input; expected '}'");
+  EXPECT_EQ(open_err(),
+            p + ": header is not valid JSON: parse error at line 1, column 61: syntax error while parsing object - "
+                "unexpected end of input; expected '}'");
 
   raw_file(p, R"(["a"])", 0);
   EXPECT_EQ(open_err(), p + ": header must be a JSON object (got [\"a\"])");
 
-  raw_file(p, R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})", 12);
+  raw_file(
+      p,
+      R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})",
+      12);
   EXPECT_EQ(open_err(), p + ": tensors \"a\" [0, 8) and \"b\" [4, 12) overlap");
 
   raw_file(p, R"({"a": {"dtype": "F64", "shape": [2], "data_offsets": [0, 16]}})", 16);
@@ -189,12 +195,16 @@ TEST(SafetensorsErrors, CorruptedFilesEachGiveTheirMessage) {
   EXPECT_EQ(open_err(), p + ": tensor \"a\": shape [2, 3] of BF16 needs 12 bytes but data_offsets [0, 10] span 10");
 
   raw_file(p, R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", 8);
-  EXPECT_EQ(open_err(), p + ": tensor \"a\": data_offsets [0, 16] run past the end of the data (8 bytes after the header)");
+  EXPECT_EQ(open_err(),
+            p + ": tensor \"a\": data_offsets [0, 16] run past the end of the data (8 bytes after the header)");
 
   raw_file(p, R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}})", 8);
   EXPECT_EQ(open_err(), p + ": tensor \"a\": data_offsets [8, 4] end before they begin");
 
-  raw_file(p, R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})", 8);
+  raw_file(
+      p,
+      R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})",
+      8);
   EXPECT_EQ(open_err(), p + ": header names tensor \"a\" twice");
 
   raw_file(p, R"({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", 4);
@@ -225,26 +235,34 @@ TEST(SafetensorsErrors, HostileHeaders) {
   raw_file(p, "{\"__metadata__\": " + deep + "}", 0);
   EXPECT_EQ(open_err(), p + ": header is not valid JSON: nested deeper than 100 levels (at byte 116)");
   raw_file(p, R"({"__metadata__": {"a": 1e309}})", 0);  // once escaped as nlohmann::json::out_of_range
-  EXPECT_EQ(open_err(), p + ": header is not valid JSON: number overflow parsing '1e309' (a number must fit in a double)");
+  EXPECT_EQ(open_err(),
+            p + ": header is not valid JSON: number overflow parsing '1e309' (a number must fit in a double)");
   raw_file(p, R"({"a": {"dtype": "F32", "shape": [1e309], "data_offsets": [0, 4]}})", 4);
-  EXPECT_EQ(open_err(), p + ": header is not valid JSON: number overflow parsing '1e309' (a number must fit in a double)");
+  EXPECT_EQ(open_err(),
+            p + ": header is not valid JSON: number overflow parsing '1e309' (a number must fit in a double)");
 
   // The index file goes through the same reader.
   const std::string d = t.path("ckpt");
   fs::create_directories(d);
   const std::string idx = d + "/model.safetensors.index.json";
   std::ofstream(idx) << "{\"weight_map\": " << deep << "}";
-  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }), idx + ": invalid JSON: nested deeper than 100 levels (at byte 114)");
+  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }),
+            idx + ": invalid JSON: nested deeper than 100 levels (at byte 114)");
   std::ofstream(idx) << R"({"metadata": {"total_size": 1e999}, "weight_map": {}})";
-  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }), idx + ": invalid JSON: number overflow parsing '1e999' (a number must fit in a double)");
+  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }),
+            idx + ": invalid JSON: number overflow parsing '1e999' (a number must fit in a double)");
   // Found by fuzz_safetensors: a shard name longer than the system's limit made std::filesystem throw
   // filesystem_error ("File name too long") out of Checkpoint::open.
   const std::string long_name(300, 'a');
   std::ofstream(idx) << R"({"weight_map": {"x": ")" << long_name << R"("}})";
-  EXPECT_EQ(error_of([&] { Checkpoint::open(d); }).rfind(idx + ": weight_map names \"" + long_name + "\", which cannot be read: ", 0), 0u);
+  EXPECT_EQ(error_of([&] {
+              Checkpoint::open(d);
+            }).rfind(idx + ": weight_map names \"" + long_name + "\", which cannot be read: ", 0),
+            0u);
   const std::string long_dir = d + "/" + long_name;
   EXPECT_EQ(error_of([&] { Checkpoint::open(long_dir); }).rfind(long_dir + ": not a directory (", 0), 0u);
-  EXPECT_EQ(error_of([&] { SafetensorsFile::open(long_dir); }).rfind(long_dir + ": cannot open: File name too long", 0), 0u);
+  EXPECT_EQ(error_of([&] { SafetensorsFile::open(long_dir); }).rfind(long_dir + ": cannot open: File name too long", 0),
+            0u);
 }
 
 }  // namespace

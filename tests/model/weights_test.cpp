@@ -12,17 +12,16 @@
 #include <functional>
 #include <map>
 
-#include "test_util.hpp"
 #include "ksa/error.hpp"
 #include "ksa/model_writer.hpp"
 #include "ksa/safetensors.hpp"
 #include "ksa/weights.hpp"
+#include "test_util.hpp"
 
 namespace ksa {
 namespace {
 
 namespace fs = std::filesystem;
-
 
 using test::error_of;
 
@@ -39,7 +38,9 @@ ModelConfig mini(bool tied = true) {
 }
 
 // Rewrites a checkpoint with `edit` applied to its tensors (name -> (shape, values)).
-void rewrite(const std::string& dir, const std::function<void(std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>&)>& edit) {
+void rewrite(
+    const std::string& dir,
+    const std::function<void(std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>&)>& edit) {
   std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> ts;
   {
     const Checkpoint c = Checkpoint::open(dir);
@@ -70,7 +71,8 @@ TEST(Weights, TableFollowsTheConfig) {
   EXPECT_EQ(find("model.layers.0.input_layernorm_summary.weight").use, TensorUse::ignored);
   const ModelConfig t = model_shape_config("tiny");  // mix_coeff 0.5, independent layernorm
   for (const ExpectedTensor& x : expected_tensors(t)) {
-    if (x.name == "model.layers.1.self_attn.v_proj_summary.weight" || x.name == "model.layers.1.input_layernorm_summary.weight") {
+    if (x.name == "model.layers.1.self_attn.v_proj_summary.weight" ||
+        x.name == "model.layers.1.input_layernorm_summary.weight") {
       EXPECT_EQ(x.use, TensorUse::optional) << x.name;
     }
   }
@@ -81,7 +83,8 @@ TEST(Weights, TableFollowsTheConfig) {
 TEST(Weights, BindsARandomCheckpoint) {
   test::TempDir d{"w"};
   const ModelConfig c = mini();
-  const WrittenModel wm = write_random_model(c, d.str(), RandomModelOptions{7, DType::bf16, int64_t(1) << 30, true, ""});
+  const WrittenModel wm =
+      write_random_model(c, d.str(), RandomModelOptions{7, DType::bf16, int64_t(1) << 30, true, ""});
   EXPECT_FALSE(wm.tokenizer_copied);
   const ModelConfig back = ModelConfig::load(d.str());
   EXPECT_EQ(back.to_json(), c.to_json());
@@ -92,7 +95,8 @@ TEST(Weights, BindsARandomCheckpoint) {
   ASSERT_EQ(w.layers.size(), 4u);
   EXPECT_EQ(w.lm_head, w.embed_tokens);  // tied
   for (const LayerWeights& L : w.layers) {
-    ASSERT_TRUE(L.q_proj && L.k_proj && L.v_proj && L.o_proj && L.q_norm && L.k_norm && L.gate_proj && L.up_proj && L.down_proj);
+    ASSERT_TRUE(L.q_proj && L.k_proj && L.v_proj && L.o_proj && L.q_norm && L.k_norm && L.gate_proj && L.up_proj &&
+                L.down_proj);
     EXPECT_TRUE(L.q_proj_summary && L.k_proj_summary && L.v_proj_summary);  // mix_coeff 0.5: used
     EXPECT_TRUE(L.input_layernorm_summary);
     EXPECT_EQ(L.q_proj->dtype, DType::bf16);
@@ -148,12 +152,15 @@ TEST(WeightsErrors, OneMessageListsEveryProblem) {
   });
   const Checkpoint ck = Checkpoint::open(d.str());
   EXPECT_EQ(error_of([&] { bind_weights(c, ck); }),
-            d.str() + ": checkpoint does not match config.json (5 problems):\n"
-                      "  model.layers.1.self_attn.k_proj.weight: shape [16, 64], expected [32, 64]\n"
-                      "  missing tensor model.layers.2.mlp.up_proj.weight [192, 64]\n"
-                      "  missing tensor lm_head.weight [300, 64]\n"
-                      "  unexpected tensor model.extra.weight [2] (in " + d.path("model.safetensors") + ")\n"
-                      "  layer 3: has some summary projections but not k_proj_summary (all three or none)");
+            d.str() +
+                ": checkpoint does not match config.json (5 problems):\n"
+                "  model.layers.1.self_attn.k_proj.weight: shape [16, 64], expected [32, 64]\n"
+                "  missing tensor model.layers.2.mlp.up_proj.weight [192, 64]\n"
+                "  missing tensor lm_head.weight [300, 64]\n"
+                "  unexpected tensor model.extra.weight [2] (in " +
+                d.path("model.safetensors") +
+                ")\n"
+                "  layer 3: has some summary projections but not k_proj_summary (all three or none)");
 }
 
 TEST(WeightsErrors, WrongShapeOfEmbeddings) {
@@ -163,8 +170,9 @@ TEST(WeightsErrors, WrongShapeOfEmbeddings) {
   c.vocab_size = 301;  // the config says one row more than the file has
   const Checkpoint ck = Checkpoint::open(d.str());
   EXPECT_EQ(error_of([&] { check_weights(c, ck); }),
-            d.str() + ": checkpoint does not match config.json (1 problem):\n"
-                      "  model.embed_tokens.weight: shape [300, 64], expected [301, 64]");
+            d.str() +
+                ": checkpoint does not match config.json (1 problem):\n"
+                "  model.embed_tokens.weight: shape [300, 64], expected [301, 64]");
 }
 
 // The commands, end to end (the ksa binary is built next to the tests).
@@ -175,10 +183,12 @@ TEST(KsaCommand, MakeModelThenInfo) {
   if (!fs::exists(ksa)) GTEST_SKIP() << ksa << " not built";
   test::TempDir d{"w"};
   int rc = 0;
-  const std::string made = run(ksa + " make-model --shape tiny --seed 3 --shard-mb 8 --tokenizer /nonexistent-dir --out " + d.str(), &rc);
+  const std::string made =
+      run(ksa + " make-model --shape tiny --seed 3 --shard-mb 8 --tokenizer /nonexistent-dir --out " + d.str(), &rc);
   EXPECT_NE(rc, 0) << made;  // an explicit --tokenizer folder must exist
   EXPECT_NE(made.find("/nonexistent-dir: has no tokenizer.json to copy"), std::string::npos) << made;
-  const std::string out = run("KSA_TOKENIZER_DIR= " + ksa + " make-model --shape tiny --seed 3 --shard-mb 8 --out " + d.str(), &rc);
+  const std::string out =
+      run("KSA_TOKENIZER_DIR= " + ksa + " make-model --shape tiny --seed 3 --shard-mb 8 --out " + d.str(), &rc);
   ASSERT_EQ(rc, 0) << out;
   EXPECT_TRUE(fs::exists(d.path("model.safetensors.index.json"))) << "19 MB of weights in 8 MiB shards";
   EXPECT_TRUE(fs::exists(d.path("config.json")));
@@ -188,7 +198,10 @@ TEST(KsaCommand, MakeModelThenInfo) {
   }
   const std::string info = run(ksa + " info -m " + d.str(), &rc);
   ASSERT_EQ(rc, 0) << info;
-  EXPECT_NE(info.find("architecture: qwen3 + KSA, 4 layers, hidden 64, intermediate 192, heads 4/2 (GQA 2), head_dim 16"), std::string::npos) << info;
+  EXPECT_NE(
+      info.find("architecture: qwen3 + KSA, 4 layers, hidden 64, intermediate 192, heads 4/2 (GQA 2), head_dim 16"),
+      std::string::npos)
+      << info;
   EXPECT_NE(info.find("parameters: 9,954,304"), std::string::npos) << info;
   EXPECT_NE(info.find("W=2       (16 text tokens seen as text): layers 0-2"), std::string::npos) << info;
   EXPECT_NE(info.find("KV cache"), std::string::npos) << info;
@@ -198,7 +211,8 @@ TEST(KsaCommand, MakeModelThenInfo) {
   std::ofstream(d.path("config.json"), std::ios::trunc) << "{\"hidden_size\": 64,";
   const std::string bad = run(ksa + " info -m " + d.str(), &rc);
   EXPECT_EQ(WEXITSTATUS(rc), 1);
-  EXPECT_EQ(bad.rfind("ksa info: error: " + d.path("config.json") + ": invalid JSON: parse error at line 1", 0), 0u) << bad;
+  EXPECT_EQ(bad.rfind("ksa info: error: " + d.path("config.json") + ": invalid JSON: parse error at line 1", 0), 0u)
+      << bad;
   EXPECT_EQ(std::count(bad.begin(), bad.end(), '\n'), 1) << bad;
   const std::string missing = run(ksa + " info -m " + d.path("nothing"), &rc);
   EXPECT_EQ(WEXITSTATUS(rc), 1);

@@ -112,7 +112,8 @@ TEST(ServeApi, RefusalsNameTheField) {
       {"truncated JSON", R"({"model":"m","messages":[)", Route::chat, 400, ""},
       {"an array", "[1,2]", Route::chat, 400, ""},
       {"a string", R"("x")", Route::chat, 400, ""},
-      {"invalid UTF-8", std::string("{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}"), Route::chat, 400, ""},
+      {"invalid UTF-8", std::string("{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}"),
+       Route::chat, 400, ""},
       {"nested too deep", deep, Route::chat, 400, ""},
       {"no model", R"({"messages":[{"role":"user","content":"hi"}]})", Route::chat, 400, "model"},
       {"model not a string", R"({"model":5,"messages":[{"role":"user","content":"hi"}]})", Route::chat, 400, "model"},
@@ -120,19 +121,23 @@ TEST(ServeApi, RefusalsNameTheField) {
       {"messages not an array", R"({"model":"m","messages":"hi"})", Route::chat, 400, "messages"},
       {"no messages in the array", R"({"model":"m","messages":[]})", Route::chat, 400, "messages"},
       {"a message not an object", R"({"model":"m","messages":[3]})", Route::chat, 400, "messages[0]"},
-      {"unknown role", R"({"model":"m","messages":[{"role":"wizard","content":"x"}]})", Route::chat, 400, "messages[0].role"},
+      {"unknown role", R"({"model":"m","messages":[{"role":"wizard","content":"x"}]})", Route::chat, 400,
+       "messages[0].role"},
       {"no content", R"({"model":"m","messages":[{"role":"user"}]})", Route::chat, 400, "messages[0].content"},
-      {"content a number", R"({"model":"m","messages":[{"role":"user","content":1}]})", Route::chat, 400, "messages[0].content"},
-      {"an image part", R"({"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]})",
+      {"content a number", R"({"model":"m","messages":[{"role":"user","content":1}]})", Route::chat, 400,
+       "messages[0].content"},
+      {"an image part",
+       R"({"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]})",
        Route::chat, 400, "messages[0].content[0].type"},
-      {"tool calls", R"({"model":"m","messages":[{"role":"assistant","content":"","tool_calls":[{"id":"1"}]}]})", Route::chat, 400,
-       "messages[0].tool_calls"},
+      {"tool calls", R"({"model":"m","messages":[{"role":"assistant","content":"","tool_calls":[{"id":"1"}]}]})",
+       Route::chat, 400, "messages[0].tool_calls"},
       {"max_tokens a string", chat(R"("max_tokens":"10")"), Route::chat, 400, "max_tokens"},
       {"max_tokens 0", chat(R"("max_tokens":0)"), Route::chat, 400, "max_tokens"},
       {"max_tokens negative", chat(R"("max_tokens":-5)"), Route::chat, 400, "max_tokens"},
       {"max_tokens a fraction", chat(R"("max_tokens":1.5)"), Route::chat, 400, "max_tokens"},
       {"max_tokens 1e30", chat(R"("max_tokens":1e30)"), Route::chat, 400, "max_tokens"},
-      {"max_tokens past uint64", chat(R"("max_tokens":123456789012345678901234567890)"), Route::chat, 400, "max_tokens"},
+      {"max_tokens past uint64", chat(R"("max_tokens":123456789012345678901234567890)"), Route::chat, 400,
+       "max_tokens"},
       {"max_tokens past int64", chat(R"("max_tokens":18446744073709551615)"), Route::chat, 400, "max_tokens"},
       {"max_completion_tokens 0", chat(R"("max_completion_tokens":0)"), Route::chat, 400, "max_completion_tokens"},
       {"temperature a string", chat(R"("temperature":"hot")"), Route::chat, 400, "temperature"},
@@ -151,11 +156,13 @@ TEST(ServeApi, RefusalsNameTheField) {
       {"seed a string", chat(R"("seed":"abc")"), Route::chat, 400, "seed"},
       {"stop a number", chat(R"("stop":5)"), Route::chat, 400, "stop"},
       {"stop numbers", chat(R"("stop":[1,2])"), Route::chat, 400, "stop"},
-      {"too many stops", chat(R"("stop":["a","b","c","d","e","f","g","h","i","j","k","l","m","n","o","p","q"])"), Route::chat, 400, "stop"},
+      {"too many stops", chat(R"("stop":["a","b","c","d","e","f","g","h","i","j","k","l","m","n","o","p","q"])"),
+       Route::chat, 400, "stop"},
       {"a stop too long", chat("\"stop\":\"" + std::string(300, 'x') + "\""), Route::chat, 400, "stop"},
       {"n 2", chat(R"("n":2)"), Route::chat, 400, "n"},
       {"stream a string", chat(R"("stream":"yes")"), Route::chat, 400, "stream"},
-      {"stream_options without stream", chat(R"("stream_options":{"include_usage":true})"), Route::chat, 400, "stream_options"},
+      {"stream_options without stream", chat(R"("stream_options":{"include_usage":true})"), Route::chat, 400,
+       "stream_options"},
       {"include_usage a number", chat(R"("stream":true,"stream_options":{"include_usage":1})"), Route::chat, 400,
        "stream_options.include_usage"},
       {"logprobs", chat(R"("logprobs":true)"), Route::chat, 400, "logprobs"},
@@ -188,7 +195,8 @@ TEST(ServeApi, TokenizeAndDetokenizeRequests) {
   TokenizeRequest t = parse_tokenize_request(R"({"prompt":"hello"})");
   EXPECT_FALSE(t.chat);
   EXPECT_EQ(t.prompt, "hello");
-  t = parse_tokenize_request(R"({"model":"m","messages":[{"role":"user","content":"x"}],"add_generation_prompt":false})");
+  t = parse_tokenize_request(
+      R"({"model":"m","messages":[{"role":"user","content":"x"}],"add_generation_prompt":false})");
   EXPECT_TRUE(t.chat);
   EXPECT_FALSE(t.add_generation_prompt);
   EXPECT_EQ(refusal([] { parse_tokenize_request(R"({})"); }).status, 400);

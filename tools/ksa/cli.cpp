@@ -1,10 +1,10 @@
 #include "cli.hpp"
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
-#include <algorithm>
 #include <cstdlib>
 #include <limits>
 #include <sstream>
@@ -45,7 +45,8 @@ std::string closest(const std::string& word, const std::vector<std::string>& can
       for (size_t j = 1; j <= m; ++j) {
         const size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
         d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost});
-        if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+        if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1])
+          d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
       }
     return d[n][m];
   };
@@ -174,14 +175,13 @@ bool Flags::parse(int argc, char** argv) {
     else if (f->kind == Kind::strs) f->list.push_back(value);
     else if (f->kind == Kind::i64s) {
       if (f->list.empty()) f->ints.clear();  // the first value given replaces the default list
-      f->list.push_back(value);             // the values as given
+      f->list.push_back(value);              // the values as given
       std::stringstream ss(value);
       std::string item;
       bool any = false;
       while (std::getline(ss, item, ',')) f->ints.push_back(parse_i64(w, item, f->i_min, f->i_max)), any = true;
       if (!any || value.back() == ',') throw UsageError("flag '" + w + "': '" + value + "' is not a list of integers");
-    }
-    else if (f->kind == Kind::i64) f->i = parse_i64(w, value, f->i_min, f->i_max);
+    } else if (f->kind == Kind::i64) f->i = parse_i64(w, value, f->i_min, f->i_max);
     else if (f->kind == Kind::f64) f->f = parse_f64(w, value, f->f_min, f->f_max);
   }
   return true;
@@ -224,7 +224,8 @@ double Flags::parse_f64(const std::string& flag, const std::string& value, doubl
   // strtod, not stod: a value too small for a double (1e-999) is 0, as in Python; too large is out of range.
   char* end = nullptr;
   errno = 0;
-  const double v = value.empty() || std::isspace(static_cast<unsigned char>(value[0])) ? 0 : std::strtod(value.c_str(), &end);
+  const double v =
+      value.empty() || std::isspace(static_cast<unsigned char>(value[0])) ? 0 : std::strtod(value.c_str(), &end);
   if (end != value.c_str() + value.size() || (!std::isfinite(v) && errno != ERANGE))
     throw UsageError("flag '" + flag + "': '" + value + "' is not a valid number");
   if (!std::isfinite(v) || v < min || v > max) throw out_of_range(flag, value, min, max);
@@ -237,7 +238,11 @@ std::string Flags::help() const {
   for (auto& f : flags_) {
     std::string names;
     for (size_t i = 0; i < f->names.size(); ++i) names += (i ? ", " : "") + f->names[i];
-    if (f->kind != Kind::flag) names += f->kind == Kind::str || f->kind == Kind::strs ? " STR" : f->kind == Kind::i64 ? " N" : f->kind == Kind::i64s ? " N[,N...]" : " X";
+    if (f->kind != Kind::flag)
+      names += f->kind == Kind::str || f->kind == Kind::strs ? " STR"
+               : f->kind == Kind::i64                        ? " N"
+               : f->kind == Kind::i64s                       ? " N[,N...]"
+                                                             : " X";
     os << "  " << names;
     const int pad = 28 - int(names.size());
     os << std::string(size_t(pad > 1 ? pad : 1), ' ') << f->help;
@@ -245,7 +250,8 @@ std::string Flags::help() const {
       os << " (default: " << f->def;
       if ((f->kind == Kind::i64 || f->kind == Kind::i64s) && (f->i_min != kAnyInt64Min || f->i_max != kAnyInt64Max))
         os << ", " << range_text(f->i_min, f->i_max);
-      if (f->kind == Kind::f64 && (f->f_min != -DBL_MAX || f->f_max != DBL_MAX)) os << ", " << range_text(f->f_min, f->f_max);
+      if (f->kind == Kind::f64 && (f->f_min != -DBL_MAX || f->f_max != DBL_MAX))
+        os << ", " << range_text(f->f_min, f->f_max);
       os << ")";
     }
     if (f->kind == Kind::strs) os << " (repeatable)";

@@ -17,8 +17,8 @@ struct UsageError : std::runtime_error {
 };
 
 // Common bounds of integer flags.
-inline constexpr int64_t kMaxThreads = 1024;                      // -t/--threads (0 = all cores)
-inline constexpr int64_t kMaxTokens = (int64_t(1) << 31) - 1;     // token counts: the KV cache's limit
+inline constexpr int64_t kMaxThreads = 1024;                                  // -t/--threads (0 = all cores)
+inline constexpr int64_t kMaxTokens = (int64_t(1) << 31) - 1;                 // token counts: the KV cache's limit
 inline constexpr int64_t kAnyInt64Min = INT64_MIN, kAnyInt64Max = INT64_MAX;  // seeds: every value is fine
 
 class Flags {
@@ -31,7 +31,8 @@ class Flags {
   // it (or beyond int64) is a UsageError naming the flag and the range, before any code sees the value.
   int64_t& i64(const std::string& names, int64_t def, const std::string& help, int64_t min, int64_t max);
   // A finite number in [min, max] (inf and nan are refused).
-  double& f64(const std::string& names, double def, const std::string& help, double min = -DBL_MAX, double max = DBL_MAX);
+  double& f64(const std::string& names, double def, const std::string& help, double min = -DBL_MAX,
+              double max = DBL_MAX);
   bool& flag(const std::string& names, const std::string& help);
   // A string flag that may be given several times; every value is kept, in order.
   std::vector<std::string>& strs(const std::string& names, const std::string& help);

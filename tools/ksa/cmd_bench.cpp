@@ -98,12 +98,13 @@ SgemmResult sgemm_child(int64_t n, int threads, int64_t reps) {
   SgemmResult r;
   std::vector<std::string> env;
   for (char** e = environ; *e; ++e)
-    if (std::strncmp(*e, "OPENBLAS_CORETYPE=", 18) != 0 && std::strncmp(*e, "OPENBLAS_L2_SIZE=", 17) != 0) env.push_back(*e);
+    if (std::strncmp(*e, "OPENBLAS_CORETYPE=", 18) != 0 && std::strncmp(*e, "OPENBLAS_L2_SIZE=", 17) != 0)
+      env.push_back(*e);
   std::vector<char*> envp;
   for (auto& s : env) envp.push_back(s.data());
   envp.push_back(nullptr);
-  std::vector<std::string> args = {"ksa", "bench", "sgemm", "--n", std::to_string(n), "-t", std::to_string(threads),
-                                   "--reps", std::to_string(reps)};
+  std::vector<std::string> args = {
+      "ksa", "bench", "sgemm", "--n", std::to_string(n), "-t", std::to_string(threads), "--reps", std::to_string(reps)};
   std::vector<char*> argv;
   for (auto& s : args) argv.push_back(s.data());
   argv.push_back(nullptr);
@@ -147,7 +148,8 @@ SgemmResult sgemm_child(int64_t n, int threads, int64_t reps) {
 }
 
 int run_sgemm(int argc, char** argv) {
-  cli::Flags f("bench sgemm", "OpenBLAS sgemm GFLOP/s (M=N=K=n); prints one machine-readable line. Used by `bench attn`.");
+  cli::Flags f("bench sgemm",
+               "OpenBLAS sgemm GFLOP/s (M=N=K=n); prints one machine-readable line. Used by `bench attn`.");
   int64_t& n = f.i64("--n", 2048, "matrix size", 1, 16384);
   int64_t& threads = f.i64("-t,--threads", 0, "threads (0 = all)", 0, cli::kMaxThreads);
   int64_t& reps = f.i64("--reps", 5, "timed repetitions after one warm-up", 1, 1000000);
@@ -178,21 +180,23 @@ int run_attn_cpu(const AttnArgs& a) {
        v = random_tensor(a.dtype, a.B * L * a.Hkv * a.D, rng), dout = random_tensor(a.dtype, a.B * L * a.Hq * a.D, rng);
   std::vector<uint8_t> out(q.size()), dq(q.size()), dk(k.size()), dv(v.size());
   std::vector<float> lse(size_t(a.B * L * a.Hq));
-  AttentionBackwardParams p = dense_params(lay, a.W, a.B, a.Hq, a.Hkv, a.D, a.dtype,
-                                           {q.data(), k.data(), v.data(), out.data(), lse.data(), dout.data(),
-                                            dq.data(), dk.data(), dv.data()});
+  AttentionBackwardParams p = dense_params(
+      lay, a.W, a.B, a.Hq, a.Hkv, a.D, a.dtype,
+      {q.data(), k.data(), v.data(), out.data(), lse.data(), dout.data(), dq.data(), dk.data(), dv.data()});
   p.num_threads = threads;
 
   const int64_t pairs = count_visible_pairs(lay, a.W);
   const double fwd_flops = 4.0 * double(a.D) * double(pairs) * double(a.Hq) * double(a.B);
-  std::printf("ksa bench attn: device cpu (%d threads, %s tile primitives), T=%lld -> L=%lld (k=%lld S=%lld W=%lld%s), "
-              "B=%lld, heads %lld/%lld, D=%lld, %s\n",
-              threads, cpu::detail::tile_kernels().name, (long long)a.T, (long long)L, (long long)a.k, (long long)a.S,
-              (long long)a.W, a.tail ? " tail" : "", (long long)a.B, (long long)a.Hq, (long long)a.Hkv, (long long)a.D,
-              dtype_name(a.dtype));
-  std::printf("visible pairs/head: %lld (%.2fx fewer than causal over the text); FLOPs: fwd = 4*D*pairs*Hq*B = %.3g, "
-              "bwd = 2.5 x fwd (FlashAttention convention)\n",
-              (long long)pairs, double(count_causal_pairs(a.T)) / double(pairs), fwd_flops);
+  std::printf(
+      "ksa bench attn: device cpu (%d threads, %s tile primitives), T=%lld -> L=%lld (k=%lld S=%lld W=%lld%s), "
+      "B=%lld, heads %lld/%lld, D=%lld, %s\n",
+      threads, cpu::detail::tile_kernels().name, (long long)a.T, (long long)L, (long long)a.k, (long long)a.S,
+      (long long)a.W, a.tail ? " tail" : "", (long long)a.B, (long long)a.Hq, (long long)a.Hkv, (long long)a.D,
+      dtype_name(a.dtype));
+  std::printf(
+      "visible pairs/head: %lld (%.2fx fewer than causal over the text); FLOPs: fwd = 4*D*pairs*Hq*B = %.3g, "
+      "bwd = 2.5 x fwd (FlashAttention convention)\n",
+      (long long)pairs, double(count_causal_pairs(a.T)) / double(pairs), fwd_flops);
 
   const Timing tf = summarize(time_reps(a.reps, [&] { cpu::attention_forward(p); }));
   const double fwd_gf = fwd_flops / tf.median_s * 1e-9;
@@ -220,8 +224,7 @@ int run_attn_cpu(const AttnArgs& a) {
   if (child.ok)
     std::printf("  child without OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE: core %s, %.1f GFLOP/s  [%s]\n", child.core.c_str(),
                 child.gflops, child.config.c_str());
-  else
-    std::printf("  child without OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE: %s\n", child.note.c_str());
+  else std::printf("  child without OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE: %s\n", child.note.c_str());
   const bool use_child = child.ok && child.gflops > here.gflops;
   const double ceil = use_child ? child.gflops : here.gflops;
   std::printf("ceiling: %.1f GFLOP/s (core %s)\n", ceil, use_child ? child.core.c_str() : here.core.c_str());
@@ -234,11 +237,12 @@ int run_attn_cpu(const AttnArgs& a) {
 }
 
 int run_attn(int argc, char** argv) {
-  cli::Flags f("bench attn",
-               "Times the KSA prefill attention kernels (random data) and reports useful GFLOP/s from the exact\n"
-               "visible-pair count, next to an OpenBLAS sgemm ceiling measured in the same run.\n"
-               "KSA_CPU_PRIMITIVES=portable (the lowest SIMD target compiled in) or =AVX2, AVX3, SSE4, NEON, ... in the\n"
-               "environment times another SIMD target than the best one this CPU runs.");
+  cli::Flags f(
+      "bench attn",
+      "Times the KSA prefill attention kernels (random data) and reports useful GFLOP/s from the exact\n"
+      "visible-pair count, next to an OpenBLAS sgemm ceiling measured in the same run.\n"
+      "KSA_CPU_PRIMITIVES=portable (the lowest SIMD target compiled in) or =AVX2, AVX3, SSE4, NEON, ... in the\n"
+      "environment times another SIMD target than the best one this CPU runs.");
   std::string& device = f.str("--device", "cpu", "cpu or cuda (when built in; bf16/f16, times with CUDA events)");
   int64_t& T = f.i64("-T,--T", 8192, "text tokens", 1, int64_t(1) << 24);
   int64_t& k = f.i64("--k", 8, "text tokens per chunk", 1, Spec::kMaxChunk);
@@ -251,7 +255,8 @@ int run_attn(int argc, char** argv) {
   std::string& dt = f.str("--dtype", "f32", "f32 or bf16");
   bool& bwd = f.flag("--bwd", "also time the backward");
   int64_t& reps = f.i64("--reps", 5, "timed repetitions after one warm-up", 1, 1000000);
-  int64_t& threads = f.i64("-t,--threads", 0, "CPU threads for the kernels and for the sgemm (0 = all)", 0, cli::kMaxThreads);
+  int64_t& threads =
+      f.i64("-t,--threads", 0, "CPU threads for the kernels and for the sgemm (0 = all)", 0, cli::kMaxThreads);
   int64_t& gemm_n = f.i64("--gemm-n", 2048, "size of the square sgemm ceiling", 16, 16384);
   bool& no_ceiling = f.flag("--no-ceiling", "skip the sgemm ceiling");
   if (!f.parse(argc, argv)) return 0;
@@ -289,11 +294,12 @@ int run_bench(int argc, char** argv) {
   if (what == "model") return run_bench_model(argc - 1, argv + 1);
 #endif
   if (what == "-h" || what == "--help") {
-    std::printf("usage: ksa bench attn [flags]    (ksa bench attn --help for the flags)\n"
+    std::printf(
+        "usage: ksa bench attn [flags]    (ksa bench attn --help for the flags)\n"
 #ifdef KSA_HAVE_ENGINE
-                "       ksa bench model [flags]   engine pp/tg tok/s vs memory bandwidth (ksa bench model --help)\n"
+        "       ksa bench model [flags]   engine pp/tg tok/s vs memory bandwidth (ksa bench model --help)\n"
 #endif
-                "       ksa bench sgemm [flags]   OpenBLAS sgemm alone (the ceiling's child process)\n");
+        "       ksa bench sgemm [flags]   OpenBLAS sgemm alone (the ceiling's child process)\n");
     return 0;
   }
 #ifdef KSA_HAVE_ENGINE
@@ -301,10 +307,13 @@ int run_bench(int argc, char** argv) {
 #else
   const std::string names = "attn or sgemm; `model` needs a build with KSA_ENGINE=ON";
 #endif
-  throw cli::UsageError(what.empty() ? "expected a benchmark: " + names : "unknown benchmark '" + what + "' (expected " + names + ")");
+  throw cli::UsageError(what.empty() ? "expected a benchmark: " + names
+                                     : "unknown benchmark '" + what + "' (expected " + names + ")");
 }
 
-cli::Register reg{{"bench", "benchmarks: `bench attn` (KSA prefill kernels vs an sgemm ceiling), `bench model` (engine tok/s)", run_bench}};
+cli::Register reg{{"bench",
+                   "benchmarks: `bench attn` (KSA prefill kernels vs an sgemm ceiling), `bench model` (engine tok/s)",
+                   run_bench}};
 
 }  // namespace
 }  // namespace ksa::tools

@@ -64,7 +64,8 @@ Result bench_case(const std::vector<int64_t>& T, int64_t Hq, int64_t Hkv, int64_
       n.push_back(1);
     }
     const int64_t B = int64_t(T.size());
-    DeviceBuf q(size_t(B * Hq * D * 2)), kv(size_t(B * Hkv * D * 2)), out(size_t(B * Hq * D * 2)), lse(size_t(B * Hq * 4));
+    DeviceBuf q(size_t(B * Hq * D * 2)), kv(size_t(B * Hkv * D * 2)), out(size_t(B * Hq * D * 2)),
+        lse(size_t(B * Hq * 4));
     cuda_check(cudaMemcpy(q.p, random_tensor(DType::bf16, B * Hq * D, rng).data(), size_t(B * Hq * D * 2),
                           cudaMemcpyHostToDevice),
                "q");
@@ -108,9 +109,12 @@ Result bench_case(const std::vector<int64_t>& T, int64_t Hq, int64_t Hkv, int64_
     {
       constexpr size_t kFlush = size_t(256) << 20;  // > the 50 MB L2 of an H100/H200
       DeviceBuf flush(kFlush);
-      res.step_us = median_event_ms(st, reps, [&] { cuda_check(cudaGraphLaunch(ge, st), "graph launch"); }, &flush,
-                                    kFlush) * 1e3;
-      res.eager_us = median_event_ms(st, reps, [&] { cache.run(); }, &flush, kFlush) * 1e3;
+      res.step_us = median_event_ms(
+                        st, reps, [&] { cuda_check(cudaGraphLaunch(ge, st), "graph launch"); }, &flush, kFlush) *
+                    1e3;
+      res.eager_us = median_event_ms(
+                         st, reps, [&] { cache.run(); }, &flush, kFlush) *
+                     1e3;
     }
     cache.commit_decode();
     cuda_check(cudaStreamSynchronize(st), "sync");
@@ -128,8 +132,11 @@ int run_bench_decode(int argc, char** argv) {
   int64_t& reps = f.i64("--reps", 50, "timed repetitions (median)", 1, 1000000);
   int64_t& P = f.i64("--block-rows", 64, "cache block rows", 1, 65536);
   int64_t& batch = f.i64("--batch", 64, "sequences of the mixed-length case", 1, 4096);
-  int64_t& split = f.i64("--split-rows", 0, "keys per attention work unit (0 = the plan's choice; at most 255 x block rows)", 0, 255 * 65536);
-  int64_t& only = f.i64("--case", 0, "run one case only: 1 = B=1 T=16K, 2 = B=1 T=128K, 3 = B=64 mixed (0 = all)", 0, 3);
+  int64_t& split =
+      f.i64("--split-rows", 0, "keys per attention work unit (0 = the plan's choice; at most 255 x block rows)", 0,
+            255 * 65536);
+  int64_t& only =
+      f.i64("--case", 0, "run one case only: 1 = B=1 T=16K, 2 = B=1 T=128K, 3 = B=64 mixed (0 = all)", 0, 3);
   if (!f.parse(argc, argv)) return 0;
   if (cuda::device_count() == 0) {
     std::fprintf(stderr, "bench-decode: no CUDA device visible\n");
@@ -137,10 +144,11 @@ int run_bench_decode(int argc, char** argv) {
   }
   std::printf("device: %s\nshape: 32/8 heads, D=128, bf16, k=8, S=1, W=128, block_rows=%lld\n",
               cuda::device_description().c_str(), (long long)P);
-  std::printf("run us / graph us: run() / its graph launched on an idle GPU (includes the host's launch);\n"
-              "step us: the graph behind a 256 MiB memset (cold L2, launch overlapped: GPU time, as do_bench);\n"
-              "eager us: run() itself behind the memset (do_bench's call of a function); GB/s: visible K/V bytes / "
-              "step us\n");
+  std::printf(
+      "run us / graph us: run() / its graph launched on an idle GPU (includes the host's launch);\n"
+      "step us: the graph behind a 256 MiB memset (cold L2, launch overlapped: GPU time, as do_bench);\n"
+      "eager us: run() itself behind the memset (do_bench's call of a function); GB/s: visible K/V bytes / "
+      "step us\n");
   std::printf("%-26s %10s %10s %10s %10s %10s %10s %8s %12s\n", "case", "run us", "graph us", "step us", "eager us",
               "GB/s", "plan us", "units", "key rows");
   std::mt19937_64 rng(7);
@@ -156,8 +164,9 @@ int run_bench_decode(int argc, char** argv) {
     std::printf("%-26s %10.2f %10.2f %10.2f %10.2f %10.1f %10.1f %8lld %12lld\n", c.name, r.us, r.graph_us, r.step_us,
                 r.eager_us, r.gbs, r.plan_us, (long long)r.units, (long long)r.key_rows);
   }
-  std::printf("targets (H200, on step us: the timing of the issue's PyTorch reference numbers): B=1 T=128K <= 25 us; "
-              "B=1 T=16K <= 8 us; B=64 mixed >= 3225 GB/s (75%% of 4.3 TB/s)\n");
+  std::printf(
+      "targets (H200, on step us: the timing of the issue's PyTorch reference numbers): B=1 T=128K <= 25 us; "
+      "B=1 T=16K <= 8 us; B=64 mixed >= 3225 GB/s (75%% of 4.3 TB/s)\n");
   return 0;
 }
 

@@ -20,8 +20,8 @@
 #include <thread>
 
 #include "bench_model.hpp"
-#include "common.hpp"
 #include "cache/decode_keys.hpp"
+#include "common.hpp"
 #include "cpu/thread_pool.hpp"
 #include "ksa/model.hpp"
 #include "ksa/weights.hpp"
@@ -111,24 +111,34 @@ int64_t visible_rows(const ModelConfig& c, int64_t t) {
 }
 
 int run_bench_model(int argc, char** argv) {
-  cli::Flags f("bench model",
-               "llama-bench-style engine throughput: pp (prompt processing: P random ids on a fresh sequence, for each\n"
-               "of --batch sequences) and tg (token generation: N batched greedy steps of one token per sequence),\n"
-               "mean ± sd over repetitions; with the memory bandwidth measured in the same run and decode speed as a\n"
-               "percentage of the bandwidth bound ((weight bytes + visible KV bytes) per step / bandwidth).");
+  cli::Flags f(
+      "bench model",
+      "llama-bench-style engine throughput: pp (prompt processing: P random ids on a fresh sequence, for each\n"
+      "of --batch sequences) and tg (token generation: N batched greedy steps of one token per sequence),\n"
+      "mean ± sd over repetitions; with the memory bandwidth measured in the same run and decode speed as a\n"
+      "percentage of the bandwidth bound ((weight bytes + visible KV bytes) per step / bandwidth).");
   std::string& dir = f.str("-m,--model", "", "checkpoint directory, or a file in it");
-  std::string& device = f.str("--device", "auto", "cpu, cuda, or auto (cuda when a GPU is visible, the build has CUDA and the model's head dim is 64 or 128)");
-  std::vector<int64_t>& Ps = f.i64s("-p,--n-prompt", {512}, "prompt tokens per sequence (pp test; 0 = skip, tg then starts from 1 token); a list runs each", 0, cli::kMaxTokens);
-  std::vector<int64_t>& Ns = f.i64s("-n,--n-gen", {128}, "generated tokens per sequence (tg test; 0 = skip); a list runs each", 0, cli::kMaxTokens);
+  std::string& device = f.str(
+      "--device", "auto",
+      "cpu, cuda, or auto (cuda when a GPU is visible, the build has CUDA and the model's head dim is 64 or 128)");
+  std::vector<int64_t>& Ps =
+      f.i64s("-p,--n-prompt", {512},
+             "prompt tokens per sequence (pp test; 0 = skip, tg then starts from 1 token); a list runs each", 0,
+             cli::kMaxTokens);
+  std::vector<int64_t>& Ns = f.i64s(
+      "-n,--n-gen", {128}, "generated tokens per sequence (tg test; 0 = skip); a list runs each", 0, cli::kMaxTokens);
   std::vector<int64_t>& Bs = f.i64s("-b,--batch", {1}, "sequences decoded together; a list runs each", 1, 4096);
   std::string& output = f.str("-o,--output", "md", "md (tables) or json (one document on stdout; the rest on stderr)");
   int64_t& reps = f.i64("-r,--repetitions", 3, "timed repetitions (after one untimed warm-up)", 1, 1000000);
-  int64_t& threads = f.i64("-t,--threads", 0, "CPU threads for the model and the bandwidth test (0 = all)", 0, cli::kMaxThreads);
+  int64_t& threads =
+      f.i64("-t,--threads", 0, "CPU threads for the model and the bandwidth test (0 = all)", 0, cli::kMaxThreads);
   int64_t& bw_mib = f.i64("--bw-mib", 1024, "buffer of the bandwidth test in MiB (0 = skip the test)", 0, 1 << 20);
   int64_t& ctx = f.i64("--ctx", 0, "context limit in text tokens (0 = -p + -n)", 0, cli::kMaxTokens);
   bool& kv_f32 = f.flag("--kv-f32", "KV cache in f32 (CPU only; default bf16)");
-  bool& no_graphs = f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
-  int64_t& ubatch = f.i64("-ub,--ubatch-size", 0, "CUDA: text tokens per prefill piece (0 = the engine's 1024)", 0, cli::kMaxTokens);
+  bool& no_graphs =
+      f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
+  int64_t& ubatch =
+      f.i64("-ub,--ubatch-size", 0, "CUDA: text tokens per prefill piece (0 = the engine's 1024)", 0, cli::kMaxTokens);
   bool& no_gemv = f.flag("--no-cuda-gemv", "CUDA: cuBLASLt for every matrix product (no GEMV kernel for <= 8 rows)");
   if (!f.parse(argc, argv)) return 0;
   dir = model_dir_arg(dir);
@@ -136,7 +146,8 @@ int run_bench_model(int argc, char** argv) {
   for (int64_t P : Ps)
     for (int64_t N : Ns)
       if (P + N < 1) throw cli::UsageError("-p, -n: must not both be 0");
-  if (output != "md" && output != "json") throw cli::UsageError("-o/--output: must be md or json (got \"" + output + "\")");
+  if (output != "md" && output != "json")
+    throw cli::UsageError("-o/--output: must be md or json (got \"" + output + "\")");
   const bool json = output == "json";
   // With -o json, everything but the document goes to stderr.
   FILE* info = json ? stderr : stdout;
@@ -144,7 +155,8 @@ int run_bench_model(int argc, char** argv) {
 
   ModelOptions mo;
   mo.device = parse_device_flag(device, dir);
-  if (mo.device == Device::cuda && kv_f32) throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
+  if (mo.device == Device::cuda && kv_f32)
+    throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
   mo.threads = nthreads;
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
   mo.cuda_graphs = !no_graphs;
@@ -163,16 +175,20 @@ int run_bench_model(int argc, char** argv) {
     fail("-p + -n = ", longest, " text tokens, past the model's context limit of ", model.max_text_tokens());
 
   std::fprintf(info, "ksa bench model: %s\n", dir.c_str());
-  std::fprintf(info, "  model: %s%s, %lld layers, hidden %lld, intermediate %lld, heads %lld/%lld, head_dim %lld, vocab %lld (logits %lld)%s\n",
-              c.model_type.c_str(), c.use_summary_attention ? " + KSA" : "", (long long)c.num_hidden_layers, (long long)c.hidden_size,
-              (long long)c.intermediate_size, (long long)c.num_attention_heads, (long long)c.num_key_value_heads,
-              (long long)c.head_dim, (long long)c.vocab_size, (long long)model.vocab(), c.tie_word_embeddings ? ", tied" : "");
+  std::fprintf(info,
+               "  model: %s%s, %lld layers, hidden %lld, intermediate %lld, heads %lld/%lld, head_dim %lld, vocab %lld "
+               "(logits %lld)%s\n",
+               c.model_type.c_str(), c.use_summary_attention ? " + KSA" : "", (long long)c.num_hidden_layers,
+               (long long)c.hidden_size, (long long)c.intermediate_size, (long long)c.num_attention_heads,
+               (long long)c.num_key_value_heads, (long long)c.head_dim, (long long)c.vocab_size,
+               (long long)model.vocab(), c.tie_word_embeddings ? ", tied" : "");
   if (c.use_summary_attention)
-    std::fprintf(info, "  KSA: k=%lld S=%lld, windows \"%s\"\n", (long long)c.summary_chunk_size, (long long)c.summary_token_num,
-                c.window_pattern.c_str());
+    std::fprintf(info, "  KSA: k=%lld S=%lld, windows \"%s\"\n", (long long)c.summary_chunk_size,
+                 (long long)c.summary_token_num, c.window_pattern.c_str());
   std::fprintf(info, "  params: %.3f M; weights %s %s (%s read per decode step); KV cache %s; loaded in %.0f ms\n",
-              double(count_parameters(c)) * 1e-6, human_bytes(double(model.weight_bytes())).c_str(), model.weight_format().c_str(),
-              human_bytes(double(model.weight_bytes_per_token())).c_str(), dtype_name(mo.kv_dtype), load_s * 1e3);
+               double(count_parameters(c)) * 1e-6, human_bytes(double(model.weight_bytes())).c_str(),
+               model.weight_format().c_str(), human_bytes(double(model.weight_bytes_per_token())).c_str(),
+               dtype_name(mo.kv_dtype), load_s * 1e3);
   std::fprintf(info, "  backend: %s", model.backend_name().c_str());
   if (mo.device == Device::cpu)
     std::fprintf(info, " on %s, %u hardware threads", cpu_name().c_str(), std::thread::hardware_concurrency());
@@ -204,7 +220,8 @@ int run_bench_model(int argc, char** argv) {
     const double a = now_s();
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t b = 0; b < B; ++b)
-        items[size_t(b)] = StepItem{ids[size_t(b)], std::span<const int32_t>(&next[size_t(b)], 1), LogitsFor::none, &greedy, {}};
+        items[size_t(b)] =
+            StepItem{ids[size_t(b)], std::span<const int32_t>(&next[size_t(b)], 1), LogitsFor::none, &greedy, {}};
       model.step(items, r);
       for (int64_t b = 0; b < B; ++b) next[size_t(b)] = r.next[size_t(b)];
     }
@@ -249,7 +266,7 @@ int run_bench_model(int argc, char** argv) {
         // Bytes per decode step at the middle of the tg run: weights once, plus each sequence's visible K/V.
         const int64_t kv_step = B * visible_rows(c, first + N / 2) * row_bytes;
         const int64_t step_bytes = model.weight_bytes_per_token() + kv_step;
-        const double bound = bw > 0 ? bw / double(step_bytes) * double(B) : 0;  // tok/s
+        const double bound = bw > 0 ? bw / double(step_bytes) * double(B) : 0;                   // tok/s
         if (!warmed) run_once(B, std::min<int64_t>(first, 64), std::min<int64_t>(N, 8), false);  // buffers, algorithms
         warmed = true;
         std::vector<double> pp_rate, tg_rate;
@@ -262,9 +279,10 @@ int run_bench_model(int argc, char** argv) {
         if (json) {
           doc += std::string(doc.empty() ? "" : ",\n") + "    {\"n_prompt\": " + std::to_string(P) +
                  ", \"n_gen\": " + std::to_string(N) + ", \"batch\": " + std::to_string(B) +
-                 ", \"pp_tok_s\": " + num(sp.mean) + ", \"pp_tok_s_sd\": " + num(sp.sd) + ", \"tg_tok_s\": " +
-                 num(st.mean) + ", \"tg_tok_s_sd\": " + num(st.sd) + ", \"bound_tok_s\": " + num(bound) +
-                 ", \"step_bytes\": " + std::to_string(step_bytes) + ", \"kv_bytes\": " + std::to_string(kv_bytes) +
+                 ", \"pp_tok_s\": " + num(sp.mean) + ", \"pp_tok_s_sd\": " + num(sp.sd) +
+                 ", \"tg_tok_s\": " + num(st.mean) + ", \"tg_tok_s_sd\": " + num(st.sd) +
+                 ", \"bound_tok_s\": " + num(bound) + ", \"step_bytes\": " + std::to_string(step_bytes) +
+                 ", \"kv_bytes\": " + std::to_string(kv_bytes) +
                  ", \"kv_bytes_full_attention\": " + std::to_string(kv_full) + "}";
           continue;
         }
@@ -272,11 +290,11 @@ int run_bench_model(int argc, char** argv) {
         std::printf("\n| test          | batch | device  |      t/s (mean ± sd) | per token\n");
         std::printf("|---------------|-------|---------|----------------------|----------\n");
         if (P > 0)
-          std::printf("| pp%-11lld | %5lld | %-7s | %10.2f ± %7.2f | %8.3f ms\n", (long long)P, (long long)B, dev.c_str(),
-                      sp.mean, sp.sd, 1e3 / sp.mean);
+          std::printf("| pp%-11lld | %5lld | %-7s | %10.2f ± %7.2f | %8.3f ms\n", (long long)P, (long long)B,
+                      dev.c_str(), sp.mean, sp.sd, 1e3 / sp.mean);
         if (N > 0)
-          std::printf("| tg%-4lld @ %-5lld | %5lld | %-7s | %10.2f ± %7.2f | %8.3f ms\n", (long long)N, (long long)first,
-                      (long long)B, dev.c_str(), st.mean, st.sd, 1e3 / st.mean);
+          std::printf("| tg%-4lld @ %-5lld | %5lld | %-7s | %10.2f ± %7.2f | %8.3f ms\n", (long long)N,
+                      (long long)first, (long long)B, dev.c_str(), st.mean, st.sd, 1e3 / st.mean);
         std::printf("(%lld repetitions after 1 warm-up; tg continues each pp sequence%s)\n", (long long)reps,
                     P > 0 ? "" : " of 1 token");
         std::printf("\nKV cache of one sequence at %lld text tokens: %s\n", (long long)(first + N),
@@ -286,7 +304,8 @@ int run_bench_model(int argc, char** argv) {
                       human_bytes(double(model.weight_bytes_per_token())).c_str(), human_bytes(double(kv_step)).c_str(),
                       (long long)B, (long long)(first + N / 2), human_bytes(double(step_bytes)).c_str());
           std::printf("bandwidth bound for decode: %.1f tok/s\n", bound);
-          if (N > 0) std::printf("decode at %.1f%% of the bandwidth bound (tg %.2f tok/s)\n", 100.0 * st.mean / bound, st.mean);
+          if (N > 0)
+            std::printf("decode at %.1f%% of the bandwidth bound (tg %.2f tok/s)\n", 100.0 * st.mean / bound, st.mean);
         }
         std::fflush(stdout);
       }
@@ -297,16 +316,18 @@ int run_bench_model(int argc, char** argv) {
                  mo.cuda_graphs ? "on" : "off", (long long)model.graph_replays(), (long long)model.graph_captures(),
                  mo.cuda_gemv ? "on" : "off (cuBLASLt)");
   }
-  if (bw > 0) std::fprintf(info, "memory bandwidth: %.1f GB/s (%s, %lld MiB)\n", bw * 1e-9, bw_what.c_str(), (long long)bw_mib);
+  if (bw > 0)
+    std::fprintf(info, "memory bandwidth: %.1f GB/s (%s, %lld MiB)\n", bw * 1e-9, bw_what.c_str(), (long long)bw_mib);
   if (json) {
     std::string esc;
     for (char ch : dir) {
       if (ch == '"' || ch == '\\') esc += '\\';
       if (static_cast<unsigned char>(ch) >= 0x20) esc += ch;
     }
-    std::printf("{\n  \"model\": \"%s\", \"weights\": \"%s\", \"device\": \"%s\", \"repetitions\": %lld, "
-                "\"bandwidth_gb_s\": %s,\n  \"results\": [\n%s\n  ]\n}\n",
-                esc.c_str(), model.weight_format().c_str(), dev.c_str(), (long long)reps, num(bw * 1e-9).c_str(), doc.c_str());
+    std::printf(
+        "{\n  \"model\": \"%s\", \"weights\": \"%s\", \"device\": \"%s\", \"repetitions\": %lld, "
+        "\"bandwidth_gb_s\": %s,\n  \"results\": [\n%s\n  ]\n}\n",
+        esc.c_str(), model.weight_format().c_str(), dev.c_str(), (long long)reps, num(bw * 1e-9).c_str(), doc.c_str());
   }
   return 0;
 }

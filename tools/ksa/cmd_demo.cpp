@@ -46,7 +46,8 @@ int run_demo(int argc, char** argv) {
   std::vector<uint8_t> out(size_t(L * Hq * D * dtype_size(dtype)));
   std::vector<float> lse(size_t(L * Hq));
 
-  AttentionParams p = dense_params(lay, W, 1, Hq, Hkv, D, dtype, {q.data(), kk.data(), v.data(), out.data(), lse.data()});
+  AttentionParams p =
+      dense_params(lay, W, 1, Hq, Hkv, D, dtype, {q.data(), kk.data(), v.data(), out.data(), lse.data()});
   p.num_threads = int(threads);
 
   std::printf("ksa demo: T=%lld text tokens -> stream L=%lld (k=%lld, S=%lld, W=%lld), heads %lld/%lld, D=%lld, %s\n",
@@ -74,9 +75,12 @@ int run_demo(int argc, char** argv) {
   cache.prefill(seq, KvRows::dense(kk.data(), L, Hkv, D, dtype), KvRows::dense(v.data(), L, Hkv, D, dtype));
   const int64_t row_bytes = ccfg.row_bytes(), cache_bytes = cache.bytes_in_use(seq);
   const CacheRows rows = cache_rows(spec, T, ccfg.stores_summaries());
-  std::printf("KV cache per layer:  %s in a KvCache (%lld text + %lld summary rows, blocks of %lld) vs %s for full attention (%.2fx smaller)\n",
-              human_bytes(double(cache_bytes)).c_str(), (long long)rows.text, (long long)rows.summaries,
-              (long long)ccfg.block_rows, human_bytes(double(T * row_bytes)).c_str(), double(T * row_bytes) / double(cache_bytes));
+  std::printf(
+      "KV cache per layer:  %s in a KvCache (%lld text + %lld summary rows, blocks of %lld) vs %s for full attention "
+      "(%.2fx smaller)\n",
+      human_bytes(double(cache_bytes)).c_str(), (long long)rows.text, (long long)rows.summaries,
+      (long long)ccfg.block_rows, human_bytes(double(T * row_bytes)).c_str(),
+      double(T * row_bytes) / double(cache_bytes));
 
   bool ok = true;
   for (float x : lse) ok = ok && std::isfinite(x);
@@ -101,8 +105,9 @@ int run_demo(int argc, char** argv) {
     // fp32: well under 1e-4 on unit-variance data; bf16 output: one rounding of |out| < 1, 2^-8.
     const double tol = dtype == DType::f32 ? 1e-4 : 1e-2;
     ok = ok && max_err <= tol && max_lse <= 1e-3;
-    std::printf("oracle check:        %zu rows x %lld heads, max |out-ref| = %.3g (tol %.0e), max |lse-ref| = %.3g: %s\n",
-                sample.size(), (long long)Hq, max_err, tol, max_lse, ok ? "OK" : "FAILED");
+    std::printf(
+        "oracle check:        %zu rows x %lld heads, max |out-ref| = %.3g (tol %.0e), max |lse-ref| = %.3g: %s\n",
+        sample.size(), (long long)Hq, max_err, tol, max_lse, ok ? "OK" : "FAILED");
   }
   return ok ? 0 : 1;
 }

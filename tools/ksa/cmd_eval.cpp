@@ -42,22 +42,26 @@ std::string ids_json(std::span<const int32_t> ids) {
 }
 
 int run_passkey(int argc, char** argv) {
-  cli::Flags f("eval passkey",
-               "Passkey retrieval accuracy per distance: a random 5-digit key stated in filler text (\"The pass key is\n"
-               "48213. Remember it.\"), then `distance` tokens later the question \"What is the pass key? The pass key\n"
-               "is \"; 5 tokens decoded greedily; a trial counts when all 5 digits are right. The distance is counted\n"
-               "from the key's first digit to the first answer token. Before the needle come 0..--before filler tokens\n"
-               "(random per trial). Filler: a random stretch of the --filler file's tokens.");
-  std::string& dir = f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json), or a file in it");
+  cli::Flags f(
+      "eval passkey",
+      "Passkey retrieval accuracy per distance: a random 5-digit key stated in filler text (\"The pass key is\n"
+      "48213. Remember it.\"), then `distance` tokens later the question \"What is the pass key? The pass key\n"
+      "is \"; 5 tokens decoded greedily; a trial counts when all 5 digits are right. The distance is counted\n"
+      "from the key's first digit to the first answer token. Before the needle come 0..--before filler tokens\n"
+      "(random per trial). Filler: a random stretch of the --filler file's tokens.");
+  std::string& dir =
+      f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json), or a file in it");
   std::string& filler_file = f.str("-f,--filler", "", "text file whose tokens fill the prompt (e.g. held-out text)");
   std::string& lengths_s = f.str("--lengths", "256,512,1024,2048,4096", "distances in tokens, comma-separated");
   int64_t& trials = f.i64("--trials", 20, "trials per distance", 1, 1 << 20);
-  int64_t& seed = f.i64("--seed", 0, "seed of the keys, the filler offsets and the lengths before the needle", cli::kAnyInt64Min, cli::kAnyInt64Max);
+  int64_t& seed = f.i64("--seed", 0, "seed of the keys, the filler offsets and the lengths before the needle",
+                        cli::kAnyInt64Min, cli::kAnyInt64Max);
   int64_t& before = f.i64("--before", 64, "at most this many filler tokens before the needle", 0, cli::kMaxTokens);
   std::string& device = f.str("--device", "auto", "cpu, cuda, or auto");
   int64_t& threads = f.i64("-t,--threads", 0, "CPU threads (0 = all)", 0, cli::kMaxThreads);
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
-  std::string& dump = f.str("--dump", "", "write one JSON line per trial (distance, trial, key, answer, prompt ids, correct)");
+  std::string& dump =
+      f.str("--dump", "", "write one JSON line per trial (distance, trial, key, answer, prompt ids, correct)");
   if (!f.parse(argc, argv)) return 0;
   dir = model_dir_arg(dir);
   if (dir.empty()) throw cli::UsageError("-m/--model: required");
@@ -69,22 +73,26 @@ int run_passkey(int argc, char** argv) {
   const std::vector<int32_t> filler = tok.encode(read_text_file(filler_file, "filler file"));
   ModelOptions mo;
   mo.device = parse_device_flag(device, dir);
-  if (mo.device == Device::cuda && kv_f32) throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
+  if (mo.device == Device::cuda && kv_f32)
+    throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
   mo.threads = int(threads);
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
   Model model = Model::load(dir, mo);
   const int64_t V = model.vocab();
   for (int64_t d : lengths)
-    if (d < pk.min_distance()) fail("--lengths: ", d, " is shorter than the prompt's fixed pieces (at least ", pk.min_distance(), ")");
+    if (d < pk.min_distance())
+      fail("--lengths: ", d, " is shorter than the prompt's fixed pieces (at least ", pk.min_distance(), ")");
 
   std::ofstream dump_out;
   if (!dump.empty()) {
     dump_out.open(dump, std::ios::trunc);
     if (!dump_out) fail(dump, ": cannot write");
   }
-  std::fprintf(stderr, "ksa eval passkey: %s, %s; filler %s (%zu tokens); %lld trials per distance, seed %lld\n", dir.c_str(),
-               model.backend_name().c_str(), filler_file.c_str(), filler.size(), (long long)trials, (long long)seed);
-  std::printf("%9s %8s %7s %9s %9s %14s %14s\n", "distance", "prompt", "trials", "accuracy", "digits", "KV bytes", "KV full attn");
+  std::fprintf(stderr, "ksa eval passkey: %s, %s; filler %s (%zu tokens); %lld trials per distance, seed %lld\n",
+               dir.c_str(), model.backend_name().c_str(), filler_file.c_str(), filler.size(), (long long)trials,
+               (long long)seed);
+  std::printf("%9s %8s %7s %9s %9s %14s %14s\n", "distance", "prompt", "trials", "accuracy", "digits", "KV bytes",
+              "KV full attn");
   std::vector<float> logits(static_cast<size_t>(V));
   int64_t all_ok = 0, all_n = 0;
   for (int64_t d : lengths) {
@@ -92,7 +100,8 @@ int run_passkey(int argc, char** argv) {
     for (int64_t t = 0; t < trials; ++t) {
       const PasskeyPrompt p = make_passkey_prompt(pk, filler, d, before, uint64_t(seed), t);
       if (int64_t(p.ids.size()) + kKeyDigits > model.max_text_tokens())
-        fail("distance ", d, ": the prompt has ", p.ids.size(), " tokens, past the context limit of ", model.max_text_tokens());
+        fail("distance ", d, ": the prompt has ", p.ids.size(), " tokens, past the context limit of ",
+             model.max_text_tokens());
       const SeqId seq = model.new_sequence();
       model.append(seq, p.ids, LogitsFor::last, logits);
       prompt_len = std::max<int64_t>(prompt_len, int64_t(p.ids.size()));
@@ -109,28 +118,34 @@ int run_passkey(int argc, char** argv) {
       digits_ok += good;
       ok += good == kKeyDigits;
       if (dump_out)
-        dump_out << "{\"distance\":" << d << ",\"trial\":" << t << ",\"key\":\"" << p.key_text << "\",\"answer\":" << ids_json(answer)
-                 << ",\"key_ids\":" << ids_json(p.key) << ",\"needle_at\":" << p.needle_at << ",\"correct\":" << (good == kKeyDigits ? "true" : "false")
+        dump_out << "{\"distance\":" << d << ",\"trial\":" << t << ",\"key\":\"" << p.key_text
+                 << "\",\"answer\":" << ids_json(answer) << ",\"key_ids\":" << ids_json(p.key)
+                 << ",\"needle_at\":" << p.needle_at << ",\"correct\":" << (good == kKeyDigits ? "true" : "false")
                  << ",\"prompt\":" << ids_json(p.ids) << "}\n";
     }
     all_ok += ok;
     all_n += trials;
     std::printf("%9lld %8lld %7lld %9.3f %9.3f %14lld %14lld\n", (long long)d, (long long)prompt_len, (long long)trials,
-                double(ok) / double(trials), double(digits_ok) / double(trials * kKeyDigits), (long long)kv, (long long)kv_full);
+                double(ok) / double(trials), double(digits_ok) / double(trials * kKeyDigits), (long long)kv,
+                (long long)kv_full);
     std::fflush(stdout);
   }
   if (dump_out && !dump_out.flush()) fail(dump, ": write error");
-  std::printf("overall accuracy %.3f (%lld / %lld)\n", double(all_ok) / double(all_n), (long long)all_ok, (long long)all_n);
+  std::printf("overall accuracy %.3f (%lld / %lld)\n", double(all_ok) / double(all_n), (long long)all_ok,
+              (long long)all_n);
   return 0;
 }
 
 int run_eval(int argc, char** argv) {
   if (argc >= 1 && std::string(argv[0]) == "passkey") return run_passkey(argc - 1, argv + 1);
   if (argc >= 1 && (std::string(argv[0]) == "-h" || std::string(argv[0]) == "--help")) {
-    std::printf("usage: ksa eval <task> [flags]\n\ntasks:\n  passkey      passkey retrieval accuracy per distance (ksa eval passkey --help)\n");
+    std::printf(
+        "usage: ksa eval <task> [flags]\n\ntasks:\n  passkey      passkey retrieval accuracy per distance (ksa eval "
+        "passkey --help)\n");
     return 0;
   }
-  throw cli::UsageError(argc >= 1 ? "unknown task '" + std::string(argv[0]) + "' (tasks: passkey)" : "a task is required (tasks: passkey)");
+  throw cli::UsageError(argc >= 1 ? "unknown task '" + std::string(argv[0]) + "' (tasks: passkey)"
+                                  : "a task is required (tasks: passkey)");
 }
 
 cli::Register reg{{"eval", "evaluate a checkpoint on a task (passkey retrieval)", run_eval}};

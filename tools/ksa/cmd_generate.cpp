@@ -1,7 +1,7 @@
-// `ksa generate`: text generation on the GPU (--device cuda) or the CPU from a checkpoint directory (config.json, safetensors,
-// tokenizer.json): encode the prompt (optionally through the Qwen3 chat template), run it through the model in
-// one append, then sample token by token, streaming the decoded text to stdout. Timings and the KV-cache
-// bytes (KSA against full attention) go to stderr at the end, in llama.cpp's style.
+// `ksa generate`: text generation on the GPU (--device cuda) or the CPU from a checkpoint directory (config.json,
+// safetensors, tokenizer.json): encode the prompt (optionally through the Qwen3 chat template), run it through the
+// model in one append, then sample token by token, streaming the decoded text to stdout. Timings and the KV-cache bytes
+// (KSA against full attention) go to stderr at the end, in llama.cpp's style.
 //
 // Stops at an end-of-sequence id (generation_config.json `eos_token_id`, else config.json's; with --chat also
 // <|im_end|>), at a --stop string (the text before it is printed, the string itself not), at -n tokens, or at
@@ -178,11 +178,13 @@ Decoded decode_answer(Model& model, SeqId seq, Sampler& sampler, std::vector<flo
 
 int run_generate(int argc, char** argv) {
   cli::Flags f("generate",
-               "Generate text from a checkpoint directory on the GPU or the CPU (streamed to stdout; timings and KV-cache bytes\n"
+               "Generate text from a checkpoint directory on the GPU or the CPU (streamed to stdout; timings and "
+               "KV-cache bytes\n"
                "on stderr). Sampling is greedy unless --temp > 0. Stops at an end-of-sequence id\n"
                "(generation_config.json, else config.json; with --chat also <|im_end|>), a --stop string, -n\n"
                "tokens or the context limit.");
-  std::string& dir = f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json), or a file in it");
+  std::string& dir =
+      f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json), or a file in it");
   std::string& prompt_text = f.str("-p,--prompt", "", "the prompt");
   std::string& prompt_file = f.str("-f,--file", "", "read the prompt from a file ('-' = stdin)");
   int64_t& n_predict = f.i64("-n,--n-predict", 128, "tokens to generate at most", 0, cli::kMaxTokens);
@@ -194,15 +196,22 @@ int run_generate(int argc, char** argv) {
   double& pres = f.f64("--presence-penalty", 0.0, "subtracted once from every seen token's logit");
   double& freq = f.f64("--frequency-penalty", 0.0, "subtracted per occurrence of a seen token");
   int64_t& seed = f.i64("--seed", -1, "sampling seed (-1 = random, printed)", -1, cli::kAnyInt64Max);
-  bool& chat = f.flag("--chat", "wrap the prompt as a user turn in the Qwen3 chat template (with the assistant prompt)");
+  bool& chat =
+      f.flag("--chat", "wrap the prompt as a user turn in the Qwen3 chat template (with the assistant prompt)");
   std::string& system = f.str("-sys,--system", "", "with --chat: a system message first");
-  bool& no_think = f.flag("--no-think", "with --chat: disable thinking (Qwen3's enable_thinking=false: an empty <think></think>)");
-  std::string& device = f.str("--device", "auto", "cpu, cuda, or auto (cuda when a GPU is visible, the build has CUDA and the model's head dim is 64 or 128)");
+  bool& no_think =
+      f.flag("--no-think", "with --chat: disable thinking (Qwen3's enable_thinking=false: an empty <think></think>)");
+  std::string& device = f.str(
+      "--device", "auto",
+      "cpu, cuda, or auto (cuda when a GPU is visible, the build has CUDA and the model's head dim is 64 or 128)");
   int64_t& threads = f.i64("-t,--threads", 0, "CPU threads (0 = all)", 0, cli::kMaxThreads);
-  int64_t& ctx = f.i64("-c,--ctx-size,--ctx", 0, "context limit in text tokens (0 = config max_position_embeddings)", 0, cli::kMaxTokens);
-  std::vector<std::string>& stops = f.strs("-r,--reverse-prompt,--stop", "stop when the text contains this string (\\n, \\t escapes understood)");
+  int64_t& ctx = f.i64("-c,--ctx-size,--ctx", 0, "context limit in text tokens (0 = config max_position_embeddings)", 0,
+                       cli::kMaxTokens);
+  std::vector<std::string>& stops =
+      f.strs("-r,--reverse-prompt,--stop", "stop when the text contains this string (\\n, \\t escapes understood)");
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
-  bool& no_graphs = f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
+  bool& no_graphs =
+      f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
   bool& no_display = f.flag("--no-display-prompt", "do not echo the prompt to stdout");
   bool& interactive = f.flag("-i,-cnv,--interactive,--conversation",
                              "conversation: read user turns from the terminal (line editing and history), answer each "
@@ -236,8 +245,9 @@ int run_generate(int argc, char** argv) {
   if (!fs::is_directory(dir)) fail("model directory '", dir, "' does not exist or is not a directory");
   const fs::path tok_path = fs::path(dir) / "tokenizer.json";
   if (!fs::exists(tok_path))
-    fail(dir, " has no tokenizer.json (ksa generate needs one; `ksa make-model` copies the Qwen3 tokenizer that "
-              "scripts/fetch_test_data.sh caches, or pass it --tokenizer DIR; or copy a tokenizer.json there)");
+    fail(dir,
+         " has no tokenizer.json (ksa generate needs one; `ksa make-model` copies the Qwen3 tokenizer that "
+         "scripts/fetch_test_data.sh caches, or pass it --tokenizer DIR; or copy a tokenizer.json there)");
 
   std::string text = f.given("--prompt") ? prompt_text : f.given("--file") ? read_file(prompt_file) : std::string();
 
@@ -246,7 +256,8 @@ int run_generate(int argc, char** argv) {
   const Tokenizer tok = Tokenizer::load(tok_path.string());
   ModelOptions mo;
   mo.device = parse_device_flag(device, dir);
-  if (mo.device == Device::cuda && kv_f32) throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
+  if (mo.device == Device::cuda && kv_f32)
+    throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
   mo.threads = int(threads);
   mo.max_text_tokens = ctx;
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
@@ -279,7 +290,7 @@ int run_generate(int argc, char** argv) {
     std::vector<float> logits(size_t(model.vocab()));
     std::string line = text;
     bool have = !text.empty();
-    for (int turn = 1;; ) {
+    for (int turn = 1;;) {
       if (!have && !read_turn(line)) break;
       have = false;
       while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
@@ -325,10 +336,12 @@ int run_generate(int argc, char** argv) {
       if (out.last_char() != '\n') std::fputc('\n', stdout);
       std::fflush(stdout);
       msgs.push_back({"assistant", d.text, std::nullopt});
-      std::fprintf(stderr, "ksa generate: turn %d: %zu new prompt tokens (%.0f ms), %lld generated%s (%.1f tok/s); KV "
-                   "cache %s at %lld tokens\n", turn++, fresh.size(), pp_s * 1e3, (long long)d.generated,
-                   d.interrupted ? ", stopped by Ctrl-C" : "", d.generated / std::max(1e-9, now_s() - t1),
-                   human_bytes(double(model.kv_bytes(seq))).c_str(), (long long)model.text_tokens(seq));
+      std::fprintf(stderr,
+                   "ksa generate: turn %d: %zu new prompt tokens (%.0f ms), %lld generated%s (%.1f tok/s); KV "
+                   "cache %s at %lld tokens\n",
+                   turn++, fresh.size(), pp_s * 1e3, (long long)d.generated, d.interrupted ? ", stopped by Ctrl-C" : "",
+                   d.generated / std::max(1e-9, now_s() - t1), human_bytes(double(model.kv_bytes(seq))).c_str(),
+                   (long long)model.text_tokens(seq));
     }
     model.release(seq);
     return 0;
@@ -337,7 +350,8 @@ int run_generate(int argc, char** argv) {
   if (chat) {
     const fs::path tc = fs::path(dir) / "tokenizer_config.json";
     if (fs::exists(tc) && !ChatTemplate::load(tc.string()).recognized())
-      std::fprintf(stderr, "ksa generate: warning: %s has a chat template other than Qwen3's; rendering Qwen3's\n", tc.c_str());
+      std::fprintf(stderr, "ksa generate: warning: %s has a chat template other than Qwen3's; rendering Qwen3's\n",
+                   tc.c_str());
     std::vector<ChatMessage> msgs;
     if (f.given("--system")) msgs.push_back({"system", system, std::nullopt});
     msgs.push_back({"user", text, std::nullopt});
@@ -361,10 +375,10 @@ int run_generate(int argc, char** argv) {
     eos_list += std::to_string(e);
   }
   std::fprintf(stderr, "ksa generate: %s: %s%s, %lld layers, hidden %lld, weights %s %s; %s; context %lld; KV %s\n",
-               dir.c_str(), cfg.model_type.c_str(), cfg.use_summary_attention ? "+KSA" : "", (long long)cfg.num_hidden_layers,
-               (long long)cfg.hidden_size, human_bytes(double(model.weight_bytes())).c_str(), model.weight_format().c_str(),
-               model.backend_name().c_str(),
-               (long long)limit, dtype_name(mo.kv_dtype));
+               dir.c_str(), cfg.model_type.c_str(), cfg.use_summary_attention ? "+KSA" : "",
+               (long long)cfg.num_hidden_layers, (long long)cfg.hidden_size,
+               human_bytes(double(model.weight_bytes())).c_str(), model.weight_format().c_str(),
+               model.backend_name().c_str(), (long long)limit, dtype_name(mo.kv_dtype));
   if (sc.temperature == 0.f)
     std::fprintf(stderr, "ksa generate: prompt %zu tokens; greedy; eos %s\n", prompt.size(), eos_list.c_str());
   else
@@ -398,8 +412,9 @@ int run_generate(int argc, char** argv) {
   print_rate("prompt eval time", pp_s, int64_t(prompt.size()), "tokens");
   print_rate("eval time", d.eval_s, d.evals, "runs");
   print_rate("sampling time", d.sample_s, d.draws, "draws");
-  std::fprintf(stderr, "ksa generate: %16s = at %lld text tokens (%s) %s\n", "KV cache", (long long)model.text_tokens(seq),
-               dtype_name(mo.kv_dtype), kv_comparison(kv, kv_full, cfg.use_summary_attention).c_str());
+  std::fprintf(stderr, "ksa generate: %16s = at %lld text tokens (%s) %s\n", "KV cache",
+               (long long)model.text_tokens(seq), dtype_name(mo.kv_dtype),
+               kv_comparison(kv, kv_full, cfg.use_summary_attention).c_str());
   return 0;
 }
 

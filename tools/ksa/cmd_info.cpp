@@ -60,10 +60,12 @@ int info_model(const std::string& dir) {
   const ModelWeights w = bind_weights(c, ckpt);
 
   std::printf("model: %s\n", dir.c_str());
-  std::printf("  architecture: %s%s, %lld layers, hidden %lld, intermediate %lld, heads %lld/%lld (GQA %lld), head_dim %lld\n",
-              c.model_type.c_str(), c.use_summary_attention ? " + KSA" : " (summary attention off)", (long long)c.num_hidden_layers,
-              (long long)c.hidden_size, (long long)c.intermediate_size, (long long)c.num_attention_heads,
-              (long long)c.num_key_value_heads, (long long)(c.num_attention_heads / c.num_key_value_heads), (long long)c.head_dim);
+  std::printf(
+      "  architecture: %s%s, %lld layers, hidden %lld, intermediate %lld, heads %lld/%lld (GQA %lld), head_dim %lld\n",
+      c.model_type.c_str(), c.use_summary_attention ? " + KSA" : " (summary attention off)",
+      (long long)c.num_hidden_layers, (long long)c.hidden_size, (long long)c.intermediate_size,
+      (long long)c.num_attention_heads, (long long)c.num_key_value_heads,
+      (long long)(c.num_attention_heads / c.num_key_value_heads), (long long)c.head_dim);
   std::printf("  vocab %lld (logits %lld), %s embeddings, %s, rope_theta %g, max positions %lld, rms_norm_eps %g\n",
               (long long)c.vocab_size, (long long)c.logits_size(), c.tie_word_embeddings ? "tied" : "untied",
               dtype_name(c.dtype), c.rope_theta, (long long)c.max_position_embeddings, c.rms_norm_eps);
@@ -77,11 +79,13 @@ int info_model(const std::string& dir) {
                 c.uses_summary_projections() ? (w.layers[0].q_proj_summary ? "used" : "absent, skipped") : "unused",
                 c.uses_summary_layernorm() ? "yes" : "no");
   }
-  std::printf("  parameters: %s (%zu tensors, %s in %zu file%s)\n", with_commas(w.parameters).c_str(), ckpt.tensors().size(),
-              human_bytes(double(ckpt.total_bytes())).c_str(), ckpt.files().size(), ckpt.files().size() == 1 ? "" : "s");
+  std::printf("  parameters: %s (%zu tensors, %s in %zu file%s)\n", with_commas(w.parameters).c_str(),
+              ckpt.tensors().size(), human_bytes(double(ckpt.total_bytes())).c_str(), ckpt.files().size(),
+              ckpt.files().size() == 1 ? "" : "s");
   const std::string format = describe_weight_format(ckpt);
-  std::printf("  weights: %s%s\n", format.c_str(),
-              format.rfind("q8_0", 0) == 0 ? ": 8-bit matrices, run by the CPU engine only (docs/quantization.md)" : "");
+  std::printf(
+      "  weights: %s%s\n", format.c_str(),
+      format.rfind("q8_0", 0) == 0 ? ": 8-bit matrices, run by the CPU engine only (docs/quantization.md)" : "");
 
   // Per-layer windows, grouped by value.
   std::printf("  layers: summary_sliding_chunk_num = \"%s\"\n", c.window_pattern.c_str());
@@ -95,22 +99,23 @@ int info_model(const std::string& dir) {
     std::printf("    W=%-7lld (%s text tokens seen as text): layers %s\n", (long long)W,
                 with_commas(W * c.summary_chunk_size).c_str(), ranges(layers).c_str());
   if (!plain.empty())
-    std::printf("    plain causal attention%s: layers %s\n", c.use_summary_attention ? " (summary tokens pass through)" : "",
-                ranges(plain).c_str());
+    std::printf("    plain causal attention%s: layers %s\n",
+                c.use_summary_attention ? " (summary tokens pass through)" : "", ranges(plain).c_str());
 
   // KV cache: K and V of every KV head, in the model's dtype.
   const int64_t row_bytes = 2 * c.num_key_value_heads * c.head_dim * dtype_size(c.dtype);
   std::printf("  KV cache (%s, %lld bytes per token per layer):\n", dtype_name(c.dtype), (long long)row_bytes);
-  std::printf("    %8s %14s %14s %16s %16s %7s\n", "context", "full attention", "KSA", "full bytes/token", "KSA bytes/token", "ratio");
+  std::printf("    %8s %14s %14s %16s %16s %7s\n", "context", "full attention", "KSA", "full bytes/token",
+              "KSA bytes/token", "ratio");
   for (int64_t T : {8192, 32768, 131072}) {
     int64_t full = 0, ksa = 0;
     for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
       full += T;
       ksa += layer_cache_rows(c, i, T);
     }
-    std::printf("    %7lldK %14s %14s %16lld %16.0f %6.2fx\n", (long long)(T / 1024), human_bytes(double(full * row_bytes)).c_str(),
-                human_bytes(double(ksa * row_bytes)).c_str(), (long long)(full * row_bytes / T), double(ksa * row_bytes) / double(T),
-                double(full) / double(ksa));
+    std::printf("    %7lldK %14s %14s %16lld %16.0f %6.2fx\n", (long long)(T / 1024),
+                human_bytes(double(full * row_bytes)).c_str(), human_bytes(double(ksa * row_bytes)).c_str(),
+                (long long)(full * row_bytes / T), double(ksa * row_bytes) / double(T), double(full) / double(ksa));
   }
 
   const std::filesystem::path tj = std::filesystem::path(dir) / "tokenizer.json";
@@ -121,7 +126,8 @@ int info_model(const std::string& dir) {
     const std::filesystem::path tc = std::filesystem::path(dir) / "tokenizer_config.json";
     if (std::filesystem::exists(tc)) {
       const ChatTemplate t = ChatTemplate::load(tc.string());
-      std::printf("  chat template: %s\n", t.recognized() ? "Qwen3 (rendered exactly)" : "not the known Qwen3 template (rendered as Qwen3's)");
+      std::printf("  chat template: %s\n",
+                  t.recognized() ? "Qwen3 (rendered exactly)" : "not the known Qwen3 template (rendered as Qwen3's)");
     }
   } else {
     std::printf("  tokenizer: none (%s has no tokenizer.json)\n", dir.c_str());
@@ -130,11 +136,13 @@ int info_model(const std::string& dir) {
 }
 
 int run_info(int argc, char** argv) {
-  cli::Flags f("info", "Build and machine capabilities, and KSA's visible pairs and KV-cache rows for a configuration.");
+  cli::Flags f("info",
+               "Build and machine capabilities, and KSA's visible pairs and KV-cache rows for a configuration.");
   int64_t& k = f.i64("-k,--chunk", 8, "k: text tokens per chunk", 1, Spec::kMaxChunk);
   int64_t& S = f.i64("-S,--summaries", 1, "S: summary tokens per chunk", 1, Spec::kMaxSummaries);
   int64_t& W = f.i64("-W,--window", 128, "W: window in chunks", 0, Spec::kMaxWindow);
-  std::string& model = f.str("-m,--model", "", "a checkpoint directory: architecture, parameters, windows, KV cache, tokenizer");
+  std::string& model =
+      f.str("-m,--model", "", "a checkpoint directory: architecture, parameters, windows, KV cache, tokenizer");
   if (!f.parse(argc, argv)) return 0;
   model = model_dir_arg(model);
   if (!model.empty()) return info_model(model);
@@ -151,7 +159,8 @@ int run_info(int argc, char** argv) {
               __builtin_cpu_supports("avx512f") ? "yes" : "no", __builtin_cpu_supports("avx512bf16") ? "yes" : "no",
               cpu::simd_target());
 #else
-  std::printf("cpu:   %u hardware threads; SIMD kernels: %s\n", std::thread::hardware_concurrency(), cpu::simd_target());
+  std::printf("cpu:   %u hardware threads; SIMD kernels: %s\n", std::thread::hardware_concurrency(),
+              cpu::simd_target());
 #endif
 #ifdef KSA_HAVE_CUDA
   const int n = cuda::device_count();
@@ -161,7 +170,8 @@ int run_info(int argc, char** argv) {
   std::printf("cuda:  not built (nvcc not found or KSA_CUDA=OFF)\n");
 #endif
   std::printf("\nKSA k=%lld S=%lld W=%lld (per head, one layer):\n", (long long)k, (long long)S, (long long)W);
-  std::printf("  %10s %16s %16s %8s %14s %14s\n", "T", "visible pairs", "causal pairs", "ratio", "cache rows", "full rows");
+  std::printf("  %10s %16s %16s %8s %14s %14s\n", "T", "visible pairs", "causal pairs", "ratio", "cache rows",
+              "full rows");
   for (int64_t T : {8192, 32768, 131072}) {
     const Layout lay = Layout::of(spec, T);
     const int64_t p = count_visible_pairs(lay, W), c = count_causal_pairs(T);

@@ -23,13 +23,17 @@ std::vector<std::string> search_roots() {
 }
 
 int run_make_model(int argc, char** argv) {
-  cli::Flags f("make-model", "Write a random-weight Qwen3-KSA checkpoint (config.json, safetensors, tokenizer) in the released layout.");
+  cli::Flags f(
+      "make-model",
+      "Write a random-weight Qwen3-KSA checkpoint (config.json, safetensors, tokenizer) in the released layout.");
   std::string& shape = f.str("--shape", "tiny", "tiny | small | 4b (KSA-4B-base shapes, about 8 GB in bf16)");
   std::string& out = f.str("-o,--out", "", "output directory (created)");
   int64_t& seed = f.i64("--seed", 0, "random seed", cli::kAnyInt64Min, cli::kAnyInt64Max);
   std::string& dtype = f.str("--dtype", "bf16", "weight dtype: bf16, f16 or f32");
   int64_t& shard_mb = f.i64("--shard-mb", 4096, "shard the weights into files of at most this many MiB", 1, 1 << 30);
-  std::string& tok = f.str("--tokenizer", "", "folder with tokenizer.json (default: $KSA_TOKENIZER_DIR, else the cache of scripts/fetch_test_data.sh)");
+  std::string& tok =
+      f.str("--tokenizer", "",
+            "folder with tokenizer.json (default: $KSA_TOKENIZER_DIR, else the cache of scripts/fetch_test_data.sh)");
   bool& no_sum = f.flag("--no-summary-proj", "do not write *_proj_summary tensors (the default for --shape 4b)");
   if (!f.parse(argc, argv)) return 0;
   if (out.empty()) throw cli::UsageError("--out: required");
@@ -50,8 +54,8 @@ int run_make_model(int argc, char** argv) {
 
   const double t0 = now_s();
   const WrittenModel w = write_random_model(cfg, out, opt);
-  std::printf("wrote %s model (%lld parameters, %s of weights) to %s in %.1f s:\n", shape.c_str(), (long long)w.parameters,
-              human_bytes(double(w.bytes)).c_str(), out.c_str(), now_s() - t0);
+  std::printf("wrote %s model (%lld parameters, %s of weights) to %s in %.1f s:\n", shape.c_str(),
+              (long long)w.parameters, human_bytes(double(w.bytes)).c_str(), out.c_str(), now_s() - t0);
   for (const std::string& p : w.files) std::printf("  %s\n", p.c_str());
   if (w.tokenizer_copied) {
     std::printf("tokenizer: copied from %s\n", opt.tokenizer_dir.c_str());

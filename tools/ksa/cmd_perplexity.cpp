@@ -20,7 +20,8 @@ int run_perplexity(int argc, char** argv) {
                "[ctx/2 + 1, ctx): at least ctx/2 tokens of context), or with --all tokens 1..ctx-1. No BOS is added;\n"
                "a remainder shorter than --ctx is dropped. Prints the tokens scored, the perplexity and the KV-cache\n"
                "bytes of one window at ctx tokens (KSA vs full attention).");
-  std::string& dir = f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json), or a file in it");
+  std::string& dir =
+      f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json), or a file in it");
   std::string& file = f.str("-f,--file", "", "the text file");
   int64_t& ctx = f.i64("--ctx", 1024, "tokens per window", 2, cli::kMaxTokens);
   int64_t& chunks = f.i64("--chunks", 0, "score at most this many windows (0 = all)", 0, cli::kMaxTokens);
@@ -28,8 +29,10 @@ int run_perplexity(int argc, char** argv) {
   std::string& device = f.str("--device", "auto", "cpu, cuda, or auto");
   int64_t& threads = f.i64("-t,--threads", 0, "CPU threads (0 = all)", 0, cli::kMaxThreads);
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
-  std::string& dump = f.str("--dump", "", "write one line per scored token: window, index in the window, token id, log p");
-  std::string& dump_logits = f.str("--dump-logits", "", "write the logits of every window token (f32, [windows, ctx, vocab], little-endian)");
+  std::string& dump =
+      f.str("--dump", "", "write one line per scored token: window, index in the window, token id, log p");
+  std::string& dump_logits =
+      f.str("--dump-logits", "", "write the logits of every window token (f32, [windows, ctx, vocab], little-endian)");
   if (!f.parse(argc, argv)) return 0;
   dir = model_dir_arg(dir);
   if (dir.empty()) throw cli::UsageError("-m/--model: required");
@@ -39,7 +42,8 @@ int run_perplexity(int argc, char** argv) {
   const std::vector<int32_t> ids = tok.encode(read_text_file(file, "text file"));
   ModelOptions mo;
   mo.device = parse_device_flag(device, dir);
-  if (mo.device == Device::cuda && kv_f32) throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
+  if (mo.device == Device::cuda && kv_f32)
+    throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
   mo.threads = int(threads);
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
   mo.max_text_tokens = std::max<int64_t>(ctx, ModelConfig::load(dir).max_position_embeddings);
@@ -50,9 +54,11 @@ int run_perplexity(int argc, char** argv) {
   if (windows == 0) fail(file, " has ", ids.size(), " tokens, fewer than --ctx ", ctx);
   if (chunks > 0) windows = std::min(windows, chunks);
   const int64_t first = all ? 0 : ctx / 2;  // logits rows first..ctx-2 score tokens first+1..ctx-1
-  std::fprintf(stderr, "ksa perplexity: %s: %zu tokens; %lld windows of %lld; scoring tokens %lld..%lld of each; %s; weights %s\n",
-               file.c_str(), ids.size(), (long long)windows, (long long)ctx, (long long)(first + 1), (long long)(ctx - 1),
-               model.backend_name().c_str(), model.weight_format().c_str());
+  std::fprintf(
+      stderr,
+      "ksa perplexity: %s: %zu tokens; %lld windows of %lld; scoring tokens %lld..%lld of each; %s; weights %s\n",
+      file.c_str(), ids.size(), (long long)windows, (long long)ctx, (long long)(first + 1), (long long)(ctx - 1),
+      model.backend_name().c_str(), model.weight_format().c_str());
 
   std::ofstream dump_out, logits_out;
   if (!dump.empty()) {
@@ -74,21 +80,23 @@ int run_perplexity(int argc, char** argv) {
     kv = model.kv_bytes(seq);
     kv_full = model.kv_bytes_full_attention(seq);
     model.release(seq);
-    if (logits_out) logits_out.write(reinterpret_cast<const char*>(logits.data()), std::streamsize(logits.size() * sizeof(float)));
+    if (logits_out)
+      logits_out.write(reinterpret_cast<const char*>(logits.data()), std::streamsize(logits.size() * sizeof(float)));
     for (int64_t j = first; j + 1 < ctx; ++j) {
       const double lp = log_prob(std::span<const float>(logits.data() + j * V, size_t(V)), win[size_t(j + 1)]);
       nll -= lp;
       ++scored;
       if (dump_out) dump_out << w << ' ' << j + 1 << ' ' << win[size_t(j + 1)] << ' ' << lp << '\n';
     }
-    std::fprintf(stderr, "[%lld/%lld] ppl %.4f\n", (long long)(w + 1), (long long)windows, std::exp(nll / double(scored)));
+    std::fprintf(stderr, "[%lld/%lld] ppl %.4f\n", (long long)(w + 1), (long long)windows,
+                 std::exp(nll / double(scored)));
   }
   if (logits_out && !logits_out.flush()) fail(dump_logits, ": write error");
   if (dump_out && !dump_out.flush()) fail(dump, ": write error");
   const double secs = now_s() - t0;
   std::printf("windows %lld, ctx %lld, tokens scored %lld (%s), mean NLL %.6f nats, ppl %.4f\n", (long long)windows,
-              (long long)ctx, (long long)scored, all ? "tokens 1..ctx-1" : "second half of each window", nll / double(scored),
-              std::exp(nll / double(scored)));
+              (long long)ctx, (long long)scored, all ? "tokens 1..ctx-1" : "second half of each window",
+              nll / double(scored), std::exp(nll / double(scored)));
   std::printf("KV cache at %lld tokens: %lld bytes (%s) vs %lld bytes full attention; %s\n", (long long)ctx,
               (long long)kv, dtype_name(mo.kv_dtype), (long long)kv_full,
               kv_comparison(kv, kv_full, model.config().use_summary_attention).c_str());

@@ -45,14 +45,15 @@ int run_quantize(int argc, char** argv) {
   std::string copied;
   for (const std::string& c : r.copied) copied += (copied.empty() ? "" : ", ") + c;
   std::printf("copied: %s\n", copied.empty() ? "nothing" : copied.c_str());
-  std::printf("ksa quantize: %s -> %s: %lld of %lld tensors to %s; weights %s -> %s (%.1f%%), the quantised matrices "
-              "%s -> %s (%.1f%%); %zu file%s in %.1f s\n",
-              dir.c_str(), out.c_str(), (long long)r.quantized, (long long)r.tensors, type.c_str(),
-              human_bytes(double(r.bytes_in)).c_str(), human_bytes(double(r.bytes_out)).c_str(),
-              100.0 * double(r.bytes_out) / double(std::max<int64_t>(1, r.bytes_in)),
-              human_bytes(double(r.matrix_bytes_in)).c_str(), human_bytes(double(r.matrix_bytes_out)).c_str(),
-              100.0 * double(r.matrix_bytes_out) / double(std::max<int64_t>(1, r.matrix_bytes_in)), r.files.size(),
-              r.files.size() == 1 ? "" : "s", now_s() - t0);
+  std::printf(
+      "ksa quantize: %s -> %s: %lld of %lld tensors to %s; weights %s -> %s (%.1f%%), the quantised matrices "
+      "%s -> %s (%.1f%%); %zu file%s in %.1f s\n",
+      dir.c_str(), out.c_str(), (long long)r.quantized, (long long)r.tensors, type.c_str(),
+      human_bytes(double(r.bytes_in)).c_str(), human_bytes(double(r.bytes_out)).c_str(),
+      100.0 * double(r.bytes_out) / double(std::max<int64_t>(1, r.bytes_in)),
+      human_bytes(double(r.matrix_bytes_in)).c_str(), human_bytes(double(r.matrix_bytes_out)).c_str(),
+      100.0 * double(r.matrix_bytes_out) / double(std::max<int64_t>(1, r.matrix_bytes_in)), r.files.size(),
+      r.files.size() == 1 ? "" : "s", now_s() - t0);
   return 0;
 }
 

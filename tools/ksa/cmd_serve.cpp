@@ -46,32 +46,43 @@ int64_t parse_bytes(const std::string& flag, const std::string& s) {
 }
 
 int run_serve(int argc, char** argv) {
-  cli::Flags f("serve",
-               "Serve a checkpoint over an OpenAI-compatible HTTP API with continuous batching: POST /v1/chat/completions,\n"
-               "POST /v1/completions (stream: true for server-sent events), GET /v1/models, GET /health, GET /metrics\n"
-               "(Prometheus), POST /tokenize, POST /detokenize. SIGINT/SIGTERM stop it gracefully (docs/serve.md).");
+  cli::Flags f(
+      "serve",
+      "Serve a checkpoint over an OpenAI-compatible HTTP API with continuous batching: POST /v1/chat/completions,\n"
+      "POST /v1/completions (stream: true for server-sent events), GET /v1/models, GET /health, GET /metrics\n"
+      "(Prometheus), POST /tokenize, POST /detokenize. SIGINT/SIGTERM stop it gracefully (docs/serve.md).");
   serve::ServeOptions o;
-  std::string& dir = f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json), or a file in it");
+  std::string& dir =
+      f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json), or a file in it");
   std::string& host = f.str("--host", o.host, "address to listen on");
   int64_t& port = f.i64("--port", o.port, "port to listen on (0 = any free port, printed)", 0, 65535);
   std::string& device = f.str("--device", o.device, "engine device: cpu, cuda, or auto (cuda when a GPU is visible)");
-  std::string& api_key = f.str("--api-key", "", "require 'Authorization: Bearer KEY' (default: $KSA_API_KEY, else none)");
+  std::string& api_key =
+      f.str("--api-key", "", "require 'Authorization: Bearer KEY' (default: $KSA_API_KEY, else none)");
   std::string& name = f.str("--model-name", "", "the model id clients name (default: the directory's name)");
   int64_t& max_seqs = f.i64("--max-seqs", o.scheduler.max_seqs, "sequences running at once", 1, 1 << 20);
-  int64_t& max_queue = f.i64("--max-queue", o.scheduler.max_queue, "requests waiting beyond --max-seqs; more get 429", 0, 1 << 20);
-  std::string& kv_budget = f.str("--kv-budget", "auto", "KV-cache bytes the running sequences may reserve (e.g. 8G; 0 = no limit; auto = half the memory on the CPU, the free device memory less 4 GiB on the GPU)");
-  int64_t& ctx = f.i64("--ctx", 0, "context limit per sequence in text tokens (0 = config max_position_embeddings)", 0, cli::kMaxTokens);
-  int64_t& chunk = f.i64("--prefill-chunk", o.scheduler.prefill_chunk, "prompt tokens per engine step (long prompts are prefilled in chunks between decode steps)", 1, cli::kMaxTokens);
+  int64_t& max_queue =
+      f.i64("--max-queue", o.scheduler.max_queue, "requests waiting beyond --max-seqs; more get 429", 0, 1 << 20);
+  std::string& kv_budget = f.str("--kv-budget", "auto",
+                                 "KV-cache bytes the running sequences may reserve (e.g. 8G; 0 = no limit; auto = half "
+                                 "the memory on the CPU, the free device memory less 4 GiB on the GPU)");
+  int64_t& ctx = f.i64("--ctx", 0, "context limit per sequence in text tokens (0 = config max_position_embeddings)", 0,
+                       cli::kMaxTokens);
+  int64_t& chunk = f.i64("--prefill-chunk", o.scheduler.prefill_chunk,
+                         "prompt tokens per engine step (long prompts are prefilled in chunks between decode steps)", 1,
+                         cli::kMaxTokens);
   int64_t& threads = f.i64("-t,--threads", 0, "engine threads (0 = all cores)", 0, cli::kMaxThreads);
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
   std::string& max_body = f.str("--max-body", "16M", "largest request body; larger ones get 413");
-  double& grace = f.f64("--shutdown-grace", o.shutdown_grace, "seconds running requests get to finish after SIGINT/SIGTERM");
+  double& grace =
+      f.f64("--shutdown-grace", o.shutdown_grace, "seconds running requests get to finish after SIGINT/SIGTERM");
   bool& quiet = f.flag("--quiet", "do not log every request on stderr");
   if (!f.parse(argc, argv)) return 0;
   dir = model_dir_arg(dir);
 
   if (dir.empty()) throw cli::UsageError("-m/--model: required");
-  if (port < 0 || port > 65535) throw cli::UsageError("--port: must be in [0, 65535] (got " + std::to_string(port) + ")");
+  if (port < 0 || port > 65535)
+    throw cli::UsageError("--port: must be in [0, 65535] (got " + std::to_string(port) + ")");
   if (max_seqs < 1) throw cli::UsageError("--max-seqs: must be >= 1 (got " + std::to_string(max_seqs) + ")");
   if (max_queue < 0) throw cli::UsageError("--max-queue: must be >= 0 (got " + std::to_string(max_queue) + ")");
   if (ctx < 0) throw cli::UsageError("--ctx: must be >= 0 (got " + std::to_string(ctx) + ")");

@@ -38,7 +38,8 @@ inline void parse_heads(const std::string& s, int64_t& hq, int64_t& hkv) {
   } catch (const std::exception&) {
     throw cli::UsageError("--heads: expected Hq/Hkv such as 32/8 (got '" + s + "')");
   }
-  if (hq < 1 || hkv < 1 || hq % hkv) throw cli::UsageError("--heads: Hq must be a positive multiple of Hkv (got '" + s + "')");
+  if (hq < 1 || hkv < 1 || hq % hkv)
+    throw cli::UsageError("--heads: Hq must be a positive multiple of Hkv (got '" + s + "')");
 }
 
 inline DType parse_dtype_flag(const std::string& s) {
@@ -56,7 +57,7 @@ inline std::vector<uint8_t> random_tensor(DType t, int64_t n, std::mt19937_64& r
   auto fill = [&buf, t, sd, seed](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const uint64_t x = detail::splitmix64(seed + uint64_t(i) * 0x9e3779b97f4a7c15ull);
-      const float u1 = float((x >> 40) + 1) * 0x1p-24f;       // (0, 1]
+      const float u1 = float((x >> 40) + 1) * 0x1p-24f;          // (0, 1]
       const float u2 = float((x >> 16) & 0xFFFFFFu) * 0x1p-24f;  // [0, 1)
       store_from_float(t, buf.data(), i, sd * std::sqrt(-2.f * std::log(u1)) * std::cos(6.28318530718f * u2));
     }
@@ -105,7 +106,9 @@ inline Device parse_device_flag(const std::string& s, const std::string& dir) {
   if (s == "cpu") return Device::cpu;
   if (s == "cuda") {
     if (!cuda_engine_available())
-      fail("--device cuda: no CUDA device is visible, or this build has no CUDA engine (see `ksa info`); use --device cpu");
+      fail(
+          "--device cuda: no CUDA device is visible, or this build has no CUDA engine (see `ksa info`); use --device "
+          "cpu");
     return Device::cuda;
   }
   if (s == "auto" || s.empty()) return default_device(dir);
@@ -116,7 +119,10 @@ inline Device parse_device_flag(const std::string& s, const std::string& dir) {
 inline std::string human_bytes(double b) {
   const char* u[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   int i = 0;
-  while (b >= 1024 && i < 4) { b /= 1024; ++i; }
+  while (b >= 1024 && i < 4) {
+    b /= 1024;
+    ++i;
+  }
   char s[64];
   std::snprintf(s, sizeof s, "%.2f %s", b, u[i]);
   return s;
@@ -135,8 +141,8 @@ inline std::function<void(int64_t, int64_t)> weight_progress() {
       constexpr int width = 40;
       const int fill = int(frac * width + 0.5);
       std::fprintf(stderr, "\rloading weights [%s%s] %3d%% %s / %s", std::string(size_t(fill), '#').c_str(),
-                   std::string(size_t(width - fill), ' ').c_str(), int(frac * 100 + 0.5), human_bytes(double(done)).c_str(),
-                   human_bytes(double(total)).c_str());
+                   std::string(size_t(width - fill), ' ').c_str(), int(frac * 100 + 0.5),
+                   human_bytes(double(done)).c_str(), human_bytes(double(total)).c_str());
       if (done >= total) std::fputc('\n', stderr);
       std::fflush(stderr);
     } else if (!tty && total >= (int64_t(1) << 30)) {

@@ -65,7 +65,8 @@ struct PasskeyPieces {
     question = tok.encode(kQuestion);
     for (int d = 0; d < 10; ++d) {
       const std::vector<int32_t> ids = tok.encode(std::string(1, char('0' + d)));
-      if (ids.size() != 1) fail("the tokenizer encodes the digit ", d, " as ", ids.size(), " tokens; the passkey task needs one");
+      if (ids.size() != 1)
+        fail("the tokenizer encodes the digit ", d, " as ", ids.size(), " tokens; the passkey task needs one");
       digit[d] = ids[0];
     }
   }
@@ -74,15 +75,16 @@ struct PasskeyPieces {
 };
 
 struct PasskeyPrompt {
-  std::vector<int32_t> ids, key;   // the prompt and the key's digit tokens (the expected answer)
-  std::string key_text;            // the key as digits
-  int64_t needle_at = 0;           // index of the needle's first key digit in ids
+  std::vector<int32_t> ids, key;  // the prompt and the key's digit tokens (the expected answer)
+  std::string key_text;           // the key as digits
+  int64_t needle_at = 0;          // index of the needle's first key digit in ids
 };
 
 // Trial `trial` of distance `dist`: everything random comes from splitmix64 over (seed, dist, trial).
 inline PasskeyPrompt make_passkey_prompt(const PasskeyPieces& pk, std::span<const int32_t> filler, int64_t dist,
                                          int64_t max_before, uint64_t seed, int64_t trial) {
-  uint64_t state = detail::splitmix64(seed ^ detail::splitmix64(uint64_t(dist) * 0x9e3779b97f4a7c15ull + uint64_t(trial)));
+  uint64_t state =
+      detail::splitmix64(seed ^ detail::splitmix64(uint64_t(dist) * 0x9e3779b97f4a7c15ull + uint64_t(trial)));
   auto draw = [&state](uint64_t n) {
     state = detail::splitmix64(state);
     return n ? state % n : 0;
@@ -96,7 +98,8 @@ inline PasskeyPrompt make_passkey_prompt(const PasskeyPieces& pk, std::span<cons
     p.key_text += char('0' + d);
   }
   const int64_t a = int64_t(draw(uint64_t(max_before) + 1));
-  if (int64_t(filler.size()) <= a + f) fail("the filler text has ", filler.size(), " tokens; distance ", dist, " needs more than ", a + f);
+  if (int64_t(filler.size()) <= a + f)
+    fail("the filler text has ", filler.size(), " tokens; distance ", dist, " needs more than ", a + f);
   const int64_t s = int64_t(draw(uint64_t(int64_t(filler.size()) - a - f)));
   auto put = [&p](auto first, auto last) { p.ids.insert(p.ids.end(), first, last); };
   put(filler.begin() + s, filler.begin() + s + a);

@@ -57,12 +57,17 @@ using OptTensor = c10::optional<at::Tensor>;
 
 ksa::DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return ksa::DType::f32;
-    case at::kBFloat16: return ksa::DType::bf16;
-    case at::kHalf: return ksa::DType::f16;
-    default: break;
+    case at::kFloat:
+      return ksa::DType::f32;
+    case at::kBFloat16:
+      return ksa::DType::bf16;
+    case at::kHalf:
+      return ksa::DType::f16;
+    default:
+      break;
   }
-  TORCH_CHECK(false, "ksa: dtype must be float32, bfloat16 or float16, or float64 on the CPU (got ", t.scalar_type(), ")");
+  TORCH_CHECK(false, "ksa: dtype must be float32, bfloat16 or float16, or float64 on the CPU (got ", t.scalar_type(),
+              ")");
   return ksa::DType::f32;  // not reached
 }
 
@@ -90,16 +95,18 @@ at::Tensor pad_front(const at::Tensor& t, int64_t rows) {
 // CPU kernels read them and the CUDA launchers build their per-launch tables; a CUDA cu_seqlens costs one
 // device-to-host copy).
 std::vector<int64_t> host_cu_seqlens(const at::Tensor& cu, int64_t rows, int64_t max_seqlen) {
-  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, "ksa: cu_seqlens must be 1-D with at least 2 entries (got shape ", cu.sizes(), ")");
-  TORCH_CHECK(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, "ksa: cu_seqlens must be int32 or int64 (got ",
-              cu.scalar_type(), ")");
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, "ksa: cu_seqlens must be 1-D with at least 2 entries (got shape ",
+              cu.sizes(), ")");
+  TORCH_CHECK(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong,
+              "ksa: cu_seqlens must be int32 or int64 (got ", cu.scalar_type(), ")");
   const at::Tensor h = cu.to(at::kCPU, at::kLong).contiguous();
   std::vector<int64_t> v(h.data_ptr<int64_t>(), h.data_ptr<int64_t>() + h.numel());
   TORCH_CHECK(v.back() == rows, "ksa: cu_seqlens[-1] = ", v.back(), " must equal the number of rows L = ", rows);
   if (max_seqlen > 0) {
     int64_t longest = 0;
     for (size_t i = 1; i < v.size(); ++i) longest = std::max(longest, v[i] - v[i - 1]);
-    TORCH_CHECK(longest <= max_seqlen, "ksa: max_seqlen = ", max_seqlen, " but a stream of cu_seqlens has ", longest, " rows");
+    TORCH_CHECK(longest <= max_seqlen, "ksa: max_seqlen = ", max_seqlen, " but a stream of cu_seqlens has ", longest,
+                " rows");
   }
   return v;
 }
@@ -108,7 +115,8 @@ ksa::AttentionParams params(const at::Tensor& q, const at::Tensor& k, const at::
                             int64_t W, bool tail, double scale, const std::vector<int64_t>* cu, int64_t q_begin = 0) {
   TORCH_CHECK(q.dim() == k.dim() && q.dim() == v.dim(), "ksa: q, k, v must have the same number of dims");
   TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), "ksa: q, k, v must be on one device");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "ksa: q, k, v must share a dtype");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "ksa: q, k, v must share a dtype");
   TORCH_CHECK(k.sizes() == v.sizes(), "ksa: k and v must have the same shape");
   const at::Tensor q4 = as4(q), k4 = as4(k), v4 = as4(v);
   const int64_t L = k4.size(1);
@@ -180,22 +188,26 @@ at::Tensor full_lse(const at::Tensor& q, int64_t q_begin) {
   const at::Tensor rows = lse_like(q);
   if (q_begin == 0) return rows;
   std::vector<int64_t> shape(rows.sizes().begin(), rows.sizes().end());
-  shape[shape.size() - 2] += q_begin;  // [B, L, Hq] or [L, Hq]
+  shape[shape.size() - 2] += q_begin;                // [B, L, Hq] or [L, Hq]
   return at::full(shape, INFINITY, rows.options());  // rows before q_begin: never written, +inf if read
 }
 at::Tensor lse_rows(const at::Tensor& lse_full, int64_t q_begin) {
-  return q_begin == 0 ? lse_full : lse_full.narrow(lse_full.dim() - 2, q_begin, lse_full.size(-2) - q_begin).contiguous();
+  return q_begin == 0 ? lse_full
+                      : lse_full.narrow(lse_full.dim() - 2, q_begin, lse_full.size(-2) - q_begin).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const OptTensor& cu_seqlens, int64_t max_seqlen, int64_t kc, int64_t S,
-                                                 int64_t W, bool tail, double scale, bool deterministic, int64_t q_begin) {
+                                                 int64_t W, bool tail, double scale, bool deterministic,
+                                                 int64_t q_begin) {
   if (q_begin != 0 && q.scalar_type() == at::kDouble) {
     // The oracle computes every row: pad q in front, keep the rows from q_begin on.
-    auto [o, l] = attention_fwd(pad_front(q, q_begin), k, v, cu_seqlens, max_seqlen, kc, S, W, tail, scale, deterministic, 0);
+    auto [o, l] =
+        attention_fwd(pad_front(q, q_begin), k, v, cu_seqlens, max_seqlen, kc, S, W, tail, scale, deterministic, 0);
     return {o.narrow(o.dim() - 3, q_begin, q.size(-3)).contiguous(), lse_rows(l, q_begin)};
   }
-  const std::vector<int64_t> cu = cu_seqlens ? host_cu_seqlens(*cu_seqlens, k.size(-3), max_seqlen) : std::vector<int64_t>{};
+  const std::vector<int64_t> cu =
+      cu_seqlens ? host_cu_seqlens(*cu_seqlens, k.size(-3), max_seqlen) : std::vector<int64_t>{};
   ksa::AttentionParams p = params(q, k, v, kc, S, W, tail, scale, cu_seqlens ? &cu : nullptr, q_begin);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = full_lse(q, q_begin);
@@ -215,7 +227,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 #ifdef KSA_HAVE_CUDA
       const c10::cuda::CUDAGuard guard(q.device());
       const ksa::cuda::CudaStream stream = at::cuda::getCurrentCUDAStream().stream();
-      ksa::cuda::attention_forward(p, stream, ksa::cuda::kernel_options_from_env());  // packed streams too: one launch for all of them
+      ksa::cuda::attention_forward(
+          p, stream, ksa::cuda::kernel_options_from_env());  // packed streams too: one launch for all of them
 #else
       TORCH_CHECK(false, "ksa: this build of ksa_torch has no CUDA kernels (rebuild with a CUDA torch and nvcc)");
 #endif
@@ -230,28 +243,32 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout_in, const at::Tensor& q,
                                                              const at::Tensor& k, const at::Tensor& v,
                                                              const at::Tensor& out, const at::Tensor& lse,
-                                                             const OptTensor& cu_seqlens, int64_t max_seqlen, int64_t kc,
-                                                             int64_t S, int64_t W, bool tail, double scale,
+                                                             const OptTensor& cu_seqlens, int64_t max_seqlen,
+                                                             int64_t kc, int64_t S, int64_t W, bool tail, double scale,
                                                              bool deterministic, int64_t q_begin) {
   if (q_begin != 0 && (q.is_cuda() || q.scalar_type() == at::kDouble)) {
     // The CUDA backward and the oracle take every row: zero rows in front (q, dout and out zero, lse +inf, so
     // they add nothing to dk and dv), dq from q_begin on. Costs the padded rows' work and memory.
-    TORCH_CHECK(q_begin > 0 && q_begin <= k.size(-3), "ksa: q_begin must be in [0, L = ", k.size(-3), "] (got ", q_begin, ")");
+    TORCH_CHECK(q_begin > 0 && q_begin <= k.size(-3), "ksa: q_begin must be in [0, L = ", k.size(-3), "] (got ",
+                q_begin, ")");
     at::Tensor lse_full = full_lse(q, q_begin);
     lse_full.narrow(lse_full.dim() - 2, q_begin, q.size(-3)).copy_(lse);
     auto [dq, dk, dv] = attention_bwd(pad_front(dout_in, q_begin), pad_front(q, q_begin), k, v, pad_front(out, q_begin),
                                       lse_full, cu_seqlens, max_seqlen, kc, S, W, tail, scale, deterministic, 0);
     return {dq.narrow(dq.dim() - 3, q_begin, q.size(-3)).contiguous(), dk, dv};
   }
-  const std::vector<int64_t> cu = cu_seqlens ? host_cu_seqlens(*cu_seqlens, k.size(-3), max_seqlen) : std::vector<int64_t>{};
+  const std::vector<int64_t> cu =
+      cu_seqlens ? host_cu_seqlens(*cu_seqlens, k.size(-3), max_seqlen) : std::vector<int64_t>{};
   ksa::AttentionBackwardParams p;
   static_cast<ksa::AttentionParams&>(p) = params(q, k, v, kc, S, W, tail, scale, cu_seqlens ? &cu : nullptr, q_begin);
   // The kernels need the innermost dim contiguous and (CUDA) 16-byte aligned rows: a dense copy is the safe
   // form of an arbitrary incoming gradient (e.g. an expanded one with zero strides).
   const at::Tensor dout = dout_in.contiguous();
   for (const at::Tensor* t : {&out, &dout}) {
-    TORCH_CHECK(t->sizes() == q.sizes(), "ksa: out and dout must have q's shape ", q.sizes(), " (got ", t->sizes(), ")");
-    TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->device() == q.device(), "ksa: out and dout must match q's dtype and device");
+    TORCH_CHECK(t->sizes() == q.sizes(), "ksa: out and dout must have q's shape ", q.sizes(), " (got ", t->sizes(),
+                ")");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->device() == q.device(),
+                "ksa: out and dout must match q's dtype and device");
   }
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
@@ -287,7 +304,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
 #ifdef KSA_HAVE_CUDA
       const c10::cuda::CUDAGuard guard(q.device());
       const ksa::cuda::CudaStream stream = at::cuda::getCurrentCUDAStream().stream();
-      ksa::cuda::attention_backward(p, stream, ksa::cuda::kernel_options_from_env());  // packed streams too: one launch of each pass for all of them
+      ksa::cuda::attention_backward(
+          p, stream,
+          ksa::cuda::kernel_options_from_env());  // packed streams too: one launch of each pass for all of them
 #else
       TORCH_CHECK(false, "ksa: this build of ksa_torch has no CUDA kernels (rebuild with a CUDA torch and nvcc)");
 #endif
@@ -328,8 +347,9 @@ py::dict stream_layout(const std::vector<int64_t>& text_lengths, int64_t kc, int
   });
   at::Tensor ids_in;
   if (text_ids) {
-    TORCH_CHECK(text_ids->dim() == 1 && text_ids->numel() == T_total, "ksa: text_ids must be 1-D with sum(text_lengths) = ",
-                T_total, " entries (got shape ", text_ids->sizes(), ")");
+    TORCH_CHECK(text_ids->dim() == 1 && text_ids->numel() == T_total,
+                "ksa: text_ids must be 1-D with sum(text_lengths) = ", T_total, " entries (got shape ",
+                text_ids->sizes(), ")");
     ids_in = text_ids->to(at::kCPU, at::kInt).contiguous();
   }
   const int64_t L = cu.back();
@@ -343,8 +363,9 @@ py::dict stream_layout(const std::vector<int64_t>& text_lengths, int64_t kc, int
   for (size_t s = 0; s + 1 < cu.size(); ++s) {
     const int64_t T = text_lengths[s], r0 = cu[s];
     if (!text_ids) none.assign(size_t(T), 0);
-    const std::span<const int32_t> seq_ids =
-        text_ids ? std::span<const int32_t>(ids_in.data_ptr<int32_t>() + t0, size_t(T)) : std::span<const int32_t>(none);
+    const std::span<const int32_t> seq_ids = text_ids
+                                                 ? std::span<const int32_t>(ids_in.data_ptr<int32_t>() + t0, size_t(T))
+                                                 : std::span<const int32_t>(none);
     const ksa::Stream st = guarded([&] { return ksa::build_stream(spec, seq_ids); });
     const int64_t n = st.layout.length();
     longest = std::max(longest, n);
@@ -400,13 +421,15 @@ TORCH_LIBRARY(ksa, m) {
 #else
   const std::vector<at::Tag> tags{};
 #endif
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int max_seqlen, int k_chunk, int S, int W, "
-        "bool summarize_tail, float scale, bool deterministic, int q_begin=0) -> (Tensor, Tensor)",
-        tags);
-  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens, "
-        "int max_seqlen, int k_chunk, int S, int W, bool summarize_tail, float scale, bool deterministic, "
-        "int q_begin=0) -> (Tensor, Tensor, Tensor)",
-        tags);
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int max_seqlen, int k_chunk, int S, int W, "
+      "bool summarize_tail, float scale, bool deterministic, int q_begin=0) -> (Tensor, Tensor)",
+      tags);
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens, "
+      "int max_seqlen, int k_chunk, int S, int W, bool summarize_tail, float scale, bool deterministic, "
+      "int q_begin=0) -> (Tensor, Tensor, Tensor)",
+      tags);
 }
 
 TORCH_LIBRARY_IMPL(ksa, CPU, m) {

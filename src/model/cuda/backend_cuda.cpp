@@ -25,7 +25,8 @@ void check(cudaError_t e, const char* what) {
   if (e == cudaSuccess) return;
   cudaGetLastError();
   if (e == cudaErrorMemoryAllocation)
-    fail("out of GPU memory while ", what, " (", cudaGetErrorString(e), "); a smaller --ctx, batch or prompt needs less");
+    fail("out of GPU memory while ", what, " (", cudaGetErrorString(e),
+         "); a smaller --ctx, batch or prompt needs less");
   fail("CUDA error while ", what, ": ", cudaGetErrorString(e));
 }
 
@@ -298,8 +299,9 @@ class CudaBackend final : public Backend {
       const StreamCounts end = stream_counts(cc.spec.k, cc.spec.S, L);
       const Layout lay(cc.spec.k, cc.spec.S, end.T, false);
       if (r0 == 0) {
-        AttentionParams p = dense_params(lay, W, 1, Hq, Hkv, D, DType::bf16,
-                                         {at(qc, s.row0, Hq), at(kc, s.row0, Hkv), at(vc, s.row0, Hkv), at(out, s.row0, Hq)});
+        AttentionParams p =
+            dense_params(lay, W, 1, Hq, Hkv, D, DType::bf16,
+                         {at(qc, s.row0, Hq), at(kc, s.row0, Hkv), at(vc, s.row0, Hkv), at(out, s.row0, Hq)});
         cuda::attention_forward(p, stream_);
       } else {
         // A piece of a prompt: its keys in the dense stream layout the prefill kernel reads (the cached rows
@@ -308,12 +310,15 @@ class CudaBackend final : public Backend {
         char* sk = static_cast<char*>(kv_scratch(2 * L * row_bytes));
         char* sv = sk + L * row_bytes;
         const SeqState st = cache.state(s.cache_id);
-        cache.read_stream(s.cache_id, live_text_begin(cc.spec.k, cc.spec.S, cc.spec.W, st.text_tokens, st.summary_tokens),
-                          0, TensorView::dense(sk, L, Hkv, D), TensorView::dense(sv, L, Hkv, D));
-        check(cudaMemcpyAsync(sk + r0 * row_bytes, at(kc, s.row0, Hkv), size_t(s.n * row_bytes), cudaMemcpyDeviceToDevice,
-                              stream_), "copying a prefill piece's keys");
-        check(cudaMemcpyAsync(sv + r0 * row_bytes, at(vc, s.row0, Hkv), size_t(s.n * row_bytes), cudaMemcpyDeviceToDevice,
-                              stream_), "copying a prefill piece's values");
+        cache.read_stream(s.cache_id,
+                          live_text_begin(cc.spec.k, cc.spec.S, cc.spec.W, st.text_tokens, st.summary_tokens), 0,
+                          TensorView::dense(sk, L, Hkv, D), TensorView::dense(sv, L, Hkv, D));
+        check(cudaMemcpyAsync(sk + r0 * row_bytes, at(kc, s.row0, Hkv), size_t(s.n * row_bytes),
+                              cudaMemcpyDeviceToDevice, stream_),
+              "copying a prefill piece's keys");
+        check(cudaMemcpyAsync(sv + r0 * row_bytes, at(vc, s.row0, Hkv), size_t(s.n * row_bytes),
+                              cudaMemcpyDeviceToDevice, stream_),
+              "copying a prefill piece's values");
         const int64_t q_shift = r0 * Hq * D * 2;
         AttentionParams p = dense_params(lay, W, 1, Hq, Hkv, D, DType::bf16,
                                          {at(qc, s.row0, Hq) - q_shift, sk, sv, at(out, s.row0, Hq) - q_shift});
@@ -582,8 +587,8 @@ class CudaBackend final : public Backend {
   int64_t baseline_ = 0, peak_ = 0;
   // decode and graphs
   static constexpr size_t kMaxGraphs = 64;
-  int64_t decode_rows_ = 0;      // the step's rows of continuing sequences (planned at begin_step)
-  std::vector<int64_t> caps_;    // per layer: attend CTAs per KV head the launches use (0 = the plan's units)
+  int64_t decode_rows_ = 0;    // the step's rows of continuing sequences (planned at begin_step)
+  std::vector<int64_t> caps_;  // per layer: attend CTAs per KV head the launches use (0 = the plan's units)
   Mode mode_ = Mode::eager;
   std::map<GraphKey, Graph> graphs_;
   std::map<GraphKey, int> seen_;
