@@ -128,8 +128,8 @@ TEST(ThreadPool, WorksInAForkedChild) {
   // Fork once the parent's worker is asleep, not while it may still be freeing the finished job: under
   // AddressSanitizer (clang 14 has no fork handlers for its allocator) a child forked while another thread
   // held the allocator's lock can hang in its first malloc (most likely what CI saw once: the alarm below
-  // fired in the sanitizer build). Under
-  // glibc's malloc, which locks its arenas around fork, the timing does not matter.
+  // fired in the sanitizer build). Under glibc's malloc, which locks its arenas around fork, the timing does
+  // not matter.
   if (access("/proc/self/task", R_OK) == 0) {
     bool asleep = false;
     for (int tries = 0; tries < 500 && !asleep; ++tries) {
