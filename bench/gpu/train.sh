@@ -60,7 +60,7 @@ echo "== time budget of the first run: $BUDGET s"
 # tokens back), batch 8 (33,792 tokens per step), dropout 0.1 (the first runs, without it and on Austen alone,
 # memorised the corpus: docs/training.md).
 COMMON=(--data "$DATA" --batch 8 --seq 4224 --hidden 256 --intermediate 768 --layers 6 --heads 4 --kv-heads 2
-        --head-dim 64 --k-chunk 8 --S 1 --window 16 --lr 3e-3 --warmup 100 --passkey-frac 1.0 --answer-weight 10
+        --head-dim 64 --chunk-size 8 --S 1 --window 16 --lr 3e-3 --warmup 100 --passkey-frac 1.0 --answer-weight 10
         --dropout 0.1 --log-every 25 --seed 0 --eval-trials 20 ${TRAIN_ARGS:-})
 WORK=build-torch/train-runs
 rm -rf "$WORK"

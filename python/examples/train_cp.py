@@ -44,7 +44,7 @@ def parse_args():
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--k-chunk", type=int, default=8)
+    ap.add_argument("--chunk-size", type=int, default=8, help="text tokens per chunk (k)")
     ap.add_argument("--S", type=int, default=1)
     ap.add_argument("--window", type=int, default=4, help="W in chunks (every layer)")
     ap.add_argument("--fsdp2", action="store_true", help="shard the parameters with fully_shard (torch >= 2.4)")
@@ -104,7 +104,7 @@ def main():
         data = [Batches(a.data, "train", a.seq, seed=a.seed + 1 + r, passkey_frac=0.0) for r in range(dp)]
     torch.manual_seed(a.seed)  # the same initial parameters on every rank
     cfg = Config(text_vocab=vocab_text, hidden=a.hidden, intermediate=3 * a.hidden, layers=a.layers, heads=a.heads,
-                 kv_heads=a.kv_heads, head_dim=a.head_dim, attn=a.attn, k_chunk=a.k_chunk, S=a.S,
+                 kv_heads=a.kv_heads, head_dim=a.head_dim, attn=a.attn, chunk_size=a.chunk_size, S=a.S,
                  windows=[a.window] * a.layers, eos_id=vocab_text - 1, max_positions=max(8192, a.seq))
     model = KsaLM(cfg).to(dev)
     reference = copy.deepcopy(model) if a.check else None
@@ -127,7 +127,7 @@ def main():
     if rank == 0:
         print(f"train_cp: world {world} = {dp} replica(s) x {cp}-way context parallel ({'FSDP2' if a.fsdp2 else 'DDP'}, "
               f"{dist.get_backend()}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-              f"attn {a.attn} k {cfg.k_chunk} S {cfg.S} W {a.window}; {a.batch} x {a.seq} text tokens = {L} stream "
+              f"attn {a.attn} k {cfg.chunk_size} S {cfg.S} W {a.window}; {a.batch} x {a.seq} text tokens = {L} stream "
               f"rows per sequence, shards {list(shard.rows)}", flush=True)
     losses = []
     for step in range(a.steps):

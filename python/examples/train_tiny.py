@@ -34,9 +34,9 @@ class RMSNorm(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d, hq, hkv, hd, k_chunk, S, W):
+    def __init__(self, d, hq, hkv, hd, chunk_size, S, W):
         super().__init__()
-        self.hq, self.hkv, self.hd, self.k_chunk, self.S, self.W = hq, hkv, hd, k_chunk, S, W
+        self.hq, self.hkv, self.hd, self.chunk_size, self.S, self.W = hq, hkv, hd, chunk_size, S, W
         self.norm1, self.norm2 = RMSNorm(d), RMSNorm(d)
         self.qkv = nn.Linear(d, (hq + 2 * hkv) * hd, bias=False)
         self.o = nn.Linear(hq * hd, d, bias=False)
@@ -47,24 +47,24 @@ class Block(nn.Module):
         B, L, _ = x.shape
         qkv = self.qkv(self.norm1(x)).view(B, L, self.hq + 2 * self.hkv, self.hd)
         q, k, v = qkv[:, :, :self.hq], qkv[:, :, self.hq:self.hq + self.hkv], qkv[:, :, self.hq + self.hkv:]
-        a = ksa_torch.attention(q, k, v, self.k_chunk, self.S, self.W)  # strided views in, dense grads out
+        a = ksa_torch.attention(q, k, v, self.chunk_size, self.S, self.W)  # strided views in, dense grads out
         x = x + self.o(a.reshape(B, L, self.hq * self.hd))
         h = self.norm2(x)
         return x + self.down(F.silu(self.gate(h)) * self.up(h))
 
 
 class TinyKsaLM(nn.Module):
-    def __init__(self, vocab, d=256, layers=2, hq=4, hkv=2, hd=64, k_chunk=8, S=1, W=2):
+    def __init__(self, vocab, d=256, layers=2, hq=4, hkv=2, hd=64, chunk_size=8, S=1, W=2):
         super().__init__()
-        self.vocab, self.k_chunk, self.S = vocab, k_chunk, S
+        self.vocab, self.chunk_size, self.S = vocab, chunk_size, S
         self.embed = nn.Embedding(vocab + S, d)  # rows vocab..vocab+S-1: the summary tokens
-        self.blocks = nn.ModuleList(Block(d, hq, hkv, hd, k_chunk, S, W) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, hq, hkv, hd, chunk_size, S, W) for _ in range(layers))
         self.norm = RMSNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
 
     def forward(self, text):
         # The stream (KSA.md §2) from the C++ core's layout: summary ids vocab..vocab+S-1 after every k tokens.
-        st = ksa_torch.build_stream(text, self.k_chunk, self.S, summary_token_begin=self.vocab)
+        st = ksa_torch.build_stream(text, self.chunk_size, self.S, summary_token_begin=self.vocab)
         x = self.embed(st.input_ids)
         for blk in self.blocks:
             x = blk(x)

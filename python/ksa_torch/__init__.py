@@ -6,7 +6,7 @@ Install (compiles the kernels and the binding against the installed torch; docs/
 
 Use:
 
-    out = ksa_torch.attention(q, k, v, k_chunk=8, S=1, W=128)        # q [B, L, Hq, D], k/v [B, L, Hkv, D]
+    out = ksa_torch.attention(q, k, v, chunk_size=8, S=1, W=128)        # q [B, L, Hq, D], k/v [B, L, Hkv, D]
     out, lse = ksa_torch.attention(q, k, v, 8, 1, 128, return_lse=True)
     out = ksa_torch.attention_varlen(q, k, v, cu_seqlens, max_seqlen, 8, 1, 128)   # packed: q [N, Hq, D]
     out = ksa_torch.context_parallel_attention(q, k, v, 8, 1, 128, group)  # this rank's shard of one stream
@@ -49,16 +49,16 @@ __all__ = [
 ]
 
 
-def visible_mask(k_chunk, S, T, W, summarize_tail=False):
+def visible_mask(chunk_size, S, T, W, summarize_tail=False):
     """The rule (core `visible`) as a dense [L, L] bool CPU tensor over stream positions (for tests)."""
-    return _C.visible_mask(int(k_chunk), int(S), int(T), int(W), bool(summarize_tail))
+    return _C.visible_mask(int(chunk_size), int(S), int(T), int(W), bool(summarize_tail))
 
 
-def count_visible_pairs(k_chunk, S, T, W, summarize_tail=False):
+def count_visible_pairs(chunk_size, S, T, W, summarize_tail=False):
     """Visible (query, key) pairs per head: forward FLOPs are 4 * D * pairs * Hq * B."""
-    return _C.count_visible_pairs(int(k_chunk), int(S), int(T), int(W), bool(summarize_tail))
+    return _C.count_visible_pairs(int(chunk_size), int(S), int(T), int(W), bool(summarize_tail))
 
 
-def text_length_of_stream(k_chunk, S, L, summarize_tail=False):
+def text_length_of_stream(chunk_size, S, L, summarize_tail=False):
     """The text length T of a stream of L rows (the core's inverse of the layout length), or -1 if none."""
-    return _C.text_length_of_stream(int(k_chunk), int(S), int(L), bool(summarize_tail))
+    return _C.text_length_of_stream(int(chunk_size), int(S), int(L), bool(summarize_tail))

@@ -32,13 +32,13 @@ def _backward_impl(saved, config, dout):
 if HAS_REGISTERED_AUTOGRAD:
 
     @torch.library.register_fake("ksa::attention_fwd")
-    def _attention_fwd_fake(q, k, v, cu_seqlens, max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic,
+    def _attention_fwd_fake(q, k, v, cu_seqlens, max_seqlen, chunk_size, S, W, summarize_tail, scale, deterministic,
                             q_begin=0):
         lse = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
         return _empty_like(q), lse
 
     @torch.library.register_fake("ksa::attention_bwd")
-    def _attention_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, k_chunk, S, W, summarize_tail, scale,
+    def _attention_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, chunk_size, S, W, summarize_tail, scale,
                             deterministic, q_begin=0):
         return _empty_like(q), _empty_like(k), _empty_like(v)
 
@@ -46,7 +46,7 @@ if HAS_REGISTERED_AUTOGRAD:
         q, k, v, cu_seqlens, *config = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.config = tuple(config)  # max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic[, q_begin]
+        ctx.config = tuple(config)  # max_seqlen, chunk_size, S, W, summarize_tail, scale, deterministic[, q_begin]
         ctx.mark_non_differentiable(lse)
 
     def _attention_fwd_backward(ctx, dout, _dlse):
@@ -82,18 +82,18 @@ else:
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _call(q, k, v, cu_seqlens, max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic, q_begin=0):
+def _call(q, k, v, cu_seqlens, max_seqlen, chunk_size, S, W, summarize_tail, scale, deterministic, q_begin=0):
     # Checked here as well as in the op, so an integer tensor never reaches the dispatcher: with torch 2.11 on
     # the H200, int32 inputs segfaulted in the op's dispatch (tests/test_autograd.py::test_lse_and_errors).
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in _DTYPES:
             raise RuntimeError(f"ksa: dtype must be float32, bfloat16 or float16, or float64 on the CPU "
                                f"({name} is {t.dtype})")
-    return _apply(q, k, v, cu_seqlens, int(max_seqlen), int(k_chunk), int(S), int(W), bool(summarize_tail),
+    return _apply(q, k, v, cu_seqlens, int(max_seqlen), int(chunk_size), int(S), int(W), bool(summarize_tail),
                   float(scale) if scale else 0.0, bool(deterministic), int(q_begin))
 
 
-def attention(q, k, v, k_chunk, S, W, summarize_tail=False, scale=None, return_lse=False, deterministic=False,
+def attention(q, k, v, chunk_size, S, W, summarize_tail=False, scale=None, return_lse=False, deterministic=False,
               q_begin=0):
     """KSA attention over a stream: q [B, L, Hq, D] (or [L, Hq, D]), k and v [B, L, Hkv, D].
 
@@ -107,11 +107,11 @@ def attention(q, k, v, k_chunk, S, W, summarize_tail=False, scale=None, return_l
     matrix products per tile pair; KSA_CUDA_BWD_FUSED_DQ=0 turns this off). deterministic=True, or any other
     GPU or head dimension, gives the same bits every run. float64 CPU tensors run the oracle, for gradcheck.
     """
-    out, lse = _call(q, k, v, None, 0, k_chunk, S, W, summarize_tail, scale, deterministic, q_begin)
+    out, lse = _call(q, k, v, None, 0, chunk_size, S, W, summarize_tail, scale, deterministic, q_begin)
     return (out, lse) if return_lse else out
 
 
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen, k_chunk, S, W, summarize_tail=False, scale=None,
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, chunk_size, S, W, summarize_tail=False, scale=None,
                      return_lse=False, deterministic=False):
     """KSA attention over packed streams (FlashAttention's varlen form): q [N, Hq, D], k and v [N, Hkv, D] hold
     several streams back to back; stream i is rows [cu_seqlens[i], cu_seqlens[i+1]) (int32 or int64, [n + 1],
@@ -121,5 +121,5 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, k_chunk, S, W, summarize_t
     [N, Hq]). The CPU and CUDA kernels walk each stream's own tiles inside one call (on CUDA: one launch of
     each kernel for all streams, no padding to the longest).
     """
-    out, lse = _call(q, k, v, cu_seqlens, max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic)
+    out, lse = _call(q, k, v, cu_seqlens, max_seqlen, chunk_size, S, W, summarize_tail, scale, deterministic)
     return (out, lse) if return_lse else out

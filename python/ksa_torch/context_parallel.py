@@ -67,14 +67,16 @@ class Plan:
 class _Stream:
     """The global stream's row arithmetic (KSA.md §2), vectorised over row indices."""
 
-    def __init__(self, k, S, T, tail):
-        self.k, self.S, self.T, self.tail = k, S, T, tail
-        self.full = T // k
+    def __init__(self, chunk_size, S, T, tail):
+        self.chunk_size, self.S, self.T, self.tail = chunk_size, S, T, tail
+        self.full = T // chunk_size
 
     def is_summary(self, rows):
-        c = rows // (self.k + self.S)
-        n = torch.where(c < self.full, torch.full_like(rows, self.k), torch.full_like(rows, self.T % self.k))
-        return rows - c * (self.k + self.S) >= n
+        period = self.chunk_size + self.S
+        c = rows // period
+        n = torch.where(c < self.full, torch.full_like(rows, self.chunk_size),
+                        torch.full_like(rows, self.T % self.chunk_size))
+        return rows - c * period >= n
 
 
 class _Needs:
@@ -87,7 +89,7 @@ class _Needs:
     (they are the `prefix`), and the kernel gets the rows from c0 on, zero where not needed."""
 
     def __init__(self, st, W, a, b):
-        ck = st.k + st.S
+        ck = st.chunk_size + st.S
         self.a, self.ck, self.st = a, ck, st
         self.c_a = a // ck
         local = torch.arange(a, b, dtype=torch.int64)
@@ -109,19 +111,19 @@ class _Needs:
 
 
 @functools.lru_cache(maxsize=64)
-def make_plan(rows, rank, k_chunk, S, W, summarize_tail=False):
+def make_plan(rows, rank, chunk_size, S, W, summarize_tail=False):
     """The Plan of `rank` for shards of `rows` rows (a tuple, in group rank order) of one stream."""
     from . import stream_layout, text_length_of_stream
-    k, S, W, tail = int(k_chunk), int(S), int(W), bool(summarize_tail)
+    chunk_size, S, W, tail = int(chunk_size), int(S), int(W), bool(summarize_tail)
     rows = tuple(int(n) for n in rows)
-    if k < 1 or S < 1 or W < 0 or any(n < 0 for n in rows) or not 0 <= rank < len(rows):
-        raise ValueError(f"context_parallel_attention: need k_chunk >= 1, S >= 1, W >= 0, shard lengths >= 0 and a "
-                         f"rank among them (got k_chunk={k}, S={S}, W={W}, rows={list(rows)}, rank={rank})")
-    T = text_length_of_stream(k, S, sum(rows), tail)
+    if chunk_size < 1 or S < 1 or W < 0 or any(n < 0 for n in rows) or not 0 <= rank < len(rows):
+        raise ValueError(f"context_parallel_attention: need chunk_size >= 1, S >= 1, W >= 0, shard lengths >= 0 and a "
+                         f"rank among them (got chunk_size={chunk_size}, S={S}, W={W}, rows={list(rows)}, rank={rank})")
+    T = text_length_of_stream(chunk_size, S, sum(rows), tail)
     if T < 0:
         raise ValueError(f"context_parallel_attention: the shards hold {sum(rows)} rows in all ({list(rows)}), not "
-                         f"the length of a KSA stream with k={k}, S={S}, summarize_tail={tail}")
-    st = _Stream(k, S, T, tail)
+                         f"the length of a KSA stream with chunk_size={chunk_size}, S={S}, summarize_tail={tail}")
+    st = _Stream(chunk_size, S, T, tail)
     off = [0]
     for n in rows:
         off.append(off[-1] + n)
@@ -140,7 +142,7 @@ def make_plan(rows, rank, k_chunk, S, W, summarize_tail=False):
     summ = st.is_summary(torch.arange(h0, b, dtype=torch.int64))
     slice_T = int((~summ).sum())
     slice_tail = bool(tail and b > h0 and bool(summ[-1]))
-    L_slice = int(stream_layout(slice_T, k, S, slice_tail).max_seqlen) if b > h0 else 0
+    L_slice = int(stream_layout(slice_T, chunk_size, S, slice_tail).max_seqlen) if b > h0 else 0
     return Plan(rank=rank, rows=rows, a=a, b=b, h0=h0, prefix=prefix, halo_index=received[prefix:] - h0,
                 pad=L_slice - (b - h0), slice_tail=slice_tail,
                 text_rows=torch.nonzero(~mine.local_summary).flatten() if mine else none,
@@ -261,7 +263,7 @@ def _slice(halo, local, pad):
 class _ContextParallelAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, group, k_chunk, S, W, scale, deterministic):
+    def forward(ctx, q, k, v, plan, group, chunk_size, S, W, scale, deterministic):
         n, pad = plan.b - plan.a, plan.pad
         dev = q.device
         # The rows the others need from this shard, rows first ([rows, B, 2, Hkv, D]), and ours from them.
@@ -276,7 +278,7 @@ class _ContextParallelAttention(torch.autograd.Function):
             return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
         # A: the slice [halo, local, padding] through the kernel, queries from the halo's end on.
         ks, vs, qs = _slice(kh, k, pad), _slice(vh, v, pad), _slice(None, q, pad)
-        out_a, lse_a = _fwd(qs, ks, vs, None, 0, k_chunk, S, W, plan.slice_tail, scale, deterministic, plan.halo)
+        out_a, lse_a = _fwd(qs, ks, vs, None, 0, chunk_size, S, W, plan.slice_tail, scale, deterministic, plan.halo)
         del ks, vs, qs  # the backward builds them again from what it keeps: the local inputs and the halo
         out, lse = (out_a[:, :n].contiguous(), lse_a[:, :n].contiguous()) if pad else (out_a, lse_a)
         # B: the text queries against the prefix summaries, merged by log-sum-exp.
@@ -291,7 +293,7 @@ class _ContextParallelAttention(torch.autograd.Function):
             out.index_copy_(1, t, o.to(out.dtype))
             lse.index_copy_(1, t, lse_t)
         ctx.plan, ctx.group, ctx.empty = plan, group, False
-        ctx.config = (k_chunk, S, W, scale, deterministic)
+        ctx.config = (chunk_size, S, W, scale, deterministic)
         ctx.save_for_backward(q, k, v, kh, vh, kp, vp, out, lse, lse_a[:, n:])
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -308,14 +310,14 @@ class _ContextParallelAttention(torch.autograd.Function):
             dkv.index_add_(1, _on(plan, "send_rows", k.device), back.transpose(0, 1).float())
             return (torch.zeros_like(q), dkv[:, :, 0].to(k.dtype), dkv[:, :, 1].to(v.dtype)) + (None,) * 7
         q, k, v, kh, vh, kp, vp, out, lse, lse_pad = ctx.saved_tensors
-        k_chunk, S, W, scale, deterministic = ctx.config
+        chunk_size, S, W, scale, deterministic = ctx.config
         if dout is None:
             dout = torch.zeros_like(out)
         dout = dout.to(out.dtype).contiguous()
         pad = plan.pad
         # A's backward with the merged out and lse; the padding rows (dout 0) add nothing.
         dq_a, dks, dvs = _bwd(_slice(None, dout, pad), _slice(None, q, pad), _slice(kh, k, pad), _slice(vh, v, pad),
-                              _slice(None, out, pad), torch.cat([lse, lse_pad], dim=1), None, 0, k_chunk, S, W,
+                              _slice(None, out, pad), torch.cat([lse, lse_pad], dim=1), None, 0, chunk_size, S, W,
                               plan.slice_tail, scale, deterministic, halo)
         dq = dq_a[:, :n]
         t, hi = _on(plan, "text_rows", q.device), _on(plan, "halo_index", q.device)
@@ -346,7 +348,7 @@ def shard_rows(n, group=None, device=None):
     return tuple(int(x.item()) for x in out)
 
 
-def context_parallel_attention(q, k, v, k_chunk, S, W, group=None, summarize_tail=False, scale=None,
+def context_parallel_attention(q, k, v, chunk_size, S, W, group=None, summarize_tail=False, scale=None,
                                return_lse=False, deterministic=False, rows=None):
     """KSA attention over one stream sharded across the ranks of `group` (torch.distributed; gloo on the CPU,
     NCCL on CUDA; None = the default group).
@@ -354,7 +356,7 @@ def context_parallel_attention(q, k, v, k_chunk, S, W, group=None, summarize_tai
     Rank r passes its shard: q [B, n_r, Hq, D] (or [n_r, Hq, D]), k and v [B, n_r, Hkv, D], the stream rows
     [a_r, a_r + n_r) with a_r = n_0 + ... + n_{r-1} (group rank order). Any boundaries: mid-chunk, between the
     summaries of a chunk, shorter than the window, empty. The whole (n_0 + n_1 + ...) must be a KSA stream
-    (k_chunk, S, summarize_tail). Returns this rank's rows of ksa_torch.attention over the whole stream (and,
+    (chunk_size, S, summarize_tail). Returns this rank's rows of ksa_torch.attention over the whole stream (and,
     with return_lse, their lse, fp32, not differentiable); differentiable in q, k and v: the gradients are this
     rank's rows of the whole attention's gradients.
 
@@ -362,7 +364,7 @@ def context_parallel_attention(q, k, v, k_chunk, S, W, group=None, summarize_tai
     length); otherwise one all_gather of the lengths per call. Each call is one all_to_all_single of K/V rows
     forward and one of their gradients backward (docs/context_parallel.md: what moves and what it costs).
     float32/bfloat16 on the CPU, bfloat16/float16 on CUDA (the kernels' dtypes; the float64 oracle has no
-    backward from a given lse, which this needs). All ranks must call it with the same k_chunk, S, W,
+    backward from a given lse, which this needs). All ranks must call it with the same chunk_size, S, W,
     summarize_tail, scale, B, heads and D.
     """
     if q.dtype == torch.float64:
@@ -382,8 +384,8 @@ def context_parallel_attention(q, k, v, k_chunk, S, W, group=None, summarize_tai
     if len(rows) != dist.get_world_size(group) or int(rows[rank]) != q.shape[1]:
         raise ValueError(f"context_parallel_attention: rows={tuple(rows)} does not match this rank ({rank}) "
                          f"holding {q.shape[1]} rows in a group of {dist.get_world_size(group)}")
-    plan = make_plan(tuple(int(n) for n in rows), rank, int(k_chunk), int(S), int(W), bool(summarize_tail))
-    out, lse = _ContextParallelAttention.apply(q, k, v, plan, group, int(k_chunk), int(S), int(W),
+    plan = make_plan(tuple(int(n) for n in rows), rank, int(chunk_size), int(S), int(W), bool(summarize_tail))
+    out, lse = _ContextParallelAttention.apply(q, k, v, plan, group, int(chunk_size), int(S), int(W),
                                                float(scale) if scale else 0.0, bool(deterministic))
     if three:
         out, lse = out[0], lse[0]

@@ -2,7 +2,7 @@
 packed-sequence boundaries) and back. The layout comes from the C++ core (ksa::build_stream, Layout,
 rope_position: the engine's rule), not from a re-derivation here.
 
-    st = build_stream(text_ids, k_chunk=8, S=1, cu_seqlens=doc_bounds)   # packed documents, text order
+    st = build_stream(text_ids, chunk_size=8, S=1, cu_seqlens=doc_bounds)   # packed documents, text order
     h = embed(st.input_ids)                                              # [L, d] stream
     ... attention_varlen(q, k, v, st.cu_seqlens, st.max_seqlen, 8, 1, W) ...
     logits = lm_head(stream_to_text(h, st))                              # [T, vocab] text rows only
@@ -41,18 +41,18 @@ def _from_dict(d, device, input_ids=None):
                   max_seqlen=int(d["max_seqlen"]))
 
 
-def stream_layout(text_lengths, k_chunk, S, summarize_tail=False, text_positions="origin",
+def stream_layout(text_lengths, chunk_size, S, summarize_tail=False, text_positions="origin",
                   summary_positions="last_chunk_slice_right", device=None):
     """The packed streams of texts of the given lengths (an int, a list, or a 1-D tensor of lengths), back to
     back: positions, summary flags, the stream row of each text token and cu_seqlens (input_ids is None)."""
-    d = _C.stream_layout(_lengths(text_lengths), int(k_chunk), int(S), bool(summarize_tail), str(text_positions),
+    d = _C.stream_layout(_lengths(text_lengths), int(chunk_size), int(S), bool(summarize_tail), str(text_positions),
                          str(summary_positions), DEFAULT_SUMMARY_TOKEN_BEGIN, None)
     return _from_dict(d, device)
 
 
-def build_stream(text_ids, k_chunk, S, cu_seqlens=None, summary_token_begin=DEFAULT_SUMMARY_TOKEN_BEGIN,
+def build_stream(text_ids, chunk_size, S, cu_seqlens=None, summary_token_begin=DEFAULT_SUMMARY_TOKEN_BEGIN,
                  summarize_tail=False, text_positions="origin", summary_positions="last_chunk_slice_right"):
-    """The stream of text token ids: summary ids summary_token_begin + j inserted after every k_chunk text
+    """The stream of text token ids: summary ids summary_token_begin + j inserted after every chunk_size text
     tokens (and after a partial tail with summarize_tail), with RoPE positions.
 
     text_ids [T]: one text, or several packed back to back with cu_seqlens ([n + 1] text boundaries, as
@@ -65,10 +65,10 @@ def build_stream(text_ids, k_chunk, S, cu_seqlens=None, summary_token_begin=DEFA
         if cu_seqlens is not None:
             raise ValueError("ksa_torch.build_stream: cu_seqlens is for packed 1-D text_ids, not [B, T]")
         B, T = ids.shape
-        rows = [build_stream(ids[b], k_chunk, S, None, summary_token_begin, summarize_tail, text_positions,
+        rows = [build_stream(ids[b], chunk_size, S, None, summary_token_begin, summarize_tail, text_positions,
                              summary_positions) for b in range(B)] if B else []
         if not rows:
-            st = stream_layout(T, k_chunk, S, summarize_tail, text_positions, summary_positions, ids.device)
+            st = stream_layout(T, chunk_size, S, summarize_tail, text_positions, summary_positions, ids.device)
             L = int(st.cu_seqlens[-1])
             return st._replace(input_ids=ids.new_empty(0, L), position_ids=st.position_ids.expand(0, L))
         first = rows[0]
@@ -84,7 +84,7 @@ def build_stream(text_ids, k_chunk, S, cu_seqlens=None, summary_token_begin=DEFA
             raise ValueError(f"ksa_torch.build_stream: cu_seqlens must rise from 0 to len(text_ids) = {ids.numel()}"
                              f" (got {cu[:8]}{'...' if len(cu) > 8 else ''})")
         lengths = [b - a for a, b in zip(cu, cu[1:])]
-    d = _C.stream_layout(lengths, int(k_chunk), int(S), bool(summarize_tail), str(text_positions),
+    d = _C.stream_layout(lengths, int(chunk_size), int(S), bool(summarize_tail), str(text_positions),
                          str(summary_positions), int(summary_token_begin), ids.detach().cpu())
     return _from_dict(d, ids.device, d["input_ids"].to(device=ids.device, dtype=ids.dtype))
 

@@ -52,7 +52,7 @@ class Config:
     max_positions: int = 8192
     tie: bool = True
     attn: str = "ksa"                 # ksa | swa | full
-    k_chunk: int = 8
+    chunk_size: int = 8
     S: int = 1
     windows: list = None              # W per layer (chunks); default [16] * layers
     summary_layers: list = None       # 1 = summary-attention layer, 0 = plain causal layer; default all 1
@@ -105,7 +105,7 @@ class Config:
         }
         if self.summaries:
             c.update({
-                "summary_token_begin": self.text_vocab, "summary_chunk_size": self.k_chunk,
+                "summary_token_begin": self.text_vocab, "summary_chunk_size": self.chunk_size,
                 "summary_token_num": self.S, "summary_sliding_chunk_num": pattern,
                 "summary_chunk_position_ids_type": self.text_positions,
                 "summary_token_position_ids_type": self.summary_positions,
@@ -147,10 +147,10 @@ class Shard:
         return t0, t1
 
 
-def _attend(q, k, v, k_chunk, S, W, shard):
+def _attend(q, k, v, chunk_size, S, W, shard):
     if shard is None:
-        return ksa_torch.attention(q, k, v, k_chunk, S, W)
-    return ksa_torch.context_parallel_attention(q, k, v, k_chunk, S, W, shard.group, rows=shard.rows)
+        return ksa_torch.attention(q, k, v, chunk_size, S, W)
+    return ksa_torch.context_parallel_attention(q, k, v, chunk_size, S, W, shard.group, rows=shard.rows)
 
 
 class RMSNorm(nn.Module):
@@ -231,9 +231,9 @@ class Layer(nn.Module):
         elif not c.summaries:
             a = _attend(q, k, v, T + 1, 1, 1, shard)  # one chunk longer than the text: causal, no summary
         elif self.summary_layer:
-            a = _attend(q, k, v, c.k_chunk, c.S, c.windows[self.i], shard)
+            a = _attend(q, k, v, c.chunk_size, c.S, c.windows[self.i], shard)
         else:  # a plain layer: W covers every chunk, so text sees all text and no summary
-            a = _attend(q, k, v, c.k_chunk, c.S, T // c.k_chunk + 1, shard)
+            a = _attend(q, k, v, c.chunk_size, c.S, T // c.chunk_size + 1, shard)
         x = x + F.dropout(self.o_proj(a.reshape(B, L, c.heads * D)), c.dropout, self.training)
         h = self.post_attention_layernorm(x)
         x = x + F.dropout(self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)), c.dropout, self.training)
@@ -271,7 +271,7 @@ class KsaLM(nn.Module):
             return text, pos, torch.zeros(T, dtype=torch.bool, device=text.device), None
         key = (T, text.device)
         if key not in self._layouts:  # the layout depends on T only: the core's, computed once per length
-            st = ksa_torch.build_stream(torch.zeros(T, dtype=torch.int64), c.k_chunk, c.S,
+            st = ksa_torch.build_stream(torch.zeros(T, dtype=torch.int64), c.chunk_size, c.S,
                                         summary_token_begin=c.text_vocab, text_positions=c.text_positions,
                                         summary_positions=c.summary_positions)
             self._layouts[key] = tuple(t.to(text.device) for t in (st.input_ids, st.position_ids, st.is_summary.bool(),

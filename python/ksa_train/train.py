@@ -74,7 +74,7 @@ def parse_args(argv=None):
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--k-chunk", type=int, default=8)
+    ap.add_argument("--chunk-size", type=int, default=8, help="text tokens per chunk (k)")
     ap.add_argument("--S", type=int, default=1)
     ap.add_argument("--window", type=int, default=16, help="W in chunks (every layer)")
     ap.add_argument("--mix-coeff", type=float, default=1.0)
@@ -127,7 +127,7 @@ def main(argv=None):
     pk = json.loads((pathlib.Path(a.data) / "passkey.json").read_text())
     cfg = Config(text_vocab=pk["text_vocab"], hidden=a.hidden, intermediate=a.intermediate, layers=a.layers,
                  heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, max_positions=a.max_positions,
-                 attn=a.attn, k_chunk=a.k_chunk, S=a.S, windows=[a.window] * a.layers, mix_coeff=a.mix_coeff,
+                 attn=a.attn, chunk_size=a.chunk_size, S=a.S, windows=[a.window] * a.layers, mix_coeff=a.mix_coeff,
                  eos_id=pk["eos"], dropout=a.dropout)
     model = KsaLM(cfg).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
@@ -151,8 +151,8 @@ def main(argv=None):
     amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda"
            else torch.autocast(device_type="cpu", enabled=False))
     say(f"ksa_train: attn {a.attn}, {n_params / 1e6:.2f} M parameters, {cfg.layers} layers, hidden {cfg.hidden}, "
-        f"heads {cfg.heads}/{cfg.kv_heads}x{cfg.head_dim}, k {cfg.k_chunk} S {cfg.S} W {a.window} "
-        f"(W*k = {a.window * a.k_chunk} tokens), vocab {cfg.text_vocab}; batch {a.batch} x {a.seq} tokens; "
+        f"heads {cfg.heads}/{cfg.kv_heads}x{cfg.head_dim}, k {cfg.chunk_size} S {cfg.S} W {a.window} "
+        f"(W*k = {a.window * a.chunk_size} tokens), vocab {cfg.text_vocab}; batch {a.batch} x {a.seq} tokens; "
         f"{a.steps} steps; device {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""))
     stop = min(a.stop_at or a.steps, a.steps)
     new_csv = not (out / "loss.csv").exists() or start == 0

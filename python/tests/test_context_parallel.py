@@ -159,7 +159,7 @@ def tiny_model():
     """A 2-layer ksa_train model: a KSA layer (W = 1) and a plain causal layer (W covers every chunk)."""
     import ksa_train.model as M
     torch.manual_seed(5)
-    cfg = M.Config(text_vocab=64, hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, head_dim=8, k_chunk=4,
+    cfg = M.Config(text_vocab=64, hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, head_dim=8, chunk_size=4,
                    S=2, windows=[1, 1], summary_layers=[1, 0], eos_id=63)
     text = torch.randint(0, 64, (2, 47), generator=torch.Generator().manual_seed(6))
     return M, M.KsaLM(cfg), text

@@ -93,5 +93,5 @@ def test_layout_errors():
         ksa_torch.build_stream(torch.arange(10), 8, 1, cu_seqlens=[0, 4, 9])
     with pytest.raises(RuntimeError, match="summary_positions"):
         ksa_torch.stream_layout([5], 8, 1, summary_positions="middle")
-    with pytest.raises(RuntimeError, match="k \\(summary_chunk_size\\)"):
+    with pytest.raises(RuntimeError, match="chunk_size \\(summary_chunk_size\\)"):
         ksa_torch.stream_layout([5], 0, 1)

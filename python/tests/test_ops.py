@@ -70,9 +70,9 @@ def test_opcheck_cuda():
 
 
 class KsaLayer(nn.Module):
-    def __init__(self, d=64, hq=4, hkv=2, hd=16, k_chunk=4, S=1, W=1):
+    def __init__(self, d=64, hq=4, hkv=2, hd=16, chunk_size=4, S=1, W=1):
         super().__init__()
-        self.hq, self.hkv, self.hd, self.cfg = hq, hkv, hd, (k_chunk, S, W)
+        self.hq, self.hkv, self.hd, self.cfg = hq, hkv, hd, (chunk_size, S, W)
         self.qkv = nn.Linear(d, (hq + 2 * hkv) * hd, bias=False)
         self.o = nn.Linear(hq * hd, d, bias=False)
 

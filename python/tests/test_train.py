@@ -84,7 +84,7 @@ CONFIGS = {
     # Every optional part: hybrid layer, summary layernorm, mix 0.5, S = 2, windows 0..2, GQA 2, inner_chunk
     # positions would change RoPE only (not used by the released models); a plain layer in the middle.
     "ksa": dict(attn="ksa", layers=3, windows=[1, 2, 0], summary_layers=[1, 0, 1], mix_coeff=0.5,
-                summary_layernorm=True, S=2, k_chunk=4, tie=True),
+                summary_layernorm=True, S=2, chunk_size=4, tie=True),
     "ksa_untied": dict(attn="ksa", layers=2, windows=[2, 2], mix_coeff=1.0, summary_positions="zeros", tie=False),
     "swa": dict(attn="swa", layers=2, windows=[2, 2]),
     "full": dict(attn="full", layers=2),
@@ -255,7 +255,7 @@ def test_dropout_only_in_training(prepared):
     weights with dropout 0 (the export carries no dropout)."""
     pk = json.loads((prepared / "passkey.json").read_text())
     kw = dict(text_vocab=pk["text_vocab"], hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1, head_dim=16,
-              k_chunk=4, S=1, windows=1, max_positions=256)
+              chunk_size=4, S=1, windows=1, max_positions=256)
     torch.manual_seed(0)
     m = M.KsaLM(M.Config(**kw, dropout=0.5))
     ref = M.KsaLM(M.Config(**kw))

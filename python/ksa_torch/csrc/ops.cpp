@@ -4,9 +4,9 @@
 //
 // Two registered operators (TORCH_LIBRARY, so torch.ops.ksa.* on every torch version, and opaque nodes for
 // torch.compile once ksa_torch/_ops.py registers their fake implementations and autograd formula):
-//   ksa::attention_fwd(q, k, v, cu_seqlens?, max_seqlen, k_chunk, S, W, summarize_tail, scale, deterministic,
+//   ksa::attention_fwd(q, k, v, cu_seqlens?, max_seqlen, chunk_size, S, W, summarize_tail, scale, deterministic,
 //       q_begin=0) -> (out, lse)
-//   ksa::attention_bwd(dout, q, k, v, out, lse, cu_seqlens?, max_seqlen, k_chunk, S, W, summarize_tail, scale,
+//   ksa::attention_bwd(dout, q, k, v, out, lse, cu_seqlens?, max_seqlen, chunk_size, S, W, summarize_tail, scale,
 //       deterministic, q_begin=0) -> (dq, dk, dv)
 // q [B, L, Hq, D] or [L, Hq, D]; k, v with Hkv heads; out like q (dense), lse q's shape without D (fp32).
 // q_begin (one stream, not packed): q (and out, lse, dout, dq) hold only the stream rows [q_begin, L) of the
@@ -111,8 +111,9 @@ std::vector<int64_t> host_cu_seqlens(const at::Tensor& cu, int64_t rows, int64_t
   return v;
 }
 
-ksa::AttentionParams params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t kc, int64_t S,
-                            int64_t W, bool tail, double scale, const std::vector<int64_t>* cu, int64_t q_begin = 0) {
+ksa::AttentionParams params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t chunk_size,
+                            int64_t S, int64_t W, bool tail, double scale, const std::vector<int64_t>* cu,
+                            int64_t q_begin = 0) {
   TORCH_CHECK(q.dim() == k.dim() && q.dim() == v.dim(), "ksa: q, k, v must have the same number of dims");
   TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), "ksa: q, k, v must be on one device");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
@@ -125,18 +126,18 @@ ksa::AttentionParams params(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q4.size(0) == k4.size(0) && q4.size(1) == L - q_begin && q4.size(3) == k4.size(3),
               "ksa: q [B, L - q_begin, Hq, D] and k [B, L, Hkv, D] disagree (", q.sizes(), " vs ", k.sizes(),
               ", q_begin ", q_begin, ")");
-  TORCH_CHECK(kc >= 1 && S >= 1, "ksa: k_chunk and S must be >= 1 (got ", kc, ", ", S, ")");
+  TORCH_CHECK(chunk_size >= 1 && S >= 1, "ksa: chunk_size and S must be >= 1 (got ", chunk_size, ", ", S, ")");
   ksa::AttentionParams p;
   if (cu) {
     TORCH_CHECK(q4.size(0) == 1, "ksa: with cu_seqlens, q must be [L, H, D] or [1, L, H, D] (got ", q.sizes(), ")");
-    p.layout = ksa::Layout(kc, S, 0, tail);
+    p.layout = ksa::Layout(chunk_size, S, 0, tail);
     p.cu_seqlens = cu->data();
     p.num_seqs = int64_t(cu->size()) - 1;
   } else {
-    const int64_t T = ksa::text_length_of_stream(kc, S, L, tail);
-    TORCH_CHECK(T >= 0, "ksa: stream length ", L, " is not a valid KSA stream for k=", kc, ", S=", S,
+    const int64_t T = ksa::text_length_of_stream(chunk_size, S, L, tail);
+    TORCH_CHECK(T >= 0, "ksa: stream length ", L, " is not a valid KSA stream for chunk_size=", chunk_size, ", S=", S,
                 ", summarize_tail=", tail);
-    p.layout = ksa::Layout(kc, S, T, tail);
+    p.layout = ksa::Layout(chunk_size, S, T, tail);
   }
   p.W = W;
   p.B = q4.size(0);
@@ -197,18 +198,18 @@ at::Tensor lse_rows(const at::Tensor& lse_full, int64_t q_begin) {
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 const OptTensor& cu_seqlens, int64_t max_seqlen, int64_t kc, int64_t S,
-                                                 int64_t W, bool tail, double scale, bool deterministic,
+                                                 const OptTensor& cu_seqlens, int64_t max_seqlen, int64_t chunk_size,
+                                                 int64_t S, int64_t W, bool tail, double scale, bool deterministic,
                                                  int64_t q_begin) {
   if (q_begin != 0 && q.scalar_type() == at::kDouble) {
     // The oracle computes every row: pad q in front, keep the rows from q_begin on.
-    auto [o, l] =
-        attention_fwd(pad_front(q, q_begin), k, v, cu_seqlens, max_seqlen, kc, S, W, tail, scale, deterministic, 0);
+    auto [o, l] = attention_fwd(pad_front(q, q_begin), k, v, cu_seqlens, max_seqlen, chunk_size, S, W, tail, scale,
+                                deterministic, 0);
     return {o.narrow(o.dim() - 3, q_begin, q.size(-3)).contiguous(), lse_rows(l, q_begin)};
   }
   const std::vector<int64_t> cu =
       cu_seqlens ? host_cu_seqlens(*cu_seqlens, k.size(-3), max_seqlen) : std::vector<int64_t>{};
-  ksa::AttentionParams p = params(q, k, v, kc, S, W, tail, scale, cu_seqlens ? &cu : nullptr, q_begin);
+  ksa::AttentionParams p = params(q, k, v, chunk_size, S, W, tail, scale, cu_seqlens ? &cu : nullptr, q_begin);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = full_lse(q, q_begin);
   if (q.scalar_type() == at::kDouble) {
@@ -244,8 +245,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
                                                              const at::Tensor& k, const at::Tensor& v,
                                                              const at::Tensor& out, const at::Tensor& lse,
                                                              const OptTensor& cu_seqlens, int64_t max_seqlen,
-                                                             int64_t kc, int64_t S, int64_t W, bool tail, double scale,
-                                                             bool deterministic, int64_t q_begin) {
+                                                             int64_t chunk_size, int64_t S, int64_t W, bool tail,
+                                                             double scale, bool deterministic, int64_t q_begin) {
   if (q_begin != 0 && (q.is_cuda() || q.scalar_type() == at::kDouble)) {
     // The CUDA backward and the oracle take every row: zero rows in front (q, dout and out zero, lse +inf, so
     // they add nothing to dk and dv), dq from q_begin on. Costs the padded rows' work and memory.
@@ -253,14 +254,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
                 q_begin, ")");
     at::Tensor lse_full = full_lse(q, q_begin);
     lse_full.narrow(lse_full.dim() - 2, q_begin, q.size(-3)).copy_(lse);
-    auto [dq, dk, dv] = attention_bwd(pad_front(dout_in, q_begin), pad_front(q, q_begin), k, v, pad_front(out, q_begin),
-                                      lse_full, cu_seqlens, max_seqlen, kc, S, W, tail, scale, deterministic, 0);
+    auto [dq, dk, dv] =
+        attention_bwd(pad_front(dout_in, q_begin), pad_front(q, q_begin), k, v, pad_front(out, q_begin), lse_full,
+                      cu_seqlens, max_seqlen, chunk_size, S, W, tail, scale, deterministic, 0);
     return {dq.narrow(dq.dim() - 3, q_begin, q.size(-3)).contiguous(), dk, dv};
   }
   const std::vector<int64_t> cu =
       cu_seqlens ? host_cu_seqlens(*cu_seqlens, k.size(-3), max_seqlen) : std::vector<int64_t>{};
   ksa::AttentionBackwardParams p;
-  static_cast<ksa::AttentionParams&>(p) = params(q, k, v, kc, S, W, tail, scale, cu_seqlens ? &cu : nullptr, q_begin);
+  static_cast<ksa::AttentionParams&>(p) =
+      params(q, k, v, chunk_size, S, W, tail, scale, cu_seqlens ? &cu : nullptr, q_begin);
   // The kernels need the innermost dim contiguous and (CUDA) 16-byte aligned rows: a dense copy is the safe
   // form of an arbitrary incoming gradient (e.g. an expanded one with zero strides).
   const at::Tensor dout = dout_in.contiguous();
@@ -324,11 +327,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
 //   cu_seqlens [n + 1] (stream rows), text_rows [sum T] (the stream row of every text token, in text order),
 //   position_ids [L] (RoPE positions, KSA.md §3), is_summary [L] (bool), input_ids [L] (when text_ids given:
 //   text ids in place, summary ids begin + j), max_seqlen (int).
-py::dict stream_layout(const std::vector<int64_t>& text_lengths, int64_t kc, int64_t S, bool tail,
+py::dict stream_layout(const std::vector<int64_t>& text_lengths, int64_t chunk_size, int64_t S, bool tail,
                        const std::string& text_positions, const std::string& summary_positions,
                        int64_t summary_token_begin, const OptTensor& text_ids) {
   ksa::Spec spec;
-  spec.k = kc;
+  spec.chunk_size = chunk_size;
   spec.S = S;
   spec.summarize_tail = tail;
   spec.summary_token_begin = summary_token_begin;
@@ -389,8 +392,8 @@ py::dict stream_layout(const std::vector<int64_t>& text_lengths, int64_t kc, int
 
 // The rule itself (core `visible`) as a dense [L, L] bool matrix over stream positions, for tests that build
 // masks for other attention implementations from the one definition.
-at::Tensor visible_mask(int64_t kc, int64_t S, int64_t T, int64_t W, bool tail) {
-  const ksa::Layout lay(kc, S, T, tail);
+at::Tensor visible_mask(int64_t chunk_size, int64_t S, int64_t T, int64_t W, bool tail) {
+  const ksa::Layout lay(chunk_size, S, T, tail);
   const int64_t L = lay.length();
   at::Tensor m = at::empty({L, L}, at::TensorOptions().dtype(at::kBool));
   bool* d = m.data_ptr<bool>();
@@ -399,12 +402,12 @@ at::Tensor visible_mask(int64_t kc, int64_t S, int64_t T, int64_t W, bool tail) 
   return m;
 }
 
-int64_t count_visible_pairs(int64_t kc, int64_t S, int64_t T, int64_t W, bool tail) {
-  return ksa::count_visible_pairs(ksa::Layout(kc, S, T, tail), W);
+int64_t count_visible_pairs(int64_t chunk_size, int64_t S, int64_t T, int64_t W, bool tail) {
+  return ksa::count_visible_pairs(ksa::Layout(chunk_size, S, T, tail), W);
 }
 
-int64_t text_length_of_stream(int64_t kc, int64_t S, int64_t L, bool tail) {
-  return ksa::text_length_of_stream(kc, S, L, tail);
+int64_t text_length_of_stream(int64_t chunk_size, int64_t S, int64_t L, bool tail) {
+  return ksa::text_length_of_stream(chunk_size, S, L, tail);
 }
 
 }  // namespace
@@ -422,12 +425,12 @@ TORCH_LIBRARY(ksa, m) {
   const std::vector<at::Tag> tags{};
 #endif
   m.def(
-      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int max_seqlen, int k_chunk, int S, int W, "
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int max_seqlen, int chunk_size, int S, int W, "
       "bool summarize_tail, float scale, bool deterministic, int q_begin=0) -> (Tensor, Tensor)",
       tags);
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens, "
-      "int max_seqlen, int k_chunk, int S, int W, bool summarize_tail, float scale, bool deterministic, "
+      "int max_seqlen, int chunk_size, int S, int W, bool summarize_tail, float scale, bool deterministic, "
       "int q_begin=0) -> (Tensor, Tensor, Tensor)",
       tags);
 }
@@ -453,10 +456,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("has_cuda") = false;
 #endif
   m.def("stream_layout", &stream_layout,
-        "packed streams of texts: (text_lengths, k_chunk, S, summarize_tail, text_positions, summary_positions, "
+        "packed streams of texts: (text_lengths, chunk_size, S, summarize_tail, text_positions, summary_positions, "
         "summary_token_begin, text_ids or None) -> dict");
-  m.def("visible_mask", &visible_mask, "the rule as a dense [L, L] bool matrix: (k_chunk, S, T, W, summarize_tail)");
+  m.def("visible_mask", &visible_mask, "the rule as a dense [L, L] bool matrix: (chunk_size, S, T, W, summarize_tail)");
   m.def("count_visible_pairs", &count_visible_pairs, "visible (query, key) pairs per head (core counter)");
   m.def("text_length_of_stream", &text_length_of_stream,
-        "the text length of a stream of L rows: (k_chunk, S, L, summarize_tail) -> T, or -1 when no T gives L");
+        "the text length of a stream of L rows: (chunk_size, S, L, summarize_tail) -> T, or -1 when no T gives L");
 }
