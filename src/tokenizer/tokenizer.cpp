@@ -26,12 +26,12 @@ using detail::Json;
 
 std::string excerpt(const Json& v) { return detail::json_excerpt(v); }
 using detail::append_utf8;
+using detail::code_point_start;
 using detail::next_code_point;
 
 // The code point ending just before byte offset `end` (> 0) of valid UTF-8.
 uint32_t prev_code_point(std::string_view s, size_t end) {
-  size_t b = end - 1;
-  while (b > 0 && (uint8_t(s[b]) & 0xC0) == 0x80) --b;
+  size_t b = code_point_start(s, end);
   return next_code_point(s, b);
 }
 
@@ -519,8 +519,7 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool parse_special
     size_t b = i, e = i + hit->content.size();
     if (hit->lstrip)
       while (b > seg) {
-        size_t k = b - 1;  // start of the previous code point
-        while (k > seg && (uint8_t(text[k]) & 0xC0) == 0x80) --k;
+        const size_t k = code_point_start(text, b, seg);  // start of the previous code point
         size_t t = k;
         if (!is_space(next_code_point(text, t))) break;
         b = k;

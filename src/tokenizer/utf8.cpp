@@ -106,5 +106,11 @@ uint32_t next_code_point(std::string_view s, size_t& i) {
   return cp;
 }
 
+size_t code_point_start(std::string_view s, size_t end, size_t begin) {
+  size_t b = end - 1;
+  while (b > begin && (uint8_t(s[b]) & 0xC0) == 0x80) --b;
+  return b;
+}
+
 }  // namespace detail
 }  // namespace ksa

@@ -11,5 +11,7 @@ namespace ksa::detail {
 void append_utf8(std::string& out, uint32_t cp);
 // Decodes one code point of valid UTF-8 at s[i], advancing i.
 uint32_t next_code_point(std::string_view s, size_t& i);
+// The first byte of the code point that ends just before byte `end` (begin < end), not going below `begin`.
+size_t code_point_start(std::string_view s, size_t end, size_t begin = 0);
 
 }  // namespace ksa::detail
