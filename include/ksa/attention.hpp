@@ -34,7 +34,7 @@ struct SequenceRows {
 //
 // Packed sequences (FlashAttention's "varlen" form): with cu_seqlens set, B is 1 and the L rows hold num_seqs
 // independent streams back to back. Stream s is rows [cu_seqlens[s], cu_seqlens[s+1]) with its own
-// Layout(layout.k, layout.S, T_s, layout.summarize_tail), T_s = text_length_of_stream(its length) (so every
+// Layout(layout.chunk_size, layout.S, T_s, layout.summarize_tail), T_s = text_length_of_stream(its length) (so every
 // length must be a valid stream length); nothing is seen across a boundary, and each stream has its own chunk
 // grid. layout.T is ignored. lse stays [1, L, Hq] over all rows. The CPU kernels, the oracle and the CUDA
 // kernels walk each stream with the core's tiles, all streams in one call (CUDA: one launch per kernel, its
@@ -64,7 +64,7 @@ struct AttentionParams {
   SequenceRows sequence(int64_t s) const {
     if (!packed()) return SequenceRows{layout, 0};
     const int64_t r0 = cu_seqlens[s], n = cu_seqlens[s + 1] - r0;
-    return SequenceRows{Layout(layout.k, layout.S, text_length_of_stream(layout.k, layout.S, n, layout.summarize_tail),
+    return SequenceRows{Layout(layout.chunk_size, layout.S, text_length_of_stream(layout.chunk_size, layout.S, n, layout.summarize_tail),
                                layout.summarize_tail),
                         r0};
   }

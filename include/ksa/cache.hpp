@@ -33,6 +33,7 @@
 #include "ksa/config.hpp"
 #include "ksa/dtype.hpp"
 #include "ksa/spec.hpp"
+#include "ksa/stream_geometry.hpp"
 
 namespace ksa {
 
@@ -53,20 +54,11 @@ struct KvCacheConfig {
   // Throws ksa::Error naming the bad field and value.
   void validate() const;
   // False when W·k >= max_text_tokens: no text query can ever see a summary (KSA.md §5).
-  bool stores_summaries() const { return spec.W * spec.k < max_text_tokens; }
+  bool stores_summaries() const { return spec.W * spec.chunk_size < max_text_tokens; }
+  StreamGeometry geometry() const { return StreamGeometry::of(spec); }
   // Bytes of one cached stream token: K and V for all KV heads.
   int64_t row_bytes() const { return 2 * Hkv * D * dtype_size(dtype); }
 };
-
-// First text row that a later token of a sequence holding T text and `sums` summary tokens can still see
-// (KSA.md §4): the next text token (chunk T/k) sees the chunks >= T/k - W as text; while the chunk just
-// completed still owes summary tokens, they see that chunk's text. Never decreases.
-inline int64_t live_text_begin(int64_t k, int64_t S, int64_t W, int64_t T, int64_t sums) {
-  const int64_t c = T / k;
-  int64_t lo = c > W ? (c - W) * k : 0;
-  if (c * S > sums && (c - 1) * k < lo) lo = (c - 1) * k;
-  return lo;
-}
 
 // Where the pool's slabs live. The default keeps them in host memory filled with all-ones bytes (NaN in f32
 // and bf16). A slab is never moved or freed before the cache dies. With memory the host cannot touch
@@ -136,18 +128,6 @@ struct SeqKvView {
   }
 };
 
-// Text and summary tokens in the first `pos` stream positions (KSA.md §2, summarize_tail off).
-struct StreamCounts {
-  int64_t T = 0, sums = 0;
-};
-KSA_HD StreamCounts stream_counts(int64_t k, int64_t S, int64_t pos) {
-  const int64_t c = pos / (k + S), off = pos - c * (k + S);
-  StreamCounts r;
-  r.T = c * k + (off < k ? off : k);
-  r.sums = pos - r.T;
-  return r;
-}
-
 // One sequence of a decode step: its tables and position before the step, and its new stream tokens.
 struct DecodeSeq {
   SeqKvView kv;
@@ -158,7 +138,7 @@ struct DecodeSeq {
 // What plan_decode returns: everything a decode kernel needs about the cache (plain data inside) and what
 // commit_decode / cancel_decode need to finish the step.
 struct DecodePlan {
-  int64_t k = 1, S = 1, W = 0;
+  StreamGeometry geo;
   KvPoolView pool;
   std::vector<DecodeSeq> seqs;  // in batch order
   std::vector<SeqId> ids;

@@ -26,7 +26,7 @@ struct DecodeIO {
 
 // Parameters of the decode kernel (DESIGN.md §2): a plan's plain data plus the tensors.
 struct DecodeParams {
-  int64_t k = 1, S = 1, W = 0;
+  StreamGeometry geo;
   KvPoolView pool;
   const DecodeSeq* seqs = nullptr;
   int64_t B = 0;
@@ -38,9 +38,7 @@ struct DecodeParams {
 
 inline DecodeParams make_decode_params(const DecodePlan& plan, const DecodeIO& io) {
   DecodeParams p;
-  p.k = plan.k;
-  p.S = plan.S;
-  p.W = plan.W;
+  p.geo = plan.geo;
   p.pool = plan.pool;
   p.seqs = plan.seqs.data();
   p.B = int64_t(plan.seqs.size());

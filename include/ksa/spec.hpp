@@ -24,7 +24,7 @@ SummaryPositions parse_summary_positions(const std::string& s, const char* field
 
 // One layer's KSA parameters (KSA.md §1). W is per layer; everything else is per model.
 struct Spec {
-  int64_t k = 8;                // summary_chunk_size: text tokens per chunk
+  int64_t chunk_size = 8;       // summary_chunk_size: text tokens per chunk
   int64_t S = 1;                // summary_token_num: summaries after each full chunk
   int64_t W = 128;              // summary_sliding_chunk_num: window of earlier chunks seen as text
   bool summarize_tail = false;  // also summarise a trailing partial chunk (training framework)
@@ -51,38 +51,39 @@ struct StreamToken {
 // rows in text order (gathered index t), then all summary rows (gathered index T + c*S + j). In gathered
 // order the window is a band of text rows and the old summaries one contiguous block (KSA.md §8).
 struct Layout {
-  int64_t k = 1, S = 1, T = 0;
+  int64_t chunk_size = 1, S = 1, T = 0;
   bool summarize_tail = false;
 
   Layout() = default;
-  KSA_HD Layout(int64_t k_, int64_t S_, int64_t T_, bool tail = false) : k(k_), S(S_), T(T_), summarize_tail(tail) {}
-  static Layout of(const Spec& s, int64_t T) { return Layout(s.k, s.S, T, s.summarize_tail); }
+  KSA_HD Layout(int64_t chunk, int64_t S_, int64_t T_, bool tail = false)
+      : chunk_size(chunk), S(S_), T(T_), summarize_tail(tail) {}
+  static Layout of(const Spec& s, int64_t T) { return Layout(s.chunk_size, s.S, T, s.summarize_tail); }
 
-  KSA_HD int64_t full_chunks() const { return T / k; }
-  KSA_HD int64_t tail_len() const { return T % k; }
-  KSA_HD int64_t num_chunks() const { return (T + k - 1) / k; }  // incl. a partial tail
+  KSA_HD int64_t full_chunks() const { return T / chunk_size; }
+  KSA_HD int64_t tail_len() const { return T % chunk_size; }
+  KSA_HD int64_t num_chunks() const { return (T + chunk_size - 1) / chunk_size; }  // incl. a partial tail
   // Chunks that have summary tokens in the stream.
   KSA_HD int64_t summarized_chunks() const { return full_chunks() + ((summarize_tail && tail_len() > 0) ? 1 : 0); }
   KSA_HD int64_t num_summaries() const { return summarized_chunks() * S; }
   KSA_HD int64_t length() const { return T + num_summaries(); }  // L
-  KSA_HD int64_t chunk_text_len(int64_t c) const { return c < full_chunks() ? k : tail_len(); }
-  KSA_HD int64_t chunk_begin(int64_t c) const { return c * (k + S); }
+  KSA_HD int64_t chunk_text_len(int64_t c) const { return c < full_chunks() ? chunk_size : tail_len(); }
+  KSA_HD int64_t chunk_begin(int64_t c) const { return c * (chunk_size + S); }
 
   KSA_HD StreamToken token(int64_t pos) const {
     StreamToken t;
-    t.chunk = pos / (k + S);
-    const int64_t off = pos - t.chunk * (k + S);
+    t.chunk = pos / (chunk_size + S);
+    const int64_t off = pos - t.chunk * (chunk_size + S);
     const int64_t n = chunk_text_len(t.chunk);
     t.is_summary = off >= n;
     t.index = t.is_summary ? off - n : off;
     return t;
   }
-  KSA_HD int64_t text_to_stream(int64_t t) const { return (t / k) * (k + S) + t % k; }
-  KSA_HD int64_t summary_to_stream(int64_t c, int64_t j) const { return c * (k + S) + chunk_text_len(c) + j; }
+  KSA_HD int64_t text_to_stream(int64_t t) const { return (t / chunk_size) * (chunk_size + S) + t % chunk_size; }
+  KSA_HD int64_t summary_to_stream(int64_t c, int64_t j) const { return c * (chunk_size + S) + chunk_text_len(c) + j; }
   // Text index of a stream position, or -1 for a summary.
   KSA_HD int64_t stream_to_text(int64_t pos) const {
     const StreamToken t = token(pos);
-    return t.is_summary ? -1 : t.chunk * k + t.index;
+    return t.is_summary ? -1 : t.chunk * chunk_size + t.index;
   }
   KSA_HD bool is_summary(int64_t pos) const { return token(pos).is_summary; }
   // Text rows before stream position pos (0 <= pos <= length()); pos minus this is the summaries before it.
@@ -90,13 +91,13 @@ struct Layout {
   KSA_HD int64_t text_before(int64_t pos) const {
     if (pos >= length()) return T;
     const StreamToken t = token(pos);
-    return t.chunk * k + (t.is_summary ? chunk_text_len(t.chunk) : t.index);
+    return t.chunk * chunk_size + (t.is_summary ? chunk_text_len(t.chunk) : t.index);
   }
 
   // Gathered order (see above).
   KSA_HD int64_t gathered_of_stream(int64_t pos) const {
     const StreamToken t = token(pos);
-    return t.is_summary ? T + t.chunk * S + t.index : t.chunk * k + t.index;
+    return t.is_summary ? T + t.chunk * S + t.index : t.chunk * chunk_size + t.index;
   }
   KSA_HD int64_t stream_of_gathered(int64_t g) const {
     if (g < T) return text_to_stream(g);
@@ -107,12 +108,12 @@ struct Layout {
 
 // The text length T whose stream has length L (the inverse of Layout::length), or -1 when no T gives a
 // stream of that length (e.g. L = k with S >= 1 and no tail summaries: a full chunk always has its summaries).
-KSA_HD int64_t text_length_of_stream(int64_t k, int64_t S, int64_t L, bool summarize_tail = false) {
-  if (k < 1 || S < 1 || L < 0) return -1;
-  const int64_t c = L / (k + S), r = L % (k + S);
+KSA_HD int64_t text_length_of_stream(int64_t chunk_size, int64_t S, int64_t L, bool summarize_tail = false) {
+  if (chunk_size < 1 || S < 1 || L < 0) return -1;
+  const int64_t c = L / (chunk_size + S), r = L % (chunk_size + S);
   // Without tail summaries the remainder is the partial chunk's text; with them, its text and its S summaries.
-  const int64_t T = (!summarize_tail || r == 0) ? c * k + r : c * k + r - S;
-  return T >= 0 && Layout(k, S, T, summarize_tail).length() == L ? T : -1;
+  const int64_t T = (!summarize_tail || r == 0) ? c * chunk_size + r : c * chunk_size + r - S;
+  return T >= 0 && Layout(chunk_size, S, T, summarize_tail).length() == L ? T : -1;
 }
 
 // A StreamToken in 32-bit fields (kernels keep many in registers).
@@ -124,10 +125,10 @@ struct StreamToken32 {
 // The gathered-order maps of Layout in 32-bit unsigned arithmetic, for GPU kernels (64-bit division is
 // many times slower there). Valid while L < 2^31; tests check it equals Layout on random layouts.
 struct Layout32 {
-  uint32_t k = 1, S = 1, T = 0, full = 0, tail = 0;
+  uint32_t chunk_size = 1, S = 1, T = 0, full = 0, tail = 0;
   Layout32() = default;
   KSA_HD explicit Layout32(const Layout& l)
-      : k(uint32_t(l.k)),
+      : chunk_size(uint32_t(l.chunk_size)),
         S(uint32_t(l.S)),
         T(uint32_t(l.T)),
         full(uint32_t(l.full_chunks())),
@@ -135,18 +136,18 @@ struct Layout32 {
   KSA_HD uint32_t stream_of_gathered(uint32_t g) const { return g < T ? text_to_stream(g) : summary_to_stream(g - T); }
   // Stream position of text row t, and of summary row s (chunk s / S, summary s % S).
   KSA_HD uint32_t text_to_stream(uint32_t t) const {
-    const uint32_t c = t / k;
-    return c * (k + S) + (t - c * k);
+    const uint32_t c = t / chunk_size;
+    return c * (chunk_size + S) + (t - c * chunk_size);
   }
   KSA_HD uint32_t summary_to_stream(uint32_t s) const {
     const uint32_t c = s / S;
-    return c * (k + S) + (c < full ? k : tail) + (s - c * S);
+    return c * (chunk_size + S) + (c < full ? chunk_size : tail) + (s - c * S);
   }
   // Chunk, index and kind of a gathered row (as token_of_gathered).
   KSA_HD StreamToken32 token_of_gathered(uint32_t g) const {
     StreamToken32 t;
     const bool summ = g >= T;
-    const uint32_t x = summ ? g - T : g, d = summ ? S : k, c = x / d;
+    const uint32_t x = summ ? g - T : g, d = summ ? S : chunk_size, c = x / d;
     t.chunk = int32_t(c);
     t.index = int32_t(x - c * d);
     t.is_summary = summ;
@@ -165,18 +166,18 @@ struct RowKeyRanges {
 };
 KSA_HD RowKeyRanges row_key_ranges(const Layout32& l, int32_t W, uint32_t g) {
   RowKeyRanges r;
-  const int32_t T = int32_t(l.T), k = int32_t(l.k), S = int32_t(l.S);
+  const int32_t T = int32_t(l.T), chunk_size = int32_t(l.chunk_size), S = int32_t(l.S);
   if (g < l.T) {
-    const int32_t qc = int32_t(g / l.k), wc = qc - W > 0 ? qc - W : 0;
-    r.text_lo = wc * k;
+    const int32_t qc = int32_t(g / l.chunk_size), wc = qc - W > 0 ? qc - W : 0;
+    r.text_lo = wc * chunk_size;
     r.text_hi = int32_t(g);
     r.sum_lo = T;
     r.sum_hi = T + wc * S - 1;
   } else {
     const uint32_t c = (g - l.T) / l.S;
-    const int32_t len = int32_t(c < l.full ? l.k : l.tail);
-    r.text_lo = int32_t(c) * k;
-    r.text_hi = int32_t(c) * k + len - 1;
+    const int32_t len = int32_t(c < l.full ? l.chunk_size : l.tail);
+    r.text_lo = int32_t(c) * chunk_size;
+    r.text_hi = int32_t(c) * chunk_size + len - 1;
     r.sum_lo = T + int32_t(c) * S;
     r.sum_hi = int32_t(g);
   }
@@ -186,8 +187,8 @@ KSA_HD RowKeyRanges row_key_ranges(const Layout32& l, int32_t W, uint32_t g) {
 // RoPE position of a stream position (KSA.md §3).
 KSA_HD int64_t rope_position(const Layout& lay, TextPositions tm, SummaryPositions sm, int64_t pos) {
   const StreamToken t = lay.token(pos);
-  if (!t.is_summary) return tm == TextPositions::origin ? t.chunk * lay.k + t.index : t.index;
-  const int64_t a = t.chunk * lay.k, n = lay.chunk_text_len(t.chunk), j = t.index;
+  if (!t.is_summary) return tm == TextPositions::origin ? t.chunk * lay.chunk_size + t.index : t.index;
+  const int64_t a = t.chunk * lay.chunk_size, n = lay.chunk_text_len(t.chunk), j = t.index;
   int64_t p = 0;
   switch (sm) {
     case SummaryPositions::zeros:
@@ -226,8 +227,8 @@ KSA_HD bool visible(const Layout& lay, int64_t W, int64_t q, int64_t kp) {
 KSA_HD StreamToken token_of_gathered(const Layout& lay, int64_t g) {
   StreamToken t;
   if (g < lay.T) {
-    t.chunk = g / lay.k;
-    t.index = g - t.chunk * lay.k;
+    t.chunk = g / lay.chunk_size;
+    t.index = g - t.chunk * lay.chunk_size;
   } else {
     const int64_t s = g - lay.T;
     t.chunk = s / lay.S;
@@ -260,17 +261,29 @@ struct KeySpans {
     }
     span[n++] = KeySpan{b, e, full};
   }
+  // Whether some span meets the key rows [b, e).
+  KSA_HD bool meets(int64_t b, int64_t e) const {
+    for (int j = 0; j < n; ++j)
+      if (span[j].begin < e && b < span[j].end) return true;
+    return false;
+  }
+  // Whether one `full` span holds all of [b, e) (every query sees every key there: no mask needed).
+  KSA_HD bool full_over(int64_t b, int64_t e) const {
+    for (int j = 0; j < n; ++j)
+      if (span[j].full && span[j].begin <= b && e <= span[j].end) return true;
+    return false;
+  }
 };
 
 namespace detail {
 // Keys of the text queries [t0, t1) (0 <= t0 < t1 <= T).
 KSA_HD KeySpans text_query_spans(const Layout& lay, int64_t W, int64_t t0, int64_t t1) {
   KeySpans out;
-  const int64_t T = lay.T, k = lay.k, S = lay.S;
-  const int64_t qc0 = t0 / k, qc1 = (t1 - 1) / k;
+  const int64_t T = lay.T, chunk_size = lay.chunk_size, S = lay.S;
+  const int64_t qc0 = t0 / chunk_size, qc1 = (t1 - 1) / chunk_size;
   const int64_t c0 = qc0 - W > 0 ? qc0 - W : 0, c1 = qc1 - W > 0 ? qc1 - W : 0;
   // Text: key u is visible to query t iff u <= t and u/k >= t/k - W. All queries see [(qc1-W)k, t0].
-  const int64_t lo = c0 * k, flo = c1 * k, fhi = t0 + 1;
+  const int64_t lo = c0 * chunk_size, flo = c1 * chunk_size, fhi = t0 + 1;
   if (flo < fhi) {
     out.add(lo, flo, false);
     out.add(flo, fhi, true);
@@ -287,8 +300,8 @@ KSA_HD KeySpans text_query_spans(const Layout& lay, int64_t W, int64_t t0, int64
 KSA_HD KeySpans summary_query_spans(const Layout& lay, int64_t s0, int64_t s1) {
   KeySpans out;
   const int64_t c0 = s0 / lay.S, c1 = (s1 - 1) / lay.S;
-  out.add(c0 * lay.k, c1 * lay.k + lay.chunk_text_len(c1), c0 == c1);  // the chunks' text
-  out.add(lay.T + c0 * lay.S, lay.T + s1, false);                      // their summaries, causal
+  out.add(c0 * lay.chunk_size, c1 * lay.chunk_size + lay.chunk_text_len(c1), c0 == c1);  // the chunks' text
+  out.add(lay.T + c0 * lay.S, lay.T + s1, false);                                        // their summaries, causal
   return out;
 }
 }  // namespace detail
@@ -350,9 +363,7 @@ struct KeyTileCursor {
         if (b < se) {
           tb = b;
           te = b + BK < rend ? b + BK : rend;
-          masked = true;
-          for (int j = 0; j < sp.n; ++j)
-            if (sp.span[j].full && sp.span[j].begin <= tb && te <= sp.span[j].end) masked = false;
+          masked = !sp.full_over(tb, te);
           last = b;
           b += BK;
           return true;
@@ -365,6 +376,30 @@ struct KeyTileCursor {
       }
     }
     return false;
+  }
+};
+
+// The grid KeyTileCursor walks, as numbered tiles: index i < ntext is the text tile [i·BK, ...), the others the
+// summary tiles from T on; each clipped to its region. The inverse of the walk (which query tiles see a key
+// tile, as the backward needs) is then: the cursor over a query tile's spans yields tile i iff
+// spans.meets(begin(i), end(i)), unmasked iff spans.full_over(begin(i), end(i)).
+struct KeyTileGrid {
+  int64_t T = 0, L = 0, BK = 1, ntext = 0, count = 0;
+  KeyTileGrid() = default;
+  KSA_HD KeyTileGrid(const Layout& lay, int64_t bk)
+      : T(lay.T), L(lay.length()), BK(bk), ntext((lay.T + bk - 1) / bk), count(ntext + (L - T + bk - 1) / bk) {}
+  // Index of the tile that begins at key row tile_begin (a tile start of the grid).
+  KSA_HD int64_t index_of(int64_t tile_begin) const {
+    return tile_begin < T ? tile_begin / BK : ntext + (tile_begin - T) / BK;
+  }
+  KSA_HD int64_t begin(int64_t i) const { return i < ntext ? i * BK : T + (i - ntext) * BK; }
+  KSA_HD int64_t end(int64_t i) const {
+    const int64_t b = begin(i), r = i < ntext ? T : L;
+    return b + BK < r ? b + BK : r;
+  }
+  KSA_HD void rows(int64_t i, int64_t& b, int64_t& e) const {
+    b = begin(i);
+    e = end(i);
   }
 };
 

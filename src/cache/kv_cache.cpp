@@ -82,7 +82,8 @@ class BlockPool {
 };
 
 struct Sequence {
-  int64_t T = 0, sums = 0;              // text and summary tokens so far
+  int64_t T = 0, sums = 0;  // text and summary tokens so far
+  StreamCounts counts() const { return StreamCounts{T, sums}; }
   int64_t text_lo = 0;                  // text rows below this were released (or never stored)
   std::vector<int32_t> text_blocks;     // ring [text_slots], -1 = no block
   std::vector<int32_t> summary_blocks;  // append-only
@@ -125,9 +126,10 @@ void KvCacheConfig::validate() const {
 
 struct KvCache::Impl {
   KvCacheConfig cfg;
-  int64_t k, S, W, P;  // P = block_rows
-  bool store;          // summaries kept for all chunks
-  int64_t slots;       // text ring size in blocks
+  StreamGeometry geo;
+  int64_t S, P;   // geo.S, block_rows
+  bool store;     // summaries kept for all chunks
+  int64_t slots;  // text ring size in blocks
   int64_t block_bytes;
   BlockPool pool;
   std::unordered_map<SeqId, Sequence> seqs;
@@ -136,9 +138,8 @@ struct KvCache::Impl {
 
   Impl(const KvCacheConfig& c, std::shared_ptr<SlabAllocator> alloc)
       : cfg(c),
-        k(c.spec.k),
+        geo(c.geometry()),
         S(c.spec.S),
-        W(c.spec.W),
         P(c.block_rows),
         store(c.stores_summaries()),
         block_bytes(c.block_rows * c.row_bytes()),
@@ -148,7 +149,7 @@ struct KvCache::Impl {
     // overwritten row dead (and no smaller ring does). Two logical blocks may then share a slot's block for
     // a while, each using the rows the other no longer needs. A sequence never has more than
     // ceil(max_text_tokens / P) blocks of text at all. ring_slack_rows (0 by default) only adds rows.
-    const int64_t all = (c.max_text_tokens + P - 1) / P, ring = (W + 1) * k + c.ring_slack_rows;
+    const int64_t all = (c.max_text_tokens + P - 1) / P, ring = (geo.W + 1) * geo.chunk_size + c.ring_slack_rows;
     slots = ring >= c.max_text_tokens ? all : std::min(all, (ring + P - 1) / P);
   }
 
@@ -166,7 +167,7 @@ struct KvCache::Impl {
     if (open_plan) fail("KvCache::", op, ": a decode step is planned but not committed or cancelled");
   }
 
-  int64_t pending(const Sequence& s) const { return (s.T / k) * S - s.sums; }
+  int64_t pending(const Sequence& s) const { return geo.pending_summaries(s.counts()); }
 
   // Storage rows of the summary table needed after writing summary rows [s0, s1).
   int64_t summary_rows_needed(int64_t s0, int64_t s1) const {
@@ -212,7 +213,7 @@ struct KvCache::Impl {
   void advance(Sequence& s, int64_t T, int64_t sums) {
     s.T = T;
     s.sums = sums;
-    const int64_t lo = live_text_begin(k, S, W, T, sums);
+    const int64_t lo = geo.live_text_begin(StreamCounts{T, sums});
     // Live text blocks [new_b, end_b); none when no text row is live (W = 0 at a chunk boundary).
     const int64_t end_b = (T + P - 1) / P, old_b = s.text_lo / P, new_b = lo < T ? lo / P : end_b;
     for (int64_t x = std::max(old_b, new_b - slots); x < new_b; ++x) {
@@ -266,10 +267,10 @@ struct KvCache::Impl {
     check_rows(cfg, vr, "v");
     if (kr.n != vr.n) fail("KvCache::", op, ": k has ", kr.n, " rows but v has ", vr.n);
     const int64_t n = kr.n, p0 = s.T + s.sums;
-    const StreamCounts end = stream_counts(k, S, p0 + n);
+    const StreamCounts end = geo.counts(p0 + n);
     check_context(id, end.T);
     if (n == 0) return;
-    const int64_t lo = live_text_begin(k, S, W, end.T, end.sums);
+    const int64_t lo = geo.live_text_begin(end);
     const int64_t ta = std::max(s.T, lo);
     // Without stored summaries only the newest chunk's summaries matter (and only while it owes some).
     const int64_t last_chunk = end.sums > 0 ? (end.sums - 1) / S : -1;
@@ -292,13 +293,12 @@ struct KvCache::Impl {
       }
     };
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t pos = p0 + i, c = pos / (k + S), off = pos - c * (k + S);
-      if (off < k) {
-        const int64_t t = c * k + off;
-        if (t >= lo) copy(i, sv.text_row(pv, t));
-      } else {
-        const int64_t r = c * S + (off - k);
-        if (r >= s_keep) copy(i, sv.summary_row(pv, S, r));
+      const StreamToken tok = geo.token(p0 + i);
+      const int64_t r = geo.row_of(tok);
+      if (!tok.is_summary) {
+        if (r >= lo) copy(i, sv.text_row(pv, r));
+      } else if (r >= s_keep) {
+        copy(i, sv.summary_row(pv, S, r));
       }
     }
     advance(s, end.T, end.sums);
@@ -323,7 +323,7 @@ SeqId KvCache::add_sequence() {
   Sequence& s = m.seqs[id];
   s.text_blocks.assign(size_t(m.slots), -1);
   // The whole table up front (int32 per block), so that its address never changes while it grows.
-  const int64_t max_rows = m.store ? (m.cfg.max_text_tokens / m.k) * m.S : m.S;
+  const int64_t max_rows = m.store ? (m.cfg.max_text_tokens / m.geo.chunk_size) * m.S : m.S;
   s.summary_blocks.reserve(size_t((max_rows + m.P - 1) / m.P));
   return id;
 }
@@ -360,8 +360,8 @@ void KvCache::append_text(SeqId id, const KvRows& k, const KvRows& v) {
   const Sequence& s = m.find(id, "append_text");
   if (k.n != 1) fail("KvCache::append_text: takes one text token (got k with ", k.n, " rows)");
   if (const int64_t due = m.pending(s); due > 0)
-    fail("KvCache::append_text: sequence ", id, " owes ", due, " summary token(s) of chunk ", s.T / m.k - 1,
-         " first (append_summaries)");
+    fail("KvCache::append_text: sequence ", id, " owes ", due, " summary token(s) of chunk ",
+         s.T / m.geo.chunk_size - 1, " first (append_summaries)");
   m.write_stream(id, k, v, "append_text");
 }
 
@@ -390,7 +390,7 @@ DecodePlan KvCache::plan_decode(std::span<const SeqId> ids, std::span<const int6
     if (n_new[i] < 0)
       fail("KvCache::plan_decode: token count for sequence ", ids[i], " must be >= 0 (got ", n_new[i], ")");
     const Sequence& s = *ss[i];
-    const StreamCounts end = stream_counts(m.k, m.S, s.T + s.sums + n_new[i]);
+    const StreamCounts end = m.geo.counts(s.T + s.sums + n_new[i]);
     m.check_context(ids[i], end.T);
     need += m.blocks_needed(s, s.T, end.T, m.summary_rows_needed(s.sums, end.sums));
   }
@@ -398,14 +398,12 @@ DecodePlan KvCache::plan_decode(std::span<const SeqId> ids, std::span<const int6
     fail("KvCache::plan_decode: the batch needs ", need, " more blocks, the pool has ", m.pool.available(), " left");
 
   DecodePlan plan;
-  plan.k = m.k;
-  plan.S = m.S;
-  plan.W = m.W;
+  plan.geo = m.geo;
   plan.ids.assign(ids.begin(), ids.end());
   plan.seqs.resize(ids.size());
   for (size_t i = 0; i < ids.size(); ++i) {
     Sequence& s = *ss[i];
-    const StreamCounts end = stream_counts(m.k, m.S, s.T + s.sums + n_new[i]);
+    const StreamCounts end = m.geo.counts(s.T + s.sums + n_new[i]);
     m.take_blocks(s, int64_t(i), s.T, end.T, m.summary_rows_needed(s.sums, end.sums), &plan.taken);
     plan.seqs[i].n = n_new[i];
     plan.seqs[i].row0 = plan.rows;
@@ -424,7 +422,7 @@ void KvCache::commit_decode(const DecodePlan& plan) {
   if (!m.open_plan || plan.ticket != m.open_plan) fail("KvCache::commit_decode: not the open plan of this cache");
   for (size_t i = 0; i < plan.ids.size(); ++i) {
     Sequence& s = m.find(plan.ids[i], "commit_decode");
-    const StreamCounts end = stream_counts(m.k, m.S, s.T + s.sums + plan.seqs[i].n);
+    const StreamCounts end = m.geo.counts(s.T + s.sums + plan.seqs[i].n);
     m.advance(s, end.T, end.sums);
   }
   m.open_plan = 0;

@@ -21,7 +21,7 @@ void check_view(const TensorView& t, const char* name, int64_t H, int64_t D, boo
 
 void validate(const AttentionParams& p) {
   const Layout& l = p.layout;
-  require(l.k >= 1 && l.k <= Spec::kMaxChunk, "layout.k", "in [1, 1048576]", l.k);
+  require(l.chunk_size >= 1 && l.chunk_size <= Spec::kMaxChunk, "layout.chunk_size", "in [1, 1048576]", l.chunk_size);
   require(l.S >= 1 && l.S <= Spec::kMaxSummaries, "layout.S", "in [1, 65536]", l.S);
   require(l.T >= 0, "layout.T", ">= 0", l.T);
   require(p.W >= 0, "W", ">= 0", p.W);
@@ -40,8 +40,8 @@ void validate(const AttentionParams& p) {
       if (n < 0)
         fail("cu_seqlens: must be non-decreasing (cu_seqlens[", s + 1, "] = ", p.cu_seqlens[s + 1], " < cu_seqlens[", s,
              "] = ", p.cu_seqlens[s], ")");
-      if (text_length_of_stream(l.k, l.S, n, l.summarize_tail) < 0)
-        fail("cu_seqlens: sequence ", s, " has ", n, " rows, not the length of a KSA stream with k=", l.k, ", S=", l.S,
+      if (text_length_of_stream(l.chunk_size, l.S, n, l.summarize_tail) < 0)
+        fail("cu_seqlens: sequence ", s, " has ", n, " rows, not the length of a KSA stream with k=", l.chunk_size, ", S=", l.S,
              ", summarize_tail=", l.summarize_tail);
     }
   } else if (p.num_seqs != 0) {

@@ -31,7 +31,7 @@ SummaryPositions parse_summary_positions(const std::string& s, const char* field
 }
 
 void Spec::validate() const {
-  require(k >= 1 && k <= kMaxChunk, "k (summary_chunk_size)", "in [1, 1048576]", k);
+  require(chunk_size >= 1 && chunk_size <= kMaxChunk, "chunk_size (summary_chunk_size)", "in [1, 1048576]", chunk_size);
   require(S >= 1 && S <= kMaxSummaries, "S (summary_token_num)", "in [1, 65536]", S);
   require(W >= 0 && W <= kMaxWindow, "W (summary_sliding_chunk_num)", "in [0, 2^40]", W);
   // Ids begin..begin+S-1 must be int32; S is in range here, so the bound is computed without overflow.
@@ -40,13 +40,13 @@ void Spec::validate() const {
 }
 
 int64_t count_visible_pairs(const Layout& lay, int64_t W) {
-  const int64_t k = lay.k, S = lay.S;
+  const int64_t chunk_size = lay.chunk_size, S = lay.S;
   int64_t pairs = 0;
   for (int64_t c = 0; c < lay.num_chunks(); ++c) {
     const int64_t n = lay.chunk_text_len(c);
     const int64_t window = (c < W ? c : W);   // earlier chunks seen as text (all full)
     const int64_t old = (c > W ? c - W : 0);  // earlier chunks seen as summaries
-    pairs += n * (n + 1) / 2 + n * (window * k + old * S);
+    pairs += n * (n + 1) / 2 + n * (window * chunk_size + old * S);
     if (c < lay.summarized_chunks()) pairs += S * n + S * (S + 1) / 2;
   }
   return pairs;
@@ -56,7 +56,7 @@ CacheRows cache_rows(const Spec& spec, int64_t T, bool store_summaries) {
   const Layout lay = Layout::of(spec, T);
   const int64_t full = lay.full_chunks();
   CacheRows r;
-  r.text = (full < spec.W ? full : spec.W) * spec.k + lay.tail_len();
+  r.text = (full < spec.W ? full : spec.W) * spec.chunk_size + lay.tail_len();
   r.summaries = store_summaries ? full * spec.S : 0;
   return r;
 }
@@ -73,7 +73,7 @@ Stream build_stream(const Spec& spec, std::span<const int32_t> text_ids) {
     const StreamToken t = s.layout.token(p);
     s.is_summary[size_t(p)] = t.is_summary;
     s.ids[size_t(p)] =
-        t.is_summary ? int32_t(spec.summary_token_begin + t.index) : text_ids[size_t(t.chunk * spec.k + t.index)];
+        t.is_summary ? int32_t(spec.summary_token_begin + t.index) : text_ids[size_t(t.chunk * spec.chunk_size + t.index)];
     s.positions[size_t(p)] = rope_position(s.layout, spec.text_positions, spec.summary_positions, p);
   }
   return s;

@@ -4,15 +4,14 @@
 // sequence's new stream tokens in order; for each: write the token's K/V rows (this KV head) into the cache rows the
 // plan made room for, then attend for the G query heads of the group. Going in stream order is what makes a step that
 // crosses chunk boundaries correct: a ring block is reused only once no later query sees its rows. The visible keys are
-// the core's key_spans (cache/decode_keys.hpp) mapped to cache rows; each run of rows inside one block is contiguous
-// [n, D] for a head. Each K and V row is loaded (and converted from bf16) once and used by all G query heads. The text
-// keys (window and current chunk) and the summary keys accumulate into separate OnlineSoftmax partials that are merged
-// at the end (the split a GPU kernel makes across blocks).
+// the core's key_spans (StreamGeometry::decode_keys, ksa/stream_geometry.hpp) mapped to cache rows; each run of rows
+// inside one block is contiguous [n, D] for a head. Each K and V row is loaded (and converted from bf16) once and used
+// by all G query heads. The text keys (window and current chunk) and the summary keys accumulate into separate
+// OnlineSoftmax partials that are merged at the end (the split a GPU kernel makes across blocks).
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
-#include "cache/decode_keys.hpp"
 #include "cpu/thread_pool.hpp"
 #include "ksa/decode.hpp"
 #include "ksa/softmax.hpp"
@@ -92,7 +91,7 @@ struct Worker {
   // Adds cache rows [b, e) (text or summary rows) in runs that stay inside one block.
   void add_range(Partial& pa, const SeqKvView& kv, bool summary, int64_t b, int64_t e, int64_t hk) {
     while (b < e) {
-      const KvRowRef ref = summary ? kv.summary_row(p.pool, p.S, b) : kv.text_row(p.pool, b);
+      const KvRowRef ref = summary ? kv.summary_row(p.pool, p.geo.S, b) : kv.text_row(p.pool, b);
       const int64_t n = std::min(e - b, P - ref.row);
       add_run(pa, ref.block, hk, ref.row, n);
       b += n;
@@ -106,9 +105,10 @@ struct Worker {
     const int64_t es = pool.elem_bytes(), pos0 = sq.kv.T + sq.kv.sums;
     for (int64_t i = 0; i < sq.n; ++i) {
       const int64_t row = sq.row0 + i;
-      const ksa::detail::DecodeKeys keys = ksa::detail::decode_keys(p.k, p.S, p.W, pos0 + i);
+      const DecodeKeys keys = p.geo.decode_keys(pos0 + i);
       // 1. The token's own K/V, written before any query reads it (it sees itself).
-      const KvRowRef dst = keys.is_summary ? sq.kv.summary_row(pool, p.S, keys.row) : sq.kv.text_row(pool, keys.row);
+      const KvRowRef dst =
+          keys.is_summary ? sq.kv.summary_row(pool, p.geo.S, keys.row) : sq.kv.text_row(pool, keys.row);
       std::memcpy(pool.row(dst.block, 0, hk, dst.row),
                   static_cast<const char*>(io.k.data) + (row * io.k.row_stride + hk * io.k.head_stride) * es,
                   size_t(D * es));

@@ -44,22 +44,6 @@ struct FloatBuf {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Key tiles of a layout: BK rows on a BK grid within the text rows and within the summary rows (the grid of
-// KeyTileCursor). Index: text tiles first, then summary tiles.
-struct KeyTileGrid {
-  int64_t T = 0, L = 0, ntext = 0, count = 0;
-  explicit KeyTileGrid(const Layout& lay)
-      : T(lay.T), L(lay.length()), ntext((lay.T + BK - 1) / BK), count(ntext + (lay.length() - lay.T + BK - 1) / BK) {}
-  int64_t index_of(int64_t tile_begin) const {
-    return tile_begin < T ? tile_begin / BK : ntext + (tile_begin - T) / BK;
-  }
-  int64_t begin(int64_t i) const { return i < ntext ? i * BK : T + (i - ntext) * BK; }
-  int64_t end(int64_t i) const {
-    const int64_t b = begin(i), r = i < ntext ? T : L;
-    return b + BK < r ? b + BK : r;
-  }
-};
-
 // The independent streams of a call, each walked with its own Layout and the core's tiles: the B batch
 // entries of a plain call (one Layout), or the packed sequences of a varlen call (B = 1, a Layout each; see
 // AttentionParams). The gathered buffers hold segment after segment ([segment][h][g][Dp]); query tiles (the
@@ -67,7 +51,7 @@ struct KeyTileGrid {
 // (segment, head, tile), so no tile crosses a stream boundary and no stream is padded.
 struct Segment {
   Layout lay;
-  KeyTileGrid grid;
+  KeyTileGrid grid;          // the core's key tiles of lay, BK rows
   int64_t b = 0, row0 = 0;   // batch entry and first stream row in the tensors
   int64_t L = 0, nqt = 0;    // rows and query tiles
   int64_t g0 = 0;            // first gathered row (sum of the L of earlier segments)
@@ -75,7 +59,7 @@ struct Segment {
   // Offsets of the per-layout tables (gathered_tokens, the backward's inverse walk): segments of one plain
   // call share their Layout and so one table at 0; packed sequences have their own at g0 and kt0.
   int64_t tok0 = 0, ref0 = 0;
-  explicit Segment(const Layout& l) : lay(l), grid(l) {}
+  explicit Segment(const Layout& l) : lay(l), grid(l, BK) {}
 };
 struct Segments {
   std::vector<Segment> seg;

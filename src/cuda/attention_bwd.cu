@@ -80,6 +80,7 @@ using bwd::PlanSplit;
 
 using detail::kLog2e;
 using detail::kRowPad;
+using detail::view_of;
 
 // ---------------------------------------------------------------------------------------------- traits
 // dK/dV pass: NW warps x 16 key rows; BQ query rows per step; KVREG: the warp's K and V A-fragments are held
@@ -94,12 +95,12 @@ struct DkvTraits {
   static constexpr int CHUNKS = D / 8;
   static constexpr int KV_BYTES = BKV * D * 2;  // K or V
   static constexpr int QS_BYTES = BQ * D * 2;   // one stage of Q or dO
-  // K, V; two stages of Q; two of dO; two of (lse2, Delta) floats; two of query tokens.
+  // K, V; two stages of Q; two of dO; two of (lse2, Delta) floats; two of the queries' key ranges (int2).
   static constexpr int SMEM = 2 * KV_BYTES + 4 * QS_BYTES + 2 * 2 * BQ * 4 + 2 * BQ * 8;
   static_assert(kRowPad % BQ == 0 && BQ % 16 == 0 && THREADS >= BQ / 2, "dK/dV query tile");
 };
 
-// dQ pass: NW warps x 16 query rows; BK keys per step (K, V and key tokens double-buffered).
+// dQ pass: NW warps x 16 query rows; BK keys per step (K and V double-buffered).
 template <class T_, int D_, int NW_, int BK_, int MINB_>
 struct DqTraits {
   using T = T_;
@@ -108,8 +109,8 @@ struct DqTraits {
   static constexpr int THREADS = 32 * NW;
   static constexpr int CHUNKS = D / 8;
   static constexpr int KV_BYTES = BK * D * 2;
-  // Q, dO; two stages of K and V; two of key tokens.
-  static constexpr int SMEM = 2 * BQ * D * 2 + 4 * KV_BYTES + 2 * BK * 8;
+  // Q, dO; two stages of K and V.
+  static constexpr int SMEM = 2 * BQ * D * 2 + 4 * KV_BYTES;
   static_assert(kRowPad % BQ == 0 && BK % 16 == 0, "dQ tiles");
 };
 
@@ -136,18 +137,20 @@ using detail::PlanArgs;
 
 // ------------------------------------------------------------------------------------------ device code
 // Loads `rows` gathered rows [g0, g0 + rows) of one head into swizzled smem, zero-filling rows at or past
-// g_end, and (if asked) their tokens; base points at element 0 of the head in batch entry b. Four threads
-// share a row (one stream-row computation per thread and tile), as in the forward.
+// g_end, and (if asked) each row's key range for key tiles of one region (text_keys: text rows, else
+// summary rows); base points at element 0 of the head in batch entry b. Four threads share a row (one
+// stream-row computation per thread and tile), as in the forward.
 template <class T, int THREADS, int CHUNKS>
 __device__ __forceinline__ void load_tile(const Layout32& l32, uint32_t smem, const T* base, int64_t rstride, int g0,
-                                          int g_end, int rows, int2* tokens) {
+                                          int g_end, int rows, int2* ranges = nullptr, int W32 = 0,
+                                          bool text_keys = true) {
   constexpr int TPR = 4, CPT = CHUNKS / TPR;
   const int c0 = threadIdx.x % TPR;  // chunks c0, c0 + TPR, ...: a row's TPR threads read 64 contiguous bytes
   for (int r = threadIdx.x / TPR; r < rows; r += THREADS / TPR) {
     const int g = g0 + r;
     const bool valid = g < g_end;
     const int64_t srow = valid ? int64_t(l32.stream_of_gathered(uint32_t(g))) : 0;
-    if (tokens && c0 == 0) tokens[r] = valid ? pack_token(l32.token_of_gathered(uint32_t(g))) : make_int2(-1, -1);
+    if (ranges && c0 == 0) ranges[r] = key_range(l32, W32, g, g_end, text_keys).packed();
     const T* src = base + srow * rstride;
 #pragma unroll
     for (int i = 0; i < CPT; ++i) cp_async16(smem + swz<CHUNKS>(r, c0 + i * TPR), src + (c0 + i * TPR) * 8, valid);
@@ -219,21 +222,15 @@ __device__ __forceinline__ void dkdv_cta(const BwdArgs& a, const PlanArgs& pl, c
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t sK = smem_u32(smem), sV = sK + K::KV_BYTES, sQ0 = sV + K::KV_BYTES, sO0 = sQ0 + 2 * QS;
   float* rv0 = reinterpret_cast<float*>(smem + 2 * K::KV_BYTES + 4 * QS);  // [stage][lse2 | Delta][BQ]
-  int2* tok0 = reinterpret_cast<int2*>(rv0 + 4 * BQ);                      // [stage][BQ] query tokens
+  int2* rng0 = reinterpret_cast<int2*>(rv0 + 4 * BQ);                      // [stage][BQ] query key ranges
 
   int64_t tb64, te64;
-  bwd::key_tile_rows(a.lay, BKV, item.kt, tb64, te64);
+  KeyTileGrid(a.lay, BKV).rows(item.kt, tb64, te64);
   const int tb = int(tb64), te = int(te64);
 
-  // This thread's key rows warp*16 + gid + 8*hf and their tokens (for masked steps).
-  StreamToken32 ktok[2];
-  bool kval[2];
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int g = tb + warp * 16 + gid + 8 * hf;
-    kval[hf] = g < te;
-    ktok[hf] = a.l32.token_of_gathered(uint32_t(g));
-  }
+  // This thread's key rows (for masked steps; rows past te lie in no query's range) and the tile's region.
+  const int xk[2] = {tb + warp * 16 + gid, tb + warp * 16 + gid + 8};
+  const bool text_keys = tb < int(a.l32.T);
 
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -250,7 +247,7 @@ __device__ __forceinline__ void dkdv_cta(const BwdArgs& a, const PlanArgs& pl, c
     auto issue = [&](int stage, int qt, int h) {
       const int g0 = qt * BQ, g1 = min(a.L, g0 + BQ);
       load_tile<T, K::THREADS, CH>(a.l32, sQ0 + stage * QS, head_ptr<T>(a.q, b, h), a.q.r, g0, g1, BQ,
-                                   tok0 + stage * BQ);
+                                   rng0 + stage * BQ, a.W32, text_keys);
       load_tile<T, K::THREADS, CH>(a.l32, sO0 + stage * QS, head_ptr<T>(a.dout, b, h), a.dout.r, g0, g1, BQ, nullptr);
       // lse2 and Delta of the tile: BQ floats each, contiguous and 16-byte aligned (Lp % kRowPad == 0).
       const int64_t off = (int64_t(b) * a.Hq + h) * a.Lp + g0;
@@ -261,7 +258,7 @@ __device__ __forceinline__ void dkdv_cta(const BwdArgs& a, const PlanArgs& pl, c
         cp_async16(dst + (is_delta ? BQ * 4 : 0) + c * 16, (is_delta ? a.delta : a.lse2) + off + c * 4, true);
       }
       // Short query tiles (past L) take the masked path: their missing rows carry token -1.
-      return g1 - g0 < BQ || bwd::tile_masked(pl.spans[qt], tb64, te64);
+      return g1 - g0 < BQ || !pl.spans[qt].full_over(tb64, te64);
     };
 
     EntryWalk walk(pl.runs + int64_t(item.kt) * kMaxRuns, item.e0, hk * a.G, a.G);
@@ -295,7 +292,7 @@ __device__ __forceinline__ void dkdv_cta(const BwdArgs& a, const PlanArgs& pl, c
       const uint32_t sQ = sQ0 + stage * QS, sO = sO0 + stage * QS;
       const float* lse2s = rv0 + stage * 2 * BQ;
       const float* dels = lse2s + BQ;
-      const int2* qtok = tok0 + stage * BQ;
+      const int2* qrng = rng0 + stage * BQ;
 
       // rows (keys) x columns (queries) = A (K or V rows) x B (Q or dO rows, non-transposed ldmatrix).
       auto gemm_rows_by_queries = [&](float(*acc)[4], uint32_t sA, uint32_t(*areg)[4], uint32_t sB) {
@@ -344,17 +341,11 @@ __device__ __forceinline__ void dkdv_cta(const BwdArgs& a, const PlanArgs& pl, c
         for (int e = 0; e < 2; ++e) {
           const int col = j * 8 + 2 * tig + e;
           const float l2 = lse2s[col];
-          StreamToken32 qk{};
-          bool qvalid = true;
-          if (masked) {
-            const int2 t = qtok[col];
-            qvalid = t.x >= 0;
-            qk = unpack_token(t);
-          }
+          const KeyRange kr = masked ? unpack_range(qrng[col]) : KeyRange{};
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             float& x = s[j][2 * hf + e];
-            const bool vis = !masked || (qvalid && kval[hf] && visible_tokens(a.W32, qk, ktok[hf]));
+            const bool vis = !masked || kr.sees(xk[hf]);
             x = vis ? ex2(fmaf(x, a.scale_log2, -l2)) : 0.f;
           }
         }
@@ -414,11 +405,11 @@ __global__ void __launch_bounds__(256) reduce_kernel(const BwdArgs a, const Plan
   if (v.ktiles) {  // packed: the key tile in its stream
     const varlen::KeyTile r = v.ktiles[sp.kt];
     const varlen::Seq s = v.seqs[r.seq];
-    bwd::key_tile_rows(Layout(a.lay.k, a.lay.S, s.l32.T, a.lay.summarize_tail), BKV, r.kt, tb, te);
+    KeyTileGrid(Layout(a.lay.chunk_size, a.lay.S, s.l32.T, a.lay.summarize_tail), BKV).rows(r.kt, tb, te);
     l32 = s.l32;
     row0 = s.row0;
   } else {
-    bwd::key_tile_rows(a.lay, BKV, sp.kt, tb, te);
+    KeyTileGrid(a.lay, BKV).rows(sp.kt, tb, te);
   }
   const int rows = int(te - tb);
   const int64_t slot_stride = int64_t(a.B) * a.Hkv * BKV * D, base = (int64_t(b) * a.Hkv + hk) * (BKV * D);
@@ -478,7 +469,6 @@ __device__ __forceinline__ void dq_cta(const BwdArgs& a, int g0, int g1) {
   extern __shared__ __align__(128) uint8_t smem[];
   constexpr uint32_t KV = K::KV_BYTES;
   const uint32_t sQ = smem_u32(smem), sO = sQ + BQ * D * 2, sK0 = sO + BQ * D * 2, sV0 = sK0 + 2 * KV;
-  int2* tok0 = reinterpret_cast<int2*>(smem + 2 * BQ * D * 2 + 4 * KV);
 
   const int h = int(blockIdx.y), b = int(blockIdx.z), hk = h / a.G;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, tig = lane & 3;
@@ -488,20 +478,20 @@ __device__ __forceinline__ void dq_cta(const BwdArgs& a, int g0, int g1) {
   bool masked;
   cur.next(tb, te, masked);  // every valid row sees itself: at least one tile
 
-  load_tile<T, K::THREADS, CH>(a.l32, sQ, head_ptr<T>(a.q, b, h), a.q.r, g0, g1, BQ, nullptr);
-  load_tile<T, K::THREADS, CH>(a.l32, sO, head_ptr<T>(a.dout, b, h), a.dout.r, g0, g1, BQ, nullptr);
-  load_tile<T, K::THREADS, CH>(a.l32, sK0, head_ptr<T>(a.k, b, hk), a.k.r, int(tb), int(te), BK, tok0);
-  load_tile<T, K::THREADS, CH>(a.l32, sV0, head_ptr<T>(a.v, b, hk), a.v.r, int(tb), int(te), BK, nullptr);
+  load_tile<T, K::THREADS, CH>(a.l32, sQ, head_ptr<T>(a.q, b, h), a.q.r, g0, g1, BQ);
+  load_tile<T, K::THREADS, CH>(a.l32, sO, head_ptr<T>(a.dout, b, h), a.dout.r, g0, g1, BQ);
+  load_tile<T, K::THREADS, CH>(a.l32, sK0, head_ptr<T>(a.k, b, hk), a.k.r, int(tb), int(te), BK);
+  load_tile<T, K::THREADS, CH>(a.l32, sV0, head_ptr<T>(a.v, b, hk), a.v.r, int(tb), int(te), BK);
   cp_async_commit();
 
-  // This thread's query rows warp*16 + gid + 8*hf: tokens, lse2 and Delta (padded entries: +inf and 0, so
-  // rows past L get P = 0).
-  StreamToken32 qtok[2];
+  // This thread's query rows warp*16 + gid + 8*hf: key ranges, lse2 and Delta (padded entries: +inf and 0,
+  // so rows past L get P = 0).
+  RowKeyRanges rk[2];
   float l2[2], dl[2];
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int g = g0 + warp * 16 + gid + 8 * hf;
-    qtok[hf] = a.l32.token_of_gathered(uint32_t(g));
+    if (g < g1) rk[hf] = row_key_ranges(a.l32, a.W32, uint32_t(g));
     const int64_t i = (int64_t(b) * a.Hq + h) * a.Lp + g;
     l2[hf] = a.lse2[i];
     dl[hf] = a.delta[i];
@@ -536,9 +526,9 @@ __device__ __forceinline__ void dq_cta(const BwdArgs& a, int g0, int g1) {
     const bool more = cur.next(nb_, ne_, nmasked);
     if (more) {
       load_tile<T, K::THREADS, CH>(a.l32, sK0 + (stage ^ 1) * KV, head_ptr<T>(a.k, b, hk), a.k.r, int(nb_), int(ne_),
-                                   BK, tok0 + (stage ^ 1) * BK);
+                                   BK);
       load_tile<T, K::THREADS, CH>(a.l32, sV0 + (stage ^ 1) * KV, head_ptr<T>(a.v, b, hk), a.v.r, int(nb_), int(ne_),
-                                   BK, nullptr);
+                                   BK);
       cp_async_commit();
       cp_async_wait_one();
     } else {
@@ -546,21 +536,21 @@ __device__ __forceinline__ void dq_cta(const BwdArgs& a, int g0, int g1) {
     }
     __syncthreads();
     const uint32_t sK = sK0 + stage * KV, sV = sV0 + stage * KV;
-    const int2* tok = tok0 + stage * BK;
 
     // S = Q K^T, P = 2^(S * scale * log2e - lse2[row]) (0 where hidden: span edges, or keys past a short tile).
     float s[BK / 8][4];
     gemm_rows_by_keys(s, sQ, sK);
-    const bool need_mask = masked || (te - tb) < BK;
+    const bool need_mask = masked || (te - tb) < BK, text = tb < a.l32.T;
+    const KeyRange kr[2] = {key_range(rk[0], text), key_range(rk[1], text)};
 #pragma unroll
     for (int j = 0; j < BK / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int2 kt = tok[j * 8 + 2 * tig + e];
+        const int x_key = int(tb) + j * 8 + 2 * tig + e;
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           float& x = s[j][2 * hf + e];
-          const bool vis = !need_mask || (kt.x >= 0 && visible_tokens(a.W32, qtok[hf], unpack_token(kt)));
+          const bool vis = !need_mask || kr[hf].sees(x_key);
           x = vis ? ex2(fmaf(x, a.scale_log2, -l2[hf])) : 0.f;
         }
       }
@@ -755,8 +745,6 @@ void dispatch_dim(const BwdArgs& a, int64_t D, bool deterministic, const KernelO
   else fail("ksa::cuda::attention_backward: D=", D, " is not supported (64 or 128)");
 }
 
-View view_of(const TensorView& t) { return View{t.data, t.batch_stride, t.row_stride, t.head_stride}; }
-
 }  // namespace
 
 detail::DkvTiles detail::portable_dkv_tiles(int64_t D) {
@@ -798,7 +786,7 @@ void attention_backward(const AttentionBackwardParams& p, CudaStream stream, con
   if (p.L() == 0) return;
   BwdArgs a{};
   // Packed: the streams' common k, S and tail; each CTA takes its stream's T from the tables.
-  a.lay = p.packed() ? Layout(p.layout.k, p.layout.S, 0, p.layout.summarize_tail) : p.layout;
+  a.lay = p.packed() ? Layout(p.layout.chunk_size, p.layout.S, 0, p.layout.summarize_tail) : p.layout;
   a.l32 = Layout32(a.lay);
   a.W = p.W;
   a.W32 = detail::window32(p.W);

@@ -9,18 +9,14 @@
 #include "cuda/attention_bwd_plan.hpp"
 #include "cuda/mma.cuh"
 #include "cuda/varlen_plan.hpp"
+#include "cuda/views.cuh"
 #include "ksa/spec.hpp"
 
 namespace ksa::cuda::detail {
 
-constexpr float kLog2e = 1.4426950408889634f;
+using dev::kLog2e;
 constexpr int kRowPad = 128;  // lse2/Delta rows are padded to a multiple of this (>= every BQ)
 static_assert(kRowPad == varlen::kRowBlock, "a packed call pads each stream's rows as a plain call pads its L");
-
-struct View {
-  void* p;
-  int64_t b, r, h;  // strides in elements
-};
 
 struct BwdArgs {
   Layout lay;  // packed: k, S and summarize_tail of every stream (T: see stream_args)
@@ -40,19 +36,13 @@ struct BwdArgs {
   // (Lp: each stream's rows from its p0, padded as a plain call pads its L), gathered order per stream.
 };
 
-// A View starting `rows` rows further on.
-template <class T>
-__device__ __forceinline__ View rows_on(const View& v, int64_t rows) {
-  return View{static_cast<T*>(v.p) + rows * v.r, v.b, v.r, v.h};
-}
-
 // The arguments of one stream of a packed call, as a call on that stream alone would have them: its Layout
 // and length, the tensors and lse from its first row (B = 1), and lse2, Delta and dq_acc from its first padded
 // row (their stride Lp stays the call's: [1, Hq, Lp]).
 template <class T, int D>
 __device__ __forceinline__ BwdArgs stream_args(const BwdArgs& a, const varlen::Seq& s) {
   BwdArgs o = a;
-  o.lay = Layout(a.lay.k, a.lay.S, s.l32.T, a.lay.summarize_tail);
+  o.lay = Layout(a.lay.chunk_size, a.lay.S, s.l32.T, a.lay.summarize_tail);
   o.l32 = s.l32;
   o.L = s.L;
   const int64_t r0 = s.row0;

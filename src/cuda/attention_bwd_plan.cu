@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(128) spans_kernel(const Layout lay, int64_t W,
     const int64_t p = int64_t(qt) * pl.BQ;
     const varlen::Seq s = v.seqs[v.row_blocks[p / kRowPad]];
     const int64_t g0 = p - s.p0, L = s.L;
-    const Layout sl(lay.k, lay.S, s.l32.T, lay.summarize_tail);
+    const Layout sl(lay.chunk_size, lay.S, s.l32.T, lay.summarize_tail);
     pl.spans[qt] = g0 < L ? key_spans(sl, W, g0, g0 + pl.BQ < L ? g0 + pl.BQ : L) : KeySpans{};
     return;
   }
@@ -57,13 +57,13 @@ __global__ void __launch_bounds__(256) runs_kernel(const Layout lay0, PlanArgs p
   if (v.ktiles) {
     const varlen::KeyTile r = v.ktiles[kt];
     const varlen::Seq s = v.seqs[r.seq];
-    lay = Layout(lay0.k, lay0.S, s.l32.T, lay0.summarize_tail);
+    lay = Layout(lay0.chunk_size, lay0.S, s.l32.T, lay0.summarize_tail);
     lkt = r.kt;
     nq = (s.L + pl.BQ - 1) / pl.BQ;
     spans += s.p0 / pl.BQ;
   }
   int64_t tb, te;
-  bwd::key_tile_rows(lay, pl.BK, lkt, tb, te);
+  KeyTileGrid(lay, pl.BK).rows(lkt, tb, te);
   PlanRun* runs = pl.runs + int64_t(kt) * kMaxRuns;
   int n = 0, count = 0, open = -1;  // open: first query tile of the run being scanned, -1 none
   auto close = [&](int end) {
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(256) runs_kernel(const Layout lay0, PlanArgs p
   };
   for (int base = 0; base < nq; base += 32) {
     const int qt = base + lane;
-    const bool seen = qt < nq && bwd::tile_seen(spans[qt], tb, te);
+    const bool seen = qt < nq && spans[qt].meets(tb, te);
     const unsigned bits = __ballot_sync(0xffffffffu, seen);
     unsigned edges = bits ^ ((bits << 1) | (open >= 0 ? 1u : 0u));  // bit i: seen(i) != seen(i - 1)
     while (edges) {
@@ -226,7 +226,7 @@ PlanSizes plan_sizes(int64_t nq, int64_t ntext, int64_t nk, int64_t max_list, in
 // The plan of one layout (a plain call): query tiles on the BQ grid over [0, L), its key tiles.
 PlanSizes plan_sizes(const Layout& lay, int BQ, int BK, int64_t bh, int minb, int forced) {
   const int64_t nq = (lay.length() + BQ - 1) / BQ;
-  return plan_sizes(nq, bwd::num_text_key_tiles(lay, BK), bwd::num_key_tiles(lay, BK), nq, BQ, BK, bh, minb, forced);
+  return plan_sizes(nq, KeyTileGrid(lay, BK).ntext, KeyTileGrid(lay, BK).count, nq, BQ, BK, bh, minb, forced);
 }
 
 void carve_plan(Carver& c, PlanArgs& pl, const PlanSizes& ps, int64_t part_floats) {
@@ -353,7 +353,7 @@ PlanDump backward_plan_for_testing(const AttentionParams& p, int64_t D, int64_t 
   for (const varlen::Seq& q : st.seqs) longest = std::max<int64_t>(longest, q.L);
   const PlanSizes ps = plan_sizes(st.padded_rows / t.BQ, kts.ntext, int64_t(kts.tiles.size()),
                                   (longest + t.BQ - 1) / t.BQ, t.BQ, t.BK, bh, t.MINB, split > 0 ? split : 0);
-  return dump_plan(Layout(p.layout.k, p.layout.S, 0, p.layout.summarize_tail), p.W, ps, &st, &kts);
+  return dump_plan(Layout(p.layout.chunk_size, p.layout.S, 0, p.layout.summarize_tail), p.W, ps, &st, &kts);
 }
 
 }  // namespace bwd

@@ -14,31 +14,8 @@
 
 namespace ksa::cuda::bwd {
 
-KSA_HD int64_t num_text_key_tiles(const Layout& lay, int64_t BK) { return (lay.T + BK - 1) / BK; }
-KSA_HD int64_t num_key_tiles(const Layout& lay, int64_t BK) {
-  return num_text_key_tiles(lay, BK) + (lay.length() - lay.T + BK - 1) / BK;
-}
-// Rows [tb, te) of key tile kt (te clipped to its region, as KeyTileCursor clips).
-KSA_HD void key_tile_rows(const Layout& lay, int64_t BK, int64_t kt, int64_t& tb, int64_t& te) {
-  const int64_t nt = num_text_key_tiles(lay, BK);
-  const int64_t rend = kt < nt ? lay.T : lay.length();
-  tb = kt < nt ? kt * BK : lay.T + (kt - nt) * BK;
-  te = tb + BK < rend ? tb + BK : rend;
-}
-
-// Whether KeyTileCursor over `sp` yields the key tile [tb, te): the cursor visits exactly the tiles of its
-// grid that intersect a span (a tile lies in one region, so clipping the span to the region changes nothing).
-KSA_HD bool tile_seen(const KeySpans& sp, int64_t tb, int64_t te) {
-  for (int j = 0; j < sp.n; ++j)
-    if (sp.span[j].begin < te && tb < sp.span[j].end) return true;
-  return false;
-}
-// The cursor's `masked` for that tile: false only when one `full` span holds the whole tile.
-KSA_HD bool tile_masked(const KeySpans& sp, int64_t tb, int64_t te) {
-  for (int j = 0; j < sp.n; ++j)
-    if (sp.span[j].full && sp.span[j].begin <= tb && te <= sp.span[j].end) return false;
-  return true;
-}
+// Key tiles are the core's KeyTileGrid(lay, BK); the query tiles that see key tile i are those whose
+// key_spans meet it (KeySpans::meets), masked unless KeySpans::full_over holds.
 
 // The query tiles that see one key tile form at most kMaxRuns runs of consecutive tiles (the text queries
 // and the summary queries that see it; tests/cuda/attention_bwd_test.cpp checks the bound over random

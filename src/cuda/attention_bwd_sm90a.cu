@@ -173,14 +173,13 @@ __device__ __forceinline__ void dq_sm90a_cta(const BwdArgs& a, int g0, int g1) {
     const bool text = t.begin < a.lay.T;
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      int lo, hi;
-      key_range_for(rk[hf], text, lo, hi);
+      const KeyRange kr = key_range(rk[hf], text);
 #pragma unroll
       for (int j = 0; j < BK / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int x = t.begin + 8 * j + 2 * tig + e, idx = 4 * j + 2 * hf + e;
-          const bool vis = !t.masked || (x >= lo && x <= hi);
+          const bool vis = !t.masked || kr.sees(x);
           const float p = vis ? ex2(fmaf(s[idx], a.scale_log2, -l2[hf])) : 0.f;
           dp[idx] = p * (dp[idx] - dl[hf]);
         }
@@ -243,7 +242,7 @@ struct DkvCtaState {
     sStg = sDS + 2 * K::DS_BYTES;
     gS0 = smem + (sS0 - smem_u32(smem));
     info = reinterpret_cast<TileInfo*>(gS0 + K::STAGES * K::STAGE_BYTES + K::P_BYTES + 2 * K::DS_BYTES + K::STG_BYTES);
-    bwd::key_tile_rows(a.lay, K::BKV, item.kt, tb64, te64);
+    KeyTileGrid(a.lay, K::BKV).rows(item.kt, tb64, te64);
     tb = int(tb64);
     te = int(te64);
     nsteps = (item.e1 - item.e0) * a.G;
@@ -288,7 +287,7 @@ __device__ __forceinline__ void dkdv_produce(const BwdArgs& a, const PlanArgs& p
     if (step > 0) walk.next();
     ++step;
     const int g0 = walk.qt * BQ, g1 = min(a.L, g0 + BQ);
-    const bool masked = g1 - g0 < BQ || bwd::tile_masked(pl.spans[walk.qt], c.tb64, c.te64);
+    const bool masked = g1 - g0 < BQ || !pl.spans[walk.qt].full_over(c.tb64, c.te64);
     t = TileInfo{g0, g1, int32_t(masked), walk.h, 0, {0, 0, 0}};
     return true;
   };
@@ -309,12 +308,8 @@ __device__ __forceinline__ void dkdv_produce(const BwdArgs& a, const PlanArgs& p
     }
     if (r < BQ) {
       const int g = t.begin + r;
-      int2 rg = make_int2(1, 0);
-      if (g < t.end) {
-        const RowKeyRanges rk = row_key_ranges(a.l32, a.W32, uint32_t(g));
-        key_range_for(rk, text_keys, rg.x, rg.y);
-      }
-      reinterpret_cast<int2*>(c.gS0 + (rv - c.sS0) + 2 * BQ * 4)[r] = rg;
+      reinterpret_cast<int2*>(c.gS0 + (rv - c.sS0) + 2 * BQ * 4)[r] =
+          key_range(a.l32, a.W32, g, t.end, text_keys).packed();
     }
   };
   produce<K::STAGES>(c.sS0, K::STAGE_BYTES, c.info, first, next, load);
@@ -369,11 +364,11 @@ __device__ __forceinline__ void dkdv_sm90a_cta(const BwdArgs& a, const PlanArgs&
       for (int e = 0; e < 2; ++e) {
         const int col = 8 * j + 2 * tig + e;
         const float l2 = lse2s[col], dl = dels[col];
-        const int2 rg = rng[col];
+        const KeyRange kr = unpack_range(rng[col]);
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int idx = 4 * j + 2 * hf + e;
-          const bool vis = !t.masked || (xk[hf] >= rg.x && xk[hf] <= rg.y);
+          const bool vis = !t.masked || kr.sees(xk[hf]);
           const float p = vis ? ex2(fmaf(s[idx], a.scale_log2, -l2)) : 0.f;
           s[idx] = p;
           dp[idx] = p * (dp[idx] - dl);
@@ -485,18 +480,13 @@ __device__ __forceinline__ void dkdvdq_sm90a_cta(const BwdArgs& a, const PlanArg
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const float l2 = lse2s[qr + 8 * hf], dl = dels[qr + 8 * hf];
-      int lo = INT_MIN, hi = INT_MAX;
-      if (t.masked) {
-        const int2 rg = rng[qr + 8 * hf];
-        lo = rg.x;
-        hi = rg.y;
-      }
+      const KeyRange kr = t.masked ? unpack_range(rng[qr + 8 * hf]) : KeyRange{INT_MIN, INT_MAX};
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int idx = 4 * j + 2 * hf + e, x = kx0 + 8 * j + e;
-          const float p = (x >= lo && x <= hi) ? ex2(fmaf(s[idx], a.scale_log2, -l2)) : 0.f;
+          const float p = kr.sees(x) ? ex2(fmaf(s[idx], a.scale_log2, -l2)) : 0.f;
           s[idx] = p;
           dp[idx] = p * (dp[idx] - dl);
         }

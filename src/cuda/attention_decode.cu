@@ -1,7 +1,7 @@
 // CUDA decode through the compressed cache (include/ksa/cuda_cache.hpp): two kernels, queued by run().
 //
 // 1. attend: grid (work units, KV heads). A unit is a run of visible key rows of one token in one table
-//            (text ring or summary table), cut by the plan from the core's key_spans (cache/decode_keys.hpp)
+//            (text ring or summary table), cut by the plan from the core's key_spans (StreamGeometry::decode_keys)
 //            into pieces of split_rows keys (flash-decoding: a 16K-row summary span runs on many SMs). K/V
 //            tiles stream through a cp.async pipeline; each K and V row is read once for all G query heads
 //            of the group (rows of an mma.sync A operand); the CTA writes one (m, l, acc) partial per
@@ -72,7 +72,7 @@ __device__ __forceinline__ const uint16_t* locate(const DecodeRun& a, const DecS
 // 16-byte chunk c of new row w's K (kv = 0) or V (kv = 1) row of KV head h into the cache block `blk`, row r.
 __device__ __forceinline__ void write_chunk(const DecodeRun& a, const DecodeTensors& io, const DecWrite& w,
                                             const uint16_t* blk, int32_t r, int kv, int h, int c) {
-  const uint16_t* src = kv == 0 ? io.k + w.src * io.k_rs + h * io.k_hs : io.v + w.src * io.v_rs + h * io.v_hs;
+  const uint16_t* src = kv == 0 ? io.k.at<const uint16_t>(0, w.src, h) : io.v.at<const uint16_t>(0, w.src, h);
   uint16_t* dst = const_cast<uint16_t*>(block_row(a, blk, h, r)) + int64_t(kv) * a.Hkv * a.P * a.D;
   reinterpret_cast<uint4*>(dst)[c] = reinterpret_cast<const uint4*>(src)[c];
 }
@@ -136,12 +136,13 @@ __global__ void __launch_bounds__(K::THREADS)
       const int key = key0 + i * (K::THREADS / CH);
       const int32_t x = x0 + key;
       const bool ok = x < un.end;
-      const uint16_t *ks = io.k, *vs = io.k;  // any valid address when !ok (0 bytes are read: zero fill)
-      if (ok && x >= un.new_begin) {          // written by this step: from the step's k/v
+      const uint16_t *ks = io.k.at<const uint16_t>(0, 0, 0),
+                     *vs = ks;        // any valid address when !ok (0 bytes are read: zero fill)
+      if (ok && x >= un.new_begin) {  // written by this step: from the step's k/v
         const uint32_t pos = summary ? a.lay.summary_to_stream(uint32_t(x)) : a.lay.text_to_stream(uint32_t(x));
         const int64_t row = un.src_off + int64_t(pos);
-        ks = io.k + row * io.k_rs + hk * io.k_hs + part * 8;
-        vs = io.v + row * io.v_rs + hk * io.v_hs + part * 8;
+        ks = io.k.at<const uint16_t>(0, row, hk) + part * 8;
+        vs = io.v.at<const uint16_t>(0, row, hk) + part * 8;
       } else if (ok) {
         const uint32_t y = summary && !sq.stored ? uint32_t(x) % a.lay.S : uint32_t(x), b = y / uint32_t(a.P);
         ks = block_row(a, s_blk[int32_t(b) - un.blk0], hk, int32_t(y - b * uint32_t(a.P))) + part * 8;
@@ -156,7 +157,7 @@ __global__ void __launch_bounds__(K::THREADS)
   uint32_t qa[D / 16][2];
   {
     const bool has = gid < G;
-    const uint16_t* qp = io.q + int64_t(un.qrow) * io.q_rs + int64_t(hk * G + (has ? gid : 0)) * io.q_hs;
+    const uint16_t* qp = io.q.at<const uint16_t>(0, un.qrow, hk * G + (has ? gid : 0));
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       qa[kk][0] = has ? *reinterpret_cast<const uint32_t*>(qp + kk * 16 + 2 * tig) : 0u;
@@ -180,9 +181,9 @@ __global__ void __launch_bounds__(K::THREADS)
       const uint16_t* blk = locate(a, a.seqs[wr.seq], wr.summary != 0, wr.row, r);
       write_chunk(a, io, wr, blk, r, threadIdx.x / CH, hk, threadIdx.x % CH);
     }
-  const float sl2 = a.scale * 1.4426950408889634f;  // scores in log2 units for ex2
-  float m2 = -INFINITY, l = 0.f;                    // row gid: running max (log2 units) and this lane's sum
-  float o[NB][2];                                   // row gid, dims 8·nb + 2·tig, +1
+  const float sl2 = a.scale * dev::kLog2e;  // scores in log2 units for ex2
+  float m2 = -INFINITY, l = 0.f;            // row gid: running max (log2 units) and this lane's sum
+  float o[NB][2];                           // row gid, dims 8·nb + 2·tig, +1
 #pragma unroll
   for (int nb = 0; nb < NB; ++nb) o[nb][0] = o[nb][1] = 0.f;
 
@@ -220,12 +221,8 @@ __global__ void __launch_bounds__(K::THREADS)
         s[nb][j] = ok ? s[nb][j] * sl2 : -INFINITY;
         mx = fmaxf(mx, s[nb][j]);
       }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float mn = fmaxf(m2, mx);
-    const float mu = mn == -INFINITY ? 0.f : mn;  // no key yet: every p is 0, not NaN
-    const float f = dev::ex2(m2 - mu);
-    m2 = mn;
+    float f;
+    const float mu = dev::online_softmax_step(m2, dev::quad_max(mx), f);
     l *= f;
     // P as two bf16 A operands, hi + lo (lo = the rounding residue of hi), so that P·V keeps fp32-level
     // weights: a decode step sums up to ~17K keys per head, and bf16 weights alone cost ~2^-9 relative.
@@ -255,8 +252,7 @@ __global__ void __launch_bounds__(K::THREADS)
     }
   }
   dev::launch_dependents();  // the merge kernel may launch; it waits for this grid before reading
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  l = dev::quad_sum(l);
 
   // Join the warps (fixed order) and write this CTA's partial (m in natural units); stage buffers reused.
   dev::cp_async_wait<0>();
@@ -269,7 +265,7 @@ __global__ void __launch_bounds__(K::THREADS)
       s_acc[(warp * G + gid) * D + nb * 8 + 2 * tig] = o[nb][0];
       s_acc[(warp * G + gid) * D + nb * 8 + 2 * tig + 1] = o[nb][1];
     }
-    if (tig == 0) s_ml[warp * G + gid] = make_float2(m2 == -INFINITY ? -INFINITY : m2 * 0.6931471805599453f, l);
+    if (tig == 0) s_ml[warp * G + gid] = make_float2(m2 == -INFINITY ? -INFINITY : m2 * dev::kLn2, l);
   }
   __syncthreads();
   const int64_t base = (int64_t(blockIdx.x) * a.Hkv + hk) * G;
@@ -346,7 +342,7 @@ __global__ void __launch_bounds__(kMergeThreads)
     float L = 0.f, x = 0.f;
     for (int w = 0; w < NW; ++w) L += s_red[1][w];
     for (int j = 0; j < NU; ++j) x += s_acc[j * D + d];
-    io.out[t.row * io.o_rs + h * io.o_hs + d] = to_bf16(x / L);
+    io.out.at<uint16_t>(0, t.row, h)[d] = to_bf16(x / L);
     if (d == 0 && io.lse) io.lse[int64_t(t.row) * a.Hq + h] = M + logf(L);
   }
 }

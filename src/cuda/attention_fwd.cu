@@ -49,8 +49,8 @@ struct FwdTraits {
   static constexpr int BQ = 16 * MT * NW;
   static constexpr int THREADS = 32 * NW;
   static constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
-  // Q, then two stages of K and V, then two stages of per-key tokens (chunk, index | summary bit).
-  static constexpr int SMEM = (BQ + 4 * BK) * D * 2 + 2 * BK * 8;
+  // Q, then two stages of K and V.
+  static constexpr int SMEM = (BQ + 4 * BK) * D * 2;
 };
 
 using detail::FwdArgs;
@@ -61,8 +61,7 @@ using detail::FwdArgs;
 // contiguous bytes of a row (two whole 32-byte sectors), the threads' chunks interleaved.
 template <class K>
 __device__ __forceinline__ void load_rows(const FwdArgs& a, uint32_t smem, const void* base, int64_t bstride,
-                                          int64_t rstride, int64_t hoff, int g0, int g_end, int rows,
-                                          int2* tokens = nullptr) {
+                                          int64_t rstride, int64_t hoff, int g0, int g_end, int rows) {
   using T = typename K::T;
   constexpr int TPR = 4, CPT = K::CHUNKS / TPR;  // threads per row, chunks per thread
   const int c0 = threadIdx.x % TPR;  // chunks c0, c0 + TPR, ...: a row's TPR threads read 64 contiguous bytes
@@ -70,10 +69,6 @@ __device__ __forceinline__ void load_rows(const FwdArgs& a, uint32_t smem, const
     const int g = g0 + r;
     const bool valid = g < g_end;
     const int64_t srow = valid ? int64_t(a.l32.stream_of_gathered(uint32_t(g))) : 0;
-    if (tokens && c0 == 0) {  // the key's token for masked tiles; rows past g_end never match
-      const StreamToken32 t = a.l32.token_of_gathered(uint32_t(g));
-      tokens[r] = valid ? make_int2(t.chunk, t.index | (t.is_summary ? int(0x80000000u) : 0)) : make_int2(-1, -1);
-    }
     const T* src = static_cast<const T*>(base) + bstride + srow * rstride + hoff;
 #pragma unroll
     for (int i = 0; i < CPT; ++i) cp_async16(smem + swz<K::CHUNKS>(r, c0 + i * TPR), src + (c0 + i * TPR) * 8, valid);
@@ -86,10 +81,9 @@ __device__ __forceinline__ void fwd_cta(const FwdArgs& a, int g0, int g1) {
   using T = typename K::T;
   constexpr int D = K::D, BK = K::BK, BQ = K::BQ, MT = K::MT, CH = K::CHUNKS;
   extern __shared__ __align__(128) uint8_t smem[];
-  // Two stages: tile i lives in stage i%2 (K at sK0 + stage*KV, V at sV0 + stage*KV, tokens at tok0).
+  // Two stages: tile i lives in stage i%2 (K at sK0 + stage*KV, V at sV0 + stage*KV).
   constexpr uint32_t KV = BK * D * 2;
   const uint32_t sQ = smem_u32(smem), sK0 = sQ + BQ * D * 2, sV0 = sK0 + 2 * KV;
-  int2* tok0 = reinterpret_cast<int2*>(smem + (BQ + 4 * BK) * D * 2);
 
   const int h = blockIdx.y, b = blockIdx.z, hk = h / a.G;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, tig = lane & 3;
@@ -99,18 +93,20 @@ __device__ __forceinline__ void fwd_cta(const FwdArgs& a, int g0, int g1) {
   bool masked;
   cur.next(tb, te, masked);  // every valid row sees itself: at least one tile
 
-  load_rows<K>(a, sQ, a.q, b * a.qb, a.qr, h * a.qh, g0, g1, BQ);
-  load_rows<K>(a, sK0, a.k, b * a.kb, a.kr, hk * a.kh, int(tb), int(te), BK, tok0);
-  load_rows<K>(a, sV0, a.v, b * a.vb, a.vr, hk * a.vh, int(tb), int(te), BK);
+  load_rows<K>(a, sQ, a.q.p, b * a.q.b, a.q.r, h * a.q.h, g0, g1, BQ);
+  load_rows<K>(a, sK0, a.k.p, b * a.k.b, a.k.r, hk * a.k.h, int(tb), int(te), BK);
+  load_rows<K>(a, sV0, a.v.p, b * a.v.b, a.v.r, hk * a.v.h, int(tb), int(te), BK);
   cp_async_commit();
 
-  // Query rows of this thread: (mt, half) -> token for masked tiles.
-  StreamToken32 qtok[MT][2];
+  // Query rows of this thread: (mt, half) -> its key ranges for masked tiles (rows past g1 see nothing).
+  RowKeyRanges rk[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf)
-      qtok[mt][hf] = a.l32.token_of_gathered(uint32_t(g0 + warp * 16 * MT + mt * 16 + gid + 8 * hf));
+    for (int hf = 0; hf < 2; ++hf) {
+      const int g = g0 + warp * 16 * MT + mt * 16 + gid + 8 * hf;
+      if (g < g1) rk[mt][hf] = row_key_ranges(a.l32, a.W32, uint32_t(g));
+    }
 
   float o[MT][D / 8][4];
   float m[MT][2], l[MT][2];  // m: running max of raw scores times scale_log2
@@ -139,14 +135,13 @@ __device__ __forceinline__ void fwd_cta(const FwdArgs& a, int g0, int g1) {
 
   int stage = 0;
   for (;;) {
-    // Prefetch the next tile (K, V, key tokens) into the other stage while this one is computed.
+    // Prefetch the next tile (K, V) into the other stage while this one is computed.
     int64_t nb_, ne_;
     bool nmasked;
     const bool more = cur.next(nb_, ne_, nmasked);
     if (more) {
-      load_rows<K>(a, sK0 + (stage ^ 1) * KV, a.k, b * a.kb, a.kr, hk * a.kh, int(nb_), int(ne_), BK,
-                   tok0 + (stage ^ 1) * BK);
-      load_rows<K>(a, sV0 + (stage ^ 1) * KV, a.v, b * a.vb, a.vr, hk * a.vh, int(nb_), int(ne_), BK);
+      load_rows<K>(a, sK0 + (stage ^ 1) * KV, a.k.p, b * a.k.b, a.k.r, hk * a.k.h, int(nb_), int(ne_), BK);
+      load_rows<K>(a, sV0 + (stage ^ 1) * KV, a.v.p, b * a.v.b, a.v.r, hk * a.v.h, int(nb_), int(ne_), BK);
       cp_async_commit();
       cp_async_wait_one();  // this tile's group has landed
     } else {
@@ -154,7 +149,6 @@ __device__ __forceinline__ void fwd_cta(const FwdArgs& a, int g0, int g1) {
     }
     __syncthreads();
     const uint32_t sK = sK0 + stage * KV, sV = sV0 + stage * KV;
-    const int2* tok = tok0 + stage * BK;
 
     float s[MT][BK / 8][4];
 #pragma unroll
@@ -182,31 +176,25 @@ __device__ __forceinline__ void fwd_cta(const FwdArgs& a, int g0, int g1) {
       }
     }
 
-    // Mask (tiles on a span edge, or clipped short: rows past the tile carry token -1 and never match),
+    // Mask (tiles on a span edge, or clipped short: rows past the tile's end lie in no row's key range),
     // then the online softmax in the log2 domain: p = 2^(s * scale_log2 - m).
-    const bool need_mask = masked || (te - tb) < BK;
+    const bool need_mask = masked || (te - tb) < BK, text = tb < a.l32.T;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         float mx = -INFINITY;
+        const KeyRange kr = key_range(rk[mt][hf], text);
 #pragma unroll
         for (int j = 0; j < BK / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float& x = s[mt][j][2 * hf + e];
-            if (need_mask) {
-              const int2 kt = tok[j * 8 + 2 * tig + e];
-              if (kt.x < 0 || !visible_tokens(a.W32, qtok[mt][hf], unpack_token(kt))) x = -INFINITY;
-            }
+            if (need_mask && !kr.sees(int(tb) + j * 8 + 2 * tig + e)) x = -INFINITY;
             mx = fmaxf(mx, x);
           }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[mt][hf], mx * a.scale_log2);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
-        const float alpha = ex2(m[mt][hf] - m_use);
-        m[mt][hf] = m_new;
+        float alpha;
+        const float m_use = online_softmax_step(m[mt][hf], quad_max(mx) * a.scale_log2, alpha);
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < BK / 8; ++j)
@@ -260,9 +248,7 @@ __device__ __forceinline__ void fwd_cta(const FwdArgs& a, int g0, int g1) {
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      float sum = l[mt][hf];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float sum = quad_sum(l[mt][hf]);
       const int g = g0 + warp * 16 * MT + mt * 16 + gid + 8 * hf;
       if (g < g1) detail::store_row<T, D>(a, b, h, g, tig, hf, &o[mt][0][0], m[mt][hf], sum);
     }
@@ -388,7 +374,7 @@ void attention_forward(const AttentionParams& p, CudaStream stream, const Kernel
   if (p.L() == 0) return;
   FwdArgs a{};
   // Packed: the streams' common k, S and tail; each CTA takes its stream's T from the work table.
-  a.lay = p.packed() ? Layout(p.layout.k, p.layout.S, 0, p.layout.summarize_tail) : p.layout;
+  a.lay = p.packed() ? Layout(p.layout.chunk_size, p.layout.S, 0, p.layout.summarize_tail) : p.layout;
   a.l32 = Layout32(a.lay);
   a.W = p.W;
   a.W32 = detail::window32(p.W);
@@ -405,16 +391,9 @@ void attention_forward(const AttentionParams& p, CudaStream stream, const Kernel
     a.qb1 = a.L;
     if (p.q_begin == 0) a.qa0 = 0, a.qa1 = a.L, a.qb0 = a.qb1 = a.L;  // one range: the tiles as ever
   }
-  a.scale_log2 = p.softmax_scale() * 1.4426950408889634f;
-  a.q = p.q.data;
-  a.k = p.k.data;
-  a.v = p.v.data;
-  a.out = p.out.data;
+  a.scale_log2 = p.softmax_scale() * dev::kLog2e;
+  a.q = detail::view_of(p.q), a.k = detail::view_of(p.k), a.v = detail::view_of(p.v), a.out = detail::view_of(p.out);
   a.lse = p.lse;
-  a.qb = p.q.batch_stride, a.qr = p.q.row_stride, a.qh = p.q.head_stride;
-  a.kb = p.k.batch_stride, a.kr = p.k.row_stride, a.kh = p.k.head_stride;
-  a.vb = p.v.batch_stride, a.vr = p.v.row_stride, a.vh = p.v.head_stride;
-  a.ob = p.out.batch_stride, a.orow = p.out.row_stride, a.oh = p.out.head_stride;
   const varlen::Streams streams = p.packed() ? varlen::streams_of(p) : varlen::Streams{};
   const varlen::Streams* pk = p.packed() ? &streams : nullptr;
   auto s = static_cast<cudaStream_t>(stream);

@@ -8,6 +8,7 @@
 #include "check.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/varlen_plan.hpp"
+#include "cuda/views.cuh"
 #include "cuda/workspace.cuh"
 #include "ksa/spec.hpp"
 
@@ -22,10 +23,8 @@ struct FwdArgs {
   // The query rows, gathered order: [qa0, qa1) then [qb0, qb1) (a whole stream: [0, L) and nothing).
   int qa0, qa1, qb0, qb1;
   float scale_log2;  // softmax scale * log2(e)
-  const void *q, *k, *v;
-  void* out;
+  View q, k, v, out;
   float* lse;
-  int64_t qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orow, oh;
 };
 
 // The arguments of one stream of a packed call, as a call on that stream alone would have them: its Layout,
@@ -33,13 +32,11 @@ struct FwdArgs {
 template <class T>
 __device__ __forceinline__ FwdArgs stream_args(const FwdArgs& a, const varlen::Seq& s) {
   FwdArgs o = a;
-  o.lay = Layout(a.lay.k, a.lay.S, s.l32.T, a.lay.summarize_tail);
+  o.lay = Layout(a.lay.chunk_size, a.lay.S, s.l32.T, a.lay.summarize_tail);
   o.l32 = s.l32;
   o.L = s.L;
-  o.q = static_cast<const T*>(a.q) + int64_t(s.row0) * a.qr;
-  o.k = static_cast<const T*>(a.k) + int64_t(s.row0) * a.kr;
-  o.v = static_cast<const T*>(a.v) + int64_t(s.row0) * a.vr;
-  o.out = static_cast<T*>(a.out) + int64_t(s.row0) * a.orow;
+  o.q = rows_on<T>(a.q, s.row0), o.k = rows_on<T>(a.k, s.row0), o.v = rows_on<T>(a.v, s.row0);
+  o.out = rows_on<T>(a.out, s.row0);
   if (a.lse) o.lse = a.lse + int64_t(s.row0) * a.Hq;  // [1, L, Hq]: the stream's rows are contiguous
   return o;
 }
@@ -69,8 +66,8 @@ __device__ __forceinline__ void store_row(const FwdArgs& a, int b, int h, int g,
                                           float m, float l) {
   const float inv = 1.f / l;
   const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
-  dev::store_acc_row<T, D>(static_cast<T*>(a.out) + b * a.ob + srow * a.orow + h * a.oh, o, hf, tig, inv);
-  if (a.lse && tig == 0) a.lse[(int64_t(b) * a.L + srow) * a.Hq + h] = (m + log2f(l)) * 0.69314718055994531f;
+  dev::store_acc_row<T, D>(a.out.at<T>(b, srow, h), o, hf, tig, inv);
+  if (a.lse && tig == 0) a.lse[(int64_t(b) * a.L + srow) * a.Hq + h] = dev::lse_of(m, l);
 }
 
 // Launches kern<<<(query tiles of K::BQ rows, Hq, B), K::THREADS, K::SMEM>>>(a, {}) (both kernels' grid).

@@ -64,15 +64,15 @@ __device__ __forceinline__ void fwd_sm90a_cta(const FwdArgs& a, int g0, int g1) 
   const int wg = int(threadIdx.x) / 128;
   if (wg == 2) {
     setmaxnreg_dec<K::PRODUCER_REGS>();
-    const T* qb = static_cast<const T*>(a.q) + b * a.qb + h * a.qh;
-    const T* kb = static_cast<const T*>(a.k) + b * a.kb + hk * a.kh;
-    const T* vb = static_cast<const T*>(a.v) + b * a.vb + hk * a.vh;
+    const T* qb = a.q.at<const T>(b, 0, h);
+    const T* kb = a.k.at<const T>(b, 0, hk);
+    const T* vb = a.v.at<const T>(b, 0, hk);
     produce<K::STAGES>(
-        sKV, 2 * K::KV_BYTES, info, [&] { load_rows<T, D, BQ>(a.l32, sQ, qb, a.qr, g0, g1); },
+        sKV, 2 * K::KV_BYTES, info, [&] { load_rows<T, D, BQ>(a.l32, sQ, qb, a.q.r, g0, g1); },
         KeyTiles<BK>(a.lay, a.W, g0, g1),
         [&](uint32_t st, const TileInfo& t) {
-          load_rows<T, D, BK>(a.l32, st, kb, a.kr, t.begin, t.end);
-          load_rows<T, D, BK>(a.l32, st + K::KV_BYTES, vb, a.vr, t.begin, t.end);
+          load_rows<T, D, BK>(a.l32, st, kb, a.k.r, t.begin, t.end);
+          load_rows<T, D, BK>(a.l32, st + K::KV_BYTES, vb, a.v.r, t.begin, t.end);
         });
     return;
   }
@@ -111,15 +111,12 @@ __device__ __forceinline__ void fwd_sm90a_cta(const FwdArgs& a, int g0, int g1) 
       const bool text = t.begin < a.lay.T;
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        int lo, hi;
-        key_range_for(rk[hf], text, lo, hi);
+        const KeyRange kr = key_range(rk[hf], text);
 #pragma unroll
         for (int j = 0; j < BK / 8; ++j)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int x = t.begin + 8 * j + 2 * tig + e;
-            if (x < lo || x > hi) s[4 * j + 2 * hf + e] = -INFINITY;
-          }
+          for (int e = 0; e < 2; ++e)
+            if (!kr.sees(t.begin + 8 * j + 2 * tig + e)) s[4 * j + 2 * hf + e] = -INFINITY;
       }
     }
     // Online softmax in the log2 domain: p = 2^(s * scale_log2 - m); a row's 128 scores live in its quad.
@@ -128,12 +125,8 @@ __device__ __forceinline__ void fwd_sm90a_cta(const FwdArgs& a, int g0, int g1) 
       float mx = -INFINITY;
 #pragma unroll
       for (int j = 0; j < BK / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * hf], s[4 * j + 2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[hf], mx * a.scale_log2);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
-      const float alpha = ex2(m[hf] - m_use);
-      m[hf] = m_new;
+      float alpha;
+      const float m_use = online_softmax_step(m[hf], quad_max(mx) * a.scale_log2, alpha);
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < BK / 8; ++j)
@@ -167,9 +160,7 @@ __device__ __forceinline__ void fwd_sm90a_cta(const FwdArgs& a, int g0, int g1) 
   // Epilogue: normalise, write out (stream order) and lse (natural log).
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
-    float sum = l[hf];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float sum = quad_sum(l[hf]);
     const int g = g0 + r0 + 8 * hf;
     if (g < g1) store_row<T, D>(a, b, h, g, tig, hf, o, m[hf], sum);
   }

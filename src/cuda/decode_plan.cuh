@@ -1,11 +1,16 @@
-// What a decode plan uploads and the decode kernels read (src/cuda/kv_cache_gpu.cu builds it, one host ->
-// device copy per plan; src/cuda/attention_decode.cu runs it). Plain data, 32-bit fields: a KvCacheGpu's
+// What a decode plan uploads and the decode kernels read (src/cuda/decode_plan.cpp packs it from the cache's
+// plan, src/cuda/kv_cache_gpu.cu uploads it, one host -> device copy per plan; src/cuda/attention_decode.cu
+// runs it). Plain data, 32-bit fields: a KvCacheGpu's
 // rows and block ids fit (ids are int32 in the pool; rows per sequence < 2^31).
 #pragma once
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
+#include <vector>
 
+#include "cuda/views.cuh"
+#include "ksa/cache.hpp"
 #include "ksa/spec.hpp"
 
 namespace ksa::cuda::detail {
@@ -76,13 +81,32 @@ struct DecodeRun {
   float2* part_ml = nullptr;
 };
 
-// The step's tensors (bf16 bits, element strides): kernel parameters by value.
+// The step's tensors (bf16 bits; packed rows, so the batch stride is unused): kernel parameters by value.
 struct DecodeTensors {
-  const uint16_t *q = nullptr, *k = nullptr, *v = nullptr;
-  uint16_t* out = nullptr;
+  View q, k, v, out;
   float* lse = nullptr;
-  int64_t q_rs = 0, q_hs = 0, k_rs = 0, k_hs = 0, v_rs = 0, v_hs = 0, o_rs = 0, o_hs = 0;
 };
+
+// A decode step's work, packed on the host from the cache's plan (decode_plan.cpp).
+struct PackedDecode {
+  std::vector<DecSeq> seqs;
+  std::vector<DecTok> toks;
+  std::vector<DecUnit> units;
+  std::vector<DecWrite> writes;
+  std::vector<const void*> blocks;       // the batch's block tables as device addresses (null: no block)
+  std::vector<const void*> unit_blocks;  // per unit, the addresses of the blocks it reads, stride apart
+  int32_t unit_blocks_stride = 1;
+  int64_t total_keys = 0;  // keys attended over all tokens (per KV head)
+};
+// Packs plan p of a cache with config cfg and pool pv: a write per new row that `keep`
+// accepts, and, unless write_only, the tokens and their attention units. Units are split_rows keys long, or
+// (0) sized so that the units of all KV heads fill whole waves of per_wave resident attend CTAs per KV head.
+PackedDecode pack_decode(const DecodePlan& p, const KvCacheConfig& cfg, const KvPoolView& pv, bool write_only,
+                         const std::function<bool(const DecodeKeys&)>& keep, int64_t split_rows, int64_t per_wave);
+// The blob that carries a packed plan to the device: the DecodeRun `run` (its pointers set for a blob at
+// `dev`), then the packed arrays, in 16-byte aligned sections. Returns its bytes; with dev null only counts
+// them; with host set also writes the blob there.
+size_t decode_blob(const PackedDecode& pk, DecodeRun& run, char* dev, char* host);
 
 // CTAs of the attend kernel that fit on one SM (for the plan's split), and keys per attend tile (units are
 // cut in multiples of it).

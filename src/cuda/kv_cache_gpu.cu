@@ -6,7 +6,6 @@
 #include <string>
 #include <vector>
 
-#include "cache/decode_keys.hpp"
 #include "check.cuh"
 #include "cuda/decode_plan.cuh"
 #include "cuda/launch_checks.hpp"
@@ -125,7 +124,7 @@ bool supports(const KvCacheConfig& c, std::string* why) {
   };
   if (c.dtype != DType::bf16) return no(std::string("dtype: must be bf16 (got ") + dtype_name(c.dtype) + ")");
   if (c.D != 64 && c.D != 128) return no("D: must be 64 or 128 (got " + std::to_string(c.D) + ")");
-  if (c.max_text_tokens + c.max_text_tokens / c.spec.k * c.spec.S >= (int64_t(1) << 31))
+  if (c.max_text_tokens + c.max_text_tokens / c.spec.chunk_size * c.spec.S >= (int64_t(1) << 31))
     return no("max_text_tokens: the stream must stay below 2^31 rows");
   return true;
 }
@@ -159,167 +158,41 @@ struct KvCacheGpu::Impl {
     cudaStreamSynchronize(stream);
   }
 
-  // Builds the blob (sequences, tokens, units, writes, block addresses), uploads it with one async
-  // copy and fills `run`. `write_only`: the plan's rows are a prefill (writes only, filtered by `keep`).
-  template <class Keep>
-  void upload(const DecodePlan& p, float scale, int64_t Hq, bool write_only, Keep&& keep) {
+  // Packs the plan for the decode kernels (pack_decode, decode_plan.cpp), uploads it with one async copy and
+  // fills `run`. `write_only`: the plan's rows are a prefill (writes only, filtered by `keep`).
+  void upload(const DecodePlan& p, float scale, int64_t Hq, bool write_only,
+              const std::function<bool(const DecodeKeys&)>& keep) {
     const KvCacheConfig& cfg = cache.config();
-    const int64_t Kk = p.k, S = p.S, W = p.W, P = cfg.block_rows, Hkv = cfg.Hkv, D = cfg.D, G = Hq / Hkv;
-    const bool stored = cfg.stores_summaries();
-    std::vector<DecSeq> seqs(p.seqs.size());
-    std::vector<int32_t> tables;  // block ids (resolved to device addresses below)
-    std::vector<DecTok> toks;
-    std::vector<DecUnit> units;
-    std::vector<DecWrite> writes;
-    struct Range {
-      int32_t tok, seq, summary, begin, end, new_begin, src_off;
-    };
-    std::vector<Range> ranges;
-    int64_t total_keys = 0;
-    for (size_t b = 0; b < p.seqs.size(); ++b) {
-      const DecodeSeq& sq = p.seqs[b];
-      const StreamCounts end = stream_counts(Kk, S, sq.kv.T + sq.kv.sums + sq.n);
-      DecSeq& ds = seqs[b];
-      ds.text_off = int32_t(tables.size());
-      ds.slots = int32_t(sq.kv.text_slots);
-      tables.insert(tables.end(), sq.kv.text_blocks, sq.kv.text_blocks + sq.kv.text_slots);
-      ds.sum_off = int32_t(tables.size());
-      ds.stored = stored ? 1 : 0;
-      const int64_t sum_rows = end.sums == 0 ? 0 : (stored ? end.sums : S);
-      tables.insert(tables.end(), sq.kv.summary_blocks, sq.kv.summary_blocks + (sum_rows + P - 1) / P);
-      const int64_t pos0 = sq.kv.T + sq.kv.sums;
-      for (int64_t i = 0; i < sq.n; ++i) {
-        const ksa::detail::DecodeKeys keys = ksa::detail::decode_keys(Kk, S, W, pos0 + i);
-        const int32_t src = int32_t(sq.row0 + i);
-        if (keep(keys)) writes.push_back(DecWrite{src, int32_t(b), keys.is_summary ? 1 : 0, int32_t(keys.row)});
-        if (write_only) continue;
-        const int32_t t = int32_t(toks.size());
-        toks.push_back(DecTok{src, 0, 0, 0});
-        for (int r = 0; r < keys.n; ++r) {
-          // Rows of this step (text rows from T, summary rows from sums at the step's start) come from the
-          // step's k/v: packed row row0 + (stream position - pos0).
-          const bool sum = keys.range[r].summary;
-          ranges.push_back(Range{t, int32_t(b), sum ? 1 : 0, int32_t(keys.range[r].begin), int32_t(keys.range[r].end),
-                                 int32_t(sum ? sq.kv.sums : sq.kv.T), int32_t(sq.row0 - pos0)});
-          total_keys += keys.range[r].end - keys.range[r].begin;
-        }
-      }
-    }
-    // Split: units of whole attend tiles, sized so that the units of all KV heads fill whole waves of the
-    // device (CTAs resident at once = SMs x attend CTAs per SM), at most ~2048 keys per unit and at least two
-    // tiles: a unit's fixed costs (its descriptor and block-table loads, the warps' join, a partial per head
-    // that the merge reads) outweigh the CTA slot a one-tile unit fills (H200, B=1, T=16K: 24 units of 128
-    // keys 16.74 us against 47 of 64 keys 17.57 us, one run each).
-    int64_t split = opt.split_rows;
-    if (split <= 0 && !write_only) {
-      const int64_t tile = attend_tile_keys();
+    const int64_t Hkv = cfg.Hkv, D = cfg.D, G = Hq / Hkv;
+    int64_t per_wave = 0;  // attend CTAs resident at once per KV head
+    if (!write_only) {
       if (ctas_per_sm[G] == 0) ctas_per_sm[G] = std::max(1, attend_ctas_per_sm(int(D), int(G)));
-      const int64_t per_wave = std::max<int64_t>(1, int64_t(sms) * ctas_per_sm[G] / Hkv);
-      const int64_t waves = std::max<int64_t>(1, (total_keys + per_wave * 2048 - 1) / (per_wave * 2048));
-      split = (total_keys + per_wave * waves - 1) / (per_wave * waves);
-      split = std::max<int64_t>(2 * tile, (split + tile - 1) / tile * tile);
+      per_wave = std::max<int64_t>(1, int64_t(sms) * ctas_per_sm[G] / Hkv);
     }
-    if (split <= 0) split = 2048;
-    // A unit's block list must fit the attend kernel's (kMaxUnitBlocks, decode_plan.cuh; only tiny blocks bind).
-    split = std::min<int64_t>(split, std::max<int64_t>(attend_tile_keys(), (kMaxUnitBlocks - 1) * P));
-    std::vector<int32_t> unit_tables;  // per unit, indices into `tables` of the blocks it reads (blk0, ...)
-    std::vector<int32_t> unit_nblk;
-    for (const Range& r : ranges) {
-      DecTok& t = toks[size_t(r.tok)];
-      if (t.units == 0) t.unit0 = int32_t(units.size());
-      for (int64_t b = r.begin; b < r.end; b += split) {
-        DecUnit u;
-        u.tok = r.tok, u.seq = r.seq, u.summary = r.summary, u.begin = int32_t(b);
-        u.end = int32_t(std::min<int64_t>(r.end, b + split));
-        u.qrow = t.row;
-        u.sq = seqs[size_t(r.seq)];
-        u.new_begin = r.new_begin;
-        u.src_off = r.src_off;
-        // The blocks of the cache rows it reads, [begin, min(end, new_begin)), by storage row.
-        const int64_t rend = std::min<int64_t>(u.end, u.new_begin);
-        const DecSeq& ds = seqs[size_t(r.seq)];
-        auto storage_row = [&](int64_t x) { return r.summary && !ds.stored ? x % S : x; };
-        int32_t nb = 0;
-        if (rend > u.begin) {
-          const int64_t y0 = storage_row(u.begin), y1 = storage_row(rend - 1);
-          if (y1 - y0 != rend - 1 - u.begin)  // one chunk's summaries when they are not stored (KvCache)
-            fail("cuda decode: internal error: a unit's cache rows are not contiguous (rows ", u.begin, "..", rend,
-                 ")");
-          u.blk0 = int32_t(y0 / P);
-          nb = int32_t(y1 / P - y0 / P + 1);
-          for (int64_t b = y0 / P; b <= y1 / P; ++b)
-            unit_tables.push_back(r.summary ? ds.sum_off + int32_t(b) : ds.text_off + int32_t(b % ds.slots));
-        }
-        unit_nblk.push_back(nb);
-        units.push_back(u);
-        ++t.units;
-      }
-    }
-    stats = PlanStats{int64_t(units.size()), int64_t(toks.size()), total_keys};
+    const PackedDecode pk = pack_decode(p, cfg, cache.pool_view(), write_only, keep, opt.split_rows, per_wave);
+    stats = PlanStats{int64_t(pk.units.size()), int64_t(pk.toks.size()), pk.total_keys};
 
-    // Blob: seqs, toks, units, writes, block addresses, per-unit block addresses (16-byte aligned sections).
-    const KvPoolView pv = cache.pool_view();
-    std::vector<const void*> addr(tables.size());
-    for (size_t i = 0; i < tables.size(); ++i) addr[i] = tables[i] < 0 ? nullptr : pv.block(tables[i]);
-    const int32_t ub_stride =
-        unit_nblk.empty() ? 1 : std::max(1, *std::max_element(unit_nblk.begin(), unit_nblk.end()));
-    if (ub_stride > kMaxUnitBlocks) fail("cuda decode: internal error: a unit reads ", ub_stride, " blocks");
-    std::vector<const void*> uaddr(units.size() * size_t(ub_stride), nullptr);
-    for (size_t u = 0, j = 0; u < units.size(); ++u)
-      for (int32_t i = 0; i < unit_nblk[u]; ++i)
-        uaddr[u * size_t(ub_stride) + size_t(i)] = addr[size_t(unit_tables[j++])];
-    size_t off = 0;
-    auto section = [&](size_t bytes) {
-      const size_t o = off;
-      off = align16(off + bytes);
-      return o;
-    };
-    const size_t o_run = section(sizeof(DecodeRun)), o_seqs = section(seqs.size() * sizeof(DecSeq)),
-                 o_toks = section(toks.size() * sizeof(DecTok)), o_units = section(units.size() * sizeof(DecUnit)),
-                 o_writes = section(writes.size() * sizeof(DecWrite)), o_tables = section(addr.size() * sizeof(void*)),
-                 o_ublocks = section(uaddr.size() * sizeof(void*));
-    const size_t bytes = off;
+    const size_t bytes = decode_blob(pk, run, nullptr, nullptr);
     meta.reserve(bytes, stream);
-    const size_t part_bytes = align16(units.size() * size_t(Hkv * G * D) * 4) + units.size() * size_t(Hkv * G) * 8;
-    partials.reserve(std::max<size_t>(part_bytes, 16), stream);
-
-    char* d = static_cast<char*>(meta.p);
+    const size_t acc_bytes = align16(pk.units.size() * size_t(Hkv * G * D) * 4);
+    partials.reserve(std::max<size_t>(acc_bytes + pk.units.size() * size_t(Hkv * G) * 8, 16), stream);
     DecodeRun& a = run;
     a = DecodeRun{};
-    a.P = int32_t(P);
+    a.P = int32_t(cfg.block_rows);
     a.Hkv = int32_t(Hkv);
-    a.lay = Layout32(Layout(Kk, S, cfg.max_text_tokens));
-    a.blocks = reinterpret_cast<const uint16_t* const*>(d + o_tables);
-    a.unit_blocks = reinterpret_cast<const uint16_t* const*>(d + o_ublocks);
-    a.unit_blocks_stride = ub_stride;
-    a.seqs = reinterpret_cast<const DecSeq*>(d + o_seqs);
-    a.toks = reinterpret_cast<const DecTok*>(d + o_toks);
-    a.units = reinterpret_cast<const DecUnit*>(d + o_units);
-    a.writes = reinterpret_cast<const DecWrite*>(d + o_writes);
-    a.n_writes = int32_t(writes.size());
-    a.n_toks = int32_t(toks.size());
-    a.n_units = int32_t(units.size());
+    a.lay = Layout32(cfg.geometry().layout(cfg.max_text_tokens));
     a.Hq = int32_t(Hq);
     a.G = int32_t(G);
     a.D = int32_t(D);
     a.scale = scale;
     a.part_acc = static_cast<float*>(partials.p);
-    a.part_ml =
-        reinterpret_cast<float2*>(static_cast<char*>(partials.p) + align16(units.size() * size_t(Hkv * G * D) * 4));
-    run_dev = reinterpret_cast<const DecodeRun*>(d + o_run);
-
+    a.part_ml = reinterpret_cast<float2*>(static_cast<char*>(partials.p) + acc_bytes);
     Staging& stg = staging[next_staging];
     next_staging ^= 1;
     stg.reserve(bytes);
-    char* h = static_cast<char*>(stg.p);
-    std::memcpy(h + o_run, &a, sizeof(DecodeRun));
-    std::memcpy(h + o_seqs, seqs.data(), seqs.size() * sizeof(DecSeq));
-    std::memcpy(h + o_toks, toks.data(), toks.size() * sizeof(DecTok));
-    std::memcpy(h + o_units, units.data(), units.size() * sizeof(DecUnit));
-    std::memcpy(h + o_writes, writes.data(), writes.size() * sizeof(DecWrite));
-    std::memcpy(h + o_tables, addr.data(), addr.size() * sizeof(void*));
-    std::memcpy(h + o_ublocks, uaddr.data(), uaddr.size() * sizeof(void*));
-    KSA_CUDA_CHECK(cudaMemcpyAsync(meta.p, h, off, cudaMemcpyHostToDevice, stream));
+    decode_blob(pk, a, static_cast<char*>(meta.p), static_cast<char*>(stg.p));
+    run_dev = reinterpret_cast<const DecodeRun*>(meta.p);
+    KSA_CUDA_CHECK(cudaMemcpyAsync(meta.p, stg.p, bytes, cudaMemcpyHostToDevice, stream));
     KSA_CUDA_CHECK(cudaEventRecord(stg.done, stream));
     stg.pending = true;
   }
@@ -327,11 +200,9 @@ struct KvCacheGpu::Impl {
   static DecodeTensors tensors(const TensorView* q, const TensorView& k, const TensorView& v, const TensorView* out,
                                float* lse) {
     DecodeTensors t;
-    t.k = static_cast<const uint16_t*>(k.data);
-    t.v = static_cast<const uint16_t*>(v.data);
-    t.k_rs = k.row_stride, t.k_hs = k.head_stride, t.v_rs = v.row_stride, t.v_hs = v.head_stride;
-    if (q) t.q = static_cast<const uint16_t*>(q->data), t.q_rs = q->row_stride, t.q_hs = q->head_stride;
-    if (out) t.out = static_cast<uint16_t*>(out->data), t.o_rs = out->row_stride, t.o_hs = out->head_stride;
+    t.k = view_of(k), t.v = view_of(v);
+    if (q) t.q = view_of(*q);
+    if (out) t.out = view_of(*out);
     t.lse = lse;
     return t;
   }
@@ -364,12 +235,13 @@ struct KvCacheGpu::Impl {
   bool step_ok(SeqId id, int64_t n, std::string* why) const {
     const KvCacheConfig& cfg = cache.config();
     const SeqState st = cache.state(id);
-    const int64_t k = cfg.spec.k, S = cfg.spec.S, W = cfg.spec.W;
+    const StreamGeometry geo = cfg.geometry();
+    const int64_t S = geo.S;
     if (n <= 0) return true;
-    const StreamCounts end = stream_counts(k, S, st.stream_length() + n);
+    const StreamCounts end = geo.counts(st.stream_length() + n);
     const int64_t R = cache.text_ring_rows();
     if (R < cfg.max_text_tokens) {
-      const int64_t lo = live_text_begin(k, S, W, st.text_tokens, st.summary_tokens);
+      const int64_t lo = geo.live_text_begin(StreamCounts{st.text_tokens, st.summary_tokens});
       if (end.T - lo > R) {
         if (why)
           *why = "cuda decode: a step of " + std::to_string(n) + " tokens for sequence " + std::to_string(id) +
@@ -419,10 +291,11 @@ void KvCacheGpu::prefill(SeqId id, const KvRows& k, const KvRows& v) {
   if (k.n != v.n) fail("KvCacheGpu::prefill: k has ", k.n, " rows but v has ", v.n);
   if (k.n == 0) return;
   const SeqState st = m.cache.state(id);
-  const int64_t K = cfg.spec.k, S = cfg.spec.S, W = cfg.spec.W;
-  const StreamCounts end = stream_counts(K, S, st.stream_length() + k.n);
+  const StreamGeometry geo = cfg.geometry();
+  const int64_t S = geo.S;
+  const StreamCounts end = geo.counts(st.stream_length() + k.n);
   // Only rows a later token can still see (as KvCache::prefill): no two of them share a cache place.
-  const int64_t lo = live_text_begin(K, S, W, end.T, end.sums);
+  const int64_t lo = geo.live_text_begin(end);
   const int64_t last_chunk = end.sums > 0 ? (end.sums - 1) / S : -1;
   const int64_t s_keep = cfg.stores_summaries() ? 0 : last_chunk * S;
   const SeqId ids[1] = {id};
@@ -432,7 +305,7 @@ void KvCacheGpu::prefill(SeqId id, const KvRows& k, const KvRows& v) {
     const TensorView kv{const_cast<void*>(k.data), 0, k.row_stride, k.head_stride};
     const TensorView vv{const_cast<void*>(v.data), 0, v.row_stride, v.head_stride};
     m.upload(plan, 1.f, cfg.Hkv, true,
-             [&](const ksa::detail::DecodeKeys& d) { return d.is_summary ? d.row >= s_keep : d.row >= lo; });
+             [&](const DecodeKeys& d) { return d.is_summary ? d.row >= s_keep : d.row >= lo; });
     launch_decode(m.run, m.run_dev, Impl::tensors(nullptr, kv, vv, nullptr, nullptr), m.stream);
   } catch (...) {
     m.cache.cancel_decode(plan);
@@ -447,8 +320,9 @@ void KvCacheGpu::read_stream(SeqId id, int64_t text_begin, int64_t sum_begin, co
   const KvCacheConfig& cfg = m.cache.config();
   const SeqKvView sv = m.cache.view(id);
   const KvPoolView pv = m.cache.pool_view();
-  const int64_t K = cfg.spec.k, S = cfg.spec.S, P = cfg.block_rows;
-  const int64_t lo = live_text_begin(K, S, cfg.spec.W, sv.T, sv.sums);
+  const StreamGeometry geo = cfg.geometry();
+  const int64_t S = geo.S, P = cfg.block_rows;
+  const int64_t lo = geo.live_text_begin(StreamCounts{sv.T, sv.sums});
   if (text_begin < lo || text_begin > sv.T)
     fail("KvCacheGpu::read_stream: text rows from ", text_begin, ": the cache holds text rows [", lo, ", ", sv.T, ")");
   const int64_t sum_end = cfg.stores_summaries() ? sv.sums : sum_begin;
@@ -465,15 +339,14 @@ void KvCacheGpu::read_stream(SeqId id, int64_t text_begin, int64_t sum_begin, co
   auto* src = reinterpret_cast<const void**>(h);
   auto* srow = reinterpret_cast<int32_t*>(h + size_t(n) * sizeof(void*));
   int32_t* dst = srow + n;
-  const Layout lay(K, S, cfg.max_text_tokens);
   int64_t i = 0;
   for (int64_t t = text_begin; t < sv.T; ++t, ++i) {
     const KvRowRef r = sv.text_row(pv, t);
-    src[i] = pv.block(r.block), srow[i] = int32_t(r.row), dst[i] = int32_t(lay.text_to_stream(t));
+    src[i] = pv.block(r.block), srow[i] = int32_t(r.row), dst[i] = int32_t(geo.text_position(t));
   }
   for (int64_t s = sum_begin; s < sum_end; ++s, ++i) {
     const KvRowRef r = sv.summary_row(pv, S, s);
-    src[i] = pv.block(r.block), srow[i] = int32_t(r.row), dst[i] = int32_t(lay.summary_to_stream(s / S, s % S));
+    src[i] = pv.block(r.block), srow[i] = int32_t(r.row), dst[i] = int32_t(geo.summary_position(s / S, s % S));
   }
   m.read_meta.reserve(bytes, m.stream);
   KSA_CUDA_CHECK(cudaMemcpyAsync(m.read_meta.p, h, bytes, cudaMemcpyHostToDevice, m.stream));
@@ -508,7 +381,7 @@ void KvCacheGpu::plan_decode(std::span<const SeqId> ids, std::span<const int64_t
   DecodePlan plan = m.cache.plan_decode(ids, n_new);
   try {
     m.upload(plan, scale != 0.f ? scale : 1.f / std::sqrt(float(cfg.D)), Hq, false,
-             [](const ksa::detail::DecodeKeys&) { return true; });
+             [](const DecodeKeys&) { return true; });
   } catch (...) {
     m.cache.cancel_decode(plan);
     throw;
@@ -521,7 +394,7 @@ void KvCacheGpu::plan_decode(std::span<const SeqId> ids, std::span<const int64_t
 void KvCacheGpu::run() {
   Impl& m = *impl_;
   if (!m.plan) fail("KvCacheGpu::run: no decode step is planned");
-  if (!m.run_io.q && m.run_rows > 0) fail("KvCacheGpu::run: the step was planned without tensors: use launch(io)");
+  if (!m.run_io.q.p && m.run_rows > 0) fail("KvCacheGpu::run: the step was planned without tensors: use launch(io)");
   launch_decode(m.run, m.run_dev, m.run_io, m.stream);
 }
 

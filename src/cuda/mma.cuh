@@ -138,16 +138,55 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-// A row's token packed for smem: (chunk, index | summary bit); rows that do not exist are (-1, -1).
-__device__ __forceinline__ int2 pack_token(const StreamToken32& t) {
-  return make_int2(t.chunk, t.index | (t.is_summary ? int(0x80000000u) : 0));
+// ---- The online softmax of one query row, shared by the forward, backward and decode kernels. Scores
+// live in log2 units (the softmax scale times log2(e) folded into one multiply, so p = ex2(x - m)); a row's
+// scores are spread over the 4 lanes of an mma quad (lanes xor 1 and 2). The forward's lse and the decode's
+// partial maxima leave in natural-log units.
+inline constexpr float kLog2e = 1.4426950408889634f;  // scores -> log2 units
+inline constexpr float kLn2 = 0.6931471805599453f;    // log2 units -> natural log
+
+// The max / sum of a row's values over its quad.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
-__device__ __forceinline__ StreamToken32 unpack_token(int2 t) {
-  StreamToken32 k;
-  k.chunk = t.x;
-  k.index = t.y & 0x7fffffff;
-  k.is_summary = t.y < 0;
-  return k;
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// One tile of the online-softmax update of a row with running max m (log2 units): tile_max is the row's
+// largest score of the tile (log2 units, over the quad). Updates m and returns the offset the tile's
+// exponents use, p = ex2(x - offset); alpha is the factor for the running sum and the output accumulators.
+// A row that has seen nothing yet (m stays -inf) uses offset 0, so every p is 0 and never NaN.
+__device__ __forceinline__ float online_softmax_step(float& m, float tile_max, float& alpha) {
+  const float m_new = fmaxf(m, tile_max);
+  const float offset = m_new == -INFINITY ? 0.f : m_new;
+  alpha = ex2(m - offset);
+  m = m_new;
+  return offset;
+}
+
+// The natural-log lse of a row from its running max m (log2 units) and sum l.
+__device__ __forceinline__ float lse_of(float m, float l) { return (m + log2f(l)) * kLn2; }
+
+// ---- THE mask on the device (the forward, backward and their portable and sm_90a kernels). The kernels walk
+// key tiles that hold only text rows or only summary rows (KeyTileCursor); within one, the keys a query row
+// sees are one inclusive range of gathered rows, the row's range for that region (row_key_ranges, core: the
+// rule as ranges). Key rows past a clipped tile's end lie past the region's end and so in no range; query rows
+// past the stream's end get the empty range. Staged in shared memory as an int2 (lo, hi).
+struct KeyRange {
+  int lo = 1, hi = 0;  // empty
+  __device__ __forceinline__ bool sees(int x) const { return x >= lo && x <= hi; }
+  __device__ __forceinline__ int2 packed() const { return make_int2(lo, hi); }
+};
+__device__ __forceinline__ KeyRange unpack_range(int2 v) { return KeyRange{v.x, v.y}; }
+__device__ __forceinline__ KeyRange key_range(const RowKeyRanges& rk, bool text_tile) {
+  return text_tile ? KeyRange{rk.text_lo, rk.text_hi} : KeyRange{rk.sum_lo, rk.sum_hi};
+}
+// Query row g of a stream of g_end rows, for a tile of the given region.
+__device__ __forceinline__ KeyRange key_range(const Layout32& l, int W32, int g, int g_end, bool text_tile) {
+  return g < g_end ? key_range(row_key_ranges(l, W32, uint32_t(g)), text_tile) : KeyRange{};
 }
 
 }  // namespace ksa::cuda::dev

@@ -157,11 +157,4 @@ struct KeyTiles {
   }
 };
 
-// Consumer side of a tile's mask: key x of a tile (all text or all summaries) is visible to a query row iff
-// it lies in the row's range for the tile's region (row_key_ranges).
-__device__ __forceinline__ void key_range_for(const RowKeyRanges& rk, bool text, int& lo, int& hi) {
-  lo = text ? rk.text_lo : rk.sum_lo;
-  hi = text ? rk.text_hi : rk.sum_hi;
-}
-
 }  // namespace ksa::cuda::dev

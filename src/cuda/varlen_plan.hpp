@@ -47,7 +47,7 @@ struct alignas(16) QueryTile {
   int32_t seq = 0, g0 = 0, g1 = 0, pad = 0;
 };
 
-// A key tile of the backward's dK/dV plan: key tile kt of stream seq (bwd::key_tile_rows on its Layout).
+// A key tile of the backward's dK/dV plan: key tile kt of stream seq (KeyTileGrid(its Layout, BK).rows).
 struct alignas(8) KeyTile {
   int32_t seq = 0, kt = 0;
 };
@@ -64,12 +64,12 @@ struct Tables {
 
 // The streams of a call. Requires validated params with padded_rows < 2^31 (cuda::supports checks).
 struct Streams {
-  int64_t k = 1, S = 1;
+  int64_t chunk_size = 1, S = 1;
   bool summarize_tail = false;
   std::vector<Seq> seqs;
   int64_t rows = 0;         // L: the rows of all streams
   int64_t padded_rows = 0;  // Lp: each stream's rows rounded up to kRowBlock, summed
-  Layout layout(const Seq& s) const { return Layout(k, S, s.l32.T, summarize_tail); }
+  Layout layout(const Seq& s) const { return Layout(chunk_size, S, s.l32.T, summarize_tail); }
 };
 
 inline int64_t round_up_rows(int64_t L) { return (L + kRowBlock - 1) / kRowBlock * kRowBlock; }
@@ -77,7 +77,7 @@ inline int64_t round_up_rows(int64_t L) { return (L + kRowBlock - 1) / kRowBlock
 // Each stream of p (packed or not: a plain call is one stream) with its rows in the three spaces.
 inline Streams streams_of(const AttentionParams& p) {
   Streams st;
-  st.k = p.layout.k;
+  st.chunk_size = p.layout.chunk_size;
   st.S = p.layout.S;
   st.summarize_tail = p.layout.summarize_tail;
   st.seqs.reserve(size_t(p.sequences()));
@@ -145,13 +145,13 @@ struct KeyTiles {
 inline KeyTiles key_tiles(const Streams& st, int64_t BK) {
   KeyTiles kt;
   for (size_t s = 0; s < st.seqs.size(); ++s) {
-    const int64_t n = bwd::num_text_key_tiles(st.layout(st.seqs[s]), BK);
+    const int64_t n = KeyTileGrid(st.layout(st.seqs[s]), BK).ntext;
     for (int64_t i = 0; i < n; ++i) kt.tiles.push_back(KeyTile{int32_t(s), int32_t(i)});
   }
   kt.ntext = int64_t(kt.tiles.size());
   for (size_t s = 0; s < st.seqs.size(); ++s) {
     const Layout lay = st.layout(st.seqs[s]);
-    const int64_t n0 = bwd::num_text_key_tiles(lay, BK), n1 = bwd::num_key_tiles(lay, BK);
+    const int64_t n0 = KeyTileGrid(lay, BK).ntext, n1 = KeyTileGrid(lay, BK).count;
     for (int64_t i = n0; i < n1; ++i) kt.tiles.push_back(KeyTile{int32_t(s), int32_t(i)});
   }
   return kt;

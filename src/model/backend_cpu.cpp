@@ -162,9 +162,9 @@ class CpuBackend final : public Backend {
     for (const StepSeq& s : step_->seqs) {
       if (s.fresh) {
         if (s.cached != 0) fail("engine: internal error: the CPU backend prefills fresh sequences only");
-        const StreamCounts end = stream_counts(cc.spec.k, cc.spec.S, s.n);
+        const StreamGeometry geo = cc.geometry();
         AttentionParams p = dense_params(
-            Layout(cc.spec.k, cc.spec.S, end.T, false), W, 1, Hq, Hkv, D, kv_dtype_,
+            geo.layout(geo.counts(s.n).T), W, 1, Hq, Hkv, D, kv_dtype_,
             {at(qc, s.row0, Hq), at(kc, s.row0, Hkv), at(vc, s.row0, Hkv), ob_.data() + s.row0 * Hq * D * esz});
         p.num_threads = threads_;
         cpu::attention_forward(p);

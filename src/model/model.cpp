@@ -68,8 +68,9 @@ struct Model::Impl {
   // rows of the text tokens.
   std::vector<int32_t> add_stream(int64_t T0, std::span<const int32_t> tokens) {
     std::vector<int32_t> text_rows;
-    const int64_t k = spec.k, S = spec.S, T1 = T0 + int64_t(tokens.size());
-    const Layout lay(k, S, T1, false);
+    const StreamGeometry geo = StreamGeometry::of(spec);
+    const int64_t T1 = T0 + int64_t(tokens.size());
+    const Layout lay = geo.layout(T1);
     auto push = [&](int32_t id, int64_t stream_pos, bool summary) {
       if (summary) desc.summary_rows.push_back(int32_t(desc.ids.size()));
       else text_rows.push_back(int32_t(desc.ids.size()));
@@ -78,10 +79,10 @@ struct Model::Impl {
     };
     for (size_t i = 0; i < tokens.size(); ++i) {
       const int64_t t = T0 + int64_t(i);
-      push(tokens[i], lay.text_to_stream(t), false);
-      if (summaries && (t + 1) % k == 0)
-        for (int64_t j = 0; j < S; ++j)
-          push(int32_t(cfg.summary_token_begin + j), lay.summary_to_stream(t / k, j), true);
+      push(tokens[i], geo.text_position(t), false);
+      if (summaries && (t + 1) % geo.chunk_size == 0)
+        for (int64_t j = 0; j < geo.S; ++j)
+          push(int32_t(cfg.summary_token_begin + j), geo.summary_position(t / geo.chunk_size, j), true);
     }
     return text_rows;
   }
@@ -218,7 +219,7 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   for (const Piece& pc : pieces) {
     Seq& s = find(items[pc.item].id, "step");
     const int64_t T1 = s.T + int64_t(pc.tokens.size());
-    if (summaries) s.sums += (T1 / spec.k - s.T / spec.k) * spec.S;
+    if (summaries) s.sums = StreamGeometry::of(spec).counts_after_text(T1).sums;
     s.T = T1;
   }
 
@@ -321,12 +322,12 @@ Model Model::load(const std::string& dir, const ModelOptions& opt) {
   m->summaries = cfg.use_summary_attention;
   m->spec = cfg.use_summary_attention ? cfg.layer_spec(0) : Spec{};
   if (!m->summaries) {
-    m->spec.k = m->max_text + 1;
+    m->spec.chunk_size = m->max_text + 1;
     m->spec.S = 1;
     m->spec.text_positions = TextPositions::origin;
   }
   m->spec.summarize_tail = false;
-  const int64_t causal_W = m->max_text / m->spec.k + 1;  // W·k >= context: text only, causal
+  const int64_t causal_W = m->max_text / m->spec.chunk_size + 1;  // W·k >= context: text only, causal
 
   m->embed = place(w.embed_tokens);
   m->final_norm = place(w.norm);
@@ -561,7 +562,7 @@ int64_t Model::kv_bytes_for(int64_t text_tokens) const {
     const KvCacheConfig& cc = c.config();
     const int64_t T = std::min(text_tokens, m.max_text), P = cc.block_rows;
     const int64_t text = std::min(c.text_ring_rows(), (T + P - 1) / P * P) + P;
-    const int64_t sums = cc.stores_summaries() ? T / cc.spec.k * cc.spec.S : cc.spec.S;
+    const int64_t sums = cc.stores_summaries() ? cc.geometry().counts_after_text(T).sums : cc.spec.S;
     b += ((text + P - 1) / P + (sums + P - 1) / P) * c.block_bytes();
   }
   return b;

@@ -264,7 +264,7 @@ int64_t ModelConfig::num_summary_layers() const {
 Spec ModelConfig::layer_spec(int64_t layer) const {
   if (layer < 0 || layer >= num_hidden_layers) fail("layer: must be in [0, ", num_hidden_layers, ") (got ", layer, ")");
   Spec s;
-  s.k = summary_chunk_size;
+  s.chunk_size = summary_chunk_size;
   s.S = summary_token_num;
   s.W = windows.empty() ? 0 : windows[size_t(layer)];
   s.text_positions = text_positions;

@@ -6,7 +6,6 @@
 
 #include <numeric>
 
-#include "cache/decode_keys.hpp"
 #include "cache_cases.hpp"
 
 namespace ksa {
@@ -35,7 +34,7 @@ struct DecodeCase {
   int64_t max_text() const { return *std::max_element(T.begin(), T.end()) + extra_context; }
   Spec spec() const {
     Spec s;
-    s.k = k;
+    s.chunk_size = k;
     s.S = S;
     s.W = W;
     return s;
@@ -175,35 +174,6 @@ TEST(Decode, EverySplitPoint) {
       SCOPED_TRACE("split at stream position " + std::to_string(split));
       run_decode(c, seqs, false, rng, {split});
       if (HasFailure()) return;
-    }
-  }
-}
-
-// The keys decode_keys derives from the core's key_spans are exactly the keys ksa::visible shows, for every
-// stream position of random layouts (text rows and summary rows, no duplicates).
-TEST(Decode, KeysEqualTheVisibleRule) {
-  std::mt19937_64 rng(7);
-  for (int it = 0; it < 200; ++it) {
-    const int64_t k = std::uniform_int_distribution<int64_t>(1, 9)(rng),
-                  S = std::uniform_int_distribution<int64_t>(1, 4)(rng);
-    const int64_t W = std::uniform_int_distribution<int64_t>(0, 6)(rng),
-                  T = std::uniform_int_distribution<int64_t>(1, 80)(rng);
-    const Layout lay(k, S, T);
-    for (int64_t pos = 0; pos < lay.length(); ++pos) {
-      const ksa::detail::DecodeKeys keys = ksa::detail::decode_keys(k, S, W, pos);
-      std::vector<int> seen(size_t(lay.length()), 0);
-      for (int r = 0; r < keys.n; ++r)
-        for (int64_t x = keys.range[r].begin; x < keys.range[r].end; ++x) {
-          const int64_t p = keys.range[r].summary ? lay.summary_to_stream(x / S, x % S) : lay.text_to_stream(x);
-          ASSERT_LT(p, lay.length());
-          ++seen[size_t(p)];
-        }
-      for (int64_t j = 0; j < lay.length(); ++j)
-        ASSERT_EQ(seen[size_t(j)], visible(lay, W, pos, j) ? 1 : 0)
-            << "k=" << k << " S=" << S << " W=" << W << " T=" << T << " query " << pos << " key " << j;
-      const StreamToken t = lay.token(pos);
-      EXPECT_EQ(keys.is_summary, t.is_summary);
-      EXPECT_EQ(keys.row, t.is_summary ? t.chunk * S + t.index : t.chunk * k + t.index);
     }
   }
 }

@@ -14,7 +14,7 @@ using test::SeqData;
 KvCacheConfig make_config(int64_t k, int64_t S, int64_t W, int64_t Hkv, int64_t D, DType dt, int64_t max_text,
                           int64_t P) {
   KvCacheConfig c;
-  c.spec.k = k;
+  c.spec.chunk_size = k;
   c.spec.S = S;
   c.spec.W = W;
   c.Hkv = Hkv;
@@ -52,7 +52,7 @@ void check_memory(const KvCache& cache, SeqId id, const std::string& where) {
                                                    << text_blocks << " summary blocks " << sum_blocks;
     ASSERT_GE(st.bytes, rows.total() * row);
   }
-  const int64_t slack = 3 * P + (store ? 0 : cfg.spec.S) + (st.pending_summaries > 0 ? cfg.spec.k : 0);
+  const int64_t slack = 3 * P + (store ? 0 : cfg.spec.S) + (st.pending_summaries > 0 ? cfg.spec.chunk_size : 0);
   ASSERT_LE(st.bytes, (rows.total() + slack) * row) << "T=" << T;
 }
 
@@ -204,8 +204,8 @@ TEST(KvCacheErrors, ConfigIsValidated) {
   c.block_rows = 0;
   refused(c, "block_rows");
   c = good;
-  c.spec.k = 0;
-  refused(c, "k (summary_chunk_size)");
+  c.spec.chunk_size = 0;
+  refused(c, "chunk_size (summary_chunk_size)");
   c = good;
   c.max_blocks = -1;
   refused(c, "max_blocks");

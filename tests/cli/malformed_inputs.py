@@ -405,7 +405,7 @@ for key, val, msg in [
         ("max_position_embeddings", "2147483648", "max_position_embeddings"),
         ("summary_token_begin", "9223372036854775807", "summary_token_begin: must be a token id with room for S summary ids"),
         ("summary_token_begin", "-1", "summary_token_begin"), ("summary_token_begin", "400", "summary_token_begin: summary ids 400..400 need vocab_size >= 401"),
-        ("summary_chunk_size", "0", r"k \(summary_chunk_size\): must be in"), ("summary_chunk_size", "2000000", r"k \(summary_chunk_size\): must be in \[1, 1048576\] \(got 2000000\)"),
+        ("summary_chunk_size", "0", r"chunk_size \(summary_chunk_size\): must be in"), ("summary_chunk_size", "2000000", r"chunk_size \(summary_chunk_size\): must be in \[1, 1048576\] \(got 2000000\)"),
         ("summary_token_num", "0", r"S \(summary_token_num\)"), ("summary_token_num", "100000", r"S \(summary_token_num\): must be in \[1, 65536\]"),
         ("summary_sliding_chunk_num", '"[]*9007199254740992"', "summary_sliding_chunk_num: has 0 entries but the model has 4 layers"),
         ("summary_sliding_chunk_num", json.dumps(LONG_REPEAT), "summary_sliding_chunk_num: pattern needs too much work"),

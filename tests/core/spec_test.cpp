@@ -66,7 +66,7 @@ TEST(Spec, TextBeforeCountsTextRows) {
        {Layout(4, 2, 10), Layout(4, 2, 10, true), Layout(3, 1, 9), Layout(8, 3, 13, true), Layout(5, 1, 0)}) {
     int64_t text = 0;
     for (int64_t pos = 0; pos <= lay.length(); ++pos) {
-      EXPECT_EQ(lay.text_before(pos), text) << "k=" << lay.k << " S=" << lay.S << " T=" << lay.T << " pos=" << pos;
+      EXPECT_EQ(lay.text_before(pos), text) << "k=" << lay.chunk_size << " S=" << lay.S << " T=" << lay.T << " pos=" << pos;
       if (pos < lay.length() && !lay.is_summary(pos)) ++text;
     }
   }
@@ -75,7 +75,7 @@ TEST(Spec, TextBeforeCountsTextRows) {
 
 TEST(Spec, StreamIdsAndPositions) {
   Spec s;
-  s.k = 4;
+  s.chunk_size = 4;
   s.S = 2;
   s.summary_token_begin = 1000;
   std::vector<int32_t> ids = {10, 11, 12, 13, 14, 15, 16, 17, 18, 19};
@@ -141,8 +141,8 @@ TEST(Spec, ValidationNamesFieldAndValue) {
     return std::string();
   };
   Spec s;
-  s.k = 0;
-  EXPECT_NE(msg(s).find("k (summary_chunk_size)"), std::string::npos);
+  s.chunk_size = 0;
+  EXPECT_NE(msg(s).find("chunk_size (summary_chunk_size)"), std::string::npos);
   EXPECT_NE(msg(s).find("got 0"), std::string::npos);
   s = Spec{};
   s.S = 0;
@@ -183,7 +183,7 @@ TEST(Spec, PropertiesNoGapNoDuplicate) {
   for (uint64_t seed = 1; seed <= 300; ++seed) {
     std::mt19937_64 rng(seed);
     const auto [lay, W] = random_case(rng);
-    SCOPED_TRACE("seed " + std::to_string(seed) + " k=" + std::to_string(lay.k) + " S=" + std::to_string(lay.S) +
+    SCOPED_TRACE("seed " + std::to_string(seed) + " k=" + std::to_string(lay.chunk_size) + " S=" + std::to_string(lay.S) +
                  " T=" + std::to_string(lay.T) + " W=" + std::to_string(W));
     const int64_t L = lay.length();
     for (int64_t q = 0; q < L; ++q) {
@@ -202,8 +202,8 @@ TEST(Spec, PropertiesNoGapNoDuplicate) {
           if (lay.token(j).chunk == c && visible(lay, W, q, j)) {
             (lay.token(j).is_summary ? sums : text)++;
           }
-        ASSERT_TRUE((text == lay.k && sums == 0) || (text == 0 && sums == lay.S)) << "q=" << q << " chunk " << c;
-        ASSERT_EQ(text == lay.k, c >= a.chunk - W);
+        ASSERT_TRUE((text == lay.chunk_size && sums == 0) || (text == 0 && sums == lay.S)) << "q=" << q << " chunk " << c;
+        ASSERT_EQ(text == lay.chunk_size, c >= a.chunk - W);
       }
       // W >= #chunks: exactly causal text.
       for (int64_t j = 0; j < L; ++j) {

@@ -171,7 +171,7 @@ TEST(CpuMask, ApplyMaskEqualsVisibleGathered) {
       for (int j = 0; j < nc; ++j) {
         const int64_t gq = q0 + (transposed ? j : r), gk = k0 + (transposed ? r : j);
         ASSERT_EQ(s[size_t(r * 64 + j)] == 1.f, visible_gathered(lay, W, gq, gk))
-            << "k=" << lay.k << " S=" << lay.S << " T=" << lay.T << " W=" << W << " q=" << gq << " key=" << gk;
+            << "k=" << lay.chunk_size << " S=" << lay.S << " T=" << lay.T << " W=" << W << " q=" << gq << " key=" << gk;
       }
   }
 }

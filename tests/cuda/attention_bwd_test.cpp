@@ -30,16 +30,14 @@ namespace {
 // `masked`, by running the core's walk for every query tile: the reference the plan must invert.
 std::vector<std::map<int64_t, bool>> walk_inverse(const Layout& lay, int64_t W, int64_t BQ, int64_t BK) {
   const int64_t L = lay.length(), nq = (L + BQ - 1) / BQ;
-  std::vector<std::map<int64_t, bool>> seen(size_t(cuda::bwd::num_key_tiles(lay, BK)));
+  const KeyTileGrid grid(lay, BK);
+  std::vector<std::map<int64_t, bool>> seen(size_t(grid.count));
   for (int64_t qt = 0; qt < nq; ++qt) {
     const int64_t g0 = qt * BQ, g1 = std::min(L, g0 + BQ);
     for_each_key_tile(lay, key_spans(lay, W, g0, g1), BK, [&](int64_t tb, int64_t te, bool masked) {
-      const int64_t nt = cuda::bwd::num_text_key_tiles(lay, BK);
-      const int64_t kt = tb < lay.T ? tb / BK : nt + (tb - lay.T) / BK;
-      int64_t b, e;
-      cuda::bwd::key_tile_rows(lay, BK, kt, b, e);
-      EXPECT_EQ(b, tb);
-      EXPECT_EQ(e, te);
+      const int64_t kt = grid.index_of(tb);
+      EXPECT_EQ(grid.begin(kt), tb);
+      EXPECT_EQ(grid.end(kt), te);
       seen[size_t(kt)][qt] = masked;
     });
   }
@@ -74,7 +72,8 @@ std::vector<PlanCase> plan_cases(uint64_t seed, int n) {
   return c;
 }
 
-// tile_seen / tile_masked (what the device plan uses) equal the core's walk, and the runs fit kMaxRuns.
+// KeySpans::meets / full_over on KeyTileGrid tiles (what the device plan uses) equal the core's walk, and the runs fit
+// kMaxRuns.
 TEST(CudaBackwardPlan, InverseOfTheTileWalk) {
   for (const PlanCase& c : plan_cases(7, 60)) {
     const Layout lay(c.k, c.S, c.T, c.tail);
@@ -90,15 +89,15 @@ TEST(CudaBackwardPlan, InverseOfTheTileWalk) {
         for (int64_t qt = 0; qt < nq; ++qt) spans[size_t(qt)] = key_spans(lay, c.W, qt * BQ, std::min(L, qt * BQ + BQ));
         for (int64_t kt = 0; kt < int64_t(inv.size()); ++kt) {
           int64_t tb, te;
-          cuda::bwd::key_tile_rows(lay, BK, kt, tb, te);
+          KeyTileGrid(lay, BK).rows(kt, tb, te);
           ASSERT_FALSE(inv[size_t(kt)].empty()) << "key tile " << kt << " is seen by no query tile";
           ASSERT_LE(runs_of(inv[size_t(kt)]).size(), size_t(cuda::bwd::kMaxRuns)) << "key tile " << kt;
           for (int64_t qt = 0; qt < nq; ++qt) {
             const KeySpans& sp = spans[size_t(qt)];
             const auto it = inv[size_t(kt)].find(qt);
-            ASSERT_EQ(cuda::bwd::tile_seen(sp, tb, te), it != inv[size_t(kt)].end()) << "kt " << kt << " qt " << qt;
+            ASSERT_EQ(sp.meets(tb, te), it != inv[size_t(kt)].end()) << "kt " << kt << " qt " << qt;
             if (it != inv[size_t(kt)].end()) {
-              ASSERT_EQ(cuda::bwd::tile_masked(sp, tb, te), it->second) << "kt " << kt << " qt " << qt;
+              ASSERT_EQ(!sp.full_over(tb, te), it->second) << "kt " << kt << " qt " << qt;
             }
           }
         }

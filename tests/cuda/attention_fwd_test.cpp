@@ -36,8 +36,8 @@ std::string describe(const Shape& s) {
 // relative norm): the kernel rounds P to the input dtype before P.V, as every flash kernel does, so the
 // error is about one rounding of the output's magnitude: max |err| <= 4 * 2^-8 (bf16) / 4 * 2^-11 (f16)
 // on unit-normal inputs, and relative L2 error <= 1e-2 (bf16) / 2e-3 (f16). lse is fp32 throughout: 1e-3.
-void check_shape(const Shape& s, uint64_t seed) {
-  SCOPED_TRACE(describe(s) + " seed " + std::to_string(seed));
+void check_shape(const Shape& s, uint64_t seed, const cuda::KernelOptions& o = {}) {
+  SCOPED_TRACE(describe(s) + " seed " + std::to_string(seed) + " forward_config " + std::to_string(o.forward_config));
   const Layout lay(s.k, s.S, s.T, s.tail);
   const int64_t L = lay.length();
   std::mt19937_64 rng(seed);
@@ -84,7 +84,12 @@ void check_shape(const Shape& s, uint64_t seed) {
   }
   p.out = TensorView{dout, L * rowo, rowo, s.D};
   p.lse = dlse;
-  cuda::attention_forward(p);
+  std::string why;
+  if (!cuda::supports(p, &why, o)) {
+    ADD_FAILURE() << "unsupported: " << why;
+    return;
+  }
+  cuda::attention_forward(p, nullptr, o);
   CK(cudaDeviceSynchronize());
   std::vector<uint16_t> ho(static_cast<size_t>(n_o));
   std::vector<float> hl(static_cast<size_t>(s.B * L * s.Hq));
@@ -133,10 +138,8 @@ void check_shape(const Shape& s, uint64_t seed) {
   }
 }
 
-TEST(CudaForward, AwkwardShapesMatchOracle) {
-  REQUIRE_GPU();
-  std::printf("device: %s\n", cuda::device_description().c_str());
-  std::vector<Shape> shapes = {
+std::vector<Shape> awkward_shapes() {
+  return {
       {8, 1, 1, 2, 2, 1, 128, 1, false, DType::bf16, false},
       {8, 1, 7, 2, 2, 1, 64, 1, false, DType::bf16, false},
       {8, 1, 8, 0, 4, 4, 128, 1, false, DType::f16, false},
@@ -153,8 +156,25 @@ TEST(CudaForward, AwkwardShapesMatchOracle) {
       {8, 1, 6000, 16, 4, 2, 128, 1, false, DType::bf16, false},
       {5, 2, 4001, 20, 2, 1, 64, 1, true, DType::f16, true},
   };
+}
+
+TEST(CudaForward, AwkwardShapesMatchOracle) {
+  REQUIRE_GPU();
+  std::printf("device: %s\n", cuda::device_description().c_str());
   uint64_t seed = 11;
-  for (const Shape& s : shapes) check_shape(s, seed++);
+  for (const Shape& s : awkward_shapes()) check_shape(s, seed++);
+}
+
+// Every portable tile configuration (on an H100/H200 the default is the sm_90a kernel, so these run only
+// when asked for), on the awkward shapes, against the oracle.
+TEST(CudaForward, PortableConfigsMatchOracle) {
+  REQUIRE_GPU();
+  for (int config = 0; config <= 4; ++config) {
+    cuda::KernelOptions o;
+    o.forward_config = config;
+    uint64_t seed = 40;
+    for (const Shape& s : awkward_shapes()) check_shape(s, seed++, o);
+  }
 }
 
 TEST(CudaForward, RandomShapes) {

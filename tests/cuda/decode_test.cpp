@@ -40,7 +40,7 @@ struct GpuCase {
   }
   Spec spec() const {
     Spec s;
-    s.k = k, s.S = S, s.W = W;
+    s.chunk_size = k, s.S = S, s.W = W;
     return s;
   }
   KvCacheConfig config() const {
@@ -281,7 +281,7 @@ TEST(CudaDecode, TinyBlocksCapTheSplit) {
 TEST(CudaDecode, RejectsUnsafeStepsAndChangesNothing) {
   REQUIRE_GPU();
   KvCacheConfig c;
-  c.spec.k = 4, c.spec.S = 1, c.spec.W = 1;
+  c.spec.chunk_size = 4, c.spec.S = 1, c.spec.W = 1;
   c.Hkv = 1, c.D = 64, c.dtype = DType::bf16, c.max_text_tokens = 100, c.block_rows = 4;
   cuda::KvCacheGpu cache(c);
   const SeqId id = cache.add_sequence();

@@ -78,7 +78,7 @@ std::vector<Case> cases(uint64_t seed, int n) {
 }
 
 bool same_layout32(const Layout32& a, const Layout32& b) {
-  return a.k == b.k && a.S == b.S && a.T == b.T && a.full == b.full && a.tail == b.tail;
+  return a.chunk_size == b.chunk_size && a.S == b.S && a.T == b.T && a.full == b.full && a.tail == b.tail;
 }
 
 // Each stream's rows in the three row spaces: tensor rows [row0, row0 + L) back to back (cu_seqlens), padded
@@ -227,8 +227,8 @@ TEST(CudaVarlenPlan, KeyTilesTextFirstEachStreamsGrid) {
       const cuda::varlen::KeyTiles kt = cuda::varlen::key_tiles(st, BK);
       int64_t nk = 0, ntext = 0;
       for (const cuda::varlen::Seq& q : st.seqs) {
-        nk += cuda::bwd::num_key_tiles(st.layout(q), BK);
-        ntext += cuda::bwd::num_text_key_tiles(st.layout(q), BK);
+        nk += KeyTileGrid(st.layout(q), BK).count;
+        ntext += KeyTileGrid(st.layout(q), BK).ntext;
       }
       ASSERT_EQ(int64_t(kt.tiles.size()), nk);
       ASSERT_EQ(kt.ntext, ntext);
@@ -238,12 +238,12 @@ TEST(CudaVarlenPlan, KeyTilesTextFirstEachStreamsGrid) {
       for (size_t i = 0; i < kt.tiles.size(); ++i) {
         const cuda::varlen::KeyTile t = kt.tiles[i];
         const Layout lay = st.layout(st.seqs[size_t(t.seq)]);
-        const bool text = t.kt < cuda::bwd::num_text_key_tiles(lay, BK);
+        const bool text = t.kt < KeyTileGrid(lay, BK).ntext;
         ASSERT_EQ(text, int64_t(i) < kt.ntext) << "tile " << i;
-        ASSERT_LT(t.kt, cuda::bwd::num_key_tiles(lay, BK));
+        ASSERT_LT(t.kt, KeyTileGrid(lay, BK).count);
         ASSERT_TRUE(seen.insert({t.seq, t.kt}).second);
         int64_t tb, te;
-        cuda::bwd::key_tile_rows(lay, BK, t.kt, tb, te);
+        KeyTileGrid(lay, BK).rows(t.kt, tb, te);
         ASSERT_LT(tb, te);
         for (int64_t r = tb; r < te; ++r) ++rows_hit[size_t(t.seq)][size_t(r)];
       }

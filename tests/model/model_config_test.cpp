@@ -242,7 +242,7 @@ TEST(ModelConfigErrors, NameTheFieldAndValue) {
       error_with([](Json& j) { j["vocab_size"] = 151936; }),
       "cfg.json: summary_token_begin: summary ids 151936..151936 need vocab_size >= 151937 (got vocab_size 151936)");
   EXPECT_EQ(error_with([](Json& j) { j["summary_chunk_size"] = 0; }),
-            "cfg.json: k (summary_chunk_size): must be in [1, 1048576] (got 0)");
+            "cfg.json: chunk_size (summary_chunk_size): must be in [1, 1048576] (got 0)");
   EXPECT_EQ(error_with([](Json& j) { j["mix_coeff"] = 1.5; }), "cfg.json: mix_coeff: must be in [0, 1] (got 1.5)");
   EXPECT_EQ(error_with([](Json& j) { j["eos_token_id"] = 200000; }),
             "cfg.json: eos_token_id: must be a token id < vocab_size (got 200000)");

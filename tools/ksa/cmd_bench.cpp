@@ -267,7 +267,7 @@ int run_attn(int argc, char** argv) {
   parse_heads(heads, a.Hq, a.Hkv);
   a.dtype = parse_dtype_flag(dt);
   Spec spec;
-  spec.k = k, spec.S = S, spec.W = W;
+  spec.chunk_size = k, spec.S = S, spec.W = W;
   spec.validate();
 
   if (device == "cpu") {

@@ -38,7 +38,7 @@ Result bench_case(const std::vector<int64_t>& T, int64_t Hq, int64_t Hkv, int64_
   cuda_check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "cudaStreamCreate");
   const int64_t tmax = *std::max_element(T.begin(), T.end());
   KvCacheConfig cfg;
-  cfg.spec.k = k, cfg.spec.S = S, cfg.spec.W = W;
+  cfg.spec.chunk_size = k, cfg.spec.S = S, cfg.spec.W = W;
   cfg.Hkv = Hkv, cfg.D = D, cfg.dtype = DType::bf16, cfg.max_text_tokens = tmax + 64, cfg.block_rows = P;
   cfg.ring_slack_rows = 64;
   Result res;

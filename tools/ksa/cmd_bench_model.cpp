@@ -20,10 +20,10 @@
 #include <thread>
 
 #include "bench_model.hpp"
-#include "cache/decode_keys.hpp"
 #include "common.hpp"
 #include "cpu/thread_pool.hpp"
 #include "ksa/model.hpp"
+#include "ksa/stream_geometry.hpp"
 #include "ksa/weights.hpp"
 #ifdef KSA_HAVE_CUDA
 #include "ksa/cuda.hpp"
@@ -102,9 +102,8 @@ int64_t visible_rows(const ModelConfig& c, int64_t t) {
       rows += t + 1;
       continue;
     }
-    const Spec sp = c.layer_spec(i);
-    const Layout lay(sp.k, sp.S, t + 1, false);
-    const detail::DecodeKeys d = detail::decode_keys(sp.k, sp.S, sp.W, lay.text_to_stream(t));
+    const StreamGeometry geo = StreamGeometry::of(c.layer_spec(i));
+    const DecodeKeys d = geo.decode_keys(geo.text_position(t));
     for (int r = 0; r < d.n; ++r) rows += d.range[r].end - d.range[r].begin;
   }
   return rows;

@@ -29,7 +29,7 @@ int run_demo(int argc, char** argv) {
   if (!f.parse(argc, argv)) return 0;
 
   Spec spec;
-  spec.k = k;
+  spec.chunk_size = k;
   spec.S = S;
   spec.W = W;
   spec.validate();

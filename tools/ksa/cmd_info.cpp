@@ -51,7 +51,7 @@ std::string with_commas(int64_t x) {
 int64_t layer_cache_rows(const ModelConfig& c, int64_t layer, int64_t T) {
   if (!c.is_summary_layer(layer)) return T;
   const Spec s = c.layer_spec(layer);
-  return cache_rows(s, T, s.W * s.k < T).total();
+  return cache_rows(s, T, s.W * s.chunk_size < T).total();
 }
 
 int info_model(const std::string& dir) {
@@ -147,7 +147,7 @@ int run_info(int argc, char** argv) {
   model = model_dir_arg(model);
   if (!model.empty()) return info_model(model);
   Spec spec;
-  spec.k = k;
+  spec.chunk_size = k;
   spec.S = S;
   spec.W = W;
   spec.validate();

@@ -153,7 +153,10 @@ class CudaBackend final : public Backend {
   int64_t max_continuation_tokens(int64_t T) const override {
     int64_t n = std::max<int64_t>(1, opt_.continuation_tokens);
     for (const auto& c : caches_)
-      if (!c->config().stores_summaries()) n = std::min(n, c->config().spec.k - T % c->config().spec.k);
+      if (!c->config().stores_summaries()) {
+        const int64_t chunk = c->config().spec.chunk_size;
+        n = std::min(n, chunk - T % chunk);
+      }
     return n;
   }
 
@@ -296,8 +299,8 @@ class CudaBackend final : public Backend {
     for (const StepSeq& s : step_->seqs) {
       if (!s.fresh) continue;
       const int64_t r0 = s.cached, L = r0 + s.n, row_bytes = Hkv * D * 2;
-      const StreamCounts end = stream_counts(cc.spec.k, cc.spec.S, L);
-      const Layout lay(cc.spec.k, cc.spec.S, end.T, false);
+      const StreamGeometry geo = cc.geometry();
+      const Layout lay = geo.layout(geo.counts(L).T);
       if (r0 == 0) {
         AttentionParams p =
             dense_params(lay, W, 1, Hq, Hkv, D, DType::bf16,
@@ -310,8 +313,7 @@ class CudaBackend final : public Backend {
         char* sk = static_cast<char*>(kv_scratch(2 * L * row_bytes));
         char* sv = sk + L * row_bytes;
         const SeqState st = cache.state(s.cache_id);
-        cache.read_stream(s.cache_id,
-                          live_text_begin(cc.spec.k, cc.spec.S, cc.spec.W, st.text_tokens, st.summary_tokens), 0,
+        cache.read_stream(s.cache_id, geo.live_text_begin(StreamCounts{st.text_tokens, st.summary_tokens}), 0,
                           TensorView::dense(sk, L, Hkv, D), TensorView::dense(sv, L, Hkv, D));
         check(cudaMemcpyAsync(sk + r0 * row_bytes, at(kc, s.row0, Hkv), size_t(s.n * row_bytes),
                               cudaMemcpyDeviceToDevice, stream_),
