@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Before/after timing of the CUDA kernels in one run (a refactor must not slow them): builds the kernel-only
+# `ksa` of this tree and of another checkout (BEFORE, e.g. a `git worktree` of the previous commit carried
+# along), then alternates the two binaries, ROUNDS times each, on the same shapes: forward and forward+backward
+# (`ksa bench attn --device cuda`, B=1, 32/8 heads, D=128, bf16, k=8, S=1, W=128) at T=8K, 32K, 128K, and one
+# decode step (`ksa bench-decode`: B=1 at 16K and 128K, B=64 mixed). Logs and a table (before_after.md) in $OUT.
+#   bench/gpu/before_after.sh BEFORE_DIR [ROUNDS]
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+BEFORE=$(realpath "$1")
+ROUNDS="${2:-3}"
+gpu_configure build-after after_
+gpu_build build-after after_ --target ksa
+(cd "$BEFORE" && OUT="$OUT" gpu_configure build-before before_ && OUT="$OUT" gpu_build build-before before_ --target ksa)
+bin_after=build-after/bin/ksa bin_before="$BEFORE/build-before/bin/ksa"
+attn() {  # attn <bin> <T> [--bwd]: prints "fwd_ms [fwd_bwd_ms]"
+  "$1" bench attn --device cuda --dtype bf16 --heads 32/8 --dim 128 -T "$2" --reps 10 "${@:3}"
+}
+: >"$OUT/before_after.log"
+for r in $(seq "$ROUNDS"); do
+  for which in before after; do
+    bin=bin_$which
+    for T in 8192 32768 131072; do
+      echo "== round $r $which attn T=$T" >>"$OUT/before_after.log"
+      attn "${!bin}" "$T" --bwd >>"$OUT/before_after.log" 2>&1
+    done
+    echo "== round $r $which decode" >>"$OUT/before_after.log"
+    "${!bin}" bench-decode >>"$OUT/before_after.log" 2>&1
+  done
+done
+python3 "$(dirname "$0")/before_after_table.py" "$OUT/before_after.log" | tee "$OUT/before_after.md"
