@@ -9,9 +9,16 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 BEFORE=$(realpath "$1")
 ROUNDS="${2:-3}"
+OUT=$(realpath "$OUT")
+# Both builds at once (each is bound by its few largest files; the sm_90a ones take minutes).
 gpu_configure build-after after_
-gpu_build build-after after_ --target ksa
-(cd "$BEFORE" && OUT="$OUT" gpu_configure build-before before_ && OUT="$OUT" gpu_build build-before before_ --target ksa)
+(cd "$BEFORE" && gpu_configure build-before before_)
+gpu_build build-after after_ --target ksa &
+pid_after=$!
+(cd "$BEFORE" && gpu_build build-before before_ --target ksa) &
+pid_before=$!
+wait "$pid_after"
+wait "$pid_before"
 bin_after=build-after/bin/ksa bin_before="$BEFORE/build-before/bin/ksa"
 attn() {  # attn <bin> <T> [--bwd]: prints "fwd_ms [fwd_bwd_ms]"
   "$1" bench attn --device cuda --dtype bf16 --heads 32/8 --dim 128 -T "$2" --reps 10 "${@:3}"

@@ -72,7 +72,7 @@ __device__ __forceinline__ const uint16_t* locate(const DecodeRun& a, const DecS
 // 16-byte chunk c of new row w's K (kv = 0) or V (kv = 1) row of KV head h into the cache block `blk`, row r.
 __device__ __forceinline__ void write_chunk(const DecodeRun& a, const DecodeTensors& io, const DecWrite& w,
                                             const uint16_t* blk, int32_t r, int kv, int h, int c) {
-  const uint16_t* src = kv == 0 ? io.k.at<const uint16_t>(0, w.src, h) : io.v.at<const uint16_t>(0, w.src, h);
+  const uint16_t* src = at<const uint16_t>(kv == 0 ? io.k : io.v, 0, w.src, h);
   uint16_t* dst = const_cast<uint16_t*>(block_row(a, blk, h, r)) + int64_t(kv) * a.Hkv * a.P * a.D;
   reinterpret_cast<uint4*>(dst)[c] = reinterpret_cast<const uint4*>(src)[c];
 }
@@ -136,13 +136,13 @@ __global__ void __launch_bounds__(K::THREADS)
       const int key = key0 + i * (K::THREADS / CH);
       const int32_t x = x0 + key;
       const bool ok = x < un.end;
-      const uint16_t *ks = io.k.at<const uint16_t>(0, 0, 0),
+      const uint16_t *ks = at<const uint16_t>(io.k, 0, 0, 0),
                      *vs = ks;        // any valid address when !ok (0 bytes are read: zero fill)
       if (ok && x >= un.new_begin) {  // written by this step: from the step's k/v
         const uint32_t pos = summary ? a.lay.summary_to_stream(uint32_t(x)) : a.lay.text_to_stream(uint32_t(x));
         const int64_t row = un.src_off + int64_t(pos);
-        ks = io.k.at<const uint16_t>(0, row, hk) + part * 8;
-        vs = io.v.at<const uint16_t>(0, row, hk) + part * 8;
+        ks = at<const uint16_t>(io.k, 0, row, hk) + part * 8;
+        vs = at<const uint16_t>(io.v, 0, row, hk) + part * 8;
       } else if (ok) {
         const uint32_t y = summary && !sq.stored ? uint32_t(x) % a.lay.S : uint32_t(x), b = y / uint32_t(a.P);
         ks = block_row(a, s_blk[int32_t(b) - un.blk0], hk, int32_t(y - b * uint32_t(a.P))) + part * 8;
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(K::THREADS)
   uint32_t qa[D / 16][2];
   {
     const bool has = gid < G;
-    const uint16_t* qp = io.q.at<const uint16_t>(0, un.qrow, hk * G + (has ? gid : 0));
+    const uint16_t* qp = at<const uint16_t>(io.q, 0, un.qrow, hk * G + (has ? gid : 0));
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       qa[kk][0] = has ? *reinterpret_cast<const uint32_t*>(qp + kk * 16 + 2 * tig) : 0u;
@@ -342,7 +342,7 @@ __global__ void __launch_bounds__(kMergeThreads)
     float L = 0.f, x = 0.f;
     for (int w = 0; w < NW; ++w) L += s_red[1][w];
     for (int j = 0; j < NU; ++j) x += s_acc[j * D + d];
-    io.out.at<uint16_t>(0, t.row, h)[d] = to_bf16(x / L);
+    at<uint16_t>(io.out, 0, t.row, h)[d] = to_bf16(x / L);
     if (d == 0 && io.lse) io.lse[int64_t(t.row) * a.Hq + h] = M + logf(L);
   }
 }

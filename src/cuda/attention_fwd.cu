@@ -50,7 +50,7 @@ struct FwdTraits {
   static constexpr int THREADS = 32 * NW;
   static constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
   // Q, then two stages of K and V.
-  static constexpr int SMEM = (BQ + 4 * BK) * D * 2;
+  static constexpr int SMEM = (BQ + 4 * BK) * D * 2 + BQ * int(sizeof(RowKeyRanges));
 };
 
 using detail::FwdArgs;
@@ -84,6 +84,9 @@ __device__ __forceinline__ void fwd_cta(const FwdArgs& a, int g0, int g1) {
   // Two stages: tile i lives in stage i%2 (K at sK0 + stage*KV, V at sV0 + stage*KV).
   constexpr uint32_t KV = BK * D * 2;
   const uint32_t sQ = smem_u32(smem), sK0 = sQ + BQ * D * 2, sV0 = sK0 + 2 * KV;
+  // The CTA's query rows' key ranges (rows past g1 see nothing), read only on masked tiles: in shared memory,
+  // not registers (the D = 128 configurations are at their register limit).
+  RowKeyRanges* s_rk = reinterpret_cast<RowKeyRanges*>(smem + (BQ + 4 * BK) * D * 2);
 
   const int h = blockIdx.y, b = blockIdx.z, hk = h / a.G;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, tig = lane & 3;
@@ -98,15 +101,8 @@ __device__ __forceinline__ void fwd_cta(const FwdArgs& a, int g0, int g1) {
   load_rows<K>(a, sV0, a.v.p, b * a.v.b, a.v.r, hk * a.v.h, int(tb), int(te), BK);
   cp_async_commit();
 
-  // Query rows of this thread: (mt, half) -> its key ranges for masked tiles (rows past g1 see nothing).
-  RowKeyRanges rk[MT][2];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int g = g0 + warp * 16 * MT + mt * 16 + gid + 8 * hf;
-      if (g < g1) rk[mt][hf] = row_key_ranges(a.l32, a.W32, uint32_t(g));
-    }
+  for (int r = threadIdx.x; r < BQ; r += K::THREADS)
+    s_rk[r] = g0 + r < g1 ? row_key_ranges(a.l32, a.W32, uint32_t(g0 + r)) : RowKeyRanges{1, 0, 1, 0};
 
   float o[MT][D / 8][4];
   float m[MT][2], l[MT][2];  // m: running max of raw scores times scale_log2
@@ -184,7 +180,7 @@ __device__ __forceinline__ void fwd_cta(const FwdArgs& a, int g0, int g1) {
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         float mx = -INFINITY;
-        const KeyRange kr = key_range(rk[mt][hf], text);
+        const KeyRange kr = need_mask ? key_range(s_rk[warp * 16 * MT + mt * 16 + gid + 8 * hf], text) : KeyRange{};
 #pragma unroll
         for (int j = 0; j < BK / 8; ++j)
 #pragma unroll

@@ -66,7 +66,7 @@ __device__ __forceinline__ void store_row(const FwdArgs& a, int b, int h, int g,
                                           float m, float l) {
   const float inv = 1.f / l;
   const int64_t srow = a.l32.stream_of_gathered(uint32_t(g));
-  dev::store_acc_row<T, D>(a.out.at<T>(b, srow, h), o, hf, tig, inv);
+  dev::store_acc_row<T, D>(at<T>(a.out, b, srow, h), o, hf, tig, inv);
   if (a.lse && tig == 0) a.lse[(int64_t(b) * a.L + srow) * a.Hq + h] = dev::lse_of(m, l);
 }
 

@@ -64,9 +64,9 @@ __device__ __forceinline__ void fwd_sm90a_cta(const FwdArgs& a, int g0, int g1) 
   const int wg = int(threadIdx.x) / 128;
   if (wg == 2) {
     setmaxnreg_dec<K::PRODUCER_REGS>();
-    const T* qb = a.q.at<const T>(b, 0, h);
-    const T* kb = a.k.at<const T>(b, 0, hk);
-    const T* vb = a.v.at<const T>(b, 0, hk);
+    const T* qb = at<const T>(a.q, b, 0, h);
+    const T* kb = at<const T>(a.k, b, 0, hk);
+    const T* vb = at<const T>(a.v, b, 0, hk);
     produce<K::STAGES>(
         sKV, 2 * K::KV_BYTES, info, [&] { load_rows<T, D, BQ>(a.l32, sQ, qb, a.q.r, g0, g1); },
         KeyTiles<BK>(a.lay, a.W, g0, g1),
