@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Before/after timing of the CUDA kernels in one run (a refactor must not slow them): builds the kernel-only
-# `ksa` of this tree and of another checkout (BEFORE, e.g. a `git worktree` of the previous commit carried
-# along), then alternates the two binaries, ROUNDS times each, on the same shapes: forward and forward+backward
+# `ksa` of this tree and of another checkout (BEFORE, e.g. `git archive REV | tar -x -C .before`, carried
+# along), then alternates the two binaries, ROUNDS times each, on the same shapes: forward and backward
 # (`ksa bench attn --device cuda`, B=1, 32/8 heads, D=128, bf16, k=8, S=1, W=128) at T=8K, 32K, 128K, and one
 # decode step (`ksa bench-decode`: B=1 at 16K and 128K, B=64 mixed). Logs and a table (before_after.md) in $OUT.
 #   bench/gpu/before_after.sh BEFORE_DIR [ROUNDS]

@@ -15,9 +15,8 @@ struct View {
   int64_t b = 0, r = 0, h = 0;  // strides in elements
 };
 
-// Element 0 of head `head` of row `row` of batch entry `batch`. The view is taken by value, not as a member
-// function's `this`: a kernel parameter whose address is taken is read through a pointer, which costs the
-// decode kernel ~1% on the H200 (loads no longer hoisted; measured by bench/gpu/before_after.sh).
+// Element 0 of head `head` of row `row` of batch entry `batch` (the view by value: kernels hold it in their
+// argument structs, which live in parameter space).
 template <class T>
 __host__ __device__ __forceinline__ T* at(View v, int64_t batch, int64_t row, int64_t head) {
   return static_cast<T*>(v.p) + batch * v.b + row * v.r + head * v.h;
