@@ -15,7 +15,12 @@ namespace ksa::cpu {
 // here than widening W); larger M: W widened in row blocks, one block per worker thread at a time, each multiplied
 // through a single-threaded OpenBLAS sgemm when built with it (the first such call sets OpenBLAS to one
 // thread, since its own pthread pool would compete with ours).
-void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads = 0);
+// batch_invariant: every M runs the matrix-vector kernel (groups of up to 4 rows per pass over W), so a row's
+// result does not depend on the other rows of x: the same bits whatever M (a server's step is then the same
+// for a sequence under any load); slower for large M, since W is read once per 4 rows.
+// The result never depends on `threads`.
+void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads = 0,
+            bool batch_invariant = false);
 
 // 8-bit weights, llama.cpp's Q8_0 block layout (docs/quantization.md): a row of K weights (K a multiple of 32)
 // is K/32 blocks of 34 bytes, each the block's scale d as IEEE fp16 (little-endian) then its 32 quants q as
@@ -29,8 +34,10 @@ void dequantize_q8_0(const void* in, int64_t n, float* out);
 // matrix-vector kernel takes each block's integer dot product and adds it times d_w * d_x in fp32. This adds
 // |x - d_x q_x| <= d_x (1/2 + 2^-17) per activation, i.e. at most sum over blocks of d_x (1/2 + 2^-17) sum |w|
 // per output (docs/quantization.md); a NaN or infinity in a row of x makes that row's outputs NaN. M >= 12:
-// blocks of rows dequantised for sgemm (as linear does for bf16), x not rounded.
-void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N, float* y, int threads = 0);
+// blocks of rows dequantised for sgemm (as linear does for bf16), x not rounded; with batch_invariant, every M
+// as M <= 11 (see linear).
+void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N, float* y, int threads = 0,
+                 bool batch_invariant = false);
 
 // In place: x[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, for `rows` rows of `n` (w in f32 or bf16).
 void rms_norm(float* x, int64_t rows, int64_t n, const void* w, DType wdt, float eps);

@@ -65,6 +65,12 @@ struct ModelOptions {
   // cache and itself, so that activation memory follows the piece, not the prompt. The CPU prefills a prompt
   // in one piece.
   int64_t prefill_tokens = 0;
+  // CPU: every matrix product row by row through the matrix-vector kernel (cpu::linear's batch_invariant), so
+  // that a sequence's logits do not depend on the other sequences of a step: the same tokens alone and under
+  // any load, at the price of prefill speed (W read once per 4 rows). Off, products of >= 12 rows go through
+  // OpenBLAS sgemm, whose rounding differs from the matrix-vector kernel's: a near-tie can then go either way.
+  // CUDA: refused at load.
+  bool batch_invariant = false;
 };
 
 // Which logits an append returns.

@@ -64,7 +64,8 @@ float dot_row_portable(const void* W, DType wdt, int64_t row, int64_t K, const f
 namespace {
 
 // W is f32, bf16 or q8_0 (the q8_0 products of fewer than 12 rows take linear_q8_0's own path).
-void linear_impl(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads) {
+void linear_impl(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads,
+                 bool batch_invariant) {
   if (M == 0) return;
   const int nt = detail::resolve_threads(threads);
   if (M <= 4) {
@@ -77,14 +78,17 @@ void linear_impl(const float* x, int64_t M, int64_t K, const void* W, DType wdt,
   // A few rows: the matrix-vector kernel over groups of 4 rows reads W once per group, which beats widening
   // W for sgemm below about 12 rows (measured 2026-11-29, 2-vCPU EPYC, K=2560, N=9728 bf16: M=8 5.6 vs
   // 7.2 ms, M=12 8.1 vs 7.7 ms).
-  if (M < 12) {
+  // batch_invariant: always (a row's result then does not depend on M).
+  if (M < 12 || batch_invariant) {
     for (int64_t m = 0; m < M; m += 4)
-      linear_impl(x + m * K, std::min<int64_t>(4, M - m), K, W, wdt, N, y + m * N, threads);
+      linear_impl(x + m * K, std::min<int64_t>(4, M - m), K, W, wdt, N, y + m * N, threads, false);
     return;
   }
-  // Weight rows widened at a time (at most 256 x K fp32), so that every thread gets blocks.
-  const int64_t per = (N + 2 * nt - 1) / (2 * nt);
-  const int64_t block = std::clamp<int64_t>((per + 15) / 16 * 16, 16, 256);
+  // Weight rows widened at a time (at most 256 x K fp32): N / 16 rounded up to 16, so that up to 8 threads
+  // get two blocks each. The block depends on N alone: OpenBLAS rounds an element differently for other
+  // block widths, and the output must not depend on the thread count (tests/cli: greedy text equal at -t 1
+  // and -t 2).
+  const int64_t block = std::clamp<int64_t>(((N + 15) / 16 + 15) / 16 * 16, 16, 256);
 #ifdef KSA_HAVE_OPENBLAS
   // Each OpenMP thread widens its blocks and multiplies them with a single-threaded sgemm: OpenBLAS's own
   // thread pool (Debian's pthread build ignores OpenMP) would otherwise run next to ours and fight it.
@@ -113,18 +117,20 @@ void linear_impl(const float* x, int64_t M, int64_t K, const void* W, DType wdt,
 
 }  // namespace
 
-void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads) {
+void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads,
+            bool batch_invariant) {
   if (M < 0 || K < 1 || N < 1) fail("linear: bad shape M=", M, " K=", K, " N=", N);
   if (wdt == DType::f16) fail("linear: weights must be f32, bf16 or q8_0 (got f16)");
-  if (wdt == DType::q8_0) return linear_q8_0(x, M, K, W, N, y, threads);
-  linear_impl(x, M, K, W, wdt, N, y, threads);
+  if (wdt == DType::q8_0) return linear_q8_0(x, M, K, W, N, y, threads, batch_invariant);
+  linear_impl(x, M, K, W, wdt, N, y, threads, batch_invariant);
 }
 
-void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N, float* y, int threads) {
+void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N, float* y, int threads,
+                 bool batch_invariant) {
   if (M < 0 || K < 1 || N < 1) fail("linear_q8_0: bad shape M=", M, " K=", K, " N=", N);
   if (K % kQ8Block) fail("linear_q8_0: K must be a multiple of ", kQ8Block, " (got ", K, ")");
   if (M == 0) return;
-  if (M >= 12) return linear_impl(x, M, K, W, DType::q8_0, N, y, threads);
+  if (M >= 12 && !batch_invariant) return linear_impl(x, M, K, W, DType::q8_0, N, y, threads, false);
   // The matrix-vector path: x rounded to 8 bits per block of 32 once for the whole product, then integer dot
   // products with each weight row, groups of up to 4 rows of x per pass over W, rows of W in chunks of 64
   // claimed by the threads as in linear_impl.

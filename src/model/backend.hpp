@@ -146,6 +146,7 @@ struct BackendOptions {
   int64_t q_heads = 1;                // query heads (CUDA plans a step's decode at begin_step)
   bool cuda_graphs = true;            // CUDA: replay continuation steps as graphs (ModelOptions::cuda_graphs)
   bool cuda_gemv = true;              // CUDA: ksa's GEMV for products of <= 8 rows (ModelOptions::cuda_gemv)
+  bool batch_invariant = false;       // CPU: ModelOptions::batch_invariant
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const BackendOptions& opt);

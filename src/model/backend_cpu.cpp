@@ -19,7 +19,8 @@ namespace {
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(const BackendOptions& o)
-      : threads_(o.threads > 0 ? o.threads : int(std::max(1u, std::thread::hardware_concurrency()))) {}
+      : threads_(o.threads > 0 ? o.threads : int(std::max(1u, std::thread::hardware_concurrency()))),
+        batch_invariant_(o.batch_invariant) {}
 
   std::string name() const override { return "cpu (" + std::to_string(threads_) + " threads)"; }
   DType narrow_dtype() const override { return DType::f32; }
@@ -218,14 +219,15 @@ class CpuBackend final : public Backend {
   static float* f32(const Act& a) { return static_cast<float*>(a.data); }
   // y[M, N] = x[M, K] . W[:N]^T, W in its stored type (q8_0 blocks read in place).
   void product(const float* x, int64_t M, int64_t K, const Weight& W, int64_t N, float* y) const {
-    if (W.dtype == DType::q8_0) cpu::linear_q8_0(x, M, K, W.data, N, y, threads_);
-    else cpu::linear(x, M, K, W.data, W.dtype, N, y, threads_);
+    if (W.dtype == DType::q8_0) cpu::linear_q8_0(x, M, K, W.data, N, y, threads_, batch_invariant_);
+    else cpu::linear(x, M, K, W.data, W.dtype, N, y, threads_, batch_invariant_);
   }
   const std::vector<int32_t>& select(Rows which) const {
     return which == Rows::summary ? step_->summary_rows : step_->logits_rows;
   }
 
   int threads_;
+  bool batch_invariant_ = false;
   DType kv_dtype_ = DType::f32;
   std::vector<KvCache> caches_;
   const StepDesc* step_ = nullptr;

@@ -300,6 +300,9 @@ Model Model::load(const std::string& dir, const ModelOptions& opt) {
   bo.q_heads = cfg.num_attention_heads;
   bo.cuda_graphs = opt.cuda_graphs;
   bo.cuda_gemv = opt.cuda_gemv;
+  bo.batch_invariant = opt.batch_invariant;
+  if (opt.batch_invariant && opt.device == Device::cuda)
+    fail("ModelOptions::batch_invariant: CPU only (the CUDA engine's products depend on the step's rows)");
   if (opt.prefill_tokens < 0) fail("Model: prefill_tokens must be >= 0 (got ", opt.prefill_tokens, ")");
   if (opt.prefill_tokens > 0) bo.prefill_tokens = opt.prefill_tokens;
   m->be = opt.device == Device::cuda ? engine::make_cuda_backend(bo) : engine::make_cpu_backend(bo);

@@ -457,6 +457,7 @@ Server::Server(const ServeOptions& o) {
   mo.threads = int(o.threads);
   mo.max_text_tokens = o.ctx;
   mo.kv_dtype = o.kv_f32 ? DType::f32 : DType::bf16;
+  mo.batch_invariant = o.batch_invariant;
   apply_device(o.device, o.model_dir, mo);
   impl_ = std::make_unique<Impl>(o, mo);
   Impl& m = *impl_;

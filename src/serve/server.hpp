@@ -18,18 +18,19 @@ namespace ksa::serve {
 struct ServeOptions {
   std::string model_dir;
   std::string host = "127.0.0.1";
-  int64_t port = 8080;          // 0: any free port (see Server::bind)
-  std::string device = "cpu";   // cpu | cuda
-  std::string api_key;          // non-empty: /v1/*, /tokenize and /detokenize need "Authorization: Bearer KEY"
-  std::string model_name;       // the id clients name; empty: the model directory's name
-  int64_t ctx = 0;              // context limit per sequence (0: config.json max_position_embeddings)
-  int64_t threads = 0;          // engine threads (0: all cores)
-  bool kv_f32 = false;          // f32 KV cache (default bf16)
-  int64_t kv_budget = -1;       // -1: half the machine's memory; 0: no limit; else bytes
-  SchedulerOptions scheduler;   // max_seqs, max_queue, prefill_chunk (kv_budget is filled from the above)
-  int64_t max_body = 16 << 20;  // request bodies above this many bytes get 413
-  double shutdown_grace = 30;   // seconds running requests may take to finish after SIGINT/SIGTERM
-  bool log_requests = true;     // one line per request on stderr
+  int64_t port = 8080;           // 0: any free port (see Server::bind)
+  std::string device = "cpu";    // cpu | cuda
+  std::string api_key;           // non-empty: /v1/*, /tokenize and /detokenize need "Authorization: Bearer KEY"
+  std::string model_name;        // the id clients name; empty: the model directory's name
+  int64_t ctx = 0;               // context limit per sequence (0: config.json max_position_embeddings)
+  int64_t threads = 0;           // engine threads (0: all cores)
+  bool kv_f32 = false;           // f32 KV cache (default bf16)
+  bool batch_invariant = false;  // CPU: the same tokens for a request under any load (ModelOptions::batch_invariant)
+  int64_t kv_budget = -1;        // -1: half the machine's memory; 0: no limit; else bytes
+  SchedulerOptions scheduler;    // max_seqs, max_queue, prefill_chunk (kv_budget is filled from the above)
+  int64_t max_body = 16 << 20;   // request bodies above this many bytes get 413
+  double shutdown_grace = 30;    // seconds running requests may take to finish after SIGINT/SIGTERM
+  bool log_requests = true;      // one line per request on stderr
 };
 
 class Server {

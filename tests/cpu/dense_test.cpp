@@ -2,8 +2,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cpu/dense_kernels.hpp"
@@ -108,6 +110,41 @@ void check_SiluMul() {
   for (size_t i = 0; i < g.size(); ++i) {
     const double ref = g[i] / (1 + std::exp(-double(g[i]))) * u[i];
     EXPECT_NEAR(out[i], ref, 1e-6 * std::max(1.0, std::abs(ref))) << "g=" << g[i] << " u=" << u[i];
+  }
+}
+
+// A product's result never depends on the thread count, and with batch_invariant a row's result does not
+// depend on the other rows (every M takes the matrix-vector kernel): bitwise, bf16 and q8_0 weights, M across
+// the sgemm threshold (12).
+TEST(Dense, LinearBitsDoNotDependOnThreadsOrOtherRows) {
+  std::mt19937_64 rng(9);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  // (M, K, N): the tiny test model's shapes (where OpenBLAS once rounded 16- and 32-row blocks differently)
+  // and a larger one.
+  for (const auto& [M, K, N] : std::vector<std::array<int64_t, 3>>{{15, 64, 64}, {20, 64, 192}, {37, 128, 300}}) {
+    SCOPED_TRACE("M=" + std::to_string(M) + " K=" + std::to_string(K) + " N=" + std::to_string(N));
+    std::vector<float> x(size_t(M * K)), w(size_t(N * K));
+    for (auto& v : x) v = nd(rng);
+    for (auto& v : w) v = round_to(DType::bf16, nd(rng));
+    const auto wb = to_bf16(w);
+    std::vector<uint8_t> wq(size_t(N * (K / kQ8Block) * kQ8BlockBytes));
+    quantize_q8_0(w.data(), N * K, wq.data());
+    auto run = [&](bool q8, int64_t rows, int threads, bool invariant) {
+      std::vector<float> y(size_t(rows * N), NAN);
+      if (q8) linear_q8_0(x.data(), rows, K, wq.data(), N, y.data(), threads, invariant);
+      else linear(x.data(), rows, K, wb.data(), DType::bf16, N, y.data(), threads, invariant);
+      return y;
+    };
+    for (bool q8 : {false, true}) {
+      SCOPED_TRACE(q8 ? "q8_0" : "bf16");
+      for (bool invariant : {false, true})
+        for (int t : {2, 3}) EXPECT_EQ(run(q8, M, 1, invariant), run(q8, M, t, invariant)) << t << " threads";
+      const std::vector<float> all = run(q8, M, 2, true);
+      for (int64_t rows : {1, 4, 13}) {
+        const std::vector<float> part = run(q8, rows, 2, true);
+        EXPECT_TRUE(std::equal(part.begin(), part.end(), all.begin())) << rows << " rows";
+      }
+    }
   }
 }
 

@@ -126,7 +126,7 @@ async function collect(stream) {
 // ("Connection error" with maxRetries 0).
 function generate(prompt, n, extra = []) {
   return new Promise((resolve, reject) => {
-    execFile(KSA, ['generate', '-m', MODEL_DIR, '-p', prompt, '-n', String(n), '-t', '1', '--no-display-prompt', ...extra],
+    execFile(KSA, ['generate', '-m', MODEL_DIR, '-p', prompt, '-n', String(n), '-t', '1', '--no-display-prompt', '--batch-invariant', ...extra],
       { maxBuffer: 16 << 20 }, (err, stdout) => (err ? reject(err) : resolve(stdout.toString())));
   });
 }
@@ -420,7 +420,8 @@ async function queueAndShutdown() {
 
 async function main() {
   const key = 'sk-test-' + crypto.randomBytes(8).toString('hex');
-  const s = await startServer(['--api-key', key, '--max-seqs', '32', '--max-queue', '200', '--ctx', String(CTX), '--max-body', '1M', '--prefill-chunk', '64']);
+  // --batch-invariant: the concurrency section compares streams under load with the same request alone.
+  const s = await startServer(['--api-key', key, '--max-seqs', '32', '--max-queue', '200', '--ctx', String(CTX), '--max-body', '1M', '--prefill-chunk', '64', '--batch-invariant']);
   const client = new OpenAI({ baseURL: `http://127.0.0.1:${s.port}/v1`, apiKey: key, maxRetries: 0, timeout: 120000 });
   client.port = s.port;
   const t0 = Date.now();

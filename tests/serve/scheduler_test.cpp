@@ -44,6 +44,7 @@ class SchedulerTest : public ::testing::Test {
     ModelOptions o;
     o.threads = 1;
     o.max_text_tokens = max_text;
+    o.batch_invariant = true;  // the same bits for a sequence alone and under load (SameTokensAloneAndUnderLoad)
     return Model::load(dir_->str(), o);
   }
   static inline test::TempDir* dir_ = nullptr;

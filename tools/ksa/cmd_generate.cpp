@@ -210,6 +210,8 @@ int run_generate(int argc, char** argv) {
   std::vector<std::string>& stops =
       f.strs("-r,--reverse-prompt,--stop", "stop when the text contains this string (\\n, \\t escapes understood)");
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
+  bool& batch_invariant = f.flag(
+      "--batch-invariant", "CPU: every matrix product row by row, as `ksa serve --batch-invariant` (slower prefill)");
   bool& no_graphs =
       f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
   bool& no_display = f.flag("--no-display-prompt", "do not echo the prompt to stdout");
@@ -258,9 +260,11 @@ int run_generate(int argc, char** argv) {
   mo.device = parse_device_flag(device, dir);
   if (mo.device == Device::cuda && kv_f32)
     throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
+  if (mo.device == Device::cuda && batch_invariant) throw cli::UsageError("--batch-invariant: CPU only");
   mo.threads = int(threads);
   mo.max_text_tokens = ctx;
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
+  mo.batch_invariant = batch_invariant;
   mo.cuda_graphs = !no_graphs;
   mo.progress = weight_progress();
   Model model = Model::load(dir, mo);

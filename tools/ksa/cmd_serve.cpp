@@ -73,6 +73,10 @@ int run_serve(int argc, char** argv) {
                          cli::kMaxTokens);
   int64_t& threads = f.i64("-t,--threads", 0, "engine threads (0 = all cores)", 0, cli::kMaxThreads);
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
+  bool& batch_invariant =
+      f.flag("--batch-invariant",
+             "CPU: every matrix product row by row, so a request gets the same tokens under any load "
+             "(slower prefill)");
   std::string& max_body = f.str("--max-body", "16M", "largest request body; larger ones get 413");
   double& grace =
       f.f64("--shutdown-grace", o.shutdown_grace, "seconds running requests get to finish after SIGINT/SIGTERM");
@@ -104,6 +108,7 @@ int run_serve(int argc, char** argv) {
   o.ctx = ctx;
   o.threads = threads;
   o.kv_f32 = kv_f32;
+  o.batch_invariant = batch_invariant;
   o.max_body = parse_bytes("--max-body", max_body);
   if (o.max_body < 1) throw cli::UsageError("--max-body: must be at least 1 byte");
   o.shutdown_grace = grace;
