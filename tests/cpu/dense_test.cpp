@@ -121,7 +121,9 @@ TEST(Dense, LinearBitsDoNotDependOnThreadsOrOtherRows) {
   std::normal_distribution<float> nd(0.f, 1.f);
   // (M, K, N): the tiny test model's shapes (where OpenBLAS once rounded 16- and 32-row blocks differently)
   // and a larger one.
-  for (const auto& [M, K, N] : std::vector<std::array<int64_t, 3>>{{15, 64, 64}, {20, 64, 192}, {37, 128, 300}}) {
+  for (const std::array<int64_t, 3>& shape :
+       std::vector<std::array<int64_t, 3>>{{15, 64, 64}, {20, 64, 192}, {37, 128, 300}}) {
+    const int64_t M = shape[0], K = shape[1], N = shape[2];  // (clang 14: lambdas cannot capture structured bindings)
     SCOPED_TRACE("M=" + std::to_string(M) + " K=" + std::to_string(K) + " N=" + std::to_string(N));
     std::vector<float> x(size_t(M * K)), w(size_t(N * K));
     for (auto& v : x) v = nd(rng);
