@@ -1,4 +1,4 @@
-// Parameters of the KSA attention ops (one struct per op, DESIGN.md §2), shared by the CPU and CUDA
+// Parameters of the KSA attention ops (one struct per op, docs/design.md: parameters), shared by the CPU and CUDA
 // backends. Tensors are [B, L, H, D] views of the stream in stream order, innermost dim contiguous, with
 // strides in elements so that slices of larger buffers (e.g. a fused qkv projection) work unchanged.
 #pragma once
@@ -64,9 +64,10 @@ struct AttentionParams {
   SequenceRows sequence(int64_t s) const {
     if (!packed()) return SequenceRows{layout, 0};
     const int64_t r0 = cu_seqlens[s], n = cu_seqlens[s + 1] - r0;
-    return SequenceRows{Layout(layout.chunk_size, layout.S, text_length_of_stream(layout.chunk_size, layout.S, n, layout.summarize_tail),
-                               layout.summarize_tail),
-                        r0};
+    return SequenceRows{
+        Layout(layout.chunk_size, layout.S,
+               text_length_of_stream(layout.chunk_size, layout.S, n, layout.summarize_tail), layout.summarize_tail),
+        r0};
   }
   float softmax_scale() const { return scale != 0.f ? scale : 1.f / std::sqrt(float(D)); }
   int64_t group() const { return Hq / Hkv; }

@@ -1,6 +1,6 @@
-// The compressed KV cache of ONE layer for many sequences (KSA.md §7): per sequence the K/V (post-RoPE, as
-// given) of the current incomplete chunk, the text of the last W complete chunks and every summary. Memory
-// is O((W+1)·k + T/k·S) rows instead of O(T).
+// The compressed KV cache of ONE layer for many sequences (docs/ksa.md: The compressed cache): per sequence the K/V
+// (post-RoPE, as given) of the current incomplete chunk, the text of the last W complete chunks and every summary.
+// Memory is O((W+1)·k + T/k·S) rows instead of O(T).
 //
 // Layout: a pool of fixed-size blocks ("pages") of `block_rows` rows; a block holds K [Hkv, rows, D] then
 // V [Hkv, rows, D], so one KV head's rows in a block are one contiguous [rows, D] slice. Each sequence owns
@@ -8,11 +8,11 @@
 //     text_blocks[(t / block_rows) % text_slots], row t % block_rows. The current chunk is written in place
 //     into the ring and so "moves into the ring" by renaming, never by a copy. text_slots·block_rows >=
 //     (W+1)·k, so row t overwrites row t - text_slots·block_rows only once no later query sees that row
-//     (KSA.md §4); blocks whose rows are all out of the window go back to the pool;
+//     (docs/ksa.md: Who sees whom); blocks whose rows are all out of the window go back to the pool;
 //   - a summary table (append-only): summary row s = chunk·S + j lives in block summary_blocks[s / block_rows].
 //     Growing it takes a block from the pool; nothing already stored is ever copied. A layer whose W·k covers
-//     the context limit never shows a summary to a text query (KSA.md §5): then only the newest chunk's S
-//     summaries are kept (summary queries of that chunk still read them), in row j.
+//     the context limit never shows a summary to a text query (docs/ksa.md: The compressed cache): then only the newest
+//     chunk's S summaries are kept (summary queries of that chunk still read them), in row j.
 // The plain-data views below (KvPoolView, SeqKvView) are what kernels read; a GPU twin keeps the same shapes
 // (same KvCacheConfig, one pool, a per-sequence block table) with device pointers.
 //
@@ -53,7 +53,7 @@ struct KvCacheConfig {
 
   // Throws ksa::Error naming the bad field and value.
   void validate() const;
-  // False when W·k >= max_text_tokens: no text query can ever see a summary (KSA.md §5).
+  // False when W·k >= max_text_tokens: no text query can ever see a summary (docs/ksa.md: The compressed cache).
   bool stores_summaries() const { return spec.W * spec.chunk_size < max_text_tokens; }
   StreamGeometry geometry() const { return StreamGeometry::of(spec); }
   // Bytes of one cached stream token: K and V for all KV heads.

@@ -8,8 +8,8 @@
 
 namespace ksa::cpu {
 
-// The oracle (DESIGN.md §4): plain loops over every key the rule makes visible, double accumulation, a full
-// probability row. Reads p.q/p.k/p.v in p.dtype; ignores p.out and p.lse.
+// The oracle (docs/design.md: the oracle): plain loops over every key the rule makes visible, double accumulation, a
+// full probability row. Reads p.q/p.k/p.v in p.dtype; ignores p.out and p.lse.
 struct ReferenceOutput {
   int64_t rows = 0;         // rows computed per batch entry
   std::vector<double> out;  // [B, rows, Hq, D]

@@ -1,4 +1,4 @@
-// The compressed KV cache on a CUDA device and decoding through it (KSA.md §7; the GPU twin of
+// The compressed KV cache on a CUDA device and decoding through it (docs/ksa.md: The compressed cache; the GPU twin of
 // ksa::KvCache + ksa::cpu::attention_decode). No CUDA includes, so host code can use it.
 //
 // Design: the SAME host bookkeeping as ksa::KvCache (it is one, constructed with a device SlabAllocator):

@@ -1,7 +1,7 @@
-// Decoding through the compressed cache (KSA.md §7): a batch of sequences, each with n >= 0 new stream
-// tokens (one text token; at a chunk boundary the chunk's k-th text token followed by its S summary tokens;
-// or many tokens at once for chunked prefill, crossing chunk boundaries anywhere). Each new token's K/V is
-// written into the cache and its query attends to exactly the keys the core rule (ksa::visible) shows it.
+// Decoding through the compressed cache (docs/ksa.md: The compressed cache): a batch of sequences, each with n >= 0 new
+// stream tokens (one text token; at a chunk boundary the chunk's k-th text token followed by its S summary tokens; or
+// many tokens at once for chunked prefill, crossing chunk boundaries anywhere). Each new token's K/V is written into
+// the cache and its query attends to exactly the keys the core rule (ksa::visible) shows it.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -24,7 +24,7 @@ struct DecodeIO {
   int num_threads = 0;       // 0 = all available
 };
 
-// Parameters of the decode kernel (DESIGN.md §2): a plan's plain data plus the tensors.
+// Parameters of the decode kernel (docs/design.md: parameters): a plan's plain data plus the tensors.
 struct DecodeParams {
   StreamGeometry geo;
   KvPoolView pool;

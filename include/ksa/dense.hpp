@@ -1,4 +1,4 @@
-// Dense CPU operations of the Qwen3-KSA forward (KSA.md §6): linear layers over bf16/f32 weights,
+// Dense CPU operations of the Qwen3-KSA forward (docs/ksa.md: The model): linear layers over bf16/f32 weights,
 // RMSNorm, RoPE (HF rotate_half) and the SwiGLU gate. Activations are fp32; weights stay in their file
 // dtype. The model layer calls these; they know nothing of the model.
 #pragma once

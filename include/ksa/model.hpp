@@ -1,11 +1,11 @@
-// The Qwen3-KSA forward on the CPU (KSA.md §6): a loaded checkpoint, one compressed KV cache per layer,
+// The Qwen3-KSA forward on the CPU (docs/ksa.md: The model): a loaded checkpoint, one compressed KV cache per layer,
 // and sequences that grow by appending text tokens. The model calls the attention kernels (ksa/cpu.hpp for a
 // prefill, ksa/decode.hpp through the cache afterwards) and the dense operations (ksa/dense.hpp); it never
 // re-implements either.
 //
-// Stream: appending text tokens also runs the summary tokens the stream defines (KSA.md §2): after the k-th
-// text token of a chunk, its S summary tokens (ids summary_token_begin + j), in the same call. A trailing
-// partial chunk has no summary yet (summarize_tail is off in inference).
+// Stream: appending text tokens also runs the summary tokens the stream defines (docs/ksa.md: The stream): after the
+// k-th text token of a chunk, its S summary tokens (ids summary_token_begin + j), in the same call. A trailing partial
+// chunk has no summary yet (summarize_tail is off in inference).
 //
 // Numerics: activations fp32; weights read in their file dtype (bf16 in the released files, never widened
 // as a whole); q, k, v and the attention output are rounded to the KV cache's dtype (bf16 by default, as in

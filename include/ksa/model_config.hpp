@@ -1,11 +1,11 @@
-// config.json of a Qwen3 / Qwen3-KSA checkpoint (KSA.md §1, §5, §6) as a plain struct with defaults and
-// validation (DESIGN.md §12). Every key the forward needs is read; unknown keys are ignored, as HF does.
+// config.json of a Qwen3 / Qwen3-KSA checkpoint (docs/ksa.md: Parameters, §5, §6) as a plain struct with defaults and
+// validation (docs/design.md: model I/O). Every key the forward needs is read; unknown keys are ignored, as HF does.
 //
 // Defaults: Qwen3 fields follow transformers' Qwen3Config where a key may be absent (num_key_value_heads =
 // num_attention_heads, head_dim = hidden_size / num_attention_heads, rms_norm_eps 1e-6, rope_theta 10000,
 // ...); the shape keys hidden_size, intermediate_size, num_hidden_layers, num_attention_heads and
-// vocab_size are required. KSA fields default to the released values of KSA.md §1 (k=8, S=1, begin 151936,
-// origin, last_chunk_slice_right, independent parameters, mix_coeff 0, no independent layernorm);
+// vocab_size are required. KSA fields default to the released values of docs/ksa.md: Parameters (k=8, S=1, begin
+// 151936, origin, last_chunk_slice_right, independent parameters, mix_coeff 0, no independent layernorm);
 // `use_summary_attention` defaults to false and `summary_sliding_chunk_num` to 0, as in the release's
 // inference code (getattr defaults); `truncate_predict_nums` to 151936.
 //
@@ -43,7 +43,7 @@ struct ModelConfig {
   DType dtype = DType::bf16;             // `torch_dtype` / `dtype`
   std::vector<std::string> layer_types;  // `layer_types` when present ("full_attention" only)
 
-  // --- KSA (KSA.md §1, §5) ---
+  // --- KSA (docs/ksa.md: Parameters, §5) ---
   bool use_summary_attention = false;
   int64_t summary_chunk_size = 8;  // k
   int64_t summary_token_num = 1;   // S
@@ -67,7 +67,7 @@ struct ModelConfig {
   static ModelConfig parse(std::string_view json_text, const std::string& source = "config.json");
   // Reads and parses a file (a directory means DIR/config.json).
   static ModelConfig load(const std::string& path);
-  // The released format (KSA.md §5: the window pattern as a string), for the checkpoint writer.
+  // The released format (docs/ksa.md: Parameters: the window pattern as a string), for the checkpoint writer.
   std::string to_json() const;
 
   // Cross-field checks (parse calls it). Throws ksa::Error naming the field and the value.

@@ -1,4 +1,4 @@
-// Random-weight checkpoints in the released layout (KSA.md §6), for tests and tools (`ksa make-model`):
+// Random-weight checkpoints in the released layout (docs/ksa.md: The model), for tests and tools (`ksa make-model`):
 // config.json in the released format (window pattern as a string), model.safetensors or shards with an
 // index, generation_config.json, and the tokenizer files copied from a folder when one is given.
 #pragma once

@@ -1,4 +1,4 @@
-// Per-layer patterns from config.json (KSA.md §5): an int, a list, or the Python-expression string form
+// Per-layer patterns from config.json (docs/ksa.md: Parameters): an int, a list, or the Python-expression string form
 // such as "([128]*3+[16768]*1)*9". Exactly this grammar is accepted; nothing is evaluated as code.
 #pragma once
 #include <cstdint>

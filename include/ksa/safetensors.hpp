@@ -91,7 +91,7 @@ class SafetensorsFile {
   std::map<std::string, std::string> metadata_;
 };
 
-// A checkpoint directory (KSA.md §6): model.safetensors, or model-0000N-of-0000M.safetensors with
+// A checkpoint directory (docs/ksa.md: The model): model.safetensors, or model-0000N-of-0000M.safetensors with
 // model.safetensors.index.json (its weight_map must name, for every tensor, the shard that holds it).
 class Checkpoint {
  public:

@@ -22,7 +22,7 @@ const char* to_string(SummaryPositions m);
 TextPositions parse_text_positions(const std::string& s, const char* field = "summary_chunk_position_ids_type");
 SummaryPositions parse_summary_positions(const std::string& s, const char* field = "summary_token_position_ids_type");
 
-// One layer's KSA parameters (KSA.md §1). W is per layer; everything else is per model.
+// One layer's KSA parameters (docs/ksa.md: Parameters). W is per layer; everything else is per model.
 struct Spec {
   int64_t chunk_size = 8;       // summary_chunk_size: text tokens per chunk
   int64_t S = 1;                // summary_token_num: summaries after each full chunk
@@ -47,9 +47,10 @@ struct StreamToken {
   bool is_summary = false;
 };
 
-// The stream geometry of T text tokens (KSA.md §2) and the "gathered" order used by the kernels: all text
+// The stream geometry of T text tokens (docs/ksa.md: The stream) and the "gathered" order used by the kernels: all text
 // rows in text order (gathered index t), then all summary rows (gathered index T + c*S + j). In gathered
-// order the window is a band of text rows and the old summaries one contiguous block (KSA.md §8).
+// order the window is a band of text rows and the old summaries one contiguous block (docs/ksa.md: Where the geometry
+// lives in the code).
 struct Layout {
   int64_t chunk_size = 1, S = 1, T = 0;
   bool summarize_tail = false;
@@ -184,7 +185,7 @@ KSA_HD RowKeyRanges row_key_ranges(const Layout32& l, int32_t W, uint32_t g) {
   return r;
 }
 
-// RoPE position of a stream position (KSA.md §3).
+// RoPE position of a stream position (docs/ksa.md: Positions).
 KSA_HD int64_t rope_position(const Layout& lay, TextPositions tm, SummaryPositions sm, int64_t pos) {
   const StreamToken t = lay.token(pos);
   if (!t.is_summary) return tm == TextPositions::origin ? t.chunk * lay.chunk_size + t.index : t.index;
@@ -203,9 +204,9 @@ KSA_HD int64_t rope_position(const Layout& lay, TextPositions tm, SummaryPositio
   return p < a ? a : p;
 }
 
-// THE visibility rule (KSA.md §4), on the tokens at the query's and the key's positions. Everything else
-// (visible, visible_gathered, the kernels' masks on precomputed row tokens) calls this one function.
-// Tok is StreamToken or the kernels' 32-bit StreamToken32; I is the window's integer type.
+// THE visibility rule (docs/ksa.md: Who sees whom), on the tokens at the query's and the key's positions. Everything
+// else (visible, visible_gathered, the kernels' masks on precomputed row tokens) calls this one function. Tok is
+// StreamToken or the kernels' 32-bit StreamToken32; I is the window's integer type.
 template <class I, class Tok>
 KSA_HD bool visible_tokens(I W, const Tok& a, const Tok& b) {
   if (a.is_summary) {
@@ -417,15 +418,15 @@ int64_t count_visible_pairs(const Layout& lay, int64_t W);
 // Pairs of plain causal attention over the T text tokens, for comparison.
 inline int64_t count_causal_pairs(int64_t T) { return T * (T + 1) / 2; }
 
-// K/V rows a decode step at the end of a T-token text must keep for one layer and head (KSA.md §7):
-// the current incomplete chunk, the last W complete chunks' text, and every summary.
+// K/V rows a decode step at the end of a T-token text must keep for one layer and head (docs/ksa.md: The compressed
+// cache): the current incomplete chunk, the last W complete chunks' text, and every summary.
 struct CacheRows {
   int64_t text = 0, summaries = 0;
   int64_t total() const { return text + summaries; }
 };
 CacheRows cache_rows(const Spec& spec, int64_t T, bool store_summaries = true);
 
-// The stream built from text token ids (KSA.md §2): ids with summary ids inserted, RoPE positions, and a
+// The stream built from text token ids (docs/ksa.md: The stream): ids with summary ids inserted, RoPE positions, and a
 // summary flag per stream position.
 struct Stream {
   Layout layout;

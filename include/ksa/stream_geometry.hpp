@@ -1,4 +1,4 @@
-// The geometry of a stream that keeps growing (KSA.md §2 and §7): the value a decoder, the KV cache, the
+// The geometry of a stream that keeps growing (docs/ksa.md: The stream and §7): the value a decoder, the KV cache, the
 // decode kernels and the engine pass around instead of loose (chunk size, S, W) integers. A decoder's stream
 // has no fixed length and never summarises a partial chunk (summarize_tail off): after every chunk_size
 // text tokens come the chunk's S summary tokens. Everything here derives from the core's Layout and
@@ -72,7 +72,7 @@ struct StreamGeometry {
   // Summary tokens due before the next text token (0..S).
   KSA_HD int64_t pending_summaries(StreamCounts n) const { return (n.T / chunk_size) * S - n.sums; }
 
-  // First text row that a later token of a stream holding `n` can still see (KSA.md §4): the next text
+  // First text row that a later token of a stream holding `n` can still see (docs/ksa.md: Who sees whom): the next text
   // token (chunk T/chunk_size) sees the chunks >= T/chunk_size - W as text; while the chunk just completed
   // still owes summary tokens, they see that chunk's text. Never decreases as the stream grows.
   KSA_HD int64_t live_text_begin(StreamCounts n) const {

@@ -1,5 +1,5 @@
-// The tensors a Qwen3-KSA checkpoint must hold (KSA.md §6), as a declarative table (DESIGN.md §12): name
-// pattern, shape computed from the config, allowed dtypes, and whether the tensor is required, optional
+// The tensors a Qwen3-KSA checkpoint must hold (docs/ksa.md: The model), as a declarative table (docs/design.md: model
+// I/O): name pattern, shape computed from the config, allowed dtypes, and whether the tensor is required, optional
 // (used when present) or ignored (accepted, never read) under a given config. check_weights compares a
 // checkpoint with the table and reports every problem in one message; bind_weights hands the forward a
 // pointer per tensor.
@@ -33,7 +33,7 @@ struct WeightRule {
   TensorUse (*use)(const ModelConfig&, int64_t layer);  // layer = -1 for global rules
   uint8_t dtypes;
 };
-// The table (KSA.md §6 tensor names).
+// The table (docs/ksa.md: The model tensor names).
 const std::vector<WeightRule>& weight_rules();
 
 struct ExpectedTensor {

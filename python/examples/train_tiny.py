@@ -5,10 +5,10 @@
 Model: embedding (text vocab + S summary ids), 2 blocks of [RMSNorm, fused qkv projection, ksa_torch.attention
 on the stream (q, k, v are strided slices of the projection), o projection, residual, RMSNorm, SwiGLU MLP,
 residual], final RMSNorm, lm head. No RoPE (positions come from the causal/chunk structure alone; this only
-exercises the op). The stream is the text with S summary tokens after every k text tokens (KSA.md §2, built by
-ksa_torch.build_stream); logits are taken at text positions only (stream_to_text) and predict the next text
-token. One fixed batch is trained on, so the loss must go down (memorisation); the script prints it every
-step and asserts that it fell.
+exercises the op). The stream is the text with S summary tokens after every k text tokens (docs/ksa.md: The
+stream, built by ksa_torch.build_stream); logits are taken at text positions only (stream_to_text) and
+predict the next text token. One fixed batch is trained on, so the loss must go down (memorisation); the
+script prints it every step and asserts that it fell.
 
 On CUDA the blocks run under bf16 autocast (the CUDA kernels take bf16/f16); on the CPU everything is fp32
 (the CPU kernels).
@@ -63,7 +63,8 @@ class TinyKsaLM(nn.Module):
         self.head = nn.Linear(d, vocab, bias=False)
 
     def forward(self, text):
-        # The stream (KSA.md §2) from the C++ core's layout: summary ids vocab..vocab+S-1 after every k tokens.
+        # The stream (docs/ksa.md: The stream) from the C++ core's layout: summary ids vocab..vocab+S-1 after
+        # every k tokens.
         st = ksa_torch.build_stream(text, self.chunk_size, self.S, summary_token_begin=self.vocab)
         x = self.embed(st.input_ids)
         for blk in self.blocks:

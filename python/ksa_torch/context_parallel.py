@@ -1,8 +1,8 @@
 """Context parallelism for KSA attention: one stream sharded over the ranks of a process group.
 
 Rank r holds the stream rows [a, b) (any boundaries: in a chunk's text, between two summaries of a chunk,
-shorter than the window, empty). Before a, its queries see (KSA.md §4; c_t and c_l: the chunks of its first
-and last text query, c_a: a's chunk):
+shorter than the window, empty). Before a, its queries see (docs/ksa.md: Who sees whom; c_t and c_l: the
+chunks of its first and last text query, c_a: a's chunk):
   - the text of the chunks from cw = max(0, c_t - W) on (the window of the first text query),
   - every row of a's chunk before a (text and, for a summary a, the chunk's earlier summaries),
   - the summaries of the chunks before c_l - W (old for the last text query).
@@ -65,7 +65,7 @@ class Plan:
 
 
 class _Stream:
-    """The global stream's row arithmetic (KSA.md §2), vectorised over row indices."""
+    """The global stream's row arithmetic (docs/ksa.md: The stream), vectorised over row indices."""
 
     def __init__(self, chunk_size, S, T, tail):
         self.chunk_size, self.S, self.T, self.tail = chunk_size, S, T, tail
@@ -80,8 +80,8 @@ class _Stream:
 
 
 class _Needs:
-    """The rows before a shard [a, b) that its queries see (KSA.md §4, for the shard's first and last text
-    chunks c_t, c_l and a's chunk c_a):
+    """The rows before a shard [a, b) that its queries see (docs/ksa.md: Who sees whom, for the shard's first and
+    last text chunks c_t, c_l and a's chunk c_a):
       - the text of the chunks from cw = max(0, c_t - W) on (the first text query's window; later ones start later);
       - every row of a's chunk before a (its text for a's chunk's queries, its earlier summaries for a summary a);
       - the summaries of the chunks before c_l - W (old for the last text query; earlier ones see fewer).

@@ -18,7 +18,7 @@ DEFAULT_SUMMARY_TOKEN_BEGIN = 151936  # the released models' summary_token_begin
 
 class Stream(NamedTuple):
     input_ids: Optional[torch.Tensor]  # [L] (or [B, L]) stream token ids; None from stream_layout
-    position_ids: torch.Tensor  # [L] (or [B, L]) RoPE positions (KSA.md §3), int64
+    position_ids: torch.Tensor  # [L] (or [B, L]) RoPE positions (docs/ksa.md: Positions), int64
     is_summary: torch.Tensor  # [L] bool
     text_rows: torch.Tensor  # [T] the stream row of every text token, in text order (int64)
     cu_seqlens: torch.Tensor  # [n + 1] int32 stream boundaries (attention_varlen's cu_seqlens)

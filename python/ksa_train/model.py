@@ -307,7 +307,7 @@ class KsaLM(nn.Module):
         return torch.arange(T, device=device) if rows is None else rows
 
     def hf_state_dict(self):
-        """Tensors under the released names (KSA.md §6), fp32 on the CPU."""
+        """Tensors under the released names (docs/ksa.md: The model), fp32 on the CPU."""
         out = {"model.embed_tokens.weight": self.embed_tokens.weight, "model.norm.weight": self.norm.weight}
         if not self.c.tie:
             out["lm_head.weight"] = self.lm_head.weight

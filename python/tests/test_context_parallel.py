@@ -5,8 +5,8 @@ chunk's text, between the two summaries of a chunk, in a summarised tail's summa
 window, a shard without summary rows, an empty shard), runs the forward and the backward of
 context_parallel_attention on every rank, and the parent puts the shards' out, lse, dq, dk, dv back together.
 
-Tolerance (DESIGN.md §6): against the float64 oracle on the whole stream, the sharded result may err by at most
-4x what single-process ksa_torch.attention in the same dtype errs, plus the rounding floor of the dtype
+Tolerance (docs/design.md: tolerances): against the float64 oracle on the whole stream, the sharded result may
+err by at most 4x what single-process ksa_torch.attention in the same dtype errs, plus the rounding floor of the dtype
 (2^-20 of the largest magnitude in float32, 2^-8 in bfloat16). The sharded result sums in another order (the
 halo's keys in their own tiles, the prefix summaries in plain matrix products, a log-sum-exp merge), so equal
 bits are not expected; a missing or extra key would be an O(1) error.

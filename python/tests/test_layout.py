@@ -1,4 +1,4 @@
-"""The stream layout helpers (build_stream, stream_layout, stream_to_text, text_to_stream) against KSA.md's
+"""The stream layout helpers (build_stream, stream_layout, stream_to_text, text_to_stream) against docs/ksa.md's
 statement of the rule (§2 stream, §3 positions) written out independently here, and against themselves
 (packed == one text at a time, the C++ inverse of the stream length)."""
 import pytest
@@ -8,7 +8,8 @@ import ksa_torch
 
 
 def spec_stream(T, k, S, tail, begin, tpos, spos):
-    """KSA.md §2-§3 transcribed: (is_summary, text index or summary j, chunk, position) per stream row."""
+    """docs/ksa.md (The stream, Positions) transcribed: (is_summary, text index or summary j, chunk, position) per
+    stream row."""
     rows = []
     nch = (T + k - 1) // k
     for c in range(nch):

@@ -1,4 +1,4 @@
-// The oracle (DESIGN.md §4): plain loops, double accumulation, a full probability row per query. It asks
+// The oracle (docs/design.md: the oracle): plain loops, double accumulation, a full probability row per query. It asks
 // the core rule `visible` about every (query, key) pair of a stream (packed sequences: of the query's own
 // stream); it is slow on purpose and kept forever.
 #include <algorithm>

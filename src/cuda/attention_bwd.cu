@@ -44,8 +44,8 @@
 // of one call per stream; the automatic U depends on the whole call's work, so dk/dv may round differently. The heavy
 // kernels are instantiated twice (PACKED) so that plain calls run the code they ran before.
 //
-// File shape (DESIGN.md §3): traits -> device code (passes 1, 3, 4, 5) -> launcher. The plan (pass 2, its
-// sizes and workspace, the test hook that copies it back) is attention_bwd_plan.cu.
+// File shape (docs/design.md: kernel files): traits -> device code (passes 1, 3, 4, 5) -> launcher. The plan (pass 2,
+// its sizes and workspace, the test hook that copies it back) is attention_bwd_plan.cu.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

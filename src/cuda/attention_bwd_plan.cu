@@ -2,7 +2,7 @@
 // it (the query tiles' key spans, each key tile's runs of query tiles, the schedule of dK/dV work items), its
 // sizes and workspace, and the test hook that copies a plan back (backward_plan_for_testing).
 //
-// File shape (DESIGN.md §3): device code -> launcher -> test hooks.
+// File shape (docs/design.md: kernel files): device code -> launcher -> test hooks.
 #include <cuda_runtime.h>
 
 #include <algorithm>

@@ -29,7 +29,7 @@
 // measurable difference: 140.8 / 141.3 ms against 142.1 / 141.0 at 128K, alternating in one run; kept as the
 // simpler code. The same profile: DRAM at 51% of peak, tensor pipes 40% busy, L2 hit rate 42%.
 //
-// File shape (DESIGN.md §3): traits -> device code -> launcher.
+// File shape (docs/design.md: kernel files): traits -> device code -> launcher.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -13,7 +13,7 @@
 //            out (bf16) and lse; launched programmatically behind the attend kernel (sm_90).
 // A prefill's writes (a plan without tokens) go through a write kernel of their own.
 //
-// File shape (DESIGN.md §3): traits -> device code -> launcher.
+// File shape (docs/design.md: kernel files): traits -> device code -> launcher.
 #include <cuda_bf16.h>
 
 #include <algorithm>

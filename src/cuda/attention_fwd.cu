@@ -15,7 +15,7 @@
 // (detail::stream_args), so it does what a call on that stream alone does for the same tile, with the same
 // bits. Each kernel is instantiated twice (PACKED), so that plain calls run the code they ran before.
 //
-// File shape (DESIGN.md §3): traits -> device code -> launcher.
+// File shape (docs/design.md: kernel files): traits -> device code -> launcher.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

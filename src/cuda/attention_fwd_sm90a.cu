@@ -13,7 +13,7 @@
 // Out and lse are written in stream order as by the portable kernel. Packed sequences: as the portable kernel
 // (a work table of (stream, query tile) items; attention_fwd.cu).
 //
-// File shape (DESIGN.md §3): traits -> device code -> launcher.
+// File shape (docs/design.md: kernel files): traits -> device code -> launcher.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

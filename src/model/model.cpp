@@ -64,7 +64,7 @@ struct Model::Impl {
   }
 
   // Appends to `desc` the stream tokens that appending `tokens` to a sequence holding T0 text tokens runs:
-  // each text token, and after a chunk's k-th token its S summary tokens (KSA.md §2). Returns the stream
+  // each text token, and after a chunk's k-th token its S summary tokens (docs/ksa.md: The stream). Returns the stream
   // rows of the text tokens.
   std::vector<int32_t> add_stream(int64_t T0, std::span<const int32_t> tokens) {
     std::vector<int32_t> text_rows;
@@ -108,7 +108,7 @@ struct Model::Impl {
     if (it.sampler) it.sampler->validate();
   }
 
-  // Summary token ids are the model's own (KSA.md §2): a caller may not append them as text.
+  // Summary token ids are the model's own (docs/ksa.md: The stream): a caller may not append them as text.
   void check_summary_ids(std::span<const int32_t> tokens, const char* who) const {
     if (!summaries) return;
     for (size_t i = 0; i < tokens.size(); ++i)

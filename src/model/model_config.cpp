@@ -47,7 +47,7 @@ void check_rope_type(const Fields& f, const char* key, const Json& obj) {
     f.bad_value(key, "RoPE type \"" + type + "\" is not supported (only the default, unscaled RoPE)");
 }
 
-// summary_sliding_chunk_num as pattern text: int, list or string (KSA.md §5).
+// summary_sliding_chunk_num as pattern text: int, list or string (docs/ksa.md: Parameters).
 std::string window_text(const Fields& f, const char* key) {
   const Json* v = f.get(key);
   if (!v) return "0";

@@ -39,7 +39,7 @@ TensorUse ignored(const ModelConfig&, int64_t) { return TensorUse::ignored; }
 TensorUse lm_head_use(const ModelConfig& c, int64_t) {
   return c.tie_word_embeddings ? TensorUse::ignored : TensorUse::required;
 }
-// KSA.md §6: summary projections blend in only with mix_coeff != 0, on summary-attention layers.
+// docs/ksa.md: The model: summary projections blend in only with mix_coeff != 0, on summary-attention layers.
 TensorUse summary_proj_use(const ModelConfig& c, int64_t layer) {
   return c.uses_summary_projections() && c.is_summary_layer(layer) ? TensorUse::optional : TensorUse::ignored;
 }

@@ -1,5 +1,5 @@
-// KvCache bookkeeping: the bytes a sequence holds follow KSA.md §7 (compared with the core's cache_rows),
-// and bad input (unknown or released ids, wrong shapes or dtypes, context limit, a full pool) is refused
+// KvCache bookkeeping: the bytes a sequence holds follow docs/ksa.md: The compressed cache (compared with the core's
+// cache_rows), and bad input (unknown or released ids, wrong shapes or dtypes, context limit, a full pool) is refused
 // with a clear error that changes nothing: the other sequences decode on and still match the oracle.
 #include <gtest/gtest.h>
 

@@ -1,5 +1,5 @@
 // Shared by the CPU attention tests: random strided inputs for a shape, naive fp32 comparators (the
-// "same-precision computation" of DESIGN.md §6) and the worst-element comparison.
+// "same-precision computation" of docs/design.md: tolerances) and the worst-element comparison.
 #pragma once
 #include <gtest/gtest.h>
 
@@ -213,9 +213,9 @@ inline std::string where(size_t i, int64_t L, int64_t H, int64_t D) {
   return os.str();
 }
 
-// The tolerance of DESIGN.md §6: the fast path may err by at most 4x the naive fp32 computation's error plus
-// the rounding floor of the stored output (bf16: 2^-8 of the largest magnitude, i.e. one rounding of the
-// output plus slack for ties; fp32: 2^-20, a few ulps of accumulated rounding).
+// The tolerance of docs/design.md: tolerances: the fast path may err by at most 4x the naive fp32 computation's error
+// plus the rounding floor of the stored output (bf16: 2^-8 of the largest magnitude, i.e. one rounding of the output
+// plus slack for ties; fp32: 2^-20, a few ulps of accumulated rounding).
 inline double tolerance(double naive_err, double ref_abs_max, DType t) {
   const double u = t == DType::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -20);
   return 4.0 * naive_err + u * std::max(ref_abs_max, 1.0);

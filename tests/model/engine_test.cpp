@@ -2,13 +2,13 @@
 // random tiny checkpoints, and against itself: prefill vs token-by-token decoding vs multi-turn pieces,
 // determinism, thread counts, and the errors the API promises.
 //
-// Tolerances (DESIGN.md §6). Both sides read the same bf16 weights exactly (bf16 -> float is exact), so the
-// only difference with an f32 KV cache is arithmetic: the engine in fp32 (blocked sums, FMA, online softmax),
-// the reference in double. The yardstick is the reference's own loops run in float (logits_f32): a naive
-// fp32 computation of the same model. The engine must be within kNaiveMultiple times that error, plus a
-// floor of kFloorRel * max|logit| (a few hundred fp32 ulps of the largest logit, so that a lucky small
-// naive error does not make the bound meaningless). Errors are measured as max |engine - ref| over all
-// logits of a case; the worst index and values are printed on failure; NaN/inf never pass.
+// Tolerances (docs/design.md: tolerances). Both sides read the same bf16 weights exactly (bf16 -> float is exact), so
+// the only difference with an f32 KV cache is arithmetic: the engine in fp32 (blocked sums, FMA, online softmax), the
+// reference in double. The yardstick is the reference's own loops run in float (logits_f32): a naive fp32 computation
+// of the same model. The engine must be within kNaiveMultiple times that error, plus a floor of kFloorRel * max|logit|
+// (a few hundred fp32 ulps of the largest logit, so that a lucky small naive error does not make the bound
+// meaningless). Errors are measured as max |engine - ref| over all logits of a case; the worst index and values are
+// printed on failure; NaN/inf never pass.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -245,7 +245,7 @@ TEST(EngineReference, Bf16CacheNearReference) {
   }
 }
 
-// A layer whose window covers every chunk is plain causal attention over text for text queries (KSA.md
+// A layer whose window covers every chunk is plain causal attention over text for text queries (docs/ksa.md
 // §4), and summary tokens never reach a text token: the text logits equal plain Qwen3's on the same
 // weights (origin positions). Checked on the reference (exactly) and on the engine.
 TEST(EngineReference, WindowCoveringAllChunksEqualsPlainQwen3) {

@@ -1,5 +1,5 @@
 // Comparing logits (tests/model): the largest absolute difference with its index, a gtest assertion that
-// prints the worst logit and never lets NaN pass (DESIGN.md §6), and the bound of the engine against the
+// prints the worst logit and never lets NaN pass (docs/design.md: tolerances), and the bound of the engine against the
 // double-precision reference forward. Used by engine_test.cpp and quant_model_test.cpp.
 #pragma once
 #include <gtest/gtest.h>

@@ -1,4 +1,4 @@
-// The naive reference forward of Qwen3-KSA (see reference_forward.hpp). Follows KSA.md §6 step by step;
+// The naive reference forward of Qwen3-KSA (see reference_forward.hpp). Follows docs/ksa.md: The model step by step;
 // deliberately slow and simple.
 #include "reference_forward.hpp"
 
@@ -77,7 +77,7 @@ ReferenceModel::ReferenceModel(const std::string& dir) {
     L.gate = tensor(c, p + "mlp.gate_proj.weight");
     L.up = tensor(c, p + "mlp.up_proj.weight");
     L.down = tensor(c, p + "mlp.down_proj.weight");
-    // KSA.md §1/§6: the summary projections take part only with independent parameters and mix != 0, and
+    // docs/ksa.md: Parameters/§6: the summary projections take part only with independent parameters and mix != 0, and
     // only when present; the summary layernorm only when configured (and present).
     if (cfg_.uses_summary_projections()) {
       L.q_s = tensor(c, p + "self_attn.q_proj_summary.weight", false);
@@ -102,8 +102,8 @@ std::vector<double> ReferenceModel::run(std::span<const int32_t> text) const {
   const R eps = R(c.rms_norm_eps);
   const R scale = R(1) / std::sqrt(R(D));
 
-  // The stream (KSA.md §2): text with S summaries after each full chunk, no tail summary; plain Qwen3 when
-  // use_summary_attention is false.
+  // The stream (docs/ksa.md: The stream): text with S summaries after each full chunk, no tail summary; plain Qwen3
+  // when use_summary_attention is false.
   Spec spec;
   Stream st;
   if (c.use_summary_attention) {

@@ -1,5 +1,5 @@
-// An independent, naive reference forward of Qwen3-KSA (KSA.md §6), the oracle the engine (ksa::Model) is
-// tested against (DESIGN.md §4): plain loops over the whole stream, a dense visibility mask from the ONE
+// An independent, naive reference forward of Qwen3-KSA (docs/ksa.md: The model), the oracle the engine (ksa::Model) is
+// tested against (docs/design.md: the oracle): plain loops over the whole stream, a dense visibility mask from the ONE
 // rule (ksa::visible over ksa::build_stream's layout), a full probability row per query, weights read as
 // float from the checkpoint (bf16 and f32 widen exactly), and no KV cache. Nothing of the engine, the
 // kernels or the dense ops is used.

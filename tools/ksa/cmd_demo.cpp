@@ -62,8 +62,8 @@ int run_demo(int argc, char** argv) {
   std::printf("visible pairs/head:  %lld vs %lld for full causal attention over the text (%.2fx fewer)\n",
               (long long)pairs, (long long)causal, double(causal) / double(pairs));
 
-  // KV cache for decoding after this text (KSA.md §7): one layer, all KV heads, K and V, measured on a KvCache
-  // filled by prefill from this stream's k/v (it copies only the rows decoding still reads).
+  // KV cache for decoding after this text (docs/ksa.md: The compressed cache): one layer, all KV heads, K and V,
+  // measured on a KvCache filled by prefill from this stream's k/v (it copies only the rows decoding still reads).
   KvCacheConfig ccfg;
   ccfg.spec = spec;
   ccfg.Hkv = Hkv;

@@ -46,8 +46,8 @@ std::string with_commas(int64_t x) {
   return out;
 }
 
-// KV-cache rows of one layer at T text tokens (KSA.md §7): a summary layer keeps its window, the current
-// chunk and the summaries (those only when they can become visible, W*k < T); a plain layer keeps all text.
+// KV-cache rows of one layer at T text tokens (docs/ksa.md: The compressed cache): a summary layer keeps its window,
+// the current chunk and the summaries (those only when they can become visible, W*k < T); a plain layer keeps all text.
 int64_t layer_cache_rows(const ModelConfig& c, int64_t layer, int64_t T) {
   if (!c.is_summary_layer(layer)) return T;
   const Spec s = c.layer_spec(layer);

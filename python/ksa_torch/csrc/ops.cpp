@@ -325,8 +325,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
 
 // The streams of texts of the given lengths, packed back to back: a dict of int64 CPU tensors
 //   cu_seqlens [n + 1] (stream rows), text_rows [sum T] (the stream row of every text token, in text order),
-//   position_ids [L] (RoPE positions, KSA.md §3), is_summary [L] (bool), input_ids [L] (when text_ids given:
-//   text ids in place, summary ids begin + j), max_seqlen (int).
+//   position_ids [L] (RoPE positions, docs/ksa.md: Positions), is_summary [L] (bool), input_ids [L] (when text_ids
+//   given: text ids in place, summary ids begin + j), max_seqlen (int).
 py::dict stream_layout(const std::vector<int64_t>& text_lengths, int64_t chunk_size, int64_t S, bool tail,
                        const std::string& text_positions, const std::string& summary_positions,
                        int64_t summary_token_begin, const OptTensor& text_ids) {
