@@ -1,5 +1,6 @@
-// config.json of a Qwen3 / Qwen3-KSA checkpoint (docs/ksa.md: Parameters, §5, §6) as a plain struct with defaults and
-// validation (docs/design.md: model I/O). Every key the forward needs is read; unknown keys are ignored, as HF does.
+// config.json of a Qwen3 / Qwen3-KSA checkpoint (docs/ksa.md: Parameters, The model) as a plain struct with defaults
+// and validation (docs/design.md: model I/O). Every key the forward needs is read; unknown keys are ignored, as HF
+// does.
 //
 // Defaults: Qwen3 fields follow transformers' Qwen3Config where a key may be absent (num_key_value_heads =
 // num_attention_heads, head_dim = hidden_size / num_attention_heads, rms_norm_eps 1e-6, rope_theta 10000,
@@ -43,7 +44,7 @@ struct ModelConfig {
   DType dtype = DType::bf16;             // `torch_dtype` / `dtype`
   std::vector<std::string> layer_types;  // `layer_types` when present ("full_attention" only)
 
-  // --- KSA (docs/ksa.md: Parameters, §5) ---
+  // --- KSA (docs/ksa.md: Parameters) ---
   bool use_summary_attention = false;
   int64_t summary_chunk_size = 8;  // k
   int64_t summary_token_num = 1;   // S

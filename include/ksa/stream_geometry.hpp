@@ -1,9 +1,9 @@
-// The geometry of a stream that keeps growing (docs/ksa.md: The stream and §7): the value a decoder, the KV cache, the
-// decode kernels and the engine pass around instead of loose (chunk size, S, W) integers. A decoder's stream
-// has no fixed length and never summarises a partial chunk (summarize_tail off): after every chunk_size
-// text tokens come the chunk's S summary tokens. Everything here derives from the core's Layout and
-// key_spans (spec.hpp), so the rule is not re-derived; tests/core/stream_geometry_test.cpp checks each
-// function against the fixed-length Layout and ksa::visible. Header-inline and usable in CUDA code (KSA_HD).
+// The geometry of a stream that keeps growing (docs/ksa.md: The stream, The compressed cache): the value a decoder, the
+// KV cache, the decode kernels and the engine pass around instead of loose (chunk size, S, W) integers. A decoder's
+// stream has no fixed length and never summarises a partial chunk (summarize_tail off): after every chunk_size text
+// tokens come the chunk's S summary tokens. Everything here derives from the core's Layout and key_spans (spec.hpp), so
+// the rule is not re-derived; tests/core/stream_geometry_test.cpp checks each function against the fixed-length Layout
+// and ksa::visible. Header-inline and usable in CUDA code (KSA_HD).
 #pragma once
 #include <cstdint>
 
@@ -56,7 +56,7 @@ struct StreamGeometry {
   KSA_HD int64_t row_of(const StreamToken& t) const {
     return t.is_summary ? t.chunk * S + t.index : t.chunk * chunk_size + t.index;
   }
-  KSA_HD int64_t text_position(int64_t t) const { return (t / chunk_size) * period() + t % chunk_size; }
+  KSA_HD int64_t text_position(int64_t t) const { return layout(0).text_to_stream(t); }
   KSA_HD int64_t summary_position(int64_t c, int64_t j) const { return c * period() + chunk_size + j; }
 
   // Text and summary tokens in the first `pos` stream positions.

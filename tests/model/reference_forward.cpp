@@ -77,8 +77,8 @@ ReferenceModel::ReferenceModel(const std::string& dir) {
     L.gate = tensor(c, p + "mlp.gate_proj.weight");
     L.up = tensor(c, p + "mlp.up_proj.weight");
     L.down = tensor(c, p + "mlp.down_proj.weight");
-    // docs/ksa.md: Parameters/§6: the summary projections take part only with independent parameters and mix != 0, and
-    // only when present; the summary layernorm only when configured (and present).
+    // docs/ksa.md (Parameters, The model): the summary projections take part only with independent parameters and mix
+    // != 0, and only when present; the summary layernorm only when configured (and present).
     if (cfg_.uses_summary_projections()) {
       L.q_s = tensor(c, p + "self_attn.q_proj_summary.weight", false);
       L.k_s = tensor(c, p + "self_attn.k_proj_summary.weight", false);
