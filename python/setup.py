@@ -132,6 +132,26 @@ class BuildKsa(BuildExtension):
         return [str(p) for p in libs]
 
 
+def loaded_libstdcxx():
+    """The libstdc++ shared library this process (which has imported torch) has loaded, or None.
+
+    The binding links it by path. Where the compiler's own `-lstdc++` resolves to the static archive (seen with
+    Ubuntu 24.04's g++ 13.3 next to the pip wheel of torch 2.11), the extension would otherwise carry a second
+    copy of libstdc++'s iostreams and locales: formatting a number into an error message (TORCH_CHECK) then
+    crashed the process instead of raising RuntimeError. Named first on the link line, the shared library
+    resolves those symbols and the archive contributes nothing."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "/libstdc++.so" in path and os.path.isfile(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+LIBSTDCXX = loaded_libstdcxx()
 Extension = CUDAExtension if CUDA else CppExtension
 ext = Extension(
     name="ksa_torch._C",
@@ -140,7 +160,7 @@ ext = Extension(
     # The version as a bare pp-number (stringified in ops.cpp): no quotes to survive the build tools' quoting.
     define_macros=[("KSA_VERSION_RAW", VERSION)] + ([("KSA_HAVE_CUDA", "1")] if CUDA else []),
     extra_compile_args={"cxx": ["-O2", "-g0", "-std=c++20", "-Wno-deprecated-declarations"], "nvcc": []},
-    extra_link_args=[],
+    extra_link_args=[LIBSTDCXX] if LIBSTDCXX else [],
 )
 
 setup(

@@ -83,8 +83,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _call(q, k, v, cu_seqlens, max_seqlen, chunk_size, S, W, summarize_tail, scale, deterministic, q_begin=0):
-    # Checked here as well as in the op, so an integer tensor never reaches the dispatcher: with torch 2.11 on
-    # the H200, int32 inputs segfaulted in the op's dispatch (tests/test_autograd.py::test_lse_and_errors).
+    # Checked here as well as in the op: the message names the argument, and an integer tensor never reaches
+    # the autograd wrapper (which would first ask for its gradient).
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in _DTYPES:
             raise RuntimeError(f"ksa: dtype must be float32, bfloat16 or float16, or float64 on the CPU "

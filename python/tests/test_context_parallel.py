@@ -18,7 +18,8 @@ their gradients backward, counted by wrapping torch.distributed.all_to_all_singl
 
 And ksa_train's model with a Shard (python/examples/train_cp.py's path) against the same model unsharded.
 
-The processes are forked (spawn would import torch again in each: ~3 s apiece on the 2-core CI machine); all
+The processes are forked (spawn would import torch again in each: ~3 s apiece on the 2-core CI machine), or
+spawned once the session has used CUDA; all
 cases of one world size run in one process group. Each child uses one intra-op thread. The `cuda` variant
 spawns one process per GPU (2 to 4) with NCCL; it skips without 2 devices.
 """
@@ -191,9 +192,12 @@ def free_port():
 
 
 def run_world(key, world, tmp_path):
-    # CUDA cannot be used in a forked child once the parent has touched it: spawn there.
+    # CUDA cannot be used in a forked child once the parent has touched it, and torch (2.11 seen) refuses a
+    # backward in a forked child once the parent's autograd engine has started its device threads (any CUDA
+    # backward earlier in the session): spawn there.
+    fork_ok = key != "nccl" and not torch.cuda.is_initialized()
     mp.start_processes(worker, args=(world, free_port(), str(tmp_path), key), nprocs=world,
-                       start_method="spawn" if key == "nccl" else "fork")
+                       start_method="fork" if fork_ok else "spawn")
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     return [[per_rank[r][i] for r in range(world)] for i in range(len(per_rank[0]))]
 

@@ -22,8 +22,18 @@ import torch
 
 SRC = pathlib.Path(__file__).resolve().parents[2]
 KSA = os.environ.get("KSA_BIN", "")
+def engine_commands():
+    """Whether the ksa binary has the engine's commands (tokenize, perplexity, eval, generate): a build with
+    -DKSA_ENGINE=OFF (bench/gpu/run.sh's kernels-only build) has only demo, bench and info."""
+    r = subprocess.run([KSA, "--help"], capture_output=True, text=True)
+    return all(f"  {c} " in r.stdout for c in ("tokenize", "perplexity", "eval", "generate"))
+
+
 pytestmark = [pytest.mark.skipif(not KSA or not os.access(KSA, os.X_OK),
-                                 reason="KSA_BIN (the ksa binary) not set; scripts/test_python.sh sets it")]
+                                 reason="KSA_BIN (the ksa binary) not set; scripts/test_python.sh sets it"),
+              pytest.mark.skipif(bool(KSA) and os.access(KSA, os.X_OK) and not engine_commands(),
+                                 reason=f"{KSA} was built without the engine (KSA_ENGINE=OFF): no tokenize, "
+                                        "perplexity, eval or generate to compare with")]
 regex = pytest.importorskip("regex", reason="the tokenizer trainer needs the regex module (Debian python3-regex)")
 
 from ksa_train import bpe, data, model as M  # noqa: E402
