@@ -27,7 +27,8 @@ struct ServeOptions {
   bool kv_f32 = false;           // f32 KV cache (default bf16)
   bool batch_invariant = false;  // CPU: the same tokens for a request under any load (ModelOptions::batch_invariant)
   int64_t kv_budget = -1;        // -1: half the machine's memory; 0: no limit; else bytes
-  SchedulerOptions scheduler;    // max_seqs, max_queue, prefill_chunk (kv_budget is filled from the above)
+  SchedulerOptions scheduler;    // max_seqs, max_queue, prefill_chunk (0 here: 256 on the CPU, 1024 on the GPU;
+                                 // kv_budget is filled from the above)
   int64_t max_body = 16 << 20;   // request bodies above this many bytes get 413
   double shutdown_grace = 30;    // seconds running requests may take to finish after SIGINT/SIGTERM
   bool log_requests = true;      // one line per request on stderr

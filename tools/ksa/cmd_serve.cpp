@@ -68,9 +68,10 @@ int run_serve(int argc, char** argv) {
                                  "the memory on the CPU, the free device memory less 4 GiB on the GPU)");
   int64_t& ctx = f.i64("--ctx", 0, "context limit per sequence in text tokens (0 = config max_position_embeddings)", 0,
                        cli::kMaxTokens);
-  int64_t& chunk = f.i64("--prefill-chunk", o.scheduler.prefill_chunk,
-                         "prompt tokens per engine step (long prompts are prefilled in chunks between decode steps)", 1,
-                         cli::kMaxTokens);
+  int64_t& chunk = f.i64("--prefill-chunk", 0,
+                         "prompt tokens per engine step (long prompts are prefilled in chunks between decode steps); "
+                         "0 = 256 on the CPU, 1024 on the GPU",
+                         0, cli::kMaxTokens);
   int64_t& threads = f.i64("-t,--threads", 0, "engine threads (0 = all cores)", 0, cli::kMaxThreads);
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
   bool& batch_invariant =
@@ -90,7 +91,7 @@ int run_serve(int argc, char** argv) {
   if (max_seqs < 1) throw cli::UsageError("--max-seqs: must be >= 1 (got " + std::to_string(max_seqs) + ")");
   if (max_queue < 0) throw cli::UsageError("--max-queue: must be >= 0 (got " + std::to_string(max_queue) + ")");
   if (ctx < 0) throw cli::UsageError("--ctx: must be >= 0 (got " + std::to_string(ctx) + ")");
-  if (chunk < 1) throw cli::UsageError("--prefill-chunk: must be >= 1 (got " + std::to_string(chunk) + ")");
+  if (chunk < 0) throw cli::UsageError("--prefill-chunk: must be >= 0 (got " + std::to_string(chunk) + ")");
   if (threads < 0) throw cli::UsageError("--threads: must be >= 0 (got " + std::to_string(threads) + ")");
   if (!(grace >= 0)) throw cli::UsageError("--shutdown-grace: must be >= 0");
   o.model_dir = dir;
