@@ -57,9 +57,7 @@ int run_passkey(int argc, char** argv) {
   int64_t& seed = f.i64("--seed", 0, "seed of the keys, the filler offsets and the lengths before the needle",
                         cli::kAnyInt64Min, cli::kAnyInt64Max);
   int64_t& before = f.i64("--before", 64, "at most this many filler tokens before the needle", 0, cli::kMaxTokens);
-  std::string& device = f.str("--device", "auto", "cpu, cuda, or auto");
-  int64_t& threads = f.i64("-t,--threads", 0, "CPU threads (0 = all)", 0, cli::kMaxThreads);
-  bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
+  const EngineFlags engine(f);
   std::string& dump =
       f.str("--dump", "", "write one JSON line per trial (distance, trial, key, answer, prompt ids, correct)");
   if (!f.parse(argc, argv)) return 0;
@@ -71,12 +69,7 @@ int run_passkey(int argc, char** argv) {
   const Tokenizer tok = load_model_tokenizer(dir);
   const PasskeyPieces pk(tok);
   const std::vector<int32_t> filler = tok.encode(read_text_file(filler_file, "filler file"));
-  ModelOptions mo;
-  mo.device = parse_device_flag(device, dir);
-  if (mo.device == Device::cuda && kv_f32)
-    throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
-  mo.threads = int(threads);
-  mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
+  ModelOptions mo = engine.options(dir);
   Model model = Model::load(dir, mo);
   const int64_t V = model.vocab();
   for (int64_t d : lengths)

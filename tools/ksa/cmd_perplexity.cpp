@@ -26,9 +26,7 @@ int run_perplexity(int argc, char** argv) {
   int64_t& ctx = f.i64("--ctx", 1024, "tokens per window", 2, cli::kMaxTokens);
   int64_t& chunks = f.i64("--chunks", 0, "score at most this many windows (0 = all)", 0, cli::kMaxTokens);
   bool& all = f.flag("--all", "score tokens 1..ctx-1 of each window instead of the second half");
-  std::string& device = f.str("--device", "auto", "cpu, cuda, or auto");
-  int64_t& threads = f.i64("-t,--threads", 0, "CPU threads (0 = all)", 0, cli::kMaxThreads);
-  bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
+  const EngineFlags engine(f);
   std::string& dump =
       f.str("--dump", "", "write one line per scored token: window, index in the window, token id, log p");
   std::string& dump_logits =
@@ -40,12 +38,7 @@ int run_perplexity(int argc, char** argv) {
 
   const Tokenizer tok = load_model_tokenizer(dir);
   const std::vector<int32_t> ids = tok.encode(read_text_file(file, "text file"));
-  ModelOptions mo;
-  mo.device = parse_device_flag(device, dir);
-  if (mo.device == Device::cuda && kv_f32)
-    throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
-  mo.threads = int(threads);
-  mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
+  ModelOptions mo = engine.options(dir);
   mo.max_text_tokens = std::max<int64_t>(ctx, ModelConfig::load(dir).max_position_embeddings);
   Model model = Model::load(dir, mo);
   const int64_t V = model.vocab();

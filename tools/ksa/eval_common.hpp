@@ -34,6 +34,29 @@ inline Tokenizer load_model_tokenizer(const std::string& dir) {
   return Tokenizer::load(p.string());
 }
 
+// The engine flags both commands take (--device, -t, --kv-f32), registered in that order, and the ModelOptions
+// they give.
+struct EngineFlags {
+  std::string& device;
+  int64_t& threads;
+  bool& kv_f32;
+
+  explicit EngineFlags(cli::Flags& f)
+      : device(f.str("--device", "auto", "cpu, cuda, or auto")),
+        threads(f.i64("-t,--threads", 0, "CPU threads (0 = all)", 0, cli::kMaxThreads)),
+        kv_f32(f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)")) {}
+
+  ModelOptions options(const std::string& dir) const {
+    ModelOptions mo;
+    mo.device = parse_device_flag(device, dir);
+    if (mo.device == Device::cuda && kv_f32)
+      throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
+    mo.threads = int(threads);
+    mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
+    return mo;
+  }
+};
+
 // log p(target) under softmax(row), in double.
 inline double log_prob(std::span<const float> row, int32_t target) {
   double mx = -INFINITY;
