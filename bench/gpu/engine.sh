@@ -11,6 +11,8 @@
 #     nogemv    with 4b: batch-1 decode at 16K again with --no-cuda-gemv (cuBLASLt for the thin products)
 #     ncu    with 4b: Nsight Compute durations of every kernel of one decode step (short context, no graphs),
 #            summed per kernel (ncu_decode.csv, ncu_decode.txt)
+#     ncu_prefill  with 4b: the same for one 1024-token prefill piece (ncu_prefill.csv, ncu_prefill.txt): where
+#            the prefill's time goes (issue #21's throughput at 64 streams is prefill-bound)
 #     refs   with 4b: HuggingFace transformers' Qwen3 (SDPA, static cache) on the same checkpoint (model_ref.py)
 #     serve  with 4b: `ksa serve --device cuda` on the 4B checkpoint driven by bench/serve/loadgen.js at 1, 8 and
 #            64 concurrent streams with 4K-token prompts (issue #21's target shape); needs cpp-httplib (Debian's,
@@ -81,6 +83,14 @@ if want 4b; then
       --launch-count 1000 $KSA bench model -m $M --device cuda -p 0 -n 3 -r 1 --no-cuda-graphs --bw-mib 0 \
       >"$OUT/ncu_decode.csv" 2>"$OUT/ncu_decode.err" || { echo "ncu failed"; tail -5 "$OUT/ncu_decode.err"; }
     python3 bench/gpu/ncu_summary.py "$OUT/ncu_decode.csv" | tee "$OUT/ncu_decode.txt" | head -40
+  fi
+  if want ncu_prefill; then
+    echo "== ncu: kernels of one 1024-token prefill piece (4b, a fresh sequence)"
+    # Two forwards (warm-up and timed) of one piece each; ncu_summary.py reports the first complete one.
+    ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+      $KSA bench model -m $M --device cuda -p 1024 -n 0 -r 1 --bw-mib 0 \
+      >"$OUT/ncu_prefill.csv" 2>"$OUT/ncu_prefill.err" || { echo "ncu failed"; tail -5 "$OUT/ncu_prefill.err"; }
+    python3 bench/gpu/ncu_summary.py "$OUT/ncu_prefill.csv" | tee "$OUT/ncu_prefill.txt" | head -40
   fi
   if want refs; then
     echo "== references (same checkpoint)"
