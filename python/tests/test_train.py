@@ -22,6 +22,9 @@ import torch
 
 SRC = pathlib.Path(__file__).resolve().parents[2]
 KSA = os.environ.get("KSA_BIN", "")
+HAVE_KSA = bool(KSA) and os.access(KSA, os.X_OK)
+
+
 def engine_commands():
     """Whether the ksa binary has the engine's commands (tokenize, perplexity, eval, generate): a build with
     -DKSA_ENGINE=OFF (bench/gpu/run.sh's kernels-only build) has only demo, bench and info."""
@@ -29,9 +32,9 @@ def engine_commands():
     return all(f"  {c} " in r.stdout for c in ("tokenize", "perplexity", "eval", "generate"))
 
 
-pytestmark = [pytest.mark.skipif(not KSA or not os.access(KSA, os.X_OK),
+pytestmark = [pytest.mark.skipif(not HAVE_KSA,
                                  reason="KSA_BIN (the ksa binary) not set; scripts/test_python.sh sets it"),
-              pytest.mark.skipif(bool(KSA) and os.access(KSA, os.X_OK) and not engine_commands(),
+              pytest.mark.skipif(HAVE_KSA and not engine_commands(),
                                  reason=f"{KSA} was built without the engine (KSA_ENGINE=OFF): no tokenize, "
                                         "perplexity, eval or generate to compare with")]
 regex = pytest.importorskip("regex", reason="the tokenizer trainer needs the regex module (Debian python3-regex)")
