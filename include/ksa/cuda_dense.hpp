@@ -23,6 +23,11 @@ class Gemm {
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;
   void run(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy = 0);
+  // out[M, I] = bf16(silu(x Wg^T) * (x Wu^T)) for Wgu = [Wg; Wu] ([2I, K]) in one pass (the values of run()
+  // into fp32, then silu_mul), for products thin enough for ksa's kernel: swiglu_fits() (otherwise run() and
+  // silu_mul; run_swiglu throws).
+  bool swiglu_fits(const void* x, int64_t M, int64_t K, const void* Wgu, int64_t I) const;
+  void run_swiglu(const void* x, int64_t M, int64_t K, const void* Wgu, int64_t I, void* out);
 
  private:
   struct Impl;

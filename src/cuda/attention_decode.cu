@@ -26,6 +26,7 @@
 #include "cuda/mma.cuh"
 #include "ksa/softmax.hpp"
 #include "launch_checks.hpp"
+#include "pdl.cuh"
 
 namespace ksa::cuda::detail {
 namespace {
@@ -108,6 +109,9 @@ template <class K>
 __global__ void __launch_bounds__(K::THREADS)
     attend_kernel(const DecodeRun* __restrict__ plan, const DecodeTensors io) {
   const DecodeRun& a = *plan;
+  // Launched programmatically (pdl.cuh): the step's q/k/v come from the kernel before; nothing is read or
+  // written before the wait (the cache rows included: a step's prefill may rewrite the plan workspace).
+  dev::grid_dependency_wait();
   if (int(blockIdx.x) >= a.n_units) return;  // a launch sized for a graph's capacity
   constexpr int D = K::D, G = K::G, CH = K::CH, TILE = K::TILE, STAGES = K::STAGES, NB = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];  // [STAGES][K, V][TILE rows of D] swizzled
@@ -297,6 +301,7 @@ __global__ void __launch_bounds__(kMergeThreads)
   __shared__ float s_red[2][kMergeThreads / 32];
   __shared__ float s_w[kMergeUnits];
   __shared__ float s_acc[kMergeThreads];
+  dev::launch_dependents();  // the next kernel (the o product) may stage its weights under the merge
   const DecTok t = a.toks[blockIdx.x];
   const int h = blockIdx.y, hk = h / a.G, g = h - hk * a.G, D = a.D;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, NW = kMergeThreads / 32;
@@ -356,23 +361,10 @@ int current_device() {
   return dev;
 }
 
-// Whether the current device takes programmatic dependent launches (sm_90+).
-bool pdl_supported() { return compute_capability() >= 90; }
-
 // Launches kernel(plan, io); with `pdl` the kernel may start while the previous kernel on the stream runs.
 void launch(void (*kernel)(const DecodeRun*, DecodeTensors), dim3 grid, int threads, int smem, bool pdl,
             const DecodeRun* plan, const DecodeTensors& io, cudaStream_t s) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(unsigned(threads));
-  cfg.dynamicSmemBytes = size_t(smem);
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  KSA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, plan, io));
+  launch_kernel(pdl, kernel, grid, dim3(unsigned(threads)), size_t(smem), s, plan, io);
 }
 
 // What an attend launch needs: the host copy of the plan (grid), its device copy, the tensors.
@@ -446,9 +438,10 @@ void launch_decode(const DecodeRun& a, const DecodeRun* dev, const DecodeTensors
     if (a.n_writes > 0) launch(write_kernel, dim3(unsigned(a.n_writes)), 256, 0, false, dev, io, s);
     return;
   }
-  // No PDL for the attend kernel: its prologue reads q, which the kernel before it (the caller's) wrote.
+  // Both kernels programmatic (pdl.cuh): attend waits for the kernel before it (which wrote q/k/v) before it
+  // reads anything, merge for attend's partials.
   const AttendLaunch al{&a, dev, &io, std::max<int64_t>(a.n_units, unit_capacity)};
-  attend(a.D, a.G, nullptr, &al, s, false);
+  attend(a.D, a.G, nullptr, &al, s, true);
   launch(merge_kernel, dim3(unsigned(a.n_toks), unsigned(a.Hq)), kMergeThreads, 0, pdl_supported(), dev, io, s);
 }
 

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "check.cuh"
+#include "cuda/pdl.cuh"
 #include "ksa/cuda_dense.hpp"
 #include "ksa/error.hpp"
 
@@ -69,6 +70,8 @@ __device__ __forceinline__ float bf(const void* p, int64_t i) {
 
 // ------------------------------------------------------------------------------------- small kernels
 __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* ids, int64_t H, float* x) {
+  dev::launch_dependents();
+  dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
   const int64_t r = blockIdx.x;
   const __nv_bfloat16* src = table + int64_t(ids[r]) * H;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) x[r * H + i] = __bfloat162float(src[i]);
@@ -82,6 +85,8 @@ constexpr int kNormThreads = 256, kNormVec = 4;
 __global__ void __launch_bounds__(kNormThreads)
     rms_norm_kernel(float* x, const float* h, int64_t n, const void* w, const void* ws, const uint8_t* is_summary,
                     float eps, __nv_bfloat16* out) {
+  dev::launch_dependents();
+  dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
   __shared__ float red[32];
   const int64_t r = blockIdx.x;
   float* xr = x + r * n;
@@ -132,11 +137,15 @@ __global__ void __launch_bounds__(kNormThreads)
 }
 
 __global__ void add_kernel(float* x, const float* h, int64_t count) {
+  dev::launch_dependents();
+  dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < count) x[i] += h[i];
 }
 
 __global__ void gather_kernel(const uint32_t* in, int64_t words, const int32_t* rows, uint32_t* out, bool scatter) {
+  dev::launch_dependents();
+  dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
   const int64_t i = blockIdx.x, r = rows[i];
   for (int64_t c = threadIdx.x; c < words; c += blockDim.x) {
     if (scatter) out[r * words + c] = in[i * words + c];
@@ -146,6 +155,8 @@ __global__ void gather_kernel(const uint32_t* in, int64_t words, const int32_t* 
 
 __global__ void blend_kernel(float* y, int64_t ldy, const float* ys, const int32_t* rows, int64_t cols, float mix,
                              bool whole) {
+  dev::launch_dependents();
+  dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
   const int64_t i = blockIdx.x, r = rows[i];
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     float& d = y[r * ldy + c];
@@ -161,6 +172,8 @@ template <int D>
 __global__ void qk_norm_rope_kernel(const float* qkv, int64_t n, int Hq, int Hkv, const void* qn, const void* kn,
                                     float eps, const int32_t* positions, const float* inv_freq, __nv_bfloat16* qc,
                                     __nv_bfloat16* kc, __nv_bfloat16* vc) {
+  dev::launch_dependents();
+  dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
   constexpr int J = D / 32, HALF = J / 2;
   const int64_t gw = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32, H = Hq + 2 * Hkv;
@@ -199,6 +212,8 @@ __global__ void qk_norm_rope_kernel(const float* qkv, int64_t n, int Hq, int Hkv
 }
 
 __global__ void silu_mul_kernel(const float* gu, int64_t n, int64_t I, __nv_bfloat16* out) {
+  dev::launch_dependents();
+  dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n * I) return;
   const int64_t r = i / I, c = i - r * I;
@@ -290,6 +305,8 @@ __device__ uint32_t select_key(const float* lg, int V, uint32_t lo, u64 target, 
 
 __global__ void __launch_bounds__(kSampleThreads)
     sample_kernel(float* logits, int V, const SampleArgs* args, const int32_t* pairs, int32_t* out) {
+  dev::launch_dependents();
+  dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
   __shared__ SampleShared sh;
   const SampleArgs a = args[blockIdx.x];
   float* lg = logits + a.row * int64_t(V);
@@ -404,22 +421,30 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
   return s;
 }
 
-template <int M, class YT>
+// GLU: W is [gate; up] ([2N, K], gate rows then up rows) and y[m, n] = bf16(silu(x·gate_n) · (x·up_n)): a
+// block takes kGemvRows / 2 gate rows and the same up rows, and joins them in its epilogue (the SwiGLU of
+// silu_mul, without the [M, 2N] fp32 round trip and its kernel).
+template <int M, class YT, bool GLU = false>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_kernel(const uint4* __restrict__ x, int chunks, const uint4* __restrict__ W, int N, YT* __restrict__ y,
                 int64_t ldy) {
+  static_assert(!GLU || (std::is_same_v<YT, __nv_bfloat16> && kGemvRows % 2 == 0), "GLU: bf16 out, row pairs");
+  constexpr int OUT_ROWS = GLU ? kGemvRows / 2 : kGemvRows;  // output columns per block
   __shared__ float red[kGemvThreads / 32][kGemvRows * M];
-  const int n0 = blockIdx.x * kGemvRows;
+  const int n0 = blockIdx.x * OUT_ROWS;
   const uint4* w[kGemvRows];
 #pragma unroll
-  for (int r = 0; r < kGemvRows; ++r) w[r] = W + int64_t(min(n0 + r, N - 1)) * chunks;
+  for (int r = 0; r < kGemvRows; ++r) {
+    if constexpr (GLU) w[r] = W + (int64_t(min(n0 + r % OUT_ROWS, N - 1)) + (r < OUT_ROWS ? 0 : N)) * chunks;
+    else w[r] = W + int64_t(min(n0 + r, N - 1)) * chunks;
+  }
   float acc[kGemvRows][M];
 #pragma unroll
   for (int r = 0; r < kGemvRows; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
-  for (int c0 = threadIdx.x; c0 < chunks; c0 += kGemvThreads * kGemvUnroll) {
-    uint4 a[kGemvUnroll][kGemvRows];
+  uint4 a[kGemvUnroll][kGemvRows];
+  auto load = [&](int c0) {
 #pragma unroll
     for (int u = 0; u < kGemvUnroll; ++u)
 #pragma unroll
@@ -427,13 +452,20 @@ __global__ void __launch_bounds__(kGemvThreads)
         const int c = c0 + kGemvThreads * u;
         a[u][r] = c < chunks ? ld_stream16(w[r] + c) : make_uint4(0, 0, 0, 0);
       }
+  };
+  // The weights are constant for the step: the first batch is in flight before the wait for x (pdl.cuh).
+  load(threadIdx.x);
+  dev::launch_dependents();
+  dev::grid_dependency_wait();
+  for (int c0 = threadIdx.x; c0 < chunks; c0 += kGemvThreads * kGemvUnroll) {
+    if (c0 != int(threadIdx.x)) load(c0);
 #pragma unroll
     for (int u = 0; u < kGemvUnroll; ++u) {
       const int c = c0 + kGemvThreads * u;
       if (c >= chunks) break;
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const uint4 xv = __ldg(x + int64_t(m) * chunks + c);
+        const uint4 xv = __ldcg(x + int64_t(m) * chunks + c);  // written by the kernel before: not via .nc
 #pragma unroll
         for (int r = 0; r < kGemvRows; ++r) acc[r][m] += dot8(a[u][r], xv);
       }
@@ -448,28 +480,40 @@ __global__ void __launch_bounds__(kGemvThreads)
       if (lane == 0) red[warp][r * M + m] = v;
     }
   __syncthreads();
-  for (int i = threadIdx.x; i < kGemvRows * M; i += kGemvThreads) {
-    const int r = i / M, m = i % M;
-    if (n0 + r >= N) continue;
+  auto total = [&](int i) {
     float v = 0.f;
 #pragma unroll
     for (int j = 0; j < kGemvThreads / 32; ++j) v += red[j][i];
-    if constexpr (std::is_same_v<YT, float>) y[m * ldy + n0 + r] = v;
-    else y[m * ldy + n0 + r] = __float2bfloat16_rn(v);
+    return v;
+  };
+  for (int i = threadIdx.x; i < OUT_ROWS * M; i += kGemvThreads) {
+    const int r = i / M, m = i % M;
+    if (n0 + r >= N) continue;
+    if constexpr (GLU) {
+      const float g = total(i), u = total(i + OUT_ROWS * M);
+      y[m * ldy + n0 + r] = __float2bfloat16(g / (1.f + expf(-g)) * u);  // as silu_mul_kernel
+    } else if constexpr (std::is_same_v<YT, float>) {
+      y[m * ldy + n0 + r] = total(i);
+    } else {
+      y[m * ldy + n0 + r] = __float2bfloat16_rn(total(i));
+    }
   }
 }
 
-template <int M, class YT>
+template <int M, class YT, bool GLU = false>
 void launch_gemv(const void* x, int64_t K, const void* W, int64_t N, void* y, int64_t ldy, cudaStream_t s) {
   const int chunks = int(K / 8);
-  gemv_kernel<M, YT><<<blocks_for(N, kGemvRows), kGemvThreads, 0, s>>>(
-      static_cast<const uint4*>(x), chunks, static_cast<const uint4*>(W), int(N), static_cast<YT*>(y), ldy);
-  KSA_CUDA_CHECK_LAUNCH();
+  detail::launch_pdl(gemv_kernel<M, YT, GLU>, blocks_for(N, GLU ? kGemvRows / 2 : kGemvRows), kGemvThreads, 0, s,
+                     static_cast<const uint4*>(x), chunks, static_cast<const uint4*>(W), int(N), static_cast<YT*>(y),
+                     ldy);
 }
 
+// glu: the GLU form (bf16 out, ydt ignored).
 template <int M>
-void gemv_m(const void* x, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy, cudaStream_t s) {
-  if (ydt == DType::f32) launch_gemv<M, float>(x, K, W, N, y, ldy, s);
+void gemv_m(const void* x, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy, cudaStream_t s,
+            bool glu) {
+  if (glu) launch_gemv<M, __nv_bfloat16, true>(x, K, W, N, y, ldy, s);
+  else if (ydt == DType::f32) launch_gemv<M, float>(x, K, W, N, y, ldy, s);
   else launch_gemv<M, __nv_bfloat16>(x, K, W, N, y, ldy, s);
 }
 
@@ -481,24 +525,24 @@ bool gemv_fits(const void* x, int64_t M, int64_t K, const void* W, int64_t N) {
 }
 
 void gemv(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy,
-          cudaStream_t s) {
+          cudaStream_t s, bool glu = false) {
   switch (M) {
     case 1:
-      return gemv_m<1>(x, K, W, N, y, ydt, ldy, s);
+      return gemv_m<1>(x, K, W, N, y, ydt, ldy, s, glu);
     case 2:
-      return gemv_m<2>(x, K, W, N, y, ydt, ldy, s);
+      return gemv_m<2>(x, K, W, N, y, ydt, ldy, s, glu);
     case 3:
-      return gemv_m<3>(x, K, W, N, y, ydt, ldy, s);
+      return gemv_m<3>(x, K, W, N, y, ydt, ldy, s, glu);
     case 4:
-      return gemv_m<4>(x, K, W, N, y, ydt, ldy, s);
+      return gemv_m<4>(x, K, W, N, y, ydt, ldy, s, glu);
     case 5:
-      return gemv_m<5>(x, K, W, N, y, ydt, ldy, s);
+      return gemv_m<5>(x, K, W, N, y, ydt, ldy, s, glu);
     case 6:
-      return gemv_m<6>(x, K, W, N, y, ydt, ldy, s);
+      return gemv_m<6>(x, K, W, N, y, ydt, ldy, s, glu);
     case 7:
-      return gemv_m<7>(x, K, W, N, y, ydt, ldy, s);
+      return gemv_m<7>(x, K, W, N, y, ydt, ldy, s, glu);
     case 8:
-      return gemv_m<8>(x, K, W, N, y, ydt, ldy, s);
+      return gemv_m<8>(x, K, W, N, y, ydt, ldy, s, glu);
     default:
       fail("cuda linear: internal error: gemv with M=", M);
   }
@@ -579,56 +623,60 @@ void Gemm::run(const void* x, int64_t M, int64_t K, const void* W, int64_t N, vo
                                   impl_->workspace, impl_->ws_bytes, impl_->stream));
 }
 
+bool Gemm::swiglu_fits(const void* x, int64_t M, int64_t K, const void* Wgu, int64_t I) const {
+  return impl_->small_m && gemv_fits(x, M, K, Wgu, 2 * I);
+}
+
+void Gemm::run_swiglu(const void* x, int64_t M, int64_t K, const void* Wgu, int64_t I, void* out) {
+  if (!swiglu_fits(x, M, K, Wgu, I))
+    fail("cuda swiglu: the product M=", M, " K=", K, " I=", I, " does not fit the thin kernel (swiglu_fits)");
+  gemv(x, M, K, Wgu, I, out, DType::bf16, I, impl_->stream, true);
+}
+
 // ------------------------------------------------------------------------------------------ launchers
 void embed_rows(const void* table, const int32_t* ids, int64_t n, int64_t H, float* x, CudaStream stream) {
   if (n == 0) return;
-  embed_kernel<<<unsigned(n), 256, 0, cs(stream)>>>(static_cast<const __nv_bfloat16*>(table), ids, H, x);
-  KSA_CUDA_CHECK_LAUNCH();
+  detail::launch_pdl(embed_kernel, unsigned(n), 256, 0, cs(stream), static_cast<const __nv_bfloat16*>(table), ids, H,
+                     x);
 }
 
 void rms_norm(const float* x, int64_t rows, int64_t n, const void* w, const void* ws, const uint8_t* is_summary,
               float eps, void* out, CudaStream stream) {
   if (rows == 0) return;
-  rms_norm_kernel<<<unsigned(rows), kNormThreads, 0, cs(stream)>>>(const_cast<float*>(x), nullptr, n, w, ws, is_summary,
-                                                                   eps, static_cast<__nv_bfloat16*>(out));
-  KSA_CUDA_CHECK_LAUNCH();
+  detail::launch_pdl(rms_norm_kernel, unsigned(rows), kNormThreads, 0, cs(stream), const_cast<float*>(x), nullptr, n,
+                     w, ws, is_summary, eps, static_cast<__nv_bfloat16*>(out));
 }
 
 void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void* w, float eps, void* out,
                   CudaStream stream) {
   if (rows == 0) return;
-  rms_norm_kernel<<<unsigned(rows), kNormThreads, 0, cs(stream)>>>(x, h, n, w, nullptr, nullptr, eps,
-                                                                   static_cast<__nv_bfloat16*>(out));
-  KSA_CUDA_CHECK_LAUNCH();
+  detail::launch_pdl(rms_norm_kernel, unsigned(rows), kNormThreads, 0, cs(stream), x, h, n, w, nullptr, nullptr, eps,
+                     static_cast<__nv_bfloat16*>(out));
 }
 
 void add(float* x, const float* h, int64_t count, CudaStream stream) {
   if (count == 0) return;
-  add_kernel<<<blocks_for(count, 256), 256, 0, cs(stream)>>>(x, h, count);
-  KSA_CUDA_CHECK_LAUNCH();
+  detail::launch_pdl(add_kernel, blocks_for(count, 256), 256, 0, cs(stream), x, h, count);
 }
 
 void gather_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, CudaStream stream) {
   if (m == 0) return;
   if (row_bytes % 4) fail("cuda gather_rows: row bytes must be a multiple of 4 (got ", row_bytes, ")");
-  gather_kernel<<<unsigned(m), 256, 0, cs(stream)>>>(static_cast<const uint32_t*>(in), row_bytes / 4, rows,
-                                                     static_cast<uint32_t*>(out), false);
-  KSA_CUDA_CHECK_LAUNCH();
+  detail::launch_pdl(gather_kernel, unsigned(m), 256, 0, cs(stream), static_cast<const uint32_t*>(in), row_bytes / 4,
+                     rows, static_cast<uint32_t*>(out), false);
 }
 
 void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, CudaStream stream) {
   if (m == 0) return;
   if (row_bytes % 4) fail("cuda scatter_rows: row bytes must be a multiple of 4 (got ", row_bytes, ")");
-  gather_kernel<<<unsigned(m), 256, 0, cs(stream)>>>(static_cast<const uint32_t*>(in), row_bytes / 4, rows,
-                                                     static_cast<uint32_t*>(out), true);
-  KSA_CUDA_CHECK_LAUNCH();
+  detail::launch_pdl(gather_kernel, unsigned(m), 256, 0, cs(stream), static_cast<const uint32_t*>(in), row_bytes / 4,
+                     rows, static_cast<uint32_t*>(out), true);
 }
 
 void blend_rows(float* y, int64_t ldy, const float* ys, const int32_t* rows, int64_t m, int64_t cols, double mix,
                 CudaStream stream) {
   if (m == 0) return;
-  blend_kernel<<<unsigned(m), 256, 0, cs(stream)>>>(y, ldy, ys, rows, cols, float(mix), mix == 1.0);
-  KSA_CUDA_CHECK_LAUNCH();
+  detail::launch_pdl(blend_kernel, unsigned(m), 256, 0, cs(stream), y, ldy, ys, rows, cols, float(mix), mix == 1.0);
 }
 
 void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t D, const void* qn, const void* kn,
@@ -640,28 +688,22 @@ void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t 
   auto* Q = static_cast<__nv_bfloat16*>(qc);
   auto* K = static_cast<__nv_bfloat16*>(kc);
   auto* Vv = static_cast<__nv_bfloat16*>(vc);
-  if (D == 128)
-    qk_norm_rope_kernel<128>
-        <<<grid, 256, 0, cs(stream)>>>(qkv, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
-  else if (D == 64)
-    qk_norm_rope_kernel<64>
-        <<<grid, 256, 0, cs(stream)>>>(qkv, n, int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
-  else fail("cuda qk_norm_rope: head_dim must be 64 or 128 (got ", D, ")");
-  KSA_CUDA_CHECK_LAUNCH();
+  if (D != 128 && D != 64) fail("cuda qk_norm_rope: head_dim must be 64 or 128 (got ", D, ")");
+  detail::launch_pdl(D == 128 ? qk_norm_rope_kernel<128> : qk_norm_rope_kernel<64>, grid, 256, 0, cs(stream), qkv, n,
+                     int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
 }
 
 void silu_mul(const float* gu, int64_t n, int64_t I, void* out, CudaStream stream) {
   if (n * I == 0) return;
-  silu_mul_kernel<<<blocks_for(n * I, 256), 256, 0, cs(stream)>>>(gu, n, I, static_cast<__nv_bfloat16*>(out));
-  KSA_CUDA_CHECK_LAUNCH();
+  detail::launch_pdl(silu_mul_kernel, blocks_for(n * I, 256), 256, 0, cs(stream), gu, n, I,
+                     static_cast<__nv_bfloat16*>(out));
 }
 
 void sample_tokens(float* logits, int64_t V, const SampleArgs* args, int64_t n, const int32_t* pairs, int32_t* out,
                    CudaStream stream) {
   if (n == 0) return;
   if (V < 1 || V >= (int64_t(1) << 31)) fail("cuda sample_tokens: vocabulary of ", V, " logits");
-  sample_kernel<<<unsigned(n), kSampleThreads, 0, cs(stream)>>>(logits, int(V), args, pairs, out);
-  KSA_CUDA_CHECK_LAUNCH();
+  detail::launch_pdl(sample_kernel, unsigned(n), kSampleThreads, 0, cs(stream), logits, int(V), args, pairs, out);
 }
 
 }  // namespace ksa::cuda

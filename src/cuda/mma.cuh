@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "cuda/pdl.cuh"
 #include "ksa/spec.hpp"
 
 namespace ksa::cuda::dev {
@@ -54,19 +55,7 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Programmatic dependent launch (sm_90+; no-ops before): a kernel launched with the programmatic
-// stream-serialization attribute may start while its predecessor runs; grid_dependency_wait() blocks until
-// the predecessor has finished and its writes are visible; launch_dependents() lets the next kernel start.
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
+// Programmatic dependent launch: dev::grid_dependency_wait() and dev::launch_dependents() are in pdl.cuh.
 
 __device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"

@@ -123,6 +123,14 @@ class Backend {
   virtual void attention(size_t layer, int64_t W, const Act& qc, const Act& kc, const Act& vc, int64_t Hq, Act out) = 0;
   // gu [n, 2I] holds gate and up side by side (wide): out [n, I] = silu(gate) * up (narrow).
   virtual void silu_mul(const Act& gu, Act out) = 0;
+  // out [n, I] = silu(x gate^T) * (x up^T) (narrow): linear_cat into a wide [n, 2I] scratch, then silu_mul;
+  // a backend may join the two (CUDA: in the thin product's epilogue), with the same result.
+  virtual void linear_swiglu(const Act& x, const Weight& gate, const Weight& up, Act out) {
+    Act gu2 = act(x.rows, 2 * out.cols, Prec::wide);
+    const Weight* ws[2] = {&gate, &up};
+    linear_cat(x, ws, gu2);
+    silu_mul(gu2, out);
+  }
   // Logits rows [m, V] (fp32) to the host.
   virtual void download(const Act& logits, std::span<float> out) = 0;
   // One token per request from its logits row (penalties applied in place first).

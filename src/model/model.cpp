@@ -179,7 +179,7 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   Act qkv = b.act(n, NQ + 2 * NKV, Prec::wide);
   Act qc = b.act(n, NQ, Prec::cache), kc = b.act(n, NKV, Prec::cache), vc = b.act(n, NKV, Prec::cache);
   Act att = b.act(n, NQ, Prec::narrow);
-  Act gu2 = b.act(n, 2 * I, Prec::wide), gu = b.act(n, I, Prec::narrow);
+  Act gu = b.act(n, I, Prec::narrow);
   Act saved, hs, ys;
   if (have_summaries) {
     saved = b.act(ns, H, Prec::wide);
@@ -188,10 +188,16 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   }
   b.embed(embed, x);
   const double mix = cfg.mix_coeff;
+  // Without summary rows in the step, a layer's closing residual add joins the next layer's input norm
+  // (add_rms_norm: the same sums, one kernel fewer per layer); with them the add stays (the summary rows'
+  // gather/scatter and norm weights sit between).
+  bool add_pending = false;
   for (size_t li = 0; li < layers.size(); ++li) {
     const Layer& L = layers[li];
     if (!L.summary_layer && have_summaries) b.gather(x, Rows::summary, saved);
-    b.rms_norm(x, L.in_norm, L.in_norm_summary, eps, h);
+    if (add_pending) b.add_rms_norm(x, hw, L.in_norm, eps, h);
+    else b.rms_norm(x, L.in_norm, L.in_norm_summary, eps, h);
+    add_pending = false;
     const Weight* qkv_w[3] = {&L.q, &L.k, &L.v};
     b.linear_cat(h, qkv_w, qkv);
     // Summary tokens blend their own projections: mix * summary + (1 - mix) * shared.
@@ -209,11 +215,10 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
     b.attention(li, L.W, qc, kc, vc, Hq, att);
     b.linear(att, L.o, hw);
     b.add_rms_norm(x, hw, L.post_norm, eps, h);
-    const Weight* gu_w[2] = {&L.gate, &L.up};
-    b.linear_cat(h, gu_w, gu2);
-    b.silu_mul(gu2, gu);
+    b.linear_swiglu(h, L.gate, L.up, gu);
     b.linear(gu, L.down, hw);
-    b.add(x, hw);
+    if (!have_summaries && li + 1 < layers.size()) add_pending = true;
+    else b.add(x, hw);
     if (!L.summary_layer && have_summaries) b.scatter(saved, Rows::summary, x);
   }
   for (const Piece& pc : pieces) {

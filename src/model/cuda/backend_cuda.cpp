@@ -332,6 +332,16 @@ class CudaBackend final : public Backend {
     }
   }
 
+  void linear_swiglu(const Act& x, const Weight& gate, const Weight& up, Act out) override {
+    // The same choice in every mode (the fallback takes scratch from the arena, which a replay must repeat).
+    const bool adjacent =
+        static_cast<const char*>(up.data) == static_cast<const char*>(gate.data) + gate.rows * gate.cols * 2;
+    if (x.dtype != DType::bf16 || !adjacent || gate.rows != out.cols || up.rows != out.cols ||
+        !gemm_->swiglu_fits(x.data, x.rows, x.cols, gate.data, out.cols))
+      return Backend::linear_swiglu(x, gate, up, out);
+    if (mode_ != Mode::replay) gemm_->run_swiglu(x.data, x.rows, x.cols, gate.data, out.cols, out.data);
+  }
+
   void silu_mul(const Act& gu, Act out) override {
     if (mode_ != Mode::replay) cuda::silu_mul(f32(gu), out.rows, out.cols, out.data, stream_);
   }
