@@ -11,6 +11,8 @@
 #     nogemv    with 4b: batch-1 decode at 16K again with --no-cuda-gemv (cuBLASLt for the thin products)
 #     ncu    with 4b: Nsight Compute durations of every kernel of one decode step (short context, no graphs),
 #            summed per kernel (ncu_decode.csv, ncu_decode.txt)
+#     ncu64  with 4b: the same at batch 64 (context 16: the products and small kernels of issue #20's batch-64
+#            shape; ncu_decode64.csv, ncu_decode64.txt)
 #     ncu_prefill  with 4b: the same for one 1024-token prefill piece (ncu_prefill.csv, ncu_prefill.txt): where
 #            the prefill's time goes (issue #21's throughput at 64 streams is prefill-bound)
 #     refs   with 4b: HuggingFace transformers' Qwen3 (SDPA, static cache) on the same checkpoint (model_ref.py)
@@ -18,6 +20,9 @@
 #            64 concurrent streams with 4K-token prompts (issue #21's target shape); needs cpp-httplib (Debian's,
 #            or KSA_DEPS/serve with its pkg-config file), node (NODE=<path>) and a tokenizer.json for the
 #            checkpoint (KSA_DEPS/tokenizer-qwen3)
+#     compare  with 4b and KSA_BEFORE=<checkout> (e.g. `git archive REV | tar -x -C .before`, carried): that
+#            checkout's ksa is built beside this one and both run the three decode shapes (batch 1 at 16K and
+#            128K, batch 64 at 4K), alternating, COMPARE_ROUNDS times (2); summary lines in compare_4b.log
 #     release  with 4b: the KSA authors' HF code (their FlexAttention prefill, ring-buffer cache) on the same
 #            checkpoint (release_ref.py; needs .ref/ksa-release from bench/gpu/fetch_release.sh, carried along)
 # A machine without the engine's Debian packages (nlohmann-json, ICU, GoogleTest) can be given them as a
@@ -40,7 +45,16 @@ STEPS="${*:-tests bench}"
 
 cmake -S . -B build-engine -G Ninja -DCMAKE_BUILD_TYPE=Release -DKSA_ENGINE=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
   "${ARGS[@]}" >"$OUT/engine_cmake.log" 2>&1 || { tail -30 "$OUT/engine_cmake.log"; exit 1; }
+if want compare; then
+  [ -d "${KSA_BEFORE:-}" ] || { echo "compare: KSA_BEFORE=<checkout> is required"; exit 1; }
+  KSA_BEFORE=$(realpath "$KSA_BEFORE")
+  (cd "$KSA_BEFORE" && cmake -S . -B build-engine -G Ninja -DCMAKE_BUILD_TYPE=Release -DKSA_ENGINE=ON \
+    -DCMAKE_CUDA_ARCHITECTURES="$ARCH" "${ARGS[@]}" >"$OUT/before_cmake.log" 2>&1 &&
+    cmake --build build-engine -j "$(nproc)" --target ksa >"$OUT/before_build.log" 2>&1) &
+  pid_before=$!
+fi
 gpu_build build-engine engine_ --target ksa ksa_cuda_tests
+if want compare; then wait "$pid_before" || { echo "compare: the before build failed"; tail -20 "$OUT/before_build.log"; exit 1; }; fi
 KSA=build-engine/bin/ksa
 $KSA info | tee "$OUT/info.log"
 
@@ -70,9 +84,24 @@ if want 4b; then
     $KSA bench model -m $M --device cuda "$@" | tee -a "$OUT/bench_4b.log" |
       grep -E "^\| (pp|tg)|bound|KV cache|peak|graphs"
   }
-  bench4b -p 16384 -n 64 -b 1
-  bench4b -p 131072 -n 32 -b 1 -r 1
-  bench4b -p 4096 -n 64 -b 64 -r 1
+  if want compare; then
+    for r in $(seq "${COMPARE_ROUNDS:-2}"); do
+      for which in before after; do
+        bin=$KSA
+        [ $which = before ] && bin="$KSA_BEFORE/build-engine/bin/ksa"
+        for shape in "-p 16384 -n 64 -b 1" "-p 131072 -n 32 -b 1 -r 1" "-p 4096 -n 64 -b 64 -r 1"; do
+          echo "== round $r $which $shape" | tee -a "$OUT/compare_4b.log"
+          # shellcheck disable=SC2086
+          $bin bench model -m $M --device cuda $shape 2>&1 | tee -a "$OUT/compare_4b_full.log" |
+            grep -E "^\| (pp|tg)" | tee -a "$OUT/compare_4b.log"
+        done
+      done
+    done
+  else
+    bench4b -p 16384 -n 64 -b 1
+    bench4b -p 131072 -n 32 -b 1 -r 1
+    bench4b -p 4096 -n 64 -b 64 -r 1
+  fi
   if want nographs; then bench4b -p 16384 -n 64 -b 1 --no-cuda-graphs; fi
   if want nogemv; then bench4b -p 16384 -n 64 -b 1 --no-cuda-gemv; fi
   if want ub2048; then bench4b -p 131072 -n 8 -b 1 -r 1 -ub 2048; fi
@@ -83,6 +112,14 @@ if want 4b; then
       --launch-count 1000 $KSA bench model -m $M --device cuda -p 0 -n 3 -r 1 --no-cuda-graphs --bw-mib 0 \
       >"$OUT/ncu_decode.csv" 2>"$OUT/ncu_decode.err" || { echo "ncu failed"; tail -5 "$OUT/ncu_decode.err"; }
     python3 bench/gpu/ncu_summary.py "$OUT/ncu_decode.csv" | tee "$OUT/ncu_decode.txt" | head -40
+  fi
+  if want ncu64; then
+    echo "== ncu: kernels of one decode step at batch 64 (4b, context 16, eager launches)"
+    # A 16-token prefill of 64 sequences, then 3 steps; the summary takes the last complete forward.
+    timeout 300 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+      $KSA bench model -m $M --device cuda -p 16 -n 3 -b 64 -r 1 --no-cuda-graphs --bw-mib 0 \
+      >"$OUT/ncu_decode64.csv" 2>"$OUT/ncu_decode64.err" || { echo "ncu failed"; tail -5 "$OUT/ncu_decode64.err"; }
+    python3 bench/gpu/ncu_summary.py "$OUT/ncu_decode64.csv" | tee "$OUT/ncu_decode64.txt" | head -40
   fi
   if want ncu_prefill; then
     echo "== ncu: kernels of one 1024-token prefill piece (4b, a fresh sequence)"
