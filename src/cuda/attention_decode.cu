@@ -56,20 +56,6 @@ __device__ __forceinline__ const uint16_t* block_row(const DecodeRun& a, const u
   return blk + (int64_t(h) * a.P + r) * a.D;
 }
 
-// Block address and row of text row t / summary row s of a sequence (SeqKvView::text_row/summary_row).
-__device__ __forceinline__ const uint16_t* locate(const DecodeRun& a, const DecSeq& sq, bool summary, int32_t x,
-                                                  int32_t& r) {
-  const uint32_t P = uint32_t(a.P);
-  if (!summary) {
-    const uint32_t b = uint32_t(x) / P;
-    r = int32_t(uint32_t(x) - b * P);
-    return a.blocks[sq.text_off + int32_t(b % uint32_t(sq.slots))];
-  }
-  const uint32_t s = sq.stored ? uint32_t(x) : uint32_t(x) % a.lay.S, b = s / P;
-  r = int32_t(s - b * P);
-  return a.blocks[sq.sum_off + int32_t(b)];
-}
-
 // 16-byte chunk c of new row w's K (kv = 0) or V (kv = 1) row of KV head h into the cache block `blk`, row r.
 __device__ __forceinline__ void write_chunk(const DecodeRun& a, const DecodeTensors& io, const DecWrite& w,
                                             const uint16_t* blk, int32_t r, int kv, int h, int c) {
@@ -83,13 +69,10 @@ __device__ __forceinline__ void write_chunk(const DecodeRun& a, const DecodeTens
 __global__ void __launch_bounds__(256) write_kernel(const DecodeRun* __restrict__ plan, const DecodeTensors io) {
   const DecodeRun& a = *plan;
   const DecWrite w = a.writes[blockIdx.x];
-  const DecSeq sq = a.seqs[w.seq];
-  int32_t r;
-  const uint16_t* blk = locate(a, sq, w.summary != 0, w.row, r);
   const int cpr = a.D / 8, n = a.Hkv * cpr;  // 16-byte chunks per head row, per K (or V) row
   for (int i = threadIdx.x; i < 2 * n; i += blockDim.x) {
     const int kv = i / n, h = (i - kv * n) / cpr, c = i - kv * n - h * cpr;
-    write_chunk(a, io, w, blk, r, kv, h, c);
+    write_chunk(a, io, w, w.blk, w.r, kv, h, c);
   }
 }
 
@@ -122,7 +105,6 @@ __global__ void __launch_bounds__(K::THREADS)
     s_blk[i] = a.unit_blocks[int64_t(blockIdx.x) * a.unit_blocks_stride + i];
   const DecUnit un = a.units[blockIdx.x];
   const int hk = blockIdx.y;
-  const DecSeq sq = un.sq;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   const bool summary = un.summary != 0;
   const int ntiles = (un.end - un.begin + TILE - 1) / TILE;
@@ -148,7 +130,7 @@ __global__ void __launch_bounds__(K::THREADS)
         ks = at<const uint16_t>(io.k, 0, row, hk) + part * 8;
         vs = at<const uint16_t>(io.v, 0, row, hk) + part * 8;
       } else if (ok) {
-        const uint32_t y = summary && !sq.stored ? uint32_t(x) % a.lay.S : uint32_t(x), b = y / uint32_t(a.P);
+        const uint32_t y = summary && !un.stored ? uint32_t(x) % a.lay.S : uint32_t(x), b = y / uint32_t(a.P);
         ks = block_row(a, s_blk[int32_t(b) - un.blk0], hk, int32_t(y - b * uint32_t(a.P))) + part * 8;
         vs = ks + v_off;
       }
@@ -181,9 +163,7 @@ __global__ void __launch_bounds__(K::THREADS)
   if (threadIdx.x < 2 * CH)
     for (int w = blockIdx.x; w < a.n_writes; w += a.n_units) {  // CTAs past n_units returned
       const DecWrite wr = a.writes[w];
-      int32_t r;
-      const uint16_t* blk = locate(a, a.seqs[wr.seq], wr.summary != 0, wr.row, r);
-      write_chunk(a, io, wr, blk, r, threadIdx.x / CH, hk, threadIdx.x % CH);
+      write_chunk(a, io, wr, wr.blk, wr.r, threadIdx.x / CH, hk, threadIdx.x % CH);
     }
   const float sl2 = a.scale * dev::kLog2e;  // scores in log2 units for ex2
   float m2 = -INFINITY, l = 0.f;            // row gid: running max (log2 units) and this lane's sum

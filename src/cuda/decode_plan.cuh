@@ -5,6 +5,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -15,12 +16,6 @@
 
 namespace ksa::cuda::detail {
 
-// A sequence of the batch: where its block tables are in the uploaded table array.
-struct DecSeq {
-  int32_t text_off = 0, slots = 1;  // ring: blocks[text_off + slot]
-  int32_t sum_off = 0, stored = 1;  // summaries: blocks[sum_off + block]; stored = 0: row s lives at s % S
-};
-
 // A new token of the step: its packed row in q/out/lse and its attention work units [unit0, unit0 + units).
 struct DecTok {
   int32_t row = 0, unit0 = 0, units = 0, pad = 0;
@@ -30,8 +25,8 @@ struct DecTok {
 // for one token (grid.y runs the KV heads).
 struct DecUnit {
   int32_t tok = 0, seq = 0, summary = 0, begin = 0, end = 0;
-  int32_t qrow = 0;  // the token's packed row (toks[tok].row), and its sequence's tables (seqs[seq]), copied
-  DecSeq sq;         // here so that the kernel's prologue is one dependent load shorter
+  int32_t qrow = 0;    // the token's packed row (toks[tok].row), copied here (one dependent load fewer)
+  int32_t stored = 1;  // summary rows stored (0: the layer keeps one chunk's, row s at s % S)
   // Rows >= new_begin of the unit's table are written by this step: the attend kernel reads them from the
   // step's k/v (packed row src_off + stream position of the row), not from the cache, so that the writes can
   // run in the same grid.
@@ -46,10 +41,11 @@ struct DecUnit {
 // units short enough: (kMaxUnitBlocks - 1) · P rows span at most kMaxUnitBlocks blocks.
 constexpr int kMaxUnitBlocks = 256;
 
-// A K/V row to write into the cache: packed source row `src` of io.k/io.v goes to text row `row` or
-// summary row `row` (chunk·S + j) of sequence `seq`.
+// A K/V row to write into the cache: packed source row `src` of io.k/io.v goes to row `r` of cache block
+// `blk` (resolved on the host from the row's table: the kernels do no table or slab arithmetic).
 struct DecWrite {
-  int32_t src = 0, seq = 0, summary = 0, row = 0;
+  int32_t src = 0, r = 0;
+  const uint16_t* blk = nullptr;
 };
 
 // The plan's part of the kernels' arguments: uploaded with the plan (it heads the plan's device workspace) and
@@ -62,14 +58,10 @@ struct DecodeRun {
   // positions of any sequence's text and summary rows (new rows of a step come from its k/v by position).
   Layout32 lay;
   // plan
-  // The batch's block tables as device addresses of the blocks (the plan resolves block ids on the host,
-  // so the kernels do no slab arithmetic); a block holds K [Hkv, P, D] then V [Hkv, P, D].
-  const uint16_t* const* blocks = nullptr;
   // Per unit, the addresses of the blocks it reads, in order (DecUnit::blk0), unit_blocks_stride apart; the
   // attend kernel loads them together with the unit, so no tile waits on a block-table load.
   const uint16_t* const* unit_blocks = nullptr;
   int32_t unit_blocks_stride = 0;
-  const DecSeq* seqs = nullptr;
   const DecTok* toks = nullptr;
   const DecUnit* units = nullptr;
   const DecWrite* writes = nullptr;
@@ -87,22 +79,45 @@ struct DecodeTensors {
   float* lse = nullptr;
 };
 
-// A decode step's work, packed on the host from the cache's plan (decode_plan.cpp).
+// Device addresses of a pool's blocks by id, each computed once (pv.block(id): a slab is never moved, so an
+// id's address is fixed for the pool's life). Lookups by the plan's packing instead of a division per block.
+class BlockAddresses {
+ public:
+  const void* get(const KvPoolView& pv, int32_t id) {
+    if (size_t(id) >= addr_.size()) addr_.resize(std::max<size_t>(size_t(id) + 1, 2 * addr_.size()), nullptr);
+    const void*& a = addr_[size_t(id)];
+    if (!a) a = pv.block(id);
+    return a;
+  }
+
+ private:
+  std::vector<const void*> addr_;
+};
+
+// A decode step's work, packed on the host from the cache's plan (decode_plan.cpp). Reused from step to step
+// (pack_decode clears it and keeps the capacity: a long context's plan is ~10^4 entries, and fresh vectors
+// of that size each step cost page faults, measured at hundreds of us per layer).
 struct PackedDecode {
-  std::vector<DecSeq> seqs;
   std::vector<DecTok> toks;
   std::vector<DecUnit> units;
   std::vector<DecWrite> writes;
-  std::vector<const void*> blocks;       // the batch's block tables as device addresses (null: no block)
   std::vector<const void*> unit_blocks;  // per unit, the addresses of the blocks it reads, stride apart
   int32_t unit_blocks_stride = 1;
   int64_t total_keys = 0;  // keys attended over all tokens (per KV head)
+  // scratch
+  struct Range {
+    int32_t tok, seq, summary, begin, end, new_begin, src_off;
+  };
+  std::vector<Range> ranges;
+  std::vector<int32_t> unit_ids;  // per unit, its blocks' ids (unit_nblk[u] of them, in order)
+  std::vector<int32_t> unit_nblk;
 };
-// Packs plan p of a cache with config cfg and pool pv: a write per new row that `keep`
-// accepts, and, unless write_only, the tokens and their attention units. Units are split_rows keys long, or
-// (0) sized so that the units of all KV heads fill whole waves of per_wave resident attend CTAs per KV head.
-PackedDecode pack_decode(const DecodePlan& p, const KvCacheConfig& cfg, const KvPoolView& pv, bool write_only,
-                         const std::function<bool(const DecodeKeys&)>& keep, int64_t split_rows, int64_t per_wave);
+// Packs plan p of a cache with config cfg and pool pv into pk: a write per new row that `keep` accepts, and,
+// unless write_only, the tokens and their attention units. Units are split_rows keys long, or (0) sized so
+// that the units of all KV heads fill whole waves of per_wave resident attend CTAs per KV head.
+void pack_decode(const DecodePlan& p, const KvCacheConfig& cfg, const KvPoolView& pv, BlockAddresses& addr,
+                 bool write_only, const std::function<bool(const DecodeKeys&)>& keep, int64_t split_rows,
+                 int64_t per_wave, PackedDecode& pk);
 // The blob that carries a packed plan to the device: the DecodeRun `run` (its pointers set for a blob at
 // `dev`), then the packed arrays, in 16-byte aligned sections. Returns its bytes; with dev null only counts
 // them; with host set also writes the blob there.

@@ -141,6 +141,8 @@ struct KvCacheGpu::Impl {
   DecodeTensors run_io;  // plan_decode(..., io): the tensors run() launches with
   int64_t run_rows = 0;  // the last decode plan's rows (launch checks io against them)
   PlanStats stats;
+  PackedDecode packed;        // the last plan, packed (its vectors reused from step to step)
+  BlockAddresses block_addr;  // the pool's block addresses by id
   DeviceBuf meta, partials, read_meta;
   Staging staging[2], read_staging;
   int next_staging = 0;
@@ -169,7 +171,8 @@ struct KvCacheGpu::Impl {
       if (ctas_per_sm[G] == 0) ctas_per_sm[G] = std::max(1, attend_ctas_per_sm(int(D), int(G)));
       per_wave = std::max<int64_t>(1, int64_t(sms) * ctas_per_sm[G] / Hkv);
     }
-    const PackedDecode pk = pack_decode(p, cfg, cache.pool_view(), write_only, keep, opt.split_rows, per_wave);
+    PackedDecode& pk = packed;
+    pack_decode(p, cfg, cache.pool_view(), block_addr, write_only, keep, opt.split_rows, per_wave, pk);
     stats = PlanStats{int64_t(pk.units.size()), int64_t(pk.toks.size()), pk.total_keys};
 
     const size_t bytes = decode_blob(pk, run, nullptr, nullptr);
