@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "ksa/cuda.hpp"
 #include "ksa/dtype.hpp"
@@ -28,6 +29,11 @@ class Gemm {
   // silu_mul; run_swiglu throws).
   bool swiglu_fits(const void* x, int64_t M, int64_t K, const void* Wgu, int64_t I) const;
   void run_swiglu(const void* x, int64_t M, int64_t K, const void* Wgu, int64_t I, void* out);
+  // The block shapes of the thin kernel that `ksa bench-gemm` compares on batch-1 products (0 = the default,
+  // what the engine runs); products of more rows keep the default.
+  static int gemv_shapes();
+  static std::string gemv_shape_name(int shape);
+  void set_gemv_shape(int shape);
 
  private:
   struct Impl;

@@ -6,6 +6,7 @@
 #include <climits>
 #include <cmath>
 #include <map>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -398,7 +399,15 @@ __global__ void __launch_bounds__(kSampleThreads)
 // block's warps in shared memory. Enough blocks and bytes in
 // flight for a full read even where N is a few thousand rows and K long (the down projection). K % 8 == 0,
 // 16-byte aligned.
-constexpr int kGemvThreads = 256, kGemvRows = 4, kGemvUnroll = 2;
+// The block shape is a template parameter (GemvShape): THREADS per block, ROWS of W per block, UNROLL chunks
+// per row in flight per thread. kGemvShapes lists the shapes `ksa bench-gemm --gemv-shape` compares (batch-1
+// products only); shape 0 is the one the engine runs.
+struct GemvShape {
+  int threads, rows, unroll;
+};
+constexpr GemvShape kGemvShapes[] = {{256, 4, 2}, {128, 4, 4}, {128, 8, 2}, {64, 4, 4},
+                                     {64, 8, 4},  {32, 4, 8},  {256, 2, 4}, {256, 8, 2}};
+constexpr int kGemvShapeCount = int(sizeof(kGemvShapes) / sizeof(kGemvShapes[0]));
 
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
   uint4 v;
@@ -424,7 +433,7 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
 // GLU: W is [gate; up] ([2N, K], gate rows then up rows) and y[m, n] = bf16(silu(x·gate_n) · (x·up_n)): a
 // block takes kGemvRows / 2 gate rows and the same up rows, and joins them in its epilogue (the SwiGLU of
 // silu_mul, without the [M, 2N] fp32 round trip and its kernel).
-template <int M, class YT, bool GLU = false>
+template <int M, class YT, bool GLU, int kGemvThreads, int kGemvRows, int kGemvUnroll>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_kernel(const uint4* __restrict__ x, int chunks, const uint4* __restrict__ W, int N, YT* __restrict__ y,
                 int64_t ldy) {
@@ -500,21 +509,34 @@ __global__ void __launch_bounds__(kGemvThreads)
   }
 }
 
-template <int M, class YT, bool GLU = false>
+template <int M, class YT, bool GLU, int SH = 0>
 void launch_gemv(const void* x, int64_t K, const void* W, int64_t N, void* y, int64_t ldy, cudaStream_t s) {
+  constexpr GemvShape g = kGemvShapes[SH];
   const int chunks = int(K / 8);
-  detail::launch_pdl(gemv_kernel<M, YT, GLU>, blocks_for(N, GLU ? kGemvRows / 2 : kGemvRows), kGemvThreads, 0, s,
-                     static_cast<const uint4*>(x), chunks, static_cast<const uint4*>(W), int(N), static_cast<YT*>(y),
-                     ldy);
+  detail::launch_pdl(gemv_kernel<M, YT, GLU, g.threads, g.rows, g.unroll>, blocks_for(N, GLU ? g.rows / 2 : g.rows),
+                     g.threads, 0, s, static_cast<const uint4*>(x), chunks, static_cast<const uint4*>(W), int(N),
+                     static_cast<YT*>(y), ldy);
 }
 
 // glu: the GLU form (bf16 out, ydt ignored).
-template <int M>
+template <int M, int SH = 0>
 void gemv_m(const void* x, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy, cudaStream_t s,
             bool glu) {
-  if (glu) launch_gemv<M, __nv_bfloat16, true>(x, K, W, N, y, ldy, s);
-  else if (ydt == DType::f32) launch_gemv<M, float>(x, K, W, N, y, ldy, s);
-  else launch_gemv<M, __nv_bfloat16>(x, K, W, N, y, ldy, s);
+  if (glu) launch_gemv<M, __nv_bfloat16, true, SH>(x, K, W, N, y, ldy, s);
+  else if (ydt == DType::f32) launch_gemv<M, float, false, SH>(x, K, W, N, y, ldy, s);
+  else launch_gemv<M, __nv_bfloat16, false, SH>(x, K, W, N, y, ldy, s);
+}
+
+// Batch-1 products in block shape `shape` (kGemvShapes; ksa bench-gemm).
+template <int SH = 0>
+void gemv_1(int shape, const void* x, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy,
+            cudaStream_t s, bool glu) {
+  if constexpr (SH < kGemvShapeCount) {
+    if (shape == SH) return gemv_m<1, SH>(x, K, W, N, y, ydt, ldy, s, glu);
+    return gemv_1<SH + 1>(shape, x, K, W, N, y, ydt, ldy, s, glu);
+  } else {
+    fail("cuda linear: no GEMV block shape ", shape, " (0..", kGemvShapeCount - 1, ")");
+  }
 }
 
 // Whether gemv() takes this product.
@@ -525,7 +547,8 @@ bool gemv_fits(const void* x, int64_t M, int64_t K, const void* W, int64_t N) {
 }
 
 void gemv(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy,
-          cudaStream_t s, bool glu = false) {
+          cudaStream_t s, bool glu = false, int shape = 0) {
+  if (M == 1 && shape != 0) return gemv_1(shape, x, K, W, N, y, ydt, ldy, s, glu);
   switch (M) {
     case 1:
       return gemv_m<1>(x, K, W, N, y, ydt, ldy, s, glu);
@@ -557,6 +580,7 @@ struct Gemm::Impl {
   void* workspace = nullptr;
   size_t ws_bytes = size_t(32) << 20;
   bool small_m = true;  // products of at most kGemvMaxM rows through gemv_kernel
+  int gemv_shape = 0;   // kGemvShapes index for batch-1 products (set_gemv_shape)
   struct Plan {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
@@ -616,7 +640,8 @@ void Gemm::run(const void* x, int64_t M, int64_t K, const void* W, int64_t N, vo
   if (ldy == 0) ldy = N;
   if (M < 1 || K < 1 || N < 1 || ldy < N) fail("cuda linear: bad shape M=", M, " K=", K, " N=", N, " ldy=", ldy);
   if (ydt != DType::f32 && ydt != DType::bf16) fail("cuda linear: output must be f32 or bf16");
-  if (impl_->small_m && gemv_fits(x, M, K, W, N)) return gemv(x, M, K, W, N, y, ydt, ldy, impl_->stream);
+  if (impl_->small_m && gemv_fits(x, M, K, W, N))
+    return gemv(x, M, K, W, N, y, ydt, ldy, impl_->stream, false, impl_->gemv_shape);
   Impl::Plan& p = impl_->plan(M, K, N, ldy, ydt);
   const float alpha = 1.f, beta = 0.f;
   KSA_CUBLAS_CHECK(cublasLtMatmul(impl_->handle, p.op, &alpha, W, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo,
@@ -630,7 +655,22 @@ bool Gemm::swiglu_fits(const void* x, int64_t M, int64_t K, const void* Wgu, int
 void Gemm::run_swiglu(const void* x, int64_t M, int64_t K, const void* Wgu, int64_t I, void* out) {
   if (!swiglu_fits(x, M, K, Wgu, I))
     fail("cuda swiglu: the product M=", M, " K=", K, " I=", I, " does not fit the thin kernel (swiglu_fits)");
-  gemv(x, M, K, Wgu, I, out, DType::bf16, I, impl_->stream, true);
+  gemv(x, M, K, Wgu, I, out, DType::bf16, I, impl_->stream, true, impl_->gemv_shape);
+}
+
+int Gemm::gemv_shapes() { return kGemvShapeCount; }
+
+std::string Gemm::gemv_shape_name(int shape) {
+  if (shape < 0 || shape >= kGemvShapeCount) fail("cuda linear: no GEMV block shape ", shape);
+  const GemvShape& g = kGemvShapes[shape];
+  return std::to_string(g.threads) + " threads x " + std::to_string(g.rows) + " rows x unroll " +
+         std::to_string(g.unroll);
+}
+
+void Gemm::set_gemv_shape(int shape) {
+  if (shape < 0 || shape >= kGemvShapeCount)
+    fail("cuda linear: no GEMV block shape ", shape, " (0..", kGemvShapeCount - 1, ")");
+  impl_->gemv_shape = shape;
 }
 
 // ------------------------------------------------------------------------------------------ launchers
@@ -643,8 +683,8 @@ void embed_rows(const void* table, const int32_t* ids, int64_t n, int64_t H, flo
 void rms_norm(const float* x, int64_t rows, int64_t n, const void* w, const void* ws, const uint8_t* is_summary,
               float eps, void* out, CudaStream stream) {
   if (rows == 0) return;
-  detail::launch_pdl(rms_norm_kernel, unsigned(rows), kNormThreads, 0, cs(stream), const_cast<float*>(x), nullptr, n,
-                     w, ws, is_summary, eps, static_cast<__nv_bfloat16*>(out));
+  detail::launch_pdl(rms_norm_kernel, unsigned(rows), kNormThreads, 0, cs(stream), const_cast<float*>(x), nullptr, n, w,
+                     ws, is_summary, eps, static_cast<__nv_bfloat16*>(out));
 }
 
 void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void* w, float eps, void* out,

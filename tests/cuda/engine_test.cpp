@@ -375,40 +375,45 @@ TEST(CudaEngine, SmallMProductsMatchTheHostProduct) {
     ASSERT_TRUE(dx.p && dw.p && dy.p);
     CK(cudaMemcpy(dx.p, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(dw.p, w.data(), w.size() * 2, cudaMemcpyHostToDevice));
-    CK(cudaMemset(dy.p, 0, size_t(c.M * ldy) * 4));
-    {
-      cuda::Gemm g(nullptr);
-      g.run(dx.p, c.M, c.K, dw.p, c.N, dy.p, c.y, c.ldy);
-    }
-    CK(cudaDeviceSynchronize());
-    const size_t es = c.y == DType::f32 ? 4 : 2;
-    std::vector<uint8_t> raw(size_t(c.M * ldy) * es);
-    CK(cudaMemcpy(raw.data(), dy.p, raw.size(), cudaMemcpyDeviceToHost));
-    int64_t bad = 0;
-    for (int64_t m = 0; m < c.M; ++m)
-      for (int64_t n = 0; n < c.N; ++n) {
-        double ref = 0, mag = 0;
-        for (int64_t k = 0; k < c.K; ++k) {
-          const double p = double(bf16::to_float(x[size_t(m * c.K + k)])) * bf16::to_float(w[size_t(n * c.K + k)]);
-          ref += p;
-          mag += std::abs(p);
-        }
-        const size_t at = size_t(m * ldy + n);
-        double got;
-        if (c.y == DType::f32) {
-          float f;
-          std::memcpy(&f, raw.data() + at * 4, 4);
-          got = f;
-        } else {
-          uint16_t h;
-          std::memcpy(&h, raw.data() + at * 2, 2);
-          got = bf16::to_float(h);
-        }
-        const double tol = 1e-5 * mag + (c.y == DType::bf16 ? std::abs(ref) * 0x1p-8 : 0.0);
-        if (!(std::abs(got - ref) <= tol) && bad++ < 5)
-          ADD_FAILURE() << "y[" << m << ", " << n << "] = " << got << ", host " << ref << " (tol " << tol << ")";
+    // Batch 1: every block shape of the thin kernel (ksa bench-gemm --gemv-shape; 0 is the engine's).
+    for (int shape = 0; shape < (c.M == 1 ? cuda::Gemm::gemv_shapes() : 1); ++shape) {
+      SCOPED_TRACE("gemv shape " + std::to_string(shape));
+      CK(cudaMemset(dy.p, 0, size_t(c.M * ldy) * 4));
+      {
+        cuda::Gemm g(nullptr);
+        g.set_gemv_shape(shape);
+        g.run(dx.p, c.M, c.K, dw.p, c.N, dy.p, c.y, c.ldy);
       }
-    EXPECT_EQ(bad, 0);
+      CK(cudaDeviceSynchronize());
+      const size_t es = c.y == DType::f32 ? 4 : 2;
+      std::vector<uint8_t> raw(size_t(c.M * ldy) * es);
+      CK(cudaMemcpy(raw.data(), dy.p, raw.size(), cudaMemcpyDeviceToHost));
+      int64_t bad = 0;
+      for (int64_t m = 0; m < c.M; ++m)
+        for (int64_t n = 0; n < c.N; ++n) {
+          double ref = 0, mag = 0;
+          for (int64_t k = 0; k < c.K; ++k) {
+            const double p = double(bf16::to_float(x[size_t(m * c.K + k)])) * bf16::to_float(w[size_t(n * c.K + k)]);
+            ref += p;
+            mag += std::abs(p);
+          }
+          const size_t at = size_t(m * ldy + n);
+          double got;
+          if (c.y == DType::f32) {
+            float f;
+            std::memcpy(&f, raw.data() + at * 4, 4);
+            got = f;
+          } else {
+            uint16_t h;
+            std::memcpy(&h, raw.data() + at * 2, 2);
+            got = bf16::to_float(h);
+          }
+          const double tol = 1e-5 * mag + (c.y == DType::bf16 ? std::abs(ref) * 0x1p-8 : 0.0);
+          if (!(std::abs(got - ref) <= tol) && bad++ < 5)
+            ADD_FAILURE() << "y[" << m << ", " << n << "] = " << got << ", host " << ref << " (tol " << tol << ")";
+        }
+      EXPECT_EQ(bad, 0);
+    }
   }
 }
 

@@ -137,7 +137,9 @@ int run_bench_decode(int argc, char** argv) {
       f.i64("--split-rows", 0, "keys per attention work unit (0 = the plan's choice; at most 255 x block rows)", 0,
             255 * 65536);
   int64_t& only =
-      f.i64("--case", 0, "run one case only: 1 = B=1 T=16K, 2 = B=1 T=128K, 3 = B=64 mixed (0 = all)", 0, 3);
+      f.i64("--case", 0, "run one case only: 1 = B=1 T=16K, 2 = B=1 T=128K, 3 = the batch case (0 = all)", 0, 3);
+  int64_t& context = f.i64("--context", 0, "the batch case's context per sequence (0 = lengths drawn from 4K..128K)", 0,
+                           int64_t(1) << 30);
   int64_t& window = f.i64("--window", 128,
                           "text window W in chunks (0 = a full-attention layer: W·k covers the context, every "
                           "earlier text row visible, no summaries stored, as the engine's hybrid layers)",
@@ -148,8 +150,7 @@ int run_bench_decode(int argc, char** argv) {
     return 1;
   }
   std::printf("device: %s\nshape: 32/8 heads, D=128, bf16, k=8, S=1, W=%s, block_rows=%lld\n",
-              cuda::device_description().c_str(), window == 0 ? "full" : std::to_string(window).c_str(),
-              (long long)P);
+              cuda::device_description().c_str(), window == 0 ? "full" : std::to_string(window).c_str(), (long long)P);
   std::printf(
       "run us / graph us: run() / its graph launched on an idle GPU (includes the host's launch);\n"
       "step us: the graph behind a 256 MiB memset (cold L2, launch overlapped: GPU time, as do_bench);\n"
@@ -159,18 +160,23 @@ int run_bench_decode(int argc, char** argv) {
               "GB/s", "plan us", "units", "key rows");
   std::mt19937_64 rng(7);
   std::vector<int64_t> mixed;
-  for (int64_t i = 0; i < batch; ++i) mixed.push_back(std::uniform_int_distribution<int64_t>(4096, 131072)(rng));
+  for (int64_t i = 0; i < batch; ++i)
+    mixed.push_back(context ? context : std::uniform_int_distribution<int64_t>(4096, 131072)(rng));
   struct Case {
-    const char* name;
+    std::string name;
     std::vector<int64_t> T;
-  } cases[] = {{"B=1 T=16K", {16384}}, {"B=1 T=128K", {131072}}, {"B=64 mixed 4K-128K", mixed}};
+  } cases[] = {{"B=1 T=16K", {16384}},
+               {"B=1 T=128K", {131072}},
+               {context ? "B=" + std::to_string(batch) + " T=" + std::to_string(context)
+                        : "B=" + std::to_string(batch) + " mixed 4K-128K",
+                mixed}};
   for (const Case& c : cases) {
     if (only != 0 && &c != &cases[only - 1]) continue;
     // W = 0: the engine's full-attention layers (model.cpp: W·k >= the context limit).
     const int64_t W = window != 0 ? window : (*std::max_element(c.T.begin(), c.T.end()) + 64) / 8 + 2;
     const Result r = bench_case(c.T, 32, 8, 128, 8, 1, W, P, reps, split);
-    std::printf("%-26s %10.2f %10.2f %10.2f %10.2f %10.1f %10.1f %8lld %12lld\n", c.name, r.us, r.graph_us, r.step_us,
-                r.eager_us, r.gbs, r.plan_us, (long long)r.units, (long long)r.key_rows);
+    std::printf("%-26s %10.2f %10.2f %10.2f %10.2f %10.1f %10.1f %8lld %12lld\n", c.name.c_str(), r.us, r.graph_us,
+                r.step_us, r.eager_us, r.gbs, r.plan_us, (long long)r.units, (long long)r.key_rows);
   }
   std::printf(
       "targets (H200, on step us: the timing of the issue's PyTorch reference numbers): B=1 T=128K <= 25 us; "
