@@ -82,7 +82,7 @@ if want 4b; then
   bench4b() {  # bench4b <flags...>: one `ksa bench model` on the 4B checkpoint, its summary lines
     echo "== ksa bench model 4b $*"
     $KSA bench model -m $M --device cuda "$@" | tee -a "$OUT/bench_4b.log" |
-      grep -E "^\| (pp|tg)|bound|KV cache|peak|graphs"
+      grep -E "^\| (pp|tg)|bound|KV cache|peak|graphs|host time"
   }
   if want compare; then
     for r in $(seq "${COMPARE_ROUNDS:-2}"); do
@@ -93,7 +93,7 @@ if want 4b; then
           echo "== round $r $which $shape" | tee -a "$OUT/compare_4b.log"
           # shellcheck disable=SC2086
           $bin bench model -m $M --device cuda $shape 2>&1 | tee -a "$OUT/compare_4b_full.log" |
-            grep -E "^\| (pp|tg)" | tee -a "$OUT/compare_4b.log"
+            grep -E "^\| (pp|tg)|host time" | tee -a "$OUT/compare_4b.log"
         done
       done
     done

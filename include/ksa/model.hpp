@@ -129,6 +129,9 @@ class Model {
   // Forward passes so far that replayed a CUDA graph, and graphs captured (0 on the CPU or without graphs).
   int64_t graph_replays() const;
   int64_t graph_captures() const;
+  // Host seconds of the replayed steps before their graph was launched (planning every layer's decode and
+  // uploading it): time the device waits for the step. 0 on the CPU or without graphs.
+  double replay_host_seconds() const;
 
   // Sequences. Ids are never reused.
   SeqId new_sequence();

@@ -140,6 +140,8 @@ class Backend {
   // Steps of the backend's lifetime run as graph replays / captures (CUDA; 0 elsewhere).
   virtual int64_t graph_replays() const { return 0; }
   virtual int64_t graph_captures() const { return 0; }
+  // Seconds the host spent on replayed steps before launching their graph (0 without graphs).
+  virtual double replay_host_seconds() const { return 0; }
 
   // Device memory: peak and current bytes the backend allocated (0 on the CPU).
   virtual int64_t device_bytes_peak() const { return 0; }

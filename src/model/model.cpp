@@ -413,6 +413,7 @@ int64_t Model::device_bytes_peak() const { return impl_->be->device_bytes_peak()
 int64_t Model::device_bytes_free() const { return impl_->be->device_bytes_free(); }
 int64_t Model::graph_replays() const { return impl_->be->graph_replays(); }
 int64_t Model::graph_captures() const { return impl_->be->graph_captures(); }
+double Model::replay_host_seconds() const { return impl_->be->replay_host_seconds(); }
 
 const char* to_string(Device d) { return d == Device::cuda ? "cuda" : "cpu"; }
 

@@ -314,6 +314,9 @@ int run_bench_model(int argc, char** argv) {
     std::fprintf(info, "CUDA graphs: %s (%lld steps replayed, %lld graphs captured); GEMV kernel for <= 8 rows: %s\n",
                  mo.cuda_graphs ? "on" : "off", (long long)model.graph_replays(), (long long)model.graph_captures(),
                  mo.cuda_gemv ? "on" : "off (cuBLASLt)");
+    if (model.graph_replays() > 0)
+      std::fprintf(info, "host time of a replayed step before its launch (planning, uploads): %.1f us\n",
+                   1e6 * model.replay_host_seconds() / double(model.graph_replays()));
   }
   if (bw > 0)
     std::fprintf(info, "memory bandwidth: %.1f GB/s (%s, %lld MiB)\n", bw * 1e-9, bw_what.c_str(), (long long)bw_mib);

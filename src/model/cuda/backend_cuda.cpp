@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <compare>
 #include <cstring>
@@ -161,6 +162,7 @@ class CudaBackend final : public Backend {
   }
 
   void begin_step(const StepDesc& step) override {
+    step_t0_ = std::chrono::steady_clock::now();
     abandon_capture();  // a step that threw while being captured
     mode_ = Mode::eager;
     step_ = &step;
@@ -412,6 +414,7 @@ class CudaBackend final : public Backend {
   }
 
   int64_t graph_replays() const override { return replays_; }
+  double replay_host_seconds() const override { return replay_host_s_; }
 
   // The dense K/V buffer of prefill pieces (grows; zero-filled when allocated, and only ever holds finite
   // keys afterwards: the prefill kernel multiplies masked keys of a partly visible tile by zero weights).
@@ -538,6 +541,7 @@ class CudaBackend final : public Backend {
       mode_ = Mode::eager;
       ++replays_;
       check(cudaGraphLaunch(replay_->exec, stream_), "launching a CUDA graph");
+      replay_host_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - step_t0_).count();
     }
   }
 
@@ -608,6 +612,10 @@ class CudaBackend final : public Backend {
   Graph pending_;
   GraphKey pending_key_;
   int64_t replays_ = 0, captures_ = 0;
+  // Host time of replayed steps from begin_step to the graph's launch (planning every layer's decode, the
+  // uploads): the device has nothing of the step to run until then.
+  std::chrono::steady_clock::time_point step_t0_;
+  double replay_host_s_ = 0;
   std::shared_ptr<void> scratch_;  // kv_scratch
   int64_t scratch_bytes_ = 0;
 };
