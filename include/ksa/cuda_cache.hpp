@@ -75,6 +75,12 @@ class KvCacheGpu {
   void plan_decode(std::span<const SeqId> ids, std::span<const int64_t> n_new, int64_t Hq, float scale = 0.f);
   void launch(const DecodeIO& io, int64_t unit_capacity = 0);
   uint64_t workspace_generation() const;
+  // plan_decode(ids, n_new, Hq, scale) with the plan's upload queued on `upload` instead of the cache's
+  // stream: for a step planned while the cache's stream still runs earlier launches that read the plan
+  // workspace (the engine plans step t+1 during step t). The caller orders `upload` after those launches and
+  // the cache's stream after the upload (events). A workspace that must grow synchronises the device first.
+  void plan_decode_on(CudaStream upload, std::span<const SeqId> ids, std::span<const int64_t> n_new, int64_t Hq,
+                      float scale = 0.f);
 
   // Exact check of the two-phase rule above for one sequence's next step of n stream tokens.
   bool step_ok(SeqId id, int64_t n, std::string* why = nullptr) const;

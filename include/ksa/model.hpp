@@ -61,6 +61,13 @@ struct ModelOptions {
   // CUDA: matrix products of at most 8 rows (decode of a few sequences) through ksa's own GEMV kernel, which
   // reads the weights at memory bandwidth; false: cuBLASLt for every product.
   bool cuda_gemv = true;
+  // CUDA: the GEMV kernel's block shape for batch-1 products (an index of the shapes `ksa bench-gemm
+  // --gemv-shape` compares; 0 = the default).
+  int cuda_gemv_shape = 0;
+  // CUDA: while a step runs on the device, plan the next step's decode on the host (each sequence of the step
+  // continued by one token) and queue its uploads; the next step uses those plans when it is that step, else
+  // plans anew. Hides the host's planning (36 layers' plans) under the device's work (docs/engine.md).
+  bool cuda_plan_ahead = true;
   // CUDA: text tokens per prefill piece (0 = 1024). A longer prompt runs in pieces, each attending over the
   // cache and itself, so that activation memory follows the piece, not the prompt. The CPU prefills a prompt
   // in one piece.
@@ -132,6 +139,10 @@ class Model {
   // Host seconds of the replayed steps before their graph was launched (planning every layer's decode and
   // uploading it): time the device waits for the step. 0 on the CPU or without graphs.
   double replay_host_seconds() const;
+  // Steps whose decode was planned during the step before (ModelOptions::cuda_plan_ahead), and plans made
+  // ahead that were dropped (the next step was another one). 0 on the CPU.
+  int64_t plans_ahead_used() const;
+  int64_t plans_ahead_dropped() const;
 
   // Sequences. Ids are never reused.
   SeqId new_sequence();

@@ -162,8 +162,9 @@ struct KvCacheGpu::Impl {
 
   // Packs the plan for the decode kernels (pack_decode, decode_plan.cpp), uploads it with one async copy and
   // fills `run`. `write_only`: the plan's rows are a prefill (writes only, filtered by `keep`).
+  // The copy is queued on `up` (the cache's stream, or the caller's upload stream: plan_decode_on).
   void upload(const DecodePlan& p, float scale, int64_t Hq, bool write_only,
-              const std::function<bool(const DecodeKeys&)>& keep) {
+              const std::function<bool(const DecodeKeys&)>& keep, cudaStream_t up) {
     const KvCacheConfig& cfg = cache.config();
     const int64_t Hkv = cfg.Hkv, D = cfg.D, G = Hq / Hkv;
     int64_t per_wave = 0;  // attend CTAs resident at once per KV head
@@ -176,6 +177,7 @@ struct KvCacheGpu::Impl {
     stats = PlanStats{int64_t(pk.units.size()), int64_t(pk.toks.size()), pk.total_keys};
 
     const size_t bytes = decode_blob(pk, run, nullptr, nullptr);
+    if (bytes > meta.cap && up != stream) KSA_CUDA_CHECK(cudaStreamSynchronize(up));  // an earlier upload's target
     meta.reserve(bytes, stream);
     const size_t acc_bytes = align16(pk.units.size() * size_t(Hkv * G * D) * 4);
     partials.reserve(std::max<size_t>(acc_bytes + pk.units.size() * size_t(Hkv * G) * 8, 16), stream);
@@ -195,8 +197,8 @@ struct KvCacheGpu::Impl {
     stg.reserve(bytes);
     decode_blob(pk, a, static_cast<char*>(meta.p), static_cast<char*>(stg.p));
     run_dev = reinterpret_cast<const DecodeRun*>(meta.p);
-    KSA_CUDA_CHECK(cudaMemcpyAsync(meta.p, stg.p, bytes, cudaMemcpyHostToDevice, stream));
-    KSA_CUDA_CHECK(cudaEventRecord(stg.done, stream));
+    KSA_CUDA_CHECK(cudaMemcpyAsync(meta.p, stg.p, bytes, cudaMemcpyHostToDevice, up));
+    KSA_CUDA_CHECK(cudaEventRecord(stg.done, up));
     stg.pending = true;
   }
 
@@ -308,7 +310,7 @@ void KvCacheGpu::prefill(SeqId id, const KvRows& k, const KvRows& v) {
     const TensorView kv{const_cast<void*>(k.data), 0, k.row_stride, k.head_stride};
     const TensorView vv{const_cast<void*>(v.data), 0, v.row_stride, v.head_stride};
     m.upload(plan, 1.f, cfg.Hkv, true,
-             [&](const DecodeKeys& d) { return d.is_summary ? d.row >= s_keep : d.row >= lo; });
+             [&](const DecodeKeys& d) { return d.is_summary ? d.row >= s_keep : d.row >= lo; }, m.stream);
     launch_decode(m.run, m.run_dev, Impl::tensors(nullptr, kv, vv, nullptr, nullptr), m.stream);
   } catch (...) {
     m.cache.cancel_decode(plan);
@@ -376,6 +378,11 @@ void KvCacheGpu::plan_decode(std::span<const SeqId> ids, std::span<const int64_t
 }
 
 void KvCacheGpu::plan_decode(std::span<const SeqId> ids, std::span<const int64_t> n_new, int64_t Hq, float scale) {
+  plan_decode_on(impl_->stream, ids, n_new, Hq, scale);
+}
+
+void KvCacheGpu::plan_decode_on(CudaStream upload, std::span<const SeqId> ids, std::span<const int64_t> n_new,
+                                int64_t Hq, float scale) {
   Impl& m = *impl_;
   if (m.plan) fail("KvCacheGpu::plan_decode: a decode step is planned but not committed or cancelled");
   const KvCacheConfig& cfg = m.cache.config();
@@ -384,7 +391,7 @@ void KvCacheGpu::plan_decode(std::span<const SeqId> ids, std::span<const int64_t
   DecodePlan plan = m.cache.plan_decode(ids, n_new);
   try {
     m.upload(plan, scale != 0.f ? scale : 1.f / std::sqrt(float(cfg.D)), Hq, false,
-             [](const DecodeKeys&) { return true; });
+             [](const DecodeKeys&) { return true; }, static_cast<cudaStream_t>(upload));
   } catch (...) {
     m.cache.cancel_decode(plan);
     throw;

@@ -137,11 +137,17 @@ class Backend {
   virtual void sample(const Act& logits, std::span<const SampleReq> reqs, std::span<int32_t> out) = 0;
   // Waits for the step's work (errors of asynchronous work surface here).
   virtual void finish_step() = 0;
+  // Drops work the backend prepared ahead for a step that may not come (CUDA: the next step's decode plans,
+  // which hold cache blocks). The model calls it before it adds or releases a sequence in the caches.
+  virtual void settle() {}
   // Steps of the backend's lifetime run as graph replays / captures (CUDA; 0 elsewhere).
   virtual int64_t graph_replays() const { return 0; }
   virtual int64_t graph_captures() const { return 0; }
   // Seconds the host spent on replayed steps before launching their graph (0 without graphs).
   virtual double replay_host_seconds() const { return 0; }
+  // Steps that used the decode plans made during the step before, and such plans dropped (CUDA; 0 elsewhere).
+  virtual int64_t plans_ahead_used() const { return 0; }
+  virtual int64_t plans_ahead_dropped() const { return 0; }
 
   // Device memory: peak and current bytes the backend allocated (0 on the CPU).
   virtual int64_t device_bytes_peak() const { return 0; }
@@ -156,6 +162,8 @@ struct BackendOptions {
   int64_t q_heads = 1;                // query heads (CUDA plans a step's decode at begin_step)
   bool cuda_graphs = true;            // CUDA: replay continuation steps as graphs (ModelOptions::cuda_graphs)
   bool cuda_gemv = true;              // CUDA: ksa's GEMV for products of <= 8 rows (ModelOptions::cuda_gemv)
+  int gemv_shape = 0;                 // CUDA: the GEMV's block shape for batch-1 products (cuda_gemv_shape)
+  bool plan_ahead = true;             // CUDA: plan step t+1's decode during step t (ModelOptions::cuda_plan_ahead)
   bool batch_invariant = false;       // CPU: ModelOptions::batch_invariant
 };
 

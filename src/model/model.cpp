@@ -305,6 +305,8 @@ Model Model::load(const std::string& dir, const ModelOptions& opt) {
   bo.q_heads = cfg.num_attention_heads;
   bo.cuda_graphs = opt.cuda_graphs;
   bo.cuda_gemv = opt.cuda_gemv;
+  bo.gemv_shape = opt.cuda_gemv_shape;
+  bo.plan_ahead = opt.cuda_plan_ahead;
   bo.batch_invariant = opt.batch_invariant;
   if (opt.batch_invariant && opt.device == Device::cuda)
     fail("ModelOptions::batch_invariant: CPU only (the CUDA engine's products depend on the step's rows)");
@@ -414,6 +416,8 @@ int64_t Model::device_bytes_free() const { return impl_->be->device_bytes_free()
 int64_t Model::graph_replays() const { return impl_->be->graph_replays(); }
 int64_t Model::graph_captures() const { return impl_->be->graph_captures(); }
 double Model::replay_host_seconds() const { return impl_->be->replay_host_seconds(); }
+int64_t Model::plans_ahead_used() const { return impl_->be->plans_ahead_used(); }
+int64_t Model::plans_ahead_dropped() const { return impl_->be->plans_ahead_dropped(); }
 
 const char* to_string(Device d) { return d == Device::cuda ? "cuda" : "cpu"; }
 
@@ -439,6 +443,7 @@ int64_t Model::weight_bytes_per_token() const { return impl_->weight_bytes_token
 SeqId Model::new_sequence() {
   Impl& m = *impl_;
   Impl::Seq s;
+  m.be->settle();
   for (size_t i = 0; i < m.layers.size(); ++i) {
     const SeqId c = m.be->cache(i).add_sequence();
     if (i == 0) s.cache_id = c;
@@ -452,6 +457,7 @@ SeqId Model::new_sequence() {
 void Model::release(SeqId id) {
   Impl& m = *impl_;
   Impl::Seq& s = m.find(id, "release");
+  m.be->settle();
   for (size_t i = 0; i < m.layers.size(); ++i) m.be->cache(i).release(s.cache_id);
   m.seqs.erase(id);
 }

@@ -309,6 +309,109 @@ TEST(CudaEngine, GraphReplaysEqualEagerLaunches) {
   }
 }
 
+// Planning ahead (ModelOptions::cuda_plan_ahead): the decode plans made during step t for step t+1 are
+// the plans step t+1 would make itself, and a step that is not the one planned (a sequence joins, one is
+// released, a continuation of several tokens, a step at the context limit) drops them without a trace. Three
+// engines on one checkpoint run the same steps — planning at each step (graphs on), planning ahead with
+// graphs, planning ahead without graphs — and must give the same logits and sampled tokens at every step,
+// bit for bit (the same kernels over the same plans), with the plans made ahead used at most steps.
+TEST(CudaEngine, PlanningAheadEqualsPlanningEachStep) {
+  REQUIRE_GPU();
+  for (size_t vi : {size_t(0), size_t(3)}) {
+    const Variant v = variants()[vi];
+    test::TempDir dir{"cuda_ahead"};
+    RandomModelOptions ro;
+    ro.seed = v.seed;
+    write_random_model(make_config(v), dir.str(), ro);
+    constexpr int64_t kMaxText = 400;
+    auto load = [&](bool graphs, bool ahead) {
+      ModelOptions o;
+      o.device = Device::cuda;
+      o.max_text_tokens = kMaxText;
+      o.cuda_graphs = graphs;
+      o.cuda_plan_ahead = ahead;
+      return Model::load(dir.str(), o);
+    };
+    Model m[3] = {load(true, false), load(true, true), load(false, true)};
+    std::mt19937_64 rng(17);
+    const std::vector<int32_t> toks = random_text(rng, 4096);
+    size_t next = 0;
+    auto take = [&](size_t n) {
+      if (next + n > toks.size()) next = 0;
+      const std::span<const int32_t> t(&toks[next], n);
+      next += n;
+      return t;
+    };
+    std::vector<std::vector<SeqId>> ids(3);
+    std::vector<int64_t> len;  // text tokens per live sequence
+    auto start = [&](int64_t n, std::vector<StepItem> (&items)[3]) {
+      const std::span<const int32_t> t = take(size_t(n));
+      for (int e = 0; e < 3; ++e) {
+        ids[e].push_back(m[e].new_sequence());
+        items[e].push_back(StepItem{ids[e].back(), t, LogitsFor::last, nullptr, {}});
+      }
+      len.push_back(n);
+    };
+    auto release = [&](size_t i) {
+      for (int e = 0; e < 3; ++e) {
+        m[e].release(ids[e][i]);
+        ids[e].erase(ids[e].begin() + std::ptrdiff_t(i));
+      }
+      len.erase(len.begin() + std::ptrdiff_t(i));
+    };
+    SamplerConfig sc;
+    sc.temperature = 0.9f;
+    sc.top_p = 0.95f;
+    sc.seed = 5;
+    size_t steps_differ = 0;
+    int64_t steps = 0;
+    for (int64_t n : {50, 170, 9}) {  // the prompts, each its own step
+      std::vector<StepItem> items[3];
+      start(n, items);
+      StepResult r[3];
+      for (int e = 0; e < 3; ++e) m[e].step(items[e], r[e]);
+      steps_differ += r[1].logits != r[0].logits || r[2].logits != r[0].logits;
+    }
+    for (int step = 0; step < 320; ++step) {
+      std::vector<StepItem> items[3];
+      for (size_t i = len.size(); i-- > 0;)
+        if (len[i] >= kMaxText) release(i);  // at its context limit (the plans made ahead for it were refused)
+      if (step == 120) release(0);
+      const bool sample = step % 2 == 0;
+      for (size_t i = 0; i < len.size(); ++i) {
+        const size_t n = (step == 80 && i == 0) ? 3 : 1;  // a continuation of several tokens
+        const std::span<const int32_t> t = take(n);
+        len[i] += int64_t(n);
+        for (int e = 0; e < 3; ++e)
+          items[e].push_back(StepItem{ids[e][i], t, sample ? LogitsFor::none : LogitsFor::last,
+                                      sample ? &sc : nullptr, {}});
+      }
+      if (step == 40 || step == 200) start(30, items);  // a sequence joins mid-run
+      if (step == 250)  // a step without logits or samples (nothing is planned ahead after it)
+        for (int e = 0; e < 3; ++e)
+          for (StepItem& it : items[e]) it.logits = LogitsFor::none, it.sampler = nullptr;
+      StepResult r[3];
+      for (int e = 0; e < 3; ++e) m[e].step(items[e], r[e]);
+      ++steps;
+      if (r[1].logits != r[0].logits || r[2].logits != r[0].logits || r[1].next != r[0].next ||
+          r[2].next != r[0].next)
+        ++steps_differ;
+    }
+    std::printf("[cuda engine] %s: plans made ahead used at %lld of %lld steps, dropped %lld times (ahead + graphs); "
+                "%lld / %lld without graphs; %zu steps differ\n",
+                v.name.c_str(), (long long)m[1].plans_ahead_used(), (long long)steps,
+                (long long)m[1].plans_ahead_dropped(), (long long)m[2].plans_ahead_used(),
+                (long long)m[2].plans_ahead_dropped(), steps_differ);
+    EXPECT_EQ(steps_differ, 0u) << v.name;
+    EXPECT_GT(m[1].plans_ahead_used(), 250) << v.name;
+    EXPECT_GE(m[1].plans_ahead_dropped(), 4) << v.name;  // the joins, the release, the 3-token step
+    EXPECT_EQ(m[0].plans_ahead_used() + m[0].plans_ahead_dropped(), 0) << v.name;
+    EXPECT_GT(m[1].graph_replays(), 250) << v.name;
+    while (!len.empty()) release(0);
+    for (int e = 0; e < 3; ++e) EXPECT_EQ(m[e].kv_bytes_in_use(), 0) << v.name << " engine " << e;
+  }
+}
+
 // Greedy generation against the CPU engine. A step is a near tie when the CPU's top two logits are closer
 // than twice the largest |gpu - cpu| logit difference of that step: only there can the two argmaxes differ
 // (each logit moved by at most that difference). Both engines are fed the CPU's greedy text (so that one

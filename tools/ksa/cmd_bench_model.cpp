@@ -136,9 +136,12 @@ int run_bench_model(int argc, char** argv) {
   bool& kv_f32 = f.flag("--kv-f32", "KV cache in f32 (CPU only; default bf16)");
   bool& no_graphs =
       f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
+  bool& no_ahead = f.flag("--no-plan-ahead", "CUDA: plan each decode step when it starts (not during the step before)");
   int64_t& ubatch =
       f.i64("-ub,--ubatch-size", 0, "CUDA: text tokens per prefill piece (0 = the engine's 1024)", 0, cli::kMaxTokens);
   bool& no_gemv = f.flag("--no-cuda-gemv", "CUDA: cuBLASLt for every matrix product (no GEMV kernel for <= 8 rows)");
+  int64_t& gemv_shape = f.i64("--cuda-gemv-shape", 0,
+                              "CUDA: the GEMV's block shape for batch-1 products (ksa bench-gemm lists them)", 0, 63);
   if (!f.parse(argc, argv)) return 0;
   dir = model_dir_arg(dir);
   if (dir.empty()) throw cli::UsageError("-m/--model: required");
@@ -159,7 +162,9 @@ int run_bench_model(int argc, char** argv) {
   mo.threads = nthreads;
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
   mo.cuda_graphs = !no_graphs;
+  mo.cuda_plan_ahead = !no_ahead;
   mo.cuda_gemv = !no_gemv;
+  mo.cuda_gemv_shape = int(gemv_shape);
   mo.prefill_tokens = ubatch;
   mo.progress = weight_progress();
   int64_t longest = 0;  // text tokens of the longest case
@@ -311,9 +316,12 @@ int run_bench_model(int argc, char** argv) {
   if (mo.device == Device::cuda) {
     std::fprintf(info, "peak device memory: %s (weights %s)\n", human_bytes(double(model.device_bytes_peak())).c_str(),
                  human_bytes(double(model.weight_bytes())).c_str());
-    std::fprintf(info, "CUDA graphs: %s (%lld steps replayed, %lld graphs captured); GEMV kernel for <= 8 rows: %s\n",
+    std::fprintf(info,
+                 "CUDA graphs: %s (%lld steps replayed, %lld graphs captured); GEMV kernel for <= 8 rows: %s "
+                 "(batch-1 shape %d); planning ahead: %s (plans used at %lld steps, dropped %lld times)\n",
                  mo.cuda_graphs ? "on" : "off", (long long)model.graph_replays(), (long long)model.graph_captures(),
-                 mo.cuda_gemv ? "on" : "off (cuBLASLt)");
+                 mo.cuda_gemv ? "on" : "off (cuBLASLt)", mo.cuda_gemv_shape, mo.cuda_plan_ahead ? "on" : "off",
+                 (long long)model.plans_ahead_used(), (long long)model.plans_ahead_dropped());
     if (model.graph_replays() > 0)
       std::fprintf(info, "host time of a replayed step before its launch (planning, uploads): %.1f us\n",
                    1e6 * model.replay_host_seconds() / double(model.graph_replays()));

@@ -95,7 +95,11 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(const BackendOptions& o) : opt_(o) {
     if (cuda::device_count() == 0) fail("no CUDA device is visible (use --device cpu)");
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "creating a stream");
+    check(cudaStreamCreateWithFlags(&ahead_stream_, cudaStreamNonBlocking), "creating a stream");
+    check(cudaEventCreateWithFlags(&ahead_free_, cudaEventDisableTiming), "creating an event");
+    check(cudaEventCreateWithFlags(&ahead_ready_, cudaEventDisableTiming), "creating an event");
     gemm_ = std::make_unique<cuda::Gemm>(stream_, o.cuda_gemv);
+    gemm_->set_gemv_shape(o.gemv_shape);
     desc_name_ = "cuda: " + cuda::device_description();
     size_t fr = 0, tot = 0;
     check(cudaMemGetInfo(&fr, &tot), "reading device memory");
@@ -104,11 +108,15 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     abandon_capture();
     cudaStreamSynchronize(stream_);
+    cudaStreamSynchronize(ahead_stream_);
     for (auto& [key, g] : graphs_) cudaGraphExecDestroy(g.exec);
     caches_.clear();
     gemm_.reset();
     cudaFreeHost(step_staging_.p);
     cudaFreeHost(sample_staging_.p);
+    cudaEventDestroy(ahead_free_);
+    cudaEventDestroy(ahead_ready_);
+    cudaStreamDestroy(ahead_stream_);
     cudaStreamDestroy(stream_);
   }
 
@@ -166,6 +174,7 @@ class CudaBackend final : public Backend {
     abandon_capture();  // a step that threw while being captured
     mode_ = Mode::eager;
     step_ = &step;
+    launched_ = false;
     arena_.reset(stream_);
     const int64_t n = step.rows();
     // One upload: ids, positions, summary rows, logits rows (int32), is_summary (bytes).
@@ -352,6 +361,7 @@ class CudaBackend final : public Backend {
     flush();
     if (int64_t(out.size()) != logits.rows * logits.cols) fail("engine: internal error: logits size");
     check(cudaMemcpyAsync(out.data(), logits.data, out.size() * 4, cudaMemcpyDeviceToHost, stream_), "copying logits");
+    plan_ahead();
     check(cudaStreamSynchronize(stream_), "running the step");
   }
 
@@ -390,6 +400,7 @@ class CudaBackend final : public Backend {
     cuda::sample_tokens(f32(logits), logits.cols, reinterpret_cast<const cuda::SampleArgs*>(d), int64_t(reqs.size()),
                         reinterpret_cast<const int32_t*>(d + ab), d_out, stream_);
     check(cudaMemcpyAsync(h + ab + pb, d_out, ob, cudaMemcpyDeviceToHost, stream_), "copying the sampled ids");
+    plan_ahead();
     check(cudaStreamSynchronize(stream_), "running the step");
     std::memcpy(out.data(), h + ab + pb, ob);
   }
@@ -415,6 +426,16 @@ class CudaBackend final : public Backend {
 
   int64_t graph_replays() const override { return replays_; }
   double replay_host_seconds() const override { return replay_host_s_; }
+  int64_t plans_ahead_used() const override { return ahead_used_; }
+  int64_t plans_ahead_dropped() const override { return ahead_dropped_; }
+
+  void settle() override {
+    if (!ahead_pending_) return;
+    ahead_pending_ = false;
+    ++ahead_dropped_;
+    for (auto& c : caches_) c->cancel_decode();
+    join_ahead();
+  }
 
   // The dense K/V buffer of prefill pieces (grows; zero-filled when allocated, and only ever holds finite
   // keys afterwards: the prefill kernel multiplies masked keys of a partly visible tile by zero weights).
@@ -447,6 +468,16 @@ class CudaBackend final : public Backend {
       n_new.push_back(s.n);
       decode_rows_ += s.n;
     }
+    if (ahead_pending_) {
+      if (ids == ahead_ids_ && n_new == ahead_n_) {  // the step planned during the one before
+        ahead_pending_ = false;
+        ++ahead_used_;
+        join_ahead();
+        for (auto& c : caches_) c->commit_decode();
+        return;
+      }
+      settle();
+    }
     if (ids.empty()) return;
     size_t i = 0;
     try {
@@ -457,6 +488,41 @@ class CudaBackend final : public Backend {
       throw;
     }
     for (auto& c : caches_) c->commit_decode();
+  }
+
+  // ---- planning ahead
+  // While step t runs on the device, the host plans every layer's decode of the step most likely to follow:
+  // each sequence of step t continued by one text token (with the summary rows that token completes). The
+  // plans are validated and packed here and their uploads queued on ahead_stream_ after ahead_free_ (the end
+  // of step t's launches, which read the plan workspaces); the caches hold them open. The next begin_step
+  // commits them if its continuing sequences are exactly those (the same ids, order and rows), else drops
+  // them (settle; also before the model adds or releases a sequence). A dropped plan changes nothing.
+  void plan_ahead() {
+    if (!opt_.plan_ahead || ahead_pending_ || !launched_ || !step_ || step_->seqs.empty() || caches_.empty()) return;
+    const StreamGeometry geo = caches_[0]->config().geometry();
+    ahead_ids_.clear();
+    ahead_n_.clear();
+    for (const StepSeq& s : step_->seqs) {
+      const SeqState st = caches_[0]->state(s.cache_id);
+      ahead_ids_.push_back(s.cache_id);
+      ahead_n_.push_back(geo.counts_after_text(st.text_tokens + 1).length() - st.stream_length());
+    }
+    check(cudaStreamWaitEvent(ahead_stream_, ahead_free_, 0), "ordering the next step's plans");
+    size_t i = 0;
+    try {
+      for (; i < caches_.size(); ++i) caches_[i]->plan_decode_on(ahead_stream_, ahead_ids_, ahead_n_, opt_.q_heads);
+    } catch (const Error&) {  // not a step that can run (the context limit, a full pool): planned if it comes
+      for (size_t j = 0; j < i; ++j) caches_[j]->cancel_decode();
+      join_ahead();
+      return;
+    }
+    ahead_pending_ = true;
+  }
+  // Later work on the step stream (the next plan's uploads, the next step's kernels) after the uploads queued
+  // on ahead_stream_.
+  void join_ahead() {
+    check(cudaEventRecord(ahead_ready_, ahead_stream_), "ordering the next step's plans");
+    check(cudaStreamWaitEvent(stream_, ahead_ready_, 0), "ordering the next step's plans");
   }
 
   // A step's shape: rows, summary rows, logits rows, sequences. Steps of one shape allocate the same
@@ -517,8 +583,15 @@ class CudaBackend final : public Backend {
     mode_ = Mode::capture;
   }
 
-  // Ends the step's capture (instantiating and launching the graph) or launches its replay.
+  // Ends the step's capture (instantiating and launching the graph) or launches its replay; afterwards every
+  // launch of the step that reads a plan workspace is queued (ahead_free_ marks their end).
   void flush() {
+    struct Mark {
+      CudaBackend& b;
+      ~Mark() {
+        if (!b.launched_ && cudaEventRecord(b.ahead_free_, b.stream_) == cudaSuccess) b.launched_ = true;
+      }
+    } mark{*this};
     if (mode_ == Mode::capture) {
       mode_ = Mode::eager;
       cudaGraph_t g = nullptr;
@@ -616,6 +689,14 @@ class CudaBackend final : public Backend {
   // uploads): the device has nothing of the step to run until then.
   std::chrono::steady_clock::time_point step_t0_;
   double replay_host_s_ = 0;
+  // planning ahead (plan_ahead)
+  cudaStream_t ahead_stream_ = nullptr;
+  cudaEvent_t ahead_free_ = nullptr, ahead_ready_ = nullptr;
+  bool launched_ = false;       // the step's launches are queued, ahead_free_ recorded after them
+  bool ahead_pending_ = false;  // every cache holds an open plan made ahead, for ahead_ids_ / ahead_n_
+  std::vector<SeqId> ahead_ids_;
+  std::vector<int64_t> ahead_n_;
+  int64_t ahead_used_ = 0, ahead_dropped_ = 0;
   std::shared_ptr<void> scratch_;  // kv_scratch
   int64_t scratch_bytes_ = 0;
 };
