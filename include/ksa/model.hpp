@@ -106,6 +106,17 @@ struct StepResult {
   std::vector<int64_t> logits_row;  // per item: its first row in `logits` (rows: 0, 1 or tokens.size())
 };
 
+// Time of the steps that replayed a CUDA graph, summed over those steps (Model::replay_times; ksa bench model
+// prints the means). Host clocks for the host's parts, CUDA events for the device's.
+struct ReplayTimes {
+  int64_t steps = 0;
+  double wall = 0;                // host: from the backend's start of the step to the end of its wait
+  double host_before_launch = 0;  // host: from the start of the step to the graph's launch (planning, uploads)
+  double host_between = 0;        // host: from the end of the step before to the start of this one (the model)
+  double device = 0;              // device: the step's first upload to its last copy back (sampling included)
+  double graph = 0;               // device: the graph alone
+};
+
 class Model {
  public:
   // Reads DIR/config.json and the safetensors (single file or sharded), checks every tensor against the
@@ -136,9 +147,8 @@ class Model {
   // Forward passes so far that replayed a CUDA graph, and graphs captured (0 on the CPU or without graphs).
   int64_t graph_replays() const;
   int64_t graph_captures() const;
-  // Host seconds of the replayed steps before their graph was launched (planning every layer's decode and
-  // uploading it): time the device waits for the step. 0 on the CPU or without graphs.
-  double replay_host_seconds() const;
+  // Where the time of the replayed steps went (sums; zeros on the CPU or without graphs).
+  ReplayTimes replay_times() const;
   // Steps whose decode was planned during the step before (ModelOptions::cuda_plan_ahead), and plans made
   // ahead that were dropped (the next step was another one). 0 on the CPU.
   int64_t plans_ahead_used() const;

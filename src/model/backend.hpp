@@ -20,6 +20,7 @@
 
 #include "ksa/cache.hpp"
 #include "ksa/dtype.hpp"
+#include "ksa/model.hpp"
 #include "ksa/safetensors.hpp"
 #include "ksa/sampler.hpp"
 
@@ -143,8 +144,8 @@ class Backend {
   // Steps of the backend's lifetime run as graph replays / captures (CUDA; 0 elsewhere).
   virtual int64_t graph_replays() const { return 0; }
   virtual int64_t graph_captures() const { return 0; }
-  // Seconds the host spent on replayed steps before launching their graph (0 without graphs).
-  virtual double replay_host_seconds() const { return 0; }
+  // Where the replayed steps' time went (Model::replay_times; zeros without graphs).
+  virtual ReplayTimes replay_times() const { return {}; }
   // Steps that used the decode plans made during the step before, and such plans dropped (CUDA; 0 elsewhere).
   virtual int64_t plans_ahead_used() const { return 0; }
   virtual int64_t plans_ahead_dropped() const { return 0; }

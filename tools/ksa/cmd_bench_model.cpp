@@ -203,6 +203,15 @@ int run_bench_model(int argc, char** argv) {
   std::uniform_int_distribution<int32_t> pick(0, int32_t(std::min<int64_t>(model.vocab(), c.vocab_size) - 1));
   SamplerConfig greedy;  // temperature 0: argmax, on the device with CUDA
   int64_t kv_bytes = 0, kv_full = 0;
+  ReplayTimes tg_times;  // replayed steps of the timed tg loops of the current case
+  auto add_times = [&](const ReplayTimes& a, const ReplayTimes& b) {  // tg_times += b - a
+    tg_times.steps += b.steps - a.steps;
+    tg_times.wall += b.wall - a.wall;
+    tg_times.host_before_launch += b.host_before_launch - a.host_before_launch;
+    tg_times.host_between += b.host_between - a.host_between;
+    tg_times.device += b.device - a.device;
+    tg_times.graph += b.graph - a.graph;
+  };
 
   // One run of B sequences: returns {pp seconds, tg seconds}.
   auto run_once = [&](int64_t B, int64_t p, int64_t n, bool record) {
@@ -221,6 +230,7 @@ int run_bench_model(int argc, char** argv) {
       next[size_t(b)] = r.next[0];
     }
     std::vector<StepItem> items(static_cast<size_t>(B));
+    const ReplayTimes t0 = model.replay_times();
     const double a = now_s();
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t b = 0; b < B; ++b)
@@ -230,6 +240,7 @@ int run_bench_model(int argc, char** argv) {
       for (int64_t b = 0; b < B; ++b) next[size_t(b)] = r.next[size_t(b)];
     }
     const double tg = now_s() - a;
+    add_times(t0, model.replay_times());
     if (record) {
       kv_bytes = model.kv_bytes(ids[0]);
       kv_full = model.kv_bytes_full_attention(ids[0]);
@@ -273,6 +284,7 @@ int run_bench_model(int argc, char** argv) {
         const double bound = bw > 0 ? bw / double(step_bytes) * double(B) : 0;                   // tok/s
         if (!warmed) run_once(B, std::min<int64_t>(first, 64), std::min<int64_t>(N, 8), false);  // buffers, algorithms
         warmed = true;
+        tg_times = ReplayTimes{};
         std::vector<double> pp_rate, tg_rate;
         for (int64_t r = 0; r < reps; ++r) {
           const auto [pp, tg] = run_once(B, first, N, r == 0);
@@ -311,6 +323,14 @@ int run_bench_model(int argc, char** argv) {
           if (N > 0)
             std::printf("decode at %.1f%% of the bandwidth bound (tg %.2f tok/s)\n", 100.0 * st.mean / bound, st.mean);
         }
+        if (tg_times.steps > 0) {
+          const double k = 1e6 / double(tg_times.steps);
+          std::printf(
+              "replayed tg steps (%lld, means): %.1f us each from start to end of wait (host: %.1f before the graph's "
+              "launch, %.1f in the model between steps); device: %.1f us of step work, of which the graph %.1f\n",
+              (long long)tg_times.steps, k * tg_times.wall, k * tg_times.host_before_launch, k * tg_times.host_between,
+              k * tg_times.device, k * tg_times.graph);
+        }
         std::fflush(stdout);
       }
   if (mo.device == Device::cuda) {
@@ -322,9 +342,6 @@ int run_bench_model(int argc, char** argv) {
                  mo.cuda_graphs ? "on" : "off", (long long)model.graph_replays(), (long long)model.graph_captures(),
                  mo.cuda_gemv ? "on" : "off (cuBLASLt)", mo.cuda_gemv_shape, mo.cuda_plan_ahead ? "on" : "off",
                  (long long)model.plans_ahead_used(), (long long)model.plans_ahead_dropped());
-    if (model.graph_replays() > 0)
-      std::fprintf(info, "host time of a replayed step before its launch (planning, uploads): %.1f us\n",
-                   1e6 * model.replay_host_seconds() / double(model.graph_replays()));
   }
   if (bw > 0)
     std::fprintf(info, "memory bandwidth: %.1f GB/s (%s, %lld MiB)\n", bw * 1e-9, bw_what.c_str(), (long long)bw_mib);

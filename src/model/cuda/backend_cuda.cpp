@@ -98,6 +98,7 @@ class CudaBackend final : public Backend {
     check(cudaStreamCreateWithFlags(&ahead_stream_, cudaStreamNonBlocking), "creating a stream");
     check(cudaEventCreateWithFlags(&ahead_free_, cudaEventDisableTiming), "creating an event");
     check(cudaEventCreateWithFlags(&ahead_ready_, cudaEventDisableTiming), "creating an event");
+    for (cudaEvent_t* e : {&graph_t0_, &graph_t1_, &step_t0_ev_, &step_t1_ev_}) check(cudaEventCreate(e), "creating an event");
     gemm_ = std::make_unique<cuda::Gemm>(stream_, o.cuda_gemv);
     gemm_->set_gemv_shape(o.gemv_shape);
     desc_name_ = "cuda: " + cuda::device_description();
@@ -116,6 +117,7 @@ class CudaBackend final : public Backend {
     cudaFreeHost(sample_staging_.p);
     cudaEventDestroy(ahead_free_);
     cudaEventDestroy(ahead_ready_);
+    for (cudaEvent_t e : {graph_t0_, graph_t1_, step_t0_ev_, step_t1_ev_}) cudaEventDestroy(e);
     cudaStreamDestroy(ahead_stream_);
     cudaStreamDestroy(stream_);
   }
@@ -171,10 +173,13 @@ class CudaBackend final : public Backend {
 
   void begin_step(const StepDesc& step) override {
     step_t0_ = std::chrono::steady_clock::now();
+    between_s_ = std::chrono::duration<double>(step_t0_ - step_end_).count();
+    replayed_ = false;
     abandon_capture();  // a step that threw while being captured
     mode_ = Mode::eager;
     step_ = &step;
     launched_ = false;
+    check(cudaEventRecord(step_t0_ev_, stream_), "timing the step");
     arena_.reset(stream_);
     const int64_t n = step.rows();
     // One upload: ids, positions, summary rows, logits rows (int32), is_summary (bytes).
@@ -407,7 +412,24 @@ class CudaBackend final : public Backend {
 
   void finish_step() override {
     flush();
+    check(cudaEventRecord(step_t1_ev_, stream_), "timing the step");
     check(cudaStreamSynchronize(stream_), "running the step");
+    const auto end = std::chrono::steady_clock::now();
+    if (replayed_) {
+      float step_ms = 0, graph_ms = 0;
+      if (cudaEventElapsedTime(&step_ms, step_t0_ev_, step_t1_ev_) == cudaSuccess &&
+          cudaEventElapsedTime(&graph_ms, graph_t0_, graph_t1_) == cudaSuccess) {
+        ReplayTimes& t = times_;
+        ++t.steps;
+        t.wall += std::chrono::duration<double>(end - step_t0_).count();
+        t.host_before_launch += before_launch_s_;
+        t.host_between += between_s_;
+        t.device += 1e-3 * step_ms;
+        t.graph += 1e-3 * graph_ms;
+      }
+      cudaGetLastError();
+    }
+    step_end_ = end;
     size_t fr = 0, tot = 0;
     if (cudaMemGetInfo(&fr, &tot) == cudaSuccess) peak_ = std::max(peak_, int64_t(tot - fr) - baseline_);
   }
@@ -425,7 +447,7 @@ class CudaBackend final : public Backend {
   }
 
   int64_t graph_replays() const override { return replays_; }
-  double replay_host_seconds() const override { return replay_host_s_; }
+  ReplayTimes replay_times() const override { return times_; }
   int64_t plans_ahead_used() const override { return ahead_used_; }
   int64_t plans_ahead_dropped() const override { return ahead_dropped_; }
 
@@ -613,8 +635,11 @@ class CudaBackend final : public Backend {
     } else if (mode_ == Mode::replay) {
       mode_ = Mode::eager;
       ++replays_;
+      check(cudaEventRecord(graph_t0_, stream_), "timing a CUDA graph");
       check(cudaGraphLaunch(replay_->exec, stream_), "launching a CUDA graph");
-      replay_host_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - step_t0_).count();
+      check(cudaEventRecord(graph_t1_, stream_), "timing a CUDA graph");
+      replayed_ = true;
+      before_launch_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_t0_).count();
     }
   }
 
@@ -685,10 +710,13 @@ class CudaBackend final : public Backend {
   Graph pending_;
   GraphKey pending_key_;
   int64_t replays_ = 0, captures_ = 0;
-  // Host time of replayed steps from begin_step to the graph's launch (planning every layer's decode, the
-  // uploads): the device has nothing of the step to run until then.
-  std::chrono::steady_clock::time_point step_t0_;
-  double replay_host_s_ = 0;
+  // Timing of replayed steps (replay_times): host clocks at begin_step, the graph's launch and the end of
+  // finish_step; events at the step's start and end and around the graph.
+  std::chrono::steady_clock::time_point step_t0_, step_end_;
+  double before_launch_s_ = 0, between_s_ = 0;
+  bool replayed_ = false;
+  cudaEvent_t graph_t0_ = nullptr, graph_t1_ = nullptr, step_t0_ev_ = nullptr, step_t1_ev_ = nullptr;
+  ReplayTimes times_;
   // planning ahead (plan_ahead)
   cudaStream_t ahead_stream_ = nullptr;
   cudaEvent_t ahead_free_ = nullptr, ahead_ready_ = nullptr;
