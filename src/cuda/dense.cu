@@ -319,13 +319,14 @@ __global__ void __launch_bounds__(kSampleThreads)
     lg[t] = x - (a.presence_penalty + a.frequency_penalty * float(c));
   }
   __syncthreads();
-  // Each thread owns the contiguous ids [i0, i1): the argmax and the draw walk ids in order.
-  const int chunk = (V + blockDim.x - 1) / blockDim.x, i0 = min(V, int(threadIdx.x) * chunk), i1 = min(V, i0 + chunk);
+  // Loads are coalesced: thread t reads ids t, t + blockDim.x, ... (the argmax keeps the lowest id of the
+  // largest logit; sums of integer masses do not depend on the order); for the draw, warp w owns the
+  // contiguous ids [w0, w1) and walks them 32 at a time, in id order.
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, stride = int(blockDim.x);
   float best = -INFINITY;
   int bid = INT_MAX;
-  for (int i = i0; i < i1; ++i)
+  for (int i = threadIdx.x; i < V; i += stride)
     if (lg[i] > best) best = lg[i], bid = i;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const float ob = __shfl_xor_sync(0xffffffffu, best, o);
@@ -362,7 +363,7 @@ __global__ void __launch_bounds__(kSampleThreads)
         lg, V, 0u, u64(a.top_k), [](float) { return u64(1); }, sh);
   if (a.top_p < 1.f) {
     u64 my = 0, Z = 0;
-    for (int i = i0; i < i1; ++i)
+    for (int i = threadIdx.x; i < V; i += stride)
       if (fkey(lg[i]) >= lo) my += mass(lg[i]);
     block_exclusive_scan(my, Z, sh);
     u64 target = u64(double(a.top_p) * double(Z));
@@ -371,21 +372,33 @@ __global__ void __launch_bounds__(kSampleThreads)
     lo = kp > lo ? kp : lo;
   }
   auto kept = [&](float l) { return fkey(l) >= lo && prob(l) >= a.min_p; };
+  const int wchunk = (V + stride / 32 - 1) / (stride / 32), w0 = min(V, warp * wchunk), w1 = min(V, w0 + wchunk);
   u64 my = 0, total = 0;
-  for (int i = i0; i < i1; ++i)
+  for (int i = w0 + lane; i < w1; i += 32)
     if (kept(lg[i])) my += mass(lg[i]);
-  const u64 excl = block_exclusive_scan(my, total, sh);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) my += __shfl_xor_sync(0xffffffffu, my, o);  // the warp's sum, in every lane
+  // Exclusive prefix of the warps' sums in warp order (lane 0 of each warp carries its warp's sum).
+  const u64 excl = __shfl_sync(0xffffffffu, block_exclusive_scan(lane == 0 ? my : 0, total, sh), 0);
   u64 r = u64(a.u * double(total));
   if (r >= total) r = total - 1;
-  if (r >= excl && r < excl + my) {
+  if (r >= excl && r < excl + my) {  // the drawn token is among this warp's ids
     u64 c = excl;
-    for (int i = i0; i < i1; ++i) {
-      if (!kept(lg[i])) continue;
-      c += mass(lg[i]);
-      if (r < c) {
-        out[blockIdx.x] = i;
+    for (int base = w0; base < w1; base += 32) {
+      const int i = base + lane;
+      u64 inc = i < w1 && kept(lg[i]) ? mass(lg[i]) : 0;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const u64 t = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += t;
+      }
+      const u64 strip = __shfl_sync(0xffffffffu, inc, 31);
+      if (r < c + strip) {  // the first id whose inclusive sum passes r
+        const unsigned hit = __ballot_sync(0xffffffffu, r < c + inc);
+        if (lane == 0) out[blockIdx.x] = base + __ffs(int(hit)) - 1;
         break;
       }
+      c += strip;
     }
   }
 }

@@ -594,6 +594,21 @@ TEST(CudaEngine, DeviceSamplerDrawsTheExactDistribution) {
     for (int64_t i = 0; i < V; ++i) worst = std::max(worst, std::abs(freq[size_t(i)] - want[size_t(i)]));
     EXPECT_LE(worst, 2.0 / double(N) + 1e-6) << "largest |frequency - probability| over the tokens";
   }
+  // Greedy among equal largest logits takes the lowest id, wherever the ties sit among the threads' ids.
+  for (std::vector<int32_t> tied : {std::vector<int32_t>{2999, 1500, 7}, std::vector<int32_t>{1024, 3000},
+                                    std::vector<int32_t>{5, 6}}) {
+    std::vector<float> lg(logits);
+    for (int32_t t : tied) lg[size_t(t)] = 100.f;
+    cuda::SampleArgs a;
+    a.temperature = 0.f;
+    test::DevMem dl(size_t(V) * 4), da(sizeof a), dout(4), dp(16);
+    CK(cudaMemcpy(dl.p, lg.data(), size_t(V) * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(da.p, &a, sizeof a, cudaMemcpyHostToDevice));
+    cuda::sample_tokens(dl.as<float>(), V, da.as<cuda::SampleArgs>(), 1, dp.as<int32_t>(), dout.as<int32_t>(), nullptr);
+    int32_t got = -1;
+    CK(cudaMemcpy(&got, dout.p, 4, cudaMemcpyDeviceToHost));
+    EXPECT_EQ(got, *std::min_element(tied.begin(), tied.end()));
+  }
 }
 
 TEST(CudaEngine, ErrorsAreClearAndLeaveOtherSequencesIntact) {
