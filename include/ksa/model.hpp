@@ -113,6 +113,8 @@ struct ReplayTimes {
   double wall = 0;                // host: from the backend's start of the step to the end of its wait
   double host_before_launch = 0;  // host: from the start of the step to the graph's launch (planning, uploads)
   double host_between = 0;        // host: from the end of the step before to the start of this one (the model)
+  double host_ahead = 0;          // host: planning the next step's decode during this one (plan ahead)
+  double host_wait = 0;           // host: waiting for the device at the end of the step
   double device = 0;              // device: the step's first upload to its last copy back (sampling included)
   double graph = 0;               // device: the graph alone
 };

@@ -209,6 +209,8 @@ int run_bench_model(int argc, char** argv) {
     tg_times.wall += b.wall - a.wall;
     tg_times.host_before_launch += b.host_before_launch - a.host_before_launch;
     tg_times.host_between += b.host_between - a.host_between;
+    tg_times.host_ahead += b.host_ahead - a.host_ahead;
+    tg_times.host_wait += b.host_wait - a.host_wait;
     tg_times.device += b.device - a.device;
     tg_times.graph += b.graph - a.graph;
   };
@@ -327,9 +329,10 @@ int run_bench_model(int argc, char** argv) {
           const double k = 1e6 / double(tg_times.steps);
           std::printf(
               "replayed tg steps (%lld, means): %.1f us each from start to end of wait (host: %.1f before the graph's "
-              "launch, %.1f in the model between steps); device: %.1f us of step work, of which the graph %.1f\n",
-              (long long)tg_times.steps, k * tg_times.wall, k * tg_times.host_before_launch, k * tg_times.host_between,
-              k * tg_times.device, k * tg_times.graph);
+              "launch, %.1f planning the next step, %.1f waiting, %.1f in the model between steps); device: %.1f us "
+              "of step work, of which the graph %.1f\n",
+              (long long)tg_times.steps, k * tg_times.wall, k * tg_times.host_before_launch, k * tg_times.host_ahead,
+              k * tg_times.host_wait, k * tg_times.host_between, k * tg_times.device, k * tg_times.graph);
         }
         std::fflush(stdout);
       }

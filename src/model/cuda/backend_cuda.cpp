@@ -174,6 +174,7 @@ class CudaBackend final : public Backend {
   void begin_step(const StepDesc& step) override {
     step_t0_ = std::chrono::steady_clock::now();
     between_s_ = std::chrono::duration<double>(step_t0_ - step_end_).count();
+    ahead_s_ = wait_s_ = 0;
     replayed_ = false;
     abandon_capture();  // a step that threw while being captured
     mode_ = Mode::eager;
@@ -366,8 +367,7 @@ class CudaBackend final : public Backend {
     flush();
     if (int64_t(out.size()) != logits.rows * logits.cols) fail("engine: internal error: logits size");
     check(cudaMemcpyAsync(out.data(), logits.data, out.size() * 4, cudaMemcpyDeviceToHost, stream_), "copying logits");
-    plan_ahead();
-    check(cudaStreamSynchronize(stream_), "running the step");
+    timed_sync();
   }
 
   void sample(const Act& logits, std::span<const SampleReq> reqs, std::span<int32_t> out) override {
@@ -405,8 +405,7 @@ class CudaBackend final : public Backend {
     cuda::sample_tokens(f32(logits), logits.cols, reinterpret_cast<const cuda::SampleArgs*>(d), int64_t(reqs.size()),
                         reinterpret_cast<const int32_t*>(d + ab), d_out, stream_);
     check(cudaMemcpyAsync(h + ab + pb, d_out, ob, cudaMemcpyDeviceToHost, stream_), "copying the sampled ids");
-    plan_ahead();
-    check(cudaStreamSynchronize(stream_), "running the step");
+    timed_sync();
     std::memcpy(out.data(), h + ab + pb, ob);
   }
 
@@ -424,6 +423,8 @@ class CudaBackend final : public Backend {
         t.wall += std::chrono::duration<double>(end - step_t0_).count();
         t.host_before_launch += before_launch_s_;
         t.host_between += between_s_;
+        t.host_ahead += ahead_s_;
+        t.host_wait += wait_s_;
         t.device += 1e-3 * step_ms;
         t.graph += 1e-3 * graph_ms;
       }
@@ -510,6 +511,16 @@ class CudaBackend final : public Backend {
       throw;
     }
     for (auto& c : caches_) c->commit_decode();
+  }
+
+  // Plans the next step ahead, then waits for this one (both timed for replay_times).
+  void timed_sync() {
+    const auto a = std::chrono::steady_clock::now();
+    plan_ahead();
+    const auto b = std::chrono::steady_clock::now();
+    check(cudaStreamSynchronize(stream_), "running the step");
+    ahead_s_ += std::chrono::duration<double>(b - a).count();
+    wait_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - b).count();
   }
 
   // ---- planning ahead
@@ -713,7 +724,7 @@ class CudaBackend final : public Backend {
   // Timing of replayed steps (replay_times): host clocks at begin_step, the graph's launch and the end of
   // finish_step; events at the step's start and end and around the graph.
   std::chrono::steady_clock::time_point step_t0_, step_end_;
-  double before_launch_s_ = 0, between_s_ = 0;
+  double before_launch_s_ = 0, between_s_ = 0, ahead_s_ = 0, wait_s_ = 0;
   bool replayed_ = false;
   cudaEvent_t graph_t0_ = nullptr, graph_t1_ = nullptr, step_t0_ev_ = nullptr, step_t1_ev_ = nullptr;
   ReplayTimes times_;
