@@ -117,6 +117,10 @@ struct ReplayTimes {
   double host_wait = 0;           // host: waiting for the device at the end of the step
   double device = 0;              // device: the step's first upload to its last copy back (sampling included)
   double graph = 0;               // device: the graph alone
+  double before_graph = 0;        // device: from the step's start to the graph's start (uploads, waits, host)
+  double after_graph = 0;         // device: from the graph's end to the step's end (sampling, copies, host)
+  double ahead_uploads = 0;       // device: from the end of the step before's launches to this step's plans landing
+  int64_t ahead_late = 0;         // steps that started before the plans made for them had landed
 };
 
 class Model {

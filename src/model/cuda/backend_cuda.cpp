@@ -96,8 +96,9 @@ class CudaBackend final : public Backend {
     if (cuda::device_count() == 0) fail("no CUDA device is visible (use --device cpu)");
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "creating a stream");
     check(cudaStreamCreateWithFlags(&ahead_stream_, cudaStreamNonBlocking), "creating a stream");
-    check(cudaEventCreateWithFlags(&ahead_free_, cudaEventDisableTiming), "creating an event");
+    check(cudaEventCreate(&ahead_free_), "creating an event");
     check(cudaEventCreateWithFlags(&ahead_ready_, cudaEventDisableTiming), "creating an event");
+    check(cudaEventCreate(&ahead_copied_), "creating an event");
     for (cudaEvent_t* e : {&graph_t0_, &graph_t1_, &step_t0_ev_, &step_t1_ev_}) check(cudaEventCreate(e), "creating an event");
     gemm_ = std::make_unique<cuda::Gemm>(stream_, o.cuda_gemv);
     gemm_->set_gemv_shape(o.gemv_shape);
@@ -117,6 +118,7 @@ class CudaBackend final : public Backend {
     cudaFreeHost(sample_staging_.p);
     cudaEventDestroy(ahead_free_);
     cudaEventDestroy(ahead_ready_);
+    cudaEventDestroy(ahead_copied_);
     for (cudaEvent_t e : {graph_t0_, graph_t1_, step_t0_ev_, step_t1_ev_}) cudaEventDestroy(e);
     cudaStreamDestroy(ahead_stream_);
     cudaStreamDestroy(stream_);
@@ -175,6 +177,17 @@ class CudaBackend final : public Backend {
     step_t0_ = std::chrono::steady_clock::now();
     between_s_ = std::chrono::duration<double>(step_t0_ - step_end_).count();
     ahead_s_ = wait_s_ = 0;
+    up_ms_ = 0;
+    up_late_ = false;
+    if (ahead_made_) {  // the step before made plans for this one: when did their uploads land?
+      if (cudaEventQuery(ahead_copied_) == cudaSuccess) {
+        if (cudaEventElapsedTime(&up_ms_, ahead_free_, ahead_copied_) != cudaSuccess) up_ms_ = 0;
+      } else {
+        up_late_ = true;
+      }
+      cudaGetLastError();
+    }
+    ahead_made_ = false;
     replayed_ = false;
     abandon_capture();  // a step that threw while being captured
     mode_ = Mode::eager;
@@ -415,9 +428,11 @@ class CudaBackend final : public Backend {
     check(cudaStreamSynchronize(stream_), "running the step");
     const auto end = std::chrono::steady_clock::now();
     if (replayed_) {
-      float step_ms = 0, graph_ms = 0;
+      float step_ms = 0, graph_ms = 0, pre_ms = 0, post_ms = 0;
       if (cudaEventElapsedTime(&step_ms, step_t0_ev_, step_t1_ev_) == cudaSuccess &&
-          cudaEventElapsedTime(&graph_ms, graph_t0_, graph_t1_) == cudaSuccess) {
+          cudaEventElapsedTime(&graph_ms, graph_t0_, graph_t1_) == cudaSuccess &&
+          cudaEventElapsedTime(&pre_ms, step_t0_ev_, graph_t0_) == cudaSuccess &&
+          cudaEventElapsedTime(&post_ms, graph_t1_, step_t1_ev_) == cudaSuccess) {
         ReplayTimes& t = times_;
         ++t.steps;
         t.wall += std::chrono::duration<double>(end - step_t0_).count();
@@ -427,6 +442,10 @@ class CudaBackend final : public Backend {
         t.host_wait += wait_s_;
         t.device += 1e-3 * step_ms;
         t.graph += 1e-3 * graph_ms;
+        t.before_graph += 1e-3 * pre_ms;
+        t.after_graph += 1e-3 * post_ms;
+        t.ahead_uploads += 1e-3 * up_ms_;
+        t.ahead_late += up_late_;
       }
       cudaGetLastError();
     }
@@ -549,7 +568,9 @@ class CudaBackend final : public Backend {
       join_ahead();
       return;
     }
+    check(cudaEventRecord(ahead_copied_, ahead_stream_), "timing the next step's plans");
     ahead_pending_ = true;
+    ahead_made_ = true;
   }
   // Later work on the step stream (the next plan's uploads, the next step's kernels) after the uploads queued
   // on ahead_stream_.
@@ -730,7 +751,10 @@ class CudaBackend final : public Backend {
   ReplayTimes times_;
   // planning ahead (plan_ahead)
   cudaStream_t ahead_stream_ = nullptr;
-  cudaEvent_t ahead_free_ = nullptr, ahead_ready_ = nullptr;
+  cudaEvent_t ahead_free_ = nullptr, ahead_ready_ = nullptr, ahead_copied_ = nullptr;
+  bool ahead_made_ = false;  // this step made plans ahead (ahead_copied_ marks their uploads' end)
+  float up_ms_ = 0;          // the plans this step uses: their uploads' end after the step before's launches
+  bool up_late_ = false;     // ... had not landed when this step began
   bool launched_ = false;       // the step's launches are queued, ahead_free_ recorded after them
   bool ahead_pending_ = false;  // every cache holds an open plan made ahead, for ahead_ids_ / ahead_n_
   std::vector<SeqId> ahead_ids_;
