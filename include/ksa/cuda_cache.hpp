@@ -69,16 +69,20 @@ class KvCacheGpu {
   // The engine's order, for a step planned before its tensors exist and launched inside a CUDA graph:
   // plan_decode without tensors (Hq; scale 0 = 1/sqrt(D)), commit_decode, then launch(io) queues the kernels
   // of that plan (io's rows as planned) — until the next plan or prefill, any number of times. The plan sits
-  // in a device workspace the kernels read through a pointer: a graph captured around launch() replays any
-  // later plan of the same rows while workspace_generation() is unchanged and the plan has at most
-  // `unit_capacity` work units (plan_stats().units; 0 = exactly the plan's).
+  // in a device workspace the kernels read through a pointer. Decode plans alternate between two workspaces
+  // (workspace_slot() 0 and 1): a graph captured around launch() replays any later plan of the same rows in
+  // the same slot while workspace_generation() (which names the slot and its allocation) is unchanged and
+  // the plan has at most `unit_capacity` work units (plan_stats().units; 0 = exactly the plan's).
   void plan_decode(std::span<const SeqId> ids, std::span<const int64_t> n_new, int64_t Hq, float scale = 0.f);
   void launch(const DecodeIO& io, int64_t unit_capacity = 0);
   uint64_t workspace_generation() const;
+  int workspace_slot() const;
   // plan_decode(ids, n_new, Hq, scale) with the plan's upload queued on `upload` instead of the cache's
-  // stream: for a step planned while the cache's stream still runs earlier launches that read the plan
-  // workspace (the engine plans step t+1 during step t). The caller orders `upload` after those launches and
-  // the cache's stream after the upload (events). A workspace that must grow synchronises the device first.
+  // stream: for a step planned while the cache's stream still runs the launches of the plan before (the
+  // engine plans step t+1 during step t). The upload fills the other slot than that plan's, so it may run
+  // at once; the caller orders it after the launches of the plan before THAT one (in the engine: the step
+  // before, already finished) and the cache's stream after the upload (an event). A workspace that must grow
+  // synchronises the device first.
   void plan_decode_on(CudaStream upload, std::span<const SeqId> ids, std::span<const int64_t> n_new, int64_t Hq,
                       float scale = 0.f);
 

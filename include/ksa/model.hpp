@@ -120,6 +120,7 @@ struct ReplayTimes {
   double before_graph = 0;        // device: from the step's start to the graph's start (uploads, waits, host)
   double after_graph = 0;         // device: from the graph's end to the step's end (sampling, copies, host)
   double ahead_uploads = 0;       // device: from the end of the step before's launches to this step's plans landing
+                                  // (negative: they landed under the step before's graph)
   int64_t ahead_late = 0;         // steps that started before the plans made for them had landed
 };
 

@@ -92,9 +92,12 @@ template <class K>
 __global__ void __launch_bounds__(K::THREADS)
     attend_kernel(const DecodeRun* __restrict__ plan, const DecodeTensors io) {
   const DecodeRun& a = *plan;
-  // Launched programmatically (pdl.cuh): the step's q/k/v come from the kernel before; nothing is read or
-  // written before the wait (the cache rows included: a step's prefill may rewrite the plan workspace).
-  dev::grid_dependency_wait();
+  // Launched programmatically (pdl.cuh): the step's q/k/v come from the kernel before, so q and the step's
+  // new rows are read after the wait. The plan and the cached rows are not written by any kernel that may
+  // still run: the plan was uploaded by a copy queued before (copies are full dependencies), and the cached
+  // rows a unit reads (< new_begin) were written by earlier steps, never by this step's writes (step_ok),
+  // nor by an earlier launch of the same plan. So the unit's cached tiles are in flight before the wait,
+  // under the tail of the kernels before (the qkv product and the norm/RoPE).
   if (int(blockIdx.x) >= a.n_units) return;  // a launch sized for a graph's capacity
   constexpr int D = K::D, G = K::G, CH = K::CH, TILE = K::TILE, STAGES = K::STAGES, NB = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];  // [STAGES][K, V][TILE rows of D] swizzled
@@ -114,7 +117,8 @@ __global__ void __launch_bounds__(K::THREADS)
   const int part = threadIdx.x % CH, key0 = threadIdx.x / CH;
   // K/V rows are read once per step: their L2 lines go first (instead of other lines, dirty ones included).
   const uint64_t pol = dev::l2_evict_first_policy();
-  auto issue = [&](int t, int st) {
+  // fresh = false: the cached rows and the zero fill past the unit's end; true: the rows of this step.
+  auto issue = [&](int t, int st, bool fresh) {
     const int32_t x0 = un.begin + t * TILE;
     const uint32_t base = dev::smem_u32(smem + st * K::STAGE_BYTES);
 #pragma unroll
@@ -122,9 +126,10 @@ __global__ void __launch_bounds__(K::THREADS)
       const int key = key0 + i * (K::THREADS / CH);
       const int32_t x = x0 + key;
       const bool ok = x < un.end;
+      if (fresh != (ok && x >= un.new_begin)) continue;
       const uint16_t *ks = at<const uint16_t>(io.k, 0, 0, 0),
-                     *vs = ks;        // any valid address when !ok (0 bytes are read: zero fill)
-      if (ok && x >= un.new_begin) {  // written by this step: from the step's k/v
+                     *vs = ks;  // any valid address when !ok (0 bytes are read: zero fill)
+      if (fresh) {              // written by this step: from the step's k/v
         const uint32_t pos = summary ? a.lay.summary_to_stream(uint32_t(x)) : a.lay.text_to_stream(uint32_t(x));
         const int64_t row = un.src_off + int64_t(pos);
         ks = at<const uint16_t>(io.k, 0, row, hk) + part * 8;
@@ -139,6 +144,20 @@ __global__ void __launch_bounds__(K::THREADS)
       dev::cp_async16(base + TILE * D * 2 + off, vs, ok, pol);
     }
   };
+  __syncthreads();  // s_blk
+  // Every stage is filled at the start (a unit of up to STAGES tiles is in flight at once): the cached rows
+  // before the wait, the step's rows after it, all in the first commit group. From then on the stage of
+  // tile t - 1 is refilled (with tile t + STAGES - 1) once tile t has landed and every warp is done with
+  // tile t - 1 (one CTA barrier per tile).
+#pragma unroll
+  for (int t = 0; t < STAGES; ++t)
+    if (t < ntiles) issue(t, t, false);
+  dev::grid_dependency_wait();
+#pragma unroll
+  for (int t = 0; t < STAGES; ++t) {
+    if (t < ntiles) issue(t, t, true);
+    dev::cp_async_commit();
+  }
   // Q as the A operand: row gid = query head hk·G + gid (zero for gid >= G); rows 8..15 zero.
   uint32_t qa[D / 16][2];
   {
@@ -149,15 +168,6 @@ __global__ void __launch_bounds__(K::THREADS)
       qa[kk][0] = has ? *reinterpret_cast<const uint32_t*>(qp + kk * 16 + 2 * tig) : 0u;
       qa[kk][1] = has ? *reinterpret_cast<const uint32_t*>(qp + kk * 16 + 8 + 2 * tig) : 0u;
     }
-  }
-  __syncthreads();  // s_blk
-  // Every stage is filled at the start (a unit of up to STAGES tiles is in flight at once); from then on the
-  // stage of tile t - 1 is refilled (with tile t + STAGES - 1) once tile t has landed and every warp is done
-  // with tile t - 1 (one CTA barrier per tile).
-#pragma unroll
-  for (int t = 0; t < STAGES; ++t) {
-    if (t < ntiles) issue(t, t);
-    dev::cp_async_commit();
   }
   // The step's new rows for head hk, while the first tiles load: K chunks by threads [0, CH), V by [CH, 2CH).
   if (threadIdx.x < 2 * CH)
@@ -177,7 +187,10 @@ __global__ void __launch_bounds__(K::THREADS)
     else dev::cp_async_wait<STAGES - 2>();
     __syncthreads();  // tile t landed for every thread; the stage of tile t - 1 is free
     if (t > 0) {
-      if (t + STAGES - 1 < ntiles) issue(t + STAGES - 1, (t + STAGES - 1) % STAGES);
+      if (t + STAGES - 1 < ntiles) {
+        issue(t + STAGES - 1, (t + STAGES - 1) % STAGES, false);
+        issue(t + STAGES - 1, (t + STAGES - 1) % STAGES, true);
+      }
       dev::cp_async_commit();
     }
 

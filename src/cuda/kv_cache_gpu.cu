@@ -143,7 +143,11 @@ struct KvCacheGpu::Impl {
   PlanStats stats;
   PackedDecode packed;        // the last plan, packed (its vectors reused from step to step)
   BlockAddresses block_addr;  // the pool's block addresses by id
-  DeviceBuf meta, partials, read_meta;
+  // Two plan workspaces: decode plans alternate between them (slot), so that a plan can be uploaded while
+  // the launches of the plan before it still read the other; a prefill's plan reuses the current slot (it is
+  // queued on the cache's stream, after the launches that read it).
+  DeviceBuf meta[2], partials, read_meta;
+  int slot = 0;
   Staging staging[2], read_staging;
   int next_staging = 0;
 
@@ -177,6 +181,8 @@ struct KvCacheGpu::Impl {
     stats = PlanStats{int64_t(pk.units.size()), int64_t(pk.toks.size()), pk.total_keys};
 
     const size_t bytes = decode_blob(pk, run, nullptr, nullptr);
+    if (!write_only) slot ^= 1;
+    DeviceBuf& meta = this->meta[slot];
     if (bytes > meta.cap && up != stream) KSA_CUDA_CHECK(cudaStreamSynchronize(up));  // an earlier upload's target
     meta.reserve(bytes, stream);
     const size_t acc_bytes = align16(pk.units.size() * size_t(Hkv * G * D) * 4);
@@ -414,7 +420,11 @@ void KvCacheGpu::launch(const DecodeIO& io, int64_t unit_capacity) {
   launch_decode(m.run, m.run_dev, m.checked_tensors(io, m.run_rows), m.stream, unit_capacity);
 }
 
-uint64_t KvCacheGpu::workspace_generation() const { return impl_->meta.generation; }
+uint64_t KvCacheGpu::workspace_generation() const {
+  const Impl& m = *impl_;
+  return m.meta[m.slot].generation * 2 + uint64_t(m.slot);
+}
+int KvCacheGpu::workspace_slot() const { return impl_->slot; }
 
 void KvCacheGpu::commit_decode() {
   Impl& m = *impl_;

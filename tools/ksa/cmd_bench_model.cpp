@@ -335,7 +335,7 @@ int run_bench_model(int argc, char** argv) {
               "replayed tg steps (%lld, means): %.1f us each from start to end of wait (host: %.1f before the graph's "
               "launch, %.1f planning the next step, %.1f waiting, %.1f in the model between steps); device: %.1f us "
               "of step work = %.1f before the graph + the graph %.1f + %.1f after it; the next step's plans landed "
-              "%.1f us after the step before's launches (%lld steps began before they had)\n",
+              "%.1f us after the step before's launches (negative: under its graph; %lld steps began before they had)\n",
               (long long)tg_times.steps, k * tg_times.wall, k * tg_times.host_before_launch, k * tg_times.host_ahead,
               k * tg_times.host_wait, k * tg_times.host_between, k * tg_times.device, k * tg_times.before_graph,
               k * tg_times.graph, k * tg_times.after_graph, k * tg_times.ahead_uploads, (long long)tg_times.ahead_late);

@@ -545,8 +545,9 @@ class CudaBackend final : public Backend {
   // ---- planning ahead
   // While step t runs on the device, the host plans every layer's decode of the step most likely to follow:
   // each sequence of step t continued by one text token (with the summary rows that token completes). The
-  // plans are validated and packed here and their uploads queued on ahead_stream_ after ahead_free_ (the end
-  // of step t's launches, which read the plan workspaces); the caches hold them open. The next begin_step
+  // plans are validated and packed here and their uploads queued on ahead_stream_ at once: they fill the
+  // caches' other plan workspaces than step t's (KvCacheGpu alternates two), which only finished steps read,
+  // so they land under step t's graph. The caches hold them open. The next begin_step
   // commits them if its continuing sequences are exactly those (the same ids, order and rows), else drops
   // them (settle; also before the model adds or releases a sequence). A dropped plan changes nothing.
   void plan_ahead() {
@@ -559,7 +560,6 @@ class CudaBackend final : public Backend {
       ahead_ids_.push_back(s.cache_id);
       ahead_n_.push_back(geo.counts_after_text(st.text_tokens + 1).length() - st.stream_length());
     }
-    check(cudaStreamWaitEvent(ahead_stream_, ahead_free_, 0), "ordering the next step's plans");
     size_t i = 0;
     try {
       for (; i < caches_.size(); ++i) caches_[i]->plan_decode_on(ahead_stream_, ahead_ids_, ahead_n_, opt_.q_heads);
@@ -579,10 +579,11 @@ class CudaBackend final : public Backend {
     check(cudaStreamWaitEvent(stream_, ahead_ready_, 0), "ordering the next step's plans");
   }
 
-  // A step's shape: rows, summary rows, logits rows, sequences. Steps of one shape allocate the same
-  // activations at the same addresses (while the arena keeps its chunks) and launch the same kernels.
+  // A step's shape: rows, summary rows, logits rows, sequences, and the plan workspace slot its decode
+  // reads (the caches alternate two, step by step). Steps of one shape allocate the same activations at the
+  // same addresses (while the arena keeps its chunks) and launch the same kernels.
   struct GraphKey {
-    int64_t rows = 0, summaries = 0, logits = 0, seqs = 0;
+    int64_t rows = 0, summaries = 0, logits = 0, seqs = 0, slot = 0;
     auto operator<=>(const GraphKey&) const = default;
   };
   struct Graph {
@@ -607,7 +608,7 @@ class CudaBackend final : public Backend {
     caps_.assign(caches_.size(), 0);
     if (!opt_.cuda_graphs || decode_rows_ == 0 || decode_rows_ != step.rows()) return;
     const GraphKey key{step.rows(), int64_t(step.summary_rows.size()), int64_t(step.logits_rows.size()),
-                       int64_t(step.seqs.size())};
+                       int64_t(step.seqs.size()), caches_.empty() ? 0 : caches_[0]->workspace_slot()};
     auto it = graphs_.find(key);
     if (it != graphs_.end() && graph_fits(it->second)) {
       mode_ = Mode::replay;
@@ -638,7 +639,8 @@ class CudaBackend final : public Backend {
   }
 
   // Ends the step's capture (instantiating and launching the graph) or launches its replay; afterwards every
-  // launch of the step that reads a plan workspace is queued (ahead_free_ marks their end).
+  // launch of the step that reads a plan workspace is queued (ahead_free_ marks their end: replay_times
+  // measures when the next step's plans landed from there).
   void flush() {
     struct Mark {
       CudaBackend& b;
