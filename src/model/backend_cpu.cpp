@@ -4,7 +4,9 @@
 // ksa::cpu::linear_q8_0 on the file's blocks (no dequantised copy; embedding rows dequantised as looked up).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <thread>
 
 #include "ksa/cpu.hpp"
@@ -15,6 +17,56 @@
 
 namespace ksa::engine {
 namespace {
+
+// A step's activations: bump allocation (64-byte aligned, zero-filled as taken) in chunks kept from step to
+// step; a step that outgrew the first chunk gets one chunk of its total at the next reset. (A fresh vector
+// per activation cost each large one an mmap, its page faults and a memset per token: a quarter of a small
+// model's decode time.)
+class HostArena {
+ public:
+  void reset() {
+    if (chunks_.size() > 1) {
+      const size_t total = high_;
+      chunks_.clear();
+      add_chunk(total);
+    }
+    cur_ = 0;
+    off_ = 0;
+    used_ = 0;
+  }
+  void* take(size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (chunks_.empty() || off_ + bytes > chunks_[cur_].size) {
+      if (cur_ + 1 < chunks_.size() && bytes <= chunks_[cur_ + 1].size) ++cur_;
+      else add_chunk(std::max(bytes, size_t(1) << 20));
+      off_ = 0;
+    }
+    std::byte* p = chunks_[cur_].p.get() + off_;
+    off_ += bytes;
+    used_ += bytes;
+    high_ = std::max(high_, used_);
+    std::memset(p, 0, bytes);
+    return p;
+  }
+
+ private:
+  struct Free {
+    void operator()(std::byte* p) const { std::free(p); }
+  };
+  struct Chunk {
+    std::unique_ptr<std::byte, Free> p;
+    size_t size = 0;
+  };
+  void add_chunk(size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    auto* p = static_cast<std::byte*>(std::aligned_alloc(64, bytes));
+    if (!p) fail("out of memory allocating ", bytes, " bytes of activations");
+    chunks_.push_back(Chunk{std::unique_ptr<std::byte, Free>(p), bytes});
+    cur_ = chunks_.size() - 1;
+  }
+  std::vector<Chunk> chunks_;
+  size_t cur_ = 0, off_ = 0, used_ = 0, high_ = 0;
+};
 
 class CpuBackend final : public Backend {
  public:
@@ -49,13 +101,12 @@ class CpuBackend final : public Backend {
 
   void begin_step(const StepDesc& step) override {
     step_ = &step;
-    arena_.clear();
+    arena_.reset();
   }
 
   Act act(int64_t rows, int64_t cols, Prec p) override {
     const DType t = p == Prec::cache ? kv_dtype_ : DType::f32;
-    arena_.emplace_back(size_t(rows * cols * dtype_size(t)));
-    return Act{arena_.back().data(), rows, cols, t};
+    return Act{arena_.take(size_t(rows * cols * dtype_size(t))), rows, cols, t};
   }
 
   void embed(const Weight& table, Act x) override {
@@ -206,10 +257,10 @@ class CpuBackend final : public Backend {
   }
 
   void sample(const Act& logits, std::span<const SampleReq> reqs, std::span<int32_t> out) override {
-    std::vector<float> row(size_t(logits.cols));
+    row_.resize(size_t(logits.cols));
     for (size_t i = 0; i < reqs.size(); ++i) {
-      std::copy_n(f32(logits) + reqs[i].logits_row * logits.cols, logits.cols, row.data());
-      out[i] = sample_token(row, reqs[i].history, *reqs[i].cfg, reqs[i].u, idx_, prob_);
+      std::copy_n(f32(logits) + reqs[i].logits_row * logits.cols, logits.cols, row_.data());
+      out[i] = sample_token(row_, reqs[i].history, *reqs[i].cfg, reqs[i].u, idx_, prob_);
     }
   }
 
@@ -231,10 +282,10 @@ class CpuBackend final : public Backend {
   DType kv_dtype_ = DType::f32;
   std::vector<KvCache> caches_;
   const StepDesc* step_ = nullptr;
-  std::vector<std::vector<std::byte>> arena_;
+  HostArena arena_;
   std::vector<std::byte> ob_;
   std::vector<int32_t> idx_;
-  std::vector<float> prob_;
+  std::vector<float> prob_, row_;
   std::vector<float> tmp_;
 };
 
