@@ -4,8 +4,6 @@
 //   mode even: the payload as text. Invalid UTF-8 must be a ksa::Error; valid UTF-8 must encode, and
 //              decode(encode(s)) must be s with the text between added tokens NFC-normalised (HF's rule).
 //   mode odd:  the payload as int32 ids: decode never fails for ids >= 0 and always yields valid UTF-8.
-#include <unicode/normalizer2.h>
-
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -13,6 +11,7 @@
 
 #include "fuzz_util.hpp"
 #include "ksa/tokenizer.hpp"
+#include "tokenizer/round_trip_oracle.hpp"  // tests/
 
 namespace {
 
@@ -61,35 +60,6 @@ std::string small_tokenizer_json() {
       .dump();
 }
 
-std::string nfc(const std::string& s) {
-  UErrorCode st = U_ZERO_ERROR;
-  const icu::Normalizer2* n = icu::Normalizer2::getNFCInstance(st);
-  std::string out;
-  icu::StringByteSink<std::string> sink(&out);
-  n->normalizeUTF8(0, s, sink, nullptr, st);
-  if (U_FAILURE(st)) std::abort();
-  return out;
-}
-
-// What decode(encode(s)) gives: added tokens verbatim (leftmost-longest; the tokenizers here have no
-// lstrip/rstrip/single_word flags), the text between them NFC-normalised stretch by stretch.
-std::string expected_round_trip(const ksa::Tokenizer& tok, const std::string& s) {
-  std::string out, seg;
-  for (size_t i = 0; i < s.size();) {
-    size_t best = 0;
-    for (const ksa::AddedToken& a : tok.added_tokens())
-      if (a.content.size() > best && s.compare(i, a.content.size(), a.content) == 0) best = a.content.size();
-    if (best == 0) {
-      seg += s[i++];
-      continue;
-    }
-    out += nfc(seg) + s.substr(i, best);
-    seg.clear();
-    i += best;
-  }
-  return out + nfc(seg);
-}
-
 }  // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
@@ -118,7 +88,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!valid) std::abort();  // invalid UTF-8 must be refused
     for (int32_t id : ids)
       if (id < 0 || id >= tok.vocab_size()) std::abort();
-    if (data[0] % 4 == 0 && tok.decode(ids) != expected_round_trip(tok, payload)) std::abort();
+    if (data[0] % 4 == 0 && tok.decode(ids) != ksa::test::expected_round_trip(tok, payload)) std::abort();
     return 0;
   }
   std::vector<int32_t> ids(payload.size() / 4);

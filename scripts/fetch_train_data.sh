@@ -15,17 +15,8 @@ cd "$(dirname "$0")/.."
 OUT="${1:-.cache/data}"
 
 PACKAGES=(r-base-core r-cran-janeaustenr bible-kjv bible-kjv-text python3-regex python3-matplotlib)  # R extracts the text; the tokenizer trainer (regex) and the loss plot (matplotlib)
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "fetch_train_data: installing ${missing[*]}"
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+source scripts/install_missing.sh
+install_missing fetch_train_data "${PACKAGES[@]}"
 
 mkdir -p "$OUT/austen"
 # One file per novel; then the split: the last 5% of the lines, moved forward to the next blank line.

@@ -45,7 +45,7 @@ struct AttentionParams {
   int64_t B = 1, Hq = 1, Hkv = 1, D = 0;
   float scale = 0.f;  // softmax scale; 0 means 1/sqrt(D)
   DType dtype = DType::f32;
-  TensorView q, k, v, out;
+  TensorView q{}, k{}, v{}, out{};      // `{}`: a designated initializer may leave them out (shaped_params)
   float* lse = nullptr;                 // [B, L, Hq] dense; may be null when not needed
   int num_threads = 0;                  // CPU: 0 = all available
   const int64_t* cu_seqlens = nullptr;  // packed sequences: [num_seqs + 1] host memory, or null (one stream)
@@ -79,6 +79,14 @@ struct AttentionBackwardParams : AttentionParams {
   bool deterministic = false;  // GPU: same bits every run (no floating-point atomics); see cuda::attention_backward
 };
 
+// Params (P: AttentionParams or AttentionBackwardParams) of one geometry and dtype; the views are left empty.
+template <class P = AttentionParams>
+P shaped_params(const Layout& lay, int64_t W, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, DType dtype) {
+  P p;
+  static_cast<AttentionParams&>(p) = {.layout = lay, .W = W, .B = B, .Hq = Hq, .Hkv = Hkv, .D = D, .dtype = dtype};
+  return p;
+}
+
 // Dense [B, L, H, D] buffers (q, out, dout, dq with Hq heads; k, v, dk, dv with Hkv; lse [B, L, Hq]); the
 // backward ones may stay null for a forward.
 struct DenseBuffers {
@@ -90,14 +98,7 @@ struct DenseBuffers {
 };
 inline AttentionBackwardParams dense_params(const Layout& lay, int64_t W, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
                                             DType dtype, const DenseBuffers& buf) {
-  AttentionBackwardParams p;
-  p.layout = lay;
-  p.W = W;
-  p.B = B;
-  p.Hq = Hq;
-  p.Hkv = Hkv;
-  p.D = D;
-  p.dtype = dtype;
+  auto p = shaped_params<AttentionBackwardParams>(lay, W, B, Hq, Hkv, D, dtype);
   const int64_t L = lay.length();
   p.q = TensorView::dense(buf.q, L, Hq, D);
   p.k = TensorView::dense(buf.k, L, Hkv, D);

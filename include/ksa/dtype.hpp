@@ -7,25 +7,14 @@
 #include <cstring>
 #include <string_view>
 
+#include "ksa/enum_name.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa {
 
 enum class DType : uint8_t { f32, bf16, f16, q8_0 };
 
-inline const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::f32:
-      return "f32";
-    case DType::bf16:
-      return "bf16";
-    case DType::f16:
-      return "f16";
-    case DType::q8_0:
-      return "q8_0";
-  }
-  return "?";
-}
+inline const char* dtype_name(DType t) { return enum_name(t, {"f32", "bf16", "f16", "q8_0"}); }
 // Q8_0 blocks: 32 weights in 34 bytes.
 inline constexpr int64_t kQ8_0Block = 32, kQ8_0BlockBytes = 34;
 // Bytes per element of f32, bf16, f16. q8_0 has no per-element size (throws ksa::Error): use dtype_bytes.

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # ksa_train from this checkout
-from ksa_train.model import Config, KsaLM, Shard  # noqa: E402
+from ksa_train.model import Config, KsaLM, Shard, add_shape_args  # noqa: E402
 
 
 def parse_args():
@@ -39,14 +39,7 @@ def parse_args():
     ap.add_argument("--vocab", type=int, default=256, help="random data: text vocabulary")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--attn", default="ksa", choices=["ksa", "swa", "full"])
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--chunk-size", type=int, default=8, help="text tokens per chunk (k)")
-    ap.add_argument("--S", type=int, default=1)
-    ap.add_argument("--window", type=int, default=4, help="W in chunks (every layer)")
+    add_shape_args(ap, hidden=128, layers=2, window=4)
     ap.add_argument("--fsdp2", action="store_true", help="shard the parameters with fully_shard (torch >= 2.4)")
     ap.add_argument("--check", action="store_true", help="compare step 0 with the unsharded model")
     ap.add_argument("--seed", type=int, default=0)

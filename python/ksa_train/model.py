@@ -118,6 +118,19 @@ class Config:
         return c
 
 
+def add_shape_args(ap, hidden, layers, window):
+    """The model-shape flags the training scripts share (--hidden ... --window), with their defaults; the
+    heads, the head dim and the chunking default to Config's."""
+    ap.add_argument("--hidden", type=int, default=hidden)
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--heads", type=int, default=Config.heads)
+    ap.add_argument("--kv-heads", type=int, default=Config.kv_heads)
+    ap.add_argument("--head-dim", type=int, default=Config.head_dim)
+    ap.add_argument("--chunk-size", type=int, default=Config.chunk_size, help="text tokens per chunk (k)")
+    ap.add_argument("--S", type=int, default=Config.S)
+    ap.add_argument("--window", type=int, default=window, help="W in chunks (every layer)")
+
+
 @dataclasses.dataclass
 class Shard:
     """This rank's part of a context-parallel forward: stream rows [a, b) of each sequence, where a and b come from

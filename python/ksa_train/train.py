@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Batches
-from .model import Config, KsaLM, export
+from .model import Config, KsaLM, add_shape_args, export
 
 
 def parse_args(argv=None):
@@ -68,15 +68,8 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (torch >= 2.4)")
     # Shape.
-    ap.add_argument("--hidden", type=int, default=256)
+    add_shape_args(ap, hidden=256, layers=6, window=16)
     ap.add_argument("--intermediate", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--chunk-size", type=int, default=8, help="text tokens per chunk (k)")
-    ap.add_argument("--S", type=int, default=1)
-    ap.add_argument("--window", type=int, default=16, help="W in chunks (every layer)")
     ap.add_argument("--mix-coeff", type=float, default=1.0)
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout on the embeddings and residual branches")
     ap.add_argument("--max-positions", type=int, default=8192)

@@ -10,6 +10,9 @@
 #pragma once
 #include <nlohmann/json.hpp>
 
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <string_view>
 
@@ -65,6 +68,18 @@ inline Json parse_json(std::string_view text, const std::string& source, const c
   } catch (const Json::exception& e) {
     fail(source, ": ", invalid, ": ", json_error_text(e));
   }
+}
+
+// The text of the file `path`, or of the file `name` in it when `path` is a directory; `path` becomes the file
+// read, for messages. A path that cannot be stat'ed is left to the open's error.
+inline std::string read_json_text(std::string& path, const char* name) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) path = (std::filesystem::path(path) / name).string();
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(path, ": cannot open ", name);
+  std::ostringstream os;
+  os << in.rdbuf();
+  return os.str();
 }
 
 // The value as it appears in the file, shortened for messages.

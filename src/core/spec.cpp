@@ -1,20 +1,13 @@
 #include "ksa/spec.hpp"
 
+#include "ksa/enum_name.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa {
 
 const char* to_string(TextPositions m) { return m == TextPositions::origin ? "origin" : "inner_chunk"; }
 const char* to_string(SummaryPositions m) {
-  switch (m) {
-    case SummaryPositions::zeros:
-      return "zeros";
-    case SummaryPositions::last_chunk_slice_left:
-      return "last_chunk_slice_left";
-    case SummaryPositions::last_chunk_slice_right:
-      return "last_chunk_slice_right";
-  }
-  return "?";
+  return enum_name(m, {"zeros", "last_chunk_slice_left", "last_chunk_slice_right"});
 }
 
 TextPositions parse_text_positions(const std::string& s, const char* field) {

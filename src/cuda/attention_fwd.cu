@@ -277,30 +277,20 @@ constexpr int kSm90aConfig = 5;
 
 template <class T, int D>
 void dispatch_config(int config, const FwdArgs& a, int B, const varlen::Streams* pk, cudaStream_t s) {
-  switch (config) {
-    case 1:
-      launch<FwdTraits<T, D, 1, 8, 32, false, 2>>(a, B, pk, s);
-      break;  // 2 CTAs x 8 warps, Q from smem
-    case 2:
-      launch<FwdTraits<T, D, 1, 4, 64, true, 2>>(a, B, pk, s);
-      break;  // 64 rows, 2 CTAs x 4 warps
-    case 3:
-      launch<FwdTraits<T, D, 1, 4, 32, false, 4>>(a, B, pk, s);
-      break;  // 64 rows, 4 CTAs x 4 warps
-    case 4:
-      launch<FwdTraits<T, D, 2, 4, 32, false, 2>>(a, B, pk, s);
-      break;  // 128 rows, 4 warps x 32 rows
-    case 0:
-      launch<FwdTraits<T, D, 1, 8, 64, true, 1>>(a, B, pk, s);
-      break;  // 128 rows, 8 warps x 16 rows
-    case kSm90aConfig:
+  // The portable configurations, by number.
+  static constexpr decltype(&launch<FwdTraits<T, D, 1, 8, 64, true, 1>>) kPortable[kSm90aConfig] = {
+      launch<FwdTraits<T, D, 1, 8, 64, true, 1>>,   // 0: 128 rows, 8 warps x 16 rows
+      launch<FwdTraits<T, D, 1, 8, 32, false, 2>>,  // 1: 2 CTAs x 8 warps, Q from smem
+      launch<FwdTraits<T, D, 1, 4, 64, true, 2>>,   // 2: 64 rows, 2 CTAs x 4 warps
+      launch<FwdTraits<T, D, 1, 4, 32, false, 4>>,  // 3: 64 rows, 4 CTAs x 4 warps
+      launch<FwdTraits<T, D, 2, 4, 32, false, 2>>,  // 4: 128 rows, 4 warps x 32 rows
+  };
+  if (config >= 0 && config < kSm90aConfig) return kPortable[config](a, B, pk, s);
+  if (config != kSm90aConfig)
+    fail("ksa::cuda::attention_forward: unknown configuration ", config, " (0..5)");  // pick_forward checked
 #if defined(KSA_HAVE_SM90A)
-      detail::launch_fwd_sm90a(a, B, D, std::is_same_v<T, __half>, pk, s);
+  detail::launch_fwd_sm90a(a, B, D, std::is_same_v<T, __half>, pk, s);
 #endif
-      break;
-    default:
-      fail("ksa::cuda::attention_forward: unknown configuration ", config, " (0..5)");  // pick_forward checked
-  }
 }
 
 template <class T>

@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "json_fields.hpp"
+#include "ksa/enum_name.hpp"
 #include "ksa/error.hpp"
 #include "ksa/pattern.hpp"
 
@@ -22,19 +23,8 @@ constexpr int64_t kMaxVocab = (int64_t(1) << 31) - 1;
 // k = context + 1 tokens, so every later product or sum stays far inside int64.
 constexpr int64_t kMaxContext = (int64_t(1) << 31) - 1;
 
-const char* dtype_hf_name(DType t) {
-  switch (t) {
-    case DType::bf16:
-      return "bfloat16";
-    case DType::f16:
-      return "float16";
-    case DType::f32:
-      return "float32";
-    case DType::q8_0:
-      break;  // a weight storage type, never a config dtype
-  }
-  return "?";
-}
+// q8_0 is a weight storage type, never a config dtype.
+const char* dtype_hf_name(DType t) { return enum_name(t, {"float32", "bfloat16", "float16", "?"}); }
 
 // `rope_scaling` / `rope_parameters`: only the default (unscaled) RoPE is supported.
 void check_rope_type(const Fields& f, const char* key, const Json& obj) {

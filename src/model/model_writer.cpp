@@ -68,43 +68,35 @@ ModelConfig model_shape_config(const std::string& shape) {
   c.summary_token_begin = 151936;
   c.summary_independent_parameters = true;
   c.dtype = DType::bf16;
-  if (shape == "tiny") {
-    c.hidden_size = 64;
-    c.intermediate_size = 192;
-    c.num_hidden_layers = 4;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = 2;
-    c.head_dim = 16;
-    c.max_position_embeddings = 4096;
-    c.tie_word_embeddings = true;
-    c.mix_coeff = 0.5;
-    c.summary_independent_attention_layernorm = true;
-    set_windows(c, "([2]*3+[64]*1)*1");
-  } else if (shape == "small") {
-    c.hidden_size = 256;
-    c.intermediate_size = 768;
-    c.num_hidden_layers = 8;
-    c.num_attention_heads = 8;
-    c.num_key_value_heads = 4;
-    c.head_dim = 64;  // a head dim the CUDA kernels take (64 or 128), so `small` runs on both engines
-    c.max_position_embeddings = 32768;
-    c.tie_word_embeddings = false;
-    c.mix_coeff = 0.0;
-    set_windows(c, "([16]*3+[512]*1)*2");
-  } else if (shape == "4b") {
-    c.hidden_size = 2560;
-    c.intermediate_size = 9728;
-    c.num_hidden_layers = 36;
-    c.num_attention_heads = 32;
-    c.num_key_value_heads = 8;
-    c.head_dim = 128;
-    c.max_position_embeddings = 131072;
-    c.tie_word_embeddings = true;
-    c.mix_coeff = 0.0;
-    set_windows(c, "([128]*3+[16768]*1)*9");
-  } else {
-    fail("shape: must be tiny, small or 4b (got \"", shape, "\")");
-  }
+  // The shapes that differ, one row each; `small` has a head dim the CUDA kernels take (64 or 128), so it
+  // runs on both engines.
+  struct Preset {
+    const char* name;
+    int64_t hidden, intermediate, layers, heads, kv_heads, head_dim, max_positions;
+    bool tie_embeddings;
+    double mix_coeff;
+    bool summary_layernorm;
+    const char* windows;
+  };
+  static constexpr Preset kPresets[] = {
+      {"tiny", 64, 192, 4, 4, 2, 16, 4096, true, 0.5, true, "([2]*3+[64]*1)*1"},
+      {"small", 256, 768, 8, 8, 4, 64, 32768, false, 0.0, false, "([16]*3+[512]*1)*2"},
+      {"4b", 2560, 9728, 36, 32, 8, 128, 131072, true, 0.0, false, "([128]*3+[16768]*1)*9"},
+  };
+  const auto it =
+      std::find_if(std::begin(kPresets), std::end(kPresets), [&](const Preset& p) { return shape == p.name; });
+  if (it == std::end(kPresets)) fail("shape: must be tiny, small or 4b (got \"", shape, "\")");
+  c.hidden_size = it->hidden;
+  c.intermediate_size = it->intermediate;
+  c.num_hidden_layers = it->layers;
+  c.num_attention_heads = it->heads;
+  c.num_key_value_heads = it->kv_heads;
+  c.head_dim = it->head_dim;
+  c.max_position_embeddings = it->max_positions;
+  c.tie_word_embeddings = it->tie_embeddings;
+  c.mix_coeff = it->mix_coeff;
+  c.summary_independent_attention_layernorm = it->summary_layernorm;
+  set_windows(c, it->windows);
   c.validate();
   return c;
 }

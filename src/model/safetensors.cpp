@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "json_fields.hpp"
+#include "ksa/enum_name.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa {
@@ -25,19 +26,8 @@ namespace ksa {
 namespace fs = std::filesystem;
 using detail::Json;
 
-const char* safetensors_dtype_name(DType t) {
-  switch (t) {
-    case DType::bf16:
-      return "BF16";
-    case DType::f16:
-      return "F16";
-    case DType::f32:
-      return "F32";
-    case DType::q8_0:
-      return "U8";  // stored as bytes [N, K/32, 34]
-  }
-  return "?";
-}
+// q8_0 is stored as bytes [N, K/32, 34].
+const char* safetensors_dtype_name(DType t) { return enum_name(t, {"F32", "BF16", "F16", "U8"}); }
 
 namespace {
 

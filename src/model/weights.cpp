@@ -4,21 +4,12 @@
 #include <map>
 #include <set>
 
+#include "ksa/enum_name.hpp"
 #include "ksa/error.hpp"
 
 namespace ksa {
 
-const char* to_string(TensorUse u) {
-  switch (u) {
-    case TensorUse::required:
-      return "required";
-    case TensorUse::optional:
-      return "optional";
-    case TensorUse::ignored:
-      return "ignored";
-  }
-  return "?";
-}
+const char* to_string(TensorUse u) { return enum_name(u, {"required", "optional", "ignored"}); }
 
 namespace {
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "ksa/enum_name.hpp"
 #include "ksa/error.hpp"
 #include "ksa/text_stream.hpp"
 
@@ -9,21 +10,7 @@ namespace ksa::serve {
 
 using Clock = std::chrono::steady_clock;
 
-const char* finish_name(Finish f) {
-  switch (f) {
-    case Finish::stop:
-      return "stop";
-    case Finish::length:
-      return "length";
-    case Finish::cancelled:
-      return "cancelled";
-    case Finish::error:
-      return "error";
-    case Finish::none:
-      break;
-  }
-  return "";
-}
+const char* finish_name(Finish f) { return enum_name(f, {"", "stop", "length", "cancelled", "error"}, ""); }
 
 // ---- Job ----
 

@@ -2,9 +2,6 @@
 // of the same meaning; Python string methods are reproduced exactly (split, strip('\n'), lstrip, rstrip).
 #include "ksa/chat_template.hpp"
 
-#include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <vector>
 
 #include "core/json_input.hpp"
@@ -114,15 +111,8 @@ ChatTemplate ChatTemplate::from_source(std::string source) {
 }
 
 ChatTemplate ChatTemplate::load(const std::string& path) {
-  namespace fs = std::filesystem;
   std::string p = path;
-  std::error_code ec;  // a path that cannot be stat'ed is left to the open's error
-  if (fs::is_directory(p, ec)) p = (fs::path(p) / "tokenizer_config.json").string();
-  std::ifstream in(p, std::ios::binary);
-  if (!in) fail(p, ": cannot open tokenizer_config.json");
-  std::ostringstream os;
-  os << in.rdbuf();
-  const std::string text = os.str();
+  const std::string text = detail::read_json_text(p, "tokenizer_config.json");
   const detail::Json j = detail::parse_json(text, p);
   if (!j.is_object()) fail(p, ": must be a JSON object");
   auto it = j.find("chat_template");

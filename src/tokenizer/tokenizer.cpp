@@ -9,9 +9,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
+#include <optional>
 #include <queue>
-#include <sstream>
 #include <unordered_map>
 
 #include "core/json_input.hpp"
@@ -101,6 +100,8 @@ struct Tokenizer::Impl {
   void load_model(const Json& m);
   void load_normalizer(const Json& n, const std::string& field);
   void load_pre_tokenizer(const Json& p, const std::string& field);
+  std::optional<std::string> component_type(const Json& c, const std::string& field, const char* list_key,
+                                            void (Impl::*load_item)(const Json&, const std::string&));
   std::shared_ptr<icu::RegexPattern> compile(const std::string& text, bool literal, const std::string& field) const;
 
   void bpe(std::string_view bytes, std::vector<int32_t>& out) const;
@@ -281,18 +282,27 @@ std::shared_ptr<icu::RegexPattern> Tokenizer::Impl::compile(const std::string& t
   return p;
 }
 
+// The type of a normalizer or pre-tokenizer `c` (an object with a string "type"); a "Sequence" of them is
+// loaded here instead, item by item (its list under `list_key`), and gives nullopt.
+std::optional<std::string> Tokenizer::Impl::component_type(const Json& c, const std::string& field,
+                                                           const char* list_key,
+                                                           void (Impl::*load_item)(const Json&, const std::string&)) {
+  if (!c.is_object() || !c.contains("type") || !c["type"].is_string())
+    bad(field, "must be an object with a type (got " + excerpt(c) + ")");
+  std::string type = c["type"].get<std::string>();
+  if (type != "Sequence") return type;
+  const std::string list = field + "." + list_key;
+  auto it = c.find(list_key);
+  if (it == c.end() || !it->is_array()) bad(list, "must be a list");
+  for (size_t i = 0; i < it->size(); ++i) (this->*load_item)((*it)[i], list + "[" + std::to_string(i) + "]");
+  return std::nullopt;
+}
+
 void Tokenizer::Impl::load_normalizer(const Json& n, const std::string& field) {
-  if (!n.is_object() || !n.contains("type") || !n["type"].is_string())
-    bad(field, "must be an object with a type (got " + excerpt(n) + ")");
-  const std::string type = n["type"].get<std::string>();
+  const std::optional<std::string> t = component_type(n, field, "normalizers", &Impl::load_normalizer);
+  if (!t) return;
+  const std::string& type = *t;
   UErrorCode st = U_ZERO_ERROR;
-  if (type == "Sequence") {
-    auto it = n.find("normalizers");
-    if (it == n.end() || !it->is_array()) bad(field + ".normalizers", "must be a list");
-    for (size_t i = 0; i < it->size(); ++i)
-      load_normalizer((*it)[i], field + ".normalizers[" + std::to_string(i) + "]");
-    return;
-  }
   const icu::Normalizer2* nz = nullptr;
   if (type == "NFC") nz = icu::Normalizer2::getNFCInstance(st);
   else if (type == "NFD") nz = icu::Normalizer2::getNFDInstance(st);
@@ -304,22 +314,15 @@ void Tokenizer::Impl::load_normalizer(const Json& n, const std::string& field) {
 }
 
 void Tokenizer::Impl::load_pre_tokenizer(const Json& p, const std::string& field) {
-  if (!p.is_object() || !p.contains("type") || !p["type"].is_string())
-    bad(field, "must be an object with a type (got " + excerpt(p) + ")");
-  const std::string type = p["type"].get<std::string>();
+  const std::optional<std::string> t = component_type(p, field, "pretokenizers", &Impl::load_pre_tokenizer);
+  if (!t) return;
+  const std::string& type = *t;
   auto boolean = [&](const char* k, bool def) {
     auto it = p.find(k);
     if (it == p.end() || it->is_null()) return def;
     if (!it->is_boolean()) bad(field + "." + k, "must be true or false (got " + excerpt(*it) + ")");
     return it->get<bool>();
   };
-  if (type == "Sequence") {
-    auto it = p.find("pretokenizers");
-    if (it == p.end() || !it->is_array()) bad(field + ".pretokenizers", "must be a list");
-    for (size_t i = 0; i < it->size(); ++i)
-      load_pre_tokenizer((*it)[i], field + ".pretokenizers[" + std::to_string(i) + "]");
-    return;
-  }
   if (type == "Split") {
     auto pat = p.find("pattern");
     if (pat == p.end() || !pat->is_object()) bad(field + ".pattern", "must be {\"Regex\": ...} or {\"String\": ...}");
@@ -481,13 +484,8 @@ Tokenizer Tokenizer::parse(std::string_view json_text, const std::string& source
 
 Tokenizer Tokenizer::load(const std::string& path) {
   std::string p = path;
-  std::error_code ec;  // a path that cannot be stat'ed is left to the open's error
-  if (fs::is_directory(p, ec)) p = (fs::path(p) / "tokenizer.json").string();
-  std::ifstream in(p, std::ios::binary);
-  if (!in) fail(p, ": cannot open tokenizer.json");
-  std::ostringstream os;
-  os << in.rdbuf();
-  return parse(os.str(), p);
+  const std::string text = detail::read_json_text(p, "tokenizer.json");
+  return parse(text, p);
 }
 
 std::vector<int32_t> Tokenizer::encode(std::string_view text, bool parse_special) const {

@@ -90,6 +90,19 @@ struct DecodeTracker {
 
   bool done(size_t i) const { return pos[i] == data[i]->L; }
 
+  // The cache ids of a step's sequences (batch[j], n[j] new tokens each); put(r, d, p) copies stream token p
+  // of sequence data d into the step's row r (rows in batch order).
+  template <class Put>
+  std::vector<SeqId> gather_step(const std::vector<size_t>& batch, const std::vector<int64_t>& n, Put put) const {
+    std::vector<SeqId> bid;
+    int64_t r = 0;
+    for (size_t j = 0; j < batch.size(); ++j) {
+      bid.push_back(ids[batch[j]]);
+      for (int64_t i = 0; i < n[j]; ++i, ++r) put(r, *data[batch[j]], pos[batch[j]] + i);
+    }
+    return bid;
+  }
+
   // Checks a decode step's rows against the oracle and advances pos: the step's row r is token i of sequence
   // batch[j] (sequences in batch order, n[j] tokens each). out: host copy of the step's output, dtype dt, with
   // the row and head strides of `ov`; lse: [rows, Hq]. Tolerances: out_tol(d, ref), lse_tol(ref). False, with
@@ -198,17 +211,11 @@ struct Driver : DecodeTracker {
         std::memcpy(static_cast<uint8_t*>(t.data) + (row * t.row_stride + h * t.head_stride) * es,
                     src.data() + (srow * H + h) * D * es, size_t(D * es));
     };
-    std::vector<SeqId> bid;
-    int64_t r = 0;
-    for (size_t j = 0; j < batch.size(); ++j) {
-      const SeqData& d = *data[batch[j]];
-      bid.push_back(ids[batch[j]]);
-      for (int64_t i = 0; i < n[j]; ++i, ++r) {
-        put(io.q, r, d.q, pos[batch[j]] + i, Hq);
-        put(io.k, r, d.k, pos[batch[j]] + i, Hkv);
-        put(io.v, r, d.v, pos[batch[j]] + i, Hkv);
-      }
-    }
+    const std::vector<SeqId> bid = gather_step(batch, n, [&](int64_t r, const SeqData& d, int64_t p) {
+      put(io.q, r, d.q, p, Hq);
+      put(io.k, r, d.k, p, Hkv);
+      put(io.v, r, d.v, p, Hkv);
+    });
     cpu::attention_decode(cache, bid, n, io);
     check_step(
         batch, n, d0.dtype, io.out.data, io.out, lse.data(),

@@ -32,14 +32,7 @@ TEST(Oracle, MatchesDenseMaskedSoftmax) {
     std::vector<uint8_t> qb(size_t(B * L * qrow * 4)), kvb(size_t(B * L * kvrow * 4));
     for (int64_t i = 0; i < B * L * qrow; ++i) store_from_float(dt, qb.data(), i, nd(rng));
     for (int64_t i = 0; i < B * L * kvrow; ++i) store_from_float(dt, kvb.data(), i, nd(rng));
-    AttentionParams p;
-    p.layout = lay;
-    p.W = W;
-    p.B = B;
-    p.Hq = Hq;
-    p.Hkv = Hkv;
-    p.D = D;
-    p.dtype = dt;
+    AttentionParams p = shaped_params(lay, W, B, Hq, Hkv, D, dt);
     p.scale = 0.37f;
     p.q = TensorView{qb.data(), L * qrow, qrow, D};
     p.k = TensorView{kvb.data(), L * kvrow, kvrow, D + 1};

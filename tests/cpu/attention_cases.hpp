@@ -14,6 +14,7 @@
 #include "cpu/simd.hpp"
 #include "ksa/cpu.hpp"
 #include "ksa/error.hpp"
+#include "simd_targets.hpp"
 
 namespace ksa::test {
 
@@ -236,12 +237,6 @@ inline void expect_close(const char* what, const Case& c, const std::vector<doub
 struct PortableScope {
   explicit PortableScope(bool on) { cpu::detail::force_generic_tile_kernels(on); }
   ~PortableScope() { cpu::detail::force_generic_tile_kernels(false); }
-};
-
-// Restricts the kernels to one SIMD target (cpu/simd.hpp) for a scope.
-struct TargetScope {
-  explicit TargetScope(int64_t target) { cpu::detail::force_simd_target(target); }
-  ~TargetScope() { cpu::detail::force_simd_target(0); }
 };
 
 }  // namespace ksa::test

@@ -12,6 +12,7 @@
 #include "cpu/simd.hpp"
 #include "ksa/dense.hpp"
 #include "ksa/error.hpp"
+#include "simd_targets.hpp"
 
 namespace ksa::cpu {
 namespace {
@@ -157,15 +158,12 @@ TEST(Dense, SiluMul) { check_SiluMul(); }
 
 // The same checks on every SIMD target compiled in that this CPU runs.
 TEST(Dense, EveryTarget) {
-  for (const int64_t t : detail::simd_targets()) {
-    detail::force_simd_target(t);
-    SCOPED_TRACE(detail::simd_target_name(t));
+  test::on_every_simd_target([] {
     check_LinearMatchesDouble();
     check_RmsNorm();
     check_RopeRotatesPairs();
     check_SiluMul();
-  }
-  detail::force_simd_target(0);
+  });
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include "cpu/simd.hpp"
 #include "ksa/dense.hpp"
 #include "ksa/error.hpp"
+#include "simd_targets.hpp"
 
 namespace ksa::cpu {
 namespace {
@@ -186,13 +187,10 @@ TEST(Q8_0, LinearMatchesDequantisedDouble) { check_linear_q8_0(); }
 TEST(Q8_0, LinearNonFiniteActivations) { check_linear_q8_0_nonfinite(); }
 
 TEST(Q8_0, LinearEveryTarget) {
-  for (const int64_t t : detail::simd_targets()) {
-    detail::force_simd_target(t);
-    SCOPED_TRACE(detail::simd_target_name(t));
+  test::on_every_simd_target([] {
     check_linear_q8_0();
     check_linear_q8_0_nonfinite();
-  }
-  detail::force_simd_target(0);
+  });
 }
 
 }  // namespace

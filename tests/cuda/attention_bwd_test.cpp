@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_shape.hpp"
 #include "cuda/attention_bwd_plan.hpp"
 #include "gpu_test_util.hpp"
 #include "ksa/cpu.hpp"
@@ -171,21 +172,8 @@ TEST(CudaBackwardPlan, DevicePlanMatchesTheTileWalk) {
 }
 
 // ------------------------------------------------------------------------------------- the backward
-struct Shape {
-  int64_t k, S, T, W, Hq, Hkv, D, B;
-  bool tail;
-  DType dt;
-  bool strided;
-  bool det;
-};
-
-std::string describe(const Shape& s) {
-  char buf[256];
-  std::snprintf(buf, sizeof buf, "k=%lld S=%lld T=%lld W=%lld H=%lld/%lld D=%lld B=%lld tail=%d %s strided=%d det=%d",
-                (long long)s.k, (long long)s.S, (long long)s.T, (long long)s.W, (long long)s.Hq, (long long)s.Hkv,
-                (long long)s.D, (long long)s.B, int(s.tail), dtype_name(s.dt), int(s.strided), int(s.det));
-  return buf;
-}
+using test::describe;
+using test::Shape;
 
 // Host copies of all tensors of one problem and their views (the device copy mirrors the layout).
 //   strided: q, k, v slices of one fused [B, L, Hq+2Hkv, D] buffer; out, dout, dq rows padded by 8 elements;
@@ -218,24 +206,12 @@ struct Problem {
   // Views with the given base pointers (host or device buffers of the same layout).
   AttentionBackwardParams params(uint16_t* q, uint16_t* k, uint16_t* v, uint16_t* o, uint16_t* dO, uint16_t* dQ,
                                  uint16_t* dK, uint16_t* dV, float* l) const {
-    AttentionBackwardParams p;
-    p.layout = lay;
-    p.W = s.W;
-    p.B = s.B;
-    p.Hq = s.Hq;
-    p.Hkv = s.Hkv;
-    p.D = s.D;
-    p.dtype = s.dt;
+    auto p = test::qkv_params<AttentionBackwardParams>(s, lay, rowq, q, k, v);
     p.deterministic = s.det;
-    p.q = TensorView{q, L * rowq, rowq, s.D};
     if (s.strided) {
-      p.k = TensorView{q + s.Hq * s.D, L * rowq, rowq, s.D};
-      p.v = TensorView{q + (s.Hq + s.Hkv) * s.D, L * rowq, rowq, s.D};
       p.dk = TensorView{dK, L * rowdkv, rowdkv, s.D};
       p.dv = TensorView{dK + s.Hkv * s.D, L * rowdkv, rowdkv, s.D};
     } else {
-      p.k = TensorView::dense(k, L, s.Hkv, s.D);
-      p.v = TensorView::dense(v, L, s.Hkv, s.D);
       p.dk = TensorView::dense(dK, L, s.Hkv, s.D);
       p.dv = TensorView::dense(dV, L, s.Hkv, s.D);
     }
@@ -456,18 +432,7 @@ TEST(CudaBackward, RandomShapes) {
   REQUIRE_GPU();
   for (uint64_t seed = 200; seed < 210; ++seed) {
     std::mt19937_64 rng(seed);
-    Shape s;
-    s.k = 1 + int64_t(rng() % 20);
-    s.S = 1 + int64_t(rng() % 3);
-    s.T = 1 + int64_t(rng() % 700);
-    s.W = int64_t(rng() % 10);
-    s.Hkv = 1 + int64_t(rng() % 2);
-    s.Hq = s.Hkv * (int64_t(1) << (rng() % 3));
-    s.D = rng() % 2 ? 64 : 128;
-    s.B = 1 + int64_t(rng() % 2);
-    s.tail = rng() % 2;
-    s.dt = rng() % 2 ? DType::bf16 : DType::f16;
-    s.strided = rng() % 2;
+    Shape s = test::random_shape(rng, 700);
     s.det = rng() % 2;
     check_shape(s, seed);
   }
@@ -502,9 +467,7 @@ void check_variant(const char* what, cuda::KernelOptions o, const std::vector<Sh
 // batch 2, GQA, D = 64 and 128, lists split into many items and not split.
 TEST(CudaBackward, PortablePassesMatchOracle) {
   REQUIRE_GPU();
-  cuda::KernelOptions portable;
-  portable.backward_sm90a = false;
-  check_variant("backward_sm90a false", portable,
+  check_variant("backward_sm90a false", {.backward_sm90a = false},
                 {{4, 1, 1000, 2, 4, 2, 64, 1, false, DType::bf16, false, true},
                  {2, 2, 600, 1, 2, 1, 128, 2, true, DType::f16, true, false},
                  {8, 1, 1025, 3, 4, 2, 128, 2, false, DType::bf16, false, true}},
@@ -516,9 +479,7 @@ TEST(CudaBackward, PortablePassesMatchOracle) {
 // tail summaries.
 TEST(CudaBackward, FusedDqMatchesOracle) {
   REQUIRE_GPU();
-  cuda::KernelOptions fused;
-  fused.backward_fused_dq = true;
-  check_variant("backward_fused_dq true", fused,
+  check_variant("backward_fused_dq true", {.backward_fused_dq = true},
                 {{8, 1, 4000, 16, 8, 2, 128, 1, false, DType::bf16, false, false},
                  {5, 3, 1025, 2, 4, 1, 128, 1, true, DType::bf16, true, false},
                  {2, 2, 600, 1, 2, 1, 128, 2, true, DType::f16, true, false},
@@ -563,15 +524,8 @@ TEST(CudaBackward, BitwiseDeterministicAfterForward) {
 TEST(CudaBackward, UnsupportedGivesReasons) {
   AttentionBackwardParams p;
   p.layout = Layout(8, 1, 16);
-  p.D = 96;
-  p.dtype = DType::bf16;
+  test::expect_head_dim_and_dtype_refused(p);
   std::string why;
-  EXPECT_FALSE(cuda::supports(p, &why));
-  EXPECT_NE(why.find("D: must be 64 or 128 (got 96)"), std::string::npos) << why;
-  p.D = 128;
-  p.dtype = DType::f32;
-  EXPECT_FALSE(cuda::supports(p, &why));
-  EXPECT_NE(why.find("dtype"), std::string::npos) << why;
   // A misaligned gradient view.
   alignas(16) static uint16_t buf[64];
   p.dtype = DType::bf16;

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_shape.hpp"
 #include "gpu_test_util.hpp"
 #include "ksa/cpu.hpp"
 #include "ksa/cuda.hpp"
@@ -18,20 +19,7 @@
 namespace ksa {
 namespace {
 
-struct Shape {
-  int64_t k, S, T, W, Hq, Hkv, D, B;
-  bool tail;
-  DType dt;
-  bool strided;
-};
-
-std::string describe(const Shape& s) {
-  char buf[256];
-  std::snprintf(buf, sizeof buf, "k=%lld S=%lld T=%lld W=%lld H=%lld/%lld D=%lld B=%lld tail=%d %s strided=%d",
-                (long long)s.k, (long long)s.S, (long long)s.T, (long long)s.W, (long long)s.Hq, (long long)s.Hkv,
-                (long long)s.D, (long long)s.B, int(s.tail), dtype_name(s.dt), int(s.strided));
-  return buf;
-}
+using test::Shape;
 
 // Runs one shape; returns the worst error. Tolerance (METHOD: bf16 operands land between 1e-3 and 1e-2 in
 // relative norm): the kernel rounds P to the input dtype before P.V, as every flash kernel does, so the
@@ -39,7 +27,7 @@ std::string describe(const Shape& s) {
 // on unit-normal inputs, and relative L2 error <= 1e-2 (bf16) / 2e-3 (f16). lse is fp32 throughout: 1e-3.
 // Every option set in `opts` runs on the same inputs against one oracle result.
 void check_shape(const Shape& s, uint64_t seed, const std::vector<cuda::KernelOptions>& opts = {{}}) {
-  SCOPED_TRACE(describe(s) + " seed " + std::to_string(seed));
+  SCOPED_TRACE(test::describe(s) + " seed " + std::to_string(seed));
   const Layout lay(s.k, s.S, s.T, s.tail);
   const int64_t L = lay.length();
   std::mt19937_64 rng(seed);
@@ -66,22 +54,7 @@ void check_shape(const Shape& s, uint64_t seed, const std::vector<cuda::KernelOp
   }
   CK(cudaMemcpy(dq, hq.data(), size_t(n_q) * 2, cudaMemcpyHostToDevice));
 
-  AttentionParams p;
-  p.layout = lay;
-  p.W = s.W;
-  p.B = s.B;
-  p.Hq = s.Hq;
-  p.Hkv = s.Hkv;
-  p.D = s.D;
-  p.dtype = s.dt;
-  p.q = TensorView{dq, L * rowq, rowq, s.D};
-  if (s.strided) {
-    p.k = TensorView{dq + s.Hq * s.D, L * rowq, rowq, s.D};
-    p.v = TensorView{dq + (s.Hq + s.Hkv) * s.D, L * rowq, rowq, s.D};
-  } else {
-    p.k = TensorView::dense(dk, L, s.Hkv, s.D);
-    p.v = TensorView::dense(dv, L, s.Hkv, s.D);
-  }
+  AttentionParams p = test::qkv_params<AttentionParams>(s, lay, rowq, dq, dk, dv);
   p.out = TensorView{dout, L * rowo, rowo, s.D};
   p.lse = dlse;
   std::optional<cpu::ReferenceOutput> ref;  // computed once, on the first pass
@@ -185,34 +158,15 @@ TEST(CudaForward, RandomShapes) {
   REQUIRE_GPU();
   for (uint64_t seed = 100; seed < 112; ++seed) {
     std::mt19937_64 rng(seed);
-    Shape s;
-    s.k = 1 + int64_t(rng() % 20);
-    s.S = 1 + int64_t(rng() % 3);
-    s.T = 1 + int64_t(rng() % 800);
-    s.W = int64_t(rng() % 10);
-    s.Hkv = 1 + int64_t(rng() % 2);
-    s.Hq = s.Hkv * (int64_t(1) << (rng() % 3));
-    s.D = rng() % 2 ? 64 : 128;
-    s.B = 1 + int64_t(rng() % 2);
-    s.tail = rng() % 2;
-    s.dt = rng() % 2 ? DType::bf16 : DType::f16;
-    s.strided = rng() % 2;
-    check_shape(s, seed);
+    check_shape(test::random_shape(rng, 800), seed);
   }
 }
 
 TEST(CudaForward, UnsupportedGivesReasons) {
   AttentionParams p;
   p.layout = Layout(8, 1, 16);
-  p.D = 96;
-  p.dtype = DType::bf16;
+  test::expect_head_dim_and_dtype_refused(p);
   std::string why;
-  EXPECT_FALSE(cuda::supports(p, &why));
-  EXPECT_NE(why.find("D: must be 64 or 128 (got 96)"), std::string::npos) << why;
-  p.D = 128;
-  p.dtype = DType::f32;
-  EXPECT_FALSE(cuda::supports(p, &why));
-  EXPECT_NE(why.find("dtype"), std::string::npos) << why;
   // Kernel options: a configuration outside -1..5 is refused by supports() and pick_forward alike; a portable
   // configuration asked for is the one that runs (no device needed to choose it).
   p.dtype = DType::bf16;

@@ -106,17 +106,11 @@ struct GpuDriver : test::DecodeTracker {
         std::memcpy(&t.h[size_t(r * t.v.row_stride + h * t.v.head_stride)], src.data() + (srow * H + h) * D * 2,
                     size_t(D * 2));
     };
-    std::vector<SeqId> bid;
-    int64_t r = 0;
-    for (size_t j = 0; j < batch.size(); ++j) {
-      const SeqData& d = *data[batch[j]];
-      bid.push_back(ids[batch[j]]);
-      for (int64_t i = 0; i < n[j]; ++i, ++r) {
-        put(q, r, d.q, pos[batch[j]] + i, Hq);
-        put(k, r, d.k, pos[batch[j]] + i, Hkv);
-        put(v, r, d.v, pos[batch[j]] + i, Hkv);
-      }
-    }
+    const std::vector<SeqId> bid = gather_step(batch, n, [&](int64_t r, const SeqData& d, int64_t p) {
+      put(q, r, d.q, p, Hq);
+      put(k, r, d.k, p, Hkv);
+      put(v, r, d.v, p, Hkv);
+    });
     DevMem dq(q.h.size() * 2), dk_(k.h.size() * 2), dv_(v.h.size() * 2), dout(o.h.size() * 2),
         dlse(size_t(R * Hq) * 4 + 4);
     CK(cudaMemcpy(dq.p, q.h.data(), q.h.size() * 2, cudaMemcpyHostToDevice));
@@ -312,16 +306,9 @@ TEST(CudaDecode, RejectsUnsafeStepsAndChangesNothing) {
 
 TEST(CudaDecode, UnsupportedConfigsGiveReasons) {
   KvCacheConfig c;
-  c.D = 96;
-  c.dtype = DType::bf16;
   c.max_text_tokens = 100;
+  test::expect_head_dim_and_dtype_refused(c);
   std::string why;
-  EXPECT_FALSE(cuda::supports(c, &why));
-  EXPECT_NE(why.find("D: must be 64 or 128 (got 96)"), std::string::npos) << why;
-  c.D = 128;
-  c.dtype = DType::f32;
-  EXPECT_FALSE(cuda::supports(c, &why));
-  EXPECT_NE(why.find("dtype"), std::string::npos) << why;
   c.dtype = DType::bf16;
   EXPECT_TRUE(cuda::supports(c, &why)) << why;
 }

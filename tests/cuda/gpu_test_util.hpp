@@ -1,5 +1,6 @@
 // Scaffolding shared by the GPU tests (tests/cuda): the skip when no device is visible, a checked CUDA call,
-// and an owning device buffer (freed on every exit path, including a failed ASSERT).
+// an owning device buffer (freed on every exit path, including a failed ASSERT), and the refusals that need no
+// device.
 #pragma once
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "ksa/cuda.hpp"
+#include "ksa/cuda_cache.hpp"
 
 namespace ksa::test {
 
@@ -46,6 +48,21 @@ X* upload(const std::vector<X>& h) {
   if (cudaMemcpy(d, h.data(), h.size() * sizeof(X), cudaMemcpyHostToDevice) != cudaSuccess)
     throw std::runtime_error("cudaMemcpy");
   return d;
+}
+
+// cuda::supports refuses p (attention params or a cache config) with D = 96, then with f32, naming the field;
+// p is left at D = 128, f32.
+template <class P>
+void expect_head_dim_and_dtype_refused(P& p) {
+  p.D = 96;
+  p.dtype = DType::bf16;
+  std::string why;
+  EXPECT_FALSE(cuda::supports(p, &why));
+  EXPECT_NE(why.find("D: must be 64 or 128 (got 96)"), std::string::npos) << why;
+  p.D = 128;
+  p.dtype = DType::f32;
+  EXPECT_FALSE(cuda::supports(p, &why));
+  EXPECT_NE(why.find("dtype"), std::string::npos) << why;
 }
 
 }  // namespace ksa::test

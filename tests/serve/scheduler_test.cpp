@@ -131,16 +131,13 @@ TEST_F(SchedulerTest, SameTokensAloneAndUnderLoad) {
   Model m = load();
   std::vector<int32_t> alone;
   {
-    SchedulerOptions so;
-    so.prefill_chunk = 16;
+    SchedulerOptions so{.prefill_chunk = 16};
     Scheduler s(m, nullptr, so);
     alone = drain(*submit_ok(s, probe)).ids;
   }
   ASSERT_EQ(alone.size(), 24u);
   {
-    SchedulerOptions so;
-    so.prefill_chunk = 16;
-    so.max_seqs = 4;
+    SchedulerOptions so{.max_seqs = 4, .prefill_chunk = 16};
     Scheduler s(m, nullptr, so);
     std::vector<std::shared_ptr<Job>> others;
     for (int i = 0; i < 6; ++i)
@@ -159,8 +156,7 @@ TEST_F(SchedulerTest, SameTokensAloneAndUnderLoad) {
 
 TEST_F(SchedulerTest, LongPromptIsPrefilledInChunksBetweenDecodeSteps) {
   Model m = load();
-  SchedulerOptions so;
-  so.prefill_chunk = 16;
+  SchedulerOptions so{.prefill_chunk = 16};
   Recorder rec;  // declared first: it must outlive the scheduler thread that calls it
   Scheduler s(m, nullptr, so);
   rec.attach(s);
@@ -200,8 +196,7 @@ TEST_F(SchedulerTest, LongPromptIsPrefilledInChunksBetweenDecodeSteps) {
 
 TEST_F(SchedulerTest, AdmissionByMaxSeqs) {
   Model m = load();
-  SchedulerOptions so;
-  so.max_seqs = 2;
+  SchedulerOptions so{.max_seqs = 2};
   Recorder rec;  // declared first: it must outlive the scheduler thread that calls it
   Scheduler s(m, nullptr, so);
   rec.attach(s);
@@ -218,10 +213,8 @@ TEST_F(SchedulerTest, AdmissionByMaxSeqs) {
 TEST_F(SchedulerTest, AdmissionByKvBytes) {
   Model m = load();
   const int64_t per_job = m.kv_bytes_for(30 + 10);
-  SchedulerOptions so;
-  so.max_seqs = 16;
-  so.kv_budget = 2 * per_job + per_job / 2;  // room for two
-  Recorder rec;                              // declared first: it must outlive the scheduler thread that calls it
+  SchedulerOptions so{.max_seqs = 16, .kv_budget = 2 * per_job + per_job / 2};  // room for two
+  Recorder rec;  // declared first: it must outlive the scheduler thread that calls it
   Scheduler s(m, nullptr, so);
   rec.attach(s);
   std::vector<std::shared_ptr<Job>> jobs;
@@ -240,9 +233,7 @@ TEST_F(SchedulerTest, AdmissionByKvBytes) {
 
 TEST_F(SchedulerTest, BoundedQueueRefusesWhenFull) {
   Model m = load();
-  SchedulerOptions so;
-  so.max_seqs = 1;
-  so.max_queue = 2;
+  SchedulerOptions so{.max_seqs = 1, .max_queue = 2};
   Scheduler s(m, nullptr, so);
   auto first = submit_ok(s, spec_of(prompt_of(4, 30), 3000));
   JobProgress p;
@@ -279,8 +270,7 @@ TEST_F(SchedulerTest, CancelReleasesTheSequence) {
 
 TEST_F(SchedulerTest, CancelWhileQueued) {
   Model m = load();
-  SchedulerOptions so;
-  so.max_seqs = 1;
+  SchedulerOptions so{.max_seqs = 1};
   Scheduler s(m, nullptr, so);
   auto first = submit_ok(s, spec_of(prompt_of(4, 50), 3000));
   auto queued = submit_ok(s, spec_of(prompt_of(4, 51), 4));
@@ -333,8 +323,7 @@ TEST_F(SchedulerTest, ShutdownCancelsWorkInFlight) {
   Model m = load();
   std::vector<std::shared_ptr<Job>> jobs;
   {
-    SchedulerOptions so;
-    so.max_seqs = 2;
+    SchedulerOptions so{.max_seqs = 2};
     Scheduler s(m, nullptr, so);
     for (int i = 0; i < 5; ++i) jobs.push_back(submit_ok(s, spec_of(prompt_of(8, 80 + i), 3000)));
     JobProgress p;

@@ -5,7 +5,6 @@
 // and decode(encode(s)) == NFC(s). The data comes from scripts/fetch_test_data.sh (cached under .cache/);
 // without it, or without node, these tests skip and say why.
 #include <gtest/gtest.h>
-#include <unicode/normalizer2.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -16,6 +15,7 @@
 
 #include "ksa/error.hpp"
 #include "ksa/tokenizer.hpp"
+#include "tokenizer/round_trip_oracle.hpp"
 
 namespace ksa {
 namespace {
@@ -28,34 +28,7 @@ const std::string kSource = KSA_SOURCE_DIR;
 std::string reference_dir() { return find_reference_tokenizer({kSource}); }
 std::string node_modules() { return kSource + "/.cache/tokenizer-qwen3/node_modules"; }
 
-std::string nfc(const std::string& s) {
-  UErrorCode st = U_ZERO_ERROR;
-  const icu::Normalizer2* n = icu::Normalizer2::getNFCInstance(st);
-  std::string out;
-  icu::StringByteSink<std::string> sink(&out);
-  n->normalizeUTF8(0, s, sink, nullptr, st);
-  return out;
-}
-
-// What decode(encode(s)) gives for valid UTF-8: added tokens verbatim, the text between them NFC-normalised
-// stretch by stretch (HF normalises after splitting off added tokens, so a combining mark right after one
-// does not compose with it).
-std::string expected_round_trip(const Tokenizer& tok, const std::string& s) {
-  std::string out, seg;
-  for (size_t i = 0; i < s.size();) {
-    size_t best = 0;
-    for (const AddedToken& a : tok.added_tokens())
-      if (a.content.size() > best && s.compare(i, a.content.size(), a.content) == 0) best = a.content.size();
-    if (best == 0) {
-      seg += s[i++];
-      continue;
-    }
-    out += nfc(seg) + s.substr(i, best);
-    seg.clear();
-    i += best;
-  }
-  return out + nfc(seg);
-}
+using test::expected_round_trip;
 
 std::string printable(const std::string& s) {
   std::string out;

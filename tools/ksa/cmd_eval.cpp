@@ -49,8 +49,7 @@ int run_passkey(int argc, char** argv) {
       "is \"; 5 tokens decoded greedily; a trial counts when all 5 digits are right. The distance is counted\n"
       "from the key's first digit to the first answer token. Before the needle come 0..--before filler tokens\n"
       "(random per trial). Filler: a random stretch of the --filler file's tokens.");
-  std::string& dir =
-      f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json), or a file in it");
+  const ModelDirFlag model_flag(f);
   std::string& filler_file = f.str("-f,--filler", "", "text file whose tokens fill the prompt (e.g. held-out text)");
   std::string& lengths_s = f.str("--lengths", "256,512,1024,2048,4096", "distances in tokens, comma-separated");
   int64_t& trials = f.i64("--trials", 20, "trials per distance", 1, 1 << 20);
@@ -61,8 +60,7 @@ int run_passkey(int argc, char** argv) {
   std::string& dump =
       f.str("--dump", "", "write one JSON line per trial (distance, trial, key, answer, prompt ids, correct)");
   if (!f.parse(argc, argv)) return 0;
-  dir = model_dir_arg(dir);
-  if (dir.empty()) throw cli::UsageError("-m/--model: required");
+  const std::string dir = model_flag.dir();
   if (filler_file.empty()) throw cli::UsageError("-f/--filler: required");
   const std::vector<int64_t> lengths = parse_lengths(lengths_s);
 

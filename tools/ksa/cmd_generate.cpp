@@ -183,8 +183,7 @@ int run_generate(int argc, char** argv) {
                "on stderr). Sampling is greedy unless --temp > 0. Stops at an end-of-sequence id\n"
                "(generation_config.json, else config.json; with --chat also <|im_end|>), a --stop string, -n\n"
                "tokens or the context limit.");
-  std::string& dir =
-      f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json), or a file in it");
+  const ModelDirFlag model_flag(f);
   std::string& prompt_text = f.str("-p,--prompt", "", "the prompt");
   std::string& prompt_file = f.str("-f,--file", "", "read the prompt from a file ('-' = stdin)");
   int64_t& n_predict = f.i64("-n,--n-predict", 128, "tokens to generate at most", 0, cli::kMaxTokens);
@@ -221,9 +220,7 @@ int run_generate(int argc, char** argv) {
                              "in the chat template (implies --chat; -p/-f, if given, is the first turn); the KV cache "
                              "is kept between turns; /reset starts over, /exit or Ctrl-D ends");
   if (!f.parse(argc, argv)) return 0;
-  dir = model_dir_arg(dir);
-
-  if (dir.empty()) throw cli::UsageError("-m/--model: required");
+  const std::string dir = model_flag.dir();
   if (interactive) chat = true;
   if (f.given("--prompt") && f.given("--file")) throw cli::UsageError("give exactly one of -p/--prompt and -f/--file");
   if (!interactive && !f.given("--prompt") && !f.given("--file"))

@@ -20,8 +20,7 @@ int run_perplexity(int argc, char** argv) {
                "[ctx/2 + 1, ctx): at least ctx/2 tokens of context), or with --all tokens 1..ctx-1. No BOS is added;\n"
                "a remainder shorter than --ctx is dropped. Prints the tokens scored, the perplexity and the KV-cache\n"
                "bytes of one window at ctx tokens (KSA vs full attention).");
-  std::string& dir =
-      f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json), or a file in it");
+  const ModelDirFlag model_flag(f);
   std::string& file = f.str("-f,--file", "", "the text file");
   int64_t& ctx = f.i64("--ctx", 1024, "tokens per window", 2, cli::kMaxTokens);
   int64_t& chunks = f.i64("--chunks", 0, "score at most this many windows (0 = all)", 0, cli::kMaxTokens);
@@ -32,8 +31,7 @@ int run_perplexity(int argc, char** argv) {
   std::string& dump_logits =
       f.str("--dump-logits", "", "write the logits of every window token (f32, [windows, ctx, vocab], little-endian)");
   if (!f.parse(argc, argv)) return 0;
-  dir = model_dir_arg(dir);
-  if (dir.empty()) throw cli::UsageError("-m/--model: required");
+  const std::string dir = model_flag.dir();
   if (file.empty()) throw cli::UsageError("-f/--file: required");
 
   const Tokenizer tok = load_model_tokenizer(dir);

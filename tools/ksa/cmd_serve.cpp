@@ -52,8 +52,7 @@ int run_serve(int argc, char** argv) {
       "POST /v1/completions (stream: true for server-sent events), GET /v1/models, GET /health, GET /metrics\n"
       "(Prometheus), POST /tokenize, POST /detokenize. SIGINT/SIGTERM stop it gracefully (docs/serve.md).");
   serve::ServeOptions o;
-  std::string& dir =
-      f.str("-m,--model", "", "checkpoint directory (config.json, safetensors, tokenizer.json), or a file in it");
+  const ModelDirFlag model_flag(f);
   std::string& host = f.str("--host", o.host, "address to listen on");
   int64_t& port = f.i64("--port", o.port, "port to listen on (0 = any free port, printed)", 0, 65535);
   std::string& device = f.str("--device", o.device, "engine device: cpu, cuda, or auto (cuda when a GPU is visible)");
@@ -83,9 +82,7 @@ int run_serve(int argc, char** argv) {
       f.f64("--shutdown-grace", o.shutdown_grace, "seconds running requests get to finish after SIGINT/SIGTERM");
   bool& quiet = f.flag("--quiet", "do not log every request on stderr");
   if (!f.parse(argc, argv)) return 0;
-  dir = model_dir_arg(dir);
-
-  if (dir.empty()) throw cli::UsageError("-m/--model: required");
+  const std::string dir = model_flag.dir();
   if (port < 0 || port > 65535)
     throw cli::UsageError("--port: must be in [0, 65535] (got " + std::to_string(port) + ")");
   if (max_seqs < 1) throw cli::UsageError("--max-seqs: must be >= 1 (got " + std::to_string(max_seqs) + ")");

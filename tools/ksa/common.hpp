@@ -99,6 +99,21 @@ inline std::string model_dir_arg(const std::string& m) {
   return parent.empty() ? std::string(".") : parent.string();
 }
 
+// The required -m/--model flag of the commands that load a checkpoint; dir() (after parsing) is its directory.
+struct ModelDirFlag {
+  std::string& arg;
+
+  explicit ModelDirFlag(cli::Flags& f)
+      : arg(f.str("-m,--model", "",
+                  "checkpoint directory (config.json, safetensors, tokenizer.json), or a file in it")) {}
+
+  std::string dir() const {
+    std::string d = model_dir_arg(arg);
+    if (d.empty()) throw cli::UsageError("-m/--model: required");
+    return d;
+  }
+};
+
 #ifdef KSA_HAVE_ENGINE
 // --device: "cpu", "cuda", or "auto" (cuda when the build has the CUDA engine, a GPU is visible and the
 // model in `dir` has a head dim the CUDA engine takes and no q8_0 weights).
