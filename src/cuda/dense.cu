@@ -5,6 +5,7 @@
 
 #include <climits>
 #include <cmath>
+#include <iterator>
 #include <map>
 #include <string>
 #include <tuple>
@@ -235,6 +236,22 @@ struct SampleShared {
   u64 rem;
 };
 
+// Calls f(i, lg[i]) for i = begin, begin + step, ... < end, in that order, with kLogitLoads loads in flight
+// per thread: a loop that waits for each load is latency bound (a 152K vocabulary is 148 round trips of a
+// 1024-thread block, ~100 us from DRAM when a batch's logits no longer sit in L2).
+constexpr int kLogitLoads = 8;
+template <class F>
+__device__ __forceinline__ void for_logits(const float* lg, int begin, int end, int step, F&& f) {
+  for (int i0 = begin; i0 < end; i0 += kLogitLoads * step) {
+    float v[kLogitLoads];
+#pragma unroll
+    for (int j = 0; j < kLogitLoads; ++j) v[j] = i0 + j * step < end ? lg[i0 + j * step] : 0.f;
+#pragma unroll
+    for (int j = 0; j < kLogitLoads; ++j)
+      if (i0 + j * step < end) f(i0 + j * step, v[j]);
+  }
+}
+
 // Order-preserving key of a float: larger float, larger key.
 __device__ __forceinline__ uint32_t fkey(float f) {
   const uint32_t u = __float_as_uint(f);
@@ -279,11 +296,10 @@ __device__ uint32_t select_key(const float* lg, int V, uint32_t lo, u64 target, 
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) sh.hist[i] = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-      const uint32_t key = fkey(lg[i]);
-      if (key < lo || (key & mask) != prefix) continue;
-      atomicAdd(&sh.hist[(key >> shift) & 255u], weight(lg[i]));
-    }
+    for_logits(lg, int(threadIdx.x), V, int(blockDim.x), [&](int, float l) {
+      const uint32_t key = fkey(l);
+      if (key >= lo && (key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], weight(l));
+    });
     __syncthreads();
     if (threadIdx.x == 0) {
       u64 cum = 0;
@@ -325,8 +341,9 @@ __global__ void __launch_bounds__(kSampleThreads)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, stride = int(blockDim.x);
   float best = -INFINITY;
   int bid = INT_MAX;
-  for (int i = threadIdx.x; i < V; i += stride)
-    if (lg[i] > best) best = lg[i], bid = i;
+  for_logits(lg, int(threadIdx.x), V, stride, [&](int i, float l) {
+    if (l > best) best = l, bid = i;
+  });
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const float ob = __shfl_xor_sync(0xffffffffu, best, o);
@@ -363,8 +380,9 @@ __global__ void __launch_bounds__(kSampleThreads)
         lg, V, 0u, u64(a.top_k), [](float) { return u64(1); }, sh);
   if (a.top_p < 1.f) {
     u64 my = 0, Z = 0;
-    for (int i = threadIdx.x; i < V; i += stride)
-      if (fkey(lg[i]) >= lo) my += mass(lg[i]);
+    for_logits(lg, int(threadIdx.x), V, stride, [&](int, float l) {
+      if (fkey(l) >= lo) my += mass(l);
+    });
     block_exclusive_scan(my, Z, sh);
     u64 target = u64(double(a.top_p) * double(Z));
     if (target < 1) target = 1;
@@ -374,8 +392,9 @@ __global__ void __launch_bounds__(kSampleThreads)
   auto kept = [&](float l) { return fkey(l) >= lo && prob(l) >= a.min_p; };
   const int wchunk = (V + stride / 32 - 1) / (stride / 32), w0 = min(V, warp * wchunk), w1 = min(V, w0 + wchunk);
   u64 my = 0, total = 0;
-  for (int i = w0 + lane; i < w1; i += 32)
-    if (kept(lg[i])) my += mass(lg[i]);
+  for_logits(lg, w0 + lane, w1, 32, [&](int, float l) {
+    if (kept(l)) my += mass(l);
+  });
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) my += __shfl_xor_sync(0xffffffffu, my, o);  // the warp's sum, in every lane
   // Exclusive prefix of the warps' sums in warp order (lane 0 of each warp carries its warp's sum).
@@ -562,26 +581,12 @@ bool gemv_fits(const void* x, int64_t M, int64_t K, const void* W, int64_t N) {
 void gemv(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy,
           cudaStream_t s, bool glu = false, int shape = 0) {
   if (M == 1 && shape != 0) return gemv_1(shape, x, K, W, N, y, ydt, ldy, s, glu);
-  switch (M) {
-    case 1:
-      return gemv_m<1>(x, K, W, N, y, ydt, ldy, s, glu);
-    case 2:
-      return gemv_m<2>(x, K, W, N, y, ydt, ldy, s, glu);
-    case 3:
-      return gemv_m<3>(x, K, W, N, y, ydt, ldy, s, glu);
-    case 4:
-      return gemv_m<4>(x, K, W, N, y, ydt, ldy, s, glu);
-    case 5:
-      return gemv_m<5>(x, K, W, N, y, ydt, ldy, s, glu);
-    case 6:
-      return gemv_m<6>(x, K, W, N, y, ydt, ldy, s, glu);
-    case 7:
-      return gemv_m<7>(x, K, W, N, y, ydt, ldy, s, glu);
-    case 8:
-      return gemv_m<8>(x, K, W, N, y, ydt, ldy, s, glu);
-    default:
-      fail("cuda linear: internal error: gemv with M=", M);
-  }
+  // gemv_m<M> at index M - 1.
+  static constexpr decltype(&gemv_m<1>) kByRows[] = {&gemv_m<1>, &gemv_m<2>, &gemv_m<3>, &gemv_m<4>,
+                                                     &gemv_m<5>, &gemv_m<6>, &gemv_m<7>, &gemv_m<8>};
+  static_assert(std::size(kByRows) == kGemvMaxM);
+  if (M < 1 || M > kGemvMaxM) fail("cuda linear: internal error: gemv with M=", M);
+  kByRows[M - 1](x, K, W, N, y, ydt, ldy, s, glu);
 }
 
 }  // namespace
