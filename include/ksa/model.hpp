@@ -122,6 +122,17 @@ struct ReplayTimes {
   double ahead_uploads = 0;       // device: from the end of the step before's launches to this step's plans landing
                                   // (negative: they landed under the step before's graph)
   int64_t ahead_late = 0;         // steps that started before the plans made for them had landed
+
+  // *this += b - a, field by field (what the steps between two readings a and b added).
+  void add_difference(const ReplayTimes& a, const ReplayTimes& b) {
+    steps += b.steps - a.steps;
+    ahead_late += b.ahead_late - a.ahead_late;
+    for (double ReplayTimes::*f :
+         {&ReplayTimes::wall, &ReplayTimes::host_before_launch, &ReplayTimes::host_between, &ReplayTimes::host_ahead,
+          &ReplayTimes::host_wait, &ReplayTimes::device, &ReplayTimes::graph, &ReplayTimes::before_graph,
+          &ReplayTimes::after_graph, &ReplayTimes::ahead_uploads})
+      this->*f += b.*f - a.*f;
+  }
 };
 
 class Model {

@@ -204,20 +204,6 @@ int run_bench_model(int argc, char** argv) {
   SamplerConfig greedy;  // temperature 0: argmax, on the device with CUDA
   int64_t kv_bytes = 0, kv_full = 0;
   ReplayTimes tg_times;  // replayed steps of the timed tg loops of the current case
-  auto add_times = [&](const ReplayTimes& a, const ReplayTimes& b) {  // tg_times += b - a
-    tg_times.steps += b.steps - a.steps;
-    tg_times.wall += b.wall - a.wall;
-    tg_times.host_before_launch += b.host_before_launch - a.host_before_launch;
-    tg_times.host_between += b.host_between - a.host_between;
-    tg_times.host_ahead += b.host_ahead - a.host_ahead;
-    tg_times.host_wait += b.host_wait - a.host_wait;
-    tg_times.device += b.device - a.device;
-    tg_times.graph += b.graph - a.graph;
-    tg_times.before_graph += b.before_graph - a.before_graph;
-    tg_times.after_graph += b.after_graph - a.after_graph;
-    tg_times.ahead_uploads += b.ahead_uploads - a.ahead_uploads;
-    tg_times.ahead_late += b.ahead_late - a.ahead_late;
-  };
 
   // One run of B sequences: returns {pp seconds, tg seconds}.
   auto run_once = [&](int64_t B, int64_t p, int64_t n, bool record) {
@@ -246,7 +232,7 @@ int run_bench_model(int argc, char** argv) {
       for (int64_t b = 0; b < B; ++b) next[size_t(b)] = r.next[size_t(b)];
     }
     const double tg = now_s() - a;
-    add_times(t0, model.replay_times());
+    tg_times.add_difference(t0, model.replay_times());
     if (record) {
       kv_bytes = model.kv_bytes(ids[0]);
       kv_full = model.kv_bytes_full_attention(ids[0]);
