@@ -77,6 +77,10 @@ class KvCacheGpu {
   void launch(const DecodeIO& io, int64_t unit_capacity = 0);
   uint64_t workspace_generation() const;
   int workspace_slot() const;
+  // Plan workspace `slot` (0 or 1): its device address (null while never allocated) and generation. A graph
+  // captured for one slot serves the other once retarget_decode_graph moves its plan arguments.
+  const void* workspace_address(int slot) const;
+  uint64_t workspace_generation(int slot) const;
   // plan_decode(ids, n_new, Hq, scale) with the plan's upload queued on `upload` instead of the cache's
   // stream: for a step planned while the cache's stream still runs the launches of the plan before (the
   // engine plans step t+1 during step t). The upload fills the other slot than that plan's, so it may run
@@ -98,6 +102,12 @@ class KvCacheGpu {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// In `graph` (a cudaGraph_t, not instantiated) captured around KvCacheGpu::launch: every decode kernel node
+// whose plan argument is from[i] gets to[i] instead (a graph captured for one plan workspace slot made to
+// serve the other: KvCacheGpu::workspace_address). Returns the nodes changed; a decode node whose plan is in
+// neither list is left as it is.
+int retarget_decode_graph(void* graph, std::span<const void* const> from, std::span<const void* const> to);
 
 // Whether the device decode supports this cache config; `why` names the field and value when not.
 bool supports(const KvCacheConfig& cfg, std::string* why = nullptr);

@@ -17,7 +17,10 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <utility>
+#include <vector>
 #include <cmath>
 #include <cstdint>
 
@@ -385,28 +388,18 @@ void attend_config(int* ctas_per_sm, const AttendLaunch* a, cudaStream_t s, bool
            s);
 }
 
+// attend_config<D, G> for G = 1..8, by G - 1.
+using AttendConfigFn = void (*)(int*, const AttendLaunch*, cudaStream_t, bool);
+template <int D, int... G>
+constexpr std::array<AttendConfigFn, sizeof...(G)> attend_configs(std::integer_sequence<int, G...>) {
+  return {attend_config<D, G + 1>...};
+}
+
 template <int D>
 void attend_d(int G, int* ctas_per_sm, const AttendLaunch* a, cudaStream_t s, bool pdl) {
-  switch (G) {
-    case 1:
-      return attend_config<D, 1>(ctas_per_sm, a, s, pdl);
-    case 2:
-      return attend_config<D, 2>(ctas_per_sm, a, s, pdl);
-    case 3:
-      return attend_config<D, 3>(ctas_per_sm, a, s, pdl);
-    case 4:
-      return attend_config<D, 4>(ctas_per_sm, a, s, pdl);
-    case 5:
-      return attend_config<D, 5>(ctas_per_sm, a, s, pdl);
-    case 6:
-      return attend_config<D, 6>(ctas_per_sm, a, s, pdl);
-    case 7:
-      return attend_config<D, 7>(ctas_per_sm, a, s, pdl);
-    case 8:
-      return attend_config<D, 8>(ctas_per_sm, a, s, pdl);
-    default:
-      fail("cuda decode: GQA group size G=", G, " is not supported (1..8)");
-  }
+  static constexpr auto configs = attend_configs<D>(std::make_integer_sequence<int, 8>{});
+  if (G < 1 || G > int(configs.size())) fail("cuda decode: GQA group size G=", G, " is not supported (1..8)");
+  configs[size_t(G - 1)](ctas_per_sm, a, s, pdl);
 }
 
 void attend(int D, int G, int* ctas_per_sm, const AttendLaunch* a, cudaStream_t s, bool pdl) {
@@ -424,6 +417,32 @@ int attend_ctas_per_sm(int D, int G) {
 }
 
 int attend_tile_keys() { return DecTraits<128, 1>::TILE; }
+
+namespace {
+template <int D, int... G>
+constexpr std::array<const void*, sizeof...(G)> attend_kernels(std::integer_sequence<int, G...>) {
+  return {reinterpret_cast<const void*>(attend_kernel<DecTraits<D, G + 1>>)...};
+}
+}  // namespace
+
+bool is_decode_kernel(const void* func) {
+  // A graph's kernel node may name its kernel by the host stub or by the driver's function handle: both.
+  static const std::vector<const void*> known = [] {
+    std::vector<const void*> v = {reinterpret_cast<const void*>(write_kernel),
+                                  reinterpret_cast<const void*>(merge_kernel)};
+    for (const auto& ks : {attend_kernels<64>(std::make_integer_sequence<int, 8>{}),
+                           attend_kernels<128>(std::make_integer_sequence<int, 8>{})})
+      v.insert(v.end(), ks.begin(), ks.end());
+    const size_t stubs = v.size();
+    for (size_t i = 0; i < stubs; ++i) {
+      cudaFunction_t f = nullptr;
+      if (cudaGetFuncBySymbol(&f, v[i]) == cudaSuccess && f) v.push_back(reinterpret_cast<const void*>(f));
+    }
+    cudaGetLastError();
+    return v;
+  }();
+  return std::find(known.begin(), known.end(), func) != known.end();
+}
 
 void launch_decode(const DecodeRun& a, const DecodeRun* dev, const DecodeTensors& io, cudaStream_t s,
                    int64_t unit_capacity) {

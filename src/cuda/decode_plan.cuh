@@ -127,6 +127,9 @@ size_t decode_blob(const PackedDecode& pk, DecodeRun& run, char* dev, char* host
 // cut in multiples of it).
 int attend_ctas_per_sm(int D, int G);
 int attend_tile_keys();
+// Whether `func` (a kernel's host address, as a CUDA graph's kernel node names it) is one of the decode
+// kernels: their first parameter is the plan (const DecodeRun*).
+bool is_decode_kernel(const void* func);
 
 // Queues the split attention (which also writes the step's new K/V rows) and the merge; a plan without
 // tokens (a prefill's writes) runs the write kernel alone. No host reads or syncs. `host` is the plan as

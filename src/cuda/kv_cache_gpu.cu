@@ -37,6 +37,18 @@ struct DeviceSlabs final : SlabAllocator {
 };
 
 // A device buffer that only grows (growing waits for the stream: the old buffer may still be in use).
+// Replaces the buffer (p, cap) by one of at least `bytes` (twice the old capacity at least): free, then
+// allocate; (p, cap) stay null/0 if the allocation throws.
+template <class Free, class Alloc>
+void regrow(void*& p, size_t& cap, size_t bytes, Free free_fn, Alloc alloc_fn) {
+  const size_t n = std::max(bytes, cap * 2);
+  free_fn(p);
+  p = nullptr;
+  cap = 0;
+  KSA_CUDA_CHECK(alloc_fn(&p, n));
+  cap = n;
+}
+
 struct DeviceBuf {
   void* p = nullptr;
   size_t cap = 0;
@@ -45,12 +57,7 @@ struct DeviceBuf {
     if (bytes <= cap) return;
     ++generation;
     KSA_CUDA_CHECK(cudaStreamSynchronize(s));
-    const size_t n = std::max(bytes, cap * 2);
-    cudaFree(p);
-    p = nullptr;
-    cap = 0;
-    KSA_CUDA_CHECK(cudaMalloc(&p, n));
-    cap = n;
+    regrow(p, cap, bytes, cudaFree, [](void** q, size_t n) { return cudaMalloc(q, n); });
   }
   ~DeviceBuf() { cudaFree(p); }
 };
@@ -67,13 +74,7 @@ struct Staging {
   }
   void reserve(size_t bytes) {
     wait();
-    if (bytes <= cap) return;
-    const size_t n = std::max(bytes, cap * 2);
-    cudaFreeHost(p);
-    p = nullptr;
-    cap = 0;
-    KSA_CUDA_CHECK(cudaMallocHost(&p, n));
-    cap = n;
+    if (bytes > cap) regrow(p, cap, bytes, cudaFreeHost, [](void** q, size_t n) { return cudaMallocHost(q, n); });
   }
   ~Staging() {
     cudaFreeHost(p);
@@ -144,9 +145,10 @@ struct KvCacheGpu::Impl {
   PackedDecode packed;        // the last plan, packed (its vectors reused from step to step)
   BlockAddresses block_addr;  // the pool's block addresses by id
   // Two plan workspaces: decode plans alternate between them (slot), so that a plan can be uploaded while
-  // the launches of the plan before it still read the other; a prefill's plan reuses the current slot (it is
-  // queued on the cache's stream, after the launches that read it).
-  DeviceBuf meta[2], partials, read_meta;
+  // the launches of the plan before it still read the other. A prefill's writes have a workspace of their
+  // own (queued on the cache's stream): their larger plans never move a decode workspace, so the graphs
+  // captured around the decode stay valid when prompts come and go.
+  DeviceBuf meta[2], write_meta, partials, read_meta;
   int slot = 0;
   Staging staging[2], read_staging;
   int next_staging = 0;
@@ -182,7 +184,7 @@ struct KvCacheGpu::Impl {
 
     const size_t bytes = decode_blob(pk, run, nullptr, nullptr);
     if (!write_only) slot ^= 1;
-    DeviceBuf& meta = this->meta[slot];
+    DeviceBuf& meta = write_only ? write_meta : this->meta[slot];
     if (bytes > meta.cap && up != stream) KSA_CUDA_CHECK(cudaStreamSynchronize(up));  // an earlier upload's target
     meta.reserve(bytes, stream);
     const size_t acc_bytes = align16(pk.units.size() * size_t(Hkv * G * D) * 4);
@@ -425,6 +427,39 @@ uint64_t KvCacheGpu::workspace_generation() const {
   return m.meta[m.slot].generation * 2 + uint64_t(m.slot);
 }
 int KvCacheGpu::workspace_slot() const { return impl_->slot; }
+const void* KvCacheGpu::workspace_address(int slot) const { return impl_->meta[slot & 1].p; }
+uint64_t KvCacheGpu::workspace_generation(int slot) const {
+  return impl_->meta[slot & 1].generation * 2 + uint64_t(slot & 1);
+}
+
+int retarget_decode_graph(void* graph, std::span<const void* const> from, std::span<const void* const> to) {
+  if (from.size() != to.size()) fail("retarget_decode_graph: ", from.size(), " addresses to move but ", to.size(), " targets");
+  cudaGraph_t g = static_cast<cudaGraph_t>(graph);
+  size_t n = 0;
+  KSA_CUDA_CHECK(cudaGraphGetNodes(g, nullptr, &n));
+  std::vector<cudaGraphNode_t> nodes(n);
+  KSA_CUDA_CHECK(cudaGraphGetNodes(g, nodes.data(), &n));
+  int changed = 0;
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType type;
+    KSA_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+    if (type != cudaGraphNodeTypeKernel) continue;
+    cudaKernelNodeParams p{};
+    KSA_CUDA_CHECK(cudaGraphKernelNodeGetParams(node, &p));
+    if (!detail::is_decode_kernel(p.func) || !p.kernelParams) continue;
+    const void* plan = *static_cast<const void* const*>(p.kernelParams[0]);
+    const auto it = std::find(from.begin(), from.end(), plan);
+    if (it == from.end()) continue;
+    // Every decode kernel takes (const DecodeRun* plan, DecodeTensors io): the node's own argument array is
+    // the driver's, so a new one carries the moved plan and the same io.
+    const void* moved = to[size_t(it - from.begin())];
+    void* args[2] = {&moved, p.kernelParams[1]};
+    p.kernelParams = args;
+    KSA_CUDA_CHECK(cudaGraphKernelNodeSetParams(node, &p));
+    ++changed;
+  }
+  return changed;
+}
 
 void KvCacheGpu::commit_decode() {
   Impl& m = *impl_;

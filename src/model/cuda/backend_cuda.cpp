@@ -111,7 +111,7 @@ class CudaBackend final : public Backend {
     abandon_capture();
     cudaStreamSynchronize(stream_);
     cudaStreamSynchronize(ahead_stream_);
-    for (auto& [key, g] : graphs_) cudaGraphExecDestroy(g.exec);
+    for (auto& [key, g] : graphs_) g.destroy();
     caches_.clear();
     gemm_.reset();
     cudaFreeHost(step_staging_.p);
@@ -532,7 +532,9 @@ class CudaBackend final : public Backend {
     for (auto& c : caches_) c->commit_decode();
   }
 
-  // Plans the next step ahead, then waits for this one (both timed for replay_times).
+  // Plans the next step ahead, then waits for this one (both timed for replay_times). (Planning ahead before
+  // the step's closing copies are queued instead was measured slower: H100, batch 64, the step's time after
+  // the graph 771 us against 480.)
   void timed_sync() {
     const auto a = std::chrono::steady_clock::now();
     plan_ahead();
@@ -579,25 +581,34 @@ class CudaBackend final : public Backend {
     check(cudaStreamWaitEvent(stream_, ahead_ready_, 0), "ordering the next step's plans");
   }
 
-  // A step's shape: rows, summary rows, logits rows, sequences, and the plan workspace slot its decode
-  // reads (the caches alternate two, step by step). Steps of one shape allocate the same activations at the
-  // same addresses (while the arena keeps its chunks) and launch the same kernels.
+  // A step's shape: rows, summary rows, logits rows, sequences. Steps of one shape allocate the same
+  // activations at the same addresses (while the arena keeps its chunks) and launch the same kernels.
   struct GraphKey {
-    int64_t rows = 0, summaries = 0, logits = 0, seqs = 0, slot = 0;
+    int64_t rows = 0, summaries = 0, logits = 0, seqs = 0;
     auto operator<=>(const GraphKey&) const = default;
   };
+  // One executable graph per plan workspace slot (the caches alternate two, step by step): the one captured
+  // and its copy with the decode kernels' plan arguments moved to the other slot (retarget_decode_graph), so
+  // that a shape replays from its second step on whichever slot its steps fall.
   struct Graph {
-    cudaGraphExec_t exec = nullptr;
-    std::vector<int64_t> caps;   // attend CTAs per KV head, per layer (the plans' units fit under them)
-    std::vector<uint64_t> gens;  // the caches' plan workspaces it reads
-    uint64_t arena = 0;          // the arena generation its activation addresses belong to
+    cudaGraphExec_t exec[2] = {nullptr, nullptr};
+    std::vector<uint64_t> gens[2];  // per slot: the caches' plan workspaces it reads
+    std::vector<int64_t> caps;      // attend CTAs per KV head, per layer (the plans' units fit under them)
+    uint64_t arena = 0;             // the arena generation its activation addresses belong to
+    void destroy() {
+      for (cudaGraphExec_t& e : exec)
+        if (e) cudaGraphExecDestroy(e), e = nullptr;
+    }
   };
   enum class Mode { eager, capture, replay };
 
-  bool graph_fits(const Graph& g) const {
-    if (g.arena != arena_.generation()) return false;
+  int slot() const { return caches_.empty() ? 0 : caches_[0]->workspace_slot(); }
+
+  bool graph_fits(const Graph& g, int slot) const {
+    if (!g.exec[slot] || g.arena != arena_.generation()) return false;
     for (size_t i = 0; i < caches_.size(); ++i)
-      if (g.gens[i] != caches_[i]->workspace_generation() || caches_[i]->plan_stats().units > g.caps[i]) return false;
+      if (g.gens[slot][i] != caches_[i]->workspace_generation() || caches_[i]->plan_stats().units > g.caps[i])
+        return false;
     return true;
   }
 
@@ -608,28 +619,33 @@ class CudaBackend final : public Backend {
     caps_.assign(caches_.size(), 0);
     if (!opt_.cuda_graphs || decode_rows_ == 0 || decode_rows_ != step.rows()) return;
     const GraphKey key{step.rows(), int64_t(step.summary_rows.size()), int64_t(step.logits_rows.size()),
-                       int64_t(step.seqs.size()), caches_.empty() ? 0 : caches_[0]->workspace_slot()};
+                       int64_t(step.seqs.size())};
     auto it = graphs_.find(key);
-    if (it != graphs_.end() && graph_fits(it->second)) {
+    if (it != graphs_.end() && graph_fits(it->second, slot())) {
       mode_ = Mode::replay;
-      replay_ = &it->second;
+      replay_exec_ = it->second.exec[slot()];
       return;
     }
     if (++seen_[key] < 2) return;
-    if (it != graphs_.end()) {
-      cudaGraphExecDestroy(it->second.exec);
-      graphs_.erase(it);
-    }
-    if (graphs_.size() >= kMaxGraphs) {  // many shapes (a server's changing batches): start over
-      for (auto& [k, g] : graphs_) cudaGraphExecDestroy(g.exec);
-      graphs_.clear();
-    }
     Graph g;
     for (size_t i = 0; i < caches_.size(); ++i) {
       int64_t cap = 1;  // the next power of two: a growing context recaptures O(log) times
       while (cap < caches_[i]->plan_stats().units) cap *= 2;
       g.caps.push_back(cap);
-      g.gens.push_back(caches_[i]->workspace_generation());
+    }
+    if (it != graphs_.end()) {  // the other slot's graph stays if it still fits (same grids, same arena)
+      Graph& old = it->second;
+      const int o = slot() ^ 1;
+      if (old.exec[o] && old.caps == g.caps && old.arena == arena_.generation()) {
+        std::swap(g.exec[o], old.exec[o]);
+        g.gens[o] = old.gens[o];
+      }
+      old.destroy();
+      graphs_.erase(it);
+    }
+    if (graphs_.size() >= kMaxGraphs) {  // many shapes (a server's changing batches): start over
+      for (auto& [k, gr] : graphs_) gr.destroy();
+      graphs_.clear();
     }
     caps_ = g.caps;
     pending_ = std::move(g);
@@ -654,27 +670,56 @@ class CudaBackend final : public Backend {
       cudaError_t e = cudaStreamEndCapture(stream_, &g);
       cudaGraphExec_t exec = nullptr;
       if (e == cudaSuccess) e = cudaGraphInstantiate(&exec, g, 0);
-      if (g) cudaGraphDestroy(g);
       if (e != cudaSuccess) {
+        if (g) cudaGraphDestroy(g);
         opt_.cuda_graphs = false;
         cudaGetLastError();
         fail("capturing the step in a CUDA graph failed (", cudaGetErrorString(e),
              "); run without graphs (ksa: --no-cuda-graphs; ModelOptions::cuda_graphs = false)");
       }
-      pending_.exec = exec;
+      const int s = slot();
+      pending_.exec[s] = exec;
       pending_.arena = arena_.generation();
+      for (const auto& c : caches_) pending_.gens[s].push_back(c->workspace_generation(s));
+      if (g && !pending_.exec[s ^ 1]) add_other_slot(g, pending_);
+      if (g) cudaGraphDestroy(g);
       Graph& stored = graphs_[pending_key_] = std::move(pending_);
       ++captures_;
-      check(cudaGraphLaunch(stored.exec, stream_), "launching a CUDA graph");
+      check(cudaGraphLaunch(stored.exec[s], stream_), "launching a CUDA graph");
     } else if (mode_ == Mode::replay) {
       mode_ = Mode::eager;
       ++replays_;
       check(cudaEventRecord(graph_t0_, stream_), "timing a CUDA graph");
-      check(cudaGraphLaunch(replay_->exec, stream_), "launching a CUDA graph");
+      check(cudaGraphLaunch(replay_exec_, stream_), "launching a CUDA graph");
       check(cudaEventRecord(graph_t1_, stream_), "timing a CUDA graph");
       replayed_ = true;
       before_launch_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_t0_).count();
     }
+  }
+
+  // The captured graph `g` made to serve the other plan workspace slot (when every cache has one): a copy
+  // with the decode kernels' plan arguments moved there, instantiated. Best effort: on any failure the other
+  // slot's steps capture their own graph.
+  void add_other_slot(cudaGraph_t g, Graph& out) {
+    const int s = slot(), o = s ^ 1;
+    std::vector<const void*> from, to;
+    for (const auto& c : caches_) {
+      if (!c->workspace_address(o)) return;
+      from.push_back(c->workspace_address(s));
+      to.push_back(c->workspace_address(o));
+    }
+    cudaGraph_t copy = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    try {
+      if (cudaGraphClone(&copy, g) == cudaSuccess && cuda::retarget_decode_graph(copy, from, to) > 0 &&
+          cudaGraphInstantiate(&exec, copy, 0) == cudaSuccess) {
+        out.exec[o] = exec;
+        for (const auto& c : caches_) out.gens[o].push_back(c->workspace_generation(o));
+      }
+    } catch (const Error&) {
+    }
+    if (copy) cudaGraphDestroy(copy);
+    cudaGetLastError();
   }
 
   void abandon_capture() {
@@ -740,7 +785,7 @@ class CudaBackend final : public Backend {
   Mode mode_ = Mode::eager;
   std::map<GraphKey, Graph> graphs_;
   std::map<GraphKey, int> seen_;
-  Graph* replay_ = nullptr;
+  cudaGraphExec_t replay_exec_ = nullptr;
   Graph pending_;
   GraphKey pending_key_;
   int64_t replays_ = 0, captures_ = 0;
