@@ -63,16 +63,27 @@ float dot_row_portable(const void* W, DType wdt, int64_t row, int64_t K, const f
 
 namespace {
 
+// A thread's slab of weight rows in a matrix-vector product: long enough that the hardware prefetcher
+// streams it. Slabs of 64 rows of 512 bytes (the lm head of a model with hidden size 256) ran at 25 GB/s
+// against 52 GB/s for rows of 5 KB (2-vCPU EPYC, 2 threads).
+constexpr int64_t kGemvSlabBytes = int64_t(256) << 10;
+
+// Rows per slab: at least 64 and kGemvSlabBytes, at most N / (4 threads) (each thread gets a few slabs).
+int64_t gemv_grain(int64_t row_bytes, int64_t N, int nt) {
+  return std::max<int64_t>(64, std::min(kGemvSlabBytes / std::max<int64_t>(1, row_bytes), N / (4 * int64_t(nt))));
+}
+
 // W is f32, bf16 or q8_0 (the q8_0 products of fewer than 12 rows take linear_q8_0's own path).
 void linear_impl(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads,
                  bool batch_invariant) {
   if (M == 0) return;
   const int nt = detail::resolve_threads(threads);
   if (M <= 4) {
-    // Rows of W in chunks of 64 (contiguous slabs), claimed by the threads as they come free; all M vectors
-    // per row read.
-    detail::parallel_chunks(
-        nt, N, 64, [&](int64_t n0, int64_t n1, int) { detail::gemv_rows(W, wdt, n0, n1, K, x, M, y + n0, N); });
+    // Rows of W in contiguous slabs of at least 64 rows and kGemvSlabBytes, claimed by the threads as they
+    // come free (at least 4 slabs per thread); all M vectors per row read.
+    detail::parallel_chunks(nt, N, gemv_grain(dtype_bytes(wdt, K), N, nt), [&](int64_t n0, int64_t n1, int) {
+      detail::gemv_rows(W, wdt, n0, n1, K, x, M, y + n0, N);
+    });
     return;
   }
   // A few rows: the matrix-vector kernel over groups of 4 rows reads W once per group, which beats widening
@@ -145,7 +156,8 @@ void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N,
     const int64_t g = std::min<int64_t>(4, M - m);
     const int16_t* q = xq.data() + m * K;
     const float* d = xd.data() + m * nb;
-    detail::parallel_chunks(nt, N, 64, [&](int64_t n0, int64_t n1, int) {
+    const int64_t grain = gemv_grain(dtype_bytes(DType::q8_0, K), N, nt);
+    detail::parallel_chunks(nt, N, grain, [&](int64_t n0, int64_t n1, int) {
       detail::gemv_q8_0_rows(W, n0, n1, K, q, d, g, y + m * N + n0, N);
     });
   }
