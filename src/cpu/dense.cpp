@@ -152,11 +152,11 @@ void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N,
   detail::quantize_x_q8_0(x, M * K, xq.data(), xd.data());
   const int nt = detail::resolve_threads(threads);
   const int64_t nb = K / kQ8Block;
+  const int64_t grain = gemv_grain(dtype_bytes(DType::q8_0, K), N, nt);
   for (int64_t m = 0; m < M; m += 4) {
     const int64_t g = std::min<int64_t>(4, M - m);
     const int16_t* q = xq.data() + m * K;
     const float* d = xd.data() + m * nb;
-    const int64_t grain = gemv_grain(dtype_bytes(DType::q8_0, K), N, nt);
     detail::parallel_chunks(nt, N, grain, [&](int64_t n0, int64_t n1, int) {
       detail::gemv_q8_0_rows(W, n0, n1, K, q, d, g, y + m * N + n0, N);
     });

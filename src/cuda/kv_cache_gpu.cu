@@ -36,7 +36,6 @@ struct DeviceSlabs final : SlabAllocator {
   bool host_accessible() const override { return false; }
 };
 
-// A device buffer that only grows (growing waits for the stream: the old buffer may still be in use).
 // Replaces the buffer (p, cap) by one of at least `bytes` (twice the old capacity at least): free, then
 // allocate; (p, cap) stay null/0 if the allocation throws.
 template <class Free, class Alloc>
@@ -49,6 +48,7 @@ void regrow(void*& p, size_t& cap, size_t bytes, Free free_fn, Alloc alloc_fn) {
   cap = n;
 }
 
+// A device buffer that only grows (growing waits for the stream: the old buffer may still be in use).
 struct DeviceBuf {
   void* p = nullptr;
   size_t cap = 0;
@@ -422,10 +422,7 @@ void KvCacheGpu::launch(const DecodeIO& io, int64_t unit_capacity) {
   launch_decode(m.run, m.run_dev, m.checked_tensors(io, m.run_rows), m.stream, unit_capacity);
 }
 
-uint64_t KvCacheGpu::workspace_generation() const {
-  const Impl& m = *impl_;
-  return m.meta[m.slot].generation * 2 + uint64_t(m.slot);
-}
+uint64_t KvCacheGpu::workspace_generation() const { return workspace_generation(impl_->slot); }
 int KvCacheGpu::workspace_slot() const { return impl_->slot; }
 const void* KvCacheGpu::workspace_address(int slot) const { return impl_->meta[slot & 1].p; }
 uint64_t KvCacheGpu::workspace_generation(int slot) const {
@@ -433,7 +430,8 @@ uint64_t KvCacheGpu::workspace_generation(int slot) const {
 }
 
 int retarget_decode_graph(void* graph, std::span<const void* const> from, std::span<const void* const> to) {
-  if (from.size() != to.size()) fail("retarget_decode_graph: ", from.size(), " addresses to move but ", to.size(), " targets");
+  if (from.size() != to.size())
+    fail("retarget_decode_graph: ", from.size(), " addresses to move but ", to.size(), " targets");
   cudaGraph_t g = static_cast<cudaGraph_t>(graph);
   size_t n = 0;
   KSA_CUDA_CHECK(cudaGraphGetNodes(g, nullptr, &n));
