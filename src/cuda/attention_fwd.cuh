@@ -3,6 +3,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "check.cuh"
@@ -20,6 +21,7 @@ struct FwdArgs {
   int64_t W;
   int W32;  // W clamped to int range (any W >= #chunks behaves the same)
   int Hq, G, L, num_qtiles;
+  int B;  // batch entries (launch_fwd sets it)
   // The query rows, gathered order: [qa0, qa1) then [qb0, qb1) (a whole stream: [0, L) and nothing).
   int qa0, qa1, qb0, qb1;
   float scale_log2;  // softmax scale * log2(e)
@@ -73,10 +75,23 @@ __device__ __forceinline__ void store_row(const FwdArgs& a, int b, int h, int g,
 // Launches kern<<<(query tiles of K::BQ rows, Hq, B), K::THREADS, K::SMEM>>>(a, {}) (both kernels' grid).
 // Packed (`packed` not null, B = 1): kern_packed<<<(work items, Hq, 1), ...>>>(a, tables) over the query tiles
 // of every stream (varlen::query_tiles for K::BQ), the streams and the items in a workspace of the launch.
+// persistent: a grid of one CTA per SM (or fewer, one per item) instead, each taking the items (query tile,
+// head, batch entry) x, x + gridDim.x, ... of the a.num_qtiles * Hq * B.
 template <class K, class Kernel, class PackedKernel>
 void launch_fwd(Kernel kern, PackedKernel kern_packed, const FwdArgs& a, int B, const varlen::Streams* packed,
-                cudaStream_t stream) {
+                cudaStream_t stream, bool persistent = false) {
   FwdArgs args = a;
+  args.B = B;
+  auto grid = [&](int tiles, int batch) {
+    if (!persistent) return dim3(unsigned(tiles), unsigned(a.Hq), unsigned(batch));
+    const int64_t items = int64_t(tiles) * a.Hq * batch;
+    if (items >= (int64_t(1) << 31))
+      fail("ksa::cuda::attention_forward: ", items, " work items (query tiles x heads x batch, over 2^31 - 1)");
+    int dev = 0, sms = 0;
+    KSA_CUDA_CHECK(cudaGetDevice(&dev));
+    KSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    return dim3(unsigned(std::min<int64_t>(items, sms)), 1u, 1u);
+  };
   if (packed) {
     const std::vector<varlen::QueryTile> tiles = varlen::query_tiles(*packed, a.W, K::BQ);
     if (tiles.empty()) return;
@@ -91,7 +106,7 @@ void launch_fwd(Kernel kern, PackedKernel kern_packed, const FwdArgs& a, int B, 
     tab.tiles = HostImage::at<varlen::QueryTile>(ws.p, o_tiles);
     args.num_qtiles = int(tiles.size());
     KSA_CUDA_CHECK(cudaFuncSetAttribute(kern_packed, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
-    kern_packed<<<dim3(unsigned(args.num_qtiles), unsigned(a.Hq), 1u), K::THREADS, K::SMEM, stream>>>(args, tab);
+    kern_packed<<<grid(args.num_qtiles, 1), K::THREADS, K::SMEM, stream>>>(args, tab);
     KSA_CUDA_CHECK_LAUNCH();
     ws.release();
     return;
@@ -99,8 +114,7 @@ void launch_fwd(Kernel kern, PackedKernel kern_packed, const FwdArgs& a, int B, 
   KSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
   args.num_qtiles = query_tiles(a, K::BQ);
   if (args.num_qtiles == 0) return;
-  const dim3 grid(unsigned(args.num_qtiles), unsigned(a.Hq), unsigned(B));
-  kern<<<grid, K::THREADS, K::SMEM, stream>>>(args, varlen::Tables{});
+  kern<<<grid(args.num_qtiles, B), K::THREADS, K::SMEM, stream>>>(args, varlen::Tables{});
   KSA_CUDA_CHECK_LAUNCH();
 }
 

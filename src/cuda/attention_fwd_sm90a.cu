@@ -1,9 +1,11 @@
 // CUDA forward, Hopper path (sm_90a only; attention_fwd.cu dispatches here on compute capability 9.0):
 // the same tiles and online softmax as the portable mma.sync kernel, with the products on wgmma.
 //
-// CTA: 128 query rows (gathered order) of one head, two warpgroups of 64 rows each. Key tiles of 128 rows
-// (KeyTileCursor) stream through a two-stage cp.async pipeline (every thread copies half a row of K and V;
-// a row's stream position is computed once per tile), 128B-swizzled for wgmma:
+// Work item: 128 query rows (gathered order) of one head, two consumer warpgroups of 64 rows each and a
+// producer warpgroup. Persistent CTAs, one per SM, take the items heaviest first; the producer's stage ring
+// runs on across items, so the next item's loads overlap the current one's last tile and epilogue. Key tiles
+// of 128 rows (KeyTileCursor) stream through a three-stage cp.async pipeline (sm90a_pipeline.cuh; a row's
+// stream position is computed once per tile), 128B-swizzled for wgmma:
 //   S = Q K^T   wgmma m64n128k16, Q and K from smem (K-major), D/16 k-steps per tile;
 //   mask        per row, two compares per element against the row's text or summary key range
 //               (row_key_ranges, core), only on tiles the cursor marks masked or clipped;
@@ -38,7 +40,8 @@ struct Sm90Traits {
   static constexpr int BK = 128;                                 // keys per tile
   static constexpr int STAGES = 3;                               // K/V tiles in flight
   static constexpr int THREADS = 384;                            // consumer warpgroups 0 and 1, producer warpgroup 2
-  static constexpr int PRODUCER_REGS = 88, CONSUMER_REGS = 208;  // setmaxnreg (see regs_fit)
+  static constexpr int PRODUCER_REGS = 120, CONSUMER_REGS = 192;  // setmaxnreg (see regs_fit; no spills)
+  static constexpr int REUSE_BAR = Bars<STAGES>::kFree;          // Q consumed (Producer's reuse barrier)
   static constexpr uint32_t Q_BYTES = BQ * D * 2, KV_BYTES = BK * D * 2;
   // Q, then STAGES x (K, V), then one TileInfo per stage; +1 KiB to align the base on the 128B swizzle's
   // 1024-byte period.
@@ -49,37 +52,34 @@ struct Sm90Traits {
 };
 
 // ------------------------------------------------------------------------------------------ device code
-// One CTA: the query rows [g0, g1) (gathered order of a's stream) of head blockIdx.y, batch entry blockIdx.z.
+// Work item `it` of a launch: f(args of its stream, g0, g1, h, b). Items run KV head by KV head (batch entry
+// b, KV head hk), within one the query tiles by rank (0: the heaviest query tile of the launch's one layout,
+// or of the packed streams' table), within a tile the G query heads sharing hk: the CTAs in flight then read
+// the same K/V rows (the summaries every tile sees stay in L2).
+template <class K, bool PACKED, class F>
+__device__ __forceinline__ void with_item(const FwdArgs& a, const varlen::Tables& v, int it, F&& f) {
+  const int per_kv = a.num_qtiles * a.G, bk = it / per_kv, rem = it % per_kv, rank = rem / a.G;
+  const int Hkv = a.Hq / a.G, b = bk / Hkv, h = (bk % Hkv) * a.G + rem % a.G;
+  if constexpr (PACKED) {
+    const varlen::QueryTile w = v.tiles[rank];
+    f(stream_args<typename K::T>(a, v.seqs[w.seq]), w.g0, w.g1, h, b);
+  } else {
+    int g0, g1;
+    query_tile<K::BQ>(a, a.num_qtiles - 1 - rank, g0, g1);
+    f(a, g0, g1, h, b);
+  }
+}
+
+// Consumer warpgroup wg's part of one item: query rows [g0, g1) (gathered order of a's stream) of head h,
+// batch entry b; j counts the CTA's tiles over its items (the stage ring's position), last_item: no item
+// follows in this CTA.
 template <class K>
-__device__ __forceinline__ void fwd_sm90a_cta(const FwdArgs& a, int g0, int g1) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void fwd_sm90a_consume(const FwdArgs& a, int g0, int g1, int h, int b, int wg, uint32_t sQ,
+                                                  uint32_t sKV, const TileInfo* info, int& j, bool last_item) {
   using T = typename K::T;
   using B = Bars<K::STAGES>;
-  constexpr int D = K::D, BQ = K::BQ, BK = K::BK, NS = BK / 2, NO = D / 2;
-  extern __shared__ __align__(1024) uint8_t smem[];
-  const uint32_t sQ = (smem_u32(smem) + 1023u) & ~1023u, sKV = sQ + K::Q_BYTES;  // stage st: K, then V
-  TileInfo* info = reinterpret_cast<TileInfo*>(smem + (sKV - smem_u32(smem)) + K::STAGES * 2 * K::KV_BYTES);
-
-  const int h = int(blockIdx.y), b = int(blockIdx.z), hk = h / a.G;
-  const int wg = int(threadIdx.x) / 128;
-  if (wg == 2) {
-    setmaxnreg_dec<K::PRODUCER_REGS>();
-    const T* qb = at<const T>(a.q, b, 0, h);
-    const T* kb = at<const T>(a.k, b, 0, hk);
-    const T* vb = at<const T>(a.v, b, 0, hk);
-    produce<K::STAGES>(
-        sKV, 2 * K::KV_BYTES, info, [&] { load_rows<T, D, BQ>(a.l32, sQ, qb, a.q.r, g0, g1); },
-        KeyTiles<BK>(a.lay, a.W, g0, g1),
-        [&](uint32_t st, const TileInfo& t) {
-          load_rows<T, D, BK>(a.l32, st, kb, a.k.r, t.begin, t.end);
-          load_rows<T, D, BK>(a.l32, st + K::KV_BYTES, vb, a.v.r, t.begin, t.end);
-        });
-    return;
-  }
-  setmaxnreg_inc<K::CONSUMER_REGS>();
-
-  // Consumer warpgroup wg: query rows [64 wg, 64 wg + 64) of the CTA tile. This thread's rows: r0 and
-  // r0 + 8 (hf = 0, 1); rows past g1 see nothing.
+  constexpr int D = K::D, BK = K::BK, NS = BK / 2, NO = D / 2;
+  // This thread's rows: r0 and r0 + 8 (hf = 0, 1) of the consumer's 64; rows past g1 see nothing.
   const int warp = (int(threadIdx.x) / 32) % 4, lane = int(threadIdx.x) % 32, gid = lane / 4, tig = lane % 4;
   const int r0 = wg * 64 + warp * 16 + gid;
   RowKeyRanges rk[2];
@@ -93,17 +93,18 @@ __device__ __forceinline__ void fwd_sm90a_cta(const FwdArgs& a, int g0, int g1) 
   for (int i = 0; i < NO; ++i) o[i] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // m: running max of raw scores * scale_log2
 
-  for (int i = 0;; ++i) {
-    const int st = i % K::STAGES;
+  for (;; ++j) {
+    const int st = j % K::STAGES;
     B::wait_full(st, wg);
     const TileInfo t = info[st];
     const uint32_t sK = sKV + uint32_t(st) * 2 * K::KV_BYTES, sV = sK + K::KV_BYTES;
 
-    // S = Q K^T (64 rows x 128 keys). The consumers issue it in turn (0, 1, 0, 1, ...) so that one's
-    // products run on the tensor cores while the other is in its softmax.
+    // S = Q K^T (64 rows x 128 keys). The consumers issue it in turn (0, 1, 0, 1, ... over the CTA's tiles)
+    // so that one's products run on the tensor cores while the other is in its softmax.
     float s[NS];
-    B::products_in_turn(wg, i, !t.last, [&] { wgmma_ss_rows<T, BK, D, BQ>(s, sQ, wg * 64, sK); });
+    B::products_in_turn(wg, j, !(t.last && last_item), [&] { wgmma_ss_rows<T, BK, D, K::BQ>(s, sQ, wg * 64, sK); });
     fence_reg(s);
+    if (t.last && !last_item) B::reuse_done(K::REUSE_BAR);  // Q is free for the next item's rows
 
     // Mask: key x of the tile is visible to row hf iff it lies in the row's range for the tile's region
     // (a tile is all text or all summaries).
@@ -113,10 +114,10 @@ __device__ __forceinline__ void fwd_sm90a_cta(const FwdArgs& a, int g0, int g1) 
       for (int hf = 0; hf < 2; ++hf) {
         const KeyRange kr = key_range(rk[hf], text);
 #pragma unroll
-        for (int j = 0; j < BK / 8; ++j)
+        for (int jj = 0; jj < BK / 8; ++jj)
 #pragma unroll
           for (int e = 0; e < 2; ++e)
-            if (!kr.sees(t.begin + 8 * j + 2 * tig + e)) s[4 * j + 2 * hf + e] = -INFINITY;
+            if (!kr.sees(t.begin + 8 * jj + 2 * tig + e)) s[4 * jj + 2 * hf + e] = -INFINITY;
       }
     }
     // Online softmax in the log2 domain: p = 2^(s * scale_log2 - m); a row's 128 scores live in its quad.
@@ -124,23 +125,23 @@ __device__ __forceinline__ void fwd_sm90a_cta(const FwdArgs& a, int g0, int g1) 
     for (int hf = 0; hf < 2; ++hf) {
       float mx = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < BK / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * hf], s[4 * j + 2 * hf + 1]));
+      for (int jj = 0; jj < BK / 8; ++jj) mx = fmaxf(mx, fmaxf(s[4 * jj + 2 * hf], s[4 * jj + 2 * hf + 1]));
       float alpha;
       const float m_use = online_softmax_step(m[hf], quad_max(mx) * a.scale_log2, alpha);
       float sum = 0.f;
 #pragma unroll
-      for (int j = 0; j < BK / 8; ++j)
+      for (int jj = 0; jj < BK / 8; ++jj)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float p = ex2(fmaf(s[4 * j + 2 * hf + e], a.scale_log2, -m_use));
-          s[4 * j + 2 * hf + e] = p;
+          const float p = ex2(fmaf(s[4 * jj + 2 * hf + e], a.scale_log2, -m_use));
+          s[4 * jj + 2 * hf + e] = p;
           sum += p;
         }
       l[hf] = l[hf] * alpha + sum;  // per-thread partial; summed over the quad at the end
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        o[4 * j + 2 * hf] *= alpha;
-        o[4 * j + 2 * hf + 1] *= alpha;
+      for (int jj = 0; jj < D / 8; ++jj) {
+        o[4 * jj + 2 * hf] *= alpha;
+        o[4 * jj + 2 * hf + 1] *= alpha;
       }
     }
 
@@ -156,6 +157,7 @@ __device__ __forceinline__ void fwd_sm90a_cta(const FwdArgs& a, int g0, int g1) 
     B::release(st);
     if (t.last) break;
   }
+  ++j;
 
   // Epilogue: normalise, write out (stream order) and lse (natural log).
 #pragma unroll
@@ -164,27 +166,53 @@ __device__ __forceinline__ void fwd_sm90a_cta(const FwdArgs& a, int g0, int g1) 
     const int g = g0 + r0 + 8 * hf;
     if (g < g1) store_row<T, D>(a, b, h, g, tig, hf, o, m[hf], sum);
   }
-#endif
 }
 
-// PACKED: CTA x takes work item v.tiles[x] (a query tile of one stream, with that stream's rows, Layout and
-// tile walk); otherwise query tile x of the launch's one layout, the heaviest (most summaries) first.
+// A persistent CTA per SM: CTA x takes items x, x + gridDim.x, ... (with_item; heaviest first), its producer
+// running ahead across item boundaries: the next item's first K/V tile is loaded while the consumers finish
+// the current one, its Q as soon as both consumers' last S = Q K^T of the current item has completed.
+// PACKED: the items' query tiles are v.tiles (a query tile of one stream, with that stream's rows, Layout and
+// tile walk); otherwise the query tiles of the launch's one layout, the heaviest (most summaries) first.
 template <class K, bool PACKED>
 __global__ void __launch_bounds__(K::THREADS, 1) fwd_sm90a_kernel(const FwdArgs a, const varlen::Tables v) {
-  if constexpr (PACKED) {
-    const varlen::QueryTile w = v.tiles[blockIdx.x];
-    fwd_sm90a_cta<K>(stream_args<typename K::T>(a, v.seqs[w.seq]), w.g0, w.g1);
-  } else {
-    int g0, g1;
-    query_tile<K::BQ>(a, a.num_qtiles - 1 - int(blockIdx.x), g0, g1);
-    fwd_sm90a_cta<K>(a, g0, g1);
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename K::T;
+  constexpr int D = K::D, BQ = K::BQ, BK = K::BK;
+  extern __shared__ __align__(1024) uint8_t smem[];
+  const uint32_t sQ = (smem_u32(smem) + 1023u) & ~1023u, sKV = sQ + K::Q_BYTES;  // stage st: K, then V
+  TileInfo* info = reinterpret_cast<TileInfo*>(smem + (sKV - smem_u32(smem)) + K::STAGES * 2 * K::KV_BYTES);
+  const int items = a.num_qtiles * a.Hq * a.B, wg = int(threadIdx.x) / 128;
+
+  if (wg == 2) {
+    setmaxnreg_dec<K::PRODUCER_REGS>();
+    Producer<K::STAGES> p(sKV, 2 * K::KV_BYTES, info, K::REUSE_BAR);
+    for (int it = int(blockIdx.x); it < items; it += int(gridDim.x))
+      with_item<K, PACKED>(a, v, it, [&](const FwdArgs& ia, int g0, int g1, int h, int b) {
+        const T* kb = at<const T>(ia.k, b, 0, h / ia.G);
+        const T* vb = at<const T>(ia.v, b, 0, h / ia.G);
+        p.item([&] { load_rows<T, D, BQ>(ia.l32, sQ, at<const T>(ia.q, b, 0, h), ia.q.r, g0, g1); },
+               KeyTiles<BK>(ia.lay, ia.W, g0, g1),
+               [&](uint32_t st, const TileInfo& t) {
+                 load_rows<T, D, BK>(ia.l32, st, kb, ia.k.r, t.begin, t.end);
+                 load_rows<T, D, BK>(ia.l32, st + K::KV_BYTES, vb, ia.v.r, t.begin, t.end);
+               });
+      });
+    p.finish();
+    return;
   }
+  setmaxnreg_inc<K::CONSUMER_REGS>();
+  int j = 0;
+  for (int it = int(blockIdx.x); it < items; it += int(gridDim.x))
+    with_item<K, PACKED>(a, v, it, [&](const FwdArgs& ia, int g0, int g1, int h, int b) {
+      fwd_sm90a_consume<K>(ia, g0, g1, h, b, wg, sQ, sKV, info, j, it + int(gridDim.x) >= items);
+    });
+#endif
 }
 
 // --------------------------------------------------------------------------------------------- launcher
 template <class K>
 void launch(const FwdArgs& a, int B, const varlen::Streams* packed, cudaStream_t s) {
-  launch_fwd<K>(fwd_sm90a_kernel<K, false>, fwd_sm90a_kernel<K, true>, a, B, packed, s);
+  launch_fwd<K>(fwd_sm90a_kernel<K, false>, fwd_sm90a_kernel<K, true>, a, B, packed, s, /*persistent=*/true);
 }
 
 template <class T>

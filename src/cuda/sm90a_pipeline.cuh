@@ -53,6 +53,8 @@ struct Bars {
     if (wg == 0) bar_arrive(sched(1), 256);
     else if (more) bar_arrive(sched(0), 256);
   }
+  // The consumers' side of Producer's reuse barrier: this consumer is done with the item's one-time data.
+  static __device__ __forceinline__ void reuse_done(int reuse_bar) { bar_arrive(reuse_bar, 384); }
   // Turn i of this consumer: issue() queues its wgmma products (one commit group), the turn passes as soon as
   // they are queued, then this consumer waits for them (and any group still in flight).
   template <class Issue>
@@ -103,44 +105,72 @@ __device__ __forceinline__ void load_rows(const Layout32& l32, uint32_t s, const
   }
 }
 
-// The producer warpgroup's loop: `first()` issues the CTA's one-time loads (they land with the first tile);
-// `next(TileInfo&)` yields the CTA's tiles in order (begin, end, masked, aux; false when done, true at least
-// once); `load(stage_addr, info)` issues a tile's loads into a stage (stage st at s_stages + st * stage_bytes).
-// Each tile is published to both consumers once it has landed.
+// The producer warpgroup's side of the stage ring, over one or more work items of a CTA (a persistent CTA
+// takes several; stage j % STAGES holds the CTA's j-th tile counted over all its items). Per item, item():
+// `first()` issues the item's one-time loads (they land with its first tile); `next(TileInfo&)` yields the
+// item's tiles in order (begin, end, masked, aux; false when done, true at least once); `load(stage_addr,
+// info)` issues a tile's loads into a stage (stage st at s_stages + st * stage_bytes). Each tile is published
+// to both consumers once it has landed, the item's last with TileInfo::last set. Before a later item's
+// `first()` overwrites the previous item's one-time data, the producer waits on named barrier `reuse_bar`
+// (384 threads: both consumers arrive there once they are done with that data, Bars::reuse_done); the
+// item's first K/V tile is already in flight by then. finish() after the last item.
+template <int STAGES>
+struct Producer {
+  using B = Bars<STAGES>;
+  uint32_t s_stages, stage_bytes;
+  TileInfo* info;
+  int reuse_bar;
+  int j = 0;  // tiles issued so far
+  __device__ Producer(uint32_t s_stages_, uint32_t stage_bytes_, TileInfo* info_, int reuse_bar_)
+      : s_stages(s_stages_), stage_bytes(stage_bytes_), info(info_), reuse_bar(reuse_bar_) {}
+
+  __device__ __forceinline__ void publish(int jj, TileInfo t, int last) {  // tile jj landed (this thread's part)
+    fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads through the async one
+    if (threadIdx.x == 256) {
+      t.last = last;
+      info[jj % STAGES] = t;
+    }
+    bar_arrive(B::full(jj % STAGES, 0), 256);
+    bar_arrive(B::full(jj % STAGES, 1), 256);
+  }
+  template <class First, class Next, class Load>
+  __device__ __forceinline__ void item(First first, Next next, Load load) {
+    TileInfo cur{}, prev{};
+    next(cur);
+    // The item's first tile, then its one-time loads.
+    if (j >= STAGES) bar_sync(B::empty(j % STAGES), 384);  // both consumers are done with tile j - STAGES
+    load(s_stages + uint32_t(j % STAGES) * stage_bytes, cur);
+    cp_async_commit();
+    if (j > 0) bar_sync(reuse_bar, 384);  // the consumers are done with the previous item's one-time data
+    first();
+    cp_async_commit();
+    for (;;) {
+      prev = cur;
+      ++j;
+      if (!next(cur)) break;
+      const int st = j % STAGES;
+      if (j >= STAGES) bar_sync(B::empty(st), 384);
+      load(s_stages + uint32_t(st) * stage_bytes, cur);
+      cp_async_commit();
+      cp_async_wait<1>();  // tile j - 1 (and the one-time loads) landed; tile j stays in flight
+      publish(j - 1, prev, 0);
+    }
+    cp_async_wait<0>();
+    publish(j - 1, prev, 1);
+  }
+  // Completes the empty barriers' outstanding phases (every consumer arrival is matched).
+  __device__ __forceinline__ void finish() {
+    for (int jj = j - STAGES > 0 ? j - STAGES : 0; jj < j; ++jj) bar_sync(B::empty(jj % STAGES), 384);
+  }
+};
+
+// One work item per CTA: Producer::item, then finish (no reuse barrier is waited on).
 template <int STAGES, class First, class Next, class Load>
 __device__ __forceinline__ void produce(uint32_t s_stages, uint32_t stage_bytes, TileInfo* info, First first, Next next,
                                         Load load) {
-  using B = Bars<STAGES>;
-  const bool leader = threadIdx.x == 256;
-  TileInfo cur{}, prev{};
-  bool have = next(cur);
-  first();
-  auto publish = [&](int j, int last) {  // tile j has landed (this thread's part): tell the consumers
-    fence_proxy_async();                 // cp.async wrote through the generic proxy; wgmma reads through the async one
-    if (leader) {
-      prev.last = last;
-      info[j % STAGES] = prev;
-    }
-    bar_arrive(B::full(j % STAGES, 0), 256);
-    bar_arrive(B::full(j % STAGES, 1), 256);
-  };
-  int j = 0;
-  for (; have; ++j) {
-    const int st = j % STAGES;
-    if (j >= STAGES) bar_sync(B::empty(st), 384);  // both consumers are done with tile j - STAGES
-    load(s_stages + uint32_t(st) * stage_bytes, cur);
-    cp_async_commit();
-    if (j >= 1) {
-      cp_async_wait<1>();  // tile j - 1 (and the first loads) landed; tile j stays in flight
-      publish(j - 1, 0);
-    }
-    prev = cur;
-    have = next(cur);
-  }
-  cp_async_wait<0>();
-  publish(j - 1, 1);
-  // Complete the empty barriers' outstanding phases (every consumer arrival is matched).
-  for (int jj = j - STAGES > 0 ? j - STAGES : 0; jj < j; ++jj) bar_sync(B::empty(jj % STAGES), 384);
+  Producer<STAGES> p(s_stages, stage_bytes, info, 0);
+  p.item(first, next, load);
+  p.finish();
 }
 
 // The key tiles of the queries [g0, g1) (KeyTileCursor, BK rows) as a producer's `next`.
