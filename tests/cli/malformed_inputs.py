@@ -348,6 +348,8 @@ for argv, msg in [
         (["bench", "attn", "--heads", "x"], "--heads"), (["bench", "attn", "--dtype", "f64"], "--dtype"),
         (["bench", "attn", "--device", "tpu"], "--device"), (["bench", "attn", "--reps", "0"], "out of range"),
         (["bench", "attn", "--gemm-n", "8"], "out of range"), (["bench", "attn", "-t", "99999"], "out of range"),
+        (["bench", "attn", "--docs", "100,x"], "--docs"), (["bench", "attn", "--docs", "0"], "--docs"),
+        (["bench", "attn", "--docs", "5,,6"], "--docs"), (["bench", "attn", "--docs", "64"], "--device cuda only"),
         (["bench", "sgemm", "--n", "0"], "out of range"), (["bench", "sgemm", "--n", "100000"], "out of range"),
         (["bench", "sgemm", "--reps", "0"], "out of range"),
         (["demo", "-T", "0"], "out of range"), (["demo", "-k", "0"], "out of range"), (["demo", "-S", "70000"], "out of range"),

@@ -236,6 +236,29 @@ int run_attn_cpu(const AttnArgs& a) {
   return 0;
 }
 
+// "3374,31219" -> {3374, 31219}: each a positive text length; "" -> {}.
+std::vector<int64_t> parse_docs(const std::string& s) {
+  std::vector<int64_t> out;
+  if (s.empty()) return out;
+  size_t i = 0;
+  while (i <= s.size()) {
+    const size_t j = std::min(s.find(',', i), s.size());
+    const std::string item = s.substr(i, j - i);
+    size_t used = 0;
+    int64_t n = 0;
+    try {
+      n = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (item.empty() || used != item.size() || n < 1 || n > (int64_t(1) << 24))
+      throw cli::UsageError("--docs: expected comma-separated text lengths in [1, 16777216] (got '" + item + "')");
+    out.push_back(n);
+    i = j + 1;
+  }
+  return out;
+}
+
 int run_attn(int argc, char** argv) {
   cli::Flags f(
       "bench attn",
@@ -259,6 +282,10 @@ int run_attn(int argc, char** argv) {
       f.i64("-t,--threads", 0, "CPU threads for the kernels and for the sgemm (0 = all)", 0, cli::kMaxThreads);
   int64_t& gemm_n = f.i64("--gemm-n", 2048, "size of the square sgemm ceiling", 16, 16384);
   bool& no_ceiling = f.flag("--no-ceiling", "skip the sgemm ceiling");
+  std::string& docs = f.str("--docs", "",
+                            "packed documents, their text tokens comma-separated (e.g. 3374,31219,...): times one "
+                            "packed call (cu_seqlens) and one stream of the same visible pairs; -T and --batch are "
+                            "ignored (CUDA only)");
   if (!f.parse(argc, argv)) return 0;
 
   AttnArgs a{};
@@ -266,12 +293,14 @@ int run_attn(int argc, char** argv) {
   a.bwd = bwd, a.tail = tail, a.ceiling = !no_ceiling;
   parse_heads(heads, a.Hq, a.Hkv);
   a.dtype = parse_dtype_flag(dt);
+  a.docs = parse_docs(docs);
   Spec spec;
   spec.chunk_size = k, spec.S = S, spec.W = W;
   spec.validate();
 
   if (device == "cpu") {
     if (a.dtype == DType::f16) throw cli::UsageError("--dtype: the CPU kernels take f32 or bf16");
+    if (!a.docs.empty()) throw cli::UsageError("--docs: packed documents are timed with --device cuda only");
     return run_attn_cpu(a);
   }
   if (device == "cuda") {
