@@ -5,15 +5,24 @@ import statistics
 import sys
 
 times = {}  # (metric, which) -> [values]
-which = metric_T = None
+which = shape = None  # shape: what the next forward/backward lines time
 for line in open(sys.argv[1]):
-    m = re.match(r"== round \d+ (before|after) (attn T=(\d+)|decode)", line)
+    m = re.match(r"== round \d+ (before|after) (attn T=(\d+)|decode|docs)", line)
     if m:
-        which, metric_T = m.group(1), m.group(3)
+        which = m.group(1)
+        shape = f"T={int(m.group(3)) // 1024}K" if m.group(3) else "packed docs" if m.group(2) == "docs" else None
+        continue
+    if line.startswith("one stream of the same visible pairs"):
+        shape = "one stream, the docs' pairs"
         continue
     m = re.match(r"(forward|backward):\s+median\s+([\d.]+) ms", line)
-    if m and metric_T:
-        times.setdefault((f"{m.group(1)} T={int(metric_T) // 1024}K (ms)", which), []).append(float(m.group(2)))
+    if m and shape:
+        times.setdefault((f"{m.group(1)} {shape} (ms)", which), []).append(float(m.group(2)))
+        continue
+    m = re.match(r"packed / one stream: forward ([\d.]+)x, backward ([\d.]+)x, forward\+backward ([\d.]+)x", line)
+    if m:
+        for name, g in (("forward", 1), ("backward", 2), ("forward+backward", 3)):
+            times.setdefault((f"packed / one stream, {name} (ratio)", which), []).append(float(m.group(g)))
         continue
     m = re.match(r"(B=1 T=16K|B=1 T=128K|B=64 mixed 4K-128K)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", line)
     if m:
