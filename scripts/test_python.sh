@@ -32,7 +32,9 @@ if "$PY" -m venv --system-site-packages "$VENV" >/dev/null 2>&1 && "$VENV/bin/py
     { tail -40 "$BUILD/python-install.log"; echo "pip install ./python: FAILED (log: $BUILD/python-install.log)"; exit 1; }
   echo "pip install ./python into a fresh venv: $((SECONDS - start)) s"
 else
-  # An interpreter without venv/ensurepip, or inside a venv itself (some GPU images): a target folder instead.
+  # An interpreter without venv/ensurepip, or inside a venv itself (some GPU images): a target folder instead
+  # (and no venv left behind, whose python would lack torch).
+  rm -rf "$VENV"
   KSA_BUILD_DIR="$BUILD" "$PY" -m pip install "${PIP_ARGS[@]}" --no-deps --target "$BUILD/python-site" "$SRC/python" \
     >"$BUILD/python-install.log" 2>&1 ||
     { tail -40 "$BUILD/python-install.log"; echo "pip install ./python: FAILED (log: $BUILD/python-install.log)"; exit 1; }
