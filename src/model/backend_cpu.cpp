@@ -13,59 +13,27 @@
 #include "ksa/decode.hpp"
 #include "ksa/dense.hpp"
 #include "ksa/error.hpp"
+#include "model/arena.hpp"
 #include "model/backend.hpp"
 
 namespace ksa::engine {
 namespace {
 
-// A step's activations: bump allocation (64-byte aligned, zero-filled as taken) in chunks kept from step to
-// step; a step that outgrew the first chunk gets one chunk of its total at the next reset. (A fresh vector
-// per activation cost each large one an mmap, its page faults and a memset per token: a quarter of a small
+// The CPU's activation memory: 64-byte aligned host chunks, zero-filled as taken. (A fresh vector per
+// activation cost each large one an mmap, its page faults and a memset per token: a quarter of a small
 // model's decode time.)
-class HostArena {
- public:
-  void reset() {
-    if (chunks_.size() > 1) {
-      const size_t total = high_;
-      chunks_.clear();
-      add_chunk(total);
-    }
-    cur_ = 0;
-    off_ = 0;
-    used_ = 0;
-  }
-  void* take(size_t bytes) {
-    bytes = (bytes + 63) / 64 * 64;
-    if (chunks_.empty() || off_ + bytes > chunks_[cur_].size) {
-      if (cur_ + 1 < chunks_.size() && bytes <= chunks_[cur_ + 1].size) ++cur_;
-      else add_chunk(std::max(bytes, size_t(1) << 20));
-      off_ = 0;
-    }
-    std::byte* p = chunks_[cur_].p.get() + off_;
-    off_ += bytes;
-    used_ += bytes;
-    high_ = std::max(high_, used_);
-    std::memset(p, 0, bytes);
-    return p;
-  }
-
- private:
+struct HostMem {
   struct Free {
-    void operator()(std::byte* p) const { std::free(p); }
+    void operator()(void* p) const { std::free(p); }
   };
-  struct Chunk {
-    std::unique_ptr<std::byte, Free> p;
-    size_t size = 0;
-  };
-  void add_chunk(size_t bytes) {
-    bytes = (bytes + 63) / 64 * 64;
-    auto* p = static_cast<std::byte*>(std::aligned_alloc(64, bytes));
+  using Ptr = std::unique_ptr<void, Free>;
+  static constexpr size_t kAlign = 64, kMinChunk = size_t(1) << 20;
+  static Ptr alloc(size_t bytes) {
+    void* p = std::aligned_alloc(kAlign, bytes);
     if (!p) fail("out of memory allocating ", bytes, " bytes of activations");
-    chunks_.push_back(Chunk{std::unique_ptr<std::byte, Free>(p), bytes});
-    cur_ = chunks_.size() - 1;
+    return Ptr(p);
   }
-  std::vector<Chunk> chunks_;
-  size_t cur_ = 0, off_ = 0, used_ = 0, high_ = 0;
+  static void fresh(void* p, size_t bytes) { std::memset(p, 0, bytes); }
 };
 
 class CpuBackend final : public Backend {
@@ -282,7 +250,7 @@ class CpuBackend final : public Backend {
   DType kv_dtype_ = DType::f32;
   std::vector<KvCache> caches_;
   const StepDesc* step_ = nullptr;
-  HostArena arena_;
+  BumpArena<HostMem> arena_;
   std::vector<std::byte> ob_;
   std::vector<int32_t> idx_;
   std::vector<float> prob_, row_;

@@ -17,6 +17,7 @@
 #include "ksa/cuda_cache.hpp"
 #include "ksa/cuda_dense.hpp"
 #include "ksa/error.hpp"
+#include "model/arena.hpp"
 #include "model/backend.hpp"
 
 namespace ksa::engine {
@@ -41,53 +42,12 @@ std::shared_ptr<void> device_alloc(int64_t bytes, const char* what) {
   return std::shared_ptr<void>(p, DeviceFree{});
 }
 
-// A bump allocator over device chunks; a step that outgrew the first chunk gets one chunk of the total
-// at the next begin_step (after the stream is idle), so allocations settle after the first steps.
-class Arena {
- public:
-  void reset(cudaStream_t s) {
-    if (chunks_.size() > 1 || (chunks_.size() == 1 && high_ > cap_[0])) {
-      check(cudaStreamSynchronize(s), "resizing the activation arena");
-      ++generation_;
-      const int64_t total = high_;
-      chunks_.clear();
-      cap_.clear();
-      chunks_.push_back(device_alloc(total, "allocating activations"));
-      cap_.push_back(total);
-    }
-    cur_ = 0;
-    off_ = 0;
-    used_ = 0;
-  }
-  void* take(int64_t bytes) {
-    bytes = (bytes + 255) / 256 * 256;
-    if (chunks_.empty() || off_ + bytes > cap_[cur_]) {
-      if (cur_ + 1 < chunks_.size() && bytes <= cap_[cur_ + 1]) {
-        ++cur_;
-      } else {
-        const int64_t n = std::max<int64_t>(bytes, int64_t(64) << 20);
-        ++generation_;
-        chunks_.push_back(device_alloc(n, "allocating activations"));
-        cap_.push_back(n);
-        cur_ = chunks_.size() - 1;
-      }
-      off_ = 0;
-    }
-    void* p = static_cast<char*>(chunks_[cur_].get()) + off_;
-    off_ += bytes;
-    used_ += bytes;
-    high_ = std::max(high_, used_);
-    return p;
-  }
-  // Changes whenever the chunks change: a step of the same shape gets the same addresses while it does not.
-  uint64_t generation() const { return generation_; }
-
- private:
-  uint64_t generation_ = 0;
-  std::vector<std::shared_ptr<void>> chunks_;
-  std::vector<int64_t> cap_;
-  size_t cur_ = 0;
-  int64_t off_ = 0, used_ = 0, high_ = 0;
+// The GPU's activation memory: device chunks of at least 64 MiB, takes 256-byte aligned, not cleared.
+struct DeviceMem {
+  using Ptr = std::shared_ptr<void>;
+  static constexpr size_t kAlign = 256, kMinChunk = size_t(64) << 20;
+  static Ptr alloc(size_t bytes) { return device_alloc(int64_t(bytes), "allocating activations"); }
+  static void fresh(void*, size_t) {}
 };
 
 class CudaBackend final : public Backend {
@@ -194,7 +154,7 @@ class CudaBackend final : public Backend {
     step_ = &step;
     launched_ = false;
     check(cudaEventRecord(step_t0_ev_, stream_), "timing the step");
-    arena_.reset(stream_);
+    arena_.reset([&] { check(cudaStreamSynchronize(stream_), "resizing the activation arena"); });
     const int64_t n = step.rows();
     // One upload: ids, positions, summary rows, logits rows (int32), is_summary (bytes).
     const size_t ni = size_t(n), ns = step.summary_rows.size(), nl = step.logits_rows.size();
@@ -207,7 +167,7 @@ class CudaBackend final : public Backend {
     uint8_t* flags = reinterpret_cast<uint8_t*>(h + (2 * ni + ns + nl) * 4);
     std::memset(flags, 0, ni);
     for (int32_t r : step.summary_rows) flags[r] = 1;
-    char* d = static_cast<char*>(arena_.take(int64_t(bytes)));
+    char* d = static_cast<char*>(arena_.take(bytes));
     check(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, stream_), "uploading the step");
     d_ids_ = reinterpret_cast<int32_t*>(d);
     d_pos_ = d_ids_ + ni;
@@ -220,7 +180,7 @@ class CudaBackend final : public Backend {
 
   Act act(int64_t rows, int64_t cols, Prec p) override {
     const DType t = p == Prec::wide ? DType::f32 : DType::bf16;
-    return Act{arena_.take(rows * cols * dtype_size(t)), rows, cols, t};
+    return Act{arena_.take(size_t(rows * cols * dtype_size(t))), rows, cols, t};
   }
 
   void embed(const Weight& table, Act x) override {
@@ -412,7 +372,7 @@ class CudaBackend final : public Backend {
     char* h = static_cast<char*>(reserve(sample_staging_, ab + pb + ob + 16));
     std::memcpy(h, args.data(), ab);
     std::memcpy(h + ab, pairs.data(), pb);
-    char* d = static_cast<char*>(arena_.take(int64_t(ab + pb + ob)));
+    char* d = static_cast<char*>(arena_.take(size_t(ab + pb + ob)));
     check(cudaMemcpyAsync(d, h, ab + pb, cudaMemcpyHostToDevice, stream_), "uploading the sampler");
     int32_t* d_out = reinterpret_cast<int32_t*>(d + ab + pb);
     cuda::sample_tokens(f32(logits), logits.cols, reinterpret_cast<const cuda::SampleArgs*>(d), int64_t(reqs.size()),
@@ -772,7 +732,7 @@ class CudaBackend final : public Backend {
   std::string desc_name_;
   std::vector<std::unique_ptr<cuda::KvCacheGpu>> caches_;
   std::map<std::pair<int64_t, double>, std::shared_ptr<void>> inv_freq_;
-  Arena arena_;
+  BumpArena<DeviceMem> arena_;
   const StepDesc* step_ = nullptr;
   Pinned step_staging_, sample_staging_;
   int32_t *d_ids_ = nullptr, *d_pos_ = nullptr, *d_sum_ = nullptr, *d_log_ = nullptr;
