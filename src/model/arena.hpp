@@ -5,9 +5,17 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 namespace ksa::engine {
+
+// A host block from std::aligned_alloc (a host Mem's Ptr).
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+using HostPtr = std::unique_ptr<void, FreeDeleter>;
 
 // Mem supplies the chunks: `using Ptr` (owns a chunk, .get()), `static Ptr alloc(size_t bytes)` (throws when
 // out of memory), `kAlign` (every take is rounded up to it), `kMinChunk` (the least a new chunk holds) and

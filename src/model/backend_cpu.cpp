@@ -23,10 +23,7 @@ namespace {
 // activation cost each large one an mmap, its page faults and a memset per token: a quarter of a small
 // model's decode time.)
 struct HostMem {
-  struct Free {
-    void operator()(void* p) const { std::free(p); }
-  };
-  using Ptr = std::unique_ptr<void, Free>;
+  using Ptr = HostPtr;
   static constexpr size_t kAlign = 64, kMinChunk = size_t(1) << 20;
   static Ptr alloc(size_t bytes) {
     void* p = std::aligned_alloc(kAlign, bytes);

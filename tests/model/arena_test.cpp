@@ -5,7 +5,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include "model/arena.hpp"
@@ -15,10 +14,7 @@ namespace {
 
 // Host chunks like the CPU backend's, counting allocations and marking taken bytes.
 struct CountingMem {
-  struct Free {
-    void operator()(void* p) const { std::free(p); }
-  };
-  using Ptr = std::unique_ptr<void, Free>;
+  using Ptr = HostPtr;
   static constexpr size_t kAlign = 256, kMinChunk = 4096;
   static inline int allocs = 0;
   static inline std::vector<size_t> sizes;
