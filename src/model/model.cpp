@@ -179,7 +179,7 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   Act qkv = b.act(n, NQ + 2 * NKV, Prec::wide);
   Act qc = b.act(n, NQ, Prec::cache), kc = b.act(n, NKV, Prec::cache), vc = b.act(n, NKV, Prec::cache);
   Act att = b.act(n, NQ, Prec::narrow);
-  Act gu = b.act(n, I, Prec::narrow);
+  Act gu = b.act(n, I, Prec::narrow), gu2 = b.act(n, 2 * I, Prec::wide);  // gu2: linear_swiglu's scratch
   Act saved, hs, ys;
   if (have_summaries) {
     saved = b.act(ns, H, Prec::wide);
@@ -215,7 +215,7 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
     b.attention(li, L.W, qc, kc, vc, Hq, att);
     b.linear(att, L.o, hw);
     b.add_rms_norm(x, hw, L.post_norm, eps, h);
-    b.linear_swiglu(h, L.gate, L.up, gu);
+    b.linear_swiglu(h, L.gate, L.up, gu, gu2);
     b.linear(gu, L.down, hw);
     if (!have_summaries && li + 1 < layers.size()) add_pending = true;
     else b.add(x, hw);

@@ -322,13 +322,13 @@ class CudaBackend final : public Backend {
     }
   }
 
-  void linear_swiglu(const Act& x, const Weight& gate, const Weight& up, Act out) override {
+  void linear_swiglu(const Act& x, const Weight& gate, const Weight& up, Act out, Act scratch) override {
     // The same choice in every mode (the fallback takes scratch from the arena, which a replay must repeat).
     const bool adjacent =
         static_cast<const char*>(up.data) == static_cast<const char*>(gate.data) + gate.rows * gate.cols * 2;
     if (x.dtype != DType::bf16 || !adjacent || gate.rows != out.cols || up.rows != out.cols ||
         !gemm_->swiglu_fits(x.data, x.rows, x.cols, gate.data, out.cols))
-      return Backend::linear_swiglu(x, gate, up, out);
+      return Backend::linear_swiglu(x, gate, up, out, scratch);
     if (mode_ != Mode::replay) gemm_->run_swiglu(x.data, x.rows, x.cols, gate.data, out.cols, out.data);
   }
 
