@@ -45,8 +45,14 @@ CORPUS = [SRC / "docs" / n for n in ("ksa.md", "engine.md", "torch.md", "testing
 HELDOUT = SRC / "README.md"  # non-ASCII characters too (the byte-level path)
 
 
+# The module runs in fp32; the engine's products with the CPU's bf16 dot-product instructions (on by default
+# where the CPU has AVX512_BF16) round activations to bf16, about 1% of the logits away. These tests compare
+# the same fp32 arithmetic, so the engine runs with fp32 products (KSA_CPU_BF16_DOT=0).
+KSA_ENV = {**os.environ, "KSA_CPU_BF16_DOT": "0"}
+
+
 def ksa(*args, check=True):
-    r = subprocess.run([KSA, *map(str, args)], capture_output=True, text=True)
+    r = subprocess.run([KSA, *map(str, args)], capture_output=True, text=True, env=KSA_ENV)
     if check and r.returncode != 0:
         raise AssertionError(f"ksa {' '.join(map(str, args))}: exit {r.returncode}\n{r.stderr[-2000:]}")
     return r

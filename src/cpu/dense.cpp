@@ -2,9 +2,11 @@
 #include "ksa/dense.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <mutex>
+#include <string_view>
 #include <vector>
 
 #include "cpu/dense_kernels.hpp"
@@ -95,6 +97,23 @@ void linear_impl(const float* x, int64_t M, int64_t K, const void* W, DType wdt,
       linear_impl(x + m * K, std::min<int64_t>(4, M - m), K, W, wdt, N, y + m * N, threads, false);
     return;
   }
+  // bf16 weights on a CPU with bf16 dot products: x rounded to bf16 once, then W read in place in blocks of
+  // rows that stay in the L2 cache (~384 KiB) while every row group of x passes them; each output's sums
+  // are the same bits whatever the blocking or the threads (gemm_bf16_dot_rows).
+  if (wdt == DType::bf16 && K % 2 == 0 && bf16_products()) {
+    thread_local std::vector<uint16_t> xb_buf;  // the calling thread's (the workers see it through xb)
+    xb_buf.resize(static_cast<size_t>(M * K));
+    uint16_t* const xb = xb_buf.data();
+    detail::parallel_chunks(nt, M, std::max<int64_t>(1, (int64_t(1) << 16) / K), [&](int64_t m0, int64_t m1, int) {
+      detail::round_to_bf16(x + m0 * K, (m1 - m0) * K, xb + m0 * K);
+    });
+    const int64_t rows = std::max<int64_t>(5, (int64_t(384) << 10) / (2 * K) / 5 * 5);
+    detail::parallel_for(nt, (N + rows - 1) / rows, 1, [&](int64_t bi, int) {
+      const int64_t n0 = bi * rows;
+      detail::gemm_bf16_dot_rows(xb, M, K, static_cast<const uint16_t*>(W), n0, std::min(N, n0 + rows), y, N);
+    });
+    return;
+  }
   // Weight rows widened at a time (at most 256 x K fp32): N / 16 rounded up to 16, so that up to 8 threads
   // get two blocks each. The block depends on N alone: OpenBLAS rounds an element differently for other
   // block widths, and the output must not depend on the thread count (tests/cli: greedy text equal at -t 1
@@ -127,6 +146,18 @@ void linear_impl(const float* x, int64_t M, int64_t K, const void* W, DType wdt,
 }
 
 }  // namespace
+
+namespace {
+std::atomic<bool> g_bf16_products{true};
+}
+
+bool bf16_products() {
+  if (!g_bf16_products.load(std::memory_order_relaxed) || !detail::bf16_dot_supported()) return false;
+  // Off where the SIMD target was restricted below AVX-512 (set_simd_target), to time or check such a machine.
+  return std::string_view(simd_target()).starts_with("AVX3");
+}
+
+void set_bf16_products(bool on) { g_bf16_products.store(on, std::memory_order_relaxed); }
 
 void linear(const float* x, int64_t M, int64_t K, const void* W, DType wdt, int64_t N, float* y, int threads,
             bool batch_invariant) {

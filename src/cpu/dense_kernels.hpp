@@ -34,6 +34,16 @@ void rope_rotate_simd(float* v, int64_t half, const float* c, const float* s);
 // gate[i] = silu(gate[i]) * up[i].
 void silu_mul_simd(float* gate, const float* up, int64_t n);
 
+// bf16 products (gemm_bf16.cpp): whether this CPU has AVX512_BF16 (and this build the kernel);
+bool bf16_dot_supported();
+// out[i] = bf16::from_float(x[i]) (nearest, ties to even; NaN kept quiet), i < n;
+void round_to_bf16(const float* x, int64_t n, uint16_t* out);
+// y[m * ldy + n] = sum_k x[m, k] W[n, k] for m < M, n in [n0, n1), x [M, K] and W [*, K] bf16 (K even), fp32
+// sums by vdpbf16ps; each output is one register's 16 lanes of pair sums over k, then a lane reduction, so its
+// bits do not depend on M, n0, n1 or the thread. Only where bf16_dot_supported().
+void gemm_bf16_dot_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int64_t n0, int64_t n1, float* y,
+                        int64_t ldy);
+
 using DotRowFn = float (*)(const void* W, DType wdt, int64_t row, int64_t K, const float* x);
 // Plain scalar loops (the tests' reference, and the sgemm fallback of builds without OpenBLAS).
 float dot_row_portable(const void* W, DType wdt, int64_t row, int64_t K, const float* x);

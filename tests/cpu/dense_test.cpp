@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <random>
 #include <string>
@@ -29,8 +30,10 @@ void check_LinearMatchesDouble() {
   std::mt19937_64 rng(5);
   std::normal_distribution<float> nd(0.f, 1.f);
   for (int64_t M : {1, 2, 4, 5, 11, 12, 37})
-    for (int64_t K : {1, 31, 64, 161})
+    for (int64_t K : {1, 31, 64, 161, 34, 290})
       for (DType wdt : {DType::f32, DType::bf16}) {
+        // Products of >= 12 rows with bf16 weights on a CPU with bf16 dot products round x to bf16 first.
+        const bool x_bf16 = wdt == DType::bf16 && M >= 12 && K % 2 == 0 && bf16_products();
         const int64_t N = 67;
         std::vector<float> x(static_cast<size_t>(M * K)), w(static_cast<size_t>(N * K)),
             y(static_cast<size_t>(M * N), NAN);
@@ -43,8 +46,9 @@ void check_LinearMatchesDouble() {
           for (int64_t n = 0; n < N; ++n) {
             double ref = 0, mag = 0;
             for (int64_t k = 0; k < K; ++k) {
-              ref += double(x[size_t(m * K + k)]) * w[size_t(n * K + k)];
-              mag += std::abs(double(x[size_t(m * K + k)]) * w[size_t(n * K + k)]);
+              const float xv = x_bf16 ? round_to(DType::bf16, x[size_t(m * K + k)]) : x[size_t(m * K + k)];
+              ref += double(xv) * w[size_t(n * K + k)];
+              mag += std::abs(double(xv) * w[size_t(n * K + k)]);
             }
             ASSERT_NEAR(y[size_t(m * N + n)], ref, 1e-6 * mag + 1e-6)
                 << "M=" << M << " K=" << K << " " << dtype_name(wdt) << " at " << m << "," << n;
@@ -149,6 +153,62 @@ TEST(Dense, LinearBitsDoNotDependOnThreadsOrOtherRows) {
       }
     }
   }
+}
+
+// x rounded to bf16 by the vector code exactly as bf16::from_float does: ties, NaN, infinities, subnormals,
+// and a tail shorter than a vector.
+TEST(Dense, RoundToBf16MatchesScalar) {
+  std::vector<float> x = {0.f, -0.f, 1.f, -1.f, INFINITY, -INFINITY, NAN, -NAN, 1e-40f, -3e-39f, 3.4e38f, -3.4e38f};
+  for (uint32_t u : {0x3f808000u, 0x3f818000u, 0x3f80ffffu, 0x7f7fffffu, 0x7f800001u, 0xff800001u, 0x0000ffffu})
+    x.push_back(std::bit_cast<float>(u));  // ties to even either way, the largest finite, signalling NaNs
+  std::mt19937_64 rng(11);
+  for (int i = 0; i < 1000; ++i) x.push_back(std::bit_cast<float>(uint32_t(rng())));
+  std::vector<uint16_t> out(x.size());
+  detail::round_to_bf16(x.data(), int64_t(x.size()), out.data());
+  for (size_t i = 0; i < x.size(); ++i)
+    ASSERT_EQ(out[i], bf16::from_float(x[i])) << "bits " << std::hex << std::bit_cast<uint32_t>(x[i]);
+}
+
+// The bf16 dot-product path against the fp32 one on a shape of the 4B model's attention output product
+// (K = 4096 in whole vectors; N not a multiple of the kernel's 5 rows, M not of its 4), and
+// set_bf16_products(false) going back to fp32 x.
+TEST(Dense, Bf16ProductsRoundXOnce) {
+  if (!detail::bf16_dot_supported())
+    GTEST_SKIP() << "this CPU has no AVX512_BF16 (the bf16 dot-product path is not used here)";
+  std::mt19937_64 rng(12);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int64_t M = 23, K = 4096, N = 131;
+  std::vector<float> x(size_t(M * K)), w(size_t(N * K)), y(size_t(M * N)), y32(size_t(M * N));
+  for (auto& v : x) v = nd(rng);
+  for (auto& v : w) v = round_to(DType::bf16, nd(rng));
+  const auto wb = to_bf16(w);
+  ASSERT_TRUE(bf16_products());
+  linear(x.data(), M, K, wb.data(), DType::bf16, N, y.data(), 2);
+  set_bf16_products(false);
+  EXPECT_FALSE(bf16_products());
+  linear(x.data(), M, K, wb.data(), DType::bf16, N, y32.data(), 2);
+  set_bf16_products(true);
+  double worst_bf16 = 0, worst_f32 = 0, worst_x = 0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double r_bf = 0, r_32 = 0, mag = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double wv = w[size_t(n * K + k)], xv = x[size_t(m * K + k)];
+        r_bf += double(round_to(DType::bf16, float(xv))) * wv;
+        r_32 += xv * wv;
+        mag += std::abs(xv * wv);
+      }
+      const size_t i = size_t(m * N + n);
+      worst_bf16 = std::max(worst_bf16, std::abs(y[i] - r_bf) / mag);
+      worst_f32 = std::max(worst_f32, std::abs(y32[i] - r_32) / mag);
+      worst_x = std::max(worst_x, std::abs(y[i] - r_32) / mag);
+    }
+  // fp32 sums of exact products: a few ulps of the magnitude; rounding x to bf16 moves each product by at most
+  // 2^-9 of itself, so the result within 2^-9 of the magnitude of the fp32-x product, and in practice far less.
+  EXPECT_LT(worst_bf16, 1e-6);
+  EXPECT_LT(worst_f32, 1e-6);
+  EXPECT_LT(worst_x, 1.0 / 512);
+  EXPECT_GT(worst_x, 1e-6) << "x was not rounded: the bf16 path did not run";
 }
 
 TEST(Dense, LinearMatchesDouble) { check_LinearMatchesDouble(); }

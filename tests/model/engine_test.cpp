@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "engine_util.hpp"
+#include "ksa/dense.hpp"
 #include "ksa/error.hpp"
 #include "ksa/model.hpp"
 #include "ksa/model_writer.hpp"
@@ -57,6 +58,17 @@ constexpr double kSelfRelBf16 = 4.0 * 0x1p-8;
 // bound of 8 steps (the f32-cache comparison is the precise one). Measured <= 3.7 steps (1.45e-2, 12 seed
 // offsets).
 constexpr double kRefRelBf16 = 8.0 * 0x1p-8;
+
+// The engine tests check the CPU engine's fp32 arithmetic against the double reference (a few times a naive
+// fp32 forward's error) and its paths against each other bit for bit or nearly. Products with the CPU's bf16
+// dot-product instructions (ksa::cpu::bf16_products: x rounded to bf16 in products of >= 12 rows, on by
+// default where the CPU has AVX512_BF16) are about 1% of max |logit| from the reference and differ between
+// a prefill and token-by-token decode, so this executable runs with them off (the same arithmetic on every
+// machine); EngineReference.Bf16ProductsNearReference turns them on. (Runs before main: a static initialiser.)
+[[maybe_unused]] const bool kFp32Products = [] {
+  cpu::set_bf16_products(false);
+  return true;
+}();
 
 // KSA_ENGINE_TEST_SEED=n adds n to every case's seed (to re-run the suite on other random models/texts).
 uint64_t seed_offset() {
@@ -242,6 +254,37 @@ TEST(EngineReference, Bf16CacheNearReference) {
     const Diff d = diff(prefill(m, text), want);
     EXPECT_TRUE(within(d, kRefRelBf16 * d.max_abs, b.V()));
     if (verbose()) std::printf("[bf16 prefill vs ref] %-45s %.3g\n", c.name.c_str(), d.rel());
+  }
+}
+
+// Products through the CPU's bf16 dot-product instructions (x rounded to bf16, as the CUDA engine and the
+// reference's bf16 inference do) stay within the bf16-cache bound of the exact reference, and differ from the
+// fp32 products (so the path ran). Skipped on CPUs without AVX512_BF16.
+TEST(EngineReference, Bf16ProductsNearReference) {
+  cpu::set_bf16_products(true);
+  const bool on = cpu::bf16_products();
+  if (!on) {
+    cpu::set_bf16_products(false);
+    GTEST_SKIP() << "this CPU has no AVX512_BF16: products of bf16 weights run in fp32 here";
+  }
+  for (const Case& c : cases()) {
+    SCOPED_TRACE(describe(c));
+    const Built b(c);
+    Model m = b.engine(DType::f32);
+    std::mt19937_64 rng(c.seed + 2);
+    const std::vector<int32_t> text = random_text(rng, 61);
+    const std::vector<double> want = b.ref->logits(text);
+    cpu::set_bf16_products(true);
+    const std::vector<float> got = prefill(m, text);
+    cpu::set_bf16_products(false);
+    const std::vector<float> got32 = prefill(m, text);
+    const Diff d = diff(got, want), d32 = diff(got32, want), apart = diff(got, got32);
+    EXPECT_TRUE(within(d, kRefRelBf16 * d.max_abs, b.V()));
+    // The weights of these models are bf16 (the path needs them): rounding x moves the logits far above the
+    // fp32 engine's own error.
+    EXPECT_GT(apart.max_err, 100 * d32.max_err) << "bf16 products did not change the logits";
+    if (verbose())
+      std::printf("[bf16 products vs ref] %-45s %.3g (fp32 products %.3g)\n", c.name.c_str(), d.rel(), d32.rel());
   }
 }
 

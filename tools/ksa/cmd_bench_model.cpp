@@ -22,6 +22,7 @@
 #include "bench_model.hpp"
 #include "common.hpp"
 #include "cpu/thread_pool.hpp"
+#include "ksa/dense.hpp"
 #include "ksa/model.hpp"
 #include "ksa/stream_geometry.hpp"
 #include "ksa/weights.hpp"
@@ -195,7 +196,9 @@ int run_bench_model(int argc, char** argv) {
                dtype_name(mo.kv_dtype), load_s * 1e3);
   std::fprintf(info, "  backend: %s", model.backend_name().c_str());
   if (mo.device == Device::cpu)
-    std::fprintf(info, " on %s, %u hardware threads", cpu_name().c_str(), std::thread::hardware_concurrency());
+    std::fprintf(info, " on %s, %u hardware threads; SIMD %s; products of >= 12 rows: %s", cpu_name().c_str(),
+                 std::thread::hardware_concurrency(), cpu::simd_target(),
+                 cpu::bf16_products() ? "bf16 dot" : "fp32 sgemm");
   std::fprintf(info, "\n");
   std::fflush(info);
 

@@ -154,10 +154,10 @@ int run_info(int argc, char** argv) {
 
   std::printf("ksa %s\n", cli::version());
 #if defined(__x86_64__) || defined(__i386__)
-  std::printf("cpu:   %u hardware threads; avx2 %s, avx512f %s, avx512bf16 %s; SIMD kernels: %s\n",
+  std::printf("cpu:   %u hardware threads; avx2 %s, avx512f %s, avx512bf16 %s; SIMD kernels: %s; bf16 products: %s\n",
               std::thread::hardware_concurrency(), __builtin_cpu_supports("avx2") ? "yes" : "no",
               __builtin_cpu_supports("avx512f") ? "yes" : "no", __builtin_cpu_supports("avx512bf16") ? "yes" : "no",
-              cpu::simd_target());
+              cpu::simd_target(), cpu::bf16_products() ? "bf16 dot (x rounded to bf16)" : "fp32 (widened weights, sgemm)");
 #else
   std::printf("cpu:   %u hardware threads; SIMD kernels: %s\n", std::thread::hardware_concurrency(),
               cpu::simd_target());

@@ -6,6 +6,7 @@
 #include <exception>
 #include <filesystem>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "cli.hpp"
@@ -41,6 +42,10 @@ int main(int argc, char** argv) {
     try {
       // KSA_CPU_PRIMITIVES=portable|AVX2|AVX3|...: the CPU kernels' SIMD target (docs/benchmarks.md)
       if (const char* simd = std::getenv("KSA_CPU_PRIMITIVES"); simd && *simd) ksa::cpu::set_simd_target(simd);
+      // KSA_CPU_BF16_DOT=0: products with bf16 weights through widened weights and sgemm even where the CPU
+      // has bf16 dot products (ksa::cpu::bf16_products)
+      if (const char* dot = std::getenv("KSA_CPU_BF16_DOT"); dot && std::string_view(dot) == "0")
+        ksa::cpu::set_bf16_products(false);
       return c.run(argc - 2, argv + 2);
     } catch (const ksa::cli::UsageError& e) {
       std::fprintf(stderr, "ksa %s: %s\nRun 'ksa %s --help' for usage.\n", cmd.c_str(), e.what(), cmd.c_str());
