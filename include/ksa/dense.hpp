@@ -35,8 +35,9 @@ void dequantize_q8_0(const void* in, int64_t n, float* out);
 // matrix-vector kernel takes each block's integer dot product and adds it times d_w * d_x in fp32. This adds
 // |x - d_x q_x| <= d_x (1/2 + 2^-17) per activation, i.e. at most sum over blocks of d_x (1/2 + 2^-17) sum |w|
 // per output (docs/quantization.md); a NaN or infinity in a row of x makes that row's outputs NaN. M >= 12:
-// blocks of rows dequantised for sgemm (as linear does for bf16), x not rounded; with batch_invariant, every M
-// as M <= 11 (see linear).
+// blocks of rows dequantised for sgemm (as linear does for bf16), x not rounded; where bf16_products(), the
+// dequantised blocks rounded to bf16 and multiplied with x rounded to bf16 instead; with batch_invariant,
+// every M as M <= 11 (see linear).
 void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N, float* y, int threads = 0,
                  bool batch_invariant = false);
 
@@ -51,7 +52,7 @@ void rope(float* x, int64_t H, int64_t D, int64_t position, double theta);
 // In place: gate[i] = silu(gate[i]) * up[i] over n elements.
 void silu_mul(float* gate, const float* up, int64_t n);
 
-// Products of 12 or more rows with bf16 weights, on a CPU with AVX512_BF16 (AMD Zen 4 and later, Intel
+// Products of 12 or more rows with bf16 (or Q8_0, see linear_q8_0) weights, on a CPU with AVX512_BF16 (AMD Zen 4 and later, Intel
 // Cooper Lake, Sapphire Rapids and later): x is rounded to bf16 (nearest, ties to even) and multiplied with
 // the weights in place by the CPU's bf16 dot-product instruction, with fp32 sums (twice the multiply-adds of
 // the fp32 path per instruction; what llama.cpp does with bf16 weights). Elsewhere, or when turned off, W is

@@ -99,8 +99,9 @@ void linear_impl(const float* x, int64_t M, int64_t K, const void* W, DType wdt,
   }
   // bf16 weights on a CPU with bf16 dot products: x rounded to bf16 once, then W read in place in blocks of
   // rows that stay in the L2 cache (~384 KiB) while every row group of x passes them; each output's sums
-  // are the same bits whatever the blocking or the threads (gemm_bf16_dot_rows).
-  if (wdt == DType::bf16 && K % 2 == 0 && bf16_products()) {
+  // are the same bits whatever the blocking or the threads (gemm_bf16_dot_rows). Q8_0 weights take the same
+  // path with each block of rows dequantised and rounded to bf16 first (into the worker's buffer).
+  if ((wdt == DType::bf16 || wdt == DType::q8_0) && K % 2 == 0 && bf16_products()) {
     thread_local std::vector<uint16_t> xb_buf;  // the calling thread's (the workers see it through xb)
     xb_buf.resize(static_cast<size_t>(M * K));
     uint16_t* const xb = xb_buf.data();
@@ -108,9 +109,20 @@ void linear_impl(const float* x, int64_t M, int64_t K, const void* W, DType wdt,
       detail::round_to_bf16(x + m0 * K, (m1 - m0) * K, xb + m0 * K);
     });
     const int64_t rows = std::max<int64_t>(5, (int64_t(384) << 10) / (2 * K) / 5 * 5);
-    detail::parallel_for(nt, (N + rows - 1) / rows, 1, [&](int64_t bi, int) {
-      const int64_t n0 = bi * rows;
-      detail::gemm_bf16_dot_rows(xb, M, K, static_cast<const uint16_t*>(W), n0, std::min(N, n0 + rows), y, N);
+    struct Scratch {
+      std::vector<float> f32;
+      std::vector<uint16_t> b16;
+    };
+    detail::PerWorker<Scratch> bufs(nt);
+    detail::parallel_for(nt, (N + rows - 1) / rows, 1, [&](int64_t bi, int worker) {
+      const int64_t n0 = bi * rows, n1 = std::min(N, n0 + rows);
+      if (wdt == DType::bf16) return detail::gemm_bf16_dot_rows(xb, M, K, static_cast<const uint16_t*>(W), n0, n1, y, N);
+      Scratch& sc = bufs.get(worker);
+      sc.f32.resize(static_cast<size_t>(rows * K));
+      sc.b16.resize(static_cast<size_t>(rows * K));
+      widen_rows(W, wdt, K, n0, n1, sc.f32.data());
+      detail::round_to_bf16(sc.f32.data(), (n1 - n0) * K, sc.b16.data());
+      detail::gemm_bf16_dot_rows(xb, M, K, sc.b16.data(), 0, n1 - n0, y + n0, N);
     });
     return;
   }

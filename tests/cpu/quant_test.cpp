@@ -105,7 +105,8 @@ RoundedX round_x(const std::vector<float>& x) {
 // linear_q8_0 against double-precision products with the dequantised weights wd (exact: an fp16 scale times
 // a 7-bit quant fits fp32), for the matrix-vector sizes (M <= 11) and the sgemm path (M >= 12).
 //
-// M >= 12: y = x . wd^T within fp32 accumulation error (1e-6 of sum |x wd|, as for bf16 weights).
+// M >= 12: y = x . wd^T within fp32 accumulation error (1e-6 of sum |x wd|, as for bf16 weights); where bf16_products(),
+// with x and wd rounded to bf16 first.
 //
 // M <= 11, two checks:
 // (a) the arithmetic: y = sum_k wd_k xh_k with xh the rounded activations (round_x). The block sums of
@@ -150,6 +151,17 @@ void check_linear_q8_0() {
             return "M=" + std::to_string(M) + " K=" + std::to_string(K) + " at " + std::to_string(m) + "," +
                    std::to_string(n);
           };
+          if (M >= 12 && bf16_products()) {
+            // x and the dequantised weights rounded to bf16, then fp32 sums of the exact products.
+            double r16 = 0, m16 = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              const double p = double(round_to(DType::bf16, x[size_t(m * K + k)])) *
+                               round_to(DType::bf16, float(wd[size_t(n * K + k)]));
+              r16 += p, m16 += std::abs(p);
+            }
+            ASSERT_NEAR(got, r16, 1e-6 * m16 + 1e-6) << "(bf16 products) " << at();
+            continue;
+          }
           if (M >= 12) {
             ASSERT_NEAR(got, exact, 1e-6 * mag + 1e-6) << at();
             continue;
