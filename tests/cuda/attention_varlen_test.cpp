@@ -306,13 +306,14 @@ TEST(CudaVarlen, ForwardPackedEqualsPerStream) {
   for (const VarlenCase& c : cases()) check_forward(c, seed++, true);
 }
 
-// More work items (query tile, head) than a GPU has SMs, in the packed call and in the longest streams' own
-// calls: the sm_90a forward's persistent CTAs take several items each, the producer running ahead across item
-// boundaries (the next item's K/V and Q loads under the current one's last tile).
+// Many more work items (query tile, head) than a GPU has SMs (the sm_90a forward is persistent from 8 items
+// per SM on: over 1,056 on 132 SMs), in the packed call and in the longest streams' own calls: its CTAs take
+// several items each, the producer running ahead across item boundaries (the next item's K/V and Q loads
+// under the current one's last tile); the shorter streams' own calls (fewer items) run one CTA per item.
 TEST(CudaVarlen, ForwardManyItemsPerCtaPackedEqualsPerStream) {
   REQUIRE_GPU();
-  check_forward(VarlenCase{{3000, 50, 2500, 1, 700, 129}, 8, 1, 16, false, 8, 2, 128, DType::bf16, 0}, 550, false);
-  check_forward(VarlenCase{{4000, 0, 1700, 9}, 8, 2, 5, true, 16, 4, 64, DType::f16, 8}, 551, false);
+  check_forward(VarlenCase{{30000, 50, 25000, 1, 700, 129}, 8, 1, 16, false, 8, 2, 128, DType::bf16, 0}, 550, false);
+  check_forward(VarlenCase{{40000, 0, 1700, 9}, 8, 2, 5, true, 16, 4, 64, DType::f16, 8}, 551, false);
 }
 
 // The portable kernel's tile configurations (where the sm_90a kernel is the default, they run only when
