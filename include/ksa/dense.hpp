@@ -11,9 +11,8 @@ namespace ksa::cpu {
 
 // y[M, N] = x[M, K] . W^T with W [N, K] row-major (the HF/PyTorch Linear layout), W in f32 or bf16 (read
 // in place, never widened as a whole; q8_0 goes to linear_q8_0). x rows are contiguous with stride K, y rows with
-// stride N. M == 1..4: a threaded SIMD matrix-vector kernel streams W once (up to 11 rows: once per group of 4, faster
-// here than widening W); larger M with bf16 weights on a CPU with bf16 dot products: see bf16_products();
-// otherwise W widened in row blocks, one block per worker thread at a time, each multiplied
+// stride N. bf16 weights on a CPU with bf16 dot products: see bf16_products(). Otherwise: M == 1..4: a threaded SIMD matrix-vector kernel streams W once (up to 11 rows: once per group of 4, faster
+// here than widening W); larger M: W widened in row blocks, one block per worker thread at a time, each multiplied
 // through a single-threaded OpenBLAS sgemm when built with it (the first such call sets OpenBLAS to one
 // thread, since its own pthread pool would compete with ours).
 // batch_invariant: every M runs the matrix-vector kernel (groups of up to 4 rows per pass over W), so a row's
@@ -52,14 +51,15 @@ void rope(float* x, int64_t H, int64_t D, int64_t position, double theta);
 // In place: gate[i] = silu(gate[i]) * up[i] over n elements.
 void silu_mul(float* gate, const float* up, int64_t n);
 
-// Products of 12 or more rows with bf16 (or Q8_0, see linear_q8_0) weights, on a CPU with AVX512_BF16 (AMD Zen 4 and later, Intel
-// Cooper Lake, Sapphire Rapids and later): x is rounded to bf16 (nearest, ties to even) and multiplied with
-// the weights in place by the CPU's bf16 dot-product instruction, with fp32 sums (twice the multiply-adds of
-// the fp32 path per instruction; what llama.cpp does with bf16 weights). Elsewhere, or when turned off, W is
-// widened to fp32 in blocks for sgemm and x keeps fp32. bf16_products() tells whether this path runs: on by
-// default where the CPU has the instructions, off when set_bf16_products(false) or when set_simd_target
-// restricted the kernels below AVX-512 (`ksa` maps $KSA_CPU_BF16_DOT=0 onto the former). Either way a row's
-// result does not depend on the thread count. Not thread-safe with kernels running.
+// Products with bf16 weights (and Q8_0 weights of 12 or more rows, see linear_q8_0) on a CPU with AVX512_BF16
+// (AMD Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and later): x is rounded to bf16 (nearest, ties
+// to even) and multiplied with the weights in place by the CPU's bf16 dot-product instruction, with fp32 sums
+// (twice the multiply-adds of the fp32 path per instruction; what llama.cpp does with bf16 weights). Every
+// output is one accumulator over all of K whatever M, so a row's result is the same bits in a product of any
+// number of rows (batch_invariant then changes nothing for bf16 weights). Elsewhere, or when turned off, the
+// fp32 paths above run and x keeps fp32. bf16_products() tells whether this path runs: on by default where
+// the CPU has the instructions, off when set_bf16_products(false) or when set_simd_target restricted the
+// kernels below AVX-512 (`ksa` maps $KSA_CPU_BF16_DOT=0 onto the former). Not thread-safe with kernels running.
 bool bf16_products();
 void set_bf16_products(bool on);
 

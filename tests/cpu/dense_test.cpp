@@ -32,8 +32,8 @@ void check_LinearMatchesDouble() {
   for (int64_t M : {1, 2, 4, 5, 11, 12, 37})
     for (int64_t K : {1, 31, 64, 161, 34, 290})
       for (DType wdt : {DType::f32, DType::bf16}) {
-        // Products of >= 12 rows with bf16 weights on a CPU with bf16 dot products round x to bf16 first.
-        const bool x_bf16 = wdt == DType::bf16 && M >= 12 && K % 2 == 0 && bf16_products();
+        // Products with bf16 weights on a CPU with bf16 dot products round x to bf16 first.
+        const bool x_bf16 = wdt == DType::bf16 && K % 2 == 0 && bf16_products();
         const int64_t N = 67;
         std::vector<float> x(static_cast<size_t>(M * K)), w(static_cast<size_t>(N * K)),
             y(static_cast<size_t>(M * N), NAN);
@@ -177,7 +177,9 @@ TEST(Dense, Bf16ProductsRoundXOnce) {
     GTEST_SKIP() << "this CPU has no AVX512_BF16 (the bf16 dot-product path is not used here)";
   std::mt19937_64 rng(12);
   std::normal_distribution<float> nd(0.f, 1.f);
-  const int64_t M = 23, K = 4096, N = 131;
+  for (const int64_t M : {23, 1, 5}) {
+  SCOPED_TRACE("M=" + std::to_string(M));
+  const int64_t K = 4096, N = 131;
   std::vector<float> x(size_t(M * K)), w(size_t(N * K)), y(size_t(M * N)), y32(size_t(M * N));
   for (auto& v : x) v = nd(rng);
   for (auto& v : w) v = round_to(DType::bf16, nd(rng));
@@ -209,6 +211,27 @@ TEST(Dense, Bf16ProductsRoundXOnce) {
   EXPECT_LT(worst_f32, 1e-6);
   EXPECT_LT(worst_x, 1.0 / 512);
   EXPECT_GT(worst_x, 1e-6) << "x was not rounded: the bf16 path did not run";
+  }
+}
+
+// With bf16 products a row's result is the same bits in a product of any number of rows (one accumulator per
+// output whatever M): decode and prompt agree.
+TEST(Dense, Bf16ProductsRowBitsDoNotDependOnM) {
+  if (!bf16_products()) GTEST_SKIP() << "this CPU has no AVX512_BF16 (the bf16 dot-product path is not used here)";
+  std::mt19937_64 rng(13);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int64_t M = 29, K = 9728, N = 37;
+  std::vector<float> x(size_t(M * K)), w(size_t(N * K));
+  for (auto& v : x) v = nd(rng);
+  for (auto& v : w) v = round_to(DType::bf16, nd(rng));
+  const auto wb = to_bf16(w);
+  std::vector<float> all(size_t(M * N));
+  linear(x.data(), M, K, wb.data(), DType::bf16, N, all.data(), 2);
+  for (int64_t rows : {1, 3, 4, 11, 12}) {
+    std::vector<float> part(size_t(rows * N));
+    linear(x.data(), rows, K, wb.data(), DType::bf16, N, part.data(), 2);
+    EXPECT_TRUE(std::equal(part.begin(), part.end(), all.begin())) << rows << " rows";
+  }
 }
 
 TEST(Dense, LinearMatchesDouble) { check_LinearMatchesDouble(); }
