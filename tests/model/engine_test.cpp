@@ -242,19 +242,28 @@ TEST(EngineReference, PrefillMatchesReference) {
   }
 }
 
-// A bf16 KV cache (the default) stays close to the exact reference (a coarse bound; see kRefRelBf16).
-TEST(EngineReference, Bf16CacheNearReference) {
+// f(case, built, engine, text, reference logits) for every case: the engine with a `kv` cache and 61 random
+// text tokens (the case's seed + seed_offset).
+template <class F>
+void on_61_tokens(DType kv, uint64_t seed_offset, F&& f) {
   for (const Case& c : cases()) {
     SCOPED_TRACE(describe(c));
     const Built b(c);
-    Model m = b.engine(DType::bf16);
-    std::mt19937_64 rng(c.seed + 1);
+    Model m = b.engine(kv);
+    std::mt19937_64 rng(c.seed + seed_offset);
     const std::vector<int32_t> text = random_text(rng, 61);
-    const std::vector<double> want = b.ref->logits(text);
+    f(c, b, m, text, b.ref->logits(text));
+  }
+}
+
+// A bf16 KV cache (the default) stays close to the exact reference (a coarse bound; see kRefRelBf16).
+TEST(EngineReference, Bf16CacheNearReference) {
+  on_61_tokens(DType::bf16, 1, [](const Case& c, const Built& b, Model& m, const std::vector<int32_t>& text,
+                                  const std::vector<double>& want) {
     const Diff d = diff(prefill(m, text), want);
     EXPECT_TRUE(within(d, kRefRelBf16 * d.max_abs, b.V()));
     if (verbose()) std::printf("[bf16 prefill vs ref] %-45s %.3g\n", c.name.c_str(), d.rel());
-  }
+  });
 }
 
 // Products through the CPU's bf16 dot-product instructions (x rounded to bf16, as the CUDA engine and the
@@ -267,13 +276,8 @@ TEST(EngineReference, Bf16ProductsNearReference) {
     cpu::set_bf16_products(false);
     GTEST_SKIP() << "this CPU has no AVX512_BF16: products of bf16 weights run in fp32 here";
   }
-  for (const Case& c : cases()) {
-    SCOPED_TRACE(describe(c));
-    const Built b(c);
-    Model m = b.engine(DType::f32);
-    std::mt19937_64 rng(c.seed + 2);
-    const std::vector<int32_t> text = random_text(rng, 61);
-    const std::vector<double> want = b.ref->logits(text);
+  on_61_tokens(DType::f32, 2, [](const Case& c, const Built& b, Model& m, const std::vector<int32_t>& text,
+                                 const std::vector<double>& want) {
     cpu::set_bf16_products(true);
     const std::vector<float> got = prefill(m, text);
     cpu::set_bf16_products(false);
@@ -285,7 +289,7 @@ TEST(EngineReference, Bf16ProductsNearReference) {
     EXPECT_GT(apart.max_err, 100 * d32.max_err) << "bf16 products did not change the logits";
     if (verbose())
       std::printf("[bf16 products vs ref] %-45s %.3g (fp32 products %.3g)\n", c.name.c_str(), d.rel(), d32.rel());
-  }
+  });
 }
 
 // A layer whose window covers every chunk is plain causal attention over text for text queries (docs/ksa.md
