@@ -21,7 +21,9 @@
 // GCC 12's AVX-512 headers start some intrinsics (reductions, narrowing stores) from an "undefined" register
 // and then warn that it is uninitialised; the lanes it leaves are never read.
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 #endif
 
