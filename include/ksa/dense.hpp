@@ -55,8 +55,9 @@ void silu_mul(float* gate, const float* up, int64_t n);
 // (AMD Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and later): x is rounded to bf16 (nearest, ties
 // to even) and multiplied with the weights in place by the CPU's bf16 dot-product instruction, with fp32 sums
 // (twice the multiply-adds of the fp32 path per instruction; what llama.cpp does with bf16 weights). Every
-// output is one accumulator over all of K whatever M, so a row's result is the same bits in a product of any
-// number of rows (batch_invariant then changes nothing for bf16 weights). Elsewhere, or when turned off, the
+// output is one accumulator over all of K whatever M, so with K >= 1024 a row's result is the same bits in a
+// product of any number of rows (batch_invariant then changes nothing for such weights); products of fewer
+// than 12 rows with K < 1024 keep the fp32 matrix-vector kernel (faster on such short rows). Elsewhere, or when turned off, the
 // fp32 paths above run and x keeps fp32. bf16_products() tells whether this path runs: on by default where
 // the CPU has the instructions, off when set_bf16_products(false) or when set_simd_target restricted the
 // kernels below AVX-512 (`ksa` maps $KSA_CPU_BF16_DOT=0 onto the former). Not thread-safe with kernels running.

@@ -83,7 +83,13 @@ void linear_impl(const float* x, int64_t M, int64_t K, const void* W, DType wdt,
   // bf16 weights (any M) and Q8_0 weights (here: M >= 12) on a CPU with bf16 dot products: x rounded to bf16
   // once, then every output one accumulator of gemm_bf16_dot_rows over all of K, so its bits do not depend
   // on M, the blocking or the threads (a row's product is the same in a prompt and in decode).
-  if ((wdt == DType::bf16 || wdt == DType::q8_0) && K % 2 == 0 && bf16_products()) {
+  // Short rows in a product of a few rows: the fp32 matrix-vector kernel, whose x fits L1 anyway and which
+  // has no per-row lane reduction to amortise: the small model's lm head (K = 256) streamed at 61-64 GB/s
+  // with it against 55-59 with the bf16 kernel, and the small model decoded 8-15% slower with the latter.
+  constexpr int64_t kBf16GemvMinK = 1024;
+  const bool few_rows = M < 12 || batch_invariant;
+  if ((wdt == DType::bf16 || wdt == DType::q8_0) && K % 2 == 0 && bf16_products() &&
+      !(wdt == DType::bf16 && few_rows && K < kBf16GemvMinK)) {
     thread_local std::vector<uint16_t> xb_buf;  // the calling thread's (the workers see it through xb)
     xb_buf.resize(static_cast<size_t>(M * K));
     uint16_t* const xb = xb_buf.data();
@@ -91,10 +97,11 @@ void linear_impl(const float* x, int64_t M, int64_t K, const void* W, DType wdt,
       detail::round_to_bf16(x + m0 * K, (m1 - m0) * K, xb + m0 * K);
     });
     const auto* Wb = static_cast<const uint16_t*>(W);
-    if (wdt == DType::bf16 && (M < 12 || batch_invariant)) {
+    if (wdt == DType::bf16 && few_rows) {
       // A few rows: slabs of W rows as in the matrix-vector path below, all M rows of x per slab. With x in
       // bf16 a long row of it stays in L1 beside the weight streams (K = 9,728: 19 KB against 38 KB in fp32):
       // the 4B shape's down projection at M = 1 streamed at 50-58 GB/s against 31-38 for the fp32 kernel.
+      // (Rows shorter than kBf16GemvMinK take the fp32 kernel below: see there.)
       detail::parallel_chunks(nt, N, gemv_grain(dtype_bytes(wdt, K), N, nt), [&](int64_t n0, int64_t n1, int) {
         detail::gemm_bf16_dot_rows(xb, M, K, Wb, n0, n1, y, N);
       });
