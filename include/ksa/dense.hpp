@@ -11,8 +11,9 @@ namespace ksa::cpu {
 
 // y[M, N] = x[M, K] . W^T with W [N, K] row-major (the HF/PyTorch Linear layout), W in f32 or bf16 (read
 // in place, never widened as a whole; q8_0 goes to linear_q8_0). x rows are contiguous with stride K, y rows with
-// stride N. bf16 weights on a CPU with bf16 dot products: see bf16_products(). Otherwise: M == 1..4: a threaded SIMD matrix-vector kernel streams W once (up to 11 rows: once per group of 4, faster
-// here than widening W); larger M: W widened in row blocks, one block per worker thread at a time, each multiplied
+// stride N. bf16 weights on a CPU with bf16 dot products: see bf16_products(). Otherwise: M == 1..4: a threaded
+// SIMD matrix-vector kernel streams W once (up to 11 rows: once per group of 4, faster here than widening W);
+// larger M: W widened in row blocks, one block per worker thread at a time, each multiplied
 // through a single-threaded OpenBLAS sgemm when built with it (the first such call sets OpenBLAS to one
 // thread, since its own pthread pool would compete with ours).
 // batch_invariant: every M runs the matrix-vector kernel (groups of up to 4 rows per pass over W), so a row's
@@ -57,8 +58,8 @@ void silu_mul(float* gate, const float* up, int64_t n);
 // (twice the multiply-adds of the fp32 path per instruction; what llama.cpp does with bf16 weights). Every
 // output is one accumulator over all of K whatever M, so with K >= 1024 a row's result is the same bits in a
 // product of any number of rows (batch_invariant then changes nothing for such weights); products of fewer
-// than 12 rows with K < 1024 keep the fp32 matrix-vector kernel (faster on such short rows). Elsewhere, or when turned off, the
-// fp32 paths above run and x keeps fp32. bf16_products() tells whether this path runs: on by default where
+// than 12 rows with K < 1024 keep the fp32 matrix-vector kernel (faster on such short rows). Elsewhere, or
+// when turned off, the fp32 paths above run and x keeps fp32. bf16_products() tells whether this path runs: on by default where
 // the CPU has the instructions, off when set_bf16_products(false) or when set_simd_target restricted the
 // kernels below AVX-512 (`ksa` maps $KSA_CPU_BF16_DOT=0 onto the former). Not thread-safe with kernels running.
 bool bf16_products();

@@ -103,11 +103,6 @@ bool bf16_dot_supported() {
   return ok;
 }
 
-void round_to_bf16(const float* x, int64_t n, uint16_t* out) {
-  if (bf16_dot_supported()) return round_to_bf16_avx512(x, n, out);
-  for (int64_t i = 0; i < n; ++i) out[i] = bf16::from_float(x[i]);
-}
-
 void gemm_bf16_dot_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int64_t n0, int64_t n1, float* y,
                         int64_t ldy) {
   for (int64_t m = 0; m < M; m += kMR) {
@@ -123,14 +118,17 @@ void gemm_bf16_dot_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t*
 
 bool bf16_dot_supported() { return false; }
 
-void round_to_bf16(const float* x, int64_t n, uint16_t* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = bf16::from_float(x[i]);
-}
-
 void gemm_bf16_dot_rows(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t) {
   fail("gemm_bf16_dot_rows: this build has no bf16 dot-product kernel");
 }
 
 #endif
+
+void round_to_bf16(const float* x, int64_t n, uint16_t* out) {
+#ifdef KSA_BF16_DOT_X86
+  if (bf16_dot_supported()) return round_to_bf16_avx512(x, n, out);
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16::from_float(x[i]);
+}
 
 }  // namespace ksa::cpu::detail
