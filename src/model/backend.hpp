@@ -12,6 +12,7 @@
 // inputs of matrix products are Prec::narrow (fp32 on the CPU, bf16 on CUDA); q, k, v are rounded to the KV
 // cache's dtype before attention, as the reference bf16 inference does.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -44,6 +45,14 @@ struct Act {
   int64_t rows = 0, cols = 0;
   DType dtype = DType::f32;
 };
+
+// Rows [r0, r0 + n) of a (as an Act of n rows).
+inline Act rows_of(const Act& a, int64_t r0, int64_t n) {
+  Act s = a;
+  s.data = static_cast<char*>(a.data) + r0 * a.cols * dtype_size(a.dtype);
+  s.rows = n;
+  return s;
+}
 
 // Row subsets the ops take (fixed for a step by begin_step).
 enum class Rows : uint8_t { summary, logits };
@@ -124,16 +133,24 @@ class Backend {
   virtual void attention(size_t layer, int64_t W, const Act& qc, const Act& kc, const Act& vc, int64_t Hq, Act out) = 0;
   // gu [n, 2I] holds gate and up side by side (wide): out [n, I] = silu(gate) * up (narrow).
   virtual void silu_mul(const Act& gu, Act out) = 0;
-  // out [n, I] = silu(x gate^T) * (x up^T) (narrow): linear_cat into a wide [n, 2I] scratch, then silu_mul;
-  // a backend may join the two (CUDA: in the thin product's epilogue), with the same result.
-  // scratch: [x.rows, >= 2 out.cols] wide, for the gate|up product before the gate (the model takes it once
-  // per step and every layer reuses it: taken per call, a prefill piece's steps held 36 such products at once,
-  // 3.2 GiB for 1,152 rows of the 4B shape).
+  // out [n, I] = silu(x gate^T) * (x up^T) (narrow): linear_cat into a wide [rows, 2I] scratch, then silu_mul,
+  // kSwigluRows rows at a time; a backend may join the two (CUDA: in the thin product's epilogue), with the
+  // same result.
+  // scratch: [min(x.rows, kSwigluRows), >= 2 out.cols] wide, for the gate|up product before the gate. The
+  // model takes it once per step and every layer reuses it (taken per call, a prefill piece's steps held 36
+  // such products at once, 3.2 GiB for 1,152 rows of the 4B shape); in slices of kSwigluRows rows it stays
+  // 40 MB for the 4B shape at any piece size (a product of 512 rows still reads its weights at full
+  // arithmetic intensity, and the slice's fp32 gate|up is read back by silu_mul while it is still in L2).
+  static constexpr int64_t kSwigluRows = 512;
   virtual void linear_swiglu(const Act& x, const Weight& gate, const Weight& up, Act out, Act scratch) {
-    scratch.cols = 2 * out.cols;
     const Weight* ws[2] = {&gate, &up};
-    linear_cat(x, ws, scratch);
-    silu_mul(scratch, out);
+    for (int64_t r0 = 0; r0 < x.rows; r0 += kSwigluRows) {
+      const int64_t n = std::min(kSwigluRows, x.rows - r0);
+      Act xs = rows_of(x, r0, n), os = rows_of(out, r0, n), ss = scratch;
+      ss.rows = n, ss.cols = 2 * out.cols;
+      linear_cat(xs, ws, ss);
+      silu_mul(ss, os);
+    }
   }
   // Logits rows [m, V] (fp32) to the host.
   virtual void download(const Act& logits, std::span<float> out) = 0;

@@ -179,7 +179,8 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   Act qkv = b.act(n, NQ + 2 * NKV, Prec::wide);
   Act qc = b.act(n, NQ, Prec::cache), kc = b.act(n, NKV, Prec::cache), vc = b.act(n, NKV, Prec::cache);
   Act att = b.act(n, NQ, Prec::narrow);
-  Act gu = b.act(n, I, Prec::narrow), gu2 = b.act(n, 2 * I, Prec::wide);  // gu2: linear_swiglu's scratch
+  Act gu = b.act(n, I, Prec::narrow);
+  Act gu2 = b.act(std::min(n, engine::Backend::kSwigluRows), 2 * I, Prec::wide);  // linear_swiglu's scratch
   Act saved, hs, ys;
   if (have_summaries) {
     saved = b.act(ns, H, Prec::wide);
