@@ -206,17 +206,19 @@ void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N,
   // The matrix-vector path: x rounded to 8 bits per block of 32 once for the whole product, then integer dot
   // products with each weight row, groups of up to 4 rows of x per pass over W, rows of W in chunks of 64
   // claimed by the threads as in linear_impl.
-  thread_local std::vector<int16_t> xq;
+  // The quants from a 64-byte boundary: the AVX512_VNNI kernel loads them 64 bytes (two blocks) at a time.
+  thread_local std::vector<int8_t> xq_buf;
   thread_local std::vector<float> xd;
-  xq.resize(size_t(M * K));
+  xq_buf.resize(size_t(M * K + 63));
   xd.resize(size_t(M * K / kQ8Block));
-  detail::quantize_x_q8_0(x, M * K, xq.data(), xd.data());
+  int8_t* const xq = xq_buf.data() + (-reinterpret_cast<uintptr_t>(xq_buf.data()) & 63);
+  detail::quantize_x_q8_0(x, M * K, xq, xd.data());
   const int nt = detail::resolve_threads(threads);
   const int64_t nb = K / kQ8Block;
   const int64_t grain = gemv_grain(dtype_bytes(DType::q8_0, K), N, nt);
   for (int64_t m = 0; m < M; m += 4) {
     const int64_t g = std::min<int64_t>(4, M - m);
-    const int16_t* q = xq.data() + m * K;
+    const int8_t* q = xq + m * K;
     const float* d = xd.data() + m * nb;
     detail::parallel_chunks(nt, N, grain, [&](int64_t n0, int64_t n1, int) {
       detail::gemv_q8_0_rows(W, n0, n1, K, q, d, g, y + m * N + n0, N);

@@ -13,15 +13,16 @@ void gemv_rows(const void* W, DType wdt, int64_t n0, int64_t n1, int64_t K, cons
                int64_t ldy);
 // n activations (a multiple of 32) rounded to 8 bits per block of 32 for the Q8_0 matrix-vector product:
 // d[b] = max|x| / 127 over block b (fp32; NaN when the block holds a NaN or an infinity), q[i] = x[i] / d[b]
-// rounded to the nearest integer, ties to even (|q| <= 127, stored as int16; 0 in an all-zero block).
-void quantize_x_q8_0(const float* x, int64_t n, int16_t* q, float* d);
-// Every fp16 bit pattern as fp32 (65536 floats, 256 KiB, built on first use): the Q8_0 matrix-vector kernel
-// reads a block's scale with one table load instead of a dozen scalar bit operations, which otherwise cost
-// more than the block's vector work.
+// rounded to the nearest integer, ties to even (|q| <= 127, stored as int8; 0 in an all-zero block).
+void quantize_x_q8_0(const float* x, int64_t n, int8_t* q, float* d);
+// Every fp16 bit pattern as fp32 (65536 floats, 256 KiB, built on first use): the portable and AVX2 Q8_0
+// matrix-vector kernels read a block's scale with one table load instead of a dozen scalar bit operations,
+// which otherwise cost more than the block's vector work (the AVX512_VNNI one converts 16 at once, vcvtph2ps).
 const float* f16_to_f32_table();
 // gemv_rows over Q8_0 rows (K a multiple of 32; ksa/dense.hpp) with x given as quantize_x_q8_0's q (rows of K)
 // and d (rows of K / 32): y = sum over blocks of d_w * d_x * (the integer dot product of the block's quants).
-void gemv_q8_0_rows(const void* W, int64_t n0, int64_t n1, int64_t K, const int16_t* xq, const float* xd, int64_t M,
+// The AVX512_VNNI kernel reads q 64 bytes at a time: fastest from a 64-byte boundary (linear_q8_0's buffer).
+void gemv_q8_0_rows(const void* W, int64_t n0, int64_t n1, int64_t K, const int8_t* xq, const float* xd, int64_t M,
                     float* y, int64_t ldy);
 // n weights (a multiple of 32) of Q8_0 blocks as fp32.
 void dequantize_q8_0_simd(const void* in, int64_t n, float* out);

@@ -1,6 +1,7 @@
 // Q8_0 weights (ksa/dense.hpp): the block layout byte by byte, the round-trip error bound, and linear_q8_0
 // against double-precision products with the dequantised weights (and, for M <= 11, with the activations
-// rounded to 8 bits as the kernel does, and the bound that rounding adds), on every SIMD target.
+// rounded to 8 bits as the kernel does, and the bound that rounding adds) and exactly on integer data, on every
+// SIMD target.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -110,21 +111,24 @@ RoundedX round_x(const std::vector<float>& x) {
 //
 // M <= 11, two checks:
 // (a) the arithmetic: y = sum_k wd_k xh_k with xh the rounded activations (round_x). The block sums of
-//     quant products are exact int32; per block one fp32 product s = fl(d_w d_x) and one fused multiply-add
-//     into a lane accumulator (two accumulators, even and odd blocks: chains of ceil(nb/2) roundings), then
-//     one add of the two and at most log2(16) = 4 levels of the lane sum: |y - ref| <= (nb/2 + 7) u sum|wd xh|
-//     with u = 2^-24 (first order; the 1% covers the second).
+//     quant products are exact int32; per block one fp32 product (fl(d_w d_x), or fl(sum d_w) in the
+//     AVX512_VNNI kernel) and one fused multiply-add into a lane accumulator (chains of at most ceil(nb/2)
+//     roundings: two accumulators, even and odd blocks, or one lane per block of a group of 16), then at most
+//     one add of two accumulators and log2(16) = 4 levels of the lane sum: |y - ref| <= (nb/2 + 7) u
+//     sum|wd xh| with u = 2^-24 (first order; the 1% covers the second).
 // (b) the numerics change against the unrounded x: |x - xh| <= d_x (1/2 + 2^-17) per element (x / d_x is
 //     within 127 u of the exact quotient, |x / d_x| <= 127 (1 + u), then rounding moves it by <= 1/2, and
 //     127 u < 2^-17), so |y - x . wd^T| <= sum_b d_x,b (1/2 + 2^-17) sum_{k in b} |wd_k| plus the error of (a).
-// Blocks of x span six decades (a per-block scale must follow each), one is all zero.
+// Blocks of x span six decades (a per-block scale must follow each), one is all zero. K / 32 = 1, 3, 10, 16,
+// 17 and 37 blocks: whole groups of 16 blocks and the blocks after them (the AVX512_VNNI kernel takes rows of
+// 8 blocks or more), odd counts.
 void check_linear_q8_0() {
   std::mt19937_64 rng(12);
   std::normal_distribution<float> nd(0.f, 1.f);
   std::uniform_real_distribution<float> decade(-3.f, 3.f);
   const double u = std::ldexp(1.0, -24), ex = 0.5 + std::ldexp(1.0, -17);
   for (int64_t M : {1, 2, 3, 4, 5, 11, 12, 37})
-    for (int64_t K : {32, 96, 2560}) {
+    for (int64_t K : {32, 96, 320, 512, 544, 1184, 2560}) {
       const int64_t N = 67, nb = K / 32;
       std::vector<float> x(size_t(M * K)), w(size_t(N * K)), y(size_t(M * N), NAN);
       for (size_t b = 0; b < x.size() / 32; ++b) {
@@ -195,13 +199,50 @@ void check_linear_q8_0_nonfinite() {
   }
 }
 
+// Integer data on which every step of the matrix-vector kernels is exact: weight scales 1 (fp16 0x3c00), quants
+// anywhere in [-128, 127] (llama.cpp's files may hold -128, which quantize_q8_0 never writes; the kernels take
+// |w| or w + 128 as unsigned bytes), activations integers in [-127, 127] with +-127 in every block (so d_x = 1
+// and q_x = x), every partial sum an integer below 2^24 (at most 23 blocks of 32 * 128 * 127): y must equal the
+// integer dot product exactly, for M = 1..4 and block counts below, at and past a group of 16.
+void check_linear_q8_0_integers() {
+  std::mt19937_64 rng(14);
+  std::uniform_int_distribution<int> wq(-128, 127), xq(-127, 127);
+  for (int64_t M : {1, 2, 3, 4})
+    for (int64_t K : {32, 96, 320, 512, 544, 736}) {
+      const int64_t N = 7, nb = K / 32;
+      std::vector<int> wi(size_t(N * K)), xi(size_t(M * K));
+      for (auto& v : wi) v = wq(rng);
+      for (auto& v : xi) v = xq(rng);
+      for (size_t b = 0; b < xi.size() / 32; ++b) xi[b * 32 + b % 32] = b % 2 ? 127 : -127;
+      // Row 0 of W all -128 and row 0 of x all -127 in its first block: the largest block sum, 32 * 128 * 127.
+      for (int64_t k = 0; k < K; ++k) wi[size_t(k)] = -128;
+      for (int64_t k = 0; k < 32; ++k) xi[size_t(k)] = -127;
+      std::vector<unsigned char> q(size_t(N * nb * kQ8BlockBytes));
+      for (int64_t b = 0; b < N * nb; ++b) {
+        q[size_t(b * kQ8BlockBytes)] = 0x00;
+        q[size_t(b * kQ8BlockBytes + 1)] = 0x3c;
+        for (int i = 0; i < 32; ++i) q[size_t(b * kQ8BlockBytes + 2 + i)] = uint8_t(int8_t(wi[size_t(b * 32 + i)]));
+      }
+      std::vector<float> x(xi.begin(), xi.end()), y(size_t(M * N), NAN);
+      linear_q8_0(x.data(), M, K, q.data(), N, y.data(), 2);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          int64_t ref = 0;
+          for (int64_t k = 0; k < K; ++k) ref += int64_t(wi[size_t(n * K + k)]) * xi[size_t(m * K + k)];
+          ASSERT_EQ(y[size_t(m * N + n)], float(ref)) << "M=" << M << " K=" << K << " at " << m << "," << n;
+        }
+    }
+}
+
 TEST(Q8_0, LinearMatchesDequantisedDouble) { check_linear_q8_0(); }
+TEST(Q8_0, LinearExactOnIntegers) { check_linear_q8_0_integers(); }
 TEST(Q8_0, LinearNonFiniteActivations) { check_linear_q8_0_nonfinite(); }
 
 TEST(Q8_0, LinearEveryTarget) {
   test::on_every_simd_target([] {
     check_linear_q8_0();
     check_linear_q8_0_nonfinite();
+    check_linear_q8_0_integers();
   });
 }
 
