@@ -39,6 +39,7 @@ fi
 PROMPT="Kwai Summary Attention compresses the cache of old chunks into summary tokens, so"
 check "prompt longer than the context" nz "context" -- "$KSA" generate -m "$DIR" -p "$PROMPT" --ctx 4
 check "bad sampler value" nz "top_p|top-p" -- "$KSA" generate -m "$DIR" -p hi --temp 0.7 --top-p 1.5
+check "negative prefill piece" 2 "-ub.*out of range" -- "$KSA" generate -m "$DIR" -p hi -ub -1
 # -i: turns from a pipe; /reset starts over; turn 3 continues turn 2's cache (its new tokens only).
 conv() { printf 'hello there\n/reset\nsecond try\nand a follow-up\n/exit\n' | "$KSA" generate -m "$DIR" -i -n 6 -t 1; }
 check "conversation: three turns" 0 "turn 3: [0-9]+ new prompt tokens \(" -- conv

@@ -214,6 +214,10 @@ int run_generate(int argc, char** argv) {
   bool& no_graphs =
       f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
   bool& no_ahead = f.flag("--no-plan-ahead", "CUDA: plan each decode step when it starts (not during the step before)");
+  int64_t& ubatch = f.i64("-ub,--ubatch-size", 0,
+                          "CUDA: prompt tokens per prefill piece (0 = the engine's 1024; larger pieces prefill a long "
+                          "prompt faster and take more device memory)",
+                          0, cli::kMaxTokens);
   bool& no_display = f.flag("--no-display-prompt", "do not echo the prompt to stdout");
   bool& interactive = f.flag("-i,-cnv,--interactive,--conversation",
                              "conversation: read user turns from the terminal (line editing and history), answer each "
@@ -265,6 +269,7 @@ int run_generate(int argc, char** argv) {
   mo.batch_invariant = batch_invariant;
   mo.cuda_graphs = !no_graphs;
   mo.cuda_plan_ahead = !no_ahead;
+  mo.prefill_tokens = ubatch;
   mo.progress = weight_progress();
   Model model = Model::load(dir, mo);
   const double load_s = now_s() - t_load0;
