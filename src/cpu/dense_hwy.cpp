@@ -200,6 +200,29 @@ void quantize_x_q8(const float* HWY_RESTRICT x, int64_t n, int8_t* HWY_RESTRICT 
   }
 }
 
+// The row walk of the per-block Q8_0 kernels (gemv_q8_t, gemv_q8_avx2_t): per row of W, block b into
+// accumulator a0 (b even) or a1 (b odd) of each row m of x (two multiply-add chains in flight), then
+// y[m, n] = sum(a0[m] + a1[m]) by `lane_sum`.
+template <int M, class V, class Block, class LaneSum>
+HWY_INLINE void q8_rows(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1, int64_t nb, V zero, Block block,
+                        LaneSum lane_sum, float* y, int64_t ldy) {
+  const int64_t row_bytes = nb * 34;
+  for (int64_t n = n0; n < n1; ++n) {
+    const unsigned char* w = W + n * row_bytes;
+    V a0[M], a1[M];
+    HWY_UNROLL(4)
+    for (int m = 0; m < M; ++m) a0[m] = a1[m] = zero;
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+      block(w + b * 34, b, a0);
+      block(w + (b + 1) * 34, b + 1, a1);
+    }
+    if (b < nb) block(w + b * 34, b, a0);
+    HWY_UNROLL(4)
+    for (int m = 0; m < M; ++m) y[m * ldy + (n - n0)] = lane_sum(a0[m], a1[m]);
+  }
+}
+
 // As gemv_t over Q8_0 rows (K / 32 blocks of 34 bytes) with the activations rounded by quantize_x_q8 and
 // widened to int16 (gemv_q8): per block, the M integer dot products of the 32 weight quants (widened to int16)
 // with the 32 activation quants (pairs summed into int32 lanes: vpmaddwd on x86, vmlal_s16 on NEON; at most
@@ -216,7 +239,7 @@ void gemv_q8_t(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1, int6
   const hn::RebindToFloat<decltype(d32)> df;
   const hn::Rebind<int8_t, decltype(d16)> d8;
   const int N = int(hn::Lanes(d16));
-  const int64_t nb = K / 32, row_bytes = nb * 34;
+  const int64_t nb = K / 32;
   using VF = hn::Vec<decltype(df)>;
   // acc[m] += (the 32 products of block b) * d_w * d_x for each m.
   auto block = [&](const unsigned char* HWY_RESTRICT w, int64_t b, VF* HWY_RESTRICT acc) HWY_ATTR {
@@ -234,20 +257,8 @@ void gemv_q8_t(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1, int6
     for (int m = 0; m < M; ++m)
       acc[m] = hn::MulAdd(hn::ConvertTo(df, hn::Add(s0[m], s1[m])), hn::Set(df, dw * xd[m * nb + b]), acc[m]);
   };
-  for (int64_t n = n0; n < n1; ++n) {
-    const unsigned char* w = W + n * row_bytes;
-    VF a0[M], a1[M];
-    HWY_UNROLL(4)
-    for (int m = 0; m < M; ++m) a0[m] = a1[m] = hn::Zero(df);
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-      block(w + b * 34, b, a0);
-      block(w + (b + 1) * 34, b + 1, a1);
-    }
-    if (b < nb) block(w + b * 34, b, a0);
-    HWY_UNROLL(4)
-    for (int m = 0; m < M; ++m) y[m * ldy + (n - n0)] = hn::GetLane(hn::SumOfLanes(df, hn::Add(a0[m], a1[m])));
-  }
+  q8_rows<M>(W, n0, n1, nb, hn::Zero(df), block,
+             [&](VF a0, VF a1) HWY_ATTR { return hn::GetLane(hn::SumOfLanes(df, hn::Add(a0, a1))); }, y, ldy);
 }
 
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX2
@@ -276,7 +287,7 @@ template <int M>
 void gemv_q8_avx2_t(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1, int64_t K,
                     const int8_t* HWY_RESTRICT xq, const float* HWY_RESTRICT xd, float* y, int64_t ldy) {
   const float* HWY_RESTRICT f16 = f16_to_f32_table();
-  const int64_t nb = K / 32, row_bytes = nb * 34;
+  const int64_t nb = K / 32;
   const __m256i ones = _mm256_set1_epi16(1);
   auto block = [&](const unsigned char* HWY_RESTRICT w, int64_t b, __m256* HWY_RESTRICT acc) HWY_ATTR {
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
@@ -289,20 +300,8 @@ void gemv_q8_avx2_t(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1,
       acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * xd[m * nb + b]), acc[m]);
     }
   };
-  for (int64_t n = n0; n < n1; ++n) {
-    const unsigned char* w = W + n * row_bytes;
-    __m256 a0[M], a1[M];
-    HWY_UNROLL(4)
-    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-      block(w + b * 34, b, a0);
-      block(w + (b + 1) * 34, b + 1, a1);
-    }
-    if (b < nb) block(w + b * 34, b, a0);
-    HWY_UNROLL(4)
-    for (int m = 0; m < M; ++m) y[m * ldy + (n - n0)] = q8_hsum256(_mm256_add_ps(a0[m], a1[m]));
-  }
+  q8_rows<M>(W, n0, n1, nb, _mm256_setzero_ps(), block,
+             [](__m256 a0, __m256 a1) HWY_ATTR { return q8_hsum256(_mm256_add_ps(a0, a1)); }, y, ldy);
 }
 #endif  // AVX3 || AVX2
 
