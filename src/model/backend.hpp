@@ -139,8 +139,8 @@ class Backend {
   // scratch: [min(x.rows, kSwigluRows), >= 2 out.cols] wide, for the gate|up product before the gate. The
   // model takes it once per step and every layer reuses it (taken per call, a prefill piece's steps held 36
   // such products at once, 3.2 GiB for 1,152 rows of the 4B shape); in slices of kSwigluRows rows it stays
-  // 40 MB for the 4B shape at any piece size (a product of 512 rows still reads its weights at full
-  // arithmetic intensity, and the slice's fp32 gate|up is read back by silu_mul while it is still in L2).
+  // 40 MB for the 4B shape at any piece size. A 512-row product is still past the GPU's compute-to-bandwidth
+  // ridge; measured on an H100, a 128K prefill ran as fast with slices as without (docs/engine.md).
   static constexpr int64_t kSwigluRows = 512;
   virtual void linear_swiglu(const Act& x, const Weight& gate, const Weight& up, Act out, Act scratch) {
     const Weight* ws[2] = {&gate, &up};
