@@ -46,8 +46,8 @@ struct Act {
   DType dtype = DType::f32;
 };
 
-// Rows [r0, r0 + n) of a (as an Act of n rows).
-inline Act rows_of(const Act& a, int64_t r0, int64_t n) {
+// Rows [r0, r0 + n) of a, as an Act of n rows.
+inline Act row_range(const Act& a, int64_t r0, int64_t n) {
   Act s = a;
   s.data = static_cast<char*>(a.data) + r0 * a.cols * dtype_size(a.dtype);
   s.rows = n;
@@ -146,7 +146,7 @@ class Backend {
     const Weight* ws[2] = {&gate, &up};
     for (int64_t r0 = 0; r0 < x.rows; r0 += kSwigluRows) {
       const int64_t n = std::min(kSwigluRows, x.rows - r0);
-      Act xs = rows_of(x, r0, n), os = rows_of(out, r0, n), ss = scratch;
+      Act xs = row_range(x, r0, n), os = row_range(out, r0, n), ss = scratch;
       ss.rows = n, ss.cols = 2 * out.cols;
       linear_cat(xs, ws, ss);
       silu_mul(ss, os);
