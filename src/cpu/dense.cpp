@@ -207,21 +207,24 @@ void linear_q8_0(const float* x, int64_t M, int64_t K, const void* W, int64_t N,
   // products with each weight row, groups of up to 4 rows of x per pass over W, rows of W in chunks of 64
   // claimed by the threads as in linear_impl.
   // The quants from a 64-byte boundary: the AVX512_VNNI kernel loads them 64 bytes (two blocks) at a time.
+  // The kernel's tables derived from the quants (detail::Q8Activations) are made here too, once per product,
+  // and read by every thread's slabs.
   thread_local std::vector<int8_t> xq_buf;
   thread_local std::vector<float> xd;
+  thread_local detail::Q8Activations xa_buf;
+  detail::Q8Activations& xa = xa_buf;  // the calling thread's (inside the workers' lambda `xa_buf` is theirs)
   xq_buf.resize(size_t(M * K + 63));
   xd.resize(size_t(M * K / kQ8Block));
   int8_t* const xq = xq_buf.data() + (-reinterpret_cast<uintptr_t>(xq_buf.data()) & 63);
   detail::quantize_x_q8_0(x, M * K, xq, xd.data());
+  xa.M = M, xa.K = K, xa.q = xq, xa.d = xd.data();
+  detail::prepare_q8_0_x(xa);
   const int nt = detail::resolve_threads(threads);
-  const int64_t nb = K / kQ8Block;
   const int64_t grain = gemv_grain(dtype_bytes(DType::q8_0, K), N, nt);
   for (int64_t m = 0; m < M; m += 4) {
     const int64_t g = std::min<int64_t>(4, M - m);
-    const int8_t* q = xq + m * K;
-    const float* d = xd.data() + m * nb;
     detail::parallel_chunks(nt, N, grain, [&](int64_t n0, int64_t n1, int) {
-      detail::gemv_q8_0_rows(W, n0, n1, K, q, d, g, y + m * N + n0, N);
+      detail::gemv_q8_0_rows(W, n0, n1, xa, m, g, y + m * N + n0, N);
     });
   }
 }

@@ -15,6 +15,7 @@
 #include "cpu/dense_kernels.hpp"
 #include "cpu/simd-inl.hpp"
 #include "cpu/simd.hpp"
+#include "ksa/error.hpp"
 
 HWY_BEFORE_NAMESPACE();
 namespace ksa::cpu::detail {
@@ -315,9 +316,7 @@ void gemv_q8_avx2_t(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1,
 #endif
 
 bool q8_vnni_supported() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512vnni");
+  static const bool ok = avx512_base_supported() && __builtin_cpu_supports("avx512vnni");
   return ok;
 }
 
@@ -382,37 +381,18 @@ KSA_Q8_VNNI_INLINE __m512i q8_group_sums(int r, Pair pair) {
   return q8_fold3(q8_fold2(q[0], q[1]), q8_fold2(q[2], q[3]));
 }
 
-// Rows in groups of 16 blocks (544 bytes), the last one with the K / 32 mod 16 blocks left if any; per pair of
-// blocks and row of x one vpdpbusd of the weight quants + 128 (unsigned; vpdpbusd multiplies unsigned by
-// signed bytes) with the activation quants into 16 int32 lanes; the eight pairs' lanes folded into one vector
-// of the 16 block sums (q8_fold1..3: integer adds, exact), less 128 * (the block's sum of activation quants),
-// computed once per call; every sum is then below 2^24 (32 * 128 * 127) in magnitude and exact in fp32. Per
-// group and row of x: one conversion, one multiply by the 16 weight scales (fp16, converted by vcvtph2ps) and
-// one fused multiply-add with the 16 activation scales into the row's accumulator (lane i: blocks kQ8Perm[i]
-// of every group; the missing blocks of the last group add 0 * 0), whose lanes are summed at the end of the
-// row. Against gemv_q8_t: the same exact block sums; per block fl(sum * d_w) then one rounding into a lane
-// (there sum * fl(d_w * d_x)), chains of ceil(nb / 16) blocks per lane (there ceil(nb / 2)), the same lane sum.
-// Measured (2-vCPU EPYC Zen 4, 2026-12-06): 1 thread, rows in L2, M = 1: 41-55 GB/s against gemv_q8_t's
-// 28-40; the 4B shape's decode (tg64, 2 threads) 6.7-8.6 tok/s against 5.7-7.6 (issue #27).
-template <int M>
-KSA_Q8_VNNI_TARGET void gemv_q8_vnni_t(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1, int64_t K,
-                                       const int8_t* HWY_RESTRICT xq, const float* HWY_RESTRICT xd, float* y,
-                                       int64_t ldy) {
-  const int64_t nb = K / 32, ng = nb / 16, row_bytes = nb * 34;
+// Per product (prepare_q8): for every row m < M of x and group g of 16 blocks (the last one partial when K / 32
+// is not a multiple of 16), c[(m * groups + g) * 16 + i] = 128 * (the sum of the activation quants of block
+// kQ8Perm[i] of the group) and dp[...] its activation scale; 0 for the missing blocks of a partial group.
+// gemv_q8_vnni_t subtracts c from the vpdpbusd sums of the weight quants + 128 and multiplies by dp.
+KSA_Q8_VNNI_TARGET void q8_vnni_prepare(const int8_t* HWY_RESTRICT xq, const float* HWY_RESTRICT xd, int64_t M,
+                                        int64_t K, int32_t* HWY_RESTRICT c, float* HWY_RESTRICT dp) {
+  const int64_t nb = K / 32, ng = nb / 16;
   const int rt = int(nb - ng * 16);  // blocks in the last, partial group (0: none)
   const int64_t ngt = ng + (rt > 0);
-  // Per call, for every group: c = 128 * (the block's sum of activation quants) and the activation scales,
-  // both in kQ8Perm order, 0 for the missing blocks of a partial group.
-  thread_local std::vector<int32_t> cbuf;
-  thread_local std::vector<float> dbuf;
-  cbuf.resize(size_t(M * ngt * 16 + 15));
-  dbuf.resize(size_t(M * ngt * 16 + 15));
-  // From 64-byte boundaries (whole cache lines per load).
-  int32_t* HWY_RESTRICT c = cbuf.data() + ((-reinterpret_cast<uintptr_t>(cbuf.data()) & 63) / 4);
-  float* HWY_RESTRICT dp = dbuf.data() + ((-reinterpret_cast<uintptr_t>(dbuf.data()) & 63) / 4);
   const __m512i zero = _mm512_setzero_si512(), ones = _mm512_set1_epi8(1);
   const __m512i perm = _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
-  for (int m = 0; m < M; ++m)
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < ngt; ++g) {
       const int8_t* xg = xq + m * K + g * 512;
       const float* dg = xd + m * nb + g * 16;
@@ -432,6 +412,29 @@ KSA_Q8_VNNI_TARGET void gemv_q8_vnni_t(const unsigned char* HWY_RESTRICT W, int6
       _mm512_storeu_si512(c + (m * ngt + g) * 16, _mm512_slli_epi32(s, 7));
       _mm512_storeu_ps(dp + (m * ngt + g) * 16, _mm512_permutexvar_ps(perm, d));
     }
+}
+
+// Rows in groups of 16 blocks (544 bytes), the last one with the K / 32 mod 16 blocks left if any; per pair of
+// blocks and row of x one vpdpbusd of the weight quants + 128 (unsigned; vpdpbusd multiplies unsigned by
+// signed bytes) with the activation quants into 16 int32 lanes; the eight pairs' lanes folded into one vector
+// of the 16 block sums (q8_fold1..3: integer adds, exact), less 128 * (the block's sum of activation quants),
+// computed once per product (q8_vnni_prepare's c); every sum is then below 2^24 (32 * 128 * 127) in magnitude
+// and exact in fp32. Per
+// group and row of x: one conversion, one multiply by the 16 weight scales (fp16, converted by vcvtph2ps) and
+// one fused multiply-add with the 16 activation scales into the row's accumulator (lane i: blocks kQ8Perm[i]
+// of every group; the missing blocks of the last group add 0 * 0), whose lanes are summed at the end of the
+// row. Against gemv_q8_t: the same exact block sums; per block fl(sum * d_w) then one rounding into a lane
+// (there sum * fl(d_w * d_x)), chains of ceil(nb / 16) blocks per lane (there ceil(nb / 2)), the same lane sum.
+// Measured (2-vCPU EPYC Zen 4, 2026-12-06): 1 thread, rows in L2, M = 1: 41-55 GB/s against gemv_q8_t's
+// 28-40; the 4B shape's decode (tg64, 2 threads) 6.7-8.6 tok/s against 5.7-7.6 (issue #27).
+template <int M>
+KSA_Q8_VNNI_TARGET void gemv_q8_vnni_t(const unsigned char* HWY_RESTRICT W, int64_t n0, int64_t n1, int64_t K,
+                                       const int8_t* HWY_RESTRICT xq, const int32_t* HWY_RESTRICT c,
+                                       const float* HWY_RESTRICT dp, float* y, int64_t ldy) {
+  const int64_t nb = K / 32, ng = nb / 16, row_bytes = nb * 34;
+  const int rt = int(nb - ng * 16);  // blocks in the last, partial group (0: none)
+  const int64_t ngt = ng + (rt > 0);
+  const __m512i zero = _mm512_setzero_si512();
   __m512 acc[M];
   // acc[m] += the products of group g (r blocks, kPartial where r < 16) of row w with row m of x.
   auto group = [&](const unsigned char* HWY_RESTRICT w, int64_t g, int r, auto partial) KSA_Q8_VNNI_TARGET {
@@ -493,9 +496,45 @@ KSA_Q8_VNNI_TARGET void gemv_q8_vnni_t(const unsigned char* HWY_RESTRICT W, int6
 }
 #endif  // AVX3
 
-void gemv_q8(const void* W, int64_t n0, int64_t n1, int64_t K, const int8_t* xq, const float* xd, int64_t M, float* y,
+// Q8Activations::kernel: the kernel prepare_q8 prepared for.
+constexpr int kQ8Portable = 0, kQ8Avx2 = 1, kQ8Vnni = 2;
+
+void prepare_q8(Q8Activations& x) {
+  const int64_t M = x.M, K = x.K;
+  x.q16 = nullptr, x.c = nullptr, x.dp = nullptr;
+#if HWY_TARGET == HWY_AVX3
+  // Rows of fewer than kQ8VnniMinBlocks blocks take the portable kernel (gemv_q8).
+  if (q8_vnni_supported() && K >= 32 * kQ8VnniMinBlocks) {
+    const int64_t n = M * ((K / 32 + 15) / 16) * 16;
+    x.c_buf.resize(size_t(n + 15));
+    x.dp_buf.resize(size_t(n + 15));
+    // From 64-byte boundaries (whole cache lines per load).
+    int32_t* c = x.c_buf.data() + ((-reinterpret_cast<uintptr_t>(x.c_buf.data()) & 63) / 4);
+    float* dp = x.dp_buf.data() + ((-reinterpret_cast<uintptr_t>(x.dp_buf.data()) & 63) / 4);
+    q8_vnni_prepare(x.q, x.d, M, K, c, dp);
+    x.c = c, x.dp = dp, x.kernel = kQ8Vnni;
+    return;
+  }
+#elif HWY_TARGET == HWY_AVX2
+  x.kernel = kQ8Avx2;  // reads q and d as they are
+  return;
+#endif
+  // The portable kernel: q widened to int16 once per product, not once per row (nor per slab of rows).
+  x.q16_buf.resize(size_t(M * K));
+  int16_t* HWY_RESTRICT x16 = x.q16_buf.data();
+  const hn::ScalableTag<int16_t> d16;
+  const hn::Rebind<int8_t, decltype(d16)> d8;
+  const int64_t N = int64_t(hn::Lanes(d16));
+  int64_t i = 0;
+  for (; i + N <= M * K; i += N) hn::StoreU(hn::PromoteTo(d16, hn::LoadU(d8, x.q + i)), d16, x16 + i);
+  for (; i < M * K; ++i) x16[i] = x.q[i];
+  x.q16 = x16, x.kernel = kQ8Portable;
+}
+
+void gemv_q8(const void* W, int64_t n0, int64_t n1, const Q8Activations& x, int64_t m0, int64_t M, float* y,
              int64_t ldy) {
   const auto* w = static_cast<const unsigned char*>(W);
+  const int64_t K = x.K, nb = K / 32;
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX2
   auto with_m = [M](auto kernel) HWY_ATTR {
     switch (M) {
@@ -514,24 +553,22 @@ void gemv_q8(const void* W, int64_t n0, int64_t n1, int64_t K, const int8_t* xq,
   // 512-bit instruction, and the VNNI kernel's cost per row, a group's lane folds and the lane sum, is spread
   // over too few blocks): K = 64 ran at 24 GB/s there against 14 (1 thread, in cache); the small model's
   // K = 256 at 37 GB/s in the VNNI kernel against 34 at M = 1 (12 against 11 at M = 4).
-  if (q8_vnni_supported() && K >= 32 * kQ8VnniMinBlocks)
-    return with_m([&](auto m) HWY_ATTR { gemv_q8_vnni_t<decltype(m)::value>(w, n0, n1, K, xq, xd, y, ldy); });
-#else
-  return with_m([&](auto m) HWY_ATTR { gemv_q8_avx2_t<decltype(m)::value>(w, n0, n1, K, xq, xd, y, ldy); });
-#endif
-#endif
-  // The portable kernel: x widened to int16 once per call (per slab of rows), not once per row.
-  thread_local std::vector<int16_t> x16_buf;
-  x16_buf.resize(size_t(M * K));
-  int16_t* HWY_RESTRICT x16 = x16_buf.data();
-  {
-    const hn::ScalableTag<int16_t> d16;
-    const hn::Rebind<int8_t, decltype(d16)> d8;
-    const int64_t N = int64_t(hn::Lanes(d16));
-    int64_t i = 0;
-    for (; i + N <= M * K; i += N) hn::StoreU(hn::PromoteTo(d16, hn::LoadU(d8, xq + i)), d16, x16 + i);
-    for (; i < M * K; ++i) x16[i] = xq[i];
+  if (x.kernel == kQ8Vnni) {
+    const int64_t t = m0 * ((nb + 15) / 16) * 16;  // row m0's tables
+    return with_m([&](auto m) HWY_ATTR {
+      gemv_q8_vnni_t<decltype(m)::value>(w, n0, n1, K, x.q + m0 * K, x.c + t, x.dp + t, y, ldy);
+    });
   }
+#else
+  if (x.kernel == kQ8Avx2)
+    return with_m([&](auto m) HWY_ATTR {
+      gemv_q8_avx2_t<decltype(m)::value>(w, n0, n1, K, x.q + m0 * K, x.d + m0 * nb, y, ldy);
+    });
+#endif
+#endif
+  if (x.kernel != kQ8Portable || !x.q16) fail("gemv_q8_0_rows: activations prepared for another SIMD target");
+  const int16_t* x16 = x.q16 + m0 * K;
+  const float* xd = x.d + m0 * nb;
   switch (M) {
     case 1:
       gemv_q8_t<1>(w, n0, n1, K, x16, xd, y, ldy);
@@ -577,12 +614,14 @@ HWY_EXPORT(rope_rotate);
 HWY_EXPORT(silu_mul);
 HWY_EXPORT(dot_row);
 HWY_EXPORT(gemv_q8);
+HWY_EXPORT(prepare_q8);
 HWY_EXPORT(dequantize_q8);
 HWY_EXPORT(quantize_x_q8);
 
-void gemv_q8_0_rows(const void* W, int64_t n0, int64_t n1, int64_t K, const int8_t* xq, const float* xd, int64_t M,
-                    float* y, int64_t ldy) {
-  HWY_DYNAMIC_DISPATCH(gemv_q8)(W, n0, n1, K, xq, xd, M, y, ldy);
+void prepare_q8_0_x(Q8Activations& x) { HWY_DYNAMIC_DISPATCH(prepare_q8)(x); }
+void gemv_q8_0_rows(const void* W, int64_t n0, int64_t n1, const Q8Activations& x, int64_t m0, int64_t M, float* y,
+                    int64_t ldy) {
+  HWY_DYNAMIC_DISPATCH(gemv_q8)(W, n0, n1, x, m0, M, y, ldy);
 }
 void quantize_x_q8_0(const float* x, int64_t n, int8_t* q, float* d) {
   HWY_DYNAMIC_DISPATCH(quantize_x_q8)(x, n, q, d);

@@ -97,9 +97,7 @@ KSA_TARGET_BF16 void round_to_bf16_avx512(const float* x, int64_t n, uint16_t* o
 }  // namespace
 
 bool bf16_dot_supported() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512bf16");
+  static const bool ok = avx512_base_supported() && __builtin_cpu_supports("avx512bf16");
   return ok;
 }
 

@@ -203,11 +203,12 @@ void check_linear_q8_0_nonfinite() {
 // anywhere in [-128, 127] (llama.cpp's files may hold -128, which quantize_q8_0 never writes; the kernels take
 // |w| or w + 128 as unsigned bytes), activations integers in [-127, 127] with +-127 in every block (so d_x = 1
 // and q_x = x), every partial sum an integer below 2^24 (at most 23 blocks of 32 * 128 * 127): y must equal the
-// integer dot product exactly, for M = 1..4 and block counts below, at and past a group of 16.
+// integer dot product exactly, for M = 1..4 and block counts below, at and past a group of 16; and M = 5, 8,
+// 11, whose rows from the fifth on read the per-product tables (detail::Q8Activations) from row 4 or 8 on.
 void check_linear_q8_0_integers() {
   std::mt19937_64 rng(14);
   std::uniform_int_distribution<int> wq(-128, 127), xq(-127, 127);
-  for (int64_t M : {1, 2, 3, 4})
+  for (int64_t M : {1, 2, 3, 4, 5, 8, 11})
     for (int64_t K : {32, 96, 320, 512, 544, 736}) {
       const int64_t N = 7, nb = K / 32;
       std::vector<int> wi(size_t(N * K)), xi(size_t(M * K));
@@ -234,7 +235,33 @@ void check_linear_q8_0_integers() {
     }
 }
 
+// The matrix-vector path (M <= 11) prepares x once per product for all its rows (detail::Q8Activations) and
+// runs groups of up to 4 rows over slabs of W rows on 2 threads: each row's outputs must be bit for bit those of
+// the row alone (M = 1, one thread), on random data, for rows under and over the AVX512_VNNI kernel's 8 blocks
+// and a partial last group of 16 blocks.
+void check_linear_q8_0_rows_alone() {
+  std::mt19937_64 rng(15);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int64_t K : {96, 544, 2560})
+    for (int64_t M : {2, 5, 11}) {
+      const int64_t N = 1000;  // several slabs per thread
+      std::vector<float> x(size_t(M * K)), w(size_t(N * K)), y(size_t(M * N), NAN), y1(size_t(N), NAN);
+      for (auto& v : x) v = nd(rng);
+      for (auto& v : w) v = nd(rng) * 0.05f;
+      const auto q = quantize(w);
+      linear_q8_0(x.data(), M, K, q.data(), N, y.data(), 2);
+      for (int64_t m = 0; m < M; ++m) {
+        linear_q8_0(x.data() + m * K, 1, K, q.data(), N, y1.data(), 1);
+        for (int64_t n = 0; n < N; ++n)
+          ASSERT_EQ(std::memcmp(&y[size_t(m * N + n)], &y1[size_t(n)], sizeof(float)), 0)
+              << "K=" << K << " M=" << M << " at " << m << "," << n << ": " << y[size_t(m * N + n)] << " vs "
+              << y1[size_t(n)];
+      }
+    }
+}
+
 TEST(Q8_0, LinearMatchesDequantisedDouble) { check_linear_q8_0(); }
+TEST(Q8_0, LinearRowsAsAlone) { check_linear_q8_0_rows_alone(); }
 TEST(Q8_0, LinearExactOnIntegers) { check_linear_q8_0_integers(); }
 TEST(Q8_0, LinearNonFiniteActivations) { check_linear_q8_0_nonfinite(); }
 
@@ -243,6 +270,7 @@ TEST(Q8_0, LinearEveryTarget) {
     check_linear_q8_0();
     check_linear_q8_0_nonfinite();
     check_linear_q8_0_integers();
+    check_linear_q8_0_rows_alone();
   });
 }
 
