@@ -23,7 +23,9 @@ double copy_bandwidth(int64_t bytes);
 // kernel_options_from_env() (ksa/cuda_env.hpp).
 struct KernelOptions {
   // The forward kernel: -1 automatic (pick_forward); 0..4 a tile configuration of the portable (sm80+)
-  // kernel; 5 the sm_90a wgmma kernel (compute capability 9.0 and a build with architecture 90 only).
+  // kernel; 5 the sm_90a wgmma kernel (compute capability 9.0 and a build with architecture 90 only), its K/V
+  // tiles copied by the tensor memory accelerator where the call allows it (one stream layout, k and S
+  // dividing 128), else by cp.async; 6 the same kernel with every tile copied by cp.async (for comparisons).
   int forward_config = -1;
   // The backward's dK/dV work items: each key tile's list of query tiles cut into items of this many entries
   // (> 0), or 0: automatic (enough items for the device's SMs).
@@ -37,7 +39,7 @@ struct KernelOptions {
 
 // The forward kernel attention_forward runs for D (64 or 128) with these options: 5 (the sm_90a kernel) on a
 // compute capability 9.0 device of an sm_90a build, else 1 at D = 128 and 3 at D = 64 (the H200 sweep of
-// 2026-11-29), or o.forward_config when set. Throws ksa::Error for a configuration outside 0..5 or 5 where the
+// 2026-11-29), or o.forward_config when set. Throws ksa::Error for a configuration outside 0..6 or 5/6 where the
 // sm_90a kernel cannot run (supports() reports the same as `why`).
 int pick_forward(int64_t D, const KernelOptions& o = {});
 

@@ -1,7 +1,7 @@
 // For front ends only (the `ksa` command, the PyTorch binding): the environment variables that tune the CUDA
 // kernels, mapped onto ksa::cuda::KernelOptions. The library never calls this; it takes the options it is
 // given. Header-only and without CUDA includes.
-//   KSA_CUDA_FWD_CONFIG=0..5    KernelOptions::forward_config (unset: automatic)
+//   KSA_CUDA_FWD_CONFIG=0..6    KernelOptions::forward_config (unset: automatic)
 //   KSA_CUDA_BWD_SPLIT=N        KernelOptions::backward_split (unset or <= 0: automatic)
 //   KSA_CUDA_BWD_SM90A=0        KernelOptions::backward_sm90a = false (the portable backward passes)
 //   KSA_CUDA_BWD_FUSED_DQ=0     KernelOptions::backward_fused_dq = false (the separate dQ pass)

@@ -272,8 +272,9 @@ void launch(const FwdArgs& a, int B, const varlen::Streams* packed, cudaStream_t
 
 // Tile configurations (MT m-tiles per warp, NW warps, BK keys); KernelOptions::forward_config picks one for
 // tuning and tests (pick_forward below chooses by default).
-// Config 5 is the sm_90a wgmma kernel (attention_fwd_sm90a.cu), the default wherever it runs.
-constexpr int kSm90aConfig = 5;
+// Config 5 is the sm_90a wgmma kernel (attention_fwd_sm90a.cu), the default wherever it runs, its K/V tiles
+// copied by TMA where the launch allows it; config 6 the same kernel with every tile copied by cp.async.
+constexpr int kSm90aConfig = 5, kSm90aCpAsyncConfig = 6;
 
 template <class T, int D>
 void dispatch_config(int config, const FwdArgs& a, int B, const varlen::Streams* pk, cudaStream_t s) {
@@ -286,10 +287,10 @@ void dispatch_config(int config, const FwdArgs& a, int B, const varlen::Streams*
       launch<FwdTraits<T, D, 2, 4, 32, false, 2>>,  // 4: 128 rows, 4 warps x 32 rows
   };
   if (config >= 0 && config < kSm90aConfig) return kPortable[config](a, B, pk, s);
-  if (config != kSm90aConfig)
-    fail("ksa::cuda::attention_forward: unknown configuration ", config, " (0..5)");  // pick_forward checked
+  if (config != kSm90aConfig && config != kSm90aCpAsyncConfig)
+    fail("ksa::cuda::attention_forward: unknown configuration ", config, " (0..6)");  // pick_forward checked
 #if defined(KSA_HAVE_SM90A)
-  detail::launch_fwd_sm90a(a, B, D, std::is_same_v<T, __half>, pk, s);
+  detail::launch_fwd_sm90a(a, B, D, std::is_same_v<T, __half>, pk, config == kSm90aConfig, s);
 #endif
 }
 
@@ -312,12 +313,14 @@ bool detail::sm90a_usable() {
 
 // Why options o cannot run at all (empty: they can).
 static std::string forward_config_problem(const KernelOptions& o) {
-  if (o.forward_config < -1 || o.forward_config > kSm90aConfig)
-    return "forward_config: must be -1 (automatic) or 0..5 (got " + std::to_string(o.forward_config) + ")";
-  if (o.forward_config == kSm90aConfig) {
-    if (device_count() == 0) return "forward_config: 5, the sm_90a kernel, needs a CUDA device (none visible)";
+  if (o.forward_config < -1 || o.forward_config > kSm90aCpAsyncConfig)
+    return "forward_config: must be -1 (automatic) or 0..6 (got " + std::to_string(o.forward_config) + ")";
+  if (o.forward_config >= kSm90aConfig) {
+    const std::string c = std::to_string(o.forward_config);
+    if (device_count() == 0) return "forward_config: " + c + ", the sm_90a kernel, needs a CUDA device (none visible)";
     if (!detail::sm90a_usable())
-      return "forward_config: 5, the sm_90a kernel, needs a compute capability 9.0 device and a build with CUDA "
+      return "forward_config: " + c +
+             ", the sm_90a kernel, needs a compute capability 9.0 device and a build with CUDA "
              "architecture 90 (this device: " +
              device_description() + ")";
   }

@@ -76,10 +76,11 @@ __device__ __forceinline__ void store_row(const FwdArgs& a, int b, int h, int g,
 // Packed (`packed` not null, B = 1): kern_packed<<<(work items, Hq, 1), ...>>>(a, tables) over the query tiles
 // of every stream (varlen::query_tiles for K::BQ), the streams and the items in a workspace of the launch.
 // persistent: a grid of one CTA per SM (or fewer, one per item) instead, each taking the items (query tile,
-// head, batch entry) x, x + gridDim.x, ... of the a.num_qtiles * Hq * B.
-template <class K, class Kernel, class PackedKernel>
+// head, batch entry) x, x + gridDim.x, ... of the a.num_qtiles * Hq * B. `extra`: further kernel arguments
+// after (a, tables), the same for both kernels.
+template <class K, class Kernel, class PackedKernel, class... Extra>
 void launch_fwd(Kernel kern, PackedKernel kern_packed, const FwdArgs& a, int B, const varlen::Streams* packed,
-                cudaStream_t stream, bool persistent = false) {
+                cudaStream_t stream, bool persistent = false, const Extra&... extra) {
   FwdArgs args = a;
   args.B = B;
   auto grid = [&](int tiles, int batch) {
@@ -114,7 +115,7 @@ void launch_fwd(Kernel kern, PackedKernel kern_packed, const FwdArgs& a, int B, 
     tab.tiles = HostImage::at<varlen::QueryTile>(ws.p, o_tiles);
     args.num_qtiles = int(tiles.size());
     KSA_CUDA_CHECK(cudaFuncSetAttribute(kern_packed, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
-    kern_packed<<<grid(args.num_qtiles, 1), K::THREADS, K::SMEM, stream>>>(args, tab);
+    kern_packed<<<grid(args.num_qtiles, 1), K::THREADS, K::SMEM, stream>>>(args, tab, extra...);
     KSA_CUDA_CHECK_LAUNCH();
     ws.release();
     return;
@@ -122,12 +123,14 @@ void launch_fwd(Kernel kern, PackedKernel kern_packed, const FwdArgs& a, int B, 
   KSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM));
   args.num_qtiles = query_tiles(a, K::BQ);
   if (args.num_qtiles == 0) return;
-  kern<<<grid(args.num_qtiles, B), K::THREADS, K::SMEM, stream>>>(args, varlen::Tables{});
+  kern<<<grid(args.num_qtiles, B), K::THREADS, K::SMEM, stream>>>(args, varlen::Tables{}, extra...);
   KSA_CUDA_CHECK_LAUNCH();
 }
 
-// Launches the wgmma forward for D = 64 or 128 (f16 selects half, else bf16); packed: see launch_fwd.
-// Requires sm90a_usable() (launch_checks.hpp).
-void launch_fwd_sm90a(const FwdArgs& a, int B, int D, bool f16, const varlen::Streams* packed, cudaStream_t stream);
+// Launches the wgmma forward for D = 64 or 128 (f16 selects half, else bf16); packed: see launch_fwd. tma: the
+// K/V tiles copied by the tensor memory accelerator where the launch allows it (one stream layout whose k and
+// S divide the 128-key tile), else by cp.async. Requires sm90a_usable() (launch_checks.hpp).
+void launch_fwd_sm90a(const FwdArgs& a, int B, int D, bool f16, const varlen::Streams* packed, bool tma,
+                      cudaStream_t stream);
 
 }  // namespace ksa::cuda::detail

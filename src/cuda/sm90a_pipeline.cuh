@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "cuda/mma.cuh"
+#include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
 #include "ksa/spec.hpp"
 
@@ -159,6 +160,59 @@ struct Producer {
     publish(j - 1, prev, 1);
   }
   // Completes the empty barriers' outstanding phases (every consumer arrival is matched).
+  __device__ __forceinline__ void finish() {
+    for (int jj = j - STAGES > 0 ? j - STAGES : 0; jj < j; ++jj) bar_sync(B::empty(jj % STAGES), 384);
+  }
+};
+
+// The same stage ring with the tiles copied by the tensor memory accelerator (tma.cuh): one leader thread
+// of the producer warpgroup writes a tile's TileInfo, announces the stage's bytes on the stage's mbarrier
+// (full_bars + 8 st, initialised with one arrival) and issues the copies, which complete on that barrier; the
+// consumers wait on it with parity (j / STAGES) & 1 instead of the named full barriers. The empty barriers and
+// the reuse barrier are Producer's. `first()` runs on all 128 producer threads (the item's one-time loads,
+// which signal completion on their own); `load(stage_addr, info, bar)` runs on the leader only.
+template <int STAGES>
+struct TmaProducer {
+  using B = Bars<STAGES>;
+  uint32_t s_stages, stage_bytes, full_bars, tile_bytes;
+  TileInfo* info;
+  int reuse_bar;
+  int j = 0;  // tiles issued so far
+  __device__ TmaProducer(uint32_t s_stages_, uint32_t stage_bytes_, uint32_t full_bars_, uint32_t tile_bytes_,
+                         TileInfo* info_, int reuse_bar_)
+      : s_stages(s_stages_),
+        stage_bytes(stage_bytes_),
+        full_bars(full_bars_),
+        tile_bytes(tile_bytes_),
+        info(info_),
+        reuse_bar(reuse_bar_) {}
+
+  template <class First, class Next, class Load>
+  __device__ __forceinline__ void item(First first, Next next, Load load) {
+    const bool leader = threadIdx.x % 128 == 0;
+    TileInfo cur{}, nxt{};
+    next(cur);
+    bool more = next(nxt);
+    for (bool first_tile = true;; first_tile = false) {
+      const int st = j % STAGES;
+      if (j >= STAGES) bar_sync(B::empty(st), 384);  // both consumers are done with tile j - STAGES
+      if (leader) {
+        cur.last = !more;
+        info[st] = cur;  // published by the barrier's arrival (release) below
+        const uint32_t bar = full_bars + 8u * uint32_t(st);
+        mbar_arrive_expect_tx(bar, tile_bytes);
+        load(s_stages + uint32_t(st) * stage_bytes, cur, bar);
+      }
+      if (first_tile) {
+        if (j > 0) bar_sync(reuse_bar, 384);  // the consumers are done with the previous item's one-time data
+        first();
+      }
+      ++j;
+      if (!more) break;
+      cur = nxt;
+      more = next(nxt);
+    }
+  }
   __device__ __forceinline__ void finish() {
     for (int jj = j - STAGES > 0 ? j - STAGES : 0; jj < j; ++jj) bar_sync(B::empty(jj % STAGES), 384);
   }

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <optional>
 #include <random>
@@ -162,27 +163,118 @@ TEST(CudaForward, RandomShapes) {
   }
 }
 
+// Shapes for the sm_90a kernel's TMA copies (forward_config 5, the default there): k and S that divide the
+// 128-key tile, partial last chunks with and without their summaries (the per-chunk copies), k = 1 and k =
+// 128, batch entries and strided views (the maps' strides), one KV head (a stride the map need not use).
+std::vector<Shape> tma_shapes() {
+  return {
+      {8, 2, 3003, 4, 4, 1, 128, 2, true, DType::bf16, false},   // S = 2, summarised tail of 3 rows
+      {8, 2, 3003, 4, 4, 1, 128, 1, false, DType::bf16, true},   // the same tail, not summarised
+      {1, 1, 777, 3, 2, 1, 64, 1, true, DType::f16, true},       // k = 1: 128 chunks per box
+      {32, 4, 2100, 2, 4, 2, 128, 3, true, DType::bf16, false},  // k = 32, S = 4, tail of 20, B = 3
+      {128, 1, 1000, 1, 2, 2, 64, 1, true, DType::bf16, false},  // a chunk per tile, tail of 104
+      {16, 1, 2048, 8, 2, 2, 128, 2, false, DType::f16, false},  // no tail: the last box runs past the chunks
+      {8, 1, 130, 1, 2, 1, 128, 1, true, DType::bf16, false},    // 16 full chunks and a tail of 2
+  };
+}
+
+TEST(CudaForward, TmaShapesMatchOracle) {
+  REQUIRE_GPU();
+  std::vector<cuda::KernelOptions> configs(1);
+  if (cuda::pick_forward(128) == 5) configs.emplace_back().forward_config = 6;  // and the cp.async copies
+  uint64_t seed = 300;
+  for (const Shape& s : tma_shapes()) check_shape(s, seed++, configs);
+}
+
+// The TMA copies (config 5) against the cp.async copies (config 6) of the same sm_90a kernel: the tiles hold
+// the same rows in the same smem layout (rows past a tile's end are masked either way), so out and lse are
+// equal bit for bit. Large shapes, so that the launch is persistent (>= 8 work items per SM: each CTA runs many
+// items through one stage ring and Q's barrier flips phase per item), and the engine's case of a query range
+// (q_begin) over a longer stream.
+TEST(CudaForward, TmaCopiesEqualCpAsyncBitwise) {
+  REQUIRE_GPU();
+  if (cuda::pick_forward(128) != 5) GTEST_SKIP() << "the sm_90a kernel does not run here (" << cuda::device_description() << ")";
+  struct Case {
+    Shape s;
+    int64_t q_begin;
+  };
+  const std::vector<Case> cases = {
+      {{8, 1, 20000, 128, 8, 2, 128, 1, true, DType::bf16, false}, 0},    // 1,266 items on 8 heads: persistent
+      {{8, 1, 30001, 16, 32, 8, 128, 1, true, DType::bf16, false}, 0},   // GQA 4, tail of 1
+      {{8, 1, 12000, 64, 16, 4, 64, 2, false, DType::f16, true}, 0},     // D = 64, B = 2, strided
+      {{8, 1, 9000, 128, 32, 8, 128, 1, true, DType::bf16, false}, 5000},  // a query range, as the engine's prefill
+  };
+  for (const Case& c : cases) {
+    const Shape& s = c.s;
+    SCOPED_TRACE(test::describe(s) + " q_begin " + std::to_string(c.q_begin));
+    const Layout lay(s.k, s.S, s.T, s.tail);
+    const int64_t L = lay.length();
+    const int64_t rowq = s.strided ? (s.Hq + 2 * s.Hkv) * s.D : s.Hq * s.D, rowkv = s.Hkv * s.D;
+    const int64_t n_q = s.B * L * rowq, n_kv = s.strided ? 0 : s.B * L * rowkv, n_o = s.B * L * s.Hq * s.D;
+    std::mt19937_64 rng(7);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    std::vector<uint16_t> hq(static_cast<size_t>(n_q)), hk(static_cast<size_t>(n_kv)), hv(static_cast<size_t>(n_kv));
+    for (auto* h : {&hq, &hk, &hv})
+      for (auto& x : *h) store_from_float(s.dt, &x, 0, nd(rng));
+    const test::DevMem mq(size_t(n_q) * 2), mk(size_t(n_kv) * 2 + 16), mv(size_t(n_kv) * 2 + 16),
+        mo(size_t(n_o) * 2), ml(size_t(s.B * L * s.Hq) * 4);
+    ASSERT_TRUE(mq.p && mk.p && mv.p && mo.p && ml.p) << "cudaMalloc";
+    CK(cudaMemcpy(mq.p, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(mk.p, hk.data(), hk.size() * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(mv.p, hv.data(), hv.size() * 2, cudaMemcpyHostToDevice));
+    AttentionParams p = test::qkv_params<AttentionParams>(s, lay, rowq, mq.as<uint16_t>(), mk.as<uint16_t>(),
+                                                          mv.as<uint16_t>());
+    p.out = TensorView::dense(mo.as<uint16_t>(), L, s.Hq, s.D);
+    p.lse = ml.as<float>();
+    p.q_begin = c.q_begin;
+    std::vector<uint16_t> out[2];
+    std::vector<float> lse[2];
+    for (int i = 0; i < 2; ++i) {
+      cuda::KernelOptions o;
+      o.forward_config = i == 0 ? 5 : 6;
+      CK(cudaMemset(mo.p, 0xff, size_t(n_o) * 2));
+      CK(cudaMemset(ml.p, 0xff, size_t(s.B * L * s.Hq) * 4));
+      cuda::attention_forward(p, nullptr, o);
+      CK(cudaDeviceSynchronize());
+      out[i].resize(size_t(n_o));
+      lse[i].resize(size_t(s.B * L * s.Hq));
+      CK(cudaMemcpy(out[i].data(), mo.p, out[i].size() * 2, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(lse[i].data(), ml.p, lse[i].size() * 4, cudaMemcpyDeviceToHost));
+    }
+    int64_t differ = 0, first = -1;
+    for (size_t i = 0; i < out[0].size(); ++i)
+      if (out[0][i] != out[1][i] && differ++ == 0) first = int64_t(i);
+    EXPECT_EQ(differ, 0) << "output elements differ, first at flat index " << first;
+    EXPECT_EQ(std::memcmp(lse[0].data(), lse[1].data(), lse[0].size() * 4), 0) << "lse differs";
+    // The rows the call wrote are not NaN (the poison): the query range's rows at least.
+    const int64_t r = c.q_begin;  // the first written stream row
+    EXPECT_NE(out[0][size_t(r * s.Hq * s.D)], 0xffff) << "row " << r << " was not written";
+  }
+}
+
 TEST(CudaForward, UnsupportedGivesReasons) {
   AttentionParams p;
   p.layout = Layout(8, 1, 16);
   test::expect_head_dim_and_dtype_refused(p);
   std::string why;
-  // Kernel options: a configuration outside -1..5 is refused by supports() and pick_forward alike; a portable
+  // Kernel options: a configuration outside -1..6 is refused by supports() and pick_forward alike; a portable
   // configuration asked for is the one that runs (no device needed to choose it).
   p.dtype = DType::bf16;
   cuda::KernelOptions o;
   o.forward_config = 9;
   EXPECT_FALSE(cuda::supports(p, &why, o));
-  EXPECT_NE(why.find("forward_config: must be -1 (automatic) or 0..5 (got 9)"), std::string::npos) << why;
+  EXPECT_NE(why.find("forward_config: must be -1 (automatic) or 0..6 (got 9)"), std::string::npos) << why;
   EXPECT_THROW(cuda::pick_forward(128, o), Error);
   for (int c = 0; c <= 4; ++c) {
     o.forward_config = c;
     EXPECT_EQ(cuda::pick_forward(64, o), c);
   }
-  if (cuda::device_count() == 0) {  // the sm_90a kernel needs a device; the reason says so
-    o.forward_config = 5;
-    EXPECT_FALSE(cuda::supports(p, &why, o));
-    EXPECT_NE(why.find("none visible"), std::string::npos) << why;
+  if (cuda::device_count() == 0) {  // the sm_90a kernel (5, and 6 with cp.async copies) needs a device
+    for (int c : {5, 6}) {
+      o.forward_config = c;
+      EXPECT_FALSE(cuda::supports(p, &why, o));
+      EXPECT_NE(why.find("none visible"), std::string::npos) << why;
+    }
   }
 }
 
