@@ -78,6 +78,10 @@ struct ModelOptions {
   // OpenBLAS sgemm, whose rounding differs from the matrix-vector kernel's: a near-tie can then go either way.
   // CUDA: refused at load.
   bool batch_invariant = false;
+  // CPU: how the checkpoint's bytes are held (ksa/safetensors.hpp): mapped from the page cache (default), or
+  // copied into anonymous memory in 2 MiB pages (FileLoad::copy: load time and the weights' size in process
+  // memory, for decode that does not depend on how the page cache holds the file). CUDA: always mapped.
+  FileLoad load = FileLoad::map;
 };
 
 // Which logits an append returns.

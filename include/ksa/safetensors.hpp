@@ -68,13 +68,27 @@ class AlignedData {
   const void* ptr_ = nullptr;
 };
 
-// One .safetensors file, mmapped.
+// How a checkpoint's bytes are held in memory.
+enum class FileLoad : uint8_t {
+  // mmap'ed from the page cache (the default: no copy, pages shared with other processes and the cache).
+  // On Linux the mapping is advised MADV_HUGEPAGE: pages that are not in the page cache yet are read into it
+  // in 2 MiB folios where the kernel can, and mapped in 2 MiB pages (pages already cached keep the folio
+  // size they entered the cache with, e.g. a file written in 4 KiB pieces).
+  map,
+  // Read (pread) into anonymous memory advised MADV_HUGEPAGE (2 MiB pages whatever the page cache holds), then
+  // made read-only. Costs the copy at load and the file's size in process memory. Pieces of the file that were
+  // not in the page cache are dropped from it after the copy (POSIX_FADV_DONTNEED: a file read from disk is not
+  // held twice); cached ones stay. (llama.cpp's --no-mmap.)
+  copy,
+};
+
+// One .safetensors file, mmapped (or copied: FileLoad).
 class SafetensorsFile {
  public:
   static constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 
   // Throws ksa::Error naming the file and what is wrong with it.
-  static SafetensorsFile open(const std::string& path);
+  static SafetensorsFile open(const std::string& path, FileLoad load = FileLoad::map);
 
   const std::string& path() const { return path_; }
   const std::vector<TensorInfo>& tensors() const { return tensors_; }  // in file order (by offset)
@@ -99,7 +113,7 @@ class Checkpoint {
   static constexpr const char* kIndexFile = "model.safetensors.index.json";
 
   // Throws ksa::Error naming the file and the problem.
-  static Checkpoint open(const std::string& dir);
+  static Checkpoint open(const std::string& dir, FileLoad load = FileLoad::map);
 
   const std::string& dir() const { return dir_; }
   bool sharded() const { return files_.size() > 1 || index_; }

@@ -291,7 +291,8 @@ Model Model::load(const std::string& dir, const ModelOptions& opt) {
   if (opt.max_text_tokens < 0) fail("Model: max_text_tokens must be >= 0 (got ", opt.max_text_tokens, ")");
   if (cfg.rope_type != "default")
     fail(dir, "/config.json: rope_type \"", cfg.rope_type, "\" is not supported (default only)");
-  m->ckpt = std::make_unique<Checkpoint>(Checkpoint::open(dir));
+  // The CUDA engine uploads the weights: a copy in host memory first would only cost time.
+  m->ckpt = std::make_unique<Checkpoint>(Checkpoint::open(dir, opt.device == Device::cpu ? opt.load : FileLoad::map));
   const ModelWeights w = bind_weights(cfg, *m->ckpt);
   m->weight_format = describe_weight_format(*m->ckpt);
   if (opt.device == Device::cuda)  // refused before any device memory is taken

@@ -458,6 +458,7 @@ Server::Server(const ServeOptions& o) {
   mo.max_text_tokens = o.ctx;
   mo.kv_dtype = o.kv_f32 ? DType::f32 : DType::bf16;
   mo.batch_invariant = o.batch_invariant;
+  if (o.no_mmap) mo.load = FileLoad::copy;
   apply_device(o.device, o.model_dir, mo);
   impl_ = std::make_unique<Impl>(o, mo);
   Impl& m = *impl_;

@@ -125,6 +125,30 @@ TEST(Safetensors, ShardedCheckpoint) {
   EXPECT_FALSE(Checkpoint::open(t.dir().string()).sharded());
 }
 
+// FileLoad::copy (ksa --no-mmap): the same tensors with the same bytes as the mapped files, across shards and
+// across the 64 MiB pieces the copy reads (a 70.6 MB tensor), with the tensors' data outside the mapping.
+TEST(Safetensors, CopiedCheckpointHoldsTheSameBytes) {
+  test::TempDir t{"st"};
+  SafetensorsWriter w;
+  const std::vector<float> small = random_values(100, 21), big = random_values(4200 * 4200, 22);
+  w.add("small", DType::f32, {10, 10}, small.data());
+  w.add("big", DType::f32, {4200, 4200}, big.data());
+  w.add("after", DType::f32, {10, 10}, small.data());
+  w.write_checkpoint(t.dir().string(), 400 + 4200 * 4200 * 4);  // two shards: small + big, after
+  const Checkpoint mapped = Checkpoint::open(t.dir().string());
+  const Checkpoint copied = Checkpoint::open(t.dir().string(), FileLoad::copy);
+  ASSERT_EQ(copied.files().size(), 2u);
+  ASSERT_EQ(copied.tensors().size(), mapped.tensors().size());
+  for (size_t i = 0; i < mapped.tensors().size(); ++i) {
+    const TensorInfo &a = mapped.tensors()[i], &b = copied.tensors()[i];
+    EXPECT_EQ(a.name, b.name);
+    ASSERT_EQ(a.nbytes, b.nbytes) << a.name;
+    EXPECT_NE(a.data, b.data) << a.name;
+    EXPECT_EQ(std::memcmp(a.data, b.data, size_t(a.nbytes)), 0) << a.name;
+  }
+  EXPECT_EQ(copied.at("big").get(4200 * 4200 - 1), big.back());
+}
+
 TEST(SafetensorsErrors, IndexProblems) {
   test::TempDir t{"st"};
   SafetensorsWriter w;

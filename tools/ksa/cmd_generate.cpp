@@ -209,6 +209,10 @@ int run_generate(int argc, char** argv) {
   std::vector<std::string>& stops =
       f.strs("-r,--reverse-prompt,--stop", "stop when the text contains this string (\\n, \\t escapes understood)");
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
+  bool& no_mmap = f.flag("--no-mmap",
+                         "CPU: copy the weights into anonymous memory in 2 MiB pages instead of mapping the checkpoint "
+                         "(decode then does not depend on how the page cache holds the file; costs the copy at load "
+                         "and the weights' size in memory; docs/quantization.md)");
   bool& batch_invariant = f.flag(
       "--batch-invariant", "CPU: every matrix product row by row, as `ksa serve --batch-invariant` (slower prefill)");
   bool& no_graphs =
@@ -267,6 +271,7 @@ int run_generate(int argc, char** argv) {
   mo.max_text_tokens = ctx;
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
   mo.batch_invariant = batch_invariant;
+  if (no_mmap) mo.load = FileLoad::copy;
   mo.cuda_graphs = !no_graphs;
   mo.cuda_plan_ahead = !no_ahead;
   mo.prefill_tokens = ubatch;

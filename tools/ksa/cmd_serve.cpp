@@ -73,6 +73,10 @@ int run_serve(int argc, char** argv) {
                          0, cli::kMaxTokens);
   int64_t& threads = f.i64("-t,--threads", 0, "engine threads (0 = all cores)", 0, cli::kMaxThreads);
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
+  bool& no_mmap = f.flag("--no-mmap",
+                         "CPU: copy the weights into anonymous memory in 2 MiB pages instead of mapping the checkpoint "
+                         "(decode then does not depend on how the page cache holds the file; costs the copy at load "
+                         "and the weights' size in memory; docs/quantization.md)");
   bool& batch_invariant =
       f.flag("--batch-invariant",
              "CPU: every matrix product row by row, so a request gets the same tokens under any load "
@@ -107,6 +111,7 @@ int run_serve(int argc, char** argv) {
   o.threads = threads;
   o.kv_f32 = kv_f32;
   o.batch_invariant = batch_invariant;
+  o.no_mmap = no_mmap;
   o.max_body = parse_bytes("--max-body", max_body);
   if (o.max_body < 1) throw cli::UsageError("--max-body: must be at least 1 byte");
   o.shutdown_grace = grace;

@@ -34,17 +34,22 @@ inline Tokenizer load_model_tokenizer(const std::string& dir) {
   return Tokenizer::load(p.string());
 }
 
-// The engine flags both commands take (--device, -t, --kv-f32), registered in that order, and the ModelOptions
-// they give.
+// The engine flags both commands take (--device, -t, --kv-f32, --no-mmap), registered in that order, and the
+// ModelOptions they give.
 struct EngineFlags {
   std::string& device;
   int64_t& threads;
   bool& kv_f32;
+  bool& no_mmap;
 
   explicit EngineFlags(cli::Flags& f)
       : device(f.str("--device", "auto", "cpu, cuda, or auto")),
         threads(f.i64("-t,--threads", 0, "CPU threads (0 = all)", 0, cli::kMaxThreads)),
-        kv_f32(f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)")) {}
+        kv_f32(f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)")),
+        no_mmap(f.flag("--no-mmap",
+                       "CPU: copy the weights into anonymous memory in 2 MiB pages instead of mapping the checkpoint "
+                       "(decode then does not depend on how the page cache holds the file; costs the copy at load and "
+                       "the weights' size in memory; docs/quantization.md)")) {}
 
   ModelOptions options(const std::string& dir) const {
     ModelOptions mo;
@@ -53,6 +58,7 @@ struct EngineFlags {
       throw cli::UsageError("--kv-f32: the CUDA engine keeps the KV cache in bf16");
     mo.threads = int(threads);
     mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
+    if (no_mmap) mo.load = FileLoad::copy;
     return mo;
   }
 };
