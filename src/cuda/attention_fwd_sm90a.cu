@@ -4,8 +4,10 @@
 // Work item: 128 query rows (gathered order) of one head, two consumer warpgroups of 64 rows each and a
 // producer warpgroup. Persistent CTAs, one per SM, take the items heaviest first; the producer's stage ring
 // runs on across items, so the next item's loads overlap the current one's last tile and epilogue. Key tiles
-// of 128 rows (KeyTileCursor) stream through a three-stage cp.async pipeline (sm90a_pipeline.cuh; a row's
-// stream position is computed once per tile), 128B-swizzled for wgmma:
+// of 128 rows (KeyTileCursor) stream through a three-stage pipeline (sm90a_pipeline.cuh), 128B-swizzled for
+// wgmma: copied by TMA (TmaProducer, FwdMaps: a few boxes of whole chunks per tile) where the launch has one
+// stream layout whose k and S divide 128, else row by row with cp.async (Producer; packed streams, other k/S,
+// forward_config 6). Then, per tile:
 //   S = Q K^T   wgmma m64n128k16, Q and K from smem (K-major), D/16 k-steps per tile;
 //   mask        per row, two compares per element against the row's text or summary key range
 //               (row_key_ranges, core), only on tiles the cursor marks masked or clipped;

@@ -2,7 +2,8 @@
 // consumer warpgroups 0 and 1 and a producer warpgroup 2. The producer walks the CTA's key tiles
 // (KeyTileCursor), copies each tile's rows (gathered order) with cp.async into the next free smem stage,
 // 128B-swizzled for wgmma, and hands it to both consumers through named barriers; the consumers give the
-// stage back when their products on it have completed.
+// stage back when their products on it have completed. TmaProducer (the forward where the layout allows it):
+// the same ring with each tile copied by the tensor memory accelerator and published on a per-stage mbarrier.
 #pragma once
 #include <cstdint>
 
