@@ -10,6 +10,9 @@
 # the model there: `ksa make-model --shape 4b` with use_summary_attention off (a plain Qwen3: llama.cpp has no
 # summary attention), converted to GGUF by to_gguf.py with llama.cpp's gguf-py. About 25 GB of disk.
 # KSA=<path to ksa> (default build/bin/ksa). Results: $WORK/results.md (and the raw logs beside it).
+# The four model files (~25 GB) do not fit a 23 GB machine's page cache together, so each run may page its file
+# in anew, and decode depends on how the page cache holds it (docs/quantization.md): pair.sh compares one weight
+# type at a time with the cache's state stated and each run's 2 MiB mappings printed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS="${1:-2}" THREADS="${THREADS:-2}" PP="${PP:-512}" TG="${TG:-64}"
