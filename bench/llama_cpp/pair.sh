@@ -13,7 +13,8 @@
 #     cold  both files dropped, not read back: each engine's first run pages its own file in its own way
 # Per run it prints tok/s and, sampled from /proc/PID/smaps_rollup while the run lasts (the largest value):
 # FilePmdMapped (file pages mapped in 2 MiB pages), AnonHugePages, Rss; for ksa its bandwidth bound (1 GiB
-# STREAM-like read in the same process). Lines go to $WORK/pair_runs.tsv.
+# STREAM-like read in the same process) and the 1-minute load average after it (another process on the cores
+# spoils the run). Lines go to $WORK/pair_runs.tsv.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WEIGHTS="${1:?bf16 or q8_0}" ROUNDS="${2:-2}"
@@ -74,11 +75,12 @@ run() {  # run <engine> <command...>: prints engine, weights, label, pp, tg, Fil
 j = json.load(open(sys.argv[1])); r = j["results"][0]
 print("%.2f %.2f %.2f@%.1fGB/s" % (r.get("pp_tok_s") or 0, r["tg_tok_s"], r["bound_tok_s"], j["bandwidth_gb_s"]))' "$out")
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$engine" "$WEIGHTS" "${LABEL:-$PREP}" "${pp:--}" "$tg" "$maps" "${bound:--}" |
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$engine" "$WEIGHTS" "${LABEL:-$PREP}" "${pp:--}" "$tg" "$maps" "${bound:--}" \
+    "$(cut -d' ' -f1 /proc/loadavg)" |
     tee -a "$RES"
   rm -f "$out"
 }
-echo -e "engine\tweights\tlabel\tpp$PP\ttg$TG\tFilePmdMapped_GB\tAnonHugePages_GB\tRss_GB\tksa_bound_tok_s@bandwidth"
+echo -e "engine\tweights\tlabel\tpp$PP\ttg$TG\tFilePmdMapped_GB\tAnonHugePages_GB\tRss_GB\tksa_bound_tok_s@bandwidth\tload1"
 for r in $(seq "$ROUNDS"); do
   # shellcheck disable=SC2086
   run llama.cpp "$LB" -m "$GGUF" -p "$PP" -n "$TG" -t "$THREADS" -r 1 -o csv ${LLAMA_ARGS:-}
