@@ -10,7 +10,6 @@
 #include <sys/mman.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -20,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/thread_pool.hpp"
+#include "cpu/bandwidth.hpp"
 #include "ksa/dense.hpp"
 #include "ksa/dtype.hpp"
 
@@ -129,23 +128,7 @@ int main(int argc, char** argv) {
   // STREAM-like read (as `ksa bench model`) over the first copy set's memory, same threads.
   const int64_t n = int64_t(tot_b / 8) / 4 * 4;
   uint64_t* buf = static_cast<uint64_t*>(alloc(size_t(n) * 8, huge));
-  const int64_t slice = (n / 4 + threads - 1) / threads * 4;
-  cpu::detail::parallel_chunks(threads, n, slice, [&](int64_t b, int64_t e, int) {
-    for (int64_t i = b; i < e; ++i) buf[i] = uint64_t(i) * 0x9e3779b97f4a7c15ull;
-  });
-  double bw = 0;
-  volatile uint64_t sink = 0;
-  for (int p = 0; p < passes; ++p) {
-    std::atomic<uint64_t> total{0};
-    const double t0 = now();
-    cpu::detail::parallel_chunks(threads, n, slice, [&](int64_t b, int64_t e, int) {
-      uint64_t s = 0;
-      for (int64_t i = b; i < e; i += 4) s += (buf[i] + buf[i + 1]) + (buf[i + 2] + buf[i + 3]);
-      total += s;
-    });
-    bw = std::max(bw, double(n * 8) / (now() - t0));
-    sink = sink + total.load();
-  }
+  const double bw = cpu::detail::read_bandwidth(buf, n, threads, passes);
   std::printf("  STREAM-like read of %.2f GB: %.1f GB/s\n", double(n * 8) * 1e-9, bw * 1e-9);
   return 0;
 }

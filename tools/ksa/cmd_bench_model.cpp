@@ -11,7 +11,6 @@
 // middle of the tg run. The bandwidth is measured in the same run: on the GPU a device-to-device copy (bytes
 // read + written per second), on the CPU a STREAM-like read with the same thread count (best of passes).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -21,7 +20,7 @@
 
 #include "bench_model.hpp"
 #include "common.hpp"
-#include "cpu/thread_pool.hpp"
+#include "cpu/bandwidth.hpp"
 #include "ksa/dense.hpp"
 #include "ksa/model.hpp"
 #include "ksa/stream_geometry.hpp"
@@ -64,33 +63,11 @@ Stats stats(const std::vector<double>& v) {
   return s;
 }
 
-// Read bandwidth in bytes/s: `bytes` of 64-bit words, first touched by the threads that read them (so the
-// pages sit on their NUMA nodes), summed with four independent accumulators per thread; best of `passes`.
+// Read bandwidth in bytes/s over `bytes` of fresh memory (cpu/bandwidth.hpp).
 double read_bandwidth(int threads, int64_t bytes, int passes) {
   const int64_t n = bytes / 8;
   std::unique_ptr<uint64_t[]> buf(new uint64_t[size_t(n)]);
-  uint64_t* p = buf.get();
-  // One contiguous slice per thread (the engine's pool, as the model uses it).
-  const int64_t slice = (n / 4 + threads - 1) / threads * 4;
-  cpu::detail::parallel_chunks(threads, n, slice, [&](int64_t b, int64_t e, int) {
-    for (int64_t i = b; i < e; ++i) p[i] = uint64_t(i) * 0x9e3779b97f4a7c15ull;
-  });
-  double best = 0;
-  volatile uint64_t sink = 0;
-  for (int r = 0; r < passes; ++r) {
-    std::atomic<uint64_t> total{0};
-    const double t0 = now_s();
-    cpu::detail::parallel_chunks(threads, n / 4 * 4, slice, [&](int64_t b, int64_t e, int) {
-      uint64_t s = 0;
-      for (int64_t i = b; i < e; i += 4) s += (p[i] + p[i + 1]) + (p[i + 2] + p[i + 3]);
-      total += s;
-    });
-    const double t = now_s() - t0;
-    sink = sink + total.load();
-    best = std::max(best, double(n / 4 * 4 * 8) / t);
-  }
-  (void)sink;
-  return best;
+  return cpu::detail::read_bandwidth(buf.get(), n, threads, passes);
 }
 
 }  // namespace
