@@ -21,6 +21,12 @@ inline constexpr int64_t kMaxThreads = 1024;                                  //
 inline constexpr int64_t kMaxTokens = (int64_t(1) << 31) - 1;                 // token counts: the KV cache's limit
 inline constexpr int64_t kAnyInt64Min = INT64_MIN, kAnyInt64Max = INT64_MAX;  // seeds: every value is fine
 
+// Help of --no-mmap, which every command that loads a model for the CPU takes (ModelOptions::load).
+inline constexpr const char* kNoMmapHelp =
+    "CPU: copy the weights into anonymous memory in 2 MiB pages instead of mapping the checkpoint (decode then "
+    "does not depend on how the page cache holds the file; costs the copy at load and the weights' size in "
+    "memory; docs/quantization.md)";
+
 class Flags {
  public:
   Flags(std::string command, std::string summary) : command_(std::move(command)), summary_(std::move(summary)) {}

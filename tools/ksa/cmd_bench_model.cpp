@@ -112,10 +112,7 @@ int run_bench_model(int argc, char** argv) {
   int64_t& bw_mib = f.i64("--bw-mib", 1024, "buffer of the bandwidth test in MiB (0 = skip the test)", 0, 1 << 20);
   int64_t& ctx = f.i64("--ctx", 0, "context limit in text tokens (0 = -p + -n)", 0, cli::kMaxTokens);
   bool& kv_f32 = f.flag("--kv-f32", "KV cache in f32 (CPU only; default bf16)");
-  bool& no_mmap = f.flag("--no-mmap",
-                         "CPU: copy the weights into anonymous memory in 2 MiB pages instead of mapping the checkpoint "
-                         "(decode then does not depend on how the page cache holds the file; costs the copy at load "
-                         "and the weights' size in memory; docs/quantization.md)");
+  bool& no_mmap = f.flag("--no-mmap", cli::kNoMmapHelp);
   bool& no_graphs =
       f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
   bool& no_ahead = f.flag("--no-plan-ahead", "CUDA: plan each decode step when it starts (not during the step before)");

@@ -209,10 +209,7 @@ int run_generate(int argc, char** argv) {
   std::vector<std::string>& stops =
       f.strs("-r,--reverse-prompt,--stop", "stop when the text contains this string (\\n, \\t escapes understood)");
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
-  bool& no_mmap = f.flag("--no-mmap",
-                         "CPU: copy the weights into anonymous memory in 2 MiB pages instead of mapping the checkpoint "
-                         "(decode then does not depend on how the page cache holds the file; costs the copy at load "
-                         "and the weights' size in memory; docs/quantization.md)");
+  bool& no_mmap = f.flag("--no-mmap", cli::kNoMmapHelp);
   bool& batch_invariant = f.flag(
       "--batch-invariant", "CPU: every matrix product row by row, as `ksa serve --batch-invariant` (slower prefill)");
   bool& no_graphs =

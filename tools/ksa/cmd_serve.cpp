@@ -73,10 +73,7 @@ int run_serve(int argc, char** argv) {
                          0, cli::kMaxTokens);
   int64_t& threads = f.i64("-t,--threads", 0, "engine threads (0 = all cores)", 0, cli::kMaxThreads);
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
-  bool& no_mmap = f.flag("--no-mmap",
-                         "CPU: copy the weights into anonymous memory in 2 MiB pages instead of mapping the checkpoint "
-                         "(decode then does not depend on how the page cache holds the file; costs the copy at load "
-                         "and the weights' size in memory; docs/quantization.md)");
+  bool& no_mmap = f.flag("--no-mmap", cli::kNoMmapHelp);
   bool& batch_invariant =
       f.flag("--batch-invariant",
              "CPU: every matrix product row by row, so a request gets the same tokens under any load "

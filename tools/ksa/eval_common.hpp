@@ -46,10 +46,7 @@ struct EngineFlags {
       : device(f.str("--device", "auto", "cpu, cuda, or auto")),
         threads(f.i64("-t,--threads", 0, "CPU threads (0 = all)", 0, cli::kMaxThreads)),
         kv_f32(f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)")),
-        no_mmap(f.flag("--no-mmap",
-                       "CPU: copy the weights into anonymous memory in 2 MiB pages instead of mapping the checkpoint "
-                       "(decode then does not depend on how the page cache holds the file; costs the copy at load and "
-                       "the weights' size in memory; docs/quantization.md)")) {}
+        no_mmap(f.flag("--no-mmap", cli::kNoMmapHelp)) {}
 
   ModelOptions options(const std::string& dir) const {
     ModelOptions mo;
