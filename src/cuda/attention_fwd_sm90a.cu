@@ -295,6 +295,7 @@ bool make_maps(const FwdArgs& a, int B, FwdMaps& m) {
   const int64_t k = a.lay.chunk_size, S = a.lay.S, L = a.lay.length(), full = a.lay.full_chunks();
   if (K::BK % k != 0 || K::BK % S != 0) return false;
   const uint64_t Hkv = uint64_t(a.Hq / a.G);
+  const bool tail_text = a.lay.tail_len() > 0, tail_sums = tail_text && a.lay.summarize_tail;
   for (int kv = 0; kv < 2; ++kv) {
     const View& t = kv == 0 ? a.k : a.v;
     // Byte strides; a dimension of size 1 gets any stride the driver takes (its coordinate is always 0).
@@ -309,11 +310,12 @@ bool make_maps(const FwdArgs& a, int B, FwdMaps& m) {
       const uint32_t bs5[5] = {box0, uint32_t(S), uint32_t(K::BK / S), 1, 1};
       if (!encode_map16(m.sum[kv], static_cast<const uint8_t*>(t.p) + k * rs, 5, ds, st, bs5)) return false;
     }
+    // The per-chunk maps only where a partial last chunk exists (its summaries only where they are kept).
     const uint64_t dr[4] = {uint64_t(K::D), uint64_t(L), Hkv, uint64_t(B)};
     const uint64_t sr[3] = {rs, hs, bs};
     const uint32_t bk[4] = {box0, uint32_t(k), 1, 1}, bss[4] = {box0, uint32_t(S), 1, 1};
-    if (!encode_map16(m.rows_k[kv], t.p, 4, dr, sr, bk) || !encode_map16(m.rows_s[kv], t.p, 4, dr, sr, bss))
-      return false;
+    if (tail_text && !encode_map16(m.rows_k[kv], t.p, 4, dr, sr, bk)) return false;
+    if (tail_sums && !encode_map16(m.rows_s[kv], t.p, 4, dr, sr, bss)) return false;
   }
   return true;
 }

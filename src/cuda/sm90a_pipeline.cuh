@@ -55,6 +55,11 @@ struct Bars {
     if (wg == 0) bar_arrive(sched(1), 256);
     else if (more) bar_arrive(sched(0), 256);
   }
+  // Producer side, after its last tile (j tiles issued in all): completes the empty barriers' outstanding
+  // phases, so that every consumer arrival is matched.
+  static __device__ __forceinline__ void drain(int j) {
+    for (int jj = j - STAGES > 0 ? j - STAGES : 0; jj < j; ++jj) bar_sync(empty(jj % STAGES), 384);
+  }
   // The consumers' side of Producer's reuse barrier: this consumer is done with the item's one-time data.
   static __device__ __forceinline__ void reuse_done(int reuse_bar) { bar_arrive(reuse_bar, 384); }
   // Turn i of this consumer: issue() queues its wgmma products (one commit group), the turn passes as soon as
@@ -160,10 +165,7 @@ struct Producer {
     cp_async_wait<0>();
     publish(j - 1, prev, 1);
   }
-  // Completes the empty barriers' outstanding phases (every consumer arrival is matched).
-  __device__ __forceinline__ void finish() {
-    for (int jj = j - STAGES > 0 ? j - STAGES : 0; jj < j; ++jj) bar_sync(B::empty(jj % STAGES), 384);
-  }
+  __device__ __forceinline__ void finish() { B::drain(j); }
 };
 
 // The same stage ring with the tiles copied by the tensor memory accelerator (tma.cuh): one leader thread
@@ -214,9 +216,7 @@ struct TmaProducer {
       more = next(nxt);
     }
   }
-  __device__ __forceinline__ void finish() {
-    for (int jj = j - STAGES > 0 ? j - STAGES : 0; jj < j; ++jj) bar_sync(B::empty(jj % STAGES), 384);
-  }
+  __device__ __forceinline__ void finish() { B::drain(j); }
 };
 
 // One work item per CTA: Producer::item, then finish (no reuse barrier is waited on).

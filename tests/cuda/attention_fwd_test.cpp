@@ -22,68 +22,94 @@ namespace {
 
 using test::Shape;
 
-// Runs one shape; returns the worst error. Tolerance (METHOD: bf16 operands land between 1e-3 and 1e-2 in
+// One shape's random inputs on the host and the device, and the params of a forward over them. Strided:
+// q inside a fused [B, L, Hq+2*Hkv, D] buffer, k and v slices of it, out padded by 8 elements per row.
+struct FwdInputs {
+  // CUDA errors throw (gtest reports them), so a half-made FwdInputs is never used.
+  static void ck(cudaError_t e) {
+    if (e != cudaSuccess) throw Error(std::string("CUDA: ") + cudaGetErrorString(e));
+  }
+  Shape s;
+  Layout lay;
+  int64_t L, rowq, rowo, n_q, n_kv, n_o, n_lse;
+  std::vector<uint16_t> hq, hk, hv;
+  test::DevMem mq, mk, mv, mo, ml;
+  AttentionParams p;
+
+  FwdInputs(const Shape& s_, uint64_t seed)
+      : s(s_),
+        lay(s.k, s.S, s.T, s.tail),
+        L(lay.length()),
+        rowq(s.strided ? (s.Hq + 2 * s.Hkv) * s.D : s.Hq * s.D),
+        rowo(s.strided ? s.Hq * s.D + 8 : s.Hq * s.D),
+        n_q(s.B * L * rowq),
+        n_kv(s.strided ? 0 : s.B * L * s.Hkv * s.D),
+        n_o(s.B * L * rowo),
+        n_lse(s.B * L * s.Hq),
+        hq(size_t(n_q)),
+        hk(size_t(n_kv)),
+        hv(size_t(n_kv)),
+        mq(size_t(n_q) * 2),
+        mk(size_t(n_kv) * 2),
+        mv(size_t(n_kv) * 2),
+        mo(size_t(n_o) * 2),
+        ml(size_t(n_lse) * 4) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (auto* h : {&hq, &hk, &hv})
+      for (auto& x : *h) store_from_float(s.dt, &x, 0, nd(rng));
+    if (!(mq.p && mk.p && mv.p && mo.p && ml.p)) throw Error("cudaMalloc failed");
+    ck(cudaMemcpy(mq.p, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
+    ck(cudaMemcpy(mk.p, hk.data(), hk.size() * 2, cudaMemcpyHostToDevice));
+    ck(cudaMemcpy(mv.p, hv.data(), hv.size() * 2, cudaMemcpyHostToDevice));
+    p = test::qkv_params<AttentionParams>(s, lay, rowq, mq.as<uint16_t>(), mk.as<uint16_t>(), mv.as<uint16_t>());
+    p.out = TensorView{mo.as<uint16_t>(), L * rowo, rowo, s.D};
+    p.lse = ml.as<float>();
+  }
+  // The forward with options o into NaN-poisoned out and lse (unwritten elements fail), copied back.
+  void run(const cuda::KernelOptions& o, std::vector<uint16_t>& out, std::vector<float>& lse) {
+    ck(cudaMemset(mo.p, 0xff, size_t(n_o) * 2));
+    ck(cudaMemset(ml.p, 0xff, size_t(n_lse) * 4));
+    cuda::attention_forward(p, nullptr, o);
+    ck(cudaDeviceSynchronize());
+    out.resize(size_t(n_o));
+    lse.resize(size_t(n_lse));
+    ck(cudaMemcpy(out.data(), mo.p, out.size() * 2, cudaMemcpyDeviceToHost));
+    ck(cudaMemcpy(lse.data(), ml.p, lse.size() * 4, cudaMemcpyDeviceToHost));
+  }
+};
+
+// Runs one shape against the oracle. Tolerance (METHOD: bf16 operands land between 1e-3 and 1e-2 in
 // relative norm): the kernel rounds P to the input dtype before P.V, as every flash kernel does, so the
 // error is about one rounding of the output's magnitude: max |err| <= 4 * 2^-8 (bf16) / 4 * 2^-11 (f16)
 // on unit-normal inputs, and relative L2 error <= 1e-2 (bf16) / 2e-3 (f16). lse is fp32 throughout: 1e-3.
 // Every option set in `opts` runs on the same inputs against one oracle result.
 void check_shape(const Shape& s, uint64_t seed, const std::vector<cuda::KernelOptions>& opts = {{}}) {
   SCOPED_TRACE(test::describe(s) + " seed " + std::to_string(seed));
-  const Layout lay(s.k, s.S, s.T, s.tail);
-  const int64_t L = lay.length();
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  // Strided: q inside a fused [B, L, Hq+2*Hkv, D] buffer; k and v slices of it; out padded per row.
-  const int64_t rowq = s.strided ? (s.Hq + 2 * s.Hkv) * s.D : s.Hq * s.D;
-  const int64_t rowkv = s.strided ? rowq : s.Hkv * s.D;
-  const int64_t n_q = s.B * L * rowq, n_kv = s.strided ? 0 : s.B * L * rowkv;
-  std::vector<uint16_t> hq(static_cast<size_t>(n_q)), hk(static_cast<size_t>(n_kv)), hv(static_cast<size_t>(n_kv));
-  for (auto& x : hq) store_from_float(s.dt, &x, 0, nd(rng));
-  for (auto& x : hk) store_from_float(s.dt, &x, 0, nd(rng));
-  for (auto& x : hv) store_from_float(s.dt, &x, 0, nd(rng));
-  const int64_t rowo = s.strided ? s.Hq * s.D + 8 : s.Hq * s.D;
-  const int64_t n_o = s.B * L * rowo;
-
-  const test::DevMem mq(size_t(n_q) * 2), mk(size_t(n_kv) * 2), mv(size_t(n_kv) * 2), mo(size_t(n_o) * 2),
-      ml(size_t(s.B * L * s.Hq) * 4);
-  ASSERT_TRUE(mq.p && mk.p && mv.p && mo.p && ml.p) << "cudaMalloc";
-  uint16_t *dq = mq.as<uint16_t>(), *dk = mk.as<uint16_t>(), *dv = mv.as<uint16_t>(), *dout = mo.as<uint16_t>();
-  float* dlse = ml.as<float>();
-  if (!s.strided) {
-    CK(cudaMemcpy(dk, hk.data(), size_t(n_kv) * 2, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(dv, hv.data(), size_t(n_kv) * 2, cudaMemcpyHostToDevice));
-  }
-  CK(cudaMemcpy(dq, hq.data(), size_t(n_q) * 2, cudaMemcpyHostToDevice));
-
-  AttentionParams p = test::qkv_params<AttentionParams>(s, lay, rowq, dq, dk, dv);
-  p.out = TensorView{dout, L * rowo, rowo, s.D};
-  p.lse = dlse;
+  FwdInputs in(s, seed);
+  const AttentionParams& p = in.p;
+  const int64_t L = in.L, rowo = in.rowo;
   std::optional<cpu::ReferenceOutput> ref;  // computed once, on the first pass
   for (const cuda::KernelOptions& o : opts) {
     SCOPED_TRACE("forward_config " + std::to_string(o.forward_config));
-    CK(cudaMemset(dout, 0xff, size_t(n_o) * 2));  // NaN poison: unwritten elements fail
-    CK(cudaMemset(dlse, 0xff, size_t(s.B * L * s.Hq) * 4));
     std::string why;
     if (!cuda::supports(p, &why, o)) {
       ADD_FAILURE() << "unsupported: " << why;
       continue;
     }
-    cuda::attention_forward(p, nullptr, o);
-    CK(cudaDeviceSynchronize());
-    std::vector<uint16_t> ho(static_cast<size_t>(n_o));
-    std::vector<float> hl(static_cast<size_t>(s.B * L * s.Hq));
-    CK(cudaMemcpy(ho.data(), dout, size_t(n_o) * 2, cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(hl.data(), dlse, hl.size() * 4, cudaMemcpyDeviceToHost));
+    std::vector<uint16_t> ho;
+    std::vector<float> hl;
+    in.run(o, ho, hl);
 
     // The oracle on the same host data and views.
     AttentionParams hp = p;
-    hp.q.data = hq.data();
+    hp.q.data = in.hq.data();
     if (s.strided) {
-      hp.k.data = hq.data() + s.Hq * s.D;
-      hp.v.data = hq.data() + (s.Hq + s.Hkv) * s.D;
+      hp.k.data = in.hq.data() + s.Hq * s.D;
+      hp.v.data = in.hq.data() + (s.Hq + s.Hkv) * s.D;
     } else {
-      hp.k.data = hk.data();
-      hp.v.data = hv.data();
+      hp.k.data = in.hk.data();
+      hp.v.data = in.hv.data();
     }
     hp.out.data = ho.data();
     if (!ref) ref = cpu::attention_reference(hp);
@@ -207,39 +233,14 @@ TEST(CudaForward, TmaCopiesEqualCpAsyncBitwise) {
   for (const Case& c : cases) {
     const Shape& s = c.s;
     SCOPED_TRACE(test::describe(s) + " q_begin " + std::to_string(c.q_begin));
-    const Layout lay(s.k, s.S, s.T, s.tail);
-    const int64_t L = lay.length();
-    const int64_t rowq = s.strided ? (s.Hq + 2 * s.Hkv) * s.D : s.Hq * s.D, rowkv = s.Hkv * s.D;
-    const int64_t n_q = s.B * L * rowq, n_kv = s.strided ? 0 : s.B * L * rowkv, n_o = s.B * L * s.Hq * s.D;
-    std::mt19937_64 rng(7);
-    std::normal_distribution<float> nd(0.f, 1.f);
-    std::vector<uint16_t> hq(static_cast<size_t>(n_q)), hk(static_cast<size_t>(n_kv)), hv(static_cast<size_t>(n_kv));
-    for (auto* h : {&hq, &hk, &hv})
-      for (auto& x : *h) store_from_float(s.dt, &x, 0, nd(rng));
-    const test::DevMem mq(size_t(n_q) * 2), mk(size_t(n_kv) * 2 + 16), mv(size_t(n_kv) * 2 + 16),
-        mo(size_t(n_o) * 2), ml(size_t(s.B * L * s.Hq) * 4);
-    ASSERT_TRUE(mq.p && mk.p && mv.p && mo.p && ml.p) << "cudaMalloc";
-    CK(cudaMemcpy(mq.p, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(mk.p, hk.data(), hk.size() * 2, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(mv.p, hv.data(), hv.size() * 2, cudaMemcpyHostToDevice));
-    AttentionParams p = test::qkv_params<AttentionParams>(s, lay, rowq, mq.as<uint16_t>(), mk.as<uint16_t>(),
-                                                          mv.as<uint16_t>());
-    p.out = TensorView::dense(mo.as<uint16_t>(), L, s.Hq, s.D);
-    p.lse = ml.as<float>();
-    p.q_begin = c.q_begin;
+    FwdInputs in(s, 7);
+    in.p.q_begin = c.q_begin;
     std::vector<uint16_t> out[2];
     std::vector<float> lse[2];
     for (int i = 0; i < 2; ++i) {
       cuda::KernelOptions o;
       o.forward_config = i == 0 ? 5 : 6;
-      CK(cudaMemset(mo.p, 0xff, size_t(n_o) * 2));
-      CK(cudaMemset(ml.p, 0xff, size_t(s.B * L * s.Hq) * 4));
-      cuda::attention_forward(p, nullptr, o);
-      CK(cudaDeviceSynchronize());
-      out[i].resize(size_t(n_o));
-      lse[i].resize(size_t(s.B * L * s.Hq));
-      CK(cudaMemcpy(out[i].data(), mo.p, out[i].size() * 2, cudaMemcpyDeviceToHost));
-      CK(cudaMemcpy(lse[i].data(), ml.p, lse[i].size() * 4, cudaMemcpyDeviceToHost));
+      in.run(o, out[i], lse[i]);
     }
     int64_t differ = 0, first = -1;
     for (size_t i = 0; i < out[0].size(); ++i)
@@ -248,7 +249,7 @@ TEST(CudaForward, TmaCopiesEqualCpAsyncBitwise) {
     EXPECT_EQ(std::memcmp(lse[0].data(), lse[1].data(), lse[0].size() * 4), 0) << "lse differs";
     // The rows the call wrote are not NaN (the poison): the query range's rows at least.
     const int64_t r = c.q_begin;  // the first written stream row
-    EXPECT_NE(out[0][size_t(r * s.Hq * s.D)], 0xffff) << "row " << r << " was not written";
+    EXPECT_NE(out[0][size_t(r * in.rowo)], 0xffff) << "row " << r << " was not written";
   }
 }
 
