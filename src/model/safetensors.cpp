@@ -492,19 +492,34 @@ void SafetensorsWriter::write_entries(const std::string& path, const std::vector
   // the page cache then holds the file in 2 MiB folios where it can (Linux with large folios), which a reader
   // maps with 2 MiB pages. A write that ends inside a 2 MiB range leaves that range in small folios, the next
   // write filling it adds more: written in 16 MiB slices as they came, 3.37 of a 4.27 GB checkpoint was held
-  // in 2 MiB folios (docs/quantization.md).
+  // in 2 MiB folios (docs/quantization.md). Only the bytes around the boundaries pass through `pending` (< 2
+  // MiB per call): it is completed to the next boundary from the new bytes and written, then the new bytes up
+  // to their last boundary are written from where they are.
   constexpr int64_t kAlign = int64_t(2) << 20;
   std::vector<std::byte> pending;
-  int64_t written = 0;
+  int64_t written = 0;  // a multiple of kAlign until the last call
+  auto put = [&](const std::byte* q, int64_t n) {
+    out.write(reinterpret_cast<const char*>(q), std::streamsize(n));
+    written += n;
+  };
   auto emit = [&](const void* p, size_t bytes, bool last) {
     const auto* b = static_cast<const std::byte*>(p);
-    pending.insert(pending.end(), b, b + bytes);
-    const int64_t end = written + int64_t(pending.size());
+    const auto* e = b + bytes;
+    const int64_t end = written + int64_t(pending.size()) + int64_t(bytes);
     const int64_t upto = last ? end : end / kAlign * kAlign;
-    if (upto <= written) return;
-    out.write(reinterpret_cast<const char*>(pending.data()), std::streamsize(upto - written));
-    pending.erase(pending.begin(), pending.begin() + (upto - written));
-    written = upto;
+    if (upto > written && !pending.empty()) {
+      const int64_t take = std::min<int64_t>(e - b, std::min(upto, written + kAlign) - written - int64_t(pending.size()));
+      pending.insert(pending.end(), b, b + take);
+      b += take;
+      put(pending.data(), int64_t(pending.size()));
+      pending.clear();
+    }
+    if (upto > written) {
+      const int64_t n = upto - written;
+      put(b, n);
+      b += n;
+    }
+    pending.insert(pending.end(), b, e);
   };
   out.rdbuf()->pubsetbuf(nullptr, 0);  // unbuffered: each write() as emit cuts it
   uint8_t lb[8];

@@ -149,6 +149,33 @@ TEST(Safetensors, CopiedCheckpointHoldsTheSameBytes) {
   EXPECT_EQ(copied.at("big").get(4200 * 4200 - 1), big.back());
 }
 
+// The writer ends every write but the last on a 2 MiB boundary of the file, passing only the bytes around
+// the boundaries through a buffer: tensors just under, at and over 2 MiB, and one over a 16 MiB slice, read
+// back equal, with the file exactly as long as header + data.
+TEST(Safetensors, WriterKeepsEveryByteAcrossItsAlignedWrites) {
+  test::TempDir t{"st"};
+  SafetensorsWriter w;
+  const int64_t mib2 = int64_t(1) << 19;  // f32 values in 2 MiB
+  const std::vector<int64_t> sizes = {1, mib2 - 1, mib2, mib2 + 1, 3, 8 * mib2 + 5, 2 * mib2 - 7};
+  std::vector<std::vector<float>> vals;
+  for (size_t i = 0; i < sizes.size(); ++i) vals.push_back(random_values(sizes[i], 100 + i));
+  for (size_t i = 0; i < sizes.size(); ++i) w.add("t" + std::to_string(i), DType::f32, {sizes[i]}, vals[i].data());
+  const std::string path = (t.dir() / "model.safetensors").string();
+  w.write_file(path);
+  const Checkpoint c = Checkpoint::open(t.dir().string());
+  int64_t data_bytes = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const TensorInfo& ti = c.at("t" + std::to_string(i));
+    ASSERT_EQ(ti.nbytes, sizes[i] * 4);
+    EXPECT_EQ(std::memcmp(ti.data, vals[i].data(), size_t(ti.nbytes)), 0) << ti.name;
+    data_bytes += ti.nbytes;
+  }
+  std::ifstream f(path, std::ios::binary);
+  uint64_t header = 0;
+  f.read(reinterpret_cast<char*>(&header), 8);
+  EXPECT_EQ(int64_t(std::filesystem::file_size(path)), 8 + int64_t(header) + data_bytes);
+}
+
 TEST(SafetensorsErrors, IndexProblems) {
   test::TempDir t{"st"};
   SafetensorsWriter w;
