@@ -176,10 +176,14 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   const int64_t ns = int64_t(desc.summary_rows.size());
   Act x = b.act(n, H, Prec::wide), h = b.act(n, H, Prec::narrow), hw = b.act(n, H, Prec::wide);
   const int64_t NQ = Hq * D, NKV = Hkv * D;
-  Act qkv = b.act(n, NQ + 2 * NKV, Prec::wide);
+  // qkv (from its product to qk_norm_rope), att (from the attention to the o product) and gu (from SwiGLU to
+  // the down product) are never live at once: one buffer holds each in turn (a 2,304-row prefill step of the
+  // 4B shape on the GPU needs 64 MB less).
+  const DType narrow = b.narrow_dtype();
+  const int64_t nb = int64_t(dtype_size(narrow));
+  const Act shared = b.act(n, std::max({NQ + 2 * NKV, (NQ * nb + 3) / 4, (I * nb + 3) / 4}), Prec::wide);
+  const Act qkv{shared.data, n, NQ + 2 * NKV, shared.dtype}, att{shared.data, n, NQ, narrow}, gu{shared.data, n, I, narrow};
   Act qc = b.act(n, NQ, Prec::cache), kc = b.act(n, NKV, Prec::cache), vc = b.act(n, NKV, Prec::cache);
-  Act att = b.act(n, NQ, Prec::narrow);
-  Act gu = b.act(n, I, Prec::narrow);
   Act gu2 = b.act(std::min(n, engine::Backend::kSwigluRows), 2 * I, Prec::wide);  // linear_swiglu's scratch
   Act saved, hs, ys;
   if (have_summaries) {
