@@ -68,9 +68,10 @@ struct ModelOptions {
   // continued by one token) and queue its uploads; the next step uses those plans when it is that step, else
   // plans anew. Hides the host's planning (36 layers' plans) under the device's work (docs/engine.md).
   bool cuda_plan_ahead = true;
-  // CUDA: text tokens per prefill piece (0 = 1024). A longer prompt runs in pieces, each attending over the
-  // cache and itself, so that activation memory follows the piece, not the prompt. The CPU prefills a prompt
-  // in one piece.
+  // CUDA: text tokens per prefill piece (0 = kDefaultPrefillTokens). A longer prompt runs in pieces, each
+  // attending over the cache and itself, so that activation memory follows the piece, not the prompt. The CPU
+  // prefills a prompt in one piece.
+  static constexpr int64_t kDefaultPrefillTokens = 2048;
   int64_t prefill_tokens = 0;
   // CPU: every matrix product row by row through the matrix-vector kernel (cpu::linear's batch_invariant), so
   // that a sequence's logits do not depend on the other sequences of a step: the same tokens alone and under

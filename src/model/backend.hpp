@@ -179,7 +179,7 @@ class Backend {
 struct BackendOptions {
   int threads = 0;                    // CPU threads
   int64_t continuation_tokens = 128;  // CUDA: text tokens per continuation step (sets the ring slack)
-  int64_t prefill_tokens = 1024;      // CUDA: text tokens per prefill piece (max_prefill_tokens)
+  int64_t prefill_tokens = ModelOptions::kDefaultPrefillTokens;  // CUDA: text tokens per prefill piece
   int64_t q_heads = 1;                // query heads (CUDA plans a step's decode at begin_step)
   bool cuda_graphs = true;            // CUDA: replay continuation steps as graphs (ModelOptions::cuda_graphs)
   bool cuda_gemv = true;              // CUDA: ksa's GEMV for products of <= 8 rows (ModelOptions::cuda_gemv)

@@ -117,7 +117,7 @@ int run_bench_model(int argc, char** argv) {
       f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
   bool& no_ahead = f.flag("--no-plan-ahead", "CUDA: plan each decode step when it starts (not during the step before)");
   int64_t& ubatch =
-      f.i64("-ub,--ubatch-size", 0, "CUDA: text tokens per prefill piece (0 = the engine's 1024)", 0, cli::kMaxTokens);
+      f.i64("-ub,--ubatch-size", 0, "CUDA: text tokens per prefill piece (0 = the engine's " + std::to_string(ModelOptions::kDefaultPrefillTokens) + ")", 0, cli::kMaxTokens);
   bool& no_gemv = f.flag("--no-cuda-gemv", "CUDA: cuBLASLt for every matrix product (no GEMV kernel for <= 8 rows)");
   int64_t& gemv_shape = f.i64("--cuda-gemv-shape", 0,
                               "CUDA: the GEMV's block shape for batch-1 products (ksa bench-gemm lists them)", 0, 63);

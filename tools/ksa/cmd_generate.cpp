@@ -216,8 +216,9 @@ int run_generate(int argc, char** argv) {
       f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
   bool& no_ahead = f.flag("--no-plan-ahead", "CUDA: plan each decode step when it starts (not during the step before)");
   int64_t& ubatch = f.i64("-ub,--ubatch-size", 0,
-                          "CUDA: prompt tokens per prefill piece (0 = the engine's 1024; larger pieces prefill a long "
-                          "prompt faster and take more device memory)",
+                          "CUDA: prompt tokens per prefill piece (0 = the engine's " +
+                              std::to_string(ModelOptions::kDefaultPrefillTokens) +
+                              "; larger pieces prefill a long prompt faster and take more device memory)",
                           0, cli::kMaxTokens);
   bool& no_display = f.flag("--no-display-prompt", "do not echo the prompt to stdout");
   bool& interactive = f.flag("-i,-cnv,--interactive,--conversation",
