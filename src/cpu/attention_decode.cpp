@@ -12,7 +12,9 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/dense_kernels.hpp"
 #include "cpu/thread_pool.hpp"
+#include "cpu/tile_kernels.hpp"
 #include "ksa/decode.hpp"
 #include "ksa/softmax.hpp"
 
@@ -22,8 +24,7 @@ namespace {
 // A row of D elements as fp32: f32 rows are used in place, bf16 rows converted into buf.
 const float* row_f32(DType t, const void* p, int64_t D, float* buf) {
   if (t == DType::f32) return static_cast<const float*>(p);
-  const uint16_t* b = static_cast<const uint16_t*>(p);
-  for (int64_t d = 0; d < D; ++d) buf[d] = bf16::to_float(b[d]);
+  detail::widen_bf16_row(static_cast<const uint16_t*>(p), D, buf);
   return buf;
 }
 
@@ -39,20 +40,23 @@ struct Partial {
 
 struct Worker {
   const DecodeParams& p;
+  const detail::TileKernels& tk;  // the SIMD target's axpy
+  const detail::DotRowFn dot;     // and its dot product of a (bf16 or fp32) row with an fp32 vector
   int64_t G, D, P;
   float scale;
-  std::vector<float> q, s, kbuf, vbuf;  // q [G, D] (scaled), scores [G, P]
+  std::vector<float> q, s, vbuf;  // q [G, D] (scaled), scores [G, P], a value row as fp32
   Partial text, summ;
 
   explicit Worker(const DecodeParams& pp)
       : p(pp),
+        tk(detail::tile_kernels()),
+        dot(detail::dot_row_kernel()),
         G(pp.G()),
         D(pp.pool.D),
         P(pp.pool.block_rows),
         scale(pp.softmax_scale()),
         q(size_t(G * D)),
         s(size_t(G * P)),
-        kbuf(size_t(D)),
         vbuf(size_t(D)) {}
 
   // Adds n visible keys, rows [r, r+n) of block `blk` for KV head hk, to partial `pa`.
@@ -61,15 +65,8 @@ struct Worker {
     const int64_t es = pool.elem_bytes();
     const char* kp = static_cast<const char*>(pool.row(blk, 0, hk, r));
     const char* vp = static_cast<const char*>(pool.row(blk, 1, hk, r));
-    for (int64_t i = 0; i < n; ++i) {
-      const float* kr = row_f32(pool.dtype, kp + i * D * es, D, kbuf.data());
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = &q[size_t(g * D)];
-        float dot = 0.f;
-        for (int64_t d = 0; d < D; ++d) dot += qg[d] * kr[d];
-        s[size_t(g * P + i)] = dot;
-      }
-    }
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t g = 0; g < G; ++g) s[size_t(g * P + i)] = dot(kp, pool.dtype, i, D, &q[size_t(g * D)]);
     for (int64_t g = 0; g < G; ++g) {
       const float* sg = &s[size_t(g * P)];
       const float a = pa.st[size_t(g)].raise_max(*std::max_element(sg, sg + n));
@@ -80,11 +77,8 @@ struct Worker {
     }
     for (int64_t i = 0; i < n; ++i) {
       const float* vr = row_f32(pool.dtype, vp + i * D * es, D, vbuf.data());
-      for (int64_t g = 0; g < G; ++g) {
-        const float w = pa.st[size_t(g)].add(s[size_t(g * P + i)]);
-        float* acc = &pa.acc[size_t(g * D)];
-        for (int64_t d = 0; d < D; ++d) acc[d] += w * vr[d];
-      }
+      for (int64_t g = 0; g < G; ++g)
+        tk.axpy(pa.st[size_t(g)].add(s[size_t(g * P + i)]), vr, &pa.acc[size_t(g * D)], D);
     }
   }
 

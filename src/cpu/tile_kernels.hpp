@@ -1,5 +1,5 @@
-// The tile primitives of the CPU prefill kernels as a table of function pointers, one table per SIMD target
-// (tile_kernels_hwy.cpp, compiled by Highway once per target).
+// The tile primitives of the CPU prefill kernels and the row primitives of the CPU decode as a table of
+// function pointers, one table per SIMD target (tile_kernels_hwy.cpp, compiled by Highway once per target).
 #pragma once
 #include <cstdint>
 
@@ -22,6 +22,8 @@ struct TileKernels {
   float (*exp_shift)(float* s, int n, float shift);
   // s[j] = exp(s[j] - shift[j]) for j < n.
   void (*exp_shift_vec)(float* s, int n, const float* shift);
+  // The decode's value rows (any n): y[0..n) += w * x.
+  void (*axpy)(float w, const float* x, float* y, int64_t n);
 };
 
 // The table of the SIMD target chosen at run time (simd.hpp); its name is the target's (AVX2, AVX3, ...).

@@ -189,8 +189,18 @@ void exp_shift_vec(float* s, int n, const float* shift) {
   }
 }
 
+void axpy(float w, const float* x, float* y, int64_t n) {
+  const DF d;
+  const int64_t N = int64_t(hn::Lanes(d));
+  const auto vw = hn::Set(d, w);
+  int64_t i = 0;
+  for (; i + N <= n; i += N) hn::StoreU(hn::MulAdd(vw, hn::LoadU(d, x + i), hn::LoadU(d, y + i)), d, y + i);
+  for (; i < n; ++i) y[i] += w * x[i];
+}
+
 const TileKernels* GetTileKernels() {
-  static const TileKernels k{hwy::TargetName(HWY_TARGET), scores, accumulate, row_max, exp_shift, exp_shift_vec};
+  static const TileKernels k{hwy::TargetName(HWY_TARGET), scores, accumulate, row_max, exp_shift, exp_shift_vec,
+                             axpy};
   return &k;
 }
 

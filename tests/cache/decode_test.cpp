@@ -6,6 +6,7 @@
 
 #include <numeric>
 
+#include "../cpu/simd_targets.hpp"
 #include "cache_cases.hpp"
 
 namespace ksa {
@@ -121,6 +122,7 @@ TEST(Decode, RandomShapesMatchOracle) {
   }
 }
 
+
 DecodeCase fixed(int64_t k, int64_t S, int64_t W, int64_t Hkv, int64_t G, int64_t D, int64_t P, std::vector<int64_t> T,
                  DType dt, uint64_t seed) {
   DecodeCase c;
@@ -129,6 +131,16 @@ DecodeCase fixed(int64_t k, int64_t S, int64_t W, int64_t Hkv, int64_t G, int64_
   c.strided = seed % 2 == 1;
   c.threads = 2;
   return c;
+}
+
+// The decode's dot products and value accumulation on every SIMD target this CPU runs (Highway's dispatch:
+// the other tests take the best one), over head dims below, at and past the vector widths.
+TEST(Decode, EverySimdTargetMatchesOracle) {
+  test::on_every_simd_target([] {
+    for (uint64_t seed = 400; seed < 440; ++seed) run_case(random_case(seed));
+    run_case(fixed(8, 1, 2, 2, 4, 128, 16, {70}, DType::bf16, 133));
+    run_case(fixed(4, 1, 3, 1, 4, 20, 5, {90}, DType::f32, 134));
+  });
 }
 
 // The ring of W chunks wraps around many times (150 chunks through 2 chunks of ring, blocks of 1 and 4 rows).
