@@ -21,7 +21,7 @@
 namespace ksa::cpu {
 namespace {
 
-// A row of D elements as fp32: f32 rows are used in place, bf16 rows converted into buf.
+// D elements (a row, or a run of rows) as fp32: f32 rows are used in place, bf16 rows converted into buf.
 const float* row_f32(DType t, const void* p, int64_t D, float* buf) {
   if (t == DType::f32) return static_cast<const float*>(p);
   detail::widen_bf16_row(static_cast<const uint16_t*>(p), D, buf);
@@ -44,7 +44,7 @@ struct Worker {
   const detail::DotRowFn dot;     // and its dot product of a (bf16 or fp32) row with an fp32 vector
   int64_t G, D, P;
   float scale;
-  std::vector<float> q, s, vbuf;  // q [G, D] (scaled), scores [G, P], a value row as fp32
+  std::vector<float> q, s, kbuf, vbuf;  // q [G, D] (scaled), scores [G, P], a run's keys and a value row as fp32
   Partial text, summ;
 
   explicit Worker(const DecodeParams& pp)
@@ -57,6 +57,7 @@ struct Worker {
         scale(pp.softmax_scale()),
         q(size_t(G * D)),
         s(size_t(G * P)),
+        kbuf(size_t(P * D)),
         vbuf(size_t(D)) {}
 
   // Adds n visible keys, rows [r, r+n) of block `blk` for KV head hk, to partial `pa`.
@@ -65,8 +66,9 @@ struct Worker {
     const int64_t es = pool.elem_bytes();
     const char* kp = static_cast<const char*>(pool.row(blk, 0, hk, r));
     const char* vp = static_cast<const char*>(pool.row(blk, 1, hk, r));
+    const float* kr = row_f32(pool.dtype, kp, n * D, kbuf.data());  // the run's keys, widened once for all G
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t g = 0; g < G; ++g) s[size_t(g * P + i)] = dot(kp, pool.dtype, i, D, &q[size_t(g * D)]);
+      for (int64_t g = 0; g < G; ++g) s[size_t(g * P + i)] = dot(kr, DType::f32, i, D, &q[size_t(g * D)]);
     for (int64_t g = 0; g < G; ++g) {
       const float* sg = &s[size_t(g * P)];
       const float a = pa.st[size_t(g)].raise_max(*std::max_element(sg, sg + n));
