@@ -40,8 +40,7 @@ struct Partial {
 
 struct Worker {
   const DecodeParams& p;
-  const detail::TileKernels& tk;  // the SIMD target's axpy
-  const detail::DotRowFn dot;     // and its dot product of a (bf16 or fp32) row with an fp32 vector
+  const detail::TileKernels& tk;  // the SIMD target's row primitives (group_scores, axpy)
   int64_t G, D, P;
   float scale;
   std::vector<float> q, s, kbuf, vbuf;  // q [G, D] (scaled), scores [G, P], a run's keys and a value row as fp32
@@ -50,7 +49,6 @@ struct Worker {
   explicit Worker(const DecodeParams& pp)
       : p(pp),
         tk(detail::tile_kernels()),
-        dot(detail::dot_row_kernel()),
         G(pp.G()),
         D(pp.pool.D),
         P(pp.pool.block_rows),
@@ -67,8 +65,7 @@ struct Worker {
     const char* kp = static_cast<const char*>(pool.row(blk, 0, hk, r));
     const char* vp = static_cast<const char*>(pool.row(blk, 1, hk, r));
     const float* kr = row_f32(pool.dtype, kp, n * D, kbuf.data());  // the run's keys, widened once for all G
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t g = 0; g < G; ++g) s[size_t(g * P + i)] = dot(kr, DType::f32, i, D, &q[size_t(g * D)]);
+    tk.group_scores(q.data(), G, kr, n, D, s.data(), P);
     for (int64_t g = 0; g < G; ++g) {
       const float* sg = &s[size_t(g * P)];
       const float a = pa.st[size_t(g)].raise_max(*std::max_element(sg, sg + n));

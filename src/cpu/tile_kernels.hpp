@@ -24,6 +24,9 @@ struct TileKernels {
   void (*exp_shift_vec)(float* s, int n, const float* shift);
   // The decode's value rows (any n): y[0..n) += w * x.
   void (*axpy)(float w, const float* x, float* y, int64_t n);
+  // The decode's scores of a run of n keys k [n, D] for the G query heads q [G, D] of their group (any D):
+  // s[g * lds + i] = sum_d q[g * D + d] * k[i * D + d]. Each key row is read once for up to 4 heads.
+  void (*group_scores)(const float* q, int64_t G, const float* k, int64_t n, int64_t D, float* s, int64_t lds);
 };
 
 // The table of the SIMD target chosen at run time (simd.hpp); its name is the target's (AVX2, AVX3, ...).

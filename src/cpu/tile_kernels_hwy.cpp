@@ -198,9 +198,43 @@ void axpy(float w, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += w * x[i];
 }
 
+// Heads [g0, g0 + R) of group_scores against key row kr.
+template <int R>
+HWY_INLINE void group_scores_rows(const float* HWY_RESTRICT q, int64_t g0, const float* HWY_RESTRICT kr, int64_t D,
+                                  float* HWY_RESTRICT s, int64_t lds, int64_t i) {
+  const DF d;
+  const int64_t N = int64_t(hn::Lanes(d));
+  hn::Vec<DF> a[R];
+  for (int r = 0; r < R; ++r) a[r] = hn::Zero(d);
+  int64_t c = 0;
+  for (; c + N <= D; c += N) {
+    const auto kv = hn::LoadU(d, kr + c);
+    for (int r = 0; r < R; ++r) a[r] = hn::MulAdd(hn::LoadU(d, q + (g0 + r) * D + c), kv, a[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float t = hn::GetLane(hn::SumOfLanes(d, a[r]));
+    for (int64_t e = c; e < D; ++e) t += q[(g0 + r) * D + e] * kr[e];
+    s[(g0 + r) * lds + i] = t;
+  }
+}
+
+void group_scores(const float* q, int64_t G, const float* k, int64_t n, int64_t D, float* s, int64_t lds) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* kr = k + i * D;
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) group_scores_rows<4>(q, g, kr, D, s, lds, i);
+    switch (G - g) {
+      case 3: group_scores_rows<3>(q, g, kr, D, s, lds, i); break;
+      case 2: group_scores_rows<2>(q, g, kr, D, s, lds, i); break;
+      case 1: group_scores_rows<1>(q, g, kr, D, s, lds, i); break;
+      default: break;
+    }
+  }
+}
+
 const TileKernels* GetTileKernels() {
   static const TileKernels k{hwy::TargetName(HWY_TARGET), scores, accumulate, row_max, exp_shift, exp_shift_vec,
-                             axpy};
+                             axpy, group_scores};
   return &k;
 }
 

@@ -133,13 +133,15 @@ DecodeCase fixed(int64_t k, int64_t S, int64_t W, int64_t Hkv, int64_t G, int64_
   return c;
 }
 
-// The decode's dot products and value accumulation on every SIMD target this CPU runs (Highway's dispatch:
-// the other tests take the best one), over head dims below, at and past the vector widths.
+// The decode's scores and value accumulation on every SIMD target this CPU runs (Highway's dispatch: the other
+// tests take the best one), over head dims below, at and past the vector widths, and groups of 1 to 8 heads
+// (the scores take heads 4 at a time).
 TEST(Decode, EverySimdTargetMatchesOracle) {
   test::on_every_simd_target([] {
     for (uint64_t seed = 400; seed < 440; ++seed) run_case(random_case(seed));
     run_case(fixed(8, 1, 2, 2, 4, 128, 16, {70}, DType::bf16, 133));
     run_case(fixed(4, 1, 3, 1, 4, 20, 5, {90}, DType::f32, 134));
+    for (int64_t G : {3, 5, 6, 7}) run_case(fixed(8, 1, 2, 1, G, 24, 16, {60}, DType::bf16, uint64_t(135 + G)));
   });
 }
 
