@@ -43,7 +43,7 @@ struct Worker {
   const detail::TileKernels& tk;  // the SIMD target's row primitives (group_scores, axpy)
   int64_t G, D, P;
   float scale;
-  std::vector<float> q, s, kbuf, vbuf;  // q [G, D] (scaled), scores [G, P], a run's keys and a value row as fp32
+  std::vector<float> q, s, kbuf, vbuf;  // q [G, D] (scaled), scores [G, P], a run's keys and values as fp32
   Partial text, summ;
 
   explicit Worker(const DecodeParams& pp)
@@ -56,15 +56,14 @@ struct Worker {
         q(size_t(G * D)),
         s(size_t(G * P)),
         kbuf(size_t(P * D)),
-        vbuf(size_t(D)) {}
+        vbuf(size_t(P * D)) {}
 
   // Adds n visible keys, rows [r, r+n) of block `blk` for KV head hk, to partial `pa`.
   void add_run(Partial& pa, int32_t blk, int64_t hk, int64_t r, int64_t n) {
     const KvPoolView& pool = p.pool;
-    const int64_t es = pool.elem_bytes();
-    const char* kp = static_cast<const char*>(pool.row(blk, 0, hk, r));
-    const char* vp = static_cast<const char*>(pool.row(blk, 1, hk, r));
-    const float* kr = row_f32(pool.dtype, kp, n * D, kbuf.data());  // the run's keys, widened once for all G
+    // The run's keys and values, widened once for all G heads.
+    const float* kr = row_f32(pool.dtype, pool.row(blk, 0, hk, r), n * D, kbuf.data());
+    const float* vr = row_f32(pool.dtype, pool.row(blk, 1, hk, r), n * D, vbuf.data());
     tk.group_scores(q.data(), G, kr, n, D, s.data(), P);
     for (int64_t g = 0; g < G; ++g) {
       const float* sg = &s[size_t(g * P)];
@@ -74,11 +73,9 @@ struct Worker {
         for (int64_t d = 0; d < D; ++d) acc[d] *= a;
       }
     }
-    for (int64_t i = 0; i < n; ++i) {
-      const float* vr = row_f32(pool.dtype, vp + i * D * es, D, vbuf.data());
+    for (int64_t i = 0; i < n; ++i)
       for (int64_t g = 0; g < G; ++g)
-        tk.axpy(pa.st[size_t(g)].add(s[size_t(g * P + i)]), vr, &pa.acc[size_t(g * D)], D);
-    }
+        tk.axpy(pa.st[size_t(g)].add(s[size_t(g * P + i)]), vr + i * D, &pa.acc[size_t(g * D)], D);
   }
 
   // Adds cache rows [b, e) (text or summary rows) in runs that stay inside one block.
