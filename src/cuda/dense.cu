@@ -21,6 +21,7 @@ namespace {
 
 cudaStream_t cs(CudaStream s) { return static_cast<cudaStream_t>(s); }
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 #define KSA_CUBLAS_CHECK(expr)                                                                          \
   do {                                                                                                  \
@@ -138,11 +139,21 @@ __global__ void __launch_bounds__(kNormThreads)
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[r * n + i] = __float2bfloat16(xr[i] * inv * bf(wr, i));
 }
 
+// V consecutive elements per thread (V = 4: 16-byte loads and stores, where count and the addresses allow).
+template <int V>
 __global__ void add_kernel(float* x, const float* h, int64_t count) {
   dev::launch_dependents();
   dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < count) x[i] += h[i];
+  const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (i >= count) return;
+  if constexpr (V == 4) {
+    float4 a = *reinterpret_cast<const float4*>(x + i);
+    const float4 b = *reinterpret_cast<const float4*>(h + i);
+    a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w;
+    *reinterpret_cast<float4*>(x + i) = a;
+  } else {
+    x[i] += h[i];
+  }
 }
 
 __global__ void gather_kernel(const uint32_t* in, int64_t words, const int32_t* rows, uint32_t* out, bool scatter) {
@@ -213,14 +224,26 @@ __global__ void qk_norm_rope_kernel(const float* qkv, int64_t n, int Hq, int Hkv
   for (int j = 0; j < J; ++j) dst[lane + 32 * j] = __float2bfloat16(e[j]);
 }
 
+__device__ __forceinline__ __nv_bfloat16 silu_times(float g, float u) { return __float2bfloat16(g / (1.f + expf(-g)) * u); }
+
+// V consecutive columns per thread (V = 4 where I and the addresses allow: 16-byte loads of the gate and up
+// halves, an 8-byte store; 1.95 TB/s with one column per thread on an H100, a prefill piece's 5% there).
+template <int V>
 __global__ void silu_mul_kernel(const float* gu, int64_t n, int64_t I, __nv_bfloat16* out) {
   dev::launch_dependents();
   dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (i >= n * I) return;
   const int64_t r = i / I, c = i - r * I;
-  const float x = gu[r * 2 * I + c];
-  out[i] = __float2bfloat16(x / (1.f + expf(-x)) * gu[r * 2 * I + I + c]);
+  const float* g = gu + r * 2 * I + c;
+  if constexpr (V == 4) {
+    const float4 a = *reinterpret_cast<const float4*>(g), b = *reinterpret_cast<const float4*>(g + I);
+    __align__(8) __nv_bfloat16 o[4] = {silu_times(a.x, b.x), silu_times(a.y, b.y), silu_times(a.z, b.z),
+                                       silu_times(a.w, b.w)};
+    *reinterpret_cast<uint2*>(out + i) = *reinterpret_cast<const uint2*>(o);
+  } else {
+    out[i] = silu_times(g[0], g[I]);
+  }
 }
 
 // ------------------------------------------------------------------------------------------ sampling
@@ -532,7 +555,7 @@ __global__ void __launch_bounds__(kGemvThreads)
     if (n0 + r >= N) continue;
     if constexpr (GLU) {
       const float g = total(i), u = total(i + OUT_ROWS * M);
-      y[m * ldy + n0 + r] = __float2bfloat16(g / (1.f + expf(-g)) * u);  // as silu_mul_kernel
+      y[m * ldy + n0 + r] = silu_times(g, u);  // as silu_mul_kernel
     } else if constexpr (std::is_same_v<YT, float>) {
       y[m * ldy + n0 + r] = total(i);
     } else {
@@ -714,7 +737,10 @@ void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void*
 
 void add(float* x, const float* h, int64_t count, CudaStream stream) {
   if (count == 0) return;
-  detail::launch_pdl(add_kernel, blocks_for(count, 256), 256, 0, cs(stream), x, h, count);
+  if (count % 4 == 0 && aligned16(x) && aligned16(h))
+    detail::launch_pdl(add_kernel<4>, blocks_for(count / 4, 256), 256, 0, cs(stream), x, h, count);
+  else
+    detail::launch_pdl(add_kernel<1>, blocks_for(count, 256), 256, 0, cs(stream), x, h, count);
 }
 
 void gather_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, CudaStream stream) {
@@ -753,8 +779,11 @@ void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t 
 
 void silu_mul(const float* gu, int64_t n, int64_t I, void* out, CudaStream stream) {
   if (n * I == 0) return;
-  detail::launch_pdl(silu_mul_kernel, blocks_for(n * I, 256), 256, 0, cs(stream), gu, n, I,
-                     static_cast<__nv_bfloat16*>(out));
+  auto* o = static_cast<__nv_bfloat16*>(out);
+  if (I % 4 == 0 && aligned16(gu) && reinterpret_cast<uintptr_t>(out) % 8 == 0)
+    detail::launch_pdl(silu_mul_kernel<4>, blocks_for(n * I / 4, 256), 256, 0, cs(stream), gu, n, I, o);
+  else
+    detail::launch_pdl(silu_mul_kernel<1>, blocks_for(n * I, 256), 256, 0, cs(stream), gu, n, I, o);
 }
 
 void sample_tokens(float* logits, int64_t V, const SampleArgs* args, int64_t n, const int32_t* pairs, int32_t* out,
