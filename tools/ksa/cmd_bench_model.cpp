@@ -113,11 +113,7 @@ int run_bench_model(int argc, char** argv) {
   int64_t& ctx = f.i64("--ctx", 0, "context limit in text tokens (0 = -p + -n)", 0, cli::kMaxTokens);
   bool& kv_f32 = f.flag("--kv-f32", "KV cache in f32 (CPU only; default bf16)");
   bool& no_mmap = f.flag("--no-mmap", cli::kNoMmapHelp);
-  bool& no_graphs =
-      f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
-  bool& no_ahead = f.flag("--no-plan-ahead", "CUDA: plan each decode step when it starts (not during the step before)");
-  int64_t& ubatch =
-      f.i64("-ub,--ubatch-size", 0, "CUDA: text tokens per prefill piece (0 = the engine's " + std::to_string(ModelOptions::kDefaultPrefillTokens) + ")", 0, cli::kMaxTokens);
+  const CudaEngineFlags cuda_flags(f);
   bool& no_gemv = f.flag("--no-cuda-gemv", "CUDA: cuBLASLt for every matrix product (no GEMV kernel for <= 8 rows)");
   int64_t& gemv_shape = f.i64("--cuda-gemv-shape", 0,
                               "CUDA: the GEMV's block shape for batch-1 products (ksa bench-gemm lists them)", 0, 63);
@@ -141,11 +137,9 @@ int run_bench_model(int argc, char** argv) {
   mo.threads = nthreads;
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
   if (no_mmap) mo.load = FileLoad::copy;
-  mo.cuda_graphs = !no_graphs;
-  mo.cuda_plan_ahead = !no_ahead;
+  cuda_flags.apply(mo);
   mo.cuda_gemv = !no_gemv;
   mo.cuda_gemv_shape = int(gemv_shape);
-  mo.prefill_tokens = ubatch;
   mo.progress = weight_progress();
   int64_t longest = 0;  // text tokens of the longest case
   for (int64_t P : Ps)

@@ -212,14 +212,7 @@ int run_generate(int argc, char** argv) {
   bool& no_mmap = f.flag("--no-mmap", cli::kNoMmapHelp);
   bool& batch_invariant = f.flag(
       "--batch-invariant", "CPU: every matrix product row by row, as `ksa serve --batch-invariant` (slower prefill)");
-  bool& no_graphs =
-      f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)");
-  bool& no_ahead = f.flag("--no-plan-ahead", "CUDA: plan each decode step when it starts (not during the step before)");
-  int64_t& ubatch = f.i64("-ub,--ubatch-size", 0,
-                          "CUDA: prompt tokens per prefill piece (0 = the engine's " +
-                              std::to_string(ModelOptions::kDefaultPrefillTokens) +
-                              "; larger pieces prefill a long prompt faster and take more device memory)",
-                          0, cli::kMaxTokens);
+  const CudaEngineFlags cuda_flags(f);
   bool& no_display = f.flag("--no-display-prompt", "do not echo the prompt to stdout");
   bool& interactive = f.flag("-i,-cnv,--interactive,--conversation",
                              "conversation: read user turns from the terminal (line editing and history), answer each "
@@ -270,9 +263,7 @@ int run_generate(int argc, char** argv) {
   mo.kv_dtype = kv_f32 ? DType::f32 : DType::bf16;
   mo.batch_invariant = batch_invariant;
   if (no_mmap) mo.load = FileLoad::copy;
-  mo.cuda_graphs = !no_graphs;
-  mo.cuda_plan_ahead = !no_ahead;
-  mo.prefill_tokens = ubatch;
+  cuda_flags.apply(mo);
   mo.progress = weight_progress();
   Model model = Model::load(dir, mo);
   const double load_s = now_s() - t_load0;

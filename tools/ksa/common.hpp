@@ -131,6 +131,31 @@ inline Device parse_device_flag(const std::string& s, const std::string& dir) {
 }
 #endif
 
+#ifdef KSA_HAVE_ENGINE
+// The CUDA engine's tuning flags of `ksa generate` and `ksa bench model` (one wording for both); apply() after
+// parsing copies them into the model's options.
+struct CudaEngineFlags {
+  bool& no_graphs;
+  bool& no_ahead;
+  int64_t& ubatch;
+
+  explicit CudaEngineFlags(cli::Flags& f)
+      : no_graphs(f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)")),
+        no_ahead(f.flag("--no-plan-ahead", "CUDA: plan each decode step when it starts (not during the step before)")),
+        ubatch(f.i64("-ub,--ubatch-size", 0,
+                     "CUDA: prompt tokens per prefill piece (0 = the engine's " +
+                         std::to_string(ModelOptions::kDefaultPrefillTokens) +
+                         "; larger pieces prefill a long prompt faster and take more device memory)",
+                     0, cli::kMaxTokens)) {}
+
+  void apply(ModelOptions& mo) const {
+    mo.cuda_graphs = !no_graphs;
+    mo.cuda_plan_ahead = !no_ahead;
+    mo.prefill_tokens = ubatch;
+  }
+};
+#endif
+
 inline std::string human_bytes(double b) {
   const char* u[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   int i = 0;
