@@ -224,7 +224,9 @@ __global__ void qk_norm_rope_kernel(const float* qkv, int64_t n, int Hq, int Hkv
   for (int j = 0; j < J; ++j) dst[lane + 32 * j] = __float2bfloat16(e[j]);
 }
 
-__device__ __forceinline__ __nv_bfloat16 silu_times(float g, float u) { return __float2bfloat16(g / (1.f + expf(-g)) * u); }
+__device__ __forceinline__ __nv_bfloat16 silu_times(float g, float u) {
+  return __float2bfloat16(g / (1.f + expf(-g)) * u);
+}
 
 // V consecutive columns per thread (V = 4 where I and the addresses allow: 16-byte loads of the gate and up
 // halves, an 8-byte store; 1.95 TB/s with one column per thread on an H100, a prefill piece's 5% there).
@@ -238,8 +240,8 @@ __global__ void silu_mul_kernel(const float* gu, int64_t n, int64_t I, __nv_bflo
   const float* g = gu + r * 2 * I + c;
   if constexpr (V == 4) {
     const float4 a = *reinterpret_cast<const float4*>(g), b = *reinterpret_cast<const float4*>(g + I);
-    __align__(8) __nv_bfloat16 o[4] = {silu_times(a.x, b.x), silu_times(a.y, b.y), silu_times(a.z, b.z),
-                                       silu_times(a.w, b.w)};
+    __align__(8) __nv_bfloat16 o[4];
+    o[0] = silu_times(a.x, b.x), o[1] = silu_times(a.y, b.y), o[2] = silu_times(a.z, b.z), o[3] = silu_times(a.w, b.w);
     *reinterpret_cast<uint2*>(out + i) = *reinterpret_cast<const uint2*>(o);
   } else {
     out[i] = silu_times(g[0], g[I]);
@@ -739,8 +741,7 @@ void add(float* x, const float* h, int64_t count, CudaStream stream) {
   if (count == 0) return;
   if (count % 4 == 0 && aligned16(x) && aligned16(h))
     detail::launch_pdl(add_kernel<4>, blocks_for(count / 4, 256), 256, 0, cs(stream), x, h, count);
-  else
-    detail::launch_pdl(add_kernel<1>, blocks_for(count, 256), 256, 0, cs(stream), x, h, count);
+  else detail::launch_pdl(add_kernel<1>, blocks_for(count, 256), 256, 0, cs(stream), x, h, count);
 }
 
 void gather_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, CudaStream stream) {
@@ -782,8 +783,7 @@ void silu_mul(const float* gu, int64_t n, int64_t I, void* out, CudaStream strea
   auto* o = static_cast<__nv_bfloat16*>(out);
   if (I % 4 == 0 && aligned16(gu) && reinterpret_cast<uintptr_t>(out) % 8 == 0)
     detail::launch_pdl(silu_mul_kernel<4>, blocks_for(n * I / 4, 256), 256, 0, cs(stream), gu, n, I, o);
-  else
-    detail::launch_pdl(silu_mul_kernel<1>, blocks_for(n * I, 256), 256, 0, cs(stream), gu, n, I, o);
+  else detail::launch_pdl(silu_mul_kernel<1>, blocks_for(n * I, 256), 256, 0, cs(stream), gu, n, I, o);
 }
 
 void sample_tokens(float* logits, int64_t V, const SampleArgs* args, int64_t n, const int32_t* pairs, int32_t* out,

@@ -606,7 +606,8 @@ TEST(CudaEngine, ElementwiseKernelsMatchTheHost) {
         if (!(std::abs(v - ref) <= std::abs(ref) * 0x1p-8 + 1e-30) && bad++ < 5)
           ADD_FAILURE() << "silu_mul [" << r << ", " << c << "] = " << v << ", host " << ref;
         const size_t i = size_t(off + r * I + c);
-        if (xs[i] != x[i] + h[i] && bad++ < 5) ADD_FAILURE() << "add [" << i << "] = " << xs[i] << ", host " << x[i] + h[i];
+        if (xs[i] != x[i] + h[i] && bad++ < 5)
+          ADD_FAILURE() << "add [" << i << "] = " << xs[i] << ", host " << x[i] + h[i];
       }
     EXPECT_EQ(bad, 0);
   }

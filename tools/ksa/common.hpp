@@ -140,7 +140,8 @@ struct CudaEngineFlags {
   int64_t& ubatch;
 
   explicit CudaEngineFlags(cli::Flags& f)
-      : no_graphs(f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)")),
+      : no_graphs(
+            f.flag("--no-cuda-graphs", "CUDA: launch every kernel of every step (no graph replay of decode steps)")),
         no_ahead(f.flag("--no-plan-ahead", "CUDA: plan each decode step when it starts (not during the step before)")),
         ubatch(f.i64("-ub,--ubatch-size", 0,
                      "CUDA: prompt tokens per prefill piece (0 = the engine's " +
