@@ -17,6 +17,12 @@ if ! "${KSA_PY[@]}" python/examples/train_tiny.py --steps 20 >"$OUT/train_tiny.l
   echo "train_tiny: FAILED"; tail -20 "$OUT/train_tiny.log"; exit 1
 fi
 tail -1 "$OUT/train_tiny.log"
+echo "== context parallel over NCCL, one rank (what one GPU allows; python/tests ran test_one_rank_cuda_nccl)"
+if ! "${KSA_PY[@]}" -m torch.distributed.run --nproc_per_node 1 python/examples/train_cp.py --device cuda --seq 8192 \
+  --steps 5 --check >"$OUT/train_cp_1gpu.log" 2>&1; then
+  echo "train_cp (1 GPU): FAILED"; tail -20 "$OUT/train_cp_1gpu.log"; exit 1
+fi
+tail -3 "$OUT/train_cp_1gpu.log"
 if [ "${1:-}" = "--no-bench" ]; then exit 0; fi
 echo "== packed sequences: varlen vs single stream vs FlexAttention (document mask)"
 PYTHONUNBUFFERED=1 "${KSA_PY[@]}" bench/gpu/bench_varlen.py "$@" 2>&1 | tee "$OUT/bench_varlen.log"

@@ -24,7 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # ksa_train from this checkout
+try:  # installed beside ksa_torch (pip install ./python); else from this checkout (an editable install)
+    import ksa_train  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from ksa_train.model import Config, KsaLM, Shard, add_shape_args  # noqa: E402
 
 

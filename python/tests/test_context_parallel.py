@@ -276,11 +276,25 @@ def test_sharded_equals_single_process(world, tmp_path):
     check_world(world, world, tmp_path)
 
 
+def test_one_rank_equals_single_process(tmp_path):
+    """A group of one rank: the whole stream is its shard, nothing to receive (the exchange still runs, with
+    empty splits), and the model step is the unsharded one."""
+    check_world(2, 1, tmp_path)
+
+
 @pytest.mark.cuda
 def test_sharded_equals_single_process_cuda_nccl(tmp_path):
     if cuda_world() < 2 or not dist.is_nccl_available():
         pytest.skip(f"needs 2 CUDA devices and NCCL (found {torch.cuda.device_count()} devices)")
     check_world("nccl", cuda_world(), tmp_path, device="cuda")
+
+
+@pytest.mark.cuda
+def test_one_rank_cuda_nccl(tmp_path):
+    """What one GPU allows: the CUDA kernels under the context-parallel wrapper, over an NCCL group of one."""
+    if torch.cuda.device_count() < 1 or not dist.is_nccl_available():
+        pytest.skip(f"needs a CUDA device and NCCL (found {torch.cuda.device_count()} devices)")
+    check_world("nccl", 1, tmp_path, device="cuda")
 
 
 @pytest.mark.parametrize("key", [2, 4, "nccl"])
