@@ -21,7 +21,8 @@ namespace {
 
 cudaStream_t cs(CudaStream s) { return static_cast<cudaStream_t>(s); }
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// Whether p is a multiple of `bytes` (a vector load's or store's width).
+bool aligned(const void* p, uintptr_t bytes = 16) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 #define KSA_CUBLAS_CHECK(expr)                                                                          \
   do {                                                                                                  \
@@ -598,7 +599,6 @@ void gemv_1(int shape, const void* x, int64_t K, const void* W, int64_t N, void*
 
 // Whether gemv() takes this product.
 bool gemv_fits(const void* x, int64_t M, int64_t K, const void* W, int64_t N) {
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   return M >= 1 && M <= kGemvMaxM && K % 8 == 0 && K / 8 < (int64_t(1) << 31) && N < (int64_t(1) << 31) && aligned(x) &&
          aligned(W);
 }
@@ -739,7 +739,7 @@ void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void*
 
 void add(float* x, const float* h, int64_t count, CudaStream stream) {
   if (count == 0) return;
-  if (count % 4 == 0 && aligned16(x) && aligned16(h))
+  if (count % 4 == 0 && aligned(x) && aligned(h))
     detail::launch_pdl(add_kernel<4>, blocks_for(count / 4, 256), 256, 0, cs(stream), x, h, count);
   else detail::launch_pdl(add_kernel<1>, blocks_for(count, 256), 256, 0, cs(stream), x, h, count);
 }
@@ -781,7 +781,7 @@ void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t 
 void silu_mul(const float* gu, int64_t n, int64_t I, void* out, CudaStream stream) {
   if (n * I == 0) return;
   auto* o = static_cast<__nv_bfloat16*>(out);
-  if (I % 4 == 0 && aligned16(gu) && reinterpret_cast<uintptr_t>(out) % 8 == 0)
+  if (I % 4 == 0 && aligned(gu) && aligned(out, 8))
     detail::launch_pdl(silu_mul_kernel<4>, blocks_for(n * I / 4, 256), 256, 0, cs(stream), gu, n, I, o);
   else detail::launch_pdl(silu_mul_kernel<1>, blocks_for(n * I, 256), 256, 0, cs(stream), gu, n, I, o);
 }

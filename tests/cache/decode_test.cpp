@@ -122,7 +122,6 @@ TEST(Decode, RandomShapesMatchOracle) {
   }
 }
 
-
 DecodeCase fixed(int64_t k, int64_t S, int64_t W, int64_t Hkv, int64_t G, int64_t D, int64_t P, std::vector<int64_t> T,
                  DType dt, uint64_t seed) {
   DecodeCase c;
