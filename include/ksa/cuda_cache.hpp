@@ -85,8 +85,9 @@ class KvCacheGpu {
   // stream: for a step planned while the cache's stream still runs the launches of the plan before (the
   // engine plans step t+1 during step t). The upload fills the other slot than that plan's, so it may run
   // at once; the caller orders it after the launches of the plan before THAT one (in the engine: the step
-  // before, already finished) and the cache's stream after the upload (an event). A workspace that must grow
-  // synchronises the device first.
+  // before, already finished) and the cache's stream after the upload (an event). A plan that would grow a
+  // workspace throws instead, changing nothing (growing waits for the device): plan that step on the cache's
+  // stream.
   void plan_decode_on(CudaStream upload, std::span<const SeqId> ids, std::span<const int64_t> n_new, int64_t Hq,
                       float scale = 0.f);
 

@@ -150,6 +150,7 @@ struct KvCacheGpu::Impl {
   // captured around the decode stay valid when prompts come and go.
   DeviceBuf meta[2], write_meta, partials, read_meta;
   int slot = 0;
+  bool slot_moved = false;  // the open plan moved `slot` (cancel_decode moves it back)
   Staging staging[2], read_staging;
   int next_staging = 0;
 
@@ -180,15 +181,20 @@ struct KvCacheGpu::Impl {
     }
     PackedDecode& pk = packed;
     pack_decode(p, cfg, cache.pool_view(), block_addr, write_only, keep, opt.split_rows, per_wave, pk);
-    stats = PlanStats{int64_t(pk.units.size()), int64_t(pk.toks.size()), pk.total_keys};
 
     const size_t bytes = decode_blob(pk, run, nullptr, nullptr);
-    if (!write_only) slot ^= 1;
-    DeviceBuf& meta = write_only ? write_meta : this->meta[slot];
-    if (bytes > meta.cap && up != stream) KSA_CUDA_CHECK(cudaStreamSynchronize(up));  // an earlier upload's target
-    meta.reserve(bytes, stream);
     const size_t acc_bytes = align16(pk.units.size() * size_t(Hkv * G * D) * 4);
-    partials.reserve(std::max<size_t>(acc_bytes + pk.units.size() * size_t(Hkv * G) * 8, 16), stream);
+    const size_t part_bytes = std::max<size_t>(acc_bytes + pk.units.size() * size_t(Hkv * G) * 8, 16);
+    const int to = write_only ? slot : slot ^ 1;
+    DeviceBuf& meta = write_only ? write_meta : this->meta[to];
+    Staging& stg = staging[next_staging];
+    // Growing a buffer waits for the cache's stream and frees the old one (which waits for the device): a
+    // plan made on another stream while the cache's stream runs declines instead, changing nothing.
+    if (up != stream && (bytes > meta.cap || part_bytes > partials.cap || bytes > stg.cap))
+      fail("KvCacheGpu::plan_decode_on: the plan would grow a workspace (plan it on the cache's stream)");
+    meta.reserve(bytes, stream);
+    partials.reserve(part_bytes, stream);
+    stats = PlanStats{int64_t(pk.units.size()), int64_t(pk.toks.size()), pk.total_keys};
     DecodeRun& a = run;
     a = DecodeRun{};
     a.P = int32_t(cfg.block_rows);
@@ -200,7 +206,6 @@ struct KvCacheGpu::Impl {
     a.scale = scale;
     a.part_acc = static_cast<float*>(partials.p);
     a.part_ml = reinterpret_cast<float2*>(static_cast<char*>(partials.p) + acc_bytes);
-    Staging& stg = staging[next_staging];
     next_staging ^= 1;
     stg.reserve(bytes);
     decode_blob(pk, a, static_cast<char*>(meta.p), static_cast<char*>(stg.p));
@@ -208,6 +213,8 @@ struct KvCacheGpu::Impl {
     KSA_CUDA_CHECK(cudaMemcpyAsync(meta.p, stg.p, bytes, cudaMemcpyHostToDevice, up));
     KSA_CUDA_CHECK(cudaEventRecord(stg.done, up));
     stg.pending = true;
+    slot_moved = to != slot;
+    slot = to;
   }
 
   static DecodeTensors tensors(const TensorView* q, const TensorView& k, const TensorView& v, const TensorView* out,
@@ -464,6 +471,7 @@ void KvCacheGpu::commit_decode() {
   if (!m.plan) fail("KvCacheGpu::commit_decode: no decode step is planned");
   m.cache.commit_decode(*m.plan);
   m.plan.reset();
+  m.slot_moved = false;
 }
 
 void KvCacheGpu::cancel_decode() {
@@ -471,6 +479,8 @@ void KvCacheGpu::cancel_decode() {
   if (!m.plan) fail("KvCacheGpu::cancel_decode: no decode step is planned");
   m.cache.cancel_decode(*m.plan);
   m.plan.reset();
+  if (m.slot_moved) m.slot ^= 1;
+  m.slot_moved = false;
   m.run_dev = nullptr;
   m.run = DecodeRun{};
 }

@@ -304,6 +304,51 @@ TEST(CudaDecode, RejectsUnsafeStepsAndChangesNothing) {
   EXPECT_NE(why.find("two chunks"), std::string::npos) << why;
 }
 
+// A plan made on another stream (the engine's plan for the next step, made while this one runs) declines
+// when it would grow a workspace (growing waits for the device), changing nothing; a cancelled plan leaves
+// the workspace slot where the last committed plan put it, so caches cancelled together stay in step.
+TEST(CudaDecode, PlanAheadDeclinesToGrowAndCancelKeepsTheSlot) {
+  REQUIRE_GPU();
+  KvCacheConfig c;
+  c.spec.chunk_size = 4, c.spec.S = 1, c.spec.W = 2;
+  c.Hkv = 2, c.D = 64, c.dtype = DType::bf16, c.max_text_tokens = 64, c.block_rows = 4;
+  cuda::KvCacheGpu cache(c);
+  cudaStream_t side = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking), cudaSuccess);
+  const SeqId id = cache.add_sequence();
+  const SeqId ids[1] = {id};
+  const int64_t n[1] = {1};
+  const int64_t Hq = 4;
+  const int slot0 = cache.workspace_slot();
+  try {
+    cache.plan_decode_on(side, ids, n, Hq);
+    ADD_FAILURE() << "a plan on another stream grew the empty workspaces";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("grow a workspace"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(cache.workspace_slot(), slot0);
+  EXPECT_EQ(cache.state(id).stream_length(), 0);
+  // Planned on the cache's stream it grows them; cancelled, the slot moves back. Twice, so that both
+  // staging buffers grow (they alternate by upload, not by slot).
+  for (int i = 0; i < 2; ++i) {
+    cache.plan_decode(ids, n, Hq);
+    EXPECT_EQ(cache.workspace_slot(), 1 - slot0);
+    cache.cancel_decode();
+    EXPECT_EQ(cache.workspace_slot(), slot0);
+  }
+  // Now the same plan fits: made on the side stream it moves the slot, and a cancel moves it back.
+  cache.plan_decode_on(side, ids, n, Hq);
+  EXPECT_EQ(cache.workspace_slot(), 1 - slot0);
+  cache.cancel_decode();
+  EXPECT_EQ(cache.workspace_slot(), slot0);
+  cache.plan_decode_on(side, ids, n, Hq);
+  cache.commit_decode();
+  EXPECT_EQ(cache.workspace_slot(), 1 - slot0);
+  EXPECT_EQ(cache.state(id).stream_length(), 1);
+  EXPECT_EQ(cudaStreamSynchronize(side), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(side), cudaSuccess);
+}
+
 TEST(CudaDecode, UnsupportedConfigsGiveReasons) {
   KvCacheConfig c;
   c.max_text_tokens = 100;
