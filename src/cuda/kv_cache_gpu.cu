@@ -194,6 +194,10 @@ struct KvCacheGpu::Impl {
       fail("KvCacheGpu::plan_decode_on: the plan would grow a workspace (plan it on the cache's stream)");
     meta.reserve(bytes, stream);
     partials.reserve(part_bytes, stream);
+    if (!write_only && up == stream) {  // the other slot and staging buffer too: the next plan made ahead fits
+      this->meta[to ^ 1].reserve(bytes, stream);
+      staging[next_staging ^ 1].reserve(bytes);
+    }
     stats = PlanStats{int64_t(pk.units.size()), int64_t(pk.toks.size()), pk.total_keys};
     DecodeRun& a = run;
     a = DecodeRun{};
