@@ -103,10 +103,15 @@ bool bf16_dot_supported() {
 
 void gemm_bf16_dot_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int64_t n0, int64_t n1, float* y,
                         int64_t ldy) {
+  // One vector (decode): one row of W at a time, so that the rows stream as one sequential run instead of
+  // kNR interleaved short ones (the prefetchers ramp up per stream; a row of the 4B shape is 5 KB). 4B-shaped
+  // bf16 decode, 2 threads, 2-vCPU EPYC Zen 4, alternated: 5.10 / 5.78 / 4.24 / 4.80 / 5.88 tok/s against
+  // 3.97 / 4.80 / 4.17 / 3.89 / 4.36 with kNR rows. The sums are the same (one accumulator per output).
+  const int64_t nr_max = M == 1 ? 1 : kNR;
   for (int64_t m = 0; m < M; m += kMR) {
     const int mr = int(std::min<int64_t>(kMR, M - m));
-    for (int64_t n = n0; n < n1; n += kNR) {
-      const int nr = int(std::min<int64_t>(kNR, n1 - n));
+    for (int64_t n = n0; n < n1; n += nr_max) {
+      const int nr = int(std::min<int64_t>(nr_max, n1 - n));
       kMicro[mr - 1][nr - 1](x + m * K, K, W + n * K, y + m * ldy + n, ldy);
     }
   }
