@@ -5,6 +5,7 @@
 # fullgraph (inductor) of a small model with KSA layers; then a few training steps, and (unless --no-bench) the
 # packed-sequence benchmark next to FlexAttention with a document mask (bench_varlen.py; its flags follow).
 #   bench/gpu/torch_check.sh [--no-bench] [bench_varlen.py flags...]       logs in $OUT (bench/gpu/out)
+# Without Debian's libhwy-dev (the lent GPU machine): KSA_DEPS=<the .gpu-deps of pack_deps.sh> (lib.sh).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 # Its own build folder, kernels only (no C++ tests, so no GoogleTest needed): run.sh's build/ stays as it is.
