@@ -149,8 +149,7 @@ struct KvCacheGpu::Impl {
   // own (queued on the cache's stream): their larger plans never move a decode workspace, so the graphs
   // captured around the decode stay valid when prompts come and go.
   DeviceBuf meta[2], write_meta, partials, read_meta;
-  int slot = 0;
-  bool slot_moved = false;  // the open plan moved `slot` (cancel_decode moves it back)
+  int slot = 0;  // the last decode plan's workspace (an open plan's: cancel_decode moves it back)
   Staging staging[2], read_staging;
   int next_staging = 0;
 
@@ -217,7 +216,6 @@ struct KvCacheGpu::Impl {
     KSA_CUDA_CHECK(cudaMemcpyAsync(meta.p, stg.p, bytes, cudaMemcpyHostToDevice, up));
     KSA_CUDA_CHECK(cudaEventRecord(stg.done, up));
     stg.pending = true;
-    slot_moved = to != slot;
     slot = to;
   }
 
@@ -475,7 +473,6 @@ void KvCacheGpu::commit_decode() {
   if (!m.plan) fail("KvCacheGpu::commit_decode: no decode step is planned");
   m.cache.commit_decode(*m.plan);
   m.plan.reset();
-  m.slot_moved = false;
 }
 
 void KvCacheGpu::cancel_decode() {
@@ -483,8 +480,7 @@ void KvCacheGpu::cancel_decode() {
   if (!m.plan) fail("KvCacheGpu::cancel_decode: no decode step is planned");
   m.cache.cancel_decode(*m.plan);
   m.plan.reset();
-  if (m.slot_moved) m.slot ^= 1;
-  m.slot_moved = false;
+  m.slot ^= 1;  // every open plan is a decode plan, whose upload moved to the other workspace
   m.run_dev = nullptr;
   m.run = DecodeRun{};
 }
