@@ -270,13 +270,19 @@ TEST(CudaDecode, TinyBlocksCapTheSplit) {
   run_case(c, 40);
 }
 
+// A small bf16 cache: chunks of 4 text tokens and 1 summary, D = 64, blocks of 4 rows.
+KvCacheConfig small_config(int64_t W, int64_t Hkv, int64_t max_text_tokens) {
+  KvCacheConfig c;
+  c.spec.chunk_size = 4, c.spec.S = 1, c.spec.W = W;
+  c.Hkv = Hkv, c.D = 64, c.dtype = DType::bf16, c.max_text_tokens = max_text_tokens, c.block_rows = 4;
+  return c;
+}
+
 // A step that would overwrite ring rows its earlier tokens read is rejected before anything changes, as is
 // a step writing two chunks' summaries in a layer that keeps one; the sequence then decodes correctly.
 TEST(CudaDecode, RejectsUnsafeStepsAndChangesNothing) {
   REQUIRE_GPU();
-  KvCacheConfig c;
-  c.spec.chunk_size = 4, c.spec.S = 1, c.spec.W = 1;
-  c.Hkv = 1, c.D = 64, c.dtype = DType::bf16, c.max_text_tokens = 100, c.block_rows = 4;
+  const KvCacheConfig c = small_config(1, 1, 100);
   cuda::KvCacheGpu cache(c);
   const SeqId id = cache.add_sequence();
   std::string why;
@@ -309,10 +315,7 @@ TEST(CudaDecode, RejectsUnsafeStepsAndChangesNothing) {
 // the workspace slot where the last committed plan put it, so caches cancelled together stay in step.
 TEST(CudaDecode, PlanAheadDeclinesToGrowAndCancelKeepsTheSlot) {
   REQUIRE_GPU();
-  KvCacheConfig c;
-  c.spec.chunk_size = 4, c.spec.S = 1, c.spec.W = 2;
-  c.Hkv = 2, c.D = 64, c.dtype = DType::bf16, c.max_text_tokens = 64, c.block_rows = 4;
-  cuda::KvCacheGpu cache(c);
+  cuda::KvCacheGpu cache(small_config(2, 2, 64));
   cudaStream_t side = nullptr;
   ASSERT_EQ(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking), cudaSuccess);
   const SeqId id = cache.add_sequence();
