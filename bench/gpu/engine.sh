@@ -2,7 +2,9 @@
 # The CUDA engine on a GPU machine: builds ksa with the engine layers, runs the GPU tests (the CUDA engine
 # against the CPU engine, and the kernels' tests), then `ksa bench model` on the GPU. Logs in $OUT.
 #   bench/gpu/engine.sh [tests] [bench] [4b] [refs]
-#     tests  the C++ GPU tests (ksa_cuda_tests, all of them; GTEST_FILTER=... narrows them)
+#     tests  the C++ GPU tests (ksa_cuda_tests, all of them; GTEST_FILTER=... narrows them). All 45 take ~9 min
+#            on an H100 (the forward and backward tests against the CPU oracle ~8 of them); the engine and
+#            decode tests alone, GTEST_FILTER='CudaEngine*:Contexts/*:CudaDecode*:DecodePlan*', ~20 s
 #     bench  ksa bench model on a random `small` checkpoint
 #     4b     ksa make-model --shape 4b, then the speed targets' shapes on it (decode at 16K and 128K, batch 64
 #            at 4K, prefill 16K and 128K)
@@ -22,7 +24,8 @@
 #            checkpoint (KSA_DEPS/tokenizer-qwen3)
 #     compare  with 4b and KSA_BEFORE=<checkout> (e.g. `git archive REV | tar -x -C .before`, carried): that
 #            checkout's ksa is built beside this one and both run the three decode shapes (batch 1 at 16K and
-#            128K, batch 64 at 4K), alternating, COMPARE_ROUNDS times (2); summary lines in compare_4b.log
+#            128K, batch 64 at 4K; COMPARE_SHAPES="16k 128k b64" picks some), alternating, COMPARE_ROUNDS
+#            times (2); summary lines in compare_4b.log
 #     release  with 4b: the KSA authors' HF code (their FlexAttention prefill, ring-buffer cache) on the same
 #            checkpoint (release_ref.py; needs .ref/ksa-release from bench/gpu/fetch_release.sh, carried along)
 # A machine without the engine's Debian packages (nlohmann-json, ICU, GoogleTest) can be given them as a
@@ -82,18 +85,24 @@ if want 4b; then
   bench4b() {  # bench4b <flags...>: one `ksa bench model` on the 4B checkpoint, its summary lines
     echo "== ksa bench model 4b $*"
     $KSA bench model -m $M --device cuda "$@" | tee -a "$OUT/bench_4b.log" |
-      grep -E "^\| (pp|tg)|bound|KV cache|peak|graphs|host time"
+      grep -E "^\| (pp|tg)|bound|KV cache|peak|graphs|replayed tg steps"
   }
   if want compare; then
     for r in $(seq "${COMPARE_ROUNDS:-2}"); do
       for which in before after; do
         bin=$KSA
         [ $which = before ] && bin="$KSA_BEFORE/build-engine/bin/ksa"
-        for shape in "-p 16384 -n 64 -b 1" "-p 131072 -n 32 -b 1 -r 1" "-p 4096 -n 64 -b 64 -r 1"; do
+        for name in ${COMPARE_SHAPES:-16k 128k b64}; do
+          case $name in
+            16k) shape="-p 16384 -n 64 -b 1" ;;
+            128k) shape="-p 131072 -n 32 -b 1 -r 1" ;;
+            b64) shape="-p 4096 -n 64 -b 64 -r 1" ;;
+            *) echo "compare: unknown shape $name (16k, 128k, b64)"; exit 1 ;;
+          esac
           echo "== round $r $which $shape" | tee -a "$OUT/compare_4b.log"
           # shellcheck disable=SC2086
           $bin bench model -m $M --device cuda $shape 2>&1 | tee -a "$OUT/compare_4b_full.log" |
-            grep -E "^\| (pp|tg)|host time" | tee -a "$OUT/compare_4b.log"
+            grep -E "^\| (pp|tg)|replayed tg steps" | tee -a "$OUT/compare_4b.log"
         done
       done
     done
