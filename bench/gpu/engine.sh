@@ -2,7 +2,7 @@
 # The CUDA engine on a GPU machine: builds ksa with the engine layers, runs the GPU tests (the CUDA engine
 # against the CPU engine, and the kernels' tests), then `ksa bench model` on the GPU. Logs in $OUT.
 #   bench/gpu/engine.sh [tests] [bench] [4b] [refs]
-#     tests  the C++ GPU tests (ksa_cuda_tests, all of them; GTEST_FILTER=... narrows them). All 45 take ~9 min
+#     tests  the C++ GPU tests (ksa_cuda_tests, all of them; GTEST_FILTER=... narrows them). All 44 take ~9 min
 #            on an H100 (the forward and backward tests against the CPU oracle ~8 of them); the engine and
 #            decode tests alone, GTEST_FILTER='CudaEngine*:Contexts/*:CudaDecode*:DecodePlan*', ~20 s
 #     bench  ksa bench model on a random `small` checkpoint
