@@ -87,18 +87,21 @@ if want 4b; then
     $KSA bench model -m $M --device cuda "$@" | tee -a "$OUT/bench_4b.log" |
       grep -E "^\| (pp|tg)|bound|KV cache|peak|graphs|replayed tg steps"
   }
+  shape_flags() {  # shape_flags <name>: the `ksa bench model` flags of one of issue #20's decode shapes
+    case $1 in
+      16k) echo "-p 16384 -n 64 -b 1" ;;
+      128k) echo "-p 131072 -n 32 -b 1 -r 1" ;;
+      b64) echo "-p 4096 -n 64 -b 64 -r 1" ;;
+      *) echo "unknown shape $1 (16k, 128k, b64)" >&2; return 1 ;;
+    esac
+  }
   if want compare; then
     for r in $(seq "${COMPARE_ROUNDS:-2}"); do
       for which in before after; do
         bin=$KSA
         [ $which = before ] && bin="$KSA_BEFORE/build-engine/bin/ksa"
         for name in ${COMPARE_SHAPES:-16k 128k b64}; do
-          case $name in
-            16k) shape="-p 16384 -n 64 -b 1" ;;
-            128k) shape="-p 131072 -n 32 -b 1 -r 1" ;;
-            b64) shape="-p 4096 -n 64 -b 64 -r 1" ;;
-            *) echo "compare: unknown shape $name (16k, 128k, b64)"; exit 1 ;;
-          esac
+          shape=$(shape_flags "$name") || exit 1
           echo "== round $r $which $shape" | tee -a "$OUT/compare_4b.log"
           # shellcheck disable=SC2086
           $bin bench model -m $M --device cuda $shape 2>&1 | tee -a "$OUT/compare_4b_full.log" |
@@ -107,9 +110,8 @@ if want 4b; then
       done
     done
   else
-    bench4b -p 16384 -n 64 -b 1
-    bench4b -p 131072 -n 32 -b 1 -r 1
-    bench4b -p 4096 -n 64 -b 64 -r 1
+    # shellcheck disable=SC2046
+    for name in 16k 128k b64; do bench4b $(shape_flags $name); done
   fi
   if want nographs; then bench4b -p 16384 -n 64 -b 1 --no-cuda-graphs; fi
   if want nogemv; then bench4b -p 16384 -n 64 -b 1 --no-cuda-gemv; fi
