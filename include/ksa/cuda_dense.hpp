@@ -29,6 +29,16 @@ class Gemm {
   // silu_mul; run_swiglu throws).
   bool swiglu_fits(const void* x, int64_t M, int64_t K, const void* Wgu, int64_t I) const;
   void run_swiglu(const void* x, int64_t M, int64_t K, const void* Wgu, int64_t I, void* out);
+  // y[M, N] += x W^T into fp32 y (the residual stream): the thin kernel's epilogue adds, or cuBLASLt with
+  // beta = 1; the same sums as run() into a buffer and add().
+  void run_add(const void* x, int64_t M, int64_t K, const void* W, int64_t N, float* y, int64_t ldy = 0);
+  // The product of bf16(x / rms(x) * norm_w) (x fp32 [M, K], norm_w bf16 [K]: the values rms_norm() writes)
+  // with W, without the normed rows in memory: every block of the thin kernel normalises x itself. glu: W is
+  // [Wg; Wu] ([2N, K]) and y = bf16(silu(.. Wg^T) * (.. Wu^T)) as run_swiglu. Only where norm_fits() (at most
+  // kGemvMaxM rows, K <= 4096); run_norm throws otherwise.
+  bool norm_fits(const float* x, int64_t M, int64_t K, const void* W, int64_t N) const;
+  void run_norm(const float* x, int64_t M, int64_t K, const void* norm_w, float eps, const void* W, int64_t N,
+                void* y, DType ydt, int64_t ldy, bool glu);
   // The block shapes of the thin kernel that `ksa bench-gemm` compares on batch-1 products (0 = the default,
   // what the engine runs); products of more rows keep the default.
   static int gemv_shapes();

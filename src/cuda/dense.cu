@@ -7,6 +7,7 @@
 #include <cmath>
 #include <iterator>
 #include <map>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -86,6 +87,15 @@ __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* ids, int
 // with float4 loads held in registers (all loads in flight before the sum: a decode step's single row is
 // latency bound); others take the plain strided loop.
 constexpr int kNormThreads = 256, kNormVec = 4;
+// A thread's share of a row's sum of squares (its kNormVec float4, in order): rms_norm_kernel and the normed
+// thin product (gemv_kernel, NORM) sum the same way.
+__device__ __forceinline__ float sumsq4(const float4 (&v)[kNormVec]) {
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < kNormVec; ++j) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+  return ss;
+}
+
 __global__ void __launch_bounds__(kNormThreads)
     rms_norm_kernel(float* x, const float* h, int64_t n, const void* w, const void* ws, const uint8_t* is_summary,
                     float eps, __nv_bfloat16* out) {
@@ -99,7 +109,6 @@ __global__ void __launch_bounds__(kNormThreads)
   if (vec) {
     const int n4 = int(n / 4);
     float4 v[kNormVec];
-    float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < kNormVec; ++j) {
       const int i = threadIdx.x + j * kNormThreads;
@@ -110,9 +119,7 @@ __global__ void __launch_bounds__(kNormThreads)
         reinterpret_cast<float4*>(xr)[i] = v[j];
       }
     }
-#pragma unroll
-    for (int j = 0; j < kNormVec; ++j) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
-    ss = block_sum(ss, red);
+    const float ss = block_sum(sumsq4(v), red);
     const float inv = rsqrtf(ss / float(n) + eps);
 #pragma unroll
     for (int j = 0; j < kNormVec; ++j) {
@@ -460,6 +467,9 @@ __global__ void __launch_bounds__(kSampleThreads)
 // The block shape is a template parameter (GemvShape): THREADS per block, ROWS of W per block, UNROLL chunks
 // per row in flight per thread. kGemvShapes lists the shapes `ksa bench-gemm --gemv-shape` compares (batch-1
 // products only); shape 0 is the one the engine runs.
+// (Persistent blocks with x staged in shared memory, as the NORM form below, did not pay for the plain
+// products: H100, 2026-12-07, with 2, 3 or all resident blocks per SM, batch 1 at 16K 0.2-0.6% longer
+// graphs; docs/benchmarks.md.)
 struct GemvShape {
   int threads, rows, unroll;
 };
@@ -488,28 +498,49 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
   return s;
 }
 
-// GLU: W is [gate; up] ([2N, K], gate rows then up rows) and y[m, n] = bf16(silu(x·gate_n) · (x·up_n)): a
-// block takes kGemvRows / 2 gate rows and the same up rows, and joins them in its epilogue (the SwiGLU of
-// silu_mul, without the [M, 2N] fp32 round trip and its kernel).
-template <int M, class YT, bool GLU, int kGemvThreads, int kGemvRows, int kGemvUnroll>
+// The epilogue of a thin product: store y; GLU: W is [gate; up] ([2N, K], gate rows then up rows) and
+// y[m, n] = bf16(silu(x·gate_n) · (x·up_n)): a block takes kGemvRows / 2 gate rows and the same up rows, and
+// joins them in its epilogue (the SwiGLU of silu_mul, without the [M, 2N] fp32 round trip and its kernel);
+// add: y is the fp32 residual stream and y[m, n] += x·W_n (the sums add_kernel would add, without the fp32
+// round trip and its kernel).
+enum class Epi { store, glu, add };
+
+// NORM: x is the fp32 residual stream `nx.x` [M, K], and the product's input is bf16(x / rms(x) * w), computed
+// by every block into shared memory as rms_norm_kernel computes it (the same loads, sums and roundings: the
+// block has kNormThreads threads and K <= kNormVec * 4 * kNormThreads), so the RMSNorm needs no kernel of its
+// own. The blocks are then persistent: gridDim.x blocks (those resident at once) take the groups of rows
+// blockIdx.x, + gridDim.x, ..., so each block normalises x once (with a block per group, every block would
+// read x and the norm weight through L2: 3x the plain product's L2 reads, measured slower on 2026-12-07). The
+// next group's first weight loads are issued before the current group's reduction.
+struct GemvNorm {
+  const float* x = nullptr;
+  const __nv_bfloat16* w = nullptr;
+  float eps = 0.f;
+};
+
+template <int M, class YT, Epi EPI, bool NORM, int kGemvThreads, int kGemvRows, int kGemvUnroll>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_kernel(const uint4* __restrict__ x, int chunks, const uint4* __restrict__ W, int N, YT* __restrict__ y,
-                int64_t ldy) {
+                int64_t ldy, const GemvNorm nx) {
+  constexpr bool GLU = EPI == Epi::glu;
   static_assert(!GLU || (std::is_same_v<YT, __nv_bfloat16> && kGemvRows % 2 == 0), "GLU: bf16 out, row pairs");
-  constexpr int OUT_ROWS = GLU ? kGemvRows / 2 : kGemvRows;  // output columns per block
+  static_assert(EPI != Epi::add || std::is_same_v<YT, float>, "add: into the fp32 residual stream");
+  static_assert(!NORM || kGemvThreads == kNormThreads, "NORM sums as rms_norm_kernel does");
+  constexpr int OUT_ROWS = GLU ? kGemvRows / 2 : kGemvRows;  // output columns per group
   __shared__ float red[kGemvThreads / 32][kGemvRows * M];
-  const int n0 = blockIdx.x * OUT_ROWS;
+  extern __shared__ uint4 sx[];  // NORM: the normed x, M rows of `chunks` 16-byte chunks (bf16)
+  const int groups = (N + OUT_ROWS - 1) / OUT_ROWS;
+  int n0 = blockIdx.x * OUT_ROWS;
   const uint4* w[kGemvRows];
+  auto point = [&](int r0) {
 #pragma unroll
-  for (int r = 0; r < kGemvRows; ++r) {
-    if constexpr (GLU) w[r] = W + (int64_t(min(n0 + r % OUT_ROWS, N - 1)) + (r < OUT_ROWS ? 0 : N)) * chunks;
-    else w[r] = W + int64_t(min(n0 + r, N - 1)) * chunks;
-  }
+    for (int r = 0; r < kGemvRows; ++r) {
+      if constexpr (GLU) w[r] = W + (int64_t(min(r0 + r % OUT_ROWS, N - 1)) + (r < OUT_ROWS ? 0 : N)) * chunks;
+      else w[r] = W + int64_t(min(r0 + r, N - 1)) * chunks;
+    }
+  };
+  point(n0);
   float acc[kGemvRows][M];
-#pragma unroll
-  for (int r = 0; r < kGemvRows; ++r)
-#pragma unroll
-    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
   uint4 a[kGemvUnroll][kGemvRows];
   auto load = [&](int c0) {
 #pragma unroll
@@ -524,74 +555,150 @@ __global__ void __launch_bounds__(kGemvThreads)
   load(threadIdx.x);
   dev::launch_dependents();
   dev::grid_dependency_wait();
-  for (int c0 = threadIdx.x; c0 < chunks; c0 += kGemvThreads * kGemvUnroll) {
-    if (c0 != int(threadIdx.x)) load(c0);
+  if constexpr (NORM) {
+    // As rms_norm_kernel's vector path, row by row; the bf16 results into sx.
+    const int n4 = chunks * 2;
+    for (int m = 0; m < M; ++m) {
+      const float* xr = nx.x + int64_t(m) * chunks * 8;
+      float4 v[kNormVec];
 #pragma unroll
-    for (int u = 0; u < kGemvUnroll; ++u) {
-      const int c = c0 + kGemvThreads * u;
-      if (c >= chunks) break;
+      for (int j = 0; j < kNormVec; ++j) {
+        const int i = threadIdx.x + j * kNormThreads;
+        v[j] = i < n4 ? __ldcg(reinterpret_cast<const float4*>(xr) + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+      const float ss = block_sum(sumsq4(v), &red[0][0]);
+      const float inv = rsqrtf(ss / float(chunks * 8) + nx.eps);
+      __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(sx + m * chunks);
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const uint4 xv = __ldcg(x + int64_t(m) * chunks + c);  // written by the kernel before: not via .nc
+      for (int j = 0; j < kNormVec; ++j) {
+        const int i = threadIdx.x + j * kNormThreads;
+        if (i >= n4) break;
+        o[4 * i] = __float2bfloat16(v[j].x * inv * bf(nx.w, 4 * i));
+        o[4 * i + 1] = __float2bfloat16(v[j].y * inv * bf(nx.w, 4 * i + 1));
+        o[4 * i + 2] = __float2bfloat16(v[j].z * inv * bf(nx.w, 4 * i + 2));
+        o[4 * i + 3] = __float2bfloat16(v[j].w * inv * bf(nx.w, 4 * i + 3));
+      }
+      __syncthreads();  // red is reused by the next row's sum (and by the reduction below)
+    }
+  }
+  for (;;) {
 #pragma unroll
-        for (int r = 0; r < kGemvRows; ++r) acc[r][m] += dot8(a[u][r], xv);
+    for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+    for (int c0 = threadIdx.x; c0 < chunks; c0 += kGemvThreads * kGemvUnroll) {
+      if (c0 != int(threadIdx.x)) load(c0);
+#pragma unroll
+      for (int u = 0; u < kGemvUnroll; ++u) {
+        const int c = c0 + kGemvThreads * u;
+        if (c >= chunks) break;
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          uint4 xv;
+          if constexpr (NORM) xv = sx[m * chunks + c];
+          else xv = __ldcg(x + int64_t(m) * chunks + c);  // written by the kernel before: not via .nc
+#pragma unroll
+          for (int r = 0; r < kGemvRows; ++r) acc[r][m] += dot8(a[u][r], xv);
+        }
       }
     }
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int r = 0; r < kGemvRows; ++r)
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const float v = warp_sum(acc[r][m]);
-      if (lane == 0) red[warp][r * M + m] = v;
+    // NORM: the block's next group, its first loads in flight under this group's reduction.
+    const int next = n0 + int(gridDim.x) * OUT_ROWS;
+    const bool more = NORM && next < groups * OUT_ROWS;
+    if (more) {
+      point(next);
+      load(threadIdx.x);
     }
-  __syncthreads();
-  auto total = [&](int i) {
-    float v = 0.f;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-    for (int j = 0; j < kGemvThreads / 32; ++j) v += red[j][i];
-    return v;
-  };
-  for (int i = threadIdx.x; i < OUT_ROWS * M; i += kGemvThreads) {
-    const int r = i / M, m = i % M;
-    if (n0 + r >= N) continue;
-    if constexpr (GLU) {
-      const float g = total(i), u = total(i + OUT_ROWS * M);
-      y[m * ldy + n0 + r] = silu_times(g, u);  // as silu_mul_kernel
-    } else if constexpr (std::is_same_v<YT, float>) {
-      y[m * ldy + n0 + r] = total(i);
-    } else {
-      y[m * ldy + n0 + r] = __float2bfloat16_rn(total(i));
+    for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const float v = warp_sum(acc[r][m]);
+        if (lane == 0) red[warp][r * M + m] = v;
+      }
+    __syncthreads();
+    auto total = [&](int i) {
+      float v = 0.f;
+#pragma unroll
+      for (int j = 0; j < kGemvThreads / 32; ++j) v += red[j][i];
+      return v;
+    };
+    for (int i = threadIdx.x; i < OUT_ROWS * M; i += kGemvThreads) {
+      const int r = i / M, m = i % M;
+      if (n0 + r >= N) continue;
+      if constexpr (GLU) {
+        const float g = total(i), u = total(i + OUT_ROWS * M);
+        y[m * ldy + n0 + r] = silu_times(g, u);  // as silu_mul_kernel
+      } else if constexpr (EPI == Epi::add) {
+        y[m * ldy + n0 + r] += total(i);  // as add_kernel
+      } else if constexpr (std::is_same_v<YT, float>) {
+        y[m * ldy + n0 + r] = total(i);
+      } else {
+        y[m * ldy + n0 + r] = __float2bfloat16_rn(total(i));
+      }
     }
+    if (!more) break;
+    n0 = next;
+    __syncthreads();  // red is read above before the next group's sums land in it
   }
 }
 
-template <int M, class YT, bool GLU, int SH = 0>
-void launch_gemv(const void* x, int64_t K, const void* W, int64_t N, void* y, int64_t ldy, cudaStream_t s) {
+// Blocks of `kernel` resident per SM with `smem` dynamic bytes, times the SMs (cached: NORM launches size
+// their persistent grid by it).
+int resident_blocks(const void* kernel, int threads, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t>, int> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(kernel, threads, smem);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int dev = 0, sms = 0, per_sm = 0;
+  KSA_CUDA_CHECK(cudaGetDevice(&dev));
+  KSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  KSA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  return cache[key] = std::max(1, per_sm) * sms;
+}
+
+template <int M, class YT, Epi EPI, bool NORM = false, int SH = 0>
+void launch_gemv(const void* x, int64_t K, const void* W, int64_t N, void* y, int64_t ldy, cudaStream_t s,
+                 const GemvNorm& nx = {}) {
   constexpr GemvShape g = kGemvShapes[SH];
   const int chunks = int(K / 8);
-  detail::launch_pdl(gemv_kernel<M, YT, GLU, g.threads, g.rows, g.unroll>, blocks_for(N, GLU ? g.rows / 2 : g.rows),
-                     g.threads, 0, s, static_cast<const uint4*>(x), chunks, static_cast<const uint4*>(W), int(N),
-                     static_cast<YT*>(y), ldy);
+  const auto kernel = gemv_kernel<M, YT, EPI, NORM, g.threads, g.rows, g.unroll>;
+  unsigned grid = blocks_for(N, EPI == Epi::glu ? g.rows / 2 : g.rows);
+  const size_t smem = NORM ? size_t(M) * size_t(K) * 2 : 0;
+  if (NORM) grid = std::min(grid, unsigned(resident_blocks(reinterpret_cast<const void*>(kernel), g.threads, smem)));
+  detail::launch_pdl(kernel, grid, g.threads, smem, s, static_cast<const uint4*>(x), chunks,
+                     static_cast<const uint4*>(W), int(N), static_cast<YT*>(y), ldy, nx);
 }
 
-// glu: the GLU form (bf16 out, ydt ignored).
+// epi glu: bf16 out (ydt ignored); add: fp32 y += (ydt ignored).
 template <int M, int SH = 0>
 void gemv_m(const void* x, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy, cudaStream_t s,
-            bool glu) {
-  if (glu) launch_gemv<M, __nv_bfloat16, true, SH>(x, K, W, N, y, ldy, s);
-  else if (ydt == DType::f32) launch_gemv<M, float, false, SH>(x, K, W, N, y, ldy, s);
-  else launch_gemv<M, __nv_bfloat16, false, SH>(x, K, W, N, y, ldy, s);
+            Epi epi) {
+  if (epi == Epi::glu) launch_gemv<M, __nv_bfloat16, Epi::glu, false, SH>(x, K, W, N, y, ldy, s);
+  else if (epi == Epi::add) launch_gemv<M, float, Epi::add, false, SH>(x, K, W, N, y, ldy, s);
+  else if (ydt == DType::f32) launch_gemv<M, float, Epi::store, false, SH>(x, K, W, N, y, ldy, s);
+  else launch_gemv<M, __nv_bfloat16, Epi::store, false, SH>(x, K, W, N, y, ldy, s);
+}
+
+// The normed forms (NORM: x is the fp32 residual stream nx.x): store (fp32 or bf16 out) or glu.
+template <int M>
+void gemv_norm_m(const GemvNorm& nx, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy,
+                 cudaStream_t s, bool glu) {
+  if (glu) launch_gemv<M, __nv_bfloat16, Epi::glu, true>(nullptr, K, W, N, y, ldy, s, nx);
+  else if (ydt == DType::f32) launch_gemv<M, float, Epi::store, true>(nullptr, K, W, N, y, ldy, s, nx);
+  else launch_gemv<M, __nv_bfloat16, Epi::store, true>(nullptr, K, W, N, y, ldy, s, nx);
 }
 
 // Batch-1 products in block shape `shape` (kGemvShapes; ksa bench-gemm).
 template <int SH = 0>
 void gemv_1(int shape, const void* x, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy,
-            cudaStream_t s, bool glu) {
+            cudaStream_t s, Epi epi) {
   if constexpr (SH < kGemvShapeCount) {
-    if (shape == SH) return gemv_m<1, SH>(x, K, W, N, y, ydt, ldy, s, glu);
-    return gemv_1<SH + 1>(shape, x, K, W, N, y, ydt, ldy, s, glu);
+    if (shape == SH) return gemv_m<1, SH>(x, K, W, N, y, ydt, ldy, s, epi);
+    return gemv_1<SH + 1>(shape, x, K, W, N, y, ydt, ldy, s, epi);
   } else {
     fail("cuda linear: no GEMV block shape ", shape, " (0..", kGemvShapeCount - 1, ")");
   }
@@ -603,15 +710,31 @@ bool gemv_fits(const void* x, int64_t M, int64_t K, const void* W, int64_t N) {
          aligned(W);
 }
 
+// Whether gemv_norm() takes this product: gemv_fits, a row rms_norm_kernel reads in one vector pass, and the
+// normed rows within the default 48 KiB of shared memory.
+bool gemv_norm_fits(const float* x, int64_t M, int64_t K, const void* W, int64_t N) {
+  return gemv_fits(x, M, K, W, N) && K <= int64_t(kNormVec) * 4 * kNormThreads && M * K * 2 <= 48 * 1024;
+}
+
 void gemv(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy,
-          cudaStream_t s, bool glu = false, int shape = 0) {
-  if (M == 1 && shape != 0) return gemv_1(shape, x, K, W, N, y, ydt, ldy, s, glu);
+          cudaStream_t s, Epi epi = Epi::store, int shape = 0) {
+  if (M == 1 && shape != 0) return gemv_1(shape, x, K, W, N, y, ydt, ldy, s, epi);
   // gemv_m<M> at index M - 1.
   static constexpr decltype(&gemv_m<1>) kByRows[] = {&gemv_m<1>, &gemv_m<2>, &gemv_m<3>, &gemv_m<4>,
                                                      &gemv_m<5>, &gemv_m<6>, &gemv_m<7>, &gemv_m<8>};
   static_assert(std::size(kByRows) == kGemvMaxM);
   if (M < 1 || M > kGemvMaxM) fail("cuda linear: internal error: gemv with M=", M);
-  kByRows[M - 1](x, K, W, N, y, ydt, ldy, s, glu);
+  kByRows[M - 1](x, K, W, N, y, ydt, ldy, s, epi);
+}
+
+void gemv_norm(const GemvNorm& nx, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy,
+               cudaStream_t s, bool glu) {
+  static constexpr decltype(&gemv_norm_m<1>) kByRows[] = {&gemv_norm_m<1>, &gemv_norm_m<2>, &gemv_norm_m<3>,
+                                                          &gemv_norm_m<4>, &gemv_norm_m<5>, &gemv_norm_m<6>,
+                                                          &gemv_norm_m<7>, &gemv_norm_m<8>};
+  static_assert(std::size(kByRows) == kGemvMaxM);
+  if (M < 1 || M > kGemvMaxM) fail("cuda linear: internal error: normed gemv with M=", M);
+  kByRows[M - 1](nx, K, W, N, y, ydt, ldy, s, glu);
 }
 
 }  // namespace
@@ -684,7 +807,7 @@ void Gemm::run(const void* x, int64_t M, int64_t K, const void* W, int64_t N, vo
   if (M < 1 || K < 1 || N < 1 || ldy < N) fail("cuda linear: bad shape M=", M, " K=", K, " N=", N, " ldy=", ldy);
   if (ydt != DType::f32 && ydt != DType::bf16) fail("cuda linear: output must be f32 or bf16");
   if (impl_->small_m && gemv_fits(x, M, K, W, N))
-    return gemv(x, M, K, W, N, y, ydt, ldy, impl_->stream, false, impl_->gemv_shape);
+    return gemv(x, M, K, W, N, y, ydt, ldy, impl_->stream, Epi::store, impl_->gemv_shape);
   Impl::Plan& p = impl_->plan(M, K, N, ldy, ydt);
   const float alpha = 1.f, beta = 0.f;
   KSA_CUBLAS_CHECK(cublasLtMatmul(impl_->handle, p.op, &alpha, W, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo,
@@ -698,7 +821,31 @@ bool Gemm::swiglu_fits(const void* x, int64_t M, int64_t K, const void* Wgu, int
 void Gemm::run_swiglu(const void* x, int64_t M, int64_t K, const void* Wgu, int64_t I, void* out) {
   if (!swiglu_fits(x, M, K, Wgu, I))
     fail("cuda swiglu: the product M=", M, " K=", K, " I=", I, " does not fit the thin kernel (swiglu_fits)");
-  gemv(x, M, K, Wgu, I, out, DType::bf16, I, impl_->stream, true, impl_->gemv_shape);
+  gemv(x, M, K, Wgu, I, out, DType::bf16, I, impl_->stream, Epi::glu, impl_->gemv_shape);
+}
+
+void Gemm::run_add(const void* x, int64_t M, int64_t K, const void* W, int64_t N, float* y, int64_t ldy) {
+  if (ldy == 0) ldy = N;
+  if (M < 1 || K < 1 || N < 1 || ldy < N) fail("cuda linear: bad shape M=", M, " K=", K, " N=", N, " ldy=", ldy);
+  if (impl_->small_m && gemv_fits(x, M, K, W, N))
+    return gemv(x, M, K, W, N, y, DType::f32, ldy, impl_->stream, Epi::add, impl_->gemv_shape);
+  Impl::Plan& p = impl_->plan(M, K, N, ldy, DType::f32);
+  const float alpha = 1.f, beta = 1.f;  // y = x W^T + y
+  KSA_CUBLAS_CHECK(cublasLtMatmul(impl_->handle, p.op, &alpha, W, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo,
+                                  impl_->workspace, impl_->ws_bytes, impl_->stream));
+}
+
+bool Gemm::norm_fits(const float* x, int64_t M, int64_t K, const void* W, int64_t N) const {
+  return impl_->small_m && gemv_norm_fits(x, M, K, W, N);
+}
+
+void Gemm::run_norm(const float* x, int64_t M, int64_t K, const void* norm_w, float eps, const void* W, int64_t N,
+                    void* y, DType ydt, int64_t ldy, bool glu) {
+  if (ldy == 0) ldy = N;
+  if (!norm_fits(x, M, K, W, glu ? 2 * N : N) || ldy < N || !aligned(norm_w, 2))
+    fail("cuda linear: the normed product M=", M, " K=", K, " N=", N, " does not fit the thin kernel (norm_fits)");
+  if (!glu && ydt != DType::f32 && ydt != DType::bf16) fail("cuda linear: output must be f32 or bf16");
+  gemv_norm(GemvNorm{x, static_cast<const __nv_bfloat16*>(norm_w), eps}, M, K, W, N, y, ydt, ldy, impl_->stream, glu);
 }
 
 int Gemm::gemv_shapes() { return kGemvShapeCount; }

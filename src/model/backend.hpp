@@ -152,6 +152,26 @@ class Backend {
       silu_mul(ss, os);
     }
   }
+  // The decode step's layer without its norm kernels (steps without summary rows; model.cpp). A backend may
+  // join each of these to its product (CUDA: the thin product's epilogue adds, and its blocks normalise x
+  // themselves); the defaults are the separate ops, with the same result.
+  // x += a W^T (x wide, [rows, W.rows]); scratch: wide, x's shape.
+  virtual void linear_add(const Act& a, const Weight& W, Act x, Act scratch) {
+    linear(a, W, scratch);
+    add(x, scratch);
+  }
+  // y = linear_cat(RMSNorm(x) * w, ws); h: narrow, x's shape, for the normed rows.
+  virtual void rms_norm_linear_cat(const Act& x, const Weight& w, float eps, std::span<const Weight* const> ws, Act y,
+                                   Act h) {
+    rms_norm(x, w, Weight{}, eps, h);
+    linear_cat(h, ws, y);
+  }
+  // out = linear_swiglu(RMSNorm(x) * w, gate, up); h as above, scratch as linear_swiglu's.
+  virtual void rms_norm_swiglu(const Act& x, const Weight& w, float eps, const Weight& gate, const Weight& up, Act out,
+                               Act h, Act scratch) {
+    rms_norm(x, w, Weight{}, eps, h);
+    linear_swiglu(h, gate, up, out, scratch);
+  }
   // Logits rows [m, V] (fp32) to the host.
   virtual void download(const Act& logits, std::span<float> out) = 0;
   // One token per request from its logits row (penalties applied in place first).

@@ -193,18 +193,20 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   }
   b.embed(embed, x);
   const double mix = cfg.mix_coeff;
-  // Without summary rows in the step, a layer's closing residual add joins the next layer's input norm
-  // (add_rms_norm: the same sums, one kernel fewer per layer); with them the add stays (the summary rows'
-  // gather/scatter and norm weights sit between).
-  bool add_pending = false;
+  // A step without summary rows (most decode steps) runs each norm with the product after it and each
+  // residual add with the product before it (rms_norm_linear_cat, linear_add, rms_norm_swiglu: on the GPU no
+  // norm or add kernels at a few rows); with summary rows the norms stay ops of their own (the summary rows'
+  // gather/scatter, norm weights and projections sit between).
   for (size_t li = 0; li < layers.size(); ++li) {
     const Layer& L = layers[li];
-    if (!L.summary_layer && have_summaries) b.gather(x, Rows::summary, saved);
-    if (add_pending) b.add_rms_norm(x, hw, L.in_norm, eps, h);
-    else b.rms_norm(x, L.in_norm, L.in_norm_summary, eps, h);
-    add_pending = false;
     const Weight* qkv_w[3] = {&L.q, &L.k, &L.v};
-    b.linear_cat(h, qkv_w, qkv);
+    if (!have_summaries) {
+      b.rms_norm_linear_cat(x, L.in_norm, eps, qkv_w, qkv, h);
+    } else {
+      if (!L.summary_layer) b.gather(x, Rows::summary, saved);
+      b.rms_norm(x, L.in_norm, L.in_norm_summary, eps, h);
+      b.linear_cat(h, qkv_w, qkv);
+    }
     // Summary tokens blend their own projections: mix * summary + (1 - mix) * shared.
     if (L.q_s && have_summaries) {
       b.gather(h, Rows::summary, hs);
@@ -218,13 +220,18 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
     }
     b.qk_norm_rope(qkv, L.q_norm, L.k_norm, eps, cfg.rope_theta, Hq, Hkv, D, qc, kc, vc);
     b.attention(li, L.W, qc, kc, vc, Hq, att);
-    b.linear(att, L.o, hw);
-    b.add_rms_norm(x, hw, L.post_norm, eps, h);
-    b.linear_swiglu(h, L.gate, L.up, gu, gu2);
-    b.linear(gu, L.down, hw);
-    if (!have_summaries && li + 1 < layers.size()) add_pending = true;
-    else b.add(x, hw);
-    if (!L.summary_layer && have_summaries) b.scatter(saved, Rows::summary, x);
+    if (!have_summaries) {
+      b.linear_add(att, L.o, x, hw);
+      b.rms_norm_swiglu(x, L.post_norm, eps, L.gate, L.up, gu, h, gu2);
+      b.linear_add(gu, L.down, x, hw);
+    } else {
+      b.linear(att, L.o, hw);
+      b.add_rms_norm(x, hw, L.post_norm, eps, h);
+      b.linear_swiglu(h, L.gate, L.up, gu, gu2);
+      b.linear(gu, L.down, hw);
+      b.add(x, hw);
+      if (!L.summary_layer) b.scatter(saved, Rows::summary, x);
+    }
   }
   for (const Piece& pc : pieces) {
     Seq& s = find(items[pc.item].id, "step");

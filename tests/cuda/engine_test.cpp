@@ -571,6 +571,143 @@ TEST(CudaEngine, SmallMSwigluMatchesTheHost) {
   }
 }
 
+// The decode layer's joined ops (Gemm::run_norm, run_add): the normed thin product (every block normalises
+// the fp32 rows itself, as rms_norm() does) must equal rms_norm() into bf16 rows and then run() / run_swiglu()
+// bit for bit (the same sums in the same order), and the host's double-precision product of the host-normed
+// rows within 1e-5 of the sums' magnitudes plus half a bf16 unit of each normed element (a rounding that
+// falls the other way on the host) and, for bf16 outputs, of the result. run_add must equal run() into fp32
+// and add() bit for bit on the thin kernel; M = 9 (cuBLASLt with beta = 1) within 1e-5 of the magnitudes.
+// More groups of rows than the persistent grid holds (N = 12001), M up to 8, K from 776 to 4096 (rms_norm's longest one-pass row).
+TEST(CudaEngine, SmallMNormedProductsAndAddMatchTheHost) {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(31);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const float eps = 1e-6f;
+  struct Case {
+    int64_t M, K, N;
+    int mode;  // 0: fp32 out, 1: bf16 out, 2: GLU (N = I)
+  };
+  for (const Case c : {Case{1, 2560, 6144, 0}, Case{1, 2560, 12001, 2}, Case{3, 776, 301, 1}, Case{8, 2560, 1001, 0},
+                       Case{2, 2560, 9728, 2}, Case{4, 4096, 257, 2}}) {
+    SCOPED_TRACE("M " + std::to_string(c.M) + " K " + std::to_string(c.K) + " N " + std::to_string(c.N) + " mode " +
+                 std::to_string(c.mode));
+    const bool glu = c.mode == 2;
+    const DType ydt = c.mode == 0 ? DType::f32 : DType::bf16;
+    const int64_t WN = glu ? 2 * c.N : c.N, es = ydt == DType::f32 ? 4 : 2;
+    std::vector<float> x(size_t(c.M * c.K));
+    std::vector<uint16_t> nw(size_t(c.K)), w(size_t(WN * c.K));
+    for (auto& v : x) v = nd(rng) * 3.f;
+    for (auto& v : nw) v = bf16::from_float(1.f + 0.25f * nd(rng));
+    for (auto& v : w) v = bf16::from_float(nd(rng) * 0.25f);
+    test::DevMem dx(x.size() * 4), dnw(nw.size() * 2), dw(w.size() * 2), dh(x.size() * 2), dy(size_t(c.M * c.N) * 4),
+        dref(size_t(c.M * c.N) * 4);
+    ASSERT_TRUE(dx.p && dnw.p && dw.p && dh.p && dy.p && dref.p);
+    CK(cudaMemcpy(dx.p, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dnw.p, nw.data(), nw.size() * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dw.p, w.data(), w.size() * 2, cudaMemcpyHostToDevice));
+    {
+      cuda::Gemm g(nullptr);
+      ASSERT_TRUE(g.norm_fits(static_cast<const float*>(dx.p), c.M, c.K, dw.p, WN));
+      g.run_norm(static_cast<const float*>(dx.p), c.M, c.K, dnw.p, eps, dw.p, c.N, dy.p, ydt, c.N, glu);
+      cuda::rms_norm(static_cast<const float*>(dx.p), c.M, c.K, dnw.p, nullptr, nullptr, eps, dh.p, nullptr);
+      if (glu) g.run_swiglu(dh.p, c.M, c.K, dw.p, c.N, dref.p);
+      else g.run(dh.p, c.M, c.K, dw.p, c.N, dref.p, ydt);
+    }
+    CK(cudaDeviceSynchronize());
+    std::vector<uint8_t> got(size_t(c.M * c.N * es)), ref(got.size());
+    CK(cudaMemcpy(got.data(), dy.p, got.size(), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(ref.data(), dref.p, ref.size(), cudaMemcpyDeviceToHost));
+    EXPECT_EQ(std::memcmp(got.data(), ref.data(), got.size()), 0) << "normed product != rms_norm + product";
+    int64_t bad = 0;
+    for (int64_t m = 0; m < c.M; ++m) {
+      double ss = 0;
+      for (int64_t k = 0; k < c.K; ++k) ss += double(x[size_t(m * c.K + k)]) * x[size_t(m * c.K + k)];
+      const double inv = 1 / std::sqrt(ss / double(c.K) + eps);
+      std::vector<double> h(size_t(c.K));
+      for (int64_t k = 0; k < c.K; ++k)
+        h[size_t(k)] = bf16::to_float(bf16::from_float(float(x[size_t(m * c.K + k)] * inv * bf16::to_float(nw[size_t(k)]))));
+      for (int64_t n = 0; n < c.N; ++n) {
+        auto dot = [&](int64_t row, double& mag) {
+          double s = 0;
+          mag = 0;
+          for (int64_t k = 0; k < c.K; ++k) {
+            const double p = h[size_t(k)] * bf16::to_float(w[size_t(row * c.K + k)]);
+            s += p, mag += std::abs(p);
+          }
+          return s;
+        };
+        double gmag, ref_v, tol;
+        const double gs = dot(n, gmag);
+        if (glu) {
+          double umag;
+          const double us = dot(c.N + n, umag), silu = gs / (1 + std::exp(-gs));
+          ref_v = silu * us;
+          tol = (1e-5 + 0x1p-8) * (1.1 * gmag * std::abs(us) + std::abs(silu) * umag) + std::abs(ref_v) * 0x1p-8;
+        } else {
+          ref_v = gs;
+          tol = (1e-5 + 0x1p-8) * gmag + (ydt == DType::bf16 ? std::abs(ref_v) * 0x1p-8 : 0.0);
+        }
+        const size_t at = size_t(m * c.N + n);
+        double v;
+        if (es == 4) {
+          float f;
+          std::memcpy(&f, got.data() + at * 4, 4);
+          v = f;
+        } else {
+          uint16_t b;
+          std::memcpy(&b, got.data() + at * 2, 2);
+          v = bf16::to_float(b);
+        }
+        if (!(std::abs(v - ref_v) <= tol) && bad++ < 5)
+          ADD_FAILURE() << "y[" << m << ", " << n << "] = " << v << ", host " << ref_v << " (tol " << tol << ")";
+      }
+    }
+    EXPECT_EQ(bad, 0);
+  }
+  // run_add: y += x W^T on the thin kernel (M <= 8) and through cuBLASLt (M = 9).
+  for (const auto [M, K, N] : {std::array<int64_t, 3>{1, 4096, 2560}, std::array<int64_t, 3>{5, 9728, 2561},
+                               std::array<int64_t, 3>{9, 1024, 300}}) {
+    SCOPED_TRACE("add: M " + std::to_string(M) + " K " + std::to_string(K) + " N " + std::to_string(N));
+    std::vector<uint16_t> a(size_t(M * K)), w(size_t(N * K));
+    std::vector<float> y0(size_t(M * N));
+    for (auto& v : a) v = bf16::from_float(nd(rng));
+    for (auto& v : w) v = bf16::from_float(nd(rng) * 0.25f);
+    for (auto& v : y0) v = nd(rng) * 10.f;
+    test::DevMem da(a.size() * 2), dw(w.size() * 2), dy(y0.size() * 4), dref(y0.size() * 4), dt(y0.size() * 4);
+    ASSERT_TRUE(da.p && dw.p && dy.p && dref.p && dt.p);
+    CK(cudaMemcpy(da.p, a.data(), a.size() * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dw.p, w.data(), w.size() * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dy.p, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dref.p, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice));
+    {
+      cuda::Gemm g(nullptr);
+      g.run_add(da.p, M, K, dw.p, N, static_cast<float*>(dy.p));
+      g.run(da.p, M, K, dw.p, N, dt.p, DType::f32);
+      cuda::add(static_cast<float*>(dref.p), static_cast<const float*>(dt.p), M * N, nullptr);
+    }
+    CK(cudaDeviceSynchronize());
+    std::vector<float> got(y0.size()), ref(y0.size());
+    CK(cudaMemcpy(got.data(), dy.p, got.size() * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(ref.data(), dref.p, ref.size() * 4, cudaMemcpyDeviceToHost));
+    if (M <= cuda::kGemvMaxM) {
+      EXPECT_EQ(std::memcmp(got.data(), ref.data(), got.size() * 4), 0) << "run_add != run + add";
+    }
+    int64_t bad = 0;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double s = y0[size_t(m * N + n)], mag = std::abs(s);
+        for (int64_t k = 0; k < K; ++k) {
+          const double p = double(bf16::to_float(a[size_t(m * K + k)])) * bf16::to_float(w[size_t(n * K + k)]);
+          s += p, mag += std::abs(p);
+        }
+        const double v = got[size_t(m * N + n)];
+        if (!(std::abs(v - s) <= 1e-5 * mag) && bad++ < 5)
+          ADD_FAILURE() << "y[" << m << ", " << n << "] = " << v << ", host " << s << " (tol " << 1e-5 * mag << ")";
+      }
+    EXPECT_EQ(bad, 0);
+  }
+}
+
 // The generic SwiGLU's silu_mul and the residual add, on the vector path (4 elements per thread: I and count
 // multiples of 4, 16-byte aligned) and the scalar one (odd sizes, a misaligned start): silu_mul within the
 // bf16 rounding of the host's silu(g) * u (expf may differ from the host's by an ulp), add bitwise.

@@ -209,16 +209,21 @@ class CudaBackend final : public Backend {
     gemm_->run(x.data, x.rows, x.cols, W.data, y.cols, y.data, y.dtype);
   }
 
+  // Whether the weights sit row after row in one allocation (fuse): one product takes them all.
+  static bool adjacent(std::span<const Weight* const> ws) {
+    bool adj = true;
+    for (size_t i = 1; i < ws.size(); ++i)
+      adj &= static_cast<const char*>(ws[i]->data) ==
+             static_cast<const char*>(ws[i - 1]->data) + ws[i - 1]->rows * ws[i - 1]->cols * 2;
+    return adj;
+  }
+
   // One product when the weights sit row after row in one allocation (fuse), else one per weight into its
   // columns of y.
   void linear_cat(const Act& x, std::span<const Weight* const> ws, Act y) override {
     if (mode_ == Mode::replay) return;
     if (x.dtype != DType::bf16) fail("engine: internal error: a CUDA matrix product's input must be bf16");
-    bool adjacent = true;
-    for (size_t i = 1; i < ws.size(); ++i)
-      adjacent &= static_cast<const char*>(ws[i]->data) ==
-                  static_cast<const char*>(ws[i - 1]->data) + ws[i - 1]->rows * ws[i - 1]->cols * 2;
-    if (adjacent) {
+    if (adjacent(ws)) {
       gemm_->run(x.data, x.rows, x.cols, ws[0]->data, y.cols, y.data, y.dtype);
       return;
     }
@@ -330,6 +335,35 @@ class CudaBackend final : public Backend {
         !gemm_->swiglu_fits(x.data, x.rows, x.cols, gate.data, out.cols))
       return Backend::linear_swiglu(x, gate, up, out, scratch);
     if (mode_ != Mode::replay) gemm_->run_swiglu(x.data, x.rows, x.cols, gate.data, out.cols, out.data);
+  }
+
+  // The residual add in the product: the thin kernel's epilogue, or cuBLASLt with beta = 1 (scratch unused).
+  void linear_add(const Act& a, const Weight& W, Act x, Act scratch) override {
+    (void)scratch;
+    if (mode_ == Mode::replay) return;
+    if (a.dtype != DType::bf16 || x.dtype != DType::f32)
+      fail("engine: internal error: a CUDA product with the residual add takes bf16 in, fp32 x");
+    gemm_->run_add(a.data, a.rows, a.cols, W.data, x.cols, f32(x));
+  }
+
+  // The norm in the thin product (its blocks normalise x; no rows in h) where the product fits it, else the
+  // separate ops. The choice depends only on shapes and addresses, the same in every mode.
+  void rms_norm_linear_cat(const Act& x, const Weight& w, float eps, std::span<const Weight* const> ws, Act y,
+                           Act h) override {
+    if (!adjacent(ws) || !gemm_->norm_fits(f32(x), x.rows, x.cols, ws[0]->data, y.cols))
+      return Backend::rms_norm_linear_cat(x, w, eps, ws, y, h);
+    if (mode_ != Mode::replay)
+      gemm_->run_norm(f32(x), x.rows, x.cols, w.data, eps, ws[0]->data, y.cols, y.data, y.dtype, y.cols, false);
+  }
+
+  void rms_norm_swiglu(const Act& x, const Weight& w, float eps, const Weight& gate, const Weight& up, Act out, Act h,
+                       Act scratch) override {
+    const Weight* ws[2] = {&gate, &up};
+    if (!adjacent(ws) || gate.rows != out.cols || up.rows != out.cols ||
+        !gemm_->norm_fits(f32(x), x.rows, x.cols, gate.data, 2 * out.cols))
+      return Backend::rms_norm_swiglu(x, w, eps, gate, up, out, h, scratch);
+    if (mode_ != Mode::replay)
+      gemm_->run_norm(f32(x), x.rows, x.cols, w.data, eps, gate.data, out.cols, out.data, DType::bf16, out.cols, true);
   }
 
   void silu_mul(const Act& gu, Act out) override {
