@@ -454,6 +454,18 @@ TEST(CudaEngine, GreedyTextEqualsTheCpuEngine) {
   EXPECT_GE(clear, 64);
 }
 
+// Element `at` of a product's output downloaded as raw bytes (fp32 or bf16).
+double output_at(const std::vector<uint8_t>& raw, size_t at, DType dt) {
+  if (dt == DType::f32) {
+    float f;
+    std::memcpy(&f, raw.data() + at * 4, 4);
+    return f;
+  }
+  uint16_t h;
+  std::memcpy(&h, raw.data() + at * 2, 2);
+  return bf16::to_float(h);
+}
+
 // Products of at most kGemvMaxM rows run ksa's own GEMV kernel; against a double-precision product on the
 // host (the same bf16 inputs), every output within 1e-5 of sum_k |x w| (fp32 sums of up to ~10K terms in two
 // different orders) plus, for bf16 outputs, half a bf16 unit in the last place; M = 9 (cuBLASLt) as a control.
@@ -501,17 +513,7 @@ TEST(CudaEngine, SmallMProductsMatchTheHostProduct) {
             ref += p;
             mag += std::abs(p);
           }
-          const size_t at = size_t(m * ldy + n);
-          double got;
-          if (c.y == DType::f32) {
-            float f;
-            std::memcpy(&f, raw.data() + at * 4, 4);
-            got = f;
-          } else {
-            uint16_t h;
-            std::memcpy(&h, raw.data() + at * 2, 2);
-            got = bf16::to_float(h);
-          }
+          const double got = output_at(raw, size_t(m * ldy + n), c.y);
           const double tol = 1e-5 * mag + (c.y == DType::bf16 ? std::abs(ref) * 0x1p-8 : 0.0);
           if (!(std::abs(got - ref) <= tol) && bad++ < 5)
             ADD_FAILURE() << "y[" << m << ", " << n << "] = " << got << ", host " << ref << " (tol " << tol << ")";
@@ -647,17 +649,7 @@ TEST(CudaEngine, SmallMNormedProductsAndAddMatchTheHost) {
           ref_v = gs;
           tol = (1e-5 + 0x1p-8) * gmag + (ydt == DType::bf16 ? std::abs(ref_v) * 0x1p-8 : 0.0);
         }
-        const size_t at = size_t(m * c.N + n);
-        double v;
-        if (es == 4) {
-          float f;
-          std::memcpy(&f, got.data() + at * 4, 4);
-          v = f;
-        } else {
-          uint16_t b;
-          std::memcpy(&b, got.data() + at * 2, 2);
-          v = bf16::to_float(b);
-        }
+        const double v = output_at(got, size_t(m * c.N + n), ydt);
         if (!(std::abs(v - ref_v) <= tol) && bad++ < 5)
           ADD_FAILURE() << "y[" << m << ", " << n << "] = " << v << ", host " << ref_v << " (tol " << tol << ")";
       }
