@@ -87,13 +87,26 @@ __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* ids, int
 // with float4 loads held in registers (all loads in flight before the sum: a decode step's single row is
 // latency bound); others take the plain strided loop.
 constexpr int kNormThreads = 256, kNormVec = 4;
-// A thread's share of a row's sum of squares (its kNormVec float4, in order): rms_norm_kernel and the normed
-// thin product (gemv_kernel, NORM) sum the same way.
-__device__ __forceinline__ float sumsq4(const float4 (&v)[kNormVec]) {
+// The vector path's second half, shared by rms_norm_kernel and the normed thin product (gemv_kernel, NORM),
+// so that both compute the same values: the block's row of n floats is in the threads' v (thread t holds
+// float4 t + j·kNormThreads, zeros past n4 = n / 4); o[0, n) = bf16(x / rms(x) * w) (o: the row's output,
+// global or shared memory). red: 32 floats of shared memory for block_sum.
+__device__ __forceinline__ void normed_row(const float4 (&v)[kNormVec], int n4, const void* w, float eps, float* red,
+                                           __nv_bfloat16* o) {
   float ss = 0.f;
 #pragma unroll
   for (int j = 0; j < kNormVec; ++j) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
-  return ss;
+  ss = block_sum(ss, red);
+  const float inv = rsqrtf(ss / float(4 * n4) + eps);
+#pragma unroll
+  for (int j = 0; j < kNormVec; ++j) {
+    const int i = threadIdx.x + j * kNormThreads;
+    if (i >= n4) break;
+    o[4 * i] = __float2bfloat16(v[j].x * inv * bf(w, 4 * i));
+    o[4 * i + 1] = __float2bfloat16(v[j].y * inv * bf(w, 4 * i + 1));
+    o[4 * i + 2] = __float2bfloat16(v[j].z * inv * bf(w, 4 * i + 2));
+    o[4 * i + 3] = __float2bfloat16(v[j].w * inv * bf(w, 4 * i + 3));
+  }
 }
 
 __global__ void __launch_bounds__(kNormThreads)
@@ -119,18 +132,7 @@ __global__ void __launch_bounds__(kNormThreads)
         reinterpret_cast<float4*>(xr)[i] = v[j];
       }
     }
-    const float ss = block_sum(sumsq4(v), red);
-    const float inv = rsqrtf(ss / float(n) + eps);
-#pragma unroll
-    for (int j = 0; j < kNormVec; ++j) {
-      const int i = threadIdx.x + j * kNormThreads;
-      if (i >= n4) break;
-      __nv_bfloat16* o = out + r * n + 4 * i;
-      o[0] = __float2bfloat16(v[j].x * inv * bf(wr, 4 * i));
-      o[1] = __float2bfloat16(v[j].y * inv * bf(wr, 4 * i + 1));
-      o[2] = __float2bfloat16(v[j].z * inv * bf(wr, 4 * i + 2));
-      o[3] = __float2bfloat16(v[j].w * inv * bf(wr, 4 * i + 3));
-    }
+    normed_row(v, n4, wr, eps, red, out + r * n);
     return;
   }
   float ss = 0.f;
@@ -566,18 +568,7 @@ __global__ void __launch_bounds__(kGemvThreads)
         const int i = threadIdx.x + j * kNormThreads;
         v[j] = i < n4 ? __ldcg(reinterpret_cast<const float4*>(xr) + i) : make_float4(0.f, 0.f, 0.f, 0.f);
       }
-      const float ss = block_sum(sumsq4(v), &red[0][0]);
-      const float inv = rsqrtf(ss / float(chunks * 8) + nx.eps);
-      __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(sx + m * chunks);
-#pragma unroll
-      for (int j = 0; j < kNormVec; ++j) {
-        const int i = threadIdx.x + j * kNormThreads;
-        if (i >= n4) break;
-        o[4 * i] = __float2bfloat16(v[j].x * inv * bf(nx.w, 4 * i));
-        o[4 * i + 1] = __float2bfloat16(v[j].y * inv * bf(nx.w, 4 * i + 1));
-        o[4 * i + 2] = __float2bfloat16(v[j].z * inv * bf(nx.w, 4 * i + 2));
-        o[4 * i + 3] = __float2bfloat16(v[j].w * inv * bf(nx.w, 4 * i + 3));
-      }
+      normed_row(v, n4, nx.w, nx.eps, &red[0][0], reinterpret_cast<__nv_bfloat16*>(sx + m * chunks));
       __syncthreads();  // red is reused by the next row's sum (and by the reduction below)
     }
   }
@@ -754,6 +745,19 @@ struct Gemm::Impl {
   };
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int>, Plan> plans;
 
+  // y = x W^T (epi store) or y += x W^T (epi add: fp32 y) through the thin kernel where it fits, else
+  // cuBLASLt (beta 0 or 1).
+  void product(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy,
+               Epi epi) {
+    if (ldy == 0) ldy = N;
+    if (M < 1 || K < 1 || N < 1 || ldy < N) fail("cuda linear: bad shape M=", M, " K=", K, " N=", N, " ldy=", ldy);
+    if (small_m && gemv_fits(x, M, K, W, N)) return gemv(x, M, K, W, N, y, ydt, ldy, stream, epi, gemv_shape);
+    Plan& p = plan(M, K, N, ldy, ydt);
+    const float alpha = 1.f, beta = epi == Epi::add ? 1.f : 0.f;
+    KSA_CUBLAS_CHECK(cublasLtMatmul(handle, p.op, &alpha, W, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo, workspace,
+                                    ws_bytes, stream));
+  }
+
   Plan& plan(int64_t M, int64_t K, int64_t N, int64_t ldy, DType ydt) {
     const auto key = std::make_tuple(M, K, N, ldy, int(ydt));
     auto it = plans.find(key);
@@ -803,15 +807,8 @@ Gemm::~Gemm() {
 }
 
 void Gemm::run(const void* x, int64_t M, int64_t K, const void* W, int64_t N, void* y, DType ydt, int64_t ldy) {
-  if (ldy == 0) ldy = N;
-  if (M < 1 || K < 1 || N < 1 || ldy < N) fail("cuda linear: bad shape M=", M, " K=", K, " N=", N, " ldy=", ldy);
   if (ydt != DType::f32 && ydt != DType::bf16) fail("cuda linear: output must be f32 or bf16");
-  if (impl_->small_m && gemv_fits(x, M, K, W, N))
-    return gemv(x, M, K, W, N, y, ydt, ldy, impl_->stream, Epi::store, impl_->gemv_shape);
-  Impl::Plan& p = impl_->plan(M, K, N, ldy, ydt);
-  const float alpha = 1.f, beta = 0.f;
-  KSA_CUBLAS_CHECK(cublasLtMatmul(impl_->handle, p.op, &alpha, W, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo,
-                                  impl_->workspace, impl_->ws_bytes, impl_->stream));
+  impl_->product(x, M, K, W, N, y, ydt, ldy, Epi::store);
 }
 
 bool Gemm::swiglu_fits(const void* x, int64_t M, int64_t K, const void* Wgu, int64_t I) const {
@@ -825,14 +822,7 @@ void Gemm::run_swiglu(const void* x, int64_t M, int64_t K, const void* Wgu, int6
 }
 
 void Gemm::run_add(const void* x, int64_t M, int64_t K, const void* W, int64_t N, float* y, int64_t ldy) {
-  if (ldy == 0) ldy = N;
-  if (M < 1 || K < 1 || N < 1 || ldy < N) fail("cuda linear: bad shape M=", M, " K=", K, " N=", N, " ldy=", ldy);
-  if (impl_->small_m && gemv_fits(x, M, K, W, N))
-    return gemv(x, M, K, W, N, y, DType::f32, ldy, impl_->stream, Epi::add, impl_->gemv_shape);
-  Impl::Plan& p = impl_->plan(M, K, N, ldy, DType::f32);
-  const float alpha = 1.f, beta = 1.f;  // y = x W^T + y
-  KSA_CUBLAS_CHECK(cublasLtMatmul(impl_->handle, p.op, &alpha, W, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo,
-                                  impl_->workspace, impl_->ws_bytes, impl_->stream));
+  impl_->product(x, M, K, W, N, y, DType::f32, ldy, Epi::add);
 }
 
 bool Gemm::norm_fits(const float* x, int64_t M, int64_t K, const void* W, int64_t N) const {
