@@ -327,11 +327,15 @@ class CudaBackend final : public Backend {
     }
   }
 
+  // Whether gate and up can run as one [gate; up] product into out's columns (the thin kernel's GLU form).
+  static bool glu_pair(const Weight& gate, const Weight& up, const Act& out) {
+    const Weight* ws[2] = {&gate, &up};
+    return adjacent(ws) && gate.rows == out.cols && up.rows == out.cols;
+  }
+
   void linear_swiglu(const Act& x, const Weight& gate, const Weight& up, Act out, Act scratch) override {
     // The same choice in every mode (the fallback takes scratch from the arena, which a replay must repeat).
-    const bool adjacent =
-        static_cast<const char*>(up.data) == static_cast<const char*>(gate.data) + gate.rows * gate.cols * 2;
-    if (x.dtype != DType::bf16 || !adjacent || gate.rows != out.cols || up.rows != out.cols ||
+    if (x.dtype != DType::bf16 || !glu_pair(gate, up, out) ||
         !gemm_->swiglu_fits(x.data, x.rows, x.cols, gate.data, out.cols))
       return Backend::linear_swiglu(x, gate, up, out, scratch);
     if (mode_ != Mode::replay) gemm_->run_swiglu(x.data, x.rows, x.cols, gate.data, out.cols, out.data);
@@ -358,9 +362,7 @@ class CudaBackend final : public Backend {
 
   void rms_norm_swiglu(const Act& x, const Weight& w, float eps, const Weight& gate, const Weight& up, Act out, Act h,
                        Act scratch) override {
-    const Weight* ws[2] = {&gate, &up};
-    if (!adjacent(ws) || gate.rows != out.cols || up.rows != out.cols ||
-        !gemm_->norm_fits(f32(x), x.rows, x.cols, gate.data, 2 * out.cols))
+    if (!glu_pair(gate, up, out) || !gemm_->norm_fits(f32(x), x.rows, x.cols, gate.data, 2 * out.cols))
       return Backend::rms_norm_swiglu(x, w, eps, gate, up, out, h, scratch);
     if (mode_ != Mode::replay)
       gemm_->run_norm(f32(x), x.rows, x.cols, w.data, eps, gate.data, out.cols, out.data, DType::bf16, out.cols, true);
