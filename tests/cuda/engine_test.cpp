@@ -579,7 +579,8 @@ TEST(CudaEngine, SmallMSwigluMatchesTheHost) {
 // rows within 1e-5 of the sums' magnitudes plus half a bf16 unit of each normed element (a rounding that
 // falls the other way on the host) and, for bf16 outputs, of the result. run_add must equal run() into fp32
 // and add() bit for bit on the thin kernel; M = 9 (cuBLASLt with beta = 1) within 1e-5 of the magnitudes.
-// More groups of rows than the persistent grid holds (N = 12001), M up to 8, K from 776 to 4096 (rms_norm's longest one-pass row).
+// More groups of rows than the persistent grid holds (N = 12001), M up to 8, K from 776 to 4096 (rms_norm's
+// longest one-pass row).
 TEST(CudaEngine, SmallMNormedProductsAndAddMatchTheHost) {
   REQUIRE_GPU();
   std::mt19937_64 rng(31);
@@ -627,7 +628,8 @@ TEST(CudaEngine, SmallMNormedProductsAndAddMatchTheHost) {
       const double inv = 1 / std::sqrt(ss / double(c.K) + eps);
       std::vector<double> h(size_t(c.K));
       for (int64_t k = 0; k < c.K; ++k)
-        h[size_t(k)] = bf16::to_float(bf16::from_float(float(x[size_t(m * c.K + k)] * inv * bf16::to_float(nw[size_t(k)]))));
+        h[size_t(k)] =
+            bf16::to_float(bf16::from_float(float(x[size_t(m * c.K + k)] * inv * bf16::to_float(nw[size_t(k)]))));
       for (int64_t n = 0; n < c.N; ++n) {
         auto dot = [&](int64_t row, double& mag) {
           double s = 0;
