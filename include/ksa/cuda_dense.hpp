@@ -56,26 +56,26 @@ void embed_rows(const void* table, const int32_t* ids, int64_t n, int64_t H, flo
 // null). The sum of squares in fp32 (two-level tree).
 void rms_norm(const float* x, int64_t rows, int64_t n, const void* w, const void* ws, const uint8_t* is_summary,
               float eps, void* out, CudaStream stream);
-// x += h; out = bf16(rms_norm(x) * w).
-void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void* w, float eps, void* out,
-                  CudaStream stream);
 // x += h over `count` floats.
 void add(float* x, const float* h, int64_t count, CudaStream stream);
 // out[i, :] = in[rows[i], :] (gather) or out[rows[i], :] = in[i, :] (scatter), rows of `row_bytes` (a multiple
 // of 4).
 void gather_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, CudaStream stream);
 void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_t m, void* out, CudaStream stream);
-// y[rows[i] * ldy + c] = mix * ys[i * cols + c] + (1 - mix) * y[rows[i] * ldy + c] for c < cols.
-void blend_rows(float* y, int64_t ldy, const float* ys, const int32_t* rows, int64_t m, int64_t cols, double mix,
-                CudaStream stream);
-// qkv [n, (Hq + 2 Hkv) D] fp32 holds q, k, v side by side. Per-head RMSNorm (weights qn, kn [D], bf16) of q
-// and k, then RoPE (HF rotate_half) at positions[r] with inv_freq [D/2] (fp32, as the reference computes
-// it), rounded to bf16 into qc [n, Hq D], kc [n, Hkv D]; v rounded into vc [n, Hkv D].
-void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t D, const void* qn, const void* kn,
-                  float eps, const int32_t* positions, const float* inv_freq, void* qc, void* kc, void* vc,
-                  CudaStream stream);
-// gu [n, 2I] fp32 holds gate and up side by side: out [n, I] = bf16(silu(gate) * up).
-void silu_mul(const float* gu, int64_t n, int64_t I, void* out, CudaStream stream);
+// y[rows[i] * ldy + c] = mix * ys[i * cols + c] + (1 - mix) * y[rows[i] * ldy + c] for c < cols, in fp32; y
+// and ys both of dtype dt (f32 or bf16).
+void blend_rows(void* y, DType dt, int64_t ldy, const void* ys, const int32_t* rows, int64_t m, int64_t cols,
+                double mix, CudaStream stream);
+// table [n, D/2] pairs (cos, sin), fp32: of positions[r] * inv_freq[i] (inv_freq [D/2] fp32, as the reference
+// computes it; the angle in fp32, cos and sin in double). One table serves every layer of a step.
+void rope_table(const int32_t* positions, int64_t n, int64_t D, const float* inv_freq, float* table, CudaStream stream);
+// qkv [n, (Hq + 2 Hkv) D] (f32 or bf16, dt) holds q, k, v side by side. Per-head RMSNorm (weights qn, kn [D],
+// bf16) of q and k in fp32, then RoPE (HF rotate_half) with the (cos, sin) pairs of rope [n, D/2]
+// (rope_table), rounded to bf16 into qc [n, Hq D], kc [n, Hkv D]; v rounded into vc [n, Hkv D].
+void qk_norm_rope(const void* qkv, DType dt, int64_t n, int64_t Hq, int64_t Hkv, int64_t D, const void* qn,
+                  const void* kn, float eps, const float* rope, void* qc, void* kc, void* vc, CudaStream stream);
+// gu [n, 2I] (fp32 or bf16, dt) holds gate and up side by side: out [n, I] = bf16(silu(gate) * up), in fp32.
+void silu_mul(const void* gu, DType dt, int64_t n, int64_t I, void* out, CudaStream stream);
 
 // One token drawn per logits row (the same order of operations as ksa::sample_token: penalties, then greedy
 // or temperature with top-k, top-p and min-p cuts, then the token at cumulative probability u). The cuts are

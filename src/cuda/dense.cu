@@ -73,6 +73,9 @@ __device__ __forceinline__ float bf(const void* p, int64_t i) {
   return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
 
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
 // ------------------------------------------------------------------------------------- small kernels
 __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* ids, int64_t H, float* x) {
   dev::launch_dependents();
@@ -82,10 +85,9 @@ __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* ids, int
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) x[r * H + i] = __bfloat162float(src[i]);
 }
 
-// One block per row: x (optionally += h first) normalised with w (or ws on summary rows) into bf16 out.
-// One block per row. Rows of up to kNormVec·4·256 floats (n % 4 == 0, 16-byte aligned rows) are read once
-// with float4 loads held in registers (all loads in flight before the sum: a decode step's single row is
-// latency bound); others take the plain strided loop.
+// One block per row: x normalised with w (or ws on summary rows) into bf16 out. Rows of up to kNormVec·4·256 floats (n
+// % 4 == 0, 16-byte aligned rows) are read once with float4 loads held in registers (all loads in flight before the
+// sum: a decode step's single row is latency bound); others take the plain strided loop.
 constexpr int kNormThreads = 256, kNormVec = 4;
 // The vector path's second half, shared by rms_norm_kernel and the normed thin product (gemv_kernel, NORM),
 // so that both compute the same values: the block's row of n floats is in the threads' v (thread t holds
@@ -110,13 +112,13 @@ __device__ __forceinline__ void normed_row(const float4 (&v)[kNormVec], int n4, 
 }
 
 __global__ void __launch_bounds__(kNormThreads)
-    rms_norm_kernel(float* x, const float* h, int64_t n, const void* w, const void* ws, const uint8_t* is_summary,
-                    float eps, __nv_bfloat16* out) {
+    rms_norm_kernel(const float* x, int64_t n, const void* w, const void* ws, const uint8_t* is_summary, float eps,
+                    __nv_bfloat16* out) {
   dev::launch_dependents();
   dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
   __shared__ float red[32];
   const int64_t r = blockIdx.x;
-  float* xr = x + r * n;
+  const float* xr = x + r * n;
   const void* wr = (ws && is_summary && is_summary[r]) ? ws : w;
   const bool vec = n % 4 == 0 && n <= int64_t(kNormVec) * 4 * kNormThreads;
   if (vec) {
@@ -126,24 +128,12 @@ __global__ void __launch_bounds__(kNormThreads)
     for (int j = 0; j < kNormVec; ++j) {
       const int i = threadIdx.x + j * kNormThreads;
       v[j] = i < n4 ? reinterpret_cast<const float4*>(xr)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
-      if (h && i < n4) {
-        const float4 d = reinterpret_cast<const float4*>(h + r * n)[i];
-        v[j].x += d.x, v[j].y += d.y, v[j].z += d.z, v[j].w += d.w;
-        reinterpret_cast<float4*>(xr)[i] = v[j];
-      }
     }
     normed_row(v, n4, wr, eps, red, out + r * n);
     return;
   }
   float ss = 0.f;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    float v = xr[i];
-    if (h) {
-      v += h[r * n + i];
-      xr[i] = v;
-    }
-    ss += v * v;
-  }
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
   ss = block_sum(ss, red);
   const float inv = rsqrtf(ss / float(n) + eps);
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[r * n + i] = __float2bfloat16(xr[i] * inv * bf(wr, i));
@@ -176,25 +166,40 @@ __global__ void gather_kernel(const uint32_t* in, int64_t words, const int32_t* 
   }
 }
 
-__global__ void blend_kernel(float* y, int64_t ldy, const float* ys, const int32_t* rows, int64_t cols, float mix,
-                             bool whole) {
+template <class T>
+__global__ void blend_kernel(T* y, int64_t ldy, const T* ys, const int32_t* rows, int64_t cols, float mix, bool whole) {
   dev::launch_dependents();
   dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
   const int64_t i = blockIdx.x, r = rows[i];
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    float& d = y[r * ldy + c];
-    const float s = ys[i * cols + c];
-    d = whole ? s : mix * s + (1.f - mix) * d;
+    T& d = y[r * ldy + c];
+    const float s = to_f32(ys[i * cols + c]);
+    const float v = whole ? s : mix * s + (1.f - mix) * to_f32(d);
+    if constexpr (std::is_same_v<T, float>) d = v;
+    else d = __float2bfloat16(v);
   }
 }
 
+// cs[r, i] = (cos, sin) of positions[r] * inv_freq[i] for i < half: the angle in fp32 (as the reference
+// computes it), cos and sin in double, rounded to fp32. One table per step, read by every layer's
+// qk_norm_rope_kernel (the same values it computed per head before).
+__global__ void rope_table_kernel(const int32_t* positions, int64_t n, int half, const float* inv_freq, float2* cs) {
+  dev::launch_dependents();
+  dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n * half) return;
+  const int64_t r = i / half;
+  const float angle = float(positions[r]) * inv_freq[i - r * half];
+  cs[i] = make_float2(float(cos(double(angle))), float(sin(double(angle))));
+}
+
 // One warp per (row, head): per-head RMSNorm, RoPE (lane holds elements lane + 32 j; element i pairs with
-// i + D/2, i.e. j with j + D/64), bf16 out. Heads [0, Hq) are q, [Hq, Hq + Hkv) k, [Hq + Hkv, Hq + 2 Hkv) v,
-// read from qkv rows of (Hq + 2 Hkv) D floats.
-template <int D>
-__global__ void qk_norm_rope_kernel(const float* qkv, int64_t n, int Hq, int Hkv, const void* qn, const void* kn,
-                                    float eps, const int32_t* positions, const float* inv_freq, __nv_bfloat16* qc,
-                                    __nv_bfloat16* kc, __nv_bfloat16* vc) {
+// i + D/2, i.e. j with j + D/64; cos and sin from the step's table, rope_table_kernel), bf16 out. Heads
+// [0, Hq) are q, [Hq, Hq + Hkv) k, [Hq + Hkv, Hq + 2 Hkv) v, read from qkv rows of (Hq + 2 Hkv) D floats.
+template <int D, class T>
+__global__ void qk_norm_rope_kernel(const T* qkv, int64_t n, int Hq, int Hkv, const void* qn, const void* kn,
+                                    float eps, const float2* rope, __nv_bfloat16* qc, __nv_bfloat16* kc,
+                                    __nv_bfloat16* vc) {
   dev::launch_dependents();
   dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
   constexpr int J = D / 32, HALF = J / 2;
@@ -203,7 +208,7 @@ __global__ void qk_norm_rope_kernel(const float* qkv, int64_t n, int Hq, int Hkv
   if (gw >= n * H) return;
   const int64_t r = gw / H;
   const int h = int(gw % H);
-  const float* src = qkv + (r * H + h) * D;
+  const T* src = qkv + (r * H + h) * D;
   __nv_bfloat16* dst;
   const void* w = nullptr;
   if (h < Hq) dst = qc + (r * Hq + h) * D, w = qn;
@@ -211,7 +216,7 @@ __global__ void qk_norm_rope_kernel(const float* qkv, int64_t n, int Hq, int Hkv
   else dst = vc + (r * Hkv + h - Hq - Hkv) * D;
   float e[J];
 #pragma unroll
-  for (int j = 0; j < J; ++j) e[j] = src[lane + 32 * j];
+  for (int j = 0; j < J; ++j) e[j] = to_f32(src[lane + 32 * j]);
   if (w) {
     float ss = 0.f;
 #pragma unroll
@@ -220,14 +225,12 @@ __global__ void qk_norm_rope_kernel(const float* qkv, int64_t n, int Hq, int Hkv
     const float inv = rsqrtf(ss / float(D) + eps);
 #pragma unroll
     for (int j = 0; j < J; ++j) e[j] = e[j] * inv * bf(w, lane + 32 * j);
-    const float pos = float(positions[r]);
 #pragma unroll
     for (int j = 0; j < HALF; ++j) {
-      const float angle = pos * inv_freq[lane + 32 * j];
-      const float c = float(cos(double(angle))), s = float(sin(double(angle)));
+      const float2 t = rope[r * (D / 2) + lane + 32 * j];
       const float a = e[j], b = e[j + HALF];
-      e[j] = a * c - b * s;
-      e[j + HALF] = b * c + a * s;
+      e[j] = a * t.x - b * t.y;
+      e[j + HALF] = b * t.x + a * t.y;
     }
   }
 #pragma unroll
@@ -238,23 +241,29 @@ __device__ __forceinline__ __nv_bfloat16 silu_times(float g, float u) {
   return __float2bfloat16(g / (1.f + expf(-g)) * u);
 }
 
-// V consecutive columns per thread (V = 4 where I and the addresses allow: 16-byte loads of the gate and up
-// halves, an 8-byte store; 1.95 TB/s with one column per thread on an H100, a prefill piece's 5% there).
-template <int V>
-__global__ void silu_mul_kernel(const float* gu, int64_t n, int64_t I, __nv_bfloat16* out) {
+// V consecutive columns per thread (V = 16 bytes of T where I and the addresses allow: 16-byte loads of the
+// gate and up halves; 1.95 TB/s with one fp32 column per thread on an H100, a prefill piece's 5% there). gu
+// holds T = fp32 or bf16 (the product's values rounded to bf16, as the reference's bf16 linears round them).
+template <class T, int V>
+__global__ void silu_mul_kernel(const T* gu, int64_t n, int64_t I, __nv_bfloat16* out) {
   dev::launch_dependents();
   dev::grid_dependency_wait();  // launched programmatically (pdl.cuh)
   const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (i >= n * I) return;
   const int64_t r = i / I, c = i - r * I;
-  const float* g = gu + r * 2 * I + c;
-  if constexpr (V == 4) {
-    const float4 a = *reinterpret_cast<const float4*>(g), b = *reinterpret_cast<const float4*>(g + I);
-    __align__(8) __nv_bfloat16 o[4];
-    o[0] = silu_times(a.x, b.x), o[1] = silu_times(a.y, b.y), o[2] = silu_times(a.z, b.z), o[3] = silu_times(a.w, b.w);
-    *reinterpret_cast<uint2*>(out + i) = *reinterpret_cast<const uint2*>(o);
+  const T* g = gu + r * 2 * I + c;
+  if constexpr (V > 1) {
+    static_assert(V * sizeof(T) == 16, "16-byte loads");
+    __align__(16) T a[V], b[V];
+    *reinterpret_cast<uint4*>(a) = *reinterpret_cast<const uint4*>(g);
+    *reinterpret_cast<uint4*>(b) = *reinterpret_cast<const uint4*>(g + I);
+    __align__(16) __nv_bfloat16 o[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) o[j] = silu_times(to_f32(a[j]), to_f32(b[j]));
+    if constexpr (V == 8) *reinterpret_cast<uint4*>(out + i) = *reinterpret_cast<const uint4*>(o);
+    else *reinterpret_cast<uint2*>(out + i) = *reinterpret_cast<const uint2*>(o);
   } else {
-    out[i] = silu_times(g[0], g[I]);
+    out[i] = silu_times(to_f32(g[0]), to_f32(g[I]));
   }
 }
 
@@ -863,14 +872,7 @@ void embed_rows(const void* table, const int32_t* ids, int64_t n, int64_t H, flo
 void rms_norm(const float* x, int64_t rows, int64_t n, const void* w, const void* ws, const uint8_t* is_summary,
               float eps, void* out, CudaStream stream) {
   if (rows == 0) return;
-  detail::launch_pdl(rms_norm_kernel, unsigned(rows), kNormThreads, 0, cs(stream), const_cast<float*>(x), nullptr, n, w,
-                     ws, is_summary, eps, static_cast<__nv_bfloat16*>(out));
-}
-
-void add_rms_norm(float* x, const float* h, int64_t rows, int64_t n, const void* w, float eps, void* out,
-                  CudaStream stream) {
-  if (rows == 0) return;
-  detail::launch_pdl(rms_norm_kernel, unsigned(rows), kNormThreads, 0, cs(stream), x, h, n, w, nullptr, nullptr, eps,
+  detail::launch_pdl(rms_norm_kernel, unsigned(rows), kNormThreads, 0, cs(stream), x, n, w, ws, is_summary, eps,
                      static_cast<__nv_bfloat16*>(out));
 }
 
@@ -895,15 +897,28 @@ void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_
                      rows, static_cast<uint32_t*>(out), true);
 }
 
-void blend_rows(float* y, int64_t ldy, const float* ys, const int32_t* rows, int64_t m, int64_t cols, double mix,
-                CudaStream stream) {
+void blend_rows(void* y, DType dt, int64_t ldy, const void* ys, const int32_t* rows, int64_t m, int64_t cols,
+                double mix, CudaStream stream) {
   if (m == 0) return;
-  detail::launch_pdl(blend_kernel, unsigned(m), 256, 0, cs(stream), y, ldy, ys, rows, cols, float(mix), mix == 1.0);
+  if (dt == DType::f32)
+    detail::launch_pdl(blend_kernel<float>, unsigned(m), 256, 0, cs(stream), static_cast<float*>(y), ldy,
+                       static_cast<const float*>(ys), rows, cols, float(mix), mix == 1.0);
+  else if (dt == DType::bf16)
+    detail::launch_pdl(blend_kernel<__nv_bfloat16>, unsigned(m), 256, 0, cs(stream), static_cast<__nv_bfloat16*>(y),
+                       ldy, static_cast<const __nv_bfloat16*>(ys), rows, cols, float(mix), mix == 1.0);
+  else fail("cuda blend_rows: rows must be f32 or bf16 (got ", dtype_name(dt), ")");
 }
 
-void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t D, const void* qn, const void* kn,
-                  float eps, const int32_t* positions, const float* inv_freq, void* qc, void* kc, void* vc,
-                  CudaStream stream) {
+void rope_table(const int32_t* positions, int64_t n, int64_t D, const float* inv_freq, float* table,
+                CudaStream stream) {
+  if (n == 0) return;
+  const int64_t half = D / 2;
+  detail::launch_pdl(rope_table_kernel, blocks_for(n * half, 256), 256, 0, cs(stream), positions, n, int(half),
+                     inv_freq, reinterpret_cast<float2*>(table));
+}
+
+void qk_norm_rope(const void* qkv, DType dt, int64_t n, int64_t Hq, int64_t Hkv, int64_t D, const void* qn,
+                  const void* kn, float eps, const float* rope, void* qc, void* kc, void* vc, CudaStream stream) {
   if (n == 0) return;
   const int64_t warps = n * (Hq + 2 * Hkv);
   const unsigned grid = blocks_for(warps * 32, 256);
@@ -911,16 +926,34 @@ void qk_norm_rope(const float* qkv, int64_t n, int64_t Hq, int64_t Hkv, int64_t 
   auto* K = static_cast<__nv_bfloat16*>(kc);
   auto* Vv = static_cast<__nv_bfloat16*>(vc);
   if (D != 128 && D != 64) fail("cuda qk_norm_rope: head_dim must be 64 or 128 (got ", D, ")");
-  detail::launch_pdl(D == 128 ? qk_norm_rope_kernel<128> : qk_norm_rope_kernel<64>, grid, 256, 0, cs(stream), qkv, n,
-                     int(Hq), int(Hkv), qn, kn, eps, positions, inv_freq, Q, K, Vv);
+  if (dt != DType::f32 && dt != DType::bf16) fail("cuda qk_norm_rope: qkv must be f32 or bf16 (got ", dtype_name(dt), ")");
+  auto go = [&](auto kernel, auto* in) {
+    detail::launch_pdl(kernel, grid, 256, 0, cs(stream), in, n, int(Hq), int(Hkv), qn, kn, eps,
+                       reinterpret_cast<const float2*>(rope), Q, K, Vv);
+  };
+  const auto* f = static_cast<const float*>(qkv);
+  const auto* b = static_cast<const __nv_bfloat16*>(qkv);
+  if (D == 128 && dt == DType::f32) go(qk_norm_rope_kernel<128, float>, f);
+  else if (D == 128) go(qk_norm_rope_kernel<128, __nv_bfloat16>, b);
+  else if (dt == DType::f32) go(qk_norm_rope_kernel<64, float>, f);
+  else go(qk_norm_rope_kernel<64, __nv_bfloat16>, b);
 }
 
-void silu_mul(const float* gu, int64_t n, int64_t I, void* out, CudaStream stream) {
+// Vector kernel (V elements, 16 bytes of gate and of up per thread) where I and the addresses allow.
+template <class T, int V>
+void launch_silu_mul(const T* g, int64_t n, int64_t I, __nv_bfloat16* o, cudaStream_t s) {
+  if (I % V == 0 && aligned(g) && aligned(o, 2 * V))
+    detail::launch_pdl(silu_mul_kernel<T, V>, blocks_for(n * I / V, 256), 256, 0, s, g, n, I, o);
+  else detail::launch_pdl(silu_mul_kernel<T, 1>, blocks_for(n * I, 256), 256, 0, s, g, n, I, o);
+}
+
+void silu_mul(const void* gu, DType dt, int64_t n, int64_t I, void* out, CudaStream stream) {
   if (n * I == 0) return;
   auto* o = static_cast<__nv_bfloat16*>(out);
-  if (I % 4 == 0 && aligned(gu) && aligned(out, 8))
-    detail::launch_pdl(silu_mul_kernel<4>, blocks_for(n * I / 4, 256), 256, 0, cs(stream), gu, n, I, o);
-  else detail::launch_pdl(silu_mul_kernel<1>, blocks_for(n * I, 256), 256, 0, cs(stream), gu, n, I, o);
+  if (dt == DType::f32) launch_silu_mul<float, 4>(static_cast<const float*>(gu), n, I, o, cs(stream));
+  else if (dt == DType::bf16)
+    launch_silu_mul<__nv_bfloat16, 8>(static_cast<const __nv_bfloat16*>(gu), n, I, o, cs(stream));
+  else fail("cuda silu_mul: gate|up must be f32 or bf16 (got ", dtype_name(dt), ")");
 }
 
 void sample_tokens(float* logits, int64_t V, const SampleArgs* args, int64_t n, const int32_t* pairs, int32_t* out,

@@ -8,9 +8,10 @@
 // are summaries, the sequences and their row ranges); every op then works on activations of the step's rows
 // [n, cols] and refers to those row sets implicitly. Activations live until the next begin_step.
 //
-// Precision: `x` (the residual stream) and matrix-product outputs that feed a norm are fp32 (Prec::wide);
-// inputs of matrix products are Prec::narrow (fp32 on the CPU, bf16 on CUDA); q, k, v are rounded to the KV
-// cache's dtype before attention, as the reference bf16 inference does.
+// Precision: `x` (the residual stream) and the products added to it are fp32 (Prec::wide); inputs of matrix
+// products and the q/k/v projections are Prec::narrow (fp32 on the CPU; bf16 on CUDA, as the reference's
+// bf16 linears round them); q, k, v are rounded to the KV cache's dtype before attention, as the reference
+// bf16 inference does.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -108,9 +109,6 @@ class Backend {
   virtual void embed(const Weight& table, Act x) = 0;       // x[r] = table[ids[r]] (fp32)
   // out = RMSNorm(x) * w per row (summary rows with ws when given).
   virtual void rms_norm(const Act& x, const Weight& w, const Weight& ws, float eps, Act out) = 0;
-  // x += h, then out = RMSNorm(x) * w.
-  virtual void add_rms_norm(Act x, const Act& h, const Weight& w, float eps, Act out) = 0;
-  virtual void add(Act x, const Act& h) = 0;
   // y[M, N] = x[M, K] W^T (W [N, K]; N = y.cols, which may be fewer than W's rows).
   virtual void linear(const Act& x, const Weight& W, Act y) = 0;
   // y = [x W1^T | x W2^T | ...]: the products side by side in y's columns (y.cols = the sum of the weights'
@@ -122,25 +120,28 @@ class Backend {
   // out[i] = in[rows[i]] / out[rows[i]] = in[i].
   virtual void gather(const Act& in, Rows which, Act out) = 0;
   virtual void scatter(const Act& in, Rows which, Act out) = 0;
-  // y[summary_rows[i], col0 + c] = mix * ys[i, c] + (1 - mix) * y[summary_rows[i], col0 + c], c < ys.cols.
+  // y[summary_rows[i], col0 + c] = mix * ys[i, c] + (1 - mix) * y[summary_rows[i], col0 + c], c < ys.cols (y
+  // and ys narrow).
   virtual void blend(Act y, int64_t col0, const Act& ys, double mix) = 0;
-  // qkv [n, (Hq + 2 Hkv) D] holds q, k, v side by side (wide). Per-head RMSNorm of q and k, RoPE at the
-  // step's positions; results in the cache dtype into qc, kc; v rounded into vc. qkv may be changed.
+  // qkv [n, (Hq + 2 Hkv) D] holds q, k, v side by side (narrow: on the GPU bf16, as the reference's bf16
+  // linears round them). Per-head RMSNorm of q and k, RoPE at the step's positions; results in the cache
+  // dtype into qc, kc; v rounded into vc. qkv may be changed.
   virtual void qk_norm_rope(Act qkv, const Weight& qn, const Weight& kn, float eps, double theta, int64_t Hq,
                             int64_t Hkv, int64_t D, Act qc, Act kc, Act vc) = 0;
   // Attention of the step's rows of every sequence through layer `layer`'s cache (prefill kernel for fresh
   // sequences, decode kernel through the cache otherwise), writing the new K/V into the cache.
   virtual void attention(size_t layer, int64_t W, const Act& qc, const Act& kc, const Act& vc, int64_t Hq, Act out) = 0;
-  // gu [n, 2I] holds gate and up side by side (wide): out [n, I] = silu(gate) * up (narrow).
+  // gu [n, 2I] holds gate and up side by side (narrow): out [n, I] = silu(gate) * up (narrow), in fp32.
   virtual void silu_mul(const Act& gu, Act out) = 0;
-  // out [n, I] = silu(x gate^T) * (x up^T) (narrow): linear_cat into a wide [rows, 2I] scratch, then silu_mul,
-  // kSwigluRows rows at a time; a backend may join the two (CUDA: in the thin product's epilogue), with the
-  // same result.
-  // scratch: [min(x.rows, kSwigluRows), >= 2 out.cols] wide, for the gate|up product before the gate. The
+  // out [n, I] = silu(x gate^T) * (x up^T) (narrow): linear_cat into a narrow [rows, 2I] scratch, then
+  // silu_mul, kSwigluRows rows at a time; a backend may join the two (CUDA: in the thin product's epilogue),
+  // with the same result.
+  // scratch: [min(x.rows, kSwigluRows), >= 2 out.cols] narrow, for the gate|up product before the gate. The
   // model takes it once per step and every layer reuses it (taken per call, a prefill piece's steps held 36
   // such products at once, 3.2 GiB for 1,152 rows of the 4B shape); in slices of kSwigluRows rows it stays
-  // 40 MB for the 4B shape at any piece size. A 512-row product is still past the GPU's compute-to-bandwidth
-  // ridge; measured on an H100, a 128K prefill ran as fast with slices as without (docs/engine.md).
+  // 20 MB (bf16) for the 4B shape at any piece size. A 512-row product is still past the GPU's
+  // compute-to-bandwidth ridge; measured on an H100, a 128K prefill ran as fast with slices as without
+  // (docs/engine.md).
   static constexpr int64_t kSwigluRows = 512;
   virtual void linear_swiglu(const Act& x, const Weight& gate, const Weight& up, Act out, Act scratch) {
     const Weight* ws[2] = {&gate, &up};
@@ -152,14 +153,12 @@ class Backend {
       silu_mul(ss, os);
     }
   }
-  // The decode step's layer without its norm kernels (steps without summary rows; model.cpp). A backend may
-  // join each of these to its product (CUDA: the thin product's epilogue adds, and its blocks normalise x
-  // themselves); the defaults are the separate ops, with the same result.
-  // x += a W^T (x wide, [rows, W.rows]); scratch: wide, x's shape.
-  virtual void linear_add(const Act& a, const Weight& W, Act x, Act scratch) {
-    linear(a, W, scratch);
-    add(x, scratch);
-  }
+  // The residual adds and norms joined to their products (model.cpp). A backend may join each pair (CUDA: the
+  // product's epilogue adds, and the thin product's blocks normalise x themselves); the defaults below are
+  // the separate ops, with the same result.
+  // x += a W^T (x wide, [rows, W.rows]): the product's values in fp32, then added (no default: the CPU adds
+  // from a buffer of its own, the GPU in the product).
+  virtual void linear_add(const Act& a, const Weight& W, Act x) = 0;
   // y = linear_cat(RMSNorm(x) * w, ws); h: narrow, x's shape, for the normed rows.
   virtual void rms_norm_linear_cat(const Act& x, const Weight& w, float eps, std::span<const Weight* const> ws, Act y,
                                    Act h) {

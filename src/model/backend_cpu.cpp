@@ -103,16 +103,11 @@ class CpuBackend final : public Backend {
     cpu::rms_norm(f32(out), x.rows, x.cols, w.data, w.dtype, eps);
   }
 
-  void add_rms_norm(Act x, const Act& h, const Weight& w, float eps, Act out) override {
-    add(x, h);
-    std::copy_n(f32(x), x.rows * x.cols, f32(out));
-    cpu::rms_norm(f32(out), x.rows, x.cols, w.data, w.dtype, eps);
-  }
-
-  void add(Act x, const Act& h) override {
-    float* a = f32(x);
-    const float* b = f32(h);
-    for (int64_t i = 0; i < x.rows * x.cols; ++i) a[i] += b[i];
+  void linear_add(const Act& a, const Weight& W, Act x) override {
+    tmp_.resize(size_t(x.rows * x.cols));
+    product(f32(a), a.rows, a.cols, W, x.cols, tmp_.data());
+    float* y = f32(x);
+    for (int64_t i = 0; i < x.rows * x.cols; ++i) y[i] += tmp_[size_t(i)];
   }
 
   void linear(const Act& x, const Weight& W, Act y) override { product(f32(x), x.rows, x.cols, W, y.cols, f32(y)); }

@@ -174,29 +174,29 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   b.begin_step(desc);
   const bool have_summaries = !desc.summary_rows.empty();
   const int64_t ns = int64_t(desc.summary_rows.size());
-  Act x = b.act(n, H, Prec::wide), h = b.act(n, H, Prec::narrow), hw = b.act(n, H, Prec::wide);
+  Act x = b.act(n, H, Prec::wide), h = b.act(n, H, Prec::narrow);
   const int64_t NQ = Hq * D, NKV = Hkv * D;
   // qkv (from its product to qk_norm_rope), att (from the attention to the o product) and gu (from SwiGLU to
   // the down product) are never live at once: one buffer holds each in turn (a 2,304-row prefill step of the
   // 4B shape on the GPU needs 64 MB less).
   const DType narrow = b.narrow_dtype();
   const int64_t nb = int64_t(dtype_size(narrow));
-  const Act shared = b.act(n, std::max({NQ + 2 * NKV, (NQ * nb + 3) / 4, (I * nb + 3) / 4}), Prec::wide);
-  const Act qkv{shared.data, n, NQ + 2 * NKV, shared.dtype}, att{shared.data, n, NQ, narrow}, gu{shared.data, n, I, narrow};
+  const Act shared = b.act(n, (std::max({NQ + 2 * NKV, NQ, I}) * nb + 3) / 4, Prec::wide);
+  const Act qkv{shared.data, n, NQ + 2 * NKV, narrow}, att{shared.data, n, NQ, narrow}, gu{shared.data, n, I, narrow};
   Act qc = b.act(n, NQ, Prec::cache), kc = b.act(n, NKV, Prec::cache), vc = b.act(n, NKV, Prec::cache);
-  Act gu2 = b.act(std::min(n, engine::Backend::kSwigluRows), 2 * I, Prec::wide);  // linear_swiglu's scratch
+  Act gu2 = b.act(std::min(n, engine::Backend::kSwigluRows), 2 * I, Prec::narrow);  // linear_swiglu's scratch
   Act saved, hs, ys;
   if (have_summaries) {
     saved = b.act(ns, H, Prec::wide);
     hs = b.act(ns, H, Prec::narrow);
-    ys = b.act(ns, NQ, Prec::wide);
+    ys = b.act(ns, NQ, Prec::narrow);
   }
   b.embed(embed, x);
   const double mix = cfg.mix_coeff;
-  // A step without summary rows (most decode steps) runs each norm with the product after it and each
-  // residual add with the product before it (rms_norm_linear_cat, linear_add, rms_norm_swiglu: on the GPU no
-  // norm or add kernels at a few rows); with summary rows the norms stay ops of their own (the summary rows'
-  // gather/scatter, norm weights and projections sit between).
+  // Each residual add runs with the product before it (linear_add: on the GPU in the product's epilogue) and
+  // each norm with the product after it (rms_norm_linear_cat, rms_norm_swiglu: on the GPU no norm kernels at
+  // a few rows), except the input norm of a step with summary rows (their gather, norm weights and
+  // projections sit between).
   for (size_t li = 0; li < layers.size(); ++li) {
     const Layer& L = layers[li];
     const Weight* qkv_w[3] = {&L.q, &L.k, &L.v};
@@ -220,18 +220,10 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
     }
     b.qk_norm_rope(qkv, L.q_norm, L.k_norm, eps, cfg.rope_theta, Hq, Hkv, D, qc, kc, vc);
     b.attention(li, L.W, qc, kc, vc, Hq, att);
-    if (!have_summaries) {
-      b.linear_add(att, L.o, x, hw);
-      b.rms_norm_swiglu(x, L.post_norm, eps, L.gate, L.up, gu, h, gu2);
-      b.linear_add(gu, L.down, x, hw);
-    } else {
-      b.linear(att, L.o, hw);
-      b.add_rms_norm(x, hw, L.post_norm, eps, h);
-      b.linear_swiglu(h, L.gate, L.up, gu, gu2);
-      b.linear(gu, L.down, hw);
-      b.add(x, hw);
-      if (!L.summary_layer) b.scatter(saved, Rows::summary, x);
-    }
+    b.linear_add(att, L.o, x);
+    b.rms_norm_swiglu(x, L.post_norm, eps, L.gate, L.up, gu, h, gu2);
+    b.linear_add(gu, L.down, x);
+    if (have_summaries && !L.summary_layer) b.scatter(saved, Rows::summary, x);
   }
   for (const Piece& pc : pieces) {
     Seq& s = find(items[pc.item].id, "step");

@@ -702,9 +702,10 @@ TEST(CudaEngine, SmallMNormedProductsAndAddMatchTheHost) {
   }
 }
 
-// The generic SwiGLU's silu_mul and the residual add, on the vector path (4 elements per thread: I and count
-// multiples of 4, 16-byte aligned) and the scalar one (odd sizes, a misaligned start): silu_mul within the
-// bf16 rounding of the host's silu(g) * u (expf may differ from the host's by an ulp), add bitwise.
+// The generic SwiGLU's silu_mul (from fp32 and from bf16 gate|up) and the residual add, on the vector path (16
+// bytes per thread: I and count multiples of 4 or 8, 16-byte aligned) and the scalar one (odd sizes, a
+// misaligned start): silu_mul within the bf16 rounding of the host's silu(g) * u (expf may differ from the
+// host's by an ulp), add bitwise.
 TEST(CudaEngine, ElementwiseKernelsMatchTheHost) {
   REQUIRE_GPU();
   std::mt19937_64 rng(29);
@@ -716,17 +717,24 @@ TEST(CudaEngine, ElementwiseKernelsMatchTheHost) {
     for (auto& v : gu) v = nd(rng);
     for (auto& v : x) v = nd(rng);
     for (auto& v : h) v = nd(rng);
-    test::DevMem dgu(gu.size() * 4), dx(x.size() * 4), dh(h.size() * 4), dy(size_t(n * I + off) * 2);
-    ASSERT_TRUE(dgu.p && dx.p && dh.p && dy.p);
+    std::vector<uint16_t> gu16(gu.size());
+    for (size_t i = 0; i < gu.size(); ++i) gu16[i] = bf16::from_float(gu[i]);
+    test::DevMem dgu(gu.size() * 4), dgu16(gu.size() * 2), dx(x.size() * 4), dh(h.size() * 4),
+        dy(size_t(n * I + off) * 2), dy16(size_t(n * I + off) * 2);
+    ASSERT_TRUE(dgu.p && dgu16.p && dx.p && dh.p && dy.p && dy16.p);
     CK(cudaMemcpy(dgu.p, gu.data(), gu.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dgu16.p, gu16.data(), gu16.size() * 2, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(dx.p, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(dh.p, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
-    cuda::silu_mul(static_cast<float*>(dgu.p) + off, n, I, static_cast<uint16_t*>(dy.p) + off, nullptr);
+    cuda::silu_mul(static_cast<float*>(dgu.p) + off, DType::f32, n, I, static_cast<uint16_t*>(dy.p) + off, nullptr);
+    cuda::silu_mul(static_cast<uint16_t*>(dgu16.p) + off, DType::bf16, n, I, static_cast<uint16_t*>(dy16.p) + off,
+                   nullptr);
     cuda::add(static_cast<float*>(dx.p) + off, static_cast<float*>(dh.p) + off, n * I, nullptr);
     CK(cudaDeviceSynchronize());
-    std::vector<uint16_t> y(size_t(n * I + off));
+    std::vector<uint16_t> y(size_t(n * I + off)), y16(y.size());
     std::vector<float> xs(x.size());
     CK(cudaMemcpy(y.data(), dy.p, y.size() * 2, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(y16.data(), dy16.p, y16.size() * 2, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(xs.data(), dx.p, xs.size() * 4, cudaMemcpyDeviceToHost));
     int64_t bad = 0;
     for (int64_t r = 0; r < n; ++r)
@@ -736,6 +744,11 @@ TEST(CudaEngine, ElementwiseKernelsMatchTheHost) {
         const double v = bf16::to_float(y[size_t(off + r * I + c)]);
         if (!(std::abs(v - ref) <= std::abs(ref) * 0x1p-8 + 1e-30) && bad++ < 5)
           ADD_FAILURE() << "silu_mul [" << r << ", " << c << "] = " << v << ", host " << ref;
+        const double g16 = bf16::to_float(gu16[size_t(off + r * 2 * I + c)]);
+        const double ref16 = g16 / (1 + std::exp(-g16)) * bf16::to_float(gu16[size_t(off + r * 2 * I + I + c)]);
+        const double v16 = bf16::to_float(y16[size_t(off + r * I + c)]);
+        if (!(std::abs(v16 - ref16) <= std::abs(ref16) * 0x1p-8 + 1e-30) && bad++ < 5)
+          ADD_FAILURE() << "silu_mul from bf16 [" << r << ", " << c << "] = " << v16 << ", host " << ref16;
         const size_t i = size_t(off + r * I + c);
         if (xs[i] != x[i] + h[i] && bad++ < 5)
           ADD_FAILURE() << "add [" << i << "] = " << xs[i] << ", host " << x[i] + h[i];

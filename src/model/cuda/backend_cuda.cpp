@@ -174,6 +174,7 @@ class CudaBackend final : public Backend {
     d_sum_ = d_pos_ + ni;
     d_log_ = d_sum_ + ns;
     d_flags_ = reinterpret_cast<uint8_t*>(d_log_ + nl);
+    rope_ = nullptr;
     plan_decode(step);
     choose_mode(step);
   }
@@ -192,15 +193,6 @@ class CudaBackend final : public Backend {
     if (mode_ == Mode::replay) return;
     cuda::rms_norm(f32(x), x.rows, x.cols, w.data, ws ? ws.data : nullptr, ws ? d_flags_ : nullptr, eps, out.data,
                    stream_);
-  }
-
-  void add_rms_norm(Act x, const Act& h, const Weight& w, float eps, Act out) override {
-    if (mode_ == Mode::replay) return;
-    cuda::add_rms_norm(f32(x), f32(h), x.rows, x.cols, w.data, eps, out.data, stream_);
-  }
-
-  void add(Act x, const Act& h) override {
-    if (mode_ != Mode::replay) cuda::add(f32(x), f32(h), x.rows * x.cols, stream_);
   }
 
   void linear(const Act& x, const Weight& W, Act y) override {
@@ -262,14 +254,17 @@ class CudaBackend final : public Backend {
 
   void blend(Act y, int64_t col0, const Act& ys, double mix) override {
     if (mode_ == Mode::replay) return;
-    cuda::blend_rows(f32(y) + col0, y.cols, f32(ys), d_sum_, ys.rows, ys.cols, mix, stream_);
+    if (y.dtype != ys.dtype) fail("engine: internal error: a blend of ", dtype_name(ys.dtype), " into ", dtype_name(y.dtype));
+    cuda::blend_rows(static_cast<char*>(y.data) + col0 * dtype_size(y.dtype), y.dtype, y.cols, ys.data, d_sum_, ys.rows,
+                     ys.cols, mix, stream_);
   }
 
   void qk_norm_rope(Act qkv, const Weight& qn, const Weight& kn, float eps, double theta, int64_t Hq, int64_t Hkv,
                     int64_t D, Act qc, Act kc, Act vc) override {
+    const float* rope = rope_table(qkv.rows, D, theta);
     if (mode_ == Mode::replay) return;
-    cuda::qk_norm_rope(f32(qkv), qkv.rows, Hq, Hkv, D, qn.data, kn.data, eps, d_pos_, inv_freq(D, theta), qc.data,
-                       kc.data, vc.data, stream_);
+    cuda::qk_norm_rope(qkv.data, qkv.dtype, qkv.rows, Hq, Hkv, D, qn.data, kn.data, eps, rope, qc.data, kc.data,
+                       vc.data, stream_);
   }
 
   // Continuing sequences: the decode planned at begin_step (their rows packed first); then fresh ones through
@@ -333,17 +328,29 @@ class CudaBackend final : public Backend {
     return adjacent(ws) && gate.rows == out.cols && up.rows == out.cols;
   }
 
+  // A few rows: the thin product's GLU epilogue. More: [gate | up] as one product into bf16 scratch (the
+  // values the reference's bf16 linears round to; half the bytes of fp32 to write and read again), then
+  // silu_mul, in slices of the rows scratch holds. The same choice in every mode.
   void linear_swiglu(const Act& x, const Weight& gate, const Weight& up, Act out, Act scratch) override {
-    // The same choice in every mode (the fallback takes scratch from the arena, which a replay must repeat).
-    if (x.dtype != DType::bf16 || !glu_pair(gate, up, out) ||
-        !gemm_->swiglu_fits(x.data, x.rows, x.cols, gate.data, out.cols))
-      return Backend::linear_swiglu(x, gate, up, out, scratch);
-    if (mode_ != Mode::replay) gemm_->run_swiglu(x.data, x.rows, x.cols, gate.data, out.cols, out.data);
+    if (x.dtype != DType::bf16 || !glu_pair(gate, up, out)) return Backend::linear_swiglu(x, gate, up, out, scratch);
+    const int64_t I = out.cols;
+    if (gemm_->swiglu_fits(x.data, x.rows, x.cols, gate.data, I)) {
+      if (mode_ != Mode::replay) gemm_->run_swiglu(x.data, x.rows, x.cols, gate.data, I, out.data);
+      return;
+    }
+    if (mode_ == Mode::replay) return;
+    const int64_t slice =
+        std::max<int64_t>(1, scratch.rows * scratch.cols * int64_t(dtype_size(scratch.dtype)) / (4 * I));
+    for (int64_t r0 = 0; r0 < x.rows; r0 += slice) {
+      const int64_t n = std::min(slice, x.rows - r0);
+      gemm_->run(static_cast<const char*>(x.data) + r0 * x.cols * 2, n, x.cols, gate.data, 2 * I, scratch.data,
+                 DType::bf16);
+      cuda::silu_mul(scratch.data, DType::bf16, n, I, static_cast<char*>(out.data) + r0 * I * 2, stream_);
+    }
   }
 
-  // The residual add in the product: the thin kernel's epilogue, or cuBLASLt with beta = 1 (scratch unused).
-  void linear_add(const Act& a, const Weight& W, Act x, Act scratch) override {
-    (void)scratch;
+  // The residual add in the product: the thin kernel's epilogue, or cuBLASLt with beta = 1.
+  void linear_add(const Act& a, const Weight& W, Act x) override {
     if (mode_ == Mode::replay) return;
     if (a.dtype != DType::bf16 || x.dtype != DType::f32)
       fail("engine: internal error: a CUDA product with the residual add takes bf16 in, fp32 x");
@@ -369,7 +376,7 @@ class CudaBackend final : public Backend {
   }
 
   void silu_mul(const Act& gu, Act out) override {
-    if (mode_ != Mode::replay) cuda::silu_mul(f32(gu), out.rows, out.cols, out.data, stream_);
+    if (mode_ != Mode::replay) cuda::silu_mul(gu.data, gu.dtype, out.rows, out.cols, out.data, stream_);
   }
 
   void download(const Act& logits, std::span<float> out) override {
@@ -479,7 +486,7 @@ class CudaBackend final : public Backend {
   // keys afterwards: the prefill kernel multiplies masked keys of a partly visible tile by zero weights).
   void* kv_scratch(int64_t bytes) {
     if (bytes > scratch_bytes_) {
-      bytes = (bytes + (int64_t(32) << 20) - 1) / (int64_t(32) << 20) * (int64_t(32) << 20);  // 32 MiB steps
+      bytes = (bytes + (int64_t(2) << 20) - 1) / (int64_t(2) << 20) * (int64_t(2) << 20);  // 2 MiB pages
       check(cudaStreamSynchronize(stream_), "growing the prefill key buffer");
       scratch_.reset();
       scratch_bytes_ = 0;
@@ -749,6 +756,17 @@ class CudaBackend final : public Backend {
     return b.p;
   }
 
+  // The step's RoPE (cos, sin) table for its n rows (cuda::rope_table), made by the first layer that asks
+  // and read by all. Taken from the arena in every mode (a replay's takes repeat the capture's).
+  const float* rope_table(int64_t n, int64_t D, double theta) {
+    if (rope_ && rope_D_ == D && rope_theta_ == theta) return rope_;
+    rope_ = static_cast<float*>(arena_.take(size_t(n * D) * sizeof(float)));
+    rope_D_ = D;
+    rope_theta_ = theta;
+    if (mode_ != Mode::replay) cuda::rope_table(d_pos_, n, D, inv_freq(D, theta), rope_, stream_);
+    return rope_;
+  }
+
   // inv_freq[i] = 1 / theta^(2i/D) in fp32, as the CPU computes it (one table per (D, theta)).
   const float* inv_freq(int64_t D, double theta) {
     const auto key = std::make_pair(D, theta);
@@ -773,6 +791,9 @@ class CudaBackend final : public Backend {
   Pinned step_staging_, sample_staging_;
   int32_t *d_ids_ = nullptr, *d_pos_ = nullptr, *d_sum_ = nullptr, *d_log_ = nullptr;
   uint8_t* d_flags_ = nullptr;
+  float* rope_ = nullptr;  // the step's RoPE table (rope_table), for head dim rope_D_ and rope_theta_
+  int64_t rope_D_ = 0;
+  double rope_theta_ = 0;
   int64_t baseline_ = 0, peak_ = 0;
   // decode and graphs
   static constexpr size_t kMaxGraphs = 64;
