@@ -281,8 +281,8 @@ int run_bench_model(int argc, char** argv) {
                       (long long)first, (long long)B, dev.c_str(), st.mean, st.sd, 1e3 / st.mean);
         std::printf("(%lld repetitions after 1 warm-up; tg continues each pp sequence%s)\n", (long long)reps,
                     P > 0 ? "" : " of 1 token");
-        std::printf("\nKV cache of one sequence at %lld text tokens: %s\n", (long long)(first + N),
-                    kv_comparison(kv_bytes, kv_full, c.use_summary_attention).c_str());
+        std::printf("\nKV cache of one sequence at %lld text tokens: %s (%.1f MiB)\n", (long long)(first + N),
+                    kv_comparison(kv_bytes, kv_full, c.use_summary_attention).c_str(), double(kv_bytes) / (1 << 20));
         if (bw > 0) {
           std::printf("bytes per decode step: %s weights + %s visible KV (%lld sequences at %lld tokens) = %s\n",
                       human_bytes(double(model.weight_bytes_per_token())).c_str(), human_bytes(double(kv_step)).c_str(),
@@ -305,8 +305,9 @@ int run_bench_model(int argc, char** argv) {
         std::fflush(stdout);
       }
   if (mo.device == Device::cuda) {
-    std::fprintf(info, "peak device memory: %s (weights %s)\n", human_bytes(double(model.device_bytes_peak())).c_str(),
-                 human_bytes(double(model.weight_bytes())).c_str());
+    const int64_t peak = model.device_bytes_peak(), wb = model.weight_bytes();
+    std::fprintf(info, "peak device memory: %s = %.1f MiB (weights %s = %.1f MiB)\n", human_bytes(double(peak)).c_str(),
+                 double(peak) / (1 << 20), human_bytes(double(wb)).c_str(), double(wb) / (1 << 20));
     std::fprintf(info,
                  "CUDA graphs: %s (%lld steps replayed, %lld graphs captured); GEMV kernel for <= 8 rows: %s "
                  "(batch-1 shape %d); planning ahead: %s (plans used at %lld steps, dropped %lld times)\n",
