@@ -165,6 +165,13 @@ class Model {
   const std::string& weight_format() const;
   // Peak device memory the model allocated so far (CUDA; 0 on the CPU).
   int64_t device_bytes_peak() const;
+  // What held the device memory after the step that used the most (CUDA; zeros on the CPU): the total (as
+  // device_bytes_peak, weights included), the KV caches' slabs, the step activations' arena, the buffer a
+  // prompt piece reads the cached keys and values from; the rest is the CUDA runtime's and the libraries'.
+  struct DeviceMemory {
+    int64_t total = 0, kv_cache = 0, activations = 0, prefill_keys = 0;
+  };
+  DeviceMemory device_memory_at_peak() const;
   // Device memory still free now (CUDA), or -1 on the CPU (for sizing a KV budget).
   int64_t device_bytes_free() const;
   // Forward passes so far that replayed a CUDA graph, and graphs captured (0 on the CPU or without graphs).

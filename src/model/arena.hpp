@@ -54,6 +54,12 @@ class BumpArena {
     Mem::fresh(p, bytes);
     return p;
   }
+  // Bytes held in chunks.
+  size_t reserved() const {
+    size_t n = 0;
+    for (const Chunk& c : chunks_) n += c.size;
+    return n;
+  }
   // Changes whenever the chunks change: the addresses of a step's takes stay the same while it does not.
   uint64_t generation() const { return generation_; }
 

@@ -191,6 +191,7 @@ class Backend {
 
   // Device memory: peak and current bytes the backend allocated (0 on the CPU).
   virtual int64_t device_bytes_peak() const { return 0; }
+  virtual Model::DeviceMemory device_memory_at_peak() const { return {}; }
   // Device memory still free (CUDA), or -1 on the CPU.
   virtual int64_t device_bytes_free() const { return -1; }
 };

@@ -417,6 +417,7 @@ std::string describe_weight_format(const Checkpoint& ckpt) {
   return names(mats) + " (norms " + names(vecs) + ")";
 }
 int64_t Model::device_bytes_peak() const { return impl_->be->device_bytes_peak(); }
+Model::DeviceMemory Model::device_memory_at_peak() const { return impl_->be->device_memory_at_peak(); }
 int64_t Model::device_bytes_free() const { return impl_->be->device_bytes_free(); }
 int64_t Model::graph_replays() const { return impl_->be->graph_replays(); }
 int64_t Model::graph_captures() const { return impl_->be->graph_captures(); }

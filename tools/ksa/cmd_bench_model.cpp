@@ -306,8 +306,16 @@ int run_bench_model(int argc, char** argv) {
       }
   if (mo.device == Device::cuda) {
     const int64_t peak = model.device_bytes_peak(), wb = model.weight_bytes();
+    const Model::DeviceMemory m = model.device_memory_at_peak();
+    const auto mib = [](int64_t b) { return double(b) / (1 << 20); };
     std::fprintf(info, "peak device memory: %s = %.1f MiB (weights %s = %.1f MiB)\n", human_bytes(double(peak)).c_str(),
-                 double(peak) / (1 << 20), human_bytes(double(wb)).c_str(), double(wb) / (1 << 20));
+                 mib(peak), human_bytes(double(wb)).c_str(), mib(wb));
+    if (m.total > 0)
+      std::fprintf(info,
+                   "after the step of the most: %.1f MiB = weights %.1f + KV-cache slabs %.1f + step activations %.1f + "
+                   "prefill key buffer %.1f + the rest %.1f (CUDA runtime, libraries, plans)\n",
+                   mib(m.total), mib(wb), mib(m.kv_cache), mib(m.activations), mib(m.prefill_keys),
+                   mib(m.total - wb - m.kv_cache - m.activations - m.prefill_keys));
     std::fprintf(info,
                  "CUDA graphs: %s (%lld steps replayed, %lld graphs captured); GEMV kernel for <= 8 rows: %s "
                  "(batch-1 shape %d); planning ahead: %s (plans used at %lld steps, dropped %lld times)\n",

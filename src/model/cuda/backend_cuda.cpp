@@ -454,7 +454,11 @@ class CudaBackend final : public Backend {
     }
     step_end_ = end;
     size_t fr = 0, tot = 0;
-    if (cudaMemGetInfo(&fr, &tot) == cudaSuccess) peak_ = std::max(peak_, int64_t(tot - fr) - baseline_);
+    if (cudaMemGetInfo(&fr, &tot) == cudaSuccess && int64_t(tot - fr) - baseline_ > peak_) {
+      peak_ = int64_t(tot - fr) - baseline_;
+      at_peak_ = Model::DeviceMemory{peak_, 0, int64_t(arena_.reserved()), scratch_bytes_};
+      for (const auto& c : caches_) at_peak_.kv_cache += c->host().bytes_reserved();
+    }
   }
 
   int64_t device_bytes_free() const override {
@@ -462,6 +466,7 @@ class CudaBackend final : public Backend {
     return cudaMemGetInfo(&fr, &tot) == cudaSuccess ? int64_t(fr) : -1;
   }
 
+  Model::DeviceMemory device_memory_at_peak() const override { return at_peak_; }
   int64_t device_bytes_peak() const override {
     size_t fr = 0, tot = 0;
     int64_t now = 0;
@@ -795,6 +800,7 @@ class CudaBackend final : public Backend {
   int64_t rope_D_ = 0;
   double rope_theta_ = 0;
   int64_t baseline_ = 0, peak_ = 0;
+  Model::DeviceMemory at_peak_;  // after the step that set peak_
   // decode and graphs
   static constexpr size_t kMaxGraphs = 64;
   int64_t decode_rows_ = 0;    // the step's rows of continuing sequences (planned at begin_step)
