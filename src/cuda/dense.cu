@@ -926,7 +926,8 @@ void qk_norm_rope(const void* qkv, DType dt, int64_t n, int64_t Hq, int64_t Hkv,
   auto* K = static_cast<__nv_bfloat16*>(kc);
   auto* Vv = static_cast<__nv_bfloat16*>(vc);
   if (D != 128 && D != 64) fail("cuda qk_norm_rope: head_dim must be 64 or 128 (got ", D, ")");
-  if (dt != DType::f32 && dt != DType::bf16) fail("cuda qk_norm_rope: qkv must be f32 or bf16 (got ", dtype_name(dt), ")");
+  if (dt != DType::f32 && dt != DType::bf16)
+    fail("cuda qk_norm_rope: qkv must be f32 or bf16 (got ", dtype_name(dt), ")");
   auto go = [&](auto kernel, auto* in) {
     detail::launch_pdl(kernel, grid, 256, 0, cs(stream), in, n, int(Hq), int(Hkv), qn, kn, eps,
                        reinterpret_cast<const float2*>(rope), Q, K, Vv);

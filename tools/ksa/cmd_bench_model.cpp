@@ -312,8 +312,8 @@ int run_bench_model(int argc, char** argv) {
                  mib(peak), human_bytes(double(wb)).c_str(), mib(wb));
     if (m.total > 0)
       std::fprintf(info,
-                   "after the step of the most: %.1f MiB = weights %.1f + KV-cache slabs %.1f + step activations %.1f + "
-                   "prefill key buffer %.1f + the rest %.1f (CUDA runtime, libraries, plans)\n",
+                   "after the step of the most: %.1f MiB = weights %.1f + KV-cache slabs %.1f + step activations "
+                   "%.1f + prefill key buffer %.1f + the rest %.1f (CUDA runtime, libraries, plans)\n",
                    mib(m.total), mib(wb), mib(m.kv_cache), mib(m.activations), mib(m.prefill_keys),
                    mib(m.total - wb - m.kv_cache - m.activations - m.prefill_keys));
     std::fprintf(info,

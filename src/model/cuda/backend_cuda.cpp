@@ -254,7 +254,8 @@ class CudaBackend final : public Backend {
 
   void blend(Act y, int64_t col0, const Act& ys, double mix) override {
     if (mode_ == Mode::replay) return;
-    if (y.dtype != ys.dtype) fail("engine: internal error: a blend of ", dtype_name(ys.dtype), " into ", dtype_name(y.dtype));
+    if (y.dtype != ys.dtype)
+      fail("engine: internal error: a blend of ", dtype_name(ys.dtype), " into ", dtype_name(y.dtype));
     cuda::blend_rows(static_cast<char*>(y.data) + col0 * dtype_size(y.dtype), y.dtype, y.cols, ys.data, d_sum_, ys.rows,
                      ys.cols, mix, stream_);
   }
