@@ -73,8 +73,14 @@ __device__ __forceinline__ float bf(const void* p, int64_t i) {
   return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
 
+// Activations of either dtype a kernel takes (fp32, bf16), to and from fp32.
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <class T>
+__device__ __forceinline__ T from_f32(float v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else return __float2bfloat16_rn(v);
+}
 
 // ------------------------------------------------------------------------------------- small kernels
 __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* ids, int64_t H, float* x) {
@@ -85,9 +91,9 @@ __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* ids, int
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) x[r * H + i] = __bfloat162float(src[i]);
 }
 
-// One block per row: x normalised with w (or ws on summary rows) into bf16 out. Rows of up to kNormVec·4·256 floats (n
-// % 4 == 0, 16-byte aligned rows) are read once with float4 loads held in registers (all loads in flight before the
-// sum: a decode step's single row is latency bound); others take the plain strided loop.
+// One block per row: x normalised with w (or ws on summary rows) into bf16 out. Rows of up to kNormVec·4·256
+// floats (n % 4 == 0, 16-byte aligned rows) are read once with float4 loads held in registers (all loads in
+// flight before the sum: a decode step's single row is latency bound); others take the plain strided loop.
 constexpr int kNormThreads = 256, kNormVec = 4;
 // The vector path's second half, shared by rms_norm_kernel and the normed thin product (gemv_kernel, NORM),
 // so that both compute the same values: the block's row of n floats is in the threads' v (thread t holds
@@ -174,9 +180,7 @@ __global__ void blend_kernel(T* y, int64_t ldy, const T* ys, const int32_t* rows
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     T& d = y[r * ldy + c];
     const float s = to_f32(ys[i * cols + c]);
-    const float v = whole ? s : mix * s + (1.f - mix) * to_f32(d);
-    if constexpr (std::is_same_v<T, float>) d = v;
-    else d = __float2bfloat16(v);
+    d = from_f32<T>(whole ? s : mix * s + (1.f - mix) * to_f32(d));
   }
 }
 
@@ -195,7 +199,8 @@ __global__ void rope_table_kernel(const int32_t* positions, int64_t n, int half,
 
 // One warp per (row, head): per-head RMSNorm, RoPE (lane holds elements lane + 32 j; element i pairs with
 // i + D/2, i.e. j with j + D/64; cos and sin from the step's table, rope_table_kernel), bf16 out. Heads
-// [0, Hq) are q, [Hq, Hq + Hkv) k, [Hq + Hkv, Hq + 2 Hkv) v, read from qkv rows of (Hq + 2 Hkv) D floats.
+// [0, Hq) are q, [Hq, Hq + Hkv) k, [Hq + Hkv, Hq + 2 Hkv) v, read from qkv rows of (Hq + 2 Hkv) D values
+// (T: fp32 or bf16).
 template <int D, class T>
 __global__ void qk_norm_rope_kernel(const T* qkv, int64_t n, int Hq, int Hkv, const void* qn, const void* kn,
                                     float eps, const float2* rope, __nv_bfloat16* qc, __nv_bfloat16* kc,
@@ -632,10 +637,8 @@ __global__ void __launch_bounds__(kGemvThreads)
         y[m * ldy + n0 + r] = silu_times(g, u);  // as silu_mul_kernel
       } else if constexpr (EPI == Epi::add) {
         y[m * ldy + n0 + r] += total(i);  // as add_kernel
-      } else if constexpr (std::is_same_v<YT, float>) {
-        y[m * ldy + n0 + r] = total(i);
       } else {
-        y[m * ldy + n0 + r] = __float2bfloat16_rn(total(i));
+        y[m * ldy + n0 + r] = from_f32<YT>(total(i));
       }
     }
     if (!more) break;
@@ -897,16 +900,22 @@ void scatter_rows(const void* in, int64_t row_bytes, const int32_t* rows, int64_
                      rows, static_cast<uint32_t*>(out), true);
 }
 
+// f(T{}) with T the activation type of dt (fp32 or bf16); any other dtype fails, naming `what`.
+template <class F>
+void with_act_type(DType dt, const char* what, F&& f) {
+  if (dt == DType::f32) f(float{});
+  else if (dt == DType::bf16) f(__nv_bfloat16{});
+  else fail(what, " must be f32 or bf16 (got ", dtype_name(dt), ")");
+}
+
 void blend_rows(void* y, DType dt, int64_t ldy, const void* ys, const int32_t* rows, int64_t m, int64_t cols,
                 double mix, CudaStream stream) {
   if (m == 0) return;
-  if (dt == DType::f32)
-    detail::launch_pdl(blend_kernel<float>, unsigned(m), 256, 0, cs(stream), static_cast<float*>(y), ldy,
-                       static_cast<const float*>(ys), rows, cols, float(mix), mix == 1.0);
-  else if (dt == DType::bf16)
-    detail::launch_pdl(blend_kernel<__nv_bfloat16>, unsigned(m), 256, 0, cs(stream), static_cast<__nv_bfloat16*>(y),
-                       ldy, static_cast<const __nv_bfloat16*>(ys), rows, cols, float(mix), mix == 1.0);
-  else fail("cuda blend_rows: rows must be f32 or bf16 (got ", dtype_name(dt), ")");
+  with_act_type(dt, "cuda blend_rows: the rows", [&](auto t) {
+    using T = decltype(t);
+    detail::launch_pdl(blend_kernel<T>, unsigned(m), 256, 0, cs(stream), static_cast<T*>(y), ldy,
+                       static_cast<const T*>(ys), rows, cols, float(mix), mix == 1.0);
+  });
 }
 
 void rope_table(const int32_t* positions, int64_t n, int64_t D, const float* inv_freq, float* table,
@@ -926,35 +935,26 @@ void qk_norm_rope(const void* qkv, DType dt, int64_t n, int64_t Hq, int64_t Hkv,
   auto* K = static_cast<__nv_bfloat16*>(kc);
   auto* Vv = static_cast<__nv_bfloat16*>(vc);
   if (D != 128 && D != 64) fail("cuda qk_norm_rope: head_dim must be 64 or 128 (got ", D, ")");
-  if (dt != DType::f32 && dt != DType::bf16)
-    fail("cuda qk_norm_rope: qkv must be f32 or bf16 (got ", dtype_name(dt), ")");
-  auto go = [&](auto kernel, auto* in) {
-    detail::launch_pdl(kernel, grid, 256, 0, cs(stream), in, n, int(Hq), int(Hkv), qn, kn, eps,
+  with_act_type(dt, "cuda qk_norm_rope: qkv", [&](auto t) {
+    using T = decltype(t);
+    detail::launch_pdl(D == 128 ? qk_norm_rope_kernel<128, T> : qk_norm_rope_kernel<64, T>, grid, 256, 0,
+                       cs(stream), static_cast<const T*>(qkv), n, int(Hq), int(Hkv), qn, kn, eps,
                        reinterpret_cast<const float2*>(rope), Q, K, Vv);
-  };
-  const auto* f = static_cast<const float*>(qkv);
-  const auto* b = static_cast<const __nv_bfloat16*>(qkv);
-  if (D == 128 && dt == DType::f32) go(qk_norm_rope_kernel<128, float>, f);
-  else if (D == 128) go(qk_norm_rope_kernel<128, __nv_bfloat16>, b);
-  else if (dt == DType::f32) go(qk_norm_rope_kernel<64, float>, f);
-  else go(qk_norm_rope_kernel<64, __nv_bfloat16>, b);
+  });
 }
 
-// Vector kernel (V elements, 16 bytes of gate and of up per thread) where I and the addresses allow.
-template <class T, int V>
-void launch_silu_mul(const T* g, int64_t n, int64_t I, __nv_bfloat16* o, cudaStream_t s) {
-  if (I % V == 0 && aligned(g) && aligned(o, 2 * V))
-    detail::launch_pdl(silu_mul_kernel<T, V>, blocks_for(n * I / V, 256), 256, 0, s, g, n, I, o);
-  else detail::launch_pdl(silu_mul_kernel<T, 1>, blocks_for(n * I, 256), 256, 0, s, g, n, I, o);
-}
-
+// The vector kernel (16 bytes of gate and of up per thread) where I and the addresses allow.
 void silu_mul(const void* gu, DType dt, int64_t n, int64_t I, void* out, CudaStream stream) {
   if (n * I == 0) return;
   auto* o = static_cast<__nv_bfloat16*>(out);
-  if (dt == DType::f32) launch_silu_mul<float, 4>(static_cast<const float*>(gu), n, I, o, cs(stream));
-  else if (dt == DType::bf16)
-    launch_silu_mul<__nv_bfloat16, 8>(static_cast<const __nv_bfloat16*>(gu), n, I, o, cs(stream));
-  else fail("cuda silu_mul: gate|up must be f32 or bf16 (got ", dtype_name(dt), ")");
+  with_act_type(dt, "cuda silu_mul: gate|up", [&](auto t) {
+    using T = decltype(t);
+    constexpr int V = 16 / sizeof(T);
+    const T* g = static_cast<const T*>(gu);
+    if (I % V == 0 && aligned(g) && aligned(o, 2 * V))
+      detail::launch_pdl(silu_mul_kernel<T, V>, blocks_for(n * I / V, 256), 256, 0, cs(stream), g, n, I, o);
+    else detail::launch_pdl(silu_mul_kernel<T, 1>, blocks_for(n * I, 256), 256, 0, cs(stream), g, n, I, o);
+  });
 }
 
 void sample_tokens(float* logits, int64_t V, const SampleArgs* args, int64_t n, const int32_t* pairs, int32_t* out,

@@ -737,18 +737,17 @@ TEST(CudaEngine, ElementwiseKernelsMatchTheHost) {
     CK(cudaMemcpy(y16.data(), dy16.p, y16.size() * 2, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(xs.data(), dx.p, xs.size() * 4, cudaMemcpyDeviceToHost));
     int64_t bad = 0;
+    // silu(g) * u on the host against the device's bf16 result.
+    auto check_silu = [&](const char* what, int64_t r, int64_t c, double g, double u, uint16_t got) {
+      const double ref = g / (1 + std::exp(-g)) * u, v = bf16::to_float(got);
+      if (!(std::abs(v - ref) <= std::abs(ref) * 0x1p-8 + 1e-30) && bad++ < 5)
+        ADD_FAILURE() << what << " [" << r << ", " << c << "] = " << v << ", host " << ref;
+    };
     for (int64_t r = 0; r < n; ++r)
       for (int64_t c = 0; c < I; ++c) {
-        const float g = gu[size_t(off + r * 2 * I + c)], u = gu[size_t(off + r * 2 * I + I + c)];
-        const double ref = double(g) / (1 + std::exp(-double(g))) * u;
-        const double v = bf16::to_float(y[size_t(off + r * I + c)]);
-        if (!(std::abs(v - ref) <= std::abs(ref) * 0x1p-8 + 1e-30) && bad++ < 5)
-          ADD_FAILURE() << "silu_mul [" << r << ", " << c << "] = " << v << ", host " << ref;
-        const double g16 = bf16::to_float(gu16[size_t(off + r * 2 * I + c)]);
-        const double ref16 = g16 / (1 + std::exp(-g16)) * bf16::to_float(gu16[size_t(off + r * 2 * I + I + c)]);
-        const double v16 = bf16::to_float(y16[size_t(off + r * I + c)]);
-        if (!(std::abs(v16 - ref16) <= std::abs(ref16) * 0x1p-8 + 1e-30) && bad++ < 5)
-          ADD_FAILURE() << "silu_mul from bf16 [" << r << ", " << c << "] = " << v16 << ", host " << ref16;
+        const size_t gi = size_t(off + r * 2 * I + c), yi = size_t(off + r * I + c);
+        check_silu("silu_mul", r, c, gu[gi], gu[gi + size_t(I)], y[yi]);
+        check_silu("silu_mul from bf16", r, c, bf16::to_float(gu16[gi]), bf16::to_float(gu16[gi + size_t(I)]), y16[yi]);
         const size_t i = size_t(off + r * I + c);
         if (xs[i] != x[i] + h[i] && bad++ < 5)
           ADD_FAILURE() << "add [" << i << "] = " << xs[i] << ", host " << x[i] + h[i];

@@ -329,25 +329,13 @@ class CudaBackend final : public Backend {
     return adjacent(ws) && gate.rows == out.cols && up.rows == out.cols;
   }
 
-  // A few rows: the thin product's GLU epilogue. More: [gate | up] as one product into bf16 scratch (the
-  // values the reference's bf16 linears round to; half the bytes of fp32 to write and read again), then
-  // silu_mul, in slices of the rows scratch holds. The same choice in every mode.
+  // A few rows: the thin product's GLU epilogue. More: Backend::linear_swiglu ([gate | up] as one product into
+  // the narrow scratch, bf16 here, then silu_mul). The same choice in every mode.
   void linear_swiglu(const Act& x, const Weight& gate, const Weight& up, Act out, Act scratch) override {
-    if (x.dtype != DType::bf16 || !glu_pair(gate, up, out)) return Backend::linear_swiglu(x, gate, up, out, scratch);
-    const int64_t I = out.cols;
-    if (gemm_->swiglu_fits(x.data, x.rows, x.cols, gate.data, I)) {
-      if (mode_ != Mode::replay) gemm_->run_swiglu(x.data, x.rows, x.cols, gate.data, I, out.data);
-      return;
-    }
-    if (mode_ == Mode::replay) return;
-    const int64_t slice =
-        std::max<int64_t>(1, scratch.rows * scratch.cols * int64_t(dtype_size(scratch.dtype)) / (4 * I));
-    for (int64_t r0 = 0; r0 < x.rows; r0 += slice) {
-      const int64_t n = std::min(slice, x.rows - r0);
-      gemm_->run(static_cast<const char*>(x.data) + r0 * x.cols * 2, n, x.cols, gate.data, 2 * I, scratch.data,
-                 DType::bf16);
-      cuda::silu_mul(scratch.data, DType::bf16, n, I, static_cast<char*>(out.data) + r0 * I * 2, stream_);
-    }
+    if (x.dtype != DType::bf16 || !glu_pair(gate, up, out) ||
+        !gemm_->swiglu_fits(x.data, x.rows, x.cols, gate.data, out.cols))
+      return Backend::linear_swiglu(x, gate, up, out, scratch);
+    if (mode_ != Mode::replay) gemm_->run_swiglu(x.data, x.rows, x.cols, gate.data, out.cols, out.data);
   }
 
   // The residual add in the product: the thin kernel's epilogue, or cuBLASLt with beta = 1.
