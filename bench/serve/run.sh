@@ -26,4 +26,5 @@ head -1 "$LOG"
 echo "# $(date -u +%Y-%m-%d), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), load $(cut -d' ' -f1-3 /proc/loadavg)"
 node bench/serve/loadgen.js --url "http://127.0.0.1:$PORT" "$@"
 curl -s "http://127.0.0.1:$PORT/metrics" 2>/dev/null |
-  grep -E '^ksa_(generation_tokens_total|prompt_tokens_total|steps_total|live_sequences|kv_bytes_in_use) ' | sed 's/^/# /' || true
+  grep -E '^ksa_(generation_tokens_total|prompt_tokens_total|steps_total|live_sequences|kv_bytes_in_use|graph_[a-z_]*|plans_ahead_total[^ ]*|step_duration_seconds_(sum|count)[^ ]*) ' |
+  sed 's/^/# /' || true

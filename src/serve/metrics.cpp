@@ -44,21 +44,28 @@ int64_t Histogram::count() const {
   return n_;
 }
 
-void Histogram::render(std::string& out, const std::string& name, const std::string& help) const {
+void Histogram::render(std::string& out, const std::string& name, const std::string& help,
+                       const std::string& label) const {
   std::lock_guard<std::mutex> lk(mu_);
-  head(out, name, "histogram", help);
+  if (!help.empty()) head(out, name, "histogram", help);
+  const std::string lead = label.empty() ? "{" : "{" + label + ",";
+  const std::string tail = label.empty() ? " " : "{" + label + "} ";
   int64_t cum = 0;
   for (size_t b = 0; b < bounds_.size(); ++b) {
     cum += counts_[b];
-    out += name + "_bucket{le=\"" + num(bounds_[b]) + "\"} " + std::to_string(cum) + "\n";
+    out += name + "_bucket" + lead + "le=\"" + num(bounds_[b]) + "\"} " + std::to_string(cum) + "\n";
   }
   cum += counts_.back();
-  out += name + "_bucket{le=\"+Inf\"} " + std::to_string(cum) + "\n";
-  out += name + "_sum " + num(sum_) + "\n" + name + "_count " + std::to_string(n_) + "\n";
+  out += name + "_bucket" + lead + "le=\"+Inf\"} " + std::to_string(cum) + "\n";
+  out += name + "_sum" + tail + num(sum_) + "\n" + name + "_count" + tail + std::to_string(n_) + "\n";
 }
 
 Metrics::Metrics()
-    : ttft_(latency_buckets()), itl_(latency_buckets()), step_(latency_buckets()), e2e_(latency_buckets()) {}
+    : ttft_(latency_buckets()),
+      itl_(latency_buckets()),
+      step_decode_(latency_buckets()),
+      step_prefill_(latency_buckets()),
+      e2e_(latency_buckets()) {}
 
 void Metrics::count_request(const std::string& route, int status) {
   std::lock_guard<std::mutex> lk(mu_);
@@ -99,10 +106,22 @@ std::string Metrics::render(const Gauges& g) const {
   gauge(out, "ksa_max_sequences", "Admission limit on running sequences (--max-seqs).", g.max_seqs);
   head(out, "ksa_steps_total", "counter", "Engine steps run.");
   out += "ksa_steps_total " + std::to_string(g.steps) + "\n";
+  head(out, "ksa_graph_replays_total", "counter", "Engine steps replayed from a CUDA graph (0 on the CPU).");
+  out += "ksa_graph_replays_total " + std::to_string(g.graph_replays) + "\n";
+  head(out, "ksa_graph_captures_total", "counter", "CUDA graphs captured (0 on the CPU).");
+  out += "ksa_graph_captures_total " + std::to_string(g.graph_captures) + "\n";
+  head(out, "ksa_plans_ahead_total", "counter",
+       "Decode plans made during the step before (CUDA), by whether the next step used them.");
+  out += "ksa_plans_ahead_total{outcome=\"used\"} " + std::to_string(g.plans_ahead_used) + "\n";
+  out += "ksa_plans_ahead_total{outcome=\"dropped\"} " + std::to_string(g.plans_ahead_dropped) + "\n";
   ttft_.render(out, "ksa_time_to_first_token_seconds", "Time from a request's arrival to its first generated token.");
   itl_.render(out, "ksa_inter_token_latency_seconds", "Time between consecutive generated tokens of a request.");
   e2e_.render(out, "ksa_request_duration_seconds", "Time from a request's arrival to its last token.");
-  step_.render(out, "ksa_step_duration_seconds", "Duration of one engine step (all its sequences).");
+  step_decode_.render(out, "ksa_step_duration_seconds",
+                      "Duration of one engine step (all its sequences), by kind: prefill (with prompt tokens) or "
+                      "decode (every sequence continued by one token).",
+                      "kind=\"decode\"");
+  step_prefill_.render(out, "ksa_step_duration_seconds", "", "kind=\"prefill\"");
   return out;
 }
 

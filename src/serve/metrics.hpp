@@ -18,8 +18,9 @@ class Histogram {
  public:
   explicit Histogram(std::vector<double> upper_bounds);
   void observe(double v);
-  // Appends `name`'s HELP, TYPE, _bucket{le=...}, _sum and _count lines.
-  void render(std::string& out, const std::string& name, const std::string& help) const;
+  // Appends `name`'s HELP and TYPE lines (unless `help` is empty: another series of the same name came first),
+  // then its _bucket{le=...}, _sum and _count lines, each with `label` (e.g. kind="decode") when given.
+  void render(std::string& out, const std::string& name, const std::string& help, const std::string& label = {}) const;
   int64_t count() const;
 
  private:
@@ -40,6 +41,8 @@ struct Gauges {
   int64_t kv_budget = 0;          // the admission budget (0: none)
   int64_t max_seqs = 0;
   int64_t steps = 0;  // engine steps run
+  // The engine's CUDA-graph and plan-ahead counters (Model::graph_replays, ...; 0 on the CPU).
+  int64_t graph_replays = 0, graph_captures = 0, plans_ahead_used = 0, plans_ahead_dropped = 0;
 };
 
 class Metrics {
@@ -52,7 +55,8 @@ class Metrics {
   void count_finished(const char* reason);  // "stop", "length", "cancelled", "error"
   void observe_ttft(double seconds) { ttft_.observe(seconds); }
   void observe_itl(double seconds) { itl_.observe(seconds); }
-  void observe_step(double seconds) { step_.observe(seconds); }
+  // One engine step: with prompt tokens in it (prefill) or only sequences continued by a token (decode).
+  void observe_step(double seconds, bool prefill) { (prefill ? step_prefill_ : step_decode_).observe(seconds); }
   void observe_e2e(double seconds) { e2e_.observe(seconds); }
 
   std::string render(const Gauges& g) const;
@@ -62,7 +66,7 @@ class Metrics {
   std::map<std::pair<std::string, int>, int64_t> requests_;
   std::map<std::string, int64_t> finished_;
   std::atomic<int64_t> prompt_tokens_{0}, generated_tokens_{0};
-  Histogram ttft_, itl_, step_, e2e_;
+  Histogram ttft_, itl_, step_decode_, step_prefill_, e2e_;
 };
 
 }  // namespace ksa::serve

@@ -152,6 +152,10 @@ Gauges Scheduler::gauges() const {
   g.kv_budget = opt_.kv_budget;
   g.max_seqs = opt_.max_seqs;
   g.steps = g_steps_;
+  g.graph_replays = g_replays_;
+  g.graph_captures = g_captures_;
+  g.plans_ahead_used = g_plans_used_;
+  g.plans_ahead_dropped = g_plans_dropped_;
   return g;
 }
 
@@ -160,6 +164,10 @@ void Scheduler::publish_gauges() {
   g_live_ = model_.num_sequences();
   g_kv_ = model_.kv_bytes_in_use();
   g_reserved_ = reserved_;
+  g_replays_ = model_.graph_replays();
+  g_captures_ = model_.graph_captures();
+  g_plans_used_ = model_.plans_ahead_used();
+  g_plans_dropped_ = model_.plans_ahead_dropped();
 }
 
 void Scheduler::loop() {
@@ -302,7 +310,7 @@ void Scheduler::step_once() {
   const Clock::time_point t1 = Clock::now();
   g_steps_ += 1;
   if (metrics_) {
-    metrics_->observe_step(std::chrono::duration<double>(t1 - t0).count());
+    metrics_->observe_step(std::chrono::duration<double>(t1 - t0).count(), prefill_used > 0);
     if (prefill_used) metrics_->add_prompt_tokens(prefill_used);
   }
   for (size_t i = 0; i < items.size(); ++i) {

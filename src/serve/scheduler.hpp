@@ -160,6 +160,7 @@ class Scheduler {
 
   // Published by the scheduler thread for gauges().
   std::atomic<int64_t> g_queued_{0}, g_running_{0}, g_live_{0}, g_kv_{0}, g_reserved_{0}, g_steps_{0};
+  std::atomic<int64_t> g_replays_{0}, g_captures_{0}, g_plans_used_{0}, g_plans_dropped_{0};
   std::thread thread_;
 };
 

@@ -289,6 +289,20 @@ TEST(ServeMetrics, PrometheusText) {
   EXPECT_NE(t.find("ksa_time_to_first_token_seconds_bucket{le=\"60\"} 2\n"), std::string::npos);
   EXPECT_NE(t.find("ksa_time_to_first_token_seconds_bucket{le=\"+Inf\"} 3\n"), std::string::npos);
   EXPECT_NE(t.find("ksa_time_to_first_token_seconds_count 3\n"), std::string::npos);
+  // Step durations: one histogram name, two series told apart by their kind label, HELP and TYPE once.
+  m.observe_step(0.004, false);
+  m.observe_step(0.03, true);
+  m.observe_step(0.02, true);
+  g.graph_replays = 7;
+  const std::string u = m.render(g);
+  EXPECT_NE(u.find("ksa_step_duration_seconds_bucket{kind=\"decode\",le=\"0.005\"} 1\n"), std::string::npos) << u;
+  EXPECT_NE(u.find("ksa_step_duration_seconds_bucket{kind=\"prefill\",le=\"0.025\"} 1\n"), std::string::npos);
+  EXPECT_NE(u.find("ksa_step_duration_seconds_bucket{kind=\"prefill\",le=\"0.05\"} 2\n"), std::string::npos);
+  EXPECT_NE(u.find("ksa_step_duration_seconds_count{kind=\"prefill\"} 2\n"), std::string::npos);
+  EXPECT_NE(u.find("ksa_step_duration_seconds_sum{kind=\"decode\"} 0.004\n"), std::string::npos);
+  EXPECT_EQ(u.find("# TYPE ksa_step_duration_seconds histogram"),
+            u.rfind("# TYPE ksa_step_duration_seconds histogram"));
+  EXPECT_NE(u.find("ksa_graph_replays_total 7\n"), std::string::npos);
 }
 
 }  // namespace

@@ -350,6 +350,11 @@ TEST_F(SchedulerTest, MetricsSeeTokensAndLatencies) {
   EXPECT_NE(text.find("ksa_completions_total{reason=\"length\"} 1\n"), std::string::npos) << text;
   EXPECT_NE(text.find("ksa_kv_bytes_in_use 0\n"), std::string::npos) << text;
   EXPECT_NE(text.find("ksa_live_sequences 0\n"), std::string::npos) << text;
+  // One step with the 9-token prompt (which samples the first token), then 4 steps of one token each.
+  EXPECT_NE(text.find("ksa_step_duration_seconds_count{kind=\"prefill\"} 1\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("ksa_step_duration_seconds_count{kind=\"decode\"} 4\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("ksa_steps_total 5\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("ksa_graph_replays_total 0\n"), std::string::npos) << text;  // the CPU has no graphs
 }
 
 }  // namespace
