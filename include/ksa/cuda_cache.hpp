@@ -26,16 +26,25 @@
 
 namespace ksa::cuda {
 
+// Device memory that read_stream's row tables pass through (KvCacheGpu::make_read_scratch).
+struct KvReadScratch;
+
 struct KvCacheGpuOptions {
   // Keys per attention work unit (0 = chosen per plan to fill the device). Capped at 255 · block_rows (a
   // unit's block addresses are staged in the attend kernel's shared memory).
   int64_t split_rows = 0;
+  // read_stream's device row table, shared by caches whose work is queued on one stream (a model's layers):
+  // one buffer of the largest table instead of one per cache (the 4B shape at 128K: ~4 MB instead of ~50).
+  // Null: the cache's own.
+  std::shared_ptr<KvReadScratch> read_scratch;
 };
 
 class KvCacheGpu {
  public:
   // cfg.dtype must be bf16; D 64 or 128. All work is queued on `stream`.
   explicit KvCacheGpu(const KvCacheConfig& cfg, CudaStream stream = nullptr, KvCacheGpuOptions opt = {});
+  // A read_stream scratch for KvCacheGpuOptions::read_scratch (no device memory until a read needs it).
+  static std::shared_ptr<KvReadScratch> make_read_scratch();
   ~KvCacheGpu();
   KvCacheGpu(const KvCacheGpu&) = delete;
   KvCacheGpu& operator=(const KvCacheGpu&) = delete;

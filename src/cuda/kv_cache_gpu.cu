@@ -130,6 +130,12 @@ bool supports(const KvCacheConfig& c, std::string* why) {
   return true;
 }
 
+struct KvReadScratch {
+  DeviceBuf buf;
+};
+
+std::shared_ptr<KvReadScratch> KvCacheGpu::make_read_scratch() { return std::make_shared<KvReadScratch>(); }
+
 struct KvCacheGpu::Impl {
   KvCache cache;
   cudaStream_t stream;
@@ -148,7 +154,7 @@ struct KvCacheGpu::Impl {
   // the launches of the plan before it still read the other. A prefill's writes have a workspace of their
   // own (queued on the cache's stream): their larger plans never move a decode workspace, so the graphs
   // captured around the decode stay valid when prompts come and go.
-  DeviceBuf meta[2], write_meta, partials, read_meta;
+  DeviceBuf meta[2], write_meta, partials, read_meta;  // read_meta: unless opt.read_scratch
   int slot = 0;  // the last decode plan's workspace (an open plan's: cancel_decode moves it back)
   Staging staging[2], read_staging;
   int next_staging = 0;
@@ -370,11 +376,12 @@ void KvCacheGpu::read_stream(SeqId id, int64_t text_begin, int64_t sum_begin, co
     const KvRowRef r = sv.summary_row(pv, S, s);
     src[i] = pv.block(r.block), srow[i] = int32_t(r.row), dst[i] = int32_t(geo.summary_position(s / S, s % S));
   }
-  m.read_meta.reserve(bytes, m.stream);
-  KSA_CUDA_CHECK(cudaMemcpyAsync(m.read_meta.p, h, bytes, cudaMemcpyHostToDevice, m.stream));
+  DeviceBuf& meta = m.opt.read_scratch ? m.opt.read_scratch->buf : m.read_meta;
+  meta.reserve(bytes, m.stream);
+  KSA_CUDA_CHECK(cudaMemcpyAsync(meta.p, h, bytes, cudaMemcpyHostToDevice, m.stream));
   KSA_CUDA_CHECK(cudaEventRecord(m.read_staging.done, m.stream));
   m.read_staging.pending = true;
-  const char* d = static_cast<const char*>(m.read_meta.p);
+  const char* d = static_cast<const char*>(meta.p);
   read_rows_kernel<<<unsigned(n), 256, 0, m.stream>>>(
       reinterpret_cast<const uint16_t* const*>(d), reinterpret_cast<const int32_t*>(d + size_t(n) * sizeof(void*)),
       reinterpret_cast<const int32_t*>(d + size_t(n) * sizeof(void*)) + n, int(P), int(cfg.Hkv), int(cfg.D),

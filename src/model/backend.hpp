@@ -89,7 +89,7 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;  // "cpu (N threads)", "cuda: NVIDIA H200 (sm_90, ...)"
-  virtual DType narrow_dtype() const = 0;
+  virtual DType dtype(Prec p) const = 0;  // what act(rows, cols, p) holds
 
   // Weights (called at load). `t` may be null (absent tensor): returns an empty Weight.
   virtual Weight place(const TensorInfo* t) = 0;

@@ -40,7 +40,7 @@ class CpuBackend final : public Backend {
         batch_invariant_(o.batch_invariant) {}
 
   std::string name() const override { return "cpu (" + std::to_string(threads_) + " threads)"; }
-  DType narrow_dtype() const override { return DType::f32; }
+  DType dtype(Prec p) const override { return p == Prec::cache ? kv_dtype_ : DType::f32; }
 
   Weight place(const TensorInfo* t) override {
     Weight w;
@@ -70,7 +70,7 @@ class CpuBackend final : public Backend {
   }
 
   Act act(int64_t rows, int64_t cols, Prec p) override {
-    const DType t = p == Prec::cache ? kv_dtype_ : DType::f32;
+    const DType t = dtype(p);
     return Act{arena_.take(size_t(rows * cols * dtype_size(t))), rows, cols, t};
   }
 

@@ -3,6 +3,7 @@
 #include "ksa/model.hpp"
 
 #include <algorithm>
+#include <initializer_list>
 #include <map>
 #include <utility>
 
@@ -31,6 +32,30 @@ struct Piece {
   bool last_logits = false;  // the last text row's logits (also when sampling)
   bool sample = false;
   bool prefill = false;  // attend with the prefill kernel (else the decode kernel through the cache)
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The MLP's least rows per part when a step splits it (Model::step).
+constexpr int64_t kMlpPartRows = 2048;
+
+// Activations carved one after another from one step buffer, each start rounded up to kCarveAlign bytes (the
+// 16-byte loads of the GPU's kernels need 16).
+constexpr int64_t kCarveAlign = 256;
+int64_t carve_round(int64_t bytes) { return ceil_div(bytes, kCarveAlign) * kCarveAlign; }
+int64_t carved_bytes(std::initializer_list<int64_t> sizes) {
+  int64_t total = 0;
+  for (int64_t b : sizes) total += carve_round(b);
+  return total;
+}
+struct Carver {
+  void* base;
+  int64_t used = 0;
+  Act take(int64_t rows, int64_t cols, DType t) {
+    const Act a{static_cast<char*>(base) + used, rows, cols, t};
+    used += carve_round(rows * cols * int64_t(dtype_size(t)));
+    return a;
+  }
 };
 
 }  // namespace
@@ -174,17 +199,33 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   b.begin_step(desc);
   const bool have_summaries = !desc.summary_rows.empty();
   const int64_t ns = int64_t(desc.summary_rows.size());
-  Act x = b.act(n, H, Prec::wide), h = b.act(n, H, Prec::narrow);
   const int64_t NQ = Hq * D, NKV = Hkv * D;
+  const DType narrow = b.dtype(Prec::narrow), cache_t = b.dtype(Prec::cache);
+  // A long step runs the MLP (norm, SwiGLU, down product) on parts of its rows, each at least kMlpPartRows,
+  // so that SwiGLU's output fits the buffer q/k/v use (below): with the 4B shape (I = 9,728 against 6,144
+  // q/k/v columns) a 4,608-row prefill step needs 33 MB less on the GPU, and products of >= 2,048 rows still
+  // fill it.
+  const int64_t mlp_parts =
+      I > NQ + 2 * NKV ? std::min(ceil_div(I, NQ + 2 * NKV), std::max<int64_t>(1, n / kMlpPartRows)) : 1;
+  const int64_t mlp_rows = ceil_div(n, mlp_parts);
+  Act x = b.act(n, H, Prec::wide);
   // qkv (from its product to qk_norm_rope), att (from the attention to the o product) and gu (from SwiGLU to
   // the down product) are never live at once: one buffer holds each in turn (a 2,304-row prefill step of the
-  // 4B shape on the GPU needs 64 MB less).
-  const DType narrow = b.narrow_dtype();
+  // 4B shape on the GPU needs 64 MB less). Nor are qc, kc, vc (from qk_norm_rope to the attention) and h, gu2
+  // (a norm's output, from the norm to the product after it; linear_swiglu's scratch): a second buffer holds
+  // either group (44 MB less for 4,608 rows).
   const int64_t nb = int64_t(dtype_size(narrow));
-  const Act shared = b.act(n, (std::max({NQ + 2 * NKV, NQ, I}) * nb + 3) / 4, Prec::wide);
-  const Act qkv{shared.data, n, NQ + 2 * NKV, narrow}, att{shared.data, n, NQ, narrow}, gu{shared.data, n, I, narrow};
-  Act qc = b.act(n, NQ, Prec::cache), kc = b.act(n, NKV, Prec::cache), vc = b.act(n, NKV, Prec::cache);
-  Act gu2 = b.act(std::min(n, engine::Backend::kSwigluRows), 2 * I, Prec::narrow);  // linear_swiglu's scratch
+  const Act shared = b.act(1, ceil_div(std::max({n * (NQ + 2 * NKV), n * NQ, mlp_rows * I}) * nb, 4), Prec::wide);
+  const Act qkv{shared.data, n, NQ + 2 * NKV, narrow}, att{shared.data, n, NQ, narrow};
+  const Act gu{shared.data, mlp_rows, I, narrow};
+  const int64_t swiglu_rows = std::min(n, engine::Backend::kSwigluRows);
+  const int64_t cb = int64_t(dtype_size(cache_t));
+  const int64_t qkvc_bytes = carved_bytes({n * NQ * cb, n * NKV * cb, n * NKV * cb});
+  const int64_t hgu_bytes = carved_bytes({n * H * nb, swiglu_rows * 2 * I * nb});
+  const Act second = b.act(1, ceil_div(std::max(qkvc_bytes, hgu_bytes), 4), Prec::wide);
+  Carver c1{second.data}, c2{second.data};
+  const Act qc = c1.take(n, NQ, cache_t), kc = c1.take(n, NKV, cache_t), vc = c1.take(n, NKV, cache_t);
+  const Act h = c2.take(n, H, narrow), gu2 = c2.take(swiglu_rows, 2 * I, narrow);  // gu2: linear_swiglu's scratch
   Act saved, hs, ys;
   if (have_summaries) {
     saved = b.act(ns, H, Prec::wide);
@@ -221,8 +262,12 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
     b.qk_norm_rope(qkv, L.q_norm, L.k_norm, eps, cfg.rope_theta, Hq, Hkv, D, qc, kc, vc);
     b.attention(li, L.W, qc, kc, vc, Hq, att);
     b.linear_add(att, L.o, x);
-    b.rms_norm_swiglu(x, L.post_norm, eps, L.gate, L.up, gu, h, gu2);
-    b.linear_add(gu, L.down, x);
+    for (int64_t r0 = 0; r0 < n; r0 += mlp_rows) {
+      const int64_t m = std::min(mlp_rows, n - r0);
+      const Act xm = row_range(x, r0, m), gm = row_range(gu, 0, m);
+      b.rms_norm_swiglu(xm, L.post_norm, eps, L.gate, L.up, gm, row_range(h, 0, m), gu2);
+      b.linear_add(gm, L.down, xm);
+    }
     if (have_summaries && !L.summary_layer) b.scatter(saved, Rows::summary, x);
   }
   for (const Piece& pc : pieces) {

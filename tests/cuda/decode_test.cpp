@@ -16,6 +16,12 @@ namespace {
 
 using test::SeqData;
 
+cuda::KvCacheGpuOptions split_options(int64_t split_rows) {
+  cuda::KvCacheGpuOptions o;
+  o.split_rows = split_rows;
+  return o;
+}
+
 // Tolerance: the CPU decode test's bound (cache_cases.hpp: bf16 out = one rounding, 2^-8·|ref|, plus the
 // fp32 term 1e-5·(1 + max|v|)) with the fp32 term doubled: the GPU sums the same fp32 products in another
 // order (8-element lane sums, a shuffle tree, lane-group and split partials merged by OnlineSoftmax), whose
@@ -62,7 +68,7 @@ struct GpuDriver : test::DecodeTracker {
   std::vector<std::unique_ptr<DevMem>> dk, dv;  // whole streams' k, v on the device (prefill source)
   bool strided = false;
 
-  GpuDriver(const KvCacheConfig& cfg, int64_t split) : cache(cfg, nullptr, cuda::KvCacheGpuOptions{split}) {}
+  GpuDriver(const KvCacheConfig& cfg, int64_t split) : cache(cfg, nullptr, split_options(split)) {}
 
   void add(const SeqData& d) {
     data.push_back(&d);
@@ -245,7 +251,7 @@ TEST(CudaDecode, TinyBlocksCapTheSplit) {
   c.k = 8, c.S = 1, c.W = 64, c.Hkv = 1, c.G = 4, c.D = 64, c.P = 1, c.split = int64_t(1) << 20, c.T = {3000};
   c.seed = 41;
   {
-    cuda::KvCacheGpu cache(c.config(), nullptr, cuda::KvCacheGpuOptions{c.split});
+    cuda::KvCacheGpu cache(c.config(), nullptr, split_options(c.split));
     const SeqId id = cache.add_sequence();
     const int64_t L = Layout(c.k, c.S, 2999).length(), row = c.Hkv * c.D;  // the step adds text token 3000
     DevMem kv(size_t((L + 1) * row * 2)), q(size_t(c.G * c.D * 2)), out(size_t(c.G * c.D * 2));

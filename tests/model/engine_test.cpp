@@ -242,6 +242,26 @@ TEST(EngineReference, PrefillMatchesReference) {
   }
 }
 
+// A step of more than 4,096 stream rows runs its MLP on parts of its rows (Model::step: SwiGLU's output then
+// fits the q/k/v buffer): still the reference's logits. A case whose intermediate size (192) exceeds its
+// q/k/v columns (128), the prompt in one step of 4,125 rows (two parts of 2,063 and 2,062).
+TEST(EngineReference, LongStepRunsTheMlpInPartsAndMatchesReference) {
+  {
+    const Case c = cases()[0];
+    const int64_t T = 3300;
+    SCOPED_TRACE(describe(c) + ", T=" + std::to_string(T));
+    const Built b(c);
+    Model m = b.engine(DType::f32);
+    std::mt19937_64 rng(c.seed + 7);
+    const std::vector<int32_t> text = random_text(rng, T);
+    const std::vector<double> want = b.ref->logits(text);
+    const Diff dn = diff(b.ref->logits_f32(text), want), d = diff(prefill(m, text), want);
+    const double tol = kNaiveMultiple * dn.max_err + kFloorRel * dn.max_abs;
+    EXPECT_TRUE(within(d, tol, b.V())) << "(naive fp32 error " << dn.max_err << ")";
+    EXPECT_GT(dn.max_abs, 1e-3);
+  }
+}
+
 // f(case, built, engine, text, reference logits) for every case: the engine with a `kv` cache and 61 random
 // text tokens (the case's seed + seed_offset).
 template <class F>

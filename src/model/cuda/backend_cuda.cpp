@@ -85,7 +85,7 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override { return desc_name_; }
-  DType narrow_dtype() const override { return DType::bf16; }
+  DType dtype(Prec p) const override { return p == Prec::wide ? DType::f32 : DType::bf16; }
 
   Weight place(const TensorInfo* t) override {
     Weight w;
@@ -111,12 +111,14 @@ class CudaBackend final : public Backend {
 
   void create_caches(const std::vector<KvCacheConfig>& layers) override {
     caches_.clear();
+    cuda::KvCacheGpuOptions o;
+    o.read_scratch = cuda::KvCacheGpu::make_read_scratch();  // the layers' reads run one after another
     for (KvCacheConfig c : layers) {
       c.block_rows = 64;
       c.ring_slack_rows = std::max<int64_t>(0, opt_.continuation_tokens - 1);
       std::string why;
       if (!cuda::supports(c, &why)) fail("the CUDA engine cannot hold this model's KV cache: ", why);
-      caches_.push_back(std::make_unique<cuda::KvCacheGpu>(c, stream_));
+      caches_.push_back(std::make_unique<cuda::KvCacheGpu>(c, stream_, o));
     }
   }
   KvCache& cache(size_t layer) override { return caches_[layer]->host(); }
@@ -180,7 +182,7 @@ class CudaBackend final : public Backend {
   }
 
   Act act(int64_t rows, int64_t cols, Prec p) override {
-    const DType t = p == Prec::wide ? DType::f32 : DType::bf16;
+    const DType t = dtype(p);
     return Act{arena_.take(size_t(rows * cols * dtype_size(t))), rows, cols, t};
   }
 
