@@ -366,6 +366,8 @@ TEST(CudaEngine, PlanningAheadEqualsPlanningEachStep) {
     sc.seed = 5;
     size_t steps_differ = 0;
     int64_t steps = 0;
+    SeqId pid[3] = {-1, -1, -1};
+    int64_t used_before_pieces = 0, used_during_pieces = 0;
     for (int64_t n : {50, 170, 9}) {  // the prompts, each its own step
       std::vector<StepItem> items[3];
       start(n, items);
@@ -388,12 +390,29 @@ TEST(CudaEngine, PlanningAheadEqualsPlanningEachStep) {
                                       sample ? &sc : nullptr, {}});
       }
       if (step == 40 || step == 200) start(30, items);  // a sequence joins mid-run
+      // 260..262: a prompt in three pieces of 130 tokens (each over the decode's 128: the prefill kernel)
+      // beside the decoding sequences, as `ksa serve` runs one; only the last returns logits. The steps after
+      // the first two pieces are the ones planned ahead (the prompt's next piece needs no decode plan), and
+      // after the last one the prompt's sequence decodes with the others.
+      if (step == 260)
+        for (int e = 0; e < 3; ++e) pid[e] = m[e].new_sequence();
+      if (step >= 260 && step <= 262) {
+        const std::span<const int32_t> t = take(130);
+        for (int e = 0; e < 3; ++e)
+          items[e].push_back(StepItem{pid[e], t, step == 262 ? LogitsFor::last : LogitsFor::none, nullptr, {}});
+      }
+      if (step == 261) used_before_pieces = m[1].plans_ahead_used();
       if (step == 250)  // a step without logits or samples (nothing is planned ahead after it)
         for (int e = 0; e < 3; ++e)
           for (StepItem& it : items[e]) it.logits = LogitsFor::none, it.sampler = nullptr;
       StepResult r[3];
       for (int e = 0; e < 3; ++e) m[e].step(items[e], r[e]);
       ++steps;
+      if (step == 262) {
+        for (int e = 0; e < 3; ++e) ids[e].push_back(pid[e]);
+        len.push_back(390);
+      }
+      if (step == 263) used_during_pieces = m[1].plans_ahead_used() - used_before_pieces;
       if (r[1].logits != r[0].logits || r[2].logits != r[0].logits || r[1].next != r[0].next ||
           r[2].next != r[0].next)
         ++steps_differ;
@@ -406,6 +425,7 @@ TEST(CudaEngine, PlanningAheadEqualsPlanningEachStep) {
     EXPECT_EQ(steps_differ, 0u) << v.name;
     EXPECT_GT(m[1].plans_ahead_used(), 250) << v.name;
     EXPECT_GE(m[1].plans_ahead_dropped(), 4) << v.name;  // the joins, the release, the 3-token step
+    EXPECT_EQ(used_during_pieces, 3) << v.name << ": steps 261-263 (beside a prompt's pieces) not planned ahead";
     EXPECT_EQ(m[0].plans_ahead_used() + m[0].plans_ahead_dropped(), 0) << v.name;
     EXPECT_GT(m[1].graph_replays(), 250) << v.name;
     while (!len.empty()) release(0);

@@ -545,7 +545,8 @@ class CudaBackend final : public Backend {
 
   // ---- planning ahead
   // While step t runs on the device, the host plans every layer's decode of the step most likely to follow:
-  // each sequence of step t continued by one text token (with the summary rows that token completes). The
+  // each sequence of step t continued by one text token (with the summary rows that token completes), except
+  // a prompt piece that returned no logits (its prompt goes on in the next step, through the prefill). The
   // plans are validated and packed here and their uploads queued on ahead_stream_ at once: they fill the
   // caches' other plan workspaces than step t's (KvCacheGpu alternates two), which only finished steps read,
   // so they land under step t's graph. The caches hold them open. The next begin_step
@@ -556,11 +557,19 @@ class CudaBackend final : public Backend {
     const StreamGeometry geo = caches_[0]->config().geometry();
     ahead_ids_.clear();
     ahead_n_.clear();
+    const std::vector<int32_t>& lr = step_->logits_rows;  // increasing
+    const auto logits_in = [&](int64_t r0, int64_t r1) {
+      return std::lower_bound(lr.begin(), lr.end(), int32_t(r0)) != std::lower_bound(lr.begin(), lr.end(), int32_t(r1));
+    };
     for (const StepSeq& s : step_->seqs) {
+      // A prompt piece without logits is followed by the prompt's next piece (the prefill kernel, no decode
+      // plan): a server's step of decoding sequences and one prompt piece is then planned right.
+      if (s.fresh && !logits_in(s.row0, s.row0 + s.n)) continue;
       const SeqState st = caches_[0]->state(s.cache_id);
       ahead_ids_.push_back(s.cache_id);
       ahead_n_.push_back(geo.counts_after_text(st.text_tokens + 1).length() - st.stream_length());
     }
+    if (ahead_ids_.empty()) return;
     size_t i = 0;
     try {
       for (; i < caches_.size(); ++i) caches_[i]->plan_decode_on(ahead_stream_, ahead_ids_, ahead_n_, opt_.q_heads);
