@@ -9,7 +9,8 @@
 #     4b     ksa make-model --shape 4b, then the speed targets' shapes on it (decode at 16K and 128K, batch 64
 #            at 4K, prefill 16K and 128K)
 #     nographs  with 4b: batch-1 decode at 16K again with --no-cuda-graphs (every kernel launched per step)
-#     ub2048    with 4b: the 128K prefill again in pieces of 2048 tokens (-ub 2048)
+#     ub4096    with 4b: the 128K prefill again in pieces of 4096 tokens (-ub 4096; the default is 2048), and
+#            its peak device memory against issue #20's limit
 #     nogemv    with 4b: batch-1 decode at 16K again with --no-cuda-gemv (cuBLASLt for the thin products)
 #     ncu    with 4b: Nsight Compute durations of every kernel of one decode step (short context, no graphs),
 #            summed per kernel (ncu_decode.csv, ncu_decode.txt)
@@ -19,9 +20,11 @@
 #            the prefill's time goes (issue #21's throughput at 64 streams is prefill-bound)
 #     refs   with 4b: HuggingFace transformers' Qwen3 (SDPA, static cache) on the same checkpoint (model_ref.py)
 #     serve  with 4b: `ksa serve --device cuda` on the 4B checkpoint driven by bench/serve/loadgen.js at 1, 8 and
-#            64 concurrent streams with 4K-token prompts (issue #21's target shape); needs cpp-httplib (Debian's,
-#            or KSA_DEPS/serve with its pkg-config file), node (NODE=<path>) and a tokenizer.json for the
-#            checkpoint (KSA_DEPS/tokenizer-qwen3)
+#            64 concurrent streams with 4K-token prompts (SERVE_MAX_TOKENS output tokens, 256), then issue #21's
+#            target shape: 64 streams, 128 requests of 4K-token prompts and 1,024 output tokens, with the
+#            server's step times and graph counters (SERVE_CHUNKS="1024 2048": once per --prefill-chunk);
+#            needs cpp-httplib (Debian's, or KSA_DEPS/serve with its pkg-config file), node (NODE=<path>) and a
+#            tokenizer.json for the checkpoint (KSA_DEPS/tokenizer-qwen3)
 #     compare  with 4b and KSA_BEFORE=<checkout> (e.g. `git archive REV | tar -x -C .before`, carried): that
 #            checkout's ksa is built beside this one and both run the three decode shapes (batch 1 at 16K and
 #            128K, batch 64 at 4K; COMPARE_SHAPES="16k 128k b64" picks some), alternating, COMPARE_ROUNDS
@@ -115,7 +118,7 @@ if want 4b; then
   fi
   if want nographs; then bench4b -p 16384 -n 64 -b 1 --no-cuda-graphs; fi
   if want nogemv; then bench4b -p 16384 -n 64 -b 1 --no-cuda-gemv; fi
-  if want ub2048; then bench4b -p 131072 -n 8 -b 1 -r 1 -ub 2048; fi
+  if want ub4096; then bench4b -p 131072 -n 32 -b 1 -r 1 -ub 4096; fi
   if want ncu; then
     echo "== ncu: kernels of one decode step (4b, context 1, eager launches)"
     # 8 forwards of ~400 kernels (warm-up and timed run: a one-token prefill and 3 steps each): the last ~1000.
@@ -156,6 +159,13 @@ if want 4b; then
         SERVE_ARGS="--device cuda --max-seqs 64 --ctx 8192" bench/serve/run.sh $M --prompt-tokens 4096 \
         --max-tokens "${SERVE_MAX_TOKENS:-256}" --concurrency 1,8,64 \
         2>&1 | tee "$OUT/serve_4b.log" | tail -20 || echo "serve bench: FAILED (log: $OUT/serve_4b.log)"
+      for chunk in ${SERVE_CHUNKS:-1024}; do
+        echo "== ksa serve, 64 streams, 128 requests, 4K-token prompts, 1,024 output tokens, --prefill-chunk $chunk"
+        PATH="$(dirname "$(command -v "${NODE:-node}")"):$PATH" KSA=$KSA \
+          SERVE_ARGS="--device cuda --max-seqs 64 --ctx 8192 --prefill-chunk $chunk" bench/serve/run.sh $M \
+          --prompt-tokens 4096 --max-tokens 1024 --concurrency 64 --requests 128 2>&1 |
+          tee "$OUT/serve_4b_64x1024_$chunk.log" | tail -16 || echo "serve bench: FAILED"
+      done
     fi
   fi
   if want release; then
