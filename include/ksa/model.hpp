@@ -140,6 +140,23 @@ struct ReplayTimes {
   }
 };
 
+// How the steps of a CUDA engine ran with CUDA graphs (Model::graph_stats; zeros on the CPU or without graphs):
+// replayed, launched kernel by kernel, or captured, and why. A step continuing sequences only is replayed from
+// its shape's graph (rows, summary rows, logits rows, sequences) while that graph fits; its shape's first step
+// runs eagerly, the second is captured.
+struct GraphStats {
+  int64_t replays = 0;
+  int64_t eager_prompt = 0;  // eager: a prompt piece in the step (the prefill kernel's launch depends on it)
+  int64_t eager_first = 0;   // eager: the first step of its shape
+  int64_t captures = 0;      // = the causes below
+  int64_t new_shape = 0;     // the shape's second step
+  int64_t arena_moved = 0;   // the activation arena grew since the shape's graph was captured
+  int64_t plans_moved = 0;   // a cache's decode plan workspace grew
+  int64_t over_units = 0;    // the step's attention work outgrew the graph's grid
+  int64_t other_slot = 0;    // its graph had no copy for the plan workspace slot the step fell on
+  int64_t cleared = 0;       // times the graphs of 64 shapes were all dropped to start over
+};
+
 class Model {
  public:
   // Reads DIR/config.json and the safetensors (single file or sharded), checks every tensor against the
@@ -177,6 +194,7 @@ class Model {
   // Forward passes so far that replayed a CUDA graph, and graphs captured (0 on the CPU or without graphs).
   int64_t graph_replays() const;
   int64_t graph_captures() const;
+  GraphStats graph_stats() const;  // the same with the other steps and causes
   // Where the time of the replayed steps went (sums; zeros on the CPU or without graphs).
   ReplayTimes replay_times() const;
   // Steps whose decode was planned during the step before (ModelOptions::cuda_plan_ahead), and plans made

@@ -183,6 +183,7 @@ class Backend {
   // Steps of the backend's lifetime run as graph replays / captures (CUDA; 0 elsewhere).
   virtual int64_t graph_replays() const { return 0; }
   virtual int64_t graph_captures() const { return 0; }
+  virtual GraphStats graph_stats() const { return {}; }
   // Where the replayed steps' time went (Model::replay_times; zeros without graphs).
   virtual ReplayTimes replay_times() const { return {}; }
   // Steps that used the decode plans made during the step before, and such plans dropped (CUDA; 0 elsewhere).

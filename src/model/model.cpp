@@ -466,6 +466,7 @@ Model::DeviceMemory Model::device_memory_at_peak() const { return impl_->be->dev
 int64_t Model::device_bytes_free() const { return impl_->be->device_bytes_free(); }
 int64_t Model::graph_replays() const { return impl_->be->graph_replays(); }
 int64_t Model::graph_captures() const { return impl_->be->graph_captures(); }
+GraphStats Model::graph_stats() const { return impl_->be->graph_stats(); }
 ReplayTimes Model::replay_times() const { return impl_->be->replay_times(); }
 int64_t Model::plans_ahead_used() const { return impl_->be->plans_ahead_used(); }
 int64_t Model::plans_ahead_dropped() const { return impl_->be->plans_ahead_dropped(); }

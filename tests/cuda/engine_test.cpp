@@ -307,6 +307,22 @@ TEST(CudaEngine, GraphReplaysEqualEagerLaunches) {
     EXPECT_EQ(mismatched, 0u) << v.name;
     EXPECT_GT(graphs.graph_replays(), 300) << v.name;
     EXPECT_EQ(eager.graph_replays() + eager.graph_captures(), 0) << v.name;
+    // Every step is accounted for: 3 prompts (eager), 400 steps replayed, eager at a shape's first sight or
+    // captured; every capture has a cause.
+    const GraphStats gs = graphs.graph_stats();
+    std::printf("[cuda engine] %s: captures: %lld new shapes, %lld arena, %lld plan workspace, %lld work units, "
+                "%lld other slot; eager: %lld first sight, %lld prompt\n",
+                v.name.c_str(), (long long)gs.new_shape, (long long)gs.arena_moved, (long long)gs.plans_moved,
+                (long long)gs.over_units, (long long)gs.other_slot, (long long)gs.eager_first,
+                (long long)gs.eager_prompt);
+    EXPECT_EQ(gs.replays, graphs.graph_replays()) << v.name;
+    EXPECT_EQ(gs.captures, graphs.graph_captures()) << v.name;
+    EXPECT_EQ(gs.captures, gs.new_shape + gs.arena_moved + gs.plans_moved + gs.over_units + gs.other_slot) << v.name;
+    EXPECT_EQ(gs.eager_prompt, 3) << v.name;
+    EXPECT_EQ(gs.replays + gs.captures + gs.eager_first, 400) << v.name;
+    EXPECT_GE(gs.new_shape, 2) << v.name;  // steps of 3 sequences, then of one
+    const GraphStats ge = eager.graph_stats();
+    EXPECT_EQ(ge.replays + ge.captures + ge.eager_first + ge.eager_prompt, 0) << v.name;
   }
 }
 

@@ -316,10 +316,16 @@ int run_bench_model(int argc, char** argv) {
                    "%.1f + prefill key buffer %.1f + the rest %.1f (CUDA runtime, libraries, plans)\n",
                    mib(m.total), mib(wb), mib(m.kv_cache), mib(m.activations), mib(m.prefill_keys),
                    mib(m.total - wb - m.kv_cache - m.activations - m.prefill_keys));
+    const GraphStats g = model.graph_stats();
     std::fprintf(info,
-                 "CUDA graphs: %s (%lld steps replayed, %lld graphs captured); GEMV kernel for <= 8 rows: %s "
-                 "(batch-1 shape %d); planning ahead: %s (plans used at %lld steps, dropped %lld times)\n",
-                 mo.cuda_graphs ? "on" : "off", (long long)model.graph_replays(), (long long)model.graph_captures(),
+                 "CUDA graphs: %s (%lld steps replayed; %lld graphs captured: %lld new shapes, %lld after the "
+                 "activation arena grew, %lld after a decode plan workspace grew, %lld outgrown by the attention's "
+                 "work, %lld for the other plan slot, %lld times all dropped; eager steps: %lld a shape's first, "
+                 "%lld with a prompt piece); GEMV kernel for <= 8 rows: %s (batch-1 shape %d); planning ahead: %s "
+                 "(plans used at %lld steps, dropped %lld times)\n",
+                 mo.cuda_graphs ? "on" : "off", (long long)g.replays, (long long)g.captures, (long long)g.new_shape,
+                 (long long)g.arena_moved, (long long)g.plans_moved, (long long)g.over_units, (long long)g.other_slot,
+                 (long long)g.cleared, (long long)g.eager_first, (long long)g.eager_prompt,
                  mo.cuda_gemv ? "on" : "off (cuBLASLt)", mo.cuda_gemv_shape, mo.cuda_plan_ahead ? "on" : "off",
                  (long long)model.plans_ahead_used(), (long long)model.plans_ahead_dropped());
   }

@@ -493,6 +493,12 @@ class CudaBackend final : public Backend {
     return scratch_.get();
   }
   int64_t graph_captures() const override { return captures_; }
+  GraphStats graph_stats() const override {
+    GraphStats g = stats_;
+    g.replays = replays_;
+    g.captures = captures_;
+    return g;
+  }
 
  private:
   // ---- decode planning and CUDA graphs
@@ -625,7 +631,11 @@ class CudaBackend final : public Backend {
   // lazily made tables), the second is captured, later ones replay while the graph fits.
   void choose_mode(const StepDesc& step) {
     caps_.assign(caches_.size(), 0);
-    if (!opt_.cuda_graphs || decode_rows_ == 0 || decode_rows_ != step.rows()) return;
+    if (!opt_.cuda_graphs) return;
+    if (decode_rows_ == 0 || decode_rows_ != step.rows()) {
+      ++stats_.eager_prompt;
+      return;
+    }
     const GraphKey key{step.rows(), int64_t(step.summary_rows.size()), int64_t(step.logits_rows.size()),
                        int64_t(step.seqs.size())};
     auto it = graphs_.find(key);
@@ -634,7 +644,11 @@ class CudaBackend final : public Backend {
       replay_exec_ = it->second.exec[slot()];
       return;
     }
-    if (++seen_[key] < 2) return;
+    if (++seen_[key] < 2) {
+      ++stats_.eager_first;
+      return;
+    }
+    count_capture_cause(it == graphs_.end() ? nullptr : &it->second);
     Graph g;
     for (size_t i = 0; i < caches_.size(); ++i) {
       int64_t cap = 1;  // the next power of two: a growing context recaptures O(log) times
@@ -654,12 +668,28 @@ class CudaBackend final : public Backend {
     if (graphs_.size() >= kMaxGraphs) {  // many shapes (a server's changing batches): start over
       for (auto& [k, gr] : graphs_) gr.destroy();
       graphs_.clear();
+      ++stats_.cleared;
     }
     caps_ = g.caps;
     pending_ = std::move(g);
     pending_key_ = key;
     check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "starting a CUDA graph capture");
     mode_ = Mode::capture;
+  }
+
+  // Why a step of a known shape (g; null: a shape without a graph) is captured (GraphStats): graph_fits's
+  // first failing condition.
+  void count_capture_cause(const Graph* g) {
+    const int s = slot();
+    int64_t* cause = &stats_.new_shape;
+    if (g && !g->exec[s]) cause = &stats_.other_slot;
+    else if (g && g->arena != arena_.generation()) cause = &stats_.arena_moved;
+    else if (g) {
+      cause = &stats_.over_units;
+      for (size_t i = 0; i < caches_.size(); ++i)
+        if (g->gens[s][i] != caches_[i]->workspace_generation()) cause = &stats_.plans_moved;
+    }
+    ++*cause;
   }
 
   // Ends the step's capture (instantiating and launching the graph) or launches its replay; afterwards every
@@ -812,6 +842,7 @@ class CudaBackend final : public Backend {
   Graph pending_;
   GraphKey pending_key_;
   int64_t replays_ = 0, captures_ = 0;
+  GraphStats stats_;  // eager steps and capture causes (graph_stats)
   // Timing of replayed steps (replay_times): host clocks at begin_step, the graph's launch and the end of
   // finish_step; events at the step's start and end and around the graph.
   std::chrono::steady_clock::time_point step_t0_, step_end_;
