@@ -19,7 +19,11 @@ namespace ksa::cuda {
 inline constexpr int64_t kGemvMaxM = 8;
 class Gemm {
  public:
-  explicit Gemm(CudaStream stream, bool small_m_kernel = true);
+  // small_m_kernel: products of at most 8 rows through ksa's thin kernel (else cuBLASLt). autotune: each
+  // cuBLASLt product class (rows rounded up to a power of two, K, N, output) runs the fastest of cuBLASLt's
+  // first 8 candidates, timed on its first use outside a CUDA graph capture (a host wait of a few ms once per
+  // class); otherwise cuBLASLt's first choice.
+  explicit Gemm(CudaStream stream, bool small_m_kernel = true, bool autotune = false);
   ~Gemm();
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;
@@ -44,6 +48,8 @@ class Gemm {
   static int gemv_shapes();
   static std::string gemv_shape_name(int shape);
   void set_gemv_shape(int shape);
+  // Product classes autotuned so far (0 without autotune).
+  int64_t tuned_classes() const;
 
  private:
   struct Impl;

@@ -61,6 +61,10 @@ struct ModelOptions {
   // CUDA: matrix products of at most 8 rows (decode of a few sequences) through ksa's own GEMV kernel, which
   // reads the weights at memory bandwidth; false: cuBLASLt for every product.
   bool cuda_gemv = true;
+  // CUDA: each class of cuBLASLt products (rows rounded up to a power of two, K, N) runs the fastest of
+  // cuBLASLt's first 8 candidates, timed at its first use (a few ms once per class), instead of cuBLASLt's
+  // first choice. The choice can differ from run to run where two candidates are about as fast.
+  bool cuda_gemm_autotune = false;
   // CUDA: the GEMV kernel's block shape for batch-1 products (an index of the shapes `ksa bench-gemm
   // --gemv-shape` compares; 0 = the default).
   int cuda_gemv_shape = 0;

@@ -750,12 +750,20 @@ struct Gemm::Impl {
   size_t ws_bytes = size_t(32) << 20;
   bool small_m = true;  // products of at most kGemvMaxM rows through gemv_kernel
   int gemv_shape = 0;   // kGemvShapes index for batch-1 products (set_gemv_shape)
+  bool autotune = false;
   struct Plan {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo{};
   };
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int>, Plan> plans;
+  // Autotuning: the fastest algorithm found per (rows rounded up to a power of two, K, N, ldy, output type),
+  // tried first for every product of that class; a scratch output to time the candidates into; two events.
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int>, cublasLtMatmulAlgo_t> tuned;
+  void* tune_y = nullptr;
+  size_t tune_y_bytes = 0;
+  cudaEvent_t ev[2] = {nullptr, nullptr};
+  int64_t tuned_count = 0;
 
   // y = x W^T (epi store) or y += x W^T (epi add: fp32 y) through the thin kernel where it fits, else
   // cuBLASLt (beta 0 or 1).
@@ -764,13 +772,16 @@ struct Gemm::Impl {
     if (ldy == 0) ldy = N;
     if (M < 1 || K < 1 || N < 1 || ldy < N) fail("cuda linear: bad shape M=", M, " K=", K, " N=", N, " ldy=", ldy);
     if (small_m && gemv_fits(x, M, K, W, N)) return gemv(x, M, K, W, N, y, ydt, ldy, stream, epi, gemv_shape);
-    Plan& p = plan(M, K, N, ldy, ydt);
+    Plan& p = plan(M, K, N, ldy, ydt, x, W);
     const float alpha = 1.f, beta = epi == Epi::add ? 1.f : 0.f;
     KSA_CUBLAS_CHECK(cublasLtMatmul(handle, p.op, &alpha, W, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo, workspace,
                                     ws_bytes, stream));
   }
 
-  Plan& plan(int64_t M, int64_t K, int64_t N, int64_t ldy, DType ydt) {
+  // The plan of a product shape, made at its first use: cuBLASLt's first heuristic choice, or with autotune
+  // the fastest of its candidates timed on the product's own x and W (at the first use of the shape's class
+  // outside a CUDA graph capture; its rows' class reuses that choice where cuBLASLt accepts it).
+  Plan& plan(int64_t M, int64_t K, int64_t N, int64_t ldy, DType ydt, const void* x, const void* W) {
     const auto key = std::make_tuple(M, K, N, ldy, int(ydt));
     auto it = plans.find(key);
     if (it != plans.end()) return it->second;
@@ -788,21 +799,84 @@ struct Gemm::Impl {
     KSA_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     KSA_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
                                                           sizeof ws_bytes));
-    cublasLtMatmulHeuristicResult_t res{};
+    constexpr int kCandidates = 8;
+    cublasLtMatmulHeuristicResult_t res[kCandidates] = {};
     int found = 0;
-    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.op, p.a, p.b, p.c, p.c, pref, 1, &res, &found);
+    const cublasStatus_t st =
+        cublasLtMatmulAlgoGetHeuristic(handle, p.op, p.a, p.b, p.c, p.c, pref, autotune ? kCandidates : 1, res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
     if (st != CUBLAS_STATUS_SUCCESS || found == 0)
       fail("cuBLASLt: no algorithm for the matrix product M=", M, " K=", K, " N=", N, " (bf16 in, ", dtype_name(ydt),
            " out)");
-    p.algo = res.algo;
+    p.algo = res[0].algo;
+    if (autotune) {
+      int64_t mb = 1;
+      while (mb < M) mb *= 2;
+      const auto cls = std::make_tuple(mb, K, N, ldy, int(ydt));
+      auto t = tuned.find(cls);
+      cublasLtMatmulHeuristicResult_t check{};
+      if (t != tuned.end()) {
+        if (cublasLtMatmulAlgoCheck(handle, p.op, p.a, p.b, p.c, p.c, &t->second, &check) == CUBLAS_STATUS_SUCCESS &&
+            check.workspaceSize <= ws_bytes)
+          p.algo = t->second;
+      } else if (found > 1 && !capturing()) {
+        p.algo = fastest(p, res, found, M, N, ldy, ydt, x, W);
+        tuned.emplace(cls, p.algo);
+        ++tuned_count;
+      }
+    }
     return plans.emplace(key, p).first->second;
+  }
+
+  bool capturing() const {
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    KSA_CUDA_CHECK(cudaStreamIsCapturing(stream, &cs));
+    return cs != cudaStreamCaptureStatusNone;
+  }
+
+  // The candidate that runs the product fastest: each twice untimed, then the mean of 5 behind events, into a
+  // scratch output (x and W are the product's own: read only).
+  cublasLtMatmulAlgo_t fastest(const Plan& p, const cublasLtMatmulHeuristicResult_t* res, int found, int64_t M,
+                               int64_t N, int64_t ldy, DType ydt, const void* x, const void* W) {
+    const size_t y_bytes = size_t(ldy * (M - 1) + N) * dtype_size(ydt);
+    if (y_bytes > tune_y_bytes) {
+      KSA_CUDA_CHECK(cudaStreamSynchronize(stream));
+      cudaFree(tune_y);
+      tune_y = nullptr;
+      tune_y_bytes = 0;
+      KSA_CUDA_CHECK(cudaMalloc(&tune_y, y_bytes));
+      tune_y_bytes = y_bytes;
+    }
+    KSA_CUDA_CHECK(cudaMemsetAsync(tune_y, 0, y_bytes, stream));
+    for (cudaEvent_t& e : ev)
+      if (!e) KSA_CUDA_CHECK(cudaEventCreate(&e));
+    const float alpha = 1.f, beta = 0.f;
+    float best_ms = 0;
+    int best = -1;
+    for (int i = 0; i < found; ++i) {
+      if (res[i].state != CUBLAS_STATUS_SUCCESS || res[i].workspaceSize > ws_bytes) continue;
+      auto launch = [&] {
+        return cublasLtMatmul(handle, p.op, &alpha, W, p.a, x, p.b, &beta, tune_y, p.c, tune_y, p.c, &res[i].algo,
+                              workspace, ws_bytes, stream);
+      };
+      constexpr int kRuns = 5;
+      bool ok = launch() == CUBLAS_STATUS_SUCCESS && launch() == CUBLAS_STATUS_SUCCESS;
+      KSA_CUDA_CHECK(cudaEventRecord(ev[0], stream));
+      for (int r = 0; ok && r < kRuns; ++r) ok = launch() == CUBLAS_STATUS_SUCCESS;
+      KSA_CUDA_CHECK(cudaEventRecord(ev[1], stream));
+      KSA_CUDA_CHECK(cudaEventSynchronize(ev[1]));
+      float ms = 0;
+      KSA_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
+      if (ok && (best < 0 || ms < best_ms)) best_ms = ms, best = i;
+    }
+    return res[std::max(best, 0)].algo;
   }
 };
 
-Gemm::Gemm(CudaStream stream, bool small_m_kernel) : impl_(std::make_unique<Impl>()) {
+Gemm::Gemm(CudaStream stream, bool small_m_kernel, bool autotune) : impl_(std::make_unique<Impl>()) {
   impl_->stream = cs(stream);
   impl_->small_m = small_m_kernel;
+  impl_->autotune = autotune;
   KSA_CUBLAS_CHECK(cublasLtCreate(&impl_->handle));
   KSA_CUDA_CHECK(cudaMalloc(&impl_->workspace, impl_->ws_bytes));
 }
@@ -815,6 +889,9 @@ Gemm::~Gemm() {
     cublasLtMatmulDescDestroy(p.op);
   }
   cudaFree(impl_->workspace);
+  cudaFree(impl_->tune_y);
+  for (cudaEvent_t e : impl_->ev)
+    if (e) cudaEventDestroy(e);
   if (impl_->handle) cublasLtDestroy(impl_->handle);
 }
 
@@ -851,6 +928,8 @@ void Gemm::run_norm(const float* x, int64_t M, int64_t K, const void* norm_w, fl
 }
 
 int Gemm::gemv_shapes() { return kGemvShapeCount; }
+
+int64_t Gemm::tuned_classes() const { return impl_->tuned_count; }
 
 std::string Gemm::gemv_shape_name(int shape) {
   if (shape < 0 || shape >= kGemvShapeCount) fail("cuda linear: no GEMV block shape ", shape);

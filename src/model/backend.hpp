@@ -204,6 +204,7 @@ struct BackendOptions {
   int64_t q_heads = 1;                // query heads (CUDA plans a step's decode at begin_step)
   bool cuda_graphs = true;            // CUDA: replay continuation steps as graphs (ModelOptions::cuda_graphs)
   bool cuda_gemv = true;              // CUDA: ksa's GEMV for products of <= 8 rows (ModelOptions::cuda_gemv)
+  bool gemm_autotune = false;         // CUDA: cuBLASLt's candidates timed (ModelOptions::cuda_gemm_autotune)
   int gemv_shape = 0;                 // CUDA: the GEMV's block shape for batch-1 products (cuda_gemv_shape)
   bool plan_ahead = true;             // CUDA: plan step t+1's decode during step t (ModelOptions::cuda_plan_ahead)
   bool batch_invariant = false;       // CPU: ModelOptions::batch_invariant

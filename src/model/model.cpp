@@ -355,6 +355,7 @@ Model Model::load(const std::string& dir, const ModelOptions& opt) {
   bo.q_heads = cfg.num_attention_heads;
   bo.cuda_graphs = opt.cuda_graphs;
   bo.cuda_gemv = opt.cuda_gemv;
+  bo.gemm_autotune = opt.cuda_gemm_autotune;
   bo.gemv_shape = opt.cuda_gemv_shape;
   bo.plan_ahead = opt.cuda_plan_ahead;
   bo.batch_invariant = opt.batch_invariant;

@@ -459,6 +459,7 @@ Server::Server(const ServeOptions& o) {
   mo.kv_dtype = o.kv_f32 ? DType::f32 : DType::bf16;
   mo.batch_invariant = o.batch_invariant;
   if (o.no_mmap) mo.load = FileLoad::copy;
+  mo.cuda_gemm_autotune = o.gemm_autotune;
   apply_device(o.device, o.model_dir, mo);
   impl_ = std::make_unique<Impl>(o, mo);
   Impl& m = *impl_;

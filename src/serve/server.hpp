@@ -27,6 +27,7 @@ struct ServeOptions {
   bool kv_f32 = false;           // f32 KV cache (default bf16)
   bool batch_invariant = false;  // CPU: the same tokens for a request under any load (ModelOptions::batch_invariant)
   bool no_mmap = false;          // CPU: the weights copied into anonymous memory (ModelOptions::load, FileLoad::copy)
+  bool gemm_autotune = false;    // CUDA: cuBLASLt's fastest candidates (ModelOptions::cuda_gemm_autotune)
   int64_t kv_budget = -1;        // -1: half the machine's memory; 0: no limit; else bytes
   SchedulerOptions scheduler;    // max_seqs, max_queue, prefill_chunk (0 here: 256 on the CPU, 1024 on the GPU;
                                  // kv_budget is filled from the above)

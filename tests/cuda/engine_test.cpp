@@ -504,7 +504,8 @@ double output_at(const std::vector<uint8_t>& raw, size_t at, DType dt) {
 
 // Products of at most kGemvMaxM rows run ksa's own GEMV kernel; against a double-precision product on the
 // host (the same bf16 inputs), every output within 1e-5 of sum_k |x w| (fp32 sums of up to ~10K terms in two
-// different orders) plus, for bf16 outputs, half a bf16 unit in the last place; M = 9 (cuBLASLt) as a control.
+// different orders) plus, for bf16 outputs, half a bf16 unit in the last place; M = 9, 64 and 72 (cuBLASLt) as
+// a control, each with cuBLASLt's first choice and autotuned (Gemm's autotune: the fastest of its candidates).
 // Shapes: K from one 16-byte chunk to 9728 (not a multiple of the warp's stride), odd N, an output row stride.
 TEST(CudaEngine, SmallMProductsMatchTheHostProduct) {
   REQUIRE_GPU();
@@ -517,7 +518,8 @@ TEST(CudaEngine, SmallMProductsMatchTheHostProduct) {
   for (const Case c :
        {Case{1, 2560, 6144, 0, DType::f32}, Case{1, 9728, 2561, 0, DType::f32}, Case{3, 8, 5, 7, DType::f32},
         Case{8, 2568, 1001, 1003, DType::bf16}, Case{5, 4096, 33, 0, DType::bf16}, Case{2, 776, 151, 0, DType::f32},
-        Case{9, 1024, 300, 0, DType::f32}, Case{1, 264, 40001, 0, DType::bf16}}) {
+        Case{9, 1024, 300, 0, DType::f32}, Case{1, 264, 40001, 0, DType::bf16}, Case{64, 2560, 2560, 0, DType::f32},
+        Case{72, 2560, 6144, 0, DType::bf16}}) {
     SCOPED_TRACE("M " + std::to_string(c.M) + " K " + std::to_string(c.K) + " N " + std::to_string(c.N));
     const int64_t ldy = c.ldy ? c.ldy : c.N;
     std::vector<uint16_t> x(size_t(c.M * c.K)), w(size_t(c.N * c.K));
@@ -527,14 +529,20 @@ TEST(CudaEngine, SmallMProductsMatchTheHostProduct) {
     ASSERT_TRUE(dx.p && dw.p && dy.p);
     CK(cudaMemcpy(dx.p, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(dw.p, w.data(), w.size() * 2, cudaMemcpyHostToDevice));
-    // Batch 1: every block shape of the thin kernel (ksa bench-gemm --gemv-shape; 0 is the engine's).
-    for (int shape = 0; shape < (c.M == 1 ? cuda::Gemm::gemv_shapes() : 1); ++shape) {
-      SCOPED_TRACE("gemv shape " + std::to_string(shape));
+    // Batch 1: every block shape of the thin kernel (ksa bench-gemm --gemv-shape; 0 is the engine's). Over 8
+    // rows (cuBLASLt): first choice (0) and autotuned (1).
+    const int variants = c.M == 1 ? cuda::Gemm::gemv_shapes() : c.M > 8 ? 2 : 1;
+    for (int var = 0; var < variants; ++var) {
+      const bool tune = c.M > 8 && var == 1;
+      const int shape = c.M == 1 ? var : 0;
+      SCOPED_TRACE(tune ? std::string("autotuned") : "gemv shape " + std::to_string(shape));
       CK(cudaMemset(dy.p, 0, size_t(c.M * ldy) * 4));
       {
-        cuda::Gemm g(nullptr);
+        cuda::Gemm g(nullptr, true, tune);
         g.set_gemv_shape(shape);
         g.run(dx.p, c.M, c.K, dw.p, c.N, dy.p, c.y, c.ldy);
+        // One class timed, cuBLASLt offering more than one candidate for these shapes.
+        EXPECT_EQ(g.tuned_classes(), tune ? 1 : 0);
       }
       CK(cudaDeviceSynchronize());
       const size_t es = c.y == DType::f32 ? 4 : 2;

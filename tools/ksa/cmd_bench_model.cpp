@@ -115,6 +115,8 @@ int run_bench_model(int argc, char** argv) {
   bool& no_mmap = f.flag("--no-mmap", cli::kNoMmapHelp);
   const CudaEngineFlags cuda_flags(f);
   bool& no_gemv = f.flag("--no-cuda-gemv", "CUDA: cuBLASLt for every matrix product (no GEMV kernel for <= 8 rows)");
+  bool& autotune = f.flag("--gemm-autotune",
+                          "CUDA: time cuBLASLt's candidates per product class at its first use and run the fastest");
   int64_t& gemv_shape = f.i64("--cuda-gemv-shape", 0,
                               "CUDA: the GEMV's block shape for batch-1 products (ksa bench-gemm lists them)", 0, 63);
   if (!f.parse(argc, argv)) return 0;
@@ -139,6 +141,7 @@ int run_bench_model(int argc, char** argv) {
   if (no_mmap) mo.load = FileLoad::copy;
   cuda_flags.apply(mo);
   mo.cuda_gemv = !no_gemv;
+  mo.cuda_gemm_autotune = autotune;
   mo.cuda_gemv_shape = int(gemv_shape);
   mo.progress = weight_progress();
   int64_t longest = 0;  // text tokens of the longest case
@@ -321,12 +324,13 @@ int run_bench_model(int argc, char** argv) {
                  "CUDA graphs: %s (%lld steps replayed; %lld graphs captured: %lld new shapes, %lld after the "
                  "activation arena grew, %lld after a decode plan workspace grew, %lld outgrown by the attention's "
                  "work, %lld for the other plan slot, %lld times all dropped; eager steps: %lld a shape's first, "
-                 "%lld with a prompt piece); GEMV kernel for <= 8 rows: %s (batch-1 shape %d); planning ahead: %s "
-                 "(plans used at %lld steps, dropped %lld times)\n",
+                 "%lld with a prompt piece); GEMV kernel for <= 8 rows: %s (batch-1 shape %d); cuBLASLt: %s; "
+                 "planning ahead: %s (plans used at %lld steps, dropped %lld times)\n",
                  mo.cuda_graphs ? "on" : "off", (long long)g.replays, (long long)g.captures, (long long)g.new_shape,
                  (long long)g.arena_moved, (long long)g.plans_moved, (long long)g.over_units, (long long)g.other_slot,
                  (long long)g.cleared, (long long)g.eager_first, (long long)g.eager_prompt,
-                 mo.cuda_gemv ? "on" : "off (cuBLASLt)", mo.cuda_gemv_shape, mo.cuda_plan_ahead ? "on" : "off",
+                 mo.cuda_gemv ? "on" : "off (cuBLASLt)", mo.cuda_gemv_shape,
+                 mo.cuda_gemm_autotune ? "autotuned" : "its first choices", mo.cuda_plan_ahead ? "on" : "off",
                  (long long)model.plans_ahead_used(), (long long)model.plans_ahead_dropped());
   }
   if (bw > 0)

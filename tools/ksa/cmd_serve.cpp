@@ -74,6 +74,8 @@ int run_serve(int argc, char** argv) {
   int64_t& threads = f.i64("-t,--threads", 0, "engine threads (0 = all cores)", 0, cli::kMaxThreads);
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
   bool& no_mmap = f.flag("--no-mmap", cli::kNoMmapHelp);
+  bool& autotune = f.flag("--gemm-autotune",
+                          "CUDA: time cuBLASLt's candidates per product class at its first use and run the fastest");
   bool& batch_invariant =
       f.flag("--batch-invariant",
              "CPU: every matrix product row by row, so a request gets the same tokens under any load "
@@ -109,6 +111,7 @@ int run_serve(int argc, char** argv) {
   o.kv_f32 = kv_f32;
   o.batch_invariant = batch_invariant;
   o.no_mmap = no_mmap;
+  o.gemm_autotune = autotune;
   o.max_body = parse_bytes("--max-body", max_body);
   if (o.max_body < 1) throw cli::UsageError("--max-body: must be at least 1 byte");
   o.shutdown_grace = grace;

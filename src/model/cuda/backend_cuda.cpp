@@ -60,7 +60,7 @@ class CudaBackend final : public Backend {
     check(cudaEventCreateWithFlags(&ahead_ready_, cudaEventDisableTiming), "creating an event");
     check(cudaEventCreate(&ahead_copied_), "creating an event");
     for (cudaEvent_t* e : {&graph_t0_, &graph_t1_, &step_t0_ev_, &step_t1_ev_}) check(cudaEventCreate(e), "creating an event");
-    gemm_ = std::make_unique<cuda::Gemm>(stream_, o.cuda_gemv);
+    gemm_ = std::make_unique<cuda::Gemm>(stream_, o.cuda_gemv, o.gemm_autotune);
     gemm_->set_gemv_shape(o.gemv_shape);
     desc_name_ = "cuda: " + cuda::device_description();
     size_t fr = 0, tot = 0;
