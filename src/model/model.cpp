@@ -207,7 +207,8 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   // fill it.
   const int64_t mlp_parts =
       I > NQ + 2 * NKV ? std::min(ceil_div(I, NQ + 2 * NKV), std::max<int64_t>(1, n / kMlpPartRows)) : 1;
-  const int64_t mlp_rows = ceil_div(n, mlp_parts);
+  // Parts of a multiple of 64 rows: every part's x starts 256-byte aligned, as cuBLASLt's choices assume.
+  const int64_t mlp_rows = mlp_parts == 1 ? n : ceil_div(ceil_div(n, mlp_parts), 64) * 64;
   Act x = b.act(n, H, Prec::wide);
   // qkv (from its product to qk_norm_rope), att (from the attention to the o product) and gu (from SwiGLU to
   // the down product) are never live at once: one buffer holds each in turn (a 2,304-row prefill step of the
