@@ -12,6 +12,9 @@
 #     ub4096    with 4b: the 128K prefill again in pieces of 4096 tokens (-ub 4096; the default is 2048), and
 #            its peak device memory against issue #20's limit
 #     nogemv    with 4b: batch-1 decode at 16K again with --no-cuda-gemv (cuBLASLt for the thin products)
+#     autotune  with 4b: ksa bench-gemm at batch 64, 72 and 2,304 rows with cuBLASLt's first choices and with
+#            --gemm-autotune, then the batch-64 decode and the 16K prefill with --gemm-autotune (compare the
+#            default runs above)
 #     ncu    with 4b: Nsight Compute durations of every kernel of one decode step (short context, no graphs),
 #            summed per kernel (ncu_decode.csv, ncu_decode.txt)
 #     ncu64  with 4b: the same at batch 64 (context 16: the products and small kernels of issue #20's batch-64
@@ -118,6 +121,15 @@ if want 4b; then
   fi
   if want nographs; then bench4b -p 16384 -n 64 -b 1 --no-cuda-graphs; fi
   if want nogemv; then bench4b -p 16384 -n 64 -b 1 --no-cuda-gemv; fi
+  if want autotune; then
+    for t in "" --gemm-autotune; do
+      echo "== ksa bench-gemm -b 64,72,2304 $t"
+      # shellcheck disable=SC2086
+      $KSA bench-gemm -b 64,72,2304 $t | tee -a "$OUT/gemm_autotune.log" | grep -E "^(qkv|o|gate|down|head|step) "
+    done
+    bench4b -p 4096 -n 64 -b 64 -r 1 --gemm-autotune
+    bench4b -p 16384 -n 64 -b 1 --gemm-autotune
+  fi
   if want ub4096; then bench4b -p 131072 -n 32 -b 1 -r 1 -ub 4096; fi
   if want ncu; then
     echo "== ncu: kernels of one decode step (4b, context 1, eager launches)"
