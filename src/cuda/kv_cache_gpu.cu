@@ -20,12 +20,15 @@ using namespace detail;
 // Slabs in device memory, filled with all-ones bytes (NaN in bf16): a kernel that read a row never written
 // would show it.
 struct DeviceSlabs final : SlabAllocator {
+  explicit DeviceSlabs(cudaStream_t s) : stream(s) {}
+  cudaStream_t stream;  // the cache's: every kernel that writes or reads its rows runs there
   void* allocate(int64_t bytes) override {
     void* p = nullptr;
     KSA_CUDA_CHECK(cudaMalloc(&p, size_t(bytes)));
-    // Synchronous fill: it must land before any kernel, on any stream, writes rows of this slab.
-    cudaError_t e = cudaMemset(p, 0xff, size_t(bytes));
-    if (e == cudaSuccess) e = cudaDeviceSynchronize();
+    // The fill is queued on the cache's stream, before any kernel that can write rows of this slab (a slab is
+    // taken while work is planned, never inside a graph capture). It used to be a cudaMemset and a device
+    // synchronisation per 1 MiB slab: during a long prompt, a wait for the device every few layers.
+    const cudaError_t e = cudaMemsetAsync(p, 0xff, size_t(bytes), stream);
     if (e != cudaSuccess) {
       cudaFree(p);
       KSA_CUDA_CHECK(e);
@@ -160,7 +163,9 @@ struct KvCacheGpu::Impl {
   int next_staging = 0;
 
   Impl(const KvCacheConfig& cfg, CudaStream s, KvCacheGpuOptions o)
-      : cache(cfg, std::make_shared<DeviceSlabs>()), stream(static_cast<cudaStream_t>(s)), opt(o) {
+      : cache(cfg, std::make_shared<DeviceSlabs>(static_cast<cudaStream_t>(s))),
+        stream(static_cast<cudaStream_t>(s)),
+        opt(o) {
     int dev = 0;
     KSA_CUDA_CHECK(cudaGetDevice(&dev));
     KSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
