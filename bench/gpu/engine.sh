@@ -95,9 +95,11 @@ if want 4b; then
   }
   shape_flags() {  # shape_flags <name>: the `ksa bench model` flags of one of issue #20's decode shapes
     case $1 in
-      16k) echo "-p 16384 -n 64 -b 1" ;;
-      128k) echo "-p 131072 -n 32 -b 1 -r 1" ;;
-      b64) echo "-p 4096 -n 64 -b 64 -r 1" ;;
+      # tg over 128 steps, llama-bench's default (64 and 32 before 2026-12-07's twelfth session): a shape's
+      # eager first step and its capture weigh less against the replayed ones
+      16k) echo "-p 16384 -n 128 -b 1" ;;
+      128k) echo "-p 131072 -n 128 -b 1 -r 1" ;;
+      b64) echo "-p 4096 -n 128 -b 64 -r 1" ;;
       *) echo "unknown shape $1 (16k, 128k, b64)" >&2; return 1 ;;
     esac
   }
