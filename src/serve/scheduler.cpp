@@ -71,6 +71,8 @@ Scheduler::Scheduler(Model& model, const Tokenizer* tok, const SchedulerOptions&
   if (opt_.max_queue < 0) fail("--max-queue: must be >= 0 (got ", opt_.max_queue, ")");
   if (opt_.kv_budget < 0) fail("--kv-budget: must be >= 0 (got ", opt_.kv_budget, ")");
   if (opt_.prefill_chunk < 1) fail("--prefill-chunk: must be >= 1 (got ", opt_.prefill_chunk, ")");
+  if (opt_.idle_prefill_chunk < 0)
+    fail("--idle-prefill-chunk: must be >= 0 (got ", opt_.idle_prefill_chunk, ")");
   max_text_ = model_.max_text_tokens();
   // The longest job whose reservation fits the budget on its own (kv_bytes_for grows with the tokens).
   max_job_tokens_ = max_text_;
@@ -266,12 +268,14 @@ void Scheduler::step_once() {
     owners.push_back(a.get());
     trace.push_back({a->seq, 1, false});
   }
-  // Prefilling sequences, in admission order: chunks cut at multiples of prefill_chunk, as many as fit.
+  // Prefilling sequences, in admission order, as many chunks as fit the step's budget: prefill_chunk tokens,
+  // or idle_prefill_chunk while no sequence decodes (then no stream waits on this step).
+  const int64_t budget = items.empty() ? std::max(opt_.prefill_chunk, opt_.idle_prefill_chunk) : opt_.prefill_chunk;
   for (auto& a : running_) {
     if (a->done || !a->prefilling()) continue;
     const std::vector<int32_t>& p = a->job->spec().prompt;
-    const int64_t len = std::min<int64_t>(opt_.prefill_chunk, int64_t(p.size() - a->fed));
-    if (prefill_used > 0 && prefill_used + len > opt_.prefill_chunk) break;
+    const int64_t len = std::min<int64_t>(budget, int64_t(p.size() - a->fed));
+    if (prefill_used > 0 && prefill_used + len > budget) break;
     prefill_used += len;
     StepItem it;
     it.id = a->seq;

@@ -89,6 +89,10 @@ struct SchedulerOptions {
   int64_t max_queue = 256;      // jobs waiting for admission; a submit beyond it is refused
   int64_t kv_budget = 0;        // KV-cache bytes the running jobs may reserve (0: no limit)
   int64_t prefill_chunk = 256;  // prompt tokens per step, over all prefilling jobs
+  // Prompt tokens per step while no job is decoding (no stream waits on the step): larger pieces prefill
+  // faster. 0: prefill_chunk. Leave it 0 where a request must get the same tokens alone and under load
+  // (a batch-invariant model): the prompt's pieces would differ.
+  int64_t idle_prefill_chunk = 0;
 };
 
 enum class SubmitStatus { ok, queue_full, too_large, shutting_down };

@@ -30,7 +30,8 @@ struct ServeOptions {
   bool gemm_autotune = false;    // CUDA: cuBLASLt's fastest candidates (ModelOptions::cuda_gemm_autotune)
   int64_t kv_budget = -1;        // -1: half the machine's memory; 0: no limit; else bytes
   SchedulerOptions scheduler;    // max_seqs, max_queue, prefill_chunk (0 here: 256 on the CPU, 1024 on the GPU;
-                                 // kv_budget is filled from the above)
+                                 // kv_budget is filled from the above), idle_prefill_chunk (0 here:
+                                 // kDefaultIdlePrefillChunk; none with batch_invariant)
   int64_t max_body = 16 << 20;   // request bodies above this many bytes get 413
   double shutdown_grace = 30;    // seconds running requests may take to finish after SIGINT/SIGTERM
   bool log_requests = true;      // one line per request on stderr

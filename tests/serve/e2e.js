@@ -383,7 +383,8 @@ async function badRequests(port, key) {
 // while a stream runs: it finishes, new requests are refused, the process exits 0.
 async function queueAndShutdown() {
   const s = await startServer(['--max-seqs', '1', '--max-queue', '1', '--shutdown-grace', '60']);
-  check(/prefill chunk 256;/.test(s.log), 'without --prefill-chunk a CPU server takes 256 prompt tokens per step',
+  check(/prefill chunk 256 \(4096 while nothing decodes\);/.test(s.log),
+        'without --prefill-chunk a CPU server takes 256 prompt tokens per step, 4096 while nothing decodes',
         s.log.split('\n')[0]);
   const client = new OpenAI({ baseURL: `http://127.0.0.1:${s.port}/v1`, apiKey: 'none', maxRetries: 0 });
   const long = { model: MODEL, prompt: 'a long one', max_tokens: 3000, temperature: 0, ignore_eos: true, stream: true };

@@ -194,6 +194,59 @@ TEST_F(SchedulerTest, LongPromptIsPrefilledInChunksBetweenDecodeSteps) {
   EXPECT_EQ(fed, 100);
 }
 
+// While no sequence decodes, prompts go in pieces of idle_prefill_chunk; once one decodes, of prefill_chunk.
+// Alone, a 100-token prompt takes two steps (64 + 36 tokens); then, beside a decoding stream, another takes
+// 16-token chunks, each step with the stream's token.
+TEST_F(SchedulerTest, PromptsTakeLargerPiecesWhileNothingDecodes) {
+  Model m = load();
+  SchedulerOptions so{.prefill_chunk = 16, .idle_prefill_chunk = 64};
+  Recorder rec;  // declared first: it must outlive the scheduler thread that calls it
+  Scheduler s(m, nullptr, so);
+  rec.attach(s);
+  const Outcome alone = drain(*submit_ok(s, spec_of(prompt_of(100, 4), 2)));
+  EXPECT_EQ(alone.last.finish, Finish::length);
+  // The observer sees a step after its tokens are published: wait for the last one.
+  EXPECT_TRUE(eventually([&] { return rec.get().size() >= 3; }));
+  std::vector<std::vector<StepTrace>> steps = rec.get();
+  ASSERT_GE(steps.size(), 3u);
+  ASSERT_EQ(steps[0].size(), 1u);
+  EXPECT_TRUE(steps[0][0].prefill);
+  EXPECT_EQ(steps[0][0].tokens, 64);
+  ASSERT_EQ(steps[1].size(), 1u);
+  EXPECT_EQ(steps[1][0].tokens, 36);
+  EXPECT_FALSE(steps[2][0].prefill);  // its second token
+
+  const size_t first = rec.get().size();
+  auto decoder = submit_ok(s, spec_of(prompt_of(5, 2), 400));
+  // Decoding now: a step after its prompt's holds its next token (the observer may lag the token).
+  EXPECT_TRUE(eventually([&] {
+    const auto st = rec.get();
+    for (size_t i = first; i < st.size(); ++i)
+      if (!st[i].empty() && !st[i][0].prefill) return true;
+    return false;
+  }));
+  const size_t before = rec.get().size();
+  EXPECT_EQ(drain(*submit_ok(s, spec_of(prompt_of(100, 3), 2))).last.finish, Finish::length);
+  decoder->cancel();
+  drain(*decoder);
+  steps = rec.get();
+  int64_t fed = 0;
+  for (size_t i = before; i < steps.size(); ++i) {
+    int64_t prefill = 0;
+    bool decoded = false;
+    for (const StepTrace& t : steps[i]) {
+      if (t.prefill) prefill += t.tokens;
+      else decoded = true;
+    }
+    fed += prefill;
+    EXPECT_LE(prefill, so.prefill_chunk) << "step " << i << ": a stream decodes, so chunks of prefill_chunk";
+    if (prefill > 0) {
+      EXPECT_TRUE(decoded) << "step " << i;
+    }
+  }
+  EXPECT_EQ(fed, 100);
+}
+
 TEST_F(SchedulerTest, AdmissionByMaxSeqs) {
   Model m = load();
   SchedulerOptions so{.max_seqs = 2};

@@ -71,6 +71,10 @@ int run_serve(int argc, char** argv) {
                          "prompt tokens per engine step (long prompts are prefilled in chunks between decode steps); "
                          "0 = 256 on the CPU, 1024 on the GPU",
                          0, cli::kMaxTokens);
+  int64_t& idle_chunk = f.i64("--idle-prefill-chunk", 0,
+                              "prompt tokens per engine step while no request is decoding; 0 = 4096 (--prefill-chunk "
+                              "if larger, and always with --batch-invariant)",
+                              0, cli::kMaxTokens);
   int64_t& threads = f.i64("-t,--threads", 0, "engine threads (0 = all cores)", 0, cli::kMaxThreads);
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
   bool& no_mmap = f.flag("--no-mmap", cli::kNoMmapHelp);
@@ -105,6 +109,7 @@ int run_serve(int argc, char** argv) {
   o.scheduler.max_seqs = max_seqs;
   o.scheduler.max_queue = max_queue;
   o.scheduler.prefill_chunk = chunk;
+  o.scheduler.idle_prefill_chunk = idle_chunk;
   o.kv_budget = kv_budget == "auto" ? -1 : parse_bytes("--kv-budget", kv_budget);
   o.ctx = ctx;
   o.threads = threads;
