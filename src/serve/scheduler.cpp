@@ -270,12 +270,15 @@ void Scheduler::step_once() {
   }
   // Prefilling sequences, in admission order, as many chunks as fit the step's budget: prefill_chunk tokens,
   // or idle_prefill_chunk while no sequence decodes (then no stream waits on this step).
-  const int64_t budget = items.empty() ? std::max(opt_.prefill_chunk, opt_.idle_prefill_chunk) : opt_.prefill_chunk;
+  // An idle step fills its budget (a prompt may end in a piece of any length); otherwise chunks stay whole, so
+  // that a prompt is cut at multiples of prefill_chunk under any load.
+  const bool idle = items.empty() && opt_.idle_prefill_chunk > opt_.prefill_chunk;
+  const int64_t budget = idle ? opt_.idle_prefill_chunk : opt_.prefill_chunk;
   for (auto& a : running_) {
     if (a->done || !a->prefilling()) continue;
     const std::vector<int32_t>& p = a->job->spec().prompt;
-    const int64_t len = std::min<int64_t>(budget, int64_t(p.size() - a->fed));
-    if (prefill_used > 0 && prefill_used + len > budget) break;
+    const int64_t len = std::min<int64_t>(idle ? budget - prefill_used : budget, int64_t(p.size() - a->fed));
+    if (len <= 0 || (prefill_used > 0 && prefill_used + len > budget)) break;
     prefill_used += len;
     StepItem it;
     it.id = a->seq;
