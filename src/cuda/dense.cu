@@ -763,7 +763,6 @@ struct Gemm::Impl {
   void* tune_y = nullptr;
   size_t tune_y_bytes = 0;
   cudaEvent_t ev[2] = {nullptr, nullptr};
-  int64_t tuned_count = 0;
 
   // y = x W^T (epi store) or y += x W^T (epi add: fp32 y) through the thin kernel where it fits, else
   // cuBLASLt (beta 0 or 1).
@@ -822,7 +821,6 @@ struct Gemm::Impl {
       } else if (found > 1 && !capturing()) {
         p.algo = fastest(p, res, found, M, N, ldy, ydt, x, W);
         tuned.emplace(cls, p.algo);
-        ++tuned_count;
       }
     }
     return plans.emplace(key, p).first->second;
@@ -929,7 +927,7 @@ void Gemm::run_norm(const float* x, int64_t M, int64_t K, const void* norm_w, fl
 
 int Gemm::gemv_shapes() { return kGemvShapeCount; }
 
-int64_t Gemm::tuned_classes() const { return impl_->tuned_count; }
+int64_t Gemm::tuned_classes() const { return int64_t(impl_->tuned.size()); }
 
 std::string Gemm::gemv_shape_name(int shape) {
   if (shape < 0 || shape >= kGemvShapeCount) fail("cuda linear: no GEMV block shape ", shape);

@@ -105,7 +105,12 @@ class Backend {
 
   // Steps.
   virtual void begin_step(const StepDesc& step) = 0;
-  virtual Act act(int64_t rows, int64_t cols, Prec p) = 0;  // scratch for this step
+  // Scratch for this step: [rows, cols] of dtype(p), from take().
+  Act act(int64_t rows, int64_t cols, Prec p) {
+    const DType t = dtype(p);
+    return Act{take(size_t(rows * cols * int64_t(dtype_size(t)))), rows, cols, t};
+  }
+  virtual void* take(size_t bytes) = 0;  // bytes of scratch that live until the next begin_step
   virtual void embed(const Weight& table, Act x) = 0;       // x[r] = table[ids[r]] (fp32)
   // out = RMSNorm(x) * w per row (summary rows with ws when given).
   virtual void rms_norm(const Act& x, const Weight& w, const Weight& ws, float eps, Act out) = 0;
@@ -180,9 +185,7 @@ class Backend {
   // Drops work the backend prepared ahead for a step that may not come (CUDA: the next step's decode plans,
   // which hold cache blocks). The model calls it before it adds or releases a sequence in the caches.
   virtual void settle() {}
-  // Steps of the backend's lifetime run as graph replays / captures (CUDA; 0 elsewhere).
-  virtual int64_t graph_replays() const { return 0; }
-  virtual int64_t graph_captures() const { return 0; }
+  // How the backend's steps ran with CUDA graphs: replays, eager steps, captures and why (zeros elsewhere).
   virtual GraphStats graph_stats() const { return {}; }
   // Where the replayed steps' time went (Model::replay_times; zeros without graphs).
   virtual ReplayTimes replay_times() const { return {}; }

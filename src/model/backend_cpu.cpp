@@ -69,10 +69,7 @@ class CpuBackend final : public Backend {
     arena_.reset();
   }
 
-  Act act(int64_t rows, int64_t cols, Prec p) override {
-    const DType t = dtype(p);
-    return Act{arena_.take(size_t(rows * cols * dtype_size(t))), rows, cols, t};
-  }
+  void* take(size_t bytes) override { return arena_.take(bytes); }
 
   void embed(const Weight& table, Act x) override {
     float* y = f32(x);

@@ -216,7 +216,7 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   // (a norm's output, from the norm to the product after it; linear_swiglu's scratch): a second buffer holds
   // either group (44 MB less for 4,608 rows).
   const int64_t nb = int64_t(dtype_size(narrow));
-  const Act shared = b.act(1, ceil_div(std::max({n * (NQ + 2 * NKV), n * NQ, mlp_rows * I}) * nb, 4), Prec::wide);
+  const Act shared = b.act(1, ceil_div(std::max(n * (NQ + 2 * NKV), mlp_rows * I) * nb, 4), Prec::wide);
   const Act qkv{shared.data, n, NQ + 2 * NKV, narrow}, att{shared.data, n, NQ, narrow};
   const Act gu{shared.data, mlp_rows, I, narrow};
   const int64_t swiglu_rows = std::min(n, engine::Backend::kSwigluRows);
@@ -466,8 +466,8 @@ std::string describe_weight_format(const Checkpoint& ckpt) {
 int64_t Model::device_bytes_peak() const { return impl_->be->device_bytes_peak(); }
 Model::DeviceMemory Model::device_memory_at_peak() const { return impl_->be->device_memory_at_peak(); }
 int64_t Model::device_bytes_free() const { return impl_->be->device_bytes_free(); }
-int64_t Model::graph_replays() const { return impl_->be->graph_replays(); }
-int64_t Model::graph_captures() const { return impl_->be->graph_captures(); }
+int64_t Model::graph_replays() const { return impl_->be->graph_stats().replays; }
+int64_t Model::graph_captures() const { return impl_->be->graph_stats().captures; }
 GraphStats Model::graph_stats() const { return impl_->be->graph_stats(); }
 ReplayTimes Model::replay_times() const { return impl_->be->replay_times(); }
 int64_t Model::plans_ahead_used() const { return impl_->be->plans_ahead_used(); }

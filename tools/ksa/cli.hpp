@@ -26,6 +26,9 @@ inline constexpr const char* kNoMmapHelp =
     "CPU: copy the weights into anonymous memory in 2 MiB pages instead of mapping the checkpoint (decode then "
     "does not depend on how the page cache holds the file; costs the copy at load and the weights' size in "
     "memory; docs/quantization.md)";
+// Help of --gemm-autotune (ksa bench model, ksa serve): ModelOptions::cuda_gemm_autotune.
+inline constexpr const char* kGemmAutotuneHelp =
+    "CUDA: time cuBLASLt's candidates per product class at its first use and run the fastest";
 
 class Flags {
  public:

@@ -115,8 +115,7 @@ int run_bench_model(int argc, char** argv) {
   bool& no_mmap = f.flag("--no-mmap", cli::kNoMmapHelp);
   const CudaEngineFlags cuda_flags(f);
   bool& no_gemv = f.flag("--no-cuda-gemv", "CUDA: cuBLASLt for every matrix product (no GEMV kernel for <= 8 rows)");
-  bool& autotune = f.flag("--gemm-autotune",
-                          "CUDA: time cuBLASLt's candidates per product class at its first use and run the fastest");
+  bool& autotune = f.flag("--gemm-autotune", cli::kGemmAutotuneHelp);
   int64_t& gemv_shape = f.i64("--cuda-gemv-shape", 0,
                               "CUDA: the GEMV's block shape for batch-1 products (ksa bench-gemm lists them)", 0, 63);
   if (!f.parse(argc, argv)) return 0;

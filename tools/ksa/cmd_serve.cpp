@@ -78,8 +78,7 @@ int run_serve(int argc, char** argv) {
   int64_t& threads = f.i64("-t,--threads", 0, "engine threads (0 = all cores)", 0, cli::kMaxThreads);
   bool& kv_f32 = f.flag("--kv-f32", "keep the KV cache in f32 (default bf16)");
   bool& no_mmap = f.flag("--no-mmap", cli::kNoMmapHelp);
-  bool& autotune = f.flag("--gemm-autotune",
-                          "CUDA: time cuBLASLt's candidates per product class at its first use and run the fastest");
+  bool& autotune = f.flag("--gemm-autotune", cli::kGemmAutotuneHelp);
   bool& batch_invariant =
       f.flag("--batch-invariant",
              "CPU: every matrix product row by row, so a request gets the same tokens under any load "

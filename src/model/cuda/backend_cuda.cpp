@@ -181,10 +181,7 @@ class CudaBackend final : public Backend {
     choose_mode(step);
   }
 
-  Act act(int64_t rows, int64_t cols, Prec p) override {
-    const DType t = dtype(p);
-    return Act{arena_.take(size_t(rows * cols * dtype_size(t))), rows, cols, t};
-  }
+  void* take(size_t bytes) override { return arena_.take(bytes); }
 
   void embed(const Weight& table, Act x) override {
     if (mode_ == Mode::replay) return;
@@ -465,7 +462,6 @@ class CudaBackend final : public Backend {
     return std::max(peak_, now);
   }
 
-  int64_t graph_replays() const override { return replays_; }
   ReplayTimes replay_times() const override { return times_; }
   int64_t plans_ahead_used() const override { return ahead_used_; }
   int64_t plans_ahead_dropped() const override { return ahead_dropped_; }
@@ -492,13 +488,7 @@ class CudaBackend final : public Backend {
     }
     return scratch_.get();
   }
-  int64_t graph_captures() const override { return captures_; }
-  GraphStats graph_stats() const override {
-    GraphStats g = stats_;
-    g.replays = replays_;
-    g.captures = captures_;
-    return g;
-  }
+  GraphStats graph_stats() const override { return stats_; }
 
  private:
   // ---- decode planning and CUDA graphs
@@ -618,12 +608,16 @@ class CudaBackend final : public Backend {
 
   int slot() const { return caches_.empty() ? 0 : caches_[0]->workspace_slot(); }
 
-  bool graph_fits(const Graph& g, int slot) const {
-    if (!g.exec[slot] || g.arena != arena_.generation()) return false;
-    for (size_t i = 0; i < caches_.size(); ++i)
-      if (g.gens[slot][i] != caches_[i]->workspace_generation() || caches_[i]->plan_stats().units > g.caps[i])
-        return false;
-    return true;
+  // Why the step cannot replay g on its plan workspace slot (the GraphStats count of that cause), or null
+  // when it can.
+  int64_t GraphStats::*misfit(const Graph& g, int slot) const {
+    if (!g.exec[slot]) return &GraphStats::other_slot;
+    if (g.arena != arena_.generation()) return &GraphStats::arena_moved;
+    for (size_t i = 0; i < caches_.size(); ++i) {
+      if (g.gens[slot][i] != caches_[i]->workspace_generation()) return &GraphStats::plans_moved;
+      if (caches_[i]->plan_stats().units > g.caps[i]) return &GraphStats::over_units;
+    }
+    return nullptr;
   }
 
   // Graphs only for steps that continue sequences and start none (the prefill kernel's launch depends on
@@ -639,7 +633,8 @@ class CudaBackend final : public Backend {
     const GraphKey key{step.rows(), int64_t(step.summary_rows.size()), int64_t(step.logits_rows.size()),
                        int64_t(step.seqs.size())};
     auto it = graphs_.find(key);
-    if (it != graphs_.end() && graph_fits(it->second, slot())) {
+    int64_t GraphStats::*why = it == graphs_.end() ? &GraphStats::new_shape : misfit(it->second, slot());
+    if (!why) {
       mode_ = Mode::replay;
       replay_exec_ = it->second.exec[slot()];
       return;
@@ -648,7 +643,7 @@ class CudaBackend final : public Backend {
       ++stats_.eager_first;
       return;
     }
-    count_capture_cause(it == graphs_.end() ? nullptr : &it->second);
+    ++(stats_.*why);  // the capture's cause
     Graph g;
     for (size_t i = 0; i < caches_.size(); ++i) {
       int64_t cap = 1;  // the next power of two: a growing context recaptures O(log) times
@@ -675,21 +670,6 @@ class CudaBackend final : public Backend {
     pending_key_ = key;
     check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "starting a CUDA graph capture");
     mode_ = Mode::capture;
-  }
-
-  // Why a step of a known shape (g; null: a shape without a graph) is captured (GraphStats): graph_fits's
-  // first failing condition.
-  void count_capture_cause(const Graph* g) {
-    const int s = slot();
-    int64_t* cause = &stats_.new_shape;
-    if (g && !g->exec[s]) cause = &stats_.other_slot;
-    else if (g && g->arena != arena_.generation()) cause = &stats_.arena_moved;
-    else if (g) {
-      cause = &stats_.over_units;
-      for (size_t i = 0; i < caches_.size(); ++i)
-        if (g->gens[s][i] != caches_[i]->workspace_generation()) cause = &stats_.plans_moved;
-    }
-    ++*cause;
   }
 
   // Ends the step's capture (instantiating and launching the graph) or launches its replay; afterwards every
@@ -722,11 +702,11 @@ class CudaBackend final : public Backend {
       if (g && !pending_.exec[s ^ 1]) add_other_slot(g, pending_);
       if (g) cudaGraphDestroy(g);
       Graph& stored = graphs_[pending_key_] = std::move(pending_);
-      ++captures_;
+      ++stats_.captures;
       check(cudaGraphLaunch(stored.exec[s], stream_), "launching a CUDA graph");
     } else if (mode_ == Mode::replay) {
       mode_ = Mode::eager;
-      ++replays_;
+      ++stats_.replays;
       check(cudaEventRecord(graph_t0_, stream_), "timing a CUDA graph");
       check(cudaGraphLaunch(replay_exec_, stream_), "launching a CUDA graph");
       check(cudaEventRecord(graph_t1_, stream_), "timing a CUDA graph");
@@ -841,8 +821,7 @@ class CudaBackend final : public Backend {
   cudaGraphExec_t replay_exec_ = nullptr;
   Graph pending_;
   GraphKey pending_key_;
-  int64_t replays_ = 0, captures_ = 0;
-  GraphStats stats_;  // eager steps and capture causes (graph_stats)
+  GraphStats stats_;  // replays, eager steps, captures and their causes (graph_stats)
   // Timing of replayed steps (replay_times): host clocks at begin_step, the graph's launch and the end of
   // finish_step; events at the step's start and end and around the graph.
   std::chrono::steady_clock::time_point step_t0_, step_end_;
