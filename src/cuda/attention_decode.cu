@@ -155,6 +155,12 @@ __global__ void __launch_bounds__(K::THREADS)
 #pragma unroll
   for (int t = 0; t < STAGES; ++t)
     if (t < ntiles) issue(t, t, false);
+  // The merge kernel may launch now (it waits for this grid before it reads), and with it the o product,
+  // whose CTAs then stage their weights on the SMs this grid leaves free while its units stream their keys:
+  // at batch 1 the attend grid is under a wave and latency bound (16K: ~12 us at ~1 TB/s), so the o
+  // product's 21 MB (the 4B shape) load under it instead of after it. A grid of several waves lets the merge
+  // launch only once its last wave is resident (every CTA must have passed this point).
+  dev::launch_dependents();
   dev::grid_dependency_wait();
 #pragma unroll
   for (int t = 0; t < STAGES; ++t) {
@@ -251,7 +257,6 @@ __global__ void __launch_bounds__(K::THREADS)
       o[c][0] = c0[0], o[c][1] = c0[1], o[c + 1][0] = c1[0], o[c + 1][1] = c1[1];
     }
   }
-  dev::launch_dependents();  // the merge kernel may launch; it waits for this grid before reading
   l = dev::quad_sum(l);
 
   // Join the warps (fixed order) and write this CTA's partial (m in natural units); stage buffers reused.
