@@ -23,8 +23,8 @@
 #            the prefill's time goes (issue #21's throughput at 64 streams is prefill-bound)
 #     refs   with 4b: HuggingFace transformers' Qwen3 (SDPA, static cache) on the same checkpoint (model_ref.py)
 #     serve  with 4b: `ksa serve --device cuda` on the 4B checkpoint driven by bench/serve/loadgen.js at 1, 8 and
-#            64 concurrent streams with 4K-token prompts (SERVE_MAX_TOKENS output tokens, 256), then issue #21's
-#            target shape: 64 streams, 128 requests of 4K-token prompts and 1,024 output tokens, with the
+#            64 concurrent streams (SERVE_LEVELS="1,8,64"; empty: skipped) with 4K-token prompts
+#            (SERVE_MAX_TOKENS output tokens, 256), then issue #21's target shape: 64 streams, 128 requests of 4K-token prompts and 1,024 output tokens, with the
 #            server's step times and graph counters (SERVE_CHUNKS="1024 2048": once per --prefill-chunk);
 #            needs cpp-httplib (Debian's, or KSA_DEPS/serve with its pkg-config file), node (NODE=<path>) and a
 #            tokenizer.json for the checkpoint (KSA_DEPS/tokenizer-qwen3)
@@ -169,10 +169,12 @@ if want 4b; then
     if ! $KSA serve --help >/dev/null 2>&1; then echo "skipped: ksa was built without cpp-httplib"
     elif ! command -v "${NODE:-node}" >/dev/null; then echo "skipped: no node (NODE=<path>)"
     else
-      PATH="$(dirname "$(command -v "${NODE:-node}")"):$PATH" KSA=$KSA \
-        SERVE_ARGS="--device cuda --max-seqs 64 --ctx 8192" bench/serve/run.sh $M --prompt-tokens 4096 \
-        --max-tokens "${SERVE_MAX_TOKENS:-256}" --concurrency 1,8,64 \
-        2>&1 | tee "$OUT/serve_4b.log" | tail -20 || echo "serve bench: FAILED (log: $OUT/serve_4b.log)"
+      if [ -n "${SERVE_LEVELS-1,8,64}" ]; then
+        PATH="$(dirname "$(command -v "${NODE:-node}")"):$PATH" KSA=$KSA \
+          SERVE_ARGS="--device cuda --max-seqs 64 --ctx 8192" bench/serve/run.sh $M --prompt-tokens 4096 \
+          --max-tokens "${SERVE_MAX_TOKENS:-256}" --concurrency "${SERVE_LEVELS-1,8,64}" \
+          2>&1 | tee "$OUT/serve_4b.log" | tail -20 || echo "serve bench: FAILED (log: $OUT/serve_4b.log)"
+      fi
       for chunk in ${SERVE_CHUNKS:-1024}; do
         echo "== ksa serve, 64 streams, 128 requests, 4K-token prompts, 1,024 output tokens, --prefill-chunk $chunk"
         PATH="$(dirname "$(command -v "${NODE:-node}")"):$PATH" KSA=$KSA \
