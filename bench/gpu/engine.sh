@@ -24,8 +24,9 @@
 #     refs   with 4b: HuggingFace transformers' Qwen3 (SDPA, static cache) on the same checkpoint (model_ref.py)
 #     serve  with 4b: `ksa serve --device cuda` on the 4B checkpoint driven by bench/serve/loadgen.js at 1, 8 and
 #            64 concurrent streams (SERVE_LEVELS="1,8,64"; empty: skipped) with 4K-token prompts
-#            (SERVE_MAX_TOKENS output tokens, 256), then issue #21's target shape: 64 streams, 128 requests of 4K-token prompts and 1,024 output tokens, with the
-#            server's step times and graph counters (SERVE_CHUNKS="1024 2048": once per --prefill-chunk);
+#            (SERVE_MAX_TOKENS output tokens, 256), then issue #21's target shape: 64 streams, 128 requests of
+#            4K-token prompts and 1,024 output tokens, with the server's step times and graph counters
+#            (SERVE_CHUNKS="1024 2048": once per --prefill-chunk);
 #            needs cpp-httplib (Debian's, or KSA_DEPS/serve with its pkg-config file), node (NODE=<path>) and a
 #            tokenizer.json for the checkpoint (KSA_DEPS/tokenizer-qwen3)
 #     compare  with 4b and KSA_BEFORE=<checkout> (e.g. `git archive REV | tar -x -C .before`, carried): that
