@@ -26,6 +26,7 @@
 
 #include "check.cuh"
 #include "cuda/decode_plan.cuh"
+#include "cuda/fast_div.hpp"
 #include "cuda/mma.cuh"
 #include "ksa/softmax.hpp"
 #include "launch_checks.hpp"
@@ -121,12 +122,10 @@ __global__ void __launch_bounds__(K::THREADS)
   // K/V rows are read once per step: their L2 lines go first (instead of other lines, dirty ones included).
   const uint64_t pol = dev::l2_evict_first_policy();
   // fresh = false: the cached rows and the zero fill past the unit's end; true: the rows of this step.
-  // A key's storage row y goes to (block, row) = (y / P, y % P) by a multiply-high with a per-CTA multiplier
-  // (a division per key, ~20 instructions each, was a large share of a tile's instructions at batch 64; the
-  // quotient is exact for y < 2^31). A tile without rows of this step (all but the last; CTA-uniform) skips
-  // the fresh pass.
-  const uint32_t P = uint32_t(a.P), p_log = P > 1 ? 32u - uint32_t(__clz(int(P - 1))) : 0u;  // ceil(log2 P)
-  const uint32_t p_mul = P > 1 ? uint32_t(((uint64_t(1) << (31 + p_log)) + P - 1) / P) : 0u, p_shift = p_log - 1;
+  // A key's storage row y goes to (block, row) = (y / P, y % P) by a multiply-high (FastDiv; a division per
+  // key, ~20 instructions each, was a large share of a tile's instructions at batch 64). A tile without rows
+  // of this step (all but the last; CTA-uniform) skips the fresh pass.
+  const FastDiv by_p(uint32_t(a.P));
   auto issue = [&](int t, int st, bool fresh) {
     const int32_t x0 = un.begin + t * TILE;
     if (fresh && max(x0, un.new_begin) >= min(x0 + TILE, un.end)) return;
@@ -146,8 +145,8 @@ __global__ void __launch_bounds__(K::THREADS)
         vs = at<const uint16_t>(io.v, 0, row, hk) + part * 8;
       } else if (ok) {
         const uint32_t y = summary && !un.stored ? uint32_t(x) % a.lay.S : uint32_t(x);
-        const uint32_t b = P > 1 ? __umulhi(y, p_mul) >> p_shift : y;
-        ks = block_row(a, s_blk[int32_t(b) - un.blk0], hk, int32_t(y - b * P)) + part * 8;
+        const uint32_t b = by_p.div(y);
+        ks = block_row(a, s_blk[int32_t(b) - un.blk0], hk, int32_t(by_p.mod(y, b))) + part * 8;
         vs = ks + v_off;
       }
       const uint32_t off = uint32_t(dev::swz<CH>(key, part));
