@@ -21,6 +21,9 @@
 #            shape; ncu_decode64.csv, ncu_decode64.txt)
 #     ncu_prefill  with 4b: the same for one 1024-token prefill piece (ncu_prefill.csv, ncu_prefill.txt): where
 #            the prefill's time goes (issue #21's throughput at 64 streams is prefill-bound)
+#     ncu_attn  Nsight Compute sections (speed of light, warp states, instructions, memory) of one prefill
+#            attention forward launch and one fused backward launch (fwd_sm90a_kernel, dkdvdq_sm90a_kernel) at
+#            B=1, 32/8 heads, D=128, bf16, k=8, S=1, W=128, T=NCU_T (131072): ncu_fwd.txt, ncu_bwd.txt
 #     refs   with 4b: HuggingFace transformers' Qwen3 (SDPA, static cache) on the same checkpoint (model_ref.py)
 #     serve  with 4b: `ksa serve --device cuda` on the 4B checkpoint driven by bench/serve/loadgen.js at 1, 8 and
 #            64 concurrent streams (SERVE_LEVELS="1,8,64"; empty: skipped) with 4K-token prompts
@@ -77,6 +80,28 @@ if want tests; then
     grep -E "^\[  FAILED|Failure|error|Expected|Which is|max \|" -A2 "$OUT/cuda_tests.log" | head -60
     grep -E "^\[cuda engine\]" "$OUT/cuda_tests.log" || true
   fi
+fi
+
+if want ncu_attn; then
+  T=${NCU_T:-131072}
+  gmma='sm__pipe_tensor_op_gmma_cycles_active\.avg\.pct_of_peak_sustained_active'  # the wgmma pipe's busy share
+  for kern in fwd_sm90a_kernel dkdvdq_sm90a_kernel; do
+    echo "== ncu: $kern, T=$T, 32/8 heads, D=128, bf16 (one launch after the warm-up)"
+    log="$OUT/ncu_${kern%%_*}.txt"
+    [ $kern = dkdvdq_sm90a_kernel ] && log="$OUT/ncu_bwd.txt"
+    timeout 240 ncu --clock-control none --kernel-name "regex:$kern" --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy \
+      --section LaunchStats --section InstructionStats --section MemoryWorkloadAnalysis \
+      --metrics "regex:^(smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio|$gmma)$" \
+      $KSA bench attn --device cuda --dtype bf16 --heads 32/8 --dim 128 --T "$T" --bwd --reps 1 --no-ceiling \
+      >"$log" 2>&1 || echo "ncu failed (log: $log)"
+    keys="Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|L2 Hit Rate|Registers Per"
+    keys+="|Achieved Occupancy|Issue Slots Busy|Executed Ipc Active|Warp Cycles Per Issued"
+    grep -E "^ +($keys)" "$log" | head -20 || true
+    grep -E "sm__pipe_tensor_op_gmma" "$log" || true
+    # Stall reasons per issued instruction, largest first.
+    grep -E "issue_stalled_.*per_issue_active" "$log" | sort -k3 -g -r | head -8 || true
+  done
 fi
 
 if want bench; then
