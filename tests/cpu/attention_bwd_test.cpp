@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "attention_cases.hpp"
@@ -35,6 +36,9 @@ std::vector<Case> backward_cases() {
   add(8, 1, 300, 2, false, 1, 4, 2, 64, DType::f32, true);
   add(5, 2, 240, 100, true, 1, 2, 1, 128, DType::f32, false);
   add(8, 1, 700, 4, false, 1, 1, 1, 64, DType::bf16, false);
+  // The oracle's backward runs its queries in blocks (~32 MiB of rows each): here 8 blocks of 221 rows, the
+  // last one partial, with a second batch entry and strided views.
+  add(8, 1, 1400, 3, true, 2, 4, 2, 32, DType::f32, true);
   return cs;
 }
 
@@ -53,6 +57,25 @@ void check_backward(const Case& c) {
 
 TEST(CpuBackward, MatchesOracleFastestPrimitives) {
   for (const Case& c : backward_cases()) check_backward(c);
+}
+
+// The oracle's own backward (its queries in blocks, across threads) against the independent naive fp32 one, on
+// a case of several blocks: the two differ only by fp32 rounding (inputs of order 1, sums of at most ~250
+// terms: a few 1e-6 here), so 1e-4 of the largest gradient catches any term one of them drops or repeats.
+TEST(CpuBackward, OracleBackwardAgreesWithNaiveAcrossQueryBlocks) {
+  const Case c = backward_cases().back();
+  ASSERT_EQ(c.T, 1400);
+  SCOPED_TRACE(c.str());
+  Problem pr(c);
+  cpu::attention_forward(pr.p);
+  const auto ref = cpu::attention_reference_backward(pr.p);
+  std::vector<double> ndq, ndk, ndv;
+  test::naive_backward_f32(pr, ndq, ndk, ndv);
+  for (const auto& [what, naive, oracle] : {std::tuple{"dq", &ndq, &ref.dq}, std::tuple{"dk", &ndk, &ref.dk},
+                                            std::tuple{"dv", &ndv, &ref.dv}}) {
+    const test::Worst w = test::worst(*naive, *oracle);
+    EXPECT_LE(w.err, 1e-4 * std::max(w.ref_abs_max, 1.0)) << what << " at flat index " << w.index;
+  }
 }
 
 TEST(CpuBackward, MatchesOraclePortablePrimitives) {
