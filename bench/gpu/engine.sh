@@ -38,6 +38,7 @@
 #            times (2); summary lines in compare_4b.log
 #     release  with 4b: the KSA authors' HF code (their FlexAttention prefill, ring-buffer cache) on the same
 #            checkpoint (release_ref.py; needs .ref/ksa-release from bench/gpu/fetch_release.sh, carried along)
+# KSA_PREBUILT=<dir>: binaries built elsewhere (bench/gpu/pack_prebuilt.sh) instead of a build here.
 # A machine without the engine's Debian packages (nlohmann-json, ICU, GoogleTest) can be given them as a
 # prefix: KSA_DEPS=<dir> with include/, lib/ (libicu*.so.72), share/cmake/ and googletest/.
 set -euo pipefail
@@ -56,24 +57,43 @@ fi
 want() { [[ " $* " == *" all "* ]] || [[ " ${STEPS} " == *" $1 "* ]]; }
 STEPS="${*:-tests bench}"
 
-cmake -S . -B build-engine -G Ninja -DCMAKE_BUILD_TYPE=Release -DKSA_ENGINE=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
-  "${ARGS[@]}" >"$OUT/engine_cmake.log" 2>&1 || { tail -30 "$OUT/engine_cmake.log"; exit 1; }
-if want compare; then
-  [ -d "${KSA_BEFORE:-}" ] || { echo "compare: KSA_BEFORE=<checkout> is required"; exit 1; }
+# KSA_PREBUILT=<dir> (bench/gpu/pack_prebuilt.sh): its bin/ksa and bin/ksa_cuda_tests, and bin/ksa-before as
+# `compare`'s before, instead of building, when its ksa runs here.
+KSA=build-engine/bin/ksa TESTS_BIN=build-engine/bin/ksa_cuda_tests BEFORE_BIN=
+# Their CUDA runtime and cuBLASLt are this machine's toolkit's (beside nvcc).
+cuda_home=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")")
+pre_libs="$cuda_home/lib64:$cuda_home/lib:${LD_LIBRARY_PATH:-}"
+if [ -n "${KSA_PREBUILT:-}" ] && PRE=$(realpath "$KSA_PREBUILT") &&
+  LD_LIBRARY_PATH="$PRE/lib:$pre_libs" "$PRE/bin/ksa" info >/dev/null 2>&1; then
+  export LD_LIBRARY_PATH="$PRE/lib:$pre_libs"
+  KSA=$PRE/bin/ksa TESTS_BIN=$PRE/bin/ksa_cuda_tests
+  [ -x "$PRE/bin/ksa-before" ] && BEFORE_BIN=$PRE/bin/ksa-before
+  [ -z "${DEPS:-}" ] && [ -d "$PRE/tokenizer-qwen3" ] && DEPS=$PRE  # serve's tokenizer
+  echo "prebuilt binaries: $PRE (before: ${BEFORE_BIN:-none})"
+else
+  [ -n "${KSA_PREBUILT:-}" ] && echo "KSA_PREBUILT=$KSA_PREBUILT: its ksa does not run here, building"
+  cmake -S . -B build-engine -G Ninja -DCMAKE_BUILD_TYPE=Release -DKSA_ENGINE=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
+    "${ARGS[@]}" >"$OUT/engine_cmake.log" 2>&1 || { tail -30 "$OUT/engine_cmake.log"; exit 1; }
+  gpu_build build-engine engine_ --target ksa ksa_cuda_tests &
+  pid_after=$!
+fi
+if want compare && [ -z "$BEFORE_BIN" ]; then
+  [ -d "${KSA_BEFORE:-}" ] || { echo "compare: KSA_BEFORE=<checkout> or KSA_PREBUILT's bin/ksa-before"; exit 1; }
   KSA_BEFORE=$(realpath "$KSA_BEFORE")
   (cd "$KSA_BEFORE" && cmake -S . -B build-engine -G Ninja -DCMAKE_BUILD_TYPE=Release -DKSA_ENGINE=ON \
     -DCMAKE_CUDA_ARCHITECTURES="$ARCH" "${ARGS[@]}" >"$OUT/before_cmake.log" 2>&1 &&
-    cmake --build build-engine -j "$(nproc)" --target ksa >"$OUT/before_build.log" 2>&1) &
+    cmake --build build-engine -j "$(nproc)" --target ksa >"$OUT/before_build.log" 2>&1) || {
+    echo "compare: the before build failed"; tail -20 "$OUT/before_build.log"; exit 1; } &
   pid_before=$!
+  BEFORE_BIN=$KSA_BEFORE/build-engine/bin/ksa
 fi
-gpu_build build-engine engine_ --target ksa ksa_cuda_tests
-if want compare; then wait "$pid_before" || { echo "compare: the before build failed"; tail -20 "$OUT/before_build.log"; exit 1; }; fi
-KSA=build-engine/bin/ksa
+[ -n "${pid_after:-}" ] && { wait "$pid_after" || exit 1; }
+[ -n "${pid_before:-}" ] && { wait "$pid_before" || exit 1; }
 $KSA info | tee "$OUT/info.log"
 
 if want tests; then
   echo "== C++ GPU tests"
-  if build-engine/bin/ksa_cuda_tests ${GTEST_FILTER:+--gtest_filter="$GTEST_FILTER"} >"$OUT/cuda_tests.log" 2>&1; then
+  if $TESTS_BIN ${GTEST_FILTER:+--gtest_filter="$GTEST_FILTER"} >"$OUT/cuda_tests.log" 2>&1; then
     grep -E "^\[  PASSED|^\[cuda engine\]" "$OUT/cuda_tests.log"
   else
     echo "ksa_cuda_tests: FAILED"
@@ -133,7 +153,7 @@ if want 4b; then
     for r in $(seq "${COMPARE_ROUNDS:-2}"); do
       for which in before after; do
         bin=$KSA
-        [ $which = before ] && bin="$KSA_BEFORE/build-engine/bin/ksa"
+        [ $which = before ] && bin=$BEFORE_BIN
         for name in ${COMPARE_SHAPES:-16k 128k b64}; do
           shape=$(shape_flags "$name") || exit 1
           echo "== round $r $which $shape" | tee -a "$OUT/compare_4b.log"
