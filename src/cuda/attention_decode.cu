@@ -27,6 +27,7 @@
 #include "check.cuh"
 #include "cuda/decode_plan.cuh"
 #include "cuda/fast_div.hpp"
+#include "cuda/tile_rows.hpp"
 #include "cuda/mma.cuh"
 #include "ksa/softmax.hpp"
 #include "launch_checks.hpp"
@@ -124,12 +125,28 @@ __global__ void __launch_bounds__(K::THREADS)
   // fresh = false: the cached rows and the zero fill past the unit's end; true: the rows of this step.
   // A key's storage row y goes to (block, row) = (y / P, y % P) by a multiply-high (FastDiv) instead of a
   // u32 division (~20 instructions; 8 per thread and tile). A tile without rows of this step (all but the
-  // last; CTA-uniform) skips the fresh pass.
+  // last; CTA-uniform) skips the fresh pass. Where a tile's storage rows are its keys' rows in order and
+  // blocks hold at least a tile (`contig`, CTA-uniform: the engine's 64-row blocks, all but the unstored
+  // summaries), the tile's rows lie in two blocks at most: one division per tile, then per key a compare
+  // and a select (TileRows) instead of the division, the table lookup and 64-bit index arithmetic.
   const FastDiv by_p(uint32_t(a.P));
+  const bool contig = a.P >= TILE && !(summary && !un.stored);
+  const int64_t head_off = int64_t(hk) * a.P * D + part * 8;  // row 0 of head hk, chunk `part`
   auto issue = [&](int t, int st, bool fresh) {
     const int32_t x0 = un.begin + t * TILE;
     if (fresh && max(x0, un.new_begin) >= min(x0 + TILE, un.end)) return;
     const uint32_t base = dev::smem_u32(smem + st * K::STAGE_BYTES);
+    // contig: the tile's first storage row is row r0 of block b0 (its list entry; the next entry, where the
+    // unit has one, holds the rows past P).
+    TileRows rows;
+    const uint16_t *blk_a = nullptr, *blk_b = nullptr;
+    if (!fresh && contig) {
+      const uint32_t b0 = by_p.div(uint32_t(x0));
+      rows = TileRows(by_p.mod(uint32_t(x0), b0), uint32_t(a.P));
+      const int32_t e = int32_t(b0) - un.blk0;
+      blk_a = s_blk[e] + head_off;
+      blk_b = (e + 1 < a.unit_blocks_stride ? s_blk[e + 1] : s_blk[e]) + head_off;
+    }
 #pragma unroll
     for (int i = 0; i < K::KEYS_PER_THREAD; ++i) {
       const int key = key0 + i * (K::THREADS / CH);
@@ -143,6 +160,10 @@ __global__ void __launch_bounds__(K::THREADS)
         const int64_t row = un.src_off + int64_t(pos);
         ks = at<const uint16_t>(io.k, 0, row, hk) + part * 8;
         vs = at<const uint16_t>(io.v, 0, row, hk) + part * 8;
+      } else if (ok && contig) {
+        const TileRows::At r = rows.at(uint32_t(key));
+        ks = (r.next ? blk_b : blk_a) + int64_t(r.row) * D;
+        vs = ks + v_off;
       } else if (ok) {
         const uint32_t y = summary && !un.stored ? uint32_t(x) % a.lay.S : uint32_t(x);
         const uint32_t b = by_p.div(y);
