@@ -242,7 +242,10 @@ void Server::Impl::handle_generate(const httplib::Request& req, const std::strin
       if (job->wait(p, 50ms)) {
         text += p.text;
         if (p.done) break;
-      } else if (peer_gone(fd)) {
+      }
+      // Checked after every wake, not only when a wait times out: while tokens flow, every wait returns
+      // progress, and a client that left would otherwise have its completion run to the end.
+      if (peer_gone(fd)) {
         job->cancel();
         res.status = 499;  // the client closed the request (nginx's code; nobody reads it)
         return;
@@ -279,6 +282,7 @@ void Server::Impl::handle_generate(const httplib::Request& req, const std::strin
           }
           if (!p.text.empty() && !send(chunk_body(head, p.text, false, ""))) return gone();
           if (p.done) break;
+          if (p.text.empty() && peer_gone(fd)) return gone();  // tokens without text (held back) send nothing
         }
         if (p.finish == Finish::error || p.finish == Finish::cancelled) {
           const ApiError e =

@@ -404,6 +404,24 @@ async function queueAndShutdown() {
   m = await settled(s.port);
   check(m.ksa_live_sequences === 0 && m.ksa_kv_bytes_in_use === 0, 'after the disconnects: no live sequence, no KV bytes');
 
+  // A client of a non-streamed request that leaves while its completion decodes (3000 tokens: seconds here)
+  // cancels it; it does not run to its end.
+  const reason = (x, r) => x[`ksa_completions_total{reason="${r}"}`];
+  const before = await metrics(s.port);
+  const left = http.request({ host: '127.0.0.1', port: s.port, method: 'POST', path: '/v1/completions', agent: false });
+  left.on('error', () => {});
+  left.end(JSON.stringify({ model: MODEL, prompt: 'left alone', max_tokens: 3000, temperature: 0, ignore_eos: true }));
+  for (let k = 0; k < 400; k++) {
+    m = await metrics(s.port);
+    if (m.ksa_generation_tokens_total > before.ksa_generation_tokens_total) break;
+    await sleep(5);
+  }
+  left.destroy();
+  m = await settled(s.port);
+  check(reason(m, 'cancelled') === reason(before, 'cancelled') + 1 && reason(m, 'length') === reason(before, 'length'),
+        'a non-streamed request whose client leaves while it decodes is cancelled',
+        JSON.stringify({ cancelled: [reason(before, 'cancelled'), reason(m, 'cancelled')], length: [reason(before, 'length'), reason(m, 'length')] }));
+
   const stream = await client.completions.create({ model: MODEL, prompt: 'before the signal', max_tokens: 40, temperature: 0, ignore_eos: true, stream: true });
   const it2 = stream[Symbol.asyncIterator]();
   const firstChunk = await it2.next();
