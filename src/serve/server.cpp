@@ -338,6 +338,13 @@ void Server::Impl::routes() {
   auto post = [this, guarded](const char* pattern, PostHandler fn) {
     http.Post(pattern, [this, guarded, fn](const httplib::Request& req, httplib::Response& res,
                                            const httplib::ContentReader& reader) {
+      // cpp-httplib hands a multipart body only to a multipart reader (the plain one throws: a 500).
+      if (req.is_multipart_form_data()) {
+        res.set_header("Connection", "close");  // the body is not read
+        send_error(res, ApiError(400, "a multipart/form-data body is not supported; send JSON (Content-Type: "
+                                      "application/json)"));
+        return;
+      }
       std::string body;
       bool too_large = false;
       const size_t limit = size_t(opt.max_body);

@@ -354,6 +354,9 @@ async function badRequests(port, key) {
   extra.push(['Basic authorization', (await raw(port, { path: C, headers: { Authorization: 'Basic ' + Buffer.from('a:b').toString('base64') }, body: chat({}) })).status, 401]);
   const big = Buffer.from(chat({ messages: [{ role: 'user', content: 'y'.repeat(3 << 20) }] }));
   extra.push(['a 3 MiB body with its Content-Length', (await raw(port, { path: C, headers: { ...auth, 'Content-Length': big.length }, body: big })).status, 413]);
+  const form = { ...auth, 'Content-Type': 'multipart/form-data; boundary=xx' };
+  const formBody = `--xx\r\nContent-Disposition: form-data; name="a"\r\n\r\n${chat({})}\r\n--xx--\r\n`;
+  extra.push(['a multipart/form-data body', (await raw(port, { path: C, headers: form, body: formBody })).status, 400]);
   extra.push(['unknown route', (await raw(port, { method: 'GET', path: '/v1/engines', headers: auth })).status, 404]);
   extra.push(['GET on a POST route', (await raw(port, { method: 'GET', path: C, headers: auth })).status, 404]);
   extra.push(['unknown model id', (await raw(port, { method: 'GET', path: '/v1/models/nope', headers: auth })).status, 404]);
