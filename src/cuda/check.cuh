@@ -1,15 +1,25 @@
 // CUDA error checking for the launchers: every runtime call and every launch is checked, and a failure
-// becomes a ksa::Error naming the call, the file and line and CUDA's message.
+// becomes a ksa::Error naming the call, the file and line and CUDA's message. The failure is also taken off
+// the runtime's last-error slot, so that a caller that catches the error (the server, after a step ran out of
+// memory) does not find it again at its next launch check. Running out of device memory says so first.
 #pragma once
 #include <cuda_runtime.h>
 
 #include "ksa/error.hpp"
 
-#define KSA_CUDA_CHECK(expr)                                                                                     \
-  do {                                                                                                           \
-    const cudaError_t ksa_err_ = (expr);                                                                         \
-    if (ksa_err_ != cudaSuccess)                                                                                 \
-      ::ksa::fail("CUDA error in ", #expr, " at ", __FILE__, ":", __LINE__, ": ", cudaGetErrorString(ksa_err_)); \
+namespace ksa::cuda::detail {
+[[noreturn]] inline void cuda_failed(cudaError_t e, const char* expr, const char* file, int line) {
+  cudaGetLastError();  // consumed: not sticky unless the context is broken, which the next call then reports
+  if (e == cudaErrorMemoryAllocation)
+    fail("out of GPU memory (", expr, " at ", file, ":", line, "); a smaller context, batch or prompt needs less");
+  fail("CUDA error in ", expr, " at ", file, ":", line, ": ", cudaGetErrorString(e));
+}
+}  // namespace ksa::cuda::detail
+
+#define KSA_CUDA_CHECK(expr)                                                                 \
+  do {                                                                                       \
+    const cudaError_t ksa_err_ = (expr);                                                     \
+    if (ksa_err_ != cudaSuccess) ::ksa::cuda::detail::cuda_failed(ksa_err_, #expr, __FILE__, __LINE__); \
   } while (0)
 
 #define KSA_CUDA_CHECK_LAUNCH() KSA_CUDA_CHECK(cudaGetLastError())

@@ -932,5 +932,77 @@ TEST(CudaEngine, ErrorsAreClearAndLeaveOtherSequencesIntact) {
   EXPECT_EQ(m.text_tokens(b), 5);
 }
 
+// Holds all of the device's free memory but less than `keep` bytes, in blocks of 256 MiB down to 64 KiB.
+struct Ballast {
+  std::vector<void*> blocks;
+  size_t held = 0;
+  explicit Ballast(size_t keep) {
+    for (size_t b = size_t(256) << 20; b >= (size_t(64) << 10); b /= 2)
+      for (;;) {
+        if (left() < keep + b) break;
+        void* p = nullptr;
+        if (cudaMalloc(&p, b) != cudaSuccess) {
+          cudaGetLastError();
+          break;
+        }
+        blocks.push_back(p);
+        held += b;
+      }
+  }
+  static size_t left() {
+    size_t free = 0, total = 0;
+    if (cudaMemGetInfo(&free, &total) != cudaSuccess) cudaGetLastError();
+    return free;
+  }
+  ~Ballast() {
+    for (void* p : blocks) cudaFree(p);
+  }
+};
+
+// Out of device memory (issue #20's errors): a prompt that needs more device memory than is left fails with
+// the engine's one-line error, not a crash or a CUDA error at some later launch; once memory is back, a
+// sequence that was not in the failed step decodes on as the CPU engine does, and a new prompt runs. A longer
+// prompt first (then released) loads every kernel and grows the buffers a prompt of its size needs, so that
+// what fails under the ballast is an allocation of the engine's (the bigger prompt's buffers and cache rows).
+TEST(CudaEngine, OutOfDeviceMemoryIsAClearErrorAndTheModelGoesOn) {
+  REQUIRE_GPU();
+  const Variant v = variants()[0];
+  Pair p(v);
+  std::mt19937_64 rng(77);
+  const std::vector<int32_t> t = random_text(rng, 48), warm = random_text(rng, 1500), big = random_text(rng, 4000);
+  std::vector<float> lg(size_t(p.gpu.vocab())), lc(lg.size());
+  const SeqId ga = p.gpu.new_sequence(), ca = p.cpu.new_sequence();
+  p.gpu.append(ga, std::span(t).first(40), LogitsFor::last, lg);
+  p.cpu.append(ca, std::span(t).first(40), LogitsFor::last, lc);
+  const SeqId gw = p.gpu.new_sequence();
+  p.gpu.append(gw, warm, LogitsFor::last, lg);
+  p.gpu.release(gw);
+  {
+    Ballast hold(size_t(256) << 10);
+    std::printf("[cuda engine] ballast %zu MiB, %zu KiB left\n", hold.held >> 20, Ballast::left() >> 10);
+    const SeqId gb = p.gpu.new_sequence();
+    try {
+      p.gpu.append(gb, big, LogitsFor::last, lg);
+      ADD_FAILURE() << "a 4,000-token prompt ran with " << Ballast::left() << " bytes of device memory left";
+    } catch (const Error& e) {
+      std::printf("[cuda engine] the error: %s\n", e.what());
+      EXPECT_NE(std::string(e.what()).find("out of GPU memory"), std::string::npos) << e.what();
+      EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos) << "one line: " << e.what();
+    }
+    p.gpu.release(gb);
+  }
+  for (int i = 40; i < 48; ++i) {  // a decodes on, token by token
+    p.gpu.append(ga, std::span(t).subspan(size_t(i), 1), LogitsFor::last, lg);
+    p.cpu.append(ca, std::span(t).subspan(size_t(i), 1), LogitsFor::last, lc);
+    const Err e = compare(lg, lc);
+    if (i == 47) report("after OOM", v.name, e);
+    EXPECT_TRUE(close(e)) << "token " << i;
+  }
+  const SeqId gc = p.gpu.new_sequence(), cc = p.cpu.new_sequence();  // and a new prompt runs
+  p.gpu.append(gc, std::span(big).first(600), LogitsFor::last, lg);
+  p.cpu.append(cc, std::span(big).first(600), LogitsFor::last, lc);
+  EXPECT_TRUE(close(compare(lg, lc)));
+}
+
 }  // namespace
 }  // namespace ksa
