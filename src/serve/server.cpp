@@ -129,6 +129,14 @@ std::string route_label(const std::string& path) {
   return "other";
 }
 
+// The methods a known route answers ("" for an unknown path): a request with another method gets 405.
+std::string allowed_methods(const std::string& path) {
+  const std::string route = route_label(path);
+  if (route == "/v1/chat/completions" || route == "/v1/completions" || route == "/tokenize" || route == "/detokenize")
+    return "POST";
+  return route == "other" ? "" : "GET, HEAD";
+}
+
 void send_error(httplib::Response& res, const ApiError& e) {
   res.status = e.status();
   res.set_content(error_body(e), "application/json");
@@ -442,6 +450,13 @@ void Server::Impl::routes() {
   // Errors cpp-httplib answers itself (unknown route, body too large, bad request line) get an OpenAI body.
   http.set_error_handler(httplib::Server::HandlerWithResponse([](const httplib::Request& req, httplib::Response& res) {
     if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+    // A known route asked with another method (GET on a POST route, say): 405 naming the methods it takes.
+    if (const std::string allow = allowed_methods(req.path); res.status == 404 && !allow.empty()) {
+      res.set_header("Allow", allow);
+      send_error(res,
+                 ApiError(405, "method " + req.method + " is not allowed on " + req.path + " (use " + allow + ")"));
+      return httplib::Server::HandlerResponse::Handled;
+    }
     std::string msg = res.status == 404   ? "no route " + req.method + " " + req.path
                       : res.status == 413 ? "the request body is too large (--max-body)"
                                           : "bad request";

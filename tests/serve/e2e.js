@@ -358,7 +358,11 @@ async function badRequests(port, key) {
   const formBody = `--xx\r\nContent-Disposition: form-data; name="a"\r\n\r\n${chat({})}\r\n--xx--\r\n`;
   extra.push(['a multipart/form-data body', (await raw(port, { path: C, headers: form, body: formBody })).status, 400]);
   extra.push(['unknown route', (await raw(port, { method: 'GET', path: '/v1/engines', headers: auth })).status, 404]);
-  extra.push(['GET on a POST route', (await raw(port, { method: 'GET', path: C, headers: auth })).status, 404]);
+  const allowed = (r) => `${r.status} Allow: ${r.headers && r.headers.allow}`;
+  const getOnPost = await raw(port, { method: 'GET', path: C, headers: auth });
+  extra.push(['GET on a POST route', allowed(getOnPost), '405 Allow: POST']);
+  const postOnGet = await raw(port, { path: '/v1/models', headers: auth, body: '{}' });
+  extra.push(['POST on a GET route', allowed(postOnGet), '405 Allow: GET, HEAD']);
   extra.push(['unknown model id', (await raw(port, { method: 'GET', path: '/v1/models/nope', headers: auth })).status, 404]);
   extra.push(['a garbage request line', await new Promise((resolve) => {
     // Written without closing our side: the answer is read before either side closes.
