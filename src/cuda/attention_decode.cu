@@ -137,10 +137,11 @@ __global__ void __launch_bounds__(K::THREADS)
     if (fresh && max(x0, un.new_begin) >= min(x0 + TILE, un.end)) return;
     const uint32_t base = dev::smem_u32(smem + st * K::STAGE_BYTES);
     // contig: the tile's first storage row is row r0 of block b0 (its list entry; the next entry, where the
-    // unit has one, holds the rows past P).
+    // unit has one, holds the rows past P). Only a tile that starts with a cached row has cached rows (they
+    // precede the step's), and only a cached row's block is sure to be in the unit's list.
     TileRows rows;
     const uint16_t *blk_a = nullptr, *blk_b = nullptr;
-    if (!fresh && contig) {
+    if (!fresh && contig && x0 < min(un.new_begin, un.end)) {
       const uint32_t b0 = by_p.div(uint32_t(x0));
       rows = TileRows(by_p.mod(uint32_t(x0), b0), uint32_t(a.P));
       const int32_t e = int32_t(b0) - un.blk0;
