@@ -36,7 +36,7 @@ struct Piece {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The MLP's least rows per part when a step splits it (Model::step).
+// A step splits its MLP into at most n / kMlpPartRows parts (Model::step): parts of ~2,048 rows or more.
 constexpr int64_t kMlpPartRows = 2048;
 
 // Activations carved one after another from one step buffer, each start rounded up to kCarveAlign bytes (the
@@ -201,10 +201,10 @@ void Model::Impl::run(std::span<const Piece> pieces, std::span<const StepItem> i
   const int64_t ns = int64_t(desc.summary_rows.size());
   const int64_t NQ = Hq * D, NKV = Hkv * D;
   const DType narrow = b.dtype(Prec::narrow), cache_t = b.dtype(Prec::cache);
-  // A long step runs the MLP (norm, SwiGLU, down product) on parts of its rows, each at least kMlpPartRows,
-  // so that SwiGLU's output fits the buffer q/k/v use (below): with the 4B shape (I = 9,728 against 6,144
-  // q/k/v columns) a 4,608-row prefill step needs 33 MB less on the GPU, and products of >= 2,048 rows still
-  // fill it.
+  // A long step runs the MLP (norm, SwiGLU, down product) on parts of its rows, at most n / kMlpPartRows of
+  // them (rounded to 64 rows, the last part takes the rest: 4,100 rows run as 2,112 and 1,988), so that
+  // SwiGLU's output fits the buffer q/k/v use (below): with the 4B shape (I = 9,728 against 6,144 q/k/v
+  // columns) a 4,608-row prefill step needs 33 MB less on the GPU, and products of ~2,000 rows still fill it.
   const int64_t mlp_parts =
       I > NQ + 2 * NKV ? std::min(ceil_div(I, NQ + 2 * NKV), std::max<int64_t>(1, n / kMlpPartRows)) : 1;
   // Parts of a multiple of 64 rows: every part's x starts 256-byte aligned, as cuBLASLt's choices assume.
