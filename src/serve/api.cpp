@@ -18,7 +18,7 @@ std::string ApiError::type() const {
 }
 
 std::string error_body(const ApiError& e) {
-  json err = {{"message", e.what()}, {"type", e.type()}, {"param", nullptr}, {"code", nullptr}};
+  json err = {{"message", e.message()}, {"type", e.type()}, {"param", nullptr}, {"code", nullptr}};
   if (!e.param().empty()) err["param"] = e.param();
   if (!e.code().empty()) err["code"] = e.code();
   return json{{"error", err}}.dump(-1, ' ', false, json::error_handler_t::replace);

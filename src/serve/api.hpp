@@ -19,8 +19,11 @@ namespace ksa::serve {
 class ApiError : public std::runtime_error {
  public:
   ApiError(int status, const std::string& message, std::string param = {}, std::string code = {})
-      : std::runtime_error(message), status_(status), param_(std::move(param)), code_(std::move(code)) {}
+      : std::runtime_error(message), status_(status), message_(message), param_(std::move(param)),
+        code_(std::move(code)) {}
   int status() const { return status_; }
+  // The whole message (what() stops at a NUL byte, which a request can put into it: a model id "%00").
+  const std::string& message() const { return message_; }
   const std::string& param() const { return param_; }
   const std::string& code() const { return code_; }
   // OpenAI's error type for the status: invalid_request_error (400, 404, 413, ...), authentication_error
@@ -29,6 +32,7 @@ class ApiError : public std::runtime_error {
 
  private:
   int status_;
+  std::string message_;
   std::string param_, code_;
 };
 

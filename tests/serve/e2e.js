@@ -364,6 +364,11 @@ async function badRequests(port, key) {
   const postOnGet = await raw(port, { path: '/v1/models', headers: auth, body: '{}' });
   extra.push(['POST on a GET route', allowed(postOnGet), '405 Allow: GET, HEAD']);
   extra.push(['unknown model id', (await raw(port, { method: 'GET', path: '/v1/models/nope', headers: auth })).status, 404]);
+  // A NUL in the id: the whole message comes back (it once ended at the NUL, "The model `").
+  const nul = await raw(port, { method: 'GET', path: '/v1/models/a%00b', headers: auth });
+  let nulMessage = '';
+  try { nulMessage = JSON.parse(nul.body).error.message; } catch (_) { nulMessage = String(nul.body); }
+  extra.push(['a model id with a NUL', `${nul.status} ${/does not exist/.test(nulMessage)}`, '404 true']);
   extra.push(['a garbage request line', await new Promise((resolve) => {
     // Written without closing our side: the answer is read before either side closes.
     const sock = net.connect(port, '127.0.0.1', () => sock.write('NOT AN HTTP REQUEST\r\n\r\n'));
