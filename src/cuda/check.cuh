@@ -8,18 +8,23 @@
 #include "ksa/error.hpp"
 
 namespace ksa::cuda::detail {
-[[noreturn]] inline void cuda_failed(cudaError_t e, const char* expr, const char* file, int line) {
-  cudaGetLastError();  // consumed: not sticky unless the context is broken, which the next call then reports
+// A failed runtime call as a ksa::Error; `where` names it ("in <call> at <file>:<line>", or the engine's
+// "while <what>"). The failure is consumed: not sticky unless the context is broken, which the next call then
+// reports.
+template <class... Where>
+[[noreturn]] void cuda_failed(cudaError_t e, const Where&... where) {
+  cudaGetLastError();
   if (e == cudaErrorMemoryAllocation)
-    fail("out of GPU memory (", expr, " at ", file, ":", line, "); a smaller context, batch or prompt needs less");
-  fail("CUDA error in ", expr, " at ", file, ":", line, ": ", cudaGetErrorString(e));
+    fail("out of GPU memory ", where..., " (", cudaGetErrorString(e), "); a smaller --ctx, batch or prompt needs less");
+  fail("CUDA error ", where..., ": ", cudaGetErrorString(e));
 }
 }  // namespace ksa::cuda::detail
 
-#define KSA_CUDA_CHECK(expr)                                                                 \
-  do {                                                                                       \
-    const cudaError_t ksa_err_ = (expr);                                                     \
-    if (ksa_err_ != cudaSuccess) ::ksa::cuda::detail::cuda_failed(ksa_err_, #expr, __FILE__, __LINE__); \
+#define KSA_CUDA_CHECK(expr)                                                                        \
+  do {                                                                                              \
+    const cudaError_t ksa_err_ = (expr);                                                            \
+    if (ksa_err_ != cudaSuccess)                                                                    \
+      ::ksa::cuda::detail::cuda_failed(ksa_err_, "in ", #expr, " at ", __FILE__, ":", __LINE__);  \
   } while (0)
 
 #define KSA_CUDA_CHECK_LAUNCH() KSA_CUDA_CHECK(cudaGetLastError())

@@ -13,6 +13,7 @@
 #include <map>
 #include <unordered_map>
 
+#include "cuda/check.cuh"
 #include "ksa/cuda.hpp"
 #include "ksa/cuda_cache.hpp"
 #include "ksa/cuda_dense.hpp"
@@ -24,12 +25,7 @@ namespace ksa::engine {
 namespace {
 
 void check(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return;
-  cudaGetLastError();
-  if (e == cudaErrorMemoryAllocation)
-    fail("out of GPU memory while ", what, " (", cudaGetErrorString(e),
-         "); a smaller --ctx, batch or prompt needs less");
-  fail("CUDA error while ", what, ": ", cudaGetErrorString(e));
+  if (e != cudaSuccess) cuda::detail::cuda_failed(e, "while ", what);
 }
 
 struct DeviceFree {
