@@ -105,10 +105,9 @@ fi
 if want ncu_attn; then
   T=${NCU_T:-131072}
   gmma='sm__pipe_tensor_op_gmma_cycles_active\.avg\.pct_of_peak_sustained_active'  # the wgmma pipe's busy share
-  for kern in fwd_sm90a_kernel dkdvdq_sm90a_kernel; do
+  for pass in fwd=fwd_sm90a_kernel bwd=dkdvdq_sm90a_kernel; do
+    kern=${pass#*=} log="$OUT/ncu_${pass%%=*}.txt"
     echo "== ncu: $kern, T=$T, 32/8 heads, D=128, bf16 (one launch after the warm-up)"
-    log="$OUT/ncu_${kern%%_*}.txt"
-    [ $kern = dkdvdq_sm90a_kernel ] && log="$OUT/ncu_bwd.txt"
     timeout 240 ncu --clock-control none --kernel-name "regex:$kern" --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy \
       --section LaunchStats --section InstructionStats --section MemoryWorkloadAnalysis \
